@@ -1,0 +1,334 @@
+"""Namespace, device and dtype resolution, and input validation.
+
+Every public function starts here: it resolves the array namespace of its inputs (NumPy or
+CuPy, never both), checks shapes, dtypes and options, and gets back an :class:`AttnProblem`
+describing the problem. Error messages name the argument, what was expected and what arrived.
+
+CuPy is recognised by the module of the array's type, so this module never imports CuPy
+unless a CuPy array has actually been passed in.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "AttnProblem",
+    "array_namespace",
+    "bfloat16_dtype",
+    "compute_dtype",
+    "is_cupy",
+    "validate_attention",
+]
+
+
+def is_cupy(x: Any) -> bool:
+    """True for a CuPy ndarray, decided without importing CuPy."""
+    return type(x).__module__.split(".")[0] == "cupy"
+
+
+def _describe(x: Any) -> str:
+    t = type(x)
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def array_namespace(*arrays: Any, names: tuple[str, ...] | None = None):
+    """Return ``numpy`` or ``cupy`` for the given arrays (``None`` entries are ignored).
+
+    Raises TypeError for anything that is not a NumPy or CuPy ndarray, for a mix of the two,
+    and for CuPy arrays on different devices: xattn never copies between host and device.
+    """
+    names = names or tuple(f"argument {i}" for i in range(len(arrays)))
+    kinds = {}
+    for name, a in zip(names, arrays):
+        if a is None:
+            continue
+        if isinstance(a, np.ndarray):
+            kinds[name] = "numpy"
+        elif is_cupy(a):
+            kinds[name] = "cupy"
+        else:
+            raise TypeError(
+                f"{name}: expected a numpy.ndarray or cupy.ndarray, got {_describe(a)}"
+            )
+    found = set(kinds.values())
+    if len(found) > 1:
+        detail = ", ".join(f"{n}={k}" for n, k in kinds.items())
+        raise TypeError(
+            "inputs mix NumPy and CuPy arrays "
+            f"({detail}); xattn never copies between host and device: move them first"
+        )
+    if found == {"cupy"}:
+        import cupy
+
+        devices = {name: a.device.id for name, a in zip(names, arrays) if a is not None}
+        if len(set(devices.values())) > 1:
+            detail = ", ".join(f"{n} on device {d}" for n, d in devices.items())
+            raise TypeError(f"inputs live on different CUDA devices ({detail})")
+        return cupy
+    return np
+
+
+def bfloat16_dtype():
+    """NumPy's bfloat16 (from ml_dtypes), or None when ml_dtypes is not installed."""
+    try:
+        import ml_dtypes
+    except ImportError:  # pragma: no cover - exercised only without the extra
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _is_bfloat16(dtype) -> bool:
+    return np.dtype(dtype).name == "bfloat16"
+
+
+def supported_dtype(dtype) -> bool:
+    dtype = np.dtype(dtype)
+    return dtype in (np.float16, np.float32, np.float64) or _is_bfloat16(dtype)
+
+
+def compute_dtype(dtype):
+    """Accumulation dtype: float64 stays float64, everything else computes in float32."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def _check_float(name: str, x) -> None:
+    if not supported_dtype(x.dtype):
+        raise TypeError(
+            f"{name}: expected a floating dtype (float16, bfloat16, float32 or float64), "
+            f"got {x.dtype}"
+        )
+
+
+def check_scalar(name: str, value, *, positive: bool = True, allow_none: bool = True):
+    """Validate a finite (positive) real scalar option; returns it as float or None."""
+    if value is None:
+        if allow_none:
+            return None
+        raise ValueError(f"{name}: expected a number, got None")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name}: expected a positive number, got {value}")
+    return value
+
+
+def normalize_window(window):
+    """``None`` or ``(left, right)`` with each side a non-negative int or None."""
+    if window is None:
+        return None
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise ValueError(f"window: expected (left, right) or None, got {window!r}")
+    out = []
+    for side, w in zip(("left", "right"), window):
+        if w is None:
+            out.append(None)
+            continue
+        if isinstance(w, bool) or not isinstance(w, numbers.Integral):
+            raise TypeError(f"window: {side} must be a non-negative int or None, got {w!r}")
+        if w < 0:
+            raise ValueError(f"window: {side} must be >= 0, got {w}")
+        out.append(int(w))
+    if out == [None, None]:
+        return None
+    return (out[0], out[1])
+
+
+def _broadcastable(shape: tuple, target: tuple) -> bool:
+    if len(shape) > len(target):
+        return False
+    for s, t in zip(reversed(shape), reversed(target)):
+        if s != 1 and s != t:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class AttnProblem:
+    """Everything a backend needs to know about one attention call, shapes and options."""
+
+    xp: Any
+    batch: tuple  # leading batch dims
+    hq: int
+    hkv: int
+    sq: int
+    sk: int
+    d: int
+    dv: int
+    dtype: np.dtype  # input/output dtype
+    cdtype: np.dtype  # compute dtype
+    scale: float
+    causal: bool
+    window: tuple | None
+    softcap: float | None
+    has_mask: bool
+    has_bias: bool
+    has_alibi: bool
+    heads_axis: bool = True  # False for 2-D (seq, head_dim) inputs: one head, no head axis
+
+    @property
+    def group(self) -> int:
+        """Query heads per kv head."""
+        return self.hq // self.hkv
+
+    @property
+    def offset(self) -> int:
+        """Bottom-right alignment: query i sits at key position i + offset."""
+        return self.sk - self.sq
+
+    @property
+    def _lead(self) -> tuple:
+        return (*self.batch, self.hq) if self.heads_axis else ()
+
+    @property
+    def score_shape(self) -> tuple:
+        return (*self._lead, self.sq, self.sk)
+
+    @property
+    def out_shape(self) -> tuple:
+        return (*self._lead, self.sq, self.dv)
+
+    @property
+    def lse_shape(self) -> tuple:
+        return (*self._lead, self.sq)
+
+
+def validate_attention(
+    q,
+    k,
+    v,
+    *,
+    causal=False,
+    window=None,
+    mask=None,
+    bias=None,
+    alibi_slopes=None,
+    softcap=None,
+    scale=None,
+    extra=(),
+) -> AttnProblem:
+    """Check q/k/v and the shared options of every exact-attention function.
+
+    ``extra`` is a sequence of ``(name, array)`` pairs (dout, out, lse, ...) that must share the
+    namespace and device of q/k/v; their shapes are checked by the caller.
+    """
+    names = ("q", "k", "v", "mask", "bias", "alibi_slopes") + tuple(n for n, _ in extra)
+    arrays = (q, k, v, mask, bias, alibi_slopes) + tuple(a for _, a in extra)
+    for name, a in zip(names[:3], arrays[:3]):
+        if a is None:
+            raise TypeError(f"{name}: expected an array, got None")
+    xp = array_namespace(*arrays, names=names)
+
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim < 2:
+            raise ValueError(
+                f"{name}: expected at least 2 dims (..., seq, head_dim), got shape {x.shape}"
+            )
+        _check_float(name, x)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(
+            f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}"
+        )
+    if not (q.ndim == k.ndim == v.ndim):
+        raise ValueError(
+            f"q, k, v must have the same number of dims, got q {q.shape}, k {k.shape}, "
+            f"v {v.shape}"
+        )
+    if q.ndim == 2:
+        batch, hq, hkv = (), 1, 1
+    else:
+        batch = tuple(q.shape[:-3])
+        if tuple(k.shape[:-3]) != batch or tuple(v.shape[:-3]) != batch:
+            raise ValueError(
+                "q, k, v must have identical leading (batch) dims, got "
+                f"q {q.shape}, k {k.shape}, v {v.shape}"
+            )
+        hq, hkv = q.shape[-3], k.shape[-3]
+        if v.shape[-3] != hkv:
+            raise ValueError(
+                f"v: expected {hkv} heads like k (shape {k.shape}), got shape {v.shape}"
+            )
+        if hkv == 0 or hq % hkv != 0:
+            raise ValueError(
+                f"q heads ({hq}) must be a multiple of k/v heads ({hkv}) for GQA/MQA; "
+                f"got q {q.shape}, k {k.shape}"
+            )
+    sq, d = q.shape[-2], q.shape[-1]
+    sk, dk = k.shape[-2], k.shape[-1]
+    sv, dv = v.shape[-2], v.shape[-1]
+    if dk != d:
+        raise ValueError(f"k: expected head_dim {d} like q {q.shape}, got shape {k.shape}")
+    if sv != sk:
+        raise ValueError(
+            f"v: expected sequence length {sk} like k {k.shape}, got shape {v.shape}"
+        )
+    if d == 0 or dv == 0:
+        raise ValueError(f"head_dim must be positive, got q {q.shape}, v {v.shape}")
+
+    if scale is None:
+        scale_f = 1.0 / math.sqrt(d)
+    else:
+        scale_f = check_scalar("scale", scale)
+    softcap = check_scalar("softcap", softcap)
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    window = normalize_window(window)
+
+    score_shape = (*batch, hq, sq, sk) if q.ndim > 2 else (sq, sk)
+    if mask is not None:
+        if mask.dtype != np.bool_:
+            raise TypeError(f"mask: expected a boolean array (True = may attend), got {mask.dtype}")
+        if not _broadcastable(mask.shape, score_shape):
+            raise ValueError(
+                f"mask: shape {mask.shape} does not broadcast to the score shape {score_shape}"
+            )
+    if bias is not None:
+        _check_float("bias", bias)
+        if not _broadcastable(bias.shape, score_shape):
+            raise ValueError(
+                f"bias: shape {bias.shape} does not broadcast to the score shape {score_shape}"
+            )
+    if alibi_slopes is not None:
+        _check_float("alibi_slopes", alibi_slopes)
+        ok = alibi_slopes.shape in ((hq,), (*batch, hq))
+        if not ok:
+            raise ValueError(
+                f"alibi_slopes: expected shape ({hq},) or {(*batch, hq)}, "
+                f"got {alibi_slopes.shape}"
+            )
+
+    return AttnProblem(
+        xp=xp,
+        batch=batch,
+        hq=hq,
+        hkv=hkv,
+        sq=sq,
+        sk=sk,
+        d=d,
+        dv=dv,
+        dtype=np.dtype(q.dtype),
+        cdtype=compute_dtype(q.dtype),
+        scale=scale_f,
+        causal=bool(causal),
+        window=window,
+        softcap=softcap,
+        has_mask=mask is not None,
+        has_bias=bias is not None,
+        has_alibi=alibi_slopes is not None,
+        heads_axis=q.ndim > 2,
+    )
+
+
+def check_same_shape(name: str, x, shape: tuple, dtype=None) -> None:
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(x.shape)}")
+    if dtype is not None and np.dtype(x.dtype) != np.dtype(dtype):
+        raise TypeError(f"{name}: expected dtype {np.dtype(dtype)}, got {x.dtype}")

@@ -1,0 +1,113 @@
+"""The backend table: which implementation serves which request.
+
+Each backend declares, once, the device it runs on and a ``supports(prob, opts)`` check that
+returns ``None`` when it can serve the request or a sentence saying why not. Public functions
+call :func:`select`; ``backend="auto"`` takes the first entry of the device's preference list
+that supports the request, a named backend that cannot serve it raises (never a silent
+fallback). Tests, docs and benchmarks read the same table.
+
+Backend modules are imported lazily: importing xattn imports neither numba nor cupy.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+__all__ = ["BACKENDS", "Backend", "available_backends", "select"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    device: str  # "cpu" or "gpu"
+    module: str  # module implementing supports/forward/backward
+    description: str
+
+    def load(self):
+        return importlib.import_module(self.module, __name__)
+
+
+BACKENDS = {
+    b.name: b
+    for b in (
+        Backend(
+            "numba",
+            "cpu",
+            ".numpy_.fused",
+            "CPU tiles with fused online softmax (numba njit) on a thread pool",
+        ),
+        Backend(
+            "numpy",
+            "cpu",
+            ".numpy_.tiled",
+            "generic tiled online softmax written with array-namespace operations",
+        ),
+        Backend(
+            "cupy",
+            "gpu",
+            ".cupy_.flash",
+            "CuPy RawKernels (tensor cores) compiled from xattn/kernels/*.cu",
+        ),
+        Backend(
+            "generic",
+            "gpu",
+            ".numpy_.tiled",
+            "the generic tiled path on CuPy arrays (CuPy matmuls, one launch per tile)",
+        ),
+    )
+}
+
+_PREFERENCE = {"cpu": ("numba", "numpy"), "gpu": ("cupy", "generic")}
+
+
+def _device(xp) -> str:
+    return "gpu" if xp.__name__ == "cupy" else "cpu"
+
+
+def available_backends(xp, prob=None, opts=None, op="forward") -> dict:
+    """``{name: None or reason}`` for every backend of the namespace's device."""
+    dev = _device(xp)
+    out = {}
+    for name in _PREFERENCE[dev]:
+        out[name] = _why_not(BACKENDS[name], prob, opts, op)
+    return out
+
+
+def _why_not(backend, prob, opts, op):
+    try:
+        mod = backend.load()
+    except ImportError as exc:
+        return f"not installed ({exc})"
+    if prob is None:
+        return None
+    return mod.supports(prob, opts or {}, op)
+
+
+def select(prob, opts, backend="auto", op="forward"):
+    """Return the implementation module that serves this request."""
+    dev = _device(prob.xp)
+    if backend == "auto":
+        reasons = []
+        for name in _PREFERENCE[dev]:
+            why = _why_not(BACKENDS[name], prob, opts, op)
+            if why is None:
+                return BACKENDS[name].load()
+            reasons.append(f"{name}: {why}")
+        raise NotImplementedError(
+            f"no {dev} backend supports this {op} request: " + "; ".join(reasons)
+        )
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"backend: expected 'auto' or one of {sorted(BACKENDS)}, got {backend!r}"
+        )
+    chosen = BACKENDS[backend]
+    if chosen.device != dev:
+        raise TypeError(
+            f"backend={backend!r} runs on the {chosen.device}, but the inputs are "
+            f"{prob.xp.__name__} arrays ({dev}); xattn never copies between host and device"
+        )
+    why = _why_not(chosen, prob, opts, op)
+    if why is not None:
+        raise NotImplementedError(f"backend={backend!r} cannot serve this {op} request: {why}")
+    return chosen.load()

@@ -1,0 +1,182 @@
+"""Generic tiled flash attention written with array-namespace operations.
+
+Works on NumPy and CuPy alike and supports every option; it is the reference-shaped tiled
+implementation that the fused kernels are measured against, and the fallback where no fused
+kernel applies. Memory: one ``(G * BLOCK_Q) x BLOCK_K`` score tile at a time plus O(S) state.
+
+Work is split in jobs of (batch element, kv head, query block). The query heads that share a
+kv head (GQA group ``G``) are stacked in one matmul against that kv head's key tile, so k and v
+are never repeated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ... import _masking
+
+# Query rows per tile (per head of a GQA group) and keys per tile. 128 x 512 float32 scores
+# are 256 KiB: the tile stays in L2 while it is exponentiated and multiplied.
+BLOCK_Q = 128
+BLOCK_K = 512
+
+
+def supports(prob, opts, op):
+    return None  # every option, every dtype, any head_dim
+
+
+def as4d(x, prob):
+    """View an input as ``(*batch, H, S, D)`` (2-D inputs become one head)."""
+    return x if prob.heads_axis else x[None]
+
+
+def score_view(xp, x, prob):
+    """Broadcast a mask/bias to ``(*batch, Hq, Sq, Sk)`` as a view (never materialised)."""
+    if x is None:
+        return None
+    return xp.broadcast_to(x, (*prob.batch, prob.hq, prob.sq, prob.sk))
+
+
+def slopes_view(xp, slopes, prob):
+    if slopes is None:
+        return None
+    return xp.broadcast_to(slopes, (*prob.batch, prob.hq))
+
+
+def _jobs(prob, plan):
+    for bidx in np.ndindex(*prob.batch):
+        for g in range(prob.hkv):
+            for qb in plan:
+                yield bidx, g, qb
+
+
+def _tile_args(prob, views, bidx, h0, h1, q0, q1, k0, k1, full, element_rule):
+    """Keyword arguments of apply_score_mods for one tile of heads [h0, h1)."""
+    mask, bias, slopes = views
+    rows = bidx + (slice(h0, h1), slice(q0, q1), slice(k0, k1))
+    if mask is not None:
+        mask = mask[rows]
+    if element_rule is not None and not full:
+        extra = element_rule(q0, q1, k0, k1)
+        if extra is not None:
+            mask = extra if mask is None else mask & extra
+    return dict(
+        q0=q0,
+        k0=k0,
+        sq=prob.sq,
+        sk=prob.sk,
+        causal=prob.causal and not full,
+        window=None if full else prob.window,
+        softcap=prob.softcap,
+        bias=None if bias is None else bias[rows],
+        slopes=None if slopes is None else slopes[bidx + (slice(h0, h1),)][:, None, None],
+        mask=mask,
+    )
+
+
+def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None,
+            element_rule=None):
+    """Return ``(out, lse)``.
+
+    ``plan`` (default ``_masking.tile_plan`` of the causal/window options) lists, per query
+    block, the key tiles ``(k0, k1, full)`` to visit; ``full`` tiles skip every element test.
+    ``element_rule(q0, q1, k0, k1)`` returns an extra boolean ``(q1-q0, k1-k0)`` visibility for
+    a non-full tile (or None): how a BlockMask's partial blocks are evaluated.
+    """
+    xp, cd, G = prob.xp, prob.cdtype, prob.group
+    if plan is None:
+        plan = _masking.tile_plan(prob.sq, prob.sk, BLOCK_Q, BLOCK_K, prob.causal, prob.window)
+    q4, k4, v4 = as4d(q, prob), as4d(k, prob), as4d(v, prob)
+    views = (
+        score_view(xp, mask, prob),
+        None if bias is None else score_view(xp, bias.astype(cd, copy=False), prob),
+        slopes_view(xp, None if alibi_slopes is None else alibi_slopes.astype(cd), prob),
+    )
+    out = xp.empty((*prob.batch, prob.hq, prob.sq, prob.dv), dtype=prob.dtype)
+    lse = xp.empty((*prob.batch, prob.hq, prob.sq), dtype=cd)
+    scale = cd.type(prob.scale)
+    for bidx, g, (q0, q1, tiles) in _jobs(prob, plan):
+        h0, h1 = g * G, (g + 1) * G
+        qt = q4[bidx][h0:h1, q0:q1].astype(cd) * scale
+        m = xp.full((G, q1 - q0, 1), -math.inf, dtype=cd)
+        denom = xp.zeros((G, q1 - q0, 1), dtype=cd)
+        acc = xp.zeros((G, q1 - q0, prob.dv), dtype=cd)
+        for k0, k1, full in tiles:
+            kt = k4[bidx][g, k0:k1].astype(cd, copy=False)
+            vt = v4[bidx][g, k0:k1].astype(cd, copy=False)
+            s = qt @ kt.T
+            _masking.apply_score_mods(
+                xp, s, **_tile_args(prob, views, bidx, h0, h1, q0, q1, k0, k1, full, element_rule)
+            )
+            # Online softmax: rescale the running sum and accumulator to the new row maximum.
+            m_new = xp.maximum(m, s.max(axis=-1, keepdims=True))
+            m_safe = xp.where(xp.isfinite(m_new), m_new, cd.type(0))
+            s -= m_safe
+            xp.exp(s, out=s)
+            alpha = xp.exp(m - m_safe)
+            denom = denom * alpha + s.sum(axis=-1, keepdims=True)
+            acc = acc * alpha + s @ vt
+            m = m_new
+        empty = denom == 0
+        safe = xp.where(empty, cd.type(1), denom)
+        out[bidx][h0:h1, q0:q1] = (acc / safe).astype(prob.dtype, copy=False)
+        lse[bidx][h0:h1, q0:q1] = xp.where(empty, cd.type(-math.inf), xp.log(safe) + m)[..., 0]
+    if not prob.heads_axis:
+        out, lse = out[0], lse[0]
+    return out, lse
+
+
+def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slopes=None,
+             plan=None, element_rule=None):
+    """Return ``(dq, dk, dv)``: scores are recomputed tile by tile from ``lse``."""
+    xp, cd, G = prob.xp, prob.cdtype, prob.group
+    if plan is None:
+        plan = _masking.tile_plan(prob.sq, prob.sk, BLOCK_Q, BLOCK_K, prob.causal, prob.window)
+    q4, k4, v4 = as4d(q, prob), as4d(k, prob), as4d(v, prob)
+    do4, o4, lse4 = as4d(dout, prob), as4d(out, prob), as4d(lse, prob)
+    views = (
+        score_view(xp, mask, prob),
+        None if bias is None else score_view(xp, bias.astype(cd, copy=False), prob),
+        slopes_view(xp, None if alibi_slopes is None else alibi_slopes.astype(cd), prob),
+    )
+    dq = xp.empty((*prob.batch, prob.hq, prob.sq, prob.d), dtype=prob.dtype)
+    dk = xp.zeros((*prob.batch, prob.hkv, prob.sk, prob.d), dtype=cd)
+    dv = xp.zeros((*prob.batch, prob.hkv, prob.sk, prob.dv), dtype=cd)
+    scale = cd.type(prob.scale)
+    for bidx, g, (q0, q1, tiles) in _jobs(prob, plan):
+        h0, h1 = g * G, (g + 1) * G
+        rows = G * (q1 - q0)
+        qt = q4[bidx][h0:h1, q0:q1].astype(cd) * scale
+        dot = do4[bidx][h0:h1, q0:q1].astype(cd)
+        # delta_i = sum_j P_ij dP_ij = dO_i . O_i
+        delta = (dot * o4[bidx][h0:h1, q0:q1].astype(cd)).sum(axis=-1, keepdims=True)
+        lse_t = lse4[bidx][h0:h1, q0:q1].astype(cd)[..., None]
+        # Empty rows have lse = -inf; +inf makes their P exactly 0 instead of NaN.
+        lse_t = xp.where(xp.isneginf(lse_t), cd.type(math.inf), lse_t)
+        dqt = xp.zeros((G, q1 - q0, prob.d), dtype=cd)
+        for k0, k1, full in tiles:
+            kt = k4[bidx][g, k0:k1].astype(cd, copy=False)
+            vt = v4[bidx][g, k0:k1].astype(cd, copy=False)
+            s = qt @ kt.T
+            t = xp.empty_like(s) if prob.softcap is not None else None
+            _masking.apply_score_mods(
+                xp, s, tanh_out=t, **_tile_args(prob, views, bidx, h0, h1, q0, q1, k0, k1, full, element_rule)
+            )
+            s -= lse_t
+            p = xp.exp(s, out=s)
+            dv[bidx][g, k0:k1] += p.reshape(rows, -1).T @ dot.reshape(rows, -1)
+            ds = dot @ vt.T
+            ds -= delta
+            ds *= p
+            if t is not None:
+                ds *= 1 - t * t  # d/dx of c * tanh(x / c)
+            dqt += ds @ kt
+            dk[bidx][g, k0:k1] += ds.reshape(rows, -1).T @ qt.reshape(rows, -1)
+        dq[bidx][h0:h1, q0:q1] = (dqt * scale).astype(prob.dtype, copy=False)
+    # dk accumulated ds^T (scale * q): the scale is already in.
+    dk, dv = dk.astype(prob.dtype, copy=False), dv.astype(prob.dtype, copy=False)
+    if not prob.heads_axis:
+        dq, dk, dv = dq[0], dk[0], dv[0]
+    return dq, dk, dv

@@ -1,0 +1,152 @@
+"""Flash attention: exact attention tile by tile with an online softmax, O(S) extra memory."""
+
+from __future__ import annotations
+
+from . import _backends
+from ._array import check_same_shape, validate_attention
+
+__all__ = ["flash_attention", "flash_attention_backward"]
+
+
+def _options(prob):
+    return {}
+
+
+def flash_attention(
+    q,
+    k,
+    v,
+    /,
+    *,
+    causal=False,
+    window=None,
+    mask=None,
+    bias=None,
+    alibi_slopes=None,
+    softcap=None,
+    scale=None,
+    return_lse=False,
+    backend="auto",
+):
+    """Exact attention computed tile by tile, never holding an ``Sq x Sk`` matrix.
+
+    Computes the same function as :func:`xattn.standard_attention` (see it for every option)
+    with an online softmax over key tiles: O(S) extra memory on every backend. Tiles that the
+    causal/window rules hide entirely are skipped, so a sliding window costs O(S * window).
+
+    Parameters
+    ----------
+    q, k, v : arrays ``(..., Hq, Sq, D)``, ``(..., Hkv, Sk, D)``, ``(..., Hkv, Sk, Dv)``
+        NumPy or CuPy; float16, bfloat16, float32 or float64. GQA/MQA when ``Hkv < Hq``.
+    causal, window, mask, bias, alibi_slopes, softcap, scale
+        As in :func:`xattn.standard_attention`.
+    return_lse : bool
+        Also return the log-sum-exp ``(..., Hq, Sq)`` (float32; float64 for float64 inputs)
+        that :func:`flash_attention_backward` needs.
+    backend : str
+        ``"auto"`` (default) picks the fastest implementation that supports the request;
+        ``"numba"`` and ``"numpy"`` on the CPU, ``"cupy"`` and ``"generic"`` on the GPU force one.
+        A forced backend that cannot serve the request raises ``NotImplementedError``.
+
+    Returns
+    -------
+    out : array ``(..., Hq, Sq, Dv)`` in the input dtype, and ``lse`` with ``return_lse``.
+
+    Examples
+    --------
+    >>> import numpy as np, xattn
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((4, 300, 64), dtype=np.float32) for _ in range(3))
+    >>> out, lse = xattn.flash_attention(q, k, v, causal=True, return_lse=True)
+    >>> ref = xattn.standard_attention(q, k, v, causal=True)
+    >>> out.shape, lse.dtype.name, bool(np.allclose(out, ref, atol=1e-5))
+    ((4, 300, 64), 'float32', True)
+    """
+    prob = validate_attention(
+        q,
+        k,
+        v,
+        causal=causal,
+        window=window,
+        mask=mask,
+        bias=bias,
+        alibi_slopes=alibi_slopes,
+        softcap=softcap,
+        scale=scale,
+    )
+    opts = _options(prob)
+    impl = _backends.select(prob, opts, backend, op="forward")
+    out, lse = impl.forward(prob, q, k, v, mask=mask, bias=bias, alibi_slopes=alibi_slopes)
+    return (out, lse) if return_lse else out
+
+
+def flash_attention_backward(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    /,
+    *,
+    causal=False,
+    window=None,
+    mask=None,
+    bias=None,
+    alibi_slopes=None,
+    softcap=None,
+    scale=None,
+    backend="auto",
+):
+    """Gradient of flash attention: ``(dq, dk, dv)`` for the upstream gradient ``dout``.
+
+    Recomputes the scores tile by tile from the forward pass's ``lse`` (no ``Sq x Sk`` matrix
+    is stored), so memory stays O(S). Pass the same options as the forward call. ``bias`` and
+    ``mask`` are treated as constants (no gradient is returned for them).
+
+    Parameters
+    ----------
+    dout : array ``(..., Hq, Sq, Dv)``
+        Gradient of the loss with respect to ``out``.
+    q, k, v : arrays
+        The forward inputs.
+    out, lse : arrays
+        The forward outputs, from ``flash_attention(..., return_lse=True)``.
+
+    Returns
+    -------
+    dq, dk, dv : arrays shaped and typed like ``q``, ``k``, ``v``
+        GQA: the gradients of the query heads sharing a kv head are summed into dk/dv.
+
+    Examples
+    --------
+    >>> import numpy as np, xattn
+    >>> rng = np.random.default_rng(1)
+    >>> q, k, v = (rng.standard_normal((2, 50, 16)) for _ in range(3))
+    >>> out, lse = xattn.flash_attention(q, k, v, causal=True, return_lse=True)
+    >>> dq, dk, dv = xattn.flash_attention_backward(np.ones_like(out), q, k, v, out, lse,
+    ...                                             causal=True)
+    >>> bool(np.allclose(dv.sum(axis=-2), 50.0))   # each query's weights sum to one
+    True
+    """
+    prob = validate_attention(
+        q,
+        k,
+        v,
+        causal=causal,
+        window=window,
+        mask=mask,
+        bias=bias,
+        alibi_slopes=alibi_slopes,
+        softcap=softcap,
+        scale=scale,
+        extra=(("dout", dout), ("out", out), ("lse", lse)),
+    )
+    check_same_shape("dout", dout, prob.out_shape)
+    check_same_shape("out", out, prob.out_shape)
+    check_same_shape("lse", lse, prob.lse_shape)
+    opts = _options(prob)
+    impl = _backends.select(prob, opts, backend, op="backward")
+    return impl.backward(
+        prob, dout, q, k, v, out, lse, mask=mask, bias=bias, alibi_slopes=alibi_slopes
+    )

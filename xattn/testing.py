@@ -1,0 +1,233 @@
+"""Float64 reference oracles and tolerance helpers (public; xattn's own tests use them).
+
+The reference is deliberately small and unoptimised: it expands GQA heads with ``np.repeat``,
+forms the full score matrix in float64 on the host and applies the rules of
+:mod:`xattn._masking`. Every kernel in xattn is compared against it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _masking
+from ._array import _is_bfloat16, is_cupy, normalize_window
+
+__all__ = [
+    "assert_close",
+    "naive_attention",
+    "reference_attention",
+    "reference_attention_backward",
+    "tolerance",
+    "to_numpy",
+]
+
+
+def to_numpy(x, dtype=np.float64):
+    """Host copy of a NumPy or CuPy array as ``dtype`` (explicit: tests only)."""
+    if x is None:
+        return None
+    if is_cupy(x):
+        x = x.get()
+    return np.asarray(x).astype(dtype)
+
+
+def _expand_heads(x, hq):
+    if x.ndim == 2:
+        return x
+    hkv = x.shape[-3]
+    return np.repeat(x, hq // hkv, axis=-3)
+
+
+def _scores(q, k, *, causal=False, window=None, mask=None, bias=None, alibi_slopes=None,
+            softcap=None, scale=None):
+    """Final float64 scores ``(..., Hq, Sq, Sk)`` and, with softcap, ``tanh`` of the raw ones."""
+    q = to_numpy(q)
+    k = _expand_heads(to_numpy(k), q.shape[-3] if q.ndim > 2 else 1)
+    sq, sk, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    s = (q @ np.swapaxes(k, -1, -2)) * scale
+    slopes = None
+    if alibi_slopes is not None:
+        slopes = to_numpy(alibi_slopes)[..., None, None]
+        if q.ndim == 2:
+            slopes = slopes.reshape(1, 1)
+    t = np.empty_like(s) if softcap is not None else None
+    s = _masking.apply_score_mods(
+        np,
+        s,
+        q0=0,
+        k0=0,
+        sq=sq,
+        sk=sk,
+        causal=causal,
+        window=normalize_window(window),
+        softcap=softcap,
+        bias=to_numpy(bias),
+        slopes=slopes,
+        mask=None if mask is None else to_numpy(mask, bool),
+        tanh_out=t,
+    )
+    return s, t, scale
+
+
+def reference_attention(
+    q,
+    k,
+    v,
+    *,
+    causal=False,
+    window=None,
+    mask=None,
+    bias=None,
+    alibi_slopes=None,
+    softcap=None,
+    scale=None,
+):
+    """Exact attention in float64 on the host.
+
+    Returns ``(out, lse, weights)``: ``out`` is ``(..., Hq, Sq, Dv)``, ``lse`` ``(..., Hq, Sq)``
+    (``-inf`` for rows with no visible key, whose output is 0) and ``weights``
+    ``(..., Hq, Sq, Sk)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from xattn.testing import reference_attention
+    >>> q = np.ones((2, 4)); k = np.ones((3, 4)); v = np.arange(6.0).reshape(3, 2)
+    >>> out, lse, w = reference_attention(q, k, v, causal=True)
+    >>> w[0].round(3).tolist()        # bottom-right: query 0 sits at key position 1
+    [0.5, 0.5, 0.0]
+    """
+    s, _, _ = _scores(
+        q,
+        k,
+        causal=causal,
+        window=window,
+        mask=mask,
+        bias=bias,
+        alibi_slopes=alibi_slopes,
+        softcap=softcap,
+        scale=scale,
+    )
+    v = _expand_heads(to_numpy(v), s.shape[-3] if s.ndim > 2 else 1)
+    m = s.max(axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    p = np.exp(s - m)
+    denom = p.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = np.where(denom > 0, p / denom, 0.0)
+        lse = np.where(denom[..., 0] > 0, np.log(denom[..., 0]) + m[..., 0], -np.inf)
+    return w @ v, lse, w
+
+
+def reference_attention_backward(dout, q, k, v, **options):
+    """Analytic float64 gradient ``(dq, dk, dv)`` of ``sum(dout * attention(q, k, v))``."""
+    s, t, scale = _scores(q, k, **options)
+    qn, kn, vn, don = (to_numpy(x) for x in (q, k, v, dout))
+    hq = qn.shape[-3] if qn.ndim > 2 else 1
+    ke, ve = _expand_heads(kn, hq), _expand_heads(vn, hq)
+    _, _, w = reference_attention(q, k, v, **options)
+    dv = np.swapaxes(w, -1, -2) @ don
+    dp = don @ np.swapaxes(ve, -1, -2)
+    ds = w * (dp - (dp * w).sum(axis=-1, keepdims=True))
+    if t is not None:
+        ds = ds * (1.0 - t * t)
+    dq = scale * ds @ ke
+    dk = scale * np.swapaxes(ds, -1, -2) @ qn
+
+    def fold(g):
+        # Sum the gradients of the query heads that share one kv head.
+        if qn.ndim == 2 or kn.shape[-3] == hq:
+            return g
+        hkv = kn.shape[-3]
+        return g.reshape(*g.shape[:-3], hkv, hq // hkv, *g.shape[-2:]).sum(axis=-3)
+
+    return dq, fold(dk), fold(dv)
+
+
+def naive_attention(q, k, v, **options):
+    """Textbook attention in the inputs' own precision (the baseline for 16-bit tolerances).
+
+    Scores, softmax weights and the output are each rounded to the input dtype, as a naive
+    implementation on 16-bit arrays would store them; the sums themselves run in float32.
+    """
+    dtype = np.dtype(q.dtype)
+
+    def rnd(x):
+        return x.astype(dtype).astype(np.float32)
+
+    s, _, _ = _scores(q, k, **options)
+    s = rnd(s.astype(np.float32))
+    m = s.max(axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    p = np.exp(s - m)
+    denom = p.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = rnd(np.where(denom > 0, p / denom, 0.0))
+    ve = _expand_heads(to_numpy(v, np.float32), s.shape[-3] if s.ndim > 2 else 1)
+    return rnd(w @ ve).astype(np.float64)
+
+
+# Absolute and relative tolerance per dtype, for results of unit-scale inputs.
+_TOL = {
+    "float64": (1e-10, 1e-10),
+    "float32": (2e-5, 2e-5),
+    "float16": (2e-3, 2e-3),
+    "bfloat16": (1.6e-2, 1.6e-2),
+}
+
+
+def tolerance(dtype) -> tuple[float, float]:
+    """``(atol, rtol)`` used by :func:`assert_close` for results computed from ``dtype``."""
+    name = "bfloat16" if _is_bfloat16(dtype) else np.dtype(dtype).name
+    return _TOL[name]
+
+
+def assert_close(actual, reference, *, xp=None, dtype=None, naive=None, atol=None, rtol=None,
+                 name="result"):
+    """Assert ``actual`` matches a float64 ``reference``.
+
+    Checks, in order: the namespace (``xp``: a silent host fallback fails), the dtype, the
+    shape, matching non-finite entries (``-inf`` lse of empty rows), then the values. With
+    ``naive`` (the same computation done naively in the same precision, see
+    :func:`naive_attention`) the error may be at most twice the naive one plus ``atol``;
+    otherwise the per-dtype table of :func:`tolerance` applies.
+    """
+    if xp is not None:
+        actual_xp = "cupy" if is_cupy(actual) else type(actual).__module__.split(".")[0]
+        if actual_xp != xp.__name__:
+            raise AssertionError(f"{name}: expected a {xp.__name__} array, got {type(actual)}")
+    if dtype is not None and np.dtype(actual.dtype) != np.dtype(dtype):
+        raise AssertionError(f"{name}: expected dtype {np.dtype(dtype)}, got {actual.dtype}")
+    a = to_numpy(actual)
+    r = to_numpy(reference)
+    if a.shape != r.shape:
+        raise AssertionError(f"{name}: expected shape {r.shape}, got {a.shape}")
+    if np.isnan(a).any():
+        raise AssertionError(f"{name}: contains NaN at {np.argwhere(np.isnan(a))[:5].tolist()}")
+    fin = np.isfinite(r)
+    if not np.array_equal(fin, np.isfinite(a)) or not np.array_equal(a[~fin], r[~fin]):
+        raise AssertionError(f"{name}: non-finite entries differ from the reference")
+    d_atol, d_rtol = tolerance(actual.dtype if dtype is None else dtype)
+    atol = d_atol if atol is None else atol
+    rtol = d_rtol if rtol is None else rtol
+    err = np.abs(a[fin] - r[fin])
+    max_err = float(err.max()) if err.size else 0.0
+    if naive is not None:
+        naive_err = np.abs(to_numpy(naive)[fin] - r[fin])
+        bound = 2.0 * (float(naive_err.max()) if naive_err.size else 0.0) + atol
+        if max_err > bound:
+            raise AssertionError(
+                f"{name}: max error {max_err:.3g} exceeds 2x the naive same-precision error "
+                f"plus atol ({bound:.3g})"
+            )
+        return
+    limit = atol + rtol * np.abs(r[fin])
+    if err.size and (err > limit).any():
+        i = int(np.argmax(err - limit))
+        raise AssertionError(
+            f"{name}: max error {max_err:.3g} (worst at flat index {i}: got "
+            f"{a[fin][i]!r}, expected {r[fin][i]!r}; atol={atol:g}, rtol={rtol:g})"
+        )
