@@ -1,0 +1,1 @@
+"""Numba CUDA kernels: attention with user-programmable score and mask functions."""
