@@ -6,17 +6,39 @@ runs.
 """
 
 from .flash import flash_attention, flash_attention_backward
+from .flex import flex_attention
+from .linear import (
+    linear_attention,
+    linear_attention_backward,
+    performer_attention,
+    performer_projection,
+)
 from .positional import alibi_bias, alibi_slopes, apply_rotary, rotary_cos_sin
+from .sparse import (
+    BlockMask,
+    bigbird_attention,
+    block_sparse_attention,
+    longformer_attention,
+)
 from .standard import standard_attention
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockMask",
     "alibi_bias",
     "alibi_slopes",
     "apply_rotary",
+    "bigbird_attention",
+    "block_sparse_attention",
     "flash_attention",
     "flash_attention_backward",
+    "flex_attention",
+    "linear_attention",
+    "linear_attention_backward",
+    "longformer_attention",
+    "performer_attention",
+    "performer_projection",
     "rotary_cos_sin",
     "standard_attention",
 ]

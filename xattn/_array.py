@@ -45,7 +45,7 @@ def array_namespace(*arrays: Any, names: tuple[str, ...] | None = None):
     """
     names = names or tuple(f"argument {i}" for i in range(len(arrays)))
     kinds = {}
-    for name, a in zip(names, arrays):
+    for name, a in zip(names, arrays, strict=False):
         if a is None:
             continue
         if isinstance(a, np.ndarray):
@@ -66,7 +66,9 @@ def array_namespace(*arrays: Any, names: tuple[str, ...] | None = None):
     if found == {"cupy"}:
         import cupy
 
-        devices = {name: a.device.id for name, a in zip(names, arrays) if a is not None}
+        devices = {
+            name: a.device.id for name, a in zip(names, arrays, strict=False) if a is not None
+        }
         if len(set(devices.values())) > 1:
             detail = ", ".join(f"{n} on device {d}" for n, d in devices.items())
             raise TypeError(f"inputs live on different CUDA devices ({detail})")
@@ -128,7 +130,7 @@ def normalize_window(window):
     if not isinstance(window, (tuple, list)) or len(window) != 2:
         raise ValueError(f"window: expected (left, right) or None, got {window!r}")
     out = []
-    for side, w in zip(("left", "right"), window):
+    for side, w in zip(("left", "right"), window, strict=True):
         if w is None:
             out.append(None)
             continue
@@ -145,7 +147,7 @@ def normalize_window(window):
 def _broadcastable(shape: tuple, target: tuple) -> bool:
     if len(shape) > len(target):
         return False
-    for s, t in zip(reversed(shape), reversed(target)):
+    for s, t in zip(reversed(shape), reversed(target), strict=False):
         if s != 1 and s != t:
             return False
     return True
@@ -222,10 +224,13 @@ def validate_attention(
     """
     names = ("q", "k", "v", "mask", "bias", "alibi_slopes") + tuple(n for n, _ in extra)
     arrays = (q, k, v, mask, bias, alibi_slopes) + tuple(a for _, a in extra)
-    for name, a in zip(names[:3], arrays[:3]):
-        if a is None:
+    required = names[:3] + names[6:]
+    for name, a in zip(names, arrays, strict=True):
+        if a is None and name in required:
             raise TypeError(f"{name}: expected an array, got None")
     xp = array_namespace(*arrays, names=names)
+    for name, a in extra:
+        _check_float(name, a)
 
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim < 2:

@@ -25,6 +25,7 @@ def flash_attention(
     alibi_slopes=None,
     softcap=None,
     scale=None,
+    block_mask=None,
     return_lse=False,
     backend="auto",
 ):
@@ -40,6 +41,9 @@ def flash_attention(
         NumPy or CuPy; float16, bfloat16, float32 or float64. GQA/MQA when ``Hkv < Hq``.
     causal, window, mask, bias, alibi_slopes, softcap, scale
         As in :func:`xattn.standard_attention`.
+    block_mask : xattn.BlockMask, optional
+        Structured sparsity (see :func:`xattn.block_sparse_attention`): only the mask's
+        visible blocks are computed; combines with every other option.
     return_lse : bool
         Also return the log-sum-exp ``(..., Hq, Sq)`` (float32; float64 for float64 inputs)
         that :func:`flash_attention_backward` needs.
@@ -74,9 +78,26 @@ def flash_attention(
         softcap=softcap,
         scale=scale,
     )
-    opts = _options(prob)
+    opts, sparse = _options(prob), {}
+    if block_mask is not None:
+        from . import sparse as _sparse
+
+        if getattr(block_mask, "batch_shape", ()):  # one mask per batch element
+            options = dict(causal=causal, window=window, mask=mask, bias=bias,
+                           alibi_slopes=alibi_slopes, softcap=softcap, scale=scale,
+                           return_lse=return_lse, backend=backend)
+            return _sparse.per_batch(flash_attention, prob, block_mask, (q, k, v), options)
+        sparse = _sparse.plan_options(prob, block_mask)
+        opts = {**opts, **sparse, "block_mask": block_mask}
+    elif window is not None:  # the block-sparse plan of the window: O(S * window) work
+        from . import sparse as _sparse
+
+        prob, sparse = _sparse.window_plan(prob)
+        opts = {**_options(prob), **sparse}
     impl = _backends.select(prob, opts, backend, op="forward")
-    out, lse = impl.forward(prob, q, k, v, mask=mask, bias=bias, alibi_slopes=alibi_slopes)
+    out, lse = impl.forward(
+        prob, q, k, v, mask=mask, bias=bias, alibi_slopes=alibi_slopes, **sparse
+    )
     return (out, lse) if return_lse else out
 
 
@@ -96,6 +117,7 @@ def flash_attention_backward(
     alibi_slopes=None,
     softcap=None,
     scale=None,
+    block_mask=None,
     backend="auto",
 ):
     """Gradient of flash attention: ``(dq, dk, dv)`` for the upstream gradient ``dout``.
@@ -145,8 +167,25 @@ def flash_attention_backward(
     check_same_shape("dout", dout, prob.out_shape)
     check_same_shape("out", out, prob.out_shape)
     check_same_shape("lse", lse, prob.lse_shape)
-    opts = _options(prob)
+    opts, sparse = _options(prob), {}
+    if block_mask is not None:
+        from . import sparse as _sparse
+
+        if getattr(block_mask, "batch_shape", ()):  # one mask per batch element
+            options = dict(causal=causal, window=window, mask=mask, bias=bias,
+                           alibi_slopes=alibi_slopes, softcap=softcap, scale=scale,
+                           backend=backend)
+            return _sparse.per_batch(flash_attention_backward, prob, block_mask,
+                                     (dout, q, k, v, out, lse), options, backward=True)
+        sparse = _sparse.plan_options(prob, block_mask)
+        opts = {**opts, **sparse, "block_mask": block_mask}
+    elif window is not None:  # the block-sparse plan of the window: O(S * window) work
+        from . import sparse as _sparse
+
+        prob, sparse = _sparse.window_plan(prob)
+        opts = {**_options(prob), **sparse}
     impl = _backends.select(prob, opts, backend, op="backward")
     return impl.backward(
-        prob, dout, q, k, v, out, lse, mask=mask, bias=bias, alibi_slopes=alibi_slopes
+        prob, dout, q, k, v, out, lse, mask=mask, bias=bias, alibi_slopes=alibi_slopes,
+        **sparse,
     )

@@ -22,7 +22,16 @@ def _scaled_inv_freq(rotary_dim, base, scaling, seq_len):
     if scaling is None:
         return _inv_freq(rotary_dim, base)
     if not isinstance(scaling, dict):
-        raise TypeError(f"scaling: expected a dict of rope parameters, got {type(scaling).__name__}")
+        raise TypeError(
+            f"scaling: expected a dict of rope parameters, got {type(scaling).__name__}"
+        )
+    theta = scaling.get("rope_theta")
+    if theta is not None and float(theta) != base:
+        # transformers 5 keeps the base inside the rope parameters; a dict passed as is
+        # must not be silently combined with another base.
+        raise ValueError(
+            f"scaling: rope_theta={theta} disagrees with base={base}; pass base={theta}"
+        )
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind in (None, "default"):
         return _inv_freq(rotary_dim, base)
@@ -41,6 +50,8 @@ def _scaled_inv_freq(rotary_dim, base, scaling, seq_len):
         return _inv_freq(rotary_dim, base) / factor
     if kind == "dynamic":
         max_pos = get("max_position_embeddings", "original_max_position_embeddings")
+        if rotary_dim <= 2:  # the NTK exponent rotary_dim / (rotary_dim - 2) needs more
+            raise ValueError(f"scaling: dynamic needs rotary_dim > 2, got {rotary_dim}")
         # HF recomputes the base only once the sequence outgrows the trained context.
         seq_len = max(seq_len, max_pos)
         base = base * ((factor * seq_len / max_pos) - (factor - 1)) ** (
@@ -84,7 +95,8 @@ def rotary_cos_sin(
         ``{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}``; ``rope_type``
         (or ``type``) ``linear``, ``dynamic`` (needs ``max_position_embeddings`` or
-        ``original_max_position_embeddings``) or ``llama3``.
+        ``original_max_position_embeddings``) or ``llama3``. A ``rope_theta`` entry (as in
+        transformers 5 configs) must equal ``base``, else ``ValueError``.
     dtype : dtype
         Of the returned tables (computed in float64 first).
     xp : module, optional
@@ -99,7 +111,7 @@ def rotary_cos_sin(
     --------
     >>> import numpy as np, xattn
     >>> cos, sin = xattn.rotary_cos_sin(16, 8)
-    >>> cos.shape, float(cos[0, 0]), float(sin[1, 0]) == np.float32(np.sin(1.0))
+    >>> cos.shape, float(cos[0, 0]), bool(sin[1, 0] == np.float32(np.sin(1.0)))
     ((16, 4), 1.0, True)
     """
     if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, numbers.Integral):
@@ -239,7 +251,7 @@ def alibi_slopes(num_heads, *, dtype=np.float32, xp=None):
 
 
 def alibi_bias(slopes, q_len, k_len):
-    """The dense ALiBi bias ``-slope_h * |i + k_len - q_len - j|``, shape ``(..., H, q_len, k_len)``.
+    """The dense ALiBi bias ``-slope_h * |i + k_len - q_len - j|``, ``(..., H, q_len, k_len)``.
 
     Symmetric and bottom-right aligned, as :func:`xattn.flash_attention` applies it in the kernel
     with ``alibi_slopes=``; passing this as ``bias=`` gives the same result (at O(S^2) memory).

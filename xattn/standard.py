@@ -149,7 +149,10 @@ def standard_attention(
         slopes=slopes,
         mask=mask,
     )
-    m = s.max(axis=-1, keepdims=True)
+    if prob.sk:
+        m = s.max(axis=-1, keepdims=True)
+    else:  # no keys at all: every row is empty (a max over nothing has no identity)
+        m = xp.full((*prob.score_shape[:-1], 1), -math.inf, dtype=cd)
     m = xp.where(xp.isfinite(m), m, cd.type(0))
     s -= m
     xp.exp(s, out=s)

@@ -112,7 +112,7 @@ def reference_attention(
         scale=scale,
     )
     v = _expand_heads(to_numpy(v), s.shape[-3] if s.ndim > 2 else 1)
-    m = s.max(axis=-1, keepdims=True)
+    m = s.max(axis=-1, keepdims=True, initial=-np.inf)  # Sk = 0 allowed
     m = np.where(np.isfinite(m), m, 0.0)
     p = np.exp(s - m)
     denom = p.sum(axis=-1, keepdims=True)
@@ -160,7 +160,7 @@ def naive_attention(q, k, v, **options):
 
     s, _, _ = _scores(q, k, **options)
     s = rnd(s.astype(np.float32))
-    m = s.max(axis=-1, keepdims=True)
+    m = s.max(axis=-1, keepdims=True, initial=-np.inf)
     m = np.where(np.isfinite(m), m, 0.0)
     p = np.exp(s - m)
     denom = p.sum(axis=-1, keepdims=True)

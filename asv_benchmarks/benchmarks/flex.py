@@ -4,6 +4,8 @@ import numpy as np
 
 import xattn
 
+from . import sizes
+
 SLOPES = xattn.alibi_slopes(8)
 
 
@@ -16,7 +18,7 @@ def causal(b, h, q_idx, kv_idx):
 
 
 class FlexCPU:
-    params = [[1024, 4096]]
+    params = [sizes([1024, 4096], [128])]
     param_names = ["seq_len"]
     timeout = 300
 

@@ -162,7 +162,8 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
             s = qt @ kt.T
             t = xp.empty_like(s) if prob.softcap is not None else None
             _masking.apply_score_mods(
-                xp, s, tanh_out=t, **_tile_args(prob, views, bidx, h0, h1, q0, q1, k0, k1, full, element_rule)
+                xp, s, tanh_out=t,
+                **_tile_args(prob, views, bidx, h0, h1, q0, q1, k0, k1, full, element_rule),
             )
             s -= lse_t
             p = xp.exp(s, out=s)

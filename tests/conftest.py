@@ -1,0 +1,212 @@
+"""Shared fixtures: CPU backends, dtypes, seeded random inputs.
+
+Every test that takes the ``backend`` fixture runs once per CPU backend in xattn's backend
+table; a backend that cannot load here (e.g. numba missing) shows up as a skipped case with
+the reason, never as a silent pass.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+
+from xattn import _backends
+from xattn._array import bfloat16_dtype
+from xattn._backends import available_backends
+
+BF16 = bfloat16_dtype()
+
+
+_BROKEN = {}  # backend name -> what its module raised on import (other than ImportError)
+
+
+def _backend_params():
+    try:
+        status = available_backends(np)
+    except Exception:
+        # A backend module that is broken (not merely missing) must fail its cases, not stop
+        # the collection of every other test: find which one and remember the error.
+        status = {}
+        for name, b in _backends.BACKENDS.items():
+            if b.device != "cpu":
+                continue
+            try:
+                b.load()
+                status[name] = None
+            except ImportError as exc:
+                status[name] = f"not installed ({exc})"
+            except Exception as exc:
+                _BROKEN[name] = exc
+                status[name] = None
+    params = []
+    for name, why in status.items():
+        marks = () if why is None else (pytest.mark.skip(reason=f"backend {name}: {why}"),)
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+@pytest.fixture(params=_backend_params())
+def backend(request):
+    """Name of one usable CPU backend (pass it as ``backend=``)."""
+    if request.param in _BROKEN:
+        exc = _BROKEN[request.param]
+        pytest.fail(f"backend {request.param} fails to import: {type(exc).__name__}: {exc}")
+    return request.param
+
+
+def _dtype_params(include_16bit=True):
+    params = []
+    if include_16bit:
+        params.append(pytest.param(np.dtype(np.float16), id="float16"))
+        marks = () if BF16 is not None else (pytest.mark.skip(reason="ml_dtypes missing"),)
+        params.append(pytest.param(BF16, id="bfloat16", marks=marks))
+    params.append(pytest.param(np.dtype(np.float32), id="float32"))
+    params.append(pytest.param(np.dtype(np.float64), id="float64"))
+    return params
+
+
+ALL_DTYPES = _dtype_params()
+
+
+@pytest.fixture(params=ALL_DTYPES)
+def dtype(request):
+    """Every supported input dtype: float16, bfloat16, float32, float64."""
+    return request.param
+
+
+@pytest.fixture
+def rng(request):
+    """A generator seeded from the test id: fresh inputs per case, reproducible on rerun."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def random_array(rng, shape, dtype=np.float64, scale=1.0):
+    """Standard-normal array of ``dtype`` (rounded from float64, so 16-bit values are exact)."""
+    return (scale * rng.standard_normal(shape)).astype(dtype)
+
+
+@pytest.fixture
+def make_qkv(rng):
+    """``make_qkv(q_shape, k_shape, dv=None, dtype=float64)`` -> q, k, v random arrays."""
+
+    def make(q_shape, k_shape, dv=None, dtype=np.float64, scale=1.0):
+        v_shape = tuple(k_shape) if dv is None else (*k_shape[:-1], dv)
+        return tuple(
+            random_array(rng, s, dtype, scale) for s in (q_shape, k_shape, v_shape)
+        )
+
+    return make
+
+
+# Option sets run against the oracle; each builds its arrays for the problem's shapes.
+# Combinations that interact (causal+window, GQA+ALiBi, mask+bias+softcap) are listed on their own.
+def _random_mask(rng, shape, p=0.8, empty_rows=True):
+    m = rng.random(shape) < p
+    if empty_rows and shape[-2] > 2:
+        m[..., 1, :] = False  # a fully masked row
+    return m
+
+
+OPTION_BUILDERS = {
+    "plain": lambda rng, b, h, sq, sk: {},
+    "causal": lambda rng, b, h, sq, sk: dict(causal=True),
+    "window": lambda rng, b, h, sq, sk: dict(window=(37, 21)),
+    "window_left": lambda rng, b, h, sq, sk: dict(window=(50, None)),
+    "window_right": lambda rng, b, h, sq, sk: dict(window=(None, 30)),
+    "window_0_0": lambda rng, b, h, sq, sk: dict(window=(0, 0)),
+    "causal+window": lambda rng, b, h, sq, sk: dict(causal=True, window=(45, None)),
+    "causal+window_both": lambda rng, b, h, sq, sk: dict(causal=True, window=(20, 10)),
+    "softcap": lambda rng, b, h, sq, sk: dict(softcap=1.5),
+    "scale": lambda rng, b, h, sq, sk: dict(scale=0.37),
+    "mask_full": lambda rng, b, h, sq, sk: dict(mask=_random_mask(rng, (*b, h, sq, sk))),
+    "mask_bcast": lambda rng, b, h, sq, sk: dict(mask=_random_mask(rng, (sq, sk))),
+    "mask_keypad": lambda rng, b, h, sq, sk: dict(
+        mask=_random_mask(rng, (*b, 1, 1, sk), 0.7, empty_rows=False)
+    ),
+    "bias": lambda rng, b, h, sq, sk: dict(bias=rng.standard_normal((h, sq, sk))),
+    "bias_neg_inf": lambda rng, b, h, sq, sk: dict(
+        bias=np.where(rng.random((*b, 1, sq, sk)) < 0.2, -np.inf, 0.0)
+    ),
+    "alibi": lambda rng, b, h, sq, sk: dict(alibi_slopes=rng.uniform(0.01, 0.5, h)),
+    "alibi_batch": lambda rng, b, h, sq, sk: dict(
+        alibi_slopes=rng.uniform(0.01, 0.5, (*b, h)), causal=True
+    ),
+    "mask+bias+softcap": lambda rng, b, h, sq, sk: dict(
+        mask=_random_mask(rng, (*b, h, sq, sk)),
+        bias=rng.standard_normal((1, sq, sk)),
+        softcap=2.0,
+    ),
+    "everything": lambda rng, b, h, sq, sk: dict(
+        causal=True,
+        window=(90, None),
+        mask=_random_mask(rng, (sq, sk), 0.9),
+        bias=0.5 * rng.standard_normal((h, 1, sk)),
+        alibi_slopes=rng.uniform(0.01, 0.1, h),
+        softcap=3.0,
+        scale=0.2,
+    ),
+}
+OPTION_NAMES = list(OPTION_BUILDERS)
+
+
+def pytest_generate_tests(metafunc):
+    # Any test with an ``option_name`` argument runs once per option set.
+    if "option_name" in metafunc.fixturenames:
+        metafunc.parametrize("option_name", OPTION_NAMES)
+
+
+@pytest.fixture
+def make_options(rng):
+    """``make_options(name, batch, hq, sq, sk, dtype)`` -> keyword options for that case.
+
+    Float arrays (bias, slopes) come in ``dtype`` (the inputs' dtype, as a user would pass them).
+    """
+
+    def make(name, batch, hq, sq, sk, dtype=np.float64):
+        opts = OPTION_BUILDERS[name](rng, tuple(batch), hq, sq, sk)
+        for key in ("bias", "alibi_slopes"):
+            if key in opts:
+                opts[key] = np.asarray(opts[key]).astype(dtype)
+        return opts
+
+    return make
+
+
+def backend_reason(backend, q, k, v, op="forward", **options):
+    """None when ``backend`` serves this request, else its reason (the test then skips)."""
+    from xattn import flash
+    from xattn._array import validate_attention
+
+    options = {key: val for key, val in options.items() if key != "return_lse"}
+    prob = validate_attention(q, k, v, **options)
+    return available_backends(np, prob, flash._options(prob), op)[backend]
+
+
+@pytest.fixture
+def flash(backend):
+    """``flash(q, k, v, **options)`` forced to the case's backend; skips what it cannot serve."""
+    import xattn
+
+    def run(q, k, v, **options):
+        why = backend_reason(backend, q, k, v, **options)
+        if why is not None:
+            pytest.skip(f"backend {backend} does not serve this request: {why}")
+        return xattn.flash_attention(q, k, v, backend=backend, **options)
+
+    return run
+
+
+@pytest.fixture
+def flash_backward(backend):
+    """``flash_backward(dout, q, k, v, out, lse, **options)`` forced to the case's backend."""
+    import xattn
+
+    def run(dout, q, k, v, out, lse, **options):
+        why = backend_reason(backend, q, k, v, op="backward", **options)
+        if why is not None:
+            pytest.skip(f"backend {backend} does not serve this backward request: {why}")
+        return xattn.flash_attention_backward(dout, q, k, v, out, lse, backend=backend, **options)
+
+    return run

@@ -1,0 +1,114 @@
+"""Compile every xattn/kernels/*.cu for sm_80 and sm_90a and report ptxas resource usage.
+
+Usage: ``python3 tools/check_kernels.py [--nvcc PATH] [FILE.cu ...]``
+
+Each file is compiled by ``nvcc`` (``-std=c++17``, warnings are errors) for
+``-gencode=arch=compute_80,code=sm_80`` and ``-gencode=arch=compute_90a,code=sm_90a`` with
+``-Xptxas -v``; the registers, stack frame, spill stores/loads and static shared memory of every
+entry point are printed. The exit status is non-zero on any compiler error or warning, and on
+any entry point that spills registers to local memory. CI runs this wherever nvcc exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNELS = ROOT / "xattn" / "kernels"
+ARCHS = (("compute_80", "sm_80"), ("compute_90a", "sm_90a"))
+FLAGS = ("-std=c++17", "-Werror", "all-warnings", "-Xptxas", "-v", "-Xptxas", "-warn-spills",
+         "-Xptxas", "-warn-lmem-usage")
+
+_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
+_USED = re.compile(r"Used (\d+) registers(?:, used \d+ barriers)?(?:, (\d+) bytes smem)?")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def find_nvcc(explicit=None):
+    for cand in (explicit, os.environ.get("NVCC"), "/usr/local/bin/nvcc", shutil.which("nvcc"),
+                 "/usr/local/cuda/bin/nvcc"):
+        if cand and Path(cand).exists():
+            return cand
+    return None
+
+
+def parse_ptxas(text):
+    """``{(entry, arch): {"regs", "smem", "stack", "spill_st", "spill_ld"}}`` from ptxas -v."""
+    out, cur = {}, None
+    for line in text.splitlines():
+        m = _ENTRY.search(line)
+        if m:
+            cur = (m.group(1), m.group(2))
+            out[cur] = {"regs": 0, "smem": 0, "stack": 0, "spill_st": 0, "spill_ld": 0}
+            continue
+        if cur is None:
+            continue
+        m = _FRAME.search(line)
+        if m:
+            out[cur].update(stack=int(m.group(1)), spill_st=int(m.group(2)),
+                            spill_ld=int(m.group(3)))
+            continue
+        m = _USED.search(line)
+        if m:
+            out[cur]["regs"] = int(m.group(1))
+            out[cur]["smem"] = int(m.group(2) or 0)
+    return out
+
+
+def compile_file(nvcc, path):
+    """Return ``(ok, log, resources)`` for one .cu file."""
+    cmd = [nvcc, *FLAGS, "--threads", "2"]
+    for comp, code in ARCHS:
+        cmd.append(f"-gencode=arch={comp},code={code}")
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd += ["-fatbin", "-o", str(Path(tmp) / "out.fatbin"), str(path)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    # ptxas -v lines are informational; anything else mentioning a warning is a failure.
+    warnings = [ln for ln in log.splitlines()
+                if re.search(r"\bwarning\b", ln, re.I) and "ptxas info" not in ln]
+    ok = proc.returncode == 0 and not warnings
+    return ok, log, parse_ptxas(log)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", nargs="*", type=Path)
+    ap.add_argument("--nvcc", default=None)
+    args = ap.parse_args(argv)
+    nvcc = find_nvcc(args.nvcc)
+    if nvcc is None:
+        print("check_kernels: nvcc not found (set NVCC or pass --nvcc)", file=sys.stderr)
+        return 2
+    files = args.files or sorted(KERNELS.glob("*.cu"))
+    if not files:
+        print(f"check_kernels: no .cu files under {KERNELS}", file=sys.stderr)
+        return 2
+    failed = False
+    for path in files:
+        ok, log, res = compile_file(nvcc, path)
+        print(f"== {path.name}: {'ok' if ok else 'FAILED'} ({len(res)} entry/arch pairs)")
+        if not ok:
+            failed = True
+            print(log)
+        print(f"  {'entry':<44} {'arch':<7} {'regs':>4} {'stack':>5} {'spill st/ld':>11} "
+              f"{'smem':>5}")
+        for (entry, arch), r in sorted(res.items()):
+            spill = r["spill_st"] + r["spill_ld"]
+            flag = "  <-- SPILLS" if spill else ""
+            print(f"  {entry:<44} {arch:<7} {r['regs']:>4} {r['stack']:>5} "
+                  f"{r['spill_st']:>5}/{r['spill_ld']:<5} {r['smem']:>5}{flag}")
+            if spill:
+                failed = True
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

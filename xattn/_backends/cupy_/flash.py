@@ -1,0 +1,293 @@
+"""Flash attention on CuPy arrays through RawKernels compiled from ``xattn/kernels/*.cu``.
+
+The forward pass runs on tensor cores (``mma.sync.m16n8k16`` with ``ldmatrix`` and
+``cp.async`` double buffering, sm_80 and newer) for float16 and bfloat16 inputs with every
+option of :func:`xattn.flash_attention` except ``block_mask``; float32 has a SIMT kernel
+(``flash_fwd_simt.cu``, switch: ``ENABLE_FP32_KERNEL``). Requests the
+kernels cannot serve (float64, the backward pass, head dims above 256, ``Dv != D``, compute
+capability below 8.0, unknown options) are refused by :func:`supports` with a reason, so that
+``backend="auto"`` falls back to the generic tiled backend and ``backend="cupy"`` raises.
+
+bfloat16: CuPy >= 14 holds ``ml_dtypes.bfloat16`` arrays natively; the kernels read them as raw
+16-bit words. Head dims that are not 32, 64, 96, 128 or 256 are zero-padded to the next of
+those (a copy of q, k, v; zeros change neither ``q.k`` nor the kept output columns).
+
+Modules are compiled lazily with NVRTC, one per (device, dtype, head dim, tile configuration,
+plain or with score mods) and cached for the process (CuPy also keeps binaries on disk).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["CONFIGS", "backward", "forward", "get_kernel", "supports"]
+
+_KERNEL_DIR = Path(__file__).resolve().parents[2] / "kernels"
+
+# Per head dim: (warps, 16-row tiles per warp, keys per block). Chosen from ptxas -v (no
+# spills) and timings on an H200; see notes/gpu_kernels.md.
+CONFIGS = {
+    32: (4, 1, 64),
+    64: (4, 2, 64),
+    96: (4, 1, 64),
+    128: (4, 2, 32),
+    256: (4, 1, 32),
+}
+# Kernels with score modifications (softcap, bias, ALiBi, mask) hold more registers: where the
+# plain configuration would spill with them, they take this one.
+MODS_CONFIGS = {128: (4, 1, 64)}
+_MAX_GRID_YZ = 65535
+# Tests set this to fill every output with NaN before the launch (unwritten elements then fail).
+POISON = False
+# The float32 SIMT kernel (flash_fwd_simt.cu). It passed the GPU tests on an H200 on 2026-11-28
+# (13.9 TFLOP/s at D=64 S=4096, 0.39x torch mem-efficient); False sends float32 to "generic".
+ENABLE_FP32_KERNEL = True
+SIMT_BLOCK_Q, SIMT_BLOCK_K = 32, 32
+
+_lock = threading.Lock()
+_functions: dict = {}
+
+
+def _padded_dim(d: int):
+    return next((x for x in sorted(CONFIGS) if x >= d), None)
+
+
+def _type_name(dtype):
+    dtype = np.dtype(dtype)
+    if dtype == np.float16:
+        return "f16"
+    if dtype.name == "bfloat16":
+        return "bf16"
+    return None
+
+
+def supports(prob, opts, op):
+    """``None`` when the RawKernels serve this request, else the reason they do not."""
+    if prob.xp.__name__ != "cupy":
+        return "inputs are not CuPy arrays"
+    if op != "forward":
+        return "only the forward pass has a CuPy kernel so far (the generic backend serves " \
+               "the backward pass)"
+    unknown = sorted(k for k, v in (opts or {}).items() if v is not None)
+    if unknown:
+        return f"options {unknown} (e.g. block_mask) are not implemented in the CuPy kernels"
+    if np.dtype(prob.dtype) == np.float32:
+        if not ENABLE_FP32_KERNEL:
+            return ("dtype float32: the SIMT kernel (flash_fwd_simt.cu) is not enabled yet "
+                    "(ENABLE_FP32_KERNEL; the generic backend serves float32)")
+    elif _type_name(prob.dtype) is None:
+        return (f"dtype {prob.dtype}: the kernels take float16 and bfloat16 (and float32 "
+                "with ENABLE_FP32_KERNEL); float64 uses the generic backend")
+    if prob.dv != prob.d:
+        return f"Dv ({prob.dv}) != D ({prob.d}) is not implemented in the CuPy kernels"
+    if _padded_dim(prob.d) is None:
+        return f"head_dim {prob.d} > {max(CONFIGS)} is not implemented in the CuPy kernels"
+    nbatch = math.prod(prob.batch)
+    if nbatch > _MAX_GRID_YZ or prob.hq > _MAX_GRID_YZ:
+        return f"batch ({nbatch}) or heads ({prob.hq}) above the grid limit {_MAX_GRID_YZ}"
+    import cupy
+
+    cc = int(cupy.cuda.Device().compute_capability)
+    if cc < 80:
+        return f"compute capability {cc} < 80: the kernels use mma.sync bf16/f16 and cp.async"
+    return None
+
+
+@cache
+def _source(name: str) -> str:
+    return (_KERNEL_DIR / name).read_text()
+
+
+def smem_bytes(d, cfg):
+    nw, mt, bn = cfg
+    return (nw * mt * 16 + 4 * bn) * (d + 8) * 2
+
+
+def get_kernel(type_name: str, d: int, cfg: tuple, mods: bool):
+    """The compiled forward entry point for one dtype, head dim and tile configuration.
+
+    Built on first use with NVRTC for the current device and cached per (device, config).
+    """
+    import cupy
+
+    dev = cupy.cuda.Device().id
+    nw, mt, bn = cfg
+    name = f"flash_fwd_{type_name}_d{d}_w{nw}_m{mt}_n{bn}_{'mods' if mods else 'plain'}"
+    key = (dev, name)
+    hit = _functions.get(key)
+    if hit is not None:
+        return hit[1]
+    with _lock:
+        hit = _functions.get(key)
+        if hit is None:
+            options = ("-std=c++17", f"-DXATTN_TN={type_name}", f"-DXATTN_D={d}",
+                       f"-DXATTN_NW={nw}", f"-DXATTN_MT={mt}", f"-DXATTN_BN={bn}",
+                       f"-DXATTN_MN={'mods' if mods else 'plain'}",
+                       f"-DXATTN_MODS={'true' if mods else 'false'}")
+            mod = cupy.RawModule(code=_source("flash_fwd.cu"), options=options)
+            fn = mod.get_function(name)
+            smem = smem_bytes(d, cfg)
+            if smem > 48 * 1024:
+                fn.max_dynamic_shared_size_bytes = smem
+            hit = _functions[key] = (mod, fn)
+    return hit[1]
+
+
+def simt_smem_bytes(d):
+    return ((SIMT_BLOCK_Q + SIMT_BLOCK_K) * (d + 4) + SIMT_BLOCK_K * d
+            + SIMT_BLOCK_Q * (SIMT_BLOCK_K + 1)) * 4
+
+
+def get_simt_kernel(d: int):
+    """The float32 SIMT forward entry point for one head dim (built and cached like
+    :func:`get_kernel`)."""
+    import cupy
+
+    dev = cupy.cuda.Device().id
+    name = f"flash_fwd_f32_simt_d{d}"
+    key = (dev, name)
+    hit = _functions.get(key)
+    if hit is None:
+        with _lock:
+            hit = _functions.get(key)
+            if hit is None:
+                mod = cupy.RawModule(code=_source("flash_fwd_simt.cu"),
+                                     options=("-std=c++17", f"-DXATTN_SIMT_D={d}"))
+                fn = mod.get_function(name)
+                smem = simt_smem_bytes(d)
+                if smem > 48 * 1024:
+                    fn.max_dynamic_shared_size_bytes = smem
+                hit = _functions[key] = (mod, fn)
+    return hit[1]
+
+
+def _collapse_batch(shape, strides):
+    """One stride for the flattened batch index, or None when the dims do not collapse."""
+    if not shape:
+        return 0
+    stride = None
+    for n, s in zip(reversed(shape), reversed(strides), strict=True):
+        if n == 1:
+            continue
+        if stride is None:
+            stride, inner = s, n
+            continue
+        if s != stride * inner:
+            return None
+        inner *= n
+    return 0 if stride is None else stride
+
+
+def _score_operand(xp, x, prob, itemsize):
+    """Broadcast view of a mask/bias as ``(B, Hq, Sq, Sk)`` element strides, plus the array."""
+    view = xp.broadcast_to(x, prob.score_shape)
+    if not prob.heads_axis:
+        view = view[None]
+    nb = len(prob.batch)
+    st = [s // itemsize for s in view.strides]
+    bs = _collapse_batch(view.shape[:nb], st[:nb])
+    if bs is None:
+        # Batch dims that no single stride describes: materialise (documented slow path).
+        view = xp.ascontiguousarray(view)
+        st = [s // itemsize for s in view.strides]
+        bs = _collapse_batch(view.shape[:nb], st[:nb])
+    return view, (bs, st[nb], st[nb + 1], st[nb + 2])
+
+
+def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None,
+            element_rule=None, config=None):
+    """Return ``(out, lse)`` computed by the tensor-core kernel (see :func:`supports`).
+
+    ``config`` overrides the tile configuration ``(warps, tiles per warp, keys per block)``
+    (benchmarks use it to compare configurations).
+    """
+    if plan is not None or element_rule is not None:
+        raise NotImplementedError("the CuPy kernels do not take a tile plan / element rule yet")
+    # Allocate and launch on the inputs' device, whichever device is current.
+    with q.device:
+        return _forward(prob, q, k, v, mask, bias, alibi_slopes, config)
+
+
+def _forward(prob, q, k, v, mask, bias, alibi_slopes, config):
+    import cupy as xp
+
+    tn = _type_name(prob.dtype)
+    d = prob.d
+    dp = _padded_dim(d)
+    mods = prob.softcap is not None or bias is not None or alibi_slopes is not None \
+        or mask is not None
+    if config is not None:
+        cfg = tuple(config)
+    else:
+        cfg = MODS_CONFIGS.get(dp, CONFIGS[dp]) if mods else CONFIGS[dp]
+    if tn is None and np.dtype(prob.dtype) != np.float32:
+        raise NotImplementedError(f"dtype {prob.dtype} has no CuPy kernel")
+    B = math.prod(prob.batch)
+    out_shape, lse_shape = prob.out_shape, prob.lse_shape
+
+    def prep(x, h, s):
+        x = xp.ascontiguousarray(x).reshape(B, h, s, d)
+        if dp != d:
+            xpad = xp.zeros((B, h, s, dp), dtype=x.dtype)
+            xpad[..., :d] = x
+            x = xpad
+        return x
+
+    q4, k4, v4 = prep(q, prob.hq, prob.sq), prep(k, prob.hkv, prob.sk), prep(v, prob.hkv, prob.sk)
+    out = xp.empty((B, prob.hq, prob.sq, dp), dtype=q.dtype)
+    lse = xp.empty((B, prob.hq, prob.sq), dtype=xp.float32)
+    if POISON:
+        out.view(xp.uint16).fill(0x7FFF)  # NaN in float16 and in bfloat16
+        lse.fill(np.nan)
+    if out.size == 0 or lse.size == 0:
+        if lse.size:
+            lse.fill(-np.inf)
+        return out[..., :d].reshape(out_shape), lse.reshape(lse_shape)
+
+    null = np.uint64(0)
+    alibi_arg, alibi_bs = null, 0
+    if alibi_slopes is not None:
+        alibi_arg = xp.ascontiguousarray(alibi_slopes, dtype=xp.float32).reshape(-1)
+        alibi_bs = 0 if alibi_arg.size == prob.hq else prob.hq
+    bias_arg, bias_st = null, (0, 0, 0, 0)
+    if bias is not None:
+        bias_arg, bias_st = _score_operand(xp, bias.astype(xp.float32, copy=False), prob, 4)
+    mask_arg, mask_st = null, (0, 0, 0, 0)
+    if mask is not None:
+        mask_arg, mask_st = _score_operand(xp, mask.view(xp.uint8), prob, 1)
+    w = prob.window
+    wl = -1 if w is None or w[0] is None else w[0]
+    wr = -1 if w is None or w[1] is None else w[1]
+
+    if tn is None:  # float32: the SIMT kernel
+        fn, bm, threads, smem = get_simt_kernel(dp), SIMT_BLOCK_Q, 128, simt_smem_bytes(dp)
+    else:
+        fn = get_kernel(tn, dp, cfg, mods)
+        nw, mt, _ = cfg
+        bm, threads, smem = nw * mt * 16, nw * 32, smem_bytes(dp, cfg)
+    i32, i64, f32 = np.int32, np.int64, np.float32
+    args = (
+        q4, k4, v4, out, lse,
+        i32(prob.hq), i32(prob.group), i32(prob.sq), i32(prob.sk), f32(prob.scale),
+        i32(prob.causal), i32(wl), i32(wr), f32(prob.softcap or 0.0),
+        alibi_arg, i64(alibi_bs),
+        bias_arg, *(i64(s) for s in bias_st),
+        mask_arg, *(i64(s) for s in mask_st),
+    )
+    fn(grid=((prob.sq + bm - 1) // bm, prob.hq, B), block=(threads,), args=args,
+       shared_mem=smem)
+    if dp != d:
+        out = xp.ascontiguousarray(out[..., :d])
+    return out.reshape(out_shape), lse.reshape(lse_shape)
+
+
+def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slopes=None,
+             plan=None, element_rule=None):
+    raise NotImplementedError(
+        "the CuPy kernels have no backward pass yet; backend='auto' uses the generic backend"
+    )

@@ -1,0 +1,319 @@
+"""Fused CPU flash attention: BLAS-sized matmuls around numba kernels, on a thread pool.
+
+The same algorithm as :mod:`xattn._backends.numpy_.tiled` (whose helpers it reuses, and whose
+results it matches), arranged for a multi-core CPU:
+
+* Work is cut into independent jobs run on a pool of Python threads (one per core,
+  :mod:`._pool`), with BLAS held at one thread inside each job; the matmuls and the ``nogil``
+  numba kernels release the GIL, so the cores run jobs in parallel.
+* Forward job = (batch element, kv head, query block). The ``G`` query heads sharing the kv
+  head are stacked into one ``(G * bq, D)`` block, so k and v are never repeated. Per key tile::
+
+      s = q_blk @ k_tile.T            BLAS, into a buffer reused across tiles
+      score mods (if any)             xattn._masking.apply_score_mods, in place
+      m, l, acc, s <- online softmax  one numba pass: row max, exp2, row sum, rescale acc
+      acc += s @ v_tile               BLAS
+
+  Runs of consecutive tiles that need no score mods (float32/float64 contiguous k, v) go to
+  :func:`._fused_kernels.forward_tiles` in one call, which does the same with numba's
+  ``np.dot``: the interpreter and the GIL stay out of the inner loop (+7% measured).
+
+* Backward (FlashAttention-2 recomputation from ``lse``): job = (batch element, kv head,
+  share of the query blocks). A job owns ``dq`` of its query blocks and accumulates ``dk``,
+  ``dv`` of its kv head; when there are fewer kv heads than threads, the query blocks are
+  split over several jobs, each with private ``dk``/``dv`` partials that are added under a
+  lock at the end (no races, no atomics).
+
+Memory per worker: one score tile (plus the ``dP`` tile in the backward pass) and O(block)
+row state, so the extra memory is independent of the sequence length.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from ... import _masking
+from . import _pool
+from .tiled import _tile_args, as4d, score_view, slopes_view
+
+# Score rows per tile, shared by the heads of a GQA group, and keys per tile. 256 x 512
+# float32 scores are 512 KiB, the L2 of one core of the development machine: the tile is
+# written by one matmul, rewritten by the softmax pass and read by the next matmul while
+# (mostly) cached. Measured against 128 x 512 (half the tile): 5-10% faster forward (fewer
+# tiles, so less Python overhead per FLOP, and k/v tiles re-read half as often); 128 x 256,
+# 256 x 256 and 128 x 1024 were slower or equal (notes/cpu_kernels.md).
+BLOCK_ROWS = 256
+BLOCK_K = 512
+# Query rows per head never drop below this (large GQA groups), so each head's slice of a
+# tile keeps BLAS-friendly sizes.
+MIN_BLOCK_Q = 16
+# Backward: aim for at least this many jobs per worker thread so the cores stay balanced.
+_JOBS_PER_THREAD = 2
+
+
+def _kernels():
+    from . import _fused_kernels
+
+    return _fused_kernels
+
+
+def supports(prob, opts, op):
+    """None when this backend serves the request, else the reason it cannot."""
+    try:
+        import numba  # noqa: F401
+        import threadpoolctl  # noqa: F401
+    except ImportError as exc:
+        return f"needs numba and threadpoolctl (pip install 'xattn[numba]'): {exc}"
+    if prob.xp is not np:
+        return "runs on NumPy arrays only"
+    # A BlockMask arrives as plan + element_rule (forward/backward take them).
+    unknown = set(opts) - {"plan", "element_rule", "block_mask"}
+    if unknown:
+        return f"options not handled by this backend: {sorted(unknown)}"
+    return None
+
+
+def block_q(prob) -> int:
+    """Query rows per head in one tile: ``G * block_q`` rows fill a ``BLOCK_ROWS`` tile."""
+    return max(MIN_BLOCK_Q, BLOCK_ROWS // prob.group)
+
+
+def default_plan(prob):
+    return _masking.tile_plan(prob.sq, prob.sk, block_q(prob), BLOCK_K, prob.causal, prob.window)
+
+
+def _head_chunks(g, G, bq):
+    """Query-head ranges of kv head ``g`` whose stacked rows fill at most one tile.
+
+    The default plan sizes query blocks so that the whole group fits; plans from elsewhere
+    (a BlockMask's blocks) may not, and one matmul over ``G * bq`` rows would then spill
+    the score tile out of L2.
+    """
+    per = max(1, BLOCK_ROWS // bq)
+    return [(h, min(h + per, (g + 1) * G)) for h in range(g * G, (g + 1) * G, per)]
+
+
+def _views(prob, mask, bias, alibi_slopes):
+    cd = prob.cdtype
+    return (
+        score_view(np, mask, prob),
+        None if bias is None else score_view(np, bias.astype(cd, copy=False), prob),
+        slopes_view(np, None if alibi_slopes is None else alibi_slopes.astype(cd), prob),
+    )
+
+
+def _needs_mods(prob, views, element_rule):
+    """``needs(full)``: whether a tile must go through apply_score_mods at all."""
+    always = prob.softcap is not None or any(x is not None for x in views)
+    partial = prob.causal or prob.window is not None or element_rule is not None
+
+    def needs(full):
+        return always or (partial and not full)
+
+    return needs
+
+
+def _as_cd(x, cd):
+    """Contiguous ``cd`` copy of a tile only when needed (16-bit or strided inputs)."""
+    if x.dtype != cd:
+        return x.astype(cd, order="C")
+    return x if x.flags.c_contiguous else np.ascontiguousarray(x)
+
+
+def _compiled_ok(x, cd):
+    """Whether a per-head k/v array can go to :func:`forward_tiles` as is."""
+    return x.dtype == cd and x.flags.c_contiguous
+
+
+def _widest(plan):
+    return max((k1 - k0 for _, _, tiles in plan for k0, k1, _ in tiles), default=0)
+
+
+def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None,
+            element_rule=None):
+    """Return ``(out, lse)``; see :func:`xattn._backends.numpy_.tiled.forward` for ``plan``."""
+    K = _kernels()
+    cd, G, D, Dv = prob.cdtype, prob.group, prob.d, prob.dv
+    if plan is None:
+        plan = default_plan(prob)
+    q4, k4, v4 = as4d(q, prob), as4d(k, prob), as4d(v, prob)
+    views = _views(prob, mask, bias, alibi_slopes)
+    needs_mods = _needs_mods(prob, views, element_rule)
+    out = np.empty((*prob.batch, prob.hq, prob.sq, Dv), dtype=prob.dtype)
+    lse = np.empty((*prob.batch, prob.hq, prob.sq), dtype=cd)
+    out4, lse4 = out, lse  # allocated with a head axis already, even for 2-D inputs
+    scale = cd.type(prob.scale)
+    width = _widest(plan)
+
+    def job(args):
+        bidx, g, h0, h1, q0, q1, tiles = args
+        nh, bq = h1 - h0, q1 - q0
+        rows = nh * bq
+        qt = np.empty((nh, bq, D), dtype=cd)
+        qt[...] = q4[bidx][h0:h1, q0:q1]
+        qt *= scale
+        q2 = qt.reshape(rows, D)
+        m = np.full(rows, -np.inf, dtype=cd)
+        l = np.zeros(rows, dtype=cd)
+        acc = np.zeros((rows, Dv), dtype=cd)
+        pv = np.empty((rows, Dv), dtype=cd)
+        sbuf = np.empty(rows * width, dtype=cd)
+        kg, vg = k4[bidx][g], v4[bidx][g]
+        compiled = _compiled_ok(kg, cd) and _compiled_ok(vg, cd)
+        run = []  # consecutive plain tiles, handed to compiled code in one call
+        for k0, k1, full in tiles:
+            mods = needs_mods(full)
+            if compiled and not mods:
+                run.append((k0, k1))
+                continue
+            if run:
+                K.forward_tiles(q2, kg, vg, np.array(run), m, l, acc, sbuf, pv)
+                run = []
+            kt, vt = _as_cd(kg[k0:k1], cd), _as_cd(vg[k0:k1], cd)
+            s = sbuf[: rows * (k1 - k0)].reshape(rows, k1 - k0)
+            np.matmul(q2, kt.T, out=s)
+            if mods:
+                _masking.apply_score_mods(
+                    np,
+                    s.reshape(nh, bq, k1 - k0),
+                    **_tile_args(prob, views, bidx, h0, h1, q0, q1, k0, k1, full, element_rule),
+                )
+            K.online_softmax_tile(s, m, l, acc)
+            np.matmul(s, vt, out=pv)
+            K.add_rows(acc, pv)
+        if run:
+            K.forward_tiles(q2, kg, vg, np.array(run), m, l, acc, sbuf, pv)
+        lse_rows = np.empty(rows, dtype=cd)
+        K.finish_rows(acc, m, l, lse_rows)
+        out4[bidx][h0:h1, q0:q1] = acc.reshape(nh, bq, Dv)
+        lse4[bidx][h0:h1, q0:q1] = lse_rows.reshape(nh, bq)
+
+    jobs = [
+        (bidx, g, h0, h1, q0, q1, tiles)
+        for bidx in np.ndindex(*prob.batch)
+        for g in range(prob.hkv)
+        for q0, q1, tiles in plan
+        for h0, h1 in _head_chunks(g, G, q1 - q0)
+    ]
+    # Longest first (causal blocks differ in length): the pool ends on short jobs.
+    jobs.sort(key=lambda j: -(j[3] - j[2]) * (j[5] - j[4]) * sum(t[1] - t[0] for t in j[6]))
+    _pool.run_jobs(job, jobs)
+    if not prob.heads_axis:
+        out, lse = out[0], lse[0]
+    return out, lse
+
+
+def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slopes=None,
+             plan=None, element_rule=None):
+    """Return ``(dq, dk, dv)``, recomputing the scores tile by tile from ``lse``."""
+    K = _kernels()
+    cd, G, D, Dv = prob.cdtype, prob.group, prob.d, prob.dv
+    if plan is None:
+        plan = default_plan(prob)
+    q4, k4, v4 = as4d(q, prob), as4d(k, prob), as4d(v, prob)
+    do4, o4, lse4 = as4d(dout, prob), as4d(out, prob), as4d(lse, prob)
+    views = _views(prob, mask, bias, alibi_slopes)
+    needs_mods = _needs_mods(prob, views, element_rule)
+    dq = np.empty((*prob.batch, prob.hq, prob.sq, D), dtype=prob.dtype)
+    # dk/dv accumulate over query blocks: in the compute dtype, cast at the end if needed.
+    dk = np.zeros((*prob.batch, prob.hkv, prob.sk, D), dtype=cd)
+    dv = np.zeros((*prob.batch, prob.hkv, prob.sk, Dv), dtype=cd)
+    dq4, dk4, dv4 = dq, dk, dv  # allocated with a head axis already, even for 2-D inputs
+    scale = cd.type(prob.scale)
+    width = _widest(plan)
+    softcap = prob.softcap is not None
+    lock = threading.Lock()
+
+    def job(args):
+        bidx, g, qblocks, private = args
+        kg, vg = k4[bidx][g], v4[bidx][g]
+        if private:
+            dk_acc = np.zeros((prob.sk, D), dtype=cd)
+            dv_acc = np.zeros((prob.sk, Dv), dtype=cd)
+        else:
+            dk_acc, dv_acc = dk4[bidx][g], dv4[bidx][g]
+        items = [(q0, q1, tiles, h0, h1) for q0, q1, tiles in qblocks
+                 for h0, h1 in _head_chunks(g, G, q1 - q0)]
+        rows_max = max((h1 - h0) * (q1 - q0) for q0, q1, _, h0, h1 in items)
+        sbuf = np.empty(rows_max * width, dtype=cd)
+        dpbuf = np.empty(rows_max * width, dtype=cd)
+        tbuf = np.empty(rows_max * width, dtype=cd) if softcap else None
+        kbuf = np.empty(width * max(D, Dv), dtype=cd)
+        for q0, q1, tiles, h0, h1 in items:
+            nh, bq = h1 - h0, q1 - q0
+            rows = nh * bq
+            qt = np.empty((nh, bq, D), dtype=cd)
+            qt[...] = q4[bidx][h0:h1, q0:q1]
+            qt *= scale
+            q2 = qt.reshape(rows, D)
+            do2 = np.empty((nh, bq, Dv), dtype=cd)
+            do2[...] = do4[bidx][h0:h1, q0:q1]
+            do2 = do2.reshape(rows, Dv)
+            o2 = np.empty((nh, bq, Dv), dtype=cd)
+            o2[...] = o4[bidx][h0:h1, q0:q1]
+            # delta_i = sum_j P_ij dP_ij = dO_i . O_i
+            delta = np.empty(rows, dtype=cd)
+            K.row_dots(do2, o2.reshape(rows, Dv), delta)
+            lse_t = lse4[bidx][h0:h1, q0:q1].astype(cd).reshape(rows)
+            # Rows with no visible key have lse = -inf; +inf makes their P exactly 0.
+            lse_t[np.isneginf(lse_t)] = np.inf
+            dq_acc = np.zeros((rows, D), dtype=cd)
+            dq_part = np.empty((rows, D), dtype=cd)
+            # Unlike the forward pass, a compiled loop over plain tiles (numba's np.dot) was
+            # 3-4% slower here than these numpy calls: notes/cpu_kernels.md.
+            for k0, k1, full in tiles:
+                kw = k1 - k0
+                kt, vt = _as_cd(kg[k0:k1], cd), _as_cd(vg[k0:k1], cd)
+                s = sbuf[: rows * kw].reshape(rows, kw)
+                np.matmul(q2, kt.T, out=s)
+                t = tbuf[: rows * kw].reshape(nh, bq, kw) if softcap else None
+                if needs_mods(full):
+                    _masking.apply_score_mods(
+                        np,
+                        s.reshape(nh, bq, kw),
+                        tanh_out=t,
+                        **_tile_args(prob, views, bidx, h0, h1, q0, q1, k0, k1, full,
+                                     element_rule),
+                    )
+                K.probs_from_lse(s, lse_t)
+                kpart = kbuf[: kw * Dv].reshape(kw, Dv)
+                np.matmul(s.T, do2, out=kpart)
+                K.add_rows(dv_acc[k0:k1], kpart)
+                dp = dpbuf[: rows * kw].reshape(rows, kw)
+                np.matmul(do2, vt.T, out=dp)
+                if softcap:
+                    K.score_grad_softcap(s, dp, delta, t.reshape(rows, kw))
+                else:
+                    K.score_grad(s, dp, delta)
+                np.matmul(dp, kt, out=dq_part)
+                K.add_rows(dq_acc, dq_part)
+                kpart = kbuf[: kw * D].reshape(kw, D)
+                np.matmul(dp.T, q2, out=kpart)
+                K.add_rows(dk_acc[k0:k1], kpart)
+            dq_acc *= scale
+            dq4[bidx][h0:h1, q0:q1] = dq_acc.reshape(nh, bq, D)
+        if private:
+            with lock:
+                K.add_rows(dk4[bidx][g], dk_acc)
+                K.add_rows(dv4[bidx][g], dv_acc)
+
+    heads = [(bidx, g) for bidx in np.ndindex(*prob.batch) for g in range(prob.hkv)]
+    want = _JOBS_PER_THREAD * _pool.num_threads()
+    split = 1 if len(heads) >= want else min(len(plan), -(-want // len(heads)))
+    jobs = []
+    for bidx, g in heads:
+        for part in range(split):
+            # Interleaved shares: causal query blocks grow in length, so each share gets
+            # short and long ones alike.
+            blocks = plan[part::split]
+            if blocks:
+                jobs.append((bidx, g, blocks, split > 1))
+    _pool.run_jobs(job, jobs)
+    if prob.dtype != cd:
+        dk, dv = dk.astype(prob.dtype), dv.astype(prob.dtype)
+    if not prob.heads_axis:
+        dq, dk, dv = dq[0], dk[0], dv[0]
+    return dq, dk, dv
+

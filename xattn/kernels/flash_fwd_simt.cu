@@ -1,0 +1,233 @@
+// Flash attention forward for float32 on the CUDA cores (SIMT), any sm_80+ device.
+//
+// One block of 128 threads owns BM = 32 query rows of one (batch, query head); four lanes share
+// a row (lane quad c = 0..3). Per key block of BN = 32 keys, staged in shared memory:
+//   S:  lane c computes the 8 scores of keys c, c+4, ..., c+28 (float4 reads of q and k rows,
+//       rows padded by 4 floats so that the 8 rows of a warp fall on distinct banks);
+//   softmax: online, base 2 (ex2.approx.ftz), float32 running max/sum, the quad reduces with
+//       two shuffles;
+//   O:  P goes through shared memory; lane c accumulates the float4 column groups c, c+4, ...
+//       of its row (a warp reads 16 consecutive floats of a v row: no bank conflicts).
+// Same options and conventions as flash_fwd.cu (bottom-right causal, window, GQA, softcap,
+// bias, ALiBi, mask, lse in natural log; rows with nothing visible give 0 and -inf).
+// Layout (contiguous): q (B, Hq, Sq, D), k, v (B, Hkv, Sk, D), out like q, lse (B, Hq, Sq).
+
+#define XATTN_INF __int_as_float(0x7f800000)
+#define XATTN_LOG2E 1.4426950408889634f
+#define XATTN_LN2 0.6931471805599453f
+
+namespace xattn_simt {
+
+constexpr int BM = 32;
+constexpr int BN = 32;
+constexpr int NT = 128;
+
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+struct Args {
+    const float* q;
+    const float* k;
+    const float* v;
+    float* o;
+    float* lse;
+    int hq, group, sq, sk;
+    float scale;
+    int causal, wl, wr;
+    float softcap;
+    const float* alibi;
+    long long alibi_bs;
+    const float* bias;
+    long long bias_bs, bias_hs, bias_qs, bias_ks;
+    const unsigned char* mask;
+    long long mask_bs, mask_hs, mask_qs, mask_ks;
+};
+
+// rows x D floats from global (row stride D) to shared (row stride LD), zeros past `limit`.
+template <int D, int LD, int ROWS>
+__device__ __forceinline__ void load_rows(float* s, const float* g, int row0, int limit,
+                                          int tid) {
+    constexpr int V4 = D / 4;
+    constexpr int TOTAL = ROWS * V4;
+#pragma unroll
+    for (int it = 0; it < (TOTAL + NT - 1) / NT; ++it) {
+        const int i = it * NT + tid;
+        if (TOTAL % NT != 0 && i >= TOTAL) break;
+        const int r = i / V4, c = i % V4;
+        float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (row0 + r < limit)
+            x = *reinterpret_cast<const float4*>(g + (long long)(row0 + r) * D + c * 4);
+        *reinterpret_cast<float4*>(s + r * LD + c * 4) = x;
+    }
+}
+
+template <int D>
+__device__ __forceinline__ void flash_fwd_simt_core(const Args& a) {
+    constexpr int LDQ = D + 4;       // q, k rows: float4-aligned, 4-bank shift per row
+    constexpr int LDP = BN + 1;      // p rows
+    constexpr int G = D / 16;        // float4 column groups per lane
+
+    extern __shared__ __align__(16) float smem_f[];
+    float* sQ = smem_f;
+    float* sK = sQ + BM * LDQ;
+    float* sV = sK + BN * LDQ;
+    float* sP = sV + BN * D;
+
+    const int tid = threadIdx.x;
+    const int r = tid >> 2, c = tid & 3;
+    const int qblk = gridDim.x - 1 - blockIdx.x;  // heavy causal blocks first
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int sq = a.sq, sk = a.sk, off = sk - sq;
+    const int q0 = qblk * BM, q1 = min(q0 + BM, sq);
+    const int hkv = a.hq / a.group;
+    const long long bh = (long long)b * a.hq + h;
+    const long long kvh = ((long long)b * hkv + h / a.group) * sk * D;
+    const float* Kg = a.k + kvh;
+    const float* Vg = a.v + kvh;
+    const int qi = q0 + r;
+
+    int lo = 0, hi = sk;
+    if (a.causal) hi = min(hi, q1 + off);
+    if (a.wl >= 0) lo = max(lo, q0 + off - a.wl);
+    if (a.wr >= 0) hi = min(hi, q1 - 1 + off + a.wr + 1);
+    lo = max(lo, 0);
+    hi = min(max(hi, lo), sk);
+    const int kb0 = lo / BN;
+    const int kb1 = hi > lo ? (hi + BN - 1) / BN : kb0;
+
+    load_rows<D, LDQ, BM>(sQ, a.q + bh * sq * D, q0, sq, tid);
+
+    float4 acc[G];
+#pragma unroll
+    for (int t = 0; t < G; ++t) acc[t] = make_float4(0.f, 0.f, 0.f, 0.f);
+    float m = -XATTN_INF, l = 0.f;
+    const float slope = a.alibi ? a.alibi[b * a.alibi_bs + h] : 0.f;
+
+    for (int kb = kb0; kb < kb1; ++kb) {
+        const int k0 = kb * BN;
+        __syncthreads();  // the previous block's k, v, p are no longer read
+        load_rows<D, LDQ, BN>(sK, Kg, k0, sk, tid);
+        load_rows<D, D, BN>(sV, Vg, k0, sk, tid);
+        __syncthreads();
+
+        float s[8];
+#pragma unroll
+        for (int jj = 0; jj < 8; ++jj) s[jj] = 0.f;
+#pragma unroll 4
+        for (int d = 0; d < D; d += 4) {
+            const float4 qv = *reinterpret_cast<const float4*>(sQ + r * LDQ + d);
+#pragma unroll
+            for (int jj = 0; jj < 8; ++jj) {
+                const float4 kv = *reinterpret_cast<const float4*>(sK + (c + 4 * jj) * LDQ + d);
+                s[jj] = fmaf(qv.x, kv.x, s[jj]);
+                s[jj] = fmaf(qv.y, kv.y, s[jj]);
+                s[jj] = fmaf(qv.z, kv.z, s[jj]);
+                s[jj] = fmaf(qv.w, kv.w, s[jj]);
+            }
+        }
+
+        float mx = -XATTN_INF;
+#pragma unroll
+        for (int jj = 0; jj < 8; ++jj) {
+            const int kj = k0 + c + 4 * jj;
+            float x = s[jj] * a.scale;
+            if (a.softcap > 0.f) x = a.softcap * tanhf(x / a.softcap);
+            const bool inside = qi < sq && kj < sk;
+            if (a.bias && inside)
+                x += a.bias[b * a.bias_bs + h * a.bias_hs + qi * a.bias_qs + kj * a.bias_ks];
+            if (a.alibi) x -= slope * fabsf((float)(qi + off - kj));
+            if (a.mask && inside &&
+                !a.mask[b * a.mask_bs + h * a.mask_hs + qi * a.mask_qs + kj * a.mask_ks])
+                x = -XATTN_INF;
+            const int dpos = kj - (qi + off);
+            bool vis = kj < sk;
+            if (a.causal) vis = vis && dpos <= 0;
+            if (a.wl >= 0) vis = vis && dpos >= -a.wl;
+            if (a.wr >= 0) vis = vis && dpos <= a.wr;
+            s[jj] = vis ? x * XATTN_LOG2E : -XATTN_INF;
+            mx = fmaxf(mx, s[jj]);
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m, mx);
+        const float m_use = m_new == -XATTN_INF ? 0.f : m_new;
+        const float alpha = ex2(m - m_use);
+        m = m_new;
+        float rs = 0.f;
+#pragma unroll
+        for (int jj = 0; jj < 8; ++jj) {
+            const float p = ex2(s[jj] - m_use);
+            rs += p;
+            sP[r * LDP + c + 4 * jj] = p;
+        }
+        l = l * alpha + rs;
+#pragma unroll
+        for (int t = 0; t < G; ++t) {
+            acc[t].x *= alpha;
+            acc[t].y *= alpha;
+            acc[t].z *= alpha;
+            acc[t].w *= alpha;
+        }
+        __syncwarp();  // the quad's p values of this row are in shared memory
+
+#pragma unroll 4
+        for (int j = 0; j < BN; ++j) {
+            const float p = sP[r * LDP + j];
+#pragma unroll
+            for (int t = 0; t < G; ++t) {
+                const float4 vv = *reinterpret_cast<const float4*>(sV + j * D + (c + 4 * t) * 4);
+                acc[t].x = fmaf(p, vv.x, acc[t].x);
+                acc[t].y = fmaf(p, vv.y, acc[t].y);
+                acc[t].z = fmaf(p, vv.z, acc[t].z);
+                acc[t].w = fmaf(p, vv.w, acc[t].w);
+            }
+        }
+    }
+
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if (qi < sq) {
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        float* Og = a.o + (bh * sq + qi) * D;
+#pragma unroll
+        for (int t = 0; t < G; ++t) {
+            float4 y = acc[t];
+            y.x *= inv;
+            y.y *= inv;
+            y.z *= inv;
+            y.w *= inv;
+            *reinterpret_cast<float4*>(Og + (c + 4 * t) * 4) = y;
+        }
+        if (c == 0 && a.lse) a.lse[bh * sq + qi] = l > 0.f ? (m + __log2f(l)) * XATTN_LN2 : -XATTN_INF;
+    }
+}
+
+}  // namespace xattn_simt
+
+#define XATTN_SIMT_ENTRY(D)                                                                  \
+    extern "C" __global__ void __launch_bounds__(128) flash_fwd_f32_simt_d##D(               \
+        const float *q, const float *k, const float *v, float *o, float *lse, int hq,        \
+        int group, int sq, int sk, float scale, int causal, int wl, int wr, float softcap,   \
+        const float *alibi, long long alibi_bs, const float *bias, long long bias_bs,        \
+        long long bias_hs, long long bias_qs, long long bias_ks, const unsigned char *mask,  \
+        long long mask_bs, long long mask_hs, long long mask_qs, long long mask_ks) {        \
+        xattn_simt::flash_fwd_simt_core<D>(xattn_simt::Args{                                 \
+            q, k, v, o, lse, hq, group, sq, sk, scale, causal, wl, wr, softcap, alibi,       \
+            alibi_bs, bias, bias_bs, bias_hs, bias_qs, bias_ks, mask, mask_bs, mask_hs,      \
+            mask_qs, mask_ks});                                                              \
+    }
+#define XATTN_SIMT_ONE(D) XATTN_SIMT_ENTRY(D)
+
+// The loader builds one head dim per module (-DXATTN_SIMT_D=..); CI builds them all.
+#ifdef XATTN_SIMT_D
+XATTN_SIMT_ONE(XATTN_SIMT_D)
+#else
+XATTN_SIMT_ENTRY(32)
+XATTN_SIMT_ENTRY(64)
+XATTN_SIMT_ENTRY(96)
+XATTN_SIMT_ENTRY(128)
+XATTN_SIMT_ENTRY(256)
+#endif
