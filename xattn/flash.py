@@ -27,6 +27,7 @@ def flash_attention(
     scale=None,
     block_mask=None,
     return_lse=False,
+    allow_tf32=False,
     backend="auto",
 ):
     """Exact attention computed tile by tile, never holding an ``Sq x Sk`` matrix.
@@ -47,6 +48,10 @@ def flash_attention(
     return_lse : bool
         Also return the log-sum-exp ``(..., Hq, Sq)`` (float32; float64 for float64 inputs)
         that :func:`flash_attention_backward` needs.
+    allow_tf32 : bool
+        Permit float32 inputs on the GPU to be multiplied on tensor cores in TF32 (10-bit
+        mantissa inputs, float32 accumulation: see :doc:`gpu` for the error). Off by default,
+        as in CuPy; other dtypes and the CPU backends ignore it.
     backend : str
         ``"auto"`` (default) picks the fastest implementation that supports the request;
         ``"numba"`` and ``"numpy"`` on the CPU, ``"cupy"`` and ``"generic"`` on the GPU force one.
@@ -85,7 +90,7 @@ def flash_attention(
         if getattr(block_mask, "batch_shape", ()):  # one mask per batch element
             options = dict(causal=causal, window=window, mask=mask, bias=bias,
                            alibi_slopes=alibi_slopes, softcap=softcap, scale=scale,
-                           return_lse=return_lse, backend=backend)
+                           return_lse=return_lse, allow_tf32=allow_tf32, backend=backend)
             return _sparse.per_batch(flash_attention, prob, block_mask, (q, k, v), options)
         sparse = _sparse.plan_options(prob, block_mask)
         opts = {**opts, **sparse, "block_mask": block_mask}
@@ -94,9 +99,12 @@ def flash_attention(
 
         prob, sparse = _sparse.window_plan(prob)
         opts = {**_options(prob), **sparse}
+    if allow_tf32:
+        opts["allow_tf32"] = True
     impl = _backends.select(prob, opts, backend, op="forward")
     out, lse = impl.forward(
-        prob, q, k, v, mask=mask, bias=bias, alibi_slopes=alibi_slopes, **sparse
+        prob, q, k, v, mask=mask, bias=bias, alibi_slopes=alibi_slopes,
+        block_mask=block_mask, allow_tf32=bool(allow_tf32), **sparse
     )
     return (out, lse) if return_lse else out
 
@@ -118,6 +126,7 @@ def flash_attention_backward(
     softcap=None,
     scale=None,
     block_mask=None,
+    deterministic=False,
     backend="auto",
 ):
     """Gradient of flash attention: ``(dq, dk, dv)`` for the upstream gradient ``dout``.
@@ -134,6 +143,10 @@ def flash_attention_backward(
         The forward inputs.
     out, lse : arrays
         The forward outputs, from ``flash_attention(..., return_lse=True)``.
+    deterministic : bool
+        Bitwise reproducible gradients. The CPU backends always are; the CuPy kernel by
+        default adds the ``dq`` contributions of the key blocks with float32 atomics (order
+        varies from run to run) and with ``deterministic=True`` runs a separate ``dq`` pass.
 
     Returns
     -------
@@ -174,7 +187,7 @@ def flash_attention_backward(
         if getattr(block_mask, "batch_shape", ()):  # one mask per batch element
             options = dict(causal=causal, window=window, mask=mask, bias=bias,
                            alibi_slopes=alibi_slopes, softcap=softcap, scale=scale,
-                           backend=backend)
+                           deterministic=deterministic, backend=backend)
             return _sparse.per_batch(flash_attention_backward, prob, block_mask,
                                      (dout, q, k, v, out, lse), options, backward=True)
         sparse = _sparse.plan_options(prob, block_mask)
@@ -184,8 +197,10 @@ def flash_attention_backward(
 
         prob, sparse = _sparse.window_plan(prob)
         opts = {**_options(prob), **sparse}
+    if deterministic:
+        opts["deterministic"] = True
     impl = _backends.select(prob, opts, backend, op="backward")
     return impl.backward(
         prob, dout, q, k, v, out, lse, mask=mask, bias=bias, alibi_slopes=alibi_slopes,
-        **sparse,
+        block_mask=block_mask, deterministic=bool(deterministic), **sparse,
     )

@@ -12,13 +12,13 @@
 // lse (B, Hq, Sq) float32 natural log. GQA: query head h reads kv head h / group (no copies).
 // Positions are aligned bottom-right: query i sits at key position i + (Sk - Sq).
 //
-// No headers: conversions, ldmatrix, cp.async and mma are inline PTX, so NVRTC needs no
+// No CUDA headers: conversions, ldmatrix, cp.async and mma are inline PTX; the one local
+// header, masking.cuh (the visibility rules), is inlined by the loader, so NVRTC needs no
 // include path. Entry points: flash_fwd_<f16|bf16>_d<D>_w<NW>_m<MT>_n<BN>_<plain|mods>;
 // the loader builds one entry per module (see the end of this file).
 
-#define XATTN_INF __int_as_float(0x7f800000)
-#define XATTN_LOG2E 1.4426950408889634f
-#define XATTN_LN2 0.6931471805599453f
+#include "masking.cuh"
+
 #ifndef XATTN_KS_UNROLL
 #define XATTN_KS_UNROLL 2
 #endif
@@ -163,14 +163,8 @@ __device__ __forceinline__ void flash_fwd_core(const FwdArgs& a) {
     const unsigned short* Vg = a.v + kvh;
 
     // Key range any query of this block may see under causal / window (a superset).
-    int lo = 0, hi = sk;
-    if (a.causal) hi = min(hi, q1 + off);
-    if (a.wl >= 0) lo = max(lo, q0 + off - a.wl);
-    if (a.wr >= 0) hi = min(hi, q1 - 1 + off + a.wr + 1);
-    lo = max(lo, 0);
-    hi = min(max(hi, lo), sk);
-    const int kb0 = lo / BN;
-    const int kb1 = hi > lo ? (hi + BN - 1) / BN : kb0;
+    int kb0, kb1;
+    xattn_key_blocks(q0, q1, off, sk, a.causal, a.wl, a.wr, BN, kb0, kb1);
 
     float acc[MT][ND][4];
     float m[MT][2], l[MT][2];
@@ -287,10 +281,7 @@ __device__ __forceinline__ void flash_fwd_core(const FwdArgs& a) {
                         }
                 }
         }
-        const bool edge = (k0 + BN > sk) || (a.causal && k0 + BN - 1 > q0 + off) ||
-                          (a.wl >= 0 && k0 < q1 - 1 + off - a.wl) ||
-                          (a.wr >= 0 && k0 + BN - 1 > q0 + off + a.wr);
-        if (edge) {
+        if (xattn_tile_needs_test(q0, q1, k0, BN, off, sk, a.causal, a.wl, a.wr)) {
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -301,12 +292,8 @@ __device__ __forceinline__ void flash_fwd_core(const FwdArgs& a) {
 #pragma unroll
                         for (int e = 0; e < 2; ++e) {
                             const int kj = k0 + n * 8 + t4 * 2 + e;
-                            const int dpos = kj - (qi + off);
-                            bool vis = kj < sk;
-                            if (a.causal) vis = vis && dpos <= 0;
-                            if (a.wl >= 0) vis = vis && dpos >= -a.wl;
-                            if (a.wr >= 0) vis = vis && dpos <= a.wr;
-                            if (!vis) s[mt][n][hr * 2 + e] = -XATTN_INF;
+                            if (!xattn_visible(qi, kj, off, sk, a.causal, a.wl, a.wr))
+                                s[mt][n][hr * 2 + e] = -XATTN_INF;
                         }
                 }
         }

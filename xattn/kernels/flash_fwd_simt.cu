@@ -12,9 +12,7 @@
 // bias, ALiBi, mask, lse in natural log; rows with nothing visible give 0 and -inf).
 // Layout (contiguous): q (B, Hq, Sq, D), k, v (B, Hkv, Sk, D), out like q, lse (B, Hq, Sq).
 
-#define XATTN_INF __int_as_float(0x7f800000)
-#define XATTN_LOG2E 1.4426950408889634f
-#define XATTN_LN2 0.6931471805599453f
+#include "masking.cuh"
 
 namespace xattn_simt {
 
@@ -89,14 +87,8 @@ __device__ __forceinline__ void flash_fwd_simt_core(const Args& a) {
     const float* Vg = a.v + kvh;
     const int qi = q0 + r;
 
-    int lo = 0, hi = sk;
-    if (a.causal) hi = min(hi, q1 + off);
-    if (a.wl >= 0) lo = max(lo, q0 + off - a.wl);
-    if (a.wr >= 0) hi = min(hi, q1 - 1 + off + a.wr + 1);
-    lo = max(lo, 0);
-    hi = min(max(hi, lo), sk);
-    const int kb0 = lo / BN;
-    const int kb1 = hi > lo ? (hi + BN - 1) / BN : kb0;
+    int kb0, kb1;
+    xattn_key_blocks(q0, q1, off, sk, a.causal, a.wl, a.wr, BN, kb0, kb1);
 
     load_rows<D, LDQ, BM>(sQ, a.q + bh * sq * D, q0, sq, tid);
 
@@ -142,12 +134,8 @@ __device__ __forceinline__ void flash_fwd_simt_core(const Args& a) {
             if (a.mask && inside &&
                 !a.mask[b * a.mask_bs + h * a.mask_hs + qi * a.mask_qs + kj * a.mask_ks])
                 x = -XATTN_INF;
-            const int dpos = kj - (qi + off);
-            bool vis = kj < sk;
-            if (a.causal) vis = vis && dpos <= 0;
-            if (a.wl >= 0) vis = vis && dpos >= -a.wl;
-            if (a.wr >= 0) vis = vis && dpos <= a.wr;
-            s[jj] = vis ? x * XATTN_LOG2E : -XATTN_INF;
+            s[jj] = xattn_visible(qi, kj, off, sk, a.causal, a.wl, a.wr) ? x * XATTN_LOG2E
+                                                                          : -XATTN_INF;
             mx = fmaxf(mx, s[jj]);
         }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));

@@ -19,6 +19,7 @@ plain or with score mods) and cached for the process (CuPy also keeps binaries o
 from __future__ import annotations
 
 import math
+import re
 import threading
 from functools import cache
 from pathlib import Path
@@ -73,7 +74,8 @@ def supports(prob, opts, op):
     if op != "forward":
         return "only the forward pass has a CuPy kernel so far (the generic backend serves " \
                "the backward pass)"
-    unknown = sorted(k for k, v in (opts or {}).items() if v is not None)
+    # allow_tf32 is a permission: the strict float32 kernel honours it by not using it.
+    unknown = sorted(k for k, v in (opts or {}).items() if v is not None and k != "allow_tf32")
     if unknown:
         return f"options {unknown} (e.g. block_mask) are not implemented in the CuPy kernels"
     if np.dtype(prob.dtype) == np.float32:
@@ -100,7 +102,14 @@ def supports(prob, opts, op):
 
 @cache
 def _source(name: str) -> str:
-    return (_KERNEL_DIR / name).read_text()
+    """A kernel's source with its local ``#include "x.cuh"`` headers inlined.
+
+    Inlining (rather than ``-I``) keeps CuPy's on-disk compile cache honest: it keys on the
+    source text, so an edited header changes the key.
+    """
+    text = (_KERNEL_DIR / name).read_text()
+    return re.sub(r'^#include "([\w.]+\.cuh)"$',
+                  lambda m: (_KERNEL_DIR / m.group(1)).read_text(), text, flags=re.M)
 
 
 def smem_bytes(d, cfg):
@@ -200,7 +209,7 @@ def _score_operand(xp, x, prob, itemsize):
 
 
 def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None,
-            element_rule=None, config=None):
+            element_rule=None, block_mask=None, allow_tf32=False, config=None):
     """Return ``(out, lse)`` computed by the tensor-core kernel (see :func:`supports`).
 
     ``config`` overrides the tile configuration ``(warps, tiles per warp, keys per block)``
@@ -287,7 +296,7 @@ def _forward(prob, q, k, v, mask, bias, alibi_slopes, config):
 
 
 def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slopes=None,
-             plan=None, element_rule=None):
+             plan=None, element_rule=None, block_mask=None, deterministic=False):
     raise NotImplementedError(
         "the CuPy kernels have no backward pass yet; backend='auto' uses the generic backend"
     )

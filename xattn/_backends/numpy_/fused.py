@@ -69,7 +69,7 @@ def supports(prob, opts, op):
     if prob.xp is not np:
         return "runs on NumPy arrays only"
     # A BlockMask arrives as plan + element_rule (forward/backward take them).
-    unknown = set(opts) - {"plan", "element_rule", "block_mask"}
+    unknown = set(opts) - {"plan", "element_rule", "block_mask", "allow_tf32", "deterministic"}
     if unknown:
         return f"options not handled by this backend: {sorted(unknown)}"
     return None
@@ -132,7 +132,7 @@ def _widest(plan):
 
 
 def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None,
-            element_rule=None):
+            element_rule=None, block_mask=None, allow_tf32=False):
     """Return ``(out, lse)``; see :func:`xattn._backends.numpy_.tiled.forward` for ``plan``."""
     K = _kernels()
     cd, G, D, Dv = prob.cdtype, prob.group, prob.d, prob.dv
@@ -206,7 +206,7 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
 
 
 def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slopes=None,
-             plan=None, element_rule=None):
+             plan=None, element_rule=None, block_mask=None, deterministic=False):
     """Return ``(dq, dk, dv)``, recomputing the scores tile by tile from ``lse``."""
     K = _kernels()
     cd, G, D, Dv = prob.cdtype, prob.group, prob.d, prob.dv

@@ -77,7 +77,7 @@ def _tile_args(prob, views, bidx, h0, h1, q0, q1, k0, k1, full, element_rule):
 
 
 def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None,
-            element_rule=None):
+            element_rule=None, block_mask=None, allow_tf32=False):
     """Return ``(out, lse)``.
 
     ``plan`` (default ``_masking.tile_plan`` of the causal/window options) lists, per query
@@ -129,7 +129,7 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
 
 
 def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slopes=None,
-             plan=None, element_rule=None):
+             plan=None, element_rule=None, block_mask=None, deterministic=False):
     """Return ``(dq, dk, dv)``: scores are recomputed tile by tile from ``lse``."""
     xp, cd, G = prob.xp, prob.cdtype, prob.group
     if plan is None:

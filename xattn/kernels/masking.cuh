@@ -1,0 +1,40 @@
+// The visibility rules of xattn/_masking.py for the CUDA kernels, written once.
+//
+// Query i sits at key position i + off, off = Sk - Sq (bottom-right alignment). With
+// dpos = j - (i + off): causal keeps dpos <= 0, window (wl, wr) keeps -wl <= dpos <= wr, and a
+// side < 0 is unbounded. The Python loader inlines this file into each kernel source (CuPy's
+// compile cache keys on the source text, so an edit here always rebuilds); nvcc finds it next
+// to the .cu files.
+#pragma once
+
+#define XATTN_INF __int_as_float(0x7f800000)
+#define XATTN_LOG2E 1.4426950408889634f
+#define XATTN_LN2 0.6931471805599453f
+
+// Key blocks [kb0, kb1) of size bn that any query in [q0, q1) may see (a superset).
+__device__ __forceinline__ void xattn_key_blocks(int q0, int q1, int off, int sk, int causal,
+                                                 int wl, int wr, int bn, int& kb0, int& kb1) {
+    int lo = 0, hi = sk;
+    if (causal) hi = min(hi, q1 + off);
+    if (wl >= 0) lo = max(lo, q0 + off - wl);
+    if (wr >= 0) hi = min(hi, q1 - 1 + off + wr + 1);
+    lo = max(lo, 0);
+    hi = min(max(hi, lo), sk);
+    kb0 = lo / bn;
+    kb1 = hi > lo ? (hi + bn - 1) / bn : kb0;
+}
+
+// True when some pair of the tile [q0, q1) x [k0, k0 + bn) fails the rules or lies past sk:
+// only such tiles run the element test below.
+__device__ __forceinline__ bool xattn_tile_needs_test(int q0, int q1, int k0, int bn, int off,
+                                                      int sk, int causal, int wl, int wr) {
+    return (k0 + bn > sk) || (causal && k0 + bn - 1 > q0 + off) ||
+           (wl >= 0 && k0 < q1 - 1 + off - wl) || (wr >= 0 && k0 + bn - 1 > q0 + off + wr);
+}
+
+__device__ __forceinline__ bool xattn_visible(int qi, int kj, int off, int sk, int causal,
+                                              int wl, int wr) {
+    const int dpos = kj - (qi + off);
+    return kj < sk && (!causal || dpos <= 0) && (wl < 0 || dpos >= -wl) &&
+           (wr < 0 || dpos <= wr);
+}
