@@ -62,13 +62,14 @@ def parse_ptxas(text):
     return out
 
 
-def compile_file(nvcc, path):
-    """Return ``(ok, log, resources)`` for one .cu file."""
+def compile_file(nvcc, path, keep_dir=None):
+    """Return ``(ok, log, resources)`` for one .cu file (its fatbin kept in ``keep_dir``)."""
     cmd = [nvcc, *FLAGS, "--threads", "2"]
     for comp, code in ARCHS:
         cmd.append(f"-gencode=arch={comp},code={code}")
     with tempfile.TemporaryDirectory() as tmp:
-        cmd += ["-fatbin", "-o", str(Path(tmp) / "out.fatbin"), str(path)]
+        target = Path(keep_dir or tmp) / (f"{Path(path).stem}.fatbin" if keep_dir else "out.fatbin")
+        cmd += ["-fatbin", "-o", str(target), str(path)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     # ptxas -v lines are informational; anything else mentioning a warning is a failure.
@@ -82,6 +83,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="*", type=Path)
     ap.add_argument("--nvcc", default=None)
+    ap.add_argument("--keep-fatbin", default=None, metavar="DIR",
+                    help="keep each file's fatbin as DIR/NAME.fatbin (for cuobjdump -sass)")
     args = ap.parse_args(argv)
     nvcc = find_nvcc(args.nvcc)
     if nvcc is None:
@@ -93,7 +96,7 @@ def main(argv=None):
         return 2
     failed = False
     for path in files:
-        ok, log, res = compile_file(nvcc, path)
+        ok, log, res = compile_file(nvcc, path, args.keep_fatbin)
         print(f"== {path.name}: {'ok' if ok else 'FAILED'} ({len(res)} entry/arch pairs)")
         if not ok:
             failed = True

@@ -50,7 +50,7 @@ def flash_attention(
         that :func:`flash_attention_backward` needs.
     allow_tf32 : bool
         Permit float32 inputs on the GPU to be multiplied on tensor cores in TF32 (10-bit
-        mantissa inputs, float32 accumulation: see :doc:`gpu` for the error). Off by default,
+        mantissa inputs, float32 accumulation: see :doc:`/gpu` for the error). Off by default,
         as in CuPy; other dtypes and the CPU backends ignore it.
     backend : str
         ``"auto"`` (default) picks the fastest implementation that supports the request;

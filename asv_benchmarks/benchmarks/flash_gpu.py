@@ -1,14 +1,19 @@
-"""flash_attention on CuPy arrays: the tensor-core RawKernel (``backend="cupy"``).
+"""flash_attention and its backward on CuPy arrays: the RawKernels (``backend="cupy"``).
 
 The same shapes as ``benchmarks/gpu_flash.py`` (B*S = 16384, Hq*D = 2048), which also times
-torch SDPA beside it on the same card; torch is not a dependency of the asv environment, so
+torch SDPA beside them on the same card; torch is not a dependency of the asv environment, so
 this suite tracks xattn alone. Skipped (setup raises NotImplementedError) without CuPy or a
-CUDA device. Timings synchronise the device, so they measure the kernel, not the launch.
+CUDA device, and where the kernels refuse a case (``backend="cupy"`` raises
+NotImplementedError: e.g. no backward kernel). Every timed body synchronises the device, so it
+measures the kernels, not the launch. ``track_tflops`` uses the flash-attn FLOP count: forward
+``4 B Hq Sq Sk D``, backward 2.5 times that, half for causal; the window counts visible pairs.
 """
 
 import numpy as np
 
 import xattn
+
+from . import sizes
 
 
 def _require_gpu():
@@ -25,8 +30,8 @@ def _require_gpu():
 
 
 def _dtype(cupy, name):
-    if name == "float16":
-        return cupy.float16
+    if name in ("float16", "float32"):
+        return np.dtype(name)
     try:
         import ml_dtypes
     except ImportError as exc:
@@ -34,65 +39,151 @@ def _dtype(cupy, name):
     return np.dtype(ml_dtypes.bfloat16)
 
 
-class FlashForwardGPU:
-    """Forward on tensor cores; ``track_tflops`` in PERF.md's units (half for causal)."""
+def _inputs(cp, dtype, shape, seed, n=3):
+    rng = np.random.default_rng(seed)
+    dt = _dtype(cp, dtype)
+    return [cp.asarray(rng.standard_normal(shape, dtype=np.float32).astype(dt))
+            for _ in range(n)]
 
-    params = (["float16", "bfloat16"], [64, 128], [1024, 4096, 16384], [False, True])
+
+def _tflops(cp, fn, flops, reps=10):
+    """Mean TFLOP/s of ``reps`` back-to-back calls, timed with CUDA events."""
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    start.record()
+    for _ in range(reps):
+        fn()
+    stop.record()
+    stop.synchronize()
+    return flops / (cp.cuda.get_elapsed_time(start, stop) / reps) / 1e9
+
+
+class FlashForwardGPU:
+    """Forward on tensor cores (float16, bfloat16)."""
+
+    params = (sizes(["float16", "bfloat16"], ["float16"]), sizes([64, 128], [128]),
+              sizes([1024, 4096, 16384], [4096]), [False, True])
     param_names = ["dtype", "head_dim", "seq_len", "causal"]
     timeout = 120
 
     def setup(self, dtype, head_dim, seq_len, causal):
-        cp = _require_gpu()
-        self.cp = cp
+        cp = self.cp = _require_gpu()
         b, h = 16384 // seq_len, 2048 // head_dim
-        rng = np.random.default_rng(0)
-        dt = _dtype(cp, dtype)
-        self.q, self.k, self.v = (
-            cp.asarray(rng.standard_normal((b, h, seq_len, head_dim), dtype=np.float32)
-                       .astype(dt))
-            for _ in range(3)
-        )
+        self.q, self.k, self.v = _inputs(cp, dtype, (b, h, seq_len, head_dim), 0)
+        self.causal = causal
         self.flops = 4.0 * b * h * seq_len * seq_len * head_dim * (0.5 if causal else 1.0)
-        self._run(causal)  # compile and load the kernel outside the timing
+        self.time_forward()  # compile and load the kernel outside the timing
 
-    def _run(self, causal):
-        xattn.flash_attention(self.q, self.k, self.v, causal=causal, backend="cupy")
+    def _call(self):
+        return xattn.flash_attention(self.q, self.k, self.v, causal=self.causal,
+                                     backend="cupy")
+
+    def time_forward(self, *params):
+        self._call()
         self.cp.cuda.Device().synchronize()
 
-    def time_forward(self, dtype, head_dim, seq_len, causal):
-        self._run(causal)
+    def track_tflops(self, *params):
+        return _tflops(self.cp, self._call, self.flops)
 
-    def track_tflops(self, dtype, head_dim, seq_len, causal):
-        cp = self.cp
-        start, stop = cp.cuda.Event(), cp.cuda.Event()
-        reps = 10
-        start.record()
-        for _ in range(reps):
-            xattn.flash_attention(self.q, self.k, self.v, causal=causal, backend="cupy")
-        stop.record()
-        stop.synchronize()
-        ms = cp.cuda.get_elapsed_time(start, stop) / reps
-        return self.flops / ms / 1e9
+    track_tflops.unit = "TFLOP/s"
+
+
+class FlashBackwardGPU:
+    """Backward kernels: dq by atomics (default) or by a separate pass (deterministic)."""
+
+    params = (sizes(["float16", "bfloat16"], ["float16"]), sizes([64, 128], [128]), [4096],
+              [False, True], [False, True])
+    param_names = ["dtype", "head_dim", "seq_len", "causal", "deterministic"]
+    timeout = 120
+
+    def setup(self, dtype, head_dim, seq_len, causal, deterministic):
+        cp = self.cp = _require_gpu()
+        b, h = 16384 // seq_len, 2048 // head_dim
+        self.q, self.k, self.v, self.dout = _inputs(cp, dtype, (b, h, seq_len, head_dim), 1,
+                                                    n=4)
+        self.causal, self.deterministic = causal, deterministic
+        self.out, self.lse = xattn.flash_attention(self.q, self.k, self.v, causal=causal,
+                                                   return_lse=True, backend="cupy")
+        self.flops = 10.0 * b * h * seq_len * seq_len * head_dim * (0.5 if causal else 1.0)
+        self.time_backward()  # raises NotImplementedError (skip) without a backward kernel
+
+    def _call(self):
+        return xattn.flash_attention_backward(
+            self.dout, self.q, self.k, self.v, self.out, self.lse, causal=self.causal,
+            deterministic=self.deterministic, backend="cupy")
+
+    def time_backward(self, *params):
+        self._call()
+        self.cp.cuda.Device().synchronize()
+
+    def track_tflops(self, *params):
+        return _tflops(self.cp, self._call, self.flops)
+
+    track_tflops.unit = "TFLOP/s"
+
+
+class FlashFloat32GPU:
+    """float32: the strict SIMT kernel, and the TF32 tensor-core path (``allow_tf32=True``)."""
+
+    params = (sizes([64, 128], [64]), [False, True], [False, True])
+    param_names = ["head_dim", "allow_tf32", "causal"]
+    timeout = 120
+
+    def setup(self, head_dim, allow_tf32, causal):
+        cp = self.cp = _require_gpu()
+        b, h, s = 4, 2048 // head_dim, 4096
+        self.q, self.k, self.v = _inputs(cp, "float32", (b, h, s, head_dim), 2)
+        self.causal, self.allow_tf32 = causal, allow_tf32
+        self.flops = 4.0 * b * h * s * s * head_dim * (0.5 if causal else 1.0)
+        self.time_forward()
+
+    def _call(self):
+        return xattn.flash_attention(self.q, self.k, self.v, causal=self.causal,
+                                     allow_tf32=self.allow_tf32, backend="cupy")
+
+    def time_forward(self, *params):
+        self._call()
+        self.cp.cuda.Device().synchronize()
+
+    def track_tflops(self, *params):
+        return _tflops(self.cp, self._call, self.flops, reps=3)
 
     track_tflops.unit = "TFLOP/s"
 
 
 class FlashWindowGPU:
-    """Sliding window S=65536 +-256, D=64, 32 heads: cost proportional to the window."""
+    """Sliding window S=65536 +-256, D=64, 32 heads, float16: cost proportional to the window."""
 
+    params = ([False, True],)
+    param_names = ["backward"]
     timeout = 120
 
-    def setup(self):
-        cp = _require_gpu()
-        self.cp = cp
-        rng = np.random.default_rng(1)
-        self.q, self.k, self.v = (
-            cp.asarray(rng.standard_normal((1, 32, 65536, 64), dtype=np.float32)
-                       .astype(np.float16))
-            for _ in range(3)
-        )
-        self.time_forward()
+    def setup(self, backward):
+        cp = self.cp = _require_gpu()
+        s, w, h, d = 65536, 256, 32, 64
+        self.q, self.k, self.v, self.dout = _inputs(cp, "float16", (1, h, s, d), 3, n=4)
+        self.window = (w, w)
+        pairs = sum(min(s, i + w + 1) - max(0, i - w) for i in range(s))
+        self.flops = 4.0 * h * d * pairs * (2.5 if backward else 1.0)
+        self.backward = backward
+        if backward:
+            self.out, self.lse = xattn.flash_attention(self.q, self.k, self.v,
+                                                       window=self.window, return_lse=True,
+                                                       backend="cupy")
+        self.time_window()
 
-    def time_forward(self):
-        xattn.flash_attention(self.q, self.k, self.v, window=(256, 256), backend="cupy")
+    def _call(self):
+        if self.backward:
+            return xattn.flash_attention_backward(self.dout, self.q, self.k, self.v, self.out,
+                                                  self.lse, window=self.window,
+                                                  backend="cupy")
+        return xattn.flash_attention(self.q, self.k, self.v, window=self.window,
+                                     backend="cupy")
+
+    def time_window(self, *params):
+        self._call()
         self.cp.cuda.Device().synchronize()
+
+    def track_tflops(self, *params):
+        return _tflops(self.cp, self._call, self.flops)
+
+    track_tflops.unit = "TFLOP/s"

@@ -18,6 +18,7 @@
 // the loader builds one entry per module (see the end of this file).
 
 #include "masking.cuh"
+#include "blockmask.cuh"
 
 #ifndef XATTN_KS_UNROLL
 #define XATTN_KS_UNROLL 2
@@ -110,6 +111,7 @@ struct FwdArgs {
     long long bias_bs, bias_hs, bias_qs, bias_ks;
     const unsigned char* mask;  // bool, True = may attend; null = off
     long long mask_bs, mask_hs, mask_qs, mask_ks;
+    XattnBlockMask bm;  // read by the block-sparse (SPARSE) entries only
 };
 
 // Copy a (rows x D) tile of 16-bit elements from global (row stride D) into shared memory
@@ -131,7 +133,7 @@ __device__ __forceinline__ void load_tile(unsigned short* s, const unsigned shor
     }
 }
 
-template <class T, int D, int NW, int MT, int BN, bool MODS>
+template <class T, int D, int NW, int MT, int BN, bool MODS, bool SPARSE>
 __device__ __forceinline__ void flash_fwd_core(const FwdArgs& a) {
     constexpr int LD = D + 8;
     constexpr int BM = NW * MT * 16;
@@ -165,6 +167,15 @@ __device__ __forceinline__ void flash_fwd_core(const FwdArgs& a) {
     // Key range any query of this block may see under causal / window (a superset).
     int kb0, kb1;
     xattn_key_blocks(q0, q1, off, sk, a.causal, a.wl, a.wr, BN, kb0, kb1);
+    // The key tiles to visit: [kb0, kb1) in order, or (SPARSE) the BlockMask's visible blocks
+    // of this query block row, clipped to [kb0, kb1). kt = -1 ends the walk; pblk >= 0 marks a
+    // tile of the pblk-th partial block (the element rule runs there only).
+    XattnCsrWalk walk;
+    int kt = kb1 > kb0 ? kb0 : -1, pblk = -1;
+    if constexpr (SPARSE) {
+        xattn_csr_begin(a.bm, q0 / a.bm.bq, BN, kb0, kb1, walk);
+        xattn_csr_next(a.bm, walk, kt, pblk);
+    }
 
     float acc[MT][ND][4];
     float m[MT][2], l[MT][2];
@@ -181,18 +192,30 @@ __device__ __forceinline__ void flash_fwd_core(const FwdArgs& a) {
     const int wrow = warp * MT * 16;  // first row of this warp inside the block
     unsigned qf[QREG ? MT : 1][QREG ? KS : 1][4];
 
-    if (kb1 > kb0) {
+    if (kt >= 0) {
         load_tile<BM, D, LD, NT>(sQ, Qg, q0, sq, tid);
-        load_tile<BN, D, LD, NT>(sK, Kg, kb0 * BN, sk, tid);
-        load_tile<BN, D, LD, NT>(sV, Vg, kb0 * BN, sk, tid);
+        load_tile<BN, D, LD, NT>(sK, Kg, kt * BN, sk, tid);
+        load_tile<BN, D, LD, NT>(sV, Vg, kt * BN, sk, tid);
         cp_async_commit();
     }
 
-    for (int kb = kb0; kb < kb1; ++kb) {
-        const int buf = (kb - kb0) & 1;
-        if (kb + 1 < kb1) {
-            load_tile<BN, D, LD, NT>(sK + (buf ^ 1) * BN * LD, Kg, (kb + 1) * BN, sk, tid);
-            load_tile<BN, D, LD, NT>(sV + (buf ^ 1) * BN * LD, Vg, (kb + 1) * BN, sk, tid);
+    // kt < 0: nothing visible (out 0, lse -inf). The loop leaves by the break below: a loop
+    // test on kt there made ptxas schedule the dense loop worse (more PTX setp/or).
+    if (kt >= 0)
+    for (int buf = 0, first = 1;; buf ^= 1, first = 0) {
+        // The prefetch follows the walk: the next visible tile, never an invisible one.
+        int kt_next, pblk_next = -1;
+        bool more;
+        if constexpr (SPARSE) {
+            xattn_csr_next(a.bm, walk, kt_next, pblk_next);
+            more = kt_next >= 0;
+        } else {
+            kt_next = kt + 1;
+            more = kt_next < kb1;
+        }
+        if (more) {
+            load_tile<BN, D, LD, NT>(sK + (buf ^ 1) * BN * LD, Kg, kt_next * BN, sk, tid);
+            load_tile<BN, D, LD, NT>(sV + (buf ^ 1) * BN * LD, Vg, kt_next * BN, sk, tid);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
@@ -200,7 +223,7 @@ __device__ __forceinline__ void flash_fwd_core(const FwdArgs& a) {
         }
         __syncthreads();
 
-        if (QREG && kb == kb0) {
+        if (QREG && first) {
 #pragma unroll
             for (int mt = 0; mt < (QREG ? MT : 1); ++mt)
 #pragma unroll
@@ -251,7 +274,7 @@ __device__ __forceinline__ void flash_fwd_core(const FwdArgs& a) {
 
         // Score modifications and masking, each a block-uniform branch around its own pass so
         // that the common interior tile runs none of the element tests.
-        const int k0 = kb * BN;
+        const int k0 = kt * BN;
         if constexpr (MODS) {
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
@@ -293,6 +316,23 @@ __device__ __forceinline__ void flash_fwd_core(const FwdArgs& a) {
                         for (int e = 0; e < 2; ++e) {
                             const int kj = k0 + n * 8 + t4 * 2 + e;
                             if (!xattn_visible(qi, kj, off, sk, a.causal, a.wl, a.wr))
+                                s[mt][n][hr * 2 + e] = -XATTN_INF;
+                        }
+                }
+        }
+        if (SPARSE && pblk >= 0) {  // a partial block of the BlockMask: its element rule
+            const int qb = q0 / a.bm.bq * a.bm.bq, kc = k0 / a.bm.bk * a.bm.bk;
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int hr = 0; hr < 2; ++hr) {
+                    const int qi = q0 + wrow + mt * 16 + g + hr * 8;
+#pragma unroll
+                    for (int n = 0; n < NS; ++n)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const int kj = k0 + n * 8 + t4 * 2 + e;
+                            if (!xattn_bm_visible(a.bm, pblk, qb, kc, qi, kj))
                                 s[mt][n][hr * 2 + e] = -XATTN_INF;
                         }
                 }
@@ -375,6 +415,9 @@ __device__ __forceinline__ void flash_fwd_core(const FwdArgs& a) {
             }
         }
         __syncthreads();  // the next iteration's cp.async overwrites this buffer
+        if (!more) break;
+        kt = kt_next;
+        pblk = pblk_next;
     }
 
     // Epilogue: finish the row sums across the 4 lanes of a row, normalise, write out and lse.
@@ -409,36 +452,51 @@ __device__ __forceinline__ void flash_fwd_core(const FwdArgs& a) {
         int causal, int wl, int wr, float softcap, const float *alibi, long long alibi_bs,    \
         const float *bias, long long bias_bs, long long bias_hs, long long bias_qs,          \
         long long bias_ks, const unsigned char *mask, long long mask_bs, long long mask_hs,  \
-        long long mask_qs, long long mask_ks
+        long long mask_qs, long long mask_ks, const int *bm_frow, const int *bm_fcol,        \
+        const int *bm_prow, const int *bm_pcol, const unsigned *bm_tiles, int bm_bq,         \
+        int bm_bk, int bm_words, int bm_rule, int bm_off, int bm_left, int bm_right
 
 #define XATTN_FWD_ARGS                                                                       \
     xattn::FwdArgs{q,       k,       v,        o,       lse,     hq,      group,   sq,      \
                    sk,      scale,   causal,   wl,      wr,      softcap, alibi,   alibi_bs, \
                    bias,    bias_bs, bias_hs,  bias_qs, bias_ks, mask,    mask_bs, mask_hs,  \
-                   mask_qs, mask_ks}
+                   mask_qs, mask_ks,                                                         \
+                   XattnBlockMask{bm_frow, bm_fcol, bm_prow, bm_pcol, bm_tiles, bm_bq, bm_bk,\
+                                  bm_words, bm_rule, bm_off, bm_left, bm_right}}
 
-#define XATTN_FWD_ENTRY(TN, T, D, NW, MT, BN, MN, MODS)                                      \
+// MN names the variant: plain | mods (score modifications), with _bm for the block-sparse walk.
+// Every entry takes the block-mask arguments; the dense ones ignore them (pass nulls/zeros).
+#define XATTN_FWD_ENTRY(TN, T, D, NW, MT, BN, MN, MODS, SPARSE)                              \
     extern "C" __global__ void __launch_bounds__(NW * 32)                                    \
         flash_fwd_##TN##_d##D##_w##NW##_m##MT##_n##BN##_##MN(XATTN_FWD_PARAMS) {             \
-        xattn::flash_fwd_core<xattn::T, D, NW, MT, BN, MODS>(XATTN_FWD_ARGS);                \
+        xattn::flash_fwd_core<xattn::T, D, NW, MT, BN, MODS, SPARSE>(XATTN_FWD_ARGS);        \
     }
 
 // One more expansion level so that macro arguments (-D values) expand before ## pastes them.
-#define XATTN_FWD_ONE(TN, D, NW, MT, BN, MN, MODS) XATTN_FWD_ENTRY(TN, TN, D, NW, MT, BN, MN, MODS)
+#define XATTN_FWD_ONE(TN, D, NW, MT, BN, MN, MODS, SPARSE) \
+    XATTN_FWD_ENTRY(TN, TN, D, NW, MT, BN, MN, MODS, SPARSE)
 
-#define XATTN_FWD_PLAIN(D, NW, MT, BN)                 \
-    XATTN_FWD_ONE(f16, D, NW, MT, BN, plain, false)   \
-    XATTN_FWD_ONE(bf16, D, NW, MT, BN, plain, false)
-#define XATTN_FWD_CONFIG(D, NW, MT, BN)                \
-    XATTN_FWD_PLAIN(D, NW, MT, BN)                     \
-    XATTN_FWD_ONE(f16, D, NW, MT, BN, mods, true)     \
-    XATTN_FWD_ONE(bf16, D, NW, MT, BN, mods, true)
+#define XATTN_FWD_PLAIN(D, NW, MT, BN)                        \
+    XATTN_FWD_ONE(f16, D, NW, MT, BN, plain, false, false)   \
+    XATTN_FWD_ONE(bf16, D, NW, MT, BN, plain, false, false)
+#define XATTN_FWD_CONFIG(D, NW, MT, BN)                       \
+    XATTN_FWD_PLAIN(D, NW, MT, BN)                            \
+    XATTN_FWD_ONE(f16, D, NW, MT, BN, mods, true, false)     \
+    XATTN_FWD_ONE(bf16, D, NW, MT, BN, mods, true, false)
+// Block-sparse entries: CI builds the f16 ones (bf16 differs only in the mma/cvt type).
+#define XATTN_FWD_BM_PLAIN(D, NW, MT, BN) XATTN_FWD_ONE(f16, D, NW, MT, BN, plain_bm, false, true)
+#define XATTN_FWD_BM(D, NW, MT, BN)  \
+    XATTN_FWD_BM_PLAIN(D, NW, MT, BN) \
+    XATTN_FWD_ONE(f16, D, NW, MT, BN, mods_bm, true, true)
 
 // The loader builds one entry per module (-DXATTN_TN=f16|bf16 -DXATTN_D=.. -DXATTN_NW=..
-// -DXATTN_MT=.. -DXATTN_BN=.. -DXATTN_MN=plain|mods -DXATTN_MODS=false|true); without them
-// (CI's compile check) every configuration below is built.
+// -DXATTN_MT=.. -DXATTN_BN=.. -DXATTN_MN=plain|mods|plain_bm|mods_bm -DXATTN_MODS=false|true
+// -DXATTN_SPARSE=false|true); without them (CI's compile check) every configuration below is
+// built: the dense defaults of xattn/_backends/cupy_/flash.py, and the block-sparse
+// candidates (BM_CONFIGS there).
 #ifdef XATTN_D
-XATTN_FWD_ONE(XATTN_TN, XATTN_D, XATTN_NW, XATTN_MT, XATTN_BN, XATTN_MN, XATTN_MODS)
+XATTN_FWD_ONE(XATTN_TN, XATTN_D, XATTN_NW, XATTN_MT, XATTN_BN, XATTN_MN, XATTN_MODS,
+              XATTN_SPARSE)
 #else
 XATTN_FWD_CONFIG(32, 4, 1, 64)
 XATTN_FWD_CONFIG(64, 4, 1, 64)
@@ -447,4 +505,17 @@ XATTN_FWD_CONFIG(96, 4, 1, 64)
 XATTN_FWD_CONFIG(128, 4, 1, 64)
 XATTN_FWD_PLAIN(128, 4, 2, 32)  // the score-mod kernel of D=128 uses (4, 1, 64)
 XATTN_FWD_CONFIG(256, 4, 1, 32)
+#ifndef XATTN_NO_BM
+XATTN_FWD_BM(32, 4, 1, 64)
+XATTN_FWD_BM(32, 2, 1, 32)
+XATTN_FWD_BM(64, 4, 2, 64)
+XATTN_FWD_BM(64, 4, 1, 64)
+XATTN_FWD_BM(64, 2, 1, 32)
+XATTN_FWD_BM(96, 4, 1, 64)
+XATTN_FWD_BM(96, 2, 1, 32)
+XATTN_FWD_BM_PLAIN(128, 4, 2, 32)  // with mods: (4, 1, 64), as the dense kernel
+XATTN_FWD_BM(128, 4, 1, 64)
+XATTN_FWD_BM(128, 2, 1, 32)
+XATTN_FWD_BM(256, 4, 1, 32)
+#endif
 #endif

@@ -13,6 +13,7 @@
 // Layout (contiguous): q (B, Hq, Sq, D), k, v (B, Hkv, Sk, D), out like q, lse (B, Hq, Sq).
 
 #include "masking.cuh"
+#include "blockmask.cuh"
 
 namespace xattn_simt {
 
@@ -42,6 +43,7 @@ struct Args {
     long long bias_bs, bias_hs, bias_qs, bias_ks;
     const unsigned char* mask;
     long long mask_bs, mask_hs, mask_qs, mask_ks;
+    XattnBlockMask bm;  // read by the block-sparse (SPARSE) entries only
 };
 
 // rows x D floats from global (row stride D) to shared (row stride LD), zeros past `limit`.
@@ -62,7 +64,7 @@ __device__ __forceinline__ void load_rows(float* s, const float* g, int row0, in
     }
 }
 
-template <int D>
+template <int D, bool SPARSE>
 __device__ __forceinline__ void flash_fwd_simt_core(const Args& a) {
     constexpr int LDQ = D + 4;       // q, k rows: float4-aligned, 4-bank shift per row
     constexpr int LDP = BN + 1;      // p rows
@@ -89,6 +91,15 @@ __device__ __forceinline__ void flash_fwd_simt_core(const Args& a) {
 
     int kb0, kb1;
     xattn_key_blocks(q0, q1, off, sk, a.causal, a.wl, a.wr, BN, kb0, kb1);
+    // Key tiles to visit: [kb0, kb1), or (SPARSE) the BlockMask's visible blocks of this query
+    // block row clipped to it; kt = -1 ends the walk, pblk >= 0 marks a partial block.
+    XattnCsrWalk walk;
+    int kt = kb1 > kb0 ? kb0 : -1, pblk = -1;
+    if constexpr (SPARSE) {
+        xattn_csr_begin(a.bm, q0 / a.bm.bq, BN, kb0, kb1, walk);
+        xattn_csr_next(a.bm, walk, kt, pblk);
+    }
+    const int qb = SPARSE ? q0 / a.bm.bq * a.bm.bq : 0;
 
     load_rows<D, LDQ, BM>(sQ, a.q + bh * sq * D, q0, sq, tid);
 
@@ -98,8 +109,8 @@ __device__ __forceinline__ void flash_fwd_simt_core(const Args& a) {
     float m = -XATTN_INF, l = 0.f;
     const float slope = a.alibi ? a.alibi[b * a.alibi_bs + h] : 0.f;
 
-    for (int kb = kb0; kb < kb1; ++kb) {
-        const int k0 = kb * BN;
+    while (kt >= 0) {
+        const int k0 = kt * BN;
         __syncthreads();  // the previous block's k, v, p are no longer read
         load_rows<D, LDQ, BN>(sK, Kg, k0, sk, tid);
         load_rows<D, D, BN>(sV, Vg, k0, sk, tid);
@@ -134,8 +145,10 @@ __device__ __forceinline__ void flash_fwd_simt_core(const Args& a) {
             if (a.mask && inside &&
                 !a.mask[b * a.mask_bs + h * a.mask_hs + qi * a.mask_qs + kj * a.mask_ks])
                 x = -XATTN_INF;
-            s[jj] = xattn_visible(qi, kj, off, sk, a.causal, a.wl, a.wr) ? x * XATTN_LOG2E
-                                                                          : -XATTN_INF;
+            bool vis = xattn_visible(qi, kj, off, sk, a.causal, a.wl, a.wr);
+            if (SPARSE && pblk >= 0)
+                vis = vis && xattn_bm_visible(a.bm, pblk, qb, k0 / a.bm.bk * a.bm.bk, qi, kj);
+            s[jj] = vis ? x * XATTN_LOG2E : -XATTN_INF;
             mx = fmaxf(mx, s[jj]);
         }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
@@ -173,6 +186,11 @@ __device__ __forceinline__ void flash_fwd_simt_core(const Args& a) {
                 acc[t].w = fmaf(p, vv.w, acc[t].w);
             }
         }
+        if constexpr (SPARSE) {
+            xattn_csr_next(a.bm, walk, kt, pblk);
+        } else {
+            kt = kt + 1 < kb1 ? kt + 1 : -1;
+        }
     }
 
     l += __shfl_xor_sync(0xffffffffu, l, 1);
@@ -195,27 +213,37 @@ __device__ __forceinline__ void flash_fwd_simt_core(const Args& a) {
 
 }  // namespace xattn_simt
 
-#define XATTN_SIMT_ENTRY(D)                                                                  \
-    extern "C" __global__ void __launch_bounds__(128) flash_fwd_f32_simt_d##D(               \
+// Every entry takes the block-mask arguments; the dense ones ignore them (nulls/zeros).
+#define XATTN_SIMT_ENTRY(D, NAME, SPARSE)                                                    \
+    extern "C" __global__ void __launch_bounds__(128) NAME(                                  \
         const float *q, const float *k, const float *v, float *o, float *lse, int hq,        \
         int group, int sq, int sk, float scale, int causal, int wl, int wr, float softcap,   \
         const float *alibi, long long alibi_bs, const float *bias, long long bias_bs,        \
         long long bias_hs, long long bias_qs, long long bias_ks, const unsigned char *mask,  \
-        long long mask_bs, long long mask_hs, long long mask_qs, long long mask_ks) {        \
-        xattn_simt::flash_fwd_simt_core<D>(xattn_simt::Args{                                 \
+        long long mask_bs, long long mask_hs, long long mask_qs, long long mask_ks,          \
+        const int *bm_frow, const int *bm_fcol, const int *bm_prow, const int *bm_pcol,      \
+        const unsigned *bm_tiles, int bm_bq, int bm_bk, int bm_words, int bm_rule,           \
+        int bm_off, int bm_left, int bm_right) {                                             \
+        xattn_simt::flash_fwd_simt_core<D, SPARSE>(xattn_simt::Args{                         \
             q, k, v, o, lse, hq, group, sq, sk, scale, causal, wl, wr, softcap, alibi,       \
             alibi_bs, bias, bias_bs, bias_hs, bias_qs, bias_ks, mask, mask_bs, mask_hs,      \
-            mask_qs, mask_ks});                                                              \
+            mask_qs, mask_ks,                                                                \
+            XattnBlockMask{bm_frow, bm_fcol, bm_prow, bm_pcol, bm_tiles, bm_bq, bm_bk,       \
+                           bm_words, bm_rule, bm_off, bm_left, bm_right}});                  \
     }
-#define XATTN_SIMT_ONE(D) XATTN_SIMT_ENTRY(D)
+#define XATTN_SIMT_BOTH(D)                                    \
+    XATTN_SIMT_ENTRY(D, flash_fwd_f32_simt_d##D, false)       \
+    XATTN_SIMT_ENTRY(D, flash_fwd_f32_simt_d##D##_bm, true)
+#define XATTN_SIMT_ONE(D) XATTN_SIMT_BOTH(D)
 
-// The loader builds one head dim per module (-DXATTN_SIMT_D=..); CI builds them all.
+// The loader builds one head dim per module (-DXATTN_SIMT_D=..: its dense and block-sparse
+// entries); CI builds them all.
 #ifdef XATTN_SIMT_D
 XATTN_SIMT_ONE(XATTN_SIMT_D)
 #else
-XATTN_SIMT_ENTRY(32)
-XATTN_SIMT_ENTRY(64)
-XATTN_SIMT_ENTRY(96)
-XATTN_SIMT_ENTRY(128)
-XATTN_SIMT_ENTRY(256)
+XATTN_SIMT_BOTH(32)
+XATTN_SIMT_BOTH(64)
+XATTN_SIMT_BOTH(96)
+XATTN_SIMT_BOTH(128)
+XATTN_SIMT_BOTH(256)
 #endif

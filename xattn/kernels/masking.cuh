@@ -38,3 +38,18 @@ __device__ __forceinline__ bool xattn_visible(int qi, int kj, int off, int sk, i
     return kj < sk && (!causal || dpos <= 0) && (wl < 0 || dpos >= -wl) &&
            (wr < 0 || dpos <= wr);
 }
+
+// Query blocks [qb0, qb1) of size bm that may see some key of [k0, k1) (a superset): the inverse
+// of xattn_key_blocks, used by the backward pass's key-block-parallel loop. Query i sees key j
+// only if j <= i + off (causal), i + off - wl <= j (left side) and j <= i + off + wr (right side).
+__device__ __forceinline__ void xattn_query_blocks(int k0, int k1, int off, int sq, int causal,
+                                                   int wl, int wr, int bm, int& qb0, int& qb1) {
+    int lo = 0, hi = sq;
+    if (causal) lo = max(lo, k0 - off);
+    if (wr >= 0) lo = max(lo, k0 - off - wr);
+    if (wl >= 0) hi = min(hi, k1 - 1 - off + wl + 1);
+    lo = max(lo, 0);
+    hi = min(max(hi, lo), sq);
+    qb0 = lo / bm;
+    qb1 = hi > lo ? (hi + bm - 1) / bm : qb0;
+}

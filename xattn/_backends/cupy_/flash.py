@@ -2,11 +2,24 @@
 
 The forward pass runs on tensor cores (``mma.sync.m16n8k16`` with ``ldmatrix`` and
 ``cp.async`` double buffering, sm_80 and newer) for float16 and bfloat16 inputs with every
-option of :func:`xattn.flash_attention` except ``block_mask``; float32 has a SIMT kernel
+option of :func:`xattn.flash_attention`; float32 has a SIMT kernel
 (``flash_fwd_simt.cu``, switch: ``ENABLE_FP32_KERNEL``). Requests the
-kernels cannot serve (float64, the backward pass, head dims above 256, ``Dv != D``, compute
-capability below 8.0, unknown options) are refused by :func:`supports` with a reason, so that
-``backend="auto"`` falls back to the generic tiled backend and ``backend="cupy"`` raises.
+kernels cannot serve (float64, head dims above 256, compute capability below 8.0, block sizes
+the tiles do not divide, unknown options) are refused by :func:`supports` with a reason, so
+that ``backend="auto"`` falls back to the generic tiled backend and ``backend="cupy"`` raises.
+
+``block_mask`` (switch: ``ENABLE_BLOCK_MASK``): each thread block walks the CSR lists of its
+query block row (``xattn/kernels/blockmask.cuh``); invisible key blocks are never loaded, full
+blocks run no element test, partial blocks run the mask's element rule (causal/window
+arithmetically, every other rule from bit-packed tiles). The mask's arrays are uploaded once per
+(mask, device) and cached (:mod:`xattn._backends.cupy_.blockmask`). The kernel's query tile
+must lie inside one mask block row and its key tile inside one mask block: a configuration of
+:data:`BM_CONFIGS` with ``bq % rows == 0`` and ``bk % keys == 0`` is chosen (float32: 32 x 32);
+block sizes that none divides (e.g. not multiples of 32) are refused with a reason.
+
+``Dv != D`` (switch: ``ENABLE_DV_PADDING``): q and k, or v, are zero-padded to the common head
+dim ``max(D, Dv)`` (rounded up as below) -- copies of the narrower operands -- and the output
+is sliced back to ``Dv`` columns (a copy).
 
 bfloat16: CuPy >= 14 holds ``ml_dtypes.bfloat16`` arrays natively; the kernels read them as raw
 16-bit words. Head dims that are not 32, 64, 96, 128 or 256 are zero-padded to the next of
@@ -42,6 +55,21 @@ CONFIGS = {
 # Kernels with score modifications (softcap, bias, ALiBi, mask) hold more registers: where the
 # plain configuration would spill with them, they take this one.
 MODS_CONFIGS = {128: (4, 1, 64)}
+# Block-sparse candidates per head dim, in order of preference: the first whose query tile
+# (warps * tiles * 16 rows) divides the mask's bq and whose key tile divides bk serves the
+# mask. Every one is in flash_fwd.cu's compile-check list (ptxas: no spills).
+BM_CONFIGS = {
+    32: ((4, 1, 64), (2, 1, 32)),
+    64: ((4, 2, 64), (4, 1, 64), (2, 1, 32)),
+    96: ((4, 1, 64), (2, 1, 32)),
+    128: ((4, 2, 32), (4, 1, 64), (2, 1, 32)),
+    256: ((4, 1, 32),),
+}
+BM_MODS_CONFIGS = {128: ((4, 1, 64), (2, 1, 32))}
+# block_mask in the kernels (False: supports() refuses it, "auto" takes the generic backend).
+ENABLE_BLOCK_MASK = True
+# Dv != D through zero-padding (False: supports() refuses it).
+ENABLE_DV_PADDING = True
 _MAX_GRID_YZ = 65535
 # Tests set this to fill every output with NaN before the launch (unwritten elements then fail).
 POISON = False
@@ -72,12 +100,15 @@ def supports(prob, opts, op):
     if prob.xp.__name__ != "cupy":
         return "inputs are not CuPy arrays"
     if op != "forward":
-        return "only the forward pass has a CuPy kernel so far (the generic backend serves " \
-               "the backward pass)"
+        from . import flash_bwd
+
+        return flash_bwd.supports(prob, opts)
     # allow_tf32 is a permission: the strict float32 kernel honours it by not using it.
-    unknown = sorted(k for k, v in (opts or {}).items() if v is not None and k != "allow_tf32")
+    # block_mask comes with the CPU backends' plan/element_rule: the kernels walk the mask.
+    known = {"allow_tf32", "block_mask", "plan", "element_rule"}
+    unknown = sorted(k for k, v in (opts or {}).items() if v is not None and k not in known)
     if unknown:
-        return f"options {unknown} (e.g. block_mask) are not implemented in the CuPy kernels"
+        return f"options {unknown} are not implemented in the CuPy forward kernels"
     if np.dtype(prob.dtype) == np.float32:
         if not ENABLE_FP32_KERNEL:
             return ("dtype float32: the SIMT kernel (flash_fwd_simt.cu) is not enabled yet "
@@ -85,10 +116,16 @@ def supports(prob, opts, op):
     elif _type_name(prob.dtype) is None:
         return (f"dtype {prob.dtype}: the kernels take float16 and bfloat16 (and float32 "
                 "with ENABLE_FP32_KERNEL); float64 uses the generic backend")
-    if prob.dv != prob.d:
-        return f"Dv ({prob.dv}) != D ({prob.d}) is not implemented in the CuPy kernels"
-    if _padded_dim(prob.d) is None:
-        return f"head_dim {prob.d} > {max(CONFIGS)} is not implemented in the CuPy kernels"
+    if prob.dv != prob.d and not ENABLE_DV_PADDING:
+        return f"Dv ({prob.dv}) != D ({prob.d}): ENABLE_DV_PADDING is off"
+    if _padded_dim(max(prob.d, prob.dv)) is None:
+        return (f"head_dim {max(prob.d, prob.dv)} > {max(CONFIGS)} is not implemented in the "
+                "CuPy kernels")
+    bm = (opts or {}).get("block_mask")
+    if bm is not None:
+        reason = _block_mask_reason(prob, bm)
+        if reason:
+            return reason
     nbatch = math.prod(prob.batch)
     if nbatch > _MAX_GRID_YZ or prob.hq > _MAX_GRID_YZ:
         return f"batch ({nbatch}) or heads ({prob.hq}) above the grid limit {_MAX_GRID_YZ}"
@@ -97,6 +134,37 @@ def supports(prob, opts, op):
     cc = int(cupy.cuda.Device().compute_capability)
     if cc < 80:
         return f"compute capability {cc} < 80: the kernels use mma.sync bf16/f16 and cp.async"
+    return None
+
+
+def block_mask_config(dp, block_size, mods, fp32=False):
+    """The tile configuration ``(warps, tiles, keys)`` that serves a mask of ``block_size`` at
+    padded head dim ``dp``, or None when no configuration divides the blocks. With ``fp32``:
+    ``("simt", rows, keys)`` when the SIMT kernel's fixed tile divides them."""
+    bq, bk = block_size
+    if fp32:
+        fits = bq % SIMT_BLOCK_Q == 0 and bk % SIMT_BLOCK_K == 0
+        return ("simt", SIMT_BLOCK_Q, SIMT_BLOCK_K) if fits else None
+    cands = (BM_MODS_CONFIGS.get(dp) if mods else None) or BM_CONFIGS[dp]
+    return next((c for c in cands if bq % (c[0] * c[1] * 16) == 0 and bk % c[2] == 0), None)
+
+
+def _block_mask_reason(prob, bm):
+    if not ENABLE_BLOCK_MASK:
+        return "block_mask: the block-sparse kernels are off (ENABLE_BLOCK_MASK)"
+    if getattr(bm, "batch_shape", ()):
+        return "block_mask: a batched mask (one call per batch element goes through flash.py)"
+    dp = _padded_dim(max(prob.d, prob.dv))
+    fp32 = np.dtype(prob.dtype) == np.float32
+    mods = prob.softcap is not None or prob.has_bias or prob.has_alibi or prob.has_mask
+    if block_mask_config(dp, bm.block_size, mods, fp32) is None:
+        cands = [(SIMT_BLOCK_Q, SIMT_BLOCK_K)] if fp32 else [
+            (c[0] * c[1] * 16, c[2])
+            for c in (BM_MODS_CONFIGS.get(dp) if mods else None) or BM_CONFIGS[dp]]
+        tiles = " or ".join(f"{r} x {n}" for r, n in cands)
+        return (f"block_mask: block size {bm.block_size} is not served by the CuPy kernels "
+                f"(head dim {dp}, {prob.dtype}): (bq, bk) must be multiples of a kernel tile "
+                f"({tiles}); the generic backend serves it")
     return None
 
 
@@ -117,8 +185,9 @@ def smem_bytes(d, cfg):
     return (nw * mt * 16 + 4 * bn) * (d + 8) * 2
 
 
-def get_kernel(type_name: str, d: int, cfg: tuple, mods: bool):
-    """The compiled forward entry point for one dtype, head dim and tile configuration.
+def get_kernel(type_name: str, d: int, cfg: tuple, mods: bool, sparse: bool = False):
+    """The compiled forward entry point for one dtype, head dim and tile configuration
+    (``sparse``: the block-mask walk).
 
     Built on first use with NVRTC for the current device and cached per (device, config).
     """
@@ -126,7 +195,8 @@ def get_kernel(type_name: str, d: int, cfg: tuple, mods: bool):
 
     dev = cupy.cuda.Device().id
     nw, mt, bn = cfg
-    name = f"flash_fwd_{type_name}_d{d}_w{nw}_m{mt}_n{bn}_{'mods' if mods else 'plain'}"
+    variant = ("mods" if mods else "plain") + ("_bm" if sparse else "")
+    name = f"flash_fwd_{type_name}_d{d}_w{nw}_m{mt}_n{bn}_{variant}"
     key = (dev, name)
     hit = _functions.get(key)
     if hit is not None:
@@ -136,8 +206,9 @@ def get_kernel(type_name: str, d: int, cfg: tuple, mods: bool):
         if hit is None:
             options = ("-std=c++17", f"-DXATTN_TN={type_name}", f"-DXATTN_D={d}",
                        f"-DXATTN_NW={nw}", f"-DXATTN_MT={mt}", f"-DXATTN_BN={bn}",
-                       f"-DXATTN_MN={'mods' if mods else 'plain'}",
-                       f"-DXATTN_MODS={'true' if mods else 'false'}")
+                       f"-DXATTN_MN={variant}",
+                       f"-DXATTN_MODS={'true' if mods else 'false'}",
+                       f"-DXATTN_SPARSE={'true' if sparse else 'false'}")
             mod = cupy.RawModule(code=_source("flash_fwd.cu"), options=options)
             fn = mod.get_function(name)
             smem = smem_bytes(d, cfg)
@@ -152,13 +223,13 @@ def simt_smem_bytes(d):
             + SIMT_BLOCK_Q * (SIMT_BLOCK_K + 1)) * 4
 
 
-def get_simt_kernel(d: int):
+def get_simt_kernel(d: int, sparse: bool = False):
     """The float32 SIMT forward entry point for one head dim (built and cached like
-    :func:`get_kernel`)."""
+    :func:`get_kernel`; ``sparse``: the block-mask walk)."""
     import cupy
 
     dev = cupy.cuda.Device().id
-    name = f"flash_fwd_f32_simt_d{d}"
+    name = f"flash_fwd_f32_simt_d{d}" + ("_bm" if sparse else "")
     key = (dev, name)
     hit = _functions.get(key)
     if hit is None:
@@ -213,24 +284,50 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
     """Return ``(out, lse)`` computed by the tensor-core kernel (see :func:`supports`).
 
     ``config`` overrides the tile configuration ``(warps, tiles per warp, keys per block)``
-    (benchmarks use it to compare configurations).
+    (benchmarks use it to compare configurations). With ``block_mask`` the kernels walk the
+    mask's own block lists (uploaded once, see :mod:`.blockmask`); ``plan`` and
+    ``element_rule`` (the CPU backends' form of the same mask) are then not read.
     """
-    if plan is not None or element_rule is not None:
-        raise NotImplementedError("the CuPy kernels do not take a tile plan / element rule yet")
+    if block_mask is None and (plan is not None or element_rule is not None):
+        raise NotImplementedError("the CuPy kernels take a block_mask, not a tile plan / "
+                                  "element rule")
     # Allocate and launch on the inputs' device, whichever device is current.
     with q.device:
-        return _forward(prob, q, k, v, mask, bias, alibi_slopes, config)
+        if allow_tf32 and block_mask is None and np.dtype(prob.dtype) == np.float32:
+            from . import flash_tf32  # opt-in TF32 tensor-core kernel (switch: ENABLE_TF32)
+
+            if flash_tf32.supports(prob) is None:
+                return flash_tf32.forward(prob, q, k, v, mask, bias, alibi_slopes, config=config)
+        if block_mask is None and config is None and np.dtype(prob.dtype) != np.float32:
+            from . import flash_sm90  # Hopper wgmma kernel (switch: ENABLE_SM90)
+
+            if flash_sm90.applies(prob, mask=mask, bias=bias, alibi_slopes=alibi_slopes) is None:
+                return flash_sm90.forward(prob, q, k, v)
+        return _forward(prob, q, k, v, mask, bias, alibi_slopes, config, block_mask=block_mask)
 
 
-def _forward(prob, q, k, v, mask, bias, alibi_slopes, config):
+def _forward(prob, q, k, v, mask, bias, alibi_slopes, config, *, block_mask=None):
     import cupy as xp
 
     tn = _type_name(prob.dtype)
-    d = prob.d
-    dp = _padded_dim(d)
+    d, dv = prob.d, prob.dv
+    # Dv != D: q, k and v all padded to one head dim (zeros change neither q.k nor the kept
+    # output columns), the output sliced back to dv.
+    dp = _padded_dim(max(d, dv))
     mods = prob.softcap is not None or bias is not None or alibi_slopes is not None \
         or mask is not None
-    if config is not None:
+    if block_mask is not None:
+        fits = block_mask_config(dp, block_mask.block_size, mods, tn is None)
+        if fits is None:
+            raise NotImplementedError(_block_mask_reason(prob, block_mask))
+        if config is not None and tn is not None:
+            nw, mt, bn = config
+            bq, bk = block_mask.block_size
+            if bq % (nw * mt * 16) or bk % bn:
+                raise ValueError(f"config: {tuple(config)} does not divide the block_mask's "
+                                 f"block size {block_mask.block_size}")
+        cfg = tuple(config) if config is not None else fits
+    elif config is not None:
         cfg = tuple(config)
     else:
         cfg = MODS_CONFIGS.get(dp, CONFIGS[dp]) if mods else CONFIGS[dp]
@@ -240,10 +337,11 @@ def _forward(prob, q, k, v, mask, bias, alibi_slopes, config):
     out_shape, lse_shape = prob.out_shape, prob.lse_shape
 
     def prep(x, h, s):
-        x = xp.ascontiguousarray(x).reshape(B, h, s, d)
-        if dp != d:
+        e = x.shape[-1]
+        x = xp.ascontiguousarray(x).reshape(B, h, s, e)
+        if dp != e:
             xpad = xp.zeros((B, h, s, dp), dtype=x.dtype)
-            xpad[..., :d] = x
+            xpad[..., :e] = x
             x = xpad
         return x
 
@@ -256,7 +354,7 @@ def _forward(prob, q, k, v, mask, bias, alibi_slopes, config):
     if out.size == 0 or lse.size == 0:
         if lse.size:
             lse.fill(-np.inf)
-        return out[..., :d].reshape(out_shape), lse.reshape(lse_shape)
+        return out[..., :dv].reshape(out_shape), lse.reshape(lse_shape)
 
     null = np.uint64(0)
     alibi_arg, alibi_bs = null, 0
@@ -273,10 +371,20 @@ def _forward(prob, q, k, v, mask, bias, alibi_slopes, config):
     wl = -1 if w is None or w[0] is None else w[0]
     wr = -1 if w is None or w[1] is None else w[1]
 
-    if tn is None:  # float32: the SIMT kernel
-        fn, bm, threads, smem = get_simt_kernel(dp), SIMT_BLOCK_Q, 128, simt_smem_bytes(dp)
+    sparse = block_mask is not None
+    if sparse:
+        from .blockmask import device_block_mask
+
+        bm_args = device_block_mask(block_mask).kernel_args()
     else:
-        fn = get_kernel(tn, dp, cfg, mods)
+        from .blockmask import null_kernel_args
+
+        bm_args = null_kernel_args()
+    if tn is None:  # float32: the SIMT kernel
+        fn, bm, threads, smem = (get_simt_kernel(dp, sparse), SIMT_BLOCK_Q, 128,
+                                 simt_smem_bytes(dp))
+    else:
+        fn = get_kernel(tn, dp, cfg, mods, sparse)
         nw, mt, _ = cfg
         bm, threads, smem = nw * mt * 16, nw * 32, smem_bytes(dp, cfg)
     i32, i64, f32 = np.int32, np.int64, np.float32
@@ -287,16 +395,19 @@ def _forward(prob, q, k, v, mask, bias, alibi_slopes, config):
         alibi_arg, i64(alibi_bs),
         bias_arg, *(i64(s) for s in bias_st),
         mask_arg, *(i64(s) for s in mask_st),
+        *bm_args,
     )
     fn(grid=((prob.sq + bm - 1) // bm, prob.hq, B), block=(threads,), args=args,
        shared_mem=smem)
-    if dp != d:
-        out = xp.ascontiguousarray(out[..., :d])
+    if dp != dv:
+        out = xp.ascontiguousarray(out[..., :dv])
     return out.reshape(out_shape), lse.reshape(lse_shape)
 
 
 def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slopes=None,
              plan=None, element_rule=None, block_mask=None, deterministic=False):
-    raise NotImplementedError(
-        "the CuPy kernels have no backward pass yet; backend='auto' uses the generic backend"
-    )
+    from . import flash_bwd
+
+    return flash_bwd.backward(prob, dout, q, k, v, out, lse, mask=mask, bias=bias,
+                              alibi_slopes=alibi_slopes, plan=plan, element_rule=element_rule,
+                              block_mask=block_mask, deterministic=deterministic)

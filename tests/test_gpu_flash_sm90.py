@@ -1,0 +1,168 @@
+"""The sm_90a (wgmma) flash forward against the float64 oracle (needs CuPy and a cc 9.0 GPU).
+
+The kernel is called directly (``flash_sm90.forward``), whatever ``ENABLE_SM90`` says, so that
+these tests decide whether the switch may be turned on. Failures name the case and say where
+the errors are (worst element, rows modulo the 64-row warpgroup tile, columns), which is what
+locates a fragment or layout bug.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from xattn._array import validate_attention
+from xattn.testing import assert_close, naive_attention, reference_attention
+
+cp = pytest.importorskip("cupy")
+try:
+    _CC = int(cp.cuda.Device().compute_capability) if cp.cuda.runtime.getDeviceCount() else 0
+except Exception:  # noqa: BLE001 - no driver / no device: skip below
+    _CC = 0
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(_CC != 90, reason="needs a compute capability 9.0 (Hopper) GPU"),
+]
+
+from xattn._backends.cupy_ import flash_sm90 as k90  # noqa: E402
+
+try:
+    import ml_dtypes
+
+    BF16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover
+    BF16 = None
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Fill every kernel output with NaN before the launch: unwritten elements then fail."""
+    monkeypatch.setattr(k90, "POISON", True)
+
+
+def _device_array(x, dtype):
+    if dtype == "bfloat16":
+        if BF16 is None:
+            pytest.skip("ml_dtypes not installed")
+        return cp.asarray(x.astype(BF16))
+    return cp.asarray(x.astype(dtype))
+
+
+def _inputs(rng, dtype, *, b=2, hq=4, hkv=2, sq=77, sk=150, d=64):
+    q = _device_array(rng.standard_normal((b, hq, sq, d)), dtype)
+    k = _device_array(rng.standard_normal((b, hkv, sk, d)), dtype)
+    v = _device_array(rng.standard_normal((b, hkv, sk, d)), dtype)
+    return q, k, v
+
+
+def _where(actual, reference, tol):
+    """Where the errors are, in words (rows modulo 64 show a warpgroup-tile pattern)."""
+    a = cp.asnumpy(actual.astype(cp.float32)).astype(np.float64)
+    r = np.asarray(reference, dtype=np.float64)
+    err = np.where(np.isnan(a), np.inf, np.abs(a - r))
+    if a.ndim == r.ndim == 3:  # lse: (b, h, row)
+        err = np.where(np.isneginf(r) & np.isneginf(a), 0.0, err)
+        err = err[..., None]
+    bad = err > tol
+    if not bad.any():
+        return "no element above the tolerance"
+    worst = np.unravel_index(np.argmax(err), err.shape)
+    rows = np.nonzero(bad.any(axis=(0, 1, 3)))[0]
+    cols = np.nonzero(bad.any(axis=(0, 1, 2)))[0]
+    heads = np.nonzero(bad.any(axis=(0, 2, 3)))[0]
+    return (f"{int(bad.sum())} of {bad.size} elements off (NaN: {int(np.isnan(a).sum())}); "
+            f"worst {err[worst]:.3g} at (b, h, row, col) {tuple(int(i) for i in worst)}; "
+            f"rows {rows[:24].tolist()}{'...' if rows.size > 24 else ''} ({rows.size}); "
+            f"rows % 64 {sorted(set((rows % 64).tolist()))[:24]}; cols {cols[:24].tolist()}"
+            f"{'...' if cols.size > 24 else ''} ({cols.size}); heads {heads.tolist()}")
+
+
+def _check(q, k, v, config=None, **opts):
+    prob = validate_attention(q, k, v, **opts)
+    out, lse = k90.forward(prob, q, k, v, config=config)
+    cp.cuda.runtime.deviceSynchronize()
+    ref, ref_lse, _ = reference_attention(q, k, v, **opts)
+    naive = naive_attention(q, k, v, **opts)
+    try:
+        assert_close(out, ref, xp=cp, dtype=q.dtype, naive=naive, name="out")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n  {_where(out, ref, 2e-2)}") from None
+    try:
+        assert_close(lse, ref_lse, xp=cp, dtype=np.float32, atol=2e-3, rtol=1e-3, name="lse")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n  {_where(lse, ref_lse, 2e-3)}") from None
+    return out, lse
+
+
+def _config(d, overlap):
+    """The default configuration, or the first built one with the P V overlap."""
+    if not overlap:
+        return k90.CONFIGS[d]
+    return next(c[1:] for c in sorted(k90.BUILT) if c[0] == d and c[3] == 1)
+
+
+@pytest.mark.parametrize("overlap", [0, 1])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", [(64, 128), (77, 150), (130, 61), (128, 128), (200, 333),
+                                   (1, 300)])
+def test_forward(dtype, d, causal, sq, sk, overlap):
+    rng = np.random.default_rng([d, sq, sk, causal])
+    q, k, v = _inputs(rng, dtype, sq=sq, sk=sk, d=d)
+    _check(q, k, v, config=_config(d, overlap), causal=causal)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("d,config", sorted((c[0], c[1:]) for c in k90.BUILT))
+@pytest.mark.parametrize("causal", [False, True])
+def test_configs_long(dtype, d, config, causal):
+    """Every built configuration over several key blocks (the buffers turn over), odd
+    lengths."""
+    rng = np.random.default_rng([d, *config, causal])
+    q, k, v = _inputs(rng, dtype, b=1, hq=2, hkv=1, sq=515, sk=1000, d=d)
+    _check(q, k, v, config=config, causal=causal)
+
+
+@pytest.mark.parametrize("overlap", [0, 1])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("case", ["gqa4", "mqa", "scale", "window", "causal_window",
+                                  "sq_gt_sk_causal", "large_scores"])
+def test_options(d, case, overlap):
+    rng = np.random.default_rng([d, len(case)])
+    hq, hkv, sq, sk = 8, 2, 100, 173
+    opts = {}
+    amp = 1.0
+    if case == "mqa":
+        hkv = 1
+    elif case == "scale":
+        opts["scale"] = 0.3
+    elif case == "window":
+        opts["window"] = (20, 7)
+    elif case == "causal_window":
+        opts.update(causal=True, window=(33, None))
+    elif case == "sq_gt_sk_causal":
+        sq, sk = 300, 70  # the first 230 rows see no key: out 0, lse -inf
+        opts["causal"] = True
+    elif case == "large_scores":
+        amp = 4.0  # the running maximum moves a lot: exercises the rescale
+    q, k, v = _inputs(rng, "float16", hq=hq, hkv=hkv, sq=sq, sk=sk, d=d)
+    if amp != 1.0:
+        q = q * amp
+    out, lse = _check(q, k, v, config=_config(d, overlap), **opts)
+    if case == "sq_gt_sk_causal":
+        assert bool(cp.all(out[..., : sq - sk, :] == 0))
+        assert bool(cp.all(cp.isneginf(lse[..., : sq - sk])))
+
+
+def test_applies_switch(monkeypatch):
+    q, k, v = _inputs(np.random.default_rng(0), "float16", d=64)
+    prob = validate_attention(q, k, v)
+    monkeypatch.setattr(k90, "ENABLE_SM90", False)
+    assert "ENABLE_SM90" in k90.applies(prob)
+    monkeypatch.setattr(k90, "ENABLE_SM90", True)
+    assert k90.applies(prob) is None
+    assert k90.applies(prob, alibi_slopes=cp.ones(4, cp.float32)) is not None
+    prob96 = validate_attention(*_inputs(np.random.default_rng(1), "float16", d=96))
+    assert "head_dim" in k90.applies(prob96)

@@ -1,0 +1,340 @@
+"""Hopper (sm_90a) flash attention forward with warpgroup MMA (``flash_fwd_sm90.cu``).
+
+The kernel serves float16 and bfloat16, head dims 64 and 128, ``Dv == D``, causal (bottom-right)
+and sliding window, any scale, GQA/MQA, Sq and Sk of any length, and always writes ``lse``.
+Everything else (score modifications, mask, bias, ALiBi, other head dims, other cards) stays on
+the ``mma.sync`` kernel of :mod:`xattn._backends.cupy_.flash`, which calls :func:`applies` and
+then :func:`forward` (switch: ``ENABLE_SM90``).
+
+The module is compiled for ``sm_90a`` only (the wgmma instructions exist in no portable
+target), so it runs on compute capability 9.0 exactly. CuPy's ``RawModule`` compile appends its
+own ``-arch`` option; this loader therefore calls NVRTC itself (CuPy's binding, else
+``cuda.bindings``, else libnvrtc through ctypes, else ``nvcc``) and loads the cubin with
+``cupy.RawModule(path=...)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["CONFIGS", "ENABLE_SM90", "applies", "compile_cubin", "forward", "get_kernel",
+           "smem_bytes"]
+
+_KERNEL_DIR = Path(__file__).resolve().parents[2] / "kernels"
+
+# Off until a GPU run shows the kernel correct (tests/test_gpu_flash_sm90.py); with False the
+# mma.sync kernel serves every request and this module is never compiled.
+ENABLE_SM90 = False
+# Per head dim: (keys per block BN, consumer warpgroups per block, overlap). 64 query rows per
+# warpgroup; overlap 1 issues block j - 1's P V before block j's softmax (three K/V buffers).
+CONFIGS = {64: (128, 2, 0), 128: (128, 2, 0)}
+# Every configuration the source builds, as (D, BN, warpgroups, overlap): see the end of
+# flash_fwd_sm90.cu.
+BUILT = {(64, 128, 2, 0), (64, 64, 3, 0), (128, 128, 2, 0), (128, 64, 2, 0), (128, 64, 3, 0),
+         (64, 128, 2, 1), (64, 64, 3, 1), (128, 64, 2, 1), (128, 64, 3, 1)}
+# Tests set this to fill every output with NaN before the launch (unwritten elements then fail).
+POISON = False
+_MAX_GRID_YZ = 65535
+_ARCH = "sm_90a"
+
+_lock = threading.Lock()
+_modules: dict = {}
+
+
+def _type_name(dtype):
+    dtype = np.dtype(dtype)
+    if dtype == np.float16:
+        return "f16"
+    if dtype.name == "bfloat16":
+        return "bf16"
+    return None
+
+
+def applies(prob, *, mask=None, bias=None, alibi_slopes=None):
+    """``None`` when the sm_90a kernel serves this forward request, else the reason it does not.
+
+    Checked by the ``mma.sync`` launcher before its own kernel; ``ENABLE_SM90`` is part of it.
+    """
+    if not ENABLE_SM90:
+        return "the sm_90a kernel is switched off (ENABLE_SM90)"
+    if prob.xp.__name__ != "cupy":
+        return "inputs are not CuPy arrays"
+    if _type_name(prob.dtype) is None:
+        return f"dtype {prob.dtype}: the sm_90a kernel takes float16 and bfloat16"
+    if prob.d not in CONFIGS or prob.dv != prob.d:
+        return (f"head_dim {prob.d} (Dv {prob.dv}): the sm_90a kernel has D = Dv in "
+                f"{sorted(CONFIGS)}")
+    if prob.softcap is not None or mask is not None or bias is not None \
+            or alibi_slopes is not None:
+        return "softcap, mask, bias and ALiBi run on the mma.sync kernel"
+    if math.prod(prob.batch) > _MAX_GRID_YZ or prob.hq > _MAX_GRID_YZ:
+        return "batch or heads above the grid limit"
+    import cupy
+
+    cc = int(cupy.cuda.Device().compute_capability)
+    if cc != 90:
+        return f"compute capability {cc}: the sm_90a kernel runs on 9.0 only"
+    return None
+
+
+@cache
+def _source(name: str) -> str:
+    """A kernel source with its local ``#include "x.cuh"`` / ``"x.cu"`` files inlined (once)."""
+    seen: set = set()
+
+    def inline(fname):
+        if fname in seen:
+            return ""
+        seen.add(fname)
+        text = (_KERNEL_DIR / fname).read_text()
+        return re.sub(r'^#include "([\w.]+\.cuh?)"$', lambda m: inline(m.group(1)), text,
+                      flags=re.M)
+
+    return inline(name)
+
+
+def _nvrtc_cupy(source, options):
+    from cupy_backends.cuda.libs import nvrtc
+
+    prog = nvrtc.createProgram(source, "xattn_sm90.cu", (), ())
+    try:
+        try:
+            nvrtc.compileProgram(prog, tuple(options))
+        except nvrtc.NVRTCError as exc:
+            raise RuntimeError(f"NVRTC: {exc}\n{nvrtc.getProgramLog(prog)}") from exc
+        return bytes(nvrtc.getCUBIN(prog))
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+def _nvrtc_cuda_python(source, options):
+    from cuda.bindings import nvrtc
+
+    def check(ret):
+        err = ret[0] if isinstance(ret, tuple) else ret
+        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            raise RuntimeError(f"NVRTC: {err}")
+        return ret[1:] if isinstance(ret, tuple) else ()
+
+    (prog,) = check(nvrtc.nvrtcCreateProgram(source.encode(), b"xattn_sm90.cu", 0, [], []))
+    try:
+        opts = [o.encode() for o in options]
+        err = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)[0]
+        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            (size,) = check(nvrtc.nvrtcGetProgramLogSize(prog))
+            log = b" " * size
+            check(nvrtc.nvrtcGetProgramLog(prog, log))
+            raise RuntimeError(f"NVRTC: {err}\n{log.decode(errors='replace')}")
+        (size,) = check(nvrtc.nvrtcGetCUBINSize(prog))
+        cubin = b" " * size
+        check(nvrtc.nvrtcGetCUBIN(prog, cubin))
+        return cubin
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+def _nvrtc_ctypes(source, options):
+    import ctypes
+    import ctypes.util
+
+    cands = [ctypes.util.find_library("nvrtc"), "libnvrtc.so", "libnvrtc.so.13", "libnvrtc.so.12"]
+    try:
+        import nvidia
+
+        for base in nvidia.__path__:
+            cands += sorted(str(p) for p in Path(base).glob("cu*/lib/libnvrtc.so*"))
+            cands += sorted(str(p) for p in Path(base).glob("cuda_nvrtc/lib/libnvrtc.so*"))
+    except ImportError:
+        pass
+    lib = None
+    for cand in cands:
+        if not cand:
+            continue
+        try:
+            lib = ctypes.CDLL(cand)
+            break
+        except OSError:
+            continue
+    if lib is None:
+        raise RuntimeError("libnvrtc not found")
+    prog = ctypes.c_void_p()
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"xattn_sm90.cu", 0,
+                              None, None):
+        raise RuntimeError("nvrtcCreateProgram failed")
+    try:
+        opts = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
+        err = lib.nvrtcCompileProgram(prog, len(options), opts)
+        if err:
+            size = ctypes.c_size_t()
+            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(prog, log)
+            raise RuntimeError(f"NVRTC error {err}\n{log.value.decode(errors='replace')}")
+        size = ctypes.c_size_t()
+        if lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)):
+            raise RuntimeError("nvrtcGetCUBINSize failed")
+        buf = ctypes.create_string_buffer(size.value)
+        if lib.nvrtcGetCUBIN(prog, buf):
+            raise RuntimeError("nvrtcGetCUBIN failed")
+        return buf.raw
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def _nvcc(source, options):
+    nvcc = os.environ.get("NVCC") or shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    if not Path(nvcc).exists():
+        raise RuntimeError("no nvcc")
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "k.cu", Path(tmp) / "k.cubin"
+        src.write_text(source)
+        proc = subprocess.run([nvcc, "-cubin", *options, "-o", str(out), str(src)],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"nvcc: {proc.stderr}")
+        return out.read_bytes()
+
+
+def compile_cubin(source: str, defines=()) -> bytes:
+    """Compile a source for sm_90a and return the cubin (NVRTC through CuPy, cuda-python, or
+    nvcc, the first that works); raise with every route's error if none does."""
+    options = ("-std=c++17", f"-arch={_ARCH}", *defines)
+    errors = []
+    for route in (_nvrtc_cupy, _nvrtc_cuda_python, _nvrtc_ctypes, _nvcc):
+        try:
+            return route(source, options)
+        except Exception as exc:  # noqa: BLE001 - try the next route, report all at the end
+            errors.append(f"{route.__name__}: {type(exc).__name__}: {exc}")
+    raise RuntimeError("could not compile for sm_90a:\n" + "\n".join(errors))
+
+
+_cubin_dir = None
+
+
+def load_module(cubin: bytes):
+    """A module holding the cubin whose ``get_function(name)`` gives a launchable kernel:
+    ``cupy.RawModule(path=...)`` (RawKernel API), else ``cupy.cuda.function.Module``."""
+    global _cubin_dir
+    import cupy
+
+    try:
+        if _cubin_dir is None:
+            _cubin_dir = tempfile.mkdtemp(prefix="xattn_sm90_")
+        fd, path = tempfile.mkstemp(suffix=".cubin", dir=_cubin_dir)
+        with os.fdopen(fd, "wb") as f:
+            f.write(cubin)
+        return cupy.RawModule(path=path)  # the file stays: RawModule may load it lazily
+    except Exception:  # noqa: BLE001 - older CuPy: load the image directly
+        from cupy.cuda import function
+
+        mod = function.Module()
+        mod.load(cubin)
+        return mod
+
+
+def _allow_smem(fn, smem):
+    """Let ``fn`` use more than 48 KiB of dynamic shared memory."""
+    try:
+        fn.max_dynamic_shared_size_bytes = smem
+    except AttributeError:  # a bare cupy.cuda.function.Function
+        from cupy.cuda import driver
+
+        attr = getattr(driver, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", 8)
+        driver.funcSetAttribute(fn.ptr, attr, smem)
+
+
+def smem_bytes(d, cfg):
+    bn, nwg, ov = cfg
+    nbuf = 3 if ov else 2
+    return (nwg * 64 * d + 2 * nbuf * bn * d) * 2
+
+
+def kernel_name(type_name, d, cfg):
+    bn, nwg, ov = cfg
+    return f"flash_fwd_sm90_{type_name}_d{d}_n{bn}_g{nwg}_o{ov}"
+
+
+def get_kernel(type_name: str, d: int, cfg: tuple):
+    """The compiled entry point for one dtype, head dim and (BN, warpgroups, overlap); cached
+    per device."""
+    import cupy
+
+    dev = cupy.cuda.Device().id
+    name = kernel_name(type_name, d, cfg)
+    key = (dev, name)
+    hit = _modules.get(key)
+    if hit is not None:
+        return hit[1]
+    with _lock:
+        hit = _modules.get(key)
+        if hit is None:
+            bn, nwg, ov = cfg
+            cubin = compile_cubin(_source("flash_fwd_sm90.cu"),
+                                  (f"-DXATTN90_TN={type_name}", f"-DXATTN90_D={d}",
+                                   f"-DXATTN90_BN={bn}", f"-DXATTN90_NWG={nwg}",
+                                   f"-DXATTN90_OV={ov}"))
+            mod = load_module(cubin)
+            fn = mod.get_function(name)
+            smem = smem_bytes(d, cfg)
+            if smem > 48 * 1024:
+                _allow_smem(fn, smem)
+            hit = _modules[key] = (mod, fn)
+    return hit[1]
+
+
+def forward(prob, q, k, v, *, config=None):
+    """Return ``(out, lse)`` from the sm_90a kernel (the caller checked :func:`applies`, or a
+    test calls it directly). ``config`` = (keys per block, warpgroups, overlap) overrides the
+    default (``CONFIGS``; ``BUILT`` lists the choices)."""
+    with q.device:
+        return _forward(prob, q, k, v, config)
+
+
+def _forward(prob, q, k, v, config):
+    import cupy as xp
+
+    tn = _type_name(prob.dtype)
+    d = prob.d
+    if tn is None or d not in CONFIGS or prob.dv != d:
+        raise NotImplementedError(f"the sm_90a kernel has no entry for dtype {prob.dtype}, "
+                                  f"D {d}, Dv {prob.dv}")
+    cfg = tuple(config) if config is not None else CONFIGS[d]
+    if (d, *cfg) not in BUILT:
+        raise ValueError(f"config {cfg} for D={d} is not built; built: {sorted(BUILT)}")
+    B = math.prod(prob.batch)
+
+    def prep(x, h, s):
+        return xp.ascontiguousarray(x).reshape(B, h, s, d)
+
+    q4, k4, v4 = prep(q, prob.hq, prob.sq), prep(k, prob.hkv, prob.sk), prep(v, prob.hkv, prob.sk)
+    out = xp.empty((B, prob.hq, prob.sq, d), dtype=q.dtype)
+    lse = xp.empty((B, prob.hq, prob.sq), dtype=xp.float32)
+    if POISON:
+        out.view(xp.uint16).fill(0x7FFF)  # NaN in float16 and in bfloat16
+        lse.fill(np.nan)
+    if out.size == 0 or lse.size == 0:
+        if lse.size:
+            lse.fill(-np.inf)
+        return out.reshape(prob.out_shape), lse.reshape(prob.lse_shape)
+    w = prob.window
+    wl = -1 if w is None or w[0] is None else w[0]
+    wr = -1 if w is None or w[1] is None else w[1]
+    fn = get_kernel(tn, d, cfg)
+    nwg = cfg[1]
+    bm = 64 * nwg
+    i32, f32 = np.int32, np.float32
+    args = (q4, k4, v4, out, lse, i32(prob.hq), i32(prob.group), i32(prob.sq), i32(prob.sk),
+            f32(prob.scale), i32(prob.causal), i32(wl), i32(wr))
+    fn(((prob.sq + bm - 1) // bm, prob.hq, B), (nwg * 128,), args,
+       shared_mem=smem_bytes(d, cfg))
+    return out.reshape(prob.out_shape), lse.reshape(prob.lse_shape)

@@ -1,0 +1,220 @@
+"""Float32 flash attention on tensor cores in TF32: the opt-in path of ``allow_tf32=True``.
+
+The kernel (``xattn/kernels/flash_fwd_tf32.cu``) multiplies with
+``mma.sync.m16n8k8.f32.tf32.tf32.f32`` (sm_80 and newer): q, k, v and the softmax weights are
+rounded to TF32 (10-bit mantissa, ``cvt.rna``) on their way into the tensor cores; the products
+are accumulated in float32 and the softmax statistics, the accumulator, ``out`` and ``lse`` stay
+float32. Its error is that of the rounded inputs (about ``1e-3`` relative, see
+:doc:`numerics`), against ``1e-6`` for the strict float32 SIMT kernel that serves float32 by
+default.
+
+:func:`xattn._backends.cupy_.flash.forward` calls :func:`forward` here when the caller passed
+``allow_tf32=True``, the inputs are float32 and :func:`supports` accepts the request; otherwise
+the strict kernel runs. ``ENABLE_TF32 = False`` switches this path off (allow_tf32 is then
+honoured by not using it). Options: every one of the 16-bit kernel (causal, window, scale, GQA,
+softcap, bias, ALiBi, mask, lse); head dims 32, 64, 96, 128 and 256, others zero-padded to the
+next of those; no ``block_mask`` yet.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from functools import cache
+
+import numpy as np
+
+from . import flash as _flash
+
+__all__ = ["CONFIGS", "ENABLE_TF32", "forward", "get_kernel", "smem_bytes", "supports"]
+
+# Switch: False sends allow_tf32=True back to the strict float32 kernel (same results as
+# allow_tf32=False). Written before any GPU run of the kernel: see notes/gpu_kernels.md.
+ENABLE_TF32 = True
+# Tests set this (or flash.POISON) to fill every output with NaN before the launch.
+POISON = False
+
+# Per head dim: (warps, 16-row tiles per warp, keys per block), from ptxas -v on sm_80/sm_90a
+# (no spills, <= 255 registers so that two 128-thread blocks fit an SM's register file).
+CONFIGS = {
+    32: (4, 2, 64),
+    64: (4, 1, 64),
+    96: (4, 1, 32),
+    128: (4, 1, 32),
+    256: (4, 1, 16),
+}
+# Score-modification kernels whose plain configuration would spill take this one instead.
+MODS_CONFIGS: dict = {}
+_MAX_GRID_YZ = 65535
+
+_lock = threading.Lock()
+_functions: dict = {}
+
+
+def padded_dim(d: int):
+    """The kernel head dim that serves ``d`` (zero padding), or None when none does."""
+    return next((x for x in sorted(CONFIGS) if x >= d), None)
+
+
+def q_in_registers(d: int, cfg) -> bool:
+    """Whether the kernel keeps Q in registers (``QREG`` in the .cu file: MT * D <= 128)."""
+    return cfg[1] * d <= 128
+
+
+def smem_bytes(d: int, cfg) -> int:
+    """Dynamic shared memory of one block: K and V double-buffered, Q unless in registers."""
+    nw, mt, bn = cfg
+    ldk, ldv = d + 16, d + 4  # row padding against bank conflicts, as in the kernel
+    q = 0 if q_in_registers(d, cfg) else nw * mt * 16 * ldk
+    return (2 * bn * ldk + 2 * bn * ldv + q) * 4
+
+
+def supports(prob, opts=None):
+    """``None`` when the TF32 kernel serves this float32 request, else the reason it does not.
+
+    ``opts`` are the backend options of the call; any besides ``allow_tf32`` (a block mask,
+    a tile plan) is refused, and the strict kernel or the generic backend serves the call.
+    """
+    if not ENABLE_TF32:
+        return "the TF32 kernel is switched off (flash_tf32.ENABLE_TF32 = False)"
+    if prob.xp.__name__ != "cupy":
+        return "inputs are not CuPy arrays"
+    if np.dtype(prob.dtype) != np.float32:
+        return f"dtype {prob.dtype}: the TF32 kernel takes float32 inputs"
+    unknown = sorted(k for k, v in (opts or {}).items() if v is not None and k != "allow_tf32")
+    if unknown:
+        return f"options {unknown} are not implemented in the TF32 kernel"
+    if prob.dv != prob.d:
+        return f"Dv ({prob.dv}) != D ({prob.d}) is not implemented in the TF32 kernel"
+    if padded_dim(prob.d) is None:
+        return f"head_dim {prob.d} > {max(CONFIGS)} is not implemented in the TF32 kernel"
+    nbatch = math.prod(prob.batch)
+    if nbatch > _MAX_GRID_YZ or prob.hq > _MAX_GRID_YZ:
+        return f"batch ({nbatch}) or heads ({prob.hq}) above the grid limit {_MAX_GRID_YZ}"
+    import cupy
+
+    dev = cupy.cuda.Device()
+    cc = int(dev.compute_capability)
+    if cc < 80:
+        return f"compute capability {cc} < 80: mma.sync .tf32 and cp.async need sm_80"
+    dp = padded_dim(prob.d)
+    need = smem_bytes(dp, CONFIGS[dp])
+    have = _max_smem(dev.id, need)
+    if need > have:
+        return (f"head_dim {prob.d}: the TF32 kernel needs {need} bytes of shared memory per "
+                f"block, this device allows {have}")
+    return None
+
+
+@cache
+def _max_smem(device_id: int, default: int) -> int:
+    """Opt-in shared memory per block of a device (queried once per device)."""
+    import cupy
+
+    return int(cupy.cuda.Device(device_id).attributes.get("MaxSharedMemoryPerBlockOptin",
+                                                          default))
+
+
+def get_kernel(d: int, cfg, mods: bool):
+    """The compiled entry point for one head dim, tile configuration and variant.
+
+    Built on first use with NVRTC for the current device and cached per (device, config).
+    """
+    import cupy
+
+    nw, mt, bn = cfg
+    name = f"flash_fwd_tf32_d{d}_w{nw}_m{mt}_n{bn}_{'mods' if mods else 'plain'}"
+    key = (cupy.cuda.Device().id, name)
+    hit = _functions.get(key)
+    if hit is None:
+        with _lock:
+            hit = _functions.get(key)
+            if hit is None:
+                options = ("-std=c++17", f"-DXATTN_TF32_D={d}", f"-DXATTN_TF32_NW={nw}",
+                           f"-DXATTN_TF32_MT={mt}", f"-DXATTN_TF32_BN={bn}",
+                           f"-DXATTN_TF32_MN={'mods' if mods else 'plain'}",
+                           f"-DXATTN_TF32_MODS={'true' if mods else 'false'}")
+                mod = cupy.RawModule(code=_flash._source("flash_fwd_tf32.cu"), options=options)
+                fn = mod.get_function(name)
+                smem = smem_bytes(d, cfg)
+                if smem > 48 * 1024:
+                    fn.max_dynamic_shared_size_bytes = smem
+                hit = _functions[key] = (mod, fn)
+    return hit[1]
+
+
+def forward(prob, q, k, v, mask=None, bias=None, alibi_slopes=None, *, config=None):
+    """Return ``(out, lse)`` computed by the TF32 kernel on the inputs' device.
+
+    The caller has checked :func:`supports`. ``config`` overrides the tile configuration
+    ``(warps, tiles per warp, keys per block)`` (benchmarks compare configurations with it).
+    """
+    with q.device:
+        return _forward(prob, q, k, v, mask, bias, alibi_slopes, config)
+
+
+def _forward(prob, q, k, v, mask, bias, alibi_slopes, config):
+    import cupy as xp
+
+    d = prob.d
+    dp = padded_dim(d)
+    mods = prob.softcap is not None or bias is not None or alibi_slopes is not None \
+        or mask is not None
+    if config is not None:
+        cfg = tuple(config)
+    else:
+        cfg = MODS_CONFIGS.get(dp, CONFIGS[dp]) if mods else CONFIGS[dp]
+    B = math.prod(prob.batch)
+
+    def prep(x, h, s):
+        x = xp.ascontiguousarray(x, dtype=xp.float32).reshape(B, h, s, d)
+        if dp != d:
+            xpad = xp.zeros((B, h, s, dp), dtype=xp.float32)
+            xpad[..., :d] = x
+            x = xpad
+        return x
+
+    q4, k4, v4 = prep(q, prob.hq, prob.sq), prep(k, prob.hkv, prob.sk), prep(v, prob.hkv, prob.sk)
+    out = xp.empty((B, prob.hq, prob.sq, dp), dtype=xp.float32)
+    lse = xp.empty((B, prob.hq, prob.sq), dtype=xp.float32)
+    if POISON or _flash.POISON:
+        out.fill(np.nan)
+        lse.fill(np.nan)
+    if out.size == 0 or lse.size == 0:
+        if lse.size:
+            lse.fill(-np.inf)
+        return out[..., :d].reshape(prob.out_shape), lse.reshape(prob.lse_shape)
+
+    null = np.uint64(0)
+    alibi_arg, alibi_bs = null, 0
+    if alibi_slopes is not None:
+        alibi_arg = xp.ascontiguousarray(alibi_slopes, dtype=xp.float32).reshape(-1)
+        alibi_bs = 0 if alibi_arg.size == prob.hq else prob.hq
+    bias_arg, bias_st = null, (0, 0, 0, 0)
+    if bias is not None:
+        bias_arg, bias_st = _flash._score_operand(xp, bias.astype(xp.float32, copy=False),
+                                                  prob, 4)
+    mask_arg, mask_st = null, (0, 0, 0, 0)
+    if mask is not None:
+        mask_arg, mask_st = _flash._score_operand(xp, mask.view(xp.uint8), prob, 1)
+    w = prob.window
+    wl = -1 if w is None or w[0] is None else w[0]
+    wr = -1 if w is None or w[1] is None else w[1]
+
+    fn = get_kernel(dp, cfg, mods)
+    nw, mt, _ = cfg
+    bm = nw * mt * 16
+    i32, i64, f32 = np.int32, np.int64, np.float32
+    args = (
+        q4, k4, v4, out, lse,
+        i32(prob.hq), i32(prob.group), i32(prob.sq), i32(prob.sk), f32(prob.scale),
+        i32(prob.causal), i32(wl), i32(wr), f32(prob.softcap or 0.0),
+        alibi_arg, i64(alibi_bs),
+        bias_arg, *(i64(s) for s in bias_st),
+        mask_arg, *(i64(s) for s in mask_st),
+    )
+    fn(grid=((prob.sq + bm - 1) // bm, prob.hq, B), block=(nw * 32,), args=args,
+       shared_mem=smem_bytes(dp, cfg))
+    if dp != d:
+        out = xp.ascontiguousarray(out[..., :d])
+    return out.reshape(prob.out_shape), lse.reshape(prob.lse_shape)

@@ -1,0 +1,468 @@
+// Flash attention forward for float32 inputs on tensor cores in TF32 (opt-in: allow_tf32=True).
+//
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 (sm_80+): Q K^T and P V take operands
+// rounded to TF32 (cvt.rna.tf32.f32: 10-bit mantissa, round to nearest, ties away from zero);
+// products are accumulated in float32, and the online softmax (base 2, ex2.approx.ftz), the
+// running max / sum, the output accumulator and lse stay in float32. The row sum l adds the
+// TF32-rounded weights, the same values the tensor core multiplies V by, so the output is an
+// exact convex combination of the rounded weights.
+//
+// One thread block owns BM = NW * MT * 16 query rows of one (batch, query head); each warp owns
+// MT row tiles of 16 rows and walks the visible key blocks of BN keys. K and V tiles are
+// double-buffered in shared memory with cp.async (16-byte, zero-filled past the sequence end).
+// cvt.rna.tf32.f32 is no single SASS instruction (FSETP + IADD + LOP3 per value), so every
+// element is rounded once per block, in place, by the thread whose cp.async brought it (no
+// extra barrier), instead of once per warp in the fragment loops; Q is rounded once.
+//
+// Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k8", .tf32), g = lane / 4,
+// t = lane % 4:  A 16x8 row: a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4);
+// B 8x8 col: b0 (k t, n g), b1 (k t+4, n g);  C 16x8: c0, c1 (g, 2t, 2t+1), c2, c3 (g+8, ...).
+// ldmatrix is 16-bit only, so fragments come from shared memory in plain loads. Two choices of
+// the order of the summed index make those loads wide and the P hand-over free:
+//   S = Q K^T: a k-step pair covers 16 head-dim columns; lane t takes columns 4t..4t+3 of that
+//     chunk (one 16-byte load per row): k-step 0 gets (4t, 4t+1) as k = (t, t+4), k-step 1 gets
+//     (4t+2, 4t+3). Q and K use the same order, so the dot product is unchanged.
+//   O += P V: in the C layout of the score tile n (keys 8n..8n+7) lane t holds keys 2t, 2t+1 of
+//     rows g and g+8. Taking k = t <-> key 2t and k = t+4 <-> key 2t+1 makes that exactly the A
+//     layout (a0 = c0, a1 = c2, a2 = c1, a3 = c3): no shuffles, no shared memory; V's B
+//     fragment follows the same order (b0 = V[2t][g], b1 = V[2t+1][g]).
+// Bank conflicts (32 banks of 4 bytes): a 16-byte load is served per quarter warp (8 lanes =
+// rows g, g+1 x 4 lanes t), so Q and K rows are padded to D + 16 floats (row step = 16 banks:
+// the two rows of a quarter fill all 32 banks); V rows are read 4 bytes at a time at row 2t or
+// 2t+1, column g: padding to D + 4 floats puts lane (g, t) on bank 8t + g (+4), all distinct.
+//
+// Layout (contiguous): q (B, Hq, Sq, D), k, v (B, Hkv, Sk, D), out like q (float32),
+// lse (B, Hq, Sq) float32 natural log. GQA: query head h reads kv head h / group. Positions
+// bottom-right: query i sits at key position i + (Sk - Sq). Options and argument list as in
+// flash_fwd.cu; softcap / bias / ALiBi / mask in the `mods` variant. Rows with nothing visible
+// give out 0 and lse -inf.
+//
+// Entry points: flash_fwd_tf32_d<D>_w<NW>_m<MT>_n<BN>_<plain|mods>; the loader builds one per
+// module (-DXATTN_TF32_D=.. etc., see the end of this file).
+
+#include "masking.cuh"
+
+#ifndef XATTN_TF32_KS_UNROLL
+#define XATTN_TF32_KS_UNROLL 2
+#endif
+
+namespace xattn_tf32 {
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    unsigned r;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool valid) {
+    // src-size 0 zero-fills the 16 bytes: rows past the sequence end read as zeros.
+    int n = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// float32 -> TF32 (the float32 bit pattern with the low 13 mantissa bits cleared), rounded to
+// nearest with ties away from zero, as the tensor core expects its .tf32 operands.
+__device__ __forceinline__ unsigned tf32(float x) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ void mma(float (&c)[4], unsigned a0, unsigned a1, unsigned a2,
+                                    unsigned a3, unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, "
+        "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+struct Args {
+    const float* q;
+    const float* k;
+    const float* v;
+    float* o;
+    float* lse;
+    int hq, group, sq, sk;
+    float scale;         // softmax scale (natural units)
+    int causal, wl, wr;  // window sides, -1 = unbounded
+    float softcap;       // 0 = off
+    const float* alibi;  // slopes, indexed b * alibi_bs + h; null = off
+    long long alibi_bs;
+    const float* bias;   // float32 additive bias with broadcast strides; null = off
+    long long bias_bs, bias_hs, bias_qs, bias_ks;
+    const unsigned char* mask;  // bool, True = may attend; null = off
+    long long mask_bs, mask_hs, mask_qs, mask_ks;
+};
+
+// Copy a (ROWS x D) float tile from global (row stride D) to shared memory (row stride LD);
+// rows at or past `limit` are zero-filled.
+template <int ROWS, int D, int LD, int NT>
+__device__ __forceinline__ void load_tile(float* s, const float* g, int row0, int limit,
+                                          int tid) {
+    constexpr int CPR = D / 4;  // 16-byte chunks per row
+    constexpr int TOTAL = ROWS * CPR;
+    const unsigned sbase = smem_u32(s);
+#pragma unroll
+    for (int it = 0; it < (TOTAL + NT - 1) / NT; ++it) {
+        const int i = it * NT + tid;
+        if (TOTAL % NT != 0 && i >= TOTAL) break;
+        const int r = i / CPR, c = i % CPR;
+        const bool ok = row0 + r < limit;
+        const float* src = ok ? g + (long long)(row0 + r) * D + c * 4 : g;
+        cp_async16(sbase + (unsigned)((r * LD + c * 4) * 4), src, ok);
+    }
+}
+
+// Round to TF32, in place, the chunks of a tile that this thread's load_tile copied: after
+// cp.async.wait_group they are visible to this thread; the caller's barrier publishes them.
+template <int ROWS, int D, int LD, int NT>
+__device__ __forceinline__ void round_tile(float* s, int tid) {
+    constexpr int CPR = D / 4;
+    constexpr int TOTAL = ROWS * CPR;
+#pragma unroll
+    for (int it = 0; it < (TOTAL + NT - 1) / NT; ++it) {
+        const int i = it * NT + tid;
+        if (TOTAL % NT != 0 && i >= TOTAL) break;
+        const int r = i / CPR, c = i % CPR;
+        float4* p = reinterpret_cast<float4*>(s + r * LD + c * 4);
+        float4 x = *p;
+        x.x = __uint_as_float(tf32(x.x));
+        x.y = __uint_as_float(tf32(x.y));
+        x.z = __uint_as_float(tf32(x.z));
+        x.w = __uint_as_float(tf32(x.w));
+        *p = x;
+    }
+}
+
+template <int D, int NW, int MT, int BN, bool MODS>
+__device__ __forceinline__ void flash_fwd_tf32_core(const Args& a) {
+    constexpr int LDK = D + 16;  // Q and K rows (16-byte loads, see the header)
+    constexpr int LDV = D + 4;   // V rows (4-byte loads)
+    constexpr int BM = NW * MT * 16;
+    constexpr int NT = NW * 32;
+    constexpr int KC = D / 16;  // 16-column chunks of the head dim: two k-steps each
+    constexpr int NS = BN / 8;  // n-tiles of the score block = k-steps of P V
+    constexpr int ND = D / 8;   // n-tiles of the output
+    // Q fragments live in registers (TF32-rounded once, loaded straight from global memory)
+    // when they are few; otherwise Q stays in shared memory and is re-read per key block.
+    constexpr bool QREG = MT * D <= 128;
+    constexpr int KUNROLL = QREG ? KC : XATTN_TF32_KS_UNROLL;
+
+    extern __shared__ __align__(16) float smem_f[];
+    float* sK = smem_f;
+    float* sV = sK + 2 * BN * LDK;
+    float* sQ = sV + 2 * BN * LDV;  // used only without QREG
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    // Heavy (late, causal) query blocks first: better tail balance.
+    const int qblk = gridDim.x - 1 - blockIdx.x;
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int sq = a.sq, sk = a.sk, off = sk - sq;
+    const int q0 = qblk * BM;
+    const int q1 = min(q0 + BM, sq);
+    const int hkv = a.hq / a.group;
+    const long long bh = (long long)b * a.hq + h;
+    const float* Qg = a.q + bh * sq * D;
+    const long long kvh = ((long long)b * hkv + h / a.group) * sk * D;
+    const float* Kg = a.k + kvh;
+    const float* Vg = a.v + kvh;
+    const int wrow = warp * MT * 16;  // first row of this warp inside the block
+
+    int kb0, kb1;
+    xattn_key_blocks(q0, q1, off, sk, a.causal, a.wl, a.wr, BN, kb0, kb1);
+
+    float acc[MT][ND][4];
+    float m[MT][2], l[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int n = 0; n < ND; ++n) acc[mt][n][0] = acc[mt][n][1] = acc[mt][n][2] = acc[mt][n][3] = 0.f;
+        m[mt][0] = m[mt][1] = -XATTN_INF;
+        l[mt][0] = l[mt][1] = 0.f;
+    }
+
+    const float sl2 = MODS ? XATTN_LOG2E : a.scale * XATTN_LOG2E;
+
+    // qf[mt][c][0..3]: columns 16c + 4t .. 16c + 4t + 3 of row g; [4..7]: the same of row g + 8.
+    unsigned qf[QREG ? MT : 1][QREG ? KC : 1][8];
+    if constexpr (QREG) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int hr = 0; hr < 2; ++hr) {
+                const int qi = q0 + wrow + mt * 16 + g + hr * 8;
+#pragma unroll
+                for (int c = 0; c < KC; ++c) {
+                    float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+                    if (qi < sq && kb1 > kb0)
+                        x = *reinterpret_cast<const float4*>(Qg + (long long)qi * D + c * 16 +
+                                                             t4 * 4);
+                    qf[mt][c][hr * 4 + 0] = tf32(x.x);
+                    qf[mt][c][hr * 4 + 1] = tf32(x.y);
+                    qf[mt][c][hr * 4 + 2] = tf32(x.z);
+                    qf[mt][c][hr * 4 + 3] = tf32(x.w);
+                }
+            }
+    }
+
+    if (kb1 > kb0) {
+        if constexpr (!QREG) load_tile<BM, D, LDK, NT>(sQ, Qg, q0, sq, tid);
+        load_tile<BN, D, LDK, NT>(sK, Kg, kb0 * BN, sk, tid);
+        load_tile<BN, D, LDV, NT>(sV, Vg, kb0 * BN, sk, tid);
+        cp_async_commit();
+    }
+
+    for (int kb = kb0; kb < kb1; ++kb) {
+        const int buf = (kb - kb0) & 1;
+        if (kb + 1 < kb1) {
+            load_tile<BN, D, LDK, NT>(sK + (buf ^ 1) * BN * LDK, Kg, (kb + 1) * BN, sk, tid);
+            load_tile<BN, D, LDV, NT>(sV + (buf ^ 1) * BN * LDV, Vg, (kb + 1) * BN, sk, tid);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        if constexpr (!QREG) {
+            if (kb == kb0) round_tile<BM, D, LDK, NT>(sQ, tid);
+        }
+        round_tile<BN, D, LDK, NT>(sK + buf * BN * LDK, tid);
+        round_tile<BN, D, LDV, NT>(sV + buf * BN * LDV, tid);
+        __syncthreads();
+
+        // S = Q K^T for this warp's rows, float32 accumulators in registers.
+        float s[MT][NS][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int n = 0; n < NS; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
+        const float* Kb = sK + buf * BN * LDK;
+        // With Q read from shared memory the chunk loop indexes no register array, so it need
+        // not be unrolled fully (that keeps ptxas from hoisting every load of the tile).
+#pragma unroll KUNROLL
+        for (int c = 0; c < KC; ++c) {
+            unsigned af[MT][8];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                if constexpr (QREG) {
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) af[mt][i] = qf[QREG ? mt : 0][QREG ? c : 0][i];
+                } else {
+#pragma unroll
+                    for (int hr = 0; hr < 2; ++hr) {
+                        const float4 x = *reinterpret_cast<const float4*>(
+                            sQ + (wrow + mt * 16 + g + hr * 8) * LDK + c * 16 + t4 * 4);
+                        af[mt][hr * 4 + 0] = __float_as_uint(x.x);
+                        af[mt][hr * 4 + 1] = __float_as_uint(x.y);
+                        af[mt][hr * 4 + 2] = __float_as_uint(x.z);
+                        af[mt][hr * 4 + 3] = __float_as_uint(x.w);
+                    }
+                }
+            }
+#pragma unroll
+            for (int n = 0; n < NS; ++n) {
+                const float4 x =
+                    *reinterpret_cast<const float4*>(Kb + (n * 8 + g) * LDK + c * 16 + t4 * 4);
+                const unsigned k0 = __float_as_uint(x.x), k1 = __float_as_uint(x.y),
+                               k2 = __float_as_uint(x.z), k3 = __float_as_uint(x.w);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    // k-step 0: columns (4t, 4t+1) as k = (t, t+4); k-step 1: (4t+2, 4t+3).
+                    mma(s[mt][n], af[mt][0], af[mt][4], af[mt][1], af[mt][5], k0, k1);
+                    mma(s[mt][n], af[mt][2], af[mt][6], af[mt][3], af[mt][7], k2, k3);
+                }
+            }
+        }
+
+        // Score modifications and masking, each a block-uniform branch around its own pass so
+        // that the common interior tile runs none of the element tests.
+        const int k0 = kb * BN;
+        if constexpr (MODS) {
+            const float slope = a.alibi ? a.alibi[b * a.alibi_bs + h] : 0.f;
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int hr = 0; hr < 2; ++hr) {
+                    const int qi = q0 + wrow + mt * 16 + g + hr * 8;
+#pragma unroll
+                    for (int n = 0; n < NS; ++n)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            float x = s[mt][n][hr * 2 + e] * a.scale;
+                            const int kj = k0 + n * 8 + t4 * 2 + e;
+                            if (a.softcap > 0.f) x = a.softcap * tanhf(x / a.softcap);
+                            const bool inside = qi < sq && kj < sk;
+                            if (a.bias && inside)
+                                x += a.bias[b * a.bias_bs + h * a.bias_hs + qi * a.bias_qs +
+                                            kj * a.bias_ks];
+                            if (a.alibi) x -= slope * fabsf((float)(qi + off - kj));
+                            if (a.mask && inside &&
+                                !a.mask[b * a.mask_bs + h * a.mask_hs + qi * a.mask_qs +
+                                        kj * a.mask_ks])
+                                x = -XATTN_INF;
+                            s[mt][n][hr * 2 + e] = x;
+                        }
+                }
+        }
+        if (xattn_tile_needs_test(q0, q1, k0, BN, off, sk, a.causal, a.wl, a.wr)) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int hr = 0; hr < 2; ++hr) {
+                    const int qi = q0 + wrow + mt * 16 + g + hr * 8;
+#pragma unroll
+                    for (int n = 0; n < NS; ++n)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const int kj = k0 + n * 8 + t4 * 2 + e;
+                            if (!xattn_visible(qi, kj, off, sk, a.causal, a.wl, a.wr))
+                                s[mt][n][hr * 2 + e] = -XATTN_INF;
+                        }
+                }
+        }
+
+        // Online softmax, per row: the 4 lanes of a quad share a row. The weights are rounded
+        // to TF32 here, once: the row sum and P V then see the same values.
+        bool grew = false;
+        float alphas[MT][2];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int hr = 0; hr < 2; ++hr) {
+                float mx = -XATTN_INF;
+#pragma unroll
+                for (int n = 0; n < NS; ++n)
+                    mx = fmaxf(mx, fmaxf(s[mt][n][hr * 2], s[mt][n][hr * 2 + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                // Running max in base-2 units; a row with nothing visible so far keeps -inf and
+                // exponentiates against 0 so that every p is exactly 0 (no inf - inf).
+                const float m_new = fmaxf(m[mt][hr], mx * sl2);
+                const float m_use = m_new == -XATTN_INF ? 0.f : m_new;
+                const float alpha = ex2(m[mt][hr] - m_use);
+                grew = grew || m_new != m[mt][hr];
+                alphas[mt][hr] = alpha;
+                m[mt][hr] = m_new;
+                float rs = 0.f;
+#pragma unroll
+                for (int n = 0; n < NS; ++n) {
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const float p = __uint_as_float(
+                            tf32(ex2(fmaf(s[mt][n][hr * 2 + e], sl2, -m_use))));
+                        s[mt][n][hr * 2 + e] = p;
+                        rs += p;
+                    }
+                }
+                l[mt][hr] = l[mt][hr] * alpha + rs;
+            }
+        }
+        // Skipping the rescale once the row maxima settle pays off only when the accumulator
+        // is large (measured for the 16-bit kernel: a gain at D >= 128, a loss at D = 64).
+        if (D < 128 || __any_sync(0xffffffffu, grew)) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+                    for (int n = 0; n < ND; ++n) {
+                        acc[mt][n][hr * 2] *= alphas[mt][hr];
+                        acc[mt][n][hr * 2 + 1] *= alphas[mt][hr];
+                    }
+        }
+
+        // O += P V: k-step j covers keys 8j..8j+7 with k = t <-> key 2t, k = t+4 <-> key 2t+1.
+        const float* Vb = sV + buf * BN * LDV;
+#pragma unroll
+        for (int j = 0; j < NS; ++j) {
+            const float* v0 = Vb + (j * 8 + t4 * 2) * LDV + g;
+#pragma unroll
+            for (int dn = 0; dn < ND; ++dn) {
+                const unsigned b0 = __float_as_uint(v0[dn * 8]);
+                const unsigned b1 = __float_as_uint(v0[LDV + dn * 8]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+                    mma(acc[mt][dn], __float_as_uint(s[mt][j][0]), __float_as_uint(s[mt][j][2]),
+                        __float_as_uint(s[mt][j][1]), __float_as_uint(s[mt][j][3]), b0, b1);
+            }
+        }
+        __syncthreads();  // the next iteration's cp.async overwrites this buffer
+    }
+
+    // Epilogue: finish the row sums across the 4 lanes of a row, normalise, write out and lse.
+    float* Og = a.o + bh * sq * D;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+            float ls = l[mt][hr];
+            ls += __shfl_xor_sync(0xffffffffu, ls, 1);
+            ls += __shfl_xor_sync(0xffffffffu, ls, 2);
+            const int qi = q0 + wrow + mt * 16 + g + hr * 8;
+            const float inv = ls > 0.f ? 1.f / ls : 0.f;
+            if (qi < sq) {
+#pragma unroll
+                for (int n = 0; n < ND; ++n)
+                    *reinterpret_cast<float2*>(Og + (long long)qi * D + n * 8 + t4 * 2) =
+                        make_float2(acc[mt][n][hr * 2] * inv, acc[mt][n][hr * 2 + 1] * inv);
+                if (t4 == 0 && a.lse)
+                    a.lse[bh * sq + qi] =
+                        ls > 0.f ? (m[mt][hr] + __log2f(ls)) * XATTN_LN2 : -XATTN_INF;
+            }
+        }
+    }
+}
+
+}  // namespace xattn_tf32
+
+#define XATTN_TF32_ENTRY(D, NW, MT, BN, MN, MODS)                                            \
+    extern "C" __global__ void __launch_bounds__(NW * 32)                                    \
+        flash_fwd_tf32_d##D##_w##NW##_m##MT##_n##BN##_##MN(                                  \
+            const float *q, const float *k, const float *v, float *o, float *lse, int hq,    \
+            int group, int sq, int sk, float scale, int causal, int wl, int wr,              \
+            float softcap, const float *alibi, long long alibi_bs, const float *bias,        \
+            long long bias_bs, long long bias_hs, long long bias_qs, long long bias_ks,      \
+            const unsigned char *mask, long long mask_bs, long long mask_hs,                 \
+            long long mask_qs, long long mask_ks) {                                          \
+        xattn_tf32::flash_fwd_tf32_core<D, NW, MT, BN, MODS>(xattn_tf32::Args{               \
+            q, k, v, o, lse, hq, group, sq, sk, scale, causal, wl, wr, softcap, alibi,       \
+            alibi_bs, bias, bias_bs, bias_hs, bias_qs, bias_ks, mask, mask_bs, mask_hs,      \
+            mask_qs, mask_ks});                                                              \
+    }
+
+// One more expansion level so that macro arguments (-D values) expand before ## pastes them.
+#define XATTN_TF32_ONE(D, NW, MT, BN, MN, MODS) XATTN_TF32_ENTRY(D, NW, MT, BN, MN, MODS)
+#define XATTN_TF32_CONFIG(D, NW, MT, BN)           \
+    XATTN_TF32_ONE(D, NW, MT, BN, plain, false)    \
+    XATTN_TF32_ONE(D, NW, MT, BN, mods, true)
+
+// The loader builds one entry per module (-DXATTN_TF32_D=.. -DXATTN_TF32_NW=..
+// -DXATTN_TF32_MT=.. -DXATTN_TF32_BN=.. -DXATTN_TF32_MN=plain|mods
+// -DXATTN_TF32_MODS=false|true); without them (CI's compile check) every configuration of
+// xattn/_backends/cupy_/flash_tf32.py is built.
+#ifdef XATTN_TF32_D
+XATTN_TF32_ONE(XATTN_TF32_D, XATTN_TF32_NW, XATTN_TF32_MT, XATTN_TF32_BN, XATTN_TF32_MN,
+               XATTN_TF32_MODS)
+#else
+XATTN_TF32_CONFIG(32, 4, 2, 64)
+XATTN_TF32_CONFIG(64, 4, 1, 64)
+// Alternatives for tuning (benchmarks pass config=...); plain only where mods would spill.
+XATTN_TF32_ONE(64, 4, 2, 32, plain, false)
+XATTN_TF32_CONFIG(64, 8, 1, 64)
+XATTN_TF32_CONFIG(96, 4, 1, 32)
+XATTN_TF32_CONFIG(128, 4, 1, 32)
+XATTN_TF32_CONFIG(128, 8, 1, 32)
+XATTN_TF32_ONE(128, 4, 2, 16, plain, false)
+XATTN_TF32_CONFIG(256, 4, 1, 16)
+#endif
