@@ -59,12 +59,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SECTION_ORDER = ("fwd", "fp32", "bwd", "sm90", "tf32", "window")
 SECTION_LEGEND = {
-    "fwd": "forward; default = torch SDPA default (cuDNN on Hopper), flash = its "
-           "FLASH_ATTENTION backend (FA2)",
+    "fwd": "forward, backend='cupy' as dispatched (note: which kernel); default = torch SDPA "
+           "default (cuDNN on Hopper), flash = its FLASH_ATTENTION backend (FA2)",
     "fp32": "float32 forward, strict (SIMT kernel); default = torch mem-efficient",
     "bwd": "backward (2.5x forward FLOPs, nothing subtracted); torch columns: autograd.grad "
            "of SDPA under that backend",
-    "sm90": "Hopper wgmma forward; note: the mma.sync kernel in the same run",
+    "sm90": "Hopper wgmma forward; note: the mma.sync kernel (ENABLE_SM90 off) in the same run",
     "tf32": "float32 allow_tf32=True; default = torch SDPA default, flash = torch math "
             "backend, both with TF32 matmuls allowed; note: strict kernel, errors",
     "window": "sliding window S=65536 +-256, useful FLOPs only; flash column = FlexAttention "
@@ -115,7 +115,9 @@ def plan(args):
         ("fwd", _matrix("fwd", (4096,))
          + [{"section": "fp32", "dtype": "fp32", "D": 64, "S": 4096, "causal": False},
             {"section": "fp32", "dtype": "fp32", "D": 128, "S": 4096, "causal": True}]),
-        ("bwd", _matrix("bwd", (4096,))),
+        ("bwd", _matrix("bwd", (4096,))
+         + [{"section": "bwd", "dtype": "fp32", "D": 64, "S": 4096, "causal": False},
+            {"section": "bwd", "dtype": "fp32", "D": 128, "S": 4096, "causal": True}]),
     ]
     if args.sm90:
         jobs.append(("sm90", _matrix("sm90", (4096,))))
@@ -339,6 +341,12 @@ class Worker:
             return xattn.flash_attention(qc, kc, vc, causal=causal, backend="cupy")
 
         out_x = run()
+        if dt != "fp32":
+            from xattn._array import validate_attention
+            from xattn._backends.cupy_ import flash_sm90
+
+            sm90 = flash_sm90.applies(validate_attention(qc, kc, vc, causal=causal)) is None
+            res["note"] += " wgmma;" if sm90 else " mma.sync;"
         with self.torch.no_grad():
             out_t = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         ok = self._check_fwd(res, out_x, q, k, v, causal, out_t)
@@ -507,9 +515,10 @@ class Worker:
                               f"(maxdiff {diff:.1e})")
                     except Exception as exc:  # noqa: BLE001 - report and go on
                         res["configs"][str(cfg)] = {"error": str(exc)[:200]}
+            mod.ENABLE_SM90 = False
+            ms80 = self.bench_ms(sm80)
         finally:
             mod.ENABLE_SM90 = old
-        ms80 = self.bench_ms(sm80)
         res["sm80"] = fl / ms80 / 1e9
         res["note"] += f" mma.sync {res['sm80']:.1f};"
         self._time_torch_fwd(res, q, k, v, causal, fl, dt)

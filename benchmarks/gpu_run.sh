@@ -25,7 +25,10 @@
 # gpu_flash.json, gpu_flash.log, pytest.log and logs.tar.gz (every log, the ptxas tables, SASS
 # counts and dumps). Exit status non-zero if any check, test or benchmark row failed.
 # Environment: XATTN_STAGES (default "env,ptxas,sass,sanitize,probe,tests,bench") selects
-# stages; XATTN_TESTS narrows the tests (default: tests); XATTN_SKIP_BENCH=1 = no benchmark.
+# stages; XATTN_TESTS narrows the tests (default: tests; pytest arguments, e.g. "tests
+# --deselect ..." or "tests --ignore=tests/x.py"); XATTN_PTXAS_FILES narrows the ptxas/SASS
+# stage to some .cu files; XATTN_TEST_SECONDS caps the test stage (default 200);
+# XATTN_SKIP_BENCH=1 = no benchmark.
 set -u
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
@@ -113,6 +116,16 @@ def fwd(d, dt=np.float16, **o):
     xattn.flash_attention(q, k, v, backend="cupy", **o)
 
 
+def fwd80(d, **o):
+    # The mma.sync kernel where the Hopper kernel would otherwise serve (sm_80 cards run it).
+    mod = importlib.import_module("xattn._backends.cupy_.flash_sm90")
+    old, mod.ENABLE_SM90 = mod.ENABLE_SM90, False
+    try:
+        fwd(d, **o)
+    finally:
+        mod.ENABLE_SM90 = old
+
+
 def bwd(d, dt=np.float16, deterministic=False, **o):
     q, k, v = qkv(d, dt)
     out, lse = xattn.flash_attention(q, k, v, backend="cupy", return_lse=True, **o)
@@ -160,6 +173,8 @@ mask = cp.asarray(rng.random((70, 90)) < 0.5)
 W = [
     ("fwd f16 D=64 causal", lambda: fwd(64, causal=True)),
     ("fwd f16 D=128 window", lambda: fwd(128, window=(5, 9))),
+    ("fwd mma.sync f16 D=64 causal", lambda: fwd80(64, causal=True)),
+    ("fwd mma.sync f16 D=128 window", lambda: fwd80(128, window=(5, 9))),
     ("fwd f16 D=128 causal", lambda: fwd(128, causal=True)),
     ("fwd f16 D=64 softcap+mask", lambda: fwd(64, softcap=5.0, mask=mask)),
     ("fwd f16 D=256 causal", lambda: fwd(256, causal=True)),
@@ -177,6 +192,11 @@ W = [
     ("bwd f16 D=256", lambda: bwd(256)),
     ("bwd f16 D=64 causal deterministic", lambda: bwd(64, causal=True, deterministic=True)),
     ("bwd f16 D=128 deterministic", lambda: bwd(128, deterministic=True)),
+    ("bwd block_mask window D=64", lambda: bwd(64, block_mask=xattn.BlockMask.sliding_window(
+        70, 90, window=(20, 20), causal=True, block_size=64))),
+    ("bwd block_mask dense D=128 deterministic", lambda: bwd(
+        128, deterministic=True,
+        block_mask=xattn.BlockMask.from_dense(rng.random((70, 90)) < 0.3, block_size=32))),
     ("fwd sm90 D=64", lambda: sm90(64, False)),
     ("fwd sm90 D=128 causal", lambda: sm90(128, True)),
 ]
@@ -205,7 +225,7 @@ if want sanitize; then
             exit 0
         fi
         for tool in memcheck racecheck; do
-            timeout -k 5 70 compute-sanitizer --tool $tool --error-exitcode 3 \
+            timeout -k 5 110 compute-sanitizer --tool $tool --error-exitcode 3 \
                 --print-limit 20 python3 "$OUT/sanitize_workload.py" \
                 > "$OUT/sanitize_$tool.log" 2>&1 &
         done
@@ -221,14 +241,14 @@ if want ptxas || want sass; then
     # (sm_80 + sm_90a SASS) feed the SASS counts, so nothing is compiled twice.
     mkdir -p "$OUT/fatbin"
     pids=()
-    for f in xattn/kernels/*.cu; do
+    for f in ${XATTN_PTXAS_FILES:-xattn/kernels/*.cu}; do
         n=$(basename "$f" .cu)
         timeout -k 5 170 python3 tools/check_kernels.py --keep-fatbin "$OUT/fatbin" "$f" \
             > "$OUT/ptxas_$n.log" 2>&1 &
         pids+=($!)
     done
     for p in "${pids[@]}"; do wait "$p" || true; done
-    for f in xattn/kernels/*.cu; do
+    for f in ${XATTN_PTXAS_FILES:-xattn/kernels/*.cu}; do
         n=$(basename "$f" .cu)
         sed -n '1p' "$OUT/ptxas_$n.log"
         grep -q "^== .*: ok" "$OUT/ptxas_$n.log" || status=1
@@ -307,7 +327,8 @@ if want tests; then
     python3 -c "import pytest_timeout" 2>/dev/null \
         && xdist="$xdist --timeout 90 --timeout-method thread"
     # At most 200 s, keeping ~220 s for the benchmark, but never under 90 s.
-    t=$(( $(left) - 220 )); [ $t -gt 200 ] && t=200; [ $t -lt 90 ] && t=90
+    cap=${XATTN_TEST_SECONDS:-200}
+    t=$(( $(left) - 220 )); [ $t -gt $cap ] && t=$cap; [ $t -lt 90 ] && t=90
     timeout -k 5 $t python3 -m pytest -m gpu ${XATTN_TESTS:-tests} -q -rfE -p no:cacheprovider \
         $xdist > "$OUT/pytest.log" 2>&1
     rc=$?

@@ -15,7 +15,12 @@ import pytest
 import xattn
 from xattn import _backends
 from xattn._array import validate_attention
-from xattn.testing import _scores, reference_attention_backward, to_numpy, tolerance
+from xattn.testing import (
+    naive_attention_backward,
+    reference_attention_backward,
+    to_numpy,
+    tolerance,
+)
 
 cp = pytest.importorskip("cupy")
 try:
@@ -65,47 +70,6 @@ def _inputs(rng, dtype, *, b=(2,), hq=4, hkv=2, sq=77, sk=150, d=64, dv=None, am
     return q, k, v
 
 
-def _naive_backward(dout, q, k, v, out, **opts):
-    """The gradient as a naive same-precision implementation computes it: float32 sums, every
-    stored intermediate (scores, P, dP, dS, results) rounded to the input type. The kernel's
-    error may be at most twice this one's (plus atol)."""
-    dtype = np.dtype(q.dtype)
-
-    def rnd(x):
-        return np.asarray(x, np.float32).astype(dtype).astype(np.float32)
-
-    s, t, scale = _scores(q, k, **opts)
-    s = rnd(s.astype(np.float32))
-    m = s.max(axis=-1, keepdims=True, initial=-np.inf)
-    m = np.where(np.isfinite(m), m, 0.0)
-    p = np.exp(s - m)
-    den = p.sum(axis=-1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = rnd(np.where(den > 0, p / den, 0.0))
-    qn, kn, vn = (to_numpy(x, np.float32) for x in (q, k, v))
-    don, on = to_numpy(dout, np.float32), to_numpy(out, np.float32)
-    hq = qn.shape[-3] if qn.ndim > 2 else 1
-    rep = hq // kn.shape[-3] if qn.ndim > 2 else 1
-    ke = np.repeat(kn, rep, axis=-3) if qn.ndim > 2 else kn
-    ve = np.repeat(vn, rep, axis=-3) if qn.ndim > 2 else vn
-    dv = np.swapaxes(p, -1, -2) @ don
-    dp = rnd(don @ np.swapaxes(ve, -1, -2))
-    delta = (don * on).sum(axis=-1, keepdims=True)
-    ds = p * (dp - delta)
-    if t is not None:
-        ds = ds * (1.0 - t * t).astype(np.float32)
-    ds = rnd(ds)
-    dq = rnd(scale * ds @ ke)
-    dk = scale * np.swapaxes(ds, -1, -2) @ qn
-
-    def fold(g):
-        if qn.ndim == 2 or rep == 1:
-            return rnd(g)
-        return rnd(g.reshape(*g.shape[:-3], kn.shape[-3], rep, *g.shape[-2:]).sum(axis=-3))
-
-    return dq, fold(dk), fold(dv)
-
-
 def _assert_grad(case, name, got, ref, naive, dtype):
     """``got`` within 2x the naive error of the float64 ``ref`` plus atol, NaN-free, typed."""
     a = to_numpy(got)
@@ -142,7 +106,7 @@ def _check(case, q, k, v, *, deterministic=False, **opts):
     grads = xattn.flash_attention_backward(dout, q, k, v, out, lse, backend="cupy",
                                            deterministic=deterministic, **opts)
     refs = reference_attention_backward(dout, q, k, v, **opts)
-    naive = _naive_backward(dout, q, k, v, out, **opts)
+    naive = naive_attention_backward(dout, q, k, v, out, **opts)
     for name, g, r, n in zip(("dq", "dk", "dv"), grads, refs, naive, strict=True):
         _assert_grad(case, name, g, r, n, q.dtype)
     return grads, (dout, out, lse)
@@ -309,7 +273,7 @@ def test_backward_refusals_raise_when_forced_and_fall_back_on_auto(monkeypatch):
         xattn.flash_attention_backward(dout, q, k, v, out, lse, causal=True, backend="cupy")
     grads = xattn.flash_attention_backward(dout, q, k, v, out, lse, causal=True)
     refs = reference_attention_backward(dout, q, k, v, causal=True)
-    naive = _naive_backward(dout, q, k, v, out, causal=True)
+    naive = naive_attention_backward(dout, q, k, v, out, causal=True)
     for name, g, r, n in zip(("dq", "dk", "dv"), grads, refs, naive, strict=True):
         _assert_grad("auto fallback", name, g, r, n, q.dtype)
     monkeypatch.setattr(kb, "ENABLE_BWD_KERNEL", True)

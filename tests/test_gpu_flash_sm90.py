@@ -95,14 +95,16 @@ def _check(q, k, v, config=None, **opts):
     return out, lse
 
 
-def _config(d, overlap):
-    """The default configuration, or the first built one with the P V overlap."""
-    if not overlap:
-        return k90.CONFIGS[d]
-    return next(c[1:] for c in sorted(k90.BUILT) if c[0] == d and c[3] == 1)
+def _config(d, mode):
+    """The default (BN, warpgroups) with this mode (bit 0: P V overlap, bit 1: 128-byte swizzle,
+    bit 3: producer warpgroup, bit 4: ping-pong) when built, else the first built one."""
+    bn, nwg, _ = k90.CONFIGS[d]
+    if (d, bn, nwg, mode) in k90.BUILT:
+        return (bn, nwg, mode)
+    return next(c[1:] for c in sorted(k90.BUILT) if c[0] == d and c[3] == mode)
 
 
-@pytest.mark.parametrize("overlap", [0, 1])
+@pytest.mark.parametrize("overlap", [0, 1, 2, 3])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
@@ -112,6 +114,21 @@ def test_forward(dtype, d, causal, sq, sk, overlap):
     rng = np.random.default_rng([d, sq, sk, causal])
     q, k, v = _inputs(rng, dtype, sq=sq, sk=sk, d=d)
     _check(q, k, v, config=_config(d, overlap), causal=causal)
+
+
+@pytest.mark.parametrize("mode", [11, 27])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk,dtype", [(64, 128, "float16"), (77, 150, "bfloat16"),
+                                         (130, 61, "float16"), (1, 300, "bfloat16")])
+def test_forward_warp_specialised(dtype, d, causal, sq, sk, mode):
+    """Modes 11 / 27 (producer warpgroup + mbarrier ring, 27 with consumer ping-pong) on the
+    short shapes of test_forward: one key block, a partial last block, Sq = 1 (the second
+    consumer warpgroup has no row), Sk < Sq. A hang here is an mbarrier / named-barrier
+    deadlock (tools/wgmma_probe.py's ring probe checks the stage handoff alone)."""
+    rng = np.random.default_rng([d, sq, sk, causal, mode])
+    q, k, v = _inputs(rng, dtype, sq=sq, sk=sk, d=d)
+    _check(q, k, v, config=_config(d, mode), causal=causal)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -125,7 +142,7 @@ def test_configs_long(dtype, d, config, causal):
     _check(q, k, v, config=config, causal=causal)
 
 
-@pytest.mark.parametrize("overlap", [0, 1])
+@pytest.mark.parametrize("overlap", [0, 1, 2, 3, 27])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("case", ["gqa4", "mqa", "scale", "window", "causal_window",
                                   "sq_gt_sk_causal", "large_scores"])
@@ -156,6 +173,20 @@ def test_options(d, case, overlap):
         assert bool(cp.all(cp.isneginf(lse[..., : sq - sk])))
 
 
+def test_built_configs_fit():
+    """Every built configuration fits the 227 KiB of dynamic shared memory of a Hopper SM."""
+    for d, *cfg in sorted(k90.BUILT):
+        assert k90.smem_bytes(d, tuple(cfg)) <= 232448, (d, cfg, k90.smem_bytes(d, tuple(cfg)))
+
+
+@pytest.mark.parametrize("d,config", sorted((c[0], c[1:]) for c in k90.BUILT if c[3] & 2))
+def test_swizzle_gqa_window(d, config):
+    """The swizzled configurations: GQA, a sliding window, Sq != Sk, many key blocks."""
+    rng = np.random.default_rng([d, *config])
+    q, k, v = _inputs(rng, "bfloat16", b=1, hq=4, hkv=2, sq=333, sk=700, d=d)
+    _check(q, k, v, config=config, causal=True, window=(150, None))
+
+
 def test_applies_switch(monkeypatch):
     q, k, v = _inputs(np.random.default_rng(0), "float16", d=64)
     prob = validate_attention(q, k, v)
@@ -166,3 +197,27 @@ def test_applies_switch(monkeypatch):
     assert k90.applies(prob, alibi_slopes=cp.ones(4, cp.float32)) is not None
     prob96 = validate_attention(*_inputs(np.random.default_rng(1), "float16", d=96))
     assert "head_dim" in k90.applies(prob96)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("case", ["plain_causal", "softcap_goes_to_mma_sync"])
+def test_dispatch(monkeypatch, dtype, case):
+    """backend="cupy" (and "auto") reach the wgmma kernel where it applies, with its default
+    configuration, and the mma.sync kernel for what it does not serve."""
+    import xattn
+    from xattn._backends.cupy_ import flash as ck
+
+    monkeypatch.setattr(k90, "ENABLE_SM90", True)
+    monkeypatch.setattr(k90, "POISON", True)
+    monkeypatch.setattr(ck, "POISON", True)
+    calls = []
+    real = k90.forward
+    monkeypatch.setattr(k90, "forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    opts = {"causal": True} if case == "plain_causal" else {"softcap": 5.0}
+    q, k, v = _inputs(np.random.default_rng(7), dtype, b=1, sq=300, sk=421, d=128)
+    for backend in ("cupy", "auto"):
+        out, lse = xattn.flash_attention(q, k, v, return_lse=True, backend=backend, **opts)
+        ref, ref_lse, _ = reference_attention(q, k, v, **opts)
+        assert_close(out, ref, xp=cp, dtype=q.dtype, naive=naive_attention(q, k, v, **opts))
+        assert_close(lse, ref_lse, xp=cp, dtype=np.float32, atol=2e-3, rtol=1e-3)
+    assert len(calls) == (2 if case == "plain_causal" else 0)

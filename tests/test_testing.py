@@ -261,3 +261,24 @@ class TestAssertClose:
         bad = (self.ref + np.array([[0.0, 0.0], [0.0, 2.6e-2]])).astype(np.float16)
         with pytest.raises(AssertionError, match="2x the naive"):
             assert_close(bad, self.ref, naive=naive)
+
+
+def test_naive_attention_backward_is_the_gradient_in_the_input_precision():
+    from xattn.testing import naive_attention_backward, reference_attention_backward
+
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((2, 4, 33, 16)).astype(np.float32)
+    k, v = (rng.standard_normal((2, 2, 40, 16)).astype(np.float32) for _ in range(2))
+    out, _, _ = reference_attention(q, k, v, causal=True, softcap=4.0)
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    naive = naive_attention_backward(dout, q, k, v, out, causal=True, softcap=4.0)
+    ref = reference_attention_backward(dout, q, k, v, causal=True, softcap=4.0)
+    for n, r in zip(naive, ref, strict=True):
+        assert n.dtype == np.float32 and n.shape == r.shape
+        np.testing.assert_allclose(n, r, atol=2e-4, rtol=1e-4)
+    # float16: the same gradient, off by the 16-bit roundings only.
+    q16, k16, v16, do16 = (x.astype(np.float16) for x in (q, k, v, dout))
+    naive16 = naive_attention_backward(do16, q16, k16, v16, out, causal=True, softcap=4.0)
+    for n, r in zip(naive16, ref, strict=True):
+        err = float(np.abs(n - r).max())
+        assert 1e-4 < err < 0.1 * max(1.0, float(np.abs(r).max()))

@@ -17,6 +17,7 @@ from ._array import _is_bfloat16, is_cupy, normalize_window
 __all__ = [
     "assert_close",
     "naive_attention",
+    "naive_attention_backward",
     "reference_attention",
     "reference_attention_backward",
     "tolerance",
@@ -168,6 +169,49 @@ def naive_attention(q, k, v, **options):
         w = rnd(np.where(denom > 0, p / denom, 0.0))
     ve = _expand_heads(to_numpy(v, np.float32), s.shape[-3] if s.ndim > 2 else 1)
     return rnd(w @ ve).astype(np.float64)
+
+
+def naive_attention_backward(dout, q, k, v, out, **options):
+    """The gradient ``(dq, dk, dv)`` as a naive same-precision implementation computes it.
+
+    The baseline for 16-bit gradient tolerances: float32 sums, and every stored intermediate
+    (scores, weights, ``dP``, ``dS`` and the results) rounded to the input dtype; ``out`` is the
+    forward output whose ``rowsum(dout * out)`` the backward uses. Returns float32 arrays.
+    """
+    dtype = np.dtype(q.dtype)
+
+    def rnd(x):
+        return np.asarray(x, np.float32).astype(dtype).astype(np.float32)
+
+    s, t, scale = _scores(q, k, **options)
+    s = rnd(s.astype(np.float32))
+    m = s.max(axis=-1, keepdims=True, initial=-np.inf)
+    m = np.where(np.isfinite(m), m, 0.0)
+    p = np.exp(s - m)
+    den = p.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = rnd(np.where(den > 0, p / den, 0.0))
+    qn, kn, vn = (to_numpy(x, np.float32) for x in (q, k, v))
+    don, on = to_numpy(dout, np.float32), to_numpy(out, np.float32)
+    hq = qn.shape[-3] if qn.ndim > 2 else 1
+    ke, ve = _expand_heads(kn, hq), _expand_heads(vn, hq)
+    dv = np.swapaxes(p, -1, -2) @ don
+    dp = rnd(don @ np.swapaxes(ve, -1, -2))
+    ds = p * (dp - (don * on).sum(axis=-1, keepdims=True))
+    if t is not None:
+        ds = ds * (1.0 - t * t).astype(np.float32)
+    ds = rnd(ds)
+    dq = rnd(scale * ds @ ke)
+    dk = scale * np.swapaxes(ds, -1, -2) @ qn
+
+    def fold(g):
+        # Sum the gradients of the query heads that share one kv head, then round once.
+        if qn.ndim == 2 or kn.shape[-3] == hq:
+            return rnd(g)
+        hkv = kn.shape[-3]
+        return rnd(g.reshape(*g.shape[:-3], hkv, hq // hkv, *g.shape[-2:]).sum(axis=-3))
+
+    return dq, fold(dk), fold(dv)
 
 
 # Absolute and relative tolerance per dtype, for results of unit-scale inputs.

@@ -25,6 +25,12 @@
 //    query rows and walks the key blocks they may see, recomputing S = Q K^T, dP = dO V^T and
 //    dS, accumulating dQ += dS K in registers (no atomics: bitwise reproducible).
 //
+// Block-sparse entries (MN *_bm, SPARSE): the main kernel visits only the query tiles of the
+// BlockMask's CSC list for its key block's column, the dq kernel only the key tiles of the CSR
+// list of its query block row (blockmask.cuh); full blocks run no element test, partial blocks
+// the mask's element rule after the score mods. The host picks tiles that lie inside one mask
+// block (BN and the dq kernel's key tile divide bk, BM and its query block divide bq).
+//
 // Layout (contiguous): q, dout (B, Hq, Sq, D); k, v (B, Hkv, Sk, D); lse, delta (B, Hq, Sq)
 // float32; dq_accum (B, Hq, Sq, D) float32; dq/dk/dv like q/k/v. Dv != D is zero-padded to a
 // common D by the launcher. Positions are aligned bottom-right (query i at key i + Sk - Sq).
@@ -32,6 +38,7 @@
 
 #include "masking.cuh"
 #include "mma_sm80.cuh"
+#include "blockmask.cuh"
 
 namespace xattn {
 
@@ -56,6 +63,8 @@ struct BwdArgs {
     long long bias_bs, bias_hs, bias_qs, bias_ks;
     const unsigned char* mask;  // bool, True = may attend; null = off
     long long mask_bs, mask_hs, mask_qs, mask_ks;
+    XattnBlockMask bm;  // read by the block-sparse (SPARSE) entries only
+    XattnCscMask cm;    // its transpose, walked by the main kernel
 };
 
 // The forward's score modifications on one raw score q.k: returns the score in the units that
@@ -85,15 +94,7 @@ __device__ __forceinline__ float bwd_score(const BwdArgs& a, float s, int b, int
     }
 }
 
-// The query blocks a key block visits, in loop order: a contiguous range under causal/window.
-// A block-sparse walk replaces this with the key block's list of query blocks (CSC).
-struct QueryBlocks {
-    int qb0, n;
-    __device__ __forceinline__ int count() const { return n; }
-    __device__ __forceinline__ int operator[](int i) const { return qb0 + i; }
-};
-
-template <class T, int D, int DC, int NW, int BM, int DQN, bool MODS, bool DQ>
+template <class T, int D, int DC, int NW, int BM, int DQN, bool MODS, bool DQ, bool SPARSE>
 __device__ __forceinline__ void flash_bwd_core(const BwdArgs& a) {
     constexpr int BN = NW * 16;   // keys per CTA: 16 per warp
     constexpr int LD = D + 8;     // smem row stride (16-byte pad: conflict-free ldmatrix)
@@ -126,11 +127,57 @@ __device__ __forceinline__ void flash_bwd_core(const BwdArgs& a) {
     const int k1 = min(k0 + BN, sk);
     const long long kvh = ((long long)b * hkv + hk) * sk * D;
 
+    // The steps of this CTA, in loop order: for each query head hh of the GQA group, the query
+    // tiles qt (rows qt * BM ...) that causal / window allow, [qb0, qb1), or (SPARSE) those of
+    // them that the BlockMask's column of this key block lists (CSC; the CTA's BN keys lie
+    // inside one mask key block). pblk >= 0 marks a tile of that partial block (the mask's
+    // element rule runs there only); qt = -1 ends the walk.
     int qb0, qb1;
     xattn_query_blocks(k0, k1, off, sq, a.causal, a.wl, a.wr, BM, qb0, qb1);
-    const QueryBlocks qblocks{qb0, qb1 - qb0};
-    const int nq = qblocks.count();
-    const int total = nq * a.group;  // (query head of the group, query block) pairs
+    // The sparse walk keeps only its CSC entry `ent` beside (hh, qt, pblk): the rest is re-read
+    // (L1 hits), since every register counts here (the dK/dV accumulators fill the budget).
+    int hh = 0, qt = qb1 > qb0 ? qb0 : -1, pblk = -1, ent = 0;
+    const int mcol = SPARSE ? k0 / a.bm.bk : 0;
+    // The first query tile of CSC entry e onwards (ent, qt, p), or qt = -1 past the column end.
+    auto csc_from = [&](int e, int& e2, int& qt2, int& p2) {
+        const int per = a.bm.bq / BM, e1 = a.cm.col_ptr[mcol + 1];
+        qt2 = -1;
+        for (; e < e1; ++e) {
+            const int first = a.cm.row_idx[e] * per;
+            const int lo = max(first, qb0);
+            if (lo < min(first + per, qb1)) {
+                qt2 = lo;
+                p2 = a.cm.tile_idx[e];
+                break;
+            }
+        }
+        e2 = e;
+    };
+    if constexpr (SPARSE) {
+        if (qt >= 0) csc_from(a.cm.col_ptr[mcol], ent, qt, pblk);
+    }
+    // The step after (h2, qt2) (in place): every head walks the same list, so a restart after
+    // a non-empty walk is non-empty.
+    auto advance = [&](int& h2, int& e2, int& qt2, int& p2) {
+        if constexpr (SPARSE) {
+            const int per = a.bm.bq / BM;
+            const int first = a.cm.row_idx[e2] * per;
+            if (qt2 + 1 < min(first + per, qb1)) {
+                ++qt2;  // the next query tile of the same mask block
+            } else {
+                csc_from(e2 + 1, e2, qt2, p2);
+                if (qt2 < 0 && h2 + 1 < a.group) {
+                    ++h2;
+                    csc_from(a.cm.col_ptr[mcol], e2, qt2, p2);
+                }
+            }
+        } else {
+            if (++qt2 >= qb1) {
+                qt2 = qb0;
+                if (++h2 >= a.group) qt2 = -1;
+            }
+        }
+    };
 
     float dk[NC][4], dv[NC][4];
 #pragma unroll
@@ -143,11 +190,10 @@ __device__ __forceinline__ void flash_bwd_core(const BwdArgs& a) {
                    sOa = smem_u32(sO), sSa = smem_u32(sS);
     const int wrow = warp * 16;  // this warp's first key inside the block
 
-    // Stage Q, dO, lse, delta of step `it` into buffer `bf`. lse of rows past Sq and of rows
-    // that see no key (-inf) becomes +inf, so that every p of those rows is exactly 0.
-    auto stage = [&](int it, int bf) {
-        const int h = hk * a.group + it / nq;
-        const int q0 = qblocks[it % nq] * BM;
+    // Stage Q, dO, lse, delta of (query head h, rows q0 ...) into buffer `bf`. lse of rows past
+    // Sq and of rows that see no key (-inf) becomes +inf, so that every p of those rows is
+    // exactly 0.
+    auto stage = [&](int h, int q0, int bf) {
         const long long bh = (long long)b * a.hq + h;
         load_tile<BM, D, LD, NT>(sQ + bf * BM * LD, a.q + bh * sq * D, q0, sq, tid);
         load_tile<BM, D, LD, NT>(sO + bf * BM * LD, a.dout + bh * sq * D, q0, sq, tid);
@@ -164,21 +210,24 @@ __device__ __forceinline__ void flash_bwd_core(const BwdArgs& a) {
         }
     };
 
-    if (total > 0) {
+    if (qt >= 0) {
         load_tile<BN, D, LD, NT>(sK, a.k + kvh, k0, sk, tid);
         load_tile<BN, D, LD, NT>(sV, a.v + kvh, k0, sk, tid);
-        stage(0, 0);
+        stage(hk * a.group, qt * BM, 0);
         cp_async_commit();
     }
 
-    for (int it = 0; it < total; ++it) {
-        const int bf = it & 1;
-        const int h = hk * a.group + it / nq;
-        const int q0 = qblocks[it % nq] * BM;
+    // Left by the break at the end (the next step's qt < 0).
+    if (qt >= 0)
+    for (int bf = 0;; bf ^= 1) {
+        int hn = hh, en = ent, qn = qt, pn = pblk;
+        advance(hn, en, qn, pn);
+        const int h = hk * a.group + hh;
+        const int q0 = qt * BM;
         const int q1 = min(q0 + BM, sq);
-        if (it + 1 < total) {
-            // Buffer bf ^ 1 was last read in step it - 1, which ended with a barrier.
-            stage(it + 1, bf ^ 1);
+        if (qn >= 0) {
+            // Buffer bf ^ 1 was last read in the previous step, which ended with a barrier.
+            stage(hk * a.group + hn, qn * BM, bf ^ 1);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
@@ -220,8 +269,12 @@ __device__ __forceinline__ void flash_bwd_core(const BwdArgs& a) {
 
         // P^T and dS^T, element by element. Accumulator element (n, hr, e) of this thread is
         // key wrow + g + 8 hr, query n * 8 + 2 t4 + e of the tile. The visibility test runs
-        // only on edge tiles (a block-uniform branch).
+        // only on edge tiles, the mask's element rule only in its partial blocks (both
+        // block-uniform branches); both after the score mods (a softcap maps -inf to -cap).
         const bool edge = xattn_tile_needs_test(q0, q1, k0, BN, off, sk, a.causal, a.wl, a.wr);
+        const bool part = SPARSE && pblk >= 0;
+        const int mqb = SPARSE ? q0 / a.bm.bq * a.bm.bq : 0;
+        const int mkc = SPARSE ? k0 / a.bm.bk * a.bm.bk : 0;
         const float* lb = sL + bf * BM;
         const float* db = sD + bf * BM;
 #pragma unroll
@@ -238,6 +291,7 @@ __device__ __forceinline__ void flash_bwd_core(const BwdArgs& a) {
                     float x = bwd_score<MODS>(a, s[n][hr * 2 + e], b, h, qi, kj, off, dcap);
                     if (edge && !xattn_visible(qi, kj, off, sk, a.causal, a.wl, a.wr))
                         x = -XATTN_INF;
+                    if (part && !xattn_bm_visible(a.bm, pblk, mqb, mkc, qi, kj)) x = -XATTN_INF;
                     const float p = ex2(fmaf(x, sl2, -l2));
                     s[n][hr * 2 + e] = p;
                     dp[n][hr * 2 + e] = p * (dp[n][hr * 2 + e] - dl) * dcap;
@@ -318,14 +372,18 @@ __device__ __forceinline__ void flash_bwd_core(const BwdArgs& a) {
                         float* row = dqg + (long long)qi * D + cc + t4 * 2;
 #pragma unroll
                         for (int n = 0; n < DQN / 8; ++n) {
-                            red_add(row + n * 8, acc[n][hr * 2]);
-                            red_add(row + n * 8 + 1, acc[n][hr * 2 + 1]);
+                            red_add2(row + n * 8, acc[n][hr * 2], acc[n][hr * 2 + 1]);
                         }
                     }
                 }
             }
         }
         __syncthreads();  // the next step overwrites this step's buffers and dS^T
+        if (qn < 0) break;
+        hh = hn;
+        ent = en;
+        qt = qn;
+        pblk = pn;
     }
 
     // dK (times scale) and dV of this CTA's keys and columns; keys no query sees get zeros.
@@ -347,7 +405,7 @@ __device__ __forceinline__ void flash_bwd_core(const BwdArgs& a) {
 }
 
 // Deterministic dQ: one CTA per (query block, query head), no atomics.
-template <class T, int D, int NW, int BN, bool MODS>
+template <class T, int D, int NW, int BN, bool MODS, bool SPARSE>
 __device__ __forceinline__ void flash_bwd_dq_core(const BwdArgs& a) {
     constexpr int BM = NW * 16;
     constexpr int LD = D + 8;
@@ -377,8 +435,19 @@ __device__ __forceinline__ void flash_bwd_dq_core(const BwdArgs& a) {
     const unsigned short* Vg = a.v + kvh;
     const int wrow = warp * 16;
 
+    // The key tiles: [kb0, kb1) in order, or (SPARSE) the BlockMask's visible blocks of this
+    // query block row clipped to it (CSR, as the forward walks them); pblk >= 0 marks a tile of
+    // a partial block, kt = -1 ends the walk.
     int kb0, kb1;
     xattn_key_blocks(q0, q1, off, sk, a.causal, a.wl, a.wr, BN, kb0, kb1);
+    XattnCsrWalk walk;
+    int kt = kb1 > kb0 ? kb0 : -1, pblk = -1;
+    if constexpr (SPARSE) {
+        if (kt >= 0) {
+            xattn_csr_begin(a.bm, q0 / a.bm.bq, BN, kb0, kb1, walk);
+            xattn_csr_next(a.bm, walk, kt, pblk);
+        }
+    }
 
     // This thread's two rows: lse in base 2 (+inf where no key is seen or past Sq) and delta.
     float l2[2], dl[2];
@@ -404,19 +473,26 @@ __device__ __forceinline__ void flash_bwd_dq_core(const BwdArgs& a) {
     const unsigned sQa = smem_u32(sQ), sOa = smem_u32(sO), sKa = smem_u32(sK),
                    sVa = smem_u32(sV);
 
-    if (kb1 > kb0) {
+    if (kt >= 0) {
         load_tile<BM, D, LD, NT>(sQ, a.q + bh * sq * D, q0, sq, tid);
         load_tile<BM, D, LD, NT>(sO, a.dout + bh * sq * D, q0, sq, tid);
-        load_tile<BN, D, LD, NT>(sK, Kg, kb0 * BN, sk, tid);
-        load_tile<BN, D, LD, NT>(sV, Vg, kb0 * BN, sk, tid);
+        load_tile<BN, D, LD, NT>(sK, Kg, kt * BN, sk, tid);
+        load_tile<BN, D, LD, NT>(sV, Vg, kt * BN, sk, tid);
         cp_async_commit();
     }
 
-    for (int kb = kb0; kb < kb1; ++kb) {
-        const int bf = (kb - kb0) & 1;
-        if (kb + 1 < kb1) {
-            load_tile<BN, D, LD, NT>(sK + (bf ^ 1) * BN * LD, Kg, (kb + 1) * BN, sk, tid);
-            load_tile<BN, D, LD, NT>(sV + (bf ^ 1) * BN * LD, Vg, (kb + 1) * BN, sk, tid);
+    // Left by the break at the end; the prefetch follows the walk (never an invisible tile).
+    if (kt >= 0)
+    for (int bf = 0;; bf ^= 1) {
+        int kt_next, pblk_next = -1;
+        if constexpr (SPARSE) {
+            xattn_csr_next(a.bm, walk, kt_next, pblk_next);
+        } else {
+            kt_next = kt + 1 < kb1 ? kt + 1 : -1;
+        }
+        if (kt_next >= 0) {
+            load_tile<BN, D, LD, NT>(sK + (bf ^ 1) * BN * LD, Kg, kt_next * BN, sk, tid);
+            load_tile<BN, D, LD, NT>(sV + (bf ^ 1) * BN * LD, Vg, kt_next * BN, sk, tid);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
@@ -455,8 +531,11 @@ __device__ __forceinline__ void flash_bwd_dq_core(const BwdArgs& a) {
         }
 
         // Element (n, hr, e): query wrow + g + 8 hr, key n * 8 + 2 t4 + e of the tile.
-        const int k0 = kb * BN;
+        const int k0 = kt * BN;
         const bool edge = xattn_tile_needs_test(q0, q1, k0, BN, off, sk, a.causal, a.wl, a.wr);
+        const bool part = SPARSE && pblk >= 0;
+        const int mqb = SPARSE ? q0 / a.bm.bq * a.bm.bq : 0;
+        const int mkc = SPARSE ? k0 / a.bm.bk * a.bm.bk : 0;
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
             const int qi = q0 + wrow + g + hr * 8;
@@ -469,6 +548,7 @@ __device__ __forceinline__ void flash_bwd_dq_core(const BwdArgs& a) {
                     float x = bwd_score<MODS>(a, s[n][hr * 2 + e], b, h, qi, kj, off, dcap);
                     if (edge && !xattn_visible(qi, kj, off, sk, a.causal, a.wl, a.wr))
                         x = -XATTN_INF;
+                    if (part && !xattn_bm_visible(a.bm, pblk, mqb, mkc, qi, kj)) x = -XATTN_INF;
                     const float p = ex2(fmaf(x, sl2, -l2[hr]));
                     dp[n][hr * 2 + e] = p * (dp[n][hr * 2 + e] - dl[hr]) * dcap;
                 }
@@ -493,6 +573,9 @@ __device__ __forceinline__ void flash_bwd_dq_core(const BwdArgs& a) {
             }
         }
         __syncthreads();  // the next iteration's cp.async overwrites this buffer
+        if (kt_next < 0) break;
+        kt = kt_next;
+        pblk = pblk_next;
     }
 
 #pragma unroll
@@ -548,31 +631,42 @@ __device__ __forceinline__ void bwd_dq_convert(const float* acc, unsigned short*
         int sq, int sk, float scale, int causal, int wl, int wr, float softcap,               \
         const float *alibi, long long alibi_bs, const float *bias, long long bias_bs,         \
         long long bias_hs, long long bias_qs, long long bias_ks, const unsigned char *mask,   \
-        long long mask_bs, long long mask_hs, long long mask_qs, long long mask_ks
+        long long mask_bs, long long mask_hs, long long mask_qs, long long mask_ks,           \
+        const int *bm_frow, const int *bm_fcol, const int *bm_prow, const int *bm_pcol,       \
+        const unsigned *bm_tiles, int bm_bq, int bm_bk, int bm_words, int bm_rule,            \
+        int bm_off, int bm_left, int bm_right, const int *bm_col_ptr, const int *bm_row_idx,  \
+        const int *bm_tile_idx
 
 #define XATTN_BWD_ARGS                                                                        \
     xattn::BwdArgs{q,       k,       v,       dout,    lse,     delta,   dq_accum, dq,        \
                    dk,      dv,      hq,      group,   sq,      sk,      scale,    causal,    \
                    wl,      wr,      softcap, alibi,   alibi_bs, bias,   bias_bs,  bias_hs,   \
-                   bias_qs, bias_ks, mask,    mask_bs, mask_hs, mask_qs, mask_ks}
+                   bias_qs, bias_ks, mask,    mask_bs, mask_hs, mask_qs, mask_ks,             \
+                   XattnBlockMask{bm_frow, bm_fcol, bm_prow, bm_pcol, bm_tiles, bm_bq, bm_bk, \
+                                  bm_words, bm_rule, bm_off, bm_left, bm_right},              \
+                   XattnCscMask{bm_col_ptr, bm_row_idx, bm_tile_idx}}
 
-// Main kernel: flash_bwd_<t>_d<D>_c<DC>_w<NW>_m<BM>_q<DQN>_<plain|mods>_<atomic|nodq>.
-#define XATTN_BWD_ENTRY(TN, T, D, DC, NW, BM, DQN, MN, MODS, QN, DQ)                          \
+// Every entry takes the block-mask arguments (the CSR arrays and rule as the forward's, then the
+// CSC transpose); the dense ones ignore them (the launcher passes nulls). MN names the variant:
+// plain | mods (score modifications), with _bm for the block-sparse walk.
+// Main kernel: flash_bwd_<t>_d<D>_c<DC>_w<NW>_m<BM>_q<DQN>_<MN>_<atomic|nodq>.
+#define XATTN_BWD_ENTRY(TN, T, D, DC, NW, BM, DQN, MN, MODS, QN, DQ, SPARSE)                  \
     extern "C" __global__ void __launch_bounds__(NW * 32)                                     \
         flash_bwd_##TN##_d##D##_c##DC##_w##NW##_m##BM##_q##DQN##_##MN##_##QN(                 \
             XATTN_BWD_PARAMS) {                                                               \
-        xattn::flash_bwd_core<xattn::T, D, DC, NW, BM, DQN, MODS, DQ>(XATTN_BWD_ARGS);        \
+        xattn::flash_bwd_core<xattn::T, D, DC, NW, BM, DQN, MODS, DQ, SPARSE>(XATTN_BWD_ARGS); \
     }
-#define XATTN_BWD_ONE(TN, D, DC, NW, BM, DQN, MN, MODS, QN, DQ) \
-    XATTN_BWD_ENTRY(TN, TN, D, DC, NW, BM, DQN, MN, MODS, QN, DQ)
+#define XATTN_BWD_ONE(TN, D, DC, NW, BM, DQN, MN, MODS, QN, DQ, SPARSE) \
+    XATTN_BWD_ENTRY(TN, TN, D, DC, NW, BM, DQN, MN, MODS, QN, DQ, SPARSE)
 
-// Deterministic dq kernel: flash_bwd_dq_<t>_d<D>_w<NW>_n<BN>_<plain|mods>.
-#define XATTN_BWD_DQ_ENTRY(TN, T, D, NW, BN, MN, MODS)                                        \
+// Deterministic dq kernel: flash_bwd_dq_<t>_d<D>_w<NW>_n<BN>_<MN>.
+#define XATTN_BWD_DQ_ENTRY(TN, T, D, NW, BN, MN, MODS, SPARSE)                                \
     extern "C" __global__ void __launch_bounds__(NW * 32)                                     \
         flash_bwd_dq_##TN##_d##D##_w##NW##_n##BN##_##MN(XATTN_BWD_PARAMS) {                   \
-        xattn::flash_bwd_dq_core<xattn::T, D, NW, BN, MODS>(XATTN_BWD_ARGS);                  \
+        xattn::flash_bwd_dq_core<xattn::T, D, NW, BN, MODS, SPARSE>(XATTN_BWD_ARGS);          \
     }
-#define XATTN_BWD_DQ_ONE(TN, D, NW, BN, MN, MODS) XATTN_BWD_DQ_ENTRY(TN, TN, D, NW, BN, MN, MODS)
+#define XATTN_BWD_DQ_ONE(TN, D, NW, BN, MN, MODS, SPARSE) \
+    XATTN_BWD_DQ_ENTRY(TN, TN, D, NW, BN, MN, MODS, SPARSE)
 
 #define XATTN_BWD_AUX(TN)                                                                     \
     extern "C" __global__ void flash_bwd_delta_##TN(const unsigned short *o,                  \
@@ -585,40 +679,70 @@ __device__ __forceinline__ void bwd_dq_convert(const float* acc, unsigned short*
         xattn::bwd_dq_convert<xattn::TN>(acc, dq, pairs, scale);                              \
     }
 
-#define XATTN_BWD_CONFIG(D, DC, NW, BM, DQN, DQNW, DQBN)                  \
-    XATTN_BWD_ONE(f16, D, DC, NW, BM, DQN, plain, false, atomic, true)   \
-    XATTN_BWD_ONE(bf16, D, DC, NW, BM, DQN, plain, false, atomic, true)  \
-    XATTN_BWD_ONE(f16, D, DC, NW, BM, DQN, mods, true, atomic, true)     \
-    XATTN_BWD_ONE(bf16, D, DC, NW, BM, DQN, mods, true, atomic, true)    \
-    XATTN_BWD_ONE(f16, D, DC, NW, BM, DQN, plain, false, nodq, false)    \
-    XATTN_BWD_ONE(bf16, D, DC, NW, BM, DQN, plain, false, nodq, false)   \
-    XATTN_BWD_ONE(f16, D, DC, NW, BM, DQN, mods, true, nodq, false)      \
-    XATTN_BWD_ONE(bf16, D, DC, NW, BM, DQN, mods, true, nodq, false)     \
-    XATTN_BWD_DQ_ONE(f16, D, DQNW, DQBN, plain, false)                   \
-    XATTN_BWD_DQ_ONE(bf16, D, DQNW, DQBN, plain, false)                  \
-    XATTN_BWD_DQ_ONE(f16, D, DQNW, DQBN, mods, true)                     \
-    XATTN_BWD_DQ_ONE(bf16, D, DQNW, DQBN, mods, true)
+#define XATTN_BWD_CONFIG(D, DC, NW, BM, DQN, DQNW, DQBN)                         \
+    XATTN_BWD_ONE(f16, D, DC, NW, BM, DQN, plain, false, atomic, true, false)   \
+    XATTN_BWD_ONE(bf16, D, DC, NW, BM, DQN, plain, false, atomic, true, false)  \
+    XATTN_BWD_ONE(f16, D, DC, NW, BM, DQN, mods, true, atomic, true, false)     \
+    XATTN_BWD_ONE(bf16, D, DC, NW, BM, DQN, mods, true, atomic, true, false)    \
+    XATTN_BWD_ONE(f16, D, DC, NW, BM, DQN, plain, false, nodq, false, false)    \
+    XATTN_BWD_ONE(bf16, D, DC, NW, BM, DQN, plain, false, nodq, false, false)   \
+    XATTN_BWD_ONE(f16, D, DC, NW, BM, DQN, mods, true, nodq, false, false)      \
+    XATTN_BWD_ONE(bf16, D, DC, NW, BM, DQN, mods, true, nodq, false, false)     \
+    XATTN_BWD_DQ_ONE(f16, D, DQNW, DQBN, plain, false, false)                   \
+    XATTN_BWD_DQ_ONE(bf16, D, DQNW, DQBN, plain, false, false)                  \
+    XATTN_BWD_DQ_ONE(f16, D, DQNW, DQBN, mods, true, false)                     \
+    XATTN_BWD_DQ_ONE(bf16, D, DQNW, DQBN, mods, true, false)
+// Block-sparse entries: CI builds the f16 ones (bf16 differs only in the mma/cvt type).
+#define XATTN_BWD_BM(D, DC, NW, BM, DQN)                                         \
+    XATTN_BWD_ONE(f16, D, DC, NW, BM, DQN, plain_bm, false, atomic, true, true) \
+    XATTN_BWD_ONE(f16, D, DC, NW, BM, DQN, mods_bm, true, atomic, true, true)   \
+    XATTN_BWD_ONE(f16, D, DC, NW, BM, DQN, plain_bm, false, nodq, false, true)  \
+    XATTN_BWD_ONE(f16, D, DC, NW, BM, DQN, mods_bm, true, nodq, false, true)
+#define XATTN_BWD_DQ_BM(D, NW, BN)                          \
+    XATTN_BWD_DQ_ONE(f16, D, NW, BN, plain_bm, false, true) \
+    XATTN_BWD_DQ_ONE(f16, D, NW, BN, mods_bm, true, true)
 
 // The loader builds one entry per module: XATTN_KIND 1 (main kernel: -DXATTN_TN -DXATTN_D
-// -DXATTN_DC -DXATTN_NW -DXATTN_BM -DXATTN_DQN -DXATTN_MN -DXATTN_MODS -DXATTN_QN -DXATTN_DQ),
-// 2 (dq kernel: -DXATTN_TN -DXATTN_D -DXATTN_NW -DXATTN_BN -DXATTN_MN -DXATTN_MODS) or 3 (the
-// delta and convert kernels only). Without XATTN_KIND (CI's compile check) every configuration
-// of flash_bwd.py's CONFIGS is built.
+// -DXATTN_DC -DXATTN_NW -DXATTN_BM -DXATTN_DQN -DXATTN_MN -DXATTN_MODS -DXATTN_QN -DXATTN_DQ
+// -DXATTN_SPARSE), 2 (dq kernel: -DXATTN_TN -DXATTN_D -DXATTN_NW -DXATTN_BN -DXATTN_MN
+// -DXATTN_MODS -DXATTN_SPARSE) or 3 (the delta and convert kernels only). Without XATTN_KIND
+// (CI's compile check) every configuration of flash_bwd.py's CONFIGS / DQ_CONFIGS is built, and
+// (unless XATTN_NO_BM) the block-sparse candidates of BM_CONFIGS / BM_DQ_CONFIGS there.
 #if defined(XATTN_KIND) && XATTN_KIND == 1
 XATTN_BWD_ONE(XATTN_TN, XATTN_D, XATTN_DC, XATTN_NW, XATTN_BM, XATTN_DQN, XATTN_MN, XATTN_MODS,
-              XATTN_QN, XATTN_DQ)
+              XATTN_QN, XATTN_DQ, XATTN_SPARSE)
 #elif defined(XATTN_KIND) && XATTN_KIND == 2
-XATTN_BWD_DQ_ONE(XATTN_TN, XATTN_D, XATTN_NW, XATTN_BN, XATTN_MN, XATTN_MODS)
+XATTN_BWD_DQ_ONE(XATTN_TN, XATTN_D, XATTN_NW, XATTN_BN, XATTN_MN, XATTN_MODS, XATTN_SPARSE)
 #elif defined(XATTN_KIND) && XATTN_KIND == 3
 XATTN_BWD_AUX(f16)
 XATTN_BWD_AUX(bf16)
 #else
 // D, DC, NW, BM, DQN (main kernel); NW, BN (dq kernel)
 XATTN_BWD_CONFIG(32, 32, 4, 64, 32, 4, 64)
-XATTN_BWD_CONFIG(64, 64, 4, 64, 64, 4, 64)
+XATTN_BWD_CONFIG(64, 64, 4, 64, 32, 4, 64)
 XATTN_BWD_CONFIG(96, 96, 4, 64, 96, 4, 64)
 XATTN_BWD_CONFIG(128, 128, 4, 32, 64, 4, 64)
 XATTN_BWD_CONFIG(256, 128, 4, 32, 64, 4, 32)
 XATTN_BWD_AUX(f16)
 XATTN_BWD_AUX(bf16)
+#ifndef XATTN_NO_BM
+// D, DC, NW, BM, DQN: flash_bwd.py's BM_CONFIGS; D, NW, BN: its BM_DQ_CONFIGS
+XATTN_BWD_BM(64, 64, 4, 64, 64)  // D = 32 is padded to 64 (its own tiles spilled)
+XATTN_BWD_BM(64, 64, 4, 32, 64)
+XATTN_BWD_BM(64, 64, 2, 32, 64)
+XATTN_BWD_BM(96, 96, 4, 32, 96)  // BM = 64 spills with the walk and the element rule
+XATTN_BWD_BM(96, 96, 2, 32, 96)
+XATTN_BWD_BM(128, 128, 4, 32, 64)
+XATTN_BWD_BM(128, 128, 2, 32, 64)
+XATTN_BWD_BM(256, 128, 4, 16, 64)  // BM = 32 spills
+XATTN_BWD_BM(256, 128, 2, 16, 64)
+XATTN_BWD_DQ_BM(64, 4, 64)
+XATTN_BWD_DQ_BM(64, 2, 32)
+XATTN_BWD_DQ_BM(96, 4, 64)
+XATTN_BWD_DQ_BM(96, 2, 32)
+XATTN_BWD_DQ_BM(128, 4, 64)
+XATTN_BWD_DQ_BM(128, 2, 32)  // (4, 32) spilled with score mods (all D)
+XATTN_BWD_DQ_BM(256, 4, 16)  // BN = 32 spills
+XATTN_BWD_DQ_BM(256, 2, 16)
+#endif
 #endif

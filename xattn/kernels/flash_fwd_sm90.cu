@@ -30,7 +30,9 @@
 //
 // No CUDA headers; masking.cuh is inlined by the loader. The wgmma code is compiled only for
 // sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); for other targets the entries trap.
-// Entry points: flash_fwd_sm90_<f16|bf16>_d<D>_n<BN>_g<NWG>_o<0|1> (o1: P V overlapped).
+// Entry points: flash_fwd_sm90_<f16|bf16>_d<D>_n<BN>_g<NWG>_o<mode> (mode bits at the end).
+// Modes 11 / 27 (flash_fwd_sm90_ws) add a producer warpgroup: K/V stages handed over by
+// mbarriers, no __syncthreads in the loop, 27 with ping-pong of the two consumer warpgroups.
 
 #include "masking.cuh"
 
@@ -300,6 +302,74 @@ __device__ __forceinline__ void load_tile(unsigned sbase, const unsigned short* 
     }
 }
 
+// 128-byte swizzle (descriptor layout type 1): a (R rows x D) tile is stored as D / 64 panels
+// of R rows x 64 columns (128 bytes per row, panel p at byte 128 R p); the 16-byte chunk c of
+// row r sits at chunk c ^ (r % 8) of its row. The hardware applies the same XOR to address bits
+// 4-6 with bits 7-9, so every tile starts 1024-byte aligned. K-major (Q, K): SBO = 1024 (next
+// 8 rows), LBO unused (16); a k-step of 16 columns advances the start by 32 bytes inside a
+// panel. MN-major (V, keys x D): SBO = 1024 (next 8 keys), LBO = 128 R (next 64 columns); a
+// k-step of 16 keys advances the start by 2048 bytes. Eight consecutive threads copy the eight
+// chunks of one 128-byte row: their shared-memory writes cover 128 bytes (no bank conflict)
+// and their global reads 128 contiguous bytes.
+__device__ __forceinline__ unsigned long long make_desc_sw128(unsigned addr, unsigned lbo,
+                                                              unsigned sbo) {
+    return make_desc(addr, lbo, sbo) | (1ull << 62);
+}
+
+template <int ROWS, int D, int NT>
+__device__ __forceinline__ void load_tile_sw(unsigned sbase, const unsigned short* g, int row0,
+                                             int limit, int tid) {
+    constexpr int CPR = D / 8;
+    constexpr int TOTAL = ROWS * CPR;
+#pragma unroll
+    for (int it = 0; it < (TOTAL + NT - 1) / NT; ++it) {
+        const int i = it * NT + tid;
+        if (TOTAL % NT != 0 && i >= TOTAL) break;
+        const int r = i / CPR, cc = i % CPR, c = cc & 7;
+        const bool ok = row0 + r < limit;
+        const unsigned short* src = ok ? g + (long long)(row0 + r) * D + cc * 8 : g;
+        cp_async16(sbase + (unsigned)((cc >> 3) * ROWS * 128 + r * 128 + ((c ^ (r & 7)) << 4)),
+                   src, ok);
+    }
+}
+
+// The layout switch (SW: 128-byte swizzle, else core matrices) for loads and descriptors.
+template <bool SW, int ROWS, int D, int NT>
+__device__ __forceinline__ void load_any(unsigned sbase, const unsigned short* g, int row0,
+                                         int limit, int tid) {
+    if constexpr (SW)
+        load_tile_sw<ROWS, D, NT>(sbase, g, row0, limit, tid);
+    else
+        load_tile<ROWS, D, NT>(sbase, g, row0, limit, tid);
+}
+// K-major operand (Q or K) of a tile of R rows, from row `row` on (a multiple of 8).
+template <bool SW, int R, int D>
+__device__ __forceinline__ unsigned long long kmajor_desc(unsigned tile, int row) {
+    if constexpr (SW)
+        return make_desc_sw128(tile + row * 128, 16, 1024);
+    else
+        return make_desc(tile + row * D * 2, 128, 16 * D);
+}
+// Descriptor increment (16-byte units) of k-step ks (columns 16 ks..) of a K-major operand.
+template <bool SW, int R>
+__device__ __forceinline__ unsigned long long kmajor_step(int ks) {
+    return SW ? (unsigned long long)(((ks >> 2) * R * 128 + (ks & 3) * 32) >> 4)
+              : (unsigned long long)((ks * 256) >> 4);
+}
+// MN-major operand V of a tile of BN keys x D.
+template <bool SW, int BN, int D>
+__device__ __forceinline__ unsigned long long mnmajor_desc(unsigned tile) {
+    if constexpr (SW)
+        return make_desc_sw128(tile, BN * 128, 1024);
+    else
+        return make_desc(tile, 16 * D, 128);
+}
+// Descriptor increment of k-step j (keys 16 j..) of V.
+template <bool SW, int D>
+__device__ __forceinline__ unsigned long long mnmajor_step(int j) {
+    return SW ? (unsigned long long)((j * 2048) >> 4) : (unsigned long long)((j * 32 * D) >> 4);
+}
+
 struct FwdArgs {
     const unsigned short* q;
     const unsigned short* k;
@@ -334,6 +404,32 @@ __device__ __forceinline__ void mask_tile(float (&s)[BN / 2], const FwdArgs& a, 
         }
     }
 }
+
+// Every element tested (the caller decided that the tile needs it): straight-line selects, so
+// it may run while a wgmma is in flight.
+template <int BN>
+__device__ __forceinline__ void mask_tile_all(float (&s)[BN / 2], const FwdArgs& a, int wq0,
+                                              int k0, int warp, int g, int t4) {
+    constexpr int NS = BN / 8;
+    const int off = a.sk - a.sq;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        const int qi = wq0 + warp * 16 + g + hr * 8;
+#pragma unroll
+        for (int n = 0; n < NS; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int kj = k0 + n * 8 + t4 * 2 + e;
+                const bool vis = xattn_visible(qi, kj, off, a.sk, a.causal, a.wl, a.wr);
+                s[n * 4 + hr * 2 + e] = vis ? s[n * 4 + hr * 2 + e] : -XATTN_INF;
+            }
+    }
+}
+
+template <bool B>
+struct bool_c {
+    static constexpr bool value = B;
+};
 
 // Straight-line code (no branch): it may run while a wgmma is in flight.
 template <int BN>
@@ -436,7 +532,7 @@ __device__ __forceinline__ void write_out(const FwdArgs& a, const float (&acc)[D
 // OVL = true (after FlashAttention-3's intra-warpgroup overlap): the P V of block j - 1 is
 // issued after block j's Q K^T and masking and runs on the tensor cores during block j's
 // softmax; three buffers, since V of block j - 1 is still read while block j + 1 loads.
-template <class T, int D, int BN, int NWG, bool OVL>
+template <class T, int D, int BN, int NWG, bool OVL, bool SW, bool EARLY>
 __device__ __forceinline__ void flash_fwd_sm90_core(const FwdArgs& a) {
 #if XATTN_SM90_OK
     static_assert(D == 64 || D == 128, "wgmma wrappers exist for N = 64 and 128");
@@ -444,11 +540,11 @@ __device__ __forceinline__ void flash_fwd_sm90_core(const FwdArgs& a) {
     constexpr int BM = NWG * 64;
     constexpr int NT = NWG * 128;
     constexpr int NBUF = OVL ? 3 : 2;
-    constexpr unsigned ROWBLK = 16 * D;  // bytes between 8-row blocks of a (rows x D) tile
     constexpr unsigned TILE = BN * D * 2;
 
     extern __shared__ __align__(128) unsigned char smem_raw[];
-    const unsigned sQa = smem_u32(smem_raw);
+    unsigned sQa = smem_u32(smem_raw);
+    if constexpr (SW) sQa = (sQa + 1023u) & ~1023u;  // the loader allocated 1 KiB more
     const unsigned sKa = sQa + BM * D * 2;
     const unsigned sVa = sKa + NBUF * TILE;
 
@@ -481,17 +577,17 @@ __device__ __forceinline__ void flash_fwd_sm90_core(const FwdArgs& a) {
     float m[2] = {-XATTN_INF, -XATTN_INF}, l[2] = {0.f, 0.f};
     const float sl2 = a.scale * XATTN_LOG2E;
 
-    const unsigned long long dq = make_desc(sQa + wg * 64 * D * 2, 128, ROWBLK);
+    const unsigned long long dq = kmajor_desc<SW, BM, D>(sQa, wg * 64);
 
     if (kb1 > kb0) {
-        load_tile<BM, D, NT>(sQa, Qg, q0, sq, tid);
-        load_tile<BN, D, NT>(sKa, Kg, kb0 * BN, sk, tid);
-        load_tile<BN, D, NT>(sVa, Vg, kb0 * BN, sk, tid);
+        load_any<SW, BM, D, NT>(sQa, Qg, q0, sq, tid);
+        load_any<SW, BN, D, NT>(sKa, Kg, kb0 * BN, sk, tid);
+        load_any<SW, BN, D, NT>(sVa, Vg, kb0 * BN, sk, tid);
         cp_async_commit();
         if constexpr (OVL) {
             if (kb0 + 1 < kb1) {
-                load_tile<BN, D, NT>(sKa + TILE, Kg, (kb0 + 1) * BN, sk, tid);
-                load_tile<BN, D, NT>(sVa + TILE, Vg, (kb0 + 1) * BN, sk, tid);
+                load_any<SW, BN, D, NT>(sKa + TILE, Kg, (kb0 + 1) * BN, sk, tid);
+                load_any<SW, BN, D, NT>(sVa + TILE, Vg, (kb0 + 1) * BN, sk, tid);
             }
             cp_async_commit();  // possibly empty: one group per block keeps the count uniform
         }
@@ -503,8 +599,8 @@ __device__ __forceinline__ void flash_fwd_sm90_core(const FwdArgs& a) {
             if (kb + 1 < kb1) {
                 // The other buffer was last read in the previous iteration, which ended with a
                 // barrier after every warpgroup's wgmma.wait_group 0.
-                load_tile<BN, D, NT>(sKa + (buf ^ 1) * TILE, Kg, (kb + 1) * BN, sk, tid);
-                load_tile<BN, D, NT>(sVa + (buf ^ 1) * TILE, Vg, (kb + 1) * BN, sk, tid);
+                load_any<SW, BN, D, NT>(sKa + (buf ^ 1) * TILE, Kg, (kb + 1) * BN, sk, tid);
+                load_any<SW, BN, D, NT>(sVa + (buf ^ 1) * TILE, Vg, (kb + 1) * BN, sk, tid);
                 cp_async_commit();
                 cp_async_wait<1>();
             } else {
@@ -516,13 +612,13 @@ __device__ __forceinline__ void flash_fwd_sm90_core(const FwdArgs& a) {
             // Warpgroup-uniform: under causal / window a warpgroup may see none of this block.
             if (kb >= wkb0 && kb < wkb1) {
                 // S = Q K^T: D / 16 chained wgmmas, the first overwrites S (scale-d = 0).
-                const unsigned long long dk = make_desc(sKa + buf * TILE, 128, ROWBLK);
+                const unsigned long long dk = kmajor_desc<SW, BN, D>(sKa + buf * TILE, 0);
                 fence_regs(s);
                 wgmma_fence();
 #pragma unroll
                 for (int ks = 0; ks < D / 16; ++ks)
-                    wgmma_ss(s, dq + (unsigned long long)(ks * 256 >> 4),
-                             dk + (unsigned long long)(ks * 256 >> 4), ks > 0 ? 1 : 0, T());
+                    wgmma_ss(s, dq + kmajor_step<SW, BM>(ks), dk + kmajor_step<SW, BN>(ks),
+                             ks > 0 ? 1 : 0, T());
                 wgmma_commit();
                 wgmma_wait<0>();
                 fence_regs(s);
@@ -534,12 +630,12 @@ __device__ __forceinline__ void flash_fwd_sm90_core(const FwdArgs& a) {
                 // O += P V: P rounded to the input type (its float32 sum went into l).
                 unsigned p[BN / 16][4];
                 pack_p<T, BN>(p, s);
-                const unsigned long long dv = make_desc(sVa + buf * TILE, ROWBLK, 128);
+                const unsigned long long dv = mnmajor_desc<SW, BN, D>(sVa + buf * TILE);
                 fence_regs(acc);
                 wgmma_fence();
 #pragma unroll
                 for (int j = 0; j < BN / 16; ++j)
-                    wgmma_rs<1>(acc, p[j], dv + (unsigned long long)((j * 2 * ROWBLK) >> 4), 1,
+                    wgmma_rs<1>(acc, p[j], dv + mnmajor_step<SW, D>(j), 1,
                                 T());
                 wgmma_commit();
                 wgmma_wait<0>();
@@ -549,6 +645,113 @@ __device__ __forceinline__ void flash_fwd_sm90_core(const FwdArgs& a) {
             }
             __syncthreads();  // the next iteration's cp.async overwrites the other buffer
         }
+    } else if constexpr (EARLY) {
+        // As the overlap schedule below, but S = Q K^T of block kb and the P V of block kb - 1
+        // go to the tensor cores back to back, and the softmax of block kb waits for S only
+        // (wait_group 1), running while P V executes. The masking branch sits outside the
+        // wgmma pipeline: each arm issues, waits for and finishes its own wgmmas (ptxas
+        // serialises wgmmas in flight across a branch it cannot prove warpgroup-uniform).
+        // Every warpgroup runs every block of the thread block's range, as below.
+        // Not built (see the entry list): ptxas still serialises it (C7513).
+        unsigned pp[BN / 16][4];  // P of the previous block (zero before the first)
+#pragma unroll
+        for (int j = 0; j < BN / 16; ++j) pp[j][0] = pp[j][1] = pp[j][2] = pp[j][3] = 0u;
+        for (int kb = kb0; kb < kb1; ++kb) {
+            const int buf = (kb - kb0) % 3;
+            const int pbuf = (kb - kb0 + 2) % 3;  // block kb - 1's buffer
+            cp_async_wait<1>();  // block kb's group (only block kb + 1's may be in flight)
+            fence_proxy_async();
+            __syncthreads();
+            const unsigned long long dk = kmajor_desc<SW, BN, D>(sKa + buf * TILE, 0);
+            // The first block multiplies P = 0 by its own (loaded, finite) V.
+            const unsigned long long dv =
+                mnmajor_desc<SW, BN, D>(sVa + (kb == kb0 ? buf : pbuf) * TILE);
+            auto step = [&](auto masked) {
+                // Every descriptor computed before the first wgmma: an instruction defining a
+                // wgmma operand between the two batches makes ptxas serialise them (C7513).
+                unsigned long long dqs[D / 16], dks[D / 16], dvs[BN / 16];
+#pragma unroll
+                for (int ks = 0; ks < D / 16; ++ks) {
+                    dqs[ks] = dq + kmajor_step<SW, BM>(ks);
+                    dks[ks] = dk + kmajor_step<SW, BN>(ks);
+                    asm volatile("" : "+l"(dqs[ks]), "+l"(dks[ks]));
+                }
+#pragma unroll
+                for (int j = 0; j < BN / 16; ++j) {
+                    dvs[j] = dv + mnmajor_step<SW, D>(j);
+                    asm volatile("" : "+l"(dvs[j]));
+                }
+                fence_regs(s);
+                fence_regs(acc);
+#pragma unroll
+                for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
+                wgmma_fence();
+#pragma unroll
+                for (int ks = 0; ks < D / 16; ++ks)
+                    wgmma_ss(s, dqs[ks], dks[ks], ks > 0 ? 1 : 0, T());
+                wgmma_commit();
+#pragma unroll
+                for (int j = 0; j < BN / 16; ++j) wgmma_rs<1>(acc, pp[j], dvs[j], 1, T());
+                wgmma_commit();
+                wgmma_wait<1>();  // S is in, P V may still run
+                fence_regs(s);
+                // The softmax works on a copy: an instruction that wrote s (an operand of the
+                // next S wgmma) while P V is in flight makes ptxas serialise every wgmma
+                // (C7513).
+                float sp[BN / 2];
+#pragma unroll
+                for (int i = 0; i < BN / 2; ++i) sp[i] = s[i];
+                if constexpr (decltype(masked)::value)
+                    mask_tile_all<BN>(sp, a, wq0, kb * BN, warp, g, t4);
+                float alpha[2];
+                softmax_rows<BN>(sp, m, l, alpha, sl2);
+                unsigned pn[BN / 16][4];
+                pack_p<T, BN>(pn, sp);
+#pragma unroll
+                for (int j = 0; j < BN / 16; ++j) fence_regs(pn[j]);
+                fence_regs(alpha);
+                fence_regs(m);
+                fence_regs(l);
+                wgmma_wait<0>();
+                fence_regs(acc);
+#pragma unroll
+                for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
+                rescale<D>(acc, alpha);
+#pragma unroll
+                for (int j = 0; j < BN / 16; ++j)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) pp[j][i] = pn[j][i];
+            };
+            if (xattn_tile_needs_test(wq0, wq1, kb * BN, BN, off, sk, a.causal, a.wl, a.wr))
+                step(bool_c<true>());
+            else
+                step(bool_c<false>());
+
+            __syncthreads();  // every warpgroup is done with block kb - 1's buffer
+            if (kb + 2 < kb1) {
+                const int nb = (kb + 2 - kb0) % 3;
+                load_any<SW, BN, D, NT>(sKa + nb * TILE, Kg, (kb + 2) * BN, sk, tid);
+                load_any<SW, BN, D, NT>(sVa + nb * TILE, Vg, (kb + 2) * BN, sk, tid);
+            }
+            cp_async_commit();
+        }
+        if (kb1 > kb0) {
+            const unsigned long long dv =
+                mnmajor_desc<SW, BN, D>(sVa + ((kb1 - 1 - kb0) % 3) * TILE);
+            fence_regs(acc);
+#pragma unroll
+            for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
+            wgmma_fence();
+#pragma unroll
+            for (int j = 0; j < BN / 16; ++j)
+                wgmma_rs<1>(acc, pp[j], dv + mnmajor_step<SW, D>(j), 1, T());
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs(acc);
+#pragma unroll
+            for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
+        }
+        cp_async_wait<0>();  // no cp.async left in flight at exit
     } else {
         // Every warpgroup runs every block of the thread block's range (a block a warpgroup
         // cannot see masks to p = 0 and alpha = 1): no wgmma sits in a warpgroup-dependent
@@ -563,14 +766,14 @@ __device__ __forceinline__ void flash_fwd_sm90_core(const FwdArgs& a) {
 
             // S = Q K^T, waited for at once: the masking below branches, and ptxas completes
             // every wgmma in flight before a branch it cannot prove uniform.
-            const unsigned long long dk = make_desc(sKa + buf * TILE, 128, ROWBLK);
+            const unsigned long long dk = kmajor_desc<SW, BN, D>(sKa + buf * TILE, 0);
             fence_regs(s);
             fence_regs(acc);
             wgmma_fence();
 #pragma unroll
             for (int ks = 0; ks < D / 16; ++ks)
-                wgmma_ss(s, dq + (unsigned long long)(ks * 256 >> 4),
-                         dk + (unsigned long long)(ks * 256 >> 4), ks > 0 ? 1 : 0, T());
+                wgmma_ss(s, dq + kmajor_step<SW, BM>(ks), dk + kmajor_step<SW, BN>(ks),
+                         ks > 0 ? 1 : 0, T());
             wgmma_commit();
             wgmma_wait<0>();
             fence_regs(s);
@@ -580,7 +783,7 @@ __device__ __forceinline__ void flash_fwd_sm90_core(const FwdArgs& a) {
             // has none: it adds P = 0 times its own (loaded, finite) V instead of branching.
             const bool first = kb == kb0;
             const unsigned long long dv =
-                make_desc(sVa + (first ? buf : pbuf) * TILE, ROWBLK, 128);
+                mnmajor_desc<SW, BN, D>(sVa + (first ? buf : pbuf) * TILE);
             if (first) {
 #pragma unroll
                 for (int j = 0; j < BN / 16; ++j) pp[j][0] = pp[j][1] = pp[j][2] = pp[j][3] = 0u;
@@ -591,7 +794,7 @@ __device__ __forceinline__ void flash_fwd_sm90_core(const FwdArgs& a) {
             wgmma_fence();
 #pragma unroll
             for (int j = 0; j < BN / 16; ++j)
-                wgmma_rs<1>(acc, pp[j], dv + (unsigned long long)((j * 2 * ROWBLK) >> 4), 1,
+                wgmma_rs<1>(acc, pp[j], dv + mnmajor_step<SW, D>(j), 1,
                             T());
             wgmma_commit();
 
@@ -619,19 +822,19 @@ __device__ __forceinline__ void flash_fwd_sm90_core(const FwdArgs& a) {
             __syncthreads();  // every warpgroup is done with block kb - 1's buffer
             if (kb + 2 < kb1) {
                 const int nb = (kb + 2 - kb0) % 3;
-                load_tile<BN, D, NT>(sKa + nb * TILE, Kg, (kb + 2) * BN, sk, tid);
-                load_tile<BN, D, NT>(sVa + nb * TILE, Vg, (kb + 2) * BN, sk, tid);
+                load_any<SW, BN, D, NT>(sKa + nb * TILE, Kg, (kb + 2) * BN, sk, tid);
+                load_any<SW, BN, D, NT>(sVa + nb * TILE, Vg, (kb + 2) * BN, sk, tid);
             }
             cp_async_commit();
         }
         if (kb1 > kb0) {
-            const unsigned long long dv = make_desc(sVa + ((kb1 - 1 - kb0) % 3) * TILE, ROWBLK,
-                                                    128);
+            const unsigned long long dv = mnmajor_desc<SW, BN, D>(
+                sVa + ((kb1 - 1 - kb0) % 3) * TILE);
             fence_regs(acc);
             wgmma_fence();
 #pragma unroll
             for (int j = 0; j < BN / 16; ++j)
-                wgmma_rs<1>(acc, pp[j], dv + (unsigned long long)((j * 2 * ROWBLK) >> 4), 1,
+                wgmma_rs<1>(acc, pp[j], dv + mnmajor_step<SW, D>(j), 1,
                             T());
             wgmma_commit();
             wgmma_wait<0>();
@@ -649,6 +852,315 @@ __device__ __forceinline__ void flash_fwd_sm90_core(const FwdArgs& a) {
 #endif
 }
 
+
+#if XATTN_SM90_OK
+// mbarrier and named-barrier primitives of the warp-specialised schedule (mode bit 3).
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned bar) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar)
+                 : "memory");
+}
+// Blocks until the phase of parity `parity` of the barrier has completed. With
+// XATTN90_MBAR_TIMEOUT (the probe) a wait that never ends traps instead of hanging the GPU.
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+#ifdef XATTN90_MBAR_TIMEOUT
+    for (long long n = 0;; ++n) {
+        unsigned done;
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+            "selp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+        if (done) return;
+        if (n > (1ll << 24)) __trap();
+    }
+#else
+    asm volatile(
+        "{\n.reg .pred done;\nWAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT_%=;\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+#endif
+}
+// Immediate barrier ids: a register id makes ptxas reserve all 16 hardware barriers.
+template <int ID, int N>
+__device__ __forceinline__ void named_sync() {
+    asm volatile("bar.sync %0, %1;\n" ::"n"(ID), "n"(N) : "memory");
+}
+template <int ID, int N>
+__device__ __forceinline__ void named_arrive() {
+    asm volatile("bar.arrive %0, %1;\n" ::"n"(ID), "n"(N) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+#endif
+
+// load_tile_sw for the 128 producer threads with few registers (the producer runs on 24):
+// with 128 threads and D / 8 chunks per row, a thread always copies the same chunk column, so
+// its swizzled column and its row step are fixed and only the row advances.
+template <int ROWS, int D>
+__device__ __forceinline__ void load_tile_sw_lean(unsigned sbase, const unsigned short* g,
+                                                  int row0, int limit, int tid) {
+    constexpr int CPR = D / 8;
+    constexpr int RSTEP = 128 / CPR;  // rows per pass (8 or 16: keeps r % 8 fixed)
+    static_assert(RSTEP % 8 == 0 && ROWS % RSTEP == 0, "fixed swizzle column per thread");
+    const int cc = tid % CPR, r0 = tid / CPR;
+    unsigned dst = sbase + (unsigned)((cc >> 3) * ROWS * 128 + r0 * 128 + (((cc & 7) ^ (r0 & 7)) << 4));
+    const unsigned short* src = g + (long long)(row0 + r0) * D + cc * 8;
+    int left = limit - row0 - r0;  // rows of this thread still inside the sequence
+#pragma unroll 4
+    for (int it = 0; it < ROWS / RSTEP; ++it) {
+        const bool ok = left > 0;
+        cp_async16(dst, ok ? src : g, ok);
+        dst += RSTEP * 128;
+        src += RSTEP * D;
+        left -= RSTEP;
+    }
+}
+
+#if XATTN_SM90_OK
+// The producer warpgroup of the warp-specialised schedule (128 threads, tid 0..127): key
+// blocks kb0 .. kb0 + nkb - 1 of K and V (BN rows each, rows >= limit zero-filled) into the
+// ring of NST stages (K stage s at sK + s BN D 2 bytes, V likewise), swizzled. full[s] (count
+// 128) is arrived when stage s holds its block and the data is visible to the async proxy
+// (wgmma); the producer reuses stage s after empty[s] completed a phase. A block's full is
+// arrived after the next block's copies are issued, so two blocks are in flight; NST >= 3
+// keeps that from waiting on a release that needs this very arrival.
+template <int BN, int D, int NST>
+__device__ __forceinline__ void ws_produce(unsigned sK, unsigned sV, const unsigned short* Kg,
+                                           const unsigned short* Vg, int kb0, int nkb,
+                                           int limit, unsigned fullb, unsigned emptyb,
+                                           int tid) {
+    static_assert(NST >= 3, "see above");
+    constexpr unsigned TILE = BN * D * 2;
+    for (int i = 0; i < nkb; ++i) {
+        const int st = i % NST;
+        if (i >= NST) mbar_wait(emptyb + st * 8, ((i / NST) - 1) & 1);
+        load_tile_sw_lean<BN, D>(sK + st * TILE, Kg, (kb0 + i) * BN, limit, tid);
+        load_tile_sw_lean<BN, D>(sV + st * TILE, Vg, (kb0 + i) * BN, limit, tid);
+        cp_async_commit();
+        if (i > 0) {
+            cp_async_wait<1>();
+            fence_proxy_async();
+            mbar_arrive(fullb + ((i - 1) % NST) * 8);
+        }
+    }
+    if (nkb > 0) {
+        cp_async_wait<0>();
+        fence_proxy_async();
+        mbar_arrive(fullb + ((nkb - 1) % NST) * 8);
+    }
+}
+#endif
+
+// Warp-specialised schedule (mode bit 3, after FlashAttention-3): warpgroup 0 is a producer
+// that only copies K/V blocks into a ring of WS_ST stages (cp.async, 128-byte swizzle) and
+// gives its registers to the NWG consumer warpgroups (setmaxnreg); the consumers run the
+// overlap schedule of mode 3. Stage handoff by mbarriers, no __syncthreads in the loop:
+//   full[s]  (count 128, the producer threads): the producer waits for its cp.async group,
+//            makes it visible to the async proxy (fence.proxy.async) and arrives, one block
+//            behind its issue so two blocks are in flight;
+//   empty[s] (count 4 NWG, lane 0 of every consumer warp): arrived after the P V that last
+//            reads the stage has completed (V of block j - 1 is read in iteration j).
+// The producer waits on empty[s] only when it reuses stage s (block i, i >= WS_ST, waits for
+// block i - WS_ST's release, which the consumers give in iteration i - WS_ST + 1; they need
+// full of that block, which the producer gave at its step i - WS_ST + 2 <= i - 1 for WS_ST = 3).
+// PP (mode bit 4, two consumers): ping-pong. Named barriers 2 and 3 hand the tensor cores from
+// one consumer warpgroup to the other: a warpgroup issues S = Q K^T and its P V only in its
+// turn and passes the turn on right after the P V issue, so its softmax runs while the other
+// warpgroup's GEMMs execute.
+template <class T, int D, int BN, int NWG, bool PP>
+__device__ __forceinline__ void flash_fwd_sm90_ws(const FwdArgs& a) {
+#if XATTN_SM90_OK
+    static_assert(D == 64 || D == 128, "wgmma wrappers exist for N = 64 and 128");
+    static_assert(BN == 64 || BN == 128, "wgmma wrappers exist for N = 64 and 128");
+    static_assert(NWG == 2 || (NWG == 3 && !PP), "ping-pong pairs two consumer warpgroups");
+    // Registers: 168 (NWG = 2) or 128 (NWG = 3) per thread at launch; the producer keeps 24
+    // and the consumers take the rest in multiples of 8 (64512 of the 65536 in both cases).
+    constexpr int CREGS = NWG == 2 ? 240 : 160;
+    constexpr int WS_ST = 3;
+    constexpr int BM = NWG * 64;
+    constexpr int NC = NWG * 128;  // consumer threads
+    constexpr unsigned TILE = BN * D * 2;
+
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    __shared__ __align__(8) unsigned long long bars[2 * WS_ST];  // full[0..], empty[0..]
+    const unsigned sQa = (smem_u32(smem_raw) + 1023u) & ~1023u;  // 1 KiB more allocated
+    const unsigned sKa = sQa + BM * D * 2;
+    const unsigned sVa = sKa + WS_ST * TILE;
+    const unsigned fullb = smem_u32(bars), emptyb = fullb + WS_ST * 8;
+
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int qblk = gridDim.x - 1 - blockIdx.x;
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int sq = a.sq, sk = a.sk, off = sk - sq;
+    const int q0 = qblk * BM, q1 = min(q0 + BM, sq);
+    const int hkv = a.hq / a.group;
+    const long long bh = (long long)b * a.hq + h;
+    const long long kvh = ((long long)b * hkv + h / a.group) * sk * D;
+    const unsigned short* Kg = a.k + kvh;
+    const unsigned short* Vg = a.v + kvh;
+    int kb0, kb1;
+    xattn_key_blocks(q0, q1, off, sk, a.causal, a.wl, a.wr, BN, kb0, kb1);
+    const int nkb = kb1 > kb0 ? kb1 - kb0 : 0;
+
+    if (tid == 0) {
+#pragma unroll
+        for (int s = 0; s < WS_ST; ++s) {
+            mbar_init(fullb + s * 8, 128);
+            mbar_init(emptyb + s * 8, NWG * 4);  // one arrival per consumer warp
+        }
+    }
+    __syncthreads();  // the only block-wide barrier: the mbarriers are initialised
+
+    if (wg == 0) {
+        setmaxnreg_dec<24>();
+        ws_produce<BN, D, WS_ST>(sKa, sVa, Kg, Vg, kb0, nkb, sk, fullb, emptyb, tid);
+        return;
+    }
+
+    // Consumers.
+    setmaxnreg_inc<CREGS>();
+    const int ctid = tid - 128, cwg = wg - 1;
+    const int wq0 = q0 + cwg * 64;
+    const unsigned short* Qg = a.q + bh * sq * D;
+
+    float acc[D / 2];
+    float s[BN / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) s[i] = 0.f;
+    float m[2] = {-XATTN_INF, -XATTN_INF}, l[2] = {0.f, 0.f};
+    const float sl2 = a.scale * XATTN_LOG2E;
+    const unsigned long long dq = kmajor_desc<true, BM, D>(sQa, cwg * 64);
+
+    if (nkb > 0) {
+        load_tile_sw<BM, D, NC>(sQa, Qg, q0, sq, ctid);
+        cp_async_commit();
+        cp_async_wait<0>();
+        fence_proxy_async();
+        named_sync<1, NC>();  // Q complete (consumers only; the producer never joins)
+    }
+    if constexpr (PP) {
+        if (cwg == 1) named_arrive<2, NC>();  // warpgroup 0 has the first turn
+    }
+
+    unsigned pp[BN / 16][4];
+    for (int i = 0; i < nkb; ++i) {
+        const int kb = kb0 + i;
+        const int st = i % WS_ST;
+        const int pst = (i + WS_ST - 1) % WS_ST;  // block kb - 1's stage
+        mbar_wait(fullb + st * 8, (i / WS_ST) & 1);
+        if constexpr (PP) {
+            if (cwg == 0)
+                named_sync<2, NC>();
+            else
+                named_sync<3, NC>();
+        }
+
+        const unsigned long long dk = kmajor_desc<true, BN, D>(sKa + st * TILE, 0);
+        fence_regs(s);
+        fence_regs(acc);
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks)
+            wgmma_ss(s, dq + kmajor_step<true, BM>(ks), dk + kmajor_step<true, BN>(ks),
+                     ks > 0 ? 1 : 0, T());
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(s);
+        mask_tile<BN>(s, a, wq0, min(wq0 + 64, sq), kb * BN, warp, g, t4);
+
+        const bool first = i == 0;
+        const unsigned long long dv = mnmajor_desc<true, BN, D>(sVa + (first ? st : pst) * TILE);
+        if (first) {
+#pragma unroll
+            for (int j = 0; j < BN / 16; ++j) pp[j][0] = pp[j][1] = pp[j][2] = pp[j][3] = 0u;
+        }
+#pragma unroll
+        for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
+        fence_regs(acc);
+        wgmma_fence();
+#pragma unroll
+        for (int j = 0; j < BN / 16; ++j)
+            wgmma_rs<1>(acc, pp[j], dv + mnmajor_step<true, D>(j), 1, T());
+        wgmma_commit();
+        if constexpr (PP) {
+            if (cwg == 0)
+                named_arrive<3, NC>();
+            else
+                named_arrive<2, NC>();
+        }
+
+        float alpha[2];
+        softmax_rows<BN>(s, m, l, alpha, sl2);
+        unsigned pn[BN / 16][4];
+        pack_p<T, BN>(pn, s);
+#pragma unroll
+        for (int j = 0; j < BN / 16; ++j) fence_regs(pn[j]);
+        fence_regs(alpha);
+        fence_regs(m);
+        fence_regs(l);
+        wgmma_wait<0>();
+        fence_regs(acc);
+#pragma unroll
+        for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
+        // V of block kb - 1 is read (the wait above is warpgroup-wide): one arrival per warp.
+        if (!first && lane == 0) mbar_arrive(emptyb + pst * 8);
+        rescale<D>(acc, alpha);
+#pragma unroll
+        for (int j = 0; j < BN / 16; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) pp[j][e] = pn[j][e];
+    }
+    if (nkb > 0) {
+        const unsigned long long dv = mnmajor_desc<true, BN, D>(sVa + ((nkb - 1) % WS_ST) * TILE);
+        fence_regs(acc);
+#pragma unroll
+        for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
+        wgmma_fence();
+#pragma unroll
+        for (int j = 0; j < BN / 16; ++j)
+            wgmma_rs<1>(acc, pp[j], dv + mnmajor_step<true, D>(j), 1, T());
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(acc);
+#pragma unroll
+        for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
+    }
+    if constexpr (PP) {
+        if (cwg == 0) named_sync<2, NC>();  // takes warpgroup 1's last hand-over
+    }
+    write_out<T, D>(a, acc, m, l, bh, wq0, warp, g, t4);
+#else
+    (void)a;
+    __trap();
+#endif
+}
+
+// Mode bits -> schedule. Bit 3 (warp-specialised, +128 producer threads) needs bits 0 and 1.
+template <class T, int D, int BN, int NWG, int OV>
+__device__ __forceinline__ void flash_fwd_sm90_mode(const FwdArgs& a) {
+    if constexpr ((OV & 8) != 0) {
+        static_assert((OV & 3) == 3, "mode bit 3 runs the swizzled overlap schedule");
+        flash_fwd_sm90_ws<T, D, BN, NWG, (OV & 16) != 0>(a);
+    } else {
+        flash_fwd_sm90_core<T, D, BN, NWG, (OV & 1) != 0, (OV & 2) != 0, (OV & 4) != 0>(a);
+    }
+}
+
 }  // namespace xattn90
 
 #define XATTN90_PARAMS                                                                     \
@@ -656,11 +1168,22 @@ __device__ __forceinline__ void flash_fwd_sm90_core(const FwdArgs& a) {
         unsigned short *o, float *lse, int hq, int group, int sq, int sk, float scale,      \
         int causal, int wl, int wr
 
-// OV: 0 = plain, 1 = P V overlapped with the next softmax (entry name suffix _o1).
+// OV (entry name suffix _o<OV>), the schedule and the shared-memory layout:
+//   0 plain, 1 P V overlapped with the next softmax (both core-matrix layout);
+//   2 plain, 3 overlapped, both with the 128-byte swizzle;
+//   7 overlapped with the swizzle, S = Q K^T issued with the previous P V (wait_group 1):
+//     EXPERIMENTAL, not built -- ptxas 13.0 serialises its wgmmas (info C7513, "non wgmma
+//     instructions defining input registers ... between start and end of the pipeline stage";
+//     check_kernels.py does not flag ptxas infos), so it is no faster than mode 3 as written.
+//   11 = 3 + bit 3: warp-specialised (flash_fwd_sm90_ws): a producer warpgroup in front of the
+//     NWG = 2 consumers (launch (NWG + 1) * 128 threads), mbarrier ring of 3 K/V stages,
+//     setmaxnreg 24 / 240 for NWG = 2, 24 / 160 for NWG = 3 (ptxas reports the launch-bound
+//     cap, 168 or 128; no spills);
+//   27 = 11 + bit 4: consumer ping-pong through named barriers 2 / 3.
 #define XATTN90_ENTRY(TN, D, BN, NWG, OV)                                                  \
-    extern "C" __global__ void __launch_bounds__(NWG * 128, 1)                             \
+    extern "C" __global__ void __launch_bounds__(((OV & 8) ? NWG + 1 : NWG) * 128, 1)      \
         flash_fwd_sm90_##TN##_d##D##_n##BN##_g##NWG##_o##OV(XATTN90_PARAMS) {               \
-        xattn90::flash_fwd_sm90_core<xattn90::TN, D, BN, NWG, OV != 0>(                     \
+        xattn90::flash_fwd_sm90_mode<xattn90::TN, D, BN, NWG, OV>(                         \
             xattn90::FwdArgs{q, k, v, o, lse, hq, group, sq, sk, scale, causal, wl, wr});  \
     }
 // One more expansion level so that -D values expand before ## pastes them.
@@ -669,7 +1192,7 @@ __device__ __forceinline__ void flash_fwd_sm90_core(const FwdArgs& a) {
     XATTN90_ONE(f16, D, BN, NWG, OV) XATTN90_ONE(bf16, D, BN, NWG, OV)
 
 // The loader builds one entry per module (-DXATTN90_TN=f16|bf16 -DXATTN90_D=.. -DXATTN90_BN=..
-// -DXATTN90_NWG=.. -DXATTN90_OV=0|1); without them (CI's compile check) every configuration
+// -DXATTN90_NWG=.. -DXATTN90_OV=mode); without them (CI's compile check) every configuration
 // below is built. XATTN90_NO_ENTRIES: the probe (wgmma_probe.cu) includes this file for its
 // helpers only.
 #ifndef XATTN90_NO_ENTRIES
@@ -685,5 +1208,18 @@ XATTN90_BOTH(64, 128, 2, 1)
 XATTN90_BOTH(64, 64, 3, 1)
 XATTN90_BOTH(128, 64, 2, 1)
 XATTN90_BOTH(128, 64, 3, 1)
+XATTN90_BOTH(64, 128, 2, 2)
+XATTN90_BOTH(64, 64, 3, 2)
+XATTN90_BOTH(128, 128, 2, 2)
+XATTN90_BOTH(128, 64, 3, 2)
+XATTN90_BOTH(64, 128, 2, 3)
+XATTN90_BOTH(128, 64, 2, 3)
+XATTN90_BOTH(128, 128, 2, 3)
+XATTN90_BOTH(64, 64, 3, 3)
+XATTN90_BOTH(64, 128, 2, 11)
+XATTN90_BOTH(64, 64, 3, 11)
+XATTN90_BOTH(128, 128, 2, 11)
+XATTN90_BOTH(64, 128, 2, 27)
+XATTN90_BOTH(128, 128, 2, 27)
 #endif
 #endif

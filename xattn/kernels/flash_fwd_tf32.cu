@@ -41,6 +41,7 @@
 // module (-DXATTN_TF32_D=.. etc., see the end of this file).
 
 #include "masking.cuh"
+#include "mma_sm80.cuh"
 
 #ifndef XATTN_TF32_KS_UNROLL
 #define XATTN_TF32_KS_UNROLL 2
@@ -48,22 +49,11 @@
 
 namespace xattn_tf32 {
 
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-    unsigned r;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
-    return r;
-}
-
-__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool valid) {
-    // src-size 0 zero-fills the 16 bytes: rows past the sequence end read as zeros.
-    int n = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
+using xattn::cp_async16;
+using xattn::cp_async_commit;
+using xattn::cp_async_wait;
+using xattn::ex2;
+using xattn::smem_u32;
 
 // float32 -> TF32 (the float32 bit pattern with the low 13 mantissa bits cleared), rounded to
 // nearest with ties away from zero, as the tensor core expects its .tf32 operands.
@@ -79,12 +69,6 @@ __device__ __forceinline__ void mma(float (&c)[4], unsigned a0, unsigned a1, uns
         "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ float ex2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
 }
 
 struct Args {

@@ -1,6 +1,6 @@
 // Tensor-core and copy helpers for sm_80+ kernels (inline PTX, no CUDA headers): shared-memory
-// addresses, cp.async, ldmatrix, mma.sync m16n8k16, 16-bit conversions. The same helpers as
-// flash_fwd.cu's (that file keeps its own copy until the two are merged).
+// addresses, cp.async, ldmatrix, mma.sync m16n8k16, 16-bit conversions, tile copies. Shared by
+// flash_fwd.cu, flash_bwd.cu and flash_fwd_tf32.cu.
 #pragma once
 
 namespace xattn {
@@ -82,6 +82,17 @@ __device__ __forceinline__ float ex2(float x) {
 // Float32 add into global memory without a return value (RED, not ATOM).
 __device__ __forceinline__ void red_add(float* p, float x) {
     asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(p), "f"(x) : "memory");
+}
+
+// Two adjacent floats (p 8-byte aligned): sm_90 has a vector reduction, which halves the
+// number of atomic requests the backward's dq accumulation sends to L2.
+__device__ __forceinline__ void red_add2(float* p, float x, float y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(x), "f"(y) : "memory");
+#else
+    red_add(p, x);
+    red_add(p + 1, y);
+#endif
 }
 
 // Copy a (rows x D) tile of 16-bit elements from global (row stride D) into shared memory

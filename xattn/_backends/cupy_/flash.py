@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CONFIGS", "backward", "forward", "get_kernel", "supports"]
+__all__ = ["CONFIGS", "backward", "forward", "get_kernel", "option_args", "supports"]
 
 _KERNEL_DIR = Path(__file__).resolve().parents[2] / "kernels"
 
@@ -279,6 +279,31 @@ def _score_operand(xp, x, prob, itemsize):
     return view, (bs, st[nb], st[nb + 1], st[nb + 2])
 
 
+def option_args(xp, prob, mask, bias, alibi_slopes):
+    """The kernels' common option arguments, in their order: causal, window sides (-1 =
+    unbounded), softcap (0 = off), ALiBi slopes and their batch stride, the bias and the mask
+    with their (batch, head, query, key) element strides (null pointers when absent)."""
+    i32, i64, f32 = np.int32, np.int64, np.float32
+    null = np.uint64(0)
+    alibi_arg, alibi_bs = null, 0
+    if alibi_slopes is not None:
+        alibi_arg = xp.ascontiguousarray(alibi_slopes, dtype=xp.float32).reshape(-1)
+        alibi_bs = 0 if alibi_arg.size == prob.hq else prob.hq
+    bias_arg, bias_st = null, (0, 0, 0, 0)
+    if bias is not None:
+        bias_arg, bias_st = _score_operand(xp, bias.astype(xp.float32, copy=False), prob, 4)
+    mask_arg, mask_st = null, (0, 0, 0, 0)
+    if mask is not None:
+        mask_arg, mask_st = _score_operand(xp, mask.view(xp.uint8), prob, 1)
+    w = prob.window
+    wl = -1 if w is None or w[0] is None else w[0]
+    wr = -1 if w is None or w[1] is None else w[1]
+    return (i32(prob.causal), i32(wl), i32(wr), f32(prob.softcap or 0.0),
+            alibi_arg, i64(alibi_bs),
+            bias_arg, *(i64(s) for s in bias_st),
+            mask_arg, *(i64(s) for s in mask_st))
+
+
 def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None,
             element_rule=None, block_mask=None, allow_tf32=False, config=None):
     """Return ``(out, lse)`` computed by the tensor-core kernel (see :func:`supports`).
@@ -356,21 +381,6 @@ def _forward(prob, q, k, v, mask, bias, alibi_slopes, config, *, block_mask=None
             lse.fill(-np.inf)
         return out[..., :dv].reshape(out_shape), lse.reshape(lse_shape)
 
-    null = np.uint64(0)
-    alibi_arg, alibi_bs = null, 0
-    if alibi_slopes is not None:
-        alibi_arg = xp.ascontiguousarray(alibi_slopes, dtype=xp.float32).reshape(-1)
-        alibi_bs = 0 if alibi_arg.size == prob.hq else prob.hq
-    bias_arg, bias_st = null, (0, 0, 0, 0)
-    if bias is not None:
-        bias_arg, bias_st = _score_operand(xp, bias.astype(xp.float32, copy=False), prob, 4)
-    mask_arg, mask_st = null, (0, 0, 0, 0)
-    if mask is not None:
-        mask_arg, mask_st = _score_operand(xp, mask.view(xp.uint8), prob, 1)
-    w = prob.window
-    wl = -1 if w is None or w[0] is None else w[0]
-    wr = -1 if w is None or w[1] is None else w[1]
-
     sparse = block_mask is not None
     if sparse:
         from .blockmask import device_block_mask
@@ -387,14 +397,11 @@ def _forward(prob, q, k, v, mask, bias, alibi_slopes, config, *, block_mask=None
         fn = get_kernel(tn, dp, cfg, mods, sparse)
         nw, mt, _ = cfg
         bm, threads, smem = nw * mt * 16, nw * 32, smem_bytes(dp, cfg)
-    i32, i64, f32 = np.int32, np.int64, np.float32
+    i32, f32 = np.int32, np.float32
     args = (
         q4, k4, v4, out, lse,
         i32(prob.hq), i32(prob.group), i32(prob.sq), i32(prob.sk), f32(prob.scale),
-        i32(prob.causal), i32(wl), i32(wr), f32(prob.softcap or 0.0),
-        alibi_arg, i64(alibi_bs),
-        bias_arg, *(i64(s) for s in bias_st),
-        mask_arg, *(i64(s) for s in mask_st),
+        *option_args(xp, prob, mask, bias, alibi_slopes),
         *bm_args,
     )
     fn(grid=((prob.sq + bm - 1) // bm, prob.hq, B), block=(threads,), args=args,

@@ -20,7 +20,19 @@ the scores nor the kept gradient columns). ``ENABLE_BWD_KERNEL`` and ``ENABLE_DE
 switch the two paths off (``backend="auto"`` then uses the generic backend).
 
 float32 has a SIMT kernel (``flash_bwd_simt.cu``: the same scheme on the CUDA cores, dq by
-atomics only), off until it has passed the GPU tests (``ENABLE_FP32_BWD``).
+atomics only; switch: ``ENABLE_FP32_BWD``); ``deterministic=True`` with float32 goes to the
+generic backend.
+
+``block_mask`` (switch: ``ENABLE_BLOCK_MASK_BWD``; float16/bfloat16): the main kernel walks the
+mask's CSC list of its key block's column (the query blocks that see those keys, uploaded once
+per (mask, device) by :mod:`.blockmask`), the deterministic dq kernel the CSR list of its query
+block row, as the forward does; invisible blocks are never loaded, full blocks run no element
+test, partial blocks the mask's element rule (``xattn/kernels/blockmask.cuh``). A kernel's key
+tile must lie inside one mask key block and its query step inside one mask query block: the
+first configuration of :data:`BM_CONFIGS` / :data:`BM_DQ_CONFIGS` that divides ``(bq, bk)`` is
+taken, and block sizes none divides (not multiples of 32 / 16) are refused with a reason.
+Batched masks never get here: :func:`xattn.flash_attention_backward` calls once per batch
+element. The CPU backends' ``plan`` / ``element_rule`` (the same mask) are not read.
 """
 
 from __future__ import annotations
@@ -32,26 +44,51 @@ import numpy as np
 
 from . import flash as _fwd
 
-__all__ = ["CONFIGS", "DQ_CONFIGS", "backward", "supports"]
+__all__ = ["BM_CONFIGS", "BM_DQ_CONFIGS", "CONFIGS", "DQ_CONFIGS", "backward",
+           "block_mask_configs", "block_mask_reason", "supports"]
 
 # Per padded head dim, the main kernel's (columns of dK/dV per CTA, warps, query rows per step,
 # dq slice width): BN = 16 * warps keys per CTA. The dK and dV accumulators (BN x DC float32
 # each, DC per thread) set the register budget: D = 256 splits the columns over two CTAs.
+# Chosen with benchmarks/gpu_bwd_configs.py on an H200 (notes/gpu_kernels.md): at D=128,
+# (128, 4, 64, 64) was 8% faster but spills, so the spill-free (128, 4, 32, 64) stays.
 CONFIGS = {
     32: (32, 4, 64, 32),
-    64: (64, 4, 64, 64),
+    64: (64, 4, 64, 32),
     96: (96, 4, 64, 96),
     128: (128, 4, 32, 64),
     256: (128, 4, 32, 64),
 }
 # Per padded head dim, the deterministic dq kernel's (warps, keys per block).
 DQ_CONFIGS = {32: (4, 64), 64: (4, 64), 96: (4, 64), 128: (4, 64), 256: (4, 32)}
+# Block-sparse candidates, in order of preference: the first main configuration whose key tile
+# (16 * warps) divides the mask's bk and whose query step divides bq, and the first dq
+# configuration whose query block (16 * warps) divides bq and whose key block divides bk. Every
+# one is in flash_bwd.cu's compile-check list (ptxas: no spills; the walk and the element rule
+# cost registers, so D = 96 and D = 256 take smaller steps than their dense kernels). D = 32 is
+# padded to 64 with a block mask (its own tiles spilled under ptxas 13.0 on sm_90a).
+BM_CONFIGS = {
+    64: ((64, 4, 64, 64), (64, 4, 32, 64), (64, 2, 32, 64)),
+    96: ((96, 4, 32, 96), (96, 2, 32, 96)),
+    128: ((128, 4, 32, 64), (128, 2, 32, 64)),
+    256: ((128, 4, 16, 64), (128, 2, 16, 64)),
+}
+BM_DQ_CONFIGS = {
+    # (4, 32) spilled with score mods (sm_80 / sm_90a, 128-168 registers): not a candidate.
+    64: ((4, 64), (2, 32)),
+    96: ((4, 64), (2, 32)),
+    128: ((4, 64), (2, 32)),
+    256: ((4, 16), (2, 16)),
+}
 
 # Switches: False makes supports() refuse, so that backend="auto" takes the generic backend.
 ENABLE_BWD_KERNEL = True
 ENABLE_DETERMINISTIC = True
-# The float32 SIMT kernel (flash_bwd_simt.cu): written without a GPU, not yet run on one.
-ENABLE_FP32_BWD = False
+# The float32 SIMT kernel (flash_bwd_simt.cu); its GPU tests passed on an H200 (2026-11-29).
+ENABLE_FP32_BWD = True
+# block_mask in the backward kernels (False: supports() refuses it, "auto" takes the generic
+# backend).
+ENABLE_BLOCK_MASK_BWD = True
 SIMT_BLOCK = 32
 # Tests set this to fill dq/dk/dv with NaN before the launches (unwritten elements then fail).
 POISON = False
@@ -66,6 +103,56 @@ def _common_dim(prob):
     return next((x for x in sorted(CONFIGS) if x >= d), None)
 
 
+def _sparse_dim(prob):
+    """The padded head dim of the block-sparse kernels (D = 32 runs the D = 64 tiles)."""
+    dp = _common_dim(prob)
+    return None if dp is None else max(dp, min(BM_CONFIGS))
+
+
+def block_mask_configs(dp, block_size):
+    """``(config, dq_config)``: the main and dq kernel configurations that serve a mask of
+    ``block_size`` at padded head dim ``dp``; either is None when no candidate divides the
+    blocks.
+
+    Examples
+    --------
+    >>> from xattn._backends.cupy_.flash_bwd import block_mask_configs
+    >>> block_mask_configs(64, (128, 128))
+    ((64, 4, 64, 64), (4, 64))
+    >>> block_mask_configs(128, (32, 32))
+    ((128, 2, 32, 64), (2, 32))
+    >>> block_mask_configs(256, (64, 64))
+    ((128, 4, 16, 64), (4, 16))
+    >>> block_mask_configs(64, (48, 64))
+    (None, None)
+    """
+    bq, bk = block_size
+    dp = max(dp, min(BM_CONFIGS))
+    cfg = next((c for c in BM_CONFIGS[dp] if bk % (16 * c[1]) == 0 and bq % c[2] == 0), None)
+    dq = next((c for c in BM_DQ_CONFIGS[dp] if bq % (16 * c[0]) == 0 and bk % c[1] == 0), None)
+    return cfg, dq
+
+
+def block_mask_reason(prob, bm, deterministic=False):
+    """``None`` when the backward kernels serve ``bm`` for ``prob``, else the reason."""
+    if not ENABLE_BLOCK_MASK_BWD:
+        return ("block_mask: the block-sparse backward kernels are off "
+                "(flash_bwd.ENABLE_BLOCK_MASK_BWD); the generic backend serves it")
+    if getattr(bm, "batch_shape", ()):
+        return "block_mask: a batched mask (one call per batch element goes through flash.py)"
+    if np.dtype(prob.dtype) == np.float32:
+        return ("block_mask with float32: the SIMT backward kernel walks no block mask (the "
+                "generic backend serves it)")
+    dp = _sparse_dim(prob)
+    cfg, dq = block_mask_configs(dp, bm.block_size)
+    if cfg is None or (deterministic and dq is None):
+        tiles = " or ".join(f"{16 * c[1]} keys x {c[2]} queries" for c in BM_CONFIGS[dp])
+        return (f"block_mask: block size {tuple(bm.block_size)} is not served by the CuPy "
+                f"backward kernels (head dim {dp}): bk must be a multiple of a key tile and "
+                f"bq of its query step ({tiles}); the generic backend serves it")
+    return None
+
+
 def supports(prob, opts):
     """``None`` when the backward kernels serve this request, else the reason they do not."""
     if prob.xp.__name__ != "cupy":
@@ -74,10 +161,14 @@ def supports(prob, opts):
         return ("the CuPy backward kernel is switched off (flash_bwd.ENABLE_BWD_KERNEL); the "
                 "generic backend serves the backward pass")
     opts = opts or {}
-    unknown = sorted(k for k, v in opts.items() if v is not None and k != "deterministic")
+    # block_mask comes with the CPU backends' plan/element_rule: the kernels walk the mask.
+    known = {"deterministic", "block_mask", "plan", "element_rule"}
+    unknown = sorted(k for k, v in opts.items() if v is not None and k not in known)
     if unknown:
-        return (f"options {unknown} (e.g. block_mask) are not implemented in the CuPy backward "
-                "kernel")
+        return f"options {unknown} are not implemented in the CuPy backward kernel"
+    if opts.get("block_mask") is None and (opts.get("plan") is not None
+                                           or opts.get("element_rule") is not None):
+        return "a tile plan / element rule without a block_mask (the kernels walk a BlockMask)"
     if opts.get("deterministic") and not ENABLE_DETERMINISTIC:
         return ("deterministic=True: the separate dq kernel is switched off "
                 "(flash_bwd.ENABLE_DETERMINISTIC)")
@@ -94,6 +185,10 @@ def supports(prob, opts):
     if _common_dim(prob) is None:
         return (f"head_dim {max(prob.d, prob.dv)} > {max(CONFIGS)} is not implemented in the "
                 "CuPy backward kernel")
+    if opts.get("block_mask") is not None:
+        reason = block_mask_reason(prob, opts["block_mask"], bool(opts.get("deterministic")))
+        if reason:
+            return reason
     nbatch = math.prod(prob.batch)
     if nbatch > _fwd._MAX_GRID_YZ or prob.hq > _fwd._MAX_GRID_YZ:
         return f"batch ({nbatch}) or heads ({prob.hq}) above the grid limit {_fwd._MAX_GRID_YZ}"
@@ -143,27 +238,32 @@ def _function(name, options, smem, source="flash_bwd.cu"):
     return hit[1]
 
 
-def get_kernel(tn, d, cfg, mods, dq):
+def get_kernel(tn, d, cfg, mods, dq, sparse=False):
     """The main backward kernel for one dtype, head dim, configuration, score-mod flag and
-    dq mode (``dq=True``: atomics into dq_accum; False: the dq kernel runs separately)."""
+    dq mode (``dq=True``: atomics into dq_accum; False: the dq kernel runs separately), and
+    with ``sparse`` the block-mask walk."""
     dc, nw, bm, dqn = cfg
-    mn, qn = ("mods" if mods else "plain"), ("atomic" if dq else "nodq")
+    mn = ("mods" if mods else "plain") + ("_bm" if sparse else "")
+    qn = "atomic" if dq else "nodq"
     name = f"flash_bwd_{tn}_d{d}_c{dc}_w{nw}_m{bm}_q{dqn}_{mn}_{qn}"
     options = ("-DXATTN_KIND=1", f"-DXATTN_TN={tn}", f"-DXATTN_D={d}", f"-DXATTN_DC={dc}",
                f"-DXATTN_NW={nw}", f"-DXATTN_BM={bm}", f"-DXATTN_DQN={dqn}", f"-DXATTN_MN={mn}",
                f"-DXATTN_MODS={'true' if mods else 'false'}", f"-DXATTN_QN={qn}",
-               f"-DXATTN_DQ={'true' if dq else 'false'}")
+               f"-DXATTN_DQ={'true' if dq else 'false'}",
+               f"-DXATTN_SPARSE={'true' if sparse else 'false'}")
     return _function(name, options, smem_bytes(d, cfg))
 
 
-def get_dq_kernel(tn, d, cfg, mods):
-    """The deterministic dq kernel for one dtype, head dim, configuration and score-mod flag."""
+def get_dq_kernel(tn, d, cfg, mods, sparse=False):
+    """The deterministic dq kernel for one dtype, head dim, configuration, score-mod flag and
+    (``sparse``) the block-mask walk."""
     nw, bn = cfg
-    mn = "mods" if mods else "plain"
+    mn = ("mods" if mods else "plain") + ("_bm" if sparse else "")
     name = f"flash_bwd_dq_{tn}_d{d}_w{nw}_n{bn}_{mn}"
     options = ("-DXATTN_KIND=2", f"-DXATTN_TN={tn}", f"-DXATTN_D={d}", f"-DXATTN_NW={nw}",
                f"-DXATTN_BN={bn}", f"-DXATTN_MN={mn}",
-               f"-DXATTN_MODS={'true' if mods else 'false'}")
+               f"-DXATTN_MODS={'true' if mods else 'false'}",
+               f"-DXATTN_SPARSE={'true' if sparse else 'false'}")
     return _function(name, options, dq_smem_bytes(d, cfg))
 
 
@@ -187,18 +287,24 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
     """Return ``(dq, dk, dv)`` computed by the backward kernels (see :func:`supports`).
 
     ``config`` / ``dq_config`` override the tile configurations of :data:`CONFIGS` /
-    :data:`DQ_CONFIGS` (benchmarks use them to compare configurations).
+    :data:`DQ_CONFIGS` (benchmarks use them to compare configurations). With ``block_mask``
+    the kernels walk the mask's own block lists; ``plan`` and ``element_rule`` (the CPU
+    backends' form of the same mask) are then not read.
     """
-    if plan is not None or element_rule is not None or block_mask is not None:
-        raise NotImplementedError("the CuPy backward kernel does not take a tile plan / "
-                                  "element rule / block_mask yet")
+    if block_mask is None and (plan is not None or element_rule is not None):
+        raise NotImplementedError("the CuPy backward kernel takes a block_mask, not a tile "
+                                  "plan / element rule")
+    if block_mask is not None:
+        reason = block_mask_reason(prob, block_mask, bool(deterministic))
+        if reason:
+            raise NotImplementedError(reason)
     with q.device:
         return _backward(prob, dout, q, k, v, out, lse, mask, bias, alibi_slopes,
-                         bool(deterministic), config, dq_config)
+                         bool(deterministic), config, dq_config, block_mask)
 
 
 def _backward(prob, dout, q, k, v, out, lse, mask, bias, alibi_slopes, deterministic, config,
-              dq_config):
+              dq_config, block_mask=None):
     import cupy as xp
 
     tn = _fwd._type_name(prob.dtype)
@@ -208,9 +314,22 @@ def _backward(prob, dout, q, k, v, out, lse, mask, bias, alibi_slopes, determini
     if simt and deterministic:
         raise NotImplementedError("deterministic=True: the float32 kernel adds dq with atomics")
     d, dvd = prob.d, prob.dv
-    dp = _common_dim(prob)
-    cfg = tuple(config) if config is not None else CONFIGS[dp]
-    dq_cfg = tuple(dq_config) if dq_config is not None else DQ_CONFIGS[dp]
+    sparse = block_mask is not None
+    dp = _sparse_dim(prob) if sparse else _common_dim(prob)
+    if sparse:
+        bm_cfg, bm_dq_cfg = block_mask_configs(dp, block_mask.block_size)
+        cfg = tuple(config) if config is not None else bm_cfg
+        dq_cfg = tuple(dq_config) if dq_config is not None else bm_dq_cfg
+        bq, bk = block_mask.block_size
+        if bk % (16 * cfg[1]) or bq % cfg[2]:
+            raise ValueError(f"config: {cfg} does not divide the block_mask's block size "
+                             f"{tuple(block_mask.block_size)}")
+        if deterministic and (bq % (16 * dq_cfg[0]) or bk % dq_cfg[1]):
+            raise ValueError(f"dq_config: {dq_cfg} does not divide the block_mask's block "
+                             f"size {tuple(block_mask.block_size)}")
+    else:
+        cfg = tuple(config) if config is not None else CONFIGS[dp]
+        dq_cfg = tuple(dq_config) if dq_config is not None else DQ_CONFIGS[dp]
     mods = prob.softcap is not None or bias is not None or alibi_slopes is not None \
         or mask is not None
     B, hq, hkv, sq, sk = math.prod(prob.batch), prob.hq, prob.hkv, prob.sq, prob.sk
@@ -258,30 +377,23 @@ def _backward(prob, dout, q, k, v, out, lse, mask, bias, alibi_slopes, determini
         get_aux_kernel("delta", tn)(grid=((rows + 7) // 8,), block=(256,),
                                     args=(o4, do4, delta, i64(rows), i32(dp)))
 
-    alibi_arg, alibi_bs = null, 0
-    if alibi_slopes is not None:
-        alibi_arg = xp.ascontiguousarray(alibi_slopes, dtype=xp.float32).reshape(-1)
-        alibi_bs = 0 if alibi_arg.size == hq else hq
-    bias_arg, bias_st = null, (0, 0, 0, 0)
-    if bias is not None:
-        bias_arg, bias_st = _fwd._score_operand(xp, bias.astype(xp.float32, copy=False), prob, 4)
-    mask_arg, mask_st = null, (0, 0, 0, 0)
-    if mask is not None:
-        mask_arg, mask_st = _fwd._score_operand(xp, mask.view(xp.uint8), prob, 1)
-    w = prob.window
-    wl = -1 if w is None or w[0] is None else w[0]
-    wr = -1 if w is None or w[1] is None else w[1]
-
+    opt_args = _fwd.option_args(xp, prob, mask, bias, alibi_slopes)
     acc = None if deterministic else xp.zeros((B, hq, sq, dp), dtype=xp.float32)
 
+    if sparse:
+        from .blockmask import device_block_mask, device_csc
+
+        bm_args = (*device_block_mask(block_mask).kernel_args(), *device_csc(block_mask))
+    else:
+        from .blockmask import null_kernel_args
+
+        bm_args = (*null_kernel_args(), null, null, null)
+
     def args(dq_accum, dq):
+        # The score-operand arguments; the tensor-core entries take bm_args after them.
         return (
             q4, k4, v4, do4, lse3, delta, dq_accum, dq, dk4, dv4,
-            i32(hq), i32(prob.group), i32(sq), i32(sk), f32(prob.scale),
-            i32(prob.causal), i32(wl), i32(wr), f32(prob.softcap or 0.0),
-            alibi_arg, i64(alibi_bs),
-            bias_arg, *(i64(s) for s in bias_st),
-            mask_arg, *(i64(s) for s in mask_st),
+            i32(hq), i32(prob.group), i32(sq), i32(sk), f32(prob.scale), *opt_args,
         )
 
     if simt:
@@ -294,15 +406,16 @@ def _backward(prob, dout, q, k, v, out, lse, mask, bias, alibi_slopes, determini
         return (finish(dq4, d, q.shape), finish(dk4, d, k.shape), finish(dv4, dvd, v.shape))
     dc, nw, _, _ = cfg
     bn = 16 * nw
-    main = get_kernel(tn, dp, cfg, mods, not deterministic)
+    main = get_kernel(tn, dp, cfg, mods, not deterministic, sparse)
     main(grid=(((sk + bn - 1) // bn) * (dp // dc), hkv, B), block=(nw * 32,),
-         args=args(null if deterministic else acc, null), shared_mem=smem_bytes(dp, cfg))
+         args=(*args(null if deterministic else acc, null), *bm_args),
+         shared_mem=smem_bytes(dp, cfg))
     if deterministic:
         dnw, _ = dq_cfg
         bm = 16 * dnw
-        get_dq_kernel(tn, dp, dq_cfg, mods)(
-            grid=((sq + bm - 1) // bm, hq, B), block=(dnw * 32,), args=args(null, dq4),
-            shared_mem=dq_smem_bytes(dp, dq_cfg))
+        get_dq_kernel(tn, dp, dq_cfg, mods, sparse)(
+            grid=((sq + bm - 1) // bm, hq, B), block=(dnw * 32,),
+            args=(*args(null, dq4), *bm_args), shared_mem=dq_smem_bytes(dp, dq_cfg))
     else:
         pairs = acc.size // 2
         get_aux_kernel("dq_convert", tn)(grid=(min((pairs + 255) // 256, 65535),), block=(256,),

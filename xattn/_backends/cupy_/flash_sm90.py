@@ -27,21 +27,37 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CONFIGS", "ENABLE_SM90", "applies", "compile_cubin", "forward", "get_kernel",
-           "smem_bytes"]
+__all__ = ["BUILT", "CONFIGS", "ENABLE_SM90", "applies", "compile_cubin", "forward",
+           "get_kernel", "precompile", "smem_bytes", "threads"]
 
 _KERNEL_DIR = Path(__file__).resolve().parents[2] / "kernels"
 
-# Off until a GPU run shows the kernel correct (tests/test_gpu_flash_sm90.py); with False the
-# mma.sync kernel serves every request and this module is never compiled.
-ENABLE_SM90 = False
-# Per head dim: (keys per block BN, consumer warpgroups per block, overlap). 64 query rows per
-# warpgroup; overlap 1 issues block j - 1's P V before block j's softmax (three K/V buffers).
-CONFIGS = {64: (128, 2, 0), 128: (128, 2, 0)}
-# Every configuration the source builds, as (D, BN, warpgroups, overlap): see the end of
+# On since its GPU tests, the wgmma layout probes and compute-sanitizer passed on an H200
+# (2026-11-29); False sends every request to the mma.sync kernel (this module then never
+# compiles anything).
+ENABLE_SM90 = True
+# Per head dim: (keys per block BN, consumer warpgroups per block, mode). 64 query rows per
+# warpgroup. Mode bit 0 (overlap): block j - 1's P V is issued before block j's softmax (three
+# K/V buffers); bit 1 (swizzle): 128-byte swizzled shared memory instead of the core-matrix
+# layout (1 KiB more shared memory for the alignment). Modes 0 and 1 are the original kernels.
+# Bit 3 (warp-specialised, with bits 0 and 1): one more warpgroup per block, a producer that
+# copies K/V into a ring of 3 stages handed over by mbarriers (setmaxnreg: the producer keeps
+# 24 registers); bit 4 adds ping-pong of two consumers' GEMMs (named barriers). Modes 11 and 27
+# are those (all tested on an H200, 2026-11-29).
+# Defaults from `python3 tools/wgmma_probe.py --bench` on an H200 (fp16 S=4096, TFLOP/s, see
+# notes/gpu_kernels.md): D=128 (128, 2, 11) 442 / causal 386 (mode 3: 427 / 369; mode 0: 228 /
+# 202; mma.sync 294 / 248), D=64 (64, 3, 11) 348 / 294 (mode 3: 304 / 269; mma.sync 292 / 258).
+# Mode 27 (ping-pong on top of 11) measured slower: 394 / 344 at D=128.
+CONFIGS = {64: (64, 3, 11), 128: (128, 2, 11)}
+# Every configuration the source builds, as (D, BN, warpgroups, mode): see the end of
 # flash_fwd_sm90.cu.
 BUILT = {(64, 128, 2, 0), (64, 64, 3, 0), (128, 128, 2, 0), (128, 64, 2, 0), (128, 64, 3, 0),
-         (64, 128, 2, 1), (64, 64, 3, 1), (128, 64, 2, 1), (128, 64, 3, 1)}
+         (64, 128, 2, 1), (64, 64, 3, 1), (128, 64, 2, 1), (128, 64, 3, 1),
+         (64, 128, 2, 2), (64, 64, 3, 2), (128, 128, 2, 2), (128, 64, 3, 2),
+         (64, 128, 2, 3), (128, 64, 2, 3), (128, 128, 2, 3),
+         (64, 64, 3, 3),
+         (64, 128, 2, 11), (64, 64, 3, 11), (128, 128, 2, 11), (64, 128, 2, 27),
+         (128, 128, 2, 27)}
 # Tests set this to fill every output with NaN before the launch (unwritten elements then fail).
 POISON = False
 _MAX_GRID_YZ = 65535
@@ -49,6 +65,7 @@ _ARCH = "sm_90a"
 
 _lock = threading.Lock()
 _modules: dict = {}
+_cubins: dict = {}  # entry name -> cubin, filled by precompile()
 
 
 def _type_name(dtype):
@@ -254,9 +271,16 @@ def _allow_smem(fn, smem):
 
 
 def smem_bytes(d, cfg):
-    bn, nwg, ov = cfg
-    nbuf = 3 if ov else 2
-    return (nwg * 64 * d + 2 * nbuf * bn * d) * 2
+    bn, nwg, mode = cfg
+    nbuf = 3 if mode & 1 else 2
+    # Mode bit 3's mbarriers are static shared memory (128 bytes), outside this count.
+    return (nwg * 64 * d + 2 * nbuf * bn * d) * 2 + (1024 if mode & 2 else 0)
+
+
+def threads(cfg):
+    """Threads per block: 128 per consumer warpgroup, plus the producer's 128 in mode bit 3."""
+    bn, nwg, mode = cfg
+    return (nwg + (1 if mode & 8 else 0)) * 128
 
 
 def kernel_name(type_name, d, cfg):
@@ -264,8 +288,34 @@ def kernel_name(type_name, d, cfg):
     return f"flash_fwd_sm90_{type_name}_d{d}_n{bn}_g{nwg}_o{ov}"
 
 
+def _defines(type_name, d, cfg):
+    bn, nwg, mode = cfg
+    return (f"-DXATTN90_TN={type_name}", f"-DXATTN90_D={d}", f"-DXATTN90_BN={bn}",
+            f"-DXATTN90_NWG={nwg}", f"-DXATTN90_OV={mode}")
+
+
+def precompile(type_name: str, keys, workers: int = 8):
+    """Compile the cubins of several (D, BN, warpgroups, mode) at once (threads), so that a
+    benchmark of every configuration does not wait for them one by one; errors are left for
+    :func:`get_kernel` to raise."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    todo = [(d, tuple(c)) for d, *c in keys if kernel_name(type_name, d, tuple(c)) not in _cubins]
+
+    def one(item):
+        d, cfg = item
+        try:
+            _cubins[kernel_name(type_name, d, cfg)] = compile_cubin(
+                _source("flash_fwd_sm90.cu"), _defines(type_name, d, cfg))
+        except Exception:  # noqa: BLE001 - get_kernel compiles again and raises
+            pass
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
+        list(ex.map(one, todo))
+
+
 def get_kernel(type_name: str, d: int, cfg: tuple):
-    """The compiled entry point for one dtype, head dim and (BN, warpgroups, overlap); cached
+    """The compiled entry point for one dtype, head dim and (BN, warpgroups, mode); cached
     per device."""
     import cupy
 
@@ -278,11 +328,8 @@ def get_kernel(type_name: str, d: int, cfg: tuple):
     with _lock:
         hit = _modules.get(key)
         if hit is None:
-            bn, nwg, ov = cfg
-            cubin = compile_cubin(_source("flash_fwd_sm90.cu"),
-                                  (f"-DXATTN90_TN={type_name}", f"-DXATTN90_D={d}",
-                                   f"-DXATTN90_BN={bn}", f"-DXATTN90_NWG={nwg}",
-                                   f"-DXATTN90_OV={ov}"))
+            cubin = _cubins.get(name) or compile_cubin(_source("flash_fwd_sm90.cu"),
+                                                       _defines(type_name, d, cfg))
             mod = load_module(cubin)
             fn = mod.get_function(name)
             smem = smem_bytes(d, cfg)
@@ -294,7 +341,7 @@ def get_kernel(type_name: str, d: int, cfg: tuple):
 
 def forward(prob, q, k, v, *, config=None):
     """Return ``(out, lse)`` from the sm_90a kernel (the caller checked :func:`applies`, or a
-    test calls it directly). ``config`` = (keys per block, warpgroups, overlap) overrides the
+    test calls it directly). ``config`` = (keys per block, warpgroups, mode) overrides the
     default (``CONFIGS``; ``BUILT`` lists the choices)."""
     with q.device:
         return _forward(prob, q, k, v, config)
@@ -335,6 +382,6 @@ def _forward(prob, q, k, v, config):
     i32, f32 = np.int32, np.float32
     args = (q4, k4, v4, out, lse, i32(prob.hq), i32(prob.group), i32(prob.sq), i32(prob.sk),
             f32(prob.scale), i32(prob.causal), i32(wl), i32(wr))
-    fn(((prob.sq + bm - 1) // bm, prob.hq, B), (nwg * 128,), args,
+    fn(((prob.sq + bm - 1) // bm, prob.hq, B), (threads(cfg),), args,
        shared_mem=smem_bytes(d, cfg))
     return out.reshape(prob.out_shape), lse.reshape(prob.lse_shape)

@@ -185,33 +185,14 @@ def _forward(prob, q, k, v, mask, bias, alibi_slopes, config):
             lse.fill(-np.inf)
         return out[..., :d].reshape(prob.out_shape), lse.reshape(prob.lse_shape)
 
-    null = np.uint64(0)
-    alibi_arg, alibi_bs = null, 0
-    if alibi_slopes is not None:
-        alibi_arg = xp.ascontiguousarray(alibi_slopes, dtype=xp.float32).reshape(-1)
-        alibi_bs = 0 if alibi_arg.size == prob.hq else prob.hq
-    bias_arg, bias_st = null, (0, 0, 0, 0)
-    if bias is not None:
-        bias_arg, bias_st = _flash._score_operand(xp, bias.astype(xp.float32, copy=False),
-                                                  prob, 4)
-    mask_arg, mask_st = null, (0, 0, 0, 0)
-    if mask is not None:
-        mask_arg, mask_st = _flash._score_operand(xp, mask.view(xp.uint8), prob, 1)
-    w = prob.window
-    wl = -1 if w is None or w[0] is None else w[0]
-    wr = -1 if w is None or w[1] is None else w[1]
-
     fn = get_kernel(dp, cfg, mods)
     nw, mt, _ = cfg
     bm = nw * mt * 16
-    i32, i64, f32 = np.int32, np.int64, np.float32
+    i32, f32 = np.int32, np.float32
     args = (
         q4, k4, v4, out, lse,
         i32(prob.hq), i32(prob.group), i32(prob.sq), i32(prob.sk), f32(prob.scale),
-        i32(prob.causal), i32(wl), i32(wr), f32(prob.softcap or 0.0),
-        alibi_arg, i64(alibi_bs),
-        bias_arg, *(i64(s) for s in bias_st),
-        mask_arg, *(i64(s) for s in mask_st),
+        *_flash.option_args(xp, prob, mask, bias, alibi_slopes),
     )
     fn(grid=((prob.sq + bm - 1) // bm, prob.hq, B), block=(nw * 32,), args=args,
        shared_mem=smem_bytes(dp, cfg))
