@@ -77,20 +77,7 @@ __device__ __forceinline__ float bwd_score(const BwdArgs& a, float s, int b, int
     if constexpr (!MODS) {
         return s;
     } else {
-        float x = s * a.scale;
-        if (a.softcap > 0.f) {
-            const float t = tanhf(x / a.softcap);
-            x = a.softcap * t;
-            dcap = 1.f - t * t;
-        }
-        const bool inside = qi < a.sq && kj < a.sk;
-        if (a.bias && inside)
-            x += a.bias[b * a.bias_bs + h * a.bias_hs + qi * a.bias_qs + kj * a.bias_ks];
-        if (a.alibi) x -= a.alibi[b * a.alibi_bs + h] * fabsf((float)(qi + off - kj));
-        if (a.mask && inside &&
-            !a.mask[b * a.mask_bs + h * a.mask_hs + qi * a.mask_qs + kj * a.mask_ks])
-            x = -XATTN_INF;
-        return x;
+        return xattn_score_mod(a, s * a.scale, b, h, qi, kj, off, a.sq, a.sk, dcap);
     }
 }
 

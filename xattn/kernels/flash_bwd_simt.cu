@@ -137,21 +137,7 @@ __device__ __forceinline__ void core(const Args& a) {
             const int ql = c4 + 4 * i;
             const int qi = q0 + ql;
             float x = s[i], dcap = 1.f;
-            if constexpr (MODS) {
-                x *= a.scale;
-                if (a.softcap > 0.f) {
-                    const float t = tanhf(x / a.softcap);
-                    x = a.softcap * t;
-                    dcap = 1.f - t * t;
-                }
-                const bool inside = qi < sq && kj < sk;
-                if (a.bias && inside)
-                    x += a.bias[b * a.bias_bs + h * a.bias_hs + qi * a.bias_qs + kj * a.bias_ks];
-                if (a.alibi) x -= a.alibi[b * a.alibi_bs + h] * fabsf((float)(qi + off - kj));
-                if (a.mask && inside &&
-                    !a.mask[b * a.mask_bs + h * a.mask_hs + qi * a.mask_qs + kj * a.mask_ks])
-                    x = -XATTN_INF;
-            }
+            if constexpr (MODS) x = xattn_score_mod(a, x * a.scale, b, h, qi, kj, off, sq, sk, dcap);
             if (edge && !xattn_visible(qi, kj, off, sk, a.causal, a.wl, a.wr)) x = -XATTN_INF;
             const float p = ex2(fmaf(x, sl2, -sL[ql]));
             sP[kr * LP + ql] = p;

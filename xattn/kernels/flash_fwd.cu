@@ -198,22 +198,11 @@ __device__ __forceinline__ void flash_fwd_core(const FwdArgs& a) {
                     for (int n = 0; n < NS; ++n)
 #pragma unroll
                         for (int e = 0; e < 2; ++e) {
-                            float x = s[mt][n][hr * 2 + e] * a.scale;
                             const int kj = k0 + n * 8 + t4 * 2 + e;
-                            if (a.softcap > 0.f) x = a.softcap * tanhf(x / a.softcap);
-                            const bool inside = qi < sq && kj < sk;
-                            if (a.bias && inside)
-                                x += a.bias[b * a.bias_bs + h * a.bias_hs + qi * a.bias_qs +
-                                            kj * a.bias_ks];
-                            if (a.alibi) {
-                                float slope = a.alibi[b * a.alibi_bs + h];
-                                x -= slope * fabsf((float)(qi + off - kj));
-                            }
-                            if (a.mask && inside &&
-                                !a.mask[b * a.mask_bs + h * a.mask_hs + qi * a.mask_qs +
-                                        kj * a.mask_ks])
-                                x = -XATTN_INF;
-                            s[mt][n][hr * 2 + e] = x;
+                            float dcap;
+                            s[mt][n][hr * 2 + e] = xattn_score_mod(
+                                a, s[mt][n][hr * 2 + e] * a.scale, b, h, qi, kj, off, sq, sk,
+                                dcap);
                         }
                 }
         }

@@ -32,6 +32,30 @@ __device__ __forceinline__ bool xattn_tile_needs_test(int q0, int q1, int k0, in
            (wl >= 0 && k0 < q1 - 1 + off - wl) || (wr >= 0 && k0 + bn - 1 > q0 + off + wr);
 }
 
+// The score modifications, in flash-attn's order, on one scaled score x = scale * q.k of query
+// qi and key kj: softcap c tanh(x / c), additive bias, ALiBi -slope |i + off - j|, boolean mask
+// (False -> -inf). Bias and mask are read only inside the (sq, sk) bounds. dcap gets the
+// softcap's derivative 1 - tanh^2 (1 without softcap) for the backward pass. A: any kernel
+// argument struct with the fields softcap, bias (+ strides), alibi (+ alibi_bs), mask (+ strides).
+template <class A>
+__device__ __forceinline__ float xattn_score_mod(const A& a, float x, int b, int h, int qi,
+                                                 int kj, int off, int sq, int sk, float& dcap) {
+    dcap = 1.f;
+    if (a.softcap > 0.f) {
+        const float t = tanhf(x / a.softcap);
+        x = a.softcap * t;
+        dcap = 1.f - t * t;
+    }
+    const bool inside = qi < sq && kj < sk;
+    if (a.bias && inside)
+        x += a.bias[b * a.bias_bs + h * a.bias_hs + qi * a.bias_qs + kj * a.bias_ks];
+    if (a.alibi) x -= a.alibi[b * a.alibi_bs + h] * fabsf((float)(qi + off - kj));
+    if (a.mask && inside &&
+        !a.mask[b * a.mask_bs + h * a.mask_hs + qi * a.mask_qs + kj * a.mask_ks])
+        x = -XATTN_INF;
+    return x;
+}
+
 __device__ __forceinline__ bool xattn_visible(int qi, int kj, int off, int sk, int causal,
                                               int wl, int wr) {
     const int dpos = kj - (qi + off);
