@@ -170,14 +170,23 @@ def _block_mask_reason(prob, bm):
 
 @cache
 def _source(name: str) -> str:
-    """A kernel's source with its local ``#include "x.cuh"`` headers inlined.
+    """A kernel's source with its local ``#include "x.cuh"`` / ``"x.cu"`` files inlined, each
+    once, recursively.
 
     Inlining (rather than ``-I``) keeps CuPy's on-disk compile cache honest: it keys on the
     source text, so an edited header changes the key.
     """
-    text = (_KERNEL_DIR / name).read_text()
-    return re.sub(r'^#include "([\w.]+\.cuh)"$',
-                  lambda m: (_KERNEL_DIR / m.group(1)).read_text(), text, flags=re.M)
+    seen: set = set()
+
+    def inline(fname):
+        if fname in seen:
+            return ""
+        seen.add(fname)
+        text = (_KERNEL_DIR / fname).read_text()
+        return re.sub(r'^#include "([\w.]+\.cuh?)"$', lambda m: inline(m.group(1)), text,
+                      flags=re.M)
+
+    return inline(name)
 
 
 def smem_bytes(d, cfg):

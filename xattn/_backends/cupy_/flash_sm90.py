@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 import subprocess
 import tempfile
 import threading
-from functools import cache
 from pathlib import Path
 
 import numpy as np
+
+from .flash import _source
 
 __all__ = ["BUILT", "CONFIGS", "ENABLE_SM90", "applies", "compile_cubin", "forward",
            "get_kernel", "precompile", "smem_bytes", "threads"]
@@ -102,22 +102,6 @@ def applies(prob, *, mask=None, bias=None, alibi_slopes=None):
     if cc != 90:
         return f"compute capability {cc}: the sm_90a kernel runs on 9.0 only"
     return None
-
-
-@cache
-def _source(name: str) -> str:
-    """A kernel source with its local ``#include "x.cuh"`` / ``"x.cu"`` files inlined (once)."""
-    seen: set = set()
-
-    def inline(fname):
-        if fname in seen:
-            return ""
-        seen.add(fname)
-        text = (_KERNEL_DIR / fname).read_text()
-        return re.sub(r'^#include "([\w.]+\.cuh?)"$', lambda m: inline(m.group(1)), text,
-                      flags=re.M)
-
-    return inline(name)
 
 
 def _nvrtc_cupy(source, options):
