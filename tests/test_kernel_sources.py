@@ -45,3 +45,26 @@ def test_every_kernel_compiles_for_sm80_and_sm90a():
     proc = subprocess.run([sys.executable, str(TOOL)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "sm_80" in proc.stdout and "sm_90a" in proc.stdout
+
+
+def test_sm90_cubins_are_cached_on_disk(tmp_path, monkeypatch):
+    """The Hopper module compiles each (source, options) once; later processes read the file."""
+    from xattn._backends.cupy_ import flash_sm90 as k90
+
+    monkeypatch.setenv("XATTN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(k90, "_cubin_dir", None)
+    calls = []
+
+    def fake_compile(source, defines=()):
+        calls.append(defines)
+        return b"cubin of " + source.encode() + b" ".join(d.encode() for d in defines)
+
+    monkeypatch.setattr(k90, "compile_cubin", fake_compile)
+    p1 = k90.cubin_path("src", ("-DA=1",))
+    p2 = k90.cubin_path("src", ("-DA=1",))
+    p3 = k90.cubin_path("src", ("-DA=2",))
+    p4 = k90.cubin_path("src2", ("-DA=1",))
+    assert p1 == p2 and len({p1, p3, p4}) == 3
+    assert calls == [("-DA=1",), ("-DA=2",), ("-DA=1",)]
+    assert p1.parent == tmp_path / "cache" and p1.read_bytes() == b"cubin of src-DA=1"
+    assert not list(p1.parent.glob("*.tmp"))

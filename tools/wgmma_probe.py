@@ -100,7 +100,7 @@ def _probe_layout(kind, n, kk):
 def run_probes(cp, k90, swapped=False):
     src = k90._source("wgmma_probe.cu")
     t0 = time.perf_counter()
-    mod = k90.load_module(k90.compile_cubin(src))
+    mod = k90.load_module(k90.cubin_path(src))
     print(f"probe module compiled in {time.perf_counter() - t0:.1f} s")
     rng = np.random.default_rng(0)
     ok_all = True

@@ -10,11 +10,14 @@ The module is compiled for ``sm_90a`` only (the wgmma instructions exist in no p
 target), so it runs on compute capability 9.0 exactly. CuPy's ``RawModule`` compile appends its
 own ``-arch`` option; this loader therefore calls NVRTC itself (CuPy's binding, else
 ``cuda.bindings``, else libnvrtc through ctypes, else ``nvcc``) and loads the cubin with
-``cupy.RawModule(path=...)``.
+``cupy.RawModule(path=...)``. Cubins are kept on disk, keyed by a hash of the source, the
+options and the compiler, in ``$XATTN_CACHE_DIR`` (default ``~/.cache/xattn``), so only the
+first process that uses a configuration compiles it (an unwritable directory: a temporary one).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
@@ -27,7 +30,7 @@ import numpy as np
 
 from .flash import _source
 
-__all__ = ["BUILT", "CONFIGS", "ENABLE_SM90", "applies", "compile_cubin", "forward",
+__all__ = ["BUILT", "CONFIGS", "ENABLE_SM90", "applies", "compile_cubin", "cubin_path", "forward",
            "get_kernel", "precompile", "smem_bytes", "threads"]
 
 _KERNEL_DIR = Path(__file__).resolve().parents[2] / "kernels"
@@ -65,7 +68,7 @@ _ARCH = "sm_90a"
 
 _lock = threading.Lock()
 _modules: dict = {}
-_cubins: dict = {}  # entry name -> cubin, filled by precompile()
+_cubins: dict = {}  # entry name -> cached cubin path, filled by precompile()
 
 
 def _type_name(dtype):
@@ -222,24 +225,67 @@ def compile_cubin(source: str, defines=()) -> bytes:
 _cubin_dir = None
 
 
-def load_module(cubin: bytes):
-    """A module holding the cubin whose ``get_function(name)`` gives a launchable kernel:
-    ``cupy.RawModule(path=...)`` (RawKernel API), else ``cupy.cuda.function.Module``."""
-    global _cubin_dir
-    import cupy
-
+def _compiler_id():
+    """What the cubin depends on besides source and options: CuPy's NVRTC version when that
+    route exists, else the nvcc on the path."""
     try:
-        if _cubin_dir is None:
-            _cubin_dir = tempfile.mkdtemp(prefix="xattn_sm90_")
-        fd, path = tempfile.mkstemp(suffix=".cubin", dir=_cubin_dir)
+        from cupy_backends.cuda.libs import nvrtc
+
+        return f"nvrtc {nvrtc.getVersion()}"
+    except Exception:  # noqa: BLE001 - no CuPy here: the route is another compiler
+        return f"other {shutil.which('nvcc')}"
+
+
+def _cache_dir() -> Path:
+    """The cubin directory: $XATTN_CACHE_DIR, else ~/.cache/xattn (created on first use), else
+    (not writable) a temporary directory for this process."""
+    global _cubin_dir
+    if _cubin_dir is None:
+        base = os.environ.get("XATTN_CACHE_DIR") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "xattn")
+        try:
+            os.makedirs(base, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=base, suffix=".probe", delete=True)
+            probe.close()
+        except OSError:
+            base = tempfile.mkdtemp(prefix="xattn_sm90_")
+        _cubin_dir = Path(base)
+    return _cubin_dir
+
+
+def cubin_path(source: str, defines=()) -> Path:
+    """The cached cubin of ``source`` with ``defines`` (compiled and written on a miss)."""
+    options = ("-std=c++17", f"-arch={_ARCH}", *defines)
+    key = hashlib.sha256("\0".join((_compiler_id(), *options, source)).encode()).hexdigest()
+    path = _cache_dir() / f"sm90_{key[:40]}.cubin"
+    if not path.exists():
+        cubin = compile_cubin(source, defines)
+        # Written under a private name, then renamed: processes that compile the same
+        # configuration at once never read a partial file.
+        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(cubin)
-        return cupy.RawModule(path=path)  # the file stays: RawModule may load it lazily
+        os.replace(tmp, path)
+    return path
+
+
+def load_module(cubin):
+    """A module holding the cubin (a path, or the bytes) whose ``get_function(name)`` gives a
+    launchable kernel: ``cupy.RawModule(path=...)``, else ``cupy.cuda.function.Module``."""
+    import cupy
+
+    if not isinstance(cubin, Path):
+        fd, tmp = tempfile.mkstemp(suffix=".cubin", dir=_cache_dir())
+        with os.fdopen(fd, "wb") as f:
+            f.write(cubin)
+        cubin = Path(tmp)  # the file stays: RawModule may load it lazily
+    try:
+        return cupy.RawModule(path=str(cubin))
     except Exception:  # noqa: BLE001 - older CuPy: load the image directly
         from cupy.cuda import function
 
         mod = function.Module()
-        mod.load(cubin)
+        mod.load(cubin.read_bytes())
         return mod
 
 
@@ -289,7 +335,7 @@ def precompile(type_name: str, keys, workers: int = 8):
     def one(item):
         d, cfg = item
         try:
-            _cubins[kernel_name(type_name, d, cfg)] = compile_cubin(
+            _cubins[kernel_name(type_name, d, cfg)] = cubin_path(
                 _source("flash_fwd_sm90.cu"), _defines(type_name, d, cfg))
         except Exception:  # noqa: BLE001 - get_kernel compiles again and raises
             pass
@@ -312,8 +358,8 @@ def get_kernel(type_name: str, d: int, cfg: tuple):
     with _lock:
         hit = _modules.get(key)
         if hit is None:
-            cubin = _cubins.get(name) or compile_cubin(_source("flash_fwd_sm90.cu"),
-                                                       _defines(type_name, d, cfg))
+            cubin = _cubins.get(name) or cubin_path(_source("flash_fwd_sm90.cu"),
+                                                    _defines(type_name, d, cfg))
             mod = load_module(cubin)
             fn = mod.get_function(name)
             smem = smem_bytes(d, cfg)
