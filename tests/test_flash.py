@@ -289,3 +289,14 @@ def test_gqa_never_repeats_kv(flash, rng):
         tracemalloc.stop()
     repeated = 2 * 32 * k.nbytes
     assert peak < repeated / 4, f"peak {peak / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_flags_must_be_bools(make_qkv, bad):
+    """allow_tf32 and deterministic reject non-booleans, as causal does."""
+    q, k, v = make_qkv((2, 8, 16), (2, 8, 16))
+    with pytest.raises(TypeError, match="allow_tf32: expected a bool"):
+        xattn.flash_attention(q, k, v, allow_tf32=bad)
+    out, lse = xattn.flash_attention(q, k, v, return_lse=True)
+    with pytest.raises(TypeError, match="deterministic: expected a bool"):
+        xattn.flash_attention_backward(np.ones_like(out), q, k, v, out, lse, deterministic=bad)

@@ -184,3 +184,19 @@ def test_finite_differences(flash, flash_backward, rng, options):
 def test_long_sequence(flash, flash_backward, make_qkv, make_dout):
     q, k, v = make_qkv((1, 2, 1500, 64), (1, 1, 1500, 64), dtype=np.float32)
     check(flash, flash_backward, q, k, v, make_dout(q, v), causal=True)
+
+
+def test_deterministic_flag(backend, flash, flash_backward, make_qkv, make_dout):
+    """deterministic=True: the oracle's gradient, and bit for bit the same in two calls (the
+    CPU backends have no atomics, so it is also the default's result)."""
+    import xattn
+
+    q, k, v = make_qkv((1, 4, 70, 32), (1, 2, 90, 32), dtype=np.float32)
+    dout = make_dout(q, v)
+    default = check(flash, flash_backward, q, k, v, dout, causal=True)
+    out, lse = flash(q, k, v, causal=True, return_lse=True)
+    for _ in range(2):
+        got = xattn.flash_attention_backward(dout, q, k, v, out, lse, causal=True,
+                                             deterministic=True, backend=backend)
+        for a, b in zip(got, default, strict=True):
+            np.testing.assert_array_equal(a, b)

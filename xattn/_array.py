@@ -107,6 +107,13 @@ def _check_float(name: str, x) -> None:
         )
 
 
+def check_bool(name: str, value) -> bool:
+    """``value`` as a Python bool; a non-boolean (``"yes"``, ``1``) is a TypeError."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return bool(value)
+
+
 def check_scalar(name: str, value, *, positive: bool = True, allow_none: bool = True):
     """Validate a finite (positive) real scalar option; returns it as float or None."""
     if value is None:
@@ -283,8 +290,7 @@ def validate_attention(
     else:
         scale_f = check_scalar("scale", scale)
     softcap = check_scalar("softcap", softcap)
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    check_bool("causal", causal)
     window = normalize_window(window)
 
     score_shape = (*batch, hq, sq, sk) if q.ndim > 2 else (sq, sk)

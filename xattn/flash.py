@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import _backends
-from ._array import check_same_shape, validate_attention
+from ._array import check_bool, check_same_shape, validate_attention
 
 __all__ = ["flash_attention", "flash_attention_backward"]
 
@@ -83,6 +83,7 @@ def flash_attention(
         softcap=softcap,
         scale=scale,
     )
+    allow_tf32 = check_bool("allow_tf32", allow_tf32)
     opts, sparse = _options(prob), {}
     if block_mask is not None:
         from . import sparse as _sparse
@@ -104,7 +105,7 @@ def flash_attention(
     impl = _backends.select(prob, opts, backend, op="forward")
     out, lse = impl.forward(
         prob, q, k, v, mask=mask, bias=bias, alibi_slopes=alibi_slopes,
-        block_mask=block_mask, allow_tf32=bool(allow_tf32), **sparse
+        block_mask=block_mask, allow_tf32=allow_tf32, **sparse
     )
     return (out, lse) if return_lse else out
 
@@ -180,6 +181,7 @@ def flash_attention_backward(
     check_same_shape("dout", dout, prob.out_shape)
     check_same_shape("out", out, prob.out_shape)
     check_same_shape("lse", lse, prob.lse_shape)
+    deterministic = check_bool("deterministic", deterministic)
     opts, sparse = _options(prob), {}
     if block_mask is not None:
         from . import sparse as _sparse
@@ -202,5 +204,5 @@ def flash_attention_backward(
     impl = _backends.select(prob, opts, backend, op="backward")
     return impl.backward(
         prob, dout, q, k, v, out, lse, mask=mask, bias=bias, alibi_slopes=alibi_slopes,
-        block_mask=block_mask, deterministic=bool(deterministic), **sparse,
+        block_mask=block_mask, deterministic=deterministic, **sparse,
     )
