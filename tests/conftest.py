@@ -19,6 +19,21 @@ from xattn._backends import available_backends
 BF16 = bfloat16_dtype()
 
 
+def cupy_array(x, dtype):
+    """NumPy ``x`` as a CuPy array of ``dtype`` (a name) on the current device, for the GPU
+    tests; bfloat16 skips the test where ml_dtypes or this CuPy cannot hold it."""
+    import cupy
+
+    if dtype == "bfloat16":
+        if BF16 is None:
+            pytest.skip("ml_dtypes not installed")
+        try:
+            return cupy.asarray(x.astype(BF16))
+        except Exception as exc:  # noqa: BLE001 - a CuPy without bfloat16 arrays
+            pytest.skip(f"this CuPy holds no bfloat16 arrays: {exc}")
+    return cupy.asarray(x.astype(dtype))
+
+
 _BROKEN = {}  # backend name -> what its module raised on import (other than ImportError)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cupy_array
 
 import xattn
 from xattn import _backends
@@ -366,35 +367,16 @@ except Exception:  # noqa: BLE001 - no CuPy / driver / device: the GPU tests ski
 gpu = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(_NGPU == 0, reason="no CuPy or no CUDA device")
 
-try:
-    import ml_dtypes
-
-    BF16 = np.dtype(ml_dtypes.bfloat16)
-except ImportError:  # pragma: no cover
-    BF16 = None
-
-
 @pytest.fixture
 def poison(monkeypatch):
     """Fill every kernel output with NaN before the launch: unwritten elements then fail."""
     monkeypatch.setattr(ck, "POISON", True)
 
 
-def _dev(x, dtype):
-    if dtype == "bfloat16":
-        if BF16 is None:
-            pytest.skip("ml_dtypes not installed")
-        try:
-            return cp.asarray(x.astype(BF16))
-        except Exception as exc:  # noqa: BLE001 - CuPy without bfloat16 support
-            pytest.skip(f"this CuPy holds no bfloat16 arrays: {exc}")
-    return cp.asarray(x.astype(dtype))
-
-
 def _qkv(rng, dtype, sq, sk, d, *, dv=None, b=2, hq=4, hkv=2, amp=1.0):
-    q = _dev(amp * rng.standard_normal((b, hq, sq, d)), dtype)
-    k = _dev(amp * rng.standard_normal((b, hkv, sk, d)), dtype)
-    v = _dev(rng.standard_normal((b, hkv, sk, d if dv is None else dv)), dtype)
+    q = cupy_array(amp * rng.standard_normal((b, hq, sq, d)), dtype)
+    k = cupy_array(amp * rng.standard_normal((b, hkv, sk, d)), dtype)
+    v = cupy_array(rng.standard_normal((b, hkv, sk, d if dv is None else dv)), dtype)
     return q, k, v
 
 

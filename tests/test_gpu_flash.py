@@ -6,6 +6,7 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import cupy_array
 
 import xattn
 from xattn import _backends
@@ -25,13 +26,6 @@ pytestmark = [
 
 from xattn._backends.cupy_ import flash as ck  # noqa: E402
 
-try:
-    import ml_dtypes
-
-    BF16 = np.dtype(ml_dtypes.bfloat16)
-except ImportError:  # pragma: no cover
-    BF16 = None
-
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
@@ -46,21 +40,10 @@ def poison(monkeypatch):
     monkeypatch.setattr(flash_sm90, "ENABLE_SM90", False)
 
 
-def _device_array(x, dtype):
-    if dtype == "bfloat16":
-        if BF16 is None:
-            pytest.skip("ml_dtypes not installed")
-        try:
-            return cp.asarray(x.astype(BF16))
-        except Exception as exc:  # noqa: BLE001 - CuPy without bfloat16 support
-            pytest.skip(f"this CuPy holds no bfloat16 arrays: {exc}")
-    return cp.asarray(x.astype(dtype))
-
-
 def _inputs(rng, dtype, *, b=(2,), hq=4, hkv=2, sq=77, sk=150, d=64, amp=1.0):
-    q = _device_array(amp * rng.standard_normal((*b, hq, sq, d)), dtype)
-    k = _device_array(amp * rng.standard_normal((*b, hkv, sk, d)), dtype)
-    v = _device_array(rng.standard_normal((*b, hkv, sk, d)), dtype)
+    q = cupy_array(amp * rng.standard_normal((*b, hq, sq, d)), dtype)
+    k = cupy_array(amp * rng.standard_normal((*b, hkv, sk, d)), dtype)
+    v = cupy_array(rng.standard_normal((*b, hkv, sk, d)), dtype)
     return q, k, v
 
 
@@ -155,7 +138,7 @@ def test_padded_head_dims(d):
 
 def test_two_dim_and_multi_batch_inputs():
     rng = np.random.default_rng(5)
-    q, k, v = (_device_array(rng.standard_normal((70, 64)), "float16") for _ in range(3))
+    q, k, v = (cupy_array(rng.standard_normal((70, 64)), "float16") for _ in range(3))
     _check(q, k, v, causal=True)
     q, k, v = _inputs(rng, "float16", b=(2, 3), hq=2, hkv=1, sq=40, sk=40)
     _check(q, k, v, bias=cp.asarray(rng.standard_normal((3, 1, 40, 40)), dtype=cp.float32))

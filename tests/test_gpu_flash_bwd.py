@@ -11,6 +11,7 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import cupy_array
 
 import xattn
 from xattn import _backends
@@ -36,13 +37,6 @@ pytestmark = [
 from xattn._backends.cupy_ import flash as ck  # noqa: E402
 from xattn._backends.cupy_ import flash_bwd as kb  # noqa: E402
 
-try:
-    import ml_dtypes
-
-    BF16 = np.dtype(ml_dtypes.bfloat16)
-except ImportError:  # pragma: no cover
-    BF16 = None
-
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
@@ -51,22 +45,11 @@ def poison(monkeypatch):
     monkeypatch.setattr(kb, "POISON", True)
 
 
-def _device_array(x, dtype):
-    if dtype == "bfloat16":
-        if BF16 is None:
-            pytest.skip("ml_dtypes not installed")
-        try:
-            return cp.asarray(x.astype(BF16))
-        except Exception as exc:  # noqa: BLE001 - CuPy without bfloat16 support
-            pytest.skip(f"this CuPy holds no bfloat16 arrays: {exc}")
-    return cp.asarray(x.astype(dtype))
-
-
 def _inputs(rng, dtype, *, b=(2,), hq=4, hkv=2, sq=77, sk=150, d=64, dv=None, amp=1.0):
     dv = d if dv is None else dv
-    q = _device_array(amp * rng.standard_normal((*b, hq, sq, d)), dtype)
-    k = _device_array(amp * rng.standard_normal((*b, hkv, sk, d)), dtype)
-    v = _device_array(rng.standard_normal((*b, hkv, sk, dv)), dtype)
+    q = cupy_array(amp * rng.standard_normal((*b, hq, sq, d)), dtype)
+    k = cupy_array(amp * rng.standard_normal((*b, hkv, sk, d)), dtype)
+    v = cupy_array(rng.standard_normal((*b, hkv, sk, dv)), dtype)
     return q, k, v
 
 
@@ -102,7 +85,7 @@ def _check(case, q, k, v, *, deterministic=False, **opts):
     rng = np.random.default_rng(zlib.crc32(case.encode()) + 1)
     # The forward from whichever GPU backend serves it (the kernel refuses Dv != D).
     out, lse = xattn.flash_attention(q, k, v, return_lse=True, **opts)
-    dout = _device_array(rng.standard_normal(out.shape), np.dtype(q.dtype).name)
+    dout = cupy_array(rng.standard_normal(out.shape), np.dtype(q.dtype).name)
     grads = xattn.flash_attention_backward(dout, q, k, v, out, lse, backend="cupy",
                                            deterministic=deterministic, **opts)
     refs = reference_attention_backward(dout, q, k, v, **opts)
@@ -206,7 +189,7 @@ def test_backward_padded_head_dims_and_dv(d, dv):
 
 def test_backward_two_dim_and_multi_batch_inputs():
     rng = np.random.default_rng(5)
-    q, k, v = (_device_array(rng.standard_normal((70, 64)), "float16") for _ in range(3))
+    q, k, v = (cupy_array(rng.standard_normal((70, 64)), "float16") for _ in range(3))
     _check("2-D causal", q, k, v, causal=True)
     q, k, v = _inputs(rng, "float16", b=(2, 3), hq=2, hkv=1, sq=40, sk=40)
     _check("batch (2, 3) bias", q, k, v,

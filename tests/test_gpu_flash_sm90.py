@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import cupy_array
 
 from xattn._array import validate_attention
 from xattn.testing import assert_close, naive_attention, reference_attention
@@ -27,13 +28,6 @@ pytestmark = [
 
 from xattn._backends.cupy_ import flash_sm90 as k90  # noqa: E402
 
-try:
-    import ml_dtypes
-
-    BF16 = np.dtype(ml_dtypes.bfloat16)
-except ImportError:  # pragma: no cover
-    BF16 = None
-
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
@@ -41,18 +35,10 @@ def poison(monkeypatch):
     monkeypatch.setattr(k90, "POISON", True)
 
 
-def _device_array(x, dtype):
-    if dtype == "bfloat16":
-        if BF16 is None:
-            pytest.skip("ml_dtypes not installed")
-        return cp.asarray(x.astype(BF16))
-    return cp.asarray(x.astype(dtype))
-
-
 def _inputs(rng, dtype, *, b=2, hq=4, hkv=2, sq=77, sk=150, d=64):
-    q = _device_array(rng.standard_normal((b, hq, sq, d)), dtype)
-    k = _device_array(rng.standard_normal((b, hkv, sk, d)), dtype)
-    v = _device_array(rng.standard_normal((b, hkv, sk, d)), dtype)
+    q = cupy_array(rng.standard_normal((b, hq, sq, d)), dtype)
+    k = cupy_array(rng.standard_normal((b, hkv, sk, d)), dtype)
+    v = cupy_array(rng.standard_normal((b, hkv, sk, d)), dtype)
     return q, k, v
 
 

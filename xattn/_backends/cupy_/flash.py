@@ -39,7 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CONFIGS", "backward", "forward", "get_kernel", "option_args", "supports"]
+__all__ = ["CONFIGS", "backward", "compiled_function", "forward", "get_kernel", "option_args",
+           "supports"]
 
 _KERNEL_DIR = Path(__file__).resolve().parents[2] / "kernels"
 
@@ -194,37 +195,36 @@ def smem_bytes(d, cfg):
     return (nw * mt * 16 + 4 * bn) * (d + 8) * 2
 
 
-def get_kernel(type_name: str, d: int, cfg: tuple, mods: bool, sparse: bool = False):
-    """The compiled forward entry point for one dtype, head dim and tile configuration
-    (``sparse``: the block-mask walk).
-
-    Built on first use with NVRTC for the current device and cached per (device, config).
-    """
+def compiled_function(source: str, name: str, options: tuple, smem: int):
+    """Entry point ``name`` of kernel file ``source`` compiled with ``options`` (NVRTC, on first
+    use) and cached per (device, name); ``smem`` bytes of dynamic shared memory allowed."""
     import cupy
 
-    dev = cupy.cuda.Device().id
+    key = (cupy.cuda.Device().id, name)
+    hit = _functions.get(key)
+    if hit is None:
+        with _lock:
+            hit = _functions.get(key)
+            if hit is None:
+                mod = cupy.RawModule(code=_source(source), options=("-std=c++17", *options))
+                fn = mod.get_function(name)
+                if smem > 48 * 1024:
+                    fn.max_dynamic_shared_size_bytes = smem
+                hit = _functions[key] = (mod, fn)
+    return hit[1]
+
+
+def get_kernel(type_name: str, d: int, cfg: tuple, mods: bool, sparse: bool = False):
+    """The compiled forward entry point for one dtype, head dim and tile configuration
+    (``sparse``: the block-mask walk)."""
     nw, mt, bn = cfg
     variant = ("mods" if mods else "plain") + ("_bm" if sparse else "")
     name = f"flash_fwd_{type_name}_d{d}_w{nw}_m{mt}_n{bn}_{variant}"
-    key = (dev, name)
-    hit = _functions.get(key)
-    if hit is not None:
-        return hit[1]
-    with _lock:
-        hit = _functions.get(key)
-        if hit is None:
-            options = ("-std=c++17", f"-DXATTN_TN={type_name}", f"-DXATTN_D={d}",
-                       f"-DXATTN_NW={nw}", f"-DXATTN_MT={mt}", f"-DXATTN_BN={bn}",
-                       f"-DXATTN_MN={variant}",
-                       f"-DXATTN_MODS={'true' if mods else 'false'}",
-                       f"-DXATTN_SPARSE={'true' if sparse else 'false'}")
-            mod = cupy.RawModule(code=_source("flash_fwd.cu"), options=options)
-            fn = mod.get_function(name)
-            smem = smem_bytes(d, cfg)
-            if smem > 48 * 1024:
-                fn.max_dynamic_shared_size_bytes = smem
-            hit = _functions[key] = (mod, fn)
-    return hit[1]
+    options = (f"-DXATTN_TN={type_name}", f"-DXATTN_D={d}", f"-DXATTN_NW={nw}",
+               f"-DXATTN_MT={mt}", f"-DXATTN_BN={bn}", f"-DXATTN_MN={variant}",
+               f"-DXATTN_MODS={'true' if mods else 'false'}",
+               f"-DXATTN_SPARSE={'true' if sparse else 'false'}")
+    return compiled_function("flash_fwd.cu", name, options, smem_bytes(d, cfg))
 
 
 def simt_smem_bytes(d):
@@ -233,26 +233,11 @@ def simt_smem_bytes(d):
 
 
 def get_simt_kernel(d: int, sparse: bool = False):
-    """The float32 SIMT forward entry point for one head dim (built and cached like
-    :func:`get_kernel`; ``sparse``: the block-mask walk)."""
-    import cupy
-
-    dev = cupy.cuda.Device().id
+    """The float32 SIMT forward entry point for one head dim (``sparse``: the block-mask
+    walk)."""
     name = f"flash_fwd_f32_simt_d{d}" + ("_bm" if sparse else "")
-    key = (dev, name)
-    hit = _functions.get(key)
-    if hit is None:
-        with _lock:
-            hit = _functions.get(key)
-            if hit is None:
-                mod = cupy.RawModule(code=_source("flash_fwd_simt.cu"),
-                                     options=("-std=c++17", f"-DXATTN_SIMT_D={d}"))
-                fn = mod.get_function(name)
-                smem = simt_smem_bytes(d)
-                if smem > 48 * 1024:
-                    fn.max_dynamic_shared_size_bytes = smem
-                hit = _functions[key] = (mod, fn)
-    return hit[1]
+    return compiled_function("flash_fwd_simt.cu", name, (f"-DXATTN_SIMT_D={d}",),
+                             simt_smem_bytes(d))
 
 
 def _collapse_batch(shape, strides):

@@ -38,7 +38,6 @@ element. The CPU backends' ``plan`` / ``element_rule`` (the same mask) are not r
 from __future__ import annotations
 
 import math
-import threading
 
 import numpy as np
 
@@ -93,8 +92,6 @@ SIMT_BLOCK = 32
 # Tests set this to fill dq/dk/dv with NaN before the launches (unwritten elements then fail).
 POISON = False
 
-_lock = threading.Lock()
-_functions: dict = {}
 
 
 def _common_dim(prob):
@@ -219,25 +216,6 @@ def simt_smem_bytes(d):
     return (4 * b * (d + 1) + 2 * b * (b + 1) + 2 * b) * 4
 
 
-def _function(name, options, smem, source="flash_bwd.cu"):
-    """One entry point, compiled with NVRTC on first use and cached per (device, name)."""
-    import cupy
-
-    key = (cupy.cuda.Device().id, name)
-    hit = _functions.get(key)
-    if hit is None:
-        with _lock:
-            hit = _functions.get(key)
-            if hit is None:
-                mod = cupy.RawModule(code=_fwd._source(source),
-                                     options=("-std=c++17", *options))
-                fn = mod.get_function(name)
-                if smem > 48 * 1024:
-                    fn.max_dynamic_shared_size_bytes = smem
-                hit = _functions[key] = (mod, fn)
-    return hit[1]
-
-
 def get_kernel(tn, d, cfg, mods, dq, sparse=False):
     """The main backward kernel for one dtype, head dim, configuration, score-mod flag and
     dq mode (``dq=True``: atomics into dq_accum; False: the dq kernel runs separately), and
@@ -251,7 +229,7 @@ def get_kernel(tn, d, cfg, mods, dq, sparse=False):
                f"-DXATTN_MODS={'true' if mods else 'false'}", f"-DXATTN_QN={qn}",
                f"-DXATTN_DQ={'true' if dq else 'false'}",
                f"-DXATTN_SPARSE={'true' if sparse else 'false'}")
-    return _function(name, options, smem_bytes(d, cfg))
+    return _fwd.compiled_function("flash_bwd.cu", name, options, smem_bytes(d, cfg))
 
 
 def get_dq_kernel(tn, d, cfg, mods, sparse=False):
@@ -264,21 +242,21 @@ def get_dq_kernel(tn, d, cfg, mods, sparse=False):
                f"-DXATTN_BN={bn}", f"-DXATTN_MN={mn}",
                f"-DXATTN_MODS={'true' if mods else 'false'}",
                f"-DXATTN_SPARSE={'true' if sparse else 'false'}")
-    return _function(name, options, dq_smem_bytes(d, cfg))
+    return _fwd.compiled_function("flash_bwd.cu", name, options, dq_smem_bytes(d, cfg))
 
 
 def get_simt_kernel(d, mods):
     """The float32 SIMT backward kernel for one head dim and score-mod flag."""
     mn = "mods" if mods else "plain"
-    return _function(f"flash_bwd_f32_simt_d{d}_{mn}",
-                     (f"-DXATTN_SIMT_D={d}", f"-DXATTN_SIMT_MN={mn}",
-                      f"-DXATTN_SIMT_MODS={'true' if mods else 'false'}"),
-                     simt_smem_bytes(d), source="flash_bwd_simt.cu")
+    return _fwd.compiled_function(
+        "flash_bwd_simt.cu", f"flash_bwd_f32_simt_d{d}_{mn}",
+        (f"-DXATTN_SIMT_D={d}", f"-DXATTN_SIMT_MN={mn}",
+         f"-DXATTN_SIMT_MODS={'true' if mods else 'false'}"), simt_smem_bytes(d))
 
 
 def get_aux_kernel(kind, tn):
     """``flash_bwd_delta_<tn>`` or ``flash_bwd_dq_convert_<tn>``."""
-    return _function(f"flash_bwd_{kind}_{tn}", ("-DXATTN_KIND=3",), 0)
+    return _fwd.compiled_function("flash_bwd.cu", f"flash_bwd_{kind}_{tn}", ("-DXATTN_KIND=3",), 0)
 
 
 def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slopes=None,

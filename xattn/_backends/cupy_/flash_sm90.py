@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .flash import _source
+from .flash import _MAX_GRID_YZ, _source, _type_name, option_args
 
 __all__ = ["BUILT", "CONFIGS", "ENABLE_SM90", "applies", "compile_cubin", "cubin_path", "forward",
            "get_kernel", "precompile", "smem_bytes", "threads"]
@@ -63,21 +63,11 @@ BUILT = {(64, 128, 2, 0), (64, 64, 3, 0), (128, 128, 2, 0), (128, 64, 2, 0), (12
          (128, 128, 2, 27)}
 # Tests set this to fill every output with NaN before the launch (unwritten elements then fail).
 POISON = False
-_MAX_GRID_YZ = 65535
 _ARCH = "sm_90a"
 
 _lock = threading.Lock()
 _modules: dict = {}
 _cubins: dict = {}  # entry name -> cached cubin path, filled by precompile()
-
-
-def _type_name(dtype):
-    dtype = np.dtype(dtype)
-    if dtype == np.float16:
-        return "f16"
-    if dtype.name == "bfloat16":
-        return "bf16"
-    return None
 
 
 def applies(prob, *, mask=None, bias=None, alibi_slopes=None):
@@ -403,15 +393,13 @@ def _forward(prob, q, k, v, config):
         if lse.size:
             lse.fill(-np.inf)
         return out.reshape(prob.out_shape), lse.reshape(prob.lse_shape)
-    w = prob.window
-    wl = -1 if w is None or w[0] is None else w[0]
-    wr = -1 if w is None or w[1] is None else w[1]
     fn = get_kernel(tn, d, cfg)
     nwg = cfg[1]
     bm = 64 * nwg
     i32, f32 = np.int32, np.float32
+    causal_window = option_args(xp, prob, None, None, None)[:3]  # no score mods here
     args = (q4, k4, v4, out, lse, i32(prob.hq), i32(prob.group), i32(prob.sq), i32(prob.sk),
-            f32(prob.scale), i32(prob.causal), i32(wl), i32(wr))
+            f32(prob.scale), *causal_window)
     fn(((prob.sq + bm - 1) // bm, prob.hq, B), (threads(cfg),), args,
        shared_mem=smem_bytes(d, cfg))
     return out.reshape(prob.out_shape), lse.reshape(prob.lse_shape)

@@ -19,7 +19,6 @@ next of those; no ``block_mask`` yet.
 from __future__ import annotations
 
 import math
-import threading
 from functools import cache
 
 import numpy as np
@@ -29,7 +28,7 @@ from . import flash as _flash
 __all__ = ["CONFIGS", "ENABLE_TF32", "forward", "get_kernel", "smem_bytes", "supports"]
 
 # Switch: False sends allow_tf32=True back to the strict float32 kernel (same results as
-# allow_tf32=False). Written before any GPU run of the kernel: see notes/gpu_kernels.md.
+# allow_tf32=False). Its GPU tests passed on an H200 (2026-11-29; notes/gpu_kernels.md).
 ENABLE_TF32 = True
 # Tests set this (or flash.POISON) to fill every output with NaN before the launch.
 POISON = False
@@ -43,12 +42,7 @@ CONFIGS = {
     128: (4, 1, 32),
     256: (4, 1, 16),
 }
-# Score-modification kernels whose plain configuration would spill take this one instead.
-MODS_CONFIGS: dict = {}
-_MAX_GRID_YZ = 65535
 
-_lock = threading.Lock()
-_functions: dict = {}
 
 
 def padded_dim(d: int):
@@ -89,8 +83,9 @@ def supports(prob, opts=None):
     if padded_dim(prob.d) is None:
         return f"head_dim {prob.d} > {max(CONFIGS)} is not implemented in the TF32 kernel"
     nbatch = math.prod(prob.batch)
-    if nbatch > _MAX_GRID_YZ or prob.hq > _MAX_GRID_YZ:
-        return f"batch ({nbatch}) or heads ({prob.hq}) above the grid limit {_MAX_GRID_YZ}"
+    if nbatch > _flash._MAX_GRID_YZ or prob.hq > _flash._MAX_GRID_YZ:
+        return (f"batch ({nbatch}) or heads ({prob.hq}) above the grid limit "
+                f"{_flash._MAX_GRID_YZ}")
     import cupy
 
     dev = cupy.cuda.Device()
@@ -116,31 +111,15 @@ def _max_smem(device_id: int, default: int) -> int:
 
 
 def get_kernel(d: int, cfg, mods: bool):
-    """The compiled entry point for one head dim, tile configuration and variant.
-
-    Built on first use with NVRTC for the current device and cached per (device, config).
-    """
-    import cupy
-
+    """The compiled entry point for one head dim, tile configuration and variant."""
     nw, mt, bn = cfg
-    name = f"flash_fwd_tf32_d{d}_w{nw}_m{mt}_n{bn}_{'mods' if mods else 'plain'}"
-    key = (cupy.cuda.Device().id, name)
-    hit = _functions.get(key)
-    if hit is None:
-        with _lock:
-            hit = _functions.get(key)
-            if hit is None:
-                options = ("-std=c++17", f"-DXATTN_TF32_D={d}", f"-DXATTN_TF32_NW={nw}",
-                           f"-DXATTN_TF32_MT={mt}", f"-DXATTN_TF32_BN={bn}",
-                           f"-DXATTN_TF32_MN={'mods' if mods else 'plain'}",
-                           f"-DXATTN_TF32_MODS={'true' if mods else 'false'}")
-                mod = cupy.RawModule(code=_flash._source("flash_fwd_tf32.cu"), options=options)
-                fn = mod.get_function(name)
-                smem = smem_bytes(d, cfg)
-                if smem > 48 * 1024:
-                    fn.max_dynamic_shared_size_bytes = smem
-                hit = _functions[key] = (mod, fn)
-    return hit[1]
+    mn = "mods" if mods else "plain"
+    options = (f"-DXATTN_TF32_D={d}", f"-DXATTN_TF32_NW={nw}", f"-DXATTN_TF32_MT={mt}",
+               f"-DXATTN_TF32_BN={bn}", f"-DXATTN_TF32_MN={mn}",
+               f"-DXATTN_TF32_MODS={'true' if mods else 'false'}")
+    return _flash.compiled_function("flash_fwd_tf32.cu",
+                                    f"flash_fwd_tf32_d{d}_w{nw}_m{mt}_n{bn}_{mn}", options,
+                                    smem_bytes(d, cfg))
 
 
 def forward(prob, q, k, v, mask=None, bias=None, alibi_slopes=None, *, config=None):
@@ -160,10 +139,7 @@ def _forward(prob, q, k, v, mask, bias, alibi_slopes, config):
     dp = padded_dim(d)
     mods = prob.softcap is not None or bias is not None or alibi_slopes is not None \
         or mask is not None
-    if config is not None:
-        cfg = tuple(config)
-    else:
-        cfg = MODS_CONFIGS.get(dp, CONFIGS[dp]) if mods else CONFIGS[dp]
+    cfg = tuple(config) if config is not None else CONFIGS[dp]
     B = math.prod(prob.batch)
 
     def prep(x, h, s):
