@@ -1,0 +1,137 @@
+"""Run under ``mpiexec -n P``: ring attention against single-process flash attention.
+
+``python ring_worker.py MODE [DIR]`` writes its report lines to ``DIR/rank<r>.txt`` too.
+``python ring_worker.py equal``: every case of ``CASES`` on every rank; each rank prints one
+``RESULT <json>`` line per case with the largest errors, and exits 1 if one exceeds the
+tolerance. ``python ring_worker.py mismatch|raise|invalid|absent``: a rank misbehaves; every
+rank must raise, and prints ``RAISED <type> <message>`` (exit 0) or ``NO ERROR`` (exit 1).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+from mpi4py import MPI
+
+import xattn
+from xattn.distributed import ring_attention, ring_attention_backward, shard, unshard
+
+TOL = 1e-10
+S_PER_RANK = 24  # small: the point is the masking at chunk borders, not the speed
+
+# (name, layout, options, (Hq, Hkv), D, Dv)
+CASES = [
+    ("full", "contiguous", {}, (2, 2), 8, 8),
+    ("causal", "contiguous", {"causal": True}, (2, 2), 8, 8),
+    ("zigzag", "zigzag", {}, (2, 2), 8, 8),
+    ("zigzag causal", "zigzag", {"causal": True}, (2, 2), 8, 8),
+    ("window", "contiguous", {"window": (7, 17)}, (2, 2), 8, 8),
+    ("causal window", "contiguous", {"causal": True, "window": (30, None)}, (2, 2), 8, 8),
+    ("zigzag window", "zigzag", {"window": (5, 13)}, (2, 2), 8, 8),
+    ("zigzag causal window", "zigzag", {"causal": True, "window": (9, 0)}, (2, 2), 8, 8),
+    ("gqa causal", "contiguous", {"causal": True}, (4, 2), 8, 8),
+    ("mqa zigzag causal", "zigzag", {"causal": True}, (4, 1), 8, 6),
+    ("alibi softcap scale", "contiguous",
+     {"alibi": True, "softcap": 3.0, "scale": 0.3}, (2, 2), 8, 8),
+    ("zigzag causal window alibi gqa", "zigzag",
+     {"causal": True, "window": (11, 4), "alibi": True}, (4, 2), 8, 8),
+    ("window alibi", "contiguous", {"window": (20, 3), "alibi": True}, (2, 1), 8, 8),
+]
+
+
+REPORT = []
+
+
+def report(line):
+    """One line for the test: into this rank's file (the ranks' stdout interleave)."""
+    REPORT.append(line)
+    print(line, flush=True)
+
+
+def _inputs(size, hq, hkv, d, dv, seed=0):
+    rng = np.random.default_rng(seed)
+    s = S_PER_RANK * size
+    q = rng.standard_normal((2, hq, s, d))
+    k = rng.standard_normal((2, hkv, s, d))
+    v = rng.standard_normal((2, hkv, s, dv))
+    dout = rng.standard_normal((2, hq, s, dv))
+    return q, k, v, dout
+
+
+def equal(comm):
+    rank, size = comm.Get_rank(), comm.Get_size()
+    failed = False
+    for name, layout, opts, (hq, hkv), d, dv in CASES:
+        opts = dict(opts)
+        if opts.pop("alibi", False):
+            opts["alibi_slopes"] = xattn.alibi_slopes(hq, dtype=np.float64)
+        q, k, v, dout = _inputs(size, hq, hkv, d, dv)
+        ref, ref_lse = xattn.flash_attention(q, k, v, return_lse=True, **opts)
+        rq, rk, rv = xattn.flash_attention_backward(dout, q, k, v, ref, ref_lse, **opts)
+        loc = [shard(x, comm, layout=layout) for x in (q, k, v, dout)]
+        out, lse = ring_attention(*loc[:3], comm, layout=layout, return_lse=True, **opts)
+        dq, dk, dv_ = ring_attention_backward(loc[3], *loc[:3], out, lse, comm, layout=layout,
+                                              **opts)
+        errs = {
+            "out": _err(out, shard(ref, comm, layout=layout)),
+            "lse": _err(lse, shard(ref_lse, comm, layout=layout, axis=-1)),
+            "dq": _err(dq, shard(rq, comm, layout=layout)),
+            "dk": _err(dk, shard(rk, comm, layout=layout)),
+            "dv": _err(dv_, shard(rv, comm, layout=layout)),
+            "unshard": _err(unshard(out, comm, layout=layout), ref),
+        }
+        ok = all(e <= TOL for e in errs.values()) and out.dtype == q.dtype
+        failed |= not ok
+        report("RESULT " + json.dumps({"rank": rank, "case": name, "ok": ok, **errs}))
+    return 1 if failed else 0
+
+
+def _err(a, b):
+    if a.shape != b.shape:
+        return float("inf")
+    return float(np.max(np.abs(a - b))) if a.size else 0.0
+
+
+def misbehave(comm, how):
+    rank, size = comm.Get_rank(), comm.Get_size()
+    q, k, v, _ = _inputs(size, 2, 2, 8, 8)
+    loc = [shard(x, comm) for x in (q, k, v)]
+    opts = {"causal": True}
+    if how == "mismatch" and rank == size - 1:
+        opts = {"causal": False}
+    if how == "invalid" and rank == size - 1:
+        loc[1] = loc[1][..., :4]  # k head_dim differs from q's: rejected by validation
+    if how == "raise" and rank == size - 1:
+        import xattn.distributed as dist
+
+        calls = []
+
+        def failing(*args, **kwargs):  # this rank's second block fails mid-ring
+            calls.append(1)
+            if len(calls) == 2:
+                raise FloatingPointError("staged failure in a block computation")
+            return xattn.flash_attention(*args, **kwargs)
+
+        dist.flash_attention = failing
+    if how == "absent" and rank == size - 1:
+        report("RAISED nothing: this rank stays out of the call")
+        return 0
+    try:
+        ring_attention(*loc, comm, timeout=3 if how == "absent" else 30, **opts)
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        report(f"RAISED {type(exc).__name__} {exc}")
+        return 0
+    report("NO ERROR")
+    return 1
+
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    world = MPI.COMM_WORLD
+    rc = equal(world) if mode == "equal" else misbehave(world, mode)
+    if len(sys.argv) > 2:
+        with open(f"{sys.argv[2]}/rank{world.Get_rank()}.txt", "w") as f:
+            f.write("\n".join(REPORT) + "\n")
+    sys.exit(rc)
