@@ -48,6 +48,7 @@ __all__ = [
     "RingError",
     "RingTimeoutError",
     "ring_attention",
+    "merge_attention",
     "ring_attention_backward",
     "shard",
     "unshard",
@@ -476,6 +477,36 @@ def _merge(xp, out_acc, lse_acc, out_p, lse_p):
     out_acc *= xp.exp(lse_acc - ref)[..., None]
     out_acc += xp.exp(lse_p - ref)[..., None] * out_p
     lse_acc[...] = new
+
+
+def merge_attention(out_a, lse_a, out_b, lse_b, /):
+    """Attention over the union of two disjoint key sets, from the result on each.
+
+    ``(out_a, lse_a)`` and ``(out_b, lse_b)`` come from ``flash_attention(...,
+    return_lse=True)`` (or :func:`ring_attention`) of the same queries against two key sets
+    with no key in common; the result is attention over both, as if computed in one call.
+    This is the merge ring attention applies to every block, offered for combining it with
+    other partial results (e.g. global tokens held elsewhere). Rows that see no key in
+    either part return 0 and ``lse = -inf``.
+
+    Examples
+    --------
+    >>> import numpy as np, xattn
+    >>> from xattn.distributed import merge_attention
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((3, 2, 10, 4))
+    >>> a = xattn.flash_attention(q, k[:, :6], v[:, :6], return_lse=True)
+    >>> b = xattn.flash_attention(q, k[:, 6:], v[:, 6:], return_lse=True)
+    >>> out, lse = merge_attention(*a, *b)
+    >>> bool(np.allclose(out, xattn.flash_attention(q, k, v)))
+    True
+    """
+    xp = _namespace(out_a)
+    dtype = lse_a.dtype
+    out = out_a.astype(dtype, copy=True)
+    lse = lse_a.astype(dtype, copy=True)
+    _merge(xp, out, lse, out_b, lse_b)
+    return out.astype(out_a.dtype, copy=False), lse
 
 
 def _post_kv(ring, dr, hops, tag0, t, held, kv_meta):
