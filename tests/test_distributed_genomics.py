@@ -1,0 +1,117 @@
+"""The genomics example (examples/genomics): FASTA round trip, its window + global-token
+decomposition against xattn.longformer_attention, and a smoke run on a tiny sequence, in one
+process and under ``mpiexec -n 2`` with ring attention."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import xattn
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "genomics"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"genomics_{name}", EXAMPLE / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    pytest.importorskip("tqdm")
+    pytest.importorskip("matplotlib")
+    return _load("pipeline")
+
+
+def test_fasta_round_trip(tmp_path):
+    fasta = _load("fasta")
+    path = tmp_path / "x.fa"
+    write_records = [("chr1", b"ACGTNacgt" * 20), ("chrM", "GGGCCC")]
+    fasta.write_fasta(path, write_records, width=7)
+    text = path.read_text().splitlines()
+    assert text[0] == ">chr1" and len(text[1]) == 7
+    path.write_text(";comment\n" + path.read_text().replace(">chrM", ">chrM mitochondrion"))
+    got = fasta.read_fasta(path)
+    assert got == [("chr1", b"ACGTNacgt" * 20), ("chrM", b"GGGCCC")]
+    codes = fasta.encode(b"ACGTNacgtRy")
+    np.testing.assert_array_equal(codes, [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 4])
+    bad = tmp_path / "bad.fa"
+    bad.write_text("ACGT\n")
+    with pytest.raises(ValueError, match="before the first"):
+        fasta.read_fasta(bad)
+
+
+def test_synthetic_genome_plants_its_repeats():
+    fasta = _load("fasta")
+    seq, repeats = fasta.synthetic_genome(20_000, seed=3, reach=500)
+    assert len(seq) == 20_000 and set(seq) <= set(b"ACGT")
+    assert [r.kind for r in repeats] == ["tandem", "duplication", "duplication"]
+    for r in repeats:
+        copies = {seq[a:b] for a, b in r.spans()}
+        assert len(copies) == 1
+        assert r.starts[-1] - r.starts[0] <= 500 or r.kind == "tandem"
+
+
+@pytest.mark.parametrize("chunk", [64, 1000])
+def test_window_global_decomposition_equals_longformer(pipeline, chunk):
+    rng = np.random.default_rng(0)
+    s, window = 300, 40
+    q, k, v = (rng.standard_normal((2, s, 16), dtype=np.float32) for _ in range(3))
+    pos, global_pos = np.arange(s), np.array([0, 97, 194, 291])
+    half = window // 2
+
+    def window_fn(q, k, v):
+        return pipeline.window_attention_chunked(q, k, v, half, chunk, lambda n: None)
+
+    out, lse = pipeline.window_global_attention(q, k, v, pos, global_pos, half,
+                                                pipeline.Ranks(False), window_fn=window_fn)
+    ref, ref_lse = xattn.longformer_attention(q, k, v, window=window, global_tokens=global_pos,
+                                              return_lse=True)
+    np.testing.assert_allclose(out, ref, atol=2e-5)
+    np.testing.assert_allclose(lse, ref_lse, atol=2e-5)
+
+
+TINY = ["--length", "3000", "--window", "256", "--layers", "2", "--d-model", "32",
+        "--heads", "2", "--chunk", "512", "--global-every", "1000", "--no-progress"]
+
+
+def test_pipeline_smoke(pipeline, tmp_path):
+    pipeline.main([*TINY, "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["bases"] == 3000 and len(summary["layer_s"]) == 2
+    assert (tmp_path / "attention_mass.png").stat().st_size > 10_000
+    assert (tmp_path / "genome.fa").read_text().startswith(">synthetic\n")
+    # The k-mer matching head finds the planted repeats and little else.
+    assert summary["mass_in_repeats"] > 0.3
+    assert summary["mass_elsewhere"] < 0.05
+
+
+def test_pipeline_under_mpiexec_matches_one_process(pipeline, tmp_path):
+    from test_distributed import _mpiexec
+
+    mpiexec = _mpiexec()
+    pipeline.main([*TINY, "--out", str(tmp_path / "one")])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+        OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    proc = subprocess.run(
+        [mpiexec, "-n", "2", sys.executable, str(EXAMPLE / "pipeline.py"), *TINY, "--mpi",
+         "--out", str(tmp_path / "ring")],
+        capture_output=True, text=True, timeout=120, env=env, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("attention_mass.npy", "hidden.npy"):
+        one, ring = np.load(tmp_path / "one" / name), np.load(tmp_path / "ring" / name)
+        np.testing.assert_allclose(ring, one, atol=1e-4, err_msg=name)
