@@ -30,7 +30,6 @@ def _load(name):
 
 @pytest.fixture(scope="module")
 def pipeline():
-    pytest.importorskip("tqdm")
     pytest.importorskip("matplotlib")
     return _load("pipeline")
 
@@ -96,6 +95,14 @@ def test_pipeline_smoke(pipeline, tmp_path):
     # The k-mer matching head finds the planted repeats and little else.
     assert summary["mass_in_repeats"] > 0.3
     assert summary["mass_elsewhere"] < 0.05
+
+
+def test_pipeline_progress_bar(pipeline, tmp_path, capsys):
+    pytest.importorskip("tqdm")
+    pipeline.main([*[a for a in TINY if a != "--no-progress"], "--layers", "1",
+                   "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "synthetic: 3,000 bp on 1 rank(s)" in err and "layer 1/1" in err
 
 
 def test_pipeline_under_mpiexec_matches_one_process(pipeline, tmp_path):
