@@ -13,7 +13,6 @@ import json
 import sys
 
 import numpy as np
-from mpi4py import MPI
 
 import xattn
 from xattn.distributed import ring_attention, ring_attention_backward, shard, unshard
@@ -128,6 +127,8 @@ def misbehave(comm, how):
 
 
 if __name__ == "__main__":
+    from mpi4py import MPI  # here, not above: pytest's doctest collection imports this file
+
     mode = sys.argv[1]
     world = MPI.COMM_WORLD
     rc = equal(world) if mode == "equal" else misbehave(world, mode)
