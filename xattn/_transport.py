@@ -262,29 +262,26 @@ class _NcclTransport:
 
         h = _Handle(what)
         stream = self.comm.stream
-        # The arrays to send were written on the current stream; NCCL must wait for them.
+        for x, _dest, _tag in sends:
+            if not is_cupy(x):
+                raise TypeError(f"NcclComm moves CuPy arrays only, got {type(x).__module__} "
+                                "arrays")
+        bufs = [cupy.ascontiguousarray(x) for x, _, _ in sends]
+        # The arrays to send (and the receive buffers) belong to the current stream's work;
+        # NCCL's stream must wait for it.
         stream.wait_event(cupy.cuda.get_current_stream().record())
-        with cupy.cuda.Device():
-            nccl.groupStart()
-            try:
-                for shape, dtype, source, _tag, xp in recvs:
-                    if xp is not cupy:
-                        raise TypeError("NcclComm moves CuPy arrays only, got NumPy arrays")
-                    out = cupy.empty(shape, dtype=dtype)
-                    self.comm.nccl.recv(out.data.ptr, out.nbytes, nccl.NCCL_UINT8, source,
-                                        stream.ptr)
-                    h.out.append((out, cupy))
-                for x, dest, _tag in sends:
-                    if not is_cupy(x):
-                        raise TypeError(
-                            f"NcclComm moves CuPy arrays only, got {type(x).__module__} arrays"
-                        )
-                    buf = cupy.ascontiguousarray(x)
-                    h.keep.append(buf)
-                    self.comm.nccl.send(buf.data.ptr, buf.nbytes, nccl.NCCL_UINT8, dest,
-                                        stream.ptr)
-            finally:
-                nccl.groupEnd()
+        nccl.groupStart()
+        try:
+            for shape, dtype, source, _tag, _xp in recvs:
+                out = cupy.empty(shape, dtype=dtype)
+                self.comm.nccl.recv(out.data.ptr, out.nbytes, nccl.NCCL_UINT8, source,
+                                    stream.ptr)
+                h.out.append((out, cupy))
+            for buf, (_, dest, _tag) in zip(bufs, sends, strict=True):
+                h.keep.append(buf)
+                self.comm.nccl.send(buf.data.ptr, buf.nbytes, nccl.NCCL_UINT8, dest, stream.ptr)
+        finally:
+            nccl.groupEnd()
         h.event = stream.record()
         return h
 

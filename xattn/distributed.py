@@ -307,7 +307,7 @@ class _Ring:
             describe = _describe(op, q, k, v, extra, options, layout, self.size)
         except Exception as exc:  # noqa: BLE001 - re-raised below, after the peers hear of it
             error = exc
-            describe = {"op": op, "invalid": f"{type(exc).__name__}: {exc}"}
+            describe = {"op": op, "invalid": f"{type(exc).__name__}: {exc}"[:1500]}
         self._check_agreement(q, describe, error)
 
     def _check_agreement(self, q, describe, error):
