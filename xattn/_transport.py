@@ -20,6 +20,7 @@ Neither mpi4py nor CuPy is imported here until a communicator of theirs is used.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -86,26 +87,35 @@ class _Handle:
 
 
 class _MpiTransport:
-    """mpi4py: NumPy buffers directly; CuPy buffers staged through host memory."""
+    """mpi4py: NumPy buffers directly; CuPy buffers staged through host memory, or handed to
+    MPI as device buffers when ``XATTN_MPI_CUDA_AWARE=1`` says the MPI library is CUDA-aware
+    (MPI offers no portable query, so this is the user's statement, never a guess)."""
 
     def __init__(self, comm, timeout):
         from mpi4py import MPI
 
         self.MPI, self.comm, self.timeout = MPI, comm, timeout
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.cuda_aware = os.environ.get("XATTN_MPI_CUDA_AWARE", "0") == "1"
         self._live = []  # handles not yet waited for: their receives are cancelled on failure
 
     def post(self, sends, recvs, what="transfer"):
         h = _Handle(what)
-        for shape, dtype, source, tag, xp in recvs:
-            # A CuPy receive lands in host memory first (MPI without CUDA support cannot
-            # write into device memory); wait() moves it to the device.
-            host = np.empty(shape, dtype=dtype)
-            h.requests.append(self.comm.Irecv([_as_bytes(host), self.MPI.BYTE], source, tag))
+        device = self.cuda_aware and (any(xp is not np for *_, xp in recvs)
+                                      or any(is_cupy(x) for x, _, _ in sends))
+        send_bufs = [_as_bytes(x.get() if is_cupy(x) and not device else x) for x, _, _ in sends]
+        recv_bufs = [(xp if device else np).empty(shape, dtype=dtype)
+                     for shape, dtype, _, _, xp in recvs]
+        if device:  # MPI touches device memory outside CuPy's stream order: finish it first
+            import cupy
+
+            cupy.cuda.get_current_stream().synchronize()
+        # Without CUDA-aware MPI a CuPy receive lands in host memory; wait() moves it over.
+        for buf, (_, _, source, tag, xp) in zip(recv_bufs, recvs, strict=True):
+            h.requests.append(self.comm.Irecv([_as_bytes(buf), self.MPI.BYTE], source, tag))
             h.peers.append(("from", source))
-            h.out.append((host, xp))
-        for x, dest, tag in sends:
-            buf = _as_bytes(x.get() if is_cupy(x) else x)
+            h.out.append((buf, xp))
+        for buf, (_, dest, tag) in zip(send_bufs, sends, strict=True):
             h.keep.append(buf)
             h.requests.append(self.comm.Isend([buf, self.MPI.BYTE], dest, tag))
             h.peers.append(("to", dest))
@@ -134,7 +144,7 @@ class _MpiTransport:
                 raise
             delay = _sleep_backoff(delay)
         self._live.remove(h)
-        return [host if xp is np else xp.asarray(host) for host, xp in h.out]
+        return [buf if _xp(buf) is xp else xp.asarray(buf) for buf, xp in h.out]
 
     def cancel_pending(self):
         """Withdraw the receives still posted (after a failure), so that no stale transfer
