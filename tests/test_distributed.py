@@ -32,7 +32,7 @@ from xattn.distributed import (
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "ring_worker.py"
-N_CASES = 13  # len(ring_worker.CASES), without importing mpi4py here
+N_CASES = 15  # len(ring_worker.CASES)
 
 
 def _mpiexec():
@@ -74,7 +74,8 @@ def test_ring_equals_flash_attention(n, tmp_path):
     bad = [r for r in results if not r["ok"]]
     assert not bad, bad
     assert rc == 0, err
-    worst = max(max(r[key] for key in ("out", "lse", "dq", "dk", "dv")) for r in results)
+    worst = max(max(r[key] for key in ("out", "lse", "dq", "dk", "dv")) for r in results
+                if r["dtype"] == "float64")
     assert worst <= 1e-10
 
 
