@@ -8,6 +8,7 @@ Ring attention needs only this from a communicator (``Transport``):
 * ``wait(handle)``: the received arrays, in the order of ``recvs``, once every transfer of the
   handle has completed; a peer's failure notice or ``timeout`` seconds without completion raise
   :class:`RingError` instead of hanging;
+* ``progress()``: give the library a chance to move pending transfers (between computations);
 * ``notify_failure(message)``: tell every other rank that this one failed (best effort).
 
 Every rank posts its steps in the same order (the schedule is computed identically on each
@@ -145,6 +146,13 @@ class _MpiTransport:
             delay = _sleep_backoff(delay)
         self._live.remove(h)
         return [buf if _xp(buf) is xp else xp.asarray(buf) for buf, xp in h.out]
+
+    def progress(self):
+        """Let MPI move pending messages: without a progress thread, MPICH advances a large
+        transfer only inside MPI calls, so the ring calls this between block computations."""
+        for h in self._live:
+            for r in h.requests:
+                r.Test()
 
     def cancel_pending(self):
         """Withdraw the receives still posted (after a failure), so that no stale transfer
@@ -312,6 +320,9 @@ class _NcclTransport:
             delay = _sleep_backoff(delay)
         cupy.cuda.get_current_stream().wait_event(h.event)
         return [out for out, _ in h.out]
+
+    def progress(self):
+        return None  # NCCL runs on its own stream
 
     def cancel_pending(self):
         return None

@@ -543,6 +543,7 @@ def _forward(ring, q, k, v):
                 lse = lse + shift
             _merge(xp, ring.chunk(out_acc, a, qs), ring.chunk(lse_acc[..., None], a, qs)[..., 0],
                    o, lse)
+            ring.transport.progress()
 
     kv_meta = _kv_meta(ring, k, v)
     passes = _schedule(ring.size, ring.layout, ring.c, prob.causal, prob.window)
@@ -621,6 +622,7 @@ def _backward(ring, dout, q, k, v, out, lse):
             ring.chunk(dq, a, qs)[...] += g[0]
             ring.chunk(gk, b, ks)[...] += g[1]
             ring.chunk(gv, b, ks)[...] += g[2]
+            ring.transport.progress()
         return gk, gv
 
     own = compute(k, v, r)
