@@ -92,7 +92,7 @@ def _seq_axis(x, axis):
     return axis % x.ndim
 
 
-def _take(xp, x, axis, start, stop):
+def _take(x, axis, start, stop):
     index = [slice(None)] * x.ndim
     index[axis] = slice(start, stop)
     return x[tuple(index)]
@@ -135,7 +135,7 @@ def shard(x, comm, /, *, layout="contiguous", axis=-2):
         )
     c = s // n
     xp = _namespace(x)
-    return xp.concatenate([_take(xp, x, ax, i * c, (i + 1) * c) for i in ids], axis=ax)
+    return xp.concatenate([_take(x, ax, i * c, (i + 1) * c) for i in ids], axis=ax)
 
 
 def unshard(x_local, comm, /, *, layout="contiguous", axis=-2, timeout=None):
@@ -157,7 +157,7 @@ def unshard(x_local, comm, /, *, layout="contiguous", axis=-2, timeout=None):
     chunks = {}
     for r, part in enumerate(parts):
         for a, cid in enumerate(_chunk_ids(layout, r, transport.size)):
-            chunks[cid] = _take(xp, part, ax, a * c, (a + 1) * c)
+            chunks[cid] = _take(part, ax, a * c, (a + 1) * c)
     return xp.concatenate([chunks[i] for i in sorted(chunks)], axis=ax)
 
 
