@@ -102,6 +102,64 @@ def _err(a, b):
     return float(np.max(np.abs(a - b))) if a.size else 0.0
 
 
+HALF_CASES = [
+    ("causal", "contiguous", {"causal": True}, (2, 2)),
+    ("zigzag causal window gqa alibi", "zigzag",
+     {"causal": True, "window": (40, 0), "alibi": True}, (4, 2)),
+]
+
+
+def half(comm, xp_name):
+    """float16 ring attention against the float64 oracle, at twice the error of a naive
+    float16 implementation (flash-attn's criterion), on NumPy or (``cupy``) on the GPU."""
+    from xattn.testing import (
+        assert_close,
+        naive_attention,
+        naive_attention_backward,
+        reference_attention,
+        reference_attention_backward,
+    )
+
+    if xp_name == "cupy":
+        import cupy as xp
+
+        xp.cuda.Device(0).use()  # the ranks share one GPU
+    else:
+        xp = np
+    rank, size = comm.Get_rank(), comm.Get_size()
+    failed = False
+    for name, layout, opts, (hq, hkv) in HALF_CASES:
+        opts = dict(opts)
+        if opts.pop("alibi", False):
+            opts["alibi_slopes"] = xattn.alibi_slopes(hq, dtype=np.float32)
+        q, k, v, dout = _inputs(size * 4, hq, hkv, 32, 32, dtype="float16")
+        ref, _, _ = reference_attention(q, k, v, **opts)
+        naive = naive_attention(q, k, v, **opts)
+        grads = reference_attention_backward(dout, q, k, v, **opts)
+        naive_grads = naive_attention_backward(dout, q, k, v, naive.astype(np.float16), **opts)
+        dev_opts = {key: (xp.asarray(val) if isinstance(val, np.ndarray) else val)
+                    for key, val in opts.items()}
+        loc = [xp.asarray(shard(x, comm, layout=layout)) for x in (q, k, v, dout)]
+        out, lse = ring_attention(*loc[:3], comm, layout=layout, return_lse=True, **dev_opts)
+        got = ring_attention_backward(loc[3], *loc[:3], out, lse, comm, layout=layout,
+                                      **dev_opts)
+        errors = []
+        checks = [("out", out, ref, naive)] + [
+            (gname, g, r, n) for gname, g, r, n in zip(("dq", "dk", "dv"), got, grads,
+                                                        naive_grads, strict=True)]
+        for what, actual, reference, naive_ref in checks:
+            try:
+                assert_close(actual, shard(reference, comm, layout=layout), xp=xp,
+                             dtype=np.float16, naive=shard(naive_ref, comm, layout=layout),
+                             name=what)
+            except AssertionError as exc:
+                errors.append(str(exc))
+        failed |= bool(errors)
+        report("RESULT " + json.dumps({"rank": rank, "case": name, "dtype": "float16",
+                                       "ok": not errors, "errors": errors}))
+    return 1 if failed else 0
+
+
 def misbehave(comm, how):
     rank, size = comm.Get_rank(), comm.Get_size()
     q, k, v, _ = _inputs(size, 2, 2, 8, 8)
@@ -140,7 +198,12 @@ if __name__ == "__main__":
 
     mode = sys.argv[1]
     world = MPI.COMM_WORLD
-    rc = equal(world) if mode == "equal" else misbehave(world, mode)
+    if mode == "equal":
+        rc = equal(world)
+    elif mode.startswith("half"):  # half or half-cupy
+        rc = half(world, mode.partition("-")[2] or "numpy")
+    else:
+        rc = misbehave(world, mode)
     if len(sys.argv) > 2:
         with open(f"{sys.argv[2]}/rank{world.Get_rank()}.txt", "w") as f:
             f.write("\n".join(REPORT) + "\n")

@@ -79,6 +79,26 @@ def test_ring_equals_flash_attention(n, tmp_path):
     assert worst <= 1e-10
 
 
+def _half(tmp_path, mode):
+    rc, lines, err = _launch(2, mode, tmp_path)
+    results = [json.loads(line[len("RESULT "):]) for line in lines if line.startswith("RESULT ")]
+    assert len(results) == 2 * 2, (lines, err)
+    assert all(r["ok"] for r in results), [r["errors"] for r in results if not r["ok"]]
+    assert rc == 0, err
+
+
+def test_ring_float16_within_twice_naive_error(tmp_path):
+    _half(tmp_path, "half")
+
+
+@pytest.mark.gpu
+def test_ring_float16_two_ranks_share_one_gpu(tmp_path):
+    """The issue's one-GPU acceptance: two MPI ranks on one GPU (CuPy arrays staged through
+    the host by the MPI transport), float16, at twice the naive error."""
+    pytest.importorskip("cupy")
+    _half(tmp_path, "half-cupy")
+
+
 @pytest.mark.parametrize(
     ("mode", "expect"),
     [
