@@ -547,14 +547,13 @@ def _forward(ring, q, k, v):
 
     kv_meta = _kv_meta(ring, k, v)
     passes = _schedule(ring.size, ring.layout, ring.c, prob.causal, prob.window)
-    own_done = False
+    # The first transfer of every pass starts now, overlapping the own block's computation.
+    first = [_post_kv(ring, dr, hops, i * _TAG_PASS_STRIDE, 1, (k, v), kv_meta)
+             for i, (dr, hops, _) in enumerate(passes)]
+    compute(k, v, ring.rank)
     for i, (dr, hops, served) in enumerate(passes):
         tag0 = i * _TAG_PASS_STRIDE
-        held = (k, v)
-        handle = _post_kv(ring, dr, hops, tag0, 1, held, kv_meta)
-        if not own_done:  # the own block, overlapping the first transfer
-            compute(k, v, ring.rank)
-            own_done = True
+        handle = first[i]
         for t in range(1, max(hops) + 1):
             got = ring.transport.wait(handle)
             origin = (ring.rank - dr * t) % ring.size
@@ -563,8 +562,6 @@ def _forward(ring, q, k, v):
                 handle = _post_kv(ring, dr, hops, tag0, t + 1, held, kv_meta)
             if held is not None and (origin, ring.rank) in served:
                 compute(*held, origin)
-    if not own_done:
-        compute(k, v, ring.rank)
     return out_acc.astype(prob.dtype, copy=False), lse_acc
 
 
@@ -625,18 +622,20 @@ def _backward(ring, dout, q, k, v, out, lse):
             ring.transport.progress()
         return gk, gv
 
-    own = compute(k, v, r)
-    if own[0] is not None:
-        dk += own[0]
-        dv += own[1]
     kv_meta = _kv_meta(ring, k, v)
     acc_meta = [(k.shape, cdt, _TAG_DK, xp), (v.shape, cdt, _TAG_DV, xp)]
     home_meta = [(k.shape, cdt, _TAG_HOME_K, xp), (v.shape, cdt, _TAG_HOME_V, xp)]
     passes = _schedule(p, ring.layout, ring.c, prob.causal, prob.window)
+    first = [_post_kv(ring, dr, hops, i * _TAG_PASS_STRIDE, 1, (k, v), kv_meta)
+             for i, (dr, hops, _) in enumerate(passes)]
+    own = compute(k, v, r)
+    if own[0] is not None:
+        dk += own[0]
+        dv += own[1]
     for i, (dr, hops, served) in enumerate(passes):
         tag0 = i * _TAG_PASS_STRIDE
         steps = max(hops)
-        kv_handle = _post_kv(ring, dr, hops, tag0, 1, (k, v), kv_meta)
+        kv_handle = first[i]
         acc_handle, acc = None, None
         for t in range(1, steps + 1):
             origin = (r - dr * t) % p
