@@ -226,11 +226,11 @@ def run(args):
     x = embed(codes, start, stop, model.embed)
     t_embed = time.perf_counter() - t0
     cos, sin = xattn.rotary_cos_sin(pos, dh)
-    times, mass = [], None
+    times, cpu_times, mass = [], [], None
     for li, w in enumerate(model.layers):
         if bar is not None:
             bar.set_postfix_str(f"layer {li + 1}/{args.layers}")
-        t0 = time.perf_counter()
+        t0, c0_cpu = time.perf_counter(), time.process_time()
         q = np.empty((h, shard, dh), np.float32)
         k, v = np.empty_like(q), np.empty_like(q)
         for c0 in range(0, shard, args.chunk):
@@ -255,6 +255,7 @@ def run(args):
         x = x + o.transpose(1, 0, 2).reshape(shard, h * dh) @ w["o"]
         ranks.barrier()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0_cpu)
     if bar is not None:
         bar.close()
 
@@ -273,6 +274,9 @@ def run(args):
         "record": name, "bases": int(s), "ranks": ranks.size, "layers": args.layers,
         "window": args.window, "global_tokens": len(global_pos), "heads": h, "head_dim": dh,
         "warmup_s": t_warmup, "embed_s": t_embed, "layer_s": times,
+        # CPU seconds of this process (all its threads), a figure less sensitive than the
+        # wall time to other jobs sharing the machine.
+        "layer_cpu_s_rank0": cpu_times,
         "mass_in_repeats": float(mass[inside].mean()) if inside.any() else None,
         "mass_elsewhere": float(mass[~inside].mean()),
         "repeats": [{"kind": r.kind, "unit": r.unit, "starts": list(r.starts)} for r in repeats],
@@ -311,8 +315,10 @@ def main(argv=None):
     summary = run(parse_args(argv))
     if summary is not None:
         per_layer = ", ".join(f"{t:.2f}" for t in summary["layer_s"])
+        cpu = ", ".join(f"{t:.2f}" for t in summary["layer_cpu_s_rank0"])
         print(f"{summary['bases']:,} bp, {summary['ranks']} rank(s): embedding "
-              f"{summary['embed_s']:.2f} s, layers {per_layer} s; off-self attention mass "
+              f"{summary['embed_s']:.2f} s, layers {per_layer} s (CPU time of rank 0: {cpu} s); "
+              "off-self attention mass "
               f"{summary['mass_in_repeats']} in planted repeats, "
               f"{summary['mass_elsewhere']:.4f} elsewhere")
 
