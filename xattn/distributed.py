@@ -242,12 +242,13 @@ def _alibi_terms(xp, slopes, qpos, kpos, heads_axis, dtype):
 
 @lru_cache(maxsize=256)
 def _schedule(size, layout, c, causal, window):
-    """``((dr, hops), ...)``: one ring pass per direction ``dr`` that moves blocks.
+    """``((dr, hops, served), ...)``: one ring pass per direction ``dr`` that moves blocks.
 
     Rank ``r`` needs the key block of rank ``o`` when some chunk pair between them is visible.
-    The pair is served by the pass in the shorter direction (``+1``: blocks travel to higher
-    ranks). ``hops[o]`` is how far block ``o`` travels in that pass, so with a window only
-    the neighbours that need a block receive it.
+    The pair ``(o, r)`` is served (computed) by the pass in the shorter direction (``+1``:
+    blocks travel to higher ranks; ties go to ``+1``). ``hops[o]`` is how far block ``o``
+    travels in that pass: to its last reader, so with a window only the neighbours within
+    reach receive it. Depends only on sizes and options, hence cached.
     """
     def visible(qr, kr):
         return any(
