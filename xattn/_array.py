@@ -21,6 +21,9 @@ __all__ = [
     "AttnProblem",
     "array_namespace",
     "bfloat16_dtype",
+    "check_bool",
+    "check_int",
+    "check_seed",
     "compute_dtype",
     "is_cupy",
     "validate_attention",
@@ -112,6 +115,30 @@ def check_bool(name: str, value) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
     return bool(value)
+
+
+def check_int(name: str, value, *, minimum: int = 0, default=None):
+    """``value`` as a Python int ``>= minimum``; ``None`` gives ``default`` when one is set."""
+    if value is None and default is not None:
+        return default
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_seed(name: str, seed) -> np.random.Generator:
+    """A NumPy Generator from ``seed``: None, a non-negative int, a SeedSequence or a
+    Generator (used as is, so its state advances), as :func:`numpy.random.default_rng`."""
+    expected = "None, a non-negative int, a numpy.random.Generator or SeedSequence"
+    if isinstance(seed, (np.random.Generator, np.random.SeedSequence)) or seed is None:
+        return np.random.default_rng(seed)
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name}: expected {expected}, got {seed!r}")
+    if seed < 0:
+        raise ValueError(f"{name}: expected {expected}, got {seed}")
+    return np.random.default_rng(int(seed))
 
 
 def check_scalar(name: str, value, *, positive: bool = True, allow_none: bool = True):

@@ -84,6 +84,7 @@ def flash_attention(
         scale=scale,
     )
     allow_tf32 = check_bool("allow_tf32", allow_tf32)
+    return_lse = check_bool("return_lse", return_lse)
     opts, sparse = _options(prob), {}
     if block_mask is not None:
         from . import sparse as _sparse

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from ._array import AttnProblem, validate_attention
+from ._array import AttnProblem, check_bool, validate_attention
 
 __all__ = ["flex_attention"]
 
@@ -93,6 +93,7 @@ def flex_attention(
     True
     """
     prob = validate_attention(q, k, v, scale=scale)
+    return_lse = check_bool("return_lse", return_lse)
     score_mod = _keep_score if score_mod is None else score_mod
     mask_mod = _see_all if mask_mod is None else mask_mod
     for name, fn in (("score_mod", score_mod), ("mask_mod", mask_mod)):

@@ -35,8 +35,10 @@ import numpy as np
 
 from ._array import (
     array_namespace,
+    check_bool,
     check_same_shape,
     check_scalar,
+    check_seed,
     supported_dtype,
     validate_attention,
 )
@@ -809,11 +811,10 @@ def performer_projection(num_features, head_dim, *, orthogonal=True, seed=None, 
     """
     m = _check_int("num_features", num_features, allow_none=False)
     d = _check_int("head_dim", head_dim, allow_none=False)
-    if not isinstance(orthogonal, (bool, np.bool_)):
-        raise TypeError(f"orthogonal: expected a bool, got {type(orthogonal).__name__}")
+    orthogonal = check_bool("orthogonal", orthogonal)
     if xp is not None and getattr(xp, "__name__", None) not in ("numpy", "cupy"):
         raise TypeError(f"xp: expected the numpy or cupy module, got {xp!r}")
-    rng = np.random.default_rng(seed)
+    rng = check_seed("seed", seed)
     if orthogonal:
         qm, r = np.linalg.qr(rng.standard_normal((-(-m // d), d, d)))
         # Fixing the signs of R's diagonal makes Q Haar distributed (Mezzadri 2007).
