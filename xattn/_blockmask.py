@@ -45,7 +45,7 @@ from functools import lru_cache
 import numpy as np
 
 from . import _masking
-from ._array import normalize_window
+from ._array import _check_not_subclass, normalize_window
 
 __all__ = [
     "BlockMask",
@@ -726,6 +726,8 @@ class BlockMask:
         >>> bm.num_full_blocks, bm.num_partial_blocks, bool((bm.to_dense() == m).all())
         (2, 2, True)
         """
+        if isinstance(mask, np.ndarray):  # np.asarray would drop a MaskedArray's mask
+            _check_not_subclass("mask", mask)
         m = _host_array("mask", mask)
         if m.ndim != 2:
             raise ValueError(f"mask: expected a 2-D (q_len, k_len) array, got shape {m.shape}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import _backends
-from ._array import check_bool, check_same_shape, validate_attention
+from ._array import check_bool, check_same_shape, dlpack_interop, validate_attention
 
 __all__ = ["flash_attention", "flash_attention_backward"]
 
@@ -12,6 +12,7 @@ def _options(prob):
     return {}
 
 
+@dlpack_interop
 def flash_attention(
     q,
     k,
@@ -111,6 +112,7 @@ def flash_attention(
     return (out, lse) if return_lse else out
 
 
+@dlpack_interop
 def flash_attention_backward(
     dout,
     q,

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from ._array import AttnProblem, check_bool, validate_attention
+from ._array import AttnProblem, check_bool, dlpack_interop, validate_attention
 
 __all__ = ["flex_attention"]
 
@@ -34,6 +34,7 @@ def _flat(x, prob: AttnProblem, heads: int):
     return xp.ascontiguousarray(x.reshape(-1, heads, *x.shape[-2:]).reshape(-1, *x.shape[-2:]))
 
 
+@dlpack_interop
 def flex_attention(
     q,
     k,

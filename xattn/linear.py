@@ -39,6 +39,7 @@ from ._array import (
     check_same_shape,
     check_scalar,
     check_seed,
+    dlpack_interop,
     supported_dtype,
     validate_attention,
 )
@@ -458,6 +459,7 @@ def _validate_linear(q, k, v, causal, eps, chunk_size, feature_map, extra=()):
     return prob, eps, chunk or DEFAULT_CHUNK, phi, dphi
 
 
+@dlpack_interop
 def linear_attention(
     q, k, v, /, *, feature_map="elu", causal=False, eps=1e-6, chunk_size=None
 ):
@@ -653,6 +655,7 @@ def _run_ratio(prob, a, b, w, out5, eps, chunk, f, ref=None):
     )
 
 
+@dlpack_interop
 def linear_attention_backward(
     dout, q, k, v, /, *, feature_map="elu", causal=False, eps=1e-6, chunk_size=None
 ):
@@ -845,6 +848,7 @@ def _performer_features(x, projection, xp=np):
     return xp.exp(_performer_log_features(x, projection, xp)) / math.sqrt(m)
 
 
+@dlpack_interop
 def performer_attention(
     q, k, v, /, *, num_features=None, causal=False, orthogonal=True, projection=None, seed=None
 ):

@@ -14,6 +14,7 @@ from ._array import (
     check_bool,
     check_scalar,
     compute_dtype,
+    dlpack_interop,
     supported_dtype,
 )
 
@@ -96,6 +97,7 @@ def _scaled_inv_freq(rotary_dim, base, scaling, seq_len):
     )
 
 
+@dlpack_interop
 def rotary_cos_sin(
     positions_or_length, rotary_dim, *, base=10000.0, scaling=None, dtype=np.float32, xp=None
 ):
@@ -172,6 +174,7 @@ def rotary_cos_sin(
     return xp.cos(freqs).astype(dtype), xp.sin(freqs).astype(dtype)
 
 
+@dlpack_interop
 def apply_rotary(x, cos, sin, /, *, interleaved=False):
     """Rotate the first ``2 * cos.shape[-1]`` channels of ``x`` by position (RoPE).
 
@@ -276,6 +279,7 @@ def alibi_slopes(num_heads, *, dtype=np.float32, xp=None):
     return xp.asarray(slopes.astype(dtype))
 
 
+@dlpack_interop
 def alibi_bias(slopes, q_len, k_len):
     """The dense ALiBi bias ``-slope_h * |i + k_len - q_len - j|``, ``(..., H, q_len, k_len)``.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from . import _masking
-from ._array import check_bool, check_int, validate_attention
+from ._array import check_bool, check_int, dlpack_interop, validate_attention
 
 __all__ = ["DEFAULT_MAX_SCORE_BYTES", "standard_attention"]
 
@@ -26,6 +26,7 @@ def heads_view(x, prob, heads):
     return x.reshape(*prob.batch, prob.hkv, heads, *x.shape[-2:])
 
 
+@dlpack_interop
 def standard_attention(
     q,
     k,
