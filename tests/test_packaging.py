@@ -4,8 +4,12 @@ LICENSE and the sdist carry what they promise."""
 from __future__ import annotations
 
 import pathlib
+import shutil
 import subprocess
 import sys
+import tarfile
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -58,3 +62,83 @@ def test_core_functions_run_on_a_base_install():
         "    print('flex:', exc)\n"
     )
     assert res.returncode == 0, res.stderr
+
+
+# --- metadata, LICENSE, sdist ----------------------------------------------------------------
+
+
+def _pyproject():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_license_file_and_spdx_expression():
+    text = (ROOT / "LICENSE").read_text()
+    assert text.startswith("BSD 3-Clause License") and "xattn developers" in text
+    project = _pyproject()["project"]
+    assert project["license"] == "BSD-3-Clause"  # SPDX string, not the deprecated table
+    assert project["license-files"] == ["LICENSE"]
+    assert not any(c.startswith("License ::") for c in project["classifiers"])
+
+
+def test_one_version_source():
+    import xattn
+
+    meta = _pyproject()
+    assert "version" not in meta["project"] and "version" in meta["project"]["dynamic"]
+    assert meta["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "xattn.__version__"}
+    assert xattn.__version__
+
+
+def test_dependencies_and_extras():
+    project = _pyproject()["project"]
+    assert [d.split(">")[0] for d in project["dependencies"]] == ["numpy"]
+    extras = project["optional-dependencies"]
+    assert any(d.startswith("scipy") for d in extras["numba"])
+    # No CUDA library in the test extra; NVRTC has its own, pinned.
+    assert not any(d.startswith("nvidia") for d in extras["test"])
+    assert extras["kernels"] == ["nvidia-cuda-nvrtc==13.5.37"]
+    torch_pins = [d for e in extras.values() for d in e if d.startswith("torch")]
+    assert all(d == "torch==2.13.0" for d in torch_pins)
+
+
+def test_scipy_imported_only_behind_the_numba_backend():
+    # scipy left the core dependencies: only the fused numba kernels may import it, and they
+    # load after fused.supports has checked that it is installed.
+    users = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "xattn").rglob("*.py")
+                   if "import scipy" in p.read_text())
+    assert users == ["xattn/_backends/numpy_/_fused_kernels.py",
+                     "xattn/_backends/numpy_/fused.py"]
+
+
+def test_sdist_carries_its_tests(tmp_path):
+    setuptools = pytest.importorskip("setuptools")
+    if int(setuptools.__version__.split(".")[0]) < 77:
+        pytest.skip(f"setuptools {setuptools.__version__} < 77 cannot build this pyproject")
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "build", "dist", "_build", "generated", ".asv", "*.egg-info",
+        "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis", "bench_results"))
+    out = tmp_path / "dist"
+    code = "import sys; from setuptools import build_meta as b; print(b.build_sdist(sys.argv[1]))"
+    done = subprocess.run([sys.executable, "-c", code, str(out)], cwd=src, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    (name,) = [p for p in out.iterdir() if p.name.endswith(".tar.gz")]
+    with tarfile.open(name) as tar:
+        members = {m.split("/", 1)[1] for m in tar.getnames() if "/" in m}
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(tmp_path / "unpacked", **safe)
+    assert {"LICENSE", "PKG-INFO", "tests/conftest.py", "tests/data/rope_golden.npz",
+            "tests/test_positional.py", "tools/check_kernels.py"} <= members
+    assert not [m for m in members if "__pycache__" in m]
+    (tree,) = (tmp_path / "unpacked").iterdir()
+    pkg_info = (tree / "PKG-INFO").read_text()
+    assert "License-Expression: BSD-3-Clause" in pkg_info and "License-File: LICENSE" in pkg_info
+    # The tests run from the unpacked tree (golden data, conftest fixtures, doctests).
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "tests/test_positional.py", "-k", "golden or alibi_bias", "xattn/positional.py"],
+        cwd=tree, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout
