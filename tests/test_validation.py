@@ -303,7 +303,8 @@ BOOL_FLAGS = _bool_flags()
 
 def test_every_bool_flag_has_a_call():
     # A new public function with a boolean flag must be added to _public_calls.
-    assert {label for label, _ in BOOL_FLAGS} <= set(_public_calls())
+    missing = {label for label, _ in BOOL_FLAGS} - set(_public_calls())
+    assert not missing, f"add a valid call of {sorted(missing)} to _public_calls"
     assert ("standard_attention", "return_weights") in BOOL_FLAGS
 
 
