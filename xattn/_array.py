@@ -152,7 +152,9 @@ def check_seed(name: str, seed) -> np.random.Generator:
     """A NumPy Generator from ``seed``: None, a non-negative int, a SeedSequence or a
     Generator (used as is, so its state advances), as :func:`numpy.random.default_rng`."""
     expected = "None, a non-negative int, a numpy.random.Generator or SeedSequence"
-    if isinstance(seed, (np.random.Generator, np.random.SeedSequence)) or seed is None:
+    if seed is None or isinstance(
+        seed, (np.random.Generator, np.random.BitGenerator, np.random.SeedSequence)
+    ):
         return np.random.default_rng(seed)
     if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"{name}: expected {expected}, got {seed!r}")
