@@ -196,6 +196,14 @@ def test_dynamic_needs_more_than_two_channels():
         ((-1, 8), {}, ValueError, r"positions_or_length: expected >= 0"),
         ((np.arange(4.0), 8), {}, TypeError, r"positions_or_length: expected an int or an integer"),
         (([0, 1, 2], 8), {}, TypeError, r"positions_or_length"),
+        # a zero or negative base made NaN tables silently
+        ((4, 8), {"base": 0}, ValueError, r"base: expected a positive number, got 0"),
+        ((4, 8), {"base": -10000.0}, ValueError, r"base: expected a positive number"),
+        ((4, 8), {"base": float("inf")}, ValueError, r"base: expected a finite number"),
+        ((4, 8), {"base": "10000"}, TypeError, r"base: expected a real number"),
+        # an integer table dtype truncated every cos/sin to 0 or 1
+        ((4, 8), {"dtype": np.int32}, TypeError, r"dtype: expected a floating dtype .* int32"),
+        ((4, 8), {"dtype": "bogus"}, TypeError, r"dtype: expected a floating dtype"),
     ],
 )
 def test_rotary_cos_sin_errors(args, kwargs, exc, match):
@@ -217,6 +225,15 @@ def test_apply_rotary_errors(x_shape, cos_shape, exc, match):
     c = np.ones(cos_shape, np.float32)
     with pytest.raises(exc, match=match):
         xattn.apply_rotary(x, c, c)
+
+
+@pytest.mark.parametrize("flag", ["no", 1, None])
+def test_apply_rotary_interleaved_must_be_bool(flag):
+    # "no" used to mean True (truthiness).
+    x = np.ones((4, 8), np.float32)
+    c, s = xattn.rotary_cos_sin(4, 8)
+    with pytest.raises(TypeError, match=r"interleaved: expected a bool"):
+        xattn.apply_rotary(x, c, s, interleaved=flag)
 
 
 def test_apply_rotary_dtype_errors():
@@ -327,6 +344,11 @@ def test_alibi_slopes_match_bloom(n):
     np.testing.assert_allclose(ours64, paper_slopes(n), rtol=1e-14)
 
 
+def test_alibi_slopes_dtype_must_be_floating():
+    with pytest.raises(TypeError, match=r"dtype: expected a floating dtype"):
+        xattn.alibi_slopes(8, dtype=np.int64)
+
+
 @pytest.mark.parametrize("n,exc", [(0, ValueError), (-3, ValueError), (2.0, TypeError),
                                    (True, TypeError)])
 def test_alibi_slopes_errors(n, exc):
@@ -341,6 +363,24 @@ def test_alibi_bias_values(q_len, k_len):
     assert bias.shape == (2, 2, q_len, k_len) and bias.dtype == slopes.dtype
     for b, h, i, j in np.ndindex(bias.shape):
         assert bias[b, h, i, j] == -slopes[b, h] * abs(i + k_len - q_len - j)
+
+
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16", "float32"])
+def test_alibi_bias_16bit_slopes_exact_distances(dtype_name):
+    # Distances used to be computed in the slopes' dtype: float16 rounds integers past 2048
+    # (bias[0, 3001, 3000] was -0.0 instead of -0.25), bfloat16 past 256. The bias is now
+    # computed and returned in float32, the values flash_attention adds in its kernels.
+    if dtype_name == "bfloat16" and BF16 is None:
+        pytest.skip("ml_dtypes missing")
+    dt = BF16 if dtype_name == "bfloat16" else np.dtype(dtype_name)
+    slopes = xattn.alibi_slopes(4).astype(dt)
+    bias = xattn.alibi_bias(slopes, 4096, 4096)
+    assert bias.dtype == np.float32
+    s0 = float(slopes[0])
+    assert bias[0, 3001, 3000] == np.float32(-s0)
+    assert bias[0, 4000, 3000] == np.float32(-s0 * 1000)
+    i = np.arange(4096)
+    np.testing.assert_array_equal(bias[0, i, 0], (-np.float32(s0) * i).astype(np.float32))
 
 
 def test_alibi_bias_errors():

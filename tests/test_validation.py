@@ -240,3 +240,141 @@ def test_import_loads_neither_cupy_nor_numba():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+# --- #9 item 11: every boolean flag is a bool, every integer option named in its error --------
+
+def _small():
+    q = np.ones((1, 2, 8, 4), np.float32)
+    kv = np.ones((1, 2, 8, 4), np.float32)
+    return q, kv
+
+
+def _public_calls():
+    """One valid call per public callable, as ``(name, fn(**options))``; arrays positional."""
+    q, kv = _small()
+    out, lse = xattn.flash_attention(q, kv, kv, return_lse=True)
+    cos, sin = xattn.rotary_cos_sin(8, 4)
+    bm = xattn.BlockMask.causal(8, block_size=4)
+    bms = xattn.BlockMask
+    return {
+        "standard_attention": lambda **o: xattn.standard_attention(q, kv, kv, **o),
+        "flash_attention": lambda **o: xattn.flash_attention(q, kv, kv, **o),
+        "flash_attention_backward":
+            lambda **o: xattn.flash_attention_backward(out, q, kv, kv, out, lse, **o),
+        "flex_attention": lambda **o: xattn.flex_attention(q, kv, kv, **o),
+        "linear_attention": lambda **o: xattn.linear_attention(q, kv, kv, **o),
+        "linear_attention_backward":
+            lambda **o: xattn.linear_attention_backward(out, q, kv, kv, **o),
+        "performer_attention": lambda **o: xattn.performer_attention(q, kv, kv, **o),
+        "performer_projection": lambda **o: xattn.performer_projection(8, 4, **o),
+        "apply_rotary": lambda **o: xattn.apply_rotary(q, cos, sin, **o),
+        "block_sparse_attention": lambda **o: xattn.block_sparse_attention(q, kv, kv, bm, **o),
+        "longformer_attention": lambda **o: xattn.longformer_attention(
+            q, kv, kv, window=2, global_tokens=[0], block_size=4, **o),
+        "bigbird_attention": lambda **o: xattn.bigbird_attention(
+            q, kv, kv, block_size=4, window_blocks=1, random_blocks=0, **o),
+        "BlockMask.documents": lambda **o: bms.documents([0, 3, 8], block_size=4, **o),
+        "BlockMask.sliding_window":
+            lambda **o: bms.sliding_window(8, window=(2, 0), block_size=4, **o),
+    }
+
+
+def _bool_flags():
+    """Every (public callable, parameter) whose default is a bool, found by introspection."""
+    found = []
+    for name in xattn.__all__:
+        obj = getattr(xattn, name)
+        members = ([(f"{name}.{m}", getattr(obj, m)) for m in dir(obj) if not m.startswith("_")]
+                   if inspect.isclass(obj) else [(name, obj)])
+        for label, fn in members:
+            if not callable(fn):
+                continue
+            try:
+                params = inspect.signature(fn).parameters.values()
+            except (TypeError, ValueError):
+                continue
+            found += [(label, p.name) for p in params if isinstance(p.default, bool)]
+    return found
+
+
+BOOL_FLAGS = _bool_flags()
+
+
+def test_every_bool_flag_has_a_call():
+    # A new public function with a boolean flag must be added to _public_calls.
+    missing = {label for label, _ in BOOL_FLAGS} - set(_public_calls())
+    assert not missing, f"add a valid call of {sorted(missing)} to _public_calls"
+    assert ("standard_attention", "return_weights") in BOOL_FLAGS
+
+
+@pytest.mark.parametrize("label,flag", BOOL_FLAGS, ids=[f"{a}-{b}" for a, b in BOOL_FLAGS])
+@pytest.mark.parametrize("value", ["no", 1, None])
+def test_bool_flags_reject_non_bools(label, flag, value):
+    # return_lse="no" used to return a tuple, interleaved="no" meant True (truthiness).
+    call = _public_calls()[label]
+    with pytest.raises(TypeError, match=rf"{flag}: expected a bool, got"):
+        call(**{flag: value})
+
+
+@pytest.mark.parametrize("label,flag", BOOL_FLAGS, ids=[f"{a}-{b}" for a, b in BOOL_FLAGS])
+def test_bool_flags_accept_numpy_bool(label, flag):
+    if label == "flex_attention":
+        pytest.importorskip("numba")
+    call = _public_calls()[label]
+    call(**{flag: np.False_})
+
+
+@pytest.mark.parametrize("seed", [-1, 2.5, "seven"])
+def test_performer_seed_named_in_error(seed):
+    q, kv = _small()
+    exc = ValueError if seed == -1 else TypeError
+    with pytest.raises(exc, match=r"seed: expected None, a non-negative int"):
+        xattn.performer_attention(q, kv, kv, seed=seed)
+    with pytest.raises(exc, match=r"seed: expected None, a non-negative int"):
+        xattn.performer_projection(8, 4, seed=seed)
+
+
+def test_performer_seed_accepts_generators():
+    a = xattn.performer_projection(8, 4, seed=np.random.default_rng(3))
+    b = xattn.performer_projection(8, 4, seed=np.random.SeedSequence(3))
+    c = xattn.performer_projection(8, 4, seed=np.int64(3))
+    np.testing.assert_array_equal(a, xattn.performer_projection(8, 4, seed=3))
+    np.testing.assert_array_equal(b, c)
+
+
+@pytest.mark.parametrize(
+    "value,exc,match",
+    [("lots", TypeError, r"max_score_bytes: expected an int >= 1, got 'lots'"),
+     (0, ValueError, r"max_score_bytes: expected an int >= 1, got 0"),
+     (1.5e9, TypeError, r"max_score_bytes: expected an int"),
+     (True, TypeError, r"max_score_bytes: expected an int")],
+)
+def test_max_score_bytes_validated(value, exc, match):
+    q, kv = _small()
+    with pytest.raises(exc, match=match):
+        xattn.standard_attention(q, kv, kv, max_score_bytes=value)
+
+
+def test_from_dense_big_block_allocates_only_the_mask():
+    # block_size=20000 on a 5x5 mask allocated a (20000, 20000) buffer and tile (381 MiB).
+    import tracemalloc
+
+    m = np.tril(np.ones((5, 5), bool)) | np.eye(5, k=3, dtype=bool)
+    tracemalloc.start()
+    try:
+        bm = xattn.BlockMask.from_dense(m, block_size=20000)
+        dense = bm.to_dense()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"peak {peak} bytes"
+    assert bm.block_size == (20000, 20000) and bm.n_blocks == (1, 1)
+    np.testing.assert_array_equal(dense, m)
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 5, 8)).astype(np.float32) for _ in range(3))
+    np.testing.assert_allclose(xattn.flash_attention(q, k, v, block_mask=bm),
+                               xattn.standard_attention(q, k, v, mask=m), rtol=1e-5, atol=1e-6)
+    # It still combines with other masks of the same block_size, as any BlockMask does.
+    both = bm & xattn.BlockMask.causal(5, block_size=20000)
+    np.testing.assert_array_equal(both.to_dense(), m & np.tril(np.ones((5, 5), bool)))

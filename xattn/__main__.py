@@ -20,7 +20,7 @@ import tracemalloc
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib.util import resolve_name
+from importlib.util import find_spec, resolve_name
 from typing import Any
 
 import numpy as np
@@ -60,11 +60,26 @@ VARIANT_NEEDS = {
     "performer": ("performer_attention",),
 }
 
+# Optional modules a variant needs, and the extra that installs them: without them the row is
+# skipped with a one-line reason (a base install, numpy only, still runs the main job).
+VARIANT_EXTRAS = {
+    "flex": ("numba", ("numba", "threadpoolctl")),
+}
+
 SOFTCAP = 10.0
 
 
 class UsageError(Exception):
     """A bad option: reported as one line with exit code 2."""
+
+
+def missing_extra(name: str) -> str | None:
+    """Why variant ``name`` cannot run here (an optional module is not installed), or None."""
+    extra, modules = VARIANT_EXTRAS.get(name, (None, ()))
+    missing = [m for m in modules if find_spec(m) is None]
+    if not missing:
+        return None
+    return f"needs {' and '.join(missing)}: pip install 'xattn[{extra}]'"
 
 
 def available_variants() -> list[str]:
@@ -242,6 +257,7 @@ class Case:
     pairs: int | None  # visible (query, key) pairs per head; None: not softmax attention
     reference: Callable[[], np.ndarray] | None
     versus: str
+    skip: str | None = None  # why the row cannot run here (e.g. an extra not installed)
 
 
 def band_pairs(sq: int, sk: int, causal: bool, window) -> int:
@@ -382,7 +398,10 @@ def build_cases(p: Problem) -> list[Case]:
         exact(name, fn, backend, pairs, kk=kk, vv=vv, causal=causal, **opts)
 
     for name in cfg.variants:
-        if name == "standard":
+        why = missing_extra(name)
+        if why is not None:
+            cases.append(Case(name, None, lambda: None, None, None, "", skip=why))
+        elif name == "standard":
             exact(name, lambda: xattn.standard_attention(q, k, v, causal=causal), dev, full)
         elif name == "flash":
             reasons = _backends.available_backends(xp)
@@ -579,6 +598,9 @@ class Row:
 
 def run_case(p: Problem, case: Case) -> Row:
     xp, cfg = p.xp, p.cfg
+    if case.skip is not None:
+        return Row(case.name, "-", None, None, None, None, case.versus,
+                   note=f"skipped, {case.skip}")
     try:
         with recording_backends() as chosen:
             out = _first(case.call())  # warm-up: JIT compilation, caches, kernel builds

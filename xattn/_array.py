@@ -10,6 +10,8 @@ unless a CuPy array has actually been passed in.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import numbers
 from dataclasses import dataclass
@@ -21,7 +23,11 @@ __all__ = [
     "AttnProblem",
     "array_namespace",
     "bfloat16_dtype",
+    "check_bool",
+    "check_int",
+    "check_seed",
     "compute_dtype",
+    "dlpack_interop",
     "is_cupy",
     "validate_attention",
 ]
@@ -49,12 +55,17 @@ def array_namespace(*arrays: Any, names: tuple[str, ...] | None = None):
         if a is None:
             continue
         if isinstance(a, np.ndarray):
+            _check_not_subclass(name, a)
             kinds[name] = "numpy"
         elif is_cupy(a):
             kinds[name] = "cupy"
         else:
+            hint = ""
+            if hasattr(a, "__dlpack__"):
+                hint = (f"; convert it with numpy.from_dlpack({name}) (cupy.from_dlpack on a "
+                        "GPU) and the result back with its library's from_dlpack")
             raise TypeError(
-                f"{name}: expected a numpy.ndarray or cupy.ndarray, got {_describe(a)}"
+                f"{name}: expected a numpy.ndarray or cupy.ndarray, got {_describe(a)}{hint}"
             )
     found = set(kinds.values())
     if len(found) > 1:
@@ -74,6 +85,18 @@ def array_namespace(*arrays: Any, names: tuple[str, ...] | None = None):
             raise TypeError(f"inputs live on different CUDA devices ({detail})")
         return cupy
     return np
+
+
+def _check_not_subclass(name: str, a) -> None:
+    # A subclass carries meaning that plain array arithmetic drops (a MaskedArray's mask, a
+    # matrix's `*`): refuse it rather than compute on its data as if it were not there.
+    # np.memmap is a plain ndarray over a file and is accepted.
+    if type(a) is not np.ndarray and not isinstance(a, np.memmap):
+        raise TypeError(
+            f"{name}: expected a plain numpy.ndarray, got the subclass {_describe(a)}; pass "
+            f"numpy.asarray({name}) if its data alone is meant (for a MaskedArray, fill the "
+            "masked entries and pass the visibility as mask=)"
+        )
 
 
 def bfloat16_dtype():
@@ -112,6 +135,32 @@ def check_bool(name: str, value) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
     return bool(value)
+
+
+def check_int(name: str, value, *, minimum: int = 0, default=None):
+    """``value`` as a Python int ``>= minimum``; ``None`` gives ``default`` when one is set."""
+    if value is None and default is not None:
+        return default
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_seed(name: str, seed) -> np.random.Generator:
+    """A NumPy Generator from ``seed``: None, a non-negative int, a SeedSequence or a
+    Generator (used as is, so its state advances), as :func:`numpy.random.default_rng`."""
+    expected = "None, a non-negative int, a numpy.random.Generator or SeedSequence"
+    if seed is None or isinstance(
+        seed, (np.random.Generator, np.random.BitGenerator, np.random.SeedSequence)
+    ):
+        return np.random.default_rng(seed)
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name}: expected {expected}, got {seed!r}")
+    if seed < 0:
+        raise ValueError(f"{name}: expected {expected}, got {seed}")
+    return np.random.default_rng(int(seed))
 
 
 def check_scalar(name: str, value, *, positive: bool = True, allow_none: bool = True):
@@ -343,3 +392,157 @@ def check_same_shape(name: str, x, shape: tuple, dtype=None) -> None:
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(x.shape)}")
     if dtype is not None and np.dtype(x.dtype) != np.dtype(dtype):
         raise TypeError(f"{name}: expected dtype {np.dtype(dtype)}, got {x.dtype}")
+
+
+# --- DLPack: PyTorch tensors and JAX arrays in, the same type out ----------------------------
+#
+# A public function decorated with @dlpack_interop accepts arrays of the libraries below: each
+# is viewed without a copy as a NumPy array (CPU) or a CuPy array (CUDA) through DLPack, the
+# function computes on the views, and every array it returns is handed back through the
+# library's own from_dlpack (again without a copy). Arrays of any other library are refused
+# with a message naming from_dlpack: xattn cannot know how to give their type back.
+
+_DL_CPU, _DL_CUDA, _DL_ROCM, _DL_CUDA_MANAGED = 1, 2, 10, 13
+
+
+class _Torch:
+    name = "torch"
+
+    @staticmethod
+    def export(name, x):
+        """``x`` as an object NumPy/CuPy can import, and whether it is bfloat16 bits."""
+        import torch
+
+        if x.requires_grad:
+            raise TypeError(
+                f"{name}: a torch.Tensor that requires grad; xattn has no autograd: pass "
+                f"{name}.detach() (gradients: xattn.flash_attention_backward and friends)"
+            )
+        if x.dtype == torch.bfloat16:  # DLPack bfloat16 has no NumPy dtype: share the bits
+            return x.view(torch.uint16), True
+        return x, False
+
+    @staticmethod
+    def back(a):
+        import torch
+
+        if np.dtype(a.dtype).name == "bfloat16":
+            return torch.from_dlpack(a.view(np.uint16)).view(torch.bfloat16)
+        return torch.from_dlpack(a)
+
+
+class _Jax:
+    name = "jax"
+
+    @staticmethod
+    def export(name, x):
+        if str(x.dtype) == "bfloat16":
+            raise TypeError(
+                f"{name}: a bfloat16 JAX array cannot be shared with NumPy through DLPack "
+                "(NumPy has no bfloat16 type, and JAX cannot reinterpret it without a copy); "
+                "pass numpy.asarray(x) (ml_dtypes.bfloat16) or float32"
+            )
+        return x, False
+
+    @staticmethod
+    def back(a):
+        import jax.dlpack
+
+        return jax.dlpack.from_dlpack(a)
+
+
+# Top-level module of the array's type -> how to share it.
+_LIBRARIES = {"torch": _Torch, "jax": _Jax, "jaxlib": _Jax}
+
+
+def _foreign(a) -> bool:
+    """True for an object NumPy/CuPy arrays are not, that offers DLPack."""
+    return not isinstance(a, np.ndarray) and not is_cupy(a) and hasattr(a, "__dlpack__")
+
+
+def _import_foreign(name, a):
+    """The NumPy or CuPy view of a foreign DLPack array, and its library."""
+    lib = _LIBRARIES.get(type(a).__module__.split(".")[0])
+    if lib is None:
+        raise TypeError(
+            f"{name}: expected a numpy.ndarray or cupy.ndarray (PyTorch tensors and JAX arrays "
+            f"are converted through DLPack), got {_describe(a)}; convert it with "
+            f"numpy.from_dlpack({name}) (cupy.from_dlpack on a GPU) and the result back with "
+            "its library's from_dlpack"
+        )
+    x, bf16_bits = lib.export(name, a)
+    device, _ = x.__dlpack_device__()
+    try:
+        if device == _DL_CPU:
+            view = np.from_dlpack(x)
+        elif device in (_DL_CUDA, _DL_CUDA_MANAGED, _DL_ROCM):
+            import cupy
+
+            view = cupy.from_dlpack(x)
+        else:
+            raise TypeError(f"DLPack device type {int(device)} is neither the CPU nor a GPU")
+    except (BufferError, RuntimeError, TypeError, ValueError) as exc:
+        raise TypeError(f"{name}: cannot view this {_describe(a)} without a copy: {exc}") from exc
+    if bf16_bits:
+        bf16 = bfloat16_dtype()
+        if bf16 is None or not isinstance(view, np.ndarray):
+            raise TypeError(f"{name}: bfloat16 from {lib.name} needs ml_dtypes and the CPU "
+                            "(pip install 'xattn[bf16]')")
+        view = view.view(bf16)
+    return view, lib
+
+
+def _give_back(result, lib):
+    """Every NumPy/CuPy array in ``result`` (nested in tuples/lists) as ``lib``'s type."""
+    if isinstance(result, (tuple, list)):
+        return type(result)(_give_back(r, lib) for r in result)
+    if isinstance(result, np.ndarray):
+        if not result.flags.writeable or any(st < 0 for st in result.strides):
+            # Our own result, but a read-only or reversed view that DLPack cannot export.
+            result = result.copy()
+        return lib.back(result)
+    if is_cupy(result):
+        return lib.back(result)
+    return result
+
+
+def dlpack_interop(fn):
+    """Let the public function ``fn`` take PyTorch/JAX arrays and return their type.
+
+    NumPy and CuPy arguments go through untouched (the fast path: one type check per
+    argument). A foreign argument, alone or in a tuple/list argument, is replaced by its NumPy
+    or CuPy view; NumPy/CuPy arrays may be mixed with one foreign library (e.g.
+    ``alibi_slopes=xattn.alibi_slopes(8)`` with torch q, k, v), two libraries may not.
+    """
+    params = list(inspect.signature(fn).parameters)
+
+    def has_foreign(a):
+        if isinstance(a, (tuple, list)):
+            return any(_foreign(x) for x in a)
+        return _foreign(a)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not (any(map(has_foreign, args)) or any(map(has_foreign, kwargs.values()))):
+            return fn(*args, **kwargs)
+        libs = {}
+
+        def convert(name, a):
+            if isinstance(a, (tuple, list)) and any(_foreign(x) for x in a):
+                return type(a)(convert(f"{name}[{i}]", x) for i, x in enumerate(a))
+            if not _foreign(a):
+                return a
+            view, lib = _import_foreign(name, a)
+            libs.setdefault(lib.name, name)
+            return view
+
+        names = [params[i] if i < len(params) else f"argument {i}" for i in range(len(args))]
+        args = tuple(convert(n, a) for n, a in zip(names, args, strict=True))
+        kwargs = {n: convert(n, a) for n, a in kwargs.items()}
+        if len(libs) > 1:
+            detail = ", ".join(f"{n} is a {lib} array" for lib, n in libs.items())
+            raise TypeError(f"inputs mix array libraries ({detail}); pass one library's arrays")
+        (lib,) = {_LIBRARIES[k] for k in libs}
+        return _give_back(fn(*args, **kwargs), lib)
+
+    return wrapper

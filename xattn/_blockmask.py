@@ -45,7 +45,7 @@ from functools import lru_cache
 import numpy as np
 
 from . import _masking
-from ._array import normalize_window
+from ._array import _check_not_subclass, normalize_window
 
 __all__ = [
     "BlockMask",
@@ -446,8 +446,10 @@ class BlockMask:
         i0, i1 = q0 // bq, -(-q1 // bq)
         j0, j1 = k0 // bk, -(-k1 // bk)
         grid, pidx = self._grid(i0, i1, j0, j1)
-        out = np.repeat(np.repeat(grid == 1, bq, axis=0), bk, axis=1)
-        out = out[q0 - i0 * bq:q1 - i0 * bq, k0 - j0 * bk:k1 - j0 * bk]
+        # Index the block grid per element: O((q1 - q0) * (k1 - k0)), never O(bq * bk).
+        rows = np.arange(q0, q1) // bq - i0
+        cols = np.arange(k0, k1) // bk - j0
+        out = (grid == 1)[rows[:, None], cols[None, :]]
         for r, c in np.argwhere(grid == 2).tolist():
             i, j = i0 + r, j0 + c
             a0, a1 = max(i * bq, q0), min((i + 1) * bq, q1, self.q_len)
@@ -478,9 +480,15 @@ class BlockMask:
         """Every partial block's ``(bq, bk)`` boolean tile in CSR order, as one array
         ``(num_partial_blocks, bq, bk)`` (edge tiles padded with False): the ``RULE_DENSE``
         lowering of any rule, for kernels that do not implement it."""
-        if self.rule_kind == RULE_DENSE:
-            return self.rule_data["tiles"]
         bq, bk = self.block_size
+        if self.rule_kind == RULE_DENSE:
+            stored = self.rule_data["tiles"]
+            if stored.shape[1:] == (bq, bk):
+                return stored
+            # from_dense stores tiles clamped to a mask smaller than one block: pad on demand.
+            out = np.zeros((len(stored), bq, bk), dtype=bool)
+            out[:, :stored.shape[1], :stored.shape[2]] = stored
+            return _readonly(out)
         out = np.zeros((self.num_partial_blocks, bq, bk), dtype=bool)
         for p, tile in enumerate(self._partial_tile_iter()):
             out[p, :tile.shape[0], :tile.shape[1]] = tile
@@ -718,6 +726,8 @@ class BlockMask:
         >>> bm.num_full_blocks, bm.num_partial_blocks, bool((bm.to_dense() == m).all())
         (2, 2, True)
         """
+        if isinstance(mask, np.ndarray):  # np.asarray would drop a MaskedArray's mask
+            _check_not_subclass("mask", mask)
         m = _host_array("mask", mask)
         if m.ndim != 2:
             raise ValueError(f"mask: expected a 2-D (q_len, k_len) array, got shape {m.shape}")
@@ -978,13 +988,17 @@ def _from_strips(q_len, k_len, bs, strip, desc):
     """Classify blocks one query-block row at a time; keep the partial tiles."""
     bq, bk = bs
     nq, nk = -(-q_len // bq), -(-k_len // bk)
+    # A block larger than the mask holds only the mask: buffers and stored tiles are clamped to
+    # it (a 5x5 mask with block_size=20000 must not allocate 20000**2 bytes). The block grid
+    # and block_size stay as asked, so the mask combines with others of that block_size.
+    tq, tk = min(bq, q_len), min(bk, k_len)
     cols_per_block = np.minimum(np.arange(1, nk + 1) * bk, k_len) - np.arange(nk) * bk
     full_rows, full_cols, part_rows, part_cols, tiles = [], [], [], [], []
     for i in range(nq):
         q0, q1 = i * bq, min((i + 1) * bq, q_len)
-        m = np.zeros((bq, nk * bk), bool)
+        m = np.zeros((tq, nk * tk), bool)
         m[:q1 - q0, :k_len] = strip(q0, q1)
-        blocks = m.reshape(bq, nk, bk).transpose(1, 0, 2)  # (nk, bq, bk)
+        blocks = m.reshape(tq, nk, tk).transpose(1, 0, 2)  # (nk, tq, tk)
         counts = blocks.sum(axis=(1, 2))
         status = _classify(counts[None], np.array([q1 - q0]), cols_per_block)[0]
         f, p = np.flatnonzero(status == 1), np.flatnonzero(status == 2)
@@ -996,7 +1010,7 @@ def _from_strips(q_len, k_len, bs, strip, desc):
     cat = np.concatenate
     return BlockMask(q_len, k_len, bs, (cat(full_rows), cat(full_cols)),
                      (cat(part_rows), cat(part_cols)), rule_kind=RULE_DENSE,
-                     tiles=cat(tiles) if tiles else np.zeros((0, bq, bk), bool),
+                     tiles=cat(tiles) if tiles else np.zeros((0, tq, tk), bool),
                      description=desc)
 
 

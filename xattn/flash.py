@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import _backends
-from ._array import check_bool, check_same_shape, validate_attention
+from ._array import check_bool, check_same_shape, dlpack_interop, validate_attention
 
 __all__ = ["flash_attention", "flash_attention_backward"]
 
@@ -12,6 +12,7 @@ def _options(prob):
     return {}
 
 
+@dlpack_interop
 def flash_attention(
     q,
     k,
@@ -84,6 +85,7 @@ def flash_attention(
         scale=scale,
     )
     allow_tf32 = check_bool("allow_tf32", allow_tf32)
+    return_lse = check_bool("return_lse", return_lse)
     opts, sparse = _options(prob), {}
     if block_mask is not None:
         from . import sparse as _sparse
@@ -110,6 +112,7 @@ def flash_attention(
     return (out, lse) if return_lse else out
 
 
+@dlpack_interop
 def flash_attention_backward(
     dout,
     q,

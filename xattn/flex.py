@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from ._array import AttnProblem, validate_attention
+from ._array import AttnProblem, check_bool, dlpack_interop, validate_attention
 
 __all__ = ["flex_attention"]
 
@@ -34,6 +34,7 @@ def _flat(x, prob: AttnProblem, heads: int):
     return xp.ascontiguousarray(x.reshape(-1, heads, *x.shape[-2:]).reshape(-1, *x.shape[-2:]))
 
 
+@dlpack_interop
 def flex_attention(
     q,
     k,
@@ -93,6 +94,7 @@ def flex_attention(
     True
     """
     prob = validate_attention(q, k, v, scale=scale)
+    return_lse = check_bool("return_lse", return_lse)
     score_mod = _keep_score if score_mod is None else score_mod
     mask_mod = _see_all if mask_mod is None else mask_mod
     for name, fn in (("score_mod", score_mod), ("mask_mod", mask_mod)):

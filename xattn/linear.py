@@ -35,8 +35,11 @@ import numpy as np
 
 from ._array import (
     array_namespace,
+    check_bool,
     check_same_shape,
     check_scalar,
+    check_seed,
+    dlpack_interop,
     supported_dtype,
     validate_attention,
 )
@@ -456,6 +459,7 @@ def _validate_linear(q, k, v, causal, eps, chunk_size, feature_map, extra=()):
     return prob, eps, chunk or DEFAULT_CHUNK, phi, dphi
 
 
+@dlpack_interop
 def linear_attention(
     q, k, v, /, *, feature_map="elu", causal=False, eps=1e-6, chunk_size=None
 ):
@@ -651,6 +655,7 @@ def _run_ratio(prob, a, b, w, out5, eps, chunk, f, ref=None):
     )
 
 
+@dlpack_interop
 def linear_attention_backward(
     dout, q, k, v, /, *, feature_map="elu", causal=False, eps=1e-6, chunk_size=None
 ):
@@ -809,11 +814,10 @@ def performer_projection(num_features, head_dim, *, orthogonal=True, seed=None, 
     """
     m = _check_int("num_features", num_features, allow_none=False)
     d = _check_int("head_dim", head_dim, allow_none=False)
-    if not isinstance(orthogonal, (bool, np.bool_)):
-        raise TypeError(f"orthogonal: expected a bool, got {type(orthogonal).__name__}")
+    orthogonal = check_bool("orthogonal", orthogonal)
     if xp is not None and getattr(xp, "__name__", None) not in ("numpy", "cupy"):
         raise TypeError(f"xp: expected the numpy or cupy module, got {xp!r}")
-    rng = np.random.default_rng(seed)
+    rng = check_seed("seed", seed)
     if orthogonal:
         qm, r = np.linalg.qr(rng.standard_normal((-(-m // d), d, d)))
         # Fixing the signs of R's diagonal makes Q Haar distributed (Mezzadri 2007).
@@ -844,6 +848,7 @@ def _performer_features(x, projection, xp=np):
     return xp.exp(_performer_log_features(x, projection, xp)) / math.sqrt(m)
 
 
+@dlpack_interop
 def performer_attention(
     q, k, v, /, *, num_features=None, causal=False, orthogonal=True, projection=None, seed=None
 ):

@@ -8,9 +8,30 @@ import numbers
 import numpy as np
 
 from . import _masking
-from ._array import _check_float, array_namespace
+from ._array import (
+    _check_float,
+    array_namespace,
+    check_bool,
+    check_scalar,
+    compute_dtype,
+    dlpack_interop,
+    supported_dtype,
+)
 
 __all__ = ["alibi_bias", "alibi_slopes", "apply_rotary", "rotary_cos_sin"]
+
+
+def _float_dtype(dtype) -> np.dtype:
+    """``dtype=`` of a table: one of the floating dtypes xattn computes with."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype: expected a floating dtype, got {dtype!r}") from None
+    if not supported_dtype(dt):
+        raise TypeError(
+            f"dtype: expected a floating dtype (float16, bfloat16, float32 or float64), got {dt}"
+        )
+    return dt
 
 
 def _inv_freq(rotary_dim: int, base: float) -> np.ndarray:
@@ -76,6 +97,7 @@ def _scaled_inv_freq(rotary_dim, base, scaling, seq_len):
     )
 
 
+@dlpack_interop
 def rotary_cos_sin(
     positions_or_length, rotary_dim, *, base=10000.0, scaling=None, dtype=np.float32, xp=None
 ):
@@ -89,7 +111,8 @@ def rotary_cos_sin(
     rotary_dim : int
         Number of channels rotated (even, at most the head dim; partial rotary when smaller).
     base : float
-        RoPE base ``theta``.
+        RoPE base ``theta``, a finite number > 0 (else ``ValueError``: a zero or negative base
+        would give NaN tables).
     scaling : dict, optional
         Hugging Face rope parameters as found in a model config, e.g.
         ``{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -98,7 +121,8 @@ def rotary_cos_sin(
         ``original_max_position_embeddings``) or ``llama3``. A ``rope_theta`` entry (as in
         transformers 5 configs) must equal ``base``, else ``ValueError``.
     dtype : dtype
-        Of the returned tables (computed in float64 first).
+        Of the returned tables (computed in float64 first): float16, bfloat16, float32 or
+        float64 (else ``TypeError``).
     xp : module, optional
         ``numpy`` or ``cupy``; default: the namespace of ``positions_or_length``, else NumPy.
 
@@ -118,6 +142,8 @@ def rotary_cos_sin(
         raise TypeError(f"rotary_dim: expected an int, got {type(rotary_dim).__name__}")
     if rotary_dim <= 0 or rotary_dim % 2:
         raise ValueError(f"rotary_dim: expected a positive even int, got {rotary_dim}")
+    base = check_scalar("base", base, allow_none=False)
+    dtype = _float_dtype(dtype)
     if isinstance(positions_or_length, numbers.Integral) and not isinstance(
         positions_or_length, bool
     ):
@@ -140,7 +166,7 @@ def rotary_cos_sin(
             )
         pos = positions_or_length.astype(np.float64)
         seq_len = int(pos.max()) + 1 if pos.size else 0
-    inv = _scaled_inv_freq(int(rotary_dim), float(base), scaling, seq_len)
+    inv = _scaled_inv_freq(int(rotary_dim), base, scaling, seq_len)
     if xp.__name__ == "cupy":
         inv = xp.asarray(inv)
         pos = xp.asarray(pos)
@@ -148,6 +174,7 @@ def rotary_cos_sin(
     return xp.cos(freqs).astype(dtype), xp.sin(freqs).astype(dtype)
 
 
+@dlpack_interop
 def apply_rotary(x, cos, sin, /, *, interleaved=False):
     """Rotate the first ``2 * cos.shape[-1]`` channels of ``x`` by position (RoPE).
 
@@ -176,6 +203,7 @@ def apply_rotary(x, cos, sin, /, *, interleaved=False):
     True
     """
     xp = array_namespace(x, cos, sin, names=("x", "cos", "sin"))
+    interleaved = check_bool("interleaved", interleaved)
     _check_float("x", x)
     _check_float("cos", cos)
     _check_float("sin", sin)
@@ -238,6 +266,7 @@ def alibi_slopes(num_heads, *, dtype=np.float32, xp=None):
         raise TypeError(f"num_heads: expected an int, got {type(num_heads).__name__}")
     if num_heads < 1:
         raise ValueError(f"num_heads: expected >= 1, got {num_heads}")
+    dtype = _float_dtype(dtype)
     closest = 2 ** math.floor(math.log2(num_heads))
     base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
     slopes = base ** np.arange(1, 1 + closest, dtype=np.float64)
@@ -250,11 +279,16 @@ def alibi_slopes(num_heads, *, dtype=np.float32, xp=None):
     return xp.asarray(slopes.astype(dtype))
 
 
+@dlpack_interop
 def alibi_bias(slopes, q_len, k_len):
     """The dense ALiBi bias ``-slope_h * |i + k_len - q_len - j|``, ``(..., H, q_len, k_len)``.
 
     Symmetric and bottom-right aligned, as :func:`xattn.flash_attention` applies it in the kernel
     with ``alibi_slopes=``; passing this as ``bias=`` gives the same result (at O(S^2) memory).
+
+    The bias is computed and returned in the compute dtype of the slopes: float32 for float16,
+    bfloat16 and float32 slopes, float64 for float64 slopes. These are the values the kernels
+    add to the scores (a float16 table would round distances past 2048, bfloat16 past 256).
 
     Examples
     --------
@@ -269,5 +303,6 @@ def alibi_bias(slopes, q_len, k_len):
     for name, n in (("q_len", q_len), ("k_len", k_len)):
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
             raise ValueError(f"{name}: expected a non-negative int, got {n!r}")
-    dist = _masking.alibi_distance(xp, 0, q_len, 0, k_len, sq=q_len, sk=k_len, dtype=slopes.dtype)
-    return -slopes[..., None, None] * dist
+    cd = compute_dtype(slopes.dtype)
+    dist = _masking.alibi_distance(xp, 0, q_len, 0, k_len, sq=q_len, sk=k_len, dtype=cd)
+    return -slopes.astype(cd)[..., None, None] * dist

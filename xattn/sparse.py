@@ -20,7 +20,7 @@ from functools import lru_cache
 import numpy as np
 
 from . import _masking
-from ._array import validate_attention
+from ._array import dlpack_interop, validate_attention
 from ._blockmask import DEFAULT_BLOCK_SIZE, RULE_GLOBAL, BlockMask, global_token_flags
 from .flash import flash_attention
 
@@ -252,6 +252,7 @@ def per_batch(fn, prob, block_mask, arrays, options, *, backward=False):
 # --- public functions -----------------------------------------------------------------------
 
 
+@dlpack_interop
 def block_sparse_attention(q, k, v, block_mask, /, *, causal=False, window=None, mask=None,
                            bias=None, alibi_slopes=None, softcap=None, scale=None,
                            return_lse=False, backend="auto"):
@@ -304,6 +305,7 @@ def _self_attention_len(name, q, k, v, options):
     return prob
 
 
+@dlpack_interop
 def longformer_attention(q, k, v, /, *, window, global_tokens, block_size=DEFAULT_BLOCK_SIZE,
                          mask=None, bias=None, alibi_slopes=None, softcap=None, scale=None,
                          return_lse=False, backend="auto"):
@@ -353,6 +355,7 @@ def longformer_attention(q, k, v, /, *, window, global_tokens, block_size=DEFAUL
                            **options)
 
 
+@dlpack_interop
 def bigbird_attention(q, k, v, /, *, block_size=64, window_blocks=3, global_blocks=1,
                       random_blocks=3, seed=None, mask=None, bias=None, alibi_slopes=None,
                       softcap=None, scale=None, return_lse=False, backend="auto"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from . import _masking
-from ._array import validate_attention
+from ._array import check_bool, check_int, dlpack_interop, validate_attention
 
 __all__ = ["DEFAULT_MAX_SCORE_BYTES", "standard_attention"]
 
@@ -26,6 +26,7 @@ def heads_view(x, prob, heads):
     return x.reshape(*prob.batch, prob.hkv, heads, *x.shape[-2:])
 
 
+@dlpack_interop
 def standard_attention(
     q,
     k,
@@ -112,8 +113,11 @@ def standard_attention(
         softcap=softcap,
         scale=scale,
     )
+    return_lse = check_bool("return_lse", return_lse)
+    return_weights = check_bool("return_weights", return_weights)
     xp = prob.xp
-    limit = DEFAULT_MAX_SCORE_BYTES if max_score_bytes is None else int(max_score_bytes)
+    limit = check_int("max_score_bytes", max_score_bytes, minimum=1,
+                      default=DEFAULT_MAX_SCORE_BYTES)
     need = math.prod(prob.score_shape) * prob.cdtype.itemsize
     if need > limit:
         raise MemoryError(

@@ -63,9 +63,10 @@ def supports(prob, opts, op):
     """None when this backend serves the request, else the reason it cannot."""
     try:
         import numba  # noqa: F401
+        import scipy  # noqa: F401  (its BLAS serves numba's np.dot in the kernels)
         import threadpoolctl  # noqa: F401
     except ImportError as exc:
-        return f"needs numba and threadpoolctl (pip install 'xattn[numba]'): {exc}"
+        return f"needs numba, scipy and threadpoolctl (pip install 'xattn[numba]'): {exc}"
     if prob.xp is not np:
         return "runs on NumPy arrays only"
     # A BlockMask arrives as plan + element_rule (forward/backward take them).
