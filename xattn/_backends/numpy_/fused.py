@@ -21,8 +21,8 @@ results it matches), arranged for a multi-core CPU:
 * Backward (FlashAttention-2 recomputation from ``lse``): job = (batch element, kv head,
   share of the query blocks). A job owns ``dq`` of its query blocks and accumulates ``dk``,
   ``dv`` of its kv head; when there are fewer kv heads than threads, the query blocks are
-  split over several jobs, each with private ``dk``/``dv`` partials that are added under a
-  lock at the end (no races, no atomics).
+  split over several jobs, each with private ``dk``/``dv`` partials that are added in a fixed
+  order (no races, no atomics, and the same bits on every run).
 
 Memory per worker: one score tile (plus the ``dP`` tile in the backward pass) and O(block)
 row state, so the extra memory is independent of the sequence length.
@@ -224,10 +224,9 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
     scale = cd.type(prob.scale)
     width = _widest(plan)
     softcap = prob.softcap is not None
-    lock = threading.Lock()
 
     def job(args):
-        bidx, g, qblocks, private = args
+        bidx, g, qblocks, private, _ = args
         kg, vg = k4[bidx][g], v4[bidx][g]
         if private:
             dk_acc = np.zeros((prob.sk, D), dtype=cd)
@@ -295,13 +294,11 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
             dq_acc *= scale
             dq4[bidx][h0:h1, q0:q1] = dq_acc.reshape(nh, bq, D)
         if private:
-            with lock:
-                K.add_rows(dk4[bidx][g], dk_acc)
-                K.add_rows(dv4[bidx][g], dv_acc)
+            _add_in_order(args, dk_acc, dv_acc)
 
     heads = [(bidx, g) for bidx in np.ndindex(*prob.batch) for g in range(prob.hkv)]
     want = _JOBS_PER_THREAD * _pool.num_threads()
-    split = 1 if len(heads) >= want else min(len(plan), -(-want // len(heads)))
+    split = 1 if len(heads) >= want or not heads else min(len(plan), -(-want // len(heads)))
     jobs = []
     for bidx, g in heads:
         for part in range(split):
@@ -309,7 +306,26 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
             # short and long ones alike.
             blocks = plan[part::split]
             if blocks:
-                jobs.append((bidx, g, blocks, split > 1))
+                jobs.append((bidx, g, blocks, split > 1, part))
+    # The shares' dk/dv partials are added in share order, not in the order the threads
+    # finish them, so the gradient is the same bits on every run (for one XATTN_NUM_THREADS,
+    # which sets the split). A share that finishes early waits in ``pending`` (memory, not
+    # time) until the ones before it are in; shares start in order, so few ever wait.
+    lock = threading.Lock()
+    pending, next_part = {}, {}
+
+    def _add_in_order(args, dk_acc, dv_acc):
+        bidx, g, _, _, part = args
+        with lock:
+            pending[bidx, g, part] = (dk_acc, dv_acc)
+            n = next_part.get((bidx, g), 0)
+            while (bidx, g, n) in pending:
+                dk_p, dv_p = pending.pop((bidx, g, n))
+                K.add_rows(dk4[bidx][g], dk_p)
+                K.add_rows(dv4[bidx][g], dv_p)
+                n += 1
+            next_part[bidx, g] = n
+
     _pool.run_jobs(job, jobs)
     if prob.dtype != cd:
         dk, dv = dk.astype(prob.dtype), dv.astype(prob.dtype)
