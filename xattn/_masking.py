@@ -32,10 +32,39 @@ import numpy as np
 
 __all__ = [
     "apply_score_mods",
+    "empty_backward",
+    "empty_forward",
     "key_range",
+    "no_pairs",
     "tile_is_full",
     "tile_visibility",
 ]
+
+
+def no_pairs(prob) -> bool:
+    """True when a problem has no (query, key) pair at all: a zero-sized batch, head or
+    sequence axis. Such calls return zeros of the right shapes (``lse`` -inf), as NumPy
+    reductions over empty axes do, without running a kernel."""
+    return prob.hq == 0 or prob.sq == 0 or prob.sk == 0 or 0 in prob.batch
+
+
+def empty_forward(prob):
+    """``(out, lse)`` of a :func:`no_pairs` problem: every row sees no key (0 and -inf)."""
+    xp = prob.xp
+    out = xp.zeros(prob.out_shape, dtype=prob.dtype)
+    return out, xp.full(prob.lse_shape, -math.inf, dtype=prob.cdtype)
+
+
+def empty_backward(prob):
+    """``(dq, dk, dv)`` of a :func:`no_pairs` problem: zeros (no pair carries a gradient)."""
+    xp = prob.xp
+    lead = (*prob.batch,) if prob.heads_axis else None
+
+    def zeros(h, s, d):
+        return xp.zeros((s, d) if lead is None else (*lead, h, s, d), dtype=prob.dtype)
+
+    return (zeros(prob.hq, prob.sq, prob.d), zeros(prob.hkv, prob.sk, prob.d),
+            zeros(prob.hkv, prob.sk, prob.dv))
 
 
 def key_range(q0: int, q1: int, *, sq: int, sk: int, causal: bool, window) -> tuple[int, int]:

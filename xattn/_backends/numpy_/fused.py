@@ -134,6 +134,8 @@ def _widest(plan):
 def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None,
             element_rule=None, block_mask=None, allow_tf32=False):
     """Return ``(out, lse)``; see :func:`xattn._backends.numpy_.tiled.forward` for ``plan``."""
+    if _masking.no_pairs(prob):
+        return _masking.empty_forward(prob)
     K = _kernels()
     cd, G, D, Dv = prob.cdtype, prob.group, prob.d, prob.dv
     if plan is None:
@@ -208,6 +210,8 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
 def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slopes=None,
              plan=None, element_rule=None, block_mask=None, deterministic=False):
     """Return ``(dq, dk, dv)``, recomputing the scores tile by tile from ``lse``."""
+    if _masking.no_pairs(prob):
+        return _masking.empty_backward(prob)
     K = _kernels()
     cd, G, D, Dv = prob.cdtype, prob.group, prob.d, prob.dv
     if plan is None:

@@ -85,6 +85,8 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
     ``element_rule(q0, q1, k0, k1)`` returns an extra boolean ``(q1-q0, k1-k0)`` visibility for
     a non-full tile (or None): how a BlockMask's partial blocks are evaluated.
     """
+    if _masking.no_pairs(prob):
+        return _masking.empty_forward(prob)
     xp, cd, G = prob.xp, prob.cdtype, prob.group
     if plan is None:
         plan = _masking.tile_plan(prob.sq, prob.sk, BLOCK_Q, BLOCK_K, prob.causal, prob.window)
@@ -131,6 +133,8 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
 def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slopes=None,
              plan=None, element_rule=None, block_mask=None, deterministic=False):
     """Return ``(dq, dk, dv)``: scores are recomputed tile by tile from ``lse``."""
+    if _masking.no_pairs(prob):
+        return _masking.empty_backward(prob)
     xp, cd, G = prob.xp, prob.cdtype, prob.group
     if plan is None:
         plan = _masking.tile_plan(prob.sq, prob.sk, BLOCK_Q, BLOCK_K, prob.causal, prob.window)

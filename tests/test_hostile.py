@@ -1,0 +1,137 @@
+"""Inputs a careless or hostile user passes: empty axes, garbage in hidden positions, wrong
+``lse``, feature maps that write in place (#9 items 6, 8, 10, 11)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import xattn
+from xattn.testing import (
+    assert_close,
+    reference_attention,
+    reference_attention_backward,
+)
+
+# --- empty inputs (item 8) --------------------------------------------------------------------
+
+EMPTY = {
+    "B=0": ((0, 2, 5, 4), (0, 2, 5, 4)),
+    "Hq=0": ((1, 0, 5, 4), (1, 1, 5, 4)),
+    "S=0": ((1, 2, 0, 4), (1, 2, 0, 4)),
+    "Sq=0": ((1, 2, 0, 4), (1, 2, 5, 4)),
+    "Sk=0": ((1, 2, 5, 4), (1, 2, 0, 4)),
+    "2-D Sq=0": ((0, 4), (7, 4)),
+}
+EMPTY_OPTS = {
+    "plain": {},
+    "causal": {"causal": True},
+    "window": {"window": (2, 1)},
+    "causal window": {"causal": True, "window": (2, None)},
+    "mask alibi": {"mask": True, "alibi_slopes": True},
+}
+
+
+def _empty_case(shapes, opts, dtype=np.float32):
+    qs, ks = shapes
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal(qs).astype(dtype)
+    k = rng.standard_normal(ks).astype(dtype)
+    v = rng.standard_normal((*ks[:-1], 3)).astype(dtype)
+    opts = dict(opts)
+    hq = qs[-3] if len(qs) > 2 else 1
+    if opts.pop("mask", False):
+        opts["mask"] = np.ones((qs[-2], ks[-2]), bool)
+    if opts.pop("alibi_slopes", False):
+        opts["alibi_slopes"] = np.full(hq, 0.5, np.float32)
+    return q, k, v, opts
+
+
+@pytest.mark.parametrize("opts", list(EMPTY_OPTS.values()), ids=list(EMPTY_OPTS))
+@pytest.mark.parametrize("shapes", list(EMPTY.values()), ids=list(EMPTY))
+def test_empty_flash_forward_and_backward(backend, shapes, opts):
+    q, k, v, opts = _empty_case(shapes, opts)
+    out, lse = xattn.flash_attention(q, k, v, return_lse=True, backend=backend, **opts)
+    ref_out, ref_lse, _ = reference_attention(q, k, v, **opts)
+    assert_close(out, ref_out, xp=np, dtype=np.float32, name="out")
+    assert_close(lse, ref_lse, xp=np, dtype=np.float32, name="lse")
+    dout = np.ones_like(out)
+    grads = xattn.flash_attention_backward(dout, q, k, v, out, lse, backend=backend, **opts)
+    refs = reference_attention_backward(dout, q, k, v, **opts)
+    for name, g, r, x in zip(("dq", "dk", "dv"), grads, refs, (q, k, v), strict=True):
+        assert g.shape == x.shape
+        assert_close(g, r, xp=np, dtype=np.float32, name=name)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+@pytest.mark.parametrize("shapes", list(EMPTY.values()), ids=list(EMPTY))
+def test_empty_standard(shapes, dtype):
+    q, k, v, opts = _empty_case(shapes, {"causal": True, "window": (3, 0)}, dtype)
+    out, lse, w = xattn.standard_attention(q, k, v, return_lse=True, return_weights=True,
+                                           **opts)
+    ref_out, ref_lse, ref_w = reference_attention(q, k, v, **opts)
+    assert out.dtype == dtype and w.dtype == dtype
+    assert lse.dtype == (np.float64 if dtype == np.float64 else np.float32)
+    for name, a, r in (("out", out, ref_out), ("lse", lse, ref_lse), ("w", w, ref_w)):
+        assert a.shape == r.shape, name
+        np.testing.assert_allclose(a.astype(np.float64), r, atol=2e-3, err_msg=name)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shapes", list(EMPTY.values()), ids=list(EMPTY))
+def test_empty_linear_and_performer(shapes, causal):
+    q, k, v, _ = _empty_case(shapes, {})
+    for out in (
+        xattn.linear_attention(q, k, v, causal=causal),
+        xattn.linear_attention(q, k, v, causal=causal, feature_map=lambda x: x * x),
+        xattn.performer_attention(q, k, v, causal=causal, seed=0),
+    ):
+        assert out.shape == (*q.shape[:-1], 3) and out.dtype == np.float32
+        # A query that sees no key returns 0, as in flash_attention.
+        assert not out.any()
+    dout = np.ones((*q.shape[:-1], 3), np.float32)
+    grads = xattn.linear_attention_backward(dout, q, k, v, causal=causal)
+    for g, x in zip(grads, (q, k, v), strict=True):
+        assert g.shape == x.shape and g.dtype == np.float32 and not g.any()
+
+
+# --- lse of the backward pass (item 10) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,bad", [(np.float32, np.float16), (np.float32, np.float64),
+                                       (np.float64, np.float32), (np.float16, np.float16)])
+def test_backward_checks_lse_dtype(dtype, bad):
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 40, 8)).astype(dtype) for _ in range(3))
+    out, lse = xattn.flash_attention(q, k, v, return_lse=True)
+    with pytest.raises(TypeError, match=r"lse: expected dtype float(32|64).*got " + np.dtype(
+            bad).name):
+        xattn.flash_attention_backward(np.ones_like(out), q, k, v, out, lse.astype(bad))
+
+
+def test_backward_checks_lse_shape():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 40, 8)).astype(np.float32) for _ in range(3))
+    out, lse = xattn.flash_attention(q, k, v, return_lse=True)
+    with pytest.raises(ValueError, match=r"lse: expected shape \(2, 40\), got \(2, 40, 1\)"):
+        xattn.flash_attention_backward(np.ones_like(out), q, k, v, out, lse[..., None])
+
+
+# --- feature maps may write in place (item 11) ------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_in_place_feature_map_leaves_inputs_alone(causal):
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 300, 8)).astype(np.float32) for _ in range(3))
+    saved = [x.copy() for x in (q, k, v)]
+
+    def square_in_place(x):
+        np.multiply(x, x, out=x)
+        return x
+
+    out = xattn.linear_attention(q, k, v, causal=causal, feature_map=square_in_place)
+    for x, s in zip((q, k, v), saved, strict=True):
+        np.testing.assert_array_equal(x, s)
+    ref = xattn.linear_attention(q, k, v, causal=causal, feature_map=lambda x: x * x)
+    np.testing.assert_array_equal(out, ref)
