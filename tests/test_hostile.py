@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import xattn
+from xattn import _masking
 from xattn.testing import (
     assert_close,
     reference_attention,
@@ -135,3 +136,47 @@ def test_in_place_feature_map_leaves_inputs_alone(causal):
         np.testing.assert_array_equal(x, s)
     ref = xattn.linear_attention(q, k, v, causal=causal, feature_map=lambda x: x * x)
     np.testing.assert_array_equal(out, ref)
+
+
+# --- standard_attention's memory (item 7) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("opts", [
+    {"causal": True},
+    {"window": (300, 20), "alibi_slopes": np.array([0.5, 0.25], np.float32)},
+    {"causal": True, "mask": np.tri(1500, 1500, 5, dtype=bool),
+     "bias": np.full((1, 1500), 0.5, np.float32)},
+], ids=["causal", "window alibi", "causal mask bias"])
+def test_standard_peak_memory_is_what_it_counts(opts):
+    """The traced peak of a first call (nothing cached) stays within the bytes that
+    max_score_bytes is compared with: no int64 index grids, no full-size mod temporaries."""
+    import tracemalloc
+
+    from xattn.standard import _working_bytes
+
+    rng = np.random.default_rng(1)
+    s = 1500
+    q, k, v = (rng.standard_normal((2, s, 16)).astype(np.float32) for _ in range(3))
+    need = _working_bytes(xattn._array.validate_attention(q, k, v, **opts), False, 0)
+    inputs = 4 * q.nbytes  # q, k, v-sized arrays (the output, the heads' views)
+    _masking._VISIBILITY_CACHE.clear()
+    tracemalloc.start()
+    try:
+        out = xattn.standard_attention(q, k, v, max_score_bytes=need, **opts)
+        _, peak = tracemalloc.get_traced_memory()
+        del out
+        retained, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= need + inputs, (peak, need)
+    assert retained < 2**20  # no (Sq, Sk) mask stays behind in a cache
+
+
+def test_visibility_cache_is_bounded_by_bytes():
+    rng = np.random.default_rng(2)
+    for s in range(900, 1000, 7):  # distinct geometries, each (s, s) mask under the cap
+        q = rng.standard_normal((s, 4)).astype(np.float32)
+        xattn.standard_attention(q, q, q, causal=True)
+        xattn.flash_attention(q, q, q, window=(5, 5), backend="numpy")
+    cache = _masking._VISIBILITY_CACHE
+    assert 0 < cache.nbytes <= _masking.VISIBILITY_CACHE_BYTES

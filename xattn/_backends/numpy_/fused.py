@@ -36,7 +36,16 @@ import numpy as np
 
 from ... import _masking
 from . import _pool
-from .tiled import _tile_args, as4d, score_view, slopes_view
+from .tiled import (
+    _tile_args,
+    _visible_product,
+    _zero_hidden,
+    as4d,
+    bad_flags,
+    bad_index,
+    score_view,
+    slopes_view,
+)
 
 # Score rows per tile, shared by the heads of a GQA group, and keys per tile. 256 x 512
 # float32 scores are 512 KiB, the L2 of one core of the development machine: the tile is
@@ -148,11 +157,13 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
     out4, lse4 = out, lse  # allocated with a head axis already, even for 2-D inputs
     scale = cd.type(prob.scale)
     width = _widest(plan)
+    bad_keys = bad_flags(np, (v4,), cd)  # keys whose values must stay out of hidden pairs
 
     def job(args):
         bidx, g, h0, h1, q0, q1, tiles = args
         nh, bq = h1 - h0, q1 - q0
         rows = nh * bq
+        bad_g = None if bad_keys is None else bad_keys[bidx][g]
         qt = np.empty((nh, bq, D), dtype=cd)
         qt[...] = q4[bidx][h0:h1, q0:q1]
         qt *= scale
@@ -167,7 +178,8 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
         run = []  # consecutive plain tiles, handed to compiled code in one call
         for k0, k1, full in tiles:
             mods = needs_mods(full)
-            if compiled and not mods:
+            bad = None if bad_g is None else bad_index(np, bad_g[k0:k1])
+            if compiled and not mods and bad is None:
                 run.append((k0, k1))
                 continue
             if run:
@@ -182,8 +194,13 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
                     s.reshape(nh, bq, k1 - k0),
                     **_tile_args(prob, views, bidx, h0, h1, q0, q1, k0, k1, full, element_rule),
                 )
+            if bad is not None:  # visibility of the non-finite keys, before s becomes P
+                vis = s[:, bad] != -np.inf
             K.online_softmax_tile(s, m, l, acc)
-            np.matmul(s, vt, out=pv)
+            if bad is None:
+                np.matmul(s, vt, out=pv)
+            else:
+                pv[...] = _visible_product(np, s, vt, bad, vis)
             K.add_rows(acc, pv)
         if run:
             K.forward_tiles(q2, kg, vg, np.array(run), m, l, acc, sbuf, pv)
@@ -228,6 +245,8 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
     scale = cd.type(prob.scale)
     width = _widest(plan)
     softcap = prob.softcap is not None
+    bad_q = bad_flags(np, (q4, do4, o4), cd)  # rows whose delta or products may be NaN
+    bad_k = bad_flags(np, (k4, v4), cd)
 
     def job(args):
         bidx, g, qblocks, private, _ = args
@@ -247,6 +266,8 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
         for q0, q1, tiles, h0, h1 in items:
             nh, bq = h1 - h0, q1 - q0
             rows = nh * bq
+            brows = None if bad_q is None else bad_index(
+                np, bad_q[bidx][h0:h1, q0:q1].reshape(-1))
             qt = np.empty((nh, bq, D), dtype=cd)
             qt[...] = q4[bidx][h0:h1, q0:q1]
             qt *= scale
@@ -280,6 +301,11 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
                         **_tile_args(prob, views, bidx, h0, h1, q0, q1, k0, k1, full,
                                      element_rule),
                     )
+                bcols = None if bad_k is None else bad_index(np, bad_k[bidx][g, k0:k1])
+                if brows is not None or bcols is not None:
+                    _exact_tile(s, t, kt, vt, q2, do2, delta, lse_t, dq_acc,
+                                dk_acc[k0:k1], dv_acc[k0:k1], brows, bcols)
+                    continue
                 K.probs_from_lse(s, lse_t)
                 kpart = kbuf[: kw * Dv].reshape(kw, Dv)
                 np.matmul(s.T, do2, out=kpart)
@@ -299,6 +325,23 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
             dq4[bidx][h0:h1, q0:q1] = dq_acc.reshape(nh, bq, D)
         if private:
             _add_in_order(args, dk_acc, dv_acc)
+
+    def _exact_tile(s, t, kt, vt, q2, do2, delta, lse_t, dq_acc, dk_acc, dv_acc, brows,
+                    bcols):
+        """One tile's steps where non-finite rows meet it: hidden pairs held at exactly 0."""
+        vis_r = None if brows is None else s[brows] != -np.inf
+        vis_c = None if bcols is None else s[:, bcols] != -np.inf
+        vis_rt = None if vis_r is None else vis_r.T
+        K.probs_from_lse(s, lse_t)
+        dv_acc += _visible_product(np, s.T, do2, brows, vis_rt)
+        dp = do2 @ vt.T
+        if softcap:
+            K.score_grad_softcap(s, dp, delta, t.reshape(s.shape))
+        else:
+            K.score_grad(s, dp, delta)
+        _zero_hidden(np, dp, brows, vis_r, bcols, vis_c)
+        dq_acc += _visible_product(np, dp, kt, bcols, vis_c)
+        dk_acc += _visible_product(np, dp.T, q2, brows, vis_rt)
 
     heads = [(bidx, g) for bidx in np.ndindex(*prob.batch) for g in range(prob.hkv)]
     want = _JOBS_PER_THREAD * _pool.num_threads()
