@@ -180,3 +180,133 @@ def test_visibility_cache_is_bounded_by_bytes():
         xattn.flash_attention(q, q, q, window=(5, 5), backend="numpy")
     cache = _masking._VISIBILITY_CACHE
     assert 0 < cache.nbytes <= _masking.VISIBILITY_CACHE_BYTES
+
+
+# --- garbage in hidden positions (item 6) -------------------------------------------------------
+
+
+def _grads(backend, dout, q, k, v, **opts):
+    if backend == "standard":
+        return None
+    out, lse = xattn.flash_attention(q, k, v, return_lse=True, backend=backend, **opts)
+    return xattn.flash_attention_backward(dout, q, k, v, out, lse, backend=backend, **opts)
+
+
+def _forward(backend, q, k, v, **opts):
+    if backend == "standard":
+        return xattn.standard_attention(q, k, v, return_lse=True, **opts)
+    return xattn.flash_attention(q, k, v, return_lse=True, backend=backend, **opts)
+
+
+def _assert_same_nan_and_close(got, want, name, tol=2e-5):
+    got = np.asarray(got, np.float64)
+    assert got.shape == want.shape, name
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=f"{name}: NaN pattern")
+    fin = ~np.isnan(want)
+    np.testing.assert_allclose(got[fin], want[fin], atol=tol, rtol=tol, err_msg=name)
+
+
+@pytest.fixture(params=["numba", "numpy", "standard"])
+def any_impl(request):
+    """Each CPU flash backend, and standard_attention (forward only)."""
+    if request.param == "numba":
+        pytest.importorskip("numba")
+        pytest.importorskip("threadpoolctl")
+    return request.param
+
+
+@pytest.mark.parametrize("rule", ["mask", "causal"])
+def test_nan_value_of_a_hidden_key(any_impl, rule):
+    """The issue's case: v[650] = NaN. Hidden from every row by a mask: no NaN anywhere.
+    Under causal: NaN exactly in the 50 rows that see key 650, on every backend."""
+    rng = np.random.default_rng(6)
+    s = 700
+    q, k, v = (rng.standard_normal((1, s, 16)).astype(np.float32) for _ in range(3))
+    v[0, 650] = np.nan
+    if rule == "mask":
+        opts = {"mask": np.ones((s, s), bool)}
+        opts["mask"][:, 650] = False
+        nan_rows = 0
+    else:
+        opts = {"causal": True}
+        nan_rows = 50
+    out, lse = _forward(any_impl, q, k, v, **opts)
+    assert int(np.isnan(out).any(-1).sum()) == nan_rows
+    assert not np.isnan(lse).any()
+    ref, ref_lse, _ = reference_attention(q, k, v, **opts)
+    _assert_same_nan_and_close(out, ref, "out")
+    _assert_same_nan_and_close(lse, ref_lse, "lse")
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    grads = _grads(any_impl, dout, q, k, v, **opts)
+    if grads is not None:
+        refs = reference_attention_backward(dout, q, k, v, **opts)
+        for name, g, r in zip(("dq", "dk", "dv"), grads, refs, strict=True):
+            _assert_same_nan_and_close(g, r, name, tol=1e-4)
+
+
+def _padded_problem(rng, *, hq=4, hkv=2, sq=300, sk=340, d=16, pad_q=20, pad_k=30):
+    """Left-padded keys and right-padded queries, the padding filled with NaN and inf."""
+    q = rng.standard_normal((2, hq, sq, d)).astype(np.float32)
+    k = rng.standard_normal((2, hkv, sk, d)).astype(np.float32)
+    v = rng.standard_normal((2, hkv, sk, d)).astype(np.float32)
+    dout = rng.standard_normal((2, hq, sq, d)).astype(np.float32)
+    mask = np.ones((2, 1, sq, sk), bool)
+    mask[..., :pad_k] = False
+    mask[..., sq - pad_q:, :] = False
+    k[..., :pad_k, :] = np.inf
+    v[..., :pad_k:2, :] = np.nan
+    v[..., 1:pad_k:2, :] = -np.inf
+    q[..., sq - pad_q:, :] = np.nan
+    dout[..., sq - pad_q:, :] = np.inf
+    bias = rng.standard_normal((1, hq, 1, sk)).astype(np.float32)
+    bias[..., :pad_k] = np.nan
+    return q, k, v, dout, mask, bias
+
+
+@pytest.mark.parametrize("extra", [
+    {}, {"causal": True}, {"window": (40, 7)}, {"softcap": 5.0, "alibi_slopes": "alibi"},
+    {"block_mask": "banded"},
+], ids=["plain", "causal", "window", "softcap alibi", "block mask"])
+def test_garbage_padding_leaks_nowhere(any_impl, extra):
+    """Padded keys (k inf, v NaN/-inf, bias NaN) and padded queries (q NaN, dout inf): every
+    result is finite and matches the oracle, padded rows give 0 and lse -inf, and the padded
+    keys' gradients are 0."""
+    rng = np.random.default_rng(7)
+    q, k, v, dout, mask, bias = _padded_problem(rng)
+    opts = dict(extra, mask=mask, bias=bias)
+    if opts.get("alibi_slopes") == "alibi":
+        opts["alibi_slopes"] = xattn.alibi_slopes(4)
+    if opts.get("block_mask") == "banded":
+        if any_impl == "standard":
+            pytest.skip("standard_attention takes no block_mask")
+        opts["block_mask"] = xattn.BlockMask.from_dense(np.tri(300, 340, 100, dtype=bool),
+                                                        block_size=64)
+    ref_opts = dict(opts)
+    if "block_mask" in ref_opts:
+        ref_opts["mask"] = mask & ref_opts.pop("block_mask").to_dense()
+    out, lse = _forward(any_impl, q, k, v, **opts)
+    ref, ref_lse, _ = reference_attention(q, k, v, **ref_opts)
+    assert_close(out, ref, xp=np, dtype=np.float32, name="out")
+    assert_close(lse, ref_lse, xp=np, dtype=np.float32, name="lse")
+    assert not out[..., -20:, :].any() and np.isneginf(lse[..., -20:]).all()
+    grads = _grads(any_impl, dout, q, k, v, **opts)
+    if grads is None:
+        return
+    refs = reference_attention_backward(dout, q, k, v, **ref_opts)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, refs, strict=True):
+        assert_close(g, r, xp=np, dtype=np.float32, atol=1e-4, rtol=1e-4, name=name)
+    assert not grads[1][..., :30, :].any() and not grads[2][..., :30, :].any()
+    assert not grads[0][..., -20:, :].any()
+
+
+def test_visible_nan_spreads_identically(any_impl):
+    """A NaN in a visible key's value: exactly the rows that see it turn NaN (only the
+    columns where the value is NaN), on every backend."""
+    rng = np.random.default_rng(8)
+    q, k, v = (rng.standard_normal((2, 260, 8)).astype(np.float32) for _ in range(3))
+    v[1, 100, 3] = np.nan
+    opts = {"window": (30, 0)}
+    out, _ = _forward(any_impl, q, k, v, **opts)
+    ref, _, _ = reference_attention(q, k, v, **opts)
+    _assert_same_nan_and_close(out, ref, "out")
+    assert np.isnan(out).sum() == 31  # rows 100..130 of head 1, column 3

@@ -35,6 +35,7 @@ with :func:`add_visible_terms`; inputs without non-finite values take the plain 
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections import OrderedDict
@@ -78,6 +79,22 @@ def empty_backward(prob):
 
     return (zeros(prob.hq, prob.sq, prob.d), zeros(prob.hkv, prob.sk, prob.d),
             zeros(prob.hkv, prob.sk, prob.dv))
+
+
+def quiet(fn):
+    """Run ``fn`` with NumPy's 'invalid' and 'overflow' warnings off.
+
+    NaN and inf in hidden positions are expected input (padding), and the products that meet
+    them are dropped by the rule above; a warning per call would be noise. (NumPy's error
+    state is per thread: the pool's jobs are wrapped too.)
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with np.errstate(invalid="ignore", over="ignore"):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def nonfinite_rows(xp, x, dtype=None):

@@ -76,6 +76,7 @@ def _visible_output(xp, prob, s, vg, bad, vis):
     return out_h.reshape(*lead, g, sq, out.shape[-1])
 
 
+@_masking.quiet
 def standard_attention(
     q,
     k,

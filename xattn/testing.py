@@ -48,7 +48,8 @@ def _scores(q, k, *, causal=False, window=None, mask=None, bias=None, alibi_slop
     k = _expand_heads(to_numpy(k), q.shape[-3] if q.ndim > 2 else 1)
     sq, sk, d = q.shape[-2], k.shape[-2], q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    s = (q @ np.swapaxes(k, -1, -2)) * scale
+    with np.errstate(invalid="ignore", over="ignore"):  # garbage in hidden keys is fine
+        s = (q @ np.swapaxes(k, -1, -2)) * scale
     slopes = None
     if alibi_slopes is not None:
         slopes = to_numpy(alibi_slopes)[..., None, None]
@@ -147,9 +148,10 @@ def _pair_matmul(a, b, visible):
     b_fin = b.copy()
     b_fin[..., bad_j, :] = 0.0
     out = a @ b_fin
-    for j in bad_j:
-        terms = a[..., :, j, None] * b[..., j, None, :]
-        out += np.where(visible[..., :, j, None], terms, 0.0)
+    with np.errstate(invalid="ignore"):
+        for j in bad_j:
+            terms = a[..., :, j, None] * b[..., j, None, :]
+            out += np.where(visible[..., :, j, None], terms, 0.0)
     return out
 
 

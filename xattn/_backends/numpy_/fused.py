@@ -159,6 +159,7 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
     width = _widest(plan)
     bad_keys = bad_flags(np, (v4,), cd)  # keys whose values must stay out of hidden pairs
 
+    @_masking.quiet
     def job(args):
         bidx, g, h0, h1, q0, q1, tiles = args
         nh, bq = h1 - h0, q1 - q0
@@ -248,6 +249,7 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
     bad_q = bad_flags(np, (q4, do4, o4), cd)  # rows whose delta or products may be NaN
     bad_k = bad_flags(np, (k4, v4), cd)
 
+    @_masking.quiet
     def job(args):
         bidx, g, qblocks, private, _ = args
         kg, vg = k4[bidx][g], v4[bidx][g]

@@ -113,6 +113,7 @@ def _zero_hidden(xp, ds, brows, vis_r, bcols, vis_c):
         ds[:, bcols] = xp.where(vis_c, ds[:, bcols], 0)
 
 
+@_masking.quiet
 def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None,
             element_rule=None, block_mask=None, allow_tf32=False):
     """Return ``(out, lse)``.
@@ -178,6 +179,7 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
     return out, lse
 
 
+@_masking.quiet
 def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slopes=None,
              plan=None, element_rule=None, block_mask=None, deterministic=False):
     """Return ``(dq, dk, dv)``: scores are recomputed tile by tile from ``lse``."""
