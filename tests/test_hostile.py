@@ -310,3 +310,93 @@ def test_visible_nan_spreads_identically(any_impl):
     ref, _, _ = reference_attention(q, k, v, **opts)
     _assert_same_nan_and_close(out, ref, "out")
     assert np.isnan(out).sum() == 31  # rows 100..130 of head 1, column 3
+
+
+# --- property: random shapes (zero-sized too), options, garbage where hidden ---------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_SETTINGS = dict(deadline=None, database=None,
+                 suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                        HealthCheck.too_slow])
+_GARBAGE = np.array([np.nan, np.inf, -np.inf], np.float32)
+
+
+@st.composite
+def hostile_problems(draw):
+    """Shapes with zero-sized axes, every option, GQA, and NaN/inf written into the keys no
+    query sees, the queries that see no key, and the bias entries of hidden pairs."""
+    hkv = draw(st.sampled_from([0, 1, 2])) if draw(st.booleans()) else 1
+    hkv = max(hkv, 1)
+    hq = hkv * draw(st.sampled_from([0, 1, 2, 4]))
+    batch = draw(st.sampled_from([(), (0,), (1,), (2,)]))
+    sq = draw(st.integers(0, 140))
+    sk = draw(st.integers(0, 140))
+    d = draw(st.sampled_from([1, 8]))
+    dv = draw(st.sampled_from([d, 3]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    opts = {}
+    if draw(st.booleans()):
+        opts["causal"] = True
+    if draw(st.booleans()):
+        opts["window"] = (draw(st.one_of(st.none(), st.integers(0, 30))),
+                          draw(st.one_of(st.none(), st.integers(0, 30))))
+    mask = rng.random((sq, sk)) < draw(st.floats(0.3, 1.0))
+    pad_k, pad_q = draw(st.integers(0, 20)), draw(st.integers(0, 10))
+    mask[:, :pad_k] = False  # left-padded keys
+    mask[sq - min(pad_q, sq):, :] = False  # right-padded queries
+    opts["mask"] = mask
+    bias = None
+    if draw(st.booleans()):
+        bias = rng.standard_normal((hq, 1, sk)).astype(np.float32)
+    if draw(st.booleans()):
+        opts["alibi_slopes"] = rng.uniform(0, 1, hq).astype(np.float32)
+    if draw(st.booleans()):
+        opts["softcap"] = draw(st.floats(0.5, 30.0))
+    q = rng.standard_normal((*batch, hq, sq, d)).astype(np.float32)
+    k = rng.standard_normal((*batch, hkv, sk, d)).astype(np.float32)
+    v = rng.standard_normal((*batch, hkv, sk, dv)).astype(np.float32)
+    dout = rng.standard_normal((*batch, hq, sq, dv)).astype(np.float32)
+    # Which pairs the rules hide: the same for every head here (mask is (Sq, Sk)).
+    vis = mask.copy()
+    rule = _masking.tile_visibility(np, 0, sq, 0, sk, sq=sq, sk=sk,
+                                    causal=opts.get("causal", False),
+                                    window=xattn._array.normalize_window(opts.get("window")))
+    if rule is not None:
+        vis &= rule
+    hidden_keys = ~vis.any(axis=0)
+    hidden_rows = ~vis.any(axis=1)
+    if draw(st.booleans()):
+        def garbage(shape):
+            return rng.choice(_GARBAGE, size=shape)
+
+        k[..., hidden_keys, :] = garbage(k[..., hidden_keys, :].shape)
+        v[..., hidden_keys, :] = garbage(v[..., hidden_keys, :].shape)
+        q[..., hidden_rows, :] = garbage(q[..., hidden_rows, :].shape)
+        dout[..., hidden_rows, :] = garbage(dout[..., hidden_rows, :].shape)
+        if bias is not None:
+            bias[..., hidden_keys] = np.nan
+    if bias is not None:
+        opts["bias"] = bias
+    return q, k, v, dout, opts
+
+
+def _check_against_oracle(impl, problem):
+    q, k, v, dout, opts = problem
+    out, lse = _forward(impl, q, k, v, **opts)
+    ref, ref_lse, _ = reference_attention(q, k, v, **opts)
+    assert_close(out, ref, xp=np, dtype=np.float32, atol=5e-5, rtol=5e-5, name="out")
+    assert_close(lse, ref_lse, xp=np, dtype=np.float32, atol=5e-5, rtol=5e-5, name="lse")
+    grads = _grads(impl, dout, q, k, v, **opts)
+    if grads is None:
+        return
+    refs = reference_attention_backward(dout, q, k, v, **opts)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, refs, strict=True):
+        assert_close(g, r, xp=np, dtype=np.float32, atol=2e-4, rtol=2e-4, name=name)
+
+
+@settings(max_examples=int(__import__("os").environ.get("HOSTILE_EXAMPLES", 40)), **_SETTINGS)
+@given(problem=hostile_problems())
+def test_hostile_problems_match_the_oracle(any_impl, problem):
+    _check_against_oracle(any_impl, problem)

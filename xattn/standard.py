@@ -173,7 +173,7 @@ def standard_attention(
     vg = heads_view(v.astype(cd, copy=False), prob, 1)
     # Keys with NaN/inf values: hidden pairs must not carry them (see xattn._masking).
     bad = None
-    if vg.size:
+    if not _masking.no_pairs(prob):
         flags = _masking.nonfinite_rows(xp, vg, cd).reshape(-1, prob.sk).any(axis=0)
         bad = xp.flatnonzero(flags) if bool(flags.any()) else None
     need = _working_bytes(prob, return_weights, 0 if bad is None else int(bad.size))
