@@ -64,10 +64,23 @@ def test_backward_independent_of_job_schedule(monkeypatch, deterministic):
             np.testing.assert_array_equal(a, b, err_msg=name)
 
 
-def test_concurrent_calls_restore_blas_and_match_serial():
-    """Four Python threads calling xattn at once: each result is bitwise the serial one, and
-    afterwards every BLAS library has the thread count it had before (#9 item 2)."""
-    cases = [_qkv((1, 2, 600, 16), seed=s) for s in range(4)]
+def test_concurrent_calls_restore_blas_and_match_serial(monkeypatch):
+    """Four Python threads calling xattn at once: BLAS runs one thread inside every job
+    (threadpoolctl >= 3.8 ignores limits set from a thread other than its 'controlling' one
+    unless released), each result is bitwise the serial one, and afterwards every BLAS
+    library has the thread count it had before (#9 item 2)."""
+    cases = [_qkv((1, 2, 1500, 32), seed=s) for s in range(4)]
+    widths = set()
+    run_jobs = _pool.run_jobs
+
+    def watched(fn, jobs):
+        def job(j):
+            widths.update(n for _, n in _blas_threads())
+            fn(j)
+
+        run_jobs(job, jobs)
+
+    monkeypatch.setattr(_pool, "run_jobs", watched)
     _backward(*cases[0])  # loads every BLAS library the calls use
     before = _blas_threads()
     serial = [(xattn.flash_attention(*c, causal=True), _backward(*c)) for c in cases]
@@ -92,6 +105,7 @@ def test_concurrent_calls_restore_blas_and_match_serial():
         t.join(timeout=120)
     assert not errors, errors
     assert _blas_threads() == before
+    assert widths == {1}
     for (out, grads), (out_s, grads_s) in zip(results, serial, strict=True):
         np.testing.assert_array_equal(out, out_s)
         for a, b in zip(grads, grads_s, strict=True):

@@ -104,7 +104,28 @@ def rescan_blas():
         # Scanning the loaded libraries costs about a millisecond: done once per new library.
         _controller = _new_controller()
         if _limit_users:
+            _release_openblas_control()
             _limiters.append(_controller.limit(limits=1, user_api="blas"))
+            _release_openblas_control()
+
+
+def _release_openblas_control():
+    """Let the calling Python thread set OpenBLAS's limit, and any thread after it.
+
+    threadpoolctl >= 3.8 lets only one Python thread (the first to set a limit, usually the
+    main thread) change OpenBLAS's process-wide thread count; the others' requests are
+    silently ignored until that thread leaves a ``with threadpool_limits()``. Our limit is
+    process-wide by design, counted under our lock, and set and restored by whichever thread
+    enters first and leaves last: without this, calls from worker threads ran BLAS at full
+    width inside the jobs (oversubscribed, and not bitwise the results of serial calls).
+    """
+    try:
+        from threadpoolctl import OpenBLASController
+    except ImportError:  # pragma: no cover - threadpoolctl < 3.8 has no controlling thread
+        return
+    clear = getattr(OpenBLASController, "clear_controlling_thread", None)
+    if clear is not None:
+        clear(force=True)
 
 
 class _BlasLimit:
@@ -116,7 +137,9 @@ class _BlasLimit:
             if _limit_users == 0:
                 if _controller is None:
                     _controller = _new_controller()
+                _release_openblas_control()
                 _limiters.append(_controller.limit(limits=1, user_api="blas"))
+                _release_openblas_control()
             _limit_users += 1
         return self
 
@@ -125,8 +148,10 @@ class _BlasLimit:
         with _lock:
             _limit_users -= 1
             if _limit_users == 0:
+                _release_openblas_control()
                 while _limiters:
                     _limiters.pop().restore_original_limits()
+                _release_openblas_control()
         return False
 
 
