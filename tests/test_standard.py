@@ -124,6 +124,10 @@ def test_memory_limit_refuses_with_hint(make_qkv):
         xattn.standard_attention(q, k, v, max_score_bytes=need - 1)
     assert "max_score_bytes" in str(info.value) and "(2, 3, 40, 50)" in str(info.value)
     xattn.standard_attention(q, k, v, max_score_bytes=need)  # exactly at the limit is fine
+    # Score mods add their (row-blocked) temporaries, 1/16 of the scores, to the count.
+    with pytest.raises(MemoryError):
+        xattn.standard_attention(q, k, v, causal=True, max_score_bytes=need)
+    xattn.standard_attention(q, k, v, causal=True, max_score_bytes=need + need // 16)
 
 
 def test_memory_limit_default_needs_no_allocation():

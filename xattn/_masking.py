@@ -21,21 +21,131 @@ Query ``i`` may see key ``j`` iff every active rule holds:
 Scores are modified in flash-attn's order: ``s = scale * q.k``; ``softcap``:
 ``s = c * tanh(s / c)``; then the additive terms ``bias`` and ALiBi
 ``-slope_h * |i + offset - j|``; then the masks (invisible scores become ``-inf``).
+
+Hidden pairs never contribute. A pair ``(i, j)`` is *hidden* when a rule above hides it or its
+final score is ``-inf`` (a ``-inf`` bias, the additive form of a mask). Its terms are exactly
+zero in every product, forward and backward, whatever the values involved: NaN or inf in a
+padded key's ``k``/``v``, in a query's ``q``/``dout`` or in a bias entry leak into nothing
+(a plain ``P @ V`` would give ``0 * NaN = NaN``). Visible pairs follow IEEE arithmetic, so a
+NaN in a visible key's value makes exactly the rows that see it NaN, on every backend.
+The kernels compute their products on cleaned copies (non-finite rows set to 0, see
+:func:`nonfinite_rows`) and add the exact terms of the visible pairs that involve those rows
+with :func:`add_visible_terms`; inputs without non-finite values take the plain path.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from functools import lru_cache
+import threading
+from collections import OrderedDict
 
 import numpy as np
 
 __all__ = [
+    "add_visible_terms",
     "apply_score_mods",
+    "empty_backward",
+    "empty_forward",
     "key_range",
+    "no_pairs",
+    "nonfinite_rows",
     "tile_is_full",
     "tile_visibility",
 ]
+
+
+def no_pairs(prob) -> bool:
+    """True when a problem has no (query, key) pair at all: a zero-sized batch, head or
+    sequence axis. Such calls return zeros of the right shapes (``lse`` -inf), as NumPy
+    reductions over empty axes do, without running a kernel."""
+    return prob.hq == 0 or prob.sq == 0 or prob.sk == 0 or 0 in prob.batch
+
+
+def empty_forward(prob):
+    """``(out, lse)`` of a :func:`no_pairs` problem: every row sees no key (0 and -inf)."""
+    xp = prob.xp
+    out = xp.zeros(prob.out_shape, dtype=prob.dtype)
+    return out, xp.full(prob.lse_shape, -math.inf, dtype=prob.cdtype)
+
+
+def empty_backward(prob):
+    """``(dq, dk, dv)`` of a :func:`no_pairs` problem: zeros (no pair carries a gradient)."""
+    xp = prob.xp
+    lead = (*prob.batch,) if prob.heads_axis else None
+
+    def zeros(h, s, d):
+        return xp.zeros((s, d) if lead is None else (*lead, h, s, d), dtype=prob.dtype)
+
+    return (zeros(prob.hq, prob.sq, prob.d), zeros(prob.hkv, prob.sk, prob.d),
+            zeros(prob.hkv, prob.sk, prob.dv))
+
+
+def quiet(fn):
+    """Run ``fn`` with NumPy's 'invalid' and 'overflow' warnings off.
+
+    NaN and inf in hidden positions are expected input (padding), and the products that meet
+    them are dropped by the rule above; a warning per call would be noise. (NumPy's error
+    state is per thread: the pool's jobs are wrapped too.)
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with np.errstate(invalid="ignore", over="ignore"):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def nonfinite_rows(xp, x, dtype=None):
+    """Boolean ``(..., S)``: the rows of ``x`` ``(..., S, D)`` that hold a NaN or an infinity.
+
+    One pass that sums each row (NaN and inf survive a sum), as a matrix-vector product
+    where BLAS takes the dtype (5-10x faster than ``sum``; no boolean copy of ``x``). A row
+    whose finite values overflow the sum is reported too, which only sends it through the
+    exact path of :func:`add_visible_terms`.
+    """
+    if x.shape[-1] == 0:
+        return xp.zeros(x.shape[:-1], dtype=bool)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if x.dtype in (np.float32, np.float64):
+            sums = x @ xp.ones(x.shape[-1], dtype=x.dtype)
+        else:
+            sums = x.sum(axis=-1, dtype=dtype)
+        return ~xp.isfinite(sums)
+
+
+def clean_rows(xp, x, rows):
+    """A copy of 2-D ``x`` with the rows ``rows`` (indices) set to 0, in ``x``'s dtype."""
+    y = x.copy()
+    y[rows] = 0
+    return y
+
+
+# Elements of the (rows, keys, width) temporary of add_visible_terms.
+_TERMS_ELEMS = 1 << 20
+
+
+def add_visible_terms(xp, out, a, b, idx, vis):
+    """``out += sum_n where(vis[:, n], a[:, idx[n], None] * b[idx[n]], 0)``, in place.
+
+    The terms of ``a @ b`` for the inner indices ``idx`` (those whose row of ``b`` is not
+    finite; the caller multiplied by a copy of ``b`` with these rows set to 0), kept only
+    for the visible pairs ``vis`` (``(R, len(idx))`` bool): a hidden pair adds exactly 0,
+    a visible one its IEEE product. ``out`` is ``(R, W)``, ``a`` ``(R, N)``, ``b`` ``(N, W)``.
+    """
+    keep = xp.flatnonzero(vis.any(axis=0))  # indices no row sees need no term at all
+    if keep.size == 0:
+        return out
+    idx, vis = idx[keep], vis[:, keep]
+    rows, width = out.shape
+    step = max(1, _TERMS_ELEMS // max(1, rows * width))
+    for c0 in range(0, idx.size, step):
+        cols = idx[c0:c0 + step]
+        terms = a[:, cols, None] * b[cols][None, :, :]
+        xp.copyto(terms, 0, where=~vis[:, c0:c0 + step, None])
+        out += terms.sum(axis=1)
+    return out
 
 
 def key_range(q0: int, q1: int, *, sq: int, sk: int, causal: bool, window) -> tuple[int, int]:
@@ -72,37 +182,94 @@ def tile_is_full(q0, q1, k0, k1, *, sq, sk, causal, window) -> bool:
     return True
 
 
-def tile_visibility(xp, q0, q1, k0, k1, *, sq, sk, causal, window):
-    """Boolean ``(q1-q0, k1-k0)`` array of the causal/window rules, or None if all visible."""
+def tile_visibility(xp, q0, q1, k0, k1, *, sq, sk, causal, window, cache=True):
+    """Boolean ``(q1-q0, k1-k0)`` array of the causal/window rules, or None if all visible.
+
+    NumPy masks are cached (read-only) unless ``cache=False`` (one-off geometries).
+    """
     if not causal and window is None:
         return None
     if tile_is_full(q0, q1, k0, k1, sq=sq, sk=sk, causal=causal, window=window):
         return None
-    if xp is np:
-        # The same tile geometry recurs for every head and batch element; cache it.
-        return _numpy_tile_visibility(q0, q1, k0, k1, sk - sq, causal, window)
+    if xp is np and cache:
+        # The same tile geometry recurs for every head and batch element; cache it (up to
+        # VISIBILITY_CACHE_BYTES of masks: a whole (Sq, Sk) mask is rebuilt, not kept).
+        key = (q0, q1, k0, k1, sk - sq, causal, window)
+        vis = _VISIBILITY_CACHE.get(key)
+        if vis is None:
+            vis = _visibility(np, q0, q1, k0, k1, sk - sq, causal, window)
+            vis.flags.writeable = False
+            _VISIBILITY_CACHE.put(key, vis, vis.nbytes)
+        return vis
     return _visibility(xp, q0, q1, k0, k1, sk - sq, causal, window)
 
 
-@lru_cache(maxsize=512)
-def _numpy_tile_visibility(q0, q1, k0, k1, off, causal, window):
-    vis = _visibility(np, q0, q1, k0, k1, off, causal, window)
-    vis.flags.writeable = False
-    return vis
+class ByteLRU:
+    """A least-recently-used cache bounded by the bytes of its values (thread-safe).
+
+    A value larger than ``max_bytes // 8`` is never stored: it would evict most others and
+    hold memory that a call's own temporaries already cost once.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._items = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            self._items.move_to_end(key)
+            return item[0]
+
+    def put(self, key, value, nbytes: int):
+        if nbytes > self.max_bytes // 8:
+            return
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = (value, nbytes)
+            self.nbytes += nbytes
+            while self.nbytes > self.max_bytes:
+                _, (_, n) = self._items.popitem(last=False)
+                self.nbytes -= n
+
+    def clear(self):
+        with self._lock:
+            self._items.clear()
+            self.nbytes = 0
+
+
+#: Bytes of tile masks kept by :func:`tile_visibility` (the tiles of the CPU backends are
+#: 64-128 KiB each, so hundreds of distinct geometries fit).
+VISIBILITY_CACHE_BYTES = 32 * 2**20
+_VISIBILITY_CACHE = ByteLRU(VISIBILITY_CACHE_BYTES)
 
 
 def _visibility(xp, q0, q1, k0, k1, off, causal, window):
-    # diff[i, j] = key position j minus query position i + off.
-    diff = xp.arange(k0, k1)[None, :] - (xp.arange(q0, q1)[:, None] + off)
-    vis = xp.ones(diff.shape, dtype=bool)
+    """Boolean ``(q1-q0, k1-k0)``: row ``i`` sees keys ``lo_i <= j <= hi_i``.
+
+    Built from per-row bounds by two comparisons, so the only ``(rows, keys)`` arrays are
+    booleans (no integer index grid).
+    """
+    pos = xp.arange(q0, q1) + off  # each query's key position
+    keys = xp.arange(k0, k1)[None, :]
+    vis = None
     if causal:
-        vis &= diff <= 0
+        vis = keys <= pos[:, None]
     if window is not None:
         left, right = window
         if left is not None:
-            vis &= diff >= -left
+            part = keys >= (pos - left)[:, None]
+            vis = part if vis is None else xp.logical_and(vis, part, out=vis)
         if right is not None:
-            vis &= diff <= right
+            part = keys <= (pos + right)[:, None]
+            vis = part if vis is None else xp.logical_and(vis, part, out=vis)
+    if vis is None:
+        vis = xp.ones((q1 - q0, k1 - k0), dtype=bool)
     return vis
 
 
@@ -129,13 +296,14 @@ def apply_score_mods(
     slopes=None,
     mask=None,
     tanh_out=None,
+    cache_masks=True,
 ):
     """Turn raw scaled scores ``s`` (``(..., tq, tk)``, modified in place) into final scores.
 
     ``bias`` and ``mask`` are the tile's slices (broadcastable to ``s``); ``slopes`` is the ALiBi
     slope per leading position of ``s``, broadcastable to ``s.shape[:-2] + (1, 1)``. When
     ``tanh_out`` is given, ``tanh(s / softcap)`` is stored there for the backward pass.
-    Returns ``s``.
+    ``cache_masks=False`` builds the causal/window mask without keeping it. Returns ``s``.
     """
     tq, tk = s.shape[-2], s.shape[-1]
     q1, k1 = q0 + tq, k0 + tk
@@ -150,7 +318,8 @@ def apply_score_mods(
     if slopes is not None:
         dist = alibi_distance(xp, q0, q1, k0, k1, sq=sq, sk=sk, dtype=s.dtype)
         s -= slopes * dist
-    vis = tile_visibility(xp, q0, q1, k0, k1, sq=sq, sk=sk, causal=causal, window=window)
+    vis = tile_visibility(xp, q0, q1, k0, k1, sq=sq, sk=sk, causal=causal, window=window,
+                          cache=cache_masks)
     if vis is not None:
         xp.copyto(s, -math.inf, where=~vis)
     if mask is not None:
@@ -158,7 +327,13 @@ def apply_score_mods(
     return s
 
 
-@lru_cache(maxsize=128)
+# Plans kept by tile_plan, in (estimated) bytes: a plan of a 1M-long non-causal problem has
+# 8M tiles, which must not stay alive beside a hundred others.
+PLAN_CACHE_BYTES = 64 * 2**20
+_PLAN_CACHE = ByteLRU(PLAN_CACHE_BYTES)
+_PLAN_TILE_BYTES = 120  # a (k0, k1, full) tuple and its ints, roughly
+
+
 def tile_plan(sq: int, sk: int, bq: int, bk: int, causal: bool, window) -> tuple:
     """The key tiles each query block must visit under causal/window.
 
@@ -166,8 +341,18 @@ def tile_plan(sq: int, sk: int, bq: int, bk: int, causal: bool, window) -> tuple
     of ``(k0, k1, full)``; key tiles are aligned to multiples of ``bk`` and cut to the visible
     key range, and ``full`` says the causal/window element test can be skipped. Tiles wholly
     outside the rules never appear, so their cost is zero. Depends only on shapes and options,
-    so it is cached (einops-style recipes).
+    so it is cached (einops-style recipes), up to :data:`PLAN_CACHE_BYTES`.
     """
+    key = (sq, sk, bq, bk, causal, window)
+    plan = _PLAN_CACHE.get(key)
+    if plan is None:
+        plan = _tile_plan(*key)
+        size = _PLAN_TILE_BYTES * (len(plan) + sum(len(t) for _, _, t in plan))
+        _PLAN_CACHE.put(key, plan, size)
+    return plan
+
+
+def _tile_plan(sq, sk, bq, bk, causal, window):
     plan = []
     for q0 in range(0, sq, bq):
         q1 = min(q0 + bq, sq)

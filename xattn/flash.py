@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import _backends
+from . import _backends, _masking
 from ._array import check_bool, check_same_shape, dlpack_interop, validate_attention
 
 __all__ = ["flash_attention", "flash_attention_backward"]
@@ -97,7 +97,7 @@ def flash_attention(
             return _sparse.per_batch(flash_attention, prob, block_mask, (q, k, v), options)
         sparse = _sparse.plan_options(prob, block_mask)
         opts = {**opts, **sparse, "block_mask": block_mask}
-    elif window is not None:  # the block-sparse plan of the window: O(S * window) work
+    elif window is not None and not _masking.no_pairs(prob):  # O(S * window) work
         from . import sparse as _sparse
 
         prob, sparse = _sparse.window_plan(prob)
@@ -146,7 +146,8 @@ def flash_attention_backward(
     q, k, v : arrays
         The forward inputs.
     out, lse : arrays
-        The forward outputs, from ``flash_attention(..., return_lse=True)``.
+        The forward outputs, from ``flash_attention(..., return_lse=True)``; ``lse`` is
+        ``(..., Hq, Sq)`` float32 (float64 for float64 inputs), checked.
     deterministic : bool
         Bitwise reproducible gradients. The CPU backends always are; the CuPy kernel by
         default adds the ``dq`` contributions of the key blocks with float32 atomics (order
@@ -184,6 +185,11 @@ def flash_attention_backward(
     check_same_shape("dout", dout, prob.out_shape)
     check_same_shape("out", out, prob.out_shape)
     check_same_shape("lse", lse, prob.lse_shape)
+    if lse.dtype != prob.cdtype:  # a rounded lse moves every recomputed probability
+        raise TypeError(
+            f"lse: expected dtype {prob.cdtype} (the forward pass's log-sum-exp: float32, "
+            f"float64 for float64 inputs), got {lse.dtype}"
+        )
     deterministic = check_bool("deterministic", deterministic)
     opts, sparse = _options(prob), {}
     if block_mask is not None:
@@ -197,7 +203,7 @@ def flash_attention_backward(
                                      (dout, q, k, v, out, lse), options, backward=True)
         sparse = _sparse.plan_options(prob, block_mask)
         opts = {**opts, **sparse, "block_mask": block_mask}
-    elif window is not None:  # the block-sparse plan of the window: O(S * window) work
+    elif window is not None and not _masking.no_pairs(prob):  # O(S * window) work
         from . import sparse as _sparse
 
         prob, sparse = _sparse.window_plan(prob)

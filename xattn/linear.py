@@ -106,7 +106,9 @@ def _checked_callable(xp, fn, cdtype):
     width = {}
 
     def apply(x, name):
-        y = fn(x)
+        # The map gets an array of its own (a block of rows, never a view of the caller's
+        # q or k), so a map that works in place cannot change the caller's arrays.
+        y = fn(x if x.flags.owndata else x.copy())
         try:
             array_namespace(x, y, names=(name, f"feature_map({name})"))
         except TypeError as exc:
@@ -185,6 +187,8 @@ def _grouped(x, prob, heads):
 
 def _head_jobs(xp, n):
     """Slices of the ``N`` (batch * kv-head) axis: independent jobs for the CPU threads."""
+    if n == 0:
+        return []
     if xp is not np or n == 1:
         return [slice(0, n)]
     from ._backends.numpy_._pool import num_threads
@@ -488,7 +492,8 @@ def linear_attention(
         ``max(x, 0)``; a callable maps an array of rows ``(..., n, D)`` (float32, or float64 for
         float64 inputs, same namespace) to non-negative features ``(..., n, F)``, row by row
         (a row's features may depend only on that row, which causality requires). It is
-        called on blocks of rows, the same ``F`` for queries and keys.
+        called on blocks of rows, the same ``F`` for queries and keys; each block is a fresh
+        array (a copy, not a view of ``q`` or ``k``), which the map may overwrite.
     causal : bool
         Query ``i`` attends to keys ``j <= i + Sk - Sq`` only.
     eps : float
@@ -559,7 +564,7 @@ _SPLIT_MIN_ROWS = 1 << 15
 
 def _sequence_parts(xp, prob, njobs, chunk):
     """Chunk-aligned ``(start, stop)`` parts of a causal ``Sq == Sk`` sequence, or None."""
-    if xp is not np or not prob.causal or prob.sq != prob.sk:
+    if xp is not np or not prob.causal or prob.sq != prob.sk or njobs == 0:
         return None
     from ._backends.numpy_._pool import num_threads
 

@@ -26,7 +26,58 @@ def heads_view(x, prob, heads):
     return x.reshape(*prob.batch, prob.hkv, heads, *x.shape[-2:])
 
 
+# Score-mod temporaries (per block of rows) are kept under this fraction of the score matrix.
+_MOD_FRACTION = 16
+
+
+def _working_bytes(prob, return_weights, n_bad):
+    """Bytes of the ``(Sq, Sk)``-sized arrays a call holds at once: the score matrix, the
+    weights in the input dtype (when asked for and not the compute dtype), the visibility of
+    the non-finite keys, and the score-mod temporaries (at most 1/_MOD_FRACTION of it)."""
+    rows = math.prod(prob.score_shape[:-1])
+    score = rows * prob.sk * prob.cdtype.itemsize
+    need = score + rows * n_bad
+    if (prob.causal or prob.window is not None or prob.has_mask or prob.has_bias
+            or prob.has_alibi):
+        need += score // _MOD_FRACTION
+    if return_weights and prob.dtype != prob.cdtype:
+        need += rows * prob.sk * prob.dtype.itemsize
+    return need
+
+
+def _mod_rows(prob, need):
+    """Query rows per block of score mods: ALiBi's ``(..., rows, Sk)`` distance product and
+    the masks' booleans stay within 1/_MOD_FRACTION of the score matrix (or 1 MiB)."""
+    per_row = max(1, math.prod(prob.score_shape[:-2]) * prob.sk * prob.cdtype.itemsize)
+    budget = max(2**20, need // (2 * _MOD_FRACTION))
+    return max(1, budget // per_row)
+
+
+def _row_block(x, q0, q1):
+    """Rows ``[q0, q1)`` of a mask/bias broadcastable to the scores (a view)."""
+    if x.ndim >= 2 and x.shape[-2] != 1:
+        return x[..., q0:q1, :]
+    return x
+
+
+def _visible_output(xp, prob, s, vg, bad, vis):
+    """``weights @ v`` where the keys ``bad`` hold NaN/inf: their terms only where visible."""
+    v_fin = vg.copy()
+    v_fin[..., bad, :] = 0
+    out = heads_view(s, prob, prob.group) @ v_fin
+    g, sq, sk = prob.group, prob.sq, prob.sk
+    lead = out.shape[:-3]  # (*batch, Hkv)
+    out_h = out.reshape(-1, g * sq, out.shape[-1])
+    s_h = s.reshape(-1, g * sq, sk)
+    vis_h = vis.reshape(-1, g * sq, vis.shape[-1])
+    v_h = vg.reshape(-1, sk, vg.shape[-1])
+    for i in range(out_h.shape[0]):
+        _masking.add_visible_terms(xp, out_h[i], s_h[i], v_h[i], bad, vis_h[i])
+    return out_h.reshape(*lead, g, sq, out.shape[-1])
+
+
 @dlpack_interop
+@_masking.quiet
 def standard_attention(
     q,
     k,
@@ -78,8 +129,11 @@ def standard_attention(
     return_weights : bool
         Also return the attention weights ``(..., Hq, Sq, Sk)`` in the input dtype.
     max_score_bytes : int, optional
-        Refuse problems whose score matrix is larger than this many bytes (default
-        :data:`DEFAULT_MAX_SCORE_BYTES`, 4 GiB).
+        Refuse problems whose ``(Sq, Sk)``-sized arrays would take more than this many bytes
+        (default :data:`DEFAULT_MAX_SCORE_BYTES`, 4 GiB): the score matrix in the compute
+        dtype, plus, when they apply, the weights returned in a 16-bit input dtype, the
+        temporaries of the score modifications (built by blocks of rows, at most 1/16 of the
+        scores) and one boolean per score for each key holding NaN/inf.
 
     Returns
     -------
@@ -115,21 +169,26 @@ def standard_attention(
     )
     return_lse = check_bool("return_lse", return_lse)
     return_weights = check_bool("return_weights", return_weights)
-    xp = prob.xp
+    xp, cd = prob.xp, prob.cdtype
     limit = check_int("max_score_bytes", max_score_bytes, minimum=1,
                       default=DEFAULT_MAX_SCORE_BYTES)
-    need = math.prod(prob.score_shape) * prob.cdtype.itemsize
-    if need > limit:
-        raise MemoryError(
-            f"standard_attention would hold a {prob.score_shape} score matrix "
-            f"({need / 2**30:.2f} GiB > max_score_bytes={limit / 2**30:.2f} GiB); "
-            "use xattn.flash_attention (O(S) memory) or raise max_score_bytes"
-        )
-
-    cd = prob.cdtype
     qg = heads_view(q.astype(cd, copy=False), prob, prob.group)
     kg = heads_view(k.astype(cd, copy=False), prob, 1)
     vg = heads_view(v.astype(cd, copy=False), prob, 1)
+    # Keys with NaN/inf values: hidden pairs must not carry them (see xattn._masking).
+    bad = None
+    if not _masking.no_pairs(prob):
+        flags = _masking.nonfinite_rows(xp, vg, cd).reshape(-1, prob.sk).any(axis=0)
+        bad = xp.flatnonzero(flags) if bool(flags.any()) else None
+    need = _working_bytes(prob, return_weights, 0 if bad is None else int(bad.size))
+    if need > limit:
+        raise MemoryError(
+            f"standard_attention would hold a {prob.score_shape} score matrix "
+            f"({need / 2**30:.2f} GiB with its temporaries > max_score_bytes="
+            f"{limit / 2**30:.2f} GiB); use xattn.flash_attention (O(S) memory) or raise "
+            "max_score_bytes"
+        )
+
     s = qg @ xp.swapaxes(kg, -1, -2)
     s *= cd.type(prob.scale)
     s = s.reshape(prob.score_shape)
@@ -139,20 +198,32 @@ def standard_attention(
         slopes = alibi_slopes.astype(cd)[..., None, None]
         if not prob.heads_axis:
             slopes = slopes.reshape(1, 1)
-    _masking.apply_score_mods(
-        xp,
-        s,
-        q0=0,
-        k0=0,
-        sq=prob.sq,
-        sk=prob.sk,
-        causal=prob.causal,
-        window=prob.window,
-        softcap=prob.softcap,
-        bias=None if bias is None else bias.astype(cd, copy=False),
-        slopes=slopes,
-        mask=mask,
-    )
+    vis = None
+    # Score mods by blocks of rows: their temporaries (ALiBi distances, masks) stay a small
+    # fraction of the score matrix instead of as large again.
+    step = _mod_rows(prob, need)
+    for q0 in range(0, prob.sq, step):
+        q1 = min(q0 + step, prob.sq)
+        rows = s[..., q0:q1, :]
+        _masking.apply_score_mods(
+            xp,
+            rows,
+            q0=q0,
+            k0=0,
+            sq=prob.sq,
+            sk=prob.sk,
+            causal=prob.causal,
+            window=prob.window,
+            softcap=prob.softcap,
+            bias=None if bias is None else _row_block(bias, q0, q1).astype(cd, copy=False),
+            slopes=slopes,
+            mask=None if mask is None else _row_block(mask, q0, q1),
+            cache_masks=False,  # one mask per block of rows: rebuilt, never kept
+        )
+        if bad is not None:
+            if vis is None:
+                vis = xp.empty((*prob.score_shape[:-1], int(bad.size)), dtype=bool)
+            vis[..., q0:q1, :] = rows[..., bad] != -math.inf
     if prob.sk:
         m = s.max(axis=-1, keepdims=True)
     else:  # no keys at all: every row is empty (a max over nothing has no identity)
@@ -163,7 +234,10 @@ def standard_attention(
     denom = s.sum(axis=-1, keepdims=True)
     empty = denom == 0
     s /= xp.where(empty, cd.type(1), denom)
-    out = heads_view(s, prob, prob.group) @ vg
+    if bad is None:
+        out = heads_view(s, prob, prob.group) @ vg
+    else:
+        out = _visible_output(xp, prob, s, vg, bad, vis)
     out = out.reshape(prob.out_shape).astype(prob.dtype, copy=False)
 
     result = [out]

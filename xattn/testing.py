@@ -48,7 +48,8 @@ def _scores(q, k, *, causal=False, window=None, mask=None, bias=None, alibi_slop
     k = _expand_heads(to_numpy(k), q.shape[-3] if q.ndim > 2 else 1)
     sq, sk, d = q.shape[-2], k.shape[-2], q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    s = (q @ np.swapaxes(k, -1, -2)) * scale
+    with np.errstate(invalid="ignore", over="ignore"):  # garbage in hidden keys is fine
+        s = (q @ np.swapaxes(k, -1, -2)) * scale
     slopes = None
     if alibi_slopes is not None:
         slopes = to_numpy(alibi_slopes)[..., None, None]
@@ -113,14 +114,45 @@ def reference_attention(
         scale=scale,
     )
     v = _expand_heads(to_numpy(v), s.shape[-3] if s.ndim > 2 else 1)
+    w, lse = _softmax(s)
+    return _pair_matmul(w, v, s != -np.inf), lse, w
+
+
+def _softmax(s):
+    """Weights and lse of final scores; a row with no visible key gives 0 and -inf, a row
+    with a NaN score NaN (never an empty row)."""
     m = s.max(axis=-1, keepdims=True, initial=-np.inf)  # Sk = 0 allowed
     m = np.where(np.isfinite(m), m, 0.0)
-    p = np.exp(s - m)
+    with np.errstate(over="ignore", invalid="ignore"):
+        p = np.exp(s - m)
     denom = p.sum(axis=-1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
-        w = np.where(denom > 0, p / denom, 0.0)
-        lse = np.where(denom[..., 0] > 0, np.log(denom[..., 0]) + m[..., 0], -np.inf)
-    return w @ v, lse, w
+        w = np.where(denom == 0, 0.0, p / denom)
+        lse = np.where(denom[..., 0] == 0, -np.inf, np.log(denom[..., 0]) + m[..., 0])
+    return w, lse
+
+
+def _pair_matmul(a, b, visible):
+    """``sum_j a[..., i, j] * b[..., j, :]`` over the visible pairs ``(i, j)`` only.
+
+    The rule of :mod:`xattn._masking`: a hidden pair adds exactly 0 whatever ``a`` and ``b``
+    hold there (NaN in a padded key included); visible pairs follow IEEE arithmetic. Done
+    as a matmul on finite values plus, for each index ``j`` whose row of ``b`` is not
+    finite, its terms written out one by one.
+    """
+    a = np.where(visible, a, 0.0)
+    bad = ~np.isfinite(b).all(axis=-1)
+    bad_j = np.flatnonzero(bad.reshape(-1, bad.shape[-1]).any(axis=0)) if bad.size else ()
+    if len(bad_j) == 0:
+        return a @ b
+    b_fin = b.copy()
+    b_fin[..., bad_j, :] = 0.0
+    out = a @ b_fin
+    with np.errstate(invalid="ignore"):
+        for j in bad_j:
+            terms = a[..., :, j, None] * b[..., j, None, :]
+            out += np.where(visible[..., :, j, None], terms, 0.0)
+    return out
 
 
 def reference_attention_backward(dout, q, k, v, **options):
@@ -129,14 +161,19 @@ def reference_attention_backward(dout, q, k, v, **options):
     qn, kn, vn, don = (to_numpy(x) for x in (q, k, v, dout))
     hq = qn.shape[-3] if qn.ndim > 2 else 1
     ke, ve = _expand_heads(kn, hq), _expand_heads(vn, hq)
-    _, _, w = reference_attention(q, k, v, **options)
-    dv = np.swapaxes(w, -1, -2) @ don
-    dp = don @ np.swapaxes(ve, -1, -2)
-    ds = w * (dp - (dp * w).sum(axis=-1, keepdims=True))
-    if t is not None:
-        ds = ds * (1.0 - t * t)
-    dq = scale * ds @ ke
-    dk = scale * np.swapaxes(ds, -1, -2) @ qn
+    w, _ = _softmax(s)
+    vis = s != -np.inf
+    vis_t = np.swapaxes(vis, -1, -2)
+    dv = _pair_matmul(np.swapaxes(w, -1, -2), don, vis_t)
+    with np.errstate(invalid="ignore"):
+        dp = don @ np.swapaxes(ve, -1, -2)
+        delta = np.where(vis, dp * w, 0.0).sum(axis=-1, keepdims=True)
+        ds = w * (dp - delta)
+        if t is not None:
+            ds = ds * (1.0 - t * t)
+    ds = np.where(vis, ds, 0.0)
+    dq = scale * _pair_matmul(ds, ke, vis)
+    dk = scale * _pair_matmul(np.swapaxes(ds, -1, -2), qn, vis_t)
 
     def fold(g):
         # Sum the gradients of the query heads that share one kv head.

@@ -21,8 +21,8 @@ results it matches), arranged for a multi-core CPU:
 * Backward (FlashAttention-2 recomputation from ``lse``): job = (batch element, kv head,
   share of the query blocks). A job owns ``dq`` of its query blocks and accumulates ``dk``,
   ``dv`` of its kv head; when there are fewer kv heads than threads, the query blocks are
-  split over several jobs, each with private ``dk``/``dv`` partials that are added under a
-  lock at the end (no races, no atomics).
+  split over several jobs, each with private ``dk``/``dv`` partials that are added in a fixed
+  order (no races, no atomics, and the same bits on every run).
 
 Memory per worker: one score tile (plus the ``dP`` tile in the backward pass) and O(block)
 row state, so the extra memory is independent of the sequence length.
@@ -36,7 +36,16 @@ import numpy as np
 
 from ... import _masking
 from . import _pool
-from .tiled import _tile_args, as4d, score_view, slopes_view
+from .tiled import (
+    _tile_args,
+    _visible_product,
+    _zero_hidden,
+    as4d,
+    bad_flags,
+    bad_index,
+    score_view,
+    slopes_view,
+)
 
 # Score rows per tile, shared by the heads of a GQA group, and keys per tile. 256 x 512
 # float32 scores are 512 KiB, the L2 of one core of the development machine: the tile is
@@ -135,6 +144,8 @@ def _widest(plan):
 def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None,
             element_rule=None, block_mask=None, allow_tf32=False):
     """Return ``(out, lse)``; see :func:`xattn._backends.numpy_.tiled.forward` for ``plan``."""
+    if _masking.no_pairs(prob):
+        return _masking.empty_forward(prob)
     K = _kernels()
     cd, G, D, Dv = prob.cdtype, prob.group, prob.d, prob.dv
     if plan is None:
@@ -147,11 +158,14 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
     out4, lse4 = out, lse  # allocated with a head axis already, even for 2-D inputs
     scale = cd.type(prob.scale)
     width = _widest(plan)
+    bad_keys = bad_flags(np, (v4,), cd)  # keys whose values must stay out of hidden pairs
 
+    @_masking.quiet
     def job(args):
         bidx, g, h0, h1, q0, q1, tiles = args
         nh, bq = h1 - h0, q1 - q0
         rows = nh * bq
+        bad_g = None if bad_keys is None else bad_keys[bidx][g]
         qt = np.empty((nh, bq, D), dtype=cd)
         qt[...] = q4[bidx][h0:h1, q0:q1]
         qt *= scale
@@ -166,7 +180,8 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
         run = []  # consecutive plain tiles, handed to compiled code in one call
         for k0, k1, full in tiles:
             mods = needs_mods(full)
-            if compiled and not mods:
+            bad = None if bad_g is None else bad_index(np, bad_g[k0:k1])
+            if compiled and not mods and bad is None:
                 run.append((k0, k1))
                 continue
             if run:
@@ -181,8 +196,13 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
                     s.reshape(nh, bq, k1 - k0),
                     **_tile_args(prob, views, bidx, h0, h1, q0, q1, k0, k1, full, element_rule),
                 )
+            if bad is not None:  # visibility of the non-finite keys, before s becomes P
+                vis = s[:, bad] != -np.inf
             K.online_softmax_tile(s, m, l, acc)
-            np.matmul(s, vt, out=pv)
+            if bad is None:
+                np.matmul(s, vt, out=pv)
+            else:
+                pv[...] = _visible_product(np, s, vt, bad, vis)
             K.add_rows(acc, pv)
         if run:
             K.forward_tiles(q2, kg, vg, np.array(run), m, l, acc, sbuf, pv)
@@ -209,6 +229,8 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
 def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slopes=None,
              plan=None, element_rule=None, block_mask=None, deterministic=False):
     """Return ``(dq, dk, dv)``, recomputing the scores tile by tile from ``lse``."""
+    if _masking.no_pairs(prob):
+        return _masking.empty_backward(prob)
     K = _kernels()
     cd, G, D, Dv = prob.cdtype, prob.group, prob.d, prob.dv
     if plan is None:
@@ -225,10 +247,12 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
     scale = cd.type(prob.scale)
     width = _widest(plan)
     softcap = prob.softcap is not None
-    lock = threading.Lock()
+    bad_q = bad_flags(np, (q4, do4, o4), cd)  # rows whose delta or products may be NaN
+    bad_k = bad_flags(np, (k4, v4), cd)
 
+    @_masking.quiet
     def job(args):
-        bidx, g, qblocks, private = args
+        bidx, g, qblocks, private, _ = args
         kg, vg = k4[bidx][g], v4[bidx][g]
         if private:
             dk_acc = np.zeros((prob.sk, D), dtype=cd)
@@ -245,6 +269,8 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
         for q0, q1, tiles, h0, h1 in items:
             nh, bq = h1 - h0, q1 - q0
             rows = nh * bq
+            brows = None if bad_q is None else bad_index(
+                np, bad_q[bidx][h0:h1, q0:q1].reshape(-1))
             qt = np.empty((nh, bq, D), dtype=cd)
             qt[...] = q4[bidx][h0:h1, q0:q1]
             qt *= scale
@@ -278,6 +304,11 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
                         **_tile_args(prob, views, bidx, h0, h1, q0, q1, k0, k1, full,
                                      element_rule),
                     )
+                bcols = None if bad_k is None else bad_index(np, bad_k[bidx][g, k0:k1])
+                if brows is not None or bcols is not None:
+                    _exact_tile(s, t, kt, vt, q2, do2, delta, lse_t, dq_acc,
+                                dk_acc[k0:k1], dv_acc[k0:k1], brows, bcols)
+                    continue
                 K.probs_from_lse(s, lse_t)
                 kpart = kbuf[: kw * Dv].reshape(kw, Dv)
                 np.matmul(s.T, do2, out=kpart)
@@ -296,13 +327,28 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
             dq_acc *= scale
             dq4[bidx][h0:h1, q0:q1] = dq_acc.reshape(nh, bq, D)
         if private:
-            with lock:
-                K.add_rows(dk4[bidx][g], dk_acc)
-                K.add_rows(dv4[bidx][g], dv_acc)
+            _add_in_order(args, dk_acc, dv_acc)
+
+    def _exact_tile(s, t, kt, vt, q2, do2, delta, lse_t, dq_acc, dk_acc, dv_acc, brows,
+                    bcols):
+        """One tile's steps where non-finite rows meet it: hidden pairs held at exactly 0."""
+        vis_r = None if brows is None else s[brows] != -np.inf
+        vis_c = None if bcols is None else s[:, bcols] != -np.inf
+        vis_rt = None if vis_r is None else vis_r.T
+        K.probs_from_lse(s, lse_t)
+        dv_acc += _visible_product(np, s.T, do2, brows, vis_rt)
+        dp = do2 @ vt.T
+        if softcap:
+            K.score_grad_softcap(s, dp, delta, t.reshape(s.shape))
+        else:
+            K.score_grad(s, dp, delta)
+        _zero_hidden(np, dp, brows, vis_r, bcols, vis_c)
+        dq_acc += _visible_product(np, dp, kt, bcols, vis_c)
+        dk_acc += _visible_product(np, dp.T, q2, brows, vis_rt)
 
     heads = [(bidx, g) for bidx in np.ndindex(*prob.batch) for g in range(prob.hkv)]
     want = _JOBS_PER_THREAD * _pool.num_threads()
-    split = 1 if len(heads) >= want else min(len(plan), -(-want // len(heads)))
+    split = 1 if len(heads) >= want or not heads else min(len(plan), -(-want // len(heads)))
     jobs = []
     for bidx, g in heads:
         for part in range(split):
@@ -310,7 +356,26 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
             # short and long ones alike.
             blocks = plan[part::split]
             if blocks:
-                jobs.append((bidx, g, blocks, split > 1))
+                jobs.append((bidx, g, blocks, split > 1, part))
+    # The shares' dk/dv partials are added in share order, not in the order the threads
+    # finish them, so the gradient is the same bits on every run (for one XATTN_NUM_THREADS,
+    # which sets the split). A share that finishes early waits in ``pending`` (memory, not
+    # time) until the ones before it are in; shares start in order, so few ever wait.
+    lock = threading.Lock()
+    pending, next_part = {}, {}
+
+    def _add_in_order(args, dk_acc, dv_acc):
+        bidx, g, _, _, part = args
+        with lock:
+            pending[bidx, g, part] = (dk_acc, dv_acc)
+            n = next_part.get((bidx, g), 0)
+            while (bidx, g, n) in pending:
+                dk_p, dv_p = pending.pop((bidx, g, n))
+                K.add_rows(dk4[bidx][g], dk_p)
+                K.add_rows(dv4[bidx][g], dv_p)
+                n += 1
+            next_part[bidx, g] = n
+
     _pool.run_jobs(job, jobs)
     if prob.dtype != cd:
         dk, dv = dk.astype(prob.dtype), dv.astype(prob.dtype)

@@ -45,6 +45,27 @@ def slopes_view(xp, slopes, prob):
     return xp.broadcast_to(slopes, (*prob.batch, prob.hq))
 
 
+def bad_flags(xp, arrays, cd):
+    """Rows holding NaN/inf in any of ``arrays`` (same leading shape), or None if none do.
+
+    Hidden pairs must add exactly 0 (:mod:`xattn._masking`); only the tiles that meet such
+    rows take the exact path, so finite inputs cost this one pass over the inputs.
+    """
+    flags = None
+    for x in arrays:
+        f = _masking.nonfinite_rows(xp, x, cd)
+        flags = f if flags is None else flags | f
+    return flags if bool(flags.any()) else None
+
+
+def bad_index(xp, flags):
+    """Indices of the True entries of a small boolean slice, or None when there are none."""
+    if flags is None:
+        return None
+    idx = xp.flatnonzero(flags)
+    return idx if idx.size else None
+
+
 def _jobs(prob, plan):
     for bidx in np.ndindex(*prob.batch):
         for g in range(prob.hkv):
@@ -76,6 +97,23 @@ def _tile_args(prob, views, bidx, h0, h1, q0, q1, k0, k1, full, element_rule):
     )
 
 
+def _visible_product(xp, a, b, bad, vis):
+    """``a @ b`` with the terms of hidden pairs at the inner indices ``bad`` exactly 0."""
+    if bad is None:
+        return a @ b
+    out = a @ _masking.clean_rows(xp, b, bad)
+    return _masking.add_visible_terms(xp, out, a, b, bad, vis)
+
+
+def _zero_hidden(xp, ds, brows, vis_r, bcols, vis_c):
+    """Set the hidden pairs of the rows ``brows`` and columns ``bcols`` of ``ds`` to 0."""
+    if brows is not None:
+        ds[brows] = xp.where(vis_r, ds[brows], 0)
+    if bcols is not None:
+        ds[:, bcols] = xp.where(vis_c, ds[:, bcols], 0)
+
+
+@_masking.quiet
 def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None,
             element_rule=None, block_mask=None, allow_tf32=False):
     """Return ``(out, lse)``.
@@ -85,6 +123,8 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
     ``element_rule(q0, q1, k0, k1)`` returns an extra boolean ``(q1-q0, k1-k0)`` visibility for
     a non-full tile (or None): how a BlockMask's partial blocks are evaluated.
     """
+    if _masking.no_pairs(prob):
+        return _masking.empty_forward(prob)
     xp, cd, G = prob.xp, prob.cdtype, prob.group
     if plan is None:
         plan = _masking.tile_plan(prob.sq, prob.sk, BLOCK_Q, BLOCK_K, prob.causal, prob.window)
@@ -97,8 +137,10 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
     out = xp.empty((*prob.batch, prob.hq, prob.sq, prob.dv), dtype=prob.dtype)
     lse = xp.empty((*prob.batch, prob.hq, prob.sq), dtype=cd)
     scale = cd.type(prob.scale)
+    bad_keys = bad_flags(xp, (v4,), cd)  # (k needs nothing: hidden scores become -inf)
     for bidx, g, (q0, q1, tiles) in _jobs(prob, plan):
         h0, h1 = g * G, (g + 1) * G
+        rows = G * (q1 - q0)
         qt = q4[bidx][h0:h1, q0:q1].astype(cd) * scale
         m = xp.full((G, q1 - q0, 1), -math.inf, dtype=cd)
         denom = xp.zeros((G, q1 - q0, 1), dtype=cd)
@@ -110,6 +152,9 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
             _masking.apply_score_mods(
                 xp, s, **_tile_args(prob, views, bidx, h0, h1, q0, q1, k0, k1, full, element_rule)
             )
+            bad = None if bad_keys is None else bad_index(xp, bad_keys[bidx][g, k0:k1])
+            if bad is not None:
+                vis = s.reshape(rows, -1)[:, bad] != -math.inf
             # Online softmax: rescale the running sum and accumulator to the new row maximum.
             m_new = xp.maximum(m, s.max(axis=-1, keepdims=True))
             m_safe = xp.where(xp.isfinite(m_new), m_new, cd.type(0))
@@ -117,7 +162,13 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
             xp.exp(s, out=s)
             alpha = xp.exp(m - m_safe)
             denom = denom * alpha + s.sum(axis=-1, keepdims=True)
-            acc = acc * alpha + s @ vt
+            if bad is None:
+                pv = s @ vt
+            else:
+                pv = s @ _masking.clean_rows(xp, vt, bad)
+                _masking.add_visible_terms(xp, pv.reshape(rows, -1), s.reshape(rows, -1), vt,
+                                           bad, vis)
+            acc = acc * alpha + pv
             m = m_new
         empty = denom == 0
         safe = xp.where(empty, cd.type(1), denom)
@@ -128,9 +179,12 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
     return out, lse
 
 
+@_masking.quiet
 def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slopes=None,
              plan=None, element_rule=None, block_mask=None, deterministic=False):
     """Return ``(dq, dk, dv)``: scores are recomputed tile by tile from ``lse``."""
+    if _masking.no_pairs(prob):
+        return _masking.empty_backward(prob)
     xp, cd, G = prob.xp, prob.cdtype, prob.group
     if plan is None:
         plan = _masking.tile_plan(prob.sq, prob.sk, BLOCK_Q, BLOCK_K, prob.causal, prob.window)
@@ -145,9 +199,12 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
     dk = xp.zeros((*prob.batch, prob.hkv, prob.sk, prob.d), dtype=cd)
     dv = xp.zeros((*prob.batch, prob.hkv, prob.sk, prob.dv), dtype=cd)
     scale = cd.type(prob.scale)
+    bad_q = bad_flags(xp, (q4, do4, o4), cd)  # rows whose delta or products may be NaN
+    bad_k = bad_flags(xp, (k4, v4), cd)
     for bidx, g, (q0, q1, tiles) in _jobs(prob, plan):
         h0, h1 = g * G, (g + 1) * G
         rows = G * (q1 - q0)
+        brows = None if bad_q is None else bad_index(xp, bad_q[bidx][h0:h1, q0:q1].reshape(-1))
         qt = q4[bidx][h0:h1, q0:q1].astype(cd) * scale
         dot = do4[bidx][h0:h1, q0:q1].astype(cd)
         # delta_i = sum_j P_ij dP_ij = dO_i . O_i
@@ -165,16 +222,37 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
                 xp, s, tanh_out=t,
                 **_tile_args(prob, views, bidx, h0, h1, q0, q1, k0, k1, full, element_rule),
             )
+            bcols = None if bad_k is None else bad_index(xp, bad_k[bidx][g, k0:k1])
+            if brows is None and bcols is None:
+                s -= lse_t
+                p = xp.exp(s, out=s)
+                dv[bidx][g, k0:k1] += p.reshape(rows, -1).T @ dot.reshape(rows, -1)
+                ds = dot @ vt.T
+                ds -= delta
+                ds *= p
+                if t is not None:
+                    ds *= 1 - t * t  # d/dx of c * tanh(x / c)
+                dqt += ds @ kt
+                dk[bidx][g, k0:k1] += ds.reshape(rows, -1).T @ qt.reshape(rows, -1)
+                continue
+            # Non-finite values meet this tile: the same steps with hidden pairs held at 0.
+            s2 = s.reshape(rows, -1)
+            vis_r = None if brows is None else s2[brows] != -math.inf
+            vis_c = None if bcols is None else s2[:, bcols] != -math.inf
             s -= lse_t
-            p = xp.exp(s, out=s)
-            dv[bidx][g, k0:k1] += p.reshape(rows, -1).T @ dot.reshape(rows, -1)
-            ds = dot @ vt.T
-            ds -= delta
-            ds *= p
+            p2 = xp.exp(s, out=s).reshape(rows, -1)
+            do2, q2 = dot.reshape(rows, -1), qt.reshape(rows, -1)
+            dv[bidx][g, k0:k1] += _visible_product(xp, p2.T, do2, brows,
+                                                   None if vis_r is None else vis_r.T)
+            ds = (dot @ vt.T).reshape(rows, -1)
+            ds -= delta.reshape(rows, 1)
+            ds *= p2
             if t is not None:
-                ds *= 1 - t * t  # d/dx of c * tanh(x / c)
-            dqt += ds @ kt
-            dk[bidx][g, k0:k1] += ds.reshape(rows, -1).T @ qt.reshape(rows, -1)
+                ds *= 1 - t.reshape(rows, -1) ** 2  # d/dx of c * tanh(x / c)
+            _zero_hidden(xp, ds, brows, vis_r, bcols, vis_c)
+            dqt += _visible_product(xp, ds, kt, bcols, vis_c).reshape(dqt.shape)
+            dk[bidx][g, k0:k1] += _visible_product(xp, ds.T, q2, brows,
+                                                   None if vis_r is None else vis_r.T)
         dq[bidx][h0:h1, q0:q1] = (dqt * scale).astype(prob.dtype, copy=False)
     # dk accumulated ds^T (scale * q): the scale is already in.
     dk, dv = dk.astype(prob.dtype, copy=False), dv.astype(prob.dtype, copy=False)
