@@ -38,17 +38,20 @@ import numpy as np
 from ... import _flex_codegen as cg
 from . import _pool
 
-# Score rows per tile (the G heads of a GQA group stacked) and keys per tile. 128 x 128
-# float32 scores are 64 KiB: the tile, the q block and the k/v tiles stay in L2 together.
-# Smaller key tiles waste less work at the edges of a mask (a sliding window visits about
-# window + BLOCK_ROWS/G + BLOCK_K keys per row) but make shorter matmuls.
+# Score rows per tile (the G heads of a GQA group stacked) and the block-mask granularity in
+# keys. Runs of consecutive visible key blocks are multiplied as one tile of up to MAX_TILE_K
+# keys (below), so small key blocks cost no BLAS efficiency: they only make the mask finer.
+# A sliding window visits about window + BLOCK_ROWS/G + BLOCK_K keys per row. Measured on the
+# 2-core development machine (S=4096, H=4, D=64, fp32, +-256 window, best of 6): rows x keys
+# 128 x 32 gave 101 GFLOP/s dense and 67 useful windowed; 64 x 32 85 / 62; 128 x 64 87 / 58;
+# 32 x 32 67 / 56 (dense flash 92 in the same run).
 BLOCK_ROWS = 128
-BLOCK_K = 128
+BLOCK_K = 32
 MIN_BLOCK_Q = 16
 # Block states of the derived block mask.
 EMPTY, PARTIAL, FULL = 0, 1, 2
 # Bump when the templates below change, so stale cached kernels are never loaded.
-_TEMPLATE_VERSION = "1"
+_TEMPLATE_VERSION = "2"
 
 _lock = threading.Lock()
 _modules: OrderedDict = OrderedDict()  # key -> generated module (LRU)
@@ -118,6 +121,16 @@ from xattn._backends.numpy_ import _fused_kernels as _K
 _CACHE = True
 _JIT = dict(nogil=True, fastmath=_K._FASTMATH, cache=_CACHE)
 _INLINE = dict(inline="always")
+
+
+@_numba.njit(**_JIT)
+def _segment_end(kbs, t, t_end, bk, maxw):
+    # Consecutive visible key blocks form one tile of at most maxw keys: one long matmul
+    # instead of several short ones.
+    t1 = t + 1
+    while t1 < t_end and kbs[t1] == kbs[t1 - 1] + 1 and (kbs[t1] - kbs[t] + 1) * bk <= maxw:
+        t1 += 1
+    return t1
 """
 
 
@@ -167,59 +180,78 @@ def _forward_text(smod, mmod, nargs, mask_takes_args):
     mask_tail = f", {mask_tail}" if mask_tail else ""
     body = f'''
 @_numba.njit(**_JIT)
-def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, q0, q1, kbs, kst, bk{tail}):
+def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, sq, qbs, ptr, kbs, kst, bk,
+                maxw{tail}):
     # q (B*Hq, Sq, D) and out (B*Hq, Sq, Dv), lse (B*Hq, Sq): whole arrays; k2, v2: this
-    # job's kv head (Sk, D), (Sk, Dv). kbs/kst: the visible key blocks and their states.
+    # job's kv head (Sk, D), (Sk, Dv). Query block qb of this (b, g) sees the key blocks
+    # kbs[ptr[qb]:ptr[qb + 1]] with states kst[...]; the job computes the blocks qbs.
     sk = k2.shape[0]
     D = q.shape[2]
     Dv = v2.shape[1]
-    bq = q1 - q0
-    rows = G * bq
-    qt = _np.empty((rows, D), q.dtype)
-    for hh in range(G):
-        for r in range(bq):
-            for c in range(D):
-                qt[hh * bq + r, c] = q[b * hq + g * G + hh, q0 + r, c] * scale
-    m = _np.full(rows, -_np.inf, q.dtype)
-    l = _np.zeros(rows, q.dtype)
-    acc = _np.zeros((rows, Dv), q.dtype)
-    pv = _np.empty((rows, Dv), q.dtype)
-    sbuf = _np.empty(rows * bk, q.dtype)
-    for t in range(kbs.shape[0]):
-        k0 = kbs[t] * bk
-        k1 = min(k0 + bk, sk)
-        w = k1 - k0
-        s = sbuf[: rows * w].reshape((rows, w))
-        _np.dot(qt, k2[k0:k1].T, s)
-        if kst[t] == {PARTIAL}:
-            for r in range(rows):
-                hh = r // bq
-                h = g * G + hh
-                i = q0 + r - hh * bq
-                for c in range(w):
-                    j = k0 + c
-                    if {visible}:
-                        s[r, c] = {score}
-                    else:
-                        s[r, c] = -_np.inf
-        elif {bool(smod)}:
-            for r in range(rows):
-                hh = r // bq
-                h = g * G + hh
-                i = q0 + r - hh * bq
-                for c in range(w):
-                    j = k0 + c
-                    s[r, c] = {score}
-        _K.online_softmax_tile(s, m, l, acc)
-        _np.dot(s, v2[k0:k1], pv)
-        _K.add_rows(acc, pv)
-    lse_rows = _np.empty(rows, q.dtype)
-    _K.finish_rows(acc, m, l, lse_rows)
-    for hh in range(G):
-        for r in range(bq):
-            lse[b * hq + g * G + hh, q0 + r] = lse_rows[hh * bq + r]
-            for c in range(Dv):
-                out[b * hq + g * G + hh, q0 + r, c] = acc[hh * bq + r, c]
+    rmax = G * bqs
+    qbuf = _np.empty(rmax * D, q.dtype)
+    m = _np.empty(rmax, q.dtype)
+    l = _np.empty(rmax, q.dtype)
+    abuf = _np.empty(rmax * Dv, q.dtype)
+    pbuf = _np.empty(rmax * Dv, q.dtype)
+    sbuf = _np.empty(rmax * maxw, q.dtype)
+    lse_rows = _np.empty(rmax, q.dtype)
+    for n in range(qbs.shape[0]):
+        q0 = qbs[n] * bqs
+        q1 = min(q0 + bqs, sq)
+        bq = q1 - q0
+        rows = G * bq
+        qt = qbuf[: rows * D].reshape((rows, D))
+        acc = abuf[: rows * Dv].reshape((rows, Dv))
+        pv = pbuf[: rows * Dv].reshape((rows, Dv))
+        for hh in range(G):
+            for r in range(bq):
+                for c in range(D):
+                    qt[hh * bq + r, c] = q[b * hq + g * G + hh, q0 + r, c] * scale
+        m[:rows] = -_np.inf
+        l[:rows] = 0.0
+        acc[:] = 0.0
+        t = ptr[qbs[n]]
+        t_end = ptr[qbs[n] + 1]
+        while t < t_end:
+            t1 = _segment_end(kbs, t, t_end, bk, maxw)
+            k0 = kbs[t] * bk
+            k1 = min(kbs[t1 - 1] * bk + bk, sk)
+            w = k1 - k0
+            s = sbuf[: rows * w].reshape((rows, w))
+            _np.dot(qt, k2[k0:k1].T, s)
+            for u in range(t, t1):
+                c0 = kbs[u] * bk - k0
+                c1 = min(c0 + bk, w)
+                if kst[u] == {PARTIAL}:
+                    for r in range(rows):
+                        hh = r // bq
+                        h = g * G + hh
+                        i = q0 + r - hh * bq
+                        for c in range(c0, c1):
+                            j = k0 + c
+                            if {visible}:
+                                s[r, c] = {score}
+                            else:
+                                s[r, c] = -_np.inf
+                elif {bool(smod)}:
+                    for r in range(rows):
+                        hh = r // bq
+                        h = g * G + hh
+                        i = q0 + r - hh * bq
+                        for c in range(c0, c1):
+                            j = k0 + c
+                            s[r, c] = {score}
+            _K.online_softmax_tile(s, m[:rows], l[:rows], acc)
+            _np.dot(s, v2[k0:k1], pv)
+            _K.add_rows(acc, pv)
+            t = t1
+        _K.finish_rows(acc, m[:rows], l[:rows], lse_rows[:rows])
+        for hh in range(G):
+            for r in range(bq):
+                lse[b * hq + g * G + hh, q0 + r] = lse_rows[hh * bq + r]
+                for c in range(Dv):
+                    out[b * hq + g * G + hh, q0 + r, c] = acc[hh * bq + r, c]
 
 
 @_numba.njit(**_JIT)
@@ -288,7 +320,7 @@ def _backward_text(smod, mmod, nargs, mask_takes_args, diff_args):
     nsites = len(sites)
     if smod is not None:
         ad = sp.call(["s[r, c]", "b", "h", "i", "j"], args).replace("_smod(", "_smod_ad(", 1)
-        first = f"res = {ad}\n{' ' * 24}p[r, c] = res[0]\n{' ' * 24}tt[r, c] = res[1]"
+        first = f"res = {ad}\n{' ' * 28}p[r, c] = res[0]\n{' ' * 28}tt[r, c] = res[1]"
     else:
         first = "p[r, c] = s[r, c]"
     scatter = ""
@@ -306,9 +338,10 @@ def _backward_text(smod, mmod, nargs, mask_takes_args, diff_args):
     body = f'''
 @_numba.njit(**_JIT)
 def backward_job(q, k2, v2, dout, out, lse, dq, dk2, dv2, scale, hq, b, g, G, bqs, sq, qbs,
-                 ptr, kbs, kst, bk{tail}):
-    # dk2, dv2: this job's accumulators (Sk, D), (Sk, Dv) of its kv head; dq rows of the
-    # job's query blocks are its own. _g*: private gradients of the floating score_mod_args.
+                 ptr, kbs, kst, bk, maxw{tail}):
+    # As forward_job; dk2, dv2: this job's accumulators (Sk, D), (Sk, Dv) of its kv head;
+    # dq rows of the job's query blocks are its own. _g*: private gradients of the floating
+    # score_mod_args.
     sk = k2.shape[0]
     D = q.shape[2]
     Dv = v2.shape[1]
@@ -319,13 +352,13 @@ def backward_job(q, k2, v2, dout, out, lse, dq, dk2, dv2, scale, hq, b, g, G, bq
     lse_t = _np.empty(rmax, q.dtype)
     dq_acc = _np.empty((rmax, D), q.dtype)
     dq_part = _np.empty((rmax, D), q.dtype)
-    sbuf = _np.empty(rmax * bk, q.dtype)
-    pbuf = _np.empty(rmax * bk, q.dtype)
-    tbuf = _np.ones(rmax * bk, q.dtype)
-    dpbuf = _np.empty(rmax * bk, q.dtype)
-    kpart = _np.empty(bk * max(D, Dv), q.dtype)
-    for t in range(qbs.shape[0]):
-        q0 = qbs[t] * bqs
+    sbuf = _np.empty(rmax * maxw, q.dtype)
+    pbuf = _np.empty(rmax * maxw, q.dtype)
+    tbuf = _np.ones(rmax * maxw, q.dtype)
+    dpbuf = _np.empty(rmax * maxw, q.dtype)
+    kpart = _np.empty(maxw * max(D, Dv), q.dtype)
+    for n in range(qbs.shape[0]):
+        q0 = qbs[n] * bqs
         q1 = min(q0 + bqs, sq)
         bq = q1 - q0
         rows = G * bq
@@ -346,26 +379,32 @@ def backward_job(q, k2, v2, dout, out, lse, dq, dk2, dv2, scale, hq, b, g, G, bq
         dor = do[:rows]
         dqa = dq_acc[:rows]
         dqa[:] = 0.0
-        for u in range(ptr[t], ptr[t + 1]):
-            k0 = kbs[u] * bk
-            k1 = min(k0 + bk, sk)
+        t = ptr[qbs[n]]
+        t_end = ptr[qbs[n] + 1]
+        while t < t_end:
+            t1 = _segment_end(kbs, t, t_end, bk, maxw)
+            k0 = kbs[t] * bk
+            k1 = min(kbs[t1 - 1] * bk + bk, sk)
             w = k1 - k0
             s = sbuf[: rows * w].reshape((rows, w))
             p = pbuf[: rows * w].reshape((rows, w))
             tt = tbuf[: rows * w].reshape((rows, w))
             dp = dpbuf[: rows * w].reshape((rows, w))
             _np.dot(qr, k2[k0:k1].T, s)
-            partial = kst[u] == {PARTIAL}
-            for r in range(rows):
-                hh = r // bq
-                h = g * G + hh
-                i = q0 + r - hh * bq
-                for c in range(w):
-                    j = k0 + c
-                    if partial and not ({visible}):
-                        p[r, c] = -_np.inf
-                    else:
-                        {first}
+            for u in range(t, t1):
+                c0 = kbs[u] * bk - k0
+                c1 = min(c0 + bk, w)
+                partial = kst[u] == {PARTIAL}
+                for r in range(rows):
+                    hh = r // bq
+                    h = g * G + hh
+                    i = q0 + r - hh * bq
+                    for c in range(c0, c1):
+                        j = k0 + c
+                        if partial and not ({visible}):
+                            p[r, c] = -_np.inf
+                        else:
+                            {first}
             _K.probs_from_lse(p, lse_t[:rows])
             kp = kpart[: w * Dv].reshape((w, Dv))
             _np.dot(p.T, dor, kp)
@@ -385,6 +424,7 @@ def backward_job(q, k2, v2, dout, out, lse, dq, dk2, dv2, scale, hq, b, g, G, bq
             kp = kpart[: w * D].reshape((w, D))
             _np.dot(dp.T, qr, kp)
             _K.add_rows(dk2[k0:k1], kp)
+            t = t1
         for hh in range(G):
             for r in range(bq):
                 for c in range(D):
@@ -446,43 +486,53 @@ def compile_kernels(smod, mmod, args, mask_takes_args, *, backward=False, diff_a
     return forward_module(smod, mmod, args, mask_takes_args)
 
 
-def _call(fn, *a):
+def _call(fn, caps, *a):
     """Call a generated kernel; a Numba typing error is re-raised naming the user function."""
     try:
         return fn(*a)
     except Exception as exc:
         from numba.core.errors import NumbaError
 
-        if isinstance(exc, NumbaError):
-            raise cg.FlexCompileError(
-                "score_mod/mask_mod: Numba could not compile the function into the kernel "
-                f"(only scalars, math/numpy functions and array reads work):\n{exc}"
-            ) from None
-        raise
+        if not isinstance(exc, NumbaError):
+            raise
+        text = str(exc)
+        smod, mmod = caps
+        if smod is not None and "_user_smod" in text:
+            who = f"score_mod ({smod.fn.__name__})"
+        elif mmod is not None and "_user_mmod" in text:
+            who = f"mask_mod ({mmod.fn.__name__})"
+        else:
+            who = "score_mod/mask_mod"
+        raise cg.FlexCompileError(
+            f"{who}: Numba could not compile it into the kernel (numbers, math/numpy "
+            f"functions, if/else and array reads work):\n{text}"
+        ) from None
 
 
 # --- block mask ----------------------------------------------------------------------------
 
 
 def block_plan(mod, mmod, args, mask_takes_args, *, batch, hq, hkv, sq, sk, bq, bk):
-    """Per (batch, kv head, query block): visible key blocks and their states (cached).
+    """Per (batch, kv head): CSR ``(ptr, kbs, kst)`` of the visible key blocks (cached).
 
+    Query block ``qb`` sees the key blocks ``kbs[ptr[qb]:ptr[qb + 1]]`` in states ``kst``.
     ``mask_mod`` is evaluated on every (query, key) pair once per shape: per batch element
-    only if it reads ``b`` (or an array), per head only if it reads ``h``.
+    only if it reads ``b``, per head only if it reads ``h``.
     """
     nqb, nkb = -(-sq // bq), -(-sk // bk)
     G = hq // hkv
     if mmod is None:
-        full = np.full((nkb,), FULL, np.int8)
-        return {"kbs": np.arange(nkb, dtype=np.int64), "kst": full, "per": None,
-                "nqb": nqb}
+        ptr = np.arange(nqb + 1, dtype=np.int64) * nkb
+        kbs = np.tile(np.arange(nkb, dtype=np.int64), nqb)
+        csr = (ptr, kbs, np.full(nqb * nkb, FULL, np.int8))
+        return {"csr": {(0, 0): csr}, "dep_b": False, "dep_h": False, "nqb": nqb}
     dep_b = "b" in _reads(mmod, 0)
     dep_h = "h" in _reads(mmod, 1)
     margs = args if mask_takes_args else ()
     nb = batch if dep_b else 1
     nh = hq if dep_h else 1
     content = tuple(_digest(a) for a in (*margs, *mmod.arrays))
-    key = (mmod.key, content, nb, nh, sq, sk, bq, bk, G)
+    key = (_fn_key(mmod), content, nb, nh, sq, sk, bq, bk, G)
     with _lock:
         hit = _block_cache.get(key)
         if hit is not None:
@@ -492,11 +542,11 @@ def block_plan(mod, mmod, args, mask_takes_args, *, batch, hq, hkv, sq, sk, bq, 
     step = max(1, nqb // (4 * _pool.num_threads()))
     jobs = [(b, h, qb, min(qb + step, nqb)) for b in range(nb) for h in range(nh)
             for qb in range(0, nqb, step)]
-    extra = (*margs, *mmod.arrays)
+    extra = (*margs, *(mmod.arrays if mod._PASS_MMOD else ()))
 
     def job(j):
         b, h, qb0, qb1 = j
-        _call(mod.block_states, b, h, sq, sk, bq, bk, qb0, qb1, states[b, h], *extra)
+        _call(mod.block_states, (None, mmod), b, h, sq, sk, bq, bk, qb0, qb1, states[b, h], *extra)
 
     _pool.run_jobs(job, jobs)
     # A GQA group's stacked rows: empty if every head's block is, full if every head's is.
@@ -505,34 +555,55 @@ def block_plan(mod, mmod, args, mask_takes_args, *, batch, hq, hkv, sq, sk, bq, 
         lo, hi = st.min(axis=2), st.max(axis=2)
         comb = np.where(hi == EMPTY, EMPTY, np.where(lo == FULL, FULL, PARTIAL)).astype(np.int8)
     else:
-        comb = np.broadcast_to(states, (nb, hkv, nqb, nkb))
-    per = {}
+        comb = states
+    csr = {}
     for bi in range(comb.shape[0]):
-        for g in range(comb.shape[1]):
-            for qb in range(nqb):
-                row = comb[bi, g, qb]
-                kbs = np.flatnonzero(row)
-                per[bi, g, qb] = (kbs, row[kbs].copy())
-    plan = {"per": per, "dep_b": dep_b, "dep_h": dep_h, "nqb": nqb}
-    size = states.nbytes + sum(a.nbytes + b.nbytes for a, b in per.values())
+        for gi in range(comb.shape[1]):
+            st = comb[bi, gi]
+            qb_idx, kbs = np.nonzero(st)
+            ptr = np.zeros(nqb + 1, np.int64)
+            np.cumsum(np.bincount(qb_idx, minlength=nqb), out=ptr[1:])
+            csr[bi, gi] = (ptr, kbs.astype(np.int64), st[qb_idx, kbs].astype(np.int8))
+    plan = {"csr": csr, "dep_b": dep_b, "dep_h": dep_h, "nqb": nqb}
+    plan["bytes"] = sum(x.nbytes for c in csr.values() for x in c)
     with _lock:
         _block_cache[key] = plan
-        plan["bytes"] = size
         while sum(p["bytes"] for p in _block_cache.values()) > _MAX_BLOCK_BYTES:
             _block_cache.popitem(last=False)
     return plan
 
 
 def _reads(cap, pos):
-    """The parameter names a function reads, by position."""
+    """The parameter name at ``pos`` if the function reads it."""
     params = cap.params
     return {params[pos]} & cap.reads if pos < len(params) else set()
 
 
-def job_tiles(plan, b, g, qb):
-    if plan["per"] is None:
-        return plan["kbs"], plan["kst"]
-    return plan["per"][(b if plan["dep_b"] else 0, g if plan["dep_h"] else 0, qb)]
+def _csr(plan, b, g):
+    return plan["csr"][(b if plan["dep_b"] else 0, g if plan["dep_h"] else 0)]
+
+
+# Keys per matmul at most: runs of visible key blocks up to this width are one tile.
+MAX_TILE_K = 512
+# Jobs per worker thread: enough to balance uneven (causal) query blocks.
+_JOBS_PER_THREAD = 4
+
+
+def _jobs(plan, batch, hkv):
+    """``(b, g, qbs)`` jobs: each (b, g)'s query blocks dealt out in interleaved shares."""
+    heads = [(b, g) for b in range(batch) for g in range(hkv)]
+    want = _JOBS_PER_THREAD * _pool.num_threads()
+    nqb = plan["nqb"]
+    split = 1 if len(heads) >= want else min(nqb, -(-want // len(heads)))
+    jobs = []
+    for b, g in heads:
+        ptr = _csr(plan, b, g)[0]
+        for part in range(split):
+            qbs = np.arange(part, nqb, split, dtype=np.int64)
+            if len(qbs):
+                cost = int(np.sum(ptr[qbs + 1] - ptr[qbs]))
+                jobs.append((cost, len(jobs), b, g, qbs))
+    return jobs, split
 
 
 # --- launches ------------------------------------------------------------------------------
@@ -549,21 +620,15 @@ def forward(q3, k3, v3, out3, lse2, *, scale, batch, hq, hkv, smod, mmod, args,
                       sq=sq, sk=sk, bq=bq, bk=bk)
     extra = _extra(mod, smod, mmod, args)
     scale = q3.dtype.type(scale)
-    jobs = []
-    for b in range(batch):
-        for g in range(hkv):
-            for qb in range(plan["nqb"]):
-                kbs, kst = job_tiles(plan, b, g, qb)
-                jobs.append((len(kbs), b, g, qb, kbs, kst))
-    jobs.sort(key=lambda j: -j[0])
+    jobs, _ = _jobs(plan, batch, hkv)
 
     def job(j):
-        _, b, g, qb, kbs, kst = j
-        q0 = qb * bq
-        _call(mod.forward_job, q3, k3[b * hkv + g], v3[b * hkv + g], out3, lse2, scale, hq,
-              b, g, G, q0, min(q0 + bq, sq), kbs, kst, bk, *extra)
+        _, _, b, g, qbs = j
+        ptr, kbs, kst = _csr(plan, b, g)
+        _call(mod.forward_job, (smod, mmod), q3, k3[b * hkv + g], v3[b * hkv + g], out3, lse2, scale, hq,
+              b, g, G, bq, sq, qbs, ptr, kbs, kst, bk, MAX_TILE_K, *extra)
 
-    _pool.run_jobs(job, jobs)
+    _pool.run_jobs(job, sorted(jobs, key=lambda j: -j[0]))
 
 
 def _extra(mod, smod, mmod, args):
@@ -572,12 +637,9 @@ def _extra(mod, smod, mmod, args):
             *(mmod.arrays if mmod is not None and mod._PASS_MMOD else ()))
 
 
-_JOBS_PER_THREAD = 2
-
-
 def backward(dout3, q3, k3, v3, out3, lse2, *, scale, batch, hq, hkv, smod, mmod, args,
              mask_takes_args, diff_args):
-    """Return ``(dq3, dk3, dv3, grads)``; ``grads[i]`` float64, for ``i`` in diff_args."""
+    """Return ``(dq3, dk3, dv3, grads)``; ``grads[n]`` (float64) for ``args[diff_args[n]]``."""
     fwd = compile_kernels(smod, mmod, args, mask_takes_args)
     mod = compile_kernels(smod, mmod, args, mask_takes_args, backward=True,
                           diff_args=diff_args)
@@ -591,45 +653,28 @@ def backward(dout3, q3, k3, v3, out3, lse2, *, scale, batch, hq, hkv, smod, mmod
     dq3 = np.empty_like(q3)
     dk3 = np.zeros((batch * hkv, sk, D), cd)
     dv3 = np.zeros((batch * hkv, sk, Dv), cd)
-    heads = [(b, g) for b in range(batch) for g in range(hkv)]
-    want = _JOBS_PER_THREAD * _pool.num_threads()
-    nqb = plan["nqb"]
-    split = 1 if len(heads) >= want else min(nqb, -(-want // len(heads)))
-    jobs = []
-    for b, g in heads:
-        for part in range(split):
-            qbs = np.arange(part, nqb, split, dtype=np.int64)
-            if not len(qbs):
-                continue
-            tiles = [job_tiles(plan, b, g, int(qb)) for qb in qbs]
-            ptr = np.zeros(len(qbs) + 1, np.int64)
-            ptr[1:] = np.cumsum([len(t[0]) for t in tiles])
-            kbs = np.concatenate([t[0] for t in tiles]).astype(np.int64)
-            kst = np.concatenate([t[1] for t in tiles]).astype(np.int8)
-            jobs.append((len(jobs), b, g, qbs, ptr, kbs, kst))
+    jobs, split = _jobs(plan, batch, hkv)
     partial = {}
-    private = split > 1 or bool(diff_args)
     scale_t = cd.type(scale)
 
     def job(j):
-        n, b, g, qbs, ptr, kbs, kst = j
-        if split > 1:
+        _, n, b, g, qbs = j
+        ptr, kbs, kst = _csr(plan, b, g)
+        if split > 1:  # several jobs share this kv head: private sums, added below
             dk2 = np.zeros((sk, D), cd)
             dv2 = np.zeros((sk, Dv), cd)
         else:
             dk2, dv2 = dk3[b * hkv + g], dv3[b * hkv + g]
         grads = tuple(np.zeros(np.shape(args[i]), np.float64) for i in diff_args)
-        _call(mod.backward_job, q3, k3[b * hkv + g], v3[b * hkv + g], dout3, out3, lse2, dq3,
-              dk2, dv2, scale_t, hq, b, g, G, bq, sq, qbs, ptr, kbs, kst, bk, *extra, *grads)
-        if private:
-            partial[n] = (dk2 if split > 1 else None, dv2 if split > 1 else None, grads)
+        _call(mod.backward_job, (smod, mmod), q3, k3[b * hkv + g], v3[b * hkv + g], dout3, out3, lse2, dq3,
+              dk2, dv2, scale_t, hq, b, g, G, bq, sq, qbs, ptr, kbs, kst, bk, MAX_TILE_K,
+              *extra, *grads)
+        partial[n] = (dk2 if split > 1 else None, dv2 if split > 1 else None, grads)
 
-    _pool.run_jobs(job, sorted(jobs, key=lambda j: -len(j[5])))
+    _pool.run_jobs(job, sorted(jobs, key=lambda j: -j[0]))
     grads = [np.zeros(np.shape(args[i]), np.float64) for i in diff_args]
     # Partial sums added in job order, not finishing order: bitwise reproducible.
-    for n, b, g, *_ in jobs:
-        if n not in partial:
-            continue
+    for _, n, b, g, _ in jobs:
         dk2, dv2, gr = partial[n]
         if dk2 is not None:
             dk3[b * hkv + g] += dk2
