@@ -135,7 +135,7 @@ def capture(fn, role, nparams, *, _arrays=None, _depth=0):
         raise FlexCompileError(f"{role}: helper functions nested too deeply ({fn.__name__})")
     arrays = [] if _arrays is None else _arrays
     glob, deref, reads = _code_names(code)
-    cells = dict(zip(code.co_freevars, fn.__closure__ or ()))
+    cells = dict(zip(code.co_freevars, fn.__closure__ or (), strict=True))
     names, key = {}, [code]
     for name in (*deref, *glob):
         if name in cells:
@@ -596,7 +596,7 @@ class _Differentiator:
                 return f"({a} if {c} else {b})", None
             ta = ta or ["0.0"] * self.n
             tb = tb or ["0.0"] * self.n
-            tans = [x if x == y else f"({x} if {c} else {y})" for x, y in zip(ta, tb)]
+            tans = [x if x == y else f"({x} if {c} else {y})" for x, y in zip(ta, tb, strict=True)]
             return self.new(f"({a} if {c} else {b})", tans)
         if isinstance(node, ast.Call):
             return self.call(node)
@@ -607,7 +607,7 @@ class _Differentiator:
         if isinstance(node, ast.Compare):
             left, _ = self.expr(node.left)
             parts = [left]
-            for op, right in zip(node.ops, node.comparators):
+            for op, right in zip(node.ops, node.comparators, strict=True):
                 val, _ = self.expr(right)
                 parts.append(_CMP[type(op)])
                 parts.append(val)
@@ -632,21 +632,22 @@ class _Differentiator:
         ta, tb = ta or z, tb or z
         op = type(node.op)
         if op is ast.Add:
-            tans = [_add(x, y) for x, y in zip(ta, tb)]
+            tans = [_add(x, y) for x, y in zip(ta, tb, strict=True)]
         elif op is ast.Sub:
-            tans = [_sub(x, y) for x, y in zip(ta, tb)]
+            tans = [_sub(x, y) for x, y in zip(ta, tb, strict=True)]
         elif op is ast.Mult:
-            tans = [_add(_mul(x, b), _mul(a, y)) for x, y in zip(ta, tb)]
+            tans = [_add(_mul(x, b), _mul(a, y)) for x, y in zip(ta, tb, strict=True)]
         elif op is ast.Div:
             name, tans0 = self.new(value, z)
             tans = [_sub(f"({x} / {b})" if not _zero(x) else "0.0",
                          _mul(name, f"({y} / {b})") if not _zero(y) else "0.0")
-                    for x, y in zip(ta, tb)]
+                    for x, y in zip(ta, tb, strict=True)]
             return self.new(name, tans)
         elif op is ast.Pow:
             return self.power(a, ta, b, tb, node)
         elif op is ast.Mod:
-            tans = [_sub(x, _mul(f"_math.floor({a} / {b})", y)) for x, y in zip(ta, tb)]
+            tans = [_sub(x, _mul(f"_math.floor({a} / {b})", y))
+                    for x, y in zip(ta, tb, strict=True)]
         elif op is ast.FloorDiv:
             return value, None  # piecewise constant
         else:
@@ -660,7 +661,7 @@ class _Differentiator:
         da = f"({b} * {a} ** ({b} - 1))"
         db = f"({name} * _math.log({a}))"
         tans = [_add(_mul(da, x) if not _zero(x) else "0.0", _mul(db, y) if not _zero(y)
-                     else "0.0") for x, y in zip(ta or z, tb or z)]
+                     else "0.0") for x, y in zip(ta or z, tb or z, strict=True)]
         return self.new(name, tans)
 
     def call(self, node):
@@ -687,7 +688,8 @@ class _Differentiator:
             c = f"_c{self.tmp}"
             self.tmp += 1
             self.emit(f"{c} = {x} {_MINMAX[fname]} {y}")
-            tans = [u if u == w else f"({u} if {c} else {w})" for u, w in zip(tx or z, ty or z)]
+            tans = [u if u == w else f"({u} if {c} else {w})"
+                    for u, w in zip(tx or z, ty or z, strict=True)]
             return self.new(f"({x} if {c} else {y})", tans)
         if fname in _POW and len(args) == 2:
             (x, tx), (y, ty) = args
@@ -697,7 +699,8 @@ class _Differentiator:
             c = f"_c{self.tmp}"
             self.tmp += 1
             self.emit(f"{c} = {c0}")
-            tans = [u if u == w else f"({u} if {c} else {w})" for u, w in zip(tx or z, ty or z)]
+            tans = [u if u == w else f"({u} if {c} else {w})"
+                    for u, w in zip(tx or z, ty or z, strict=True)]
             return self.new(f"({x} if {c} else {y})", tans)
         self.fail(node, f"a call to {fname or func}() with a differentiable argument "
                         f"(supported: {', '.join(sorted({*_D1, *_MINMAX, *_POW, 'where'}))})")

@@ -625,7 +625,8 @@ def forward(q3, k3, v3, out3, lse2, *, scale, batch, hq, hkv, smod, mmod, args,
     def job(j):
         _, _, b, g, qbs = j
         ptr, kbs, kst = _csr(plan, b, g)
-        _call(mod.forward_job, (smod, mmod), q3, k3[b * hkv + g], v3[b * hkv + g], out3, lse2, scale, hq,
+        _call(mod.forward_job, (smod, mmod), q3, k3[b * hkv + g], v3[b * hkv + g], out3, lse2,
+              scale, hq,
               b, g, G, bq, sq, qbs, ptr, kbs, kst, bk, MAX_TILE_K, *extra)
 
     _pool.run_jobs(job, sorted(jobs, key=lambda j: -j[0]))
@@ -666,7 +667,8 @@ def backward(dout3, q3, k3, v3, out3, lse2, *, scale, batch, hq, hkv, smod, mmod
         else:
             dk2, dv2 = dk3[b * hkv + g], dv3[b * hkv + g]
         grads = tuple(np.zeros(np.shape(args[i]), np.float64) for i in diff_args)
-        _call(mod.backward_job, (smod, mmod), q3, k3[b * hkv + g], v3[b * hkv + g], dout3, out3, lse2, dq3,
+        _call(mod.backward_job, (smod, mmod), q3, k3[b * hkv + g], v3[b * hkv + g], dout3,
+              out3, lse2, dq3,
               dk2, dv2, scale_t, hq, b, g, G, bq, sq, qbs, ptr, kbs, kst, bk, MAX_TILE_K,
               *extra, *grads)
         partial[n] = (dk2 if split > 1 else None, dv2 if split > 1 else None, grads)
@@ -679,6 +681,6 @@ def backward(dout3, q3, k3, v3, out3, lse2, *, scale, batch, hq, hkv, smod, mmod
         if dk2 is not None:
             dk3[b * hkv + g] += dk2
             dv3[b * hkv + g] += dv2
-        for acc, x in zip(grads, gr):
+        for acc, x in zip(grads, gr, strict=False):
             acc += x
     return dq3, dk3, dv3, grads

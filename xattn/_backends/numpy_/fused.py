@@ -36,7 +36,7 @@ import numpy as np
 
 from ... import _masking
 from . import _pool
-from .tiled import _tile_args, as4d, score_view, slopes_view
+from .tiled import _tile_args, add_dbias, as4d, dbias_buffer, score_view, slopes_view
 
 # Score rows per tile, shared by the heads of a GQA group, and keys per tile. 256 x 512
 # float32 scores are 512 KiB, the L2 of one core of the development machine: the tile is
@@ -69,7 +69,8 @@ def supports(prob, opts, op):
     if prob.xp is not np:
         return "runs on NumPy arrays only"
     # A BlockMask arrives as plan + element_rule (forward/backward take them).
-    unknown = set(opts) - {"plan", "element_rule", "block_mask", "allow_tf32", "deterministic"}
+    unknown = set(opts) - {"plan", "element_rule", "block_mask", "allow_tf32", "deterministic",
+                           "return_dbias"}
     if unknown:
         return f"options not handled by this backend: {sorted(unknown)}"
     return None
@@ -206,8 +207,10 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
 
 
 def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slopes=None,
-             plan=None, element_rule=None, block_mask=None, deterministic=False):
-    """Return ``(dq, dk, dv)``, recomputing the scores tile by tile from ``lse``."""
+             plan=None, element_rule=None, block_mask=None, deterministic=False,
+             return_dbias=False):
+    """Return ``(dq, dk, dv)`` (and ``dbias``), recomputing the scores tile by tile from
+    ``lse``."""
     K = _kernels()
     cd, G, D, Dv = prob.cdtype, prob.group, prob.d, prob.dv
     if plan is None:
@@ -225,6 +228,7 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
     width = _widest(plan)
     softcap = prob.softcap is not None
     lock = threading.Lock()
+    dbias, dpad = dbias_buffer(np, bias, prob) if return_dbias else (None, None)
 
     def job(args):
         bidx, g, qblocks, private = args
@@ -283,7 +287,15 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
                 K.add_rows(dv_acc[k0:k1], kpart)
                 dp = dpbuf[: rows * kw].reshape(rows, kw)
                 np.matmul(do2, vt.T, out=dp)
-                if softcap:
+                if dpad is not None:
+                    # dbias needs dS of the final scores, before the softcap's chain factor.
+                    K.score_grad(s, dp, delta)
+                    with lock:
+                        add_dbias(dpad, dp.reshape(nh, bq, kw), bidx, h0, h1, q0, q1, k0, k1)
+                    if softcap:
+                        tr = t.reshape(rows, kw)
+                        dp *= 1 - tr * tr
+                elif softcap:
                     K.score_grad_softcap(s, dp, delta, t.reshape(rows, kw))
                 else:
                     K.score_grad(s, dp, delta)
@@ -310,10 +322,25 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
             blocks = plan[part::split]
             if blocks:
                 jobs.append((bidx, g, blocks, split > 1))
-    _pool.run_jobs(job, jobs)
+    if dpad is not None and deterministic and _dbias_shared(prob, dpad, split):
+        # Jobs add into the same dbias entries: in a fixed order, one job at a time.
+        for j in jobs:
+            job(j)
+    else:
+        _pool.run_jobs(job, jobs)
     if prob.dtype != cd:
         dk, dv = dk.astype(prob.dtype), dv.astype(prob.dtype)
     if not prob.heads_axis:
         dq, dk, dv = dq[0], dk[0], dv[0]
+    if return_dbias:
+        return dq, dk, dv, dbias
     return dq, dk, dv
+
+
+def _dbias_shared(prob, dpad, split):
+    """Whether two backward jobs can add into the same dbias entry (a broadcast bias)."""
+    nb = len(prob.batch)
+    over_batch = any(dpad.shape[a] == 1 and prob.batch[a] > 1 for a in range(nb))
+    return over_batch or (dpad.shape[nb] == 1 and prob.hkv > 1) or (
+        dpad.shape[nb + 1] == 1 and split > 1)
 
