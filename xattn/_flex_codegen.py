@@ -296,6 +296,7 @@ class Source:
     node: ast.FunctionDef  # renamed function, captured arrays appended as parameters
     array_params: list  # parameter names of the captured arrays, in Capture.arrays order
     callees: dict  # alias -> the math/numpy function name it stands for
+    helpers: dict  # alias -> Source of a translated helper function (inlined when differentiated)
 
     def text(self):
         return ast.unparse(self.node)
@@ -307,7 +308,7 @@ def function_source(cap: Capture, prefix: str, *, _seen=None) -> Source | None:
     if node is None:
         return None
     seen = {} if _seen is None else _seen
-    header, mapping, array_params, callees = [], {}, {}, {}
+    header, mapping, array_params, callees, helpers = [], {}, {}, {}, {}
     params = {a.arg for a in node.args.args}
     for name, (kind, payload, _) in cap.names.items():
         if name in params:
@@ -332,6 +333,9 @@ def function_source(cap: Capture, prefix: str, *, _seen=None) -> Source | None:
             header.extend(sub.header)
             header.append("@_numba.njit(inline='always')")
             header.append(sub.text())
+            callees.update(sub.callees)
+            helpers.update(sub.helpers)
+            helpers[alias] = sub
         else:  # builtin
             continue
         mapping[name] = alias
@@ -342,7 +346,7 @@ def function_source(cap: Capture, prefix: str, *, _seen=None) -> Source | None:
     node.args.args = list(node.args.args) + [ast.arg(a) for a in extra]
     ast.fix_missing_locations(node)
     _check_returns(node, cap)
-    return Source(prefix, header, node, extra, callees)
+    return Source(prefix, header, node, extra, callees, helpers)
 
 
 def _literal(x):
@@ -452,12 +456,107 @@ def _mul(a, b):
     return f"({a} * {b})"
 
 
+def _assigned(stmts):
+    names = set()
+    for s in stmts:
+        for n in ast.walk(s):
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store):
+                names.add(n.id)
+    return names
+
+
+class _Inliner(ast.NodeTransformer):
+    """Replace calls to translated helpers by their bodies (locals renamed), hoisted before
+    the statement that calls them, so the derivative flows through them."""
+
+    def __init__(self, helpers, fail):
+        self.helpers, self.fail = helpers, fail
+        self.count = 0
+        self.pending = []
+
+    def visit_Call(self, node):
+        self.generic_visit(node)
+        if not (isinstance(node.func, ast.Name) and node.func.id in self.helpers):
+            return node
+        src = self.helpers[node.func.id]
+        if node.keywords or len(node.args) != len(src.node.args.args):
+            self.fail(node, f"the call to the helper {node.func.id} (pass every parameter "
+                            "positionally)")
+        self.count += 1
+        params = [a.arg for a in src.node.args.args]
+        assigned = _assigned(src.node.body)
+        suffix = f"_h{self.count}"
+        ret = f"_ret{suffix}"
+        # A parameter bound to a plain name that the helper never reassigns is that name
+        # (so reads of a score_mod_args table inside the helper stay visible as reads).
+        alias = {p: a.id for p, a in zip(params, node.args, strict=True)
+                 if isinstance(a, ast.Name) and p not in assigned}
+        rename = {n: alias.get(n, n + suffix) for n in set(params) | assigned}
+
+        class Rename(ast.NodeTransformer):
+            def visit_Name(self, n):
+                if n.id in rename:
+                    return ast.copy_location(ast.Name(rename[n.id], n.ctx), n)
+                return n
+
+        body = [Rename().visit(copy.deepcopy(b)) for b in src.node.body]
+        body = self._tail(body, ret, node.func.id)
+        pre = [ast.Assign([ast.Name(p + suffix, ast.Store())], a, lineno=node.lineno)
+               for p, a in zip(params, node.args, strict=True) if p not in alias]
+        self.pending.extend(_inline_body(pre + body, self.helpers, self.fail, self))
+        return ast.copy_location(ast.Name(ret, ast.Load()), node)
+
+    def _tail(self, stmts, ret, name):
+        out = []
+        for n, s in enumerate(stmts):
+            last = n == len(stmts) - 1
+            if isinstance(s, ast.Return):
+                if not last:
+                    self.fail(s, f"the helper {name} returns before its last statement")
+                out.append(ast.copy_location(ast.Assign([ast.Name(ret, ast.Store())], s.value),
+                                             s))
+            elif isinstance(s, ast.If) and last:
+                out.append(ast.copy_location(ast.If(s.test, self._tail(s.body, ret, name),
+                                                    self._tail(s.orelse, ret, name)), s))
+            else:
+                if any(isinstance(x, ast.Return) for x in ast.walk(s)):
+                    self.fail(s, f"the helper {name} returns from inside a statement "
+                                 "other than its last")
+                out.append(s)
+        return out
+
+
+def _inline_body(stmts, helpers, fail, inliner=None):
+    inliner = inliner or _Inliner(helpers, fail)
+    out = []
+    for s in stmts:
+        if isinstance(s, ast.If):
+            saved, inliner.pending = inliner.pending, []
+            test = inliner.visit(s.test)
+            out.extend(inliner.pending)
+            inliner.pending = saved
+            out.append(ast.copy_location(ast.If(
+                test, _inline_body(s.body, helpers, fail, inliner),
+                _inline_body(s.orelse, helpers, fail, inliner)), s))
+        else:
+            saved, inliner.pending = inliner.pending, []
+            s = inliner.visit(s)
+            out.extend(inliner.pending)
+            inliner.pending = saved
+            out.append(s)
+    return out
+
+
 class _Differentiator:
     """Forward-mode derivative of one translated score_mod (see the module docstring)."""
 
     def __init__(self, src: Source, cap: Capture, diff_args: set, role="score_mod"):
-        self.node, self.cap, self.role = src.node, cap, role
+        self.cap, self.role = cap, role
         self.callees = src.callees
+        self.node = copy.deepcopy(src.node)
+        if src.helpers:
+            self.node.body = _inline_body(self.node.body, src.helpers, self.fail)
+            ast.fix_missing_locations(self.node)
         self.params = [a.arg for a in self.node.args.args]
         self.score = self.params[0]
         self.diff_args = diff_args  # parameter names of floating score_mod_args
