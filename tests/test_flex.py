@@ -259,7 +259,8 @@ CACHE_SCRIPT = textwrap.dedent(
     q = np.ones((2, 64, 16), np.float32)
     xattn.flex_attention(q, q, q, score_mod=softcap, mask_mod=causal)
     mod = next(iter(flex_njit._modules.values()))
-    print("SECONDS", time.perf_counter() - t, "MISSES", sum(mod.forward_job.stats.cache_misses.values()))
+    misses = sum(mod.forward_job.stats.cache_misses.values())
+    print("SECONDS", time.perf_counter() - t, "MISSES", misses)
     """
 )
 

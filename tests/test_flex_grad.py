@@ -215,9 +215,9 @@ def test_dbias_window_block_mask_and_deterministic(backend):
         np.testing.assert_array_equal(runs[0], runs[1])
         results.append(runs[0])
     tb = torch.tensor(bias.astype(np.float64), requires_grad=True)
-    want = _torch_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64),
-                            dout.astype(np.float64), lambda s, i, j: s + tb,
-                            mask=lambda i, j: (j - i - OFF).abs() <= 20)
+    _torch_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64),
+                     dout.astype(np.float64), lambda s, i, j: s + tb,
+                     mask=lambda i, j: (j - i - OFF).abs() <= 20)
     for got in results:
         np.testing.assert_allclose(got, tb.grad.numpy(), atol=2e-5)
 
