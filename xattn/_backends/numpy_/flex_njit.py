@@ -1,19 +1,23 @@
 """Flex attention on the CPU: the user's score/mask functions inside the fused tile loop.
 
 The structure is the fused flash kernel's (:mod:`.fused`): jobs of (batch element, kv head,
-query block) on the one thread pool (:mod:`._pool`), the ``G`` query heads of a GQA group
-stacked into one block of rows, and per visible key tile::
+share of the query blocks) on the one thread pool (:mod:`._pool`, ``XATTN_NUM_THREADS``), the
+``G`` query heads of a GQA group stacked into one block of rows, and per run of consecutive
+visible key blocks (one tile of up to ``MAX_TILE_K`` keys)::
 
     s = q_blk @ k_tile.T              BLAS (numba's np.dot), into a reused buffer
     s = score_mod(s) / -inf           the user's functions, compiled into this loop
     m, l, acc, s <- online softmax    _fused_kernels.online_softmax_tile (exp2 polynomial)
     acc += s @ v_tile                 BLAS
 
-A job is one compiled call: the interpreter never runs inside the tile loop. Which tiles a
-job visits comes from a block mask derived from ``mask_mod`` (:func:`block_states`, every
-element evaluated once per shape and cached): empty tiles are skipped, full tiles skip
-``mask_mod`` (and, without a ``score_mod``, the element loop altogether), partial tiles
-evaluate it per element.
+A job is one compiled call: the interpreter never runs inside the tile loop. Which key blocks
+a query block visits comes from a block mask derived from ``mask_mod`` (:func:`block_plan`,
+every element evaluated once per shape and cached): empty blocks are skipped, full blocks skip
+``mask_mod`` (and, without a ``score_mod``, the element loop altogether), partial blocks
+evaluate it per element. The backward pass (FlashAttention-2 recomputation from ``lse``) walks
+the same blocks and calls the forward-mode derivative of ``score_mod``
+(:func:`xattn._flex_codegen.differentiate`); partial dk/dv and table gradients of jobs that
+share a kv head are added in job order, so results are bitwise reproducible.
 
 The kernels are generated as Python source around the user's translated functions
 (:mod:`xattn._flex_codegen`), written to ``$XATTN_CACHE_DIR/flex`` (default
@@ -137,7 +141,7 @@ def _segment_end(kbs, t, t_end, bk, maxw):
 class _Part:
     """One user function inside a generated module: its definition and its call."""
 
-    def __init__(self, cap, prefix, fixed, args):
+    def __init__(self, cap, prefix):
         self.cap = cap
         self.prefix = prefix
         self.inject = {}
@@ -170,8 +174,8 @@ def _arg_names(n):
 def _forward_text(smod, mmod, nargs, mask_takes_args):
     args = _arg_names(nargs)
     margs = args if mask_takes_args else []
-    sp = _Part(smod, "_smod", None, args)
-    mp = _Part(mmod, "_mmod", None, margs)
+    sp = _Part(smod, "_smod")
+    mp = _Part(mmod, "_mmod")
     params = ", ".join([*args, *sp.extra, *mp.extra])
     tail = f", {params}" if params else ""
     score = sp.call(["s[r, c]", "b", "h", "i", "j"], args) if smod else "s[r, c]"
@@ -297,8 +301,8 @@ def _backward_text(smod, mmod, nargs, mask_takes_args, diff_args):
     """``diff_args``: positions of the floating score_mod_args that get a gradient."""
     args = _arg_names(nargs)
     margs = args if mask_takes_args else []
-    sp = _Part(smod, "_smod", None, args)
-    mp = _Part(mmod, "_mmod", None, margs)
+    sp = _Part(smod, "_smod")
+    mp = _Part(mmod, "_mmod")
     sites = []
     lines = []
     if smod is not None:
