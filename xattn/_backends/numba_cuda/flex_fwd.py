@@ -11,6 +11,7 @@ how the CPU CI checks it on tiny shapes.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 from collections import OrderedDict
@@ -35,15 +36,24 @@ _MAX_KERNELS = 64
 
 
 def _part(cap, prefix):
-    """``(module lines, names injected, extra kernel parameters)`` of one user function."""
+    """``(module lines, names injected, extra kernel parameters)`` of one user function.
+
+    Captured CuPy arrays become kernel parameters; captured NumPy arrays are frozen into the
+    kernel (constant memory, as numba.cuda does with globals), so no host array is ever
+    copied to the device behind the caller's back; their contents are part of the cache key.
+    """
     if cap is None:
         return [], {}, []
     src = cg.function_source(cap, f"_user{prefix}")
     if src is None:  # no source: compile the object itself (numba freezes what it captured)
         return ([f"{prefix} = _cuda.jit(device=True)(_user{prefix})"],
                 {f"_user{prefix}": cap.fn}, [])
+    frozen = {name: a for name, a in zip(src.array_params, cap.arrays, strict=True)
+              if isinstance(a, np.ndarray)}
+    src.node.args.args = [a for a in src.node.args.args if a.arg not in frozen]
     lines = [*src.header, "@_cuda.jit(device=True)", src.text(), f"{prefix} = _user{prefix}"]
-    return lines, {}, [f"_c{prefix}{n}" for n in range(len(src.array_params))]
+    extra = [f"_c{prefix}{n}" for n, name in enumerate(src.array_params) if name not in frozen]
+    return lines, frozen, extra
 
 
 _KERNEL = """
@@ -156,7 +166,29 @@ def build_kernel(smod, mmod, nargs, mask_takes_args, dtype_name):
                  "NTYPE": {"float32": float32, "float64": float64}[dtype_name],
                  "NEG_INF": -math.inf, "cuda": cuda, **sinj, **minj}
     exec(compile(text, f"<xattn flex cuda {cg.source_hash(text)}>", "exec"), namespace)
-    return namespace["kernel"], (sextra, mextra)
+    return namespace["kernel"], (sinj, minj)
+
+
+def _fn_key(cap):
+    """Cache key of a user function: its code and captured values, and the contents of the
+    captured host arrays (frozen into the kernel) or of everything without source."""
+    if cap is None:
+        return None
+    if not cg.has_source(cap.fn):
+        return (cap.key, False, tuple(_digest(a) for a in cap.arrays))
+    return (cap.key, True, tuple(_digest(a) for a in cap.arrays if isinstance(a, np.ndarray)))
+
+
+def _digest(a):
+    return (a.shape, a.dtype.str, hashlib.blake2b(np.ascontiguousarray(a).view(np.uint8),
+                                                   digest_size=16).hexdigest())
+
+
+def _passed(cap, injected):
+    """The captured arrays the kernel takes as parameters (not frozen, not compiled-in)."""
+    if cap is None or any(k.startswith("_user") for k in injected):
+        return ()
+    return tuple(a for a in cap.arrays if not isinstance(a, np.ndarray))
 
 
 def launch(q3, k3, v3, out3, lse2, *, scale, hq, hkv, smod, mmod, args=(),
@@ -171,9 +203,8 @@ def launch(q3, k3, v3, out3, lse2, *, scale, hq, hkv, smod, mmod, args=(),
     if q3.shape[1] == 0 or q3.shape[0] == 0:
         return
     dtype_name = np.dtype(q3.dtype).name
-    key = (None if smod is None else (smod.key, cg.has_source(smod.fn)),
-           None if mmod is None else (mmod.key, cg.has_source(mmod.fn)),
-           tuple((a.dtype.str, a.ndim) for a in args), mask_takes_args, dtype_name)
+    key = (_fn_key(smod), _fn_key(mmod), tuple((a.dtype.str, a.ndim) for a in args),
+           mask_takes_args, dtype_name)
     with _lock:
         hit = _kernels.get(key)
     if hit is None:
@@ -182,16 +213,8 @@ def launch(q3, k3, v3, out3, lse2, *, scale, hq, hkv, smod, mmod, args=(),
             _kernels[key] = hit
             while len(_kernels) > _MAX_KERNELS:
                 _kernels.popitem(last=False)
-    kernel, (sextra, mextra) = hit
-    extra = (*args, *(smod.arrays if sextra else ()), *(mmod.arrays if mextra else ()))
-    if stream_ptr is not None:
-        for a in extra:
-            if isinstance(a, np.ndarray):
-                raise TypeError(
-                    "score_mod/mask_mod: a captured NumPy array cannot be read by the GPU "
-                    "kernel (xattn never copies between host and device); capture or pass a "
-                    "CuPy array"
-                )
+    kernel, injected = hit
+    extra = (*args, *_passed(smod, injected[0]), *_passed(mmod, injected[1]))
     grid = (max(1, -(-q3.shape[1] // BLOCK_Q)), q3.shape[0])
     launch_args = (q3, k3, v3, out3, lse2, q3.dtype.type(scale), hq, hkv, *extra)
     if stream_ptr is None:
