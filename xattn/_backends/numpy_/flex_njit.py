@@ -54,7 +54,7 @@ MIN_BLOCK_Q = 16
 # Block states of the derived block mask.
 EMPTY, PARTIAL, FULL = 0, 1, 2
 # Bump when the templates below change, so stale cached kernels are never loaded.
-_TEMPLATE_VERSION = "3"
+_TEMPLATE_VERSION = "4"
 
 _lock = threading.Lock()
 _modules: OrderedDict = OrderedDict()  # key -> generated module (LRU)
@@ -127,11 +127,12 @@ _INLINE = dict(inline="always")
 
 
 @_numba.njit(**_JIT)
-def _segment_end(kbs, t, t_end, bk, maxw):
-    # Consecutive visible key blocks form one tile of at most maxw keys: one long matmul
-    # instead of several short ones.
+def _segment_end(kbs, ka, kz, t, t_end, bk, maxw):
+    # Consecutive visible key blocks seen by the same query rows form one tile of at most
+    # maxw keys: one long matmul instead of several short ones.
     t1 = t + 1
-    while t1 < t_end and kbs[t1] == kbs[t1 - 1] + 1 and (kbs[t1] - kbs[t] + 1) * bk <= maxw:
+    while (t1 < t_end and kbs[t1] == kbs[t1 - 1] + 1 and ka[t1] == ka[t] and kz[t1] == kz[t]
+           and (kbs[t1] - kbs[t] + 1) * bk <= maxw):
         t1 += 1
     return t1
 """
@@ -183,12 +184,14 @@ def _forward_text(smod, mmod, nargs, mask_takes_args):
     mask_tail = f", {mask_tail}" if mask_tail else ""
     body = f'''
 @_numba.njit(**_JIT)
-def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, qlo, qhi, qbs, ptr, kbs, kst, bk,
-                maxw{tail}):
+def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs, ptr, kbs, kst,
+                ka, kz, bk, maxw{tail}):
     # q (B*Hq, Sq, D) and out (B*Hq, Sq, Dv), lse (B*Hq, Sq): whole arrays; k2, v2: this
-    # job's kv head (Sk, D), (Sk, Dv). Query block qb of this (b, g) holds the rows
-    # [qlo[qb], qhi[qb]) (at most bqs) and sees the key blocks kbs[ptr[qb]:ptr[qb + 1]] in
-    # states kst[...]; the job computes the blocks qbs.
+    # job's kv head (Sk, D), (Sk, Dv). Query group n of this (b, g) holds the query rows
+    # [qlo[n], qhi[n]) (at most bqs), in fine blocks of bqf rows; it sees the key blocks
+    # kbs[ptr[n]:ptr[n + 1]] in states kst[...], each only from its fine blocks
+    # [ka, kz). The job computes the groups qbs. Stacked row r*G + hh is query q0 + r of
+    # head g*G + hh, so every fine-block range is one contiguous run of rows.
     sk = k2.shape[0]
     D = q.shape[2]
     Dv = v2.shape[1]
@@ -202,36 +205,37 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, qlo, qhi, qbs, ptr
     lse_rows = _np.empty(rmax, q.dtype)
     for n in range(qbs.shape[0]):
         q0 = qlo[qbs[n]]
-        q1 = qhi[qbs[n]]
-        bq = q1 - q0
-        rows = G * bq
+        nq = qhi[qbs[n]] - q0
+        rows = G * nq
         qt = qbuf[: rows * D].reshape((rows, D))
         acc = abuf[: rows * Dv].reshape((rows, Dv))
         pv = pbuf[: rows * Dv].reshape((rows, Dv))
-        for hh in range(G):
-            for r in range(bq):
+        for r in range(nq):
+            for hh in range(G):
                 for c in range(D):
-                    qt[hh * bq + r, c] = q[b * hq + g * G + hh, q0 + r, c] * scale
+                    qt[r * G + hh, c] = q[b * hq + g * G + hh, q0 + r, c] * scale
         m[:rows] = -_np.inf
         l[:rows] = 0.0
         acc[:] = 0.0
         t = ptr[qbs[n]]
         t_end = ptr[qbs[n] + 1]
         while t < t_end:
-            t1 = _segment_end(kbs, t, t_end, bk, maxw)
+            t1 = _segment_end(kbs, ka, kz, t, t_end, bk, maxw)
+            r0 = ka[t] * bqf * G
+            r1 = min(kz[t] * bqf, nq) * G
             k0 = kbs[t] * bk
             k1 = min(kbs[t1 - 1] * bk + bk, sk)
             w = k1 - k0
-            s = sbuf[: rows * w].reshape((rows, w))
-            _np.dot(qt, k2[k0:k1].T, s)
+            s = sbuf[: (r1 - r0) * w].reshape((r1 - r0, w))
+            _np.dot(qt[r0:r1], k2[k0:k1].T, s)
             for u in range(t, t1):
                 c0 = kbs[u] * bk - k0
                 c1 = min(c0 + bk, w)
                 if kst[u] == {PARTIAL}:
-                    for r in range(rows):
-                        hh = r // bq
+                    for r in range(r1 - r0):
+                        hh = (r0 + r) % G
                         h = g * G + hh
-                        i = q0 + r - hh * bq
+                        i = q0 + (r0 + r) // G
                         for c in range(c0, c1):
                             j = k0 + c
                             if {visible}:
@@ -239,23 +243,23 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, qlo, qhi, qbs, ptr
                             else:
                                 s[r, c] = -_np.inf
                 elif {bool(smod)}:
-                    for r in range(rows):
-                        hh = r // bq
+                    for r in range(r1 - r0):
+                        hh = (r0 + r) % G
                         h = g * G + hh
-                        i = q0 + r - hh * bq
+                        i = q0 + (r0 + r) // G
                         for c in range(c0, c1):
                             j = k0 + c
                             s[r, c] = {score}
-            _K.online_softmax_tile(s, m[:rows], l[:rows], acc)
-            _np.dot(s, v2[k0:k1], pv)
-            _K.add_rows(acc, pv)
+            _K.online_softmax_tile(s, m[r0:r1], l[r0:r1], acc[r0:r1])
+            _np.dot(s, v2[k0:k1], pv[r0:r1])
+            _K.add_rows(acc[r0:r1], pv[r0:r1])
             t = t1
         _K.finish_rows(acc, m[:rows], l[:rows], lse_rows[:rows])
-        for hh in range(G):
-            for r in range(bq):
-                lse[b * hq + g * G + hh, q0 + r] = lse_rows[hh * bq + r]
+        for r in range(nq):
+            for hh in range(G):
+                lse[b * hq + g * G + hh, q0 + r] = lse_rows[r * G + hh]
                 for c in range(Dv):
-                    out[b * hq + g * G + hh, q0 + r, c] = acc[hh * bq + r, c]
+                    out[b * hq + g * G + hh, q0 + r, c] = acc[r * G + hh, c]
 
 
 @_numba.njit(**_JIT)
@@ -341,10 +345,10 @@ def _backward_text(smod, mmod, nargs, mask_takes_args, diff_args):
     dscore = "ds * tt[r, c]" if smod is not None else "ds"
     body = f'''
 @_numba.njit(**_JIT)
-def backward_job(q, k2, v2, dout, out, lse, dq, dk2, dv2, scale, hq, b, g, G, bqs, qlo, qhi, qbs,
-                 ptr, kbs, kst, bk, maxw{tail}):
+def backward_job(q, k2, v2, dout, out, lse, dq, dk2, dv2, scale, hq, b, g, G, bqs, bqf, qlo, qhi,
+                 qbs, ptr, kbs, kst, ka, kz, bk, maxw{tail}):
     # As forward_job; dk2, dv2: this job's accumulators (Sk, D), (Sk, Dv) of its kv head;
-    # dq rows of the job's query blocks are its own. _g*: private gradients of the floating
+    # dq rows of the job's query groups are its own. _g*: private gradients of the floating
     # score_mod_args.
     sk = k2.shape[0]
     D = q.shape[2]
@@ -363,76 +367,79 @@ def backward_job(q, k2, v2, dout, out, lse, dq, dk2, dv2, scale, hq, b, g, G, bq
     kpart = _np.empty(maxw * max(D, Dv), q.dtype)
     for n in range(qbs.shape[0]):
         q0 = qlo[qbs[n]]
-        q1 = qhi[qbs[n]]
-        bq = q1 - q0
-        rows = G * bq
-        for hh in range(G):
-            for r in range(bq):
+        nq = qhi[qbs[n]] - q0
+        rows = G * nq
+        for r in range(nq):
+            for hh in range(G):
                 row = b * hq + g * G + hh
+                x = r * G + hh
                 total = 0.0
                 for c in range(D):
-                    qt[hh * bq + r, c] = q[row, q0 + r, c] * scale
+                    qt[x, c] = q[row, q0 + r, c] * scale
                 for c in range(Dv):
-                    do[hh * bq + r, c] = dout[row, q0 + r, c]
+                    do[x, c] = dout[row, q0 + r, c]
                     total += dout[row, q0 + r, c] * out[row, q0 + r, c]
-                delta[hh * bq + r] = total
-                x = lse[row, q0 + r]
+                delta[x] = total
+                y = lse[row, q0 + r]
                 # Rows with no visible key have lse = -inf; +inf makes their P exactly 0.
-                lse_t[hh * bq + r] = _np.inf if x == -_np.inf else x
-        qr = qt[:rows]
-        dor = do[:rows]
+                lse_t[x] = _np.inf if y == -_np.inf else y
         dqa = dq_acc[:rows]
         dqa[:] = 0.0
         t = ptr[qbs[n]]
         t_end = ptr[qbs[n] + 1]
         while t < t_end:
-            t1 = _segment_end(kbs, t, t_end, bk, maxw)
+            t1 = _segment_end(kbs, ka, kz, t, t_end, bk, maxw)
+            r0 = ka[t] * bqf * G
+            r1 = min(kz[t] * bqf, nq) * G
+            nr = r1 - r0
             k0 = kbs[t] * bk
             k1 = min(kbs[t1 - 1] * bk + bk, sk)
             w = k1 - k0
-            s = sbuf[: rows * w].reshape((rows, w))
-            p = pbuf[: rows * w].reshape((rows, w))
-            tt = tbuf[: rows * w].reshape((rows, w))
-            dp = dpbuf[: rows * w].reshape((rows, w))
+            s = sbuf[: nr * w].reshape((nr, w))
+            p = pbuf[: nr * w].reshape((nr, w))
+            tt = tbuf[: nr * w].reshape((nr, w))
+            dp = dpbuf[: nr * w].reshape((nr, w))
+            qr = qt[r0:r1]
+            dor = do[r0:r1]
             _np.dot(qr, k2[k0:k1].T, s)
             for u in range(t, t1):
                 c0 = kbs[u] * bk - k0
                 c1 = min(c0 + bk, w)
                 partial = kst[u] == {PARTIAL}
-                for r in range(rows):
-                    hh = r // bq
+                for r in range(nr):
+                    hh = (r0 + r) % G
                     h = g * G + hh
-                    i = q0 + r - hh * bq
+                    i = q0 + (r0 + r) // G
                     for c in range(c0, c1):
                         j = k0 + c
                         if partial and not ({visible}):
                             p[r, c] = -_np.inf
                         else:
                             {first}
-            _K.probs_from_lse(p, lse_t[:rows])
+            _K.probs_from_lse(p, lse_t[r0:r1])
             kp = kpart[: w * Dv].reshape((w, Dv))
             _np.dot(p.T, dor, kp)
             _K.add_rows(dv2[k0:k1], kp)
             _np.dot(dor, v2[k0:k1].T, dp)
-            for r in range(rows):
-                hh = r // bq
+            for r in range(nr):
+                hh = (r0 + r) % G
                 h = g * G + hh
-                i = q0 + r - hh * bq
-                d = delta[r]
+                i = q0 + (r0 + r) // G
+                d = delta[r0 + r]
                 for c in range(w):
                     j = k0 + c
                     ds = p[r, c] * (dp[r, c] - d){scatter}
                     dp[r, c] = {dscore}
-            _np.dot(dp, k2[k0:k1], dq_part[:rows])
-            _K.add_rows(dqa, dq_part[:rows])
+            _np.dot(dp, k2[k0:k1], dq_part[r0:r1])
+            _K.add_rows(dqa[r0:r1], dq_part[r0:r1])
             kp = kpart[: w * D].reshape((w, D))
             _np.dot(dp.T, qr, kp)
             _K.add_rows(dk2[k0:k1], kp)
             t = t1
-        for hh in range(G):
-            for r in range(bq):
+        for r in range(nq):
+            for hh in range(G):
                 for c in range(D):
-                    dq[b * hq + g * G + hh, q0 + r, c] = dqa[hh * bq + r, c] * scale
+                    dq[b * hq + g * G + hh, q0 + r, c] = dqa[r * G + hh, c] * scale
 '''
     text = "\n".join([_HEADER, _passes(sp, mp), *sp.lines, *mp.lines, *lines, body])
     return text, {**sp.inject, **mp.inject}, sp, mp
@@ -557,7 +564,7 @@ def block_plan(mod, mmod, args, mask_takes_args, *, batch, hq, hkv, sq, sk, bq, 
         comb = np.where(hi == EMPTY, EMPTY, np.where(lo == FULL, FULL, PARTIAL)).astype(np.int8)
     else:
         comb = states
-    csr = {(bi, gi): _merge_rows(comb[bi, gi], bq, sq, bk, sk)
+    csr = {(bi, gi): _group_rows(comb[bi, gi], bq, sq)
            for bi in range(comb.shape[0]) for gi in range(comb.shape[1])}
     plan = {"csr": csr, "dep_b": dep_b, "dep_h": dep_h}
     plan["bytes"] = sum(x.nbytes for c in csr.values() for x in c)
@@ -568,57 +575,55 @@ def block_plan(mod, mmod, args, mask_takes_args, *, batch, hq, hkv, sq, sk, bq, 
     return plan
 
 
-# Consecutive query blocks whose visible key blocks nearly coincide are merged into one taller
-# block (up to MERGE_ROWS of them) when that adds at most MERGE_SLACK of work: dense and causal
-# masks run 256-row tiles (measured 91 GFLOP per CPU-second against 71 for 64 rows, dense), a
-# sliding window keeps 64-row tiles that waste less at its edges (+8 % useful throughput).
+# Fine query blocks are grouped MERGE_ROWS at a time into one tall block of rows (256 rows
+# of 64-row fine blocks). Each visible key block is multiplied only with the rows of the fine
+# blocks that see it (the hull from the first to the last), so the middle of a band runs in
+# tall tiles (measured 91 GFLOP per CPU-second against 71 for 64-row tiles, dense) while its
+# edges waste no more than 64-row tiles would.
 MERGE_ROWS = 4
-MERGE_SLACK = 1.1
 
 
-def _merge_rows(st, bq, sq, bk, sk):
-    """``(qlo, qhi, ptr, kbs, kst)`` of the merged query blocks of one (batch, kv head).
+def _group_rows(st, bq, sq):
+    """``(qlo, qhi, ptr, kbs, kst, ka, kz)`` of the query groups of one (batch, kv head).
 
-    ``st`` is the ``(n_query_blocks, n_key_blocks)`` state table; a merged block sees the
-    union of its members' key blocks, full only where every member's block is full.
+    ``st`` is the ``(n_fine_blocks, n_key_blocks)`` state table. Group ``n`` holds the query
+    rows ``[qlo[n], qhi[n])``; it sees the key blocks ``kbs[ptr[n]:ptr[n + 1]]``, each from
+    its fine blocks ``[ka, kz)`` (relative to the group), full (``kst``) only if every fine
+    block of that range sees the whole key block.
     """
     nqb, nkb = st.shape
-    width = np.minimum(bk, sk - np.arange(nkb) * bk)
-
-    def rows(a, b):
-        return min(b * bq, sq) - a * bq
-
-    def merged(x, y):
-        full = (x == FULL) & (y == FULL)
-        return np.where(full, FULL, np.where((x != EMPTY) | (y != EMPTY), PARTIAL, EMPTY))
-
-    lo, hi, rows_st = [], [], []
-    qb = 0
-    while qb < nqb:
-        cur, end = st[qb], qb + 1
-        separate = rows(qb, end) * width[cur != EMPTY].sum()
-        while end < nqb and end - qb < MERGE_ROWS:
-            cand = merged(cur, st[end])
-            alone = separate + rows(end, end + 1) * width[st[end] != EMPTY].sum()
-            if rows(qb, end + 1) * width[cand != EMPTY].sum() > MERGE_SLACK * alone:
-                break
-            cur, separate, end = cand, alone, end + 1
-        lo.append(qb * bq)
-        hi.append(min(end * bq, sq))
-        rows_st.append(cur)
-        qb = end
-    table = np.array(rows_st, np.int8).reshape(len(rows_st), nkb)
-    qb_idx, kbs = np.nonzero(table)
+    lo, hi, kbs_l, kst_l, ka_l, kz_l, counts = [], [], [], [], [], [], []
+    for f0 in range(0, nqb, MERGE_ROWS):
+        sub = st[f0:f0 + MERGE_ROWS]
+        m = sub.shape[0]
+        vis = sub != EMPTY
+        cols = np.flatnonzero(vis.any(axis=0))
+        first = np.argmax(vis[:, cols], axis=0)
+        last = m - np.argmax(vis[::-1, cols], axis=0)
+        notfull = np.zeros((m + 1, len(cols)), np.int64)
+        np.cumsum(sub[:, cols] != FULL, axis=0, out=notfull[1:])
+        full = notfull[last, np.arange(len(cols))] == notfull[first, np.arange(len(cols))]
+        lo.append(f0 * bq)
+        hi.append(min((f0 + m) * bq, sq))
+        kbs_l.append(cols)
+        kst_l.append(np.where(full, FULL, PARTIAL))
+        ka_l.append(first)
+        kz_l.append(last)
+        counts.append(len(cols))
     ptr = np.zeros(len(lo) + 1, np.int64)
-    np.cumsum(np.bincount(qb_idx, minlength=len(lo)), out=ptr[1:])
-    return (np.array(lo, np.int64), np.array(hi, np.int64), ptr, kbs.astype(np.int64),
-            table[qb_idx, kbs].astype(np.int8))
+    np.cumsum(counts, out=ptr[1:])
+
+    def cat(parts, dtype):
+        return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+    return (np.array(lo, np.int64), np.array(hi, np.int64), ptr, cat(kbs_l, np.int64),
+            cat(kst_l, np.int8), cat(ka_l, np.int64), cat(kz_l, np.int64))
 
 
 @lru_cache(maxsize=32)
 def _dense_plan(sq, sk, bq, bk):
     st = np.full((-(-sq // bq), -(-sk // bk)), FULL, np.int8)
-    return {"csr": {(0, 0): _merge_rows(st, bq, sq, bk, sk)}, "dep_b": False, "dep_h": False}
+    return {"csr": {(0, 0): _group_rows(st, bq, sq)}, "dep_b": False, "dep_h": False}
 
 
 def _reads(cap, pos):
@@ -645,7 +650,7 @@ def _jobs(plan, batch, hkv):
     split = 1 if len(heads) >= want else min(most, -(-want // len(heads)))
     jobs = []
     for b, g in heads:
-        qlo, _, ptr, _, _ = _csr(plan, b, g)
+        qlo, _, ptr, _, _, _, _ = _csr(plan, b, g)
         nqb = len(qlo)
         for part in range(split):
             qbs = np.arange(part, nqb, split, dtype=np.int64)
@@ -675,9 +680,10 @@ def forward(q3, k3, v3, out3, lse2, *, scale, batch, hq, hkv, smod, mmod, args,
 
     def job(j):
         _, _, b, g, qbs = j
-        qlo, qhi, ptr, kbs, kst = _csr(plan, b, g)
+        qlo, qhi, ptr, kbs, kst, ka, kz = _csr(plan, b, g)
         _call(mod.forward_job, (smod, mmod), q3, k3[b * hkv + g], v3[b * hkv + g], out3, lse2,
-              scale, hq, b, g, G, bqmax, qlo, qhi, qbs, ptr, kbs, kst, bk, MAX_TILE_K, *extra)
+              scale, hq, b, g, G, bqmax, bq, qlo, qhi, qbs, ptr, kbs, kst, ka, kz, bk,
+              MAX_TILE_K, *extra)
 
     _pool.run_jobs(job, sorted(jobs, key=lambda j: -j[0]))
 
@@ -712,7 +718,7 @@ def backward(dout3, q3, k3, v3, out3, lse2, *, scale, batch, hq, hkv, smod, mmod
 
     def job(j):
         _, n, b, g, qbs = j
-        qlo, qhi, ptr, kbs, kst = _csr(plan, b, g)
+        qlo, qhi, ptr, kbs, kst, ka, kz = _csr(plan, b, g)
         if split > 1:  # several jobs share this kv head: private sums, added below
             dk2 = np.zeros((sk, D), cd)
             dv2 = np.zeros((sk, Dv), cd)
@@ -720,8 +726,8 @@ def backward(dout3, q3, k3, v3, out3, lse2, *, scale, batch, hq, hkv, smod, mmod
             dk2, dv2 = dk3[b * hkv + g], dv3[b * hkv + g]
         grads = tuple(np.zeros(np.shape(args[i]), np.float64) for i in diff_args)
         _call(mod.backward_job, (smod, mmod), q3, k3[b * hkv + g], v3[b * hkv + g], dout3,
-              out3, lse2, dq3, dk2, dv2, scale_t, hq, b, g, G, bqmax, qlo, qhi, qbs, ptr, kbs,
-              kst, bk, MAX_TILE_K,
+              out3, lse2, dq3, dk2, dv2, scale_t, hq, b, g, G, bqmax, bq, qlo, qhi, qbs, ptr,
+              kbs, kst, ka, kz, bk, MAX_TILE_K,
               *extra, *grads)
         partial[n] = (dk2 if split > 1 else None, dv2 if split > 1 else None, grads)
 
