@@ -139,11 +139,10 @@ def test_unusable_functions_are_named():
         xattn.flex_attention(q, q, q, score_mod=_bad_attribute)
 
 
-def _pos_inf_row_3(score, b, h, q_idx, kv_idx):
-    return math.inf if q_idx == 3 else score
-
-
-def _nan_key_5(score, b, h, q_idx, kv_idx):
+def _poison(score, b, h, q_idx, kv_idx):
+    # +inf scores on query row 3, a NaN score at key 5 (one compiled function for both)
+    if q_idx == 3:
+        return math.inf
     return math.nan if kv_idx == 5 else score
 
 
@@ -160,11 +159,15 @@ def test_nan_propagates_like_flash():
     assert np.isnan(out[1, 7]).all() and np.isnan(lse[1, 7]) and np.isfinite(np.delete(
         out.reshape(80, 8), 47, axis=0)).all()
     q[1, 7, 2] = 0
-    out, lse = xattn.flex_attention(q, k, v, score_mod=_pos_inf_row_3, return_lse=True)
-    assert np.isnan(out[:, 3]).all() and np.isnan(lse[:, 3]).all()
-    assert np.isfinite(out[:, 4:]).all()
-    out = xattn.flex_attention(q, k, v, score_mod=_nan_key_5, mask_mod=causal)
-    assert np.isfinite(out[:, :5]).all() and np.isnan(out[:, 5:]).all()
+    out, lse = xattn.flex_attention(q, k, v, score_mod=_poison, mask_mod=causal,
+                                    return_lse=True)
+    nan_rows = np.isnan(out).all(axis=-1)
+    assert np.array_equal(nan_rows, np.isnan(lse))
+    expect = np.zeros(40, bool)
+    expect[3] = True  # +inf scores
+    expect[5:] = True  # rows that see key 5
+    assert np.array_equal(nan_rows, np.broadcast_to(expect, (2, 40)))
+    assert np.isfinite(out[:, [0, 1, 2, 4]]).all()
 
 
 @pytest.mark.parametrize(

@@ -62,16 +62,17 @@ def causal(b, h, q_idx, kv_idx):
     return kv_idx <= q_idx + OFF
 
 
-def t5_table_softcap_slopes(score, b, h, q_idx, kv_idx, table, slopes):
-    # T5-style: a learned bias per (head, clipped relative distance), then a tanh cap, and a
-    # learned ALiBi slope per head for keys in the past.
+def t5_table_softcap_slopes(score, h, q_idx, kv_idx, table, slopes, fixed):
+    # T5-style: a learned bias per (head, clipped relative distance), then a tanh cap, and
+    # ALiBi for keys in the past with a fixed slope plus a learned one per head.
     rel = min(max(kv_idx - q_idx - OFF, -16), 16)
     x = score + table[h, rel + 16]
     if kv_idx < q_idx + OFF:
-        x = x - slopes[h] * (q_idx + OFF - kv_idx)
+        x = x - (fixed[h] + slopes[h]) * (q_idx + OFF - kv_idx)
     return 4.0 * math.tanh(x / 4.0)
 
 
+@pytest.mark.slow  # the captured-array path is also in the table test below
 def test_alibi_captured_slopes_and_causal_mask():
     _, q, k, v, dout = _inputs(0)
     out, lse = xattn.flex_attention(q, k, v, score_mod=alibi_captured, mask_mod=causal,
@@ -90,7 +91,7 @@ def test_table_softcap_slopes_and_document_mask():
     # learned per-head slope inside a branch, and an integer argument (no gradient).
     rng, q, k, v, dout = _inputs(1)
     table = rng.standard_normal((HQ, 33)) * 0.5
-    slopes = SLOPES.copy()
+    slopes = rng.uniform(-0.05, 0.05, HQ)
     doc = np.zeros((B, SK), np.int64)
     doc[0, 40:] = 1
     doc[1, 25:] = 1
@@ -102,7 +103,8 @@ def test_table_softcap_slopes_and_document_mask():
         return doc[b, q_idx + OFF] == doc[b, kv_idx]
 
     def smod(score, b, h, q_idx, kv_idx, doc, table, slopes):
-        return t5_table_softcap_slopes(score, b, h, q_idx, kv_idx, table, slopes)
+        # a helper function, and a captured array (SLOPES) handed to it
+        return t5_table_softcap_slopes(score, h, q_idx, kv_idx, table, slopes, SLOPES)
 
     out, lse = xattn.flex_attention(q, k, v, score_mod=smod, mask_mod=doc_mask,
                                     score_mod_args=args, return_lse=True)
@@ -120,7 +122,8 @@ def test_table_softcap_slopes_and_document_mask():
         rel = (j - i - OFF).clamp(-16, 16)
         x = s + tt[:, (rel + 16)][None]
         past = (j < i + OFF)
-        x = torch.where(past, x - ts[:, None, None] * (i + OFF - j), x)
+        fixed = torch.tensor(SLOPES)[:, None, None]
+        x = torch.where(past, x - (fixed + ts[:, None, None]) * (i + OFF - j), x)
         return 4.0 * torch.tanh(x / 4.0)
 
     def mask(i, j):
@@ -131,6 +134,7 @@ def test_table_softcap_slopes_and_document_mask():
     _check((dtable, dslopes), (tt.grad.numpy(), ts.grad.numpy()))
 
 
+@pytest.mark.slow
 def test_float32_gradients():
     rng, q, k, v, dout = _inputs(2, np.float32)
     slopes = SLOPES.astype(np.float32)
