@@ -485,8 +485,8 @@ class _Inliner(ast.NodeTransformer):
         self.count += 1
         params = [a.arg for a in src.node.args.args]
         assigned = _assigned(src.node.body)
-        suffix = f"_h{self.count}"
-        ret = f"_ret{suffix}"
+        suffix = f"_xa_h{self.count}"
+        ret = f"_xa_ret{self.count}"
         # A parameter bound to a plain name that the helper never reassigns is that name
         # (so reads of a score_mod_args table inside the helper stay visible as reads).
         alias = {p: a.id for p, a in zip(params, node.args, strict=True)
@@ -624,7 +624,7 @@ class _Differentiator:
         self.lines.append("    " * self.indent + line)
 
     def new(self, value, tans):
-        name = f"_t{self.tmp}"
+        name = f"_xa_t{self.tmp}"
         self.tmp += 1
         self.emit(f"{name} = {value}")
         out = []
@@ -637,7 +637,7 @@ class _Differentiator:
         return name, out
 
     def tangents_of(self, name):
-        return [f"_d{k}_{name}" for k in range(self.n)]
+        return [f"_xa_d{k}_{name}" for k in range(self.n)]
 
     def expr(self, node):
         """``(value code, tangents or None)`` of an expression; None = zero tangent."""
@@ -653,10 +653,10 @@ class _Differentiator:
                 idx, t = self.expr(node.slice)
                 if t is not None:
                     self.fail(node, "a table index depends on the score")
-                self.emit(f"_i{r} = {idx}")
+                self.emit(f"_xa_i{r} = {idx}")
                 tans = ["0.0"] * self.n
                 tans[1 + r] = "1.0"
-                return self.new(f"{node.value.id}[_i{r}]", tans)
+                return self.new(f"{node.value.id}[_xa_i{r}]", tans)
             val, t = self.expr(node.value)
             idx, ti = self.expr(node.slice)
             if t is not None:
@@ -686,7 +686,7 @@ class _Differentiator:
             return self.plain(node), None
         if isinstance(node, ast.IfExp):
             cond, tc = self.expr(node.test)
-            c = f"_c{self.tmp}"
+            c = f"_xa_c{self.tmp}"
             self.tmp += 1
             self.emit(f"{c} = {cond}")
             a, ta = self.expr(node.body)
@@ -778,13 +778,13 @@ class _Differentiator:
         if fname in _D1 and len(args) == 1:
             (x, tx), = args
             name, _ = self.new(value, z)
-            d = f"_dd{self.tmp}"
+            d = f"_xa_dd{self.tmp}"
             self.tmp += 1
             self.emit(f"{d} = {_D1[fname](x, name)}")
             return self.new(name, [_mul(d, t) for t in tx])
         if fname in _MINMAX and len(args) == 2:
             (x, tx), (y, ty) = args
-            c = f"_c{self.tmp}"
+            c = f"_xa_c{self.tmp}"
             self.tmp += 1
             self.emit(f"{c} = {x} {_MINMAX[fname]} {y}")
             tans = [u if u == w else f"({u} if {c} else {w})"
@@ -795,7 +795,7 @@ class _Differentiator:
             return self.power(x, tx, y, ty, node)
         if fname == "where" and len(args) == 3:
             (c0, _), (x, tx), (y, ty) = args
-            c = f"_c{self.tmp}"
+            c = f"_xa_c{self.tmp}"
             self.tmp += 1
             self.emit(f"{c} = {c0}")
             tans = [u if u == w else f"({u} if {c} else {w})"
@@ -817,7 +817,7 @@ class _Differentiator:
         self.emit(f"{target.id} = {val}")
         if target.id in self.active:
             for k, t in enumerate(tans or ["0.0"] * self.n):
-                self.emit(f"_d{k}_{target.id} = {t}")
+                self.emit(f"_xa_d{k}_{target.id} = {t}")
 
     def stmt(self, s):
         if isinstance(s, ast.Assign):
@@ -836,7 +836,7 @@ class _Differentiator:
         elif isinstance(s, ast.Return):
             val, t = self.expr(s.value)
             t = t or ["0.0"] * self.n
-            idx = [f"_i{r}" for r in range(len(self.sites))]
+            idx = [f"_xa_i{r}" for r in range(len(self.sites))]
             self.emit("return (" + ", ".join([val, *t, *idx]) + ",)")
         elif isinstance(s, ast.If):
             cond = self.plain(s.test)
@@ -862,12 +862,12 @@ class _Differentiator:
         self.indent = 1
         for v in sorted(self.active - {self.score}):
             for k in range(self.n):
-                self.emit(f"_d{k}_{v} = 0.0")
+                self.emit(f"_xa_d{k}_{v} = 0.0")
         for k in range(self.n):
-            self.emit(f"_d{k}_{self.score} = {'1.0' if k == 0 else '0.0'}")
+            self.emit(f"_xa_d{k}_{self.score} = {'1.0' if k == 0 else '0.0'}")
         for r, site in enumerate(self.sites):
             dims = site.slice.elts if isinstance(site.slice, ast.Tuple) else None
-            self.emit(f"_i{r} = " + ("(" + "0, " * len(dims) + ")" if dims else "0"))
+            self.emit(f"_xa_i{r} = " + ("(" + "0, " * len(dims) + ")" if dims else "0"))
         self.stmts(self.node.body)
         return f"def {name}({params}):\n" + "\n".join(self.lines)
 

@@ -54,7 +54,7 @@ MIN_BLOCK_Q = 16
 # Block states of the derived block mask.
 EMPTY, PARTIAL, FULL = 0, 1, 2
 # Bump when the templates below change, so stale cached kernels are never loaded.
-_TEMPLATE_VERSION = "4"
+_TEMPLATE_VERSION = "5"
 
 _lock = threading.Lock()
 _modules: OrderedDict = OrderedDict()  # key -> generated module (LRU)
