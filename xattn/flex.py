@@ -219,7 +219,9 @@ def flex_attention_backward(
     a known derivative) raises a ``TypeError`` naming the construct and its line.
 
     Scores are recomputed tile by tile from ``lse`` (no ``Sq x Sk`` matrix), on the same
-    block mask as the forward pass. CPU only (``backend="numba"``).
+    block mask as the forward pass (CPU). On the GPU (``backend="numba_cuda"``) a SIMT kernel
+    evaluates every pair and adds dk, dv and the table gradients with atomics (not bitwise
+    reproducible; checked under Numba's CUDA simulator only).
 
     Parameters
     ----------
@@ -260,24 +262,31 @@ def flex_attention_backward(
     check_same_shape("dout", dout, prob.out_shape)
     check_same_shape("out", out, prob.out_shape)
     check_same_shape("lse", lse, prob.lse_shape)
-    if st.backend != "numba":
-        raise NotImplementedError(
-            "flex_attention_backward runs on the CPU (backend='numba') only"
-        )
     diff = [i for i, a in enumerate(st.args) if a.dtype.kind == "f"]
+    xp = prob.xp
     if st.empty or prob.sk == 0:
-        dq = np.zeros(q.shape, q.dtype)
-        dk, dv = np.zeros(k.shape, k.dtype), np.zeros(v.shape, v.dtype)
-        grads = [np.zeros(np.shape(st.args[i]), np.float64) for i in diff]
+        dq = xp.zeros(q.shape, q.dtype)
+        dk, dv = xp.zeros(k.shape, k.dtype), xp.zeros(v.shape, v.dtype)
+        grads = [xp.zeros(st.args[i].shape, np.float64) for i in diff]
     else:
-        from ._backends.numpy_ import flex_njit
+        flat = (st.flat(dout, st.hq), st.flat(q, st.hq), st.flat(k, st.hkv), st.flat(v, st.hkv),
+                st.flat(out, st.hq),
+                xp.ascontiguousarray(lse.astype(work, copy=False).reshape(-1, prob.sq)))
+        opts = dict(scale=prob.scale, hq=st.hq, hkv=st.hkv, smod=st.smod, mmod=st.mmod,
+                    args=st.args, mask_takes_args=st.mask_takes_args, diff_args=diff)
+        if st.backend == "numba":
+            from ._backends.numpy_ import flex_njit
 
-        dq3, dk3, dv3, grads = flex_njit.backward(
-            st.flat(dout, st.hq), st.flat(q, st.hq), st.flat(k, st.hkv), st.flat(v, st.hkv),
-            st.flat(out, st.hq),
-            np.ascontiguousarray(lse.astype(work, copy=False).reshape(-1, prob.sq)),
-            scale=prob.scale, batch=st.batch, hq=st.hq, hkv=st.hkv, smod=st.smod,
-            mmod=st.mmod, args=st.args, mask_takes_args=st.mask_takes_args, diff_args=diff)
+            dq3, dk3, dv3, grads = flex_njit.backward(*flat, batch=st.batch, **opts)
+        else:
+            from ._backends.numba_cuda import flex_bwd
+
+            q3, k3 = flat[1], flat[2]
+            dq3 = xp.empty_like(q3)
+            dk3, dv3 = xp.zeros_like(k3), xp.zeros_like(flat[3])
+            grads = [xp.zeros(st.args[i].shape, np.float64) for i in diff]
+            stream = xp.cuda.get_current_stream().ptr if st.on_gpu else None
+            flex_bwd.launch(*flat, dq3, dk3, dv3, grads, stream_ptr=stream, **opts)
         dq = dq3.reshape(q.shape).astype(q.dtype, copy=False)
         dk = dk3.reshape(k.shape).astype(k.dtype, copy=False)
         dv = dv3.reshape(v.shape).astype(v.dtype, copy=False)

@@ -186,7 +186,7 @@ def _digest(a):
 
 def _passed(cap, injected):
     """The captured arrays the kernel takes as parameters (not frozen, not compiled-in)."""
-    if cap is None or any(k.startswith("_user") for k in injected):
+    if cap is None or "_user_smod" in injected or "_user_mmod" in injected:
         return ()
     return tuple(a for a in cap.arrays if not isinstance(a, np.ndarray))
 
