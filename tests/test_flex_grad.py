@@ -233,3 +233,23 @@ def test_dbias_without_bias_is_none():
     assert len(res) == 4 and res[3] is None
     with pytest.raises(TypeError, match="return_dbias"):
         xattn.flash_attention_backward(dout, q, k, v, out, lse, return_dbias="yes")
+
+
+@pytest.mark.parametrize("bias_shape", [(64, 64), (2, 1, 64, 64), (2, 1, 64)])
+def test_dbias_per_batch_block_mask(bias_shape):
+    # A BlockMask that differs per batch element runs one call per element; dbias is then
+    # summed back to the bias's own shape. Reference: the same mask given densely.
+    rng = np.random.default_rng(6)
+    q, k, v, dout = (rng.standard_normal((2, 2, 64, 8)) for _ in range(4))
+    glob = np.zeros((2, 64), bool)
+    glob[0, 3] = glob[1, 40] = True
+    bm = xattn.BlockMask.longformer(64, window=8, global_tokens=glob, block_size=16)
+    mask = np.stack([bm[i].to_dense() for i in range(2)])[:, None]
+    bias = rng.standard_normal(bias_shape)
+    got, want = [], []
+    for opts, res in ((dict(block_mask=bm), got), (dict(mask=mask), want)):
+        out, lse = xattn.flash_attention(q, k, v, bias=bias, return_lse=True, **opts)
+        res.extend(xattn.flash_attention_backward(dout, q, k, v, out, lse, bias=bias,
+                                                  return_dbias=True, **opts))
+    assert got[3].shape == bias.shape
+    _check(got, want, atol=1e-12)
