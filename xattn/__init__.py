@@ -6,7 +6,7 @@ runs.
 """
 
 from .flash import flash_attention, flash_attention_backward
-from .flex import flex_attention
+from .flex import flex_attention, flex_attention_backward
 from .linear import (
     linear_attention,
     linear_attention_backward,
@@ -34,6 +34,7 @@ __all__ = [
     "flash_attention",
     "flash_attention_backward",
     "flex_attention",
+    "flex_attention_backward",
     "linear_attention",
     "linear_attention_backward",
     "longformer_attention",

@@ -131,13 +131,14 @@ def flash_attention_backward(
     scale=None,
     block_mask=None,
     deterministic=False,
+    return_dbias=False,
     backend="auto",
 ):
     """Gradient of flash attention: ``(dq, dk, dv)`` for the upstream gradient ``dout``.
 
     Recomputes the scores tile by tile from the forward pass's ``lse`` (no ``Sq x Sk`` matrix
-    is stored), so memory stays O(S). Pass the same options as the forward call. ``bias`` and
-    ``mask`` are treated as constants (no gradient is returned for them).
+    is stored), so memory stays O(S). Pass the same options as the forward call. ``mask`` is a
+    constant; the gradient of ``bias`` is returned on request (``return_dbias``).
 
     Parameters
     ----------
@@ -152,11 +153,20 @@ def flash_attention_backward(
         Bitwise reproducible gradients. The CPU backends always are; the CuPy kernel by
         default adds the ``dq`` contributions of the key blocks with float32 atomics (order
         varies from run to run) and with ``deterministic=True`` runs a separate ``dq`` pass.
+        With ``return_dbias`` and a bias broadcast over batch elements or heads, the CPU
+        threads add into shared dbias entries in the order they finish unless
+        ``deterministic=True`` (which then runs those jobs one after another).
+    return_dbias : bool
+        Also return ``dbias``, the gradient of the loss with respect to ``bias``: shaped and
+        typed like ``bias``, summed over the dims that ``bias`` broadcasts (None without a
+        bias). Every CPU backend and the generic GPU path compute it; the CuPy kernels do not
+        (``backend="auto"`` then takes the generic path).
 
     Returns
     -------
     dq, dk, dv : arrays shaped and typed like ``q``, ``k``, ``v``
         GQA: the gradients of the query heads sharing a kv head are summed into dk/dv.
+    dbias : array, with ``return_dbias=True``
 
     Examples
     --------
@@ -191,6 +201,8 @@ def flash_attention_backward(
             f"float64 for float64 inputs), got {lse.dtype}"
         )
     deterministic = check_bool("deterministic", deterministic)
+    return_dbias = check_bool("return_dbias", return_dbias)
+    want_dbias = return_dbias and bias is not None
     opts, sparse = _options(prob), {}
     if block_mask is not None:
         from . import sparse as _sparse
@@ -198,9 +210,16 @@ def flash_attention_backward(
         if getattr(block_mask, "batch_shape", ()):  # one mask per batch element
             options = dict(causal=causal, window=window, mask=mask, bias=bias,
                            alibi_slopes=alibi_slopes, softcap=softcap, scale=scale,
-                           deterministic=deterministic, backend=backend)
-            return _sparse.per_batch(flash_attention_backward, prob, block_mask,
-                                     (dout, q, k, v, out, lse), options, backward=True)
+                           deterministic=deterministic, return_dbias=want_dbias,
+                           backend=backend)
+            res = _sparse.per_batch(flash_attention_backward, prob, block_mask,
+                                    (dout, q, k, v, out, lse), options, backward=True)
+            if not return_dbias:
+                return res
+            if not want_dbias:
+                return (*res, None)
+            # Each element's dbias has the full score shape there: sum to the bias's shape.
+            return (*res[:3], _sum_to(res[3], bias.shape).astype(bias.dtype, copy=False))
         sparse = _sparse.plan_options(prob, block_mask)
         opts = {**opts, **sparse, "block_mask": block_mask}
     elif window is not None and not _masking.no_pairs(prob):  # O(S * window) work
@@ -210,8 +229,24 @@ def flash_attention_backward(
         opts = {**_options(prob), **sparse}
     if deterministic:
         opts["deterministic"] = True
+    if want_dbias:
+        opts["return_dbias"] = True
+        sparse = {**sparse, "return_dbias": True}
     impl = _backends.select(prob, opts, backend, op="backward")
-    return impl.backward(
+    res = impl.backward(
         prob, dout, q, k, v, out, lse, mask=mask, bias=bias, alibi_slopes=alibi_slopes,
         block_mask=block_mask, deterministic=deterministic, **sparse,
     )
+    if not return_dbias:
+        return res
+    if not want_dbias:
+        return (*res, None)
+    return (*res[:3], res[3].astype(bias.dtype, copy=False))
+
+
+def _sum_to(x, shape):
+    """Sum ``x`` over the leading and size-1 dims of ``shape`` it was broadcast along."""
+    lead = x.ndim - len(shape)
+    x = x.sum(axis=tuple(range(lead))) if lead else x
+    axes = tuple(a for a, n in enumerate(shape) if n == 1 and x.shape[a] != 1)
+    return x.sum(axis=axes, keepdims=True) if axes else x

@@ -1,4 +1,9 @@
-"""flex_attention with a user ALiBi score function and a causal mask (CPU and GPU)."""
+"""flex_attention with a user ALiBi score function and a causal mask (CPU and GPU), a
+sliding-window mask_mod, and the backward pass with a learned slope gradient (CPU).
+
+The anchors of the CPU rows (flash_attention with causal/alibi_slopes, dense flash) are timed
+in the same classes, so ``asv compare`` shows the ratio; ``benchmarks/cpu_flex.py`` prints it.
+"""
 
 import numpy as np
 
@@ -17,26 +22,77 @@ def causal(b, h, q_idx, kv_idx):
     return kv_idx <= q_idx
 
 
+def alibi_args(score, b, h, q_idx, kv_idx, slopes):
+    return score - slopes[h] * abs(q_idx - kv_idx)
+
+
+WINDOW = 256
+
+
+def sliding(b, h, q_idx, kv_idx):
+    return abs(q_idx - kv_idx) <= WINDOW
+
+
+def _require_numba():
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        raise NotImplementedError("numba is not installed") from None
+
+
 class FlexCPU:
     params = [sizes([1024, 4096], [128])]
     param_names = ["seq_len"]
+    number = 1
     timeout = 300
 
     def setup(self, seq_len):
-        try:
-            import numba  # noqa: F401
-        except ImportError:
-            raise NotImplementedError("numba is not installed") from None
+        _require_numba()
         rng = np.random.default_rng(0)
         self.q, self.k, self.v = (
             rng.standard_normal((8, seq_len, 64), dtype=np.float32) for _ in range(3)
         )
-        # Compile outside the timed region.
-        xattn.flex_attention(self.q[:, :64], self.k[:, :64], self.v[:, :64],
-                             score_mod=alibi, mask_mod=causal)
+        # Compile and derive the block mask outside the timed region.
+        self.time_alibi_causal(seq_len)
+        self.out, self.lse = xattn.flex_attention(
+            self.q, self.k, self.v, score_mod=alibi_args, mask_mod=causal,
+            score_mod_args=(SLOPES,), return_lse=True)
+        self.time_backward_alibi_slopes(seq_len)
+        self.time_flash_anchor(seq_len)
 
     def time_alibi_causal(self, seq_len):
         xattn.flex_attention(self.q, self.k, self.v, score_mod=alibi, mask_mod=causal)
+
+    def time_flash_anchor(self, seq_len):
+        xattn.flash_attention(self.q, self.k, self.v, causal=True, alibi_slopes=SLOPES)
+
+    def time_backward_alibi_slopes(self, seq_len):
+        xattn.flex_attention_backward(self.out, self.q, self.k, self.v, self.out, self.lse,
+                                      score_mod=alibi_args, mask_mod=causal,
+                                      score_mod_args=(SLOPES,))
+
+
+class FlexWindowCPU:
+    """Sliding window +-256 as a mask_mod: its cost follows the visible blocks."""
+
+    params = [sizes([4096, 16384], [128])]
+    param_names = ["seq_len"]
+    number = 1
+    timeout = 300
+
+    def setup(self, seq_len):
+        _require_numba()
+        rng = np.random.default_rng(0)
+        self.q, self.k, self.v = (
+            rng.standard_normal((8, seq_len, 64), dtype=np.float32) for _ in range(3)
+        )
+        self.time_window(seq_len)
+
+    def time_window(self, seq_len):
+        xattn.flex_attention(self.q, self.k, self.v, mask_mod=sliding)
+
+    def time_flash_window_anchor(self, seq_len):
+        xattn.flash_attention(self.q, self.k, self.v, window=(WINDOW, WINDOW))
 
 
 class FlexGPU:

@@ -40,9 +40,11 @@ from .tiled import (
     _tile_args,
     _visible_product,
     _zero_hidden,
+    add_dbias,
     as4d,
     bad_flags,
     bad_index,
+    dbias_buffer,
     score_view,
     slopes_view,
 )
@@ -79,7 +81,8 @@ def supports(prob, opts, op):
     if prob.xp is not np:
         return "runs on NumPy arrays only"
     # A BlockMask arrives as plan + element_rule (forward/backward take them).
-    unknown = set(opts) - {"plan", "element_rule", "block_mask", "allow_tf32", "deterministic"}
+    unknown = set(opts) - {"plan", "element_rule", "block_mask", "allow_tf32", "deterministic",
+                           "return_dbias"}
     if unknown:
         return f"options not handled by this backend: {sorted(unknown)}"
     return None
@@ -227,10 +230,13 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
 
 
 def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slopes=None,
-             plan=None, element_rule=None, block_mask=None, deterministic=False):
-    """Return ``(dq, dk, dv)``, recomputing the scores tile by tile from ``lse``."""
+             plan=None, element_rule=None, block_mask=None, deterministic=False,
+             return_dbias=False):
+    """Return ``(dq, dk, dv)`` (and ``dbias``), recomputing the scores tile by tile from
+    ``lse``."""
     if _masking.no_pairs(prob):
-        return _masking.empty_backward(prob)
+        grads = _masking.empty_backward(prob)
+        return (*grads, dbias_buffer(np, bias, prob)[0]) if return_dbias else grads
     K = _kernels()
     cd, G, D, Dv = prob.cdtype, prob.group, prob.d, prob.dv
     if plan is None:
@@ -249,6 +255,8 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
     softcap = prob.softcap is not None
     bad_q = bad_flags(np, (q4, do4, o4), cd)  # rows whose delta or products may be NaN
     bad_k = bad_flags(np, (k4, v4), cd)
+    lock = threading.Lock()
+    dbias, dpad = dbias_buffer(np, bias, prob) if return_dbias else (None, None)
 
     @_masking.quiet
     def job(args):
@@ -307,7 +315,8 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
                 bcols = None if bad_k is None else bad_index(np, bad_k[bidx][g, k0:k1])
                 if brows is not None or bcols is not None:
                     _exact_tile(s, t, kt, vt, q2, do2, delta, lse_t, dq_acc,
-                                dk_acc[k0:k1], dv_acc[k0:k1], brows, bcols)
+                                dk_acc[k0:k1], dv_acc[k0:k1], brows, bcols,
+                                (bidx, h0, h1, q0, q1, k0, k1))
                     continue
                 K.probs_from_lse(s, lse_t)
                 kpart = kbuf[: kw * Dv].reshape(kw, Dv)
@@ -315,7 +324,15 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
                 K.add_rows(dv_acc[k0:k1], kpart)
                 dp = dpbuf[: rows * kw].reshape(rows, kw)
                 np.matmul(do2, vt.T, out=dp)
-                if softcap:
+                if dpad is not None:
+                    # dbias needs dS of the final scores, before the softcap's chain factor.
+                    K.score_grad(s, dp, delta)
+                    with lock:
+                        add_dbias(dpad, dp.reshape(nh, bq, kw), bidx, h0, h1, q0, q1, k0, k1)
+                    if softcap:
+                        tr = t.reshape(rows, kw)
+                        dp *= 1 - tr * tr
+                elif softcap:
                     K.score_grad_softcap(s, dp, delta, t.reshape(rows, kw))
                 else:
                     K.score_grad(s, dp, delta)
@@ -330,7 +347,7 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
             _add_in_order(args, dk_acc, dv_acc)
 
     def _exact_tile(s, t, kt, vt, q2, do2, delta, lse_t, dq_acc, dk_acc, dv_acc, brows,
-                    bcols):
+                    bcols, tile):
         """One tile's steps where non-finite rows meet it: hidden pairs held at exactly 0."""
         vis_r = None if brows is None else s[brows] != -np.inf
         vis_c = None if bcols is None else s[:, bcols] != -np.inf
@@ -338,7 +355,17 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
         K.probs_from_lse(s, lse_t)
         dv_acc += _visible_product(np, s.T, do2, brows, vis_rt)
         dp = do2 @ vt.T
-        if softcap:
+        if dpad is not None:
+            K.score_grad(s, dp, delta)
+            ds = dp.copy()
+            _zero_hidden(np, ds, brows, vis_r, bcols, vis_c)
+            bidx, h0, h1, q0, q1, k0, k1 = tile
+            with lock:
+                add_dbias(dpad, ds.reshape(h1 - h0, q1 - q0, k1 - k0), *tile)
+            if softcap:
+                tr = t.reshape(s.shape)
+                dp *= 1 - tr * tr
+        elif softcap:
             K.score_grad_softcap(s, dp, delta, t.reshape(s.shape))
         else:
             K.score_grad(s, dp, delta)
@@ -361,7 +388,6 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
     # finish them, so the gradient is the same bits on every run (for one XATTN_NUM_THREADS,
     # which sets the split). A share that finishes early waits in ``pending`` (memory, not
     # time) until the ones before it are in; shares start in order, so few ever wait.
-    lock = threading.Lock()
     pending, next_part = {}, {}
 
     def _add_in_order(args, dk_acc, dv_acc):
@@ -376,10 +402,25 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
                 n += 1
             next_part[bidx, g] = n
 
-    _pool.run_jobs(job, jobs)
+    if dpad is not None and deterministic and _dbias_shared(prob, dpad, split):
+        # Jobs add into the same dbias entries: in a fixed order, one job at a time.
+        for j in jobs:
+            job(j)
+    else:
+        _pool.run_jobs(job, jobs)
     if prob.dtype != cd:
         dk, dv = dk.astype(prob.dtype), dv.astype(prob.dtype)
     if not prob.heads_axis:
         dq, dk, dv = dq[0], dk[0], dv[0]
+    if return_dbias:
+        return dq, dk, dv, dbias
     return dq, dk, dv
+
+
+def _dbias_shared(prob, dpad, split):
+    """Whether two backward jobs can add into the same dbias entry (a broadcast bias)."""
+    nb = len(prob.batch)
+    over_batch = any(dpad.shape[a] == 1 and prob.batch[a] > 1 for a in range(nb))
+    return over_batch or (dpad.shape[nb] == 1 and prob.hkv > 1) or (
+        dpad.shape[nb + 1] == 1 and split > 1)
 

@@ -66,6 +66,29 @@ def bad_index(xp, flags):
     return idx if idx.size else None
 
 
+def dbias_buffer(xp, bias, prob):
+    """Zeros shaped like ``bias`` in the compute dtype, and a view of it whose dims line up
+    with the tile index space ``(*batch, Hq, Sq, Sk)`` (size 1 where the bias broadcasts)."""
+    if bias is None:
+        return None, None
+    dbias = xp.zeros(bias.shape, dtype=prob.cdtype)
+    space = 3 + len(prob.batch)
+    return dbias, dbias.reshape((1,) * (space - bias.ndim) + tuple(bias.shape))
+
+
+def add_dbias(dpad, ds, bidx, h0, h1, q0, q1, k0, k1):
+    """``dpad[tile] += ds`` for a ``(heads, rows, keys)`` score-gradient tile, summed over the
+    dims where the bias broadcasts (dbias of a bias added to the scores is dS itself)."""
+    nb = len(bidx)
+    index = [0 if dpad.shape[a] == 1 else i for a, i in enumerate(bidx)]
+    spans = ((dpad.shape[nb], h0, h1), (dpad.shape[nb + 1], q0, q1), (dpad.shape[nb + 2], k0, k1))
+    axes = tuple(a for a, (n, _, _) in enumerate(spans) if n == 1)
+    if axes:
+        ds = ds.sum(axis=axes, keepdims=True)
+    index += [slice(0, 1) if n == 1 else slice(lo, hi) for n, lo, hi in spans]
+    dpad[tuple(index)] += ds
+
+
 def _jobs(prob, plan):
     for bidx in np.ndindex(*prob.batch):
         for g in range(prob.hkv):
@@ -181,10 +204,12 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
 
 @_masking.quiet
 def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slopes=None,
-             plan=None, element_rule=None, block_mask=None, deterministic=False):
-    """Return ``(dq, dk, dv)``: scores are recomputed tile by tile from ``lse``."""
+             plan=None, element_rule=None, block_mask=None, deterministic=False,
+             return_dbias=False):
+    """Return ``(dq, dk, dv)`` (and ``dbias``): scores are recomputed tile by tile from ``lse``."""
     if _masking.no_pairs(prob):
-        return _masking.empty_backward(prob)
+        grads = _masking.empty_backward(prob)
+        return (*grads, dbias_buffer(prob.xp, bias, prob)[0]) if return_dbias else grads
     xp, cd, G = prob.xp, prob.cdtype, prob.group
     if plan is None:
         plan = _masking.tile_plan(prob.sq, prob.sk, BLOCK_Q, BLOCK_K, prob.causal, prob.window)
@@ -201,6 +226,7 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
     scale = cd.type(prob.scale)
     bad_q = bad_flags(xp, (q4, do4, o4), cd)  # rows whose delta or products may be NaN
     bad_k = bad_flags(xp, (k4, v4), cd)
+    dbias, dpad = dbias_buffer(xp, bias, prob) if return_dbias else (None, None)
     for bidx, g, (q0, q1, tiles) in _jobs(prob, plan):
         h0, h1 = g * G, (g + 1) * G
         rows = G * (q1 - q0)
@@ -230,6 +256,8 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
                 ds = dot @ vt.T
                 ds -= delta
                 ds *= p
+                if dpad is not None:
+                    add_dbias(dpad, ds, bidx, h0, h1, q0, q1, k0, k1)
                 if t is not None:
                     ds *= 1 - t * t  # d/dx of c * tanh(x / c)
                 dqt += ds @ kt
@@ -247,6 +275,10 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
             ds = (dot @ vt.T).reshape(rows, -1)
             ds -= delta.reshape(rows, 1)
             ds *= p2
+            if dpad is not None:
+                ds_vis = ds.copy()
+                _zero_hidden(xp, ds_vis, brows, vis_r, bcols, vis_c)
+                add_dbias(dpad, ds_vis.reshape(s.shape), bidx, h0, h1, q0, q1, k0, k1)
             if t is not None:
                 ds *= 1 - t.reshape(rows, -1) ** 2  # d/dx of c * tanh(x / c)
             _zero_hidden(xp, ds, brows, vis_r, bcols, vis_c)
@@ -258,4 +290,6 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
     dk, dv = dk.astype(prob.dtype, copy=False), dv.astype(prob.dtype, copy=False)
     if not prob.heads_axis:
         dq, dk, dv = dq[0], dk[0], dv[0]
+    if return_dbias:
+        return dq, dk, dv, dbias
     return dq, dk, dv
