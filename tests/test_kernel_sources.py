@@ -49,7 +49,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90a():
 
 def test_sm90_cubins_are_cached_on_disk(tmp_path, monkeypatch):
     """The Hopper module compiles each (source, options) once; later processes read the file."""
-    from xattn._backends.cupy_ import flash_sm90 as k90
+    from xattn._backends.cupy_ import _compile as k90
 
     monkeypatch.setenv("XATTN_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(k90, "_cubin_dir", None)

@@ -16,14 +16,12 @@ Steps (all on the current CuPy stream, outputs on the inputs' device):
 
 Head dims that are not 32, 64, 96, 128 or 256 are zero-padded to the next of those, and
 ``Dv != D`` pads both to the larger one's size (copies of q, k, v, dout; zeros change neither
-the scores nor the kept gradient columns). ``ENABLE_BWD_KERNEL`` and ``ENABLE_DETERMINISTIC``
-switch the two paths off (``backend="auto"`` then uses the generic backend).
+the scores nor the kept gradient columns). The ``cupy.sm80`` entry serves float16 and
+bfloat16 here; ``cupy.simt`` serves float32 with the SIMT kernel (``flash_bwd_simt.cu``: the
+same scheme on the CUDA cores, dq by atomics only), so ``deterministic=True`` with float32
+goes to the generic entry.
 
-float32 has a SIMT kernel (``flash_bwd_simt.cu``: the same scheme on the CUDA cores, dq by
-atomics only; switch: ``ENABLE_FP32_BWD``); ``deterministic=True`` with float32 goes to the
-generic backend.
-
-``block_mask`` (switch: ``ENABLE_BLOCK_MASK_BWD``; float16/bfloat16): the main kernel walks the
+``block_mask`` (float16/bfloat16): the main kernel walks the
 mask's CSC list of its key block's column (the query blocks that see those keys, uploaded once
 per (mask, device) by :mod:`.blockmask`), the deterministic dq kernel the CSR list of its query
 block row, as the forward does; invisible blocks are never loaded, full blocks run no element
@@ -41,7 +39,16 @@ import math
 
 import numpy as np
 
-from . import flash as _fwd
+from ._compile import compiled_function
+from ._params import (
+    compute_capability,
+    fill_poison,
+    grid_reason,
+    has_score_mods,
+    option_args,
+    poison,
+    type_name,
+)
 
 __all__ = ["BM_CONFIGS", "BM_DQ_CONFIGS", "CONFIGS", "DQ_CONFIGS", "backward",
            "block_mask_configs", "block_mask_reason", "supports"]
@@ -79,19 +86,8 @@ BM_DQ_CONFIGS = {
     128: ((4, 64), (2, 32)),
     256: ((4, 16), (2, 16)),
 }
-
-# Switches: False makes supports() refuse, so that backend="auto" takes the generic backend.
-ENABLE_BWD_KERNEL = True
-ENABLE_DETERMINISTIC = True
-# The float32 SIMT kernel (flash_bwd_simt.cu); its GPU tests passed on an H200 (2026-11-29).
-ENABLE_FP32_BWD = True
-# block_mask in the backward kernels (False: supports() refuses it, "auto" takes the generic
-# backend).
-ENABLE_BLOCK_MASK_BWD = True
+# The float32 SIMT kernel's tile (flash_bwd_simt.cu).
 SIMT_BLOCK = 32
-# Tests set this to fill dq/dk/dv with NaN before the launches (unwritten elements then fail).
-POISON = False
-
 
 
 def _common_dim(prob):
@@ -132,9 +128,6 @@ def block_mask_configs(dp, block_size):
 
 def block_mask_reason(prob, bm, deterministic=False):
     """``None`` when the backward kernels serve ``bm`` for ``prob``, else the reason."""
-    if not ENABLE_BLOCK_MASK_BWD:
-        return ("block_mask: the block-sparse backward kernels are off "
-                "(flash_bwd.ENABLE_BLOCK_MASK_BWD); the generic backend serves it")
     if getattr(bm, "batch_shape", ()):
         return "block_mask: a batched mask (one call per batch element goes through flash.py)"
     if np.dtype(prob.dtype) == np.float32:
@@ -154,9 +147,6 @@ def supports(prob, opts):
     """``None`` when the backward kernels serve this request, else the reason they do not."""
     if prob.xp.__name__ != "cupy":
         return "inputs are not CuPy arrays"
-    if not ENABLE_BWD_KERNEL:
-        return ("the CuPy backward kernel is switched off (flash_bwd.ENABLE_BWD_KERNEL); the "
-                "generic backend serves the backward pass")
     opts = opts or {}
     # block_mask comes with the CPU backends' plan/element_rule: the kernels walk the mask.
     known = {"deterministic", "block_mask", "plan", "element_rule"}
@@ -166,19 +156,13 @@ def supports(prob, opts):
     if opts.get("block_mask") is None and (opts.get("plan") is not None
                                            or opts.get("element_rule") is not None):
         return "a tile plan / element rule without a block_mask (the kernels walk a BlockMask)"
-    if opts.get("deterministic") and not ENABLE_DETERMINISTIC:
-        return ("deterministic=True: the separate dq kernel is switched off "
-                "(flash_bwd.ENABLE_DETERMINISTIC)")
     if np.dtype(prob.dtype) == np.float32:
-        if not ENABLE_FP32_BWD:
-            return ("dtype float32: the SIMT backward kernel (flash_bwd_simt.cu) is not enabled "
-                    "yet (flash_bwd.ENABLE_FP32_BWD; the generic backend serves float32)")
         if opts.get("deterministic"):
             return ("deterministic=True with float32: the SIMT backward kernel adds dq with "
                     "atomics only (the generic backend is deterministic)")
-    elif _fwd._type_name(prob.dtype) is None:
-        return (f"dtype {prob.dtype}: the backward kernel takes float16 and bfloat16 (and "
-                "float32 with ENABLE_FP32_BWD); float64 uses the generic backend")
+    elif type_name(prob.dtype) is None:
+        return (f"dtype {prob.dtype}: the backward kernels take float16, bfloat16 and float32; "
+                "float64 uses the generic backend")
     if _common_dim(prob) is None:
         return (f"head_dim {max(prob.d, prob.dv)} > {max(CONFIGS)} is not implemented in the "
                 "CuPy backward kernel")
@@ -186,12 +170,10 @@ def supports(prob, opts):
         reason = block_mask_reason(prob, opts["block_mask"], bool(opts.get("deterministic")))
         if reason:
             return reason
-    nbatch = math.prod(prob.batch)
-    if nbatch > _fwd._MAX_GRID_YZ or prob.hq > _fwd._MAX_GRID_YZ:
-        return f"batch ({nbatch}) or heads ({prob.hq}) above the grid limit {_fwd._MAX_GRID_YZ}"
-    import cupy
-
-    cc = int(cupy.cuda.Device().compute_capability)
+    reason = grid_reason(prob)
+    if reason:
+        return reason
+    cc = compute_capability()
     if cc < 80:
         return f"compute capability {cc} < 80: the kernels use mma.sync bf16/f16 and cp.async"
     return None
@@ -229,7 +211,7 @@ def get_kernel(tn, d, cfg, mods, dq, sparse=False):
                f"-DXATTN_MODS={'true' if mods else 'false'}", f"-DXATTN_QN={qn}",
                f"-DXATTN_DQ={'true' if dq else 'false'}",
                f"-DXATTN_SPARSE={'true' if sparse else 'false'}")
-    return _fwd.compiled_function("flash_bwd.cu", name, options, smem_bytes(d, cfg))
+    return compiled_function("flash_bwd.cu", name, options, smem_bytes(d, cfg))
 
 
 def get_dq_kernel(tn, d, cfg, mods, sparse=False):
@@ -242,13 +224,13 @@ def get_dq_kernel(tn, d, cfg, mods, sparse=False):
                f"-DXATTN_BN={bn}", f"-DXATTN_MN={mn}",
                f"-DXATTN_MODS={'true' if mods else 'false'}",
                f"-DXATTN_SPARSE={'true' if sparse else 'false'}")
-    return _fwd.compiled_function("flash_bwd.cu", name, options, dq_smem_bytes(d, cfg))
+    return compiled_function("flash_bwd.cu", name, options, dq_smem_bytes(d, cfg))
 
 
 def get_simt_kernel(d, mods):
     """The float32 SIMT backward kernel for one head dim and score-mod flag."""
     mn = "mods" if mods else "plain"
-    return _fwd.compiled_function(
+    return compiled_function(
         "flash_bwd_simt.cu", f"flash_bwd_f32_simt_d{d}_{mn}",
         (f"-DXATTN_SIMT_D={d}", f"-DXATTN_SIMT_MN={mn}",
          f"-DXATTN_SIMT_MODS={'true' if mods else 'false'}"), simt_smem_bytes(d))
@@ -256,7 +238,7 @@ def get_simt_kernel(d, mods):
 
 def get_aux_kernel(kind, tn):
     """``flash_bwd_delta_<tn>`` or ``flash_bwd_dq_convert_<tn>``."""
-    return _fwd.compiled_function("flash_bwd.cu", f"flash_bwd_{kind}_{tn}", ("-DXATTN_KIND=3",), 0)
+    return compiled_function("flash_bwd.cu", f"flash_bwd_{kind}_{tn}", ("-DXATTN_KIND=3",), 0)
 
 
 def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slopes=None,
@@ -285,7 +267,7 @@ def _backward(prob, dout, q, k, v, out, lse, mask, bias, alibi_slopes, determini
               dq_config, block_mask=None):
     import cupy as xp
 
-    tn = _fwd._type_name(prob.dtype)
+    tn = type_name(prob.dtype)
     simt = np.dtype(prob.dtype) == np.float32
     if tn is None and not simt:
         raise NotImplementedError(f"dtype {prob.dtype} has no CuPy backward kernel")
@@ -308,8 +290,7 @@ def _backward(prob, dout, q, k, v, out, lse, mask, bias, alibi_slopes, determini
     else:
         cfg = tuple(config) if config is not None else CONFIGS[dp]
         dq_cfg = tuple(dq_config) if dq_config is not None else DQ_CONFIGS[dp]
-    mods = prob.softcap is not None or bias is not None or alibi_slopes is not None \
-        or mask is not None
+    mods = has_score_mods(prob)
     B, hq, hkv, sq, sk = math.prod(prob.batch), prob.hq, prob.hkv, prob.sq, prob.sk
     dtype = q.dtype
 
@@ -341,9 +322,8 @@ def _backward(prob, dout, q, k, v, out, lse, mask, bias, alibi_slopes, determini
     dq4 = xp.empty((B, hq, sq, dp), dtype=dtype)
     dk4 = xp.empty((B, hkv, sk, dp), dtype=dtype)
     dv4 = xp.empty((B, hkv, sk, dp), dtype=dtype)
-    if POISON:
-        for x in (dq4, dk4, dv4):
-            x.view(xp.uint16).fill(0x7FFF)  # NaN in float16 and in bfloat16
+    if poison():
+        fill_poison(xp, dq4, dk4, dv4)
     delta = xp.empty((B, hq, sq), dtype=xp.float32)
     null = np.uint64(0)
     i32, i64, f32 = np.int32, np.int64, np.float32
@@ -355,7 +335,7 @@ def _backward(prob, dout, q, k, v, out, lse, mask, bias, alibi_slopes, determini
         get_aux_kernel("delta", tn)(grid=((rows + 7) // 8,), block=(256,),
                                     args=(o4, do4, delta, i64(rows), i32(dp)))
 
-    opt_args = _fwd.option_args(xp, prob, mask, bias, alibi_slopes)
+    opt_args = option_args(xp, prob, mask, bias, alibi_slopes)
     acc = None if deterministic else xp.zeros((B, hq, sq, dp), dtype=xp.float32)
 
     if sparse:
