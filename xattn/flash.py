@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import _backends
+from . import _backends, _plans
 from ._array import check_bool, check_same_shape, validate_attention
 
 __all__ = ["flash_attention", "flash_attention_backward"]
@@ -86,19 +86,15 @@ def flash_attention(
     allow_tf32 = check_bool("allow_tf32", allow_tf32)
     opts, sparse = _options(prob), {}
     if block_mask is not None:
-        from . import sparse as _sparse
-
         if getattr(block_mask, "batch_shape", ()):  # one mask per batch element
             options = dict(causal=causal, window=window, mask=mask, bias=bias,
                            alibi_slopes=alibi_slopes, softcap=softcap, scale=scale,
                            return_lse=return_lse, allow_tf32=allow_tf32, backend=backend)
-            return _sparse.per_batch(flash_attention, prob, block_mask, (q, k, v), options)
-        sparse = _sparse.plan_options(prob, block_mask)
+            return _plans.per_batch(flash_attention, prob, block_mask, (q, k, v), options)
+        sparse = _plans.plan_options(prob, block_mask)
         opts = {**opts, **sparse, "block_mask": block_mask}
     elif window is not None:  # the block-sparse plan of the window: O(S * window) work
-        from . import sparse as _sparse
-
-        prob, sparse = _sparse.window_plan(prob)
+        prob, sparse = _plans.window_plan(prob)
         opts = {**_options(prob), **sparse}
     if allow_tf32:
         opts["allow_tf32"] = True
@@ -184,20 +180,16 @@ def flash_attention_backward(
     deterministic = check_bool("deterministic", deterministic)
     opts, sparse = _options(prob), {}
     if block_mask is not None:
-        from . import sparse as _sparse
-
         if getattr(block_mask, "batch_shape", ()):  # one mask per batch element
             options = dict(causal=causal, window=window, mask=mask, bias=bias,
                            alibi_slopes=alibi_slopes, softcap=softcap, scale=scale,
                            deterministic=deterministic, backend=backend)
-            return _sparse.per_batch(flash_attention_backward, prob, block_mask,
+            return _plans.per_batch(flash_attention_backward, prob, block_mask,
                                      (dout, q, k, v, out, lse), options, backward=True)
-        sparse = _sparse.plan_options(prob, block_mask)
+        sparse = _plans.plan_options(prob, block_mask)
         opts = {**opts, **sparse, "block_mask": block_mask}
     elif window is not None:  # the block-sparse plan of the window: O(S * window) work
-        from . import sparse as _sparse
-
-        prob, sparse = _sparse.window_plan(prob)
+        prob, sparse = _plans.window_plan(prob)
         opts = {**_options(prob), **sparse}
     if deterministic:
         opts["deterministic"] = True
