@@ -666,70 +666,19 @@ __device__ __forceinline__ void bwd_dq_convert(const float* acc, unsigned short*
         xattn::bwd_dq_convert<xattn::TN>(acc, dq, pairs, scale);                              \
     }
 
-#define XATTN_BWD_CONFIG(D, DC, NW, BM, DQN, DQNW, DQBN)                         \
-    XATTN_BWD_ONE(f16, D, DC, NW, BM, DQN, plain, false, atomic, true, false)   \
-    XATTN_BWD_ONE(bf16, D, DC, NW, BM, DQN, plain, false, atomic, true, false)  \
-    XATTN_BWD_ONE(f16, D, DC, NW, BM, DQN, mods, true, atomic, true, false)     \
-    XATTN_BWD_ONE(bf16, D, DC, NW, BM, DQN, mods, true, atomic, true, false)    \
-    XATTN_BWD_ONE(f16, D, DC, NW, BM, DQN, plain, false, nodq, false, false)    \
-    XATTN_BWD_ONE(bf16, D, DC, NW, BM, DQN, plain, false, nodq, false, false)   \
-    XATTN_BWD_ONE(f16, D, DC, NW, BM, DQN, mods, true, nodq, false, false)      \
-    XATTN_BWD_ONE(bf16, D, DC, NW, BM, DQN, mods, true, nodq, false, false)     \
-    XATTN_BWD_DQ_ONE(f16, D, DQNW, DQBN, plain, false, false)                   \
-    XATTN_BWD_DQ_ONE(bf16, D, DQNW, DQBN, plain, false, false)                  \
-    XATTN_BWD_DQ_ONE(f16, D, DQNW, DQBN, mods, true, false)                     \
-    XATTN_BWD_DQ_ONE(bf16, D, DQNW, DQBN, mods, true, false)
-// Block-sparse entries: CI builds the f16 ones (bf16 differs only in the mma/cvt type).
-#define XATTN_BWD_BM(D, DC, NW, BM, DQN)                                         \
-    XATTN_BWD_ONE(f16, D, DC, NW, BM, DQN, plain_bm, false, atomic, true, true) \
-    XATTN_BWD_ONE(f16, D, DC, NW, BM, DQN, mods_bm, true, atomic, true, true)   \
-    XATTN_BWD_ONE(f16, D, DC, NW, BM, DQN, plain_bm, false, nodq, false, true)  \
-    XATTN_BWD_ONE(f16, D, DC, NW, BM, DQN, mods_bm, true, nodq, false, true)
-#define XATTN_BWD_DQ_BM(D, NW, BN)                          \
-    XATTN_BWD_DQ_ONE(f16, D, NW, BN, plain_bm, false, true) \
-    XATTN_BWD_DQ_ONE(f16, D, NW, BN, mods_bm, true, true)
+// One more expansion level so that -D values expand before ## pastes them.
+#define XATTN_BWD_AUX_ONE(TN) XATTN_BWD_AUX(TN)
 
-// The loader builds one entry per module: XATTN_KIND 1 (main kernel: -DXATTN_TN -DXATTN_D
-// -DXATTN_DC -DXATTN_NW -DXATTN_BM -DXATTN_DQN -DXATTN_MN -DXATTN_MODS -DXATTN_QN -DXATTN_DQ
-// -DXATTN_SPARSE), 2 (dq kernel: -DXATTN_TN -DXATTN_D -DXATTN_NW -DXATTN_BN -DXATTN_MN
-// -DXATTN_MODS -DXATTN_SPARSE) or 3 (the delta and convert kernels only). Without XATTN_KIND
-// (CI's compile check) every configuration of flash_bwd.py's CONFIGS / DQ_CONFIGS is built, and
-// (unless XATTN_NO_BM) the block-sparse candidates of BM_CONFIGS / BM_DQ_CONFIGS there.
+// Instantiation: the loader builds one module per entry with -D options, CI one translation
+// unit per file with one macro call per entry -- both from the list in
+// xattn/_backends/cupy_/instances.py. Without those options this file builds nothing.
+// XATTN_KIND picks the entry macro: 1 the main kernel, 2 the deterministic dq kernel, 3 the
+// delta and dq-convert kernels of one type.
 #if defined(XATTN_KIND) && XATTN_KIND == 1
 XATTN_BWD_ONE(XATTN_TN, XATTN_D, XATTN_DC, XATTN_NW, XATTN_BM, XATTN_DQN, XATTN_MN, XATTN_MODS,
               XATTN_QN, XATTN_DQ, XATTN_SPARSE)
 #elif defined(XATTN_KIND) && XATTN_KIND == 2
 XATTN_BWD_DQ_ONE(XATTN_TN, XATTN_D, XATTN_NW, XATTN_BN, XATTN_MN, XATTN_MODS, XATTN_SPARSE)
 #elif defined(XATTN_KIND) && XATTN_KIND == 3
-XATTN_BWD_AUX(f16)
-XATTN_BWD_AUX(bf16)
-#else
-// D, DC, NW, BM, DQN (main kernel); NW, BN (dq kernel)
-XATTN_BWD_CONFIG(32, 32, 4, 64, 32, 4, 64)
-XATTN_BWD_CONFIG(64, 64, 4, 64, 32, 4, 64)
-XATTN_BWD_CONFIG(96, 96, 4, 64, 96, 4, 64)
-XATTN_BWD_CONFIG(128, 128, 4, 32, 64, 4, 64)
-XATTN_BWD_CONFIG(256, 128, 4, 32, 64, 4, 32)
-XATTN_BWD_AUX(f16)
-XATTN_BWD_AUX(bf16)
-#ifndef XATTN_NO_BM
-// D, DC, NW, BM, DQN: flash_bwd.py's BM_CONFIGS; D, NW, BN: its BM_DQ_CONFIGS
-XATTN_BWD_BM(64, 64, 4, 64, 64)  // D = 32 is padded to 64 (its own tiles spilled)
-XATTN_BWD_BM(64, 64, 4, 32, 64)
-XATTN_BWD_BM(64, 64, 2, 32, 64)
-XATTN_BWD_BM(96, 96, 4, 32, 96)  // BM = 64 spills with the walk and the element rule
-XATTN_BWD_BM(96, 96, 2, 32, 96)
-XATTN_BWD_BM(128, 128, 4, 32, 64)
-XATTN_BWD_BM(128, 128, 2, 32, 64)
-XATTN_BWD_BM(256, 128, 4, 16, 64)  // BM = 32 spills
-XATTN_BWD_BM(256, 128, 2, 16, 64)
-XATTN_BWD_DQ_BM(64, 4, 64)
-XATTN_BWD_DQ_BM(64, 2, 32)
-XATTN_BWD_DQ_BM(96, 4, 64)
-XATTN_BWD_DQ_BM(96, 2, 32)
-XATTN_BWD_DQ_BM(128, 4, 64)
-XATTN_BWD_DQ_BM(128, 2, 32)  // (4, 32) spilled with score mods (all D)
-XATTN_BWD_DQ_BM(256, 4, 16)  // BN = 32 spills
-XATTN_BWD_DQ_BM(256, 2, 16)
-#endif
+XATTN_BWD_AUX_ONE(XATTN_TN)
 #endif

@@ -196,19 +196,9 @@ __device__ __forceinline__ void core(const Args& a) {
     }
 #define XATTN_BWD_SIMT_ONE(D, MN, MODS) XATTN_BWD_SIMT_ENTRY(D, MN, MODS)
 
-// The loader builds one entry per module (-DXATTN_SIMT_D=.. -DXATTN_SIMT_MN=plain|mods
-// -DXATTN_SIMT_MODS=false|true); without them (CI's compile check) every head dim is built.
+// Instantiation: the loader builds one module per entry with -D options, CI one translation
+// unit per file with one macro call per entry -- both from the list in
+// xattn/_backends/cupy_/instances.py. Without those options this file builds nothing.
 #ifdef XATTN_SIMT_D
 XATTN_BWD_SIMT_ONE(XATTN_SIMT_D, XATTN_SIMT_MN, XATTN_SIMT_MODS)
-#else
-XATTN_BWD_SIMT_ONE(32, plain, false)
-XATTN_BWD_SIMT_ONE(32, mods, true)
-XATTN_BWD_SIMT_ONE(64, plain, false)
-XATTN_BWD_SIMT_ONE(64, mods, true)
-XATTN_BWD_SIMT_ONE(96, plain, false)
-XATTN_BWD_SIMT_ONE(96, mods, true)
-XATTN_BWD_SIMT_ONE(128, plain, false)
-XATTN_BWD_SIMT_ONE(128, mods, true)
-XATTN_BWD_SIMT_ONE(256, plain, false)
-XATTN_BWD_SIMT_ONE(256, mods, true)
 #endif

@@ -378,46 +378,10 @@ __device__ __forceinline__ void flash_fwd_core(const FwdArgs& a) {
 #define XATTN_FWD_ONE(TN, D, NW, MT, BN, MN, MODS, SPARSE) \
     XATTN_FWD_ENTRY(TN, TN, D, NW, MT, BN, MN, MODS, SPARSE)
 
-#define XATTN_FWD_PLAIN(D, NW, MT, BN)                        \
-    XATTN_FWD_ONE(f16, D, NW, MT, BN, plain, false, false)   \
-    XATTN_FWD_ONE(bf16, D, NW, MT, BN, plain, false, false)
-#define XATTN_FWD_CONFIG(D, NW, MT, BN)                       \
-    XATTN_FWD_PLAIN(D, NW, MT, BN)                            \
-    XATTN_FWD_ONE(f16, D, NW, MT, BN, mods, true, false)     \
-    XATTN_FWD_ONE(bf16, D, NW, MT, BN, mods, true, false)
-// Block-sparse entries: CI builds the f16 ones (bf16 differs only in the mma/cvt type).
-#define XATTN_FWD_BM_PLAIN(D, NW, MT, BN) XATTN_FWD_ONE(f16, D, NW, MT, BN, plain_bm, false, true)
-#define XATTN_FWD_BM(D, NW, MT, BN)  \
-    XATTN_FWD_BM_PLAIN(D, NW, MT, BN) \
-    XATTN_FWD_ONE(f16, D, NW, MT, BN, mods_bm, true, true)
-
-// The loader builds one entry per module (-DXATTN_TN=f16|bf16 -DXATTN_D=.. -DXATTN_NW=..
-// -DXATTN_MT=.. -DXATTN_BN=.. -DXATTN_MN=plain|mods|plain_bm|mods_bm -DXATTN_MODS=false|true
-// -DXATTN_SPARSE=false|true); without them (CI's compile check) every configuration below is
-// built: the dense defaults of xattn/_backends/cupy_/flash.py, and the block-sparse
-// candidates (BM_CONFIGS there).
+// Instantiation: the loader builds one module per entry with -D options, CI one translation
+// unit per file with one macro call per entry -- both from the list in
+// xattn/_backends/cupy_/instances.py. Without those options this file builds nothing.
 #ifdef XATTN_D
 XATTN_FWD_ONE(XATTN_TN, XATTN_D, XATTN_NW, XATTN_MT, XATTN_BN, XATTN_MN, XATTN_MODS,
               XATTN_SPARSE)
-#else
-XATTN_FWD_CONFIG(32, 4, 1, 64)
-XATTN_FWD_CONFIG(64, 4, 1, 64)
-XATTN_FWD_CONFIG(64, 4, 2, 64)
-XATTN_FWD_CONFIG(96, 4, 1, 64)
-XATTN_FWD_CONFIG(128, 4, 1, 64)
-XATTN_FWD_PLAIN(128, 4, 2, 32)  // the score-mod kernel of D=128 uses (4, 1, 64)
-XATTN_FWD_CONFIG(256, 4, 1, 32)
-#ifndef XATTN_NO_BM
-XATTN_FWD_BM(32, 4, 1, 64)
-XATTN_FWD_BM(32, 2, 1, 32)
-XATTN_FWD_BM(64, 4, 2, 64)
-XATTN_FWD_BM(64, 4, 1, 64)
-XATTN_FWD_BM(64, 2, 1, 32)
-XATTN_FWD_BM(96, 4, 1, 64)
-XATTN_FWD_BM(96, 2, 1, 32)
-XATTN_FWD_BM_PLAIN(128, 4, 2, 32)  // with mods: (4, 1, 64), as the dense kernel
-XATTN_FWD_BM(128, 4, 1, 64)
-XATTN_FWD_BM(128, 2, 1, 32)
-XATTN_FWD_BM(256, 4, 1, 32)
-#endif
 #endif

@@ -236,14 +236,9 @@ __device__ __forceinline__ void flash_fwd_simt_core(const Args& a) {
     XATTN_SIMT_ENTRY(D, flash_fwd_f32_simt_d##D##_bm, true)
 #define XATTN_SIMT_ONE(D) XATTN_SIMT_BOTH(D)
 
-// The loader builds one head dim per module (-DXATTN_SIMT_D=..: its dense and block-sparse
-// entries); CI builds them all.
+// Instantiation: the loader builds one module per entry with -D options, CI one translation
+// unit per file with one macro call per entry -- both from the list in
+// xattn/_backends/cupy_/instances.py. Without those options this file builds nothing.
 #ifdef XATTN_SIMT_D
 XATTN_SIMT_ONE(XATTN_SIMT_D)
-#else
-XATTN_SIMT_BOTH(32)
-XATTN_SIMT_BOTH(64)
-XATTN_SIMT_BOTH(96)
-XATTN_SIMT_BOTH(128)
-XATTN_SIMT_BOTH(256)
 #endif

@@ -1076,38 +1076,10 @@ __device__ __forceinline__ void flash_fwd_sm90_mode(const FwdArgs& a) {
     }
 // One more expansion level so that -D values expand before ## pastes them.
 #define XATTN90_ONE(TN, D, BN, NWG, OV) XATTN90_ENTRY(TN, D, BN, NWG, OV)
-#define XATTN90_BOTH(D, BN, NWG, OV) \
-    XATTN90_ONE(f16, D, BN, NWG, OV) XATTN90_ONE(bf16, D, BN, NWG, OV)
-
-// The loader builds one entry per module (-DXATTN90_TN=f16|bf16 -DXATTN90_D=.. -DXATTN90_BN=..
-// -DXATTN90_NWG=.. -DXATTN90_OV=mode); without them (CI's compile check) every configuration
-// below is built. XATTN90_NO_ENTRIES: the probe (wgmma_probe.cu) includes this file for its
-// helpers only.
-#ifndef XATTN90_NO_ENTRIES
-#ifdef XATTN90_D
+// Instantiation: the loader builds one module per entry with -D options, CI one translation
+// unit per file with one macro call per entry -- both from the list in
+// xattn/_backends/cupy_/instances.py. Without those options this file builds nothing.
+// XATTN90_NO_ENTRIES: tools/wgmma_probe.cu includes this file for its helpers only.
+#if defined(XATTN90_D) && !defined(XATTN90_NO_ENTRIES)
 XATTN90_ONE(XATTN90_TN, XATTN90_D, XATTN90_BN, XATTN90_NWG, XATTN90_OV)
-#else
-XATTN90_BOTH(64, 128, 2, 0)
-XATTN90_BOTH(64, 64, 3, 0)
-XATTN90_BOTH(128, 128, 2, 0)
-XATTN90_BOTH(128, 64, 2, 0)
-XATTN90_BOTH(128, 64, 3, 0)
-XATTN90_BOTH(64, 128, 2, 1)
-XATTN90_BOTH(64, 64, 3, 1)
-XATTN90_BOTH(128, 64, 2, 1)
-XATTN90_BOTH(128, 64, 3, 1)
-XATTN90_BOTH(64, 128, 2, 2)
-XATTN90_BOTH(64, 64, 3, 2)
-XATTN90_BOTH(128, 128, 2, 2)
-XATTN90_BOTH(128, 64, 3, 2)
-XATTN90_BOTH(64, 128, 2, 3)
-XATTN90_BOTH(128, 64, 2, 3)
-XATTN90_BOTH(128, 128, 2, 3)
-XATTN90_BOTH(64, 64, 3, 3)
-XATTN90_BOTH(64, 128, 2, 11)
-XATTN90_BOTH(64, 64, 3, 11)
-XATTN90_BOTH(128, 128, 2, 11)
-XATTN90_BOTH(64, 128, 2, 27)
-XATTN90_BOTH(128, 128, 2, 27)
-#endif
 #endif

@@ -418,26 +418,10 @@ __device__ __forceinline__ void flash_fwd_tf32_core(const Args& a) {
 
 // One more expansion level so that macro arguments (-D values) expand before ## pastes them.
 #define XATTN_TF32_ONE(D, NW, MT, BN, MN, MODS) XATTN_TF32_ENTRY(D, NW, MT, BN, MN, MODS)
-#define XATTN_TF32_CONFIG(D, NW, MT, BN)           \
-    XATTN_TF32_ONE(D, NW, MT, BN, plain, false)    \
-    XATTN_TF32_ONE(D, NW, MT, BN, mods, true)
-
-// The loader builds one entry per module (-DXATTN_TF32_D=.. -DXATTN_TF32_NW=..
-// -DXATTN_TF32_MT=.. -DXATTN_TF32_BN=.. -DXATTN_TF32_MN=plain|mods
-// -DXATTN_TF32_MODS=false|true); without them (CI's compile check) every configuration of
-// xattn/_backends/cupy_/flash_tf32.py is built.
+// Instantiation: the loader builds one module per entry with -D options, CI one translation
+// unit per file with one macro call per entry -- both from the list in
+// xattn/_backends/cupy_/instances.py. Without those options this file builds nothing.
 #ifdef XATTN_TF32_D
 XATTN_TF32_ONE(XATTN_TF32_D, XATTN_TF32_NW, XATTN_TF32_MT, XATTN_TF32_BN, XATTN_TF32_MN,
                XATTN_TF32_MODS)
-#else
-XATTN_TF32_CONFIG(32, 4, 2, 64)
-XATTN_TF32_CONFIG(64, 4, 1, 64)
-// Alternatives for tuning (benchmarks pass config=...); plain only where mods would spill.
-XATTN_TF32_ONE(64, 4, 2, 32, plain, false)
-XATTN_TF32_CONFIG(64, 8, 1, 64)
-XATTN_TF32_CONFIG(96, 4, 1, 32)
-XATTN_TF32_CONFIG(128, 4, 1, 32)
-XATTN_TF32_CONFIG(128, 8, 1, 32)
-XATTN_TF32_ONE(128, 4, 2, 16, plain, false)
-XATTN_TF32_CONFIG(256, 4, 1, 16)
 #endif

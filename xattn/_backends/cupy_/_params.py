@@ -120,3 +120,53 @@ def option_args(xp, prob, mask, bias, alibi_slopes):
             alibi_arg, i64(alibi_bs),
             bias_arg, *(i64(s) for s in bias_st),
             mask_arg, *(i64(s) for s in mask_st))
+
+
+def operand(xp, x, batch, heads, seq, width, dtype=None):
+    """``x`` as a C-contiguous ``(batch, heads, seq, width)`` array of ``dtype`` (default: its
+    own), zero-padded along the last axis up to ``width``; a copy only where needed. Zero
+    columns change neither ``q.k`` nor the output columns that are kept."""
+    if dtype is not None and x.dtype != dtype:
+        x = x.astype(dtype)
+    e = x.shape[-1]
+    x = xp.ascontiguousarray(x).reshape(batch, heads, seq, e)
+    if e == width:
+        return x
+    padded = xp.zeros((batch, heads, seq, width), dtype=x.dtype)
+    padded[..., :e] = x
+    return padded
+
+
+def forward_operands(xp, prob, q, k, v, width, dtype=None):
+    """q, k, v as the forward kernels read them: ``(B, H, S, width)``, contiguous."""
+    b = math.prod(prob.batch)
+    return (operand(xp, q, b, prob.hq, prob.sq, width, dtype),
+            operand(xp, k, b, prob.hkv, prob.sk, width, dtype),
+            operand(xp, v, b, prob.hkv, prob.sk, width, dtype))
+
+
+def forward_outputs(xp, prob, width, dtype):
+    """Fresh ``out (B, Hq, Sq, width)`` and float32 ``lse (B, Hq, Sq)`` (NaN with
+    ``XATTN_POISON``)."""
+    b = math.prod(prob.batch)
+    out = xp.empty((b, prob.hq, prob.sq, width), dtype=dtype)
+    lse = xp.empty((b, prob.hq, prob.sq), dtype=xp.float32)
+    if poison():
+        fill_poison(xp, out, lse)
+    return out, lse
+
+
+def nothing_to_launch(out, lse) -> bool:
+    """True for an empty problem; then ``lse`` holds -inf (no visible key) and no kernel runs."""
+    if out.size and lse.size:
+        return False
+    if lse.size:
+        lse.fill(-np.inf)
+    return True
+
+
+def forward_result(xp, prob, out, lse):
+    """``(out, lse)`` in the caller's shapes, ``out`` cut back to ``Dv`` columns."""
+    if out.shape[-1] != prob.dv:
+        out = xp.ascontiguousarray(out[..., :prob.dv])
+    return out.reshape(prob.out_shape), lse.reshape(prob.lse_shape)

@@ -37,43 +37,30 @@ import math
 
 import numpy as np
 
-from . import flash_bwd
+from . import flash_bwd, instances
 from ._compile import compiled_function
 from ._params import (
     compute_capability,
-    fill_poison,
+    forward_operands,
+    forward_outputs,
+    forward_result,
     grid_reason,
     has_score_mods,
+    nothing_to_launch,
     option_args,
-    poison,
     type_name,
 )
 
 __all__ = ["BM_CONFIGS", "CONFIGS", "backward", "forward", "get_kernel", "supports"]
 
-# Per head dim: (warps, 16-row tiles per warp, keys per block). Chosen from ptxas -v (no
-# spills) and timings on an H200; see notes/gpu_kernels.md.
-CONFIGS = {
-    32: (4, 1, 64),
-    64: (4, 2, 64),
-    96: (4, 1, 64),
-    128: (4, 2, 32),
-    256: (4, 1, 32),
-}
-# Kernels with score modifications (softcap, bias, ALiBi, mask) hold more registers: where the
-# plain configuration would spill with them, they take this one.
-MODS_CONFIGS = {128: (4, 1, 64)}
-# Block-sparse candidates per head dim, in order of preference: the first whose query tile
-# (warps * tiles * 16 rows) divides the mask's bq and whose key tile divides bk serves the
-# mask. Every one is in flash_fwd.cu's compile-check list (ptxas: no spills).
-BM_CONFIGS = {
-    32: ((4, 1, 64), (2, 1, 32)),
-    64: ((4, 2, 64), (4, 1, 64), (2, 1, 32)),
-    96: ((4, 1, 64), (2, 1, 32)),
-    128: ((4, 2, 32), (4, 1, 64), (2, 1, 32)),
-    256: ((4, 1, 32),),
-}
-BM_MODS_CONFIGS = {128: ((4, 1, 64), (2, 1, 32))}
+# Tile configurations, from the one list of every compiled entry (instances.py): per head dim
+# (warps, 16-row tiles per warp, keys per block); MODS_CONFIGS where the score-mod variant
+# would spill with the plain one; BM_CONFIGS / BM_MODS_CONFIGS the block-sparse candidates in
+# order of preference (the first whose query tile divides the mask's bq and key tile its bk).
+CONFIGS = instances.FWD
+MODS_CONFIGS = instances.FWD_MODS
+BM_CONFIGS = instances.FWD_BM
+BM_MODS_CONFIGS = instances.FWD_BM_MODS
 # The float32 SIMT kernel's fixed tile (flash_fwd_simt.cu).
 SIMT_BLOCK_Q, SIMT_BLOCK_K = 32, 32
 # Options the forward kernels understand: allow_tf32 is a permission (the strict kernels
@@ -161,14 +148,8 @@ def smem_bytes(d, cfg):
 def get_kernel(type_name: str, d: int, cfg: tuple, mods: bool, sparse: bool = False):
     """The compiled forward entry point for one dtype, head dim and tile configuration
     (``sparse``: the block-mask walk)."""
-    nw, mt, bn = cfg
-    variant = ("mods" if mods else "plain") + ("_bm" if sparse else "")
-    name = f"flash_fwd_{type_name}_d{d}_w{nw}_m{mt}_n{bn}_{variant}"
-    options = (f"-DXATTN_TN={type_name}", f"-DXATTN_D={d}", f"-DXATTN_NW={nw}",
-               f"-DXATTN_MT={mt}", f"-DXATTN_BN={bn}", f"-DXATTN_MN={variant}",
-               f"-DXATTN_MODS={'true' if mods else 'false'}",
-               f"-DXATTN_SPARSE={'true' if sparse else 'false'}")
-    return compiled_function("flash_fwd.cu", name, options, smem_bytes(d, cfg))
+    inst = instances.fwd(type_name, d, cfg, mods, sparse)
+    return compiled_function(inst.source, inst.name, inst.defines, smem_bytes(d, cfg))
 
 
 def simt_smem_bytes(d):
@@ -179,8 +160,8 @@ def simt_smem_bytes(d):
 def get_simt_kernel(d: int, sparse: bool = False):
     """The float32 SIMT forward entry point for one head dim (``sparse``: the block-mask
     walk)."""
-    name = f"flash_fwd_f32_simt_d{d}" + ("_bm" if sparse else "")
-    return compiled_function("flash_fwd_simt.cu", name, (f"-DXATTN_SIMT_D={d}",),
+    inst = instances.fwd_simt(d)
+    return compiled_function(inst.source, inst.names[1 if sparse else 0], inst.defines,
                              simt_smem_bytes(d))
 
 
@@ -231,26 +212,10 @@ def _forward(prob, q, k, v, mask, bias, alibi_slopes, config, *, block_mask=None
     if tn is None and np.dtype(prob.dtype) != np.float32:
         raise NotImplementedError(f"dtype {prob.dtype} has no CuPy kernel")
     B = math.prod(prob.batch)
-    out_shape, lse_shape = prob.out_shape, prob.lse_shape
-
-    def prep(x, h, s):
-        e = x.shape[-1]
-        x = xp.ascontiguousarray(x).reshape(B, h, s, e)
-        if dp != e:
-            xpad = xp.zeros((B, h, s, dp), dtype=x.dtype)
-            xpad[..., :e] = x
-            x = xpad
-        return x
-
-    q4, k4, v4 = prep(q, prob.hq, prob.sq), prep(k, prob.hkv, prob.sk), prep(v, prob.hkv, prob.sk)
-    out = xp.empty((B, prob.hq, prob.sq, dp), dtype=q.dtype)
-    lse = xp.empty((B, prob.hq, prob.sq), dtype=xp.float32)
-    if poison():
-        fill_poison(xp, out, lse)
-    if out.size == 0 or lse.size == 0:
-        if lse.size:
-            lse.fill(-np.inf)
-        return out[..., :dv].reshape(out_shape), lse.reshape(lse_shape)
+    q4, k4, v4 = forward_operands(xp, prob, q, k, v, dp)
+    out, lse = forward_outputs(xp, prob, dp, q.dtype)
+    if nothing_to_launch(out, lse):
+        return forward_result(xp, prob, out, lse)
 
     sparse = block_mask is not None
     if sparse:
@@ -277,9 +242,7 @@ def _forward(prob, q, k, v, mask, bias, alibi_slopes, config, *, block_mask=None
     )
     fn(grid=((prob.sq + bm - 1) // bm, prob.hq, B), block=(threads,), args=args,
        shared_mem=smem)
-    if dp != dv:
-        out = xp.ascontiguousarray(out[..., :dv])
-    return out.reshape(out_shape), lse.reshape(lse_shape)
+    return forward_result(xp, prob, out, lse)
 
 
 def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slopes=None,

@@ -39,12 +39,14 @@ import math
 
 import numpy as np
 
+from . import instances
 from ._compile import compiled_function
 from ._params import (
     compute_capability,
     fill_poison,
     grid_reason,
     has_score_mods,
+    operand,
     option_args,
     poison,
     type_name,
@@ -53,39 +55,19 @@ from ._params import (
 __all__ = ["BM_CONFIGS", "BM_DQ_CONFIGS", "CONFIGS", "DQ_CONFIGS", "backward",
            "block_mask_configs", "block_mask_reason", "supports"]
 
-# Per padded head dim, the main kernel's (columns of dK/dV per CTA, warps, query rows per step,
-# dq slice width): BN = 16 * warps keys per CTA. The dK and dV accumulators (BN x DC float32
-# each, DC per thread) set the register budget: D = 256 splits the columns over two CTAs.
-# Chosen with benchmarks/gpu_bwd_configs.py on an H200 (notes/gpu_kernels.md): at D=128,
-# (128, 4, 64, 64) was 8% faster but spills, so the spill-free (128, 4, 32, 64) stays.
-CONFIGS = {
-    32: (32, 4, 64, 32),
-    64: (64, 4, 64, 32),
-    96: (96, 4, 64, 96),
-    128: (128, 4, 32, 64),
-    256: (128, 4, 32, 64),
-}
-# Per padded head dim, the deterministic dq kernel's (warps, keys per block).
-DQ_CONFIGS = {32: (4, 64), 64: (4, 64), 96: (4, 64), 128: (4, 64), 256: (4, 32)}
-# Block-sparse candidates, in order of preference: the first main configuration whose key tile
-# (16 * warps) divides the mask's bk and whose query step divides bq, and the first dq
-# configuration whose query block (16 * warps) divides bq and whose key block divides bk. Every
-# one is in flash_bwd.cu's compile-check list (ptxas: no spills; the walk and the element rule
-# cost registers, so D = 96 and D = 256 take smaller steps than their dense kernels). D = 32 is
-# padded to 64 with a block mask (its own tiles spilled under ptxas 13.0 on sm_90a).
-BM_CONFIGS = {
-    64: ((64, 4, 64, 64), (64, 4, 32, 64), (64, 2, 32, 64)),
-    96: ((96, 4, 32, 96), (96, 2, 32, 96)),
-    128: ((128, 4, 32, 64), (128, 2, 32, 64)),
-    256: ((128, 4, 16, 64), (128, 2, 16, 64)),
-}
-BM_DQ_CONFIGS = {
-    # (4, 32) spilled with score mods (sm_80 / sm_90a, 128-168 registers): not a candidate.
-    64: ((4, 64), (2, 32)),
-    96: ((4, 64), (2, 32)),
-    128: ((4, 64), (2, 32)),
-    256: ((4, 16), (2, 16)),
-}
+# Tile configurations, from the one list of every compiled entry (instances.py). Per padded
+# head dim, the main kernel's (columns of dK/dV per CTA, warps, query rows per step, dq slice
+# width): BN = 16 * warps keys per CTA; the dK and dV accumulators (BN x DC float32 each, DC per
+# thread) set the register budget, so D = 256 splits the columns over two CTAs. DQ_CONFIGS: the
+# deterministic dq kernel's (warps, keys per block). Block-sparse candidates, in order of
+# preference: the first main configuration whose key tile (16 * warps) divides the mask's bk
+# and whose query step divides bq, and the first dq configuration whose query block
+# (16 * warps) divides bq and whose key block divides bk.
+CONFIGS = instances.BWD
+DQ_CONFIGS = instances.BWD_DQ
+BM_CONFIGS = instances.BWD_BM
+BM_DQ_CONFIGS = instances.BWD_BM_DQ
+
 # The float32 SIMT kernel's tile (flash_bwd_simt.cu).
 SIMT_BLOCK = 32
 
@@ -202,43 +184,27 @@ def get_kernel(tn, d, cfg, mods, dq, sparse=False):
     """The main backward kernel for one dtype, head dim, configuration, score-mod flag and
     dq mode (``dq=True``: atomics into dq_accum; False: the dq kernel runs separately), and
     with ``sparse`` the block-mask walk."""
-    dc, nw, bm, dqn = cfg
-    mn = ("mods" if mods else "plain") + ("_bm" if sparse else "")
-    qn = "atomic" if dq else "nodq"
-    name = f"flash_bwd_{tn}_d{d}_c{dc}_w{nw}_m{bm}_q{dqn}_{mn}_{qn}"
-    options = ("-DXATTN_KIND=1", f"-DXATTN_TN={tn}", f"-DXATTN_D={d}", f"-DXATTN_DC={dc}",
-               f"-DXATTN_NW={nw}", f"-DXATTN_BM={bm}", f"-DXATTN_DQN={dqn}", f"-DXATTN_MN={mn}",
-               f"-DXATTN_MODS={'true' if mods else 'false'}", f"-DXATTN_QN={qn}",
-               f"-DXATTN_DQ={'true' if dq else 'false'}",
-               f"-DXATTN_SPARSE={'true' if sparse else 'false'}")
-    return compiled_function("flash_bwd.cu", name, options, smem_bytes(d, cfg))
+    inst = instances.bwd(tn, d, cfg, mods, dq, sparse)
+    return compiled_function(inst.source, inst.name, inst.defines, smem_bytes(d, cfg))
 
 
 def get_dq_kernel(tn, d, cfg, mods, sparse=False):
     """The deterministic dq kernel for one dtype, head dim, configuration, score-mod flag and
     (``sparse``) the block-mask walk."""
-    nw, bn = cfg
-    mn = ("mods" if mods else "plain") + ("_bm" if sparse else "")
-    name = f"flash_bwd_dq_{tn}_d{d}_w{nw}_n{bn}_{mn}"
-    options = ("-DXATTN_KIND=2", f"-DXATTN_TN={tn}", f"-DXATTN_D={d}", f"-DXATTN_NW={nw}",
-               f"-DXATTN_BN={bn}", f"-DXATTN_MN={mn}",
-               f"-DXATTN_MODS={'true' if mods else 'false'}",
-               f"-DXATTN_SPARSE={'true' if sparse else 'false'}")
-    return compiled_function("flash_bwd.cu", name, options, dq_smem_bytes(d, cfg))
+    inst = instances.bwd_dq(tn, d, cfg, mods, sparse)
+    return compiled_function(inst.source, inst.name, inst.defines, dq_smem_bytes(d, cfg))
 
 
 def get_simt_kernel(d, mods):
     """The float32 SIMT backward kernel for one head dim and score-mod flag."""
-    mn = "mods" if mods else "plain"
-    return compiled_function(
-        "flash_bwd_simt.cu", f"flash_bwd_f32_simt_d{d}_{mn}",
-        (f"-DXATTN_SIMT_D={d}", f"-DXATTN_SIMT_MN={mn}",
-         f"-DXATTN_SIMT_MODS={'true' if mods else 'false'}"), simt_smem_bytes(d))
+    inst = instances.bwd_simt(d, mods)
+    return compiled_function(inst.source, inst.name, inst.defines, simt_smem_bytes(d))
 
 
 def get_aux_kernel(kind, tn):
     """``flash_bwd_delta_<tn>`` or ``flash_bwd_dq_convert_<tn>``."""
-    return compiled_function("flash_bwd.cu", f"flash_bwd_{kind}_{tn}", ("-DXATTN_KIND=3",), 0)
+    inst = instances.bwd_aux(tn)
+    return compiled_function(inst.source, f"flash_bwd_{kind}_{tn}", inst.defines, 0)
 
 
 def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slopes=None,
@@ -296,14 +262,7 @@ def _backward(prob, dout, q, k, v, out, lse, mask, bias, alibi_slopes, determini
 
     def prep(x, h, s, w):
         # Contiguous (B, H, S, dp) in the input type; zero columns where w < dp.
-        if x.dtype != dtype:
-            x = x.astype(dtype)
-        x = xp.ascontiguousarray(x).reshape(B, h, s, w)
-        if w != dp:
-            xpad = xp.zeros((B, h, s, dp), dtype=dtype)
-            xpad[..., :w] = x
-            x = xpad
-        return x
+        return operand(xp, x, B, h, s, dp, dtype)
 
     def finish(x, w, shape):
         if w != dp:

@@ -17,35 +17,37 @@ import math
 
 import numpy as np
 
-from . import _compile
+from . import _compile, instances
 from ._compile import compiled_function
-from ._params import compute_capability, fill_poison, grid_reason, option_args, poison, type_name
+from ._params import (
+    compute_capability,
+    forward_operands,
+    forward_outputs,
+    forward_result,
+    grid_reason,
+    nothing_to_launch,
+    option_args,
+    type_name,
+)
 
 __all__ = ["BUILT", "CONFIGS", "compiled_function", "forward", "get_kernel", "precompile",
            "smem_bytes", "supports", "threads"]
 
-# Per head dim: (keys per block BN, consumer warpgroups per block, mode). 64 query rows per
-# warpgroup. Mode bit 0 (overlap): block j - 1's P V is issued before block j's softmax (three
-# K/V buffers); bit 1 (swizzle): 128-byte swizzled shared memory instead of the core-matrix
-# layout (1 KiB more shared memory for the alignment). Modes 0 and 1 are the original kernels.
-# Bit 3 (warp-specialised, with bits 0 and 1): one more warpgroup per block, a producer that
-# copies K/V into a ring of 3 stages handed over by mbarriers (setmaxnreg: the producer keeps
-# 24 registers); bit 4 adds ping-pong of two consumers' GEMMs (named barriers). Modes 11 and 27
-# are those (all tested on an H200, 2026-11-29).
+# Per head dim: (keys per block BN, consumer warpgroups per block, mode), from the one list of
+# every compiled entry (instances.py). 64 query rows per warpgroup. Mode bit 0 (overlap): block
+# j - 1's P V is issued before block j's softmax (three K/V buffers); bit 1 (swizzle): 128-byte
+# swizzled shared memory instead of the core-matrix layout (1 KiB more shared memory for the
+# alignment). Bit 3 (warp-specialised, with bits 0 and 1): one more warpgroup per block, a
+# producer that copies K/V into a ring of 3 stages handed over by mbarriers (setmaxnreg: the
+# producer keeps 24 registers); bit 4 adds ping-pong of two consumers' GEMMs (named barriers).
 # Defaults from `python3 tools/wgmma_probe.py --bench` on an H200 (fp16 S=4096, TFLOP/s, see
 # docs/dev/perf_gpu.rst): D=128 (128, 2, 11) 442 / causal 386 (mode 3: 427 / 369; mode 0: 228 /
 # 202; mma.sync 294 / 248), D=64 (64, 3, 11) 348 / 294 (mode 3: 304 / 269; mma.sync 292 / 258).
 # Mode 27 (ping-pong on top of 11) measured slower: 394 / 344 at D=128.
-CONFIGS = {64: (64, 3, 11), 128: (128, 2, 11)}
-# Every configuration the source builds, as (D, BN, warpgroups, mode): see the end of
-# flash_fwd_sm90.cu.
-BUILT = {(64, 128, 2, 0), (64, 64, 3, 0), (128, 128, 2, 0), (128, 64, 2, 0), (128, 64, 3, 0),
-         (64, 128, 2, 1), (64, 64, 3, 1), (128, 64, 2, 1), (128, 64, 3, 1),
-         (64, 128, 2, 2), (64, 64, 3, 2), (128, 128, 2, 2), (128, 64, 3, 2),
-         (64, 128, 2, 3), (128, 64, 2, 3), (128, 128, 2, 3),
-         (64, 64, 3, 3),
-         (64, 128, 2, 11), (64, 64, 3, 11), (128, 128, 2, 11), (64, 128, 2, 27),
-         (128, 128, 2, 27)}
+CONFIGS = instances.SM90
+# Every configuration that can be built, as (D, BN, warpgroups, mode): the shipped ones (CI
+# compiles them) and the experimental schedules (built on request: config=...).
+BUILT = frozenset((*instances.SM90_SHIPPED, *instances.SM90_EXPERIMENTAL))
 # Options this kernel ignores safely: allow_tf32 concerns float32 only.
 _KNOWN = frozenset({"allow_tf32"})
 
@@ -88,31 +90,20 @@ def threads(cfg):
     return (nwg + (1 if mode & 8 else 0)) * 128
 
 
-def kernel_name(type_name, d, cfg):
-    bn, nwg, ov = cfg
-    return f"flash_fwd_sm90_{type_name}_d{d}_n{bn}_g{nwg}_o{ov}"
-
-
-def _defines(type_name, d, cfg):
-    bn, nwg, mode = cfg
-    return (f"-DXATTN90_TN={type_name}", f"-DXATTN90_D={d}", f"-DXATTN90_BN={bn}",
-            f"-DXATTN90_NWG={nwg}", f"-DXATTN90_OV={mode}")
-
-
 def precompile(type_name: str, keys, workers: int = 8):
     """Compile the cubins of several (D, BN, warpgroups, mode) at once (threads), so that a
     benchmark of every configuration does not wait for them one by one."""
-    entries = [(kernel_name(type_name, d, tuple(c)), _defines(type_name, d, tuple(c)))
-               for d, *c in keys]
+    entries = [(i.name, i.defines) for i in
+               (instances.sm90(type_name, d, tuple(c)) for d, *c in keys)]
     _compile.precompile("flash_fwd_sm90.cu", entries, workers)
 
 
 def get_kernel(type_name: str, d: int, cfg: tuple):
     """The compiled entry point for one dtype, head dim and (BN, warpgroups, mode); cached
     per device."""
-    return compiled_function("flash_fwd_sm90.cu", kernel_name(type_name, d, cfg),
-                             _defines(type_name, d, cfg), smem_bytes(d, cfg),
-                             arch=_compile.SM90_ARCH)
+    inst = instances.sm90(type_name, d, cfg)
+    return compiled_function(inst.source, inst.name, inst.defines, smem_bytes(d, cfg),
+                             arch=inst.arch)
 
 
 def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, block_mask=None,
@@ -138,19 +129,10 @@ def _forward(prob, q, k, v, config):
     if (d, *cfg) not in BUILT:
         raise ValueError(f"config {cfg} for D={d} is not built; built: {sorted(BUILT)}")
     B = math.prod(prob.batch)
-
-    def prep(x, h, s):
-        return xp.ascontiguousarray(x).reshape(B, h, s, d)
-
-    q4, k4, v4 = prep(q, prob.hq, prob.sq), prep(k, prob.hkv, prob.sk), prep(v, prob.hkv, prob.sk)
-    out = xp.empty((B, prob.hq, prob.sq, d), dtype=q.dtype)
-    lse = xp.empty((B, prob.hq, prob.sq), dtype=xp.float32)
-    if poison():
-        fill_poison(xp, out, lse)
-    if out.size == 0 or lse.size == 0:
-        if lse.size:
-            lse.fill(-np.inf)
-        return out.reshape(prob.out_shape), lse.reshape(prob.lse_shape)
+    q4, k4, v4 = forward_operands(xp, prob, q, k, v, d)
+    out, lse = forward_outputs(xp, prob, d, q.dtype)
+    if nothing_to_launch(out, lse):
+        return forward_result(xp, prob, out, lse)
     fn = get_kernel(tn, d, cfg)
     nwg = cfg[1]
     bm = 64 * nwg
@@ -160,4 +142,4 @@ def _forward(prob, q, k, v, config):
             f32(prob.scale), *causal_window)
     fn(((prob.sq + bm - 1) // bm, prob.hq, B), (threads(cfg),), args,
        shared_mem=smem_bytes(d, cfg))
-    return out.reshape(prob.out_shape), lse.reshape(prob.lse_shape)
+    return forward_result(xp, prob, out, lse)

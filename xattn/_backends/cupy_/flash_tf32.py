@@ -23,22 +23,24 @@ from functools import cache
 
 import numpy as np
 
+from . import instances
 from ._compile import compiled_function
-from ._params import compute_capability, fill_poison, grid_reason, has_score_mods, option_args
-from ._params import poison as _poison
+from ._params import (
+    compute_capability,
+    forward_operands,
+    forward_outputs,
+    forward_result,
+    grid_reason,
+    has_score_mods,
+    nothing_to_launch,
+    option_args,
+)
 
 __all__ = ["CONFIGS", "forward", "get_kernel", "smem_bytes", "supports"]
 
-# Per head dim: (warps, 16-row tiles per warp, keys per block), from ptxas -v on sm_80/sm_90a
-# (no spills, <= 255 registers so that two 128-thread blocks fit an SM's register file).
-CONFIGS = {
-    32: (4, 2, 64),
-    64: (4, 1, 64),
-    96: (4, 1, 32),
-    128: (4, 1, 32),
-    256: (4, 1, 16),
-}
-
+# Per head dim: (warps, 16-row tiles per warp, keys per block), from the one list of every
+# compiled entry (instances.py; ptxas -v on sm_80/sm_90a: no spills, <= 255 registers).
+CONFIGS = instances.TF32
 
 
 def padded_dim(d: int):
@@ -111,14 +113,8 @@ def _max_smem(device_id: int, default: int) -> int:
 
 def get_kernel(d: int, cfg, mods: bool):
     """The compiled entry point for one head dim, tile configuration and variant."""
-    nw, mt, bn = cfg
-    mn = "mods" if mods else "plain"
-    options = (f"-DXATTN_TF32_D={d}", f"-DXATTN_TF32_NW={nw}", f"-DXATTN_TF32_MT={mt}",
-               f"-DXATTN_TF32_BN={bn}", f"-DXATTN_TF32_MN={mn}",
-               f"-DXATTN_TF32_MODS={'true' if mods else 'false'}")
-    return compiled_function("flash_fwd_tf32.cu",
-                                    f"flash_fwd_tf32_d{d}_w{nw}_m{mt}_n{bn}_{mn}", options,
-                                    smem_bytes(d, cfg))
+    inst = instances.tf32(d, cfg, mods)
+    return compiled_function(inst.source, inst.name, inst.defines, smem_bytes(d, cfg))
 
 
 def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, block_mask=None,
@@ -143,24 +139,10 @@ def _forward(prob, q, k, v, mask, bias, alibi_slopes, config):
     mods = has_score_mods(prob)
     cfg = tuple(config) if config is not None else CONFIGS[dp]
     B = math.prod(prob.batch)
-
-    def prep(x, h, s):
-        x = xp.ascontiguousarray(x, dtype=xp.float32).reshape(B, h, s, d)
-        if dp != d:
-            xpad = xp.zeros((B, h, s, dp), dtype=xp.float32)
-            xpad[..., :d] = x
-            x = xpad
-        return x
-
-    q4, k4, v4 = prep(q, prob.hq, prob.sq), prep(k, prob.hkv, prob.sk), prep(v, prob.hkv, prob.sk)
-    out = xp.empty((B, prob.hq, prob.sq, dp), dtype=xp.float32)
-    lse = xp.empty((B, prob.hq, prob.sq), dtype=xp.float32)
-    if _poison():
-        fill_poison(xp, out, lse)
-    if out.size == 0 or lse.size == 0:
-        if lse.size:
-            lse.fill(-np.inf)
-        return out[..., :d].reshape(prob.out_shape), lse.reshape(prob.lse_shape)
+    q4, k4, v4 = forward_operands(xp, prob, q, k, v, dp, xp.float32)
+    out, lse = forward_outputs(xp, prob, dp, xp.float32)
+    if nothing_to_launch(out, lse):
+        return forward_result(xp, prob, out, lse)
 
     fn = get_kernel(dp, cfg, mods)
     nw, mt, _ = cfg
@@ -173,6 +155,4 @@ def _forward(prob, q, k, v, mask, bias, alibi_slopes, config):
     )
     fn(grid=((prob.sq + bm - 1) // bm, prob.hq, B), block=(nw * 32,), args=args,
        shared_mem=smem_bytes(dp, cfg))
-    if dp != d:
-        out = xp.ascontiguousarray(out[..., :d])
-    return out.reshape(prob.out_shape), lse.reshape(prob.lse_shape)
+    return forward_result(xp, prob, out, lse)
