@@ -86,7 +86,9 @@ def instances(experimental=False, everything=False):
 def unit_source(source, items):
     """The translation unit of one kernel file: the file, then one macro call per instance."""
     calls = "\n".join(i.macro_call() for i in items)
-    return f'#include "{KERNELS / source}"\n{calls}\n'
+    extra = "".join(f'#include "{ROOT / f}"\n' for f in dict.fromkeys(
+        f for i in items for f in i.includes))
+    return f'#include "{KERNELS / source}"\n{extra}{calls}\n'
 
 
 def compile_file(nvcc, path, keep_dir=None, items=()):
@@ -115,10 +117,12 @@ def compile_file(nvcc, path, keep_dir=None, items=()):
     return ok, log, res
 
 
-def write_ptx(nvcc, out_dir, archs, experimental=False):
+def write_ptx(nvcc, out_dir, archs, experimental=False, files=None):
     """PTX of every instance, one file per (kernel file, arch), for tools/ptx_diff.py."""
     failed = 0
     for source, items in sorted(instances(experimental).items()):
+        if files and source not in files:
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             unit = Path(tmp) / source
             unit.write_text(unit_source(source, items))

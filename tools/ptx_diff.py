@@ -2,17 +2,19 @@
 
 Usage::
 
-    python3 tools/ptx_diff.py snapshot DIR [--kernels PATH] [--arch sm_80 --arch sm_90a]
+    python3 tools/ptx_diff.py snapshot DIR [--file F.cu] [--experimental] [--arch sm_90a]
     python3 tools/ptx_diff.py compare BEFORE_DIR AFTER_DIR [--registers]
 
-``snapshot`` compiles every shipped instance (the list of :mod:`tools.kernel_instances`, one
-translation unit per kernel file, as the CI compile step does) to PTX with ``nvcc -ptx`` for
+``snapshot`` compiles every shipped instance (the list of ``xattn/_backends/cupy_/instances.py``,
+one translation unit per kernel file, as the CI compile step does) to PTX with ``nvcc -ptx`` for
 each architecture, with the launchers' options, and stores one file per (file, arch).
 ``compare`` splits both snapshots into entry points and reports the entries whose PTX differs,
-appeared or disappeared (branch labels and local depots are numbered by the function's place in
-its translation unit: those numbers are ignored); the exit status is non-zero when any did. ``--registers`` renumbers
-virtual registers by first use inside each entry before comparing (nvcc's numbering of
-``flash_fwd_simt.cu`` is not deterministic from run to run).
+appeared or disappeared (branch labels and local depots are numbered by the function's place
+in its translation unit: those numbers are ignored); the exit status is non-zero when any did.
+``--registers`` renumbers virtual registers by first use inside each entry before comparing.
+``flash_fwd_simt.cu`` is the one file whose PTX moves with unrelated source text (one
+``ld.shared`` more or less vectorised, seen between two builds of the same kernel body): compare
+its entries' instruction histograms instead.
 """
 
 from __future__ import annotations
@@ -62,12 +64,15 @@ def renumber(body: str) -> str:
     return _REG.sub(sub, body)
 
 
-def compare(before: Path, after: Path, registers: bool) -> int:
+def compare(before: Path, after: Path, registers: bool, renames=()) -> int:
     bad = 0
     total = 0
     for pb in sorted(before.glob("*.ptx")):
         pa = after / pb.name
-        eb = entries(pb.read_text())
+        text = pb.read_text()
+        for old, new in renames:
+            text = re.sub(old, new, text)
+        eb = entries(text)
         ea = entries(pa.read_text()) if pa.exists() else {}
         for name in sorted(set(eb) | set(ea)):
             total += 1
@@ -95,13 +100,21 @@ def main(argv=None):
     s.add_argument("dir", type=Path)
     s.add_argument("--arch", action="append", default=None)
     s.add_argument("--nvcc", default=None)
+    s.add_argument("--file", action="append", default=None,
+                   help="only this kernel file (repeatable), e.g. flash_fwd_sm90.cu")
+    s.add_argument("--experimental", action="store_true",
+                   help="also the experimental instances")
     c = sub.add_parser("compare")
     c.add_argument("before", type=Path)
     c.add_argument("after", type=Path)
     c.add_argument("--registers", action="store_true")
+    c.add_argument("--rename", action="append", default=[], metavar="REGEX=REPL",
+                   help="rewrite symbols of BEFORE first (a moved namespace changes the mangled "
+                        "names of shared-memory arrays), e.g. _ZN7xattn90=_ZN5xattn4sm90")
     args = ap.parse_args(argv)
     if args.cmd == "compare":
-        return compare(args.before, args.after, args.registers)
+        renames = [tuple(r.split("=", 1)) for r in args.rename]
+        return compare(args.before, args.after, args.registers, renames)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import check_kernels
 
@@ -110,7 +123,8 @@ def main(argv=None):
         print("ptx_diff: nvcc not found", file=sys.stderr)
         return 2
     args.dir.mkdir(parents=True, exist_ok=True)
-    return check_kernels.write_ptx(nvcc, args.dir, args.arch or ["sm_80", "sm_90a"])
+    return check_kernels.write_ptx(nvcc, args.dir, args.arch or ["sm_80", "sm_90a"],
+                                   args.experimental, args.file)
 
 
 if __name__ == "__main__":

@@ -148,6 +148,7 @@ static inline T __ldg(const T* p) {
     return *p;
 }
 #include "blockmask.cuh"
+using namespace xattn;
 
 static XattnBlockMask make(const int* frow, const int* fcol, const int* prow, const int* pcol,
                            const unsigned* tiles, const int* meta) {

@@ -42,7 +42,8 @@
 
 namespace xattn {
 
-struct BwdArgs {
+// The parameter block (ScoreMods) first, then this kernel's own arguments.
+struct BwdArgs : ScoreMods {
     const unsigned short* q;
     const unsigned short* k;
     const unsigned short* v;
@@ -55,14 +56,6 @@ struct BwdArgs {
     unsigned short* dv;
     int hq, group, sq, sk;
     float scale;
-    int causal, wl, wr;  // window sides, -1 = unbounded
-    float softcap;       // 0 = off
-    const float* alibi;  // slopes, indexed b * alibi_bs + h; null = off
-    long long alibi_bs;
-    const float* bias;  // float32 additive bias with broadcast strides; null = off
-    long long bias_bs, bias_hs, bias_qs, bias_ks;
-    const unsigned char* mask;  // bool, True = may attend; null = off
-    long long mask_bs, mask_hs, mask_qs, mask_ks;
     XattnBlockMask bm;  // read by the block-sparse (SPARSE) entries only
     XattnCscMask cm;    // its transpose, walked by the main kernel
 };
@@ -615,23 +608,18 @@ __device__ __forceinline__ void bwd_dq_convert(const float* acc, unsigned short*
     const unsigned short *q, const unsigned short *k, const unsigned short *v,                \
         const unsigned short *dout, const float *lse, const float *delta, float *dq_accum,    \
         unsigned short *dq, unsigned short *dk, unsigned short *dv, int hq, int group,        \
-        int sq, int sk, float scale, int causal, int wl, int wr, float softcap,               \
-        const float *alibi, long long alibi_bs, const float *bias, long long bias_bs,         \
-        long long bias_hs, long long bias_qs, long long bias_ks, const unsigned char *mask,   \
-        long long mask_bs, long long mask_hs, long long mask_qs, long long mask_ks,           \
-        const int *bm_frow, const int *bm_fcol, const int *bm_prow, const int *bm_pcol,       \
+        int sq, int sk, float scale, XATTN_SCORE_MOD_PARAMS, const int *bm_frow,              \
+        const int *bm_fcol, const int *bm_prow, const int *bm_pcol,       \
         const unsigned *bm_tiles, int bm_bq, int bm_bk, int bm_words, int bm_rule,            \
         int bm_off, int bm_left, int bm_right, const int *bm_col_ptr, const int *bm_row_idx,  \
         const int *bm_tile_idx
 
 #define XATTN_BWD_ARGS                                                                        \
-    xattn::BwdArgs{q,       k,       v,       dout,    lse,     delta,   dq_accum, dq,        \
-                   dk,      dv,      hq,      group,   sq,      sk,      scale,    causal,    \
-                   wl,      wr,      softcap, alibi,   alibi_bs, bias,   bias_bs,  bias_hs,   \
-                   bias_qs, bias_ks, mask,    mask_bs, mask_hs, mask_qs, mask_ks,             \
-                   XattnBlockMask{bm_frow, bm_fcol, bm_prow, bm_pcol, bm_tiles, bm_bq, bm_bk, \
-                                  bm_words, bm_rule, bm_off, bm_left, bm_right},              \
-                   XattnCscMask{bm_col_ptr, bm_row_idx, bm_tile_idx}}
+    xattn::BwdArgs{XATTN_SCORE_MOD_INIT, q, k, v, dout, lse, delta, dq_accum, dq, dk, dv, hq,  \
+                   group, sq, sk, scale,                                                      \
+                   xattn::XattnBlockMask{bm_frow, bm_fcol, bm_prow, bm_pcol, bm_tiles, bm_bq,  \
+                                         bm_bk, bm_words, bm_rule, bm_off, bm_left, bm_right}, \
+                   xattn::XattnCscMask{bm_col_ptr, bm_row_idx, bm_tile_idx}}
 
 // Every entry takes the block-mask arguments (the CSR arrays and rule as the forward's, then the
 // CSC transpose); the dense ones ignore them (the launcher passes nulls). MN names the variant:

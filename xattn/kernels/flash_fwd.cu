@@ -27,7 +27,8 @@
 
 namespace xattn {
 
-struct FwdArgs {
+// The parameter block (ScoreMods) first, then this kernel's own arguments.
+struct FwdArgs : ScoreMods {
     const unsigned short* q;
     const unsigned short* k;
     const unsigned short* v;
@@ -35,14 +36,6 @@ struct FwdArgs {
     float* lse;
     int hq, group, sq, sk;
     float scale;       // softmax scale (natural units)
-    int causal, wl, wr;  // window sides, -1 = unbounded
-    float softcap;     // 0 = off
-    const float* alibi;  // slopes, indexed b * alibi_bs + h; null = off
-    long long alibi_bs;
-    const float* bias;   // float32 additive bias with broadcast strides; null = off
-    long long bias_bs, bias_hs, bias_qs, bias_ks;
-    const unsigned char* mask;  // bool, True = may attend; null = off
-    long long mask_bs, mask_hs, mask_qs, mask_ks;
     XattnBlockMask bm;  // read by the block-sparse (SPARSE) entries only
 };
 
@@ -351,20 +344,14 @@ __device__ __forceinline__ void flash_fwd_core(const FwdArgs& a) {
 #define XATTN_FWD_PARAMS                                                                     \
     const unsigned short *q, const unsigned short *k, const unsigned short *v,               \
         unsigned short *o, float *lse, int hq, int group, int sq, int sk, float scale,        \
-        int causal, int wl, int wr, float softcap, const float *alibi, long long alibi_bs,    \
-        const float *bias, long long bias_bs, long long bias_hs, long long bias_qs,          \
-        long long bias_ks, const unsigned char *mask, long long mask_bs, long long mask_hs,  \
-        long long mask_qs, long long mask_ks, const int *bm_frow, const int *bm_fcol,        \
-        const int *bm_prow, const int *bm_pcol, const unsigned *bm_tiles, int bm_bq,         \
-        int bm_bk, int bm_words, int bm_rule, int bm_off, int bm_left, int bm_right
+        XATTN_SCORE_MOD_PARAMS, const int *bm_frow, const int *bm_fcol, const int *bm_prow,   \
+        const int *bm_pcol, const unsigned *bm_tiles, int bm_bq, int bm_bk, int bm_words,     \
+        int bm_rule, int bm_off, int bm_left, int bm_right
 
 #define XATTN_FWD_ARGS                                                                       \
-    xattn::FwdArgs{q,       k,       v,        o,       lse,     hq,      group,   sq,      \
-                   sk,      scale,   causal,   wl,      wr,      softcap, alibi,   alibi_bs, \
-                   bias,    bias_bs, bias_hs,  bias_qs, bias_ks, mask,    mask_bs, mask_hs,  \
-                   mask_qs, mask_ks,                                                         \
-                   XattnBlockMask{bm_frow, bm_fcol, bm_prow, bm_pcol, bm_tiles, bm_bq, bm_bk,\
-                                  bm_words, bm_rule, bm_off, bm_left, bm_right}}
+    xattn::FwdArgs{XATTN_SCORE_MOD_INIT, q, k, v, o, lse, hq, group, sq, sk, scale,           \
+                   xattn::XattnBlockMask{bm_frow, bm_fcol, bm_prow, bm_pcol, bm_tiles, bm_bq,  \
+                                         bm_bk, bm_words, bm_rule, bm_off, bm_left, bm_right}}
 
 // MN names the variant: plain | mods (score modifications), with _bm for the block-sparse walk.
 // Every entry takes the block-mask arguments; the dense ones ignore them (pass nulls/zeros).

@@ -72,10 +72,13 @@ class _Logged:
         return getattr(self.fn, attr)
 
 
-def compiled_function(src: str, name: str, options: tuple, smem: int, arch: str | None = None):
+def compiled_function(src: str, name: str, options: tuple, smem: int, arch: str | None = None,
+                      includes: tuple = ()):
     """Entry point ``name`` of kernel file ``src`` compiled with ``options`` (on first use) and
     cached per (device, name); ``smem`` bytes of dynamic shared memory allowed. ``arch="sm_90a"``
-    compiles a cubin for exactly that target (cached on disk)."""
+    compiles a cubin for exactly that target (cached on disk). ``includes``: repository files
+    appended to the source (experimental code kept in ``tools/``, absent from an installed
+    package)."""
     import cupy
 
     key = (cupy.cuda.Device().id, name)
@@ -84,10 +87,11 @@ def compiled_function(src: str, name: str, options: tuple, smem: int, arch: str 
         with _lock:
             hit = _functions.get(key)
             if hit is None:
+                text = source(src) + "".join(_repository_file(f) for f in includes)
                 if arch is None:
-                    mod = cupy.RawModule(code=source(src), options=("-std=c++17", *options))
+                    mod = cupy.RawModule(code=text, options=("-std=c++17", *options))
                 else:
-                    mod = load_module(_cubins.get(name) or cubin_path(source(src), options))
+                    mod = load_module(_cubins.get(name) or cubin_path(text, options))
                 fn = mod.get_function(name)
                 if smem > 48 * 1024:
                     _allow_smem(fn, smem)
@@ -95,21 +99,30 @@ def compiled_function(src: str, name: str, options: tuple, smem: int, arch: str 
     return hit[1]
 
 
+def _repository_file(path: str) -> str:
+    full = KERNEL_DIR.parents[1] / path
+    if not full.exists():
+        raise NotImplementedError(f"{path} is experimental code of the xattn repository, not "
+                                  "of an installed package: run from a checkout")
+    return "\n" + full.read_text()
+
+
 _cubins: dict = {}  # entry name -> cached cubin path, filled by precompile()
 
 
 def precompile(src: str, entries, workers: int = 8):
-    """Compile the sm_90a cubins of several ``(name, options)`` at once (threads), so that a
-    benchmark of every configuration does not wait for them one by one; errors are left for
-    :func:`compiled_function` to raise."""
+    """Compile the sm_90a cubins of several ``(name, options, includes)`` at once (threads), so
+    that a benchmark of every configuration does not wait for them one by one; errors are left
+    for :func:`compiled_function` to raise."""
     from concurrent.futures import ThreadPoolExecutor
 
-    todo = [(n, o) for n, o in entries if n not in _cubins]
+    todo = [e for e in entries if e[0] not in _cubins]
 
     def one(item):
-        name, options = item
+        name, options, includes = item
         try:
-            _cubins[name] = cubin_path(source(src), options)
+            text = source(src) + "".join(_repository_file(f) for f in includes)
+            _cubins[name] = cubin_path(text, options)
         except Exception:  # noqa: BLE001 - compiled_function compiles again and raises
             pass
 

@@ -1,8 +1,9 @@
 """The kernels' common parameters, filled in one place for every CuPy launcher.
 
 :func:`option_args` turns the validated problem (:class:`xattn._array.AttnProblem`) and the
-score-operand arrays into the argument list every kernel entry point takes after its
-pointers and sizes (the score modifications of ``xattn/kernels/masking.cuh``). The other
+score-operand arrays into the kernels' parameter block: the flat launch arguments that every
+entry point gathers into ``xattn::ScoreMods`` (``xattn/kernels/masking.cuh``), the struct that
+``xattn_score_mod`` reads. The other
 helpers are the checks every launcher shares: the kernels' dtype names, the grid limits, the
 device's compute capability, and ``XATTN_POISON`` (a debug switch from the environment: fill
 every output with NaN before the launch so that unwritten elements fail the tests).
@@ -59,6 +60,20 @@ def grid_reason(prob):
     return None
 
 
+def device_reason(prob, uses, *, exact_cc=None):
+    """Why this launch cannot run on the current device (grid limits, compute capability: at
+    least 8.0, or exactly ``exact_cc``), or None. ``uses`` names what the kernels need."""
+    reason = grid_reason(prob)
+    if reason:
+        return reason
+    cc = compute_capability()
+    if exact_cc is not None and cc != exact_cc:
+        return f"compute capability {cc}: {uses} runs on {exact_cc // 10}.{exact_cc % 10} only"
+    if exact_cc is None and cc < 80:
+        return f"compute capability {cc} < 80: {uses}"
+    return None
+
+
 def has_score_mods(prob) -> bool:
     """Whether the problem needs the kernels' score-modification variant (``mods``)."""
     return prob.softcap is not None or prob.has_bias or prob.has_alibi or prob.has_mask
@@ -98,9 +113,11 @@ def _score_operand(xp, x, prob, itemsize):
 
 
 def option_args(xp, prob, mask, bias, alibi_slopes):
-    """The kernels' common option arguments, in their order: causal, window sides (-1 =
+    """The kernels' parameter block (``xattn::ScoreMods`` in ``xattn/kernels/masking.cuh``) as
+    launch arguments, in the order of ``XATTN_SCORE_MOD_PARAMS``: causal, window sides (-1 =
     unbounded), softcap (0 = off), ALiBi slopes and their batch stride, the bias and the mask
-    with their (batch, head, query, key) element strides (null pointers when absent)."""
+    with their (batch, head, query, key) element strides (null pointers when absent). This is
+    the one place that fills it; every launcher passes it whole."""
     i32, i64, f32 = np.int32, np.int64, np.float32
     null = np.uint64(0)
     alibi_arg, alibi_bs = null, 0
@@ -137,23 +154,19 @@ def operand(xp, x, batch, heads, seq, width, dtype=None):
     return padded
 
 
-def forward_operands(xp, prob, q, k, v, width, dtype=None):
-    """q, k, v as the forward kernels read them: ``(B, H, S, width)``, contiguous."""
-    b = math.prod(prob.batch)
-    return (operand(xp, q, b, prob.hq, prob.sq, width, dtype),
-            operand(xp, k, b, prob.hkv, prob.sk, width, dtype),
-            operand(xp, v, b, prob.hkv, prob.sk, width, dtype))
-
-
-def forward_outputs(xp, prob, width, dtype):
-    """Fresh ``out (B, Hq, Sq, width)`` and float32 ``lse (B, Hq, Sq)`` (NaN with
+def forward_buffers(xp, prob, q, k, v, width, dtype):
+    """q, k, v as the forward kernels read them (``(B, H, S, width)`` of ``dtype``,
+    contiguous) and fresh ``out (B, Hq, Sq, width)`` and float32 ``lse (B, Hq, Sq)`` (NaN with
     ``XATTN_POISON``)."""
     b = math.prod(prob.batch)
+    q4, k4, v4 = (operand(xp, q, b, prob.hq, prob.sq, width, dtype),
+                  operand(xp, k, b, prob.hkv, prob.sk, width, dtype),
+                  operand(xp, v, b, prob.hkv, prob.sk, width, dtype))
     out = xp.empty((b, prob.hq, prob.sq, width), dtype=dtype)
     lse = xp.empty((b, prob.hq, prob.sq), dtype=xp.float32)
     if poison():
         fill_poison(xp, out, lse)
-    return out, lse
+    return q4, k4, v4, out, lse
 
 
 def nothing_to_launch(out, lse) -> bool:

@@ -37,19 +37,8 @@ import math
 
 import numpy as np
 
-from . import flash_bwd, instances
+from . import _params, flash_bwd, instances
 from ._compile import compiled_function
-from ._params import (
-    compute_capability,
-    forward_operands,
-    forward_outputs,
-    forward_result,
-    grid_reason,
-    has_score_mods,
-    nothing_to_launch,
-    option_args,
-    type_name,
-)
 
 __all__ = ["BM_CONFIGS", "CONFIGS", "backward", "forward", "get_kernel", "supports"]
 
@@ -77,7 +66,7 @@ def supports(prob, opts, op):
     """``None`` when the ``mma.sync`` kernels serve this request, else the reason they do not."""
     if prob.xp.__name__ != "cupy":
         return "inputs are not CuPy arrays"
-    if type_name(prob.dtype) is None:
+    if _params.type_name(prob.dtype) is None:
         return (f"dtype {prob.dtype}: the mma.sync kernels take float16 and bfloat16 (float32: "
                 "cupy.tf32 with allow_tf32=True, cupy.simt; float64: generic)")
     if op == "backward":
@@ -101,14 +90,8 @@ def forward_reason(prob, opts, fp32=False):
         reason = _block_mask_reason(prob, bm)
         if reason:
             return reason
-    reason = grid_reason(prob)
-    if reason:
-        return reason
-    cc = compute_capability()
-    if cc < 80:
-        kind = "cp.async" if fp32 else "mma.sync bf16/f16 and cp.async"
-        return f"compute capability {cc} < 80: the kernels use {kind}"
-    return None
+    return _params.device_reason(prob, "the kernels use " + (
+        "cp.async" if fp32 else "mma.sync bf16/f16 and cp.async"))
 
 
 def block_mask_config(dp, block_size, mods, fp32=False):
@@ -128,7 +111,7 @@ def _block_mask_reason(prob, bm):
         return "block_mask: a batched mask (one call per batch element goes through flash.py)"
     dp = _padded_dim(max(prob.d, prob.dv))
     fp32 = np.dtype(prob.dtype) == np.float32
-    mods = has_score_mods(prob)
+    mods = _params.has_score_mods(prob)
     if block_mask_config(dp, bm.block_size, mods, fp32) is None:
         cands = [(SIMT_BLOCK_Q, SIMT_BLOCK_K)] if fp32 else [
             (c[0] * c[1] * 16, c[2])
@@ -177,7 +160,7 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
     if block_mask is None and (plan is not None or element_rule is not None):
         raise NotImplementedError("the CuPy kernels take a block_mask, not a tile plan / "
                                   "element rule")
-    if type_name(prob.dtype) is None:
+    if _params.type_name(prob.dtype) is None:
         raise NotImplementedError(f"dtype {prob.dtype}: the mma.sync kernels take float16 and "
                                   "bfloat16")
     # Allocate and launch on the inputs' device, whichever device is current.
@@ -188,12 +171,12 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
 def _forward(prob, q, k, v, mask, bias, alibi_slopes, config, *, block_mask=None):
     import cupy as xp
 
-    tn = type_name(prob.dtype)
+    tn = _params.type_name(prob.dtype)
     d, dv = prob.d, prob.dv
     # Dv != D: q, k and v all padded to one head dim (zeros change neither q.k nor the kept
     # output columns), the output sliced back to dv.
     dp = _padded_dim(max(d, dv))
-    mods = has_score_mods(prob)
+    mods = _params.has_score_mods(prob)
     if block_mask is not None:
         fits = block_mask_config(dp, block_mask.block_size, mods, tn is None)
         if fits is None:
@@ -212,10 +195,9 @@ def _forward(prob, q, k, v, mask, bias, alibi_slopes, config, *, block_mask=None
     if tn is None and np.dtype(prob.dtype) != np.float32:
         raise NotImplementedError(f"dtype {prob.dtype} has no CuPy kernel")
     B = math.prod(prob.batch)
-    q4, k4, v4 = forward_operands(xp, prob, q, k, v, dp)
-    out, lse = forward_outputs(xp, prob, dp, q.dtype)
-    if nothing_to_launch(out, lse):
-        return forward_result(xp, prob, out, lse)
+    q4, k4, v4, out, lse = _params.forward_buffers(xp, prob, q, k, v, dp, q.dtype)
+    if _params.nothing_to_launch(out, lse):
+        return _params.forward_result(xp, prob, out, lse)
 
     sparse = block_mask is not None
     if sparse:
@@ -237,12 +219,12 @@ def _forward(prob, q, k, v, mask, bias, alibi_slopes, config, *, block_mask=None
     args = (
         q4, k4, v4, out, lse,
         i32(prob.hq), i32(prob.group), i32(prob.sq), i32(prob.sk), f32(prob.scale),
-        *option_args(xp, prob, mask, bias, alibi_slopes),
+        *_params.option_args(xp, prob, mask, bias, alibi_slopes),
         *bm_args,
     )
     fn(grid=((prob.sq + bm - 1) // bm, prob.hq, B), block=(threads,), args=args,
        shared_mem=smem)
-    return forward_result(xp, prob, out, lse)
+    return _params.forward_result(xp, prob, out, lse)
 
 
 def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slopes=None,

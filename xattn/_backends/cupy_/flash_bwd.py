@@ -39,18 +39,8 @@ import math
 
 import numpy as np
 
-from . import instances
+from . import _params, instances
 from ._compile import compiled_function
-from ._params import (
-    compute_capability,
-    fill_poison,
-    grid_reason,
-    has_score_mods,
-    operand,
-    option_args,
-    poison,
-    type_name,
-)
 
 __all__ = ["BM_CONFIGS", "BM_DQ_CONFIGS", "CONFIGS", "DQ_CONFIGS", "backward",
            "block_mask_configs", "block_mask_reason", "supports"]
@@ -142,7 +132,7 @@ def supports(prob, opts):
         if opts.get("deterministic"):
             return ("deterministic=True with float32: the SIMT backward kernel adds dq with "
                     "atomics only (the generic backend is deterministic)")
-    elif type_name(prob.dtype) is None:
+    elif _params.type_name(prob.dtype) is None:
         return (f"dtype {prob.dtype}: the backward kernels take float16, bfloat16 and float32; "
                 "float64 uses the generic backend")
     if _common_dim(prob) is None:
@@ -152,13 +142,7 @@ def supports(prob, opts):
         reason = block_mask_reason(prob, opts["block_mask"], bool(opts.get("deterministic")))
         if reason:
             return reason
-    reason = grid_reason(prob)
-    if reason:
-        return reason
-    cc = compute_capability()
-    if cc < 80:
-        return f"compute capability {cc} < 80: the kernels use mma.sync bf16/f16 and cp.async"
-    return None
+    return _params.device_reason(prob, "the kernels use mma.sync bf16/f16 and cp.async")
 
 
 def smem_bytes(d, cfg):
@@ -233,7 +217,7 @@ def _backward(prob, dout, q, k, v, out, lse, mask, bias, alibi_slopes, determini
               dq_config, block_mask=None):
     import cupy as xp
 
-    tn = type_name(prob.dtype)
+    tn = _params.type_name(prob.dtype)
     simt = np.dtype(prob.dtype) == np.float32
     if tn is None and not simt:
         raise NotImplementedError(f"dtype {prob.dtype} has no CuPy backward kernel")
@@ -256,13 +240,13 @@ def _backward(prob, dout, q, k, v, out, lse, mask, bias, alibi_slopes, determini
     else:
         cfg = tuple(config) if config is not None else CONFIGS[dp]
         dq_cfg = tuple(dq_config) if dq_config is not None else DQ_CONFIGS[dp]
-    mods = has_score_mods(prob)
+    mods = _params.has_score_mods(prob)
     B, hq, hkv, sq, sk = math.prod(prob.batch), prob.hq, prob.hkv, prob.sq, prob.sk
     dtype = q.dtype
 
     def prep(x, h, s, w):
         # Contiguous (B, H, S, dp) in the input type; zero columns where w < dp.
-        return operand(xp, x, B, h, s, dp, dtype)
+        return _params.operand(xp, x, B, h, s, dp, dtype)
 
     def finish(x, w, shape):
         if w != dp:
@@ -281,8 +265,8 @@ def _backward(prob, dout, q, k, v, out, lse, mask, bias, alibi_slopes, determini
     dq4 = xp.empty((B, hq, sq, dp), dtype=dtype)
     dk4 = xp.empty((B, hkv, sk, dp), dtype=dtype)
     dv4 = xp.empty((B, hkv, sk, dp), dtype=dtype)
-    if poison():
-        fill_poison(xp, dq4, dk4, dv4)
+    if _params.poison():
+        _params.fill_poison(xp, dq4, dk4, dv4)
     delta = xp.empty((B, hq, sq), dtype=xp.float32)
     null = np.uint64(0)
     i32, i64, f32 = np.int32, np.int64, np.float32
@@ -294,7 +278,7 @@ def _backward(prob, dout, q, k, v, out, lse, mask, bias, alibi_slopes, determini
         get_aux_kernel("delta", tn)(grid=((rows + 7) // 8,), block=(256,),
                                     args=(o4, do4, delta, i64(rows), i32(dp)))
 
-    opt_args = option_args(xp, prob, mask, bias, alibi_slopes)
+    opt_args = _params.option_args(xp, prob, mask, bias, alibi_slopes)
     acc = None if deterministic else xp.zeros((B, hq, sq, dp), dtype=xp.float32)
 
     if sparse:

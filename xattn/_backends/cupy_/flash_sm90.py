@@ -17,18 +17,8 @@ import math
 
 import numpy as np
 
-from . import _compile, instances
+from . import _compile, _params, instances
 from ._compile import compiled_function
-from ._params import (
-    compute_capability,
-    forward_operands,
-    forward_outputs,
-    forward_result,
-    grid_reason,
-    nothing_to_launch,
-    option_args,
-    type_name,
-)
 
 __all__ = ["BUILT", "CONFIGS", "compiled_function", "forward", "get_kernel", "precompile",
            "smem_bytes", "supports", "threads"]
@@ -58,7 +48,7 @@ def supports(prob, opts, op="forward"):
         return "inputs are not CuPy arrays"
     if op != "forward":
         return "the sm_90a kernel is forward only"
-    if type_name(prob.dtype) is None:
+    if _params.type_name(prob.dtype) is None:
         return f"dtype {prob.dtype}: the sm_90a kernel takes float16 and bfloat16"
     if prob.d not in CONFIGS or prob.dv != prob.d:
         return (f"head_dim {prob.d} (Dv {prob.dv}): the sm_90a kernel has D = Dv in "
@@ -68,13 +58,7 @@ def supports(prob, opts, op="forward"):
     unknown = sorted(k for k, v in (opts or {}).items() if v is not None and k not in _KNOWN)
     if unknown:
         return f"options {unknown} (a block mask, a tile plan) run on cupy.sm80"
-    reason = grid_reason(prob)
-    if reason:
-        return reason
-    cc = compute_capability()
-    if cc != 90:
-        return f"compute capability {cc}: the sm_90a kernel runs on 9.0 only"
-    return None
+    return _params.device_reason(prob, "the sm_90a kernel", exact_cc=90)
 
 
 def smem_bytes(d, cfg):
@@ -93,7 +77,7 @@ def threads(cfg):
 def precompile(type_name: str, keys, workers: int = 8):
     """Compile the cubins of several (D, BN, warpgroups, mode) at once (threads), so that a
     benchmark of every configuration does not wait for them one by one."""
-    entries = [(i.name, i.defines) for i in
+    entries = [(i.name, i.defines, i.includes) for i in
                (instances.sm90(type_name, d, tuple(c)) for d, *c in keys)]
     _compile.precompile("flash_fwd_sm90.cu", entries, workers)
 
@@ -103,7 +87,7 @@ def get_kernel(type_name: str, d: int, cfg: tuple):
     per device."""
     inst = instances.sm90(type_name, d, cfg)
     return compiled_function(inst.source, inst.name, inst.defines, smem_bytes(d, cfg),
-                             arch=inst.arch)
+                             arch=inst.arch, includes=inst.includes)
 
 
 def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, block_mask=None,
@@ -120,7 +104,7 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, block_mas
 def _forward(prob, q, k, v, config):
     import cupy as xp
 
-    tn = type_name(prob.dtype)
+    tn = _params.type_name(prob.dtype)
     d = prob.d
     if tn is None or d not in CONFIGS or prob.dv != d:
         raise NotImplementedError(f"the sm_90a kernel has no entry for dtype {prob.dtype}, "
@@ -129,17 +113,16 @@ def _forward(prob, q, k, v, config):
     if (d, *cfg) not in BUILT:
         raise ValueError(f"config {cfg} for D={d} is not built; built: {sorted(BUILT)}")
     B = math.prod(prob.batch)
-    q4, k4, v4 = forward_operands(xp, prob, q, k, v, d)
-    out, lse = forward_outputs(xp, prob, d, q.dtype)
-    if nothing_to_launch(out, lse):
-        return forward_result(xp, prob, out, lse)
+    q4, k4, v4, out, lse = _params.forward_buffers(xp, prob, q, k, v, d, q.dtype)
+    if _params.nothing_to_launch(out, lse):
+        return _params.forward_result(xp, prob, out, lse)
     fn = get_kernel(tn, d, cfg)
     nwg = cfg[1]
     bm = 64 * nwg
     i32, f32 = np.int32, np.float32
-    causal_window = option_args(xp, prob, None, None, None)[:3]  # no score mods here
+    causal_window = _params.option_args(xp, prob, None, None, None)[:3]  # no score mods here
     args = (q4, k4, v4, out, lse, i32(prob.hq), i32(prob.group), i32(prob.sq), i32(prob.sk),
             f32(prob.scale), *causal_window)
     fn(((prob.sq + bm - 1) // bm, prob.hq, B), (threads(cfg),), args,
        shared_mem=smem_bytes(d, cfg))
-    return forward_result(xp, prob, out, lse)
+    return _params.forward_result(xp, prob, out, lse)

@@ -23,18 +23,8 @@ from functools import cache
 
 import numpy as np
 
-from . import instances
+from . import _params, instances
 from ._compile import compiled_function
-from ._params import (
-    compute_capability,
-    forward_operands,
-    forward_outputs,
-    forward_result,
-    grid_reason,
-    has_score_mods,
-    nothing_to_launch,
-    option_args,
-)
 
 __all__ = ["CONFIGS", "forward", "get_kernel", "smem_bytes", "supports"]
 
@@ -84,14 +74,11 @@ def supports(prob, opts, op="forward"):
         return f"Dv ({prob.dv}) != D ({prob.d}) is not implemented in the TF32 kernel"
     if padded_dim(prob.d) is None:
         return f"head_dim {prob.d} > {max(CONFIGS)} is not implemented in the TF32 kernel"
-    reason = grid_reason(prob)
+    reason = _params.device_reason(prob, "mma.sync .tf32 and cp.async need sm_80")
     if reason:
         return reason
     import cupy
 
-    cc = compute_capability()
-    if cc < 80:
-        return f"compute capability {cc} < 80: mma.sync .tf32 and cp.async need sm_80"
     dev = cupy.cuda.Device()
     dp = padded_dim(prob.d)
     need = smem_bytes(dp, CONFIGS[dp])
@@ -136,13 +123,12 @@ def _forward(prob, q, k, v, mask, bias, alibi_slopes, config):
 
     d = prob.d
     dp = padded_dim(d)
-    mods = has_score_mods(prob)
+    mods = _params.has_score_mods(prob)
     cfg = tuple(config) if config is not None else CONFIGS[dp]
     B = math.prod(prob.batch)
-    q4, k4, v4 = forward_operands(xp, prob, q, k, v, dp, xp.float32)
-    out, lse = forward_outputs(xp, prob, dp, xp.float32)
-    if nothing_to_launch(out, lse):
-        return forward_result(xp, prob, out, lse)
+    q4, k4, v4, out, lse = _params.forward_buffers(xp, prob, q, k, v, dp, xp.float32)
+    if _params.nothing_to_launch(out, lse):
+        return _params.forward_result(xp, prob, out, lse)
 
     fn = get_kernel(dp, cfg, mods)
     nw, mt, _ = cfg
@@ -151,8 +137,8 @@ def _forward(prob, q, k, v, mask, bias, alibi_slopes, config):
     args = (
         q4, k4, v4, out, lse,
         i32(prob.hq), i32(prob.group), i32(prob.sq), i32(prob.sk), f32(prob.scale),
-        *option_args(xp, prob, mask, bias, alibi_slopes),
+        *_params.option_args(xp, prob, mask, bias, alibi_slopes),
     )
     fn(grid=((prob.sq + bm - 1) // bm, prob.hq, B), block=(nw * 32,), args=args,
        shared_mem=smem_bytes(dp, cfg))
-    return forward_result(xp, prob, out, lse)
+    return _params.forward_result(xp, prob, out, lse)

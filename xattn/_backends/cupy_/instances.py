@@ -93,6 +93,10 @@ SM90_EXPERIMENTAL = (
     (64, 128, 2, 27), (128, 128, 2, 27),
 )
 
+# The experimental Hopper schedules without warp specialisation (modes 0-3), relative to the
+# repository root: compiled only with tools/check_kernels.py --experimental or config=...
+SM90_MODES_SOURCE = "tools/flash_fwd_sm90_modes.cuh"
+
 TYPES = ("f16", "bf16")
 
 
@@ -104,7 +108,8 @@ class Instance:
     module with ``-D<define>=<value>`` (the file then expands the macro once), CI writes
     ``MACRO(value, ...)`` into a generated translation unit. ``ci=False``: an instance that CI
     does not compile (a bfloat16 block-sparse twin, the same code as its float16 one but for
-    the mma/cvt type).
+    the mma/cvt type). ``includes``: files of the repository (not the package) appended after
+    the kernel file, for experimental code that ships with no entry.
     """
 
     source: str
@@ -114,6 +119,7 @@ class Instance:
     extra: tuple = ()
     arch: str | None = None
     ci: bool = True
+    includes: tuple = ()
 
     @property
     def name(self) -> str:
@@ -201,8 +207,11 @@ def sm90(tn, d, cfg) -> Instance:
     bn, nwg, mode = cfg
     params = (("XATTN90_TN", tn), ("XATTN90_D", d), ("XATTN90_BN", bn), ("XATTN90_NWG", nwg),
               ("XATTN90_OV", mode))
+    # Modes 0-3 (the schedules before warp specialisation) live in tools/, not in the package.
+    extra = () if mode & 8 else (SM90_MODES_SOURCE,)
     return Instance("flash_fwd_sm90.cu", "XATTN90_ONE", params,
-                    (f"flash_fwd_sm90_{tn}_d{d}_n{bn}_g{nwg}_o{mode}",), arch="sm_90a")
+                    (f"flash_fwd_sm90_{tn}_d{d}_n{bn}_g{nwg}_o{mode}",), arch="sm_90a",
+                    includes=extra)
 
 
 def shipped() -> list:
