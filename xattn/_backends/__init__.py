@@ -214,7 +214,8 @@ def _warn_skipped(skipped, chosen, op):
             f"skipped: {why}. {chosen!r} serves {op} calls instead, usually much slower. "
             f"To fix: {backend.fix}.",
             PerformanceWarning,
-            stacklevel=4,
+            # warn -> _warn_skipped -> select_entry -> select -> the public function -> caller
+            stacklevel=5,
         )
 
 
