@@ -54,8 +54,10 @@ def flash_attention(
         as in CuPy; other dtypes and the CPU backends ignore it.
     backend : str
         ``"auto"`` (default) picks the fastest implementation that supports the request;
-        ``"numba"`` and ``"numpy"`` on the CPU, ``"cupy"`` and ``"generic"`` on the GPU force one.
-        A forced backend that cannot serve the request raises ``NotImplementedError``.
+        ``"numba"`` and ``"numpy"`` on the CPU, ``"cupy.sm90"``, ``"cupy.sm80"``,
+        ``"cupy.tf32"``, ``"cupy.simt"`` and ``"generic"`` on the GPU force one (``"cupy"``: the
+        best CuPy kernel that serves the request; see :doc:`/diagnostics`). A forced backend
+        that cannot serve the request raises ``NotImplementedError``.
 
     Returns
     -------
