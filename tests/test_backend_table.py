@@ -134,3 +134,24 @@ def test_show_config_lists_every_entry(capsys):
     assert "numpy" in out and "backends" in out and "cupy.sm80" in out
     with pytest.raises(ValueError, match="mode"):
         xattn.show_config(mode="yaml")
+
+
+def test_performance_warning_when_an_installed_package_fails_to_import(monkeypatch):
+    """numba present but broken (e.g. built for another NumPy): auto warns, naming the error."""
+    monkeypatch.delenv("XATTN_DISABLE", raising=False)
+    if importlib.util.find_spec("numba") is None:
+        pytest.skip("numba not installed")
+    import importlib as _importlib
+
+    real = _importlib.import_module
+
+    def broken_numba(name, *args, **kwargs):
+        if name == "numba":
+            raise AttributeError("module 'numpy' has no attribute 'row_stack'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(_backends.importlib, "import_module", broken_numba)
+    monkeypatch.setattr(_backends, "_warned", set())
+    with pytest.warns(xattn.PerformanceWarning, match=r"numba is installed but fails to import"):
+        out = xattn.flash_attention(*_inputs())
+    assert out.shape == (2, 40, 16)

@@ -165,10 +165,15 @@ def disabled() -> frozenset:
 
 
 def _load_error(backend):
-    """None when the entry's module imports, else the reason."""
+    """None when the entry's packages and module import, else the reason."""
     missing = backend.missing()
     if missing:
         return f"not installed ({', '.join(missing)} missing: {backend.fix or 'pip install'})"
+    for package in backend.requires:
+        try:
+            importlib.import_module(package)
+        except Exception as exc:  # noqa: BLE001 - a broken install raises anything
+            return f"{package} is installed but fails to import ({type(exc).__name__}: {exc})"
     try:
         backend.load()
     except ImportError as exc:
@@ -201,8 +206,8 @@ def _warn_skipped(skipped, chosen, op):
     for backend, why in skipped:
         if not backend.installed() or why == "switched off by XATTN_DISABLE":
             continue
-        missing = backend.missing()
-        if not missing and not why.startswith("not installed"):
+        why = _load_error(backend)
+        if why is None:
             continue  # it loads; it only does not serve this request
         key = (backend.name, why)
         with _warn_lock:
