@@ -28,14 +28,7 @@
 namespace xattn {
 
 // The parameter block (ScoreMods) first, then this kernel's own arguments.
-struct FwdArgs : ScoreMods {
-    const unsigned short* q;
-    const unsigned short* k;
-    const unsigned short* v;
-    unsigned short* o;
-    float* lse;
-    int hq, group, sq, sk;
-    float scale;       // softmax scale (natural units)
+struct FwdArgs : ScoreMods, FwdOperands<unsigned short> {
     XattnBlockMask bm;  // read by the block-sparse (SPARSE) entries only
 };
 
@@ -349,7 +342,8 @@ __device__ __forceinline__ void flash_fwd_core(const FwdArgs& a) {
         int bm_rule, int bm_off, int bm_left, int bm_right
 
 #define XATTN_FWD_ARGS                                                                       \
-    xattn::FwdArgs{XATTN_SCORE_MOD_INIT, q, k, v, o, lse, hq, group, sq, sk, scale,           \
+    xattn::FwdArgs{XATTN_SCORE_MOD_INIT,                                                     \
+                   xattn::FwdOperands<unsigned short>{q, k, v, o, lse, hq, group, sq, sk, scale},\
                    xattn::XattnBlockMask{bm_frow, bm_fcol, bm_prow, bm_pcol, bm_tiles, bm_bq,  \
                                          bm_bk, bm_words, bm_rule, bm_off, bm_left, bm_right}}
 

@@ -22,14 +22,7 @@ constexpr int BM = 32;
 constexpr int BN = 32;
 constexpr int NT = 128;
 
-struct Args : ScoreMods {
-    const float* q;
-    const float* k;
-    const float* v;
-    float* o;
-    float* lse;
-    int hq, group, sq, sk;
-    float scale;
+struct Args : ScoreMods, FwdOperands<float> {
     XattnBlockMask bm;  // read by the block-sparse (SPARSE) entries only
 };
 
@@ -211,7 +204,8 @@ __device__ __forceinline__ void flash_fwd_simt_core(const Args& a) {
         const unsigned *bm_tiles, int bm_bq, int bm_bk, int bm_words, int bm_rule,           \
         int bm_off, int bm_left, int bm_right) {                                             \
         xattn::simt::flash_fwd_simt_core<D, SPARSE>(xattn::simt::Args{                       \
-            XATTN_SCORE_MOD_INIT, q, k, v, o, lse, hq, group, sq, sk, scale,                 \
+            XATTN_SCORE_MOD_INIT,                                                            \
+            xattn::FwdOperands<float>{q, k, v, o, lse, hq, group, sq, sk, scale},             \
             xattn::XattnBlockMask{bm_frow, bm_fcol, bm_prow, bm_pcol, bm_tiles, bm_bq, bm_bk, \
                                   bm_words, bm_rule, bm_off, bm_left, bm_right}});           \
     }

@@ -137,14 +137,8 @@ __device__ __forceinline__ unsigned long long mnmajor_step(int j) {
     return SW ? (unsigned long long)((j * 2048) >> 4) : (unsigned long long)((j * 32 * D) >> 4);
 }
 
-struct FwdArgs {
-    const unsigned short* q;
-    const unsigned short* k;
-    const unsigned short* v;
-    unsigned short* o;
-    float* lse;
-    int hq, group, sq, sk;
-    float scale;         // softmax scale (natural units)
+// The visibility rules only: this kernel serves no other score modification.
+struct FwdArgs : FwdOperands<unsigned short> {
     int causal, wl, wr;  // window sides, -1 = unbounded
 };
 
@@ -632,7 +626,9 @@ __device__ __forceinline__ void flash_fwd_sm90_mode(const FwdArgs& a) {
     extern "C" __global__ void __launch_bounds__(((OV & 8) ? NWG + 1 : NWG) * 128, 1)      \
         flash_fwd_sm90_##TN##_d##D##_n##BN##_g##NWG##_o##OV(XATTN90_PARAMS) {               \
         xattn::sm90::flash_fwd_sm90_mode<xattn::TN, D, BN, NWG, OV>(                         \
-            xattn::sm90::FwdArgs{q, k, v, o, lse, hq, group, sq, sk, scale, causal, wl, wr});  \
+            xattn::sm90::FwdArgs{                                                           \
+                xattn::FwdOperands<unsigned short>{q, k, v, o, lse, hq, group, sq, sk, scale}, \
+                causal, wl, wr});                                                           \
     }
 // One more expansion level so that -D values expand before ## pastes them.
 #define XATTN90_ONE(TN, D, BN, NWG, OV) XATTN90_ENTRY(TN, D, BN, NWG, OV)

@@ -41,6 +41,22 @@ struct ScoreMods {
     long long mask_bs, mask_hs, mask_qs, mask_ks;
 };
 
+// The operands of every forward kernel: q, k, v and out of element type E (16-bit types are
+// read as raw unsigned short), the float32 natural-log lse, the sizes and the softmax scale
+// (natural units). The forward kernels' argument structs derive from it (and from ScoreMods);
+// flash_fwd_tf32.cu spells the fields out, since deriving changed the vectorisation of one
+// shared-memory load in three of its entries (the other kernels' PTX stays identical).
+template <class E>
+struct FwdOperands {
+    const E* q;
+    const E* k;
+    const E* v;
+    E* o;
+    float* lse;
+    int hq, group, sq, sk;
+    float scale;
+};
+
 // Key blocks [kb0, kb1) of size bn that any query in [q0, q1) may see (a superset).
 __device__ __forceinline__ void xattn_key_blocks(int q0, int q1, int off, int sk, int causal,
                                                  int wl, int wr, int bn, int& kb0, int& kb1) {
