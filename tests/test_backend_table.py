@@ -107,6 +107,7 @@ def test_performance_warning_when_an_installed_faster_entry_cannot_run(monkeypat
 
     monkeypatch.setattr(importlib.util, "find_spec", no_threadpoolctl)
     monkeypatch.setattr(_backends, "_warned", set())
+    monkeypatch.setattr(_backends, "_loaded", set())
     with pytest.warns(xattn.PerformanceWarning, match=r"'numba'.*threadpoolctl.*pip install"):
         xattn.flash_attention(*_inputs())
     assert _backends.explain(_prob(), {})["backend"] == "numpy"
@@ -152,6 +153,7 @@ def test_performance_warning_when_an_installed_package_fails_to_import(monkeypat
 
     monkeypatch.setattr(_backends.importlib, "import_module", broken_numba)
     monkeypatch.setattr(_backends, "_warned", set())
+    monkeypatch.setattr(_backends, "_loaded", set())
     with pytest.warns(xattn.PerformanceWarning, match=r"numba is installed but fails to import"):
         out = xattn.flash_attention(*_inputs())
     assert out.shape == (2, 40, 16)

@@ -24,6 +24,7 @@ neither numba nor cupy.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
@@ -142,6 +143,7 @@ ALIASES = {"cupy": ("cupy.sm90", "cupy.sm80", "cupy.tf32", "cupy.simt")}
 
 _warned: set = set()
 _warn_lock = threading.Lock()
+_loaded: set = set()  # entries whose packages and module imported
 
 
 def _device(xp) -> str:
@@ -150,7 +152,11 @@ def _device(xp) -> str:
 
 def disabled() -> frozenset:
     """The entries switched off by ``XATTN_DISABLE`` (comma-separated names or prefixes)."""
-    text = os.environ.get("XATTN_DISABLE", "")
+    return _parse_disable(os.environ.get("XATTN_DISABLE", ""))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_disable(text):
     names = [n.strip() for n in text.split(",") if n.strip()]
     out = set()
     for n in names:
@@ -166,6 +172,8 @@ def disabled() -> frozenset:
 
 def _load_error(backend):
     """None when the entry's packages and module import, else the reason."""
+    if backend.name in _loaded:
+        return None  # imports, once done, stay done
     missing = backend.missing()
     if missing:
         return f"not installed ({', '.join(missing)} missing: {backend.fix or 'pip install'})"
@@ -178,6 +186,7 @@ def _load_error(backend):
         backend.load()
     except ImportError as exc:
         return f"not installed ({exc})"
+    _loaded.add(backend.name)
     return None
 
 
