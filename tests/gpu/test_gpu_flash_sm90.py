@@ -192,7 +192,7 @@ def test_supports_and_switch(monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("case", ["plain_causal", "softcap_goes_to_mma_sync"])
-def test_dispatch(monkeypatch, dtype, case):
+def test_dispatch(dtype, case):
     """backend="cupy" (and "auto") reach the wgmma kernel where it applies, with its default
     configuration, and the mma.sync kernel for what it does not serve."""
     import logging
@@ -209,14 +209,18 @@ def test_dispatch(monkeypatch, dtype, case):
 
     handler = Kernels()
     logger = logging.getLogger("xattn")
+    level = logger.level
     logger.addHandler(handler)
-    monkeypatch.setattr(logger, "level", logging.DEBUG)
-    opts = {"causal": True} if case == "plain_causal" else {"softcap": 5.0}
-    q, k, v = _inputs(np.random.default_rng(7), dtype, b=1, sq=300, sk=421, d=128)
-    for backend in ("cupy", "auto"):
-        out, lse = xattn.flash_attention(q, k, v, return_lse=True, backend=backend, **opts)
-        ref, ref_lse, _ = reference_attention(q, k, v, **opts)
-        assert_close(out, ref, xp=cp, dtype=q.dtype, naive=naive_attention(q, k, v, **opts))
-        assert_close(lse, ref_lse, xp=cp, dtype=np.float32, atol=2e-3, rtol=1e-3)
-    logger.removeHandler(handler)
+    logger.setLevel(logging.DEBUG)  # setLevel, not .level: the logger caches isEnabledFor
+    try:
+        opts = {"causal": True} if case == "plain_causal" else {"softcap": 5.0}
+        q, k, v = _inputs(np.random.default_rng(7), dtype, b=1, sq=300, sk=421, d=128)
+        for backend in ("cupy", "auto"):
+            out, lse = xattn.flash_attention(q, k, v, return_lse=True, backend=backend, **opts)
+            ref, ref_lse, _ = reference_attention(q, k, v, **opts)
+            assert_close(out, ref, xp=cp, dtype=q.dtype, naive=naive_attention(q, k, v, **opts))
+            assert_close(lse, ref_lse, xp=cp, dtype=np.float32, atol=2e-3, rtol=1e-3)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     assert len(calls) == (2 if case == "plain_causal" else 0)
