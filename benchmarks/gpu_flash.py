@@ -22,8 +22,8 @@ S in {1024, 4096, 16384}, causal and not. Row sets (jobs, run in this order of p
   zeroing of the float32 dq accumulator and the dq conversion. Checked against torch's
   gradients on the same inputs (max abs error over all heads) and against a float64 oracle
   computed on the GPU for head (0, 0).
-- ``sm90`` (``--sm90``): the Hopper wgmma forward (``xattn._backends.cupy_.flash_sm90``, its
-  ``ENABLE_SM90`` switched on for the row only) beside the mma.sync kernel and torch.
+- ``sm90`` (``--sm90``): the Hopper wgmma forward (``backend="cupy.sm90"``) beside the
+  mma.sync kernel (``backend="cupy.sm80"``) and torch.
 - ``tf32`` (``--tf32``): float32 with ``allow_tf32=True`` beside the strict float32 kernel,
   torch's SDPA default and its math backend, both with TF32 matmuls allowed.
 - ``window``: sliding window S=65536 +-256, D=64, 32 heads, fp16, forward and backward, beside
@@ -39,7 +39,7 @@ Robustness: the rows run in a worker process; a row that raises reports its erro
 a worker that crashes, loses its CUDA context or hangs (no result within ``--row-timeout``
 seconds) is killed and a fresh one continues with the next row. ``--budget`` (default 360 s)
 bounds the whole run: rows not started in time are printed as skipped. The table (markdown, to
-paste into notes/gpu_kernels.md) is printed last; JSON, the table and the log go to ``$OUT``
+paste into docs/dev/perf_gpu.rst) is printed last; JSON, the table and the log go to ``$OUT``
 when set.
 """
 
@@ -59,12 +59,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SECTION_ORDER = ("fwd", "fp32", "bwd", "sm90", "tf32", "window")
 SECTION_LEGEND = {
-    "fwd": "forward, backend='cupy' as dispatched (note: which kernel); default = torch SDPA "
+    "fwd": "forward, backend='cupy' (note: the kernel-table entry that served it); default = "
+           "torch SDPA "
            "default (cuDNN on Hopper), flash = its FLASH_ATTENTION backend (FA2)",
     "fp32": "float32 forward, strict (SIMT kernel); default = torch mem-efficient",
     "bwd": "backward (2.5x forward FLOPs, nothing subtracted); torch columns: autograd.grad "
            "of SDPA under that backend",
-    "sm90": "Hopper wgmma forward; note: the mma.sync kernel (ENABLE_SM90 off) in the same run",
+    "sm90": "Hopper wgmma forward (cupy.sm90); note: the mma.sync kernel (cupy.sm80) in the "
+            "same run",
     "tf32": "float32 allow_tf32=True; default = torch SDPA default, flash = torch math "
             "backend, both with TF32 matmuls allowed; note: strict kernel, errors",
     "window": "sliding window S=65536 +-256, useful FLOPs only; flash column = FlexAttention "
@@ -341,12 +343,11 @@ class Worker:
             return xattn.flash_attention(qc, kc, vc, causal=causal, backend="cupy")
 
         out_x = run()
-        if dt != "fp32":
-            from xattn._array import validate_attention
-            from xattn._backends.cupy_ import flash_sm90
+        from xattn import _backends
+        from xattn._array import validate_attention
 
-            sm90 = flash_sm90.applies(validate_attention(qc, kc, vc, causal=causal)) is None
-            res["note"] += " wgmma;" if sm90 else " mma.sync;"
+        route = _backends.explain(validate_attention(qc, kc, vc, causal=causal), {}, "cupy")
+        res["note"] += f" {route['backend']};"
         with self.torch.no_grad():
             out_t = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         ok = self._check_fwd(res, out_x, q, k, v, causal, out_t)
@@ -455,95 +456,62 @@ class Worker:
                 res["note"] += f" torch {col}: {str(exc)[:60]};"
 
     def row_sm90(self, spec, res):
-        import importlib
-        import inspect
-
+        from xattn import _backends
         from xattn._array import validate_attention
-        from xattn._backends.cupy_ import flash as ck
+        from xattn._backends.cupy_ import flash_sm90 as mod
 
         dt, d, s, causal = spec["dtype"], spec["D"], spec["S"], spec["causal"]
         b, h = 16384 // s, 2048 // d
-        mod = importlib.import_module("xattn._backends.cupy_.flash_sm90")
-        if not hasattr(mod, "ENABLE_SM90"):
-            raise RuntimeError("flash_sm90 has no ENABLE_SM90 flag")
         q, k, v = self.inputs(dt, (b, h, s, d), s + d)
         qc, kc, vc = (self.to_cupy(x) for x in (q, k, v))
         prob = validate_attention(qc, kc, vc, causal=causal)
         xattn = self.xattn
+        reason = _backends.explain(prob, {}, "cupy.sm90")["reasons"]["cupy.sm90"]
+        if reason:
+            raise NotImplementedError(f"cupy.sm90 refuses: {reason}")
+
+        def fn():
+            return xattn.flash_attention(qc, kc, vc, causal=causal, backend="cupy.sm90")
 
         def sm80():
-            return xattn.flash_attention(qc, kc, vc, causal=causal, backend="cupy")
+            return xattn.flash_attention(qc, kc, vc, causal=causal, backend="cupy.sm80")
 
-        old = mod.ENABLE_SM90
-        mod.ENABLE_SM90 = True
-        try:
-            if hasattr(mod, "applies"):
-                reason = mod.applies(prob)
-            elif hasattr(mod, "supports"):
-                reason = mod.supports(prob, {}, "forward")
-            else:
-                reason = None
-            if reason:
-                raise NotImplementedError(f"flash_sm90 refuses: {reason}")
-            if "flash_sm90" in inspect.getsource(ck):  # wired into the dispatch
-                via = "dispatch"
-                fn = sm80  # with ENABLE_SM90 on, backend="cupy" takes the sm90 kernel
-            else:
-                via = "flash_sm90.forward"
-
-                def fn():
-                    return mod.forward(prob, qc, kc, vc)
-
-            r = fn()
-            out_x = r[0] if isinstance(r, tuple) else r
-            res["note"] += f" via {via};"
-            ok = self._check_fwd(res, out_x, q, k, v, causal)
-            res["note"] += f" err {res['err_xattn']:.1e}" + ("" if ok else " CHECK FAILED") + ";"
-            fl = 4.0 * b * h * s * s * d * (0.5 if causal else 1.0)
-            res["xattn_ms"] = self.bench_ms(fn)
-            res["xattn"] = fl / res["xattn_ms"] / 1e9
-            if self.args.configs and via != "dispatch":
-                res["configs"] = {}
-                for cfg in sorted(c[1:] for c in getattr(mod, "BUILT", ()) if c[0] == d):
-                    try:
-                        o, _ = mod.forward(prob, qc, kc, vc, config=cfg)
-                        diff = float(self.cp.abs(o.astype("f4") - out_x.astype("f4")).max())
-                        ms = self.bench_ms(
-                            lambda cfg=cfg: mod.forward(prob, qc, kc, vc, config=cfg))
-                        res["configs"][str(cfg)] = {"tflops": fl / ms / 1e9, "maxdiff": diff}
-                        print(f"    sm90 config {cfg}: {fl / ms / 1e9:.1f} TFLOP/s "
-                              f"(maxdiff {diff:.1e})")
-                    except Exception as exc:  # noqa: BLE001 - report and go on
-                        res["configs"][str(cfg)] = {"error": str(exc)[:200]}
-            mod.ENABLE_SM90 = False
-            ms80 = self.bench_ms(sm80)
-        finally:
-            mod.ENABLE_SM90 = old
+        out_x = fn()
+        ok = self._check_fwd(res, out_x, q, k, v, causal)
+        res["note"] += f" err {res['err_xattn']:.1e}" + ("" if ok else " CHECK FAILED") + ";"
+        fl = 4.0 * b * h * s * s * d * (0.5 if causal else 1.0)
+        res["xattn_ms"] = self.bench_ms(fn)
+        res["xattn"] = fl / res["xattn_ms"] / 1e9
+        if self.args.configs:
+            res["configs"] = {}
+            for cfg in sorted(c[1:] for c in mod.BUILT if c[0] == d):
+                try:
+                    o, _ = mod.forward(prob, qc, kc, vc, config=cfg)
+                    diff = float(self.cp.abs(o.astype("f4") - out_x.astype("f4")).max())
+                    ms = self.bench_ms(lambda cfg=cfg: mod.forward(prob, qc, kc, vc, config=cfg))
+                    res["configs"][str(cfg)] = {"tflops": fl / ms / 1e9, "maxdiff": diff}
+                    print(f"    sm90 config {cfg}: {fl / ms / 1e9:.1f} TFLOP/s "
+                          f"(maxdiff {diff:.1e})")
+                except Exception as exc:  # noqa: BLE001 - report and go on
+                    res["configs"][str(cfg)] = {"error": str(exc)[:200]}
+        ms80 = self.bench_ms(sm80)
         res["sm80"] = fl / ms80 / 1e9
         res["note"] += f" mma.sync {res['sm80']:.1f};"
         self._time_torch_fwd(res, q, k, v, causal, fl, dt)
 
     def row_tf32(self, spec, res):
-        import importlib
-
         torch, F, xattn = self.torch, self.F, self.xattn
         d, s, causal = spec["D"], spec["S"], spec["causal"]
         b, h = 16384 // s, 2048 // d
-        try:
-            mod = importlib.import_module("xattn._backends.cupy_.flash_tf32")
-            if hasattr(mod, "ENABLE_TF32"):
-                mod.ENABLE_TF32 = True
-        except ImportError as exc:
-            res["note"] += f" no flash_tf32 module ({exc});"
         q, k, v = self.inputs("fp32", (b, h, s, d), s + d + 1)
         qc, kc, vc = (self.to_cupy(x) for x in (q, k, v))
 
         def tf32():
             return xattn.flash_attention(qc, kc, vc, causal=causal, allow_tf32=True,
-                                         backend="cupy")
+                                         backend="cupy.tf32")
 
         def strict():
-            return xattn.flash_attention(qc, kc, vc, causal=causal, backend="cupy")
+            return xattn.flash_attention(qc, kc, vc, causal=causal, backend="cupy.simt")
 
         out_tf = tf32()
         self._check_fwd(res, out_tf, q, k, v, causal)

@@ -25,6 +25,61 @@ def test_kernel_sources_are_package_data():
     assert files, "no CUDA sources under xattn/kernels"
     for f in files:
         assert "extern \"C\"" in f.read_text(), f"{f.name}: no extern \"C\" entry points"
+    from xattn._backends.cupy_ import instances
+
+    assert {i.source for i in instances.shipped()} == {f.name for f in files}
+
+
+def _launcher_choices():
+    """Every (kind, instance) a launcher builds with its own configurations."""
+    from xattn._backends.cupy_ import flash, flash_bwd, flash_sm90, flash_tf32, instances
+
+    out = []
+    for d in instances.HEAD_DIMS:
+        for tn in ("f16", "bf16"):
+            out.append(instances.fwd(tn, d, flash.CONFIGS[d], False))
+            out.append(instances.fwd(tn, d, flash.MODS_CONFIGS.get(d, flash.CONFIGS[d]), True))
+            for c in flash.BM_CONFIGS[d]:
+                out.append(instances.fwd(tn, d, c, False, True))
+            for c in flash.BM_MODS_CONFIGS.get(d) or flash.BM_CONFIGS[d]:
+                out.append(instances.fwd(tn, d, c, True, True))
+            for mods in (False, True):
+                for dq in (False, True):
+                    out.append(instances.bwd(tn, d, flash_bwd.CONFIGS[d], mods, dq))
+                    for c in flash_bwd.BM_CONFIGS.get(d, ()):
+                        out.append(instances.bwd(tn, d, c, mods, dq, True))
+                out.append(instances.bwd_dq(tn, d, flash_bwd.DQ_CONFIGS[d], mods))
+                for c in flash_bwd.BM_DQ_CONFIGS.get(d, ()):
+                    out.append(instances.bwd_dq(tn, d, c, mods, True))
+        for mods in (False, True):
+            out.append(instances.tf32(d, flash_tf32.CONFIGS[d], mods))
+    for d, cfg in flash_sm90.CONFIGS.items():
+        out += [instances.sm90(tn, d, cfg) for tn in ("f16", "bf16")]
+    return out
+
+
+def test_every_launcher_choice_is_in_the_compile_checked_list():
+    """The launchers' configurations and CI's compile list come from one list: every entry a
+    launcher can pick by itself is shipped (CI compiles it, or its float16 twin)."""
+    from xattn._backends.cupy_ import instances
+
+    shipped = set(instances.shipped())
+    ci_calls = {i.macro_call().replace("bf16", "f16") for i in shipped if i.ci}
+    for inst in _launcher_choices():
+        assert inst in shipped, inst.name
+        assert inst.macro_call().replace("bf16", "f16") in ci_calls, inst.name
+    assert len({i.name for i in shipped}) == len(shipped), "two instances share an entry name"
+
+
+def test_generated_unit_expands_one_macro_per_instance():
+    from xattn._backends.cupy_ import instances
+
+    inst = instances.bwd("f16", 64, (64, 4, 64, 32), True, False)
+    assert inst.defines[0] == "-DXATTN_KIND=1"
+    assert inst.macro_call() == ("XATTN_BWD_ONE(f16, 64, 64, 4, 64, 32, mods, true, nodq, false, "
+                                 "false)")
+    text = _tool().unit_source("flash_bwd.cu", [inst])
+    assert text.splitlines()[0].endswith('flash_bwd.cu"') and inst.macro_call() in text
 
 
 def test_ptxas_report_parser():
@@ -49,7 +104,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90a():
 
 def test_sm90_cubins_are_cached_on_disk(tmp_path, monkeypatch):
     """The Hopper module compiles each (source, options) once; later processes read the file."""
-    from xattn._backends.cupy_ import flash_sm90 as k90
+    from xattn._backends.cupy_ import _compile as k90
 
     monkeypatch.setenv("XATTN_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(k90, "_cubin_dir", None)

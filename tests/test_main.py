@@ -158,3 +158,22 @@ def test_a_variant_that_cannot_run_here_is_a_skipped_row(monkeypatch, capsys):
     assert rows[0][:3] == ["window", "auto", "-"]
     assert "skipped: no backend supports this request" in out and "second line" not in out
     assert rows[1][0] == "standard" and float(rows[1][5]) < 1e-4
+
+
+def test_header_provenance_and_json(tmp_path):
+    """The header carries show_config's provenance; --json writes it with every row."""
+    import json
+
+    path = tmp_path / "run.json"
+    res = run(*TINY, "--variants", "flash,causal", "--json", str(path))
+    assert res.returncode == 0, res.stderr
+    head = res.stdout.split("variant", 1)[0]
+    assert "packages: numpy" in head and "backends (auto tries them in this order)" in head
+    doc = json.loads(path.read_text())
+    assert set(doc) == {"config", "problem", "rows"}
+    assert doc["config"]["packages"]["numpy"] == np.__version__
+    assert doc["problem"]["seq_len"] == 96
+    names = {n for n, why in available_backends(np).items() if why is None}
+    assert {r["backend"] for r in doc["rows"] if r["variant"] == "flash"} == names
+    causal = next(r for r in doc["rows"] if r["variant"] == "causal")
+    assert causal["backend"] in names and causal["error"] < 1e-4

@@ -2,8 +2,9 @@
 
 Usage: ``python3 tools/wgmma_probe.py [--bench] [--swapped]`` on a compute capability 9.0 GPU.
 
-1. Probes (``xattn/kernels/wgmma_probe.cu``): one warpgroup runs the exact wgmma sequences of
-   ``flash_fwd_sm90.cu`` on small integer-valued matrices (exact in float32) and the result is
+1. Probes (``tools/wgmma_probe.cu``, compiled only when this runs): one warpgroup runs the
+   exact wgmma sequences of ``flash_fwd_sm90.cu`` on small integer-valued matrices (exact in
+   float32) and the result is
    compared with numpy: ``ss`` = S = Q K^T (A and B from shared memory, K-major, 4 k-steps),
    ``rs`` = O += P V (A from registers, B MN-major with imm-trans-b, 2 k-steps), ``rsk`` = A
    from registers with a K-major B (tells a register-A fault from an MN-major-B fault), and the
@@ -26,6 +27,7 @@ Exit status 0 when every probe with the kernel's layout and every flash check pa
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -97,10 +99,21 @@ def _probe_layout(kind, n, kk):
     return (128 * kk, 1024)  # rss: LBO = next 64-column panel of V; SBO: next 8 keys
 
 
+def _probe_source():
+    """``tools/wgmma_probe.cu`` with its include of the sm_90a kernel inlined (that file's own
+    includes are inlined by the package's loader)."""
+    from xattn._backends.cupy_ import _compile
+
+    text = (Path(__file__).with_name("wgmma_probe.cu")).read_text()
+    return text.replace('#include "flash_fwd_sm90.cu"', _compile.source("flash_fwd_sm90.cu"))
+
+
 def run_probes(cp, k90, swapped=False):
-    src = k90._source("wgmma_probe.cu")
+    from xattn._backends.cupy_ import _compile
+
+    src = _probe_source()
     t0 = time.perf_counter()
-    mod = k90.load_module(k90.cubin_path(src))
+    mod = _compile.load_module(_compile.cubin_path(src))
     print(f"probe module compiled in {time.perf_counter() - t0:.1f} s")
     rng = np.random.default_rng(0)
     ok_all = True
@@ -121,7 +134,7 @@ def run_probes(cp, k90, swapped=False):
                 if swz:  # dynamic shared memory, 1 KiB for the 1024-byte alignment
                     smem = (b.size + (a.size if kind == "sss" else 0)) * 2 + 1024
                     if smem > 48 * 1024:
-                        k90._allow_smem(fn, smem)
+                        _compile._allow_smem(fn, smem)
                 da = cp.asarray(a.astype(dtype)).view(cp.uint16)
                 db = cp.asarray(b.astype(dtype)).view(cp.uint16)
                 res = {}
@@ -157,6 +170,7 @@ def run_probes(cp, k90, swapped=False):
 
 
 def run_ring_probe(cp, k90, mod):
+    from xattn._backends.cupy_ import _compile
     """The mbarrier K/V ring of the warp-specialised modes (bit 3): ``probe_ring_d<D>`` copies
     nkb blocks of 128 rows through the producer of flash_fwd_sm90.cu and reads every stage back
     through the 128-byte swizzle; the output must equal K and V with rows >= limit zeroed."""
@@ -174,7 +188,7 @@ def run_ring_probe(cp, k90, mod):
             out = cp.full((nkb, 2, 128, d), 0xFFFF, dtype=cp.uint16)
             fn = mod.get_function(f"probe_ring_d{d}")
             smem = 2 * 3 * 128 * d * 2 + 1024
-            k90._allow_smem(fn, smem)
+            _compile._allow_smem(fn, smem)
             name = f"probe ring (mbarrier K/V stages, swizzle128) D={d} blocks={nkb} " \
                    f"rows<{limit}"
             try:
@@ -247,7 +261,7 @@ def run_flash_checks(cp, k90):
         label = f"flash sm90 {cfg} {dt} D={d} causal={causal} Sq={sq} Sk={sk} Hq={hq} " \
                 f"Hkv={hkv} window={window}"
         try:
-            k90.POISON = True
+            os.environ["XATTN_POISON"] = "1"
             out, lse = k90.forward(prob, q, k, v, config=cfg)
             cp.cuda.runtime.deviceSynchronize()
         except Exception as exc:  # noqa: BLE001
@@ -275,7 +289,7 @@ def run_flash_checks(cp, k90):
                   f"{sorted(set((bad_rows % 64).tolist()))[:32]}")
             bad_cols = np.nonzero((np.isnan(err) | (err > tol)).any(axis=(0, 1, 2)))[0]
             print(f"    cols with errors: {bad_cols[:64].tolist()}")
-    k90.POISON = False
+    os.environ.pop("XATTN_POISON", None)
     return ok_all
 
 
@@ -356,16 +370,11 @@ def _bench_case(cp, k90, torch, q, k, v, causal, configs):
         rows.append((name, f"{flops / ms / 1e9:.1f}"))
         _log(f"  {case:12s} {name:28s} {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s")
 
-    enabled = k90.ENABLE_SM90
-    k90.ENABLE_SM90 = False  # the mma.sync row must not be routed to the sm_90a kernel
-    try:
-        def sm80():
-            return ck.forward(prob, q, k, v)
+    def sm80():
+        return ck.forward(prob, q, k, v)  # the cupy.sm80 entry's launcher, never sm90
 
-        ref_out = sm80()[0].astype(cp.float32)
-        add("mma.sync (sm80)", _time_cupy(cp, sm80))
-    finally:
-        k90.ENABLE_SM90 = enabled
+    ref_out = sm80()[0].astype(cp.float32)
+    add("mma.sync (sm80)", _time_cupy(cp, sm80))
     for c in configs:
         cfg = c[1:]
         name = f"sm90 {cfg[0]},{cfg[1]},{cfg[2]}"

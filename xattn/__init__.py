@@ -5,6 +5,8 @@ neither CuPy nor Numba; they are loaded only when a CuPy array arrives or a fuse
 runs.
 """
 
+from ._backends import PerformanceWarning
+from ._config import show_config
 from .flash import flash_attention, flash_attention_backward
 from .flex import flex_attention, flex_attention_backward
 from .linear import (
@@ -26,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockMask",
+    "PerformanceWarning",
     "alibi_bias",
     "alibi_slopes",
     "apply_rotary",
@@ -41,5 +44,6 @@ __all__ = [
     "performer_attention",
     "performer_projection",
     "rotary_cos_sin",
+    "show_config",
     "standard_attention",
 ]

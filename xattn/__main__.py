@@ -12,15 +12,16 @@ Run ``python -m xattn --help`` for the options.
 from __future__ import annotations
 
 import argparse
-import platform
+import json
+import logging
 import statistics
 import sys
 import time
 import tracemalloc
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
-from importlib.util import find_spec, resolve_name
+from dataclasses import asdict, dataclass, field
+from importlib.util import find_spec
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ import numpy as np
 import xattn
 from xattn import _backends
 from xattn._array import bfloat16_dtype, is_cupy, validate_attention
+from xattn._config import config_info, format_config
 from xattn.testing import reference_attention, to_numpy
 
 PROG = "python -m xattn"
@@ -163,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="comma-separated variants to run (default: all available), e.g. flash,causal")
     p("--no-check", action="store_true",
       help="skip the float64 reference (it needs O(S^2) memory per head)")
+    p("--json", default=None, metavar="PATH",
+      help="also write the provenance, the problem and every row to PATH as JSON")
     return parser
 
 
@@ -180,6 +184,7 @@ class Config:
     repeats: int
     variants: list[str]
     check: bool
+    json: str | None = None
 
 
 def parse_args(argv) -> Config:
@@ -222,6 +227,7 @@ def parse_args(argv) -> Config:
         repeats=args.repeats or (20 if args.device == "gpu" else 3),
         variants=names,
         check=not args.no_check,
+        json=args.json,
     )
 
 
@@ -324,28 +330,36 @@ class Problem:
         return self._refs[key]
 
 
+class _Provenance(logging.Handler):
+    """Collects what the ``xattn`` logger says at debug level: the kernel-table entries chosen
+    (``xattn_backend``) and the GPU kernels launched (``xattn_kernel``)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.backends: list[str] = []
+        self.kernels: list[str] = []
+
+    def emit(self, record):
+        for attr, out in (("xattn_backend", self.backends), ("xattn_kernel", self.kernels)):
+            value = getattr(record, attr, None)
+            if value is not None and value not in out:
+                out.append(value)
+
+
 @contextmanager
 def recording_backends():
-    """Collect the names of the backends that ``_backends.select`` picks inside the block."""
-    chosen: list[str] = []
-    original = _backends.select
-
-    def select(prob, *args, **kwargs):
-        impl = original(prob, *args, **kwargs)
-        device = "gpu" if prob.xp.__name__ == "cupy" else "cpu"
-        for b in _backends.BACKENDS.values():
-            if b.device == device and resolve_name(b.module, _backends.__name__) == impl.__name__:
-                chosen.append(b.name)
-                break
-        else:
-            chosen.append(impl.__name__.rsplit(".", 1)[-1])
-        return impl
-
-    _backends.select = select
+    """Collect the backends and kernels that serve the calls inside the block (from the
+    ``xattn`` logger: no patching)."""
+    logger = logging.getLogger("xattn")
+    handler = _Provenance()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
     try:
-        yield chosen
+        yield handler
     finally:
-        _backends.select = original
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _linear_reference(q, k, v, *, causal, eps=1e-6):
@@ -594,6 +608,7 @@ class Row:
     error: float | None
     versus: str
     note: str = ""
+    kernels: list = field(default_factory=list)  # GPU entry points launched (from the log)
 
 
 def run_case(p: Problem, case: Case) -> Row:
@@ -602,13 +617,13 @@ def run_case(p: Problem, case: Case) -> Row:
         return Row(case.name, "-", None, None, None, None, case.versus,
                    note=f"skipped, {case.skip}")
     try:
-        with recording_backends() as chosen:
+        with recording_backends() as seen:
             out = _first(case.call())  # warm-up: JIT compilation, caches, kernel builds
     except (NotImplementedError, MemoryError) as exc:
         return Row(case.name, case.backend or "auto", None, None, None, None, case.versus,
                    note=f"skipped: {exc}".splitlines()[0])
     if case.backend is None:
-        case.backend = "+".join(dict.fromkeys(chosen)) or ("cupy" if is_cupy(out) else "numpy")
+        case.backend = "+".join(seen.backends) or ("cupy" if is_cupy(out) else "numpy")
     error = None
     if cfg.check and case.reference is not None:
         ref = case.reference()
@@ -620,7 +635,8 @@ def run_case(p: Problem, case: Case) -> Row:
     if case.pairs is not None and seconds > 0:
         flops = 4 * cfg.head_dim * cfg.batch * cfg.heads * case.pairs  # 2*D for q.k, 2*D for p.v
         gflops = flops / seconds / 1e9
-    return Row(case.name, case.backend, seconds, gflops, extra, error, case.versus)
+    return Row(case.name, case.backend, seconds, gflops, extra, error, case.versus,
+               kernels=list(seen.kernels))
 
 
 COLUMNS = (("variant", 12, "<"), ("backend", 10, "<"), ("time ms", 9, ">"),
@@ -658,17 +674,14 @@ def format_row(r: Row) -> str:
     ])
 
 
-def describe(cfg: Config, xp) -> str:
-    if xp.__name__ == "cupy":
-        props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
-        name = props["name"]
-        name = name.decode() if isinstance(name, bytes) else name
-        device = f"gpu ({name}, CuPy {xp.__version__})"
-    else:
-        device = f"cpu ({platform.machine()}, NumPy {np.__version__})"
+def describe(cfg: Config, xp, info=None) -> str:
+    """The header: provenance (as :func:`xattn.show_config`) and the problem."""
+    info = config_info() if info is None else info
     window = tuple(-1 if w is None else w for w in cfg.window)
+    device = "gpu (CuPy arrays)" if xp.__name__ == "cupy" else "cpu (NumPy arrays)"
     return (
-        f"xattn {xattn.__version__} on {device}\n"
+        f"{format_config(info)}\n"
+        f"device: {device}\n"
         f"problem: batch={cfg.batch} heads={cfg.heads} kv_heads={cfg.kv_heads} "
         f"seq_len={cfg.seq_len} head_dim={cfg.head_dim} dtype={np.dtype(cfg.dtype).name} "
         f"causal={cfg.causal} window={window[0]},{window[1]}; median of {cfg.repeats} calls"
@@ -681,6 +694,17 @@ variant is not softmax attention. extra MiB: peak allocation of one call beyond 
 (tracemalloc on the CPU: buffers numba allocates outside Python are not seen; CuPy pool growth
 on the GPU). max |err| is against float64: 'exact' = xattn.testing.reference_attention with
 the same mask, 'formula' = the variant's own formula, 'softmax' = exact softmax attention."""
+
+
+def write_json(path, cfg: Config, info: dict, rows) -> None:
+    """The run as JSON: provenance (:func:`xattn.show_config`'s dict), problem, rows."""
+    problem = {k: v for k, v in asdict(cfg).items() if k != "json"}
+    problem["dtype"] = np.dtype(cfg.dtype).name
+    problem["window"] = [None if w is None else int(w) for w in cfg.window]
+    doc = {"config": info, "problem": problem, "rows": [asdict(r) for r in rows]}
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
 
 
 def main(argv=None) -> int:
@@ -697,16 +721,21 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
 
-    print(describe(cfg, xp))
+    info = config_info()
+    print(describe(cfg, xp, info))
     print()
     print(table_header(), flush=True)
+    rows = []
     for case in cases:
         try:
             row = run_case(p, case)
         except (ValueError, TypeError) as exc:
             print(f"{PROG}: error: {case.name}: {exc}", file=sys.stderr)
             return 2
+        rows.append(row)
         print(format_row(row), flush=True)
+    if cfg.json:
+        write_json(cfg.json, cfg, info, rows)
     print()
     print(FOOTER)
     missing = [n for n in VARIANT_HELP if n not in available_variants()]

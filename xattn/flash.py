@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import _backends, _masking
+from . import _backends, _masking, _plans
 from ._array import check_bool, check_same_shape, dlpack_interop, validate_attention
 
 __all__ = ["flash_attention", "flash_attention_backward"]
@@ -55,8 +55,10 @@ def flash_attention(
         as in CuPy; other dtypes and the CPU backends ignore it.
     backend : str
         ``"auto"`` (default) picks the fastest implementation that supports the request;
-        ``"numba"`` and ``"numpy"`` on the CPU, ``"cupy"`` and ``"generic"`` on the GPU force one.
-        A forced backend that cannot serve the request raises ``NotImplementedError``.
+        ``"numba"`` and ``"numpy"`` on the CPU, ``"cupy.sm90"``, ``"cupy.sm80"``,
+        ``"cupy.tf32"``, ``"cupy.simt"`` and ``"generic"`` on the GPU force one (``"cupy"``: the
+        best CuPy kernel that serves the request; see :doc:`/diagnostics`). A forced backend
+        that cannot serve the request raises ``NotImplementedError``.
 
     Returns
     -------
@@ -88,19 +90,15 @@ def flash_attention(
     return_lse = check_bool("return_lse", return_lse)
     opts, sparse = _options(prob), {}
     if block_mask is not None:
-        from . import sparse as _sparse
-
         if getattr(block_mask, "batch_shape", ()):  # one mask per batch element
             options = dict(causal=causal, window=window, mask=mask, bias=bias,
                            alibi_slopes=alibi_slopes, softcap=softcap, scale=scale,
                            return_lse=return_lse, allow_tf32=allow_tf32, backend=backend)
-            return _sparse.per_batch(flash_attention, prob, block_mask, (q, k, v), options)
-        sparse = _sparse.plan_options(prob, block_mask)
+            return _plans.per_batch(flash_attention, prob, block_mask, (q, k, v), options)
+        sparse = _plans.plan_options(prob, block_mask)
         opts = {**opts, **sparse, "block_mask": block_mask}
     elif window is not None and not _masking.no_pairs(prob):  # O(S * window) work
-        from . import sparse as _sparse
-
-        prob, sparse = _sparse.window_plan(prob)
+        prob, sparse = _plans.window_plan(prob)
         opts = {**_options(prob), **sparse}
     if allow_tf32:
         opts["allow_tf32"] = True
@@ -205,14 +203,12 @@ def flash_attention_backward(
     want_dbias = return_dbias and bias is not None
     opts, sparse = _options(prob), {}
     if block_mask is not None:
-        from . import sparse as _sparse
-
         if getattr(block_mask, "batch_shape", ()):  # one mask per batch element
             options = dict(causal=causal, window=window, mask=mask, bias=bias,
                            alibi_slopes=alibi_slopes, softcap=softcap, scale=scale,
                            deterministic=deterministic, return_dbias=want_dbias,
                            backend=backend)
-            res = _sparse.per_batch(flash_attention_backward, prob, block_mask,
+            res = _plans.per_batch(flash_attention_backward, prob, block_mask,
                                     (dout, q, k, v, out, lse), options, backward=True)
             if not return_dbias:
                 return res
@@ -220,12 +216,10 @@ def flash_attention_backward(
                 return (*res, None)
             # Each element's dbias has the full score shape there: sum to the bias's shape.
             return (*res[:3], _sum_to(res[3], bias.shape).astype(bias.dtype, copy=False))
-        sparse = _sparse.plan_options(prob, block_mask)
+        sparse = _plans.plan_options(prob, block_mask)
         opts = {**opts, **sparse, "block_mask": block_mask}
     elif window is not None and not _masking.no_pairs(prob):  # O(S * window) work
-        from . import sparse as _sparse
-
-        prob, sparse = _sparse.window_plan(prob)
+        prob, sparse = _plans.window_plan(prob)
         opts = {**_options(prob), **sparse}
     if deterministic:
         opts["deterministic"] = True

@@ -22,6 +22,8 @@
 #define XATTN_BM_WINDOW 2
 #define XATTN_BM_TILES 5
 
+namespace xattn {
+
 struct XattnBlockMask {
     const int* frow;         // full_row_ptr, n_q_blocks + 1
     const int* fcol;         // full_col_idx
@@ -153,3 +155,5 @@ __device__ __forceinline__ void xattn_csc_next(const XattnCscMask& cm, XattnCscW
     qt = -1;
     p = -1;
 }
+
+}  // namespace xattn

@@ -42,7 +42,8 @@
 
 namespace xattn {
 
-struct BwdArgs {
+// The parameter block (ScoreMods) first, then this kernel's own arguments.
+struct BwdArgs : ScoreMods {
     const unsigned short* q;
     const unsigned short* k;
     const unsigned short* v;
@@ -55,14 +56,6 @@ struct BwdArgs {
     unsigned short* dv;
     int hq, group, sq, sk;
     float scale;
-    int causal, wl, wr;  // window sides, -1 = unbounded
-    float softcap;       // 0 = off
-    const float* alibi;  // slopes, indexed b * alibi_bs + h; null = off
-    long long alibi_bs;
-    const float* bias;  // float32 additive bias with broadcast strides; null = off
-    long long bias_bs, bias_hs, bias_qs, bias_ks;
-    const unsigned char* mask;  // bool, True = may attend; null = off
-    long long mask_bs, mask_hs, mask_qs, mask_ks;
     XattnBlockMask bm;  // read by the block-sparse (SPARSE) entries only
     XattnCscMask cm;    // its transpose, walked by the main kernel
 };
@@ -615,23 +608,18 @@ __device__ __forceinline__ void bwd_dq_convert(const float* acc, unsigned short*
     const unsigned short *q, const unsigned short *k, const unsigned short *v,                \
         const unsigned short *dout, const float *lse, const float *delta, float *dq_accum,    \
         unsigned short *dq, unsigned short *dk, unsigned short *dv, int hq, int group,        \
-        int sq, int sk, float scale, int causal, int wl, int wr, float softcap,               \
-        const float *alibi, long long alibi_bs, const float *bias, long long bias_bs,         \
-        long long bias_hs, long long bias_qs, long long bias_ks, const unsigned char *mask,   \
-        long long mask_bs, long long mask_hs, long long mask_qs, long long mask_ks,           \
-        const int *bm_frow, const int *bm_fcol, const int *bm_prow, const int *bm_pcol,       \
+        int sq, int sk, float scale, XATTN_SCORE_MOD_PARAMS, const int *bm_frow,              \
+        const int *bm_fcol, const int *bm_prow, const int *bm_pcol,       \
         const unsigned *bm_tiles, int bm_bq, int bm_bk, int bm_words, int bm_rule,            \
         int bm_off, int bm_left, int bm_right, const int *bm_col_ptr, const int *bm_row_idx,  \
         const int *bm_tile_idx
 
 #define XATTN_BWD_ARGS                                                                        \
-    xattn::BwdArgs{q,       k,       v,       dout,    lse,     delta,   dq_accum, dq,        \
-                   dk,      dv,      hq,      group,   sq,      sk,      scale,    causal,    \
-                   wl,      wr,      softcap, alibi,   alibi_bs, bias,   bias_bs,  bias_hs,   \
-                   bias_qs, bias_ks, mask,    mask_bs, mask_hs, mask_qs, mask_ks,             \
-                   XattnBlockMask{bm_frow, bm_fcol, bm_prow, bm_pcol, bm_tiles, bm_bq, bm_bk, \
-                                  bm_words, bm_rule, bm_off, bm_left, bm_right},              \
-                   XattnCscMask{bm_col_ptr, bm_row_idx, bm_tile_idx}}
+    xattn::BwdArgs{XATTN_SCORE_MOD_INIT, q, k, v, dout, lse, delta, dq_accum, dq, dk, dv, hq,  \
+                   group, sq, sk, scale,                                                      \
+                   xattn::XattnBlockMask{bm_frow, bm_fcol, bm_prow, bm_pcol, bm_tiles, bm_bq,  \
+                                         bm_bk, bm_words, bm_rule, bm_off, bm_left, bm_right}, \
+                   xattn::XattnCscMask{bm_col_ptr, bm_row_idx, bm_tile_idx}}
 
 // Every entry takes the block-mask arguments (the CSR arrays and rule as the forward's, then the
 // CSC transpose); the dense ones ignore them (the launcher passes nulls). MN names the variant:
@@ -666,70 +654,19 @@ __device__ __forceinline__ void bwd_dq_convert(const float* acc, unsigned short*
         xattn::bwd_dq_convert<xattn::TN>(acc, dq, pairs, scale);                              \
     }
 
-#define XATTN_BWD_CONFIG(D, DC, NW, BM, DQN, DQNW, DQBN)                         \
-    XATTN_BWD_ONE(f16, D, DC, NW, BM, DQN, plain, false, atomic, true, false)   \
-    XATTN_BWD_ONE(bf16, D, DC, NW, BM, DQN, plain, false, atomic, true, false)  \
-    XATTN_BWD_ONE(f16, D, DC, NW, BM, DQN, mods, true, atomic, true, false)     \
-    XATTN_BWD_ONE(bf16, D, DC, NW, BM, DQN, mods, true, atomic, true, false)    \
-    XATTN_BWD_ONE(f16, D, DC, NW, BM, DQN, plain, false, nodq, false, false)    \
-    XATTN_BWD_ONE(bf16, D, DC, NW, BM, DQN, plain, false, nodq, false, false)   \
-    XATTN_BWD_ONE(f16, D, DC, NW, BM, DQN, mods, true, nodq, false, false)      \
-    XATTN_BWD_ONE(bf16, D, DC, NW, BM, DQN, mods, true, nodq, false, false)     \
-    XATTN_BWD_DQ_ONE(f16, D, DQNW, DQBN, plain, false, false)                   \
-    XATTN_BWD_DQ_ONE(bf16, D, DQNW, DQBN, plain, false, false)                  \
-    XATTN_BWD_DQ_ONE(f16, D, DQNW, DQBN, mods, true, false)                     \
-    XATTN_BWD_DQ_ONE(bf16, D, DQNW, DQBN, mods, true, false)
-// Block-sparse entries: CI builds the f16 ones (bf16 differs only in the mma/cvt type).
-#define XATTN_BWD_BM(D, DC, NW, BM, DQN)                                         \
-    XATTN_BWD_ONE(f16, D, DC, NW, BM, DQN, plain_bm, false, atomic, true, true) \
-    XATTN_BWD_ONE(f16, D, DC, NW, BM, DQN, mods_bm, true, atomic, true, true)   \
-    XATTN_BWD_ONE(f16, D, DC, NW, BM, DQN, plain_bm, false, nodq, false, true)  \
-    XATTN_BWD_ONE(f16, D, DC, NW, BM, DQN, mods_bm, true, nodq, false, true)
-#define XATTN_BWD_DQ_BM(D, NW, BN)                          \
-    XATTN_BWD_DQ_ONE(f16, D, NW, BN, plain_bm, false, true) \
-    XATTN_BWD_DQ_ONE(f16, D, NW, BN, mods_bm, true, true)
+// One more expansion level so that -D values expand before ## pastes them.
+#define XATTN_BWD_AUX_ONE(TN) XATTN_BWD_AUX(TN)
 
-// The loader builds one entry per module: XATTN_KIND 1 (main kernel: -DXATTN_TN -DXATTN_D
-// -DXATTN_DC -DXATTN_NW -DXATTN_BM -DXATTN_DQN -DXATTN_MN -DXATTN_MODS -DXATTN_QN -DXATTN_DQ
-// -DXATTN_SPARSE), 2 (dq kernel: -DXATTN_TN -DXATTN_D -DXATTN_NW -DXATTN_BN -DXATTN_MN
-// -DXATTN_MODS -DXATTN_SPARSE) or 3 (the delta and convert kernels only). Without XATTN_KIND
-// (CI's compile check) every configuration of flash_bwd.py's CONFIGS / DQ_CONFIGS is built, and
-// (unless XATTN_NO_BM) the block-sparse candidates of BM_CONFIGS / BM_DQ_CONFIGS there.
+// Instantiation: the loader builds one module per entry with -D options, CI one translation
+// unit per file with one macro call per entry -- both from the list in
+// xattn/_backends/cupy_/instances.py. Without those options this file builds nothing.
+// XATTN_KIND picks the entry macro: 1 the main kernel, 2 the deterministic dq kernel, 3 the
+// delta and dq-convert kernels of one type.
 #if defined(XATTN_KIND) && XATTN_KIND == 1
 XATTN_BWD_ONE(XATTN_TN, XATTN_D, XATTN_DC, XATTN_NW, XATTN_BM, XATTN_DQN, XATTN_MN, XATTN_MODS,
               XATTN_QN, XATTN_DQ, XATTN_SPARSE)
 #elif defined(XATTN_KIND) && XATTN_KIND == 2
 XATTN_BWD_DQ_ONE(XATTN_TN, XATTN_D, XATTN_NW, XATTN_BN, XATTN_MN, XATTN_MODS, XATTN_SPARSE)
 #elif defined(XATTN_KIND) && XATTN_KIND == 3
-XATTN_BWD_AUX(f16)
-XATTN_BWD_AUX(bf16)
-#else
-// D, DC, NW, BM, DQN (main kernel); NW, BN (dq kernel)
-XATTN_BWD_CONFIG(32, 32, 4, 64, 32, 4, 64)
-XATTN_BWD_CONFIG(64, 64, 4, 64, 32, 4, 64)
-XATTN_BWD_CONFIG(96, 96, 4, 64, 96, 4, 64)
-XATTN_BWD_CONFIG(128, 128, 4, 32, 64, 4, 64)
-XATTN_BWD_CONFIG(256, 128, 4, 32, 64, 4, 32)
-XATTN_BWD_AUX(f16)
-XATTN_BWD_AUX(bf16)
-#ifndef XATTN_NO_BM
-// D, DC, NW, BM, DQN: flash_bwd.py's BM_CONFIGS; D, NW, BN: its BM_DQ_CONFIGS
-XATTN_BWD_BM(64, 64, 4, 64, 64)  // D = 32 is padded to 64 (its own tiles spilled)
-XATTN_BWD_BM(64, 64, 4, 32, 64)
-XATTN_BWD_BM(64, 64, 2, 32, 64)
-XATTN_BWD_BM(96, 96, 4, 32, 96)  // BM = 64 spills with the walk and the element rule
-XATTN_BWD_BM(96, 96, 2, 32, 96)
-XATTN_BWD_BM(128, 128, 4, 32, 64)
-XATTN_BWD_BM(128, 128, 2, 32, 64)
-XATTN_BWD_BM(256, 128, 4, 16, 64)  // BM = 32 spills
-XATTN_BWD_BM(256, 128, 2, 16, 64)
-XATTN_BWD_DQ_BM(64, 4, 64)
-XATTN_BWD_DQ_BM(64, 2, 32)
-XATTN_BWD_DQ_BM(96, 4, 64)
-XATTN_BWD_DQ_BM(96, 2, 32)
-XATTN_BWD_DQ_BM(128, 4, 64)
-XATTN_BWD_DQ_BM(128, 2, 32)  // (4, 32) spilled with score mods (all D)
-XATTN_BWD_DQ_BM(256, 4, 16)  // BN = 32 spills
-XATTN_BWD_DQ_BM(256, 2, 16)
-#endif
+XATTN_BWD_AUX_ONE(XATTN_TN)
 #endif

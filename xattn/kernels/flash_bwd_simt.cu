@@ -13,21 +13,16 @@
 // Same options and conventions as flash_fwd.cu. Layout (contiguous): q, dout (B, Hq, Sq, D);
 // k, v, dk, dv (B, Hkv, Sk, D); lse, delta (B, Hq, Sq); dq_accum (B, Hq, Sq, D).
 
+#include "common.cuh"
 #include "masking.cuh"
 
-namespace xattn_bwd_simt {
+namespace xattn::bwd_simt {
 
 constexpr int BM = 32;
 constexpr int BN = 32;
 constexpr int NT = 128;
 
-__device__ __forceinline__ float ex2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
-
-struct Args {
+struct Args : ScoreMods {
     const float* q;
     const float* k;
     const float* v;
@@ -39,14 +34,6 @@ struct Args {
     float* dv;
     int hq, group, sq, sk;
     float scale;
-    int causal, wl, wr;
-    float softcap;
-    const float* alibi;
-    long long alibi_bs;
-    const float* bias;
-    long long bias_bs, bias_hs, bias_qs, bias_ks;
-    const unsigned char* mask;
-    long long mask_bs, mask_hs, mask_qs, mask_ks;
 };
 
 // Rows [row0, row0 + ROWS) of a (rows x D) matrix into shared memory (row stride D + 1);
@@ -179,36 +166,22 @@ __device__ __forceinline__ void core(const Args& a) {
     }
 }
 
-}  // namespace xattn_bwd_simt
+}  // namespace xattn::bwd_simt
 
 #define XATTN_BWD_SIMT_ENTRY(D, MN, MODS)                                                     \
     extern "C" __global__ void __launch_bounds__(128, 1) flash_bwd_f32_simt_d##D##_##MN(      \
         const float *q, const float *k, const float *v, const float *dout, const float *lse,  \
         const float *delta, float *dq_accum, float *dk, float *dv, int hq, int group, int sq, \
-        int sk, float scale, int causal, int wl, int wr, float softcap, const float *alibi,   \
-        long long alibi_bs, const float *bias, long long bias_bs, long long bias_hs,          \
-        long long bias_qs, long long bias_ks, const unsigned char *mask, long long mask_bs,   \
-        long long mask_hs, long long mask_qs, long long mask_ks) {                            \
-        xattn_bwd_simt::core<D, MODS>(xattn_bwd_simt::Args{                                   \
-            q, k, v, dout, lse, delta, dq_accum, dk, dv, hq, group, sq, sk, scale, causal,     \
-            wl, wr, softcap, alibi, alibi_bs, bias, bias_bs, bias_hs, bias_qs, bias_ks, mask,  \
-            mask_bs, mask_hs, mask_qs, mask_ks});                                              \
+        int sk, float scale, XATTN_SCORE_MOD_PARAMS) {                                        \
+        xattn::bwd_simt::core<D, MODS>(xattn::bwd_simt::Args{                                 \
+            XATTN_SCORE_MOD_INIT, q, k, v, dout, lse, delta, dq_accum, dk, dv, hq, group, sq,  \
+            sk, scale});                                                                      \
     }
 #define XATTN_BWD_SIMT_ONE(D, MN, MODS) XATTN_BWD_SIMT_ENTRY(D, MN, MODS)
 
-// The loader builds one entry per module (-DXATTN_SIMT_D=.. -DXATTN_SIMT_MN=plain|mods
-// -DXATTN_SIMT_MODS=false|true); without them (CI's compile check) every head dim is built.
+// Instantiation: the loader builds one module per entry with -D options, CI one translation
+// unit per file with one macro call per entry -- both from the list in
+// xattn/_backends/cupy_/instances.py. Without those options this file builds nothing.
 #ifdef XATTN_SIMT_D
 XATTN_BWD_SIMT_ONE(XATTN_SIMT_D, XATTN_SIMT_MN, XATTN_SIMT_MODS)
-#else
-XATTN_BWD_SIMT_ONE(32, plain, false)
-XATTN_BWD_SIMT_ONE(32, mods, true)
-XATTN_BWD_SIMT_ONE(64, plain, false)
-XATTN_BWD_SIMT_ONE(64, mods, true)
-XATTN_BWD_SIMT_ONE(96, plain, false)
-XATTN_BWD_SIMT_ONE(96, mods, true)
-XATTN_BWD_SIMT_ONE(128, plain, false)
-XATTN_BWD_SIMT_ONE(128, mods, true)
-XATTN_BWD_SIMT_ONE(256, plain, false)
-XATTN_BWD_SIMT_ONE(256, mods, true)
 #endif

@@ -27,22 +27,8 @@
 
 namespace xattn {
 
-struct FwdArgs {
-    const unsigned short* q;
-    const unsigned short* k;
-    const unsigned short* v;
-    unsigned short* o;
-    float* lse;
-    int hq, group, sq, sk;
-    float scale;       // softmax scale (natural units)
-    int causal, wl, wr;  // window sides, -1 = unbounded
-    float softcap;     // 0 = off
-    const float* alibi;  // slopes, indexed b * alibi_bs + h; null = off
-    long long alibi_bs;
-    const float* bias;   // float32 additive bias with broadcast strides; null = off
-    long long bias_bs, bias_hs, bias_qs, bias_ks;
-    const unsigned char* mask;  // bool, True = may attend; null = off
-    long long mask_bs, mask_hs, mask_qs, mask_ks;
+// The parameter block (ScoreMods) first, then this kernel's own arguments.
+struct FwdArgs : ScoreMods, FwdOperands<unsigned short> {
     XattnBlockMask bm;  // read by the block-sparse (SPARSE) entries only
 };
 
@@ -351,20 +337,15 @@ __device__ __forceinline__ void flash_fwd_core(const FwdArgs& a) {
 #define XATTN_FWD_PARAMS                                                                     \
     const unsigned short *q, const unsigned short *k, const unsigned short *v,               \
         unsigned short *o, float *lse, int hq, int group, int sq, int sk, float scale,        \
-        int causal, int wl, int wr, float softcap, const float *alibi, long long alibi_bs,    \
-        const float *bias, long long bias_bs, long long bias_hs, long long bias_qs,          \
-        long long bias_ks, const unsigned char *mask, long long mask_bs, long long mask_hs,  \
-        long long mask_qs, long long mask_ks, const int *bm_frow, const int *bm_fcol,        \
-        const int *bm_prow, const int *bm_pcol, const unsigned *bm_tiles, int bm_bq,         \
-        int bm_bk, int bm_words, int bm_rule, int bm_off, int bm_left, int bm_right
+        XATTN_SCORE_MOD_PARAMS, const int *bm_frow, const int *bm_fcol, const int *bm_prow,   \
+        const int *bm_pcol, const unsigned *bm_tiles, int bm_bq, int bm_bk, int bm_words,     \
+        int bm_rule, int bm_off, int bm_left, int bm_right
 
 #define XATTN_FWD_ARGS                                                                       \
-    xattn::FwdArgs{q,       k,       v,        o,       lse,     hq,      group,   sq,      \
-                   sk,      scale,   causal,   wl,      wr,      softcap, alibi,   alibi_bs, \
-                   bias,    bias_bs, bias_hs,  bias_qs, bias_ks, mask,    mask_bs, mask_hs,  \
-                   mask_qs, mask_ks,                                                         \
-                   XattnBlockMask{bm_frow, bm_fcol, bm_prow, bm_pcol, bm_tiles, bm_bq, bm_bk,\
-                                  bm_words, bm_rule, bm_off, bm_left, bm_right}}
+    xattn::FwdArgs{XATTN_SCORE_MOD_INIT,                                                     \
+                   xattn::FwdOperands<unsigned short>{q, k, v, o, lse, hq, group, sq, sk, scale},\
+                   xattn::XattnBlockMask{bm_frow, bm_fcol, bm_prow, bm_pcol, bm_tiles, bm_bq,  \
+                                         bm_bk, bm_words, bm_rule, bm_off, bm_left, bm_right}}
 
 // MN names the variant: plain | mods (score modifications), with _bm for the block-sparse walk.
 // Every entry takes the block-mask arguments; the dense ones ignore them (pass nulls/zeros).
@@ -378,46 +359,10 @@ __device__ __forceinline__ void flash_fwd_core(const FwdArgs& a) {
 #define XATTN_FWD_ONE(TN, D, NW, MT, BN, MN, MODS, SPARSE) \
     XATTN_FWD_ENTRY(TN, TN, D, NW, MT, BN, MN, MODS, SPARSE)
 
-#define XATTN_FWD_PLAIN(D, NW, MT, BN)                        \
-    XATTN_FWD_ONE(f16, D, NW, MT, BN, plain, false, false)   \
-    XATTN_FWD_ONE(bf16, D, NW, MT, BN, plain, false, false)
-#define XATTN_FWD_CONFIG(D, NW, MT, BN)                       \
-    XATTN_FWD_PLAIN(D, NW, MT, BN)                            \
-    XATTN_FWD_ONE(f16, D, NW, MT, BN, mods, true, false)     \
-    XATTN_FWD_ONE(bf16, D, NW, MT, BN, mods, true, false)
-// Block-sparse entries: CI builds the f16 ones (bf16 differs only in the mma/cvt type).
-#define XATTN_FWD_BM_PLAIN(D, NW, MT, BN) XATTN_FWD_ONE(f16, D, NW, MT, BN, plain_bm, false, true)
-#define XATTN_FWD_BM(D, NW, MT, BN)  \
-    XATTN_FWD_BM_PLAIN(D, NW, MT, BN) \
-    XATTN_FWD_ONE(f16, D, NW, MT, BN, mods_bm, true, true)
-
-// The loader builds one entry per module (-DXATTN_TN=f16|bf16 -DXATTN_D=.. -DXATTN_NW=..
-// -DXATTN_MT=.. -DXATTN_BN=.. -DXATTN_MN=plain|mods|plain_bm|mods_bm -DXATTN_MODS=false|true
-// -DXATTN_SPARSE=false|true); without them (CI's compile check) every configuration below is
-// built: the dense defaults of xattn/_backends/cupy_/flash.py, and the block-sparse
-// candidates (BM_CONFIGS there).
+// Instantiation: the loader builds one module per entry with -D options, CI one translation
+// unit per file with one macro call per entry -- both from the list in
+// xattn/_backends/cupy_/instances.py. Without those options this file builds nothing.
 #ifdef XATTN_D
 XATTN_FWD_ONE(XATTN_TN, XATTN_D, XATTN_NW, XATTN_MT, XATTN_BN, XATTN_MN, XATTN_MODS,
               XATTN_SPARSE)
-#else
-XATTN_FWD_CONFIG(32, 4, 1, 64)
-XATTN_FWD_CONFIG(64, 4, 1, 64)
-XATTN_FWD_CONFIG(64, 4, 2, 64)
-XATTN_FWD_CONFIG(96, 4, 1, 64)
-XATTN_FWD_CONFIG(128, 4, 1, 64)
-XATTN_FWD_PLAIN(128, 4, 2, 32)  // the score-mod kernel of D=128 uses (4, 1, 64)
-XATTN_FWD_CONFIG(256, 4, 1, 32)
-#ifndef XATTN_NO_BM
-XATTN_FWD_BM(32, 4, 1, 64)
-XATTN_FWD_BM(32, 2, 1, 32)
-XATTN_FWD_BM(64, 4, 2, 64)
-XATTN_FWD_BM(64, 4, 1, 64)
-XATTN_FWD_BM(64, 2, 1, 32)
-XATTN_FWD_BM(96, 4, 1, 64)
-XATTN_FWD_BM(96, 2, 1, 32)
-XATTN_FWD_BM_PLAIN(128, 4, 2, 32)  // with mods: (4, 1, 64), as the dense kernel
-XATTN_FWD_BM(128, 4, 1, 64)
-XATTN_FWD_BM(128, 2, 1, 32)
-XATTN_FWD_BM(256, 4, 1, 32)
-#endif
 #endif

@@ -12,37 +12,17 @@
 // bias, ALiBi, mask, lse in natural log; rows with nothing visible give 0 and -inf).
 // Layout (contiguous): q (B, Hq, Sq, D), k, v (B, Hkv, Sk, D), out like q, lse (B, Hq, Sq).
 
+#include "common.cuh"
 #include "masking.cuh"
 #include "blockmask.cuh"
 
-namespace xattn_simt {
+namespace xattn::simt {
 
 constexpr int BM = 32;
 constexpr int BN = 32;
 constexpr int NT = 128;
 
-__device__ __forceinline__ float ex2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
-
-struct Args {
-    const float* q;
-    const float* k;
-    const float* v;
-    float* o;
-    float* lse;
-    int hq, group, sq, sk;
-    float scale;
-    int causal, wl, wr;
-    float softcap;
-    const float* alibi;
-    long long alibi_bs;
-    const float* bias;
-    long long bias_bs, bias_hs, bias_qs, bias_ks;
-    const unsigned char* mask;
-    long long mask_bs, mask_hs, mask_qs, mask_ks;
+struct Args : ScoreMods, FwdOperands<float> {
     XattnBlockMask bm;  // read by the block-sparse (SPARSE) entries only
 };
 
@@ -136,6 +116,8 @@ __device__ __forceinline__ void flash_fwd_simt_core(const Args& a) {
 #pragma unroll
         for (int jj = 0; jj < 8; ++jj) {
             const int kj = k0 + c + 4 * jj;
+            // xattn_score_mod's rules, with the ALiBi slope read once per block (above): the
+            // shared rule re-reads it per element, which costs this kernel 15 global loads.
             float x = s[jj] * a.scale;
             if (a.softcap > 0.f) x = a.softcap * tanhf(x / a.softcap);
             const bool inside = qi < sq && kj < sk;
@@ -211,39 +193,30 @@ __device__ __forceinline__ void flash_fwd_simt_core(const Args& a) {
     }
 }
 
-}  // namespace xattn_simt
+}  // namespace xattn::simt
 
 // Every entry takes the block-mask arguments; the dense ones ignore them (nulls/zeros).
 #define XATTN_SIMT_ENTRY(D, NAME, SPARSE)                                                    \
     extern "C" __global__ void __launch_bounds__(128) NAME(                                  \
         const float *q, const float *k, const float *v, float *o, float *lse, int hq,        \
-        int group, int sq, int sk, float scale, int causal, int wl, int wr, float softcap,   \
-        const float *alibi, long long alibi_bs, const float *bias, long long bias_bs,        \
-        long long bias_hs, long long bias_qs, long long bias_ks, const unsigned char *mask,  \
-        long long mask_bs, long long mask_hs, long long mask_qs, long long mask_ks,          \
-        const int *bm_frow, const int *bm_fcol, const int *bm_prow, const int *bm_pcol,      \
+        int group, int sq, int sk, float scale, XATTN_SCORE_MOD_PARAMS, const int *bm_frow,  \
+        const int *bm_fcol, const int *bm_prow, const int *bm_pcol,      \
         const unsigned *bm_tiles, int bm_bq, int bm_bk, int bm_words, int bm_rule,           \
         int bm_off, int bm_left, int bm_right) {                                             \
-        xattn_simt::flash_fwd_simt_core<D, SPARSE>(xattn_simt::Args{                         \
-            q, k, v, o, lse, hq, group, sq, sk, scale, causal, wl, wr, softcap, alibi,       \
-            alibi_bs, bias, bias_bs, bias_hs, bias_qs, bias_ks, mask, mask_bs, mask_hs,      \
-            mask_qs, mask_ks,                                                                \
-            XattnBlockMask{bm_frow, bm_fcol, bm_prow, bm_pcol, bm_tiles, bm_bq, bm_bk,       \
-                           bm_words, bm_rule, bm_off, bm_left, bm_right}});                  \
+        xattn::simt::flash_fwd_simt_core<D, SPARSE>(xattn::simt::Args{                       \
+            XATTN_SCORE_MOD_INIT,                                                            \
+            xattn::FwdOperands<float>{q, k, v, o, lse, hq, group, sq, sk, scale},             \
+            xattn::XattnBlockMask{bm_frow, bm_fcol, bm_prow, bm_pcol, bm_tiles, bm_bq, bm_bk, \
+                                  bm_words, bm_rule, bm_off, bm_left, bm_right}});           \
     }
 #define XATTN_SIMT_BOTH(D)                                    \
     XATTN_SIMT_ENTRY(D, flash_fwd_f32_simt_d##D, false)       \
     XATTN_SIMT_ENTRY(D, flash_fwd_f32_simt_d##D##_bm, true)
 #define XATTN_SIMT_ONE(D) XATTN_SIMT_BOTH(D)
 
-// The loader builds one head dim per module (-DXATTN_SIMT_D=..: its dense and block-sparse
-// entries); CI builds them all.
+// Instantiation: the loader builds one module per entry with -D options, CI one translation
+// unit per file with one macro call per entry -- both from the list in
+// xattn/_backends/cupy_/instances.py. Without those options this file builds nothing.
 #ifdef XATTN_SIMT_D
 XATTN_SIMT_ONE(XATTN_SIMT_D)
-#else
-XATTN_SIMT_BOTH(32)
-XATTN_SIMT_BOTH(64)
-XATTN_SIMT_BOTH(96)
-XATTN_SIMT_BOTH(128)
-XATTN_SIMT_BOTH(256)
 #endif

@@ -34,114 +34,11 @@
 // Modes 11 / 27 (flash_fwd_sm90_ws) add a producer warpgroup: K/V stages handed over by
 // mbarriers, no __syncthreads in the loop, 27 with ping-pong of the two consumer warpgroups.
 
+#include "common.cuh"
 #include "masking.cuh"
+#include "wgmma_sm90.cuh"
 
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define XATTN_SM90_OK 1
-#else
-#define XATTN_SM90_OK 0
-#endif
-
-namespace xattn90 {
-
-struct f16 {};
-struct bf16 {};
-
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-    unsigned r;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
-    return r;
-}
-
-__device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool valid) {
-    // src-size 0 zero-fills the 16 bytes: rows past the sequence end read as zeros.
-    int n = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-#if XATTN_SM90_OK
-__device__ __forceinline__ void fence_proxy_async() {
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-__device__ __forceinline__ void wgmma_fence() {
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void wgmma_commit() {
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-// Pins registers that an in-flight wgmma reads or writes: the empty volatile asm "redefines"
-// them after the wait (and before the issue), so the compiler moves no use across it.
-template <int N>
-__device__ __forceinline__ void fence_regs(float (&r)[N]) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-template <int N>
-__device__ __forceinline__ void fence_regs(unsigned (&r)[N]) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
-}
-
-// wgmma m64nNk16, f32 accumulate. SS: A and B from shared memory, B K-major (imm-trans-b 0).
-// RS: A from registers, B from shared memory (TRANS_B: imm-trans-b, 1 = MN-major). scale-d 0
-// overwrites D instead of accumulating.
-// One overload per (N, 16-bit type). An asm statement must name every accumulator register:
-// the macros spell them out once.
-#define XATTN_ACC8(i)                                                                        \
-    "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]),             \
-        "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
-#define XATTN_ACC32 XATTN_ACC8(0), XATTN_ACC8(8), XATTN_ACC8(16), XATTN_ACC8(24)
-#define XATTN_ACC64 XATTN_ACC32, XATTN_ACC8(32), XATTN_ACC8(40), XATTN_ACC8(48), XATTN_ACC8(56)
-#define XATTN_REGS32                                                                         \
-    "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"                                 \
-    "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}"
-#define XATTN_REGS64                                                                         \
-    "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"                                 \
-    "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"                        \
-    "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"                        \
-    "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}"
-// NACC = N / 2 accumulators per thread; after them come the A and B operands (SS_AB / RS_AB:
-// their operand numbers), the scale-d predicate (SS_P / RS_P) and, for rs, imm-trans-b (RS_T).
-#define XATTN_WGMMA(N, NACC, TY, SS_P, SS_AB, RS_P, RS_AB, RS_T)                              \
-    __device__ __forceinline__ void wgmma_ss(float (&d)[NACC], unsigned long long da,        \
-                                             unsigned long long db, int scale_d, TY) {      \
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SS_P ", 0;\n"                       \
-                     "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." #TY "." #TY " "        \
-                     XATTN_REGS##NACC ", " SS_AB ", p, 1, 1, 0, 0;\n}\n"                       \
-                     : XATTN_ACC##NACC                                                        \
-                     : "l"(da), "l"(db), "r"(scale_d));                                       \
-    }                                                                                         \
-    template <int TRANS_B>                                                                    \
-    __device__ __forceinline__ void wgmma_rs(float (&d)[NACC], const unsigned (&a)[4],       \
-                                             unsigned long long db, int scale_d, TY) {      \
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " RS_P ", 0;\n"                       \
-                     "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." #TY "." #TY " "        \
-                     XATTN_REGS##NACC ", " RS_AB ", p, 1, 1, " RS_T ";\n}\n"                   \
-                     : XATTN_ACC##NACC                                                        \
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d),   \
-                       "n"(TRANS_B));                                                         \
-    }
-#define XATTN_WGMMA_N64(TY) \
-    XATTN_WGMMA(64, 32, TY, "%34", "%32, %33", "%37", "{%32,%33,%34,%35}, %36", "%38")
-#define XATTN_WGMMA_N128(TY) \
-    XATTN_WGMMA(128, 64, TY, "%66", "%64, %65", "%69", "{%64,%65,%66,%67}, %68", "%70")
-XATTN_WGMMA_N64(f16)
-XATTN_WGMMA_N64(bf16)
-XATTN_WGMMA_N128(f16)
-XATTN_WGMMA_N128(bf16)
-#endif  // XATTN_SM90_OK
+namespace xattn::sm90 {
 
 // Shared-memory matrix descriptor, no swizzle (layout type 0), base offset 0.
 __device__ __forceinline__ unsigned long long make_desc(unsigned addr, unsigned lbo,
@@ -149,24 +46,6 @@ __device__ __forceinline__ unsigned long long make_desc(unsigned addr, unsigned 
     return (unsigned long long)((addr & 0x3FFFFu) >> 4) |
            ((unsigned long long)((lbo >> 4) & 0x3FFFu) << 16) |
            ((unsigned long long)((sbo >> 4) & 0x3FFFu) << 32);
-}
-
-// Two floats -> one register holding (lo, hi) in the 16-bit type, round to nearest even.
-__device__ __forceinline__ unsigned pack2(float lo, float hi, f16) {
-    unsigned r;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-__device__ __forceinline__ unsigned pack2(float lo, float hi, bf16) {
-    unsigned r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
-__device__ __forceinline__ float ex2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
 }
 
 // Copy a (ROWS x D) tile of 16-bit elements from global (row stride D) into the core-matrix
@@ -186,7 +65,7 @@ __device__ __forceinline__ void load_tile(unsigned sbase, const unsigned short* 
         const int r = (cm / CPR) * 8 + rin, col = (cm % CPR) * 8;
         const bool ok = row0 + r < limit;
         const unsigned short* src = ok ? g + (long long)(row0 + r) * D + col : g;
-        cp_async16(sbase + (unsigned)(c * 16), src, ok);
+        cp_async16_ordered(sbase + (unsigned)(c * 16), src, ok);
     }
 }
 
@@ -216,8 +95,8 @@ __device__ __forceinline__ void load_tile_sw(unsigned sbase, const unsigned shor
         const int r = i / CPR, cc = i % CPR, c = cc & 7;
         const bool ok = row0 + r < limit;
         const unsigned short* src = ok ? g + (long long)(row0 + r) * D + cc * 8 : g;
-        cp_async16(sbase + (unsigned)((cc >> 3) * ROWS * 128 + r * 128 + ((c ^ (r & 7)) << 4)),
-                   src, ok);
+        cp_async16_ordered(
+            sbase + (unsigned)((cc >> 3) * ROWS * 128 + r * 128 + ((c ^ (r & 7)) << 4)), src, ok);
     }
 }
 
@@ -258,14 +137,8 @@ __device__ __forceinline__ unsigned long long mnmajor_step(int j) {
     return SW ? (unsigned long long)((j * 2048) >> 4) : (unsigned long long)((j * 32 * D) >> 4);
 }
 
-struct FwdArgs {
-    const unsigned short* q;
-    const unsigned short* k;
-    const unsigned short* v;
-    unsigned short* o;
-    float* lse;
-    int hq, group, sq, sk;
-    float scale;         // softmax scale (natural units)
+// The visibility rules only: this kernel serves no other score modification.
+struct FwdArgs : FwdOperands<unsigned short> {
     int causal, wl, wr;  // window sides, -1 = unbounded
 };
 
@@ -415,331 +288,12 @@ __device__ __forceinline__ void write_out(const FwdArgs& a, const float (&acc)[D
     }
 }
 
-// OVL = false: per key block, S = Q K^T, softmax, O += P V, each wgmma batch waited for at
-// once; two buffers (the next block loads during this one).
-// OVL = true (after FlashAttention-3's intra-warpgroup overlap): the P V of block j - 1 is
-// issued after block j's Q K^T and masking and runs on the tensor cores during block j's
-// softmax; three buffers, since V of block j - 1 is still read while block j + 1 loads.
+// Modes 0-3 (no warp specialisation: the schedules measured before mode 11, kept for
+// experiments) are defined in tools/flash_fwd_sm90_modes.cuh, which only experimental builds
+// append (tools/check_kernels.py --experimental, config=... from a checkout). The package's
+// entries are warp-specialised (mode bit 3) and never instantiate this.
 template <class T, int D, int BN, int NWG, bool OVL, bool SW, bool EARLY>
-__device__ __forceinline__ void flash_fwd_sm90_core(const FwdArgs& a) {
-#if XATTN_SM90_OK
-    static_assert(D == 64 || D == 128, "wgmma wrappers exist for N = 64 and 128");
-    static_assert(BN == 64 || BN == 128, "wgmma wrappers exist for N = 64 and 128");
-    constexpr int BM = NWG * 64;
-    constexpr int NT = NWG * 128;
-    constexpr int NBUF = OVL ? 3 : 2;
-    constexpr unsigned TILE = BN * D * 2;
-
-    extern __shared__ __align__(128) unsigned char smem_raw[];
-    unsigned sQa = smem_u32(smem_raw);
-    if constexpr (SW) sQa = (sQa + 1023u) & ~1023u;  // the loader allocated 1 KiB more
-    const unsigned sKa = sQa + BM * D * 2;
-    const unsigned sVa = sKa + NBUF * TILE;
-
-    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
-    const int g = lane >> 2, t4 = lane & 3;
-    // Heavy (late, causal) query blocks first: better tail balance.
-    const int qblk = gridDim.x - 1 - blockIdx.x;
-    const int h = blockIdx.y, b = blockIdx.z;
-    const int sq = a.sq, sk = a.sk, off = sk - sq;
-    const int q0 = qblk * BM, q1 = min(q0 + BM, sq);
-    const int wq0 = q0 + wg * 64, wq1 = min(wq0 + 64, sq);  // this warpgroup's rows
-    const int hkv = a.hq / a.group;
-    const long long bh = (long long)b * a.hq + h;
-    const unsigned short* Qg = a.q + bh * sq * D;
-    const long long kvh = ((long long)b * hkv + h / a.group) * sk * D;
-    const unsigned short* Kg = a.k + kvh;
-    const unsigned short* Vg = a.v + kvh;
-
-    // Key blocks the block loads (a superset for every row) and those this warpgroup uses.
-    int kb0, kb1, wkb0 = 0, wkb1 = 0;
-    xattn_key_blocks(q0, q1, off, sk, a.causal, a.wl, a.wr, BN, kb0, kb1);
-    if (wq1 > wq0) xattn_key_blocks(wq0, wq1, off, sk, a.causal, a.wl, a.wr, BN, wkb0, wkb1);
-
-    float acc[D / 2];
-    float s[BN / 2];
-#pragma unroll
-    for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i) s[i] = 0.f;
-    float m[2] = {-XATTN_INF, -XATTN_INF}, l[2] = {0.f, 0.f};
-    const float sl2 = a.scale * XATTN_LOG2E;
-
-    const unsigned long long dq = kmajor_desc<SW, BM, D>(sQa, wg * 64);
-
-    if (kb1 > kb0) {
-        load_any<SW, BM, D, NT>(sQa, Qg, q0, sq, tid);
-        load_any<SW, BN, D, NT>(sKa, Kg, kb0 * BN, sk, tid);
-        load_any<SW, BN, D, NT>(sVa, Vg, kb0 * BN, sk, tid);
-        cp_async_commit();
-        if constexpr (OVL) {
-            if (kb0 + 1 < kb1) {
-                load_any<SW, BN, D, NT>(sKa + TILE, Kg, (kb0 + 1) * BN, sk, tid);
-                load_any<SW, BN, D, NT>(sVa + TILE, Vg, (kb0 + 1) * BN, sk, tid);
-            }
-            cp_async_commit();  // possibly empty: one group per block keeps the count uniform
-        }
-    }
-
-    if constexpr (!OVL) {
-        for (int kb = kb0; kb < kb1; ++kb) {
-            const int buf = (kb - kb0) & 1;
-            if (kb + 1 < kb1) {
-                // The other buffer was last read in the previous iteration, which ended with a
-                // barrier after every warpgroup's wgmma.wait_group 0.
-                load_any<SW, BN, D, NT>(sKa + (buf ^ 1) * TILE, Kg, (kb + 1) * BN, sk, tid);
-                load_any<SW, BN, D, NT>(sVa + (buf ^ 1) * TILE, Vg, (kb + 1) * BN, sk, tid);
-                cp_async_commit();
-                cp_async_wait<1>();
-            } else {
-                cp_async_wait<0>();
-            }
-            fence_proxy_async();  // make this thread's cp.async data visible to wgmma
-            __syncthreads();
-
-            // Warpgroup-uniform: under causal / window a warpgroup may see none of this block.
-            if (kb >= wkb0 && kb < wkb1) {
-                // S = Q K^T: D / 16 chained wgmmas, the first overwrites S (scale-d = 0).
-                const unsigned long long dk = kmajor_desc<SW, BN, D>(sKa + buf * TILE, 0);
-                fence_regs(s);
-                wgmma_fence();
-#pragma unroll
-                for (int ks = 0; ks < D / 16; ++ks)
-                    wgmma_ss(s, dq + kmajor_step<SW, BM>(ks), dk + kmajor_step<SW, BN>(ks),
-                             ks > 0 ? 1 : 0, T());
-                wgmma_commit();
-                wgmma_wait<0>();
-                fence_regs(s);
-
-                float alpha[2];
-                softmax_tile<BN>(s, m, l, alpha, a, wq0, wq1, kb * BN, warp, g, t4, sl2);
-                rescale<D>(acc, alpha);
-
-                // O += P V: P rounded to the input type (its float32 sum went into l).
-                unsigned p[BN / 16][4];
-                pack_p<T, BN>(p, s);
-                const unsigned long long dv = mnmajor_desc<SW, BN, D>(sVa + buf * TILE);
-                fence_regs(acc);
-                wgmma_fence();
-#pragma unroll
-                for (int j = 0; j < BN / 16; ++j)
-                    wgmma_rs<1>(acc, p[j], dv + mnmajor_step<SW, D>(j), 1,
-                                T());
-                wgmma_commit();
-                wgmma_wait<0>();
-                fence_regs(acc);
-#pragma unroll
-                for (int j = 0; j < BN / 16; ++j) fence_regs(p[j]);
-            }
-            __syncthreads();  // the next iteration's cp.async overwrites the other buffer
-        }
-    } else if constexpr (EARLY) {
-        // As the overlap schedule below, but S = Q K^T of block kb and the P V of block kb - 1
-        // go to the tensor cores back to back, and the softmax of block kb waits for S only
-        // (wait_group 1), running while P V executes. The masking branch sits outside the
-        // wgmma pipeline: each arm issues, waits for and finishes its own wgmmas (ptxas
-        // serialises wgmmas in flight across a branch it cannot prove warpgroup-uniform).
-        // Every warpgroup runs every block of the thread block's range, as below.
-        // Not built (see the entry list): ptxas still serialises it (C7513).
-        unsigned pp[BN / 16][4];  // P of the previous block (zero before the first)
-#pragma unroll
-        for (int j = 0; j < BN / 16; ++j) pp[j][0] = pp[j][1] = pp[j][2] = pp[j][3] = 0u;
-        for (int kb = kb0; kb < kb1; ++kb) {
-            const int buf = (kb - kb0) % 3;
-            const int pbuf = (kb - kb0 + 2) % 3;  // block kb - 1's buffer
-            cp_async_wait<1>();  // block kb's group (only block kb + 1's may be in flight)
-            fence_proxy_async();
-            __syncthreads();
-            const unsigned long long dk = kmajor_desc<SW, BN, D>(sKa + buf * TILE, 0);
-            // The first block multiplies P = 0 by its own (loaded, finite) V.
-            const unsigned long long dv =
-                mnmajor_desc<SW, BN, D>(sVa + (kb == kb0 ? buf : pbuf) * TILE);
-            auto step = [&](auto masked) {
-                // Every descriptor computed before the first wgmma: an instruction defining a
-                // wgmma operand between the two batches makes ptxas serialise them (C7513).
-                unsigned long long dqs[D / 16], dks[D / 16], dvs[BN / 16];
-#pragma unroll
-                for (int ks = 0; ks < D / 16; ++ks) {
-                    dqs[ks] = dq + kmajor_step<SW, BM>(ks);
-                    dks[ks] = dk + kmajor_step<SW, BN>(ks);
-                    asm volatile("" : "+l"(dqs[ks]), "+l"(dks[ks]));
-                }
-#pragma unroll
-                for (int j = 0; j < BN / 16; ++j) {
-                    dvs[j] = dv + mnmajor_step<SW, D>(j);
-                    asm volatile("" : "+l"(dvs[j]));
-                }
-                fence_regs(s);
-                fence_regs(acc);
-#pragma unroll
-                for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
-                wgmma_fence();
-#pragma unroll
-                for (int ks = 0; ks < D / 16; ++ks)
-                    wgmma_ss(s, dqs[ks], dks[ks], ks > 0 ? 1 : 0, T());
-                wgmma_commit();
-#pragma unroll
-                for (int j = 0; j < BN / 16; ++j) wgmma_rs<1>(acc, pp[j], dvs[j], 1, T());
-                wgmma_commit();
-                wgmma_wait<1>();  // S is in, P V may still run
-                fence_regs(s);
-                // The softmax works on a copy: an instruction that wrote s (an operand of the
-                // next S wgmma) while P V is in flight makes ptxas serialise every wgmma
-                // (C7513).
-                float sp[BN / 2];
-#pragma unroll
-                for (int i = 0; i < BN / 2; ++i) sp[i] = s[i];
-                if constexpr (decltype(masked)::value)
-                    mask_tile_all<BN>(sp, a, wq0, kb * BN, warp, g, t4);
-                float alpha[2];
-                softmax_rows<BN>(sp, m, l, alpha, sl2);
-                unsigned pn[BN / 16][4];
-                pack_p<T, BN>(pn, sp);
-#pragma unroll
-                for (int j = 0; j < BN / 16; ++j) fence_regs(pn[j]);
-                fence_regs(alpha);
-                fence_regs(m);
-                fence_regs(l);
-                wgmma_wait<0>();
-                fence_regs(acc);
-#pragma unroll
-                for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
-                rescale<D>(acc, alpha);
-#pragma unroll
-                for (int j = 0; j < BN / 16; ++j)
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) pp[j][i] = pn[j][i];
-            };
-            if (xattn_tile_needs_test(wq0, wq1, kb * BN, BN, off, sk, a.causal, a.wl, a.wr))
-                step(bool_c<true>());
-            else
-                step(bool_c<false>());
-
-            __syncthreads();  // every warpgroup is done with block kb - 1's buffer
-            if (kb + 2 < kb1) {
-                const int nb = (kb + 2 - kb0) % 3;
-                load_any<SW, BN, D, NT>(sKa + nb * TILE, Kg, (kb + 2) * BN, sk, tid);
-                load_any<SW, BN, D, NT>(sVa + nb * TILE, Vg, (kb + 2) * BN, sk, tid);
-            }
-            cp_async_commit();
-        }
-        if (kb1 > kb0) {
-            const unsigned long long dv =
-                mnmajor_desc<SW, BN, D>(sVa + ((kb1 - 1 - kb0) % 3) * TILE);
-            fence_regs(acc);
-#pragma unroll
-            for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
-            wgmma_fence();
-#pragma unroll
-            for (int j = 0; j < BN / 16; ++j)
-                wgmma_rs<1>(acc, pp[j], dv + mnmajor_step<SW, D>(j), 1, T());
-            wgmma_commit();
-            wgmma_wait<0>();
-            fence_regs(acc);
-#pragma unroll
-            for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
-        }
-        cp_async_wait<0>();  // no cp.async left in flight at exit
-    } else {
-        // Every warpgroup runs every block of the thread block's range (a block a warpgroup
-        // cannot see masks to p = 0 and alpha = 1): no wgmma sits in a warpgroup-dependent
-        // branch, which would make ptxas serialise them (C7520).
-        unsigned pp[BN / 16][4];  // P of the previous block, its P V not yet issued
-        for (int kb = kb0; kb < kb1; ++kb) {
-            const int buf = (kb - kb0) % 3;
-            const int pbuf = (kb - kb0 + 2) % 3;  // block kb - 1's buffer
-            cp_async_wait<1>();  // block kb's group (only block kb + 1's may be in flight)
-            fence_proxy_async();
-            __syncthreads();
-
-            // S = Q K^T, waited for at once: the masking below branches, and ptxas completes
-            // every wgmma in flight before a branch it cannot prove uniform.
-            const unsigned long long dk = kmajor_desc<SW, BN, D>(sKa + buf * TILE, 0);
-            fence_regs(s);
-            fence_regs(acc);
-            wgmma_fence();
-#pragma unroll
-            for (int ks = 0; ks < D / 16; ++ks)
-                wgmma_ss(s, dq + kmajor_step<SW, BM>(ks), dk + kmajor_step<SW, BN>(ks),
-                         ks > 0 ? 1 : 0, T());
-            wgmma_commit();
-            wgmma_wait<0>();
-            fence_regs(s);
-            mask_tile<BN>(s, a, wq0, wq1, kb * BN, warp, g, t4);
-
-            // O += P V of block kb - 1, running during this block's softmax. The first block
-            // has none: it adds P = 0 times its own (loaded, finite) V instead of branching.
-            const bool first = kb == kb0;
-            const unsigned long long dv =
-                mnmajor_desc<SW, BN, D>(sVa + (first ? buf : pbuf) * TILE);
-            if (first) {
-#pragma unroll
-                for (int j = 0; j < BN / 16; ++j) pp[j][0] = pp[j][1] = pp[j][2] = pp[j][3] = 0u;
-            }
-#pragma unroll
-            for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
-            fence_regs(acc);
-            wgmma_fence();
-#pragma unroll
-            for (int j = 0; j < BN / 16; ++j)
-                wgmma_rs<1>(acc, pp[j], dv + mnmajor_step<SW, D>(j), 1,
-                            T());
-            wgmma_commit();
-
-            float alpha[2];
-            softmax_rows<BN>(s, m, l, alpha, sl2);
-            unsigned pn[BN / 16][4];
-            pack_p<T, BN>(pn, s);
-            // Pin the softmax and the packing before the wait (the compiler would otherwise
-            // sink them below it and lose the overlap).
-#pragma unroll
-            for (int j = 0; j < BN / 16; ++j) fence_regs(pn[j]);
-            fence_regs(alpha);
-            fence_regs(m);
-            fence_regs(l);
-            wgmma_wait<0>();
-            fence_regs(acc);
-#pragma unroll
-            for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
-            rescale<D>(acc, alpha);
-#pragma unroll
-            for (int j = 0; j < BN / 16; ++j)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) pp[j][i] = pn[j][i];
-
-            __syncthreads();  // every warpgroup is done with block kb - 1's buffer
-            if (kb + 2 < kb1) {
-                const int nb = (kb + 2 - kb0) % 3;
-                load_any<SW, BN, D, NT>(sKa + nb * TILE, Kg, (kb + 2) * BN, sk, tid);
-                load_any<SW, BN, D, NT>(sVa + nb * TILE, Vg, (kb + 2) * BN, sk, tid);
-            }
-            cp_async_commit();
-        }
-        if (kb1 > kb0) {
-            const unsigned long long dv = mnmajor_desc<SW, BN, D>(
-                sVa + ((kb1 - 1 - kb0) % 3) * TILE);
-            fence_regs(acc);
-            wgmma_fence();
-#pragma unroll
-            for (int j = 0; j < BN / 16; ++j)
-                wgmma_rs<1>(acc, pp[j], dv + mnmajor_step<SW, D>(j), 1,
-                            T());
-            wgmma_commit();
-            wgmma_wait<0>();
-            fence_regs(acc);
-#pragma unroll
-            for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
-        }
-        cp_async_wait<0>();  // no cp.async left in flight at exit
-    }
-
-    write_out<T, D>(a, acc, m, l, bh, wq0, warp, g, t4);
-#else
-    (void)a;
-    __trap();  // built for a target without wgmma: the loader only launches on sm_90a
-#endif
-}
-
+__device__ __forceinline__ void flash_fwd_sm90_core(const FwdArgs& a);
 
 #if XATTN_SM90_OK
 // mbarrier and named-barrier primitives of the warp-specialised schedule (mode bit 3).
@@ -809,7 +363,7 @@ __device__ __forceinline__ void load_tile_sw_lean(unsigned sbase, const unsigned
 #pragma unroll 4
     for (int it = 0; it < ROWS / RSTEP; ++it) {
         const bool ok = left > 0;
-        cp_async16(dst, ok ? src : g, ok);
+        cp_async16_ordered(dst, ok ? src : g, ok);
         dst += RSTEP * 128;
         src += RSTEP * D;
         left -= RSTEP;
@@ -836,15 +390,15 @@ __device__ __forceinline__ void ws_produce(unsigned sK, unsigned sV, const unsig
         if (i >= NST) mbar_wait(emptyb + st * 8, ((i / NST) - 1) & 1);
         load_tile_sw_lean<BN, D>(sK + st * TILE, Kg, (kb0 + i) * BN, limit, tid);
         load_tile_sw_lean<BN, D>(sV + st * TILE, Vg, (kb0 + i) * BN, limit, tid);
-        cp_async_commit();
+        cp_async_commit_ordered();
         if (i > 0) {
-            cp_async_wait<1>();
+            cp_async_wait_ordered<1>();
             fence_proxy_async();
             mbar_arrive(fullb + ((i - 1) % NST) * 8);
         }
     }
     if (nkb > 0) {
-        cp_async_wait<0>();
+        cp_async_wait_ordered<0>();
         fence_proxy_async();
         mbar_arrive(fullb + ((nkb - 1) % NST) * 8);
     }
@@ -936,8 +490,8 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const FwdArgs& a) {
 
     if (nkb > 0) {
         load_tile_sw<BM, D, NC>(sQa, Qg, q0, sq, ctid);
-        cp_async_commit();
-        cp_async_wait<0>();
+        cp_async_commit_ordered();
+        cp_async_wait_ordered<0>();
         fence_proxy_async();
         named_sync<1, NC>();  // Q complete (consumers only; the producer never joins)
     }
@@ -1049,7 +603,7 @@ __device__ __forceinline__ void flash_fwd_sm90_mode(const FwdArgs& a) {
     }
 }
 
-}  // namespace xattn90
+}  // namespace xattn::sm90
 
 #define XATTN90_PARAMS                                                                     \
     const unsigned short *q, const unsigned short *k, const unsigned short *v,             \
@@ -1071,43 +625,17 @@ __device__ __forceinline__ void flash_fwd_sm90_mode(const FwdArgs& a) {
 #define XATTN90_ENTRY(TN, D, BN, NWG, OV)                                                  \
     extern "C" __global__ void __launch_bounds__(((OV & 8) ? NWG + 1 : NWG) * 128, 1)      \
         flash_fwd_sm90_##TN##_d##D##_n##BN##_g##NWG##_o##OV(XATTN90_PARAMS) {               \
-        xattn90::flash_fwd_sm90_mode<xattn90::TN, D, BN, NWG, OV>(                         \
-            xattn90::FwdArgs{q, k, v, o, lse, hq, group, sq, sk, scale, causal, wl, wr});  \
+        xattn::sm90::flash_fwd_sm90_mode<xattn::TN, D, BN, NWG, OV>(                         \
+            xattn::sm90::FwdArgs{                                                           \
+                xattn::FwdOperands<unsigned short>{q, k, v, o, lse, hq, group, sq, sk, scale}, \
+                causal, wl, wr});                                                           \
     }
 // One more expansion level so that -D values expand before ## pastes them.
 #define XATTN90_ONE(TN, D, BN, NWG, OV) XATTN90_ENTRY(TN, D, BN, NWG, OV)
-#define XATTN90_BOTH(D, BN, NWG, OV) \
-    XATTN90_ONE(f16, D, BN, NWG, OV) XATTN90_ONE(bf16, D, BN, NWG, OV)
-
-// The loader builds one entry per module (-DXATTN90_TN=f16|bf16 -DXATTN90_D=.. -DXATTN90_BN=..
-// -DXATTN90_NWG=.. -DXATTN90_OV=mode); without them (CI's compile check) every configuration
-// below is built. XATTN90_NO_ENTRIES: the probe (wgmma_probe.cu) includes this file for its
-// helpers only.
-#ifndef XATTN90_NO_ENTRIES
-#ifdef XATTN90_D
+// Instantiation: the loader builds one module per entry with -D options, CI one translation
+// unit per file with one macro call per entry -- both from the list in
+// xattn/_backends/cupy_/instances.py. Without those options this file builds nothing.
+// XATTN90_NO_ENTRIES: tools/wgmma_probe.cu includes this file for its helpers only.
+#if defined(XATTN90_D) && !defined(XATTN90_NO_ENTRIES)
 XATTN90_ONE(XATTN90_TN, XATTN90_D, XATTN90_BN, XATTN90_NWG, XATTN90_OV)
-#else
-XATTN90_BOTH(64, 128, 2, 0)
-XATTN90_BOTH(64, 64, 3, 0)
-XATTN90_BOTH(128, 128, 2, 0)
-XATTN90_BOTH(128, 64, 2, 0)
-XATTN90_BOTH(128, 64, 3, 0)
-XATTN90_BOTH(64, 128, 2, 1)
-XATTN90_BOTH(64, 64, 3, 1)
-XATTN90_BOTH(128, 64, 2, 1)
-XATTN90_BOTH(128, 64, 3, 1)
-XATTN90_BOTH(64, 128, 2, 2)
-XATTN90_BOTH(64, 64, 3, 2)
-XATTN90_BOTH(128, 128, 2, 2)
-XATTN90_BOTH(128, 64, 3, 2)
-XATTN90_BOTH(64, 128, 2, 3)
-XATTN90_BOTH(128, 64, 2, 3)
-XATTN90_BOTH(128, 128, 2, 3)
-XATTN90_BOTH(64, 64, 3, 3)
-XATTN90_BOTH(64, 128, 2, 11)
-XATTN90_BOTH(64, 64, 3, 11)
-XATTN90_BOTH(128, 128, 2, 11)
-XATTN90_BOTH(64, 128, 2, 27)
-XATTN90_BOTH(128, 128, 2, 27)
-#endif
 #endif

@@ -47,13 +47,7 @@
 #define XATTN_TF32_KS_UNROLL 2
 #endif
 
-namespace xattn_tf32 {
-
-using xattn::cp_async16;
-using xattn::cp_async_commit;
-using xattn::cp_async_wait;
-using xattn::ex2;
-using xattn::smem_u32;
+namespace xattn::tf32 {
 
 // float32 -> TF32 (the float32 bit pattern with the low 13 mantissa bits cleared), rounded to
 // nearest with ties away from zero, as the tensor core expects its .tf32 operands.
@@ -71,7 +65,7 @@ __device__ __forceinline__ void mma(float (&c)[4], unsigned a0, unsigned a1, uns
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-struct Args {
+struct Args : ScoreMods {
     const float* q;
     const float* k;
     const float* v;
@@ -79,14 +73,6 @@ struct Args {
     float* lse;
     int hq, group, sq, sk;
     float scale;         // softmax scale (natural units)
-    int causal, wl, wr;  // window sides, -1 = unbounded
-    float softcap;       // 0 = off
-    const float* alibi;  // slopes, indexed b * alibi_bs + h; null = off
-    long long alibi_bs;
-    const float* bias;   // float32 additive bias with broadcast strides; null = off
-    long long bias_bs, bias_hs, bias_qs, bias_ks;
-    const unsigned char* mask;  // bool, True = may attend; null = off
-    long long mask_bs, mask_hs, mask_qs, mask_ks;
 };
 
 // Copy a (ROWS x D) float tile from global (row stride D) to shared memory (row stride LD);
@@ -399,45 +385,23 @@ __device__ __forceinline__ void flash_fwd_tf32_core(const Args& a) {
     }
 }
 
-}  // namespace xattn_tf32
+}  // namespace xattn::tf32
 
 #define XATTN_TF32_ENTRY(D, NW, MT, BN, MN, MODS)                                            \
     extern "C" __global__ void __launch_bounds__(NW * 32)                                    \
         flash_fwd_tf32_d##D##_w##NW##_m##MT##_n##BN##_##MN(                                  \
             const float *q, const float *k, const float *v, float *o, float *lse, int hq,    \
-            int group, int sq, int sk, float scale, int causal, int wl, int wr,              \
-            float softcap, const float *alibi, long long alibi_bs, const float *bias,        \
-            long long bias_bs, long long bias_hs, long long bias_qs, long long bias_ks,      \
-            const unsigned char *mask, long long mask_bs, long long mask_hs,                 \
-            long long mask_qs, long long mask_ks) {                                          \
-        xattn_tf32::flash_fwd_tf32_core<D, NW, MT, BN, MODS>(xattn_tf32::Args{               \
-            q, k, v, o, lse, hq, group, sq, sk, scale, causal, wl, wr, softcap, alibi,       \
-            alibi_bs, bias, bias_bs, bias_hs, bias_qs, bias_ks, mask, mask_bs, mask_hs,      \
-            mask_qs, mask_ks});                                                              \
+            int group, int sq, int sk, float scale, XATTN_SCORE_MOD_PARAMS) {                \
+        xattn::tf32::flash_fwd_tf32_core<D, NW, MT, BN, MODS>(xattn::tf32::Args{             \
+            XATTN_SCORE_MOD_INIT, q, k, v, o, lse, hq, group, sq, sk, scale});               \
     }
 
 // One more expansion level so that macro arguments (-D values) expand before ## pastes them.
 #define XATTN_TF32_ONE(D, NW, MT, BN, MN, MODS) XATTN_TF32_ENTRY(D, NW, MT, BN, MN, MODS)
-#define XATTN_TF32_CONFIG(D, NW, MT, BN)           \
-    XATTN_TF32_ONE(D, NW, MT, BN, plain, false)    \
-    XATTN_TF32_ONE(D, NW, MT, BN, mods, true)
-
-// The loader builds one entry per module (-DXATTN_TF32_D=.. -DXATTN_TF32_NW=..
-// -DXATTN_TF32_MT=.. -DXATTN_TF32_BN=.. -DXATTN_TF32_MN=plain|mods
-// -DXATTN_TF32_MODS=false|true); without them (CI's compile check) every configuration of
-// xattn/_backends/cupy_/flash_tf32.py is built.
+// Instantiation: the loader builds one module per entry with -D options, CI one translation
+// unit per file with one macro call per entry -- both from the list in
+// xattn/_backends/cupy_/instances.py. Without those options this file builds nothing.
 #ifdef XATTN_TF32_D
 XATTN_TF32_ONE(XATTN_TF32_D, XATTN_TF32_NW, XATTN_TF32_MT, XATTN_TF32_BN, XATTN_TF32_MN,
                XATTN_TF32_MODS)
-#else
-XATTN_TF32_CONFIG(32, 4, 2, 64)
-XATTN_TF32_CONFIG(64, 4, 1, 64)
-// Alternatives for tuning (benchmarks pass config=...); plain only where mods would spill.
-XATTN_TF32_ONE(64, 4, 2, 32, plain, false)
-XATTN_TF32_CONFIG(64, 8, 1, 64)
-XATTN_TF32_CONFIG(96, 4, 1, 32)
-XATTN_TF32_CONFIG(128, 4, 1, 32)
-XATTN_TF32_CONFIG(128, 8, 1, 32)
-XATTN_TF32_ONE(128, 4, 2, 16, plain, false)
-XATTN_TF32_CONFIG(256, 4, 1, 16)
 #endif

@@ -11,6 +11,52 @@
 #define XATTN_LOG2E 1.4426950408889634f
 #define XATTN_LN2 0.6931471805599453f
 
+// The kernels' parameter block: every score modification of one call, validated once on the
+// host (xattn._array.AttnProblem) and filled by the one Python function
+// xattn/_backends/cupy_/_params.py:option_args, in the order of XATTN_SCORE_MOD_PARAMS. Entry
+// points take these as flat parameters (XATTN_SCORE_MOD_PARAMS, so a launch passes plain
+// scalars and pointers) and gather them with XATTN_SCORE_MOD_INIT into the ScoreMods base of
+// their argument struct, which xattn_score_mod and the visibility helpers read.
+#define XATTN_SCORE_MOD_PARAMS                                                                \
+    int causal, int wl, int wr, float softcap, const float *alibi, long long alibi_bs,        \
+        const float *bias, long long bias_bs, long long bias_hs, long long bias_qs,           \
+        long long bias_ks, const unsigned char *mask, long long mask_bs, long long mask_hs,   \
+        long long mask_qs, long long mask_ks
+#define XATTN_SCORE_MOD_INIT                                                                  \
+    xattn::ScoreMods {                                                                        \
+        causal, wl, wr, softcap, alibi, alibi_bs, bias, bias_bs, bias_hs, bias_qs, bias_ks,   \
+            mask, mask_bs, mask_hs, mask_qs, mask_ks                                          \
+    }
+
+namespace xattn {
+
+struct ScoreMods {
+    int causal, wl, wr;  // window sides, -1 = unbounded
+    float softcap;       // 0 = off
+    const float* alibi;  // slopes, indexed b * alibi_bs + h; null = off
+    long long alibi_bs;
+    const float* bias;   // float32 additive bias with broadcast strides; null = off
+    long long bias_bs, bias_hs, bias_qs, bias_ks;
+    const unsigned char* mask;  // bool, True = may attend; null = off
+    long long mask_bs, mask_hs, mask_qs, mask_ks;
+};
+
+// The operands of every forward kernel: q, k, v and out of element type E (16-bit types are
+// read as raw unsigned short), the float32 natural-log lse, the sizes and the softmax scale
+// (natural units). The forward kernels' argument structs derive from it (and from ScoreMods);
+// flash_fwd_tf32.cu spells the fields out, since deriving changed the vectorisation of one
+// shared-memory load in three of its entries (the other kernels' PTX stays identical).
+template <class E>
+struct FwdOperands {
+    const E* q;
+    const E* k;
+    const E* v;
+    E* o;
+    float* lse;
+    int hq, group, sq, sk;
+    float scale;
+};
+
 // Key blocks [kb0, kb1) of size bn that any query in [q0, q1) may see (a superset).
 __device__ __forceinline__ void xattn_key_blocks(int q0, int q1, int off, int sk, int causal,
                                                  int wl, int wr, int bn, int& kb0, int& kb1) {
@@ -35,10 +81,8 @@ __device__ __forceinline__ bool xattn_tile_needs_test(int q0, int q1, int k0, in
 // The score modifications, in flash-attn's order, on one scaled score x = scale * q.k of query
 // qi and key kj: softcap c tanh(x / c), additive bias, ALiBi -slope |i + off - j|, boolean mask
 // (False -> -inf). Bias and mask are read only inside the (sq, sk) bounds. dcap gets the
-// softcap's derivative 1 - tanh^2 (1 without softcap) for the backward pass. A: any kernel
-// argument struct with the fields softcap, bias (+ strides), alibi (+ alibi_bs), mask (+ strides).
-template <class A>
-__device__ __forceinline__ float xattn_score_mod(const A& a, float x, int b, int h, int qi,
+// softcap's derivative 1 - tanh^2 (1 without softcap) for the backward pass.
+__device__ __forceinline__ float xattn_score_mod(const ScoreMods& a, float x, int b, int h, int qi,
                                                  int kj, int off, int sq, int sk, float& dcap) {
     dcap = 1.f;
     if (a.softcap > 0.f) {
@@ -77,3 +121,5 @@ __device__ __forceinline__ void xattn_query_blocks(int k0, int k1, int off, int 
     qb0 = lo / bm;
     qb1 = hi > lo ? (hi + bm - 1) / bm : qb0;
 }
+
+}  // namespace xattn

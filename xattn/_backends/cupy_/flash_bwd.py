@@ -16,14 +16,12 @@ Steps (all on the current CuPy stream, outputs on the inputs' device):
 
 Head dims that are not 32, 64, 96, 128 or 256 are zero-padded to the next of those, and
 ``Dv != D`` pads both to the larger one's size (copies of q, k, v, dout; zeros change neither
-the scores nor the kept gradient columns). ``ENABLE_BWD_KERNEL`` and ``ENABLE_DETERMINISTIC``
-switch the two paths off (``backend="auto"`` then uses the generic backend).
+the scores nor the kept gradient columns). The ``cupy.sm80`` entry serves float16 and
+bfloat16 here; ``cupy.simt`` serves float32 with the SIMT kernel (``flash_bwd_simt.cu``: the
+same scheme on the CUDA cores, dq by atomics only), so ``deterministic=True`` with float32
+goes to the generic entry.
 
-float32 has a SIMT kernel (``flash_bwd_simt.cu``: the same scheme on the CUDA cores, dq by
-atomics only; switch: ``ENABLE_FP32_BWD``); ``deterministic=True`` with float32 goes to the
-generic backend.
-
-``block_mask`` (switch: ``ENABLE_BLOCK_MASK_BWD``; float16/bfloat16): the main kernel walks the
+``block_mask`` (float16/bfloat16): the main kernel walks the
 mask's CSC list of its key block's column (the query blocks that see those keys, uploaded once
 per (mask, device) by :mod:`.blockmask`), the deterministic dq kernel the CSR list of its query
 block row, as the forward does; invisible blocks are never loaded, full blocks run no element
@@ -41,57 +39,27 @@ import math
 
 import numpy as np
 
-from . import flash as _fwd
+from . import _params, instances
+from ._compile import compiled_function
 
 __all__ = ["BM_CONFIGS", "BM_DQ_CONFIGS", "CONFIGS", "DQ_CONFIGS", "backward",
            "block_mask_configs", "block_mask_reason", "supports"]
 
-# Per padded head dim, the main kernel's (columns of dK/dV per CTA, warps, query rows per step,
-# dq slice width): BN = 16 * warps keys per CTA. The dK and dV accumulators (BN x DC float32
-# each, DC per thread) set the register budget: D = 256 splits the columns over two CTAs.
-# Chosen with benchmarks/gpu_bwd_configs.py on an H200 (notes/gpu_kernels.md): at D=128,
-# (128, 4, 64, 64) was 8% faster but spills, so the spill-free (128, 4, 32, 64) stays.
-CONFIGS = {
-    32: (32, 4, 64, 32),
-    64: (64, 4, 64, 32),
-    96: (96, 4, 64, 96),
-    128: (128, 4, 32, 64),
-    256: (128, 4, 32, 64),
-}
-# Per padded head dim, the deterministic dq kernel's (warps, keys per block).
-DQ_CONFIGS = {32: (4, 64), 64: (4, 64), 96: (4, 64), 128: (4, 64), 256: (4, 32)}
-# Block-sparse candidates, in order of preference: the first main configuration whose key tile
-# (16 * warps) divides the mask's bk and whose query step divides bq, and the first dq
-# configuration whose query block (16 * warps) divides bq and whose key block divides bk. Every
-# one is in flash_bwd.cu's compile-check list (ptxas: no spills; the walk and the element rule
-# cost registers, so D = 96 and D = 256 take smaller steps than their dense kernels). D = 32 is
-# padded to 64 with a block mask (its own tiles spilled under ptxas 13.0 on sm_90a).
-BM_CONFIGS = {
-    64: ((64, 4, 64, 64), (64, 4, 32, 64), (64, 2, 32, 64)),
-    96: ((96, 4, 32, 96), (96, 2, 32, 96)),
-    128: ((128, 4, 32, 64), (128, 2, 32, 64)),
-    256: ((128, 4, 16, 64), (128, 2, 16, 64)),
-}
-BM_DQ_CONFIGS = {
-    # (4, 32) spilled with score mods (sm_80 / sm_90a, 128-168 registers): not a candidate.
-    64: ((4, 64), (2, 32)),
-    96: ((4, 64), (2, 32)),
-    128: ((4, 64), (2, 32)),
-    256: ((4, 16), (2, 16)),
-}
+# Tile configurations, from the one list of every compiled entry (instances.py). Per padded
+# head dim, the main kernel's (columns of dK/dV per CTA, warps, query rows per step, dq slice
+# width): BN = 16 * warps keys per CTA; the dK and dV accumulators (BN x DC float32 each, DC per
+# thread) set the register budget, so D = 256 splits the columns over two CTAs. DQ_CONFIGS: the
+# deterministic dq kernel's (warps, keys per block). Block-sparse candidates, in order of
+# preference: the first main configuration whose key tile (16 * warps) divides the mask's bk
+# and whose query step divides bq, and the first dq configuration whose query block
+# (16 * warps) divides bq and whose key block divides bk.
+CONFIGS = instances.BWD
+DQ_CONFIGS = instances.BWD_DQ
+BM_CONFIGS = instances.BWD_BM
+BM_DQ_CONFIGS = instances.BWD_BM_DQ
 
-# Switches: False makes supports() refuse, so that backend="auto" takes the generic backend.
-ENABLE_BWD_KERNEL = True
-ENABLE_DETERMINISTIC = True
-# The float32 SIMT kernel (flash_bwd_simt.cu); its GPU tests passed on an H200 (2026-11-29).
-ENABLE_FP32_BWD = True
-# block_mask in the backward kernels (False: supports() refuses it, "auto" takes the generic
-# backend).
-ENABLE_BLOCK_MASK_BWD = True
+# The float32 SIMT kernel's tile (flash_bwd_simt.cu).
 SIMT_BLOCK = 32
-# Tests set this to fill dq/dk/dv with NaN before the launches (unwritten elements then fail).
-POISON = False
-
 
 
 def _common_dim(prob):
@@ -132,9 +100,6 @@ def block_mask_configs(dp, block_size):
 
 def block_mask_reason(prob, bm, deterministic=False):
     """``None`` when the backward kernels serve ``bm`` for ``prob``, else the reason."""
-    if not ENABLE_BLOCK_MASK_BWD:
-        return ("block_mask: the block-sparse backward kernels are off "
-                "(flash_bwd.ENABLE_BLOCK_MASK_BWD); the generic backend serves it")
     if getattr(bm, "batch_shape", ()):
         return "block_mask: a batched mask (one call per batch element goes through flash.py)"
     if np.dtype(prob.dtype) == np.float32:
@@ -154,9 +119,6 @@ def supports(prob, opts):
     """``None`` when the backward kernels serve this request, else the reason they do not."""
     if prob.xp.__name__ != "cupy":
         return "inputs are not CuPy arrays"
-    if not ENABLE_BWD_KERNEL:
-        return ("the CuPy backward kernel is switched off (flash_bwd.ENABLE_BWD_KERNEL); the "
-                "generic backend serves the backward pass")
     opts = opts or {}
     # block_mask comes with the CPU backends' plan/element_rule: the kernels walk the mask.
     known = {"deterministic", "block_mask", "plan", "element_rule"}
@@ -166,19 +128,13 @@ def supports(prob, opts):
     if opts.get("block_mask") is None and (opts.get("plan") is not None
                                            or opts.get("element_rule") is not None):
         return "a tile plan / element rule without a block_mask (the kernels walk a BlockMask)"
-    if opts.get("deterministic") and not ENABLE_DETERMINISTIC:
-        return ("deterministic=True: the separate dq kernel is switched off "
-                "(flash_bwd.ENABLE_DETERMINISTIC)")
     if np.dtype(prob.dtype) == np.float32:
-        if not ENABLE_FP32_BWD:
-            return ("dtype float32: the SIMT backward kernel (flash_bwd_simt.cu) is not enabled "
-                    "yet (flash_bwd.ENABLE_FP32_BWD; the generic backend serves float32)")
         if opts.get("deterministic"):
             return ("deterministic=True with float32: the SIMT backward kernel adds dq with "
                     "atomics only (the generic backend is deterministic)")
-    elif _fwd._type_name(prob.dtype) is None:
-        return (f"dtype {prob.dtype}: the backward kernel takes float16 and bfloat16 (and "
-                "float32 with ENABLE_FP32_BWD); float64 uses the generic backend")
+    elif _params.type_name(prob.dtype) is None:
+        return (f"dtype {prob.dtype}: the backward kernels take float16, bfloat16 and float32; "
+                "float64 uses the generic backend")
     if _common_dim(prob) is None:
         return (f"head_dim {max(prob.d, prob.dv)} > {max(CONFIGS)} is not implemented in the "
                 "CuPy backward kernel")
@@ -186,15 +142,7 @@ def supports(prob, opts):
         reason = block_mask_reason(prob, opts["block_mask"], bool(opts.get("deterministic")))
         if reason:
             return reason
-    nbatch = math.prod(prob.batch)
-    if nbatch > _fwd._MAX_GRID_YZ or prob.hq > _fwd._MAX_GRID_YZ:
-        return f"batch ({nbatch}) or heads ({prob.hq}) above the grid limit {_fwd._MAX_GRID_YZ}"
-    import cupy
-
-    cc = int(cupy.cuda.Device().compute_capability)
-    if cc < 80:
-        return f"compute capability {cc} < 80: the kernels use mma.sync bf16/f16 and cp.async"
-    return None
+    return _params.device_reason(prob, "the kernels use mma.sync bf16/f16 and cp.async")
 
 
 def smem_bytes(d, cfg):
@@ -220,43 +168,27 @@ def get_kernel(tn, d, cfg, mods, dq, sparse=False):
     """The main backward kernel for one dtype, head dim, configuration, score-mod flag and
     dq mode (``dq=True``: atomics into dq_accum; False: the dq kernel runs separately), and
     with ``sparse`` the block-mask walk."""
-    dc, nw, bm, dqn = cfg
-    mn = ("mods" if mods else "plain") + ("_bm" if sparse else "")
-    qn = "atomic" if dq else "nodq"
-    name = f"flash_bwd_{tn}_d{d}_c{dc}_w{nw}_m{bm}_q{dqn}_{mn}_{qn}"
-    options = ("-DXATTN_KIND=1", f"-DXATTN_TN={tn}", f"-DXATTN_D={d}", f"-DXATTN_DC={dc}",
-               f"-DXATTN_NW={nw}", f"-DXATTN_BM={bm}", f"-DXATTN_DQN={dqn}", f"-DXATTN_MN={mn}",
-               f"-DXATTN_MODS={'true' if mods else 'false'}", f"-DXATTN_QN={qn}",
-               f"-DXATTN_DQ={'true' if dq else 'false'}",
-               f"-DXATTN_SPARSE={'true' if sparse else 'false'}")
-    return _fwd.compiled_function("flash_bwd.cu", name, options, smem_bytes(d, cfg))
+    inst = instances.bwd(tn, d, cfg, mods, dq, sparse)
+    return compiled_function(inst.source, inst.name, inst.defines, smem_bytes(d, cfg))
 
 
 def get_dq_kernel(tn, d, cfg, mods, sparse=False):
     """The deterministic dq kernel for one dtype, head dim, configuration, score-mod flag and
     (``sparse``) the block-mask walk."""
-    nw, bn = cfg
-    mn = ("mods" if mods else "plain") + ("_bm" if sparse else "")
-    name = f"flash_bwd_dq_{tn}_d{d}_w{nw}_n{bn}_{mn}"
-    options = ("-DXATTN_KIND=2", f"-DXATTN_TN={tn}", f"-DXATTN_D={d}", f"-DXATTN_NW={nw}",
-               f"-DXATTN_BN={bn}", f"-DXATTN_MN={mn}",
-               f"-DXATTN_MODS={'true' if mods else 'false'}",
-               f"-DXATTN_SPARSE={'true' if sparse else 'false'}")
-    return _fwd.compiled_function("flash_bwd.cu", name, options, dq_smem_bytes(d, cfg))
+    inst = instances.bwd_dq(tn, d, cfg, mods, sparse)
+    return compiled_function(inst.source, inst.name, inst.defines, dq_smem_bytes(d, cfg))
 
 
 def get_simt_kernel(d, mods):
     """The float32 SIMT backward kernel for one head dim and score-mod flag."""
-    mn = "mods" if mods else "plain"
-    return _fwd.compiled_function(
-        "flash_bwd_simt.cu", f"flash_bwd_f32_simt_d{d}_{mn}",
-        (f"-DXATTN_SIMT_D={d}", f"-DXATTN_SIMT_MN={mn}",
-         f"-DXATTN_SIMT_MODS={'true' if mods else 'false'}"), simt_smem_bytes(d))
+    inst = instances.bwd_simt(d, mods)
+    return compiled_function(inst.source, inst.name, inst.defines, simt_smem_bytes(d))
 
 
 def get_aux_kernel(kind, tn):
     """``flash_bwd_delta_<tn>`` or ``flash_bwd_dq_convert_<tn>``."""
-    return _fwd.compiled_function("flash_bwd.cu", f"flash_bwd_{kind}_{tn}", ("-DXATTN_KIND=3",), 0)
+    inst = instances.bwd_aux(tn)
+    return compiled_function(inst.source, f"flash_bwd_{kind}_{tn}", inst.defines, 0)
 
 
 def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slopes=None,
@@ -285,7 +217,7 @@ def _backward(prob, dout, q, k, v, out, lse, mask, bias, alibi_slopes, determini
               dq_config, block_mask=None):
     import cupy as xp
 
-    tn = _fwd._type_name(prob.dtype)
+    tn = _params.type_name(prob.dtype)
     simt = np.dtype(prob.dtype) == np.float32
     if tn is None and not simt:
         raise NotImplementedError(f"dtype {prob.dtype} has no CuPy backward kernel")
@@ -308,21 +240,13 @@ def _backward(prob, dout, q, k, v, out, lse, mask, bias, alibi_slopes, determini
     else:
         cfg = tuple(config) if config is not None else CONFIGS[dp]
         dq_cfg = tuple(dq_config) if dq_config is not None else DQ_CONFIGS[dp]
-    mods = prob.softcap is not None or bias is not None or alibi_slopes is not None \
-        or mask is not None
+    mods = _params.has_score_mods(prob)
     B, hq, hkv, sq, sk = math.prod(prob.batch), prob.hq, prob.hkv, prob.sq, prob.sk
     dtype = q.dtype
 
     def prep(x, h, s, w):
         # Contiguous (B, H, S, dp) in the input type; zero columns where w < dp.
-        if x.dtype != dtype:
-            x = x.astype(dtype)
-        x = xp.ascontiguousarray(x).reshape(B, h, s, w)
-        if w != dp:
-            xpad = xp.zeros((B, h, s, dp), dtype=dtype)
-            xpad[..., :w] = x
-            x = xpad
-        return x
+        return _params.operand(xp, x, B, h, s, dp, dtype)
 
     def finish(x, w, shape):
         if w != dp:
@@ -341,9 +265,8 @@ def _backward(prob, dout, q, k, v, out, lse, mask, bias, alibi_slopes, determini
     dq4 = xp.empty((B, hq, sq, dp), dtype=dtype)
     dk4 = xp.empty((B, hkv, sk, dp), dtype=dtype)
     dv4 = xp.empty((B, hkv, sk, dp), dtype=dtype)
-    if POISON:
-        for x in (dq4, dk4, dv4):
-            x.view(xp.uint16).fill(0x7FFF)  # NaN in float16 and in bfloat16
+    if _params.poison():
+        _params.fill_poison(xp, dq4, dk4, dv4)
     delta = xp.empty((B, hq, sq), dtype=xp.float32)
     null = np.uint64(0)
     i32, i64, f32 = np.int32, np.int64, np.float32
@@ -355,7 +278,7 @@ def _backward(prob, dout, q, k, v, out, lse, mask, bias, alibi_slopes, determini
         get_aux_kernel("delta", tn)(grid=((rows + 7) // 8,), block=(256,),
                                     args=(o4, do4, delta, i64(rows), i32(dp)))
 
-    opt_args = _fwd.option_args(xp, prob, mask, bias, alibi_slopes)
+    opt_args = _params.option_args(xp, prob, mask, bias, alibi_slopes)
     acc = None if deterministic else xp.zeros((B, hq, sq, dp), dtype=xp.float32)
 
     if sparse:

@@ -8,10 +8,10 @@ float32. Its error is that of the rounded inputs (about ``1e-3`` relative, see
 :doc:`numerics`), against ``1e-6`` for the strict float32 SIMT kernel that serves float32 by
 default.
 
-:func:`xattn._backends.cupy_.flash.forward` calls :func:`forward` here when the caller passed
+The ``cupy.tf32`` entry of the kernel table: ``auto`` takes it when the caller passed
 ``allow_tf32=True``, the inputs are float32 and :func:`supports` accepts the request; otherwise
-the strict kernel runs. ``ENABLE_TF32 = False`` switches this path off (allow_tf32 is then
-honoured by not using it). Options: every one of the 16-bit kernel (causal, window, scale, GQA,
+the strict ``cupy.simt`` kernel runs (``XATTN_DISABLE=cupy.tf32`` does the same: allow_tf32 is
+then honoured by not using it). Options: every one of the 16-bit kernel (causal, window, scale, GQA,
 softcap, bias, ALiBi, mask, lse); head dims 32, 64, 96, 128 and 256, others zero-padded to the
 next of those; no ``block_mask`` yet.
 """
@@ -23,26 +23,14 @@ from functools import cache
 
 import numpy as np
 
-from . import flash as _flash
+from . import _params, instances
+from ._compile import compiled_function
 
-__all__ = ["CONFIGS", "ENABLE_TF32", "forward", "get_kernel", "smem_bytes", "supports"]
+__all__ = ["CONFIGS", "forward", "get_kernel", "smem_bytes", "supports"]
 
-# Switch: False sends allow_tf32=True back to the strict float32 kernel (same results as
-# allow_tf32=False). Its GPU tests passed on an H200 (2026-11-29; notes/gpu_kernels.md).
-ENABLE_TF32 = True
-# Tests set this (or flash.POISON) to fill every output with NaN before the launch.
-POISON = False
-
-# Per head dim: (warps, 16-row tiles per warp, keys per block), from ptxas -v on sm_80/sm_90a
-# (no spills, <= 255 registers so that two 128-thread blocks fit an SM's register file).
-CONFIGS = {
-    32: (4, 2, 64),
-    64: (4, 1, 64),
-    96: (4, 1, 32),
-    128: (4, 1, 32),
-    256: (4, 1, 16),
-}
-
+# Per head dim: (warps, 16-row tiles per warp, keys per block), from the one list of every
+# compiled entry (instances.py; ptxas -v on sm_80/sm_90a: no spills, <= 255 registers).
+CONFIGS = instances.TF32
 
 
 def padded_dim(d: int):
@@ -63,35 +51,35 @@ def smem_bytes(d: int, cfg) -> int:
     return (2 * bn * ldk + 2 * bn * ldv + q) * 4
 
 
-def supports(prob, opts=None):
+def supports(prob, opts, op="forward"):
     """``None`` when the TF32 kernel serves this float32 request, else the reason it does not.
 
-    ``opts`` are the backend options of the call; any besides ``allow_tf32`` (a block mask,
-    a tile plan) is refused, and the strict kernel or the generic backend serves the call.
+    It needs the caller's permission (``allow_tf32=True`` in ``opts``); any other option (a
+    block mask, a tile plan) is refused, and the strict kernel or the generic backend serves
+    the call.
     """
-    if not ENABLE_TF32:
-        return "the TF32 kernel is switched off (flash_tf32.ENABLE_TF32 = False)"
     if prob.xp.__name__ != "cupy":
         return "inputs are not CuPy arrays"
+    if op != "forward":
+        return "the TF32 kernel is forward only"
     if np.dtype(prob.dtype) != np.float32:
         return f"dtype {prob.dtype}: the TF32 kernel takes float32 inputs"
-    unknown = sorted(k for k, v in (opts or {}).items() if v is not None and k != "allow_tf32")
+    opts = opts or {}
+    if not opts.get("allow_tf32"):
+        return "float32 on tensor cores needs allow_tf32=True"
+    unknown = sorted(k for k, v in opts.items() if v is not None and k != "allow_tf32")
     if unknown:
         return f"options {unknown} are not implemented in the TF32 kernel"
     if prob.dv != prob.d:
         return f"Dv ({prob.dv}) != D ({prob.d}) is not implemented in the TF32 kernel"
     if padded_dim(prob.d) is None:
         return f"head_dim {prob.d} > {max(CONFIGS)} is not implemented in the TF32 kernel"
-    nbatch = math.prod(prob.batch)
-    if nbatch > _flash._MAX_GRID_YZ or prob.hq > _flash._MAX_GRID_YZ:
-        return (f"batch ({nbatch}) or heads ({prob.hq}) above the grid limit "
-                f"{_flash._MAX_GRID_YZ}")
+    reason = _params.device_reason(prob, "mma.sync .tf32 and cp.async need sm_80")
+    if reason:
+        return reason
     import cupy
 
     dev = cupy.cuda.Device()
-    cc = int(dev.compute_capability)
-    if cc < 80:
-        return f"compute capability {cc} < 80: mma.sync .tf32 and cp.async need sm_80"
     dp = padded_dim(prob.d)
     need = smem_bytes(dp, CONFIGS[dp])
     have = _max_smem(dev.id, need)
@@ -112,22 +100,20 @@ def _max_smem(device_id: int, default: int) -> int:
 
 def get_kernel(d: int, cfg, mods: bool):
     """The compiled entry point for one head dim, tile configuration and variant."""
-    nw, mt, bn = cfg
-    mn = "mods" if mods else "plain"
-    options = (f"-DXATTN_TF32_D={d}", f"-DXATTN_TF32_NW={nw}", f"-DXATTN_TF32_MT={mt}",
-               f"-DXATTN_TF32_BN={bn}", f"-DXATTN_TF32_MN={mn}",
-               f"-DXATTN_TF32_MODS={'true' if mods else 'false'}")
-    return _flash.compiled_function("flash_fwd_tf32.cu",
-                                    f"flash_fwd_tf32_d{d}_w{nw}_m{mt}_n{bn}_{mn}", options,
-                                    smem_bytes(d, cfg))
+    inst = instances.tf32(d, cfg, mods)
+    return compiled_function(inst.source, inst.name, inst.defines, smem_bytes(d, cfg))
 
 
-def forward(prob, q, k, v, mask=None, bias=None, alibi_slopes=None, *, config=None):
+def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, block_mask=None,
+            plan=None, element_rule=None, allow_tf32=True, config=None):
     """Return ``(out, lse)`` computed by the TF32 kernel on the inputs' device.
 
-    The caller has checked :func:`supports`. ``config`` overrides the tile configuration
+    The caller has checked :func:`supports` (``allow_tf32`` is that permission; a block mask
+    or tile plan is refused). ``config`` overrides the tile configuration
     ``(warps, tiles per warp, keys per block)`` (benchmarks compare configurations with it).
     """
+    if block_mask is not None or plan is not None or element_rule is not None:
+        raise NotImplementedError("the TF32 kernel takes no block_mask / tile plan")
     with q.device:
         return _forward(prob, q, k, v, mask, bias, alibi_slopes, config)
 
@@ -137,29 +123,12 @@ def _forward(prob, q, k, v, mask, bias, alibi_slopes, config):
 
     d = prob.d
     dp = padded_dim(d)
-    mods = prob.softcap is not None or bias is not None or alibi_slopes is not None \
-        or mask is not None
+    mods = _params.has_score_mods(prob)
     cfg = tuple(config) if config is not None else CONFIGS[dp]
     B = math.prod(prob.batch)
-
-    def prep(x, h, s):
-        x = xp.ascontiguousarray(x, dtype=xp.float32).reshape(B, h, s, d)
-        if dp != d:
-            xpad = xp.zeros((B, h, s, dp), dtype=xp.float32)
-            xpad[..., :d] = x
-            x = xpad
-        return x
-
-    q4, k4, v4 = prep(q, prob.hq, prob.sq), prep(k, prob.hkv, prob.sk), prep(v, prob.hkv, prob.sk)
-    out = xp.empty((B, prob.hq, prob.sq, dp), dtype=xp.float32)
-    lse = xp.empty((B, prob.hq, prob.sq), dtype=xp.float32)
-    if POISON or _flash.POISON:
-        out.fill(np.nan)
-        lse.fill(np.nan)
-    if out.size == 0 or lse.size == 0:
-        if lse.size:
-            lse.fill(-np.inf)
-        return out[..., :d].reshape(prob.out_shape), lse.reshape(prob.lse_shape)
+    q4, k4, v4, out, lse = _params.forward_buffers(xp, prob, q, k, v, dp, xp.float32)
+    if _params.nothing_to_launch(out, lse):
+        return _params.forward_result(xp, prob, out, lse)
 
     fn = get_kernel(dp, cfg, mods)
     nw, mt, _ = cfg
@@ -168,10 +137,8 @@ def _forward(prob, q, k, v, mask, bias, alibi_slopes, config):
     args = (
         q4, k4, v4, out, lse,
         i32(prob.hq), i32(prob.group), i32(prob.sq), i32(prob.sk), f32(prob.scale),
-        *_flash.option_args(xp, prob, mask, bias, alibi_slopes),
+        *_params.option_args(xp, prob, mask, bias, alibi_slopes),
     )
     fn(grid=((prob.sq + bm - 1) // bm, prob.hq, B), block=(nw * 32,), args=args,
        shared_mem=smem_bytes(dp, cfg))
-    if dp != d:
-        out = xp.ascontiguousarray(out[..., :d])
-    return out.reshape(prob.out_shape), lse.reshape(prob.lse_shape)
+    return _params.forward_result(xp, prob, out, lse)

@@ -7,7 +7,7 @@ Intel's SVML (not shipped with pip's numba), so float32 tiles use :func:`_exp2_t
 range reduction plus a degree-5 polynomial, with ``2**n`` built in the exponent bits by a
 bitcast intrinsic, all in one vectorised loop; float64 tiles keep ``math.exp``. The row max
 runs on order-preserving int32 keys so that it vectorises without 'nnan'/'ninf' fast-math.
-Measurements of each version: notes/cpu_kernels.md.
+Measurements of each version: docs/dev/perf_cpu.rst.
 
 Compiled lazily on first use (``cache=True`` keeps the machine code on disk); importing this
 module imports numba, so only :mod:`xattn._backends.numpy_.fused` imports it, inside functions.

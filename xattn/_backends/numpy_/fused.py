@@ -54,7 +54,7 @@ from .tiled import (
 # written by one matmul, rewritten by the softmax pass and read by the next matmul while
 # (mostly) cached. Measured against 128 x 512 (half the tile): 5-10% faster forward (fewer
 # tiles, so less Python overhead per FLOP, and k/v tiles re-read half as often); 128 x 256,
-# 256 x 256 and 128 x 1024 were slower or equal (notes/cpu_kernels.md).
+# 256 x 256 and 128 x 1024 were slower or equal (docs/dev/perf_cpu.rst).
 BLOCK_ROWS = 256
 BLOCK_K = 512
 # Query rows per head never drop below this (large GQA groups), so each head's slice of a
@@ -297,7 +297,7 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
             dq_acc = np.zeros((rows, D), dtype=cd)
             dq_part = np.empty((rows, D), dtype=cd)
             # Unlike the forward pass, a compiled loop over plain tiles (numba's np.dot) was
-            # 3-4% slower here than these numpy calls: notes/cpu_kernels.md.
+            # 3-4% slower here than these numpy calls: docs/dev/perf_cpu.rst.
             for k0, k1, full in tiles:
                 kw = k1 - k0
                 kt, vt = _as_cd(kg[k0:k1], cd), _as_cd(vg[k0:k1], cd)

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from ... import _masking
+from ... import _masking, _plans
 
 # Query rows per tile (per head of a GQA group) and keys per tile. 128 x 512 float32 scores
 # are 256 KiB: the tile stays in L2 while it is exponentiated and multiplied.
@@ -89,6 +89,20 @@ def add_dbias(dpad, ds, bidx, h0, h1, q0, q1, k0, k1):
     dpad[tuple(index)] += ds
 
 
+def _plan_and_views(prob, plan, mask, bias, alibi_slopes):
+    """The plan (default: the causal/window tiles of :func:`xattn._plans.tile_plan`) and the
+    score operands as broadcast views in the compute dtype."""
+    xp, cd = prob.xp, prob.cdtype
+    if plan is None:
+        plan = _plans.tile_plan(prob.sq, prob.sk, BLOCK_Q, BLOCK_K, prob.causal, prob.window)
+    views = (
+        score_view(xp, mask, prob),
+        None if bias is None else score_view(xp, bias.astype(cd, copy=False), prob),
+        slopes_view(xp, None if alibi_slopes is None else alibi_slopes.astype(cd), prob),
+    )
+    return plan, views
+
+
 def _jobs(prob, plan):
     for bidx in np.ndindex(*prob.batch):
         for g in range(prob.hkv):
@@ -149,14 +163,8 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
     if _masking.no_pairs(prob):
         return _masking.empty_forward(prob)
     xp, cd, G = prob.xp, prob.cdtype, prob.group
-    if plan is None:
-        plan = _masking.tile_plan(prob.sq, prob.sk, BLOCK_Q, BLOCK_K, prob.causal, prob.window)
+    plan, views = _plan_and_views(prob, plan, mask, bias, alibi_slopes)
     q4, k4, v4 = as4d(q, prob), as4d(k, prob), as4d(v, prob)
-    views = (
-        score_view(xp, mask, prob),
-        None if bias is None else score_view(xp, bias.astype(cd, copy=False), prob),
-        slopes_view(xp, None if alibi_slopes is None else alibi_slopes.astype(cd), prob),
-    )
     out = xp.empty((*prob.batch, prob.hq, prob.sq, prob.dv), dtype=prob.dtype)
     lse = xp.empty((*prob.batch, prob.hq, prob.sq), dtype=cd)
     scale = cd.type(prob.scale)
@@ -211,15 +219,9 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
         grads = _masking.empty_backward(prob)
         return (*grads, dbias_buffer(prob.xp, bias, prob)[0]) if return_dbias else grads
     xp, cd, G = prob.xp, prob.cdtype, prob.group
-    if plan is None:
-        plan = _masking.tile_plan(prob.sq, prob.sk, BLOCK_Q, BLOCK_K, prob.causal, prob.window)
+    plan, views = _plan_and_views(prob, plan, mask, bias, alibi_slopes)
     q4, k4, v4 = as4d(q, prob), as4d(k, prob), as4d(v, prob)
     do4, o4, lse4 = as4d(dout, prob), as4d(out, prob), as4d(lse, prob)
-    views = (
-        score_view(xp, mask, prob),
-        None if bias is None else score_view(xp, bias.astype(cd, copy=False), prob),
-        slopes_view(xp, None if alibi_slopes is None else alibi_slopes.astype(cd), prob),
-    )
     dq = xp.empty((*prob.batch, prob.hq, prob.sq, prob.d), dtype=prob.dtype)
     dk = xp.zeros((*prob.batch, prob.hkv, prob.sk, prob.d), dtype=cd)
     dv = xp.zeros((*prob.batch, prob.hkv, prob.sk, prob.dv), dtype=cd)

@@ -2,7 +2,7 @@
 
 CPU part (always runs): the configuration choice and refusal reasons of
 :func:`~xattn._backends.cupy_.flash_bwd.block_mask_configs`, and that every block-sparse
-candidate is in flash_bwd.cu's compile-check list.
+candidate is in the compile-checked instance list (instances.py).
 
 GPU part (marked ``gpu``): dq/dk/dv of the block-sparse kernels (forward from the cupy
 forward kernel) against the float64 oracle ``reference_attention_backward`` with the mask's
@@ -14,7 +14,6 @@ blocks wrong) or element rule (edges of partial blocks wrong) shows which.
 
 from __future__ import annotations
 
-import re
 import zlib
 from pathlib import Path
 
@@ -25,7 +24,6 @@ from conftest import cupy_array
 import xattn
 from xattn import _backends
 from xattn._array import validate_attention
-from xattn._backends.cupy_ import flash as ck
 from xattn._backends.cupy_ import flash_bwd as kb
 from xattn.testing import (
     naive_attention_backward,
@@ -59,19 +57,10 @@ def test_block_mask_configs(d, block, want):
     assert kb.block_mask_configs(d, block) == want
 
 
-def test_every_candidate_is_compile_checked():
-    src = (KERNELS / "flash_bwd.cu").read_text()
-    main = {tuple(int(x) for x in m.groups())
-            for m in re.finditer(r"^XATTN_BWD_BM\((\d+), (\d+), (\d+), (\d+), (\d+)\)", src, re.M)}
-    dq = {tuple(int(x) for x in m.groups())
-          for m in re.finditer(r"^XATTN_BWD_DQ_BM\((\d+), (\d+), (\d+)\)", src, re.M)}
+def test_candidates_fit_their_tiles():
     for d, cands in kb.BM_CONFIGS.items():
         for c in cands:
-            assert (d, *c) in main, f"BM_CONFIGS[{d}] {c} is not in flash_bwd.cu's list"
             assert c[2] % 16 == 0 and d % c[0] == 0
-    for d, cands in kb.BM_DQ_CONFIGS.items():
-        for c in cands:
-            assert (d, *c) in dq, f"BM_DQ_CONFIGS[{d}] {c} is not in flash_bwd.cu's list"
 
 
 def test_block_mask_reasons():
@@ -86,14 +75,6 @@ def test_block_mask_reasons():
     q32 = np.zeros((2, 100, 64), np.float32)
     assert "float32" in kb.block_mask_reason(validate_attention(q32, q32, q32),
                                              xattn.BlockMask.causal(100, block_size=64))
-
-
-def test_block_mask_switch(monkeypatch):
-    q = np.zeros((2, 100, 64), np.float16)
-    prob = validate_attention(q, q, q)
-    monkeypatch.setattr(kb, "ENABLE_BLOCK_MASK_BWD", False)
-    assert "ENABLE_BLOCK_MASK_BWD" in kb.block_mask_reason(
-        prob, xattn.BlockMask.causal(100, block_size=64))
 
 
 # --- GPU ------------------------------------------------------------------------------------------
@@ -111,8 +92,7 @@ needs_gpu = pytest.mark.skipif(_NGPU == 0, reason="no CuPy or no CUDA device")
 @pytest.fixture
 def poison(monkeypatch):
     """Fill every kernel output with NaN before the launch: unwritten elements then fail."""
-    monkeypatch.setattr(ck, "POISON", True)
-    monkeypatch.setattr(kb, "POISON", True)
+    monkeypatch.setenv("XATTN_POISON", "1")
 
 
 def _qkv(rng, dtype, sq, sk, d, *, b=2, hq=4, hkv=2, amp=1.0):
@@ -354,9 +334,8 @@ def test_dispatch_refusal_and_switch(monkeypatch):
         opts = {"block_mask": bm, "plan": object(), "element_rule": object()}
         if det:
             opts["deterministic"] = True
-        impl = _backends.select(prob, opts, "auto", op="backward")
-        assert impl.__name__.endswith("cupy_.flash"), \
-            f"deterministic={det}: auto picked {impl.__name__} for the backward"
+        name = _backends.select_entry(prob, opts, "auto", op="backward").name
+        assert name == "cupy.sm80", f"deterministic={det}: auto picked {name} for the backward"
     odd = xattn.BlockMask.causal(200, 300, block_size=48)
     out, lse = xattn.flash_attention(q, k, v, block_mask=odd, return_lse=True)
     dout = cp.asarray(rng.standard_normal(out.shape).astype(np.float16))
@@ -368,7 +347,7 @@ def test_dispatch_refusal_and_switch(monkeypatch):
     naive = naive_attention_backward(dout, q, k, v, out, mask=dense)
     for name, g, r, n in zip(("dq", "dk", "dv"), grads, refs, naive, strict=True):
         _assert_grad("odd block size on auto", name, g, r, n, q.dtype, odd)
-    monkeypatch.setattr(kb, "ENABLE_BLOCK_MASK_BWD", False)
+    monkeypatch.setenv("XATTN_DISABLE", "cupy")
     out, lse = xattn.flash_attention(q, k, v, block_mask=bm, return_lse=True)
-    with pytest.raises(NotImplementedError, match="ENABLE_BLOCK_MASK_BWD"):
+    with pytest.raises(NotImplementedError, match="XATTN_DISABLE"):
         xattn.flash_attention_backward(dout, q, k, v, out, lse, block_mask=bm, backend="cupy")

@@ -1,6 +1,6 @@
 """The sm_90a (wgmma) flash forward against the float64 oracle (needs CuPy and a cc 9.0 GPU).
 
-The kernel is called directly (``flash_sm90.forward``), whatever ``ENABLE_SM90`` says, so that
+The kernel is called directly (``flash_sm90.forward``), whatever ``XATTN_DISABLE`` says, so that
 these tests decide whether the switch may be turned on. Failures name the case and say where
 the errors are (worst element, rows modulo the 64-row warpgroup tile, columns), which is what
 locates a fragment or layout bug.
@@ -32,7 +32,7 @@ from xattn._backends.cupy_ import flash_sm90 as k90  # noqa: E402
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     """Fill every kernel output with NaN before the launch: unwritten elements then fail."""
-    monkeypatch.setattr(k90, "POISON", True)
+    monkeypatch.setenv("XATTN_POISON", "1")
 
 
 def _inputs(rng, dtype, *, b=2, hq=4, hkv=2, sq=77, sk=150, d=64):
@@ -173,37 +173,54 @@ def test_swizzle_gqa_window(d, config):
     _check(q, k, v, config=config, causal=True, window=(150, None))
 
 
-def test_applies_switch(monkeypatch):
+def test_supports_and_switch(monkeypatch):
+    from xattn import _backends
+
     q, k, v = _inputs(np.random.default_rng(0), "float16", d=64)
     prob = validate_attention(q, k, v)
-    monkeypatch.setattr(k90, "ENABLE_SM90", False)
-    assert "ENABLE_SM90" in k90.applies(prob)
-    monkeypatch.setattr(k90, "ENABLE_SM90", True)
-    assert k90.applies(prob) is None
-    assert k90.applies(prob, alibi_slopes=cp.ones(4, cp.float32)) is not None
+    assert k90.supports(prob, {}, "forward") is None
+    assert "forward only" in k90.supports(prob, {}, "backward")
+    monkeypatch.setenv("XATTN_DISABLE", "cupy.sm90")
+    assert _backends.explain(prob, {})["backend"] == "cupy.sm80"
+    monkeypatch.delenv("XATTN_DISABLE")
+    assert _backends.explain(prob, {})["backend"] == "cupy.sm90"
+    alibi = validate_attention(q, k, v, alibi_slopes=cp.ones(4, cp.float32))
+    assert k90.supports(alibi, {}, "forward") is not None
     prob96 = validate_attention(*_inputs(np.random.default_rng(1), "float16", d=96))
-    assert "head_dim" in k90.applies(prob96)
+    assert "head_dim" in k90.supports(prob96, {}, "forward")
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("case", ["plain_causal", "softcap_goes_to_mma_sync"])
-def test_dispatch(monkeypatch, dtype, case):
+def test_dispatch(dtype, case):
     """backend="cupy" (and "auto") reach the wgmma kernel where it applies, with its default
     configuration, and the mma.sync kernel for what it does not serve."""
-    import xattn
-    from xattn._backends.cupy_ import flash as ck
+    import logging
 
-    monkeypatch.setattr(k90, "ENABLE_SM90", True)
-    monkeypatch.setattr(k90, "POISON", True)
-    monkeypatch.setattr(ck, "POISON", True)
+    import xattn
+
     calls = []
-    real = k90.forward
-    monkeypatch.setattr(k90, "forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    opts = {"causal": True} if case == "plain_causal" else {"softcap": 5.0}
-    q, k, v = _inputs(np.random.default_rng(7), dtype, b=1, sq=300, sk=421, d=128)
-    for backend in ("cupy", "auto"):
-        out, lse = xattn.flash_attention(q, k, v, return_lse=True, backend=backend, **opts)
-        ref, ref_lse, _ = reference_attention(q, k, v, **opts)
-        assert_close(out, ref, xp=cp, dtype=q.dtype, naive=naive_attention(q, k, v, **opts))
-        assert_close(lse, ref_lse, xp=cp, dtype=np.float32, atol=2e-3, rtol=1e-3)
+
+    class Kernels(logging.Handler):
+        def emit(self, record):
+            name = getattr(record, "xattn_kernel", "")
+            if name.startswith("flash_fwd_sm90_"):
+                calls.append(name)
+
+    handler = Kernels()
+    logger = logging.getLogger("xattn")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)  # setLevel, not .level: the logger caches isEnabledFor
+    try:
+        opts = {"causal": True} if case == "plain_causal" else {"softcap": 5.0}
+        q, k, v = _inputs(np.random.default_rng(7), dtype, b=1, sq=300, sk=421, d=128)
+        for backend in ("cupy", "auto"):
+            out, lse = xattn.flash_attention(q, k, v, return_lse=True, backend=backend, **opts)
+            ref, ref_lse, _ = reference_attention(q, k, v, **opts)
+            assert_close(out, ref, xp=cp, dtype=q.dtype, naive=naive_attention(q, k, v, **opts))
+            assert_close(lse, ref_lse, xp=cp, dtype=np.float32, atol=2e-3, rtol=1e-3)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     assert len(calls) == (2 if case == "plain_causal" else 0)

@@ -2,7 +2,7 @@
 # The one command for the GPU machine: kernel compile and SASS checks, compute-sanitizer, the
 # GPU tests and benchmarks/gpu_flash.py, in under ten minutes, with a summary at the end.
 #
-#   bash benchmarks/gpu_run.sh [benchmark options]      # default options: --tf32 --sm90
+#   bash .ci/gpu_run.sh [benchmark options]      # default options: --tf32 --sm90
 #
 # Run from anywhere (it works in the repository root). Stages, each under its own `timeout`,
 # the whole run inside XATTN_RUN_SECONDS (default 555 s, under the device's 10 min per call):
@@ -86,12 +86,10 @@ fi
 # The sanitizer workload: one try/except per kernel family, so a missing or failing feature
 # does not hide the others. Small shapes, lengths that are no tile multiples, GQA.
 cat > "$OUT/sanitize_workload.py" <<'PY'
-import importlib, inspect, sys, traceback
+import sys, traceback
 import numpy as np
 import cupy as cp
 import xattn
-from xattn._array import validate_attention
-from xattn._backends.cupy_ import flash as ck
 
 rng = np.random.default_rng(0)
 cc = int(cp.cuda.Device().compute_capability)
@@ -111,19 +109,14 @@ def qkv(d, dt=np.float16, sq=70, sk=90, hq=4, hkv=2):
     return arr((1, hq, sq, d), dt), arr((1, hkv, sk, d), dt), arr((1, hkv, sk, d), dt)
 
 
-def fwd(d, dt=np.float16, **o):
+def fwd(d, dt=np.float16, backend="cupy", **o):
     q, k, v = qkv(d, dt)
-    xattn.flash_attention(q, k, v, backend="cupy", **o)
+    xattn.flash_attention(q, k, v, backend=backend, **o)
 
 
 def fwd80(d, **o):
     # The mma.sync kernel where the Hopper kernel would otherwise serve (sm_80 cards run it).
-    mod = importlib.import_module("xattn._backends.cupy_.flash_sm90")
-    old, mod.ENABLE_SM90 = mod.ENABLE_SM90, False
-    try:
-        fwd(d, **o)
-    finally:
-        mod.ENABLE_SM90 = old
+    fwd(d, backend="cupy.sm80", **o)
 
 
 def bwd(d, dt=np.float16, deterministic=False, **o):
@@ -147,26 +140,12 @@ def blockmask(d, kind):
 def sm90(d, causal):
     if cc != 90:
         raise RuntimeError(f"not an sm_90 device (cc {cc})")
-    mod = importlib.import_module("xattn._backends.cupy_.flash_sm90")
     q, k, v = qkv(d, sq=200, sk=300)
-    prob = validate_attention(q, k, v, causal=causal)
-    old, mod.ENABLE_SM90 = mod.ENABLE_SM90, True
-    try:
-        if "flash_sm90" in inspect.getsource(ck):
-            xattn.flash_attention(q, k, v, causal=causal, backend="cupy")
-        else:
-            mod.forward(prob, q, k, v)
-    finally:
-        mod.ENABLE_SM90 = old
+    xattn.flash_attention(q, k, v, causal=causal, backend="cupy.sm90")
 
 
 def tf32(d, **o):
-    try:
-        mod = importlib.import_module("xattn._backends.cupy_.flash_tf32")
-        mod.ENABLE_TF32 = True
-    except ImportError:
-        pass
-    fwd(d, np.float32, allow_tf32=True, **o)
+    fwd(d, np.float32, backend="cupy.tf32", allow_tf32=True, **o)
 
 
 mask = cp.asarray(rng.random((70, 90)) < 0.5)

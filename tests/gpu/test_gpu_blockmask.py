@@ -148,6 +148,7 @@ static inline T __ldg(const T* p) {
     return *p;
 }
 #include "blockmask.cuh"
+using namespace xattn;
 
 static XattnBlockMask make(const int* frow, const int* fcol, const int* prow, const int* pcol,
                            const unsigned* tiles, const int* meta) {
@@ -348,13 +349,6 @@ def test_block_mask_reason_names_the_block_size():
     assert ck._block_mask_reason(prob, xattn.BlockMask.causal(100, block_size=64)) is None
 
 
-def test_supports_block_mask_switch(monkeypatch):
-    q = np.zeros((2, 100, 64), np.float16)
-    prob = validate_attention(q, q, q)
-    monkeypatch.setattr(ck, "ENABLE_BLOCK_MASK", False)
-    assert "ENABLE_BLOCK_MASK" in ck._block_mask_reason(prob, MASKS["causal"])
-
-
 # --- GPU ----------------------------------------------------------------------------------------
 
 try:
@@ -370,7 +364,7 @@ needs_gpu = pytest.mark.skipif(_NGPU == 0, reason="no CuPy or no CUDA device")
 @pytest.fixture
 def poison(monkeypatch):
     """Fill every kernel output with NaN before the launch: unwritten elements then fail."""
-    monkeypatch.setattr(ck, "POISON", True)
+    monkeypatch.setenv("XATTN_POISON", "1")
 
 
 def _qkv(rng, dtype, sq, sk, d, *, dv=None, b=2, hq=4, hkv=2, amp=1.0):
@@ -544,8 +538,7 @@ def test_dispatch_and_refusal():
     q, k, v = _qkv(rng, "float16", 200, 300, 64)
     bm = MASKS["causal"]
     prob = validate_attention(q, k, v)
-    impl = _backends.select(prob, {"block_mask": bm}, "auto", op="forward")
-    assert impl.__name__.endswith("cupy_.flash"), impl.__name__
+    assert _backends.select_entry(prob, {"block_mask": bm}, "auto").name == "cupy.sm80"
     odd = xattn.BlockMask.causal(200, 300, block_size=48)
     with pytest.raises(NotImplementedError, match=r"block size \(48, 48\)"):
         xattn.flash_attention(q, k, v, block_mask=odd, backend="cupy")
@@ -557,15 +550,15 @@ def test_dispatch_and_refusal():
 @gpu
 @needs_gpu
 def test_switch_off_falls_back(monkeypatch):
-    monkeypatch.setattr(ck, "ENABLE_BLOCK_MASK", False)
+    monkeypatch.setenv("XATTN_DISABLE", "cupy")
     rng = np.random.default_rng(15)
     q, k, v = _qkv(rng, "float16", 200, 300, 64)
     bm = MASKS["causal"]
-    with pytest.raises(NotImplementedError, match="ENABLE_BLOCK_MASK"):
+    with pytest.raises(NotImplementedError, match="XATTN_DISABLE"):
         xattn.flash_attention(q, k, v, block_mask=bm, backend="cupy")
     out = xattn.flash_attention(q, k, v, block_mask=bm)
     ref, _, _ = reference_attention(q, k, v, mask=cp.asarray(bm.to_dense()))
-    _compare("ENABLE_BLOCK_MASK off", out, ref, bm=bm, dtype=q.dtype, atol=2e-2, rtol=2e-2)
+    _compare("cupy entries off", out, ref, bm=bm, dtype=q.dtype, atol=2e-2, rtol=2e-2)
 
 
 @gpu

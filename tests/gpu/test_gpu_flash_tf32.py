@@ -55,9 +55,7 @@ def kernels(monkeypatch):
     from xattn._backends.cupy_ import flash as ck
     from xattn._backends.cupy_ import flash_tf32 as kt
 
-    monkeypatch.setattr(ck, "POISON", True)
-    monkeypatch.setattr(kt, "POISON", True)
-    monkeypatch.setattr(kt, "ENABLE_TF32", True)
+    monkeypatch.setenv("XATTN_POISON", "1")
     return ck, kt
 
 
@@ -294,12 +292,15 @@ def test_switch_off_gives_the_strict_kernel(kernels, monkeypatch):
     _, kt = kernels
     rng = np.random.default_rng(7)
     q, k, v = _inputs(rng, sq=90, sk=120, d=64)
-    monkeypatch.setattr(kt, "ENABLE_TF32", False)
+    monkeypatch.setenv("XATTN_DISABLE", "cupy.tf32")
     off = xattn.flash_attention(q, k, v, causal=True, allow_tf32=True, backend="cupy")
     strict = xattn.flash_attention(q, k, v, causal=True, backend="cupy")
-    assert bool(cp.all(off == strict)), "ENABLE_TF32=False must fall back to the strict kernel"
+    assert bool(cp.all(off == strict)), "cupy.tf32 off must fall back to the strict kernel"
     prob = validate_attention(q, k, v)
-    assert "switched off" in kt.supports(prob)
+    assert kt.supports(prob, {}, "forward") is not None  # no allow_tf32: not TF32's request
+    from xattn import _backends
+
+    assert _backends.explain(prob, {"allow_tf32": True})["backend"] == "cupy.simt"
 
 
 @gpu
@@ -355,9 +356,10 @@ def test_tf32_refusals_fall_back(kernels):
     _, kt = kernels
     rng = np.random.default_rng(10)
     q, k, v = _inputs(rng, sq=20, sk=20, d=288)
-    assert "head_dim" in kt.supports(validate_attention(q, k, v))
+    permit = {"allow_tf32": True}
+    assert "head_dim" in kt.supports(validate_attention(q, k, v), permit, "forward")
     q16, k16, v16 = (x.astype(cp.float16) for x in _inputs(rng, sq=20, sk=20, d=64))
-    assert "float32" in kt.supports(validate_attention(q16, k16, v16))
+    assert "float32" in kt.supports(validate_attention(q16, k16, v16), permit, "forward")
     # allow_tf32 on float16 is ignored: same bits as without it.
     a = xattn.flash_attention(q16, k16, v16, allow_tf32=True, backend="cupy")
     b = xattn.flash_attention(q16, k16, v16, backend="cupy")

@@ -34,15 +34,12 @@ pytestmark = [
     pytest.mark.skipif(_NGPU == 0, reason="no CUDA device"),
 ]
 
-from xattn._backends.cupy_ import flash as ck  # noqa: E402
-from xattn._backends.cupy_ import flash_bwd as kb  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     """Fill every kernel output with NaN before the launch: unwritten elements then fail."""
-    monkeypatch.setattr(ck, "POISON", True)
-    monkeypatch.setattr(kb, "POISON", True)
+    monkeypatch.setenv("XATTN_POISON", "1")
 
 
 def _inputs(rng, dtype, *, b=(2,), hq=4, hkv=2, sq=77, sk=150, d=64, dv=None, amp=1.0):
@@ -229,13 +226,13 @@ def test_auto_picks_the_backward_kernel():
     rng = np.random.default_rng(9)
     q, k, v = _inputs(rng, "float16")
     prob = validate_attention(q, k, v, causal=True)
-    assert _backends.select(prob, {}, "auto", op="backward").__name__.endswith("cupy_.flash")
-    assert _backends.select(prob, {"deterministic": True}, "auto",
-                            op="backward").__name__.endswith("cupy_.flash")
+    assert _backends.select_entry(prob, {}, "auto", op="backward").name == "cupy.sm80"
+    assert _backends.select_entry(prob, {"deterministic": True}, "auto",
+                                  op="backward").name == "cupy.sm80"
 
 
 def test_backward_refusals_raise_when_forced_and_fall_back_on_auto(monkeypatch):
-    monkeypatch.setattr(kb, "ENABLE_FP32_BWD", False)
+    monkeypatch.setenv("XATTN_DISABLE", "cupy.simt")
     rng = np.random.default_rng(10)
     q, k, v = _inputs(rng, "float32", sq=33, sk=47, d=32)
     out, lse = xattn.flash_attention(q, k, v, return_lse=True)
@@ -251,19 +248,17 @@ def test_backward_refusals_raise_when_forced_and_fall_back_on_auto(monkeypatch):
     q, k, v = _inputs(rng, "float16", sq=33, sk=47, d=32)
     out, lse = xattn.flash_attention(q, k, v, return_lse=True, causal=True)
     dout = cp.asarray(rng.standard_normal(out.shape).astype(np.float16))
-    monkeypatch.setattr(kb, "ENABLE_BWD_KERNEL", False)
-    with pytest.raises(NotImplementedError, match="ENABLE_BWD_KERNEL"):
-        xattn.flash_attention_backward(dout, q, k, v, out, lse, causal=True, backend="cupy")
+    monkeypatch.setenv("XATTN_DISABLE", "cupy.sm80")
+    with pytest.raises(NotImplementedError, match="XATTN_DISABLE"):
+        xattn.flash_attention_backward(dout, q, k, v, out, lse, causal=True,
+                                       backend="cupy.sm80")
+    assert _backends.explain(validate_attention(q, k, v, causal=True), {},
+                             op="backward")["backend"] == "generic"
     grads = xattn.flash_attention_backward(dout, q, k, v, out, lse, causal=True)
     refs = reference_attention_backward(dout, q, k, v, causal=True)
     naive = naive_attention_backward(dout, q, k, v, out, causal=True)
     for name, g, r, n in zip(("dq", "dk", "dv"), grads, refs, naive, strict=True):
         _assert_grad("auto fallback", name, g, r, n, q.dtype)
-    monkeypatch.setattr(kb, "ENABLE_BWD_KERNEL", True)
-    monkeypatch.setattr(kb, "ENABLE_DETERMINISTIC", False)
-    with pytest.raises(NotImplementedError, match="ENABLE_DETERMINISTIC"):
-        xattn.flash_attention_backward(dout, q, k, v, out, lse, causal=True, backend="cupy",
-                                       deterministic=True)
 
 
 @pytest.mark.parametrize(
@@ -271,16 +266,14 @@ def test_backward_refusals_raise_when_forced_and_fall_back_on_auto(monkeypatch):
     [(32, False, 77, 150), (64, True, 77, 150), (96, True, 130, 61), (128, False, 130, 61),
      (128, True, 77, 150), (256, True, 77, 150), (256, False, 130, 61), (80, True, 130, 61)],
 )
-def test_fp32_simt_backward(monkeypatch, d, causal, sq, sk):
-    monkeypatch.setattr(kb, "ENABLE_FP32_BWD", True)
+def test_fp32_simt_backward(d, causal, sq, sk):
     rng = np.random.default_rng([d, sq, sk, causal, 32])
     q, k, v = _inputs(rng, "float32", sq=sq, sk=sk, d=d)
     _check(f"float32 simt d={d} causal={causal} sq={sq} sk={sk}", q, k, v, causal=causal)
 
 
 @pytest.mark.parametrize("case", ["all", "mask_empty_rows", "window_far"])
-def test_fp32_simt_backward_options(monkeypatch, case):
-    monkeypatch.setattr(kb, "ENABLE_FP32_BWD", True)
+def test_fp32_simt_backward_options(case):
     rng = np.random.default_rng([zlib.crc32(case.encode()), 32])
     (q, k, v), opts = _option_case(rng, case, "float32", 64)
     (dq, dk, dv), _ = _check(f"float32 simt d=64 {case}", q, k, v, **opts)
@@ -291,8 +284,7 @@ def test_fp32_simt_backward_options(monkeypatch, case):
             "dk/dv of keys that no query sees are not exactly 0"
 
 
-def test_fp32_simt_backward_refuses_deterministic(monkeypatch):
-    monkeypatch.setattr(kb, "ENABLE_FP32_BWD", True)
+def test_fp32_simt_backward_refuses_deterministic():
     rng = np.random.default_rng(11)
     q, k, v = _inputs(rng, "float32", sq=20, sk=30, d=32)
     out, lse = xattn.flash_attention(q, k, v, return_lse=True)

@@ -24,7 +24,6 @@ pytestmark = [
     pytest.mark.skipif(_NGPU == 0, reason="no CUDA device"),
 ]
 
-from xattn._backends.cupy_ import flash as ck  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -32,12 +31,10 @@ def poison(monkeypatch):
     """Fill every kernel output with NaN before the launch: unwritten elements then fail.
 
     The Hopper kernel is switched off here so that these tests cover the mma.sync kernel (the
-    one sm_80/sm_89 cards run) on every card; tests/test_gpu_flash_sm90.py covers the other.
+    one sm_80/sm_89 cards run) on every card; test_gpu_flash_sm90.py covers the other.
     """
-    from xattn._backends.cupy_ import flash_sm90
-
-    monkeypatch.setattr(ck, "POISON", True)
-    monkeypatch.setattr(flash_sm90, "ENABLE_SM90", False)
+    monkeypatch.setenv("XATTN_POISON", "1")
+    monkeypatch.setenv("XATTN_DISABLE", "cupy.sm90")
 
 
 def _inputs(rng, dtype, *, b=(2,), hq=4, hkv=2, sq=77, sk=150, d=64, amp=1.0):
@@ -162,15 +159,13 @@ def test_auto_picks_the_kernel():
     rng = np.random.default_rng(9)
     q, k, v = _inputs(rng, "float16")
     prob = validate_attention(q, k, v, causal=True)
+    assert _backends.select_entry(prob, {}, "auto").name == "cupy.sm80"
     assert _backends.select(prob, {}, "auto").__name__.endswith("cupy_.flash")
 
 
 def test_refusals_raise_when_forced_and_fall_back_on_auto(monkeypatch):
-    from xattn._backends.cupy_ import flash_bwd
-
     # float32 refusals need the float32 kernels off (both pass their own tests when on).
-    monkeypatch.setattr(ck, "ENABLE_FP32_KERNEL", False)
-    monkeypatch.setattr(flash_bwd, "ENABLE_FP32_BWD", False)
+    monkeypatch.setenv("XATTN_DISABLE", "cupy.sm90,cupy.simt")
     rng = np.random.default_rng(10)
     q, k, v = _inputs(rng, "float32", sq=33, sk=47, d=32)
     with pytest.raises(NotImplementedError, match="float32"):
@@ -189,8 +184,7 @@ def test_refusals_raise_when_forced_and_fall_back_on_auto(monkeypatch):
 @pytest.mark.parametrize("d", [32, 64, 96, 128, 256, 80])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("sq,sk", [(77, 150), (130, 61)])
-def test_fp32_simt_kernel(monkeypatch, d, causal, sq, sk):
-    monkeypatch.setattr(ck, "ENABLE_FP32_KERNEL", True)
+def test_fp32_simt_kernel(d, causal, sq, sk):
     rng = np.random.default_rng([d, sq, sk, causal, 32])
     q, k, v = _inputs(rng, "float32", sq=sq, sk=sk, d=d)
     out, lse = xattn.flash_attention(q, k, v, causal=causal, return_lse=True, backend="cupy")
@@ -200,8 +194,7 @@ def test_fp32_simt_kernel(monkeypatch, d, causal, sq, sk):
 
 
 @pytest.mark.parametrize("case", ["all", "mask_empty_rows", "mqa_window"])
-def test_fp32_simt_kernel_options(monkeypatch, case):
-    monkeypatch.setattr(ck, "ENABLE_FP32_KERNEL", True)
+def test_fp32_simt_kernel_options(case):
     rng = np.random.default_rng(zlib.crc32(case.encode()))
     hq, sq, sk = 4, 100, 173
     q, k, v = _inputs(rng, "float32", hq=hq, hkv=1 if case == "mqa_window" else 2, sq=sq,

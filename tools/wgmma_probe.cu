@@ -22,7 +22,7 @@
 #define XATTN90_MBAR_TIMEOUT
 #include "flash_fwd_sm90.cu"
 
-namespace xattn90 {
+namespace xattn::sm90 {
 
 template <class T, int N>
 __device__ __forceinline__ void probe_ss(const unsigned short* A, const unsigned short* B,
@@ -34,8 +34,8 @@ __device__ __forceinline__ void probe_ss(const unsigned short* A, const unsigned
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
     load_tile<64, K, 128>(smem_u32(sA), A, 0, 64, tid);
     load_tile<N, K, 128>(smem_u32(sB), B, 0, N, tid);
-    cp_async_commit();
-    cp_async_wait<0>();
+    cp_async_commit_ordered();
+    cp_async_wait_ordered<0>();
     fence_proxy_async();
     __syncthreads();
     float d[N / 2];
@@ -73,8 +73,8 @@ __device__ __forceinline__ void probe_rs(const unsigned short* A, const unsigned
     __shared__ __align__(128) unsigned short sB[K * N];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
     load_tile<K, N, 128>(smem_u32(sB), B, 0, K, tid);
-    cp_async_commit();
-    cp_async_wait<0>();
+    cp_async_commit_ordered();
+    cp_async_wait_ordered<0>();
     fence_proxy_async();
     __syncthreads();
     // Register A fragment of m64k16 (per warp, 16 rows): a0 (g, 2t4..), a1 (g+8, 2t4..),
@@ -125,8 +125,8 @@ __device__ __forceinline__ void probe_rsk(const unsigned short* A, const unsigne
     __shared__ __align__(128) unsigned short sB[N * K];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
     load_tile<N, K, 128>(smem_u32(sB), B, 0, N, tid);
-    cp_async_commit();
-    cp_async_wait<0>();
+    cp_async_commit_ordered();
+    cp_async_wait_ordered<0>();
     fence_proxy_async();
     __syncthreads();
     unsigned a[K / 16][4];
@@ -189,8 +189,8 @@ __device__ __forceinline__ void probe_sss(const unsigned short* A, const unsigne
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
     load_tile_sw<64, K, 128>(sA, A, 0, 64, tid);
     load_tile_sw<N, K, 128>(sB, B, 0, N, tid);
-    cp_async_commit();
-    cp_async_wait<0>();
+    cp_async_commit_ordered();
+    cp_async_wait_ordered<0>();
     fence_proxy_async();
     __syncthreads();
     float d[N / 2];
@@ -223,8 +223,8 @@ __device__ __forceinline__ void probe_rss(const unsigned short* A, const unsigne
     const unsigned sB = (smem_u32(dyn) + 1023u) & ~1023u;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
     load_tile_sw<K, N, 128>(sB, B, 0, K, tid);
-    cp_async_commit();
-    cp_async_wait<0>();
+    cp_async_commit_ordered();
+    cp_async_wait_ordered<0>();
     fence_proxy_async();
     __syncthreads();
     unsigned a[K / 16][4];
@@ -318,24 +318,24 @@ __device__ __forceinline__ void probe_ring(const unsigned short* K, const unsign
 #endif
 }
 
-}  // namespace xattn90
+}  // namespace xattn::sm90
 
 extern "C" __global__ void __launch_bounds__(256)
     probe_ring_d64(const unsigned short* K, const unsigned short* V, unsigned short* out, int nkb,
                    int limit) {
-    xattn90::probe_ring<64>(K, V, out, nkb, limit);
+    xattn::sm90::probe_ring<64>(K, V, out, nkb, limit);
 }
 extern "C" __global__ void __launch_bounds__(256)
     probe_ring_d128(const unsigned short* K, const unsigned short* V, unsigned short* out,
                     int nkb, int limit) {
-    xattn90::probe_ring<128>(K, V, out, nkb, limit);
+    xattn::sm90::probe_ring<128>(K, V, out, nkb, limit);
 }
 
 #define XATTN90_PROBE(KIND, TN, N)                                                            \
     extern "C" __global__ void __launch_bounds__(128)                                         \
         probe_##KIND##_##TN##_n##N(const unsigned short* A, const unsigned short* B, float* C, \
                                    unsigned lbo, unsigned sbo) {                              \
-        xattn90::probe_##KIND<xattn90::TN, N>(A, B, C, lbo, sbo);                            \
+        xattn::sm90::probe_##KIND<xattn::TN, N>(A, B, C, lbo, sbo);                            \
     }
 
 XATTN90_PROBE(ss, f16, 64)

@@ -1,0 +1,76 @@
+"""Every GPU entry of the kernel table x every option set of the CPU suite, against the float64
+oracle: what an entry accepts (its ``supports``) it must compute correctly, forward and
+backward. Entries refuse what they do not serve; the refusal is the skip reason."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+
+import xattn
+from xattn import _backends
+from xattn._array import validate_attention
+from xattn.testing import (
+    assert_close,
+    naive_attention,
+    naive_attention_backward,
+    reference_attention,
+    reference_attention_backward,
+)
+
+pytestmark = pytest.mark.gpu
+
+# The dtype each entry is asked about, and the backend options that go with it.
+DTYPES = {"cupy.tf32": ("float32", {"allow_tf32": True}), "cupy.simt": ("float32", {}),
+          "generic": ("float32", {})}
+
+
+def _case(make_options, option_name, dtype):
+    import cupy as cp
+
+    rng = np.random.default_rng(zlib.crc32(option_name.encode()))
+    b, hq, hkv, sq, sk, d = (2,), 4, 2, 77, 150, 64
+    opts = make_options(option_name, b, hq, sq, sk, np.float32)
+    opts = {k: cp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in opts.items()}
+    q, k, v = (cp.asarray(rng.standard_normal(s).astype(dtype))
+               for s in ((*b, hq, sq, d), (*b, hkv, sk, d), (*b, hkv, sk, d)))
+    return q, k, v, opts
+
+
+def test_entry_against_the_oracle(gpu_entry, option_name, make_options, poison_outputs):
+    import cupy as cp
+
+    dtype, extra = DTYPES.get(gpu_entry, ("float16", {}))
+    q, k, v, opts = _case(make_options, option_name, dtype)
+    prob = validate_attention(q, k, v, **opts)
+    why = _backends.explain(prob, extra, gpu_entry)["reasons"][gpu_entry]
+    if why is not None:
+        pytest.skip(f"{gpu_entry} does not serve {option_name}: {why}")
+    out, lse = xattn.flash_attention(q, k, v, return_lse=True, backend=gpu_entry, **extra,
+                                     **opts)
+    ref, ref_lse, _ = reference_attention(q, k, v, **opts)
+    assert_close(out, ref, xp=cp, dtype=q.dtype, naive=naive_attention(q, k, v, **opts),
+                 name=f"{gpu_entry} {option_name} out")
+    assert_close(lse, ref_lse, xp=cp, dtype=np.float32, atol=2e-3, rtol=1e-3,
+                 name=f"{gpu_entry} {option_name} lse")
+
+
+def test_entry_backward_against_the_oracle(gpu_entry, option_name, make_options,
+                                           poison_outputs):
+    import cupy as cp
+
+    dtype, _ = DTYPES.get(gpu_entry, ("float16", {}))
+    q, k, v, opts = _case(make_options, option_name, dtype)
+    prob = validate_attention(q, k, v, **opts)
+    why = _backends.explain(prob, {}, gpu_entry, op="backward")["reasons"][gpu_entry]
+    if why is not None:
+        pytest.skip(f"{gpu_entry} does not serve the backward of {option_name}: {why}")
+    out, lse = xattn.flash_attention(q, k, v, return_lse=True, **opts)
+    dout = cp.asarray(np.random.default_rng(7).standard_normal(out.shape).astype(dtype))
+    grads = xattn.flash_attention_backward(dout, q, k, v, out, lse, backend=gpu_entry, **opts)
+    refs = reference_attention_backward(dout, q, k, v, **opts)
+    naive = naive_attention_backward(dout, q, k, v, out, **opts)
+    for name, g, r, n in zip(("dq", "dk", "dv"), grads, refs, naive, strict=True):
+        assert_close(g, r, xp=cp, dtype=q.dtype, naive=n, name=f"{gpu_entry} {option_name} {name}")

@@ -1,0 +1,112 @@
+"""The CuPy launchers' shared helpers (``_backends/cupy_/_params.py``) are written against the
+array namespace, so CPU CI runs them on NumPy: padding of operands, the parameter block's
+strides for broadcast masks and biases, empty problems, poisoning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from xattn import _backends
+from xattn._array import validate_attention
+from xattn._backends.cupy_ import _params
+
+
+def _prob(b=(2,), hq=4, hkv=2, sq=5, sk=7, d=6, dv=None, **options):
+    dv = d if dv is None else dv
+    q = np.zeros((*b, hq, sq, d), np.float16)
+    k = np.zeros((*b, hkv, sk, d), np.float16)
+    v = np.zeros((*b, hkv, sk, dv), np.float16)
+    return validate_attention(q, k, v, **options), (q, k, v)
+
+
+def test_operand_pads_and_keeps_values(rng):
+    x = rng.standard_normal((2, 3, 5, 6)).astype(np.float16)
+    out = _params.operand(np, x, 2, 3, 5, 8)
+    assert out.shape == (2, 3, 5, 8) and out.flags.c_contiguous
+    np.testing.assert_array_equal(out[..., :6], x)
+    assert not out[..., 6:].any()
+    same = _params.operand(np, x, 2, 3, 5, 6)
+    np.testing.assert_array_equal(same, x)
+    cast = _params.operand(np, x, 2, 3, 5, 6, np.float32)
+    assert cast.dtype == np.float32
+
+
+def test_forward_buffers_and_result_shapes(monkeypatch):
+    monkeypatch.setenv("XATTN_POISON", "1")
+    prob, (q, k, v) = _prob(d=6, dv=4)
+    q4, k4, v4, out, lse = _params.forward_buffers(np, prob, q, k, v, 8, q.dtype)
+    assert q4.shape == (2, 4, 5, 8) and k4.shape == v4.shape == (2, 2, 7, 8)
+    assert np.isnan(out).all() and np.isnan(lse).all(), "XATTN_POISON fills outputs with NaN"
+    assert lse.dtype == np.float32
+    o, s = _params.forward_result(np, prob, out, lse)
+    assert o.shape == prob.out_shape and s.shape == prob.lse_shape
+
+
+def test_nothing_to_launch_on_empty_problems():
+    out = np.empty((1, 2, 3, 4), np.float16)
+    lse = np.empty((1, 2, 3), np.float32)
+    assert not _params.nothing_to_launch(out, lse)
+    empty_out = np.empty((1, 2, 3, 0), np.float16)
+    assert _params.nothing_to_launch(empty_out, lse)
+    assert np.isneginf(lse).all(), "rows without keys have lse -inf"
+
+
+def test_option_args_fill_the_parameter_block_in_order(rng):
+    prob, _ = _prob(causal=True, window=(3, None), softcap=2.5)
+    mask = rng.random((5, 7)) < 0.5                     # broadcast over batch and heads
+    bias = rng.standard_normal((4, 1, 7)).astype(np.float32)  # per head, over queries
+    slopes = np.arange(4, dtype=np.float32)
+    args = _params.option_args(np, prob, mask, bias, slopes)
+    assert len(args) == 16, "XATTN_SCORE_MOD_PARAMS has 16 parameters"
+    causal, wl, wr, softcap, alibi, alibi_bs = args[:6]
+    assert (int(causal), int(wl), int(wr), float(softcap)) == (1, 3, -1, 2.5)
+    np.testing.assert_array_equal(alibi, slopes)
+    assert int(alibi_bs) == 0, "one slope per head: no batch stride"
+    bias_arr, *bias_st = args[6:11]
+    assert [int(s) for s in bias_st] == [0, 7, 0, 1]    # (batch, head, query, key)
+    mask_arr, *mask_st = args[11:16]
+    assert [int(s) for s in mask_st] == [0, 0, 7, 1]
+    assert mask_arr.dtype == np.uint8
+    # What the kernel reads: element offsets from the operand's data pointer.
+    bias_mem = np.lib.stride_tricks.as_strided(bias_arr, shape=(bias.size,), strides=(4,))
+    mask_mem = np.lib.stride_tricks.as_strided(mask_arr, shape=(mask.size,), strides=(1,))
+    for b, h, i, j in ((1, 3, 4, 6), (0, 0, 0, 0), (1, 2, 1, 5)):
+        assert bias_mem[b * bias_st[0] + h * bias_st[1] + i * bias_st[2] + j * bias_st[3]] \
+            == bias[h, 0, j]
+        assert bool(mask_mem[b * mask_st[0] + h * mask_st[1] + i * mask_st[2] + j * mask_st[3]]) \
+            == bool(mask[i, j])
+
+
+def test_option_args_without_options_are_nulls():
+    prob, _ = _prob()
+    args = _params.option_args(np, prob, None, None, None)
+    assert (int(args[0]), int(args[1]), int(args[2]), float(args[3])) == (0, -1, -1, 0.0)
+    assert int(args[4]) == 0 and int(args[6]) == 0 and int(args[11]) == 0
+
+
+@pytest.mark.parametrize("name", [n for n, b in _backends.BACKENDS.items() if b.device == "gpu"
+                                  and n != "generic"])
+def test_gpu_kernels_refuse_host_problems_without_importing_cupy(name):
+    import sys
+
+    prob, _ = _prob()
+    mod = _backends.BACKENDS[name].load()
+    assert mod.supports(prob, {}, "forward") == "inputs are not CuPy arrays"
+    assert "cupy" not in sys.modules or sys.modules["cupy"] is not None
+
+
+def test_option_args_per_batch_slopes_and_uncollapsible_batch(rng):
+    prob, _ = _prob(b=(2, 3))
+    slopes = rng.random((2, 3, 4)).astype(np.float32)
+    args = _params.option_args(np, prob, None, None, slopes)
+    assert int(args[5]) == 4, "per-batch slopes: batch stride = heads"
+    # A bias whose two batch dims no single stride describes is materialised (documented).
+    bias = rng.standard_normal((3, 2, 1, 5, 7)).astype(np.float32).transpose(1, 0, 2, 3, 4)
+    args = _params.option_args(np, prob, None, bias, None)
+    arr, bs, hs, qs, ks = args[6:11]
+    mem = np.lib.stride_tricks.as_strided(arr, shape=(arr.size,), strides=(4,))
+    for (b0, b1), h, i, j in (((1, 2), 3, 4, 6), ((0, 1), 0, 2, 1)):
+        flat_b = b0 * 3 + b1
+        assert mem[flat_b * int(bs) + h * int(hs) + i * int(qs) + j * int(ks)] \
+            == bias[b0, b1, 0, i, j]

@@ -1,0 +1,250 @@
+"""Every compiled kernel entry point, from one list: the launchers' table and CI's compile list.
+
+As flash-attn 3's ``generate_kernels.py``: the tile configurations live here, once, in Python.
+The launchers ask :func:`fwd`, :func:`bwd`, ... for the :class:`Instance` of a request (entry
+name, the ``-D`` options that make NVRTC build exactly that entry) and
+``tools/check_kernels.py`` compiles :func:`shipped` -- one generated translation unit per kernel
+file that includes the file and expands one entry macro per instance -- for sm_80 and sm_90a,
+spill-free and warning-free. The ``.cu`` files define entry macros and build nothing on their
+own. Experimental instances (Hopper schedule modes 0-3 and 27, kept for
+``tools/wgmma_probe.py --bench``) are in :func:`experimental` and compiled only on request.
+
+Tile configurations (chosen from ``ptxas -v``, no spills, and timings on an H200: see
+:doc:`/dev/perf_gpu`):
+
+* 16-bit forward (``flash_fwd.cu``): per head dim ``(warps, 16-row tiles per warp, keys per
+  block)``; :data:`FWD_MODS` where the score-modification variant would spill with the plain
+  configuration; :data:`FWD_BM` / :data:`FWD_BM_MODS` the block-sparse candidates in order of
+  preference (the first whose query tile divides the mask's ``bq`` and key tile its ``bk``).
+* backward (``flash_bwd.cu``): main kernel ``(dK/dV columns per CTA, warps, query rows per step,
+  dq slice width)``, deterministic dq kernel ``(warps, keys per block)``, block-sparse
+  candidates of each.
+* TF32 forward (``flash_fwd_tf32.cu``) and the Hopper forward (``flash_fwd_sm90.cu``:
+  ``(keys per block, consumer warpgroups, schedule mode)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "FWD", "FWD_BM", "FWD_BM_MODS", "FWD_MODS",
+           "HEAD_DIMS", "Instance", "SM90", "SM90_EXPERIMENTAL", "TF32", "bwd", "bwd_aux",
+           "bwd_dq", "bwd_simt", "experimental", "fwd", "fwd_simt", "shipped", "sm90", "tf32"]
+
+# Head dims the kernels are built for; others up to 256 are zero-padded to the next one.
+HEAD_DIMS = (32, 64, 96, 128, 256)
+
+FWD = {32: (4, 1, 64), 64: (4, 2, 64), 96: (4, 1, 64), 128: (4, 2, 32), 256: (4, 1, 32)}
+FWD_MODS = {128: (4, 1, 64)}
+# Built beside the defaults for tuning (benchmarks pass config=...).
+FWD_EXTRA = {64: ((4, 1, 64),), 128: ((4, 1, 64),)}
+FWD_BM = {
+    32: ((4, 1, 64), (2, 1, 32)),
+    64: ((4, 2, 64), (4, 1, 64), (2, 1, 32)),
+    96: ((4, 1, 64), (2, 1, 32)),
+    128: ((4, 2, 32), (4, 1, 64), (2, 1, 32)),
+    256: ((4, 1, 32),),
+}
+FWD_BM_MODS = {128: ((4, 1, 64), (2, 1, 32))}
+
+# At D=128, (128, 4, 64, 64) was 8% faster but spills, so the spill-free (128, 4, 32, 64) stays.
+BWD = {
+    32: (32, 4, 64, 32),
+    64: (64, 4, 64, 32),
+    96: (96, 4, 64, 96),
+    128: (128, 4, 32, 64),
+    256: (128, 4, 32, 64),
+}
+BWD_DQ = {32: (4, 64), 64: (4, 64), 96: (4, 64), 128: (4, 64), 256: (4, 32)}
+# The walk and the element rule cost registers, so D = 96 and D = 256 take smaller steps than
+# their dense kernels; D = 32 is padded to 64 with a block mask (its own tiles spilled under
+# ptxas 13.0 on sm_90a).
+BWD_BM = {
+    64: ((64, 4, 64, 64), (64, 4, 32, 64), (64, 2, 32, 64)),
+    96: ((96, 4, 32, 96), (96, 2, 32, 96)),
+    128: ((128, 4, 32, 64), (128, 2, 32, 64)),
+    256: ((128, 4, 16, 64), (128, 2, 16, 64)),
+}
+BWD_BM_DQ = {
+    # (4, 32) spilled with score mods (sm_80 / sm_90a, 128-168 registers): not a candidate.
+    64: ((4, 64), (2, 32)),
+    96: ((4, 64), (2, 32)),
+    128: ((4, 64), (2, 32)),
+    256: ((4, 16), (2, 16)),
+}
+
+# <= 255 registers so that two 128-thread blocks fit an SM's register file.
+TF32 = {32: (4, 2, 64), 64: (4, 1, 64), 96: (4, 1, 32), 128: (4, 1, 32), 256: (4, 1, 16)}
+# Alternatives for tuning: (config, with the mods variant?) -- plain only where mods spill.
+TF32_EXTRA = {64: (((4, 2, 32), False), ((8, 1, 64), True)),
+              128: (((8, 1, 32), True), ((4, 2, 16), False))}
+
+# Mode 11: warp-specialised (a producer warpgroup, mbarrier ring of 3 K/V stages) with the P V
+# overlap and the 128-byte swizzle; see flash_fwd_sm90.cu.
+SM90 = {64: (64, 3, 11), 128: (128, 2, 11)}
+SM90_SHIPPED = ((64, 128, 2, 11), (64, 64, 3, 11), (128, 128, 2, 11))
+# (D, BN, warpgroups, mode) of the earlier schedules (0-3) and ping-pong (27): measured slower
+# than mode 11 on an H200, kept buildable for tools/wgmma_probe.py --bench.
+SM90_EXPERIMENTAL = (
+    (64, 128, 2, 0), (64, 64, 3, 0), (128, 128, 2, 0), (128, 64, 2, 0), (128, 64, 3, 0),
+    (64, 128, 2, 1), (64, 64, 3, 1), (128, 64, 2, 1), (128, 64, 3, 1),
+    (64, 128, 2, 2), (64, 64, 3, 2), (128, 128, 2, 2), (128, 64, 3, 2),
+    (64, 128, 2, 3), (128, 64, 2, 3), (128, 128, 2, 3), (64, 64, 3, 3),
+    (64, 128, 2, 27), (128, 128, 2, 27),
+)
+
+# The experimental Hopper schedules without warp specialisation (modes 0-3), relative to the
+# repository root: compiled only with tools/check_kernels.py --experimental or config=...
+SM90_MODES_SOURCE = "tools/flash_fwd_sm90_modes.cuh"
+
+TYPES = ("f16", "bf16")
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One compiled module: kernel file, entry macro and its arguments, entry names.
+
+    ``params`` are ``(define, value)`` pairs in the macro's argument order: NVRTC builds the
+    module with ``-D<define>=<value>`` (the file then expands the macro once), CI writes
+    ``MACRO(value, ...)`` into a generated translation unit. ``ci=False``: an instance that CI
+    does not compile (a bfloat16 block-sparse twin, the same code as its float16 one but for
+    the mma/cvt type). ``includes``: files of the repository (not the package) appended after
+    the kernel file, for experimental code that ships with no entry.
+    """
+
+    source: str
+    macro: str
+    params: tuple
+    names: tuple
+    extra: tuple = ()
+    arch: str | None = None
+    ci: bool = True
+    includes: tuple = ()
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+    @property
+    def defines(self) -> tuple:
+        return tuple(f"-D{k}={v}" for k, v in (*self.extra, *self.params))
+
+    def macro_call(self) -> str:
+        return f"{self.macro}({', '.join(str(v) for _, v in self.params)})"
+
+
+def _b(x):
+    return "true" if x else "false"
+
+
+def fwd(tn, d, cfg, mods, sparse=False) -> Instance:
+    """The 16-bit forward entry of one dtype, head dim, ``(warps, tiles, keys)``, variant."""
+    nw, mt, bn = cfg
+    mn = ("mods" if mods else "plain") + ("_bm" if sparse else "")
+    params = (("XATTN_TN", tn), ("XATTN_D", d), ("XATTN_NW", nw), ("XATTN_MT", mt),
+              ("XATTN_BN", bn), ("XATTN_MN", mn), ("XATTN_MODS", _b(mods)),
+              ("XATTN_SPARSE", _b(sparse)))
+    return Instance("flash_fwd.cu", "XATTN_FWD_ONE", params,
+                    (f"flash_fwd_{tn}_d{d}_w{nw}_m{mt}_n{bn}_{mn}",),
+                    ci=not (sparse and tn != "f16"))
+
+
+def bwd(tn, d, cfg, mods, dq, sparse=False) -> Instance:
+    """The main backward entry (``dq``: atomics into dq_accum; else the dq kernel runs)."""
+    dc, nw, bm, dqn = cfg
+    mn = ("mods" if mods else "plain") + ("_bm" if sparse else "")
+    qn = "atomic" if dq else "nodq"
+    params = (("XATTN_TN", tn), ("XATTN_D", d), ("XATTN_DC", dc), ("XATTN_NW", nw),
+              ("XATTN_BM", bm), ("XATTN_DQN", dqn), ("XATTN_MN", mn), ("XATTN_MODS", _b(mods)),
+              ("XATTN_QN", qn), ("XATTN_DQ", _b(dq)), ("XATTN_SPARSE", _b(sparse)))
+    return Instance("flash_bwd.cu", "XATTN_BWD_ONE", params,
+                    (f"flash_bwd_{tn}_d{d}_c{dc}_w{nw}_m{bm}_q{dqn}_{mn}_{qn}",),
+                    extra=(("XATTN_KIND", 1),), ci=not (sparse and tn != "f16"))
+
+
+def bwd_dq(tn, d, cfg, mods, sparse=False) -> Instance:
+    """The deterministic dq entry of one dtype, head dim, ``(warps, keys)``, variant."""
+    nw, bn = cfg
+    mn = ("mods" if mods else "plain") + ("_bm" if sparse else "")
+    params = (("XATTN_TN", tn), ("XATTN_D", d), ("XATTN_NW", nw), ("XATTN_BN", bn),
+              ("XATTN_MN", mn), ("XATTN_MODS", _b(mods)), ("XATTN_SPARSE", _b(sparse)))
+    return Instance("flash_bwd.cu", "XATTN_BWD_DQ_ONE", params,
+                    (f"flash_bwd_dq_{tn}_d{d}_w{nw}_n{bn}_{mn}",),
+                    extra=(("XATTN_KIND", 2),), ci=not (sparse and tn != "f16"))
+
+
+def bwd_aux(tn) -> Instance:
+    """``flash_bwd_delta_<tn>`` and ``flash_bwd_dq_convert_<tn>`` (one module)."""
+    return Instance("flash_bwd.cu", "XATTN_BWD_AUX", (("XATTN_TN", tn),),
+                    (f"flash_bwd_delta_{tn}", f"flash_bwd_dq_convert_{tn}"),
+                    extra=(("XATTN_KIND", 3),))
+
+
+def fwd_simt(d) -> Instance:
+    """The float32 SIMT forward of one head dim: dense and block-sparse entries."""
+    return Instance("flash_fwd_simt.cu", "XATTN_SIMT_ONE", (("XATTN_SIMT_D", d),),
+                    (f"flash_fwd_f32_simt_d{d}", f"flash_fwd_f32_simt_d{d}_bm"))
+
+
+def bwd_simt(d, mods) -> Instance:
+    mn = "mods" if mods else "plain"
+    params = (("XATTN_SIMT_D", d), ("XATTN_SIMT_MN", mn), ("XATTN_SIMT_MODS", _b(mods)))
+    return Instance("flash_bwd_simt.cu", "XATTN_BWD_SIMT_ONE", params,
+                    (f"flash_bwd_f32_simt_d{d}_{mn}",))
+
+
+def tf32(d, cfg, mods) -> Instance:
+    nw, mt, bn = cfg
+    mn = "mods" if mods else "plain"
+    params = (("XATTN_TF32_D", d), ("XATTN_TF32_NW", nw), ("XATTN_TF32_MT", mt),
+              ("XATTN_TF32_BN", bn), ("XATTN_TF32_MN", mn), ("XATTN_TF32_MODS", _b(mods)))
+    return Instance("flash_fwd_tf32.cu", "XATTN_TF32_ONE", params,
+                    (f"flash_fwd_tf32_d{d}_w{nw}_m{mt}_n{bn}_{mn}",))
+
+
+def sm90(tn, d, cfg) -> Instance:
+    """The Hopper forward of one dtype, head dim and ``(keys per block, warpgroups, mode)``."""
+    bn, nwg, mode = cfg
+    params = (("XATTN90_TN", tn), ("XATTN90_D", d), ("XATTN90_BN", bn), ("XATTN90_NWG", nwg),
+              ("XATTN90_OV", mode))
+    # Modes 0-3 (the schedules before warp specialisation) live in tools/, not in the package.
+    extra = () if mode & 8 else (SM90_MODES_SOURCE,)
+    return Instance("flash_fwd_sm90.cu", "XATTN90_ONE", params,
+                    (f"flash_fwd_sm90_{tn}_d{d}_n{bn}_g{nwg}_o{mode}",), arch="sm_90a",
+                    includes=extra)
+
+
+def shipped() -> list:
+    """Every instance the launchers may request with their own configurations."""
+    out = []
+    for d in HEAD_DIMS:
+        cfgs = {(FWD[d], False), (FWD_MODS.get(d, FWD[d]), True)}
+        cfgs |= {(c, m) for c in FWD_EXTRA.get(d, ()) for m in (False, True)}
+        for cfg, mods in sorted(cfgs):
+            out += [fwd(tn, d, cfg, mods) for tn in TYPES]
+        for cfg in FWD_BM.get(d, ()):
+            out += [fwd(tn, d, cfg, False, True) for tn in TYPES]
+        for cfg in FWD_BM_MODS.get(d) or FWD_BM.get(d, ()):
+            out += [fwd(tn, d, cfg, True, True) for tn in TYPES]
+        for mods in (False, True):
+            for dq in (True, False):
+                out += [bwd(tn, d, BWD[d], mods, dq) for tn in TYPES]
+            out += [bwd_dq(tn, d, BWD_DQ[d], mods) for tn in TYPES]
+            for cfg in BWD_BM.get(d, ()):
+                for dq in (True, False):
+                    out += [bwd(tn, d, cfg, mods, dq, True) for tn in TYPES]
+            for cfg in BWD_BM_DQ.get(d, ()):
+                out += [bwd_dq(tn, d, cfg, mods, True) for tn in TYPES]
+        out.append(fwd_simt(d))
+        out += [bwd_simt(d, mods) for mods in (False, True)]
+        out += [tf32(d, TF32[d], mods) for mods in (False, True)]
+        for cfg, with_mods in TF32_EXTRA.get(d, ()):
+            out += [tf32(d, cfg, mods) for mods in ((False, True) if with_mods else (False,))]
+    out += [bwd_aux(tn) for tn in TYPES]
+    out += [sm90(tn, *c[:1], c[1:]) for c in SM90_SHIPPED for tn in TYPES]
+    return out
+
+
+def experimental() -> list:
+    """Instances built only on request (``tools/check_kernels.py --experimental``)."""
+    return [sm90(tn, c[0], c[1:]) for c in SM90_EXPERIMENTAL for tn in TYPES]

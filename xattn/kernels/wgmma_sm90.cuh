@@ -1,0 +1,93 @@
+// Warpgroup MMA (wgmma, sm_90a) for the Hopper kernel, in namespace xattn: fences, commit and
+// wait, and wgmma.mma_async m64nNk16 with A and B from shared memory (ss) or A from registers
+// (rs), one overload per (N, 16-bit type). Compiled only for sm_90a (XATTN_SM90_OK).
+#pragma once
+
+#include "common.cuh"
+
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define XATTN_SM90_OK 1
+#else
+#define XATTN_SM90_OK 0
+#endif
+
+namespace xattn {
+
+#if XATTN_SM90_OK
+__device__ __forceinline__ void fence_proxy_async() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_fence() {
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Pins registers that an in-flight wgmma reads or writes: the empty volatile asm "redefines"
+// them after the wait (and before the issue), so the compiler moves no use across it.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void fence_regs(unsigned (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+
+// wgmma m64nNk16, f32 accumulate. SS: A and B from shared memory, B K-major (imm-trans-b 0).
+// RS: A from registers, B from shared memory (TRANS_B: imm-trans-b, 1 = MN-major). scale-d 0
+// overwrites D instead of accumulating.
+// One overload per (N, 16-bit type). An asm statement must name every accumulator register:
+// the macros spell them out once.
+#define XATTN_ACC8(i)                                                                        \
+    "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]),             \
+        "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+#define XATTN_ACC32 XATTN_ACC8(0), XATTN_ACC8(8), XATTN_ACC8(16), XATTN_ACC8(24)
+#define XATTN_ACC64 XATTN_ACC32, XATTN_ACC8(32), XATTN_ACC8(40), XATTN_ACC8(48), XATTN_ACC8(56)
+#define XATTN_REGS32                                                                         \
+    "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"                                 \
+    "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}"
+#define XATTN_REGS64                                                                         \
+    "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"                                 \
+    "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"                        \
+    "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"                        \
+    "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}"
+// NACC = N / 2 accumulators per thread; after them come the A and B operands (SS_AB / RS_AB:
+// their operand numbers), the scale-d predicate (SS_P / RS_P) and, for rs, imm-trans-b (RS_T).
+#define XATTN_WGMMA(N, NACC, TY, SS_P, SS_AB, RS_P, RS_AB, RS_T)                              \
+    __device__ __forceinline__ void wgmma_ss(float (&d)[NACC], unsigned long long da,        \
+                                             unsigned long long db, int scale_d, TY) {      \
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SS_P ", 0;\n"                       \
+                     "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." #TY "." #TY " "        \
+                     XATTN_REGS##NACC ", " SS_AB ", p, 1, 1, 0, 0;\n}\n"                       \
+                     : XATTN_ACC##NACC                                                        \
+                     : "l"(da), "l"(db), "r"(scale_d));                                       \
+    }                                                                                         \
+    template <int TRANS_B>                                                                    \
+    __device__ __forceinline__ void wgmma_rs(float (&d)[NACC], const unsigned (&a)[4],       \
+                                             unsigned long long db, int scale_d, TY) {      \
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " RS_P ", 0;\n"                       \
+                     "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." #TY "." #TY " "        \
+                     XATTN_REGS##NACC ", " RS_AB ", p, 1, 1, " RS_T ";\n}\n"                   \
+                     : XATTN_ACC##NACC                                                        \
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d),   \
+                       "n"(TRANS_B));                                                         \
+    }
+#define XATTN_WGMMA_N64(TY) \
+    XATTN_WGMMA(64, 32, TY, "%34", "%32, %33", "%37", "{%32,%33,%34,%35}, %36", "%38")
+#define XATTN_WGMMA_N128(TY) \
+    XATTN_WGMMA(128, 64, TY, "%66", "%64, %65", "%69", "{%64,%65,%66,%67}, %68", "%70")
+XATTN_WGMMA_N64(f16)
+XATTN_WGMMA_N64(bf16)
+XATTN_WGMMA_N128(f16)
+XATTN_WGMMA_N128(bf16)
+#endif  // XATTN_SM90_OK
+
+
+}  // namespace xattn
