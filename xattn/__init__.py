@@ -7,6 +7,7 @@ runs.
 
 from .flash import flash_attention, flash_attention_backward
 from .flex import flex_attention
+from .kvcache import KVCache, decode_attention
 from .linear import (
     linear_attention,
     linear_attention_backward,
@@ -26,11 +27,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockMask",
+    "KVCache",
     "alibi_bias",
     "alibi_slopes",
     "apply_rotary",
     "bigbird_attention",
     "block_sparse_attention",
+    "decode_attention",
     "flash_attention",
     "flash_attention_backward",
     "flex_attention",

@@ -23,9 +23,16 @@ class Backend:
     device: str  # "cpu" or "gpu"
     module: str  # module implementing supports/forward/backward
     description: str
+    # (op, module) pairs for ops served by a module of their own; an op in _OWN_MODULE_OPS that
+    # an entry does not list here is one it does not implement.
+    ops: tuple = ()
 
-    def load(self):
-        return importlib.import_module(self.module, __name__)
+    def load(self, op="forward"):
+        return importlib.import_module(dict(self.ops).get(op, self.module), __name__)
+
+
+# Ops that no entry serves through its main module (decode_attention over a KVCache).
+_OWN_MODULE_OPS = ("decode",)
 
 
 BACKENDS = {
@@ -36,12 +43,14 @@ BACKENDS = {
             "cpu",
             ".numpy_.fused",
             "CPU tiles with fused online softmax (numba njit) on a thread pool",
+            ops=(("decode", ".numpy_.decode"),),
         ),
         Backend(
             "numpy",
             "cpu",
             ".numpy_.tiled",
             "generic tiled online softmax written with array-namespace operations",
+            ops=(("decode", ".numpy_.decode_generic"),),
         ),
         Backend(
             "cupy",
@@ -54,6 +63,7 @@ BACKENDS = {
             "gpu",
             ".numpy_.tiled",
             "the generic tiled path on CuPy arrays (CuPy matmuls, one launch per tile)",
+            ops=(("decode", ".numpy_.decode_generic"),),
         ),
     )
 }
@@ -75,8 +85,10 @@ def available_backends(xp, prob=None, opts=None, op="forward") -> dict:
 
 
 def _why_not(backend, prob, opts, op):
+    if op in _OWN_MODULE_OPS and op not in dict(backend.ops):
+        return f"does not implement {op}"
     try:
-        mod = backend.load()
+        mod = backend.load(op)
     except ImportError as exc:
         return f"not installed ({exc})"
     if prob is None:
@@ -92,7 +104,7 @@ def select(prob, opts, backend="auto", op="forward"):
         for name in _PREFERENCE[dev]:
             why = _why_not(BACKENDS[name], prob, opts, op)
             if why is None:
-                return BACKENDS[name].load()
+                return BACKENDS[name].load(op)
             reasons.append(f"{name}: {why}")
         raise NotImplementedError(
             f"no {dev} backend supports this {op} request: " + "; ".join(reasons)
@@ -110,4 +122,4 @@ def select(prob, opts, backend="auto", op="forward"):
     why = _why_not(chosen, prob, opts, op)
     if why is not None:
         raise NotImplementedError(f"backend={backend!r} cannot serve this {op} request: {why}")
-    return chosen.load()
+    return chosen.load(op)

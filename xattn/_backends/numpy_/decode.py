@@ -1,0 +1,139 @@
+"""CPU decode attention: split-KV ("flash-decoding") with GQA packing, on the thread pool.
+
+Job = (sequence, kv head, split of the key range). The ``G`` query heads that share a kv
+head and the ``T`` new tokens are packed into one block of ``R = G * T`` rows
+(:func:`.decode_kernels.decode_split`), so each kv head's keys and values are read once for
+all of them. When there are fewer (sequence, kv head) pairs than the pool needs to stay busy
+(one sequence with 8 kv heads on 2 cores balances; one MQA head does not), each key range
+is split and the partial states ``(acc, m, l)`` are merged afterwards by their maxima::
+
+    M = max_i m_i      l = sum_i l_i exp(m_i - M)      out = sum_i acc_i exp(m_i - M) / l
+
+A contiguous cache is read as a paged one whose pages are whole sequences, so one kernel
+reads both layouts; a paged cache's keys are found through the block table.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _pool
+from .decode_generic import key_bounds
+
+# Splits per worker thread to aim for: enough that uneven jobs (ragged lengths, a loaded
+# core) even out, few enough that each job streams a long run of keys.
+_JOBS_PER_THREAD = 4
+# Keys below which a range is not split further: a job must outweigh its Python dispatch
+# (~20 us) by far; 4096 keys of D=128 float32 are 4 MiB of K and V.
+MIN_SPLIT = 4096
+
+
+def _kernels():
+    from . import decode_kernels
+
+    return decode_kernels
+
+
+def supports(prob, opts, op):
+    """None when this backend serves the request, else the reason it cannot."""
+    try:
+        import numba  # noqa: F401
+        import threadpoolctl  # noqa: F401
+    except ImportError as exc:
+        return f"needs numba and threadpoolctl (pip install 'xattn[numba]'): {exc}"
+    if prob.xp is not np:
+        return "runs on NumPy arrays only"
+    if prob.dtype != prob.cdtype:
+        return (f"dtype {prob.dtype}: the kernel reads float32 and float64 caches "
+                "(backend='numpy' serves 16-bit caches)")
+    if opts:
+        return f"options not handled by this backend: {sorted(opts)}"
+    return None
+
+
+def plan_splits(ranges, hkv, threads):
+    """``[(b, lo, hi)]`` key ranges, each to be run for every kv head.
+
+    ``ranges`` holds each sequence's ``(lo, hi)``. Ranges are cut into pieces of at least
+    ``MIN_SPLIT`` keys until there are about ``_JOBS_PER_THREAD`` jobs per thread.
+    """
+    total = sum(hi - lo for lo, hi in ranges) * hkv
+    if total == 0:
+        return []
+    piece = max(MIN_SPLIT, -(-total // (_JOBS_PER_THREAD * threads)))
+    out = []
+    for b, (lo, hi) in enumerate(ranges):
+        n = hi - lo
+        if n <= 0:
+            continue
+        parts = max(1, -(-n // piece))
+        step = -(-n // parts)
+        out.extend((b, a, min(a + step, hi)) for a in range(lo, hi, step))
+    return out
+
+
+def decode(prob, q, cache, *, alibi_slopes=None):
+    """Return ``(out, lse)`` of :func:`xattn.decode_attention`."""
+    K = _kernels()
+    cd = prob.cdtype
+    B, Hkv, G, T, D, Dv = prob.batch, prob.hkv, prob.group, prob.sq, prob.d, prob.dv
+    R = G * T
+    kpool, vpool, table, page_size = cache._pool()
+    qs = np.empty((B, Hkv, R, D), dtype=cd)
+    qs[...] = q.reshape(B, Hkv, R, D)
+    qs *= cd.type(prob.scale)
+    if alibi_slopes is None:
+        slopes = np.empty((B, Hkv, 0), dtype=cd)
+    else:
+        per_head = np.broadcast_to(alibi_slopes.astype(cd), (B, prob.hq))
+        slopes = np.repeat(per_head, T, axis=1).reshape(B, Hkv, R)
+    left = -1 if prob.window is None or prob.window[0] is None else prob.window[0]
+    softcap = cd.type(0 if prob.softcap is None else prob.softcap)
+    lengths = cache.lengths
+    ranges = [key_bounds(int(n), prob) for n in lengths]
+    splits = plan_splits(ranges, Hkv, _pool.num_threads())
+    per_seq = np.zeros(B, dtype=np.int64)
+    jobs = []
+    for b, lo, hi in splits:
+        slot = int(per_seq[b])
+        per_seq[b] += 1
+        jobs.extend((b, g, slot, lo, hi) for g in range(Hkv))
+    n_slots = max(1, int(per_seq.max(initial=0)))
+    acc = np.zeros((B, Hkv, n_slots, R, Dv), dtype=cd)
+    m = np.full((B, Hkv, n_slots, R), -np.inf, dtype=cd)
+    l = np.zeros((B, Hkv, n_slots, R), dtype=cd)
+    zero = cd.type(0)
+
+    def job(args):
+        b, g, slot, lo, hi = args
+        s = np.empty((R, K.CHUNK), dtype=cd)
+        K.decode_split(qs[b, g], kpool, vpool, table[b], page_size, g, lo, hi,
+                       int(lengths[b]) - T, T, left, slopes[b, g], softcap,
+                       acc[b, g, slot], m[b, g, slot], l[b, g, slot], s, zero)
+
+    jobs.sort(key=lambda j: j[3] - j[4])  # longest first: the pool ends on short jobs
+    _pool.run_jobs(job, jobs)
+    out, lse = _merge(acc, m, l)
+    out = out.reshape(B, prob.hq, T, Dv).astype(prob.dtype, copy=False)
+    return out, lse.reshape(B, prob.hq, T)
+
+
+def _merge(acc, m, l):
+    """Combine the splits (axis 2) of the online-softmax states; normalise; lse."""
+    if acc.shape[2] == 1:
+        acc, m, l = acc[:, :, 0], m[:, :, 0], l[:, :, 0]
+    else:
+        top = m.max(axis=2)
+        top_safe = np.where(np.isfinite(top), top, 0)
+        w = np.exp(m - top_safe[:, :, None])  # 0 for empty splits (m = -inf)
+        l = (l * w).sum(axis=2)
+        acc = (acc * w[..., None]).sum(axis=2)
+        m = top
+    empty = l == 0
+    safe = np.where(empty, 1, l)
+    out = acc / safe[..., None]
+    with np.errstate(divide="ignore"):
+        lse = np.where(empty, -math.inf, m + np.log(safe))
+    return out, lse.astype(acc.dtype, copy=False)
