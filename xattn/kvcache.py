@@ -236,7 +236,7 @@ class KVCache:
             raise IndexError(f"{name}: {index} is out of range for batch {self.batch}")
         return int(index) % self.batch
 
-    def _check_array(self, name, x, shape):
+    def _check_namespace(self, name, x):
         xp = array_namespace(x, names=(name,))
         if xp.__name__ != self._xp_name:
             raise TypeError(
@@ -247,6 +247,9 @@ class KVCache:
             raise TypeError(
                 f"{name}: on CUDA device {x.device.id}, the cache on device {self._k.device.id}"
             )
+
+    def _check_array(self, name, x, shape):
+        self._check_namespace(name, x)
         if tuple(x.shape) != tuple(shape):
             raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(x.shape)}")
         if np.dtype(x.dtype) != self.dtype:
@@ -280,12 +283,13 @@ class KVCache:
         TypeError
             Wrong namespace, device or dtype.
         """
-        if k is None or v is None:
-            raise TypeError("k, v: expected arrays, got None")
-        if getattr(k, "ndim", None) != 4:
+        for name, x in (("k", k), ("v", v)):
+            if x is None:
+                raise TypeError(f"{name}: expected an array, got None")
+            self._check_namespace(name, x)
+        if k.ndim != 4:
             raise ValueError(
-                f"k: expected 4 dims (batch, kv_heads, T, head_dim), got shape "
-                f"{getattr(k, 'shape', None)}"
+                f"k: expected 4 dims (batch, kv_heads, T, head_dim), got shape {k.shape}"
             )
         T = int(k.shape[2])
         self._check_array("k", k, (self.batch, self.kv_heads, T, self.head_dim))

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from ... import _masking
 
 # Keys per chunk. Scores are Hq * T * CHUNK floats (32 heads, T=16: 4 MiB in float32).
@@ -27,6 +29,22 @@ def key_bounds(length, prob):
     """``[lo, hi)``: the keys that any of the ``T`` queries of a sequence of ``length`` sees."""
     return _masking.key_range(0, prob.sq, sq=prob.sq, sk=length, causal=True,
                               window=prob.window)
+
+
+def segments(lo, hi, length, prob):
+    """``(k0, k1, full)`` key ranges covering ``[lo, hi)``: ``CHUNK``-sized ranges that every
+    query sees (``full``), and at most two edges of fewer than ``T`` keys each (the window's
+    start, the newest tokens) that some queries do not."""
+    T = prob.sq
+    first = length - T  # position of query 0
+    left = None if prob.window is None else prob.window[0]
+    a = min(max(0 if left is None else first + T - 1 - left, lo), hi)
+    z = max(min(first + 1, hi), a)
+    out = [(lo, a, False)] if a > lo else []
+    out += [(c, min(c + CHUNK, z), True) for c in range(a, z, CHUNK)]
+    if hi > z:
+        out.append((z, hi, False))
+    return out
 
 
 def row_slopes(xp, alibi_slopes, prob):
@@ -54,14 +72,11 @@ def decode(prob, q, cache, *, alibi_slopes=None):
         m = xp.full((Hkv, G, T, 1), -math.inf, dtype=cd)
         denom = xp.zeros((Hkv, G, T, 1), dtype=cd)
         acc = xp.zeros((Hkv, G, T, Dv), dtype=cd)
-        for c0 in range(lo, hi, CHUNK):
-            c1 = min(c0 + CHUNK, hi)
+        for c0, c1, full in segments(lo, hi, L, prob):
             kt, vt = cache._gather(b, c0, c1)
             kt = kt.astype(cd, copy=False)[:, None]  # (Hkv, 1, n, D)
             vt = vt.astype(cd, copy=False)[:, None]
             s = qs[b] @ xp.swapaxes(kt, -1, -2)  # (Hkv, G, T, n)
-            full = _masking.tile_is_full(0, T, c0, c1, sq=T, sk=L, causal=True,
-                                         window=prob.window)
             _masking.apply_score_mods(
                 xp, s, q0=0, k0=c0, sq=T, sk=L, causal=not full,
                 window=None if full else prob.window, softcap=prob.softcap,
@@ -74,7 +89,17 @@ def decode(prob, q, cache, *, alibi_slopes=None):
             xp.exp(s, out=s)
             alpha = xp.exp(m - m_safe)
             denom = denom * alpha + s.sum(axis=-1, keepdims=True)
-            acc = acc * alpha + s @ vt
+            vis = None if full else _masking.tile_visibility(
+                xp, 0, T, c0, c1, sq=T, sk=L, causal=True, window=prob.window)
+            if vis is None:
+                pv = s @ vt
+            else:
+                # A few keys that some rows may not see: a product per (row, key), so that
+                # a hidden key's inf or NaN values meet a `where`, not a zero weight.
+                with np.errstate(invalid="ignore"):
+                    prod = s[..., None] * vt[:, :, None]  # (Hkv, G, T, n, Dv)
+                pv = xp.where(vis[..., None], prod, cd.type(0)).sum(axis=-2)
+            acc = acc * alpha + pv
             m = m_new
         empty = denom == 0
         safe = xp.where(empty, cd.type(1), denom)
