@@ -28,6 +28,9 @@ _JOBS_PER_THREAD = 4
 # Keys below which a range is not split further: a job must outweigh its Python dispatch
 # (~20 us) by far; 4096 keys of D=128 float32 are 4 MiB of K and V.
 MIN_SPLIT = 4096
+# Below this many multiply-adds (keys x rows x (D + Dv)) one thread does it all: waking the
+# pool costs ~40 us, the time of about this much work.
+SERIAL_WORK = 1 << 21
 
 
 def _kernels():
@@ -93,28 +96,28 @@ def decode(prob, q, cache, *, alibi_slopes=None):
     softcap = cd.type(0 if prob.softcap is None else prob.softcap)
     lengths = cache.lengths
     ranges = [key_bounds(int(n), prob) for n in lengths]
-    splits = plan_splits(ranges, Hkv, _pool.num_threads())
+    threads = _pool.num_threads()
+    splits = plan_splits(ranges, Hkv, threads)
     per_seq = np.zeros(B, dtype=np.int64)
-    jobs = []
+    tasks = []
     for b, lo, hi in splits:
         slot = int(per_seq[b])
         per_seq[b] += 1
-        jobs.extend((b, g, slot, lo, hi) for g in range(Hkv))
+        tasks.extend((b, g, slot, lo, hi) for g in range(Hkv))
     n_slots = max(1, int(per_seq.max(initial=0)))
     acc = np.zeros((B, Hkv, n_slots, R, Dv), dtype=cd)
     m = np.full((B, Hkv, n_slots, R), -np.inf, dtype=cd)
     l = np.zeros((B, Hkv, n_slots, R), dtype=cd)
-    zero = cd.type(0)
-
-    def job(args):
-        b, g, slot, lo, hi = args
-        s = np.empty((R, K.CHUNK), dtype=cd)
-        K.decode_split(qs[b, g], kpool, vpool, table[b], page_size, g, lo, hi,
-                       int(lengths[b]) - T, T, left, slopes[b, g], softcap,
-                       acc[b, g, slot], m[b, g, slot], l[b, g, slot], s, zero)
-
-    jobs.sort(key=lambda j: j[3] - j[4])  # longest first: the pool ends on short jobs
-    _pool.run_jobs(job, jobs)
+    # Longest first, dealt round-robin into jobs: each job is one compiled call over its
+    # tasks, and the pool hands jobs to whichever thread is free.
+    tasks.sort(key=lambda t: t[3] - t[4])
+    work = sum(t[4] - t[3] for t in tasks) * R * (D + Dv)
+    n_jobs = 1 if work < SERIAL_WORK else min(len(tasks), _JOBS_PER_THREAD * threads)
+    table_arr = np.asarray(tasks, dtype=np.int64).reshape(-1, 5)
+    jobs = [table_arr[i::n_jobs] for i in range(n_jobs)]
+    args = (qs, kpool, vpool, table, page_size, lengths.astype(np.int64), T, left, slopes,
+            softcap, acc, m, l)
+    _pool.run_jobs(lambda job: K.decode_tasks(job, *args), jobs)
     out, lse = _merge(acc, m, l)
     out = out.reshape(B, prob.hq, T, Dv).astype(prob.dtype, copy=False)
     return out, lse.reshape(B, prob.hq, T)
