@@ -59,6 +59,14 @@ BACKENDS = {
             "CuPy RawKernels (tensor cores) compiled from xattn/kernels/*.cu",
         ),
         Backend(
+            "cupy.decode",
+            "gpu",
+            ".cupy_.decode",
+            "split-KV decode kernel with GQA packing and paged reads (decode_splitkv.cu); "
+            "never run on a GPU yet: opt-in by name only, not in auto's list",
+            ops=(("decode", ".cupy_.decode"),),
+        ),
+        Backend(
             "generic",
             "gpu",
             ".numpy_.tiled",
