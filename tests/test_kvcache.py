@@ -87,7 +87,7 @@ def test_prefill_then_steps(backend, dtype, rng, page_size):
 
 
 @pytest.mark.parametrize(("hq", "hkv"), [(4, 4), (8, 2), (6, 1)], ids=["MHA", "GQA", "MQA"])
-@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("T", [1, 4, 16])
 def test_head_layouts(backend, rng, hq, hkv, T):
     cache = _filled(rng, F32, hkv=hkv, lengths=(131, 64))
     q = random_array(rng, (2, hq, T, 16), F32)
@@ -137,6 +137,13 @@ def test_ragged_and_short_sequences(backend, rng):
     _check(out, lse, q, cache)
     assert np.all(out[0] == 0) and np.all(np.isneginf(lse[0]))
     assert np.all(np.isneginf(lse[1][:, :2])) and np.all(np.isfinite(lse[1][:, 2:]))
+
+
+def test_empty_cache(backend, rng):
+    cache = xattn.KVCache(2, 2, 16, 16, dtype=F32, page_size=4)
+    q = random_array(rng, (2, 4, 2, 16), F32)
+    out, lse = _decode(q, cache, backend)
+    assert np.all(out == 0) and np.all(np.isneginf(lse))
 
 
 def test_long_context_splits(backend, rng):
