@@ -34,7 +34,7 @@ LAYERS, HQ, HEAD_DIM = 32, 32, 128
 LAYOUTS = {"MHA (32 kv heads)": 32, "GQA (8 kv heads)": 8, "MQA (1 kv head)": 1}
 
 
-def measure(hkv, ctx, repeats, rng):
+def build(hkv, ctx, rng):
     cache = xattn.KVCache(1, hkv, ctx, HEAD_DIM, dtype=np.float32)
     step = 8192
     for start in range(0, ctx, step):
@@ -42,13 +42,14 @@ def measure(hkv, ctx, repeats, rng):
         k, v = (rng.standard_normal((1, hkv, n, HEAD_DIM), dtype=np.float32) for _ in range(2))
         cache.append(k, v)
     q = rng.standard_normal((1, HQ, 1, HEAD_DIM), dtype=np.float32)
+    xattn.decode_attention(q, cache)  # warm-up (and compilation)
+    return q, cache
+
+
+def _time(q, cache):
+    t0 = time.perf_counter()
     xattn.decode_attention(q, cache)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        xattn.decode_attention(q, cache)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return time.perf_counter() - t0
 
 
 def main(argv=None):
@@ -61,15 +62,20 @@ def main(argv=None):
 
     rng = np.random.default_rng(0)
     ctxs = [c for c in (512, 2048, 8192, 32768, 131072) if c <= args.max_ctx]
+    cases = [(name, hkv, ctx) for name, hkv in LAYOUTS.items() for ctx in ctxs]
+    inputs = {case: build(case[1], case[2], rng) for case in cases}
+    # Rounds over every case, so that a change in the machine's load hits them all alike.
+    times = {case: [] for case in cases}
+    for _ in range(args.repeats):
+        for case in cases:
+            times[case].append(_time(*inputs[case]))
     rows = []
-    for name, hkv in LAYOUTS.items():
-        for ctx in ctxs:
-            t = measure(hkv, ctx, args.repeats, rng)
-            per_token = LAYERS * t
-            cache_bytes = LAYERS * 2 * hkv * ctx * HEAD_DIM * 4
-            rows.append((name, hkv, ctx, 1e3 * per_token, cache_bytes / t / LAYERS / 1e9))
-            print(f"{name:18s} ctx {ctx:7d}: {1e3 * per_token:9.2f} ms per token "
-                  f"(32 layers), K/V read at {rows[-1][4]:5.1f} GB/s", flush=True)
+    for name, hkv, ctx in cases:
+        t = statistics.median(times[(name, hkv, ctx)])
+        per_token = LAYERS * t
+        rows.append((name, hkv, ctx, 1e3 * per_token, 2 * hkv * ctx * HEAD_DIM * 4 / t / 1e9))
+        print(f"{name:18s} ctx {ctx:7d}: {1e3 * per_token:9.2f} ms per token "
+              f"(32 layers), K/V read at {rows[-1][4]:5.1f} GB/s", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".csv", "w") as f:
         f.write("layout,kv_heads,ctx,ms_per_token_32_layers,kv_GBps\n")
@@ -85,6 +91,8 @@ def main(argv=None):
     for name in LAYOUTS:
         pts = [(r[2], r[3]) for r in rows if r[0] == name]
         ax.loglog(*zip(*pts, strict=True), marker="o", label=name)
+    ax.set_xticks(ctxs, [str(c) for c in ctxs])
+    ax.minorticks_off()
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("attention ms per token (32 layers)")
     ax.set_title("decode_attention, Hq=32, D=128, float32, CPU (2 cores)")

@@ -221,6 +221,64 @@ def test_paged_pool_reuse(rng):
     np.testing.assert_array_equal(cache.sequence(1)[0][:, 16:], k[1])
 
 
+# -- ring buffer ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("page_size", [None, 4], ids=["contiguous", "paged4"])
+def test_ring_buffer(backend, rng, page_size):
+    """A ring of 32 slots for a window of 20 keys, fed 4-5x its size: decoding equals windowed
+    attention over the whole history, which the test keeps on its own."""
+    B, Hkv, D, W = 2, 2, 16, 20
+    cache = xattn.KVCache(B, Hkv, 32, D, dtype=F64, window=W, page_size=page_size)
+    cos, sin = xattn.rotary_cos_sin(200, D, dtype=np.float64)
+    history_k = [[], []]
+    history_v = [[], []]
+    steps = [(30, (30, 11))] + [(4, (4, 4)), (1, (1, 0))] * 20 + [(3, (3, 3))]
+    for i, (T, lengths) in enumerate(steps):
+        k = random_array(rng, (B, Hkv, T, D), F64)
+        v = random_array(rng, (B, Hkv, T, D), F64)
+        cache.append(k, v, lengths=lengths, rotary=(cos, sin))
+        for b in range(B):
+            history_k[b].append(k[b, :, :lengths[b]])
+            history_v[b].append(v[b, :, :lengths[b]])
+        if i == 0 or (i % 7 and i != len(steps) - 1):
+            continue
+        q = random_array(rng, (B, 4, T, D), F64)
+        out, _ = _decode(q, cache, backend, rotary=(cos, sin))
+        for b in range(B):
+            K, V = np.concatenate(history_k[b], axis=1), np.concatenate(history_v[b], axis=1)
+            L = K.shape[1]
+            Kr = xattn.apply_rotary(K, cos[:L], sin[:L])
+            pos = np.clip(np.arange(L - T, L), 0, None)
+            qr = xattn.apply_rotary(q[b], cos[pos], sin[pos])
+            ref, _, _ = reference_attention(qr, Kr, V, causal=True, window=(W, None))
+            assert_close(out[b], ref, xp=np, dtype=F64, name=f"step {i}, sequence {b}")
+    assert cache.lengths.tolist() == [133, 94]
+    K, _ = cache.sequence(0)
+    assert K.shape == (Hkv, 32, D)
+    if page_size:
+        assert cache.free_pages == cache.num_pages - 2 * 8
+
+
+def test_ring_buffer_errors(rng):
+    with pytest.raises(ValueError, match="at most 31 keys"):
+        xattn.KVCache(1, 1, 32, 8, dtype=F32, window=32)
+    with pytest.raises(ValueError, match="multiple of page_size"):
+        xattn.KVCache(1, 1, 30, 8, dtype=F32, window=8, page_size=4)
+    cache = xattn.KVCache(1, 1, 32, 8, dtype=F32, window=20)
+    k = random_array(rng, (1, 1, 33, 8), F32)
+    with pytest.raises(ValueError, match="exceed the ring"):
+        cache.append(k, k)
+    cache.append(k[:, :, :30], k[:, :, :30])
+    cache.append(k[:, :, :30], k[:, :, :30])  # past max_len: a ring keeps the newest 32
+    q = random_array(rng, (1, 2, 1, 8), F32)
+    with pytest.raises(ValueError, match="holds no older keys"):
+        xattn.decode_attention(q, cache, window=(25, None))
+    with pytest.raises(ValueError, match="need 33 positions"):
+        xattn.decode_attention(random_array(rng, (1, 2, 13, 8), F32), cache)
+    assert xattn.decode_attention(q, cache, window=(5, None)).shape == (1, 2, 1, 8)
+
+
 # -- rotary embeddings ---------------------------------------------------------------------
 
 

@@ -80,6 +80,13 @@ class KVCache:
         full length; an append that needs a page when none is free raises.
     head_dim_v : int, optional
         Value head dim ``Dv`` (default ``D``).
+    window : int, optional
+        A ring buffer for a model whose attention window is fixed: a query at position ``p``
+        sees keys ``p - window .. p``, so only the newest ``max_len`` tokens are kept and
+        position ``p`` is stored in slot ``p % max_len``. Sequences then grow without bound
+        (``lengths`` counts every token appended); :func:`decode_attention` uses this
+        window and needs ``window + T <= max_len``. A paged ring needs ``max_len`` to be a
+        multiple of ``page_size``.
 
     Attributes
     ----------
@@ -109,7 +116,7 @@ class KVCache:
     """
 
     def __init__(self, batch, kv_heads, max_len, head_dim, *, dtype, xp=np, page_size=None,
-                 num_pages=None, head_dim_v=None):
+                 num_pages=None, head_dim_v=None, window=None):
         self.batch = _positive_int("batch", batch)
         self.kv_heads = _positive_int("kv_heads", kv_heads)
         self.max_len = _positive_int("max_len", max_len)
@@ -128,6 +135,16 @@ class KVCache:
         self._xp_name = _namespace_name(xp)
         self.xp = xp
         self.page_size = _positive_int("page_size", page_size, allow_none=True)
+        if window is not None:
+            if isinstance(window, bool) or not isinstance(window, numbers.Integral):
+                raise TypeError(f"window: expected a non-negative int or None, got {window!r}")
+            if not 0 <= window < self.max_len:
+                raise ValueError(f"window: a ring buffer of max_len={self.max_len} keeps windows "
+                                 f"of at most {self.max_len - 1} keys, got {window}")
+            if self.page_size is not None and self.max_len % self.page_size:
+                raise ValueError(f"window: a paged ring buffer needs max_len ({self.max_len}) "
+                                 f"to be a multiple of page_size ({self.page_size})")
+        self.window = None if window is None else int(window)
         self._lengths = np.zeros(self.batch, dtype=np.int32)
         shape_k = (self.kv_heads, self.head_dim)
         shape_v = (self.kv_heads, self.head_dim_v)
@@ -187,23 +204,34 @@ class KVCache:
     def __repr__(self):
         layout = (f"paged, page_size={self.page_size}, num_pages={self.num_pages}"
                   if self.paged else "contiguous")
+        if self.window is not None:
+            layout += f", ring buffer for window={self.window}"
         return (f"KVCache(batch={self.batch}, kv_heads={self.kv_heads}, max_len={self.max_len}, "
                 f"head_dim={self.head_dim}, head_dim_v={self.head_dim_v}, dtype={self.dtype}, "
                 f"xp={self._xp_name}, {layout}, lengths={self._lengths.tolist()})")
 
     # -- the storage as the kernels see it ----------------------------------------------------
-    def _pool(self):
+    def _pool(self, upto=None):
         """``(k_pages, v_pages, block_table, page_size)``; a contiguous cache is one page per
-        sequence (page ``b`` of length ``max_len``), so one kernel reads both layouts."""
-        if self.paged:
-            return self._k, self._v, self._block_table, self.page_size
-        table = np.arange(self.batch, dtype=np.int32)[:, None]
-        return self._k, self._v, table, self.max_len
+        sequence (page ``b`` of length ``max_len``), so one kernel reads both layouts.
+
+        A ring buffer's table is unrolled over positions ``[0, upto)`` (default: the longest
+        sequence): logical page ``u`` is page ``u % pages_per_sequence`` of the ring, so the
+        kernels address positions past ``max_len`` without knowing about the ring.
+        """
+        ps = self.page_size if self.paged else self.max_len
+        table = (self._block_table if self.paged
+                 else np.arange(self.batch, dtype=np.int32)[:, None])
+        if self.window is not None:
+            upto = int(self._lengths.max(initial=0)) if upto is None else upto
+            wraps = np.arange(max(1, -(-upto // ps))) % table.shape[1]
+            table = np.ascontiguousarray(table[:, wraps])
+        return self._k, self._v, table, ps
 
     def _segments(self, b, start, stop):
         """``(page, offset, position, count)`` runs covering positions ``[start, stop)`` of
         sequence ``b``, each within one page."""
-        _, _, table, ps = self._pool()
+        _, _, table, ps = self._pool(upto=stop)
         p = start
         while p < stop:
             n = min(stop, (p // ps + 1) * ps) - p
@@ -215,11 +243,16 @@ class KVCache:
         ``(kv_heads, length, Dv)``; views of a contiguous cache, gathered copies of a paged one.
         """
         b = self._index(index, "index")
-        return self._gather(b, 0, int(self._lengths[b]))
+        n = int(self._lengths[b])
+        return self._gather(b, self._first_held(n), n)
+
+    def _first_held(self, length):
+        """The oldest position still stored (a ring buffer keeps the newest max_len)."""
+        return 0 if self.window is None else max(0, length - self.max_len)
 
     def _gather(self, b, start, stop):
         """Positions ``[start, stop)`` of sequence ``b`` as ``(kv_heads, n, D)`` arrays."""
-        if not self.paged:
+        if not self.paged and self.window is None:
             return self._k[b, :, start:stop], self._v[b, :, start:stop]
         xp, n = self.xp, stop - start
         k = xp.empty((self.kv_heads, n, self.head_dim), dtype=self.dtype)
@@ -296,7 +329,13 @@ class KVCache:
         self._check_array("v", v, (self.batch, self.kv_heads, T, self.head_dim_v))
         counts = self._counts(lengths, T)
         new = self._lengths.astype(np.int64) + counts
-        over = np.nonzero(new > self.max_len)[0]
+        if self.window is not None:  # a ring: lengths grow without bound
+            if T > self.max_len:
+                raise ValueError(f"append: {T} tokens at once exceed the ring buffer's max_len="
+                                 f"{self.max_len}; nothing was written")
+            over = np.nonzero(new > np.iinfo(np.int32).max)[0]
+        else:
+            over = np.nonzero(new > self.max_len)[0]
         if over.size:
             b = int(over[0])
             raise ValueError(
@@ -322,7 +361,7 @@ class KVCache:
                                   interleaved=interleaved)
             for idx, page in pages.get(b, ()):
                 self._block_table[b, idx] = page
-            if not self.paged:
+            if not self.paged and self.window is None:
                 self._k[b, :, start:start + n] = kb
                 self._v[b, :, start:start + n] = vb
                 continue
@@ -378,9 +417,13 @@ class KVCache:
         cannot supply them (before anything is written)."""
         ps = self.page_size
         need = []
+        cap = self.max_len if self.window is not None else None
         for b in range(self.batch):
-            have = -(-int(self._lengths[b]) // ps)
-            want = -(-int(new[b]) // ps)
+            old_n, new_n = int(self._lengths[b]), int(new[b])
+            if cap is not None:  # a ring takes pages until it is full, then reuses them
+                old_n, new_n = min(old_n, cap), min(new_n, cap)
+            have = -(-old_n // ps)
+            want = -(-new_n // ps)
             need.extend((b, idx) for idx in range(have, want))
         if len(need) > len(self._free):
             raise ValueError(
@@ -475,6 +518,16 @@ def _validate_decode(q, cache, window, alibi_slopes, softcap, scale):
     scale_f = 1.0 / math.sqrt(d) if scale is None else check_scalar("scale", scale)
     softcap = check_scalar("softcap", softcap)
     window = normalize_window(window)
+    if cache.window is not None:
+        if window is None:
+            window = (cache.window, None)
+        if window[0] is None or window[0] > cache.window:
+            raise ValueError(f"window: the cache is a ring buffer for window={cache.window} and "
+                             f"holds no older keys; got window={window}")
+        if window[0] + T > cache.max_len:
+            raise ValueError(f"q: {T} query tokens with a window of {window[0]} keys need "
+                             f"{window[0] + T} positions, the ring buffer keeps "
+                             f"max_len={cache.max_len}")
     if alibi_slopes is not None:
         _check_float("alibi_slopes", alibi_slopes)
         if alibi_slopes.shape not in ((hq,), (B, hq)):
