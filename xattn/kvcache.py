@@ -595,6 +595,8 @@ def decode_attention(q, cache, /, *, window=None, alibi_slopes=None, softcap=Non
     backend : str
         ``"auto"``, or ``"numba"`` (CPU split-KV kernel, float32/float64), ``"numpy"`` (CPU
         array code, every dtype) or ``"generic"`` (the same array code on CuPy).
+        ``"cupy.decode"`` names the CUDA split-KV kernel, which has not been run on a GPU yet
+        and is never chosen by ``"auto"`` (see :doc:`/inference`).
 
     Returns
     -------
