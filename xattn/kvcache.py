@@ -580,7 +580,8 @@ def decode_attention(q, cache, /, *, window=None, alibi_slopes=None, softcap=Non
     cache : KVCache
     window : ``(left, right)``, optional
         Sliding window as in :func:`flash_attention`: query at position ``p`` sees keys
-        ``p - left .. p`` (``right`` adds nothing under the causal rule).
+        ``p - left .. p`` (``right`` adds nothing under the causal rule). A ring-buffer cache
+        (``KVCache(window=W)``) defaults to ``(W, None)`` and refuses a wider window.
     alibi_slopes : array ``(Hq,)`` or ``(batch, Hq)``, optional
         ALiBi bias ``-slope * (p - j)``, in the kernel.
     softcap, scale
