@@ -15,8 +15,6 @@ reads both layouts; a paged cache's keys are found through the block table.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from . import _pool
@@ -114,29 +112,16 @@ def decode(prob, q, cache, *, alibi_slopes=None):
     work = sum(t[4] - t[3] for t in tasks) * R * (D + Dv)
     n_jobs = 1 if work < SERIAL_WORK else min(len(tasks), _JOBS_PER_THREAD * threads)
     table_arr = np.asarray(tasks, dtype=np.int64).reshape(-1, 5)
-    jobs = [table_arr[i::n_jobs] for i in range(n_jobs)]
     args = (qs, kpool, vpool, table, page_size, lengths.astype(np.int64), T, left, slopes,
             softcap, acc, m, l)
-    _pool.run_jobs(lambda job: K.decode_tasks(job, *args), jobs)
-    out, lse = _merge(acc, m, l)
+    if n_jobs == 1:  # no pool (and no BLAS thread limit: nothing else runs beside it)
+        K.decode_tasks(table_arr, *args)
+    else:
+        jobs = [table_arr[i::n_jobs] for i in range(n_jobs)]
+        _pool.run_jobs(lambda job: K.decode_tasks(job, *args), jobs)
+    out = np.empty((B * Hkv, R, Dv), dtype=cd)
+    lse = np.empty((B * Hkv, R), dtype=cd)
+    K.merge_splits(acc.reshape(B * Hkv, n_slots, R, Dv), m.reshape(B * Hkv, n_slots, R),
+                   l.reshape(B * Hkv, n_slots, R), out, lse)
     out = out.reshape(B, prob.hq, T, Dv).astype(prob.dtype, copy=False)
     return out, lse.reshape(B, prob.hq, T)
-
-
-def _merge(acc, m, l):
-    """Combine the splits (axis 2) of the online-softmax states; normalise; lse."""
-    if acc.shape[2] == 1:
-        acc, m, l = acc[:, :, 0], m[:, :, 0], l[:, :, 0]
-    else:
-        top = m.max(axis=2)
-        top_safe = np.where(np.isfinite(top), top, 0)
-        w = np.exp(m - top_safe[:, :, None])  # 0 for empty splits (m = -inf)
-        l = (l * w).sum(axis=2)
-        acc = (acc * w[..., None]).sum(axis=2)
-        m = top
-    empty = l == 0
-    safe = np.where(empty, 1, l)
-    out = acc / safe[..., None]
-    with np.errstate(divide="ignore"):
-        lse = np.where(empty, -math.inf, m + np.log(safe))
-    return out, lse.astype(acc.dtype, copy=False)

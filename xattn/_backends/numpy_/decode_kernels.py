@@ -137,3 +137,36 @@ def decode_tasks(tasks, qs, kpool, vpool, table, page_size, lengths, T, left, sl
         decode_split(qs[b, g], kpool, vpool, table[b], page_size, g, tasks[i, 3], tasks[i, 4],
                      lengths[b] - T, T, left, slopes[b, g], softcap, acc[b, g, slot],
                      m[b, g, slot], l[b, g, slot], sbuf, pv)
+
+
+@njit(**_JIT)
+def merge_splits(acc, m, l, out, lse):
+    """Merge the splits of each row by their maxima and normalise (flash-decoding's lse merge).
+
+    acc, m, l : (N, S, R, Dv), (N, S, R), (N, S, R) split states; out : (N, R, Dv) and
+    lse : (N, R) written. A row that saw no key gets 0 and ``lse = -inf``.
+    """
+    N, S, R, Dv = acc.shape
+    for i in range(N):
+        for r in range(R):
+            top = -np.inf
+            for s in range(S):
+                if m[i, s, r] > top or m[i, s, r] != m[i, s, r]:
+                    top = m[i, s, r]
+            if top == -np.inf:
+                for d in range(Dv):
+                    out[i, r, d] = 0
+                lse[i, r] = -np.inf
+                continue
+            total = l[i, s, r] * 0
+            for d in range(Dv):
+                out[i, r, d] = 0
+            for s in range(S):
+                w = math.exp(m[i, s, r] - top)  # 0 for a split that saw nothing
+                total += w * l[i, s, r]
+                for d in range(Dv):
+                    out[i, r, d] += w * acc[i, s, r, d]
+            inv = 1 / total
+            for d in range(Dv):
+                out[i, r, d] *= inv
+            lse[i, r] = top + math.log(total)
