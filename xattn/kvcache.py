@@ -152,7 +152,6 @@ class KVCache:
             if num_pages is not None:
                 raise ValueError("num_pages: only meaningful with page_size (a paged cache)")
             self.num_pages = None
-            self._pages_per_seq = 1
             self._block_table = None
             lead = (self.batch, self.kv_heads, self.max_len)
             self._k = xp.zeros(lead + (self.head_dim,), dtype=dt)
@@ -162,7 +161,6 @@ class KVCache:
             default = self.batch * per_seq
             self.num_pages = _positive_int("num_pages", default if num_pages is None
                                            else num_pages)
-            self._pages_per_seq = per_seq
             self._block_table = np.full((self.batch, per_seq), -1, dtype=np.int32)
             # Pages are handed out lowest index first: a fresh cache fills its pool in order.
             self._free = list(range(self.num_pages - 1, -1, -1))
@@ -176,7 +174,8 @@ class KVCache:
 
     @property
     def lengths(self) -> np.ndarray:
-        """Tokens held per sequence, int32 ``(batch,)`` (a NumPy copy)."""
+        """Tokens appended per sequence, int32 ``(batch,)`` (a NumPy copy); a ring buffer holds
+        the newest ``max_len`` of them."""
         return self._lengths.copy()
 
     @property
