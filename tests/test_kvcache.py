@@ -72,8 +72,6 @@ def _filled(rng, dtype, batch=2, hkv=2, max_len=300, d=16, lengths=(150, 97), dv
 @pytest.mark.parametrize("page_size", [None, 16], ids=["contiguous", "paged16"])
 def test_prefill_then_steps(backend, dtype, rng, page_size):
     """Prefill (ragged), then single-token steps and a 4-token step, checked after each."""
-    if dtype.itemsize == 2 and backend == "numba":
-        pytest.skip("backend numba: float32/float64 caches only (asserted in test_dispatch)")
     B, Hq, Hkv, D = 2, 8, 2, 16
     cache = _filled(rng, dtype, batch=B, hkv=Hkv, d=D, lengths=(40, 23), page_size=page_size)
     for T in (1, 1, 4, 1):
@@ -174,6 +172,30 @@ def test_hidden_keys_never_leak(backend, rng):
     for b, row in ((0, 0), (1, 1)):
         ref, _, _ = reference_attention(q[b], *clean[b], causal=True, window=(50, None))
         assert_close(out[b][:, row], ref[:, row], xp=np, dtype=F64, name=f"sequence {b}")
+
+
+def test_16bit_values_convert_exactly():
+    """The numba kernel reads 16-bit caches as bits: every float16 and bfloat16 bit pattern
+    (subnormals, infinities, NaN) converts as NumPy / ml_dtypes convert it."""
+    pytest.importorskip("numba")
+    from numba import njit
+
+    from xattn._backends.numpy_ import decode_kernels as K
+
+    @njit
+    def convert(bits, bf16):
+        buf = np.empty(bits.shape, dtype=np.float32)
+        return K._chunk(bits, 0, bits.shape[0], buf, bf16).copy()
+
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).reshape(256, 256)
+    for dtype, bf16 in ((np.dtype(np.float16), False), (BF16, True)):
+        if dtype is None:
+            continue
+        want = bits.view(dtype).astype(np.float32)
+        got = convert(bits, bf16)
+        nan = np.isnan(want)
+        np.testing.assert_array_equal(np.isnan(got), nan)
+        np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
 
 
 # -- paged layout -------------------------------------------------------------------------
@@ -377,15 +399,12 @@ def test_dispatch(rng):
     # The flash entries' main modules are never asked to decode.
     assert "does not implement decode" in _backends._why_not(
         _backends.Backend("x", "cpu", ".numpy_.fused", ""), prob, {}, "decode")
-    if BF16 is not None:
+    if BF16 is not None:  # 16-bit caches go to the numba kernel too (read as their bits)
         cache16 = _filled(rng, BF16, lengths=(3, 3))
-        q16 = q.astype(BF16)
-        prob16 = _validate_decode(q16, cache16, None, None, None, None)
+        prob16 = _validate_decode(q.astype(BF16), cache16, None, None, None, None)
         if _backends.available_backends(np)["numba"] is None:
-            with pytest.raises(NotImplementedError, match="float32 and float64"):
-                xattn.decode_attention(q16, cache16, backend="numba")
-        assert _backends.select(prob16, {}, "auto", op="decode").__name__.endswith(
-            "decode_generic")
+            assert _backends.select(prob16, {}, "auto", op="decode").__name__.endswith(
+                "numpy_.decode")
 
 
 # -- bad input -----------------------------------------------------------------------------

@@ -593,8 +593,8 @@ def decode_attention(q, cache, /, *, window=None, alibi_slopes=None, softcap=Non
     return_lse : bool
         Also return the log-sum-exp ``(batch, Hq, T)`` (float32; float64 for float64).
     backend : str
-        ``"auto"``, or ``"numba"`` (CPU split-KV kernel, float32/float64), ``"numpy"`` (CPU
-        array code, every dtype) or ``"generic"`` (the same array code on CuPy).
+        ``"auto"``, or ``"numba"`` (the CPU split-KV kernel), ``"numpy"`` (CPU array code)
+        or ``"generic"`` (the same array code on CuPy); every dtype on each.
         ``"cupy.decode"`` names the CUDA split-KV kernel, which has not been run on a GPU yet
         and is never chosen by ``"auto"`` (see :doc:`/inference`).
 

@@ -46,9 +46,6 @@ def supports(prob, opts, op):
         return f"needs numba and threadpoolctl (pip install 'xattn[numba]'): {exc}"
     if prob.xp is not np:
         return "runs on NumPy arrays only"
-    if prob.dtype != prob.cdtype:
-        return (f"dtype {prob.dtype}: the kernel reads float32 and float64 caches "
-                "(backend='numpy' serves 16-bit caches)")
     if opts:
         return f"options not handled by this backend: {sorted(opts)}"
     return None
@@ -82,6 +79,9 @@ def decode(prob, q, cache, *, alibi_slopes=None):
     B, Hkv, G, T, D, Dv = prob.batch, prob.hkv, prob.group, prob.sq, prob.d, prob.dv
     R = G * T
     kpool, vpool, table, page_size = cache._pool()
+    bf16 = prob.dtype.name == "bfloat16"
+    if prob.dtype.itemsize == 2:  # numba reads 16-bit values as their bits
+        kpool, vpool = kpool.view(np.uint16), vpool.view(np.uint16)
     qs = np.empty((B, Hkv, R, D), dtype=cd)
     qs[...] = q.reshape(B, Hkv, R, D)
     qs *= cd.type(prob.scale)
@@ -113,7 +113,7 @@ def decode(prob, q, cache, *, alibi_slopes=None):
     n_jobs = 1 if work < SERIAL_WORK else min(len(tasks), _JOBS_PER_THREAD * threads)
     table_arr = np.asarray(tasks, dtype=np.int64).reshape(-1, 5)
     args = (qs, kpool, vpool, table, page_size, lengths.astype(np.int64), T, left, slopes,
-            softcap, acc, m, l)
+            softcap, acc, m, l, bf16)
     if n_jobs == 1:  # no pool (and no BLAS thread limit: nothing else runs beside it)
         K.decode_tasks(table_arr, *args)
     else:

@@ -26,9 +26,10 @@ import math
 
 import numpy as np
 import scipy.linalg.cython_blas  # noqa: F401  (the BLAS behind numba's np.dot)
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
-from ._fused_kernels import _FASTMATH, _exp2_tile, _row_max
+from ._fused_kernels import _FASTMATH, _bits_to_f32, _exp2_tile, _row_max
 
 _JIT = dict(nogil=True, fastmath=_FASTMATH, cache=True)
 
@@ -39,19 +40,70 @@ CHUNK = 128
 
 
 @njit(**_JIT)
+def _half_to_float(h):
+    """float16 bits (in an int) -> float32, exact: normal, subnormal, inf and NaN.
+
+    The exponent and mantissa are shifted into float32's fields and the exponent rebased;
+    subnormals are renormalised by one float subtraction (F. Giesen's ``half_to_float_fast``).
+    """
+    o = np.int32((h & 0x7FFF) << 13)
+    e = o & 0x0F800000
+    if e == 0x0F800000:  # inf or NaN: the largest exponent
+        f = _bits_to_f32(np.int32(o + 0x70000000))
+    elif e == 0:  # zero or subnormal
+        f = _bits_to_f32(np.int32(o + 0x38800000)) - _bits_to_f32(np.int32(0x38800000))
+    else:
+        f = _bits_to_f32(np.int32(o + 0x38000000))
+    return -f if h & 0x8000 else f
+
+
+def _chunk(src, off, n, buf, bf16):
+    """Stub for :func:`numba.extending.overload`: rows ``off .. off + n`` of ``src`` as a
+    C-contiguous float array: a view of a float32/float64 pool, or 16-bit values (uint16
+    bits; ``bf16`` says which format) converted into ``buf``."""
+    raise NotImplementedError  # only called from compiled code
+
+
+@overload(_chunk, jit_options=_JIT)
+def _chunk_impl(src, off, n, buf, bf16):
+    if src.dtype != types.uint16:
+        def view(src, off, n, buf, bf16):
+            return src[off:off + n]
+
+        return view
+
+    def convert(src, off, n, buf, bf16):
+        out = buf[:n]
+        D = src.shape[1]
+        if bf16:
+            for j in range(n):
+                for d in range(D):
+                    out[j, d] = _bits_to_f32(np.int32(np.int32(src[off + j, d]) << 16))
+        else:
+            for j in range(n):
+                for d in range(D):
+                    out[j, d] = _half_to_float(np.int32(src[off + j, d]))
+        return out
+
+    return convert
+
+
+@njit(**_JIT)
 def _visible(j, pos, left):
     return j <= pos and (left < 0 or j >= pos - left)
 
 
 @njit(**_JIT)
 def decode_split(q, kpool, vpool, pages, page_size, g, lo, hi, first, T, left, slopes,
-                 softcap, acc, m, l, sbuf, pv):
+                 softcap, acc, m, l, sbuf, pv, kbuf, vbuf, bf16):
     """Attention state of one kv head's query rows over keys ``[lo, hi)``, updated in place.
 
     q : (R, D) scaled queries of kv head ``g``; row ``r`` is query token ``r % T`` of one of
         the group's heads, at position ``first + r % T``.
-    kpool, vpool : (P, Hkv, page_size, D) and (..., Dv) storage; ``pages`` (int32) maps this
-        sequence's logical page ``p`` to its pool page (a contiguous cache: one page per
+    kpool, vpool : (P, Hkv, page_size, D) and (..., Dv) storage in the compute dtype, or 16-bit
+        values as uint16 bits (float16, or bfloat16 when ``bf16``), converted chunk by chunk
+        into ``kbuf``/``vbuf`` (CHUNK, D)/(CHUNK, Dv) float32 scratch; ``pages`` (int32) maps
+        this sequence's logical page ``p`` to its pool page (a contiguous cache: one page per
         sequence).
     left : the window's left extent, ``-1`` for none (the causal rule always holds).
     slopes : (R,) ALiBi slope per row, or an empty array; softcap : ``0`` for none.
@@ -69,10 +121,9 @@ def decode_split(q, kpool, vpool, pages, page_size, g, lo, hi, first, T, left, s
         page = pages[c0 // page_size]
         off = c0 % page_size
         n = min(CHUNK, hi - c0, page_size - off)
-        kc = kpool[page, g]
-        vc = vpool[page, g]
+        kc = _chunk(kpool[page, g], off, n, kbuf, bf16)
         s = sbuf[: R * n].reshape((R, n))
-        np.dot(q, kc[off:off + n].T, s)
+        np.dot(q, kc.T, s)
         full = c0 >= start_all and c0 + n - 1 <= first
         if not full or has_alibi or softcap > 0:
             for r in range(R):
@@ -101,15 +152,16 @@ def decode_split(q, kpool, vpool, pages, page_size, g, lo, hi, first, T, left, s
                     acc[r, d] *= alpha
                 m[r] = m_new
             l[r] += _exp2_tile(row, m_new)
+        vc = _chunk(vpool[page, g], off, n, vbuf, bf16)
         if full:
-            np.dot(s, vc[off:off + n], pv)
+            np.dot(s, vc, pv)
             for r in range(R):
                 for d in range(Dv):
                     acc[r, d] += pv[r, d]
         else:
             # A hidden key contributes nothing, even when its values are NaN or inf.
             for j in range(n):
-                vj = vc[off + j]
+                vj = vc[j]
                 for r in range(R):
                     if _visible(c0 + j, first + r % T, left):
                         p = s[r, j]
@@ -120,7 +172,7 @@ def decode_split(q, kpool, vpool, pages, page_size, g, lo, hi, first, T, left, s
 
 @njit(**_JIT)
 def decode_tasks(tasks, qs, kpool, vpool, table, page_size, lengths, T, left, slopes, softcap,
-                 acc, m, l):
+                 acc, m, l, bf16):
     """Run :func:`decode_split` for each row ``(b, g, slot, lo, hi)`` of ``tasks`` (int64).
 
     One call per pool job keeps the interpreter out of the loop over (sequence, kv head,
@@ -130,13 +182,15 @@ def decode_tasks(tasks, qs, kpool, vpool, table, page_size, lengths, T, left, sl
     R = qs.shape[2]
     sbuf = np.empty(R * CHUNK, dtype=acc.dtype)
     pv = np.empty((R, vpool.shape[3]), dtype=acc.dtype)
+    kbuf = np.empty((CHUNK, kpool.shape[3]), dtype=acc.dtype)
+    vbuf = np.empty((CHUNK, vpool.shape[3]), dtype=acc.dtype)
     for i in range(tasks.shape[0]):
         b = tasks[i, 0]
         g = tasks[i, 1]
         slot = tasks[i, 2]
         decode_split(qs[b, g], kpool, vpool, table[b], page_size, g, tasks[i, 3], tasks[i, 4],
                      lengths[b] - T, T, left, slopes[b, g], softcap, acc[b, g, slot],
-                     m[b, g, slot], l[b, g, slot], sbuf, pv)
+                     m[b, g, slot], l[b, g, slot], sbuf, pv, kbuf, vbuf, bf16)
 
 
 @njit(**_JIT)
