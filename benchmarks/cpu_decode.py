@@ -59,22 +59,34 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=1, help="T, new query tokens per sequence")
     p.add_argument("--page-size", type=int, default=0, help="also time a paged cache")
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     args = p.parse_args(argv)
 
     import torch
 
     B, Hq, Hkv, D, T, ctx = args.batch, args.hq, args.hkv, args.head_dim, args.tokens, args.ctx
     rng = np.random.default_rng(0)
-    cache = xattn.KVCache(B, Hkv, ctx, D, dtype=np.float32)
+    if args.dtype == "bfloat16":
+        import ml_dtypes
+
+        dtype = np.dtype(ml_dtypes.bfloat16)
+    else:
+        dtype = np.dtype(args.dtype)
+    cache = xattn.KVCache(B, Hkv, ctx, D, dtype=dtype)
     _fill(cache, rng, ctx)
     caches = {"xattn contiguous": cache}
     if args.page_size:
-        paged = xattn.KVCache(B, Hkv, ctx, D, dtype=np.float32, page_size=args.page_size)
+        paged = xattn.KVCache(B, Hkv, ctx, D, dtype=dtype, page_size=args.page_size)
         # Same contents, pages handed out in order: the layout differs, not the values.
         paged.append(cache.k_cache, cache.v_cache)
         caches[f"xattn paged ({args.page_size})"] = paged
-    q = rng.standard_normal((B, Hq, T, D), dtype=np.float32)
-    tq, tk, tv = (torch.from_numpy(x) for x in (q, cache.k_cache, cache.v_cache))
+    q = rng.standard_normal((B, Hq, T, D), dtype=np.float32).astype(dtype)
+    tdtype = {"float32": torch.float32, "float16": torch.float16,
+              "bfloat16": torch.bfloat16}[args.dtype]
+    # torch.from_numpy knows no bfloat16: share the bits through an int16 view.
+    tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(x).view(np.int16)).view(tdtype)
+                  if args.dtype == "bfloat16" else torch.from_numpy(x)
+                  for x in (q, cache.k_cache, cache.v_cache))
     # T new tokens at the bottom right of ctx keys: torch's is_causal aligns top-left, so the
     # causal rule goes in as a boolean mask (all True when T = 1).
     mask = torch.from_numpy(np.arange(ctx)[None, :] <= np.arange(ctx - T, ctx)[:, None])
@@ -83,11 +95,11 @@ def main(argv=None):
         return torch.nn.functional.scaled_dot_product_attention(
             tq, tk, tv, attn_mask=None if T == 1 else mask, enable_gqa=True)
 
-    ref = run_torch().numpy()
+    ref = run_torch().float().numpy()
     for name, c in caches.items():
-        out = xattn.decode_attention(q, c)
+        out = xattn.decode_attention(q, c).astype(np.float32)
         err = float(np.abs(out - ref).max())
-        if err > 1e-4:
+        if err > (1e-4 if args.dtype == "float32" else 2e-2):
             raise SystemExit(f"{name}: max difference from torch {err:.3g}")
         print(f"{name}: max |xattn - torch| = {err:.2e}")
     dst = np.empty_like(cache.k_cache)
@@ -109,7 +121,7 @@ def main(argv=None):
     def rate(name, i):
         return moved[name] / times[name][i] / 1e9
 
-    print(f"\ndecode, B={B} Hq={Hq} Hkv={Hkv} D={D} T={T} ctx={ctx} float32, "
+    print(f"\ndecode, B={B} Hq={Hq} Hkv={Hkv} D={D} T={T} ctx={ctx} {args.dtype}, "
           f"{xattn._backends.numpy_.decode._pool.num_threads()} threads, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"{args.repeats} rounds")

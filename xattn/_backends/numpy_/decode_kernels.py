@@ -45,15 +45,15 @@ def _half_to_float(h):
 
     The exponent and mantissa are shifted into float32's fields and the exponent rebased;
     subnormals are renormalised by one float subtraction (F. Giesen's ``half_to_float_fast``).
+    Every case is computed and one is selected, without branches, so that the loops around
+    it vectorise.
     """
     o = np.int32((h & 0x7FFF) << 13)
     e = o & 0x0F800000
-    if e == 0x0F800000:  # inf or NaN: the largest exponent
-        f = _bits_to_f32(np.int32(o + 0x70000000))
-    elif e == 0:  # zero or subnormal
-        f = _bits_to_f32(np.int32(o + 0x38800000)) - _bits_to_f32(np.int32(0x38800000))
-    else:
-        f = _bits_to_f32(np.int32(o + 0x38000000))
+    normal = _bits_to_f32(np.int32(o + 0x38000000))
+    special = _bits_to_f32(np.int32(o + 0x70000000))  # inf or NaN: the largest exponent
+    small = _bits_to_f32(np.int32(o + 0x38800000)) - _bits_to_f32(np.int32(0x38800000))
+    f = special if e == 0x0F800000 else (small if e == 0 else normal)
     return -f if h & 0x8000 else f
 
 
@@ -74,15 +74,15 @@ def _chunk_impl(src, off, n, buf, bf16):
 
     def convert(src, off, n, buf, bf16):
         out = buf[:n]
-        D = src.shape[1]
+        # One flat loop over the contiguous rows: it vectorises, the 2-D one did not.
+        a = src[off:off + n].reshape(-1)
+        b = out.reshape(-1)
         if bf16:
-            for j in range(n):
-                for d in range(D):
-                    out[j, d] = _bits_to_f32(np.int32(np.int32(src[off + j, d]) << 16))
+            for i in range(a.shape[0]):
+                b[i] = _bits_to_f32(np.int32(np.int32(a[i]) << 16))
         else:
-            for j in range(n):
-                for d in range(D):
-                    out[j, d] = _half_to_float(np.int32(src[off + j, d]))
+            for i in range(a.shape[0]):
+                b[i] = _half_to_float(np.int32(a[i]))
         return out
 
     return convert
