@@ -26,10 +26,11 @@ import math
 
 import numpy as np
 import scipy.linalg.cython_blas  # noqa: F401  (the BLAS behind numba's np.dot)
+from llvmlite import ir
 from numba import njit, types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
-from ._fused_kernels import _FASTMATH, _bits_to_f32, _exp2_tile, _row_max
+from ._fused_kernels import _FASTMATH, _exp2_tile, _row_max
 
 _JIT = dict(nogil=True, fastmath=_FASTMATH, cache=True)
 
@@ -39,22 +40,30 @@ _JIT = dict(nogil=True, fastmath=_FASTMATH, cache=True)
 CHUNK = 128
 
 
-@njit(**_JIT)
-def _half_to_float(h):
-    """float16 bits (in an int) -> float32, exact: normal, subnormal, inf and NaN.
+@intrinsic
+def _f16_to_f32(typingctx, bits):
+    """float16 bits -> float32: LLVM's ``fpext half`` (exact; F16C's vcvtph2ps once
+    vectorised)."""
+    sig = types.float32(types.uint16)
 
-    The exponent and mantissa are shifted into float32's fields and the exponent rebased;
-    subnormals are renormalised by one float subtraction (F. Giesen's ``half_to_float_fast``).
-    Every case is computed and one is selected, without branches, so that the loops around
-    it vectorise.
-    """
-    o = np.int32((h & 0x7FFF) << 13)
-    e = o & 0x0F800000
-    normal = _bits_to_f32(np.int32(o + 0x38000000))
-    special = _bits_to_f32(np.int32(o + 0x70000000))  # inf or NaN: the largest exponent
-    small = _bits_to_f32(np.int32(o + 0x38800000)) - _bits_to_f32(np.int32(0x38800000))
-    f = special if e == 0x0F800000 else (small if e == 0 else normal)
-    return -f if h & 0x8000 else f
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _bf16_to_f32(typingctx, bits):
+    """bfloat16 bits -> float32 (the upper half of a float32), in 32-bit integer IR: numba's
+    own integer arithmetic would widen to 64 bits and halve the vector width."""
+    sig = types.float32(types.uint16)
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        wide = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
+        return builder.bitcast(wide, ir.FloatType())
+
+    return sig, codegen
 
 
 def _chunk(src, off, n, buf, bf16):
@@ -79,10 +88,10 @@ def _chunk_impl(src, off, n, buf, bf16):
         b = out.reshape(-1)
         if bf16:
             for i in range(a.shape[0]):
-                b[i] = _bits_to_f32(np.int32(np.int32(a[i]) << 16))
+                b[i] = _bf16_to_f32(a[i])
         else:
             for i in range(a.shape[0]):
-                b[i] = _half_to_float(np.int32(a[i]))
+                b[i] = _f16_to_f32(a[i])
         return out
 
     return convert
