@@ -28,7 +28,7 @@ def _inputs():
 
 def test_every_entry_is_in_one_order_and_names_a_real_module():
     names = [n for dev in _backends._PREFERENCE.values() for n in dev]
-    assert sorted(names) == sorted(_backends.BACKENDS)
+    assert sorted(names + list(_backends.OPT_IN)) == sorted(_backends.BACKENDS)
     for alias, members in _backends.ALIASES.items():
         assert alias not in _backends.BACKENDS
         assert set(members) <= set(_backends.BACKENDS)

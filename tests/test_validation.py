@@ -257,7 +257,17 @@ def _public_calls():
     cos, sin = xattn.rotary_cos_sin(8, 4)
     bm = xattn.BlockMask.causal(8, block_size=4)
     bms = xattn.BlockMask
+
+    def cache():
+        c = xattn.KVCache(1, 2, 8, 4, dtype=np.float32)
+        c.append(kv, kv)
+        return c
+
     return {
+        "KVCache.append": lambda **o: xattn.KVCache(1, 2, 8, 4, dtype=np.float32).append(
+            kv, kv, rotary=(cos, sin), **o),
+        "decode_attention": lambda **o: xattn.decode_attention(
+            q[:, :, -1:], cache(), rotary=(cos, sin), **o),
         "standard_attention": lambda **o: xattn.standard_attention(q, kv, kv, **o),
         "flash_attention": lambda **o: xattn.flash_attention(q, kv, kv, **o),
         "flash_attention_backward":

@@ -9,6 +9,7 @@ from ._backends import PerformanceWarning
 from ._config import show_config
 from .flash import flash_attention, flash_attention_backward
 from .flex import flex_attention, flex_attention_backward
+from .kvcache import KVCache, decode_attention
 from .linear import (
     linear_attention,
     linear_attention_backward,
@@ -28,12 +29,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockMask",
+    "KVCache",
     "PerformanceWarning",
     "alibi_bias",
     "alibi_slopes",
     "apply_rotary",
     "bigbird_attention",
     "block_sparse_attention",
+    "decode_attention",
     "flash_attention",
     "flash_attention_backward",
     "flex_attention",

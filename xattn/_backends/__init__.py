@@ -33,7 +33,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 
-__all__ = ["ALIASES", "BACKENDS", "Backend", "PerformanceWarning", "available_backends",
+__all__ = ["ALIASES", "BACKENDS", "OPT_IN", "Backend", "PerformanceWarning", "available_backends",
            "disabled", "explain", "select", "select_entry"]
 
 _log = logging.getLogger("xattn")
@@ -54,9 +54,12 @@ class Backend:
     # it in silence. ``fix`` says how to make it usable.
     requires: tuple = ()
     fix: str = ""
+    # (op, module) pairs for ops served by a module of their own; an op in _OWN_MODULE_OPS that
+    # an entry does not list here is one it does not implement.
+    ops: tuple = ()
 
-    def load(self):
-        return importlib.import_module(self.module, __name__)
+    def load(self, op="forward"):
+        return importlib.import_module(dict(self.ops).get(op, self.module), __name__)
 
     def missing(self) -> list:
         """The required packages that are not installed (found without importing them)."""
@@ -66,6 +69,9 @@ class Backend:
         """Whether the entry's main package is present (it may still be unusable)."""
         return not self.requires or importlib.util.find_spec(self.requires[0]) is not None
 
+
+# Ops that no entry serves through its main module (decode_attention over a KVCache).
+_OWN_MODULE_OPS = ("decode",)
 
 _NUMBA_FIX = "pip install 'xattn[numba]' (numba and threadpoolctl)"
 _CUPY_FIX = "pip install 'xattn[cuda]' on a machine with an NVIDIA GPU"
@@ -80,12 +86,14 @@ BACKENDS = {
             "CPU tiles with fused online softmax (numba njit) on a thread pool",
             requires=("numba", "threadpoolctl"),
             fix=_NUMBA_FIX,
+            ops=(("decode", ".numpy_.decode"),),
         ),
         Backend(
             "numpy",
             "cpu",
             ".numpy_.tiled",
             "generic tiled online softmax written with array-namespace operations",
+            ops=(("decode", ".numpy_.decode_generic"),),
         ),
         Backend(
             "cupy.sm90",
@@ -123,12 +131,23 @@ BACKENDS = {
             fix=_CUPY_FIX,
         ),
         Backend(
+            "cupy.decode",
+            "gpu",
+            ".cupy_.decode",
+            "split-KV decode kernel with GQA packing and paged reads (decode_splitkv.cu); "
+            "never run on a GPU yet: opt-in by name only, not in auto's list",
+            requires=("cupy",),
+            fix=_CUPY_FIX,
+            ops=(("decode", ".cupy_.decode"),),
+        ),
+        Backend(
             "generic",
             "gpu",
             ".numpy_.tiled",
             "the generic tiled path on CuPy arrays (CuPy matmuls, one launch per tile)",
             requires=("cupy",),
             fix=_CUPY_FIX,
+            ops=(("decode", ".numpy_.decode_generic"),),
         ),
     )
 }
@@ -138,6 +157,9 @@ _PREFERENCE = {
     "cpu": ("numba", "numpy"),
     "gpu": ("cupy.sm90", "cupy.sm80", "cupy.tf32", "cupy.simt", "generic"),
 }
+# Entries that serve only when named with backend=: a kernel not yet verified on hardware
+# stays out of auto's order until a run against the oracle puts it there.
+OPT_IN = ("cupy.decode",)
 # Names that stand for "the first of these entries that supports the request".
 ALIASES = {"cupy": ("cupy.sm90", "cupy.sm80", "cupy.tf32", "cupy.simt")}
 
@@ -193,10 +215,12 @@ def _load_error(backend):
 def _why_not(backend, prob, opts, op, off=frozenset()):
     if backend.name in off:
         return "switched off by XATTN_DISABLE"
+    if op in _OWN_MODULE_OPS and op not in dict(backend.ops):
+        return f"does not implement {op}"
     why = _load_error(backend)
     if why is not None or prob is None:
         return why
-    return backend.load().supports(prob, opts or {}, op)
+    return backend.load(op).supports(prob, opts or {}, op)
 
 
 def available_backends(xp, prob=None, opts=None, op="forward") -> dict:
@@ -307,4 +331,4 @@ def select_entry(prob, opts, backend="auto", op="forward") -> Backend:
 
 def select(prob, opts, backend="auto", op="forward"):
     """Return the implementation module that serves this request."""
-    return select_entry(prob, opts, backend, op).load()
+    return select_entry(prob, opts, backend, op).load(op)

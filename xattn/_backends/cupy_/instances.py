@@ -27,9 +27,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "FWD", "FWD_BM", "FWD_BM_MODS", "FWD_MODS",
-           "HEAD_DIMS", "Instance", "SM90", "SM90_EXPERIMENTAL", "TF32", "bwd", "bwd_aux",
-           "bwd_dq", "bwd_simt", "experimental", "fwd", "fwd_simt", "shipped", "sm90", "tf32"]
+__all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "DECODE_HEAD_DIMS", "DECODE_WARPS", "FWD",
+           "FWD_BM", "FWD_BM_MODS", "FWD_MODS", "HEAD_DIMS", "Instance", "SM90",
+           "SM90_EXPERIMENTAL", "TF32", "bwd", "bwd_aux", "bwd_dq", "bwd_simt", "decode",
+           "experimental", "fwd", "fwd_simt", "shipped", "sm90", "tf32"]
 
 # Head dims the kernels are built for; others up to 256 are zero-padded to the next one.
 HEAD_DIMS = (32, 64, 96, 128, 256)
@@ -214,6 +215,18 @@ def sm90(tn, d, cfg) -> Instance:
                     includes=extra)
 
 
+def decode(tn, d, nw) -> Instance:
+    """The split-KV decode kernel and its lse merge for one dtype and head dim."""
+    params = (("XATTN_TN", tn), ("XATTN_D", d), ("XATTN_NW", nw))
+    return Instance("decode_splitkv.cu", "XATTN_DECODE_ONE", params,
+                    (f"decode_splitkv_{tn}_d{d}_w{nw}", f"decode_combine_{tn}_d{d}"))
+
+
+# Head dims and warps per block of the split-KV decode kernel (decode_splitkv.cu).
+DECODE_HEAD_DIMS = (64, 128)
+DECODE_WARPS = 4
+
+
 def shipped() -> list:
     """Every instance the launchers may request with their own configurations."""
     out = []
@@ -242,6 +255,7 @@ def shipped() -> list:
             out += [tf32(d, cfg, mods) for mods in ((False, True) if with_mods else (False,))]
     out += [bwd_aux(tn) for tn in TYPES]
     out += [sm90(tn, *c[:1], c[1:]) for c in SM90_SHIPPED for tn in TYPES]
+    out += [decode(tn, d, DECODE_WARPS) for d in DECODE_HEAD_DIMS for tn in TYPES]
     return out
 
 

@@ -1,0 +1,118 @@
+"""CuPy launcher of the split-KV decode kernel (``xattn/kernels/decode_splitkv.cu``).
+
+NOT YET RUN ON A GPU. The kernel has only been compiled (nvcc, sm_80 and sm_90a, no spills);
+this entry is reachable only as ``decode_attention(..., backend="cupy.decode")`` and ``auto``
+never picks it, until a GPU run has compared it with the float64 oracle
+(``tests/test_decode_gpu.py``).
+
+One thread block per (split of the keys, kv head x row block of 16 packed query rows,
+sequence); :func:`num_splits` picks the split count from the batch, the kv heads, the
+longest context and the SM count. With more than one split the blocks write float32 partial
+results and a second kernel merges them by their lse. The cache's lengths and block table
+live on the host (:mod:`xattn.kvcache`): each call copies those few int32 values to the
+device, explicitly, before the launch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _params, instances
+from ._compile import compiled_function
+
+NW = instances.DECODE_WARPS  # warps per block
+BN = 16  # keys per warp tile
+HEAD_DIMS = instances.DECODE_HEAD_DIMS
+# Blocks to aim for per SM: two waves keep every SM busy while the last blocks drain.
+_WAVES = 2
+# A warp should walk at least this many tiles of its split, or the merge costs more than it
+# saves.
+_MIN_TILES_PER_WARP = 4
+_MAX_SPLITS = 128
+
+
+def supports(prob, opts, op):
+    """``None`` when the kernel serves this request, else the reason it does not."""
+    if prob.xp.__name__ != "cupy":
+        return "inputs are not CuPy arrays"
+    if op != "decode":
+        return "serves decode_attention only"
+    if _params.type_name(prob.dtype) is None:
+        return f"dtype {prob.dtype}: the kernel takes float16 and bfloat16"
+    if prob.dv != prob.d or prob.d not in HEAD_DIMS:
+        return f"head dims D={prob.d}, Dv={prob.dv}: the kernel takes D = Dv in {HEAD_DIMS}"
+    if opts:
+        return f"options not handled by this backend: {sorted(opts)}"
+    import cupy
+
+    cc = int(cupy.cuda.Device().compute_capability)
+    if cc < 80:
+        return f"compute capability {cc} < 80: the kernel uses mma.sync and cp.async"
+    return None
+
+
+def smem_bytes(d):
+    """Dynamic shared memory: the Q tile and each warp's two stages of K and V tiles (the
+    warps' merge reuses the K/V space)."""
+    ld = d + 8
+    return (16 * ld + NW * 4 * BN * ld) * 2
+
+
+def num_splits(batch, hkv, row_blocks, max_tiles, sm_count):
+    """Splits of each sequence's keys: enough blocks for ``_WAVES`` waves of the SMs, but no
+    warp with fewer than ``_MIN_TILES_PER_WARP`` tiles."""
+    blocks = batch * hkv * row_blocks
+    want = -(-_WAVES * sm_count // blocks)
+    cap = max(1, max_tiles // (_MIN_TILES_PER_WARP * NW))
+    return int(max(1, min(want, cap, _MAX_SPLITS)))
+
+
+def _functions(type_name, d):
+    inst = instances.decode(type_name, d, NW)
+    main = compiled_function(inst.source, inst.names[0], inst.defines, smem_bytes(d))
+    combine = compiled_function(inst.source, inst.names[1], inst.defines, 0)
+    return main, combine
+
+
+def decode(prob, q, cache, *, alibi_slopes=None):
+    """Return ``(out, lse)`` of :func:`xattn.decode_attention`."""
+    import cupy as cp
+
+    B, Hq, Hkv, T, D = prob.batch, prob.hq, prob.hkv, prob.sq, prob.d
+    kpool, vpool, table, page_size = cache._pool()
+    lengths = cache.lengths
+    left = -1 if prob.window is None or prob.window[0] is None else prob.window[0]
+    R = prob.group * T
+    row_blocks = -(-R // 16)
+    spans = [n - (max(0, n - T - left) if left >= 0 else 0) for n in lengths.tolist()]
+    max_tiles = -(-max(spans, default=0) // BN)
+    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+    splits = num_splits(B, Hkv, row_blocks, max_tiles, sms)
+
+    qc = cp.ascontiguousarray(q)
+    out = cp.empty((B, Hq, T, D), dtype=q.dtype)
+    lse = cp.empty((B, Hq, T), dtype=cp.float32)
+    null = np.uint64(0)
+    part_o, part_lse = null, null
+    if splits > 1:
+        part_o = cp.empty((splits, B, Hq, T, D), dtype=cp.float32)
+        part_lse = cp.empty((splits, B, Hq, T), dtype=cp.float32)
+    alibi, alibi_bs = null, 0
+    if alibi_slopes is not None:
+        alibi = cp.ascontiguousarray(cp.broadcast_to(alibi_slopes.astype(cp.float32), (B, Hq)))
+        alibi_bs = Hq
+    i32, i64, f32 = np.int32, np.int64, np.float32
+    args = (qc, kpool, vpool, cp.asarray(table, dtype=cp.int32),
+            cp.asarray(lengths, dtype=cp.int32), out, lse, part_o, part_lse,
+            i32(B), i32(Hq), i32(Hkv), i32(T), i32(page_size), i32(table.shape[1]),
+            i32(splits), f32(prob.scale), f32(prob.softcap or 0.0), i32(left), alibi,
+            i64(alibi_bs))
+    main, combine = _functions(_params.type_name(prob.dtype), D)
+    main(grid=(splits, Hkv * row_blocks, B), block=(NW * 32,), args=args,
+         shared_mem=smem_bytes(D))
+    if splits > 1:
+        total = B * Hq * T * D
+        combine(grid=(math.ceil(total / 256),), block=(256,), args=args)
+    return out, lse
