@@ -42,7 +42,8 @@ def test_every_entry_has_the_same_supports(name):
     mod = entry.load()  # the GPU launchers import without CuPy (CuPy is imported in calls)
     params = list(inspect.signature(mod.supports).parameters)
     assert params[:3] == ["prob", "opts", "op"], (name, params)
-    assert callable(mod.forward)
+    if entry.module not in dict(entry.ops).values():  # not an entry of its own op only
+        assert callable(mod.forward)
 
 
 @pytest.mark.parametrize("name", list(_backends.BACKENDS))
@@ -80,7 +81,7 @@ def test_xattn_disable_removes_entries(monkeypatch):
 
 def test_xattn_disable_prefix_and_typos(monkeypatch):
     monkeypatch.setenv("XATTN_DISABLE", "cupy")
-    assert {n for n in _backends.disabled()} == set(_backends.ALIASES["cupy"])
+    assert set(_backends.disabled()) == {n for n in _backends.BACKENDS if n.startswith("cupy.")}
     monkeypatch.setenv("XATTN_DISABLE", "cupy.sm9")
     with pytest.raises(ValueError, match="XATTN_DISABLE: unknown backend 'cupy.sm9'"):
         xattn.flash_attention(*_inputs())

@@ -73,7 +73,7 @@ class Backend:
 # Ops that no entry serves through its main module (decode_attention over a KVCache).
 _OWN_MODULE_OPS = ("decode",)
 
-_NUMBA_FIX = "pip install 'xattn[numba]' (numba and threadpoolctl)"
+_NUMBA_FIX = "pip install 'xattn[numba]' (numba, threadpoolctl and scipy)"
 _CUPY_FIX = "pip install 'xattn[cuda]' on a machine with an NVIDIA GPU"
 
 BACKENDS = {
@@ -84,7 +84,7 @@ BACKENDS = {
             "cpu",
             ".numpy_.fused",
             "CPU tiles with fused online softmax (numba njit) on a thread pool",
-            requires=("numba", "threadpoolctl"),
+            requires=("numba", "threadpoolctl", "scipy"),
             fix=_NUMBA_FIX,
             ops=(("decode", ".numpy_.decode"),),
         ),

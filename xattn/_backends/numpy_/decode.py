@@ -19,6 +19,7 @@ import numpy as np
 
 from . import _pool
 from .decode_generic import key_bounds
+from .fused import numba_missing
 
 # Splits per worker thread to aim for: enough that uneven jobs (ragged lengths, a loaded
 # core) even out, few enough that each job streams a long run of keys.
@@ -39,11 +40,9 @@ def _kernels():
 
 def supports(prob, opts, op):
     """None when this backend serves the request, else the reason it cannot."""
-    try:
-        import numba  # noqa: F401
-        import threadpoolctl  # noqa: F401
-    except ImportError as exc:
-        return f"needs numba and threadpoolctl (pip install 'xattn[numba]'): {exc}"
+    why = numba_missing()
+    if why is not None:
+        return why
     if prob.xp is not np:
         return "runs on NumPy arrays only"
     if opts:

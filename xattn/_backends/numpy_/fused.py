@@ -70,14 +70,23 @@ def _kernels():
     return _fused_kernels
 
 
-def supports(prob, opts, op):
-    """None when this backend serves the request, else the reason it cannot."""
+def numba_missing():
+    """None when the packages of the numba kernels import, else the reason (every numba
+    kernel module -- flash, decode -- checks this before it loads)."""
     try:
         import numba  # noqa: F401
         import scipy  # noqa: F401  (its BLAS serves numba's np.dot in the kernels)
         import threadpoolctl  # noqa: F401
     except ImportError as exc:
         return f"needs numba, scipy and threadpoolctl (pip install 'xattn[numba]'): {exc}"
+    return None
+
+
+def supports(prob, opts, op):
+    """None when this backend serves the request, else the reason it cannot."""
+    why = numba_missing()
+    if why is not None:
+        return why
     if prob.xp is not np:
         return "runs on NumPy arrays only"
     # A BlockMask arrives as plan + element_rule (forward/backward take them).
