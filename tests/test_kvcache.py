@@ -452,7 +452,7 @@ def test_append_errors(rng):
 
 
 def test_constructor_errors():
-    with pytest.raises(TypeError, match="dtype: expected float16"):
+    with pytest.raises(TypeError, match="dtype: expected a floating dtype"):
         xattn.KVCache(1, 1, 8, 8, dtype=np.int32)
     with pytest.raises(ValueError, match="max_len: expected a positive int"):
         xattn.KVCache(1, 1, 0, 8, dtype=F32)

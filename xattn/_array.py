@@ -117,6 +117,19 @@ def supported_dtype(dtype) -> bool:
     return dtype in (np.float16, np.float32, np.float64) or _is_bfloat16(dtype)
 
 
+
+def check_float_dtype(dtype, name: str = "dtype") -> np.dtype:
+    """A ``dtype=`` argument: one of the floating dtypes xattn computes with."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name}: expected a floating dtype, got {dtype!r}") from None
+    if not supported_dtype(dt):
+        raise TypeError(
+            f"{name}: expected a floating dtype (float16, bfloat16, float32 or float64), got {dt}"
+        )
+    return dt
+
 def compute_dtype(dtype):
     """Accumulation dtype: float64 stays float64, everything else computes in float32."""
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)

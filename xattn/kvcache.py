@@ -28,11 +28,11 @@ from ._array import (
     _check_float,
     array_namespace,
     check_bool,
+    check_float_dtype,
     check_scalar,
     compute_dtype,
     is_cupy,
     normalize_window,
-    supported_dtype,
 )
 
 __all__ = ["KVCache", "decode_attention"]
@@ -123,15 +123,7 @@ class KVCache:
         self.head_dim = _positive_int("head_dim", head_dim)
         hv = _positive_int("head_dim_v", head_dim_v, allow_none=True)
         self.head_dim_v = self.head_dim if hv is None else hv
-        try:
-            dt = np.dtype(dtype)
-        except TypeError:
-            raise TypeError(f"dtype: expected a floating dtype, got {dtype!r}") from None
-        if not supported_dtype(dt):
-            raise TypeError(
-                f"dtype: expected float16, bfloat16, float32 or float64, got {dt}"
-            )
-        self.dtype = dt
+        self.dtype = dt = check_float_dtype(dtype)
         self._xp_name = _namespace_name(xp)
         self.xp = xp
         self.page_size = _positive_int("page_size", page_size, allow_none=True)

@@ -12,26 +12,13 @@ from ._array import (
     _check_float,
     array_namespace,
     check_bool,
+    check_float_dtype,
     check_scalar,
     compute_dtype,
     dlpack_interop,
-    supported_dtype,
 )
 
 __all__ = ["alibi_bias", "alibi_slopes", "apply_rotary", "rotary_cos_sin"]
-
-
-def _float_dtype(dtype) -> np.dtype:
-    """``dtype=`` of a table: one of the floating dtypes xattn computes with."""
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"dtype: expected a floating dtype, got {dtype!r}") from None
-    if not supported_dtype(dt):
-        raise TypeError(
-            f"dtype: expected a floating dtype (float16, bfloat16, float32 or float64), got {dt}"
-        )
-    return dt
 
 
 def _inv_freq(rotary_dim: int, base: float) -> np.ndarray:
@@ -143,7 +130,7 @@ def rotary_cos_sin(
     if rotary_dim <= 0 or rotary_dim % 2:
         raise ValueError(f"rotary_dim: expected a positive even int, got {rotary_dim}")
     base = check_scalar("base", base, allow_none=False)
-    dtype = _float_dtype(dtype)
+    dtype = check_float_dtype(dtype)
     if isinstance(positions_or_length, numbers.Integral) and not isinstance(
         positions_or_length, bool
     ):
@@ -266,7 +253,7 @@ def alibi_slopes(num_heads, *, dtype=np.float32, xp=None):
         raise TypeError(f"num_heads: expected an int, got {type(num_heads).__name__}")
     if num_heads < 1:
         raise ValueError(f"num_heads: expected >= 1, got {num_heads}")
-    dtype = _float_dtype(dtype)
+    dtype = check_float_dtype(dtype)
     closest = 2 ** math.floor(math.log2(num_heads))
     base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
     slopes = base ** np.arange(1, 1 + closest, dtype=np.float64)

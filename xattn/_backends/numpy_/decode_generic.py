@@ -16,6 +16,7 @@ import math
 import numpy as np
 
 from ... import _masking
+from .tiled import softmax_finish, softmax_step
 
 # Keys per chunk. Scores are Hq * T * CHUNK floats (32 heads, T=16: 4 MiB in float32).
 CHUNK = 2048
@@ -82,13 +83,7 @@ def decode(prob, q, cache, *, alibi_slopes=None):
                 window=None if full else prob.window, softcap=prob.softcap,
                 slopes=None if slopes is None else slopes[b],
             )
-            # Online softmax: rescale the running sum and accumulator to the new row maximum.
-            m_new = xp.maximum(m, s.max(axis=-1, keepdims=True))
-            m_safe = xp.where(xp.isfinite(m_new), m_new, cd.type(0))
-            s -= m_safe
-            xp.exp(s, out=s)
-            alpha = xp.exp(m - m_safe)
-            denom = denom * alpha + s.sum(axis=-1, keepdims=True)
+            m_new, alpha, denom = softmax_step(xp, s, m, denom)
             vis = None if full else _masking.tile_visibility(
                 xp, 0, T, c0, c1, sq=T, sk=L, causal=True, window=prob.window)
             if vis is None:
@@ -101,8 +96,5 @@ def decode(prob, q, cache, *, alibi_slopes=None):
                 pv = xp.where(vis[..., None], prod, cd.type(0)).sum(axis=-2)
             acc = acc * alpha + pv
             m = m_new
-        empty = denom == 0
-        safe = xp.where(empty, cd.type(1), denom)
-        out[b] = (acc / safe).astype(prob.dtype, copy=False)
-        lse[b] = xp.where(empty, cd.type(-math.inf), xp.log(safe) + m)[..., 0]
+        out[b], lse[b] = softmax_finish(xp, acc, denom, m, prob.dtype)
     return out.reshape(B, Hkv * G, T, Dv), lse.reshape(B, Hkv * G, T)

@@ -103,6 +103,27 @@ def _plan_and_views(prob, plan, mask, bias, alibi_slopes):
     return plan, views
 
 
+def softmax_step(xp, s, m, denom):
+    """One online-softmax step over the score tile ``s``, exponentiated in place against the new
+    row maximum: returns ``(m_new, alpha, denom)``, and the caller rescales its accumulator by
+    ``alpha``. A row that has seen no visible key yet keeps ``m = -inf`` and weights 0."""
+    zero = s.dtype.type(0)
+    m_new = xp.maximum(m, s.max(axis=-1, keepdims=True))
+    m_safe = xp.where(xp.isfinite(m_new), m_new, zero)
+    s -= m_safe
+    xp.exp(s, out=s)
+    alpha = xp.exp(m - m_safe)
+    return m_new, alpha, denom * alpha + s.sum(axis=-1, keepdims=True)
+
+
+def softmax_finish(xp, acc, denom, m, dtype):
+    """``(out, lse)`` of accumulated rows: 0 and ``-inf`` for a row with no visible key."""
+    empty = denom == 0
+    safe = xp.where(empty, denom.dtype.type(1), denom)
+    lse = xp.where(empty, denom.dtype.type(-math.inf), xp.log(safe) + m)[..., 0]
+    return (acc / safe).astype(dtype, copy=False), lse
+
+
 def _jobs(prob, plan):
     for bidx in np.ndindex(*prob.batch):
         for g in range(prob.hkv):
@@ -186,13 +207,7 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
             bad = None if bad_keys is None else bad_index(xp, bad_keys[bidx][g, k0:k1])
             if bad is not None:
                 vis = s.reshape(rows, -1)[:, bad] != -math.inf
-            # Online softmax: rescale the running sum and accumulator to the new row maximum.
-            m_new = xp.maximum(m, s.max(axis=-1, keepdims=True))
-            m_safe = xp.where(xp.isfinite(m_new), m_new, cd.type(0))
-            s -= m_safe
-            xp.exp(s, out=s)
-            alpha = xp.exp(m - m_safe)
-            denom = denom * alpha + s.sum(axis=-1, keepdims=True)
+            m_new, alpha, denom = softmax_step(xp, s, m, denom)
             if bad is None:
                 pv = s @ vt
             else:
@@ -201,10 +216,8 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
                                            bad, vis)
             acc = acc * alpha + pv
             m = m_new
-        empty = denom == 0
-        safe = xp.where(empty, cd.type(1), denom)
-        out[bidx][h0:h1, q0:q1] = (acc / safe).astype(prob.dtype, copy=False)
-        lse[bidx][h0:h1, q0:q1] = xp.where(empty, cd.type(-math.inf), xp.log(safe) + m)[..., 0]
+        out[bidx][h0:h1, q0:q1], lse[bidx][h0:h1, q0:q1] = softmax_finish(
+            xp, acc, denom, m, prob.dtype)
     if not prob.heads_axis:
         out, lse = out[0], lse[0]
     return out, lse
