@@ -800,7 +800,10 @@ def forward(q3, k3, v3, out3, lse2, *, scale, batch, hq, hkv, smod, mmod, args,
     jobs, _ = _jobs(plan, batch, hkv)
     # Values of hidden keys must not reach the output (k needs nothing: hidden scores are
     # replaced by -inf); one pass over v when it is finite.
-    vc3, vcum = _cleaned(v3, bad_flags(np, (v3,), v3.dtype))
+    # (Under the one-thread BLAS limit: NumPy's OpenBLAS threads, woken by a multithreaded
+    # matrix-vector product, spin after it and took ~25% of the CPU time of the jobs below.)
+    with _pool.blas_limit():
+        vc3, vcum = _cleaned(v3, bad_flags(np, (v3,), v3.dtype))
 
     bqmax = bq * MERGE_ROWS
 
@@ -855,8 +858,9 @@ def backward(dout3, q3, k3, v3, out3, lse2, *, scale, batch, hq, hkv, smod, mmod
     partial = {}
     scale_t = cd.type(scale)
     # Rows whose products may be NaN/inf (issue #9 item 6); one pass over each input.
-    kc3, kcum = _cleaned(k3, bad_flags(np, (k3, v3), cd))
-    qflags = bad_flags(np, (q3, dout3, out3), cd)
+    with _pool.blas_limit():  # see forward()
+        kc3, kcum = _cleaned(k3, bad_flags(np, (k3, v3), cd))
+        qflags = bad_flags(np, (q3, dout3, out3), cd)
     qbad = np.zeros((1, 0), np.int8) if qflags is None else qflags.astype(np.int8)
 
     bqmax = bq * MERGE_ROWS
