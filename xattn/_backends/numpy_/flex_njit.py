@@ -2,13 +2,19 @@
 
 The structure is the fused flash kernel's (:mod:`.fused`): jobs of (batch element, kv head,
 share of the query blocks) on the one thread pool (:mod:`._pool`, ``XATTN_NUM_THREADS``), the
-``G`` query heads of a GQA group stacked into one block of rows, and per run of consecutive
-visible key blocks (one tile of up to ``MAX_TILE_K`` keys)::
+``G`` query heads of a GQA group stacked into one block of rows. A run of consecutive visible
+key blocks seen by the same rows is a *segment* (up to ``MAX_TILE_K`` keys); consecutive
+segments spanning up to ``_MAX_SPAN`` keys form a *chunk*, whose scores share one
+``(rows, span)`` buffer::
 
-    s = q_blk @ k_tile.T              BLAS (numba's np.dot), into a reused buffer
-    s = score_mod(s) / -inf           the user's functions, compiled into this loop
-    m, l, acc, s <- online softmax    _fused_kernels.online_softmax_tile (exp2 polynomial)
-    acc += s @ v_tile                 BLAS
+    per segment: S[rows, keys] = q_rows @ k_seg.T     BLAS gemm into its block of S
+                 S <- score_mod / -inf                 the user's functions, compiled here
+    per row:     m, l, acc, S <- online softmax step   once over the row's whole chunk
+    per segment: acc[rows] += S[rows, keys] @ v_seg    BLAS gemm, accumulating (beta = 1)
+
+(A band's staircase edges are many short segments; one softmax step per row and chunk instead
+of one per segment, and no separate ``P @ V`` output to add, made the sliding window ~15%
+faster: docs/dev/perf_flex.rst.)
 
 A job is one compiled call: the interpreter never runs inside the tile loop. Which key blocks
 a query block visits comes from a block mask derived from ``mask_mod`` (:func:`block_plan`,
@@ -56,7 +62,7 @@ MIN_BLOCK_Q = 16
 # Block states of the derived block mask.
 EMPTY, PARTIAL, FULL = 0, 1, 2
 # Bump when the templates below change, so stale cached kernels are never loaded.
-_TEMPLATE_VERSION = "6"
+_TEMPLATE_VERSION = "7"
 
 _lock = threading.Lock()
 _modules: OrderedDict = OrderedDict()  # key -> generated module (LRU)
@@ -121,6 +127,7 @@ _HEADER = """\
 import math as _math
 import numpy as _np
 import numba as _numba
+from numba.np.linalg import ensure_blas as _ensure_blas
 from xattn._backends.numpy_ import _fused_kernels as _K
 
 _CACHE = True
@@ -137,6 +144,48 @@ def _segment_end(kbs, ka, kz, t, t_end, bk, maxw):
            and (kbs[t1] - kbs[t] + 1) * bk <= maxw):
         t1 += 1
     return t1
+
+
+# Keys per chunk of score columns (see forward_job): (rows x span) scores stay in L2.
+_MAX_SPAN = 1024
+_GEMM = _numba.types.ExternalFunction("numba_xxgemm", _numba.types.intc(
+    _numba.types.char, _numba.types.char, _numba.types.char, _numba.types.intp,
+    _numba.types.intp, _numba.types.intp, _numba.types.voidptr, _numba.types.voidptr,
+    _numba.types.intp, _numba.types.voidptr, _numba.types.intp, _numba.types.voidptr,
+    _numba.types.voidptr, _numba.types.intp))
+_ensure_blas()
+
+
+@_numba.njit(**_JIT)
+def _gemm(tb, m, n, k, a, lda, b, ldb, beta, c, ldc, ab):
+    # Row-major c[:m, :n] (row stride ldc) = a[:m, :k] (lda) @ (b[:n, :k].T if tb else
+    # b[:k, :n]) (ldb) + beta * c, through the BLAS behind numba's np.dot (numba_xxgemm):
+    # unlike np.dot it writes into a block of a wider buffer and accumulates (beta = 1).
+    # Column-major BLAS computes c.T = op(b).T @ a.T.
+    ab[0] = 1.0
+    ab[1] = beta
+    kind = _np.int8(115) if c.itemsize == 4 else _np.int8(100)  # 's' or 'd'
+    _GEMM(kind, _np.int8(116) if tb else _np.int8(110), _np.int8(110), n, m, k, ab[0:].ctypes,
+          b.ctypes, ldb, a.ctypes, lda, ab[1:].ctypes, c.ctypes, ldc)
+
+
+@_numba.njit(**_JIT)
+def _row_step(row, m, l, acc, x):
+    # One online-softmax step of row x over its contiguous scores `row`, rewritten as
+    # exp(row - m_new) (the step of _K.online_softmax_tile, for one row of a chunk).
+    m_old = m[x]
+    m_new = _K._row_max(row, m_old)
+    if m_new == -_np.inf:
+        for c in range(row.shape[0]):
+            row[c] = 0
+        return
+    if m_new != m_old:
+        alpha = _math.exp(m_old - m_new)
+        l[x] *= alpha
+        for c in range(acc.shape[1]):
+            acc[x, c] *= alpha
+        m[x] = m_new
+    l[x] += _K._exp2_tile(row, m_new)
 
 
 # Hidden pairs whose keys or queries hold NaN/inf (issue #9 item 6): the compiled counterparts
@@ -232,8 +281,10 @@ def _forward_text(smod, mmod, nargs, mask_takes_args):
     mp = _Part(mmod, "_mmod")
     params = ", ".join([*args, *sp.extra, *mp.extra])
     tail = f", {params}" if params else ""
-    score = sp.call(["s[r, c]", "b", "h", "i", "j"], args) if smod else "s[r, c]"
-    visible = mp.call(["b", "h", "i", "j"], margs) if mmod else "True"
+    score_row = (sp.call(["srow[j - j0]", "b", "h", "i", "j"], args) if smod
+                 else "srow[j - j0]")
+    visible_row = mp.call(["b", "h", "i", "j"], margs) if mmod else "True"
+    visible = visible_row
     mask_tail = ", ".join([*margs, *mp.extra])
     mask_tail = f", {mask_tail}" if mask_tail else ""
     body = f'''
@@ -255,19 +306,22 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs
     m = _np.empty(rmax, q.dtype)
     l = _np.empty(rmax, q.dtype)
     abuf = _np.empty(rmax * Dv, q.dtype)
-    pbuf = _np.empty(rmax * Dv, q.dtype)
-    sbuf = _np.empty(rmax * maxw, q.dtype)
+    maxspan = max(maxw, _MAX_SPAN)
+    sbuf = _np.empty(rmax * (maxspan + 32), q.dtype)
     lse_rows = _np.empty(rmax, q.dtype)
-    vbuf = _np.empty(rmax * maxw if vcum[sk] else 0, _np.bool_)
+    vbuf = _np.empty(rmax * (maxspan + 32) if vcum[sk] else 0, _np.bool_)
+    cov = _np.empty(rmax, _np.int64)
     idx = _np.empty(maxw, _np.int64)
     vis = vbuf[:0].reshape((0, 0))
+    lo = _np.empty(rmax, _np.int64)
+    hi = _np.empty(rmax, _np.int64)
+    ab = _np.empty(2, q.dtype)
     for n in range(qbs.shape[0]):
         q0 = qlo[qbs[n]]
         nq = qhi[qbs[n]] - q0
         rows = G * nq
         qt = qbuf[: rows * D].reshape((rows, D))
         acc = abuf[: rows * Dv].reshape((rows, Dv))
-        pv = pbuf[: rows * Dv].reshape((rows, Dv))
         for r in range(nq):
             for hh in range(G):
                 for c in range(D):
@@ -278,49 +332,105 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs
         t = ptr[qbs[n]]
         t_end = ptr[qbs[n] + 1]
         while t < t_end:
-            t1 = _segment_end(kbs, ka, kz, t, t_end, bk, maxw)
-            r0 = ka[t] * bqf * G
-            r1 = min(kz[t] * bqf, nq) * G
-            k0 = kbs[t] * bk
-            k1 = min(kbs[t1 - 1] * bk + bk, sk)
-            w = k1 - k0
-            s = sbuf[: (r1 - r0) * w].reshape((r1 - r0, w))
-            _np.dot(qt[r0:r1], k2[k0:k1].T, s)
-            for u in range(t, t1):
-                c0 = kbs[u] * bk - k0
-                c1 = min(c0 + bk, w)
-                if kst[u] == {PARTIAL}:
-                    for r in range(r1 - r0):
-                        hh = (r0 + r) % G
-                        h = g * G + hh
-                        i = q0 + (r0 + r) // G
-                        for c in range(c0, c1):
-                            j = k0 + c
-                            if {visible}:
-                                s[r, c] = {score}
-                            else:
-                                s[r, c] = -_np.inf
-                elif {bool(smod)}:
-                    for r in range(r1 - r0):
-                        hh = (r0 + r) % G
-                        h = g * G + hh
-                        i = q0 + (r0 + r) // G
-                        for c in range(c0, c1):
-                            j = k0 + c
-                            s[r, c] = {score}
-            nbad = 0
-            if vcum[k1] != vcum[k0]:
-                nbad = _flagged(vcum, k0, w, idx)
-                vis = vbuf[: (r1 - r0) * w].reshape((r1 - r0, w))
-                _visible(s, vis)
-            _K.online_softmax_tile(s, m[r0:r1], l[r0:r1], acc[r0:r1])
-            if nbad:
-                _np.dot(s, vc2[k0:k1], pv[r0:r1])
-                _visible_terms(pv[r0:r1], s, v2[k0:k1], idx, nbad, vis)
-            else:
-                _np.dot(s, v2[k0:k1], pv[r0:r1])
-            _K.add_rows(acc[r0:r1], pv[r0:r1])
-            t = t1
+            # A chunk: the segments from t on whose keys fit in maxspan. Their scores go
+            # into one (rows, span) block; each row's online-softmax step then runs once
+            # over its whole covered range, and the P @ V products add into acc directly.
+            c0 = kbs[t] * bk
+            tc = t
+            ce = c0
+            while tc < t_end:
+                t1 = _segment_end(kbs, ka, kz, tc, t_end, bk, maxw)
+                k1 = min(kbs[t1 - 1] * bk + bk, sk)
+                if tc > t and k1 - c0 > maxspan:
+                    break
+                ce = k1
+                tc = t1
+            span = ce - c0
+            # Row stride: a multiple of 16 elements plus 16, never a power of two (a 4 KiB
+            # stride made the score GEMM ~25% slower through cache aliasing).
+            ld = (span + 15) // 16 * 16 + 16
+            S = sbuf[: rows * ld].reshape((rows, ld))
+            lo[:rows] = span
+            hi[:rows] = 0
+            cov[:rows] = 0
+            u = t
+            while u < tc:
+                u1 = _segment_end(kbs, ka, kz, u, tc, bk, maxw)
+                r0 = ka[u] * bqf * G
+                r1 = min(kz[u] * bqf, nq) * G
+                a0 = kbs[u] * bk - c0
+                a1 = min(kbs[u1 - 1] * bk + bk, sk) - c0
+                for x in range(r0, r1):
+                    lo[x] = min(lo[x], a0)
+                    hi[x] = max(hi[x], a1)
+                    cov[x] += a1 - a0
+                u = u1
+            # Keys between a row's segments (block-sparse masks) are hidden.
+            for x in range(rows):
+                if cov[x] != hi[x] - lo[x]:
+                    for c in range(lo[x], hi[x]):
+                        S[x, c] = -_np.inf
+            u = t
+            while u < tc:
+                u1 = _segment_end(kbs, ka, kz, u, tc, bk, maxw)
+                r0 = ka[u] * bqf * G
+                r1 = min(kz[u] * bqf, nq) * G
+                k0 = kbs[u] * bk
+                k1 = min(kbs[u1 - 1] * bk + bk, sk)
+                w = k1 - k0
+                s = S[r0:r1, k0 - c0:k1 - c0]
+                _gemm(True, r1 - r0, w, D, qt[r0:r1], D, k2[k0:k1], D, 0.0, s, ld, ab)
+                for v_ in range(u, u1):
+                    # Rows as contiguous 1-D slices of sbuf: the element loops vectorise.
+                    j0 = kbs[v_] * bk
+                    j1 = min(j0 + bk, sk)
+                    if kst[v_] == {PARTIAL}:
+                        for x in range(r0, r1):
+                            hh = x % G
+                            h = g * G + hh
+                            i = q0 + x // G
+                            srow = sbuf[x * ld + j0 - c0: x * ld + j1 - c0]
+                            for j in range(j0, j1):
+                                if {visible_row}:
+                                    srow[j - j0] = {score_row}
+                                else:
+                                    srow[j - j0] = -_np.inf
+                    elif {bool(smod)}:
+                        for x in range(r0, r1):
+                            hh = x % G
+                            h = g * G + hh
+                            i = q0 + x // G
+                            srow = sbuf[x * ld + j0 - c0: x * ld + j1 - c0]
+                            for j in range(j0, j1):
+                                srow[j - j0] = {score_row}
+                u = u1
+            exact = vcum[ce] != vcum[c0]
+            if exact:
+                vis = vbuf[: rows * ld].reshape((rows, ld))
+                _visible(S, vis)
+            for x in range(rows):
+                if hi[x] > lo[x]:
+                    _row_step(sbuf[x * ld + lo[x]: x * ld + hi[x]], m, l, acc, x)
+            u = t
+            while u < tc:
+                u1 = _segment_end(kbs, ka, kz, u, tc, bk, maxw)
+                r0 = ka[u] * bqf * G
+                r1 = min(kz[u] * bqf, nq) * G
+                k0 = kbs[u] * bk
+                k1 = min(kbs[u1 - 1] * bk + bk, sk)
+                w = k1 - k0
+                s = S[r0:r1, k0 - c0:k1 - c0]
+                nbad = _flagged(vcum, k0, w, idx) if exact else 0
+                if nbad:
+                    _gemm(False, r1 - r0, Dv, w, s, ld, vc2[k0:k1], Dv, 1.0, acc[r0:r1], Dv,
+                          ab)
+                    _visible_terms(acc[r0:r1], s, v2[k0:k1], idx, nbad,
+                                   vis[r0:r1, k0 - c0:k1 - c0])
+                else:
+                    _gemm(False, r1 - r0, Dv, w, s, ld, v2[k0:k1], Dv, 1.0, acc[r0:r1], Dv,
+                          ab)
+                u = u1
+            t = tc
         _K.finish_rows(acc, m[:rows], l[:rows], lse_rows[:rows])
         for r in range(nq):
             for hh in range(G):
