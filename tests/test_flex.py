@@ -104,6 +104,14 @@ def test_cpu_gaps_and_long_rows():
     out = xattn.flex_attention(q, k, v)  # 2600 keys: three chunks per row
     ref_out, _, _ = reference_attention(q, k, v)
     assert_close(out, ref_out, xp=np, dtype=np.float64)
+    # Garbage in keys hidden from every row, in later chunks: no effect (#9 item 6).
+    k[..., 2000, :] = np.inf
+    v[..., 2500, :] = np.nan
+    assert not mask[:, [2000, 2500]].any()
+    garbage = xattn.flex_attention(q, k, v, mask_mod=sink_and_band)
+    ref_out, _, _ = reference_attention(q, k, v, mask=mask)
+    assert np.isfinite(garbage).all()
+    assert_close(garbage, ref_out, xp=np, dtype=np.float64)
 
 
 def test_cpu_float16_and_scale():
