@@ -13,12 +13,18 @@ table gives median GFLOP/s by wall clock, the median of the per-pair wall-clock 
 the ratio of GFLOP per CPU-second (process time of all threads), which other processes on a
 shared machine disturb less. Usage::
 
-    PYTHONPATH=. python benchmarks/cpu_flex.py [--heads 8] [--repeat 5] [--quick]
+    PYTHONPATH=. python benchmarks/cpu_flex.py [--heads 8] [--repeat 5] [--quick] [--limit-blas]
+
+``--limit-blas`` runs every call inside xattn's one-thread BLAS limit. flash_attention computes
+its non-finite row flags (one NumPy matrix-vector product per input) outside the limit, so
+NumPy's OpenBLAS threads wake up and spin afterwards, slowing flash itself and whatever runs
+next in the process (the flex call of the pair): docs/dev/perf_flex.rst.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import numpy as np
@@ -40,16 +46,21 @@ def sliding(b, h, q_idx, kv_idx):
     return abs(q_idx - kv_idx) <= WINDOW
 
 
+LIMIT = contextlib.nullcontext
+
+
 def _timed(fn):
-    w, c = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - w, time.process_time() - c
+    with LIMIT():
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        return time.perf_counter() - w, time.process_time() - c
 
 
 def compare(anchor, flex, flops_anchor, flops_flex, repeat):
     """Alternate the two calls; ``(anchor GFLOP/s, flex GFLOP/s, wall ratio, cpu ratio)``."""
-    anchor()
-    flex()
+    with LIMIT():
+        anchor()
+        flex()
     wa, wf, ca, cf, ratios = [], [], [], [], []
     for _ in range(repeat):
         w1, c1 = _timed(anchor)
@@ -70,7 +81,14 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="S=1024 and S=4096 (a smoke run)")
+    ap.add_argument("--limit-blas", action="store_true",
+                    help="every call inside xattn's one-thread BLAS limit")
     a = ap.parse_args(argv)
+    if a.limit_blas:
+        global LIMIT
+        from xattn._backends.numpy_ import _pool
+
+        LIMIT = _pool.blas_limit
     rng = np.random.default_rng(0)
     H, D = a.heads, 64
     rows = []

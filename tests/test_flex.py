@@ -85,6 +85,35 @@ def test_cpu_empty_rows_and_long_keys():
     assert_close(lse, ref_lse)
 
 
+def sink_and_band(b, h, q_idx, kv_idx):
+    return kv_idx < 40 or abs(q_idx + 600 - kv_idx) <= 150 or kv_idx % 301 < 9
+
+
+def test_cpu_gaps_and_long_rows():
+    # Rows whose visible keys have gaps (a sink, a band and a comb: keys between the
+    # segments of a chunk must stay hidden) and rows longer than one chunk of keys (the
+    # online softmax across chunks), GQA, against the oracle.
+    rng = np.random.default_rng(10)
+    q, k, v = _inputs(rng, (2, 4, 700, 16), (2, 2, 2600, 16), 8, np.float64)
+    i, j = np.arange(700)[:, None], np.arange(2600)[None, :]
+    mask = (j < 40) | (np.abs(i + 600 - j) <= 150) | (j % 301 < 9)
+    out, lse = xattn.flex_attention(q, k, v, mask_mod=sink_and_band, return_lse=True)
+    ref_out, ref_lse, _ = reference_attention(q, k, v, mask=mask)
+    assert_close(out, ref_out, xp=np, dtype=np.float64)
+    assert_close(lse, ref_lse, xp=np)
+    out = xattn.flex_attention(q, k, v)  # 2600 keys: three chunks per row
+    ref_out, _, _ = reference_attention(q, k, v)
+    assert_close(out, ref_out, xp=np, dtype=np.float64)
+    # Garbage in keys hidden from every row, in later chunks: no effect (#9 item 6).
+    k[..., 2000, :] = np.inf
+    v[..., 2500, :] = np.nan
+    assert not mask[:, [2000, 2500]].any()
+    garbage = xattn.flex_attention(q, k, v, mask_mod=sink_and_band)
+    ref_out, _, _ = reference_attention(q, k, v, mask=mask)
+    assert np.isfinite(garbage).all()
+    assert_close(garbage, ref_out, xp=np, dtype=np.float64)
+
+
 def test_cpu_float16_and_scale():
     rng = np.random.default_rng(9)
     q, k, v = _inputs(rng, (2, 40, 32), (2, 40, 32), 32, np.float16)

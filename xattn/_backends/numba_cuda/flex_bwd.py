@@ -56,6 +56,8 @@ def kernel(q, k, v, dout, out, lse, dq, dk, dv, scale, hq, hkv{tail}):
                 for c in range(d):
                     s += qreg[c] * k[bkv, j, c]
                 {derivative}
+                if val == NEG_INF:
+                    continue  # hidden by score_mod: no term, whatever k, v, dout hold
                 p = _math.exp(val - lrow)
                 dp = 0.0
                 for c in range(dvd):

@@ -119,10 +119,13 @@ def kernel(q, k, v, out, lse, scale, hq, hkv{tail}):
                 for c in range(dv):
                     acc[c] *= alpha
                 for r in range(tk):
-                    p = _math.exp(sc[r] - m_new)
-                    denom += p
-                    for c in range(dv):
-                        acc[c] += p * vs[r, c]
+                    # A hidden key (-inf score) never contributes, whatever its values
+                    # (0 * NaN would): docs/numerics.rst.
+                    if sc[r] != NEG_INF:
+                        p = _math.exp(sc[r] - m_new)
+                        denom += p
+                        for c in range(dv):
+                            acc[c] += p * vs[r, c]
                 m = m_new
         # Every row is done with the tile before the next iteration overwrites it.
         _cuda.syncthreads()

@@ -2,13 +2,19 @@
 
 The structure is the fused flash kernel's (:mod:`.fused`): jobs of (batch element, kv head,
 share of the query blocks) on the one thread pool (:mod:`._pool`, ``XATTN_NUM_THREADS``), the
-``G`` query heads of a GQA group stacked into one block of rows, and per run of consecutive
-visible key blocks (one tile of up to ``MAX_TILE_K`` keys)::
+``G`` query heads of a GQA group stacked into one block of rows. A run of consecutive visible
+key blocks seen by the same rows is a *segment* (up to ``MAX_TILE_K`` keys); consecutive
+segments spanning up to ``_MAX_SPAN`` keys form a *chunk*, whose scores share one
+``(rows, span)`` buffer::
 
-    s = q_blk @ k_tile.T              BLAS (numba's np.dot), into a reused buffer
-    s = score_mod(s) / -inf           the user's functions, compiled into this loop
-    m, l, acc, s <- online softmax    _fused_kernels.online_softmax_tile (exp2 polynomial)
-    acc += s @ v_tile                 BLAS
+    per segment: S[rows, keys] = q_rows @ k_seg.T     BLAS gemm into its block of S
+                 S <- score_mod / -inf                 the user's functions, compiled here
+    per row:     m, l, acc, S <- online softmax step   once over the row's whole chunk
+    per segment: acc[rows] += S[rows, keys] @ v_seg    BLAS gemm, accumulating (beta = 1)
+
+(A band's staircase edges are many short segments; one softmax step per row and chunk instead
+of one per segment, and no separate ``P @ V`` output to add, made the sliding window ~15%
+faster: docs/dev/perf_flex.rst.)
 
 A job is one compiled call: the interpreter never runs inside the tile loop. Which key blocks
 a query block visits comes from a block mask derived from ``mask_mod`` (:func:`block_plan`,
@@ -41,7 +47,9 @@ from pathlib import Path
 import numpy as np
 
 from ... import _flex_codegen as cg
+from ..._masking import clean_rows
 from . import _pool
+from .tiled import bad_flags
 
 # Score rows per query block (the G heads of a GQA group stacked) and the block-mask granularity
 # in keys. Consecutive query blocks with nearly the same visible keys are merged into taller
@@ -54,7 +62,7 @@ MIN_BLOCK_Q = 16
 # Block states of the derived block mask.
 EMPTY, PARTIAL, FULL = 0, 1, 2
 # Bump when the templates below change, so stale cached kernels are never loaded.
-_TEMPLATE_VERSION = "5"
+_TEMPLATE_VERSION = "7"
 
 _lock = threading.Lock()
 _modules: OrderedDict = OrderedDict()  # key -> generated module (LRU)
@@ -119,6 +127,7 @@ _HEADER = """\
 import math as _math
 import numpy as _np
 import numba as _numba
+from numba.np.linalg import ensure_blas as _ensure_blas
 from xattn._backends.numpy_ import _fused_kernels as _K
 
 _CACHE = True
@@ -135,6 +144,100 @@ def _segment_end(kbs, ka, kz, t, t_end, bk, maxw):
            and (kbs[t1] - kbs[t] + 1) * bk <= maxw):
         t1 += 1
     return t1
+
+
+# Keys per chunk of score columns (see forward_job): (rows x span) scores stay in L2.
+_MAX_SPAN = 1024
+_GEMM = _numba.types.ExternalFunction("numba_xxgemm", _numba.types.intc(
+    _numba.types.char, _numba.types.char, _numba.types.char, _numba.types.intp,
+    _numba.types.intp, _numba.types.intp, _numba.types.voidptr, _numba.types.voidptr,
+    _numba.types.intp, _numba.types.voidptr, _numba.types.intp, _numba.types.voidptr,
+    _numba.types.voidptr, _numba.types.intp))
+_ensure_blas()
+
+
+@_numba.njit(**_JIT)
+def _gemm(tb, m, n, k, a, lda, b, ldb, beta, c, ldc, ab):
+    # Row-major c[:m, :n] (row stride ldc) = a[:m, :k] (lda) @ (b[:n, :k].T if tb else
+    # b[:k, :n]) (ldb) + beta * c, through the BLAS behind numba's np.dot (numba_xxgemm):
+    # unlike np.dot it writes into a block of a wider buffer and accumulates (beta = 1).
+    # Column-major BLAS computes c.T = op(b).T @ a.T.
+    ab[0] = 1.0
+    ab[1] = beta
+    kind = _np.int8(115) if c.itemsize == 4 else _np.int8(100)  # 's' or 'd'
+    _GEMM(kind, _np.int8(116) if tb else _np.int8(110), _np.int8(110), n, m, k, ab[0:].ctypes,
+          b.ctypes, ldb, a.ctypes, lda, ab[1:].ctypes, c.ctypes, ldc)
+
+
+@_numba.njit(**_JIT)
+def _row_step(row, m, l, acc, x):
+    # One online-softmax step of row x over its contiguous scores `row`, rewritten as
+    # exp(row - m_new) (the step of _K.online_softmax_tile, for one row of a chunk).
+    m_old = m[x]
+    m_new = _K._row_max(row, m_old)
+    if m_new == -_np.inf:
+        for c in range(row.shape[0]):
+            row[c] = 0
+        return
+    if m_new != m_old:
+        alpha = _math.exp(m_old - m_new)
+        l[x] *= alpha
+        for c in range(acc.shape[1]):
+            acc[x, c] *= alpha
+        m[x] = m_new
+    l[x] += _K._exp2_tile(row, m_new)
+
+
+# Hidden pairs whose keys or queries hold NaN/inf (issue #9 item 6): the compiled counterparts
+# of xattn._masking.add_visible_terms and tiled._zero_hidden for the tiles that meet such rows
+# (the NumPy helpers cannot run inside a compiled job). The rule is the one of
+# docs/numerics.rst: the tile is multiplied by a copy with those rows at 0, and their terms
+# are added back for the visible pairs only.
+
+
+@_numba.njit(**_JIT)
+def _flagged(cum, lo, n, idx):
+    # Positions p in [0, n) with cum[lo + p + 1] != cum[lo + p] (cum: prefix counts of the
+    # flagged rows), written to idx; returns their count.
+    cnt = 0
+    for p in range(n):
+        if cum[lo + p + 1] != cum[lo + p]:
+            idx[cnt] = p
+            cnt += 1
+    return cnt
+
+
+@_numba.njit(**_JIT)
+def _visible(s, vis):
+    # Visibility of the pairs of a score tile: its final score is not -inf.
+    for r in range(s.shape[0]):
+        for c in range(s.shape[1]):
+            vis[r, c] = s[r, c] != -_np.inf
+
+
+@_numba.njit(**_JIT)
+def _visible_terms(out, a, b, idx, cnt, vis):
+    # out[r] += a[r, i] * b[i] for the inner indices i = idx[:cnt], visible pairs (r, i) only.
+    for n in range(cnt):
+        i = idx[n]
+        for r in range(out.shape[0]):
+            if vis[r, i]:
+                x = a[r, i]
+                for c in range(out.shape[1]):
+                    out[r, c] += x * b[i, c]
+
+
+@_numba.njit(**_JIT)
+def _visible_terms_t(out, a, b, idx, cnt, vis):
+    # out[c] += a[i, c] * b[i] for the outer indices i = idx[:cnt], visible pairs (i, c) only
+    # (the transposed product a.T @ b).
+    for n in range(cnt):
+        i = idx[n]
+        for c in range(out.shape[0]):
+            if vis[i, c]:
+                x = a[i, c]
+                for e in range(out.shape[1]):
+                    out[c, e] += x * b[i, e]
 """
 
 
@@ -178,20 +281,23 @@ def _forward_text(smod, mmod, nargs, mask_takes_args):
     mp = _Part(mmod, "_mmod")
     params = ", ".join([*args, *sp.extra, *mp.extra])
     tail = f", {params}" if params else ""
-    score = sp.call(["s[r, c]", "b", "h", "i", "j"], args) if smod else "s[r, c]"
-    visible = mp.call(["b", "h", "i", "j"], margs) if mmod else "True"
+    score_row = (sp.call(["srow[j - j0]", "b", "h", "i", "j"], args) if smod
+                 else "srow[j - j0]")
+    visible_row = mp.call(["b", "h", "i", "j"], margs) if mmod else "True"
+    visible = visible_row
     mask_tail = ", ".join([*margs, *mp.extra])
     mask_tail = f", {mask_tail}" if mask_tail else ""
     body = f'''
 @_numba.njit(**_JIT)
 def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs, ptr, kbs, kst,
-                ka, kz, bk, maxw{tail}):
+                ka, kz, bk, maxw, vc2, vcum{tail}):
     # q (B*Hq, Sq, D) and out (B*Hq, Sq, Dv), lse (B*Hq, Sq): whole arrays; k2, v2: this
     # job's kv head (Sk, D), (Sk, Dv). Query group n of this (b, g) holds the query rows
     # [qlo[n], qhi[n]) (at most bqs), in fine blocks of bqf rows; it sees the key blocks
     # kbs[ptr[n]:ptr[n + 1]] in states kst[...], each only from its fine blocks
     # [ka, kz). The job computes the groups qbs. Stacked row r*G + hh is query q0 + r of
-    # head g*G + hh, so every fine-block range is one contiguous run of rows.
+    # head g*G + hh, so every fine-block range is one contiguous run of rows. vcum (Sk + 1):
+    # prefix counts of the keys whose value holds NaN/inf; vc2: v2 with those rows at 0.
     sk = k2.shape[0]
     D = q.shape[2]
     Dv = v2.shape[1]
@@ -200,16 +306,22 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs
     m = _np.empty(rmax, q.dtype)
     l = _np.empty(rmax, q.dtype)
     abuf = _np.empty(rmax * Dv, q.dtype)
-    pbuf = _np.empty(rmax * Dv, q.dtype)
-    sbuf = _np.empty(rmax * maxw, q.dtype)
+    maxspan = max(maxw, _MAX_SPAN)
+    sbuf = _np.empty(rmax * (maxspan + 32), q.dtype)
     lse_rows = _np.empty(rmax, q.dtype)
+    vbuf = _np.empty(rmax * (maxspan + 32) if vcum[sk] else 0, _np.bool_)
+    cov = _np.empty(rmax, _np.int64)
+    idx = _np.empty(maxw, _np.int64)
+    vis = vbuf[:0].reshape((0, 0))
+    lo = _np.empty(rmax, _np.int64)
+    hi = _np.empty(rmax, _np.int64)
+    ab = _np.empty(2, q.dtype)
     for n in range(qbs.shape[0]):
         q0 = qlo[qbs[n]]
         nq = qhi[qbs[n]] - q0
         rows = G * nq
         qt = qbuf[: rows * D].reshape((rows, D))
         acc = abuf[: rows * Dv].reshape((rows, Dv))
-        pv = pbuf[: rows * Dv].reshape((rows, Dv))
         for r in range(nq):
             for hh in range(G):
                 for c in range(D):
@@ -220,40 +332,105 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs
         t = ptr[qbs[n]]
         t_end = ptr[qbs[n] + 1]
         while t < t_end:
-            t1 = _segment_end(kbs, ka, kz, t, t_end, bk, maxw)
-            r0 = ka[t] * bqf * G
-            r1 = min(kz[t] * bqf, nq) * G
-            k0 = kbs[t] * bk
-            k1 = min(kbs[t1 - 1] * bk + bk, sk)
-            w = k1 - k0
-            s = sbuf[: (r1 - r0) * w].reshape((r1 - r0, w))
-            _np.dot(qt[r0:r1], k2[k0:k1].T, s)
-            for u in range(t, t1):
-                c0 = kbs[u] * bk - k0
-                c1 = min(c0 + bk, w)
-                if kst[u] == {PARTIAL}:
-                    for r in range(r1 - r0):
-                        hh = (r0 + r) % G
-                        h = g * G + hh
-                        i = q0 + (r0 + r) // G
-                        for c in range(c0, c1):
-                            j = k0 + c
-                            if {visible}:
-                                s[r, c] = {score}
-                            else:
-                                s[r, c] = -_np.inf
-                elif {bool(smod)}:
-                    for r in range(r1 - r0):
-                        hh = (r0 + r) % G
-                        h = g * G + hh
-                        i = q0 + (r0 + r) // G
-                        for c in range(c0, c1):
-                            j = k0 + c
-                            s[r, c] = {score}
-            _K.online_softmax_tile(s, m[r0:r1], l[r0:r1], acc[r0:r1])
-            _np.dot(s, v2[k0:k1], pv[r0:r1])
-            _K.add_rows(acc[r0:r1], pv[r0:r1])
-            t = t1
+            # A chunk: the segments from t on whose keys fit in maxspan. Their scores go
+            # into one (rows, span) block; each row's online-softmax step then runs once
+            # over its whole covered range, and the P @ V products add into acc directly.
+            c0 = kbs[t] * bk
+            tc = t
+            ce = c0
+            while tc < t_end:
+                t1 = _segment_end(kbs, ka, kz, tc, t_end, bk, maxw)
+                k1 = min(kbs[t1 - 1] * bk + bk, sk)
+                if tc > t and k1 - c0 > maxspan:
+                    break
+                ce = k1
+                tc = t1
+            span = ce - c0
+            # Row stride: a multiple of 16 elements plus 16, never a power of two (a 4 KiB
+            # stride made the score GEMM ~25% slower through cache aliasing).
+            ld = (span + 15) // 16 * 16 + 16
+            S = sbuf[: rows * ld].reshape((rows, ld))
+            lo[:rows] = span
+            hi[:rows] = 0
+            cov[:rows] = 0
+            u = t
+            while u < tc:
+                u1 = _segment_end(kbs, ka, kz, u, tc, bk, maxw)
+                r0 = ka[u] * bqf * G
+                r1 = min(kz[u] * bqf, nq) * G
+                a0 = kbs[u] * bk - c0
+                a1 = min(kbs[u1 - 1] * bk + bk, sk) - c0
+                for x in range(r0, r1):
+                    lo[x] = min(lo[x], a0)
+                    hi[x] = max(hi[x], a1)
+                    cov[x] += a1 - a0
+                u = u1
+            # Keys between a row's segments (block-sparse masks) are hidden.
+            for x in range(rows):
+                if cov[x] != hi[x] - lo[x]:
+                    for c in range(lo[x], hi[x]):
+                        S[x, c] = -_np.inf
+            u = t
+            while u < tc:
+                u1 = _segment_end(kbs, ka, kz, u, tc, bk, maxw)
+                r0 = ka[u] * bqf * G
+                r1 = min(kz[u] * bqf, nq) * G
+                k0 = kbs[u] * bk
+                k1 = min(kbs[u1 - 1] * bk + bk, sk)
+                w = k1 - k0
+                s = S[r0:r1, k0 - c0:k1 - c0]
+                _gemm(True, r1 - r0, w, D, qt[r0:r1], D, k2[k0:k1], D, 0.0, s, ld, ab)
+                for v_ in range(u, u1):
+                    # Rows as contiguous 1-D slices of sbuf: the element loops vectorise.
+                    j0 = kbs[v_] * bk
+                    j1 = min(j0 + bk, sk)
+                    if kst[v_] == {PARTIAL}:
+                        for x in range(r0, r1):
+                            hh = x % G
+                            h = g * G + hh
+                            i = q0 + x // G
+                            srow = sbuf[x * ld + j0 - c0: x * ld + j1 - c0]
+                            for j in range(j0, j1):
+                                if {visible_row}:
+                                    srow[j - j0] = {score_row}
+                                else:
+                                    srow[j - j0] = -_np.inf
+                    elif {bool(smod)}:
+                        for x in range(r0, r1):
+                            hh = x % G
+                            h = g * G + hh
+                            i = q0 + x // G
+                            srow = sbuf[x * ld + j0 - c0: x * ld + j1 - c0]
+                            for j in range(j0, j1):
+                                srow[j - j0] = {score_row}
+                u = u1
+            exact = vcum[ce] != vcum[c0]
+            if exact:
+                vis = vbuf[: rows * ld].reshape((rows, ld))
+                _visible(S, vis)
+            for x in range(rows):
+                if hi[x] > lo[x]:
+                    _row_step(sbuf[x * ld + lo[x]: x * ld + hi[x]], m, l, acc, x)
+            u = t
+            while u < tc:
+                u1 = _segment_end(kbs, ka, kz, u, tc, bk, maxw)
+                r0 = ka[u] * bqf * G
+                r1 = min(kz[u] * bqf, nq) * G
+                k0 = kbs[u] * bk
+                k1 = min(kbs[u1 - 1] * bk + bk, sk)
+                w = k1 - k0
+                s = S[r0:r1, k0 - c0:k1 - c0]
+                nbad = _flagged(vcum, k0, w, idx) if exact else 0
+                if nbad:
+                    _gemm(False, r1 - r0, Dv, w, s, ld, vc2[k0:k1], Dv, 1.0, acc[r0:r1], Dv,
+                          ab)
+                    _visible_terms(acc[r0:r1], s, v2[k0:k1], idx, nbad,
+                                   vis[r0:r1, k0 - c0:k1 - c0])
+                else:
+                    _gemm(False, r1 - r0, Dv, w, s, ld, v2[k0:k1], Dv, 1.0, acc[r0:r1], Dv,
+                          ab)
+                u = u1
+            t = tc
         _K.finish_rows(acc, m[:rows], l[:rows], lse_rows[:rows])
         for r in range(nq):
             for hh in range(G):
@@ -346,10 +523,13 @@ def _backward_text(smod, mmod, nargs, mask_takes_args, diff_args):
     body = f'''
 @_numba.njit(**_JIT)
 def backward_job(q, k2, v2, dout, out, lse, dq, dk2, dv2, scale, hq, b, g, G, bqs, bqf, qlo, qhi,
-                 qbs, ptr, kbs, kst, ka, kz, bk, maxw{tail}):
+                 qbs, ptr, kbs, kst, ka, kz, bk, maxw, kc2, kcum, qbad{tail}):
     # As forward_job; dk2, dv2: this job's accumulators (Sk, D), (Sk, Dv) of its kv head;
     # dq rows of the job's query groups are its own. _g*: private gradients of the floating
-    # score_mod_args.
+    # score_mod_args. kcum (Sk + 1): prefix counts of the keys whose k or v holds NaN/inf,
+    # kc2: k2 with those rows at 0; qbad (B*Hq, Sq) int8 (or (1, 0) when none): the query
+    # rows whose q, dout or out does. A tile that meets such rows or keys takes the exact
+    # steps: its hidden pairs are held at exactly 0.
     sk = k2.shape[0]
     D = q.shape[2]
     Dv = v2.shape[1]
@@ -365,10 +545,24 @@ def backward_job(q, k2, v2, dout, out, lse, dq, dk2, dv2, scale, hq, b, g, G, bq
     tbuf = _np.ones(rmax * maxw, q.dtype)
     dpbuf = _np.empty(rmax * maxw, q.dtype)
     kpart = _np.empty(maxw * max(D, Dv), q.dtype)
+    anyq = qbad.shape[1] != 0
+    nx = rmax if anyq or kcum[sk] else 0
+    qc = _np.zeros((nx if anyq else 0, D), q.dtype)
+    dc = _np.zeros((nx if anyq else 0, Dv), q.dtype)
+    rcum = _np.zeros(rmax + 1, _np.int64)
+    vbuf = _np.empty(nx * maxw, _np.bool_)
+    ridx = _np.empty(rmax, _np.int64)
+    cidx = _np.empty(maxw, _np.int64)
+    vis = vbuf[:0].reshape((0, 0))
     for n in range(qbs.shape[0]):
         q0 = qlo[qbs[n]]
         nq = qhi[qbs[n]] - q0
         rows = G * nq
+        if anyq:
+            for r in range(nq):
+                for hh in range(G):
+                    x = r * G + hh
+                    rcum[x + 1] = rcum[x] + qbad[b * hq + g * G + hh, q0 + r]
         for r in range(nq):
             for hh in range(G):
                 row = b * hq + g * G + hh
@@ -383,6 +577,13 @@ def backward_job(q, k2, v2, dout, out, lse, dq, dk2, dv2, scale, hq, b, g, G, bq
                 y = lse[row, q0 + r]
                 # Rows with no visible key have lse = -inf; +inf makes their P exactly 0.
                 lse_t[x] = _np.inf if y == -_np.inf else y
+                if anyq:
+                    # The products with flagged rows use copies with those rows at 0.
+                    bad = rcum[x + 1] != rcum[x]
+                    for c in range(D):
+                        qc[x, c] = 0.0 if bad else qt[x, c]
+                    for c in range(Dv):
+                        dc[x, c] = 0.0 if bad else do[x, c]
         dqa = dq_acc[:rows]
         dqa[:] = 0.0
         t = ptr[qbs[n]]
@@ -416,9 +617,29 @@ def backward_job(q, k2, v2, dout, out, lse, dq, dk2, dv2, scale, hq, b, g, G, bq
                             p[r, c] = -_np.inf
                         else:
                             {first}
+            nbr = 0
+            nbc = 0
+            if anyq and rcum[r1] != rcum[r0]:
+                nbr = _flagged(rcum, r0, nr, ridx)
+            if kcum[k1] != kcum[k0]:
+                nbc = _flagged(kcum, k0, w, cidx)
+            exact = nbr + nbc > 0
+            if exact:
+                vis = vbuf[: nr * w].reshape((nr, w))
+                _visible(p, vis)
             _K.probs_from_lse(p, lse_t[r0:r1])
+            if exact:
+                # exp(-inf - lse) is NaN where lse is: hidden weights are exactly 0.
+                for r in range(nr):
+                    for c in range(w):
+                        if not vis[r, c]:
+                            p[r, c] = 0.0
             kp = kpart[: w * Dv].reshape((w, Dv))
-            _np.dot(p.T, dor, kp)
+            if nbr:
+                _np.dot(p.T, dc[r0:r1], kp)
+                _visible_terms_t(kp, p, dor, ridx, nbr, vis)
+            else:
+                _np.dot(p.T, dor, kp)
             _K.add_rows(dv2[k0:k1], kp)
             _np.dot(dor, v2[k0:k1].T, dp)
             for r in range(nr):
@@ -428,12 +649,24 @@ def backward_job(q, k2, v2, dout, out, lse, dq, dk2, dv2, scale, hq, b, g, G, bq
                 d = delta[r0 + r]
                 for c in range(w):
                     j = k0 + c
-                    ds = p[r, c] * (dp[r, c] - d){scatter}
+                    ds = p[r, c] * (dp[r, c] - d)
+                    if exact and not vis[r, c]:
+                        ds = 0.0{scatter}
                     dp[r, c] = {dscore}
-            _np.dot(dp, k2[k0:k1], dq_part[r0:r1])
+                    if exact and not vis[r, c]:
+                        dp[r, c] = 0.0
+            if nbc:
+                _np.dot(dp, kc2[k0:k1], dq_part[r0:r1])
+                _visible_terms(dq_part[r0:r1], dp, k2[k0:k1], cidx, nbc, vis)
+            else:
+                _np.dot(dp, k2[k0:k1], dq_part[r0:r1])
             _K.add_rows(dqa[r0:r1], dq_part[r0:r1])
             kp = kpart[: w * D].reshape((w, D))
-            _np.dot(dp.T, qr, kp)
+            if nbr:
+                _np.dot(dp.T, qc[r0:r1], kp)
+                _visible_terms_t(kp, dp, qr, ridx, nbr, vis)
+            else:
+                _np.dot(dp.T, qr, kp)
             _K.add_rows(dk2[k0:k1], kp)
             t = t1
         for r in range(nq):
@@ -675,17 +908,38 @@ def forward(q3, k3, v3, out3, lse2, *, scale, batch, hq, hkv, smod, mmod, args,
     extra = _extra(mod, smod, mmod, args)
     scale = q3.dtype.type(scale)
     jobs, _ = _jobs(plan, batch, hkv)
+    # Values of hidden keys must not reach the output (k needs nothing: hidden scores are
+    # replaced by -inf); one pass over v when it is finite.
+    # (Under the one-thread BLAS limit: NumPy's OpenBLAS threads, woken by a multithreaded
+    # matrix-vector product, spin after it and took ~25% of the CPU time of the jobs below.)
+    with _pool.blas_limit():
+        vc3, vcum = _cleaned(v3, bad_flags(np, (v3,), v3.dtype))
 
     bqmax = bq * MERGE_ROWS
 
     def job(j):
         _, _, b, g, qbs = j
         qlo, qhi, ptr, kbs, kst, ka, kz = _csr(plan, b, g)
-        _call(mod.forward_job, (smod, mmod), q3, k3[b * hkv + g], v3[b * hkv + g], out3, lse2,
+        kv = b * hkv + g
+        _call(mod.forward_job, (smod, mmod), q3, k3[kv], v3[kv], out3, lse2,
               scale, hq, b, g, G, bqmax, bq, qlo, qhi, qbs, ptr, kbs, kst, ka, kz, bk,
-              MAX_TILE_K, *extra)
+              MAX_TILE_K, vc3[kv], vcum[min(kv, len(vcum) - 1)], *extra)
 
     _pool.run_jobs(job, sorted(jobs, key=lambda j: -j[0]))
+
+
+def _cleaned(x3, flags):
+    """``(x3 with its flagged rows at 0, prefix counts of the flags per leading index)``.
+
+    Without flagged rows, ``x3`` itself and one row of zeros (shared by every job).
+    """
+    n = x3.shape[1]
+    if flags is None:
+        return x3, np.zeros((1, n + 1), np.int64)
+    cum = np.zeros((flags.shape[0], n + 1), np.int64)
+    np.cumsum(flags, axis=1, out=cum[:, 1:])
+    flat = x3.reshape(-1, x3.shape[2])
+    return clean_rows(np, flat, np.flatnonzero(flags)).reshape(x3.shape), cum
 
 
 def _extra(mod, smod, mmod, args):
@@ -713,6 +967,11 @@ def backward(dout3, q3, k3, v3, out3, lse2, *, scale, batch, hq, hkv, smod, mmod
     jobs, split = _jobs(plan, batch, hkv)
     partial = {}
     scale_t = cd.type(scale)
+    # Rows whose products may be NaN/inf (issue #9 item 6); one pass over each input.
+    with _pool.blas_limit():  # see forward()
+        kc3, kcum = _cleaned(k3, bad_flags(np, (k3, v3), cd))
+        qflags = bad_flags(np, (q3, dout3, out3), cd)
+    qbad = np.zeros((1, 0), np.int8) if qflags is None else qflags.astype(np.int8)
 
     bqmax = bq * MERGE_ROWS
 
@@ -727,8 +986,8 @@ def backward(dout3, q3, k3, v3, out3, lse2, *, scale, batch, hq, hkv, smod, mmod
         grads = tuple(np.zeros(np.shape(args[i]), np.float64) for i in diff_args)
         _call(mod.backward_job, (smod, mmod), q3, k3[b * hkv + g], v3[b * hkv + g], dout3,
               out3, lse2, dq3, dk2, dv2, scale_t, hq, b, g, G, bqmax, bq, qlo, qhi, qbs, ptr,
-              kbs, kst, ka, kz, bk, MAX_TILE_K,
-              *extra, *grads)
+              kbs, kst, ka, kz, bk, MAX_TILE_K, kc3[b * hkv + g],
+              kcum[min(b * hkv + g, len(kcum) - 1)], qbad, *extra, *grads)
         partial[n] = (dk2 if split > 1 else None, dv2 if split > 1 else None, grads)
 
     _pool.run_jobs(job, sorted(jobs, key=lambda j: -j[0]))
