@@ -426,3 +426,20 @@ def test_dbias_ignores_garbage_in_hidden_keys(backend):
                                grads(clean_k, clean_v), strict=True):
         assert np.isfinite(got).all(), name
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_visible_nan_query_row_leaves_hidden_keys_gradients_alone(backend):
+    # A NaN query row has a NaN lse; its hidden pairs used to give exp(-inf - NaN) = NaN
+    # weights, so every key's dv turned NaN. Only the keys that row sees may.
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((1, 1, 40, 8)) for _ in range(3))
+    q[0, 0, 5] = np.nan
+    out, lse = xattn.flash_attention(q, k, v, causal=True, return_lse=True, backend=backend)
+    grads = xattn.flash_attention_backward(np.ones_like(out), q, k, v, out, lse, causal=True,
+                                           backend=backend)
+    refs = reference_attention_backward(np.ones_like(out), q, k, v, causal=True)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, refs, strict=True):
+        np.testing.assert_array_equal(np.isnan(g), np.isnan(r), err_msg=name)
+        finite = ~np.isnan(r)
+        np.testing.assert_allclose(g[finite], r[finite], rtol=1e-10, atol=1e-10, err_msg=name)

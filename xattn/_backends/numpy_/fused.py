@@ -170,7 +170,10 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
     out4, lse4 = out, lse  # allocated with a head axis already, even for 2-D inputs
     scale = cd.type(prob.scale)
     width = _widest(plan)
-    bad_keys = bad_flags(np, (v4,), cd)  # keys whose values must stay out of hidden pairs
+    # Under the one-thread limit: NumPy's BLAS threads would spin on after this product and
+    # take the cores from the jobs that follow (measured: 77-79 -> 87-88 GFLOP per CPU-second).
+    with _pool.blas_limit():
+        bad_keys = bad_flags(np, (v4,), cd)  # keys whose values must stay out of hidden pairs
 
     @_masking.quiet
     def job(args):
@@ -262,8 +265,9 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
     scale = cd.type(prob.scale)
     width = _widest(plan)
     softcap = prob.softcap is not None
-    bad_q = bad_flags(np, (q4, do4, o4), cd)  # rows whose delta or products may be NaN
-    bad_k = bad_flags(np, (k4, v4), cd)
+    with _pool.blas_limit():  # see forward()
+        bad_q = bad_flags(np, (q4, do4, o4), cd)  # rows whose delta or products may be NaN
+        bad_k = bad_flags(np, (k4, v4), cd)
     lock = threading.Lock()
     dbias, dpad = dbias_buffer(np, bias, prob) if return_dbias else (None, None)
 
@@ -362,6 +366,8 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
         vis_c = None if bcols is None else s[:, bcols] != -np.inf
         vis_rt = None if vis_r is None else vis_r.T
         K.probs_from_lse(s, lse_t)
+        # A bad row's lse may be NaN: exp(-inf - NaN) is NaN, but a hidden P is exactly 0.
+        _zero_hidden(np, s, brows, vis_r, bcols, vis_c)
         dv_acc += _visible_product(np, s.T, do2, brows, vis_rt)
         dp = do2 @ vt.T
         if dpad is not None:

@@ -284,6 +284,8 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
             vis_c = None if bcols is None else s2[:, bcols] != -math.inf
             s -= lse_t
             p2 = xp.exp(s, out=s).reshape(rows, -1)
+            # A bad row's lse may be NaN: exp(-inf - NaN) is NaN, but a hidden P is exactly 0.
+            _zero_hidden(xp, p2, brows, vis_r, bcols, vis_c)
             do2, q2 = dot.reshape(rows, -1), qt.reshape(rows, -1)
             dv[bidx][g, k0:k1] += _visible_product(xp, p2.T, do2, brows,
                                                    None if vis_r is None else vis_r.T)
