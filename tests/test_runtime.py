@@ -169,3 +169,25 @@ def test_failed_job_stops_the_others_before_returning():
     gate.wait(0.2)
     assert len(seen) == count  # nothing ran on after run_jobs raised
     assert count < 49
+
+
+def test_block_mask_and_plan_caches_are_bounded_by_bytes():
+    # The builders' caches kept up to 32-128 masks each, whatever their size (#9 item 7):
+    # now a cache holds at most its byte budget, and a mask over 1/8 of it is not kept.
+    from xattn import _blockmask, _masking, _plans
+
+    cached = _blockmask._from_mask_mod_cached
+    cached.cache_clear()
+
+    def striped(q, k):  # every 32 x 32 block partial: 16 MiB of partial tiles at S=4096
+        return (q + k) % 3 == 0
+
+    big = xattn.BlockMask.from_mask_mod(striped, 4096, 4096, block_size=32)
+    assert _masking.value_nbytes(big) > _blockmask.BUILD_CACHE_BYTES // 8
+    assert cached.cache.nbytes == 0
+    small = xattn.BlockMask.from_mask_mod(striped, 256, 256, block_size=32)
+    assert 0 < cached.cache.nbytes <= _blockmask.BUILD_CACHE_BYTES
+    assert xattn.BlockMask.from_mask_mod(striped, 256, 256, block_size=32) is small
+    plan = _plans.block_plan(small, False, None)
+    assert _plans.block_plan(small, False, None) is plan
+    assert 0 < _plans.block_plan.cache.nbytes <= _masking.PLAN_CACHE_BYTES

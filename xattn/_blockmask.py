@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from functools import lru_cache
 
 import numpy as np
 
@@ -78,6 +77,10 @@ RULE_NAMES = ("none", "causal", "window", "documents", "global", "dense", "compo
 
 # The ASCII picture in repr is drawn only up to this many blocks per side.
 _REPR_MAX_BLOCKS = 32
+
+# Bytes of built block masks kept per builder (each cache is bounded by the bytes of its
+# masks, partial tiles included, not by how many there are).
+BUILD_CACHE_BYTES = 64 * 2**20
 
 
 # --- element rules (the single definitions) -------------------------------------------------
@@ -777,7 +780,7 @@ def _empty():
     return (np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 
-@lru_cache(maxsize=128)
+@_masking.cached_by_bytes(BUILD_CACHE_BYTES)
 def _band(q_len, k_len, bs, causal, window):
     """Causal and/or window: the visible keys of each query block form one interval, the keys
     visible to every query of the block a sub-interval (rules from _masking)."""
@@ -823,7 +826,7 @@ def _band(q_len, k_len, bs, causal, window):
                      predicate=predicate or (lambda *a: None), description=desc)
 
 
-@lru_cache(maxsize=64)
+@_masking.cached_by_bytes(BUILD_CACHE_BYTES)
 def _documents(cu, causal, bs):
     cu = np.asarray(cu, dtype=np.int64)
     total = int(cu[-1])
@@ -900,7 +903,7 @@ def _index_key(flags):
     return tuple(np.flatnonzero(flags).tolist()), len(flags)
 
 
-@lru_cache(maxsize=64)
+@_masking.cached_by_bytes(BUILD_CACHE_BYTES)
 def _longformer(seq_len, half, key, bs):
     glob_idx, _ = key
     is_global = np.zeros(seq_len, bool)
@@ -950,7 +953,7 @@ def _longformer(seq_len, half, key, bs):
                      description=f"longformer(window={2 * half}, {len(glob_idx)} global)")
 
 
-@lru_cache(maxsize=32)
+@_masking.cached_by_bytes(BUILD_CACHE_BYTES)
 def _bigbird_cached(seq_len, bs, window_blocks, global_blocks, random_blocks, seed):
     return _bigbird(seq_len, bs, window_blocks, global_blocks, random_blocks,
                     np.random.default_rng(seed))
@@ -1026,10 +1029,10 @@ def _from_mask_mod(fn, q_len, k_len, bs):
     return _from_strips(q_len, k_len, bs, strip, f"from_mask_mod({getattr(fn, '__name__', fn)})")
 
 
-_from_mask_mod_cached = lru_cache(maxsize=32)(_from_mask_mod)
+_from_mask_mod_cached = _masking.cached_by_bytes(BUILD_CACHE_BYTES)(_from_mask_mod)
 
 
-@lru_cache(maxsize=64)
+@_masking.cached_by_bytes(BUILD_CACHE_BYTES)
 def _combine_cached(a, b, op):
     nk = a.n_blocks[1]
     va = np.union1d(a._keys(full=True), a._keys(full=False))

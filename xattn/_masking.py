@@ -243,6 +243,49 @@ class ByteLRU:
             self.nbytes = 0
 
 
+def value_nbytes(value, _seen=None) -> int:
+    """Bytes a cached value holds, estimated: arrays by ``nbytes``, containers and objects'
+    attributes walked (each object once), any other leaf (an int, a flag) counted as 64."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    seen = set() if _seen is None else _seen
+    if id(value) in seen:
+        return 0
+    seen.add(id(value))
+    if isinstance(value, (tuple, list, frozenset, set)):
+        items = value
+    elif isinstance(value, dict):
+        items = value.values()
+    elif isinstance(getattr(value, "__dict__", None), dict):
+        items = vars(value).values()
+    else:
+        return 64
+    return 64 + sum(value_nbytes(v, seen) for v in items)
+
+
+def cached_by_bytes(max_bytes: int):
+    """``functools.lru_cache`` for positional, hashable arguments, bounded by the bytes of
+    the values kept (:func:`value_nbytes`) instead of their count: a few large block masks
+    or plans must not stay alive beside many small ones."""
+
+    def decorate(fn):
+        cache = ByteLRU(max_bytes)
+
+        @functools.wraps(fn)
+        def cached(*args):
+            hit = cache.get(args)
+            if hit is None:
+                hit = fn(*args)
+                cache.put(args, hit, value_nbytes(hit))
+            return hit
+
+        cached.cache_clear = cache.clear
+        cached.cache = cache
+        return cached
+
+    return decorate
+
+
 #: Bytes of tile masks kept by :func:`tile_visibility` (the tiles of the CPU backends are
 #: 64-128 KiB each, so hundreds of distinct geometries fit).
 VISIBILITY_CACHE_BYTES = 32 * 2**20

@@ -24,7 +24,6 @@ element test. The GPU kernels walk a BlockMask's CSR lists themselves
 from __future__ import annotations
 
 import dataclasses
-from functools import lru_cache
 
 import numpy as np
 
@@ -111,7 +110,7 @@ def _global_plan(bm, causal, window):
     return tuple(plan), frozenset(partial)
 
 
-@lru_cache(maxsize=32)
+@_masking.cached_by_bytes(_masking.PLAN_CACHE_BYTES)
 def block_plan(bm, causal, window):
     """``(plan, partial)`` for a BlockMask under the call's causal/window options.
 
