@@ -227,17 +227,6 @@ def _visible_terms(out, a, b, idx, cnt, vis):
                     out[r, c] += x * b[i, c]
 
 
-@_numba.njit(**_JIT)
-def _visible_terms_t(out, a, b, idx, cnt, vis):
-    # out[c] += a[i, c] * b[i] for the outer indices i = idx[:cnt], visible pairs (i, c) only
-    # (the transposed product a.T @ b).
-    for n in range(cnt):
-        i = idx[n]
-        for c in range(out.shape[0]):
-            if vis[i, c]:
-                x = a[i, c]
-                for e in range(out.shape[1]):
-                    out[c, e] += x * b[i, e]
 """
 
 
@@ -637,7 +626,7 @@ def backward_job(q, k2, v2, dout, out, lse, dq, dk2, dv2, scale, hq, b, g, G, bq
             kp = kpart[: w * Dv].reshape((w, Dv))
             if nbr:
                 _np.dot(p.T, dc[r0:r1], kp)
-                _visible_terms_t(kp, p, dor, ridx, nbr, vis)
+                _visible_terms(kp, p.T, dor, ridx, nbr, vis.T)  # the terms of p.T @ dor
             else:
                 _np.dot(p.T, dor, kp)
             _K.add_rows(dv2[k0:k1], kp)
@@ -664,7 +653,7 @@ def backward_job(q, k2, v2, dout, out, lse, dq, dk2, dv2, scale, hq, b, g, G, bq
             kp = kpart[: w * D].reshape((w, D))
             if nbr:
                 _np.dot(dp.T, qc[r0:r1], kp)
-                _visible_terms_t(kp, dp, qr, ridx, nbr, vis)
+                _visible_terms(kp, dp.T, qr, ridx, nbr, vis.T)  # of dp.T @ qr
             else:
                 _np.dot(dp.T, qr, kp)
             _K.add_rows(dk2[k0:k1], kp)
