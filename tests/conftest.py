@@ -15,6 +15,7 @@ import pytest
 from xattn import _backends
 from xattn._array import bfloat16_dtype
 from xattn._backends import available_backends
+from xattn.testing import reference_attention, to_numpy
 
 BF16 = bfloat16_dtype()
 
@@ -225,3 +226,34 @@ def flash_backward(backend):
         return xattn.flash_attention_backward(dout, q, k, v, out, lse, backend=backend, **options)
 
     return run
+
+
+# TF32 (the tensor cores' float32 mode) emulated in NumPy, for the GPU tests of allow_tf32.
+def rna_tf32(x):
+    """float32 -> the nearest TF32 value (ties away from zero), as ``cvt.rna.tf32.f32``."""
+    x = np.asarray(x, dtype=np.float32)
+    bits = (x.view(np.uint32).astype(np.uint64) + 0x1000) & 0xFFFFE000
+    return np.where(np.isfinite(x), bits.astype(np.uint32).view(np.float32), x)
+
+
+def expand_kv(x, hq):
+    return np.repeat(x, hq // x.shape[-3], axis=-3) if x.ndim > 2 else x
+
+
+def tf32_naive(q, k, v, **opts):
+    """``(out, lse)``: exact attention of the TF32-rounded inputs, weights rounded to TF32.
+
+    The weights are rounded relative to the row maximum (``exp(s - max)``), as the kernel
+    rounds its unnormalised ``exp2`` weights, and normalised by the sum of the rounded ones.
+    """
+    qr, kr, vr = (rna_tf32(to_numpy(x, np.float32)) for x in (q, k, v))
+    _, lse, w = reference_attention(qr, kr, vr, **opts)
+    wmax = w.max(axis=-1, keepdims=True, initial=0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = rna_tf32(np.where(wmax > 0, w / wmax, 0.0)).astype(np.float64)  # exp(s - max)
+        den = p.sum(axis=-1, keepdims=True)
+        out = np.where(den > 0, (p @ expand_kv(vr.astype(np.float64), w.shape[-3] if w.ndim > 2
+                                             else 1)) / den, 0.0)
+        # lse = max + log(sum of rounded weights), with max = lse_exact + log(wmax)
+        lse = np.where(den[..., 0] > 0, lse + np.log(wmax[..., 0]) + np.log(den[..., 0]), lse)
+    return out, lse

@@ -22,6 +22,7 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import expand_kv, rna_tf32, tf32_naive
 
 import xattn
 from xattn._array import validate_attention
@@ -59,36 +60,6 @@ def kernels(monkeypatch):
     return ck, kt
 
 
-def rna_tf32(x):
-    """float32 -> the nearest TF32 value (ties away from zero), as ``cvt.rna.tf32.f32``."""
-    x = np.asarray(x, dtype=np.float32)
-    bits = (x.view(np.uint32).astype(np.uint64) + 0x1000) & 0xFFFFE000
-    return np.where(np.isfinite(x), bits.astype(np.uint32).view(np.float32), x)
-
-
-def _expand(x, hq):
-    return np.repeat(x, hq // x.shape[-3], axis=-3) if x.ndim > 2 else x
-
-
-def tf32_naive(q, k, v, **opts):
-    """``(out, lse)``: exact attention of the TF32-rounded inputs, weights rounded to TF32.
-
-    The weights are rounded relative to the row maximum (``exp(s - max)``), as the kernel
-    rounds its unnormalised ``exp2`` weights, and normalised by the sum of the rounded ones.
-    """
-    qr, kr, vr = (rna_tf32(to_numpy(x, np.float32)) for x in (q, k, v))
-    _, lse, w = reference_attention(qr, kr, vr, **opts)
-    wmax = w.max(axis=-1, keepdims=True, initial=0.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = rna_tf32(np.where(wmax > 0, w / wmax, 0.0)).astype(np.float64)  # exp(s - max)
-        den = p.sum(axis=-1, keepdims=True)
-        out = np.where(den > 0, (p @ _expand(vr.astype(np.float64), w.shape[-3] if w.ndim > 2
-                                             else 1)) / den, 0.0)
-        # lse = max + log(sum of rounded weights), with max = lse_exact + log(wmax)
-        lse = np.where(den[..., 0] > 0, lse + np.log(wmax[..., 0]) + np.log(den[..., 0]), lse)
-    return out, lse
-
-
 def apriori_bound(q, k, v, *, scale=None, **opts):
     """Per-row bounds ``(out_bound (.., Sq, 1), lse_bound (.., Sq))`` of docs/numerics.rst.
 
@@ -100,7 +71,7 @@ def apriori_bound(q, k, v, *, scale=None, **opts):
     """
     qn, kn, vn = (to_numpy(x) for x in (q, k, v))
     hq = qn.shape[-3] if qn.ndim > 2 else 1
-    kn, vn = _expand(kn, hq), _expand(vn, hq)
+    kn, vn = expand_kv(kn, hq), expand_kv(vn, hq)
     d, sk = qn.shape[-1], kn.shape[-2]
     scale = 1.0 / np.sqrt(d) if scale is None else scale
     gamma = (d + 2) * 2.0**-24
