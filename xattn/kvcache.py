@@ -138,6 +138,10 @@ class KVCache:
                                  f"to be a multiple of page_size ({self.page_size})")
         self.window = None if window is None else int(window)
         self._lengths = np.zeros(self.batch, dtype=np.int32)
+        # Bumped by every change of lengths or block table: the device copies of those few
+        # int32s (_device_meta) are made once per change, not once per decode call.
+        self._changes = 0
+        self._meta = None
         shape_k = (self.kv_heads, self.head_dim)
         shape_v = (self.kv_heads, self.head_dim_v)
         if self.page_size is None:
@@ -218,6 +222,20 @@ class KVCache:
             wraps = np.arange(max(1, -(-upto // ps))) % table.shape[1]
             table = np.ascontiguousarray(table[:, wraps])
         return self._k, self._v, table, ps
+
+    def _device_meta(self):
+        """``(k_pages, v_pages, table, lengths, page_size)`` as :meth:`_pool`, with ``table`` and
+        ``lengths`` also copied into the cache's namespace: explicitly, once per change of the
+        cache (the copy of a few int32s, not of keys or values), so repeated decode calls on an
+        unchanged cache launch no host-to-device transfer."""
+        if self._meta is None or self._meta[0] != self._changes:
+            kp, vp, table, ps = self._pool()
+            xp = self.xp
+            self._meta = (self._changes, table, xp.asarray(table, dtype=xp.int32),
+                          xp.asarray(self._lengths, dtype=xp.int32))
+        _, table, table_dev, lengths_dev = self._meta
+        return self._k, self._v, table, table_dev, lengths_dev, (
+            self.page_size if self.paged else self.max_len)
 
     def _segments(self, b, start, stop):
         """``(page, offset, position, count)`` runs covering positions ``[start, stop)`` of
@@ -361,6 +379,7 @@ class KVCache:
                 self._k[page, :, off:off + cnt] = kb[:, src]
                 self._v[page, :, off:off + cnt] = vb[:, src]
         self._lengths[:] = new
+        self._changes += 1
 
     def _counts(self, lengths, T):
         if lengths is None:
@@ -445,6 +464,7 @@ class KVCache:
                 self._free.extend(int(p) for p in used[::-1])
                 self._block_table[b] = -1
             self._lengths[b] = 0
+        self._changes += 1
 
 
 @dataclass(frozen=True)

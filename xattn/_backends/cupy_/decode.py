@@ -9,8 +9,8 @@ One thread block per (split of the keys, kv head x row block of 16 packed query 
 sequence); :func:`num_splits` picks the split count from the batch, the kv heads, the
 longest context and the SM count. With more than one split the blocks write float32 partial
 results and a second kernel merges them by their lse. The cache's lengths and block table
-live on the host (:mod:`xattn.kvcache`): each call copies those few int32 values to the
-device, explicitly, before the launch.
+live on the host (:mod:`xattn.kvcache`); the cache copies those few int32 values to the
+device, explicitly, once after each change (``KVCache._device_meta``), not at every call.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def decode(prob, q, cache, *, alibi_slopes=None):
     import cupy as cp
 
     B, Hq, Hkv, T, D = prob.batch, prob.hq, prob.hkv, prob.sq, prob.d
-    kpool, vpool, table, page_size = cache._pool()
+    kpool, vpool, table, table_dev, lengths_dev, page_size = cache._device_meta()
     lengths = cache.lengths
     left = -1 if prob.window is None or prob.window[0] is None else prob.window[0]
     R = prob.group * T
@@ -104,8 +104,7 @@ def decode(prob, q, cache, *, alibi_slopes=None):
         alibi = cp.ascontiguousarray(cp.broadcast_to(alibi_slopes.astype(cp.float32), (B, Hq)))
         alibi_bs = Hq
     i32, i64, f32 = np.int32, np.int64, np.float32
-    args = (qc, kpool, vpool, cp.asarray(table, dtype=cp.int32),
-            cp.asarray(lengths, dtype=cp.int32), out, lse, part_o, part_lse,
+    args = (qc, kpool, vpool, table_dev, lengths_dev, out, lse, part_o, part_lse,
             i32(B), i32(Hq), i32(Hkv), i32(T), i32(page_size), i32(table.shape[1]),
             i32(splits), f32(prob.scale), f32(prob.softcap or 0.0), i32(left), alibi,
             i64(alibi_bs))

@@ -1,0 +1,207 @@
+"""xattn.decode_attention on one GPU beside torch SDPA and the card's copy bandwidth, one run.
+
+Usage (on a machine with CuPy and torch)::
+
+    python3 benchmarks/gpu_decode.py                      # B in 1,16,64 x ctx in 4k,32k,128k
+    python3 benchmarks/gpu_decode.py --batch 16 --ctx 32768 --tokens 4 --json out.json
+
+One decode step of ``T`` new tokens (Hq=32, Hkv=8, D=128, fp16 by default, the Llama-3-8B
+attention shape): ``q`` is ``(B, Hq, T, D)`` against a cache holding ``ctx`` tokens per
+sequence. Timed, alternately and with CUDA events, after a warm-up:
+
+* ``cupy.decode``: the split-KV kernel (``decode_attention(..., backend="cupy.decode")``),
+  on a contiguous cache and on a paged one (``--page-size``, default 256) holding the same
+  tokens;
+* ``auto``: ``decode_attention`` as a user calls it (whatever ``backend="auto"`` picks);
+* torch ``scaled_dot_product_attention(q, K[:, :, :ctx], V[:, :, :ctx], enable_gqa=True)``
+  on the same device memory (DLPack views, no copy), under torch's default backend choice;
+* ``copy``: ``cupy.copyto`` of a 2 GiB buffer, bytes read plus written: the card's streaming
+  ceiling measured in the same run.
+
+Throughput is bytes of K and V read per second (``B * Hkv * ctx * (D + Dv) * itemsize``).
+Caches smaller than 256 MiB are rotated among several copies, so that repeated calls do not
+measure the L2 (50 MiB on an H100). Each result is checked against torch before timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+try:
+    import xattn
+except ImportError:  # run from a clone without installing
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    import xattn
+
+ROTATE_BYTES = 256 << 20
+
+
+def _fill(cache, ctx, seed, chunk=4096):
+    import cupy as cp
+
+    rs = cp.random.RandomState(seed)
+    shape = (cache.batch, cache.kv_heads)
+    for start in range(0, ctx, chunk):
+        n = min(chunk, ctx - start)
+        k = rs.standard_normal((*shape, n, cache.head_dim), dtype=cp.float32)
+        v = rs.standard_normal((*shape, n, cache.head_dim_v), dtype=cp.float32)
+        cache.append(k.astype(cache.dtype), v.astype(cache.dtype))
+        del k, v
+
+
+def _time(fn, reps, rounds=5):
+    """Median seconds per call over ``rounds`` rounds of ``reps`` calls (CUDA events)."""
+    import cupy as cp
+
+    fn()
+    cp.cuda.Device().synchronize()
+    times = []
+    for _ in range(rounds):
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        for i in range(reps):
+            fn(i)
+        stop.record()
+        stop.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, stop) / 1e3 / reps)
+    return float(np.median(times))
+
+
+def copy_bandwidth():
+    import cupy as cp
+
+    n = 1 << 30  # 2 GiB of float16
+    src = cp.ones(n, dtype=cp.float16)
+    dst = cp.empty_like(src)
+    t = _time(lambda i=0: cp.copyto(dst, src), reps=10)
+    return 2 * n * 2 / t
+
+
+def row(batch, ctx, args, torch):
+    import cupy as cp
+
+    dt = np.dtype(args.dtype)
+    hq, hkv, d, T = args.hq, args.hkv, args.head_dim, args.tokens
+    kv_bytes = batch * hkv * ctx * 2 * d * dt.itemsize
+    sets = int(min(8, max(1, -(-ROTATE_BYTES // kv_bytes))))
+    rs = cp.random.RandomState(1)
+    res = {"batch": batch, "ctx": ctx, "T": T, "sets": sets, "kv_bytes": kv_bytes}
+
+    def make(page_size):
+        caches = []
+        for s in range(sets):
+            if page_size:
+                pages = batch * -(-(ctx + T) // page_size)
+                c = xattn.KVCache(batch, hkv, ctx + T, d, dtype=dt, xp=cp,
+                                  page_size=page_size, num_pages=pages)
+            else:
+                c = xattn.KVCache(batch, hkv, ctx + T, d, dtype=dt, xp=cp)
+            _fill(c, ctx, seed=10 + s)
+            caches.append(c)
+        return caches
+
+    qs = [rs.standard_normal((batch, hq, T, d), dtype=cp.float32).astype(dt)
+          for _ in range(sets)]
+    caches = make(0)
+    # torch reads the very same memory: the contiguous cache's first ctx positions.
+    tq = [torch.from_dlpack(q) for q in qs]
+    tk = [torch.from_dlpack(c.k_cache)[:, :, :ctx] for c in caches]
+    tv = [torch.from_dlpack(c.v_cache)[:, :, :ctx] for c in caches]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def t_torch(i=0):
+        j = i % sets
+        if T == 1:
+            return sdpa(tq[j], tk[j], tv[j], enable_gqa=True)
+        return _torch_causal(sdpa, tq[j], tk[j], tv[j], torch)
+
+    def t_x(backend, cs):
+        return lambda i=0: xattn.decode_attention(qs[i % sets], cs[i % sets], backend=backend)
+
+    ref = cp.from_dlpack(t_torch(0)).astype(cp.float32)
+    for name in ("cupy.decode", "auto"):
+        got = t_x(name, caches)(0).astype(cp.float32)
+        res[f"err {name}"] = float(cp.abs(got - ref).max())
+    reps = max(3, min(200, int(2e9 // kv_bytes)))
+    res["torch"] = _time(t_torch, reps)
+    res["cupy.decode"] = _time(t_x("cupy.decode", caches), reps)
+    res["auto"] = _time(t_x("auto", caches), reps) if not args.no_auto else float("nan")
+    tk.clear(), tv.clear(), caches.clear()
+    cp.get_default_memory_pool().free_all_blocks()
+    if args.page_size:
+        paged = make(args.page_size)
+        got = t_x("cupy.decode", paged)(0).astype(cp.float32)
+        res["err paged"] = float(cp.abs(got - ref).max())
+        res["paged"] = _time(t_x("cupy.decode", paged), reps)
+        paged.clear()
+        cp.get_default_memory_pool().free_all_blocks()
+    return res
+
+
+def _torch_causal(sdpa, q, k, v, torch):
+    # Bottom-right causal for T > 1: query t sees keys [0, ctx - T + t].
+    T, S = q.shape[-2], k.shape[-2]
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    return sdpa(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, nargs="*", default=[1, 16, 64])
+    p.add_argument("--ctx", type=int, nargs="*", default=[4096, 32768, 131072])
+    p.add_argument("--hq", type=int, default=32)
+    p.add_argument("--hkv", type=int, default=8)
+    p.add_argument("-D", "--head-dim", type=int, default=128)
+    p.add_argument("--tokens", type=int, default=1)
+    p.add_argument("--dtype", default="float16")
+    p.add_argument("--page-size", type=int, default=256, help="0: no paged rows")
+    p.add_argument("--no-auto", action="store_true")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    import cupy as cp
+    import torch
+
+    name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    copy = copy_bandwidth()
+    rows = []
+    for b in args.batch:
+        for ctx in args.ctx:
+            try:
+                rows.append(row(b, ctx, args, torch))
+            except Exception as exc:  # noqa: BLE001 - one failing row must not hide the rest
+                rows.append({"batch": b, "ctx": ctx, "error": f"{type(exc).__name__}: {exc}"})
+            cp.get_default_memory_pool().free_all_blocks()
+            print(json.dumps(rows[-1]), flush=True)
+    doc = {"device": name, "torch": torch.__version__, "cupy": cp.__version__,
+           "copy_bytes_per_s": copy, "args": vars(args), "rows": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+    print(f"\n**{name}**, torch {torch.__version__}, cupy {cp.__version__}; Hq={args.hq} "
+          f"Hkv={args.hkv} D={args.head_dim} T={args.tokens} {args.dtype}; copy "
+          f"{copy / 1e12:.2f} TB/s (read + write). Cells: TB/s of K/V read (x/torch, x/copy).\n")
+    print("| B | ctx | cupy.decode | paged | auto | torch SDPA | decode/torch | decode/copy "
+          "| paged/contig | err |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['batch']} | {r['ctx']} | ERROR {r['error'][:80]} |")
+            continue
+        bw = {k: r["kv_bytes"] / r[k] / 1e12 for k in ("cupy.decode", "auto", "torch")
+              if k in r}
+        pg = r["kv_bytes"] / r["paged"] / 1e12 if "paged" in r else float("nan")
+        print(f"| {r['batch']} | {r['ctx']} | {bw['cupy.decode']:.2f} | {pg:.2f} | "
+              f"{bw['auto']:.2f} | {bw['torch']:.2f} | {r['torch'] / r['cupy.decode']:.2f} | "
+              f"{bw['cupy.decode'] * 1e12 / copy:.2f} | "
+              f"{r['cupy.decode'] / r.get('paged', float('nan')):.2f} | "
+              f"{max(r['err cupy.decode'], r.get('err paged', 0)):.1e} |")
+
+
+if __name__ == "__main__":
+    main()
