@@ -14,6 +14,11 @@ TypeError of an NcclComm given NumPy arrays.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -140,14 +145,20 @@ def test_nccl_comm_from_every_unique_id_form(comm, cupy):
 
 
 @pytest.mark.gpu
-def test_nccl_comm_from_mpi_comm_self(cupy):
-    mpi = pytest.importorskip("mpi4py.MPI")
-    from cupy.cuda import nccl
-
-    if not getattr(nccl, "available", False):
-        pytest.skip("this CuPy has no NCCL")
-    comm = NcclComm(mpi.COMM_SELF)
-    assert (comm.rank, comm.size) == (0, 1)
+def test_nccl_comm_from_mpi_comm_self(comm):
+    """From an mpi4py communicator (rank 0 draws the id and broadcasts it). In a child
+    process: MPI initialised in pytest's process would leak its environment into the
+    ``mpiexec`` runs of later tests."""
+    pytest.importorskip("mpi4py")
+    code = ("from mpi4py import MPI; from xattn.distributed import NcclComm; "
+            "c = NcclComm(MPI.COMM_SELF); print('ranks', c.rank, c.size)")
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p),
+        OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 0 and "ranks 0 1" in proc.stdout, proc.stdout + proc.stderr
 
 
 @pytest.mark.gpu
