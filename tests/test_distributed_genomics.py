@@ -155,8 +155,11 @@ def test_pipeline_under_mpiexec_matches_one_process(pipeline, tmp_path):
 # On a GPU (CuPy arrays end to end)
 
 
-@pytest.fixture(scope="module")
-def cupy():
+@pytest.fixture
+def cupy(monkeypatch):
+    """CuPy on a GPU; the CPU runs these tests compare against use the NumPy backend (numba's
+    first compilation would take longer than the GPU runs)."""
+    monkeypatch.setenv("XATTN_DISABLE", "numba")
     cp = pytest.importorskip("cupy")
     try:
         if cp.cuda.runtime.getDeviceCount() == 0:
