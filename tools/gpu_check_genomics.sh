@@ -9,7 +9,8 @@
 #      target < 1 s per layer;
 #   c) mpiexec -n 2 on the GPU (ranks share it; ring attention over MPI, host staging),
 #      200,000 bp;
-#   a) pytest -m gpu: tests/test_distributed.py (two MPI ranks sharing the GPU, float16),
+#   a) pytest -m gpu (4 xdist workers if available): tests/test_distributed.py (two MPI
+#      ranks sharing the GPU, float16),
 #      tests/test_distributed_nccl.py (NcclComm of one rank: ring forward/backward, transport),
 #      tests/test_distributed_genomics.py (pipeline on the GPU against the CPU, under mpiexec).
 # Logs, summaries and the attention-mass plots go under $OUT; a short table is printed last.
@@ -83,14 +84,17 @@ echo "c) $line_c"
 # a) the GPU tests, in the time left
 left=$((BUDGET - (SECONDS - START)))
 [ "$left" -lt 30 ] && left=30
+xdist=""  # the tests are independent: spread them over 4 workers when pytest-xdist is there
+$PY -c "import xdist" 2>/dev/null && xdist="-n 4"
 t0=$SECONDS
-timeout "$left" $PY -m pytest -m gpu -q -p no:cacheprovider \
+timeout "$left" $PY -m pytest -m gpu -v -p no:cacheprovider $xdist \
   tests/test_distributed.py tests/test_distributed_nccl.py tests/test_distributed_genomics.py \
   --junitxml="$OUT/pytest_gpu.xml" > "$OUT/pytest_gpu.log" 2>&1
 rc_a=$?
 t_a=$((SECONDS - t0))
 tail -40 "$OUT/pytest_gpu.log"
-line_a=$(grep -E "(passed|failed|error|skipped|no tests ran)" "$OUT/pytest_gpu.log" | tail -1)
+line_a=$(grep -E "^=+ .*(passed|failed|error|skipped|deselected|no tests ran)" \
+  "$OUT/pytest_gpu.log" | tail -1 | tr -d '=' | sed 's/^ *//; s/ *$//')
 [ "$rc_a" -eq 124 ] && line_a="timed out after ${left} s: $line_a"
 
 echo
