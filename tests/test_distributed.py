@@ -4,7 +4,7 @@ plus the in-process pieces (chunk-pair geometry, schedule, layouts, argument err
 The MPI tests launch ``mpiexec -n 2`` and ``-n 4`` on tests/ring_worker.py. Without mpi4py or
 mpiexec they skip, except under CI (``CI`` set), where the ``mpi`` extra must be installed.
 NcclComm needs a GPU with CuPy and NCCL: here only its argument checks and its ImportError
-without CuPy are tested.
+without CuPy are tested; tests/test_distributed_nccl.py runs it on one GPU.
 """
 
 from __future__ import annotations

@@ -197,13 +197,16 @@ class NcclComm:
         comm = NcclComm(unique_id=uid, rank=r, size=n)
 
     Each process uses the current CuPy device; select it (``cupy.cuda.Device(i).use()``)
-    before creating the communicator.
+    before creating the communicator. NCCL needs a different GPU for every rank of a
+    communicator (ranks that share a GPU use an mpi4py communicator instead). Transfers are
+    byte copies (``ncclUint8``), so every dtype travels unchanged, bfloat16 included.
 
     Parameters
     ----------
     mpi_comm : mpi4py communicator, optional
-    unique_id : tuple of 128 ints, optional
-        From :meth:`NcclComm.unique_id`, identical on every rank.
+    unique_id : bytes or sequence of 128 ints, optional
+        From :meth:`NcclComm.unique_id` (whatever form this CuPy returns: bytes since CuPy
+        14, a tuple of ints before), identical on every rank.
     rank, size : int
         This process's rank and the number of ranks (with ``unique_id``).
     """
@@ -230,18 +233,18 @@ class NcclComm:
                     raise TypeError(f"NcclComm: {name} must be an int, got {val!r}")
             if size < 1 or not 0 <= rank < size:
                 raise ValueError(f"NcclComm: need 0 <= rank < size, got rank={rank}, size={size}")
-            unique_id = tuple(int(c) for c in unique_id)
-            if len(unique_id) != 128:
-                raise ValueError(
-                    f"NcclComm: unique_id must hold 128 values, got {len(unique_id)}"
-                )
+            unique_id = _unique_id_bytes(unique_id)
         nccl = _nccl()
         if mpi_comm is not None:
-            unique_id = mpi_comm.bcast(nccl.get_unique_id() if rank == 0 else None, root=0)
-        self.rank, self.size = int(rank), int(size)
-        self.nccl = nccl.NcclCommunicator(self.size, unique_id, self.rank)
+            unique_id = _unique_id_bytes(
+                mpi_comm.bcast(nccl.get_unique_id() if rank == 0 else None, root=0))
         import cupy
 
+        self.rank, self.size = int(rank), int(size)
+        self.device = cupy.cuda.Device().id  # NCCL binds the communicator to this device
+        self.nccl = _communicator(nccl, self.size, unique_id, self.rank)
+        # Transfers run on a stream of their own, ordered after the compute stream by events
+        # (see _NcclTransport.post), so that a block's transfer overlaps the next computation.
         self.stream = cupy.cuda.Stream(non_blocking=True)
 
     @staticmethod
@@ -252,6 +255,38 @@ class NcclComm:
     def abort(self):
         """Abort the NCCL communicator: pending transfers end, the communicator is unusable."""
         self.nccl.abort()
+
+
+def _unique_id_bytes(unique_id):
+    """The 128-byte NCCL unique id from bytes or a sequence of ints (C chars: -128..255)."""
+    if isinstance(unique_id, (bytes, bytearray)):
+        raw = bytes(unique_id)
+    else:
+        try:
+            values = [int(c) for c in unique_id]
+        except (TypeError, ValueError):
+            raise TypeError("NcclComm: unique_id must be bytes or a sequence of ints, got "
+                            f"{type(unique_id).__qualname__}") from None
+        if any(not -128 <= c <= 255 for c in values):
+            raise ValueError("NcclComm: unique_id values must be bytes (-128..255)")
+        raw = bytes(c % 256 for c in values)
+    if len(raw) != 128:
+        raise ValueError(f"NcclComm: unique_id must hold 128 values, got {len(raw)}")
+    return raw
+
+
+def _communicator(nccl, size, raw, rank):
+    """``nccl.NcclCommunicator`` from the 128-byte id, in the form this CuPy takes: bytes
+    (CuPy >= 14), else a tuple of C chars (signed on most CPUs, unsigned on ARM). A form of
+    the wrong type is refused by the binding's argument check before NCCL is called."""
+    forms = (raw, tuple(b - 256 if b > 127 else b for b in raw), tuple(raw))
+    for i, form in enumerate(forms):
+        try:
+            return nccl.NcclCommunicator(size, form, rank)
+        except (TypeError, OverflowError):
+            if i == len(forms) - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _nccl():
@@ -285,13 +320,15 @@ class _NcclTransport:
                 raise TypeError(f"NcclComm moves CuPy arrays only, got {type(x).__module__} "
                                 "arrays")
         bufs = [cupy.ascontiguousarray(x) for x, _, _ in sends]
-        # The arrays to send (and the receive buffers) belong to the current stream's work;
-        # NCCL's stream must wait for it.
+        outs = [cupy.empty(shape, dtype=dtype) for shape, dtype, _, _, _ in recvs]
+        # The arrays to send (and the memory of the receive buffers) belong to the current
+        # stream's work; NCCL's stream must wait for it.
         stream.wait_event(cupy.cuda.get_current_stream().record())
+        # One group: the sends and receives of a step progress together, so two ranks that
+        # send to each other cannot deadlock, and NCCL matches them per peer in this order.
         nccl.groupStart()
         try:
-            for shape, dtype, source, _tag, _xp in recvs:
-                out = cupy.empty(shape, dtype=dtype)
+            for out, (_, _, source, _tag, _xp) in zip(outs, recvs, strict=True):
                 self.comm.nccl.recv(out.data.ptr, out.nbytes, nccl.NCCL_UINT8, source,
                                     stream.ptr)
                 h.out.append((out, cupy))
@@ -334,6 +371,8 @@ class _NcclTransport:
 
 def exchange_all(transport, x: Any, tag: int, what: str):
     """Every rank's ``x`` (same shape and dtype on every rank), as a list indexed by rank."""
+    if transport.size == 1:
+        return [x]  # nobody to exchange with
     xp = _xp(x)
     others = [r for r in range(transport.size) if r != transport.rank]
     h = transport.post(

@@ -291,9 +291,14 @@ class _Ring:
         try:
             _check_layout(layout)
             prob = validate_attention(q, k, v, **options, extra=extra)
-            if isinstance(comm, NcclComm) and not is_cupy(q):
-                raise TypeError("q: NcclComm moves CuPy arrays; use an mpi4py communicator "
-                                "for NumPy arrays")
+            if isinstance(comm, NcclComm):
+                if not is_cupy(q):
+                    raise TypeError(
+                        f"q: NcclComm moves CuPy arrays, got {type(q).__module__}."
+                        f"{type(q).__qualname__}; use an mpi4py communicator for NumPy arrays")
+                if q.device.id != comm.device:
+                    raise TypeError(f"q: on GPU {q.device.id}, but the NcclComm was created on "
+                                    f"GPU {comm.device}")
             if prob.sq != prob.sk:
                 raise ValueError(
                     f"q, k: every rank must hold as many queries as keys, got q {q.shape}, "
@@ -316,7 +321,7 @@ class _Ring:
         text = json.dumps(describe, sort_keys=True).encode()[:_FINGERPRINT_BYTES]
         buf = np.zeros(_FINGERPRINT_BYTES, np.uint8)
         buf[: len(text)] = np.frombuffer(text, np.uint8)
-        if isinstance(self.transport_comm, NcclComm):
+        if isinstance(self.transport_comm, NcclComm) and self.size > 1:
             import cupy
 
             buf = cupy.asarray(buf)
