@@ -55,6 +55,7 @@
 
 #include "masking.cuh"
 #include "mma_sm80.cuh"
+#include "mma_fwd_tile.cuh"
 
 #ifndef XATTN_TF32_KS_UNROLL
 #define XATTN_TF32_KS_UNROLL 2
@@ -160,6 +161,11 @@ __device__ __forceinline__ void split_tile(float* s, int tid) {
         *reinterpret_cast<uint4*>(p + D / 4) = lo;
     }
 }
+
+// The softmax weights rounded to TF32 (what the tensor core multiplies V by).
+struct Tf32Weight {
+    __device__ __forceinline__ float operator()(float p) const { return __uint_as_float(tf32(p)); }
+};
 
 // One 3xTF32 k-step: C += Alo Bhi + Ahi Blo + Ahi Bhi (the small terms first).
 __device__ __forceinline__ void mma3(float (&c)[4], const unsigned (&ah)[4],
@@ -391,56 +397,16 @@ __device__ __forceinline__ void flash_fwd_tf32_core(const Args& a) {
                 }
         }
 
-        // Online softmax, per row: the 4 lanes of a quad share a row. The weights are rounded
-        // to TF32 here, once: the row sum and P V then see the same values. X3 keeps them
-        // float32 (split per k-step of P V below).
-        bool grew = false;
+        // Online softmax and accumulator rescale (mma_fwd_tile.cuh). TF32 rounds the weights
+        // here, once: the row sum and P V then see the same values. X3 keeps them float32
+        // (split per k-step of P V below).
         float alphas[MT][2];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-            for (int hr = 0; hr < 2; ++hr) {
-                float mx = -XATTN_INF;
-#pragma unroll
-                for (int n = 0; n < NS; ++n)
-                    mx = fmaxf(mx, fmaxf(s[mt][n][hr * 2], s[mt][n][hr * 2 + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                // Running max in base-2 units; a row with nothing visible so far keeps -inf and
-                // exponentiates against 0 so that every p is exactly 0 (no inf - inf).
-                const float m_new = fmaxf(m[mt][hr], mx * sl2);
-                const float m_use = m_new == -XATTN_INF ? 0.f : m_new;
-                const float alpha = ex2(m[mt][hr] - m_use);
-                grew = grew || m_new != m[mt][hr];
-                alphas[mt][hr] = alpha;
-                m[mt][hr] = m_new;
-                float rs = 0.f;
-#pragma unroll
-                for (int n = 0; n < NS; ++n) {
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const float e2 = ex2(fmaf(s[mt][n][hr * 2 + e], sl2, -m_use));
-                        const float p = X3 ? e2 : __uint_as_float(tf32(e2));
-                        s[mt][n][hr * 2 + e] = p;
-                        rs += p;
-                    }
-                }
-                l[mt][hr] = l[mt][hr] * alpha + rs;
-            }
-        }
-        // Skipping the rescale once the row maxima settle pays off only when the accumulator
-        // is large (measured for the 16-bit kernel: a gain at D >= 128, a loss at D = 64).
-        if (D < 128 || __any_sync(0xffffffffu, grew)) {
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int hr = 0; hr < 2; ++hr)
-#pragma unroll
-                    for (int n = 0; n < ND; ++n) {
-                        acc[mt][n][hr * 2] *= alphas[mt][hr];
-                        acc[mt][n][hr * 2 + 1] *= alphas[mt][hr];
-                    }
-        }
+        bool grew;
+        if constexpr (X3)
+            grew = fwd_online_softmax<MT, NS>(s, m, l, alphas, sl2, ExactWeight());
+        else
+            grew = fwd_online_softmax<MT, NS>(s, m, l, alphas, sl2, Tf32Weight());
+        fwd_rescale<D, MT, ND>(acc, alphas, grew);
 
         // O += P V: k-step j covers keys 8j..8j+7 with k = t <-> key 2t, k = t+4 <-> key 2t+1.
         // The A fragment is (c0, c2, c1, c3) of score tile j.
