@@ -47,8 +47,10 @@
 // 2D + 4 floats: the same bank pattern for hi and lo); lo is 0 where hi == x, which keeps
 // +-inf inputs +-inf (inf - inf would be NaN) and NaN inputs NaN. Q in registers is split
 // once; the softmax weights P stay float32 (l sums them unrounded) and are split in registers
-// per k-step of P V. Twice the shared memory of the TF32 variant per key block, so the tile
-// configurations are smaller (instances.py).
+// once per key block, whose P V is summed from zero and added to the output accumulator on
+// the CUDA cores (the tensor cores round their sums toward zero: over every key that bias
+// would exceed float32's error). Twice the shared memory of the TF32 variant per key block,
+// so the tile configurations are smaller (instances.py).
 //
 // Entry points: flash_fwd_<tf32|tf32x3>_d<D>_w<NW>_m<MT>_n<BN>_<plain|mods>; the loader builds
 // one per module (-DXATTN_TF32_D=.. etc., see the end of this file).
@@ -411,36 +413,57 @@ __device__ __forceinline__ void flash_fwd_tf32_core(const Args& a) {
         // O += P V: k-step j covers keys 8j..8j+7 with k = t <-> key 2t, k = t+4 <-> key 2t+1.
         // The A fragment is (c0, c2, c1, c3) of score tile j.
         const float* Vb = sV + buf * BN * LDV;
+        if constexpr (X3) {
+            // P split once (finite, or NaN from NaN inputs: no inf guard). Each output tile dn
+            // sums this key block's P V in ob and adds it to acc on the CUDA cores: the tensor
+            // cores round their float32 sums toward zero, a bias that three MMAs per k-step
+            // over every key would pile up in acc (about 1e-7 relative per MMA: 1e-4 over
+            // S = 4096, ten times the float32 budget); per key block it stays at 3 BN / 8.
+            unsigned ph[MT][NS][4], pl[MT][NS][4];
 #pragma unroll
-        for (int j = 0; j < NS; ++j) {
-            // X3: P split once per k-step (finite, or NaN from NaN inputs: no inf guard).
-            unsigned ph[X3 ? MT : 1][4], pl[X3 ? MT : 1][4];
-            if constexpr (X3) {
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
+                for (int j = 0; j < NS; ++j)
 #pragma unroll
                     for (int i = 0; i < 4; ++i) {
                         const float p = s[mt][j][(i & 1) * 2 + (i >> 1)];
-                        ph[X3 ? mt : 0][i] = tf32(p);
-                        pl[X3 ? mt : 0][i] = tf32(p - __uint_as_float(ph[X3 ? mt : 0][i]));
+                        ph[mt][j][i] = tf32(p);
+                        pl[mt][j][i] = tf32(p - __uint_as_float(ph[mt][j][i]));
                     }
-            }
-            const float* v0 = Vb + (j * 8 + t4 * 2) * LDV + g;
 #pragma unroll
             for (int dn = 0; dn < ND; ++dn) {
-                const unsigned b0 = __float_as_uint(v0[dn * 8]);
-                const unsigned b1 = __float_as_uint(v0[LDV + dn * 8]);
+                float ob[MT][4];
 #pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    if constexpr (X3) {
-                        mma3(acc[mt][dn], ph[X3 ? mt : 0], pl[X3 ? mt : 0], b0, b1,
-                             __float_as_uint(v0[D + dn * 8]),
-                             __float_as_uint(v0[LDV + D + dn * 8]));
-                    } else {
+                for (int mt = 0; mt < MT; ++mt)
+                    ob[mt][0] = ob[mt][1] = ob[mt][2] = ob[mt][3] = 0.f;
+#pragma unroll
+                for (int j = 0; j < NS; ++j) {
+                    const float* v0 = Vb + (j * 8 + t4 * 2) * LDV + g + dn * 8;
+                    const unsigned b0 = __float_as_uint(v0[0]), b1 = __float_as_uint(v0[LDV]);
+                    const unsigned c0 = __float_as_uint(v0[D]);
+                    const unsigned c1 = __float_as_uint(v0[LDV + D]);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt)
+                        mma3(ob[mt], ph[mt][j], pl[mt][j], b0, b1, c0, c1);
+                }
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[mt][dn][e] += ob[mt][e];
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < NS; ++j) {
+                const float* v0 = Vb + (j * 8 + t4 * 2) * LDV + g;
+#pragma unroll
+                for (int dn = 0; dn < ND; ++dn) {
+                    const unsigned b0 = __float_as_uint(v0[dn * 8]);
+                    const unsigned b1 = __float_as_uint(v0[LDV + dn * 8]);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt)
                         mma(acc[mt][dn], __float_as_uint(s[mt][j][0]),
                             __float_as_uint(s[mt][j][2]), __float_as_uint(s[mt][j][1]),
                             __float_as_uint(s[mt][j][3]), b0, b1);
-                    }
                 }
             }
         }

@@ -81,10 +81,16 @@ TF32_EXTRA = {64: (((4, 2, 32), False), ((8, 1, 64), True)),
               128: (((8, 1, 32), True), ((4, 2, 16), False))}
 
 # 3xTF32 (the same file, X3): K and V rows hold hi and lo (twice the shared memory of TF32 per
-# key block) and Q sits in registers only up to MT * D = 64, so the key blocks are smaller.
-TF32X3 = {32: (4, 1, 64), 64: (4, 1, 32), 96: (4, 1, 16), 128: (4, 1, 32), 256: (4, 1, 8)}
+# key block), Q sits in registers only up to MT * D = 64, and each key block's P V is summed
+# apart from the accumulator, so the tiles are smaller. Chosen from ptxas -v alone (no GPU run
+# yet; benchmarks/gpu_flash.py --only fp32 --configs times every candidate): spill-free on
+# sm_80 and sm_90a, and the most warps per SM that registers and shared memory allow -- D=64
+# (4, 1, 32): 228 registers, 69 KiB, 2 blocks = 8 warps; D=128 (8, 1, 16): 170 registers,
+# 203 KiB, 8 warps ((4, 1, 32) gets 4; (4, 1, 16) spilled at 168 registers). Over 163 KiB
+# (D >= 128) an A100 refuses the size and the SIMT kernel serves.
+TF32X3 = {32: (4, 1, 32), 64: (4, 1, 32), 96: (4, 1, 16), 128: (8, 1, 16), 256: (4, 1, 8)}
 # Candidates timed beside the default by benchmarks/gpu_flash.py (tf32x3 rows): plain + mods.
-TF32X3_EXTRA = {64: ((8, 1, 32), (8, 1, 64), (4, 2, 32))}
+TF32X3_EXTRA = {64: ((8, 1, 32), (8, 1, 16), (4, 2, 16)), 128: ((4, 1, 32),)}
 
 # Mode 11: warp-specialised (a producer warpgroup, mbarrier ring of 3 K/V stages) with the P V
 # overlap and the 128-byte swizzle; see flash_fwd_sm90.cu.
