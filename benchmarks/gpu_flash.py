@@ -13,7 +13,8 @@ CuPy through DLPack). Shapes: B*S = 16384 and Hq*D = 2048, fp16/bf16, D in {64, 
 S in {1024, 4096, 16384}, causal and not. Row sets (jobs, run in this order of priority):
 
 - ``fwd``: forward beside torch SDPA's default (cuDNN on Hopper) and its FLASH_ATTENTION
-  backend (FlashAttention-2); fp32 (the SIMT kernel) beside torch's mem-efficient backend.
+  backend (FlashAttention-2); fp32 (``backend="cupy"``: the 3xTF32 kernel) beside torch's
+  mem-efficient backend.
   Checked against float64 on head (0, 0) (first 1024 queries) and against torch.
 - ``bwd``: ``flash_attention_backward(..., backend="cupy")`` (and ``deterministic=True`` for
   fp16 D=128 S=4096) beside ``torch.autograd.grad(out, (q, k, v), dout)`` of SDPA run under each
@@ -26,6 +27,11 @@ S in {1024, 4096, 16384}, causal and not. Row sets (jobs, run in this order of p
   mma.sync kernel (``backend="cupy.sm80"``) and torch.
 - ``tf32`` (``--tf32``): float32 with ``allow_tf32=True`` beside the strict float32 kernel,
   torch's SDPA default and its math backend, both with TF32 matmuls allowed.
+- ``fp32``: float32 at float32 accuracy, D in {64, 128}, S=4096: the 3xTF32 kernel
+  (``cupy.tf32x3``) beside the strict SIMT kernel (``cupy.simt``, note column) and torch's
+  float32 SDPA default (mem-efficient, no TF32) and math backend; the errors of all three against
+  float64 on head (0, 0) in the note; with ``--configs`` every compiled 3xTF32 tile
+  configuration of the head dim is timed too.
 - ``window``: sliding window S=65536 +-256, D=64, 32 heads, fp16, forward and backward, beside
   FlexAttention (``torch.compile``-d; ``--no-flex`` leaves it out).
 - ``fwd-rest``, ``bwd-rest``: S = 1024 and 16384 (not with ``--quick``).
@@ -57,12 +63,16 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTION_ORDER = ("fwd", "fp32", "bwd", "sm90", "tf32", "window")
+SECTION_ORDER = ("fwd", "fp32", "tf32x3", "bwd", "sm90", "tf32", "window")
 SECTION_LEGEND = {
     "fwd": "forward, backend='cupy' (note: the kernel-table entry that served it); default = "
            "torch SDPA "
            "default (cuDNN on Hopper), flash = its FLASH_ATTENTION backend (FA2)",
-    "fp32": "float32 forward, strict (SIMT kernel); default = torch mem-efficient",
+    "fp32": "float32 forward, backend='cupy' (3xTF32 since cupy.tf32x3); default = torch "
+            "mem-efficient",
+    "tf32x3": "float32 forward at float32 accuracy: xattn = cupy.tf32x3 (3xTF32); default = "
+              "torch SDPA fp32 default (TF32 off), flash = torch math backend (TF32 off); "
+              "note: strict SIMT kernel (cupy.simt) TFLOP/s and the max errors vs float64",
     "bwd": "backward (2.5x forward FLOPs, nothing subtracted); torch columns: autograd.grad "
            "of SDPA under that backend",
     "sm90": "Hopper wgmma forward (cupy.sm90); note: the mma.sync kernel (cupy.sm80) in the "
@@ -105,8 +115,8 @@ def row_case(spec):
         return f"window {spec['pass']} fp16 D=64 H=32 S=65536 +-256"
     c = "causal" if spec["causal"] else "full"
     det = " deterministic" if spec.get("deterministic") else ""
-    what = {"fp32": "fwd", "sm90": "fwd sm90", "tf32": "fwd tf32"}.get(spec["section"],
-                                                                     spec["section"])
+    what = {"fp32": "fwd", "sm90": "fwd sm90", "tf32": "fwd tf32",
+            "tf32x3": "fwd tf32x3"}.get(spec["section"], spec["section"])
     return f"{what} {spec['dtype']} D={spec['D']} S={spec['S']} {c}{det}"
 
 
@@ -123,6 +133,9 @@ def plan(args):
     ]
     if args.sm90:
         jobs.append(("sm90", _matrix("sm90", (4096,))))
+    # Not in the default run: --only fp32 (the check of issue 11's fp32 row).
+    if args.only and "fp32" in args.only.split(","):
+        jobs.append(("fp32", _matrix("tf32x3", (4096,), dtypes=("fp32",))))
     if args.tf32:
         jobs.append(("tf32", _matrix("tf32", (4096,), dtypes=("fp32",))))
     jobs.append(("window", [{"section": "window", "pass": "fwd"},
@@ -544,6 +557,76 @@ class Worker:
         finally:
             torch.backends.cuda.matmul.allow_tf32 = old
 
+    def row_tf32x3(self, spec, res):
+        from xattn._array import validate_attention
+        from xattn._backends.cupy_ import flash_tf32x3, instances
+
+        torch, F, xattn = self.torch, self.F, self.xattn
+        d, s, causal = spec["D"], spec["S"], spec["causal"]
+        b, h = 16384 // s, 2048 // d
+        q, k, v = self.inputs("fp32", (b, h, s, d), s + d + 3)
+        qc, kc, vc = (self.to_cupy(x) for x in (q, k, v))
+
+        def x3():
+            return xattn.flash_attention(qc, kc, vc, causal=causal, backend="cupy.tf32x3")
+
+        def strict():
+            return xattn.flash_attention(qc, kc, vc, causal=causal, backend="cupy.simt")
+
+        out_x3 = x3()
+        o = self.oracle(q[0, 0], k[0, 0], v[0, 0], causal=causal, rows=1024)
+        mag = float(o.abs().max())
+        e_x3 = self.maxerr(self.to_torch32(out_x3[0, 0, :1024]), o)
+        e_st = self.maxerr(self.to_torch32(strict()[0, 0, :1024]), o)
+        fl = 4.0 * b * h * s * s * d * (0.5 if causal else 1.0)
+        e_t = float("nan")
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False  # torch's float32 at float32 accuracy
+        try:
+            with torch.no_grad():
+                e_t = self.maxerr(F.scaled_dot_product_attention(
+                    q[:1, :1], k[:1, :1], v[:1, :1], is_causal=causal)[0, 0, :1024], o)
+                for col, backend in (("default", None), ("flash", self.SDPBackend.MATH)):
+                    def sdpa():
+                        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+                    try:
+                        if backend is None:
+                            res[col] = fl / self.bench_ms(sdpa) / 1e9
+                        else:
+                            with self.sdpa_kernel(backend):
+                                res[col] = fl / self.bench_ms(sdpa) / 1e9
+                    except RuntimeError as exc:
+                        res["note"] += f" torch {col}: {str(exc)[:60]};"
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old
+        res.update(err_xattn=e_x3, err_strict=e_st, err_torch=e_t, max_out=mag,
+                   rel_err_xattn=e_x3 / mag)
+        # Issue 11's bar: <= 1e-5 relative to max |out| against float64.
+        res["ok"] = bool(math.isfinite(e_x3) and e_x3 <= 1e-5 * mag)
+        res["note"] += (f" err x3 {e_x3:.1e} (rel {e_x3 / mag:.1e}) simt {e_st:.1e} torch "
+                        f"{e_t:.1e}" + ("" if res["ok"] else " CHECK FAILED") + ";")
+        res["xattn_ms"] = self.bench_ms(x3)
+        res["xattn"] = fl / res["xattn_ms"] / 1e9
+        res["strict"] = fl / self.bench_ms(strict) / 1e9
+        res["note"] += f" simt {res['strict']:.1f};"
+        if self.args.configs:
+            prob = validate_attention(qc, kc, vc, causal=causal)
+            res["configs"] = {}
+            for cfg in (instances.TF32X3[d], *instances.TF32X3_EXTRA.get(d, ())):
+                try:
+                    def run(cfg=cfg):
+                        return flash_tf32x3.forward(prob, qc, kc, vc, config=cfg)
+
+                    diff = float(self.cp.abs(run()[0] - out_x3).max())
+                    tf = fl / self.bench_ms(run) / 1e9
+                    res["configs"][str(cfg)] = {"tflops": tf, "maxdiff": diff}
+                    res["note"] += f" {cfg}: {tf:.1f};"
+                    print(f"    tf32x3 config {cfg}: {tf:.1f} TFLOP/s (maxdiff {diff:.1e})")
+                except Exception as exc:  # noqa: BLE001 - report and go on
+                    res["configs"][str(cfg)] = {"error": str(exc)[:200]}
+                    res["note"] += f" {cfg}: failed;"
+
     def row_window(self, spec, res, s=65536, w=256, d=64, h=32):
         torch, xattn = self.torch, self.xattn
         backward = spec["pass"] == "bwd"
@@ -815,9 +898,10 @@ def main(argv=None):
     ap.add_argument("--no-flex", action="store_true", help="leave FlexAttention out")
     ap.add_argument("--flex", action="store_true", help=argparse.SUPPRESS)  # the default now
     ap.add_argument("--configs", action="store_true",
-                    help="time alternative tile configurations (fp16 forward rows)")
+                    help="time alternative tile configurations (fp16 forward and fp32 "
+                         "3xTF32 rows)")
     ap.add_argument("--only", default="", help="comma-separated jobs: fwd,bwd,sm90,tf32,"
-                                               "window,fwd-rest,bwd-rest")
+                                               "fp32,window,fwd-rest,bwd-rest")
     ap.add_argument("--table-from", default=None, help="print the table of a saved JSON")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--parts", default=None, help=argparse.SUPPRESS)

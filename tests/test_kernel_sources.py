@@ -53,6 +53,7 @@ def _launcher_choices():
                     out.append(instances.bwd_dq(tn, d, c, mods, True))
         for mods in (False, True):
             out.append(instances.tf32(d, flash_tf32.CONFIGS[d], mods))
+            out.append(instances.tf32(d, flash_tf32.X3_CONFIGS[d], mods, x3=True))
     for d, cfg in flash_sm90.CONFIGS.items():
         out += [instances.sm90(tn, d, cfg) for tn in ("f16", "bf16")]
     return out

@@ -17,8 +17,8 @@ import sys
 __all__ = ["config_info", "show_config"]
 
 # The representative request each GPU entry is asked about (dtype, backend options).
-_GPU_EXAMPLE = {"cupy.tf32": ("float32", {"allow_tf32": True}), "cupy.simt": ("float32", {}),
-                "generic": ("float32", {})}
+_GPU_EXAMPLE = {"cupy.tf32": ("float32", {"allow_tf32": True}), "cupy.tf32x3": ("float32", {}),
+                "cupy.simt": ("float32", {}), "generic": ("float32", {})}
 
 
 def _version(name):

@@ -52,13 +52,15 @@ def flash_attention(
     allow_tf32 : bool
         Permit float32 inputs on the GPU to be multiplied on tensor cores in TF32 (10-bit
         mantissa inputs, float32 accumulation: see :doc:`/gpu` for the error). Off by default,
-        as in CuPy; other dtypes and the CPU backends ignore it.
+        as in CuPy: float32 then runs on tensor cores at float32 accuracy (3xTF32, the
+        ``cupy.tf32x3`` entry); other dtypes and the CPU backends ignore it.
     backend : str
         ``"auto"`` (default) picks the fastest implementation that supports the request;
         ``"numba"`` and ``"numpy"`` on the CPU, ``"cupy.sm90"``, ``"cupy.sm80"``,
-        ``"cupy.tf32"``, ``"cupy.simt"`` and ``"generic"`` on the GPU force one (``"cupy"``: the
-        best CuPy kernel that serves the request; see :doc:`/diagnostics`). A forced backend
-        that cannot serve the request raises ``NotImplementedError``.
+        ``"cupy.tf32"``, ``"cupy.tf32x3"``, ``"cupy.simt"`` and ``"generic"`` on the GPU force
+        one (``"cupy"``: the best CuPy kernel that serves the request; see
+        :doc:`/diagnostics`). A forced backend that cannot serve the request raises
+        ``NotImplementedError``.
 
     Returns
     -------

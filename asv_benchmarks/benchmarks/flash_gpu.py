@@ -122,23 +122,25 @@ class FlashBackwardGPU:
 
 
 class FlashFloat32GPU:
-    """float32: the strict SIMT kernel, and the TF32 tensor-core path (``allow_tf32=True``)."""
+    """float32 forward per kernel-table entry: the strict SIMT kernel, 3xTF32 (float32 accuracy
+    on tensor cores, what ``auto`` picks) and TF32 (``allow_tf32=True``)."""
 
-    params = (sizes([64, 128], [64]), [False, True], [False, True])
-    param_names = ["head_dim", "allow_tf32", "causal"]
+    params = (sizes([64, 128], [64]), ["cupy.simt", "cupy.tf32x3", "cupy.tf32"], [False, True])
+    param_names = ["head_dim", "kernel", "causal"]
     timeout = 120
 
-    def setup(self, head_dim, allow_tf32, causal):
+    def setup(self, head_dim, kernel, causal):
         cp = self.cp = _require_gpu()
         b, h, s = 4, 2048 // head_dim, 4096
         self.q, self.k, self.v = _inputs(cp, "float32", (b, h, s, head_dim), 2)
-        self.causal, self.allow_tf32 = causal, allow_tf32
+        self.causal, self.kernel = causal, kernel
+        self.allow_tf32 = kernel == "cupy.tf32"
         self.flops = 4.0 * b * h * s * s * head_dim * (0.5 if causal else 1.0)
         self.time_forward()
 
     def _call(self):
         return xattn.flash_attention(self.q, self.k, self.v, causal=self.causal,
-                                     allow_tf32=self.allow_tf32, backend="cupy")
+                                     allow_tf32=self.allow_tf32, backend=self.kernel)
 
     def time_forward(self, *params):
         self._call()

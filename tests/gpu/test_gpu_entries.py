@@ -24,8 +24,8 @@ from xattn.testing import (
 pytestmark = pytest.mark.gpu
 
 # The dtype each entry is asked about, and the backend options that go with it.
-DTYPES = {"cupy.tf32": ("float32", {"allow_tf32": True}), "cupy.simt": ("float32", {}),
-          "generic": ("float32", {})}
+DTYPES = {"cupy.tf32": ("float32", {"allow_tf32": True}), "cupy.tf32x3": ("float32", {}),
+          "cupy.simt": ("float32", {}), "generic": ("float32", {})}
 
 
 def _case(make_options, option_name, dtype):

@@ -151,8 +151,8 @@ def test_auto_picks_the_kernel():
 
 
 def test_refusals_raise_when_forced_and_fall_back_on_auto(monkeypatch):
-    # float32 refusals need the float32 kernels off (both pass their own tests when on).
-    monkeypatch.setenv("XATTN_DISABLE", "cupy.sm90,cupy.simt")
+    # float32 refusals need the float32 kernels off (each passes its own tests when on).
+    monkeypatch.setenv("XATTN_DISABLE", "cupy.sm90,cupy.simt,cupy.tf32x3")
     rng = np.random.default_rng(10)
     q, k, v = _inputs(rng, "float32", sq=33, sk=47, d=32)
     with pytest.raises(NotImplementedError, match="float32"):
@@ -174,7 +174,9 @@ def test_refusals_raise_when_forced_and_fall_back_on_auto(monkeypatch):
 def test_fp32_simt_kernel(d, causal, sq, sk):
     rng = np.random.default_rng([d, sq, sk, causal, 32])
     q, k, v = _inputs(rng, "float32", sq=sq, sk=sk, d=d)
-    out, lse = xattn.flash_attention(q, k, v, causal=causal, return_lse=True, backend="cupy")
+    # Named: backend="cupy" serves float32 with the 3xTF32 kernel (test_gpu_flash_tf32x3.py).
+    out, lse = xattn.flash_attention(q, k, v, causal=causal, return_lse=True,
+                                     backend="cupy.simt")
     ref, ref_lse, _ = reference_attention(q, k, v, causal=causal)
     assert_close(out, ref, xp=cp, dtype=np.float32, name="out")
     assert_close(lse, ref_lse, xp=cp, dtype=np.float32, name="lse")
@@ -197,7 +199,7 @@ def test_fp32_simt_kernel_options(case):
         opts = dict(mask=cp.asarray(m))
     else:
         opts = dict(window=(20, 7))
-    out, lse = xattn.flash_attention(q, k, v, return_lse=True, backend="cupy", **opts)
+    out, lse = xattn.flash_attention(q, k, v, return_lse=True, backend="cupy.simt", **opts)
     ref, ref_lse, _ = reference_attention(q, k, v, **opts)
     assert_close(out, ref, xp=cp, dtype=np.float32, atol=1e-4, rtol=1e-4, name="out")
     assert_close(lse, ref_lse, xp=cp, dtype=np.float32, atol=1e-4, rtol=1e-4, name="lse")

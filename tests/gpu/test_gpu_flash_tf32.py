@@ -248,7 +248,7 @@ def test_strict_by_default_tf32_when_allowed(kernels):
     rng = np.random.default_rng(2026)
     q, k, v = _inputs(rng, b=(2,), hq=4, hkv=4, sq=256, sk=256, d=64)
     ref, _, _ = reference_attention(q, k, v)
-    strict = xattn.flash_attention(q, k, v, backend="cupy")
+    strict = xattn.flash_attention(q, k, v, backend="cupy")  # 3xTF32: float32 accuracy
     err_strict = float(np.abs(to_numpy(strict) - ref).max())
     out, lse = _run(q, k, v)
     err_tf32 = check_tf32("strict-vs-tf32", out, lse, q, k, v)
@@ -271,7 +271,8 @@ def test_switch_off_gives_the_strict_kernel(kernels, monkeypatch):
     assert kt.supports(prob, {}, "forward") is not None  # no allow_tf32: not TF32's request
     from xattn import _backends
 
-    assert _backends.explain(prob, {"allow_tf32": True})["backend"] == "cupy.simt"
+    # Without TF32 float32 goes to the 3xTF32 kernel (float32 accuracy), then SIMT.
+    assert _backends.explain(prob, {"allow_tf32": True})["backend"] == "cupy.tf32x3"
 
 
 @gpu

@@ -122,6 +122,15 @@ BACKENDS = {
             fix=_CUPY_FIX,
         ),
         Backend(
+            "cupy.tf32x3",
+            "gpu",
+            ".cupy_.flash_tf32x3",
+            "float32 forward on tensor cores at float32 accuracy: 3xTF32, error-compensated "
+            "(flash_fwd_tf32.cu built with X3)",
+            requires=("cupy",),
+            fix=_CUPY_FIX,
+        ),
+        Backend(
             "cupy.simt",
             "gpu",
             ".cupy_.flash_simt",
@@ -155,13 +164,13 @@ BACKENDS = {
 # The order auto walks, per device: fastest first.
 _PREFERENCE = {
     "cpu": ("numba", "numpy"),
-    "gpu": ("cupy.sm90", "cupy.sm80", "cupy.tf32", "cupy.simt", "generic"),
+    "gpu": ("cupy.sm90", "cupy.sm80", "cupy.tf32", "cupy.tf32x3", "cupy.simt", "generic"),
 }
 # Entries that serve only when named with backend=: a kernel not yet verified on hardware
 # stays out of auto's order until a run against the oracle puts it there.
 OPT_IN = ("cupy.decode",)
 # Names that stand for "the first of these entries that supports the request".
-ALIASES = {"cupy": ("cupy.sm90", "cupy.sm80", "cupy.tf32", "cupy.simt")}
+ALIASES = {"cupy": ("cupy.sm90", "cupy.sm80", "cupy.tf32", "cupy.tf32x3", "cupy.simt")}
 
 _warned: set = set()
 _warn_lock = threading.Lock()

@@ -20,6 +20,7 @@
 #include "masking.cuh"
 #include "blockmask.cuh"
 #include "mma_sm80.cuh"
+#include "mma_fwd_tile.cuh"
 
 #ifndef XATTN_KS_UNROLL
 #define XATTN_KS_UNROLL 2
@@ -226,55 +227,10 @@ __device__ __forceinline__ void flash_fwd_core(const FwdArgs& a) {
                 }
         }
 
-        // Online softmax, per row: the 4 lanes of a quad share a row.
-        bool grew = false;
+        // Online softmax and accumulator rescale (mma_fwd_tile.cuh).
         float alphas[MT][2];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-            for (int hr = 0; hr < 2; ++hr) {
-                float mx = -XATTN_INF;
-#pragma unroll
-                for (int n = 0; n < NS; ++n)
-                    mx = fmaxf(mx, fmaxf(s[mt][n][hr * 2], s[mt][n][hr * 2 + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                // Running max in base-2 units; a row with nothing visible so far keeps -inf and
-                // exponentiates against 0 so that every p is exactly 0 (no inf - inf).
-                const float m_new = fmaxf(m[mt][hr], mx * sl2);
-                const float m_use = m_new == -XATTN_INF ? 0.f : m_new;
-                const float alpha = ex2(m[mt][hr] - m_use);
-                grew = grew || m_new != m[mt][hr];
-                alphas[mt][hr] = alpha;
-                m[mt][hr] = m_new;
-                float rs = 0.f;
-#pragma unroll
-                for (int n = 0; n < NS; ++n) {
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        float p = ex2(fmaf(s[mt][n][hr * 2 + e], sl2, -m_use));
-                        s[mt][n][hr * 2 + e] = p;
-                        rs += p;
-                    }
-                }
-                l[mt][hr] = l[mt][hr] * alpha + rs;
-            }
-        }
-        // Rescaling the accumulator costs one multiply per output element; once the row
-        // maxima settle (most key blocks) no row of the warp moved and the warp skips it.
-        // Measured on an H200: a gain at D >= 128 (+2-6%), a loss at D = 64 (-3%), where the
-        // rescale is only MT * D / 2 multiplies per key block.
-        if (D < 128 || __any_sync(0xffffffffu, grew)) {
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int hr = 0; hr < 2; ++hr)
-#pragma unroll
-                    for (int n = 0; n < ND; ++n) {
-                        acc[mt][n][hr * 2] *= alphas[mt][hr];
-                        acc[mt][n][hr * 2 + 1] *= alphas[mt][hr];
-                    }
-        }
+        const bool grew = fwd_online_softmax<MT, NS>(s, m, l, alphas, sl2, ExactWeight());
+        fwd_rescale<D, MT, ND>(acc, alphas, grew);
 
         // O += P V. P is rounded to the input type (as the tensor cores need it); its float32
         // sum went into l above.

@@ -37,14 +37,33 @@
 // flash_fwd.cu; softcap / bias / ALiBi / mask in the `mods` variant. Rows with nothing visible
 // give out 0 and lse -inf.
 //
-// Entry points: flash_fwd_tf32_d<D>_w<NW>_m<MT>_n<BN>_<plain|mods>; the loader builds one per
-// module (-DXATTN_TF32_D=.. etc., see the end of this file).
+// 3xTF32 (X3, the `cupy.tf32x3` entry: float32 accuracy on tensor cores). Every operand x is
+// split into hi = tf32(x) and lo = tf32(x - hi) (x - hi is exact: Sterbenz), and each product
+// is taken as lo*hi' + hi*lo' + hi*hi' (three MMAs into the same float32 accumulator, the small
+// terms first; lo*lo' is dropped): per product the error is about 2^-21 relative instead of
+// 2^-10, below the float32 rounding of the sums (docs/numerics.rst). K, V (and Q when it is in
+// shared memory) are split once per block, by the thread whose cp.async brought the chunk:
+// hi replaces x in place and lo goes D floats further along the same row (rows of 2D + 16 /
+// 2D + 4 floats: the same bank pattern for hi and lo); lo is 0 where hi == x, which keeps
+// +-inf inputs +-inf (inf - inf would be NaN) and NaN inputs NaN. Q in registers is split
+// once; the softmax weights P stay float32 (l sums them unrounded) and are split in registers
+// once per key block, whose P V is summed from zero and added to the output accumulator on
+// the CUDA cores (the tensor cores round their sums toward zero: over every key that bias
+// would exceed float32's error). Twice the shared memory of the TF32 variant per key block,
+// so the tile configurations are smaller (instances.py).
+//
+// Entry points: flash_fwd_<tf32|tf32x3>_d<D>_w<NW>_m<MT>_n<BN>_<plain|mods>; the loader builds
+// one per module (-DXATTN_TF32_D=.. etc., see the end of this file).
 
 #include "masking.cuh"
 #include "mma_sm80.cuh"
+#include "mma_fwd_tile.cuh"
 
 #ifndef XATTN_TF32_KS_UNROLL
 #define XATTN_TF32_KS_UNROLL 2
+#endif
+#ifndef XATTN_TF32X3_KS_UNROLL
+#define XATTN_TF32X3_KS_UNROLL 1
 #endif
 
 namespace xattn::tf32 {
@@ -115,19 +134,65 @@ __device__ __forceinline__ void round_tile(float* s, int tid) {
     }
 }
 
-template <int D, int NW, int MT, int BN, bool MODS>
+// x = hi + lo for 3xTF32 (see the header): both TF32, lo = 0 where x is +-inf (or exact).
+__device__ __forceinline__ void split(float x, unsigned& hi, unsigned& lo) {
+    hi = tf32(x);
+    const float h = __uint_as_float(hi);
+    lo = h == x ? 0u : tf32(x - h);
+}
+
+// 3xTF32 split of the chunks of a tile that this thread's load_tile copied (row stride LD >=
+// 2 D): hi in place, lo D floats further along the row. Visibility as for round_tile.
+template <int ROWS, int D, int LD, int NT>
+__device__ __forceinline__ void split_tile(float* s, int tid) {
+    constexpr int CPR = D / 4;
+    constexpr int TOTAL = ROWS * CPR;
+#pragma unroll
+    for (int it = 0; it < (TOTAL + NT - 1) / NT; ++it) {
+        const int i = it * NT + tid;
+        if (TOTAL % NT != 0 && i >= TOTAL) break;
+        const int r = i / CPR, c = i % CPR;
+        float4* p = reinterpret_cast<float4*>(s + r * LD + c * 4);
+        const float4 x = *p;
+        uint4 hi, lo;
+        split(x.x, hi.x, lo.x);
+        split(x.y, hi.y, lo.y);
+        split(x.z, hi.z, lo.z);
+        split(x.w, hi.w, lo.w);
+        *reinterpret_cast<uint4*>(p) = hi;
+        *reinterpret_cast<uint4*>(p + D / 4) = lo;
+    }
+}
+
+// The softmax weights rounded to TF32 (what the tensor core multiplies V by).
+struct Tf32Weight {
+    __device__ __forceinline__ float operator()(float p) const { return __uint_as_float(tf32(p)); }
+};
+
+// One 3xTF32 k-step: C += Alo Bhi + Ahi Blo + Ahi Bhi (the small terms first).
+__device__ __forceinline__ void mma3(float (&c)[4], const unsigned (&ah)[4],
+                                     const unsigned (&al)[4], unsigned bh0, unsigned bh1,
+                                     unsigned bl0, unsigned bl1) {
+    mma(c, al[0], al[1], al[2], al[3], bh0, bh1);
+    mma(c, ah[0], ah[1], ah[2], ah[3], bl0, bl1);
+    mma(c, ah[0], ah[1], ah[2], ah[3], bh0, bh1);
+}
+
+template <int D, int NW, int MT, int BN, bool MODS, bool X3>
 __device__ __forceinline__ void flash_fwd_tf32_core(const Args& a) {
-    constexpr int LDK = D + 16;  // Q and K rows (16-byte loads, see the header)
-    constexpr int LDV = D + 4;   // V rows (4-byte loads)
+    // Q and K rows (16-byte loads, see the header); V rows (4-byte loads). X3: hi then lo.
+    constexpr int LDK = X3 ? 2 * D + 16 : D + 16;
+    constexpr int LDV = X3 ? 2 * D + 4 : D + 4;
     constexpr int BM = NW * MT * 16;
     constexpr int NT = NW * 32;
     constexpr int KC = D / 16;  // 16-column chunks of the head dim: two k-steps each
     constexpr int NS = BN / 8;  // n-tiles of the score block = k-steps of P V
     constexpr int ND = D / 8;   // n-tiles of the output
-    // Q fragments live in registers (TF32-rounded once, loaded straight from global memory)
-    // when they are few; otherwise Q stays in shared memory and is re-read per key block.
-    constexpr bool QREG = MT * D <= 128;
-    constexpr int KUNROLL = QREG ? KC : XATTN_TF32_KS_UNROLL;
+    // Q fragments live in registers (TF32-rounded or split once, loaded straight from global
+    // memory) when they are few; otherwise Q stays in shared memory and is re-read per key
+    // block. X3 holds two registers per element (hi, lo), so half as many fit.
+    constexpr bool QREG = MT * D <= (X3 ? 64 : 128);
+    constexpr int KUNROLL = QREG ? KC : (X3 ? XATTN_TF32X3_KS_UNROLL : XATTN_TF32_KS_UNROLL);
 
     extern __shared__ __align__(16) float smem_f[];
     float* sK = smem_f;
@@ -166,7 +231,9 @@ __device__ __forceinline__ void flash_fwd_tf32_core(const Args& a) {
     const float sl2 = MODS ? XATTN_LOG2E : a.scale * XATTN_LOG2E;
 
     // qf[mt][c][0..3]: columns 16c + 4t .. 16c + 4t + 3 of row g; [4..7]: the same of row g + 8.
+    // ql: their lo parts (X3).
     unsigned qf[QREG ? MT : 1][QREG ? KC : 1][8];
+    unsigned ql[QREG && X3 ? MT : 1][QREG && X3 ? KC : 1][8];
     if constexpr (QREG) {
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
@@ -179,10 +246,17 @@ __device__ __forceinline__ void flash_fwd_tf32_core(const Args& a) {
                     if (qi < sq && kb1 > kb0)
                         x = *reinterpret_cast<const float4*>(Qg + (long long)qi * D + c * 16 +
                                                              t4 * 4);
-                    qf[mt][c][hr * 4 + 0] = tf32(x.x);
-                    qf[mt][c][hr * 4 + 1] = tf32(x.y);
-                    qf[mt][c][hr * 4 + 2] = tf32(x.z);
-                    qf[mt][c][hr * 4 + 3] = tf32(x.w);
+                    if constexpr (X3) {
+                        split(x.x, qf[mt][c][hr * 4 + 0], ql[mt][c][hr * 4 + 0]);
+                        split(x.y, qf[mt][c][hr * 4 + 1], ql[mt][c][hr * 4 + 1]);
+                        split(x.z, qf[mt][c][hr * 4 + 2], ql[mt][c][hr * 4 + 2]);
+                        split(x.w, qf[mt][c][hr * 4 + 3], ql[mt][c][hr * 4 + 3]);
+                    } else {
+                        qf[mt][c][hr * 4 + 0] = tf32(x.x);
+                        qf[mt][c][hr * 4 + 1] = tf32(x.y);
+                        qf[mt][c][hr * 4 + 2] = tf32(x.z);
+                        qf[mt][c][hr * 4 + 3] = tf32(x.w);
+                    }
                 }
             }
     }
@@ -204,11 +278,19 @@ __device__ __forceinline__ void flash_fwd_tf32_core(const Args& a) {
         } else {
             cp_async_wait<0>();
         }
-        if constexpr (!QREG) {
-            if (kb == kb0) round_tile<BM, D, LDK, NT>(sQ, tid);
+        if constexpr (X3) {
+            if constexpr (!QREG) {
+                if (kb == kb0) split_tile<BM, D, LDK, NT>(sQ, tid);
+            }
+            split_tile<BN, D, LDK, NT>(sK + buf * BN * LDK, tid);
+            split_tile<BN, D, LDV, NT>(sV + buf * BN * LDV, tid);
+        } else {
+            if constexpr (!QREG) {
+                if (kb == kb0) round_tile<BM, D, LDK, NT>(sQ, tid);
+            }
+            round_tile<BN, D, LDK, NT>(sK + buf * BN * LDK, tid);
+            round_tile<BN, D, LDV, NT>(sV + buf * BN * LDV, tid);
         }
-        round_tile<BN, D, LDK, NT>(sK + buf * BN * LDK, tid);
-        round_tile<BN, D, LDV, NT>(sV + buf * BN * LDV, tid);
         __syncthreads();
 
         // S = Q K^T for this warp's rows, float32 accumulators in registers.
@@ -223,34 +305,58 @@ __device__ __forceinline__ void flash_fwd_tf32_core(const Args& a) {
 #pragma unroll KUNROLL
         for (int c = 0; c < KC; ++c) {
             unsigned af[MT][8];
+            unsigned al[X3 ? MT : 1][8];  // lo parts (X3)
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 if constexpr (QREG) {
 #pragma unroll
                     for (int i = 0; i < 8; ++i) af[mt][i] = qf[QREG ? mt : 0][QREG ? c : 0][i];
+                    if constexpr (X3) {
+#pragma unroll
+                        for (int i = 0; i < 8; ++i)
+                            al[X3 ? mt : 0][i] = ql[QREG && X3 ? mt : 0][QREG && X3 ? c : 0][i];
+                    }
                 } else {
 #pragma unroll
                     for (int hr = 0; hr < 2; ++hr) {
-                        const float4 x = *reinterpret_cast<const float4*>(
-                            sQ + (wrow + mt * 16 + g + hr * 8) * LDK + c * 16 + t4 * 4);
+                        const float* row = sQ + (wrow + mt * 16 + g + hr * 8) * LDK + c * 16 +
+                                           t4 * 4;
+                        const float4 x = *reinterpret_cast<const float4*>(row);
                         af[mt][hr * 4 + 0] = __float_as_uint(x.x);
                         af[mt][hr * 4 + 1] = __float_as_uint(x.y);
                         af[mt][hr * 4 + 2] = __float_as_uint(x.z);
                         af[mt][hr * 4 + 3] = __float_as_uint(x.w);
+                        if constexpr (X3) {
+                            const uint4 y = *reinterpret_cast<const uint4*>(row + D);
+                            al[X3 ? mt : 0][hr * 4 + 0] = y.x;
+                            al[X3 ? mt : 0][hr * 4 + 1] = y.y;
+                            al[X3 ? mt : 0][hr * 4 + 2] = y.z;
+                            al[X3 ? mt : 0][hr * 4 + 3] = y.w;
+                        }
                     }
                 }
             }
 #pragma unroll
             for (int n = 0; n < NS; ++n) {
-                const float4 x =
-                    *reinterpret_cast<const float4*>(Kb + (n * 8 + g) * LDK + c * 16 + t4 * 4);
+                const float* row = Kb + (n * 8 + g) * LDK + c * 16 + t4 * 4;
+                const float4 x = *reinterpret_cast<const float4*>(row);
                 const unsigned k0 = __float_as_uint(x.x), k1 = __float_as_uint(x.y),
                                k2 = __float_as_uint(x.z), k3 = __float_as_uint(x.w);
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
                     // k-step 0: columns (4t, 4t+1) as k = (t, t+4); k-step 1: (4t+2, 4t+3).
-                    mma(s[mt][n], af[mt][0], af[mt][4], af[mt][1], af[mt][5], k0, k1);
-                    mma(s[mt][n], af[mt][2], af[mt][6], af[mt][3], af[mt][7], k2, k3);
+                    if constexpr (X3) {
+                        const uint4 kl = *reinterpret_cast<const uint4*>(row + D);
+                        const unsigned* h = af[mt];
+                        const unsigned* l = al[X3 ? mt : 0];
+                        mma3(s[mt][n], {h[0], h[4], h[1], h[5]}, {l[0], l[4], l[1], l[5]}, k0,
+                             k1, kl.x, kl.y);
+                        mma3(s[mt][n], {h[2], h[6], h[3], h[7]}, {l[2], l[6], l[3], l[7]}, k2,
+                             k3, kl.z, kl.w);
+                    } else {
+                        mma(s[mt][n], af[mt][0], af[mt][4], af[mt][1], af[mt][5], k0, k1);
+                        mma(s[mt][n], af[mt][2], af[mt][6], af[mt][3], af[mt][7], k2, k3);
+                    }
                 }
             }
         }
@@ -293,69 +399,72 @@ __device__ __forceinline__ void flash_fwd_tf32_core(const Args& a) {
                 }
         }
 
-        // Online softmax, per row: the 4 lanes of a quad share a row. The weights are rounded
-        // to TF32 here, once: the row sum and P V then see the same values.
-        bool grew = false;
+        // Online softmax and accumulator rescale (mma_fwd_tile.cuh). TF32 rounds the weights
+        // here, once: the row sum and P V then see the same values. X3 keeps them float32
+        // (split per k-step of P V below).
         float alphas[MT][2];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-            for (int hr = 0; hr < 2; ++hr) {
-                float mx = -XATTN_INF;
-#pragma unroll
-                for (int n = 0; n < NS; ++n)
-                    mx = fmaxf(mx, fmaxf(s[mt][n][hr * 2], s[mt][n][hr * 2 + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                // Running max in base-2 units; a row with nothing visible so far keeps -inf and
-                // exponentiates against 0 so that every p is exactly 0 (no inf - inf).
-                const float m_new = fmaxf(m[mt][hr], mx * sl2);
-                const float m_use = m_new == -XATTN_INF ? 0.f : m_new;
-                const float alpha = ex2(m[mt][hr] - m_use);
-                grew = grew || m_new != m[mt][hr];
-                alphas[mt][hr] = alpha;
-                m[mt][hr] = m_new;
-                float rs = 0.f;
-#pragma unroll
-                for (int n = 0; n < NS; ++n) {
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const float p = __uint_as_float(
-                            tf32(ex2(fmaf(s[mt][n][hr * 2 + e], sl2, -m_use))));
-                        s[mt][n][hr * 2 + e] = p;
-                        rs += p;
-                    }
-                }
-                l[mt][hr] = l[mt][hr] * alpha + rs;
-            }
-        }
-        // Skipping the rescale once the row maxima settle pays off only when the accumulator
-        // is large (measured for the 16-bit kernel: a gain at D >= 128, a loss at D = 64).
-        if (D < 128 || __any_sync(0xffffffffu, grew)) {
+        bool grew;
+        if constexpr (X3)
+            grew = fwd_online_softmax<MT, NS>(s, m, l, alphas, sl2, ExactWeight());
+        else
+            grew = fwd_online_softmax<MT, NS>(s, m, l, alphas, sl2, Tf32Weight());
+        fwd_rescale<D, MT, ND>(acc, alphas, grew);
+
+        // O += P V: k-step j covers keys 8j..8j+7 with k = t <-> key 2t, k = t+4 <-> key 2t+1.
+        // The A fragment is (c0, c2, c1, c3) of score tile j.
+        const float* Vb = sV + buf * BN * LDV;
+        if constexpr (X3) {
+            // P split once (finite, or NaN from NaN inputs: no inf guard). Each output tile dn
+            // sums this key block's P V in ob and adds it to acc on the CUDA cores: the tensor
+            // cores round their float32 sums toward zero, a bias that three MMAs per k-step
+            // over every key would pile up in acc (about 1e-7 relative per MMA: 1e-4 over
+            // S = 4096, ten times the float32 budget); per key block it stays at 3 BN / 8.
+            unsigned ph[MT][NS][4], pl[MT][NS][4];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                for (int hr = 0; hr < 2; ++hr)
+                for (int j = 0; j < NS; ++j)
 #pragma unroll
-                    for (int n = 0; n < ND; ++n) {
-                        acc[mt][n][hr * 2] *= alphas[mt][hr];
-                        acc[mt][n][hr * 2 + 1] *= alphas[mt][hr];
+                    for (int i = 0; i < 4; ++i) {
+                        const float p = s[mt][j][(i & 1) * 2 + (i >> 1)];
+                        ph[mt][j][i] = tf32(p);
+                        pl[mt][j][i] = tf32(p - __uint_as_float(ph[mt][j][i]));
                     }
-        }
-
-        // O += P V: k-step j covers keys 8j..8j+7 with k = t <-> key 2t, k = t+4 <-> key 2t+1.
-        const float* Vb = sV + buf * BN * LDV;
-#pragma unroll
-        for (int j = 0; j < NS; ++j) {
-            const float* v0 = Vb + (j * 8 + t4 * 2) * LDV + g;
 #pragma unroll
             for (int dn = 0; dn < ND; ++dn) {
-                const unsigned b0 = __float_as_uint(v0[dn * 8]);
-                const unsigned b1 = __float_as_uint(v0[LDV + dn * 8]);
+                float ob[MT][4];
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt)
-                    mma(acc[mt][dn], __float_as_uint(s[mt][j][0]), __float_as_uint(s[mt][j][2]),
-                        __float_as_uint(s[mt][j][1]), __float_as_uint(s[mt][j][3]), b0, b1);
+                    ob[mt][0] = ob[mt][1] = ob[mt][2] = ob[mt][3] = 0.f;
+#pragma unroll
+                for (int j = 0; j < NS; ++j) {
+                    const float* v0 = Vb + (j * 8 + t4 * 2) * LDV + g + dn * 8;
+                    const unsigned b0 = __float_as_uint(v0[0]), b1 = __float_as_uint(v0[LDV]);
+                    const unsigned c0 = __float_as_uint(v0[D]);
+                    const unsigned c1 = __float_as_uint(v0[LDV + D]);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt)
+                        mma3(ob[mt], ph[mt][j], pl[mt][j], b0, b1, c0, c1);
+                }
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[mt][dn][e] += ob[mt][e];
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < NS; ++j) {
+                const float* v0 = Vb + (j * 8 + t4 * 2) * LDV + g;
+#pragma unroll
+                for (int dn = 0; dn < ND; ++dn) {
+                    const unsigned b0 = __float_as_uint(v0[dn * 8]);
+                    const unsigned b1 = __float_as_uint(v0[LDV + dn * 8]);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt)
+                        mma(acc[mt][dn], __float_as_uint(s[mt][j][0]),
+                            __float_as_uint(s[mt][j][2]), __float_as_uint(s[mt][j][1]),
+                            __float_as_uint(s[mt][j][3]), b0, b1);
+                }
             }
         }
         __syncthreads();  // the next iteration's cp.async overwrites this buffer
@@ -387,21 +496,23 @@ __device__ __forceinline__ void flash_fwd_tf32_core(const Args& a) {
 
 }  // namespace xattn::tf32
 
-#define XATTN_TF32_ENTRY(D, NW, MT, BN, MN, MODS)                                            \
+// TN names the precision: tf32 (X3 false) or tf32x3 (X3 true).
+#define XATTN_TF32_ENTRY(TN, D, NW, MT, BN, MN, MODS, X3)                                    \
     extern "C" __global__ void __launch_bounds__(NW * 32)                                    \
-        flash_fwd_tf32_d##D##_w##NW##_m##MT##_n##BN##_##MN(                                  \
+        flash_fwd_##TN##_d##D##_w##NW##_m##MT##_n##BN##_##MN(                                \
             const float *q, const float *k, const float *v, float *o, float *lse, int hq,    \
             int group, int sq, int sk, float scale, XATTN_SCORE_MOD_PARAMS) {                \
-        xattn::tf32::flash_fwd_tf32_core<D, NW, MT, BN, MODS>(xattn::tf32::Args{             \
+        xattn::tf32::flash_fwd_tf32_core<D, NW, MT, BN, MODS, X3>(xattn::tf32::Args{         \
             XATTN_SCORE_MOD_INIT, q, k, v, o, lse, hq, group, sq, sk, scale});               \
     }
 
 // One more expansion level so that macro arguments (-D values) expand before ## pastes them.
-#define XATTN_TF32_ONE(D, NW, MT, BN, MN, MODS) XATTN_TF32_ENTRY(D, NW, MT, BN, MN, MODS)
+#define XATTN_TF32_ONE(TN, D, NW, MT, BN, MN, MODS, X3) \
+    XATTN_TF32_ENTRY(TN, D, NW, MT, BN, MN, MODS, X3)
 // Instantiation: the loader builds one module per entry with -D options, CI one translation
 // unit per file with one macro call per entry -- both from the list in
 // xattn/_backends/cupy_/instances.py. Without those options this file builds nothing.
 #ifdef XATTN_TF32_D
-XATTN_TF32_ONE(XATTN_TF32_D, XATTN_TF32_NW, XATTN_TF32_MT, XATTN_TF32_BN, XATTN_TF32_MN,
-               XATTN_TF32_MODS)
+XATTN_TF32_ONE(XATTN_TF32_TN, XATTN_TF32_D, XATTN_TF32_NW, XATTN_TF32_MT, XATTN_TF32_BN,
+               XATTN_TF32_MN, XATTN_TF32_MODS, XATTN_TF32_X3)
 #endif

@@ -6,9 +6,9 @@ the forward launcher of :mod:`.flash` with every option of :func:`xattn.flash_at
 ``flash_bwd_simt.cu`` through :mod:`.flash_bwd` (dq added with atomics, so
 ``deterministic=True`` and ``block_mask`` are refused: the ``generic`` entry serves them).
 
-float32 inputs with ``allow_tf32=True`` meet the ``cupy.tf32`` entry first; this one serves
-them when TF32 cannot (a block mask, ``XATTN_DISABLE=cupy.tf32``), honouring the permission by
-not using it.
+float32 forward requests meet the ``cupy.tf32x3`` entry first (3xTF32 on tensor cores, float32
+accuracy; with ``allow_tf32=True`` the ``cupy.tf32`` entry before it); this one serves them
+when those cannot (a block mask, ``XATTN_DISABLE=cupy.tf32x3``), and every float32 backward.
 """
 
 from __future__ import annotations

@@ -14,6 +14,10 @@ the strict ``cupy.simt`` kernel runs (``XATTN_DISABLE=cupy.tf32`` does the same:
 then honoured by not using it). Options: every one of the 16-bit kernel (causal, window, scale, GQA,
 softcap, bias, ALiBi, mask, lse); head dims 32, 64, 96, 128 and 256, others zero-padded to the
 next of those; no ``block_mask`` yet.
+
+The same kernel file built with ``X3`` is the 3xTF32 variant (error-compensated, float32
+accuracy) of the ``cupy.tf32x3`` entry, :mod:`.flash_tf32x3`; the helpers below take
+``x3=True`` for it (its own tile configurations, twice the shared memory per key block).
 """
 
 from __future__ import annotations
@@ -26,28 +30,37 @@ import numpy as np
 from . import _params, instances
 from ._compile import compiled_function
 
-__all__ = ["CONFIGS", "forward", "get_kernel", "smem_bytes", "supports"]
+__all__ = ["CONFIGS", "X3_CONFIGS", "forward", "get_kernel", "smem_bytes", "supports"]
 
 # Per head dim: (warps, 16-row tiles per warp, keys per block), from the one list of every
 # compiled entry (instances.py; ptxas -v on sm_80/sm_90a: no spills, <= 255 registers).
 CONFIGS = instances.TF32
+X3_CONFIGS = instances.TF32X3
 
 
-def padded_dim(d: int):
+def _configs(x3):
+    return X3_CONFIGS if x3 else CONFIGS
+
+
+def padded_dim(d: int, x3: bool = False):
     """The kernel head dim that serves ``d`` (zero padding), or None when none does."""
-    return next((x for x in sorted(CONFIGS) if x >= d), None)
+    return next((x for x in sorted(_configs(x3)) if x >= d), None)
 
 
-def q_in_registers(d: int, cfg) -> bool:
-    """Whether the kernel keeps Q in registers (``QREG`` in the .cu file: MT * D <= 128)."""
-    return cfg[1] * d <= 128
+def q_in_registers(d: int, cfg, x3: bool = False) -> bool:
+    """Whether the kernel keeps Q in registers (``QREG`` in the .cu file: MT * D <= 128, or
+    <= 64 for 3xTF32, which holds two registers per element)."""
+    return cfg[1] * d <= (64 if x3 else 128)
 
 
-def smem_bytes(d: int, cfg) -> int:
-    """Dynamic shared memory of one block: K and V double-buffered, Q unless in registers."""
+def smem_bytes(d: int, cfg, x3: bool = False) -> int:
+    """Dynamic shared memory of one block: K and V double-buffered, Q unless in registers.
+
+    3xTF32 rows hold the TF32 head and residual side by side (``2 D`` floats + padding)."""
     nw, mt, bn = cfg
-    ldk, ldv = d + 16, d + 4  # row padding against bank conflicts, as in the kernel
-    q = 0 if q_in_registers(d, cfg) else nw * mt * 16 * ldk
+    w = 2 * d if x3 else d
+    ldk, ldv = w + 16, w + 4  # row padding against bank conflicts, as in the kernel
+    q = 0 if q_in_registers(d, cfg, x3) else nw * mt * 16 * ldk
     return (2 * bn * ldk + 2 * bn * ldv + q) * 4
 
 
@@ -55,36 +68,44 @@ def supports(prob, opts, op="forward"):
     """``None`` when the TF32 kernel serves this float32 request, else the reason it does not.
 
     It needs the caller's permission (``allow_tf32=True`` in ``opts``); any other option (a
-    block mask, a tile plan) is refused, and the strict kernel or the generic backend serves
-    the call.
+    block mask, a tile plan) is refused, and the 3xTF32 kernel, the strict kernel or the
+    generic backend serves the call.
     """
+    return request_reason(prob, opts, op, x3=False)
+
+
+def request_reason(prob, opts, op, *, x3):
+    """The checks of :func:`supports` for either precision (``x3``: 3xTF32, no permission
+    needed: it keeps float32 accuracy)."""
+    what = "the 3xTF32 kernel" if x3 else "the TF32 kernel"
     if prob.xp.__name__ != "cupy":
         return "inputs are not CuPy arrays"
     if op != "forward":
-        return "the TF32 kernel is forward only"
+        return f"{what} is forward only"
     if np.dtype(prob.dtype) != np.float32:
-        return f"dtype {prob.dtype}: the TF32 kernel takes float32 inputs"
+        return f"dtype {prob.dtype}: {what} takes float32 inputs"
     opts = opts or {}
-    if not opts.get("allow_tf32"):
+    if not x3 and not opts.get("allow_tf32"):
         return "float32 on tensor cores needs allow_tf32=True"
     unknown = sorted(k for k, v in opts.items() if v is not None and k != "allow_tf32")
     if unknown:
-        return f"options {unknown} are not implemented in the TF32 kernel"
+        return f"options {unknown} are not implemented in {what}"
     if prob.dv != prob.d:
-        return f"Dv ({prob.dv}) != D ({prob.d}) is not implemented in the TF32 kernel"
-    if padded_dim(prob.d) is None:
-        return f"head_dim {prob.d} > {max(CONFIGS)} is not implemented in the TF32 kernel"
+        return f"Dv ({prob.dv}) != D ({prob.d}) is not implemented in {what}"
+    configs = _configs(x3)
+    if padded_dim(prob.d, x3) is None:
+        return f"head_dim {prob.d} > {max(configs)} is not implemented in {what}"
     reason = _params.device_reason(prob, "mma.sync .tf32 and cp.async need sm_80")
     if reason:
         return reason
     import cupy
 
     dev = cupy.cuda.Device()
-    dp = padded_dim(prob.d)
-    need = smem_bytes(dp, CONFIGS[dp])
+    dp = padded_dim(prob.d, x3)
+    need = smem_bytes(dp, configs[dp], x3)
     have = _max_smem(dev.id, need)
     if need > have:
-        return (f"head_dim {prob.d}: the TF32 kernel needs {need} bytes of shared memory per "
+        return (f"head_dim {prob.d}: {what} needs {need} bytes of shared memory per "
                 f"block, this device allows {have}")
     return None
 
@@ -98,10 +119,10 @@ def _max_smem(device_id: int, default: int) -> int:
                                                           default))
 
 
-def get_kernel(d: int, cfg, mods: bool):
-    """The compiled entry point for one head dim, tile configuration and variant."""
-    inst = instances.tf32(d, cfg, mods)
-    return compiled_function(inst.source, inst.name, inst.defines, smem_bytes(d, cfg))
+def get_kernel(d: int, cfg, mods: bool, x3: bool = False):
+    """The compiled entry point for one head dim, tile configuration, variant, precision."""
+    inst = instances.tf32(d, cfg, mods, x3)
+    return compiled_function(inst.source, inst.name, inst.defines, smem_bytes(d, cfg, x3))
 
 
 def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, block_mask=None,
@@ -118,19 +139,19 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, block_mas
         return _forward(prob, q, k, v, mask, bias, alibi_slopes, config)
 
 
-def _forward(prob, q, k, v, mask, bias, alibi_slopes, config):
+def _forward(prob, q, k, v, mask, bias, alibi_slopes, config, x3=False):
     import cupy as xp
 
     d = prob.d
-    dp = padded_dim(d)
+    dp = padded_dim(d, x3)
     mods = _params.has_score_mods(prob)
-    cfg = tuple(config) if config is not None else CONFIGS[dp]
+    cfg = tuple(config) if config is not None else _configs(x3)[dp]
     B = math.prod(prob.batch)
     q4, k4, v4, out, lse = _params.forward_buffers(xp, prob, q, k, v, dp, xp.float32)
     if _params.nothing_to_launch(out, lse):
         return _params.forward_result(xp, prob, out, lse)
 
-    fn = get_kernel(dp, cfg, mods)
+    fn = get_kernel(dp, cfg, mods, x3)
     nw, mt, _ = cfg
     bm = nw * mt * 16
     i32, f32 = np.int32, np.float32
@@ -140,5 +161,5 @@ def _forward(prob, q, k, v, mask, bias, alibi_slopes, config):
         *_params.option_args(xp, prob, mask, bias, alibi_slopes),
     )
     fn(grid=((prob.sq + bm - 1) // bm, prob.hq, B), block=(nw * 32,), args=args,
-       shared_mem=smem_bytes(dp, cfg))
+       shared_mem=smem_bytes(dp, cfg, x3))
     return _params.forward_result(xp, prob, out, lse)

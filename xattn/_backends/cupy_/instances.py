@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 __all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "DECODE_HEAD_DIMS", "DECODE_WARPS", "FWD",
            "FWD_BM", "FWD_BM_MODS", "FWD_MODS", "HEAD_DIMS", "Instance", "SM90",
-           "SM90_EXPERIMENTAL", "TF32", "bwd", "bwd_aux", "bwd_dq", "bwd_simt", "decode",
+           "SM90_EXPERIMENTAL", "TF32", "TF32X3", "bwd", "bwd_aux", "bwd_dq", "bwd_simt", "decode",
            "experimental", "fwd", "fwd_simt", "shipped", "sm90", "tf32"]
 
 # Head dims the kernels are built for; others up to 256 are zero-padded to the next one.
@@ -79,6 +79,18 @@ TF32 = {32: (4, 2, 64), 64: (4, 1, 64), 96: (4, 1, 32), 128: (4, 1, 32), 256: (4
 # Alternatives for tuning: (config, with the mods variant?) -- plain only where mods spill.
 TF32_EXTRA = {64: (((4, 2, 32), False), ((8, 1, 64), True)),
               128: (((8, 1, 32), True), ((4, 2, 16), False))}
+
+# 3xTF32 (the same file, X3): K and V rows hold hi and lo (twice the shared memory of TF32 per
+# key block), Q sits in registers only up to MT * D = 64, and each key block's P V is summed
+# apart from the accumulator, so the tiles are smaller. Chosen from ptxas -v alone (no GPU run
+# yet; benchmarks/gpu_flash.py --only fp32 --configs times every candidate): spill-free on
+# sm_80 and sm_90a, and the most warps per SM that registers and shared memory allow -- D=64
+# (4, 1, 32): 228 registers, 69 KiB, 2 blocks = 8 warps; D=128 (8, 1, 16): 170 registers,
+# 203 KiB, 8 warps ((4, 1, 32) gets 4; (4, 1, 16) spilled at 168 registers). Over 163 KiB
+# (D >= 128) an A100 refuses the size and the SIMT kernel serves.
+TF32X3 = {32: (4, 1, 32), 64: (4, 1, 32), 96: (4, 1, 16), 128: (8, 1, 16), 256: (4, 1, 8)}
+# Candidates timed beside the default by benchmarks/gpu_flash.py (tf32x3 rows): plain + mods.
+TF32X3_EXTRA = {64: ((8, 1, 32), (8, 1, 16), (4, 2, 16)), 128: ((4, 1, 32),)}
 
 # Mode 11: warp-specialised (a producer warpgroup, mbarrier ring of 3 K/V stages) with the P V
 # overlap and the 128-byte swizzle; see flash_fwd_sm90.cu.
@@ -194,13 +206,16 @@ def bwd_simt(d, mods) -> Instance:
                     (f"flash_bwd_f32_simt_d{d}_{mn}",))
 
 
-def tf32(d, cfg, mods) -> Instance:
+def tf32(d, cfg, mods, x3=False) -> Instance:
+    """The float32 tensor-core forward: TF32 (``x3=False``) or 3xTF32 (``x3=True``)."""
     nw, mt, bn = cfg
     mn = "mods" if mods else "plain"
-    params = (("XATTN_TF32_D", d), ("XATTN_TF32_NW", nw), ("XATTN_TF32_MT", mt),
-              ("XATTN_TF32_BN", bn), ("XATTN_TF32_MN", mn), ("XATTN_TF32_MODS", _b(mods)))
+    tn = "tf32x3" if x3 else "tf32"
+    params = (("XATTN_TF32_TN", tn), ("XATTN_TF32_D", d), ("XATTN_TF32_NW", nw),
+              ("XATTN_TF32_MT", mt), ("XATTN_TF32_BN", bn), ("XATTN_TF32_MN", mn),
+              ("XATTN_TF32_MODS", _b(mods)), ("XATTN_TF32_X3", _b(x3)))
     return Instance("flash_fwd_tf32.cu", "XATTN_TF32_ONE", params,
-                    (f"flash_fwd_tf32_d{d}_w{nw}_m{mt}_n{bn}_{mn}",))
+                    (f"flash_fwd_{tn}_d{d}_w{nw}_m{mt}_n{bn}_{mn}",))
 
 
 def sm90(tn, d, cfg) -> Instance:
@@ -253,6 +268,8 @@ def shipped() -> list:
         out += [tf32(d, TF32[d], mods) for mods in (False, True)]
         for cfg, with_mods in TF32_EXTRA.get(d, ()):
             out += [tf32(d, cfg, mods) for mods in ((False, True) if with_mods else (False,))]
+        for cfg in (TF32X3[d], *TF32X3_EXTRA.get(d, ())):
+            out += [tf32(d, cfg, mods, x3=True) for mods in (False, True)]
     out += [bwd_aux(tn) for tn in TYPES]
     out += [sm90(tn, *c[:1], c[1:]) for c in SM90_SHIPPED for tn in TYPES]
     out += [decode(tn, d, DECODE_WARPS) for d in DECODE_HEAD_DIMS for tn in TYPES]

@@ -1,0 +1,44 @@
+"""Float32 flash attention on tensor cores at float32 accuracy: 3xTF32 (the ``cupy.tf32x3`` entry).
+
+The TF32 kernel file (``xattn/kernels/flash_fwd_tf32.cu``) built with ``X3``: every float32
+operand ``x`` of ``Q K^T`` and ``P V`` is split into a TF32 head ``hi = tf32(x)`` and a TF32
+residual ``lo = tf32(x - hi)``, and each product is taken as ``lo*hi' + hi*lo' + hi*hi'``
+(three ``mma.sync.m16n8k8`` TF32 MMAs into one float32 accumulator, the small terms first; the
+``lo*lo'`` term is dropped). The per-product error is about ``2**-21`` relative instead of
+TF32's ``2**-10`` (see :doc:`numerics`), so the result keeps the strict SIMT kernel's float32
+accuracy; the softmax, its statistics, the accumulator, ``out`` and ``lse`` stay float32.
+
+Float32 requests meet this entry before ``cupy.simt`` in ``auto``'s order (no ``allow_tf32``
+needed: nothing is given up); ``allow_tf32=True`` meets ``cupy.tf32`` first, and
+``XATTN_DISABLE=cupy.tf32x3`` brings back the SIMT kernel. Options: those of ``cupy.tf32``
+(causal, window, scale, GQA, softcap, bias, ALiBi, mask, lse); head dims 32, 64, 96, 128 and
+256, others zero-padded to the next; no ``block_mask`` (the SIMT kernel serves it), forward
+only (the SIMT backward serves the gradient).
+"""
+
+from __future__ import annotations
+
+from . import flash_tf32
+
+__all__ = ["CONFIGS", "forward", "supports"]
+
+CONFIGS = flash_tf32.X3_CONFIGS
+
+
+def supports(prob, opts, op="forward"):
+    """``None`` when the 3xTF32 kernel serves this float32 request, else the reason."""
+    return flash_tf32.request_reason(prob, opts, op, x3=True)
+
+
+def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, block_mask=None,
+            plan=None, element_rule=None, allow_tf32=False, config=None):
+    """Return ``(out, lse)`` computed by the 3xTF32 kernel on the inputs' device.
+
+    The caller has checked :func:`supports` (a block mask or tile plan is refused;
+    ``allow_tf32`` changes nothing here). ``config`` overrides the tile configuration
+    ``(warps, tiles per warp, keys per block)`` (benchmarks compare configurations with it).
+    """
+    if block_mask is not None or plan is not None or element_rule is not None:
+        raise NotImplementedError("the 3xTF32 kernel takes no block_mask / tile plan")
+    with q.device:
+        return flash_tf32._forward(prob, q, k, v, mask, bias, alibi_slopes, config, x3=True)
