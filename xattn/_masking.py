@@ -50,7 +50,9 @@ __all__ = [
     "key_range",
     "no_pairs",
     "nonfinite_rows",
+    "score_operands",
     "tile_is_full",
+    "tile_mods",
     "tile_visibility",
 ]
 
@@ -368,6 +370,38 @@ def apply_score_mods(
     if mask is not None:
         xp.copyto(s, -math.inf, where=~mask)
     return s
+
+
+def score_operands(xp, prob, shape=None):
+    """The problem's operands as views broadcast to ``shape`` (default: its score shape;
+    nothing is copied): apply_score_mods's ``mask``, ``bias`` and ``slopes``, None where
+    absent. Every caller takes its tiles of them with :func:`tile_mods`, so an operand added
+    here reaches every path."""
+    shape = tuple(prob.score_shape if shape is None else shape)
+    ops = prob.operands()
+    slopes = ops["alibi_slopes"]
+    if slopes is not None:  # one slope per (batch, head): constant over a head's scores
+        slopes = xp.broadcast_to(slopes.astype(prob.cdtype, copy=False),
+                                 prob.operand_shape("alibi_slopes"))
+        slopes = slopes.reshape(*shape[:-2], 1, 1)
+    named = {"mask": ops["mask"], "bias": ops["bias"], "slopes": slopes}
+    return {n: None if x is None else xp.broadcast_to(x, shape) for n, x in named.items()}
+
+
+def tile_mods(prob, operands, index, q0, k0, full=False):
+    """apply_score_mods's keywords for one tile of ``prob``: the tile ``index`` of each
+    :func:`score_operands` view (float ones in the compute dtype, cast tile by tile so that a
+    16-bit bias is never copied whole), its first query ``q0`` and key ``k0``; ``full`` says
+    the causal/window element test can be skipped (the tile is wholly visible)."""
+    kw = dict(q0=q0, k0=k0, sq=prob.sq, sk=prob.sk, causal=prob.causal and not full,
+              window=None if full else prob.window, softcap=prob.softcap)
+    for name, x in operands.items():
+        if x is not None:
+            x = x[index]
+            if x.dtype != np.bool_:
+                x = x.astype(prob.cdtype, copy=False)
+        kw[name] = x
+    return kw
 
 
 # Plans kept by tile_plan, in (estimated) bytes: a plan of a 1M-long non-causal problem has
