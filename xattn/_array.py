@@ -450,24 +450,9 @@ def validate_attention(q, k, v, *, extra=(), **score) -> AttnProblem:
             )
 
     return AttnProblem(
-        xp=xp,
-        batch=batch,
-        hq=hq,
-        hkv=hkv,
-        sq=sq,
-        sk=sk,
-        d=d,
-        dv=dv,
-        dtype=np.dtype(q.dtype),
-        cdtype=compute_dtype(q.dtype),
-        scale=scale_f,
-        causal=causal,
-        window=window,
-        softcap=softcap,
-        heads_axis=q.ndim > 2,
-        mask=mask,
-        bias=bias,
-        alibi_slopes=alibi_slopes,
+        xp=xp, batch=batch, hq=hq, hkv=hkv, sq=sq, sk=sk, d=d, dv=dv, dtype=np.dtype(q.dtype),
+        cdtype=compute_dtype(q.dtype), scale=scale_f, causal=causal, window=window,
+        softcap=softcap, heads_axis=q.ndim > 2, mask=mask, bias=bias, alibi_slopes=alibi_slopes,
     )
 
 

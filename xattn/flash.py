@@ -18,6 +18,20 @@ def _options(prob):
     return {}
 
 
+def _route(prob, block_mask):
+    """``(prob, opts, kwargs)``: the problem, the options the table decides on and the
+    backend's keyword arguments, for a dense call, a window (a block-sparse plan of its band,
+    O(S * window) work) or one block mask (not a batched one: see _plans.per_batch)."""
+    if block_mask is not None:
+        sparse = _plans.plan_options(prob, block_mask)
+        return prob, {**_options(prob), **sparse, "block_mask": block_mask}, sparse
+    if prob.window is not None and not _masking.no_pairs(prob):
+        prob, sparse = _plans.window_plan(prob)
+    else:
+        sparse = {}
+    return prob, {**_options(prob), **sparse}, sparse
+
+
 @dlpack_interop
 @score_options(before="block_mask")
 def flash_attention(q, k, v, /, *, block_mask=None, return_lse=False, allow_tf32=False,
@@ -68,16 +82,10 @@ def flash_attention(q, k, v, /, *, block_mask=None, return_lse=False, allow_tf32
     prob = validate_attention(q, k, v, **score)
     allow_tf32 = check_bool("allow_tf32", allow_tf32)
     return_lse = check_bool("return_lse", return_lse)
-    opts, sparse = _options(prob), {}
-    if block_mask is not None:
-        if getattr(block_mask, "batch_shape", ()):  # one mask per batch element
-            options = dict(score, return_lse=return_lse, allow_tf32=allow_tf32, backend=backend)
-            return _plans.per_batch(flash_attention, prob, block_mask, (q, k, v), options)
-        sparse = _plans.plan_options(prob, block_mask)
-        opts = {**opts, **sparse, "block_mask": block_mask}
-    elif prob.window is not None and not _masking.no_pairs(prob):  # O(S * window) work
-        prob, sparse = _plans.window_plan(prob)
-        opts = {**_options(prob), **sparse}
+    if getattr(block_mask, "batch_shape", ()):  # one mask per batch element
+        options = dict(score, return_lse=return_lse, allow_tf32=allow_tf32, backend=backend)
+        return _plans.per_batch(flash_attention, prob, block_mask, (q, k, v), options)
+    prob, opts, sparse = _route(prob, block_mask)
     if allow_tf32:
         opts["allow_tf32"] = True
     impl = _backends.select(prob, opts, backend, op="forward")
@@ -149,24 +157,18 @@ def flash_attention_backward(dout, q, k, v, out, lse, /, *, block_mask=None,
     return_dbias = check_bool("return_dbias", return_dbias)
     bias = prob.bias
     want_dbias = return_dbias and bias is not None
-    opts, sparse = _options(prob), {}
-    if block_mask is not None:
-        if getattr(block_mask, "batch_shape", ()):  # one mask per batch element
-            options = dict(score, deterministic=deterministic, return_dbias=want_dbias,
-                           backend=backend)
-            res = _plans.per_batch(flash_attention_backward, prob, block_mask,
-                                    (dout, q, k, v, out, lse), options, backward=True)
-            if not return_dbias:
-                return res
-            if not want_dbias:
-                return (*res, None)
-            # Each element's dbias has the full score shape there: sum to the bias's shape.
-            return (*res[:3], _sum_to(res[3], bias.shape).astype(bias.dtype, copy=False))
-        sparse = _plans.plan_options(prob, block_mask)
-        opts = {**opts, **sparse, "block_mask": block_mask}
-    elif prob.window is not None and not _masking.no_pairs(prob):  # O(S * window) work
-        prob, sparse = _plans.window_plan(prob)
-        opts = {**_options(prob), **sparse}
+    if getattr(block_mask, "batch_shape", ()):  # one mask per batch element
+        options = dict(score, deterministic=deterministic, return_dbias=want_dbias,
+                       backend=backend)
+        res = _plans.per_batch(flash_attention_backward, prob, block_mask,
+                               (dout, q, k, v, out, lse), options, backward=True)
+        if not return_dbias:
+            return res
+        if not want_dbias:
+            return (*res, None)
+        # Each element's dbias has the full score shape there: sum to the bias's shape.
+        return (*res[:3], _sum_to(res[3], bias.shape).astype(bias.dtype, copy=False))
+    prob, opts, sparse = _route(prob, block_mask)
     if deterministic:
         opts["deterministic"] = True
     if want_dbias:

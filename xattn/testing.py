@@ -146,25 +146,37 @@ def reference_attention_backward(dout, q, k, v, **options):
     return dq, fold(dk), fold(dv)
 
 
+def _rounder(dtype):
+    """float32 values rounded through ``dtype``, as a naive implementation stores them."""
+    dtype = np.dtype(dtype)
+
+    def rnd(x):
+        return np.asarray(x, np.float32).astype(dtype).astype(np.float32)
+
+    return rnd
+
+
+def _naive_weights(s, rnd):
+    """Softmax weights of the float64 scores ``s`` with the scores and weights rounded by
+    ``rnd`` (rows with no visible key: 0)."""
+    s = rnd(s.astype(np.float32))
+    m = s.max(axis=-1, keepdims=True, initial=-np.inf)
+    m = np.where(np.isfinite(m), m, 0.0)
+    p = np.exp(s - m)
+    den = p.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return rnd(np.where(den > 0, p / den, 0.0))
+
+
 def naive_attention(q, k, v, **options):
     """Textbook attention in the inputs' own precision (the baseline for 16-bit tolerances).
 
     Scores, softmax weights and the output are each rounded to the input dtype, as a naive
     implementation on 16-bit arrays would store them; the sums themselves run in float32.
     """
-    dtype = np.dtype(q.dtype)
-
-    def rnd(x):
-        return x.astype(dtype).astype(np.float32)
-
+    rnd = _rounder(q.dtype)
     s, _, _ = _scores(q, k, **options)
-    s = rnd(s.astype(np.float32))
-    m = s.max(axis=-1, keepdims=True, initial=-np.inf)
-    m = np.where(np.isfinite(m), m, 0.0)
-    p = np.exp(s - m)
-    denom = p.sum(axis=-1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        w = rnd(np.where(denom > 0, p / denom, 0.0))
+    w = _naive_weights(s, rnd)
     ve = _expand_heads(to_numpy(v, np.float32), s.shape[-3] if s.ndim > 2 else 1)
     return rnd(w @ ve).astype(np.float64)
 
@@ -176,19 +188,9 @@ def naive_attention_backward(dout, q, k, v, out, **options):
     (scores, weights, ``dP``, ``dS`` and the results) rounded to the input dtype; ``out`` is the
     forward output whose ``rowsum(dout * out)`` the backward uses. Returns float32 arrays.
     """
-    dtype = np.dtype(q.dtype)
-
-    def rnd(x):
-        return np.asarray(x, np.float32).astype(dtype).astype(np.float32)
-
+    rnd = _rounder(q.dtype)
     s, t, scale = _scores(q, k, **options)
-    s = rnd(s.astype(np.float32))
-    m = s.max(axis=-1, keepdims=True, initial=-np.inf)
-    m = np.where(np.isfinite(m), m, 0.0)
-    p = np.exp(s - m)
-    den = p.sum(axis=-1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = rnd(np.where(den > 0, p / den, 0.0))
+    p = _naive_weights(s, rnd)
     qn, kn, vn = (to_numpy(x, np.float32) for x in (q, k, v))
     don, on = to_numpy(dout, np.float32), to_numpy(out, np.float32)
     hq = qn.shape[-3] if qn.ndim > 2 else 1

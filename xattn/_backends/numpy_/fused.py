@@ -81,13 +81,20 @@ def numba_missing():
     return None
 
 
+def host_reason(prob):
+    """Why the numba kernels cannot take this problem at all (numba missing, or arrays not
+    on the host), or None."""
+    why = numba_missing()
+    if why is None and prob.xp is not np:
+        why = "runs on NumPy arrays only"
+    return why
+
+
 def supports(prob, opts, op):
     """None when this backend serves the request, else the reason it cannot."""
-    why = numba_missing()
+    why = host_reason(prob)
     if why is not None:
         return why
-    if prob.xp is not np:
-        return "runs on NumPy arrays only"
     # A BlockMask arrives as plan + element_rule (forward/backward take them).
     unknown = set(opts) - {"plan", "element_rule", "block_mask", "allow_tf32", "deterministic",
                            "return_dbias"}
