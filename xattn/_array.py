@@ -247,7 +247,8 @@ def score_options(*, before=None, exclude=()):
     the caller passed (their defaults are those of SCORE_OPTIONS, applied by
     :func:`validate_attention`). Its signature (``inspect.signature``, ``help``, the docs)
     lists them explicitly, before the parameter ``before`` (default: at the end) and without
-    ``exclude``; any other keyword is refused with Python's own TypeError.
+    ``exclude``; any other keyword is refused with Python's own TypeError. ``{score_options}``
+    in its docstring becomes their names (a parameter line that refers to another function).
     """
     def decorate(fn):
         sig = inspect.signature(fn)
@@ -266,6 +267,9 @@ def score_options(*, before=None, exclude=()):
             return fn(*args, **kwargs)
 
         wrapper.__signature__ = sig.replace(parameters=[*own[:at], *opts, *own[at:]])
+        if fn.__doc__:
+            wrapper.__doc__ = fn.__doc__.replace("{score_options}",
+                                                 ", ".join(p.name for p in opts))
         return wrapper
 
     return decorate

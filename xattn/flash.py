@@ -46,7 +46,7 @@ def flash_attention(q, k, v, /, *, block_mask=None, return_lse=False, allow_tf32
     ----------
     q, k, v : arrays ``(..., Hq, Sq, D)``, ``(..., Hkv, Sk, D)``, ``(..., Hkv, Sk, Dv)``
         NumPy or CuPy; float16, bfloat16, float32 or float64. GQA/MQA when ``Hkv < Hq``.
-    causal, window, mask, bias, alibi_slopes, softcap, scale
+    {score_options}
         As in :func:`xattn.standard_attention`.
     block_mask : xattn.BlockMask, optional
         Structured sparsity (see :func:`xattn.block_sparse_attention`): only the mask's

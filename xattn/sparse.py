@@ -49,7 +49,7 @@ def block_sparse_attention(q, k, v, block_mask, /, *, return_lse=False, backend=
     q, k, v : arrays ``(..., Hq, Sq, D)``, ``(..., Hkv, Sk, D)``, ``(..., Hkv, Sk, Dv)``
     block_mask : BlockMask
         Built for ``q_len=Sq``, ``k_len=Sk``; a batched mask must match the batch dims.
-    causal, window, mask, bias, alibi_slopes, softcap, scale, return_lse, backend
+    {score_options}, return_lse, backend
         As in :func:`xattn.flash_attention`.
 
     Returns
@@ -106,7 +106,7 @@ def longformer_attention(q, k, v, /, *, window, global_tokens, block_size=DEFAUL
         tokens per batch element (the inputs' leading dims).
     block_size : int
         Block size of the underlying :meth:`BlockMask.longformer`.
-    mask, bias, alibi_slopes, softcap, scale, return_lse, backend
+    {score_options}, return_lse, backend
         As in :func:`xattn.flash_attention`.
 
     Returns
@@ -151,7 +151,7 @@ def bigbird_attention(q, k, v, /, *, block_size=64, window_blocks=3, global_bloc
     q, k, v : arrays ``(..., Hq, S, D)``, ``(..., Hkv, S, D)``, ``(..., Hkv, S, Dv)``
     block_size, window_blocks, global_blocks, random_blocks, seed
         As in :meth:`BlockMask.bigbird`.
-    mask, bias, alibi_slopes, softcap, scale, return_lse, backend
+    {score_options}, return_lse, backend
         As in :func:`xattn.flash_attention`.
 
     Returns
