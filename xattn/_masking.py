@@ -373,31 +373,34 @@ def apply_score_mods(
 
 
 def score_operands(xp, prob, shape=None):
-    """The problem's operands as views broadcast to ``shape`` (default: its score shape;
-    nothing is copied): apply_score_mods's ``mask``, ``bias`` and ``slopes``, None where
-    absent. Every caller takes its tiles of them with :func:`tile_mods`, so an operand added
-    here reaches every path."""
+    """The problem's operands with one axis per axis of ``shape`` (default: its score shape;
+    size 1 where an operand broadcasts, nothing copied): apply_score_mods's ``mask``, ``bias``
+    and ``slopes`` (``(..., 1, 1)``), None where absent. Every caller takes its tiles of them
+    with :func:`tile_mods`, so an operand added here reaches every path."""
     shape = tuple(prob.score_shape if shape is None else shape)
     ops = prob.operands()
     slopes = ops["alibi_slopes"]
     if slopes is not None:  # one slope per (batch, head): constant over a head's scores
-        slopes = xp.broadcast_to(slopes.astype(prob.cdtype, copy=False),
-                                 prob.operand_shape("alibi_slopes"))
-        slopes = slopes.reshape(*shape[:-2], 1, 1)
+        lead = len(shape) - 2
+        slopes = (slopes.reshape(1, 1) if slopes.ndim > lead  # 2-D inputs: one head
+                  else slopes.reshape((1,) * (lead - slopes.ndim) + slopes.shape + (1, 1)))
     named = {"mask": ops["mask"], "bias": ops["bias"], "slopes": slopes}
-    return {n: None if x is None else xp.broadcast_to(x, shape) for n, x in named.items()}
+    return {n: None if x is None else x.reshape((1,) * (len(shape) - x.ndim) + x.shape)
+            for n, x in named.items()}
 
 
 def tile_mods(prob, operands, index, q0, k0, full=False):
-    """apply_score_mods's keywords for one tile of ``prob``: the tile ``index`` of each
-    :func:`score_operands` view (float ones in the compute dtype, cast tile by tile so that a
-    16-bit bias is never copied whole), its first query ``q0`` and key ``k0``; ``full`` says
-    the causal/window element test can be skipped (the tile is wholly visible)."""
+    """apply_score_mods's keywords for one tile of ``prob``: the tile ``index`` (one int or
+    slice per axis) of each :func:`score_operands` array, its first query ``q0`` and key
+    ``k0``; ``full`` says the causal/window element test can be skipped (the tile is wholly
+    visible). Axes where an operand broadcasts stay size 1, and float operands are cast to
+    the compute dtype tile by tile (a 16-bit bias is never copied whole, nor broadcast)."""
     kw = dict(q0=q0, k0=k0, sq=prob.sq, sk=prob.sk, causal=prob.causal and not full,
               window=None if full else prob.window, softcap=prob.softcap)
     for name, x in operands.items():
         if x is not None:
-            x = x[index]
+            x = x[tuple(i if n != 1 else 0 if isinstance(i, int) else slice(None)
+                        for n, i in zip(x.shape, index, strict=True))]
             if x.dtype != np.bool_:
                 x = x.astype(prob.cdtype, copy=False)
         kw[name] = x

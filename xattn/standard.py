@@ -161,6 +161,7 @@ def standard_attention(q, k, v, /, *, return_lse=False, return_weights=False,
     s = s.reshape(prob.score_shape)
 
     operands = _masking.score_operands(xp, prob)
+    lead = (slice(None),) * (len(prob.score_shape) - 2)
     vis = None
     # Score mods by blocks of rows: their temporaries (ALiBi distances, masks) stay a small
     # fraction of the score matrix instead of as large again.
@@ -171,7 +172,7 @@ def standard_attention(q, k, v, /, *, return_lse=False, return_weights=False,
         _masking.apply_score_mods(
             xp,
             rows,
-            **_masking.tile_mods(prob, operands, (..., slice(q0, q1), slice(None)), q0, 0),
+            **_masking.tile_mods(prob, operands, lead + (slice(q0, q1), slice(None)), q0, 0),
             cache_masks=False,  # one mask per block of rows: rebuilt, never kept
         )
         if bad is not None:

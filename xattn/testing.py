@@ -51,7 +51,8 @@ def _scores(q, k, **options):
     with np.errstate(invalid="ignore", over="ignore"):  # garbage in hidden keys is fine
         s = (q @ np.swapaxes(k, -1, -2)) * prob.scale
     t = np.empty_like(s) if prob.softcap is not None else None
-    mods = _masking.tile_mods(prob, _masking.score_operands(np, prob), ..., 0, 0)
+    whole = (slice(None),) * len(prob.score_shape)
+    mods = _masking.tile_mods(prob, _masking.score_operands(np, prob), whole, 0, 0)
     s = _masking.apply_score_mods(np, s, **mods, tanh_out=t)
     return s, t, prob.scale
 

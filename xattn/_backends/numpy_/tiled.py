@@ -86,7 +86,7 @@ def add_dbias(dpad, ds, bidx, h0, h1, q0, q1, k0, k1):
 
 def plan_and_views(prob, plan):
     """The plan (default: the causal/window tiles of :func:`xattn._plans.tile_plan`) and the
-    score operands as views over :func:`tile_space` in the compute dtype."""
+    score operands (:func:`xattn._masking.score_operands`) over :func:`tile_space`."""
     if plan is None:
         plan = _plans.tile_plan(prob.sq, prob.sk, BLOCK_Q, BLOCK_K, prob.causal, prob.window)
     return plan, _masking.score_operands(prob.xp, prob, tile_space(prob))
