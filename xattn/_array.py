@@ -239,7 +239,7 @@ SCORE_OPTIONS = {
 OPERANDS = {"mask": "scores", "bias": "scores", "alibi_slopes": "heads"}
 
 
-def score_options(*, before=None, exclude=()):
+def score_options(*, before=None, exclude=(), wrap=True):
     """Give a public function the score options of :data:`SCORE_OPTIONS` as keyword-only
     parameters, so that each option is declared once.
 
@@ -249,6 +249,7 @@ def score_options(*, before=None, exclude=()):
     lists them explicitly, before the parameter ``before`` (default: at the end) and without
     ``exclude``; any other keyword is refused with Python's own TypeError. ``{score_options}``
     in its docstring becomes their names (a parameter line that refers to another function).
+    ``wrap=False`` only sets the signature: the function checks its keywords itself.
     """
     def decorate(fn):
         sig = inspect.signature(fn)
@@ -258,12 +259,15 @@ def score_options(*, before=None, exclude=()):
         at = next((i for i, p in enumerate(own) if p.name == before), len(own))
         allowed = frozenset(p.name for p in own) | {p.name for p in opts}
 
+        if not wrap:
+            fn.__signature__ = sig.replace(parameters=[*own[:at], *opts, *own[at:]])
+            return fn
+
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            for key in kwargs:
-                if key not in allowed:
-                    raise TypeError(f"{fn.__name__}() got an unexpected keyword argument "
-                                    f"'{key}'")
+            if not kwargs.keys() <= allowed:
+                key = next(iter(kwargs.keys() - allowed))
+                raise TypeError(f"{fn.__name__}() got an unexpected keyword argument '{key}'")
             return fn(*args, **kwargs)
 
         wrapper.__signature__ = sig.replace(parameters=[*own[:at], *opts, *own[at:]])
@@ -318,7 +322,12 @@ class AttnProblem:
     def has_score_mods(self) -> bool:
         """Whether any score is modified beyond the visibility rules (causal, window): the
         kernels' ``mods`` variant, the CPU tiles that go through apply_score_mods."""
-        return self.softcap is not None or any(x is not None for x in self.operands().values())
+        if self.softcap is not None:
+            return True
+        for name in OPERANDS:  # a plain loop: this runs on every call
+            if getattr(self, name) is not None:
+                return True
+        return False
 
     def operands(self) -> dict:
         """Every operand option (see OPERANDS) by name, None where absent."""
@@ -357,13 +366,16 @@ class AttnProblem:
         return (*self._lead, self.sq)
 
 
-@score_options(before="extra")
+@score_options(before="extra", wrap=False)
 def validate_attention(q, k, v, *, extra=(), **score) -> AttnProblem:
     """Check q/k/v and the score options of every exact-attention function.
 
     ``extra`` is a sequence of ``(name, array)`` pairs (dout, out, lse, ...) that must share the
     namespace and device of q/k/v; their shapes are checked by the caller.
     """
+    if not score.keys() <= SCORE_OPTIONS.keys():
+        key = next(iter(score.keys() - SCORE_OPTIONS.keys()))
+        raise TypeError(f"validate_attention() got an unexpected keyword argument '{key}'")
     opts = {**SCORE_OPTIONS, **score}
     mask, bias, alibi_slopes = opts["mask"], opts["bias"], opts["alibi_slopes"]
     names = ("q", "k", "v", "mask", "bias", "alibi_slopes") + tuple(n for n, _ in extra)

@@ -372,13 +372,21 @@ def apply_score_mods(
     return s
 
 
-def score_operands(xp, prob, shape=None):
+def score_operands(xp, prob, shape=None, *, cast=True):
     """The problem's operands with one axis per axis of ``shape`` (default: its score shape;
-    size 1 where an operand broadcasts, nothing copied): apply_score_mods's ``mask``, ``bias``
-    and ``slopes`` (``(..., 1, 1)``), None where absent. Every caller takes its tiles of them
-    with :func:`tile_mods`, so an operand added here reaches every path."""
-    shape = tuple(prob.score_shape if shape is None else shape)
+    size 1 where an operand broadcasts, never broadcast in memory): apply_score_mods's
+    ``mask``, ``bias`` and ``slopes`` (``(..., 1, 1)``), None where absent. ``cast``: float
+    operands in the compute dtype now (one copy of each, reused by every tile); otherwise
+    :func:`tile_mods` casts each tile (standard_attention, whose memory bound counts no
+    whole copy). Every caller takes its tiles with :func:`tile_mods`, so an operand added here
+    reaches every path."""
     ops = prob.operands()
+    if ops["mask"] is None and ops["bias"] is None and ops["alibi_slopes"] is None:
+        return {"mask": None, "bias": None, "slopes": None}
+    shape = tuple(prob.score_shape if shape is None else shape)
+    if cast:
+        ops = {n: x if x is None or x.dtype == np.bool_ else x.astype(prob.cdtype, copy=False)
+               for n, x in ops.items()}
     slopes = ops["alibi_slopes"]
     if slopes is not None:  # one slope per (batch, head): constant over a head's scores
         lead = len(shape) - 2

@@ -160,8 +160,9 @@ def standard_attention(q, k, v, /, *, return_lse=False, return_weights=False,
     s *= cd.type(prob.scale)
     s = s.reshape(prob.score_shape)
 
-    operands = _masking.score_operands(xp, prob)
+    operands = _masking.score_operands(xp, prob, cast=False)  # cast by blocks of rows
     lead = (slice(None),) * (len(prob.score_shape) - 2)
+    modified = prob.causal or prob.window is not None or prob.has_score_mods
     vis = None
     # Score mods by blocks of rows: their temporaries (ALiBi distances, masks) stay a small
     # fraction of the score matrix instead of as large again.
@@ -169,12 +170,13 @@ def standard_attention(q, k, v, /, *, return_lse=False, return_weights=False,
     for q0 in range(0, prob.sq, step):
         q1 = min(q0 + step, prob.sq)
         rows = s[..., q0:q1, :]
-        _masking.apply_score_mods(
-            xp,
-            rows,
-            **_masking.tile_mods(prob, operands, lead + (slice(q0, q1), slice(None)), q0, 0),
-            cache_masks=False,  # one mask per block of rows: rebuilt, never kept
-        )
+        if modified:
+            _masking.apply_score_mods(
+                xp,
+                rows,
+                **_masking.tile_mods(prob, operands, lead + (slice(q0, q1), slice(None)), q0, 0),
+                cache_masks=False,  # one mask per block of rows: rebuilt, never kept
+            )
         if bad is not None:
             if vis is None:
                 vis = xp.empty((*prob.score_shape[:-1], int(bad.size)), dtype=bool)
