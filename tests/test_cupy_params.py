@@ -111,3 +111,18 @@ def test_option_args_per_batch_slopes_and_uncollapsible_batch(rng):
         flat_b = b0 * 3 + b1
         assert mem[flat_b * int(bs) + h * int(hs) + i * int(qs) + j * int(ks)] \
             == bias[b0, b1, 0, i, j]
+
+
+def test_half_kernel_first_checks_keep_each_kernels_words():
+    from types import SimpleNamespace
+
+    from xattn._backends.cupy_ import decode, flash_sm90
+
+    fake = SimpleNamespace(xp=SimpleNamespace(__name__="cupy"), dtype=np.dtype(np.float32),
+                           d=64, dv=64)
+    assert flash_sm90.supports(fake, {}, "backward") == "the sm_90a kernel is forward only"
+    assert decode.supports(fake, {}, "forward") == "serves decode_attention only"
+    assert flash_sm90.supports(fake, {}, "forward") == (
+        "dtype float32: the sm_90a kernel takes float16 and bfloat16")
+    assert decode.supports(fake, {}, "decode") == (
+        "dtype float32: the kernel takes float16 and bfloat16")

@@ -52,6 +52,19 @@ def compute_capability() -> int:
     return int(cupy.cuda.Device().compute_capability)
 
 
+def half_kernel_reason(prob, op, served, kernel):
+    """The first checks of a 16-bit kernel's ``supports``: CuPy inputs, the op it serves
+    (``served``: ``(op, reason when another op is asked)``), float16/bfloat16 inputs; the
+    reason, or None. ``kernel`` names the kernel in the dtype message."""
+    if prob.xp.__name__ != "cupy":
+        return "inputs are not CuPy arrays"
+    if op != served[0]:
+        return served[1]
+    if type_name(prob.dtype) is None:
+        return f"dtype {prob.dtype}: {kernel} takes float16 and bfloat16"
+    return None
+
+
 def grid_reason(prob):
     """Why the (batch, heads) grid dims do not fit a launch, or None."""
     nbatch = math.prod(prob.batch)

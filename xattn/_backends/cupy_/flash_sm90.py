@@ -44,12 +44,10 @@ _KNOWN = frozenset({"allow_tf32"})
 
 def supports(prob, opts, op="forward"):
     """``None`` when the sm_90a kernel serves this request, else the reason it does not."""
-    if prob.xp.__name__ != "cupy":
-        return "inputs are not CuPy arrays"
-    if op != "forward":
-        return "the sm_90a kernel is forward only"
-    if _params.type_name(prob.dtype) is None:
-        return f"dtype {prob.dtype}: the sm_90a kernel takes float16 and bfloat16"
+    why = _params.half_kernel_reason(prob, op, ("forward", "the sm_90a kernel is forward only"),
+                                     "the sm_90a kernel")
+    if why is not None:
+        return why
     if prob.d not in CONFIGS or prob.dv != prob.d:
         return (f"head_dim {prob.d} (Dv {prob.dv}): the sm_90a kernel has D = Dv in "
                 f"{sorted(CONFIGS)}")
