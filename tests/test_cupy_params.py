@@ -53,11 +53,12 @@ def test_nothing_to_launch_on_empty_problems():
 
 
 def test_option_args_fill_the_parameter_block_in_order(rng):
-    prob, _ = _prob(causal=True, window=(3, None), softcap=2.5)
     mask = rng.random((5, 7)) < 0.5                     # broadcast over batch and heads
     bias = rng.standard_normal((4, 1, 7)).astype(np.float32)  # per head, over queries
     slopes = np.arange(4, dtype=np.float32)
-    args = _params.option_args(np, prob, mask, bias, slopes)
+    prob, _ = _prob(causal=True, window=(3, None), softcap=2.5, mask=mask, bias=bias,
+                    alibi_slopes=slopes)
+    args = _params.option_args(np, prob)
     assert len(args) == 16, "XATTN_SCORE_MOD_PARAMS has 16 parameters"
     causal, wl, wr, softcap, alibi, alibi_bs = args[:6]
     assert (int(causal), int(wl), int(wr), float(softcap)) == (1, 3, -1, 2.5)
@@ -80,7 +81,8 @@ def test_option_args_fill_the_parameter_block_in_order(rng):
 
 def test_option_args_without_options_are_nulls():
     prob, _ = _prob()
-    args = _params.option_args(np, prob, None, None, None)
+    args = _params.option_args(np, prob)
+    assert _params.visibility_args(prob) == args[:3]
     assert (int(args[0]), int(args[1]), int(args[2]), float(args[3])) == (0, -1, -1, 0.0)
     assert int(args[4]) == 0 and int(args[6]) == 0 and int(args[11]) == 0
 
@@ -97,16 +99,30 @@ def test_gpu_kernels_refuse_host_problems_without_importing_cupy(name):
 
 
 def test_option_args_per_batch_slopes_and_uncollapsible_batch(rng):
-    prob, _ = _prob(b=(2, 3))
     slopes = rng.random((2, 3, 4)).astype(np.float32)
-    args = _params.option_args(np, prob, None, None, slopes)
+    args = _params.option_args(np, _prob(b=(2, 3), alibi_slopes=slopes)[0])
     assert int(args[5]) == 4, "per-batch slopes: batch stride = heads"
     # A bias whose two batch dims no single stride describes is materialised (documented).
     bias = rng.standard_normal((3, 2, 1, 5, 7)).astype(np.float32).transpose(1, 0, 2, 3, 4)
-    args = _params.option_args(np, prob, None, bias, None)
+    args = _params.option_args(np, _prob(b=(2, 3), bias=bias)[0])
     arr, bs, hs, qs, ks = args[6:11]
     mem = np.lib.stride_tricks.as_strided(arr, shape=(arr.size,), strides=(4,))
     for (b0, b1), h, i, j in (((1, 2), 3, 4, 6), ((0, 1), 0, 2, 1)):
         flat_b = b0 * 3 + b1
         assert mem[flat_b * int(bs) + h * int(hs) + i * int(qs) + j * int(ks)] \
             == bias[b0, b1, 0, i, j]
+
+
+def test_half_kernel_first_checks_keep_each_kernels_words():
+    from types import SimpleNamespace
+
+    from xattn._backends.cupy_ import decode, flash_sm90
+
+    fake = SimpleNamespace(xp=SimpleNamespace(__name__="cupy"), dtype=np.dtype(np.float32),
+                           d=64, dv=64)
+    assert flash_sm90.supports(fake, {}, "backward") == "the sm_90a kernel is forward only"
+    assert decode.supports(fake, {}, "forward") == "serves decode_attention only"
+    assert flash_sm90.supports(fake, {}, "forward") == (
+        "dtype float32: the sm_90a kernel takes float16 and bfloat16")
+    assert decode.supports(fake, {}, "decode") == (
+        "dtype float32: the kernel takes float16 and bfloat16")

@@ -388,3 +388,24 @@ def test_from_dense_big_block_allocates_only_the_mask():
     # It still combines with other masks of the same block_size, as any BlockMask does.
     both = bm & xattn.BlockMask.causal(5, block_size=20000)
     np.testing.assert_array_equal(both.to_dense(), m & np.tril(np.ones((5, 5), bool)))
+
+
+@pytest.mark.parametrize("func", [xattn.standard_attention, xattn.flash_attention,
+                                  xattn.flash_attention_backward, xattn.block_sparse_attention,
+                                  xattn.longformer_attention, xattn.bigbird_attention])
+def test_score_options_come_from_one_list(func):
+    # _array.SCORE_OPTIONS is the one declaration: every signature lists its options, in its
+    # order and with its defaults, and refuses any other keyword as Python would.
+    from xattn._array import SCORE_OPTIONS
+
+    params = inspect.signature(func).parameters
+    # (longformer_attention's own required ``window`` is not the score option)
+    listed = [n for n in params if n in SCORE_OPTIONS
+              and params[n].default is not inspect.Parameter.empty]
+    assert listed == [n for n in SCORE_OPTIONS if n in listed]
+    assert {n: params[n].default for n in listed} == {n: SCORE_OPTIONS[n] for n in listed}
+    assert all(params[n].kind is inspect.Parameter.KEYWORD_ONLY for n in listed)
+    assert set(SCORE_OPTIONS) - set(listed) <= {"causal", "window"}
+    with pytest.raises(TypeError, match=f"{func.__name__}\\(\\) got an unexpected keyword "
+                                        "argument 'softcapp'"):
+        func(*(np.zeros((1, 4, 4), np.float32) for _ in range(3)), softcapp=1.0)

@@ -14,7 +14,7 @@ import functools
 import inspect
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -222,9 +222,68 @@ def _broadcastable(shape: tuple, target: tuple) -> bool:
     return True
 
 
+# The score options every exact-attention function takes, with their defaults, in signature
+# order: the one list behind validate_attention, AttnProblem and each public signature
+# (score_options). An option whose value is an array broadcast over the problem is an
+# *operand*; OPERANDS says what it broadcasts to ("scores": (..., Hq, Sq, Sk), "heads":
+# (..., Hq)).
+SCORE_OPTIONS = {
+    "causal": False,
+    "window": None,
+    "mask": None,
+    "bias": None,
+    "alibi_slopes": None,
+    "softcap": None,
+    "scale": None,
+}
+OPERANDS = {"mask": "scores", "bias": "scores", "alibi_slopes": "heads"}
+
+
+def score_options(*, before=None, exclude=(), wrap=True):
+    """Give a public function the score options of :data:`SCORE_OPTIONS` as keyword-only
+    parameters, so that each option is declared once.
+
+    The function is written with ``**score`` in place of the options: it receives the options
+    the caller passed (their defaults are those of SCORE_OPTIONS, applied by
+    :func:`validate_attention`). Its signature (``inspect.signature``, ``help``, the docs)
+    lists them explicitly, before the parameter ``before`` (default: at the end) and without
+    ``exclude``; any other keyword is refused with Python's own TypeError. ``{score_options}``
+    in its docstring becomes their names (a parameter line that refers to another function).
+    ``wrap=False`` only sets the signature: the function checks its keywords itself.
+    """
+    def decorate(fn):
+        sig = inspect.signature(fn)
+        own = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        opts = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d)
+                for n, d in SCORE_OPTIONS.items() if n not in exclude]
+        at = next((i for i, p in enumerate(own) if p.name == before), len(own))
+        allowed = frozenset(p.name for p in own) | {p.name for p in opts}
+
+        if not wrap:
+            fn.__signature__ = sig.replace(parameters=[*own[:at], *opts, *own[at:]])
+            return fn
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if not kwargs.keys() <= allowed:
+                key = next(iter(kwargs.keys() - allowed))
+                raise TypeError(f"{fn.__name__}() got an unexpected keyword argument '{key}'")
+            return fn(*args, **kwargs)
+
+        wrapper.__signature__ = sig.replace(parameters=[*own[:at], *opts, *own[at:]])
+        if fn.__doc__:
+            wrapper.__doc__ = fn.__doc__.replace("{score_options}",
+                                                 ", ".join(p.name for p in opts))
+        return wrapper
+
+    return decorate
+
+
 @dataclass(frozen=True)
 class AttnProblem:
-    """Everything a backend needs to know about one attention call, shapes and options."""
+    """Everything a backend needs to know about one attention call: shapes, dtypes and the
+    validated score options, operands (mask, bias, ALiBi slopes) included -- the one
+    parameter block that travels whole from the public function to the kernels."""
 
     xp: Any
     batch: tuple  # leading batch dims
@@ -240,10 +299,45 @@ class AttnProblem:
     causal: bool
     window: tuple | None
     softcap: float | None
-    has_mask: bool
-    has_bias: bool
-    has_alibi: bool
     heads_axis: bool = True  # False for 2-D (seq, head_dim) inputs: one head, no head axis
+    # The operands, as the caller passed them (checked, never copied): not part of the
+    # problem's identity (equality, hash, repr).
+    mask: Any = field(default=None, compare=False, repr=False)
+    bias: Any = field(default=None, compare=False, repr=False)
+    alibi_slopes: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def has_mask(self) -> bool:
+        return self.mask is not None
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bias is not None
+
+    @property
+    def has_alibi(self) -> bool:
+        return self.alibi_slopes is not None
+
+    @property
+    def has_score_mods(self) -> bool:
+        """Whether any score is modified beyond the visibility rules (causal, window): the
+        kernels' ``mods`` variant, the CPU tiles that go through apply_score_mods."""
+        if self.softcap is not None:
+            return True
+        for name in OPERANDS:  # a plain loop: this runs on every call
+            if getattr(self, name) is not None:
+                return True
+        return False
+
+    def operands(self) -> dict:
+        """Every operand option (see OPERANDS) by name, None where absent."""
+        return {name: getattr(self, name) for name in OPERANDS}
+
+    def operand_shape(self, name) -> tuple:
+        """The shape the operand ``name`` broadcasts to."""
+        if OPERANDS[name] == "scores":
+            return self.score_shape
+        return (*self.batch, self.hq)
 
     @property
     def group(self) -> int:
@@ -272,25 +366,18 @@ class AttnProblem:
         return (*self._lead, self.sq)
 
 
-def validate_attention(
-    q,
-    k,
-    v,
-    *,
-    causal=False,
-    window=None,
-    mask=None,
-    bias=None,
-    alibi_slopes=None,
-    softcap=None,
-    scale=None,
-    extra=(),
-) -> AttnProblem:
-    """Check q/k/v and the shared options of every exact-attention function.
+@score_options(before="extra", wrap=False)
+def validate_attention(q, k, v, *, extra=(), **score) -> AttnProblem:
+    """Check q/k/v and the score options of every exact-attention function.
 
     ``extra`` is a sequence of ``(name, array)`` pairs (dout, out, lse, ...) that must share the
     namespace and device of q/k/v; their shapes are checked by the caller.
     """
+    if not score.keys() <= SCORE_OPTIONS.keys():
+        key = next(iter(score.keys() - SCORE_OPTIONS.keys()))
+        raise TypeError(f"validate_attention() got an unexpected keyword argument '{key}'")
+    opts = {**SCORE_OPTIONS, **score}
+    mask, bias, alibi_slopes = opts["mask"], opts["bias"], opts["alibi_slopes"]
     names = ("q", "k", "v", "mask", "bias", "alibi_slopes") + tuple(n for n, _ in extra)
     arrays = (q, k, v, mask, bias, alibi_slopes) + tuple(a for _, a in extra)
     required = names[:3] + names[6:]
@@ -347,13 +434,13 @@ def validate_attention(
     if d == 0 or dv == 0:
         raise ValueError(f"head_dim must be positive, got q {q.shape}, v {v.shape}")
 
-    if scale is None:
+    if opts["scale"] is None:
         scale_f = 1.0 / math.sqrt(d)
     else:
-        scale_f = check_scalar("scale", scale)
-    softcap = check_scalar("softcap", softcap)
-    check_bool("causal", causal)
-    window = normalize_window(window)
+        scale_f = check_scalar("scale", opts["scale"])
+    softcap = check_scalar("softcap", opts["softcap"])
+    causal = check_bool("causal", opts["causal"])
+    window = normalize_window(opts["window"])
 
     score_shape = (*batch, hq, sq, sk) if q.ndim > 2 else (sq, sk)
     if mask is not None:
@@ -379,24 +466,9 @@ def validate_attention(
             )
 
     return AttnProblem(
-        xp=xp,
-        batch=batch,
-        hq=hq,
-        hkv=hkv,
-        sq=sq,
-        sk=sk,
-        d=d,
-        dv=dv,
-        dtype=np.dtype(q.dtype),
-        cdtype=compute_dtype(q.dtype),
-        scale=scale_f,
-        causal=bool(causal),
-        window=window,
-        softcap=softcap,
-        has_mask=mask is not None,
-        has_bias=bias is not None,
-        has_alibi=alibi_slopes is not None,
-        heads_axis=q.ndim > 2,
+        xp=xp, batch=batch, hq=hq, hkv=hkv, sq=sq, sk=sk, d=d, dv=dv, dtype=np.dtype(q.dtype),
+        cdtype=compute_dtype(q.dtype), scale=scale_f, causal=causal, window=window,
+        softcap=softcap, heads_axis=q.ndim > 2, mask=mask, bias=bias, alibi_slopes=alibi_slopes,
     )
 
 

@@ -763,6 +763,16 @@ class _Differentiator:
                      else "0.0") for x, y in zip(ta or z, tb or z, strict=True)]
         return self.new(name, tans)
 
+    def select(self, cond, x, tx, y, ty):
+        """``x if cond else y`` and its tangents, the condition evaluated once."""
+        z = ["0.0"] * self.n
+        c = f"_xa_c{self.tmp}"
+        self.tmp += 1
+        self.emit(f"{c} = {cond}")
+        tans = [u if u == w else f"({u} if {c} else {w})"
+                for u, w in zip(tx or z, ty or z, strict=True)]
+        return self.new(f"({x} if {c} else {y})", tans)
+
     def call(self, node):
         if node.keywords:
             self.fail(node, "keyword arguments in calls")
@@ -784,23 +794,13 @@ class _Differentiator:
             return self.new(name, [_mul(d, t) for t in tx])
         if fname in _MINMAX and len(args) == 2:
             (x, tx), (y, ty) = args
-            c = f"_xa_c{self.tmp}"
-            self.tmp += 1
-            self.emit(f"{c} = {x} {_MINMAX[fname]} {y}")
-            tans = [u if u == w else f"({u} if {c} else {w})"
-                    for u, w in zip(tx or z, ty or z, strict=True)]
-            return self.new(f"({x} if {c} else {y})", tans)
+            return self.select(f"{x} {_MINMAX[fname]} {y}", x, tx, y, ty)
         if fname in _POW and len(args) == 2:
             (x, tx), (y, ty) = args
             return self.power(x, tx, y, ty, node)
         if fname == "where" and len(args) == 3:
             (c0, _), (x, tx), (y, ty) = args
-            c = f"_xa_c{self.tmp}"
-            self.tmp += 1
-            self.emit(f"{c} = {c0}")
-            tans = [u if u == w else f"({u} if {c} else {w})"
-                    for u, w in zip(tx or z, ty or z, strict=True)]
-            return self.new(f"({x} if {c} else {y})", tans)
+            return self.select(c0, x, tx, y, ty)
         self.fail(node, f"a call to {fname or func}() with a differentiable argument "
                         f"(supported: {', '.join(sorted({*_D1, *_MINMAX, *_POW, 'where'}))})")
 

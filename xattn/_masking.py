@@ -50,7 +50,9 @@ __all__ = [
     "key_range",
     "no_pairs",
     "nonfinite_rows",
+    "score_operands",
     "tile_is_full",
+    "tile_mods",
     "tile_visibility",
 ]
 
@@ -368,6 +370,49 @@ def apply_score_mods(
     if mask is not None:
         xp.copyto(s, -math.inf, where=~mask)
     return s
+
+
+def score_operands(xp, prob, shape=None, *, cast=True):
+    """The problem's operands with one axis per axis of ``shape`` (default: its score shape;
+    size 1 where an operand broadcasts, never broadcast in memory): apply_score_mods's
+    ``mask``, ``bias`` and ``slopes`` (``(..., 1, 1)``), None where absent. ``cast``: float
+    operands in the compute dtype now (one copy of each, reused by every tile); otherwise
+    :func:`tile_mods` casts each tile (standard_attention, whose memory bound counts no
+    whole copy). Every caller takes its tiles with :func:`tile_mods`, so an operand added here
+    reaches every path."""
+    ops = prob.operands()
+    if ops["mask"] is None and ops["bias"] is None and ops["alibi_slopes"] is None:
+        return {"mask": None, "bias": None, "slopes": None}
+    shape = tuple(prob.score_shape if shape is None else shape)
+    if cast:
+        ops = {n: x if x is None or x.dtype == np.bool_ else x.astype(prob.cdtype, copy=False)
+               for n, x in ops.items()}
+    slopes = ops["alibi_slopes"]
+    if slopes is not None:  # one slope per (batch, head): constant over a head's scores
+        lead = len(shape) - 2
+        slopes = (slopes.reshape(1, 1) if slopes.ndim > lead  # 2-D inputs: one head
+                  else slopes.reshape((1,) * (lead - slopes.ndim) + slopes.shape + (1, 1)))
+    named = {"mask": ops["mask"], "bias": ops["bias"], "slopes": slopes}
+    return {n: None if x is None else x.reshape((1,) * (len(shape) - x.ndim) + x.shape)
+            for n, x in named.items()}
+
+
+def tile_mods(prob, operands, index, q0, k0, full=False):
+    """apply_score_mods's keywords for one tile of ``prob``: the tile ``index`` (one int or
+    slice per axis) of each :func:`score_operands` array, its first query ``q0`` and key
+    ``k0``; ``full`` says the causal/window element test can be skipped (the tile is wholly
+    visible). Axes where an operand broadcasts stay size 1, and float operands are cast to
+    the compute dtype tile by tile (a 16-bit bias is never copied whole, nor broadcast)."""
+    kw = dict(q0=q0, k0=k0, sq=prob.sq, sk=prob.sk, causal=prob.causal and not full,
+              window=None if full else prob.window, softcap=prob.softcap)
+    for name, x in operands.items():
+        if x is not None:
+            x = x[tuple(i if n != 1 else 0 if isinstance(i, int) else slice(None)
+                        for n, i in zip(x.shape, index, strict=True))]
+            if x.dtype != np.bool_:
+                x = x.astype(prob.cdtype, copy=False)
+        kw[name] = x
+    return kw
 
 
 # Plans kept by tile_plan, in (estimated) bytes: a plan of a 1M-long non-causal problem has

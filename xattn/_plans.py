@@ -215,31 +215,19 @@ def window_plan(prob):
     return stripped, {"plan": plan, "element_rule": ElementRule(bm, partial, np)}
 
 
-def _batch_item(xp, prob, x, idx, kind):
-    """The batch element ``idx`` of an optional mask/bias/slopes argument."""
-    if x is None:
-        return None
-    if kind == "slopes":
-        return x[idx] if x.ndim > 1 else x
-    full = xp.broadcast_to(x, prob.score_shape)
-    return full[idx]
-
-
 def per_batch(fn, prob, block_mask, arrays, options, *, backward=False):
     """Run ``fn`` (flash_attention or its backward) once per batch element of a batched
-    BlockMask, each with that element's mask, and gather the results."""
+    BlockMask, each with that element's mask and operands, and gather the results."""
     check_block_mask(prob, block_mask)
     xp = prob.xp
-    mask, bias, slopes = (options.pop(n) for n in ("mask", "bias", "alibi_slopes"))
+    operands = {name: xp.broadcast_to(x, prob.operand_shape(name))
+                for name, x in prob.operands().items() if x is not None}
     results = None
     for idx in np.ndindex(*prob.batch):
         res = fn(
             *(a[idx] for a in arrays),
-            mask=_batch_item(xp, prob, mask, idx, "mask"),
-            bias=_batch_item(xp, prob, bias, idx, "bias"),
-            alibi_slopes=_batch_item(xp, prob, slopes, idx, "slopes"),
             block_mask=block_mask[idx],
-            **options,
+            **{**options, **{name: x[idx] for name, x in operands.items()}},
         )
         res = res if isinstance(res, tuple) else (res,)
         if results is None:

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from . import _backends, _masking, _plans
-from ._array import check_bool, check_same_shape, dlpack_interop, validate_attention
+from ._array import (
+    check_bool,
+    check_same_shape,
+    dlpack_interop,
+    score_options,
+    validate_attention,
+)
 
 __all__ = ["flash_attention", "flash_attention_backward"]
 
@@ -12,25 +18,24 @@ def _options(prob):
     return {}
 
 
+def _route(prob, block_mask):
+    """``(prob, opts, kwargs)``: the problem, the options the table decides on and the
+    backend's keyword arguments, for a dense call, a window (a block-sparse plan of its band,
+    O(S * window) work) or one block mask (not a batched one: see _plans.per_batch)."""
+    if block_mask is not None:
+        sparse = _plans.plan_options(prob, block_mask)
+        return prob, {**_options(prob), **sparse, "block_mask": block_mask}, sparse
+    if prob.window is not None and not _masking.no_pairs(prob):
+        prob, sparse = _plans.window_plan(prob)
+    else:
+        sparse = {}
+    return prob, {**_options(prob), **sparse}, sparse
+
+
 @dlpack_interop
-def flash_attention(
-    q,
-    k,
-    v,
-    /,
-    *,
-    causal=False,
-    window=None,
-    mask=None,
-    bias=None,
-    alibi_slopes=None,
-    softcap=None,
-    scale=None,
-    block_mask=None,
-    return_lse=False,
-    allow_tf32=False,
-    backend="auto",
-):
+@score_options(before="block_mask")
+def flash_attention(q, k, v, /, *, block_mask=None, return_lse=False, allow_tf32=False,
+                    backend="auto", **score):
     """Exact attention computed tile by tile, never holding an ``Sq x Sk`` matrix.
 
     Computes the same function as :func:`xattn.standard_attention` (see it for every option)
@@ -41,7 +46,7 @@ def flash_attention(
     ----------
     q, k, v : arrays ``(..., Hq, Sq, D)``, ``(..., Hkv, Sk, D)``, ``(..., Hkv, Sk, Dv)``
         NumPy or CuPy; float16, bfloat16, float32 or float64. GQA/MQA when ``Hkv < Hq``.
-    causal, window, mask, bias, alibi_slopes, softcap, scale
+    {score_options}
         As in :func:`xattn.standard_attention`.
     block_mask : xattn.BlockMask, optional
         Structured sparsity (see :func:`xattn.block_sparse_attention`): only the mask's
@@ -76,64 +81,25 @@ def flash_attention(
     >>> out.shape, lse.dtype.name, bool(np.allclose(out, ref, atol=1e-5))
     ((4, 300, 64), 'float32', True)
     """
-    prob = validate_attention(
-        q,
-        k,
-        v,
-        causal=causal,
-        window=window,
-        mask=mask,
-        bias=bias,
-        alibi_slopes=alibi_slopes,
-        softcap=softcap,
-        scale=scale,
-    )
+    prob = validate_attention(q, k, v, **score)
     allow_tf32 = check_bool("allow_tf32", allow_tf32)
     return_lse = check_bool("return_lse", return_lse)
-    opts, sparse = _options(prob), {}
-    if block_mask is not None:
-        if getattr(block_mask, "batch_shape", ()):  # one mask per batch element
-            options = dict(causal=causal, window=window, mask=mask, bias=bias,
-                           alibi_slopes=alibi_slopes, softcap=softcap, scale=scale,
-                           return_lse=return_lse, allow_tf32=allow_tf32, backend=backend)
-            return _plans.per_batch(flash_attention, prob, block_mask, (q, k, v), options)
-        sparse = _plans.plan_options(prob, block_mask)
-        opts = {**opts, **sparse, "block_mask": block_mask}
-    elif window is not None and not _masking.no_pairs(prob):  # O(S * window) work
-        prob, sparse = _plans.window_plan(prob)
-        opts = {**_options(prob), **sparse}
+    if getattr(block_mask, "batch_shape", ()):  # one mask per batch element
+        options = dict(score, return_lse=return_lse, allow_tf32=allow_tf32, backend=backend)
+        return _plans.per_batch(flash_attention, prob, block_mask, (q, k, v), options)
+    prob, opts, sparse = _route(prob, block_mask)
     if allow_tf32:
         opts["allow_tf32"] = True
     impl = _backends.select(prob, opts, backend, op="forward")
-    out, lse = impl.forward(
-        prob, q, k, v, mask=mask, bias=bias, alibi_slopes=alibi_slopes,
-        block_mask=block_mask, allow_tf32=allow_tf32, **sparse
-    )
+    out, lse = impl.forward(prob, q, k, v, block_mask=block_mask, allow_tf32=allow_tf32,
+                            **sparse)
     return (out, lse) if return_lse else out
 
 
 @dlpack_interop
-def flash_attention_backward(
-    dout,
-    q,
-    k,
-    v,
-    out,
-    lse,
-    /,
-    *,
-    causal=False,
-    window=None,
-    mask=None,
-    bias=None,
-    alibi_slopes=None,
-    softcap=None,
-    scale=None,
-    block_mask=None,
-    deterministic=False,
-    return_dbias=False,
-    backend="auto",
-):
+@score_options(before="block_mask")
+def flash_attention_backward(dout, q, k, v, out, lse, /, *, block_mask=None,
+                             deterministic=False, return_dbias=False, backend="auto", **score):
     """Gradient of flash attention: ``(dq, dk, dv)`` for the upstream gradient ``dout``.
 
     Recomputes the scores tile by tile from the forward pass's ``lse`` (no ``Sq x Sk`` matrix
@@ -179,19 +145,8 @@ def flash_attention_backward(
     >>> bool(np.allclose(dv.sum(axis=-2), 50.0))   # each query's weights sum to one
     True
     """
-    prob = validate_attention(
-        q,
-        k,
-        v,
-        causal=causal,
-        window=window,
-        mask=mask,
-        bias=bias,
-        alibi_slopes=alibi_slopes,
-        softcap=softcap,
-        scale=scale,
-        extra=(("dout", dout), ("out", out), ("lse", lse)),
-    )
+    prob = validate_attention(q, k, v, extra=(("dout", dout), ("out", out), ("lse", lse)),
+                              **score)
     check_same_shape("dout", dout, prob.out_shape)
     check_same_shape("out", out, prob.out_shape)
     check_same_shape("lse", lse, prob.lse_shape)
@@ -202,37 +157,28 @@ def flash_attention_backward(
         )
     deterministic = check_bool("deterministic", deterministic)
     return_dbias = check_bool("return_dbias", return_dbias)
+    bias = prob.bias
     want_dbias = return_dbias and bias is not None
-    opts, sparse = _options(prob), {}
-    if block_mask is not None:
-        if getattr(block_mask, "batch_shape", ()):  # one mask per batch element
-            options = dict(causal=causal, window=window, mask=mask, bias=bias,
-                           alibi_slopes=alibi_slopes, softcap=softcap, scale=scale,
-                           deterministic=deterministic, return_dbias=want_dbias,
-                           backend=backend)
-            res = _plans.per_batch(flash_attention_backward, prob, block_mask,
-                                    (dout, q, k, v, out, lse), options, backward=True)
-            if not return_dbias:
-                return res
-            if not want_dbias:
-                return (*res, None)
-            # Each element's dbias has the full score shape there: sum to the bias's shape.
-            return (*res[:3], _sum_to(res[3], bias.shape).astype(bias.dtype, copy=False))
-        sparse = _plans.plan_options(prob, block_mask)
-        opts = {**opts, **sparse, "block_mask": block_mask}
-    elif window is not None and not _masking.no_pairs(prob):  # O(S * window) work
-        prob, sparse = _plans.window_plan(prob)
-        opts = {**_options(prob), **sparse}
+    if getattr(block_mask, "batch_shape", ()):  # one mask per batch element
+        options = dict(score, deterministic=deterministic, return_dbias=want_dbias,
+                       backend=backend)
+        res = _plans.per_batch(flash_attention_backward, prob, block_mask,
+                               (dout, q, k, v, out, lse), options, backward=True)
+        if not return_dbias:
+            return res
+        if not want_dbias:
+            return (*res, None)
+        # Each element's dbias has the full score shape there: sum to the bias's shape.
+        return (*res[:3], _sum_to(res[3], bias.shape).astype(bias.dtype, copy=False))
+    prob, opts, sparse = _route(prob, block_mask)
     if deterministic:
         opts["deterministic"] = True
     if want_dbias:
         opts["return_dbias"] = True
         sparse = {**sparse, "return_dbias": True}
     impl = _backends.select(prob, opts, backend, op="backward")
-    res = impl.backward(
-        prob, dout, q, k, v, out, lse, mask=mask, bias=bias, alibi_slopes=alibi_slopes,
-        block_mask=block_mask, deterministic=deterministic, **sparse,
-    )
+    res = impl.backward(prob, dout, q, k, v, out, lse, block_mask=block_mask,
+                        deterministic=deterministic, **sparse)
     if not return_dbias:
         return res
     if not want_dbias:

@@ -11,7 +11,7 @@ and the call's own ``causal``/``window`` options (``block_plan``, ``window_plan`
 
 from __future__ import annotations
 
-from ._array import dlpack_interop, validate_attention
+from ._array import dlpack_interop, score_options, validate_attention
 from ._blockmask import DEFAULT_BLOCK_SIZE, BlockMask, global_token_flags
 from ._plans import (  # noqa: F401 - re-exported for existing callers
     ElementRule,
@@ -34,9 +34,9 @@ __all__ = [
 
 
 @dlpack_interop
-def block_sparse_attention(q, k, v, block_mask, /, *, causal=False, window=None, mask=None,
-                           bias=None, alibi_slopes=None, softcap=None, scale=None,
-                           return_lse=False, backend="auto"):
+@score_options(before="return_lse")
+def block_sparse_attention(q, k, v, block_mask, /, *, return_lse=False, backend="auto",
+                           **score):
     """Exact attention restricted to a :class:`BlockMask`, visiting only its visible blocks.
 
     The same as ``flash_attention(q, k, v, block_mask=block_mask, ...)``: every option of
@@ -49,7 +49,7 @@ def block_sparse_attention(q, k, v, block_mask, /, *, causal=False, window=None,
     q, k, v : arrays ``(..., Hq, Sq, D)``, ``(..., Hkv, Sk, D)``, ``(..., Hkv, Sk, Dv)``
     block_mask : BlockMask
         Built for ``q_len=Sq``, ``k_len=Sk``; a batched mask must match the batch dims.
-    causal, window, mask, bias, alibi_slopes, softcap, scale, return_lse, backend
+    {score_options}, return_lse, backend
         As in :func:`xattn.flash_attention`.
 
     Returns
@@ -69,15 +69,12 @@ def block_sparse_attention(q, k, v, block_mask, /, *, causal=False, window=None,
     """
     if not isinstance(block_mask, BlockMask):
         raise TypeError(f"block_mask: expected an xattn.BlockMask, got {type(block_mask).__name__}")
-    return flash_attention(
-        q, k, v, causal=causal, window=window, mask=mask, bias=bias, alibi_slopes=alibi_slopes,
-        softcap=softcap, scale=scale, block_mask=block_mask, return_lse=return_lse,
-        backend=backend,
-    )
+    return flash_attention(q, k, v, block_mask=block_mask, return_lse=return_lse,
+                           backend=backend, **score)
 
 
-def _self_attention_len(name, q, k, v, options):
-    prob = validate_attention(q, k, v, **options)
+def _self_attention_len(name, q, k, v, score):
+    prob = validate_attention(q, k, v, **score)
     if prob.sq != prob.sk:
         raise ValueError(
             f"{name}: expected self-attention (equal query and key lengths), got q "
@@ -87,9 +84,9 @@ def _self_attention_len(name, q, k, v, options):
 
 
 @dlpack_interop
+@score_options(before="return_lse", exclude=("causal", "window"))
 def longformer_attention(q, k, v, /, *, window, global_tokens, block_size=DEFAULT_BLOCK_SIZE,
-                         mask=None, bias=None, alibi_slopes=None, softcap=None, scale=None,
-                         return_lse=False, backend="auto"):
+                         return_lse=False, backend="auto", **score):
     """Longformer attention (Hugging Face semantics): sliding window plus global tokens.
 
     Query ``i`` sees key ``j`` iff ``|i - j| <= window // 2``, or ``i`` is a global token
@@ -109,7 +106,7 @@ def longformer_attention(q, k, v, /, *, window, global_tokens, block_size=DEFAUL
         tokens per batch element (the inputs' leading dims).
     block_size : int
         Block size of the underlying :meth:`BlockMask.longformer`.
-    mask, bias, alibi_slopes, softcap, scale, return_lse, backend
+    {score_options}, return_lse, backend
         As in :func:`xattn.flash_attention`.
 
     Returns
@@ -126,20 +123,18 @@ def longformer_attention(q, k, v, /, *, window, global_tokens, block_size=DEFAUL
     >>> bool(np.allclose(out, xattn.standard_attention(q, k, v, mask=bm.to_dense())))
     True
     """
-    options = dict(mask=mask, bias=bias, alibi_slopes=alibi_slopes, softcap=softcap,
-                   scale=scale)
-    prob = _self_attention_len("longformer_attention", q, k, v, options)
+    prob = _self_attention_len("longformer_attention", q, k, v, score)
     flags = global_token_flags(global_tokens, prob.sq, prob.batch if prob.heads_axis else ())
     bm = BlockMask.longformer(prob.sq, window=window, global_tokens=flags,
                               block_size=block_size)
     return flash_attention(q, k, v, block_mask=bm, return_lse=return_lse, backend=backend,
-                           **options)
+                           **score)
 
 
 @dlpack_interop
+@score_options(before="return_lse", exclude=("causal", "window"))
 def bigbird_attention(q, k, v, /, *, block_size=64, window_blocks=3, global_blocks=1,
-                      random_blocks=3, seed=None, mask=None, bias=None, alibi_slopes=None,
-                      softcap=None, scale=None, return_lse=False, backend="auto"):
+                      random_blocks=3, seed=None, return_lse=False, backend="auto", **score):
     """BigBird (ITC) block-sparse attention under ``BlockMask.bigbird(S, ...)``.
 
     The first and last ``global_blocks`` blocks attend everywhere and are attended by all; a
@@ -156,7 +151,7 @@ def bigbird_attention(q, k, v, /, *, block_size=64, window_blocks=3, global_bloc
     q, k, v : arrays ``(..., Hq, S, D)``, ``(..., Hkv, S, D)``, ``(..., Hkv, S, Dv)``
     block_size, window_blocks, global_blocks, random_blocks, seed
         As in :meth:`BlockMask.bigbird`.
-    mask, bias, alibi_slopes, softcap, scale, return_lse, backend
+    {score_options}, return_lse, backend
         As in :func:`xattn.flash_attention`.
 
     Returns
@@ -173,10 +168,8 @@ def bigbird_attention(q, k, v, /, *, block_size=64, window_blocks=3, global_bloc
     >>> bool(np.allclose(out, xattn.standard_attention(q, k, v, mask=bm.to_dense())))
     True
     """
-    options = dict(mask=mask, bias=bias, alibi_slopes=alibi_slopes, softcap=softcap,
-                   scale=scale)
-    prob = _self_attention_len("bigbird_attention", q, k, v, options)
+    prob = _self_attention_len("bigbird_attention", q, k, v, score)
     bm = BlockMask.bigbird(prob.sq, block_size=block_size, window_blocks=window_blocks,
                            global_blocks=global_blocks, random_blocks=random_blocks, seed=seed)
     return flash_attention(q, k, v, block_mask=bm, return_lse=return_lse, backend=backend,
-                           **options)
+                           **score)

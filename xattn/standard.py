@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from . import _masking
-from ._array import check_bool, check_int, dlpack_interop, validate_attention
+from ._array import check_bool, check_int, dlpack_interop, score_options, validate_attention
 
 __all__ = ["DEFAULT_MAX_SCORE_BYTES", "standard_attention"]
 
@@ -37,8 +37,7 @@ def _working_bytes(prob, return_weights, n_bad):
     rows = math.prod(prob.score_shape[:-1])
     score = rows * prob.sk * prob.cdtype.itemsize
     need = score + rows * n_bad
-    if (prob.causal or prob.window is not None or prob.has_mask or prob.has_bias
-            or prob.has_alibi):
+    if prob.causal or prob.window is not None or prob.has_score_mods:
         need += score // _MOD_FRACTION
     if return_weights and prob.dtype != prob.cdtype:
         need += rows * prob.sk * prob.dtype.itemsize
@@ -51,13 +50,6 @@ def _mod_rows(prob, need):
     per_row = max(1, math.prod(prob.score_shape[:-2]) * prob.sk * prob.cdtype.itemsize)
     budget = max(2**20, need // (2 * _MOD_FRACTION))
     return max(1, budget // per_row)
-
-
-def _row_block(x, q0, q1):
-    """Rows ``[q0, q1)`` of a mask/bias broadcastable to the scores (a view)."""
-    if x.ndim >= 2 and x.shape[-2] != 1:
-        return x[..., q0:q1, :]
-    return x
 
 
 def _visible_output(xp, prob, s, vg, bad, vis):
@@ -78,23 +70,9 @@ def _visible_output(xp, prob, s, vg, bad, vis):
 
 @dlpack_interop
 @_masking.quiet
-def standard_attention(
-    q,
-    k,
-    v,
-    /,
-    *,
-    causal=False,
-    window=None,
-    mask=None,
-    bias=None,
-    alibi_slopes=None,
-    softcap=None,
-    scale=None,
-    return_lse=False,
-    return_weights=False,
-    max_score_bytes=None,
-):
+@score_options(before="return_lse")
+def standard_attention(q, k, v, /, *, return_lse=False, return_weights=False,
+                       max_score_bytes=None, **score):
     """Textbook attention ``softmax(scale * q k^T + mods) v`` with the full score matrix.
 
     O(Sq * Sk) memory: this is the implementation that can return the attention weights, and the
@@ -155,18 +133,7 @@ def standard_attention(
     >>> bool(np.allclose(w.sum(-1), 1)), float(w[0, 0, 0, 1])   # causal: row 0 sees key 0
     (True, 0.0)
     """
-    prob = validate_attention(
-        q,
-        k,
-        v,
-        causal=causal,
-        window=window,
-        mask=mask,
-        bias=bias,
-        alibi_slopes=alibi_slopes,
-        softcap=softcap,
-        scale=scale,
-    )
+    prob = validate_attention(q, k, v, **score)
     return_lse = check_bool("return_lse", return_lse)
     return_weights = check_bool("return_weights", return_weights)
     xp, cd = prob.xp, prob.cdtype
@@ -193,11 +160,9 @@ def standard_attention(
     s *= cd.type(prob.scale)
     s = s.reshape(prob.score_shape)
 
-    slopes = None
-    if alibi_slopes is not None:
-        slopes = alibi_slopes.astype(cd)[..., None, None]
-        if not prob.heads_axis:
-            slopes = slopes.reshape(1, 1)
+    operands = _masking.score_operands(xp, prob, cast=False)  # cast by blocks of rows
+    lead = (slice(None),) * (len(prob.score_shape) - 2)
+    modified = prob.causal or prob.window is not None or prob.has_score_mods
     vis = None
     # Score mods by blocks of rows: their temporaries (ALiBi distances, masks) stay a small
     # fraction of the score matrix instead of as large again.
@@ -205,21 +170,13 @@ def standard_attention(
     for q0 in range(0, prob.sq, step):
         q1 = min(q0 + step, prob.sq)
         rows = s[..., q0:q1, :]
-        _masking.apply_score_mods(
-            xp,
-            rows,
-            q0=q0,
-            k0=0,
-            sq=prob.sq,
-            sk=prob.sk,
-            causal=prob.causal,
-            window=prob.window,
-            softcap=prob.softcap,
-            bias=None if bias is None else _row_block(bias, q0, q1).astype(cd, copy=False),
-            slopes=slopes,
-            mask=None if mask is None else _row_block(mask, q0, q1),
-            cache_masks=False,  # one mask per block of rows: rebuilt, never kept
-        )
+        if modified:
+            _masking.apply_score_mods(
+                xp,
+                rows,
+                **_masking.tile_mods(prob, operands, lead + (slice(q0, q1), slice(None)), q0, 0),
+                cache_masks=False,  # one mask per block of rows: rebuilt, never kept
+            )
         if bad is not None:
             if vis is None:
                 vis = xp.empty((*prob.score_shape[:-1], int(bad.size)), dtype=bool)

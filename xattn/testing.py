@@ -7,12 +7,10 @@ forms the full score matrix in float64 on the host and applies the rules of
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from . import _masking
-from ._array import _is_bfloat16, is_cupy, normalize_window
+from ._array import _is_bfloat16, is_cupy, score_options, validate_attention
 
 __all__ = [
     "assert_close",
@@ -41,52 +39,26 @@ def _expand_heads(x, hq):
     return np.repeat(x, hq // hkv, axis=-3)
 
 
-def _scores(q, k, *, causal=False, window=None, mask=None, bias=None, alibi_slopes=None,
-            softcap=None, scale=None):
-    """Final float64 scores ``(..., Hq, Sq, Sk)`` and, with softcap, ``tanh`` of the raw ones."""
-    q = to_numpy(q)
-    k = _expand_heads(to_numpy(k), q.shape[-3] if q.ndim > 2 else 1)
-    sq, sk, d = q.shape[-2], k.shape[-2], q.shape[-1]
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+def _scores(q, k, **options):
+    """Final float64 scores ``(..., Hq, Sq, Sk)``, with softcap ``tanh`` of the raw ones (else
+    None), and the scale. The options are validated as the public functions validate them,
+    on float64 host copies."""
+    host = {n: to_numpy(x, bool if n == "mask" else np.float64) if hasattr(x, "dtype") else x
+            for n, x in options.items()}
+    q, k = to_numpy(q), to_numpy(k)
+    prob = validate_attention(q, k, k, **host)
+    k = _expand_heads(k, prob.hq if prob.heads_axis else 1)
     with np.errstate(invalid="ignore", over="ignore"):  # garbage in hidden keys is fine
-        s = (q @ np.swapaxes(k, -1, -2)) * scale
-    slopes = None
-    if alibi_slopes is not None:
-        slopes = to_numpy(alibi_slopes)[..., None, None]
-        if q.ndim == 2:
-            slopes = slopes.reshape(1, 1)
-    t = np.empty_like(s) if softcap is not None else None
-    s = _masking.apply_score_mods(
-        np,
-        s,
-        q0=0,
-        k0=0,
-        sq=sq,
-        sk=sk,
-        causal=causal,
-        window=normalize_window(window),
-        softcap=softcap,
-        bias=to_numpy(bias),
-        slopes=slopes,
-        mask=None if mask is None else to_numpy(mask, bool),
-        tanh_out=t,
-    )
-    return s, t, scale
+        s = (q @ np.swapaxes(k, -1, -2)) * prob.scale
+    t = np.empty_like(s) if prob.softcap is not None else None
+    whole = (slice(None),) * len(prob.score_shape)
+    mods = _masking.tile_mods(prob, _masking.score_operands(np, prob), whole, 0, 0)
+    s = _masking.apply_score_mods(np, s, **mods, tanh_out=t)
+    return s, t, prob.scale
 
 
-def reference_attention(
-    q,
-    k,
-    v,
-    *,
-    causal=False,
-    window=None,
-    mask=None,
-    bias=None,
-    alibi_slopes=None,
-    softcap=None,
-    scale=None,
-):
+@score_options()
+def reference_attention(q, k, v, **options):
     """Exact attention in float64 on the host.
 
     Returns ``(out, lse, weights)``: ``out`` is ``(..., Hq, Sq, Dv)``, ``lse`` ``(..., Hq, Sq)``
@@ -102,17 +74,7 @@ def reference_attention(
     >>> w[0].round(3).tolist()        # bottom-right: query 0 sits at key position 1
     [0.5, 0.5, 0.0]
     """
-    s, _, _ = _scores(
-        q,
-        k,
-        causal=causal,
-        window=window,
-        mask=mask,
-        bias=bias,
-        alibi_slopes=alibi_slopes,
-        softcap=softcap,
-        scale=scale,
-    )
+    s, _, _ = _scores(q, k, **options)
     v = _expand_heads(to_numpy(v), s.shape[-3] if s.ndim > 2 else 1)
     w, lse = _softmax(s)
     return _pair_matmul(w, v, s != -np.inf), lse, w
@@ -185,25 +147,37 @@ def reference_attention_backward(dout, q, k, v, **options):
     return dq, fold(dk), fold(dv)
 
 
+def _rounder(dtype):
+    """float32 values rounded through ``dtype``, as a naive implementation stores them."""
+    dtype = np.dtype(dtype)
+
+    def rnd(x):
+        return np.asarray(x, np.float32).astype(dtype).astype(np.float32)
+
+    return rnd
+
+
+def _naive_weights(s, rnd):
+    """Softmax weights of the float64 scores ``s`` with the scores and weights rounded by
+    ``rnd`` (rows with no visible key: 0)."""
+    s = rnd(s.astype(np.float32))
+    m = s.max(axis=-1, keepdims=True, initial=-np.inf)
+    m = np.where(np.isfinite(m), m, 0.0)
+    p = np.exp(s - m)
+    den = p.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return rnd(np.where(den > 0, p / den, 0.0))
+
+
 def naive_attention(q, k, v, **options):
     """Textbook attention in the inputs' own precision (the baseline for 16-bit tolerances).
 
     Scores, softmax weights and the output are each rounded to the input dtype, as a naive
     implementation on 16-bit arrays would store them; the sums themselves run in float32.
     """
-    dtype = np.dtype(q.dtype)
-
-    def rnd(x):
-        return x.astype(dtype).astype(np.float32)
-
+    rnd = _rounder(q.dtype)
     s, _, _ = _scores(q, k, **options)
-    s = rnd(s.astype(np.float32))
-    m = s.max(axis=-1, keepdims=True, initial=-np.inf)
-    m = np.where(np.isfinite(m), m, 0.0)
-    p = np.exp(s - m)
-    denom = p.sum(axis=-1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        w = rnd(np.where(denom > 0, p / denom, 0.0))
+    w = _naive_weights(s, rnd)
     ve = _expand_heads(to_numpy(v, np.float32), s.shape[-3] if s.ndim > 2 else 1)
     return rnd(w @ ve).astype(np.float64)
 
@@ -215,19 +189,9 @@ def naive_attention_backward(dout, q, k, v, out, **options):
     (scores, weights, ``dP``, ``dS`` and the results) rounded to the input dtype; ``out`` is the
     forward output whose ``rowsum(dout * out)`` the backward uses. Returns float32 arrays.
     """
-    dtype = np.dtype(q.dtype)
-
-    def rnd(x):
-        return np.asarray(x, np.float32).astype(dtype).astype(np.float32)
-
+    rnd = _rounder(q.dtype)
     s, t, scale = _scores(q, k, **options)
-    s = rnd(s.astype(np.float32))
-    m = s.max(axis=-1, keepdims=True, initial=-np.inf)
-    m = np.where(np.isfinite(m), m, 0.0)
-    p = np.exp(s - m)
-    den = p.sum(axis=-1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = rnd(np.where(den > 0, p / den, 0.0))
+    p = _naive_weights(s, rnd)
     qn, kn, vn = (to_numpy(x, np.float32) for x in (q, k, v))
     don, on = to_numpy(dout, np.float32), to_numpy(out, np.float32)
     hq = qn.shape[-3] if qn.ndim > 2 else 1

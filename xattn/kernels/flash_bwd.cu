@@ -74,6 +74,69 @@ __device__ __forceinline__ float bwd_score(const BwdArgs& a, float s, int b, int
     }
 }
 
+// S = A B^T and dP = C E^T for this warp's 16 rows of A and C (shared-memory tiles at the
+// addresses a_s, c_s, starting at row wrow) against the NS * 8 rows of B and E (at b_s, e_s),
+// over the KS * 16 head columns; row stride LD elements. The main kernel reads keys in rows
+// (S^T = K Q^T, dP^T = V dO^T), the dq kernel queries (S = Q K^T, dP = dO V^T).
+template <class T, int NS, int KS, int LD>
+__device__ __forceinline__ void bwd_products(float (&s)[NS][4], float (&dp)[NS][4],
+                                             unsigned a_s, unsigned c_s, unsigned b_s,
+                                             unsigned e_s, int wrow, int lane) {
+#pragma unroll
+    for (int n = 0; n < NS; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) s[n][i] = dp[n][i] = 0.f;
+#pragma unroll 2
+    for (int ks = 0; ks < KS; ++ks) {
+        unsigned af[4], cf[4];
+        {
+            const int r = wrow + (lane & 7) + ((lane >> 3) & 1) * 8;
+            const int c = ks * 16 + (lane >> 4) * 8;
+            ldsm_x4(af, a_s + (unsigned)((r * LD + c) * 2));
+            ldsm_x4(cf, c_s + (unsigned)((r * LD + c) * 2));
+        }
+#pragma unroll
+        for (int nn = 0; nn < NS / 2; ++nn) {
+            unsigned bf[4], ef[4];
+            const int r = nn * 16 + (lane & 7) + (lane >> 4) * 8;
+            const int c = ks * 16 + ((lane >> 3) & 1) * 8;
+            ldsm_x4(bf, b_s + (unsigned)((r * LD + c) * 2));
+            ldsm_x4(ef, e_s + (unsigned)((r * LD + c) * 2));
+            mma(s[2 * nn], af, bf[0], bf[1], T());
+            mma(s[2 * nn + 1], af, bf[2], bf[3], T());
+            mma(dp[2 * nn], cf, ef[0], ef[1], T());
+            mma(dp[2 * nn + 1], cf, ef[2], ef[3], T());
+        }
+    }
+}
+
+// P of one (query qi, key kj) element from its raw score s, and dS in place of its dP: the
+// score mods, the visibility test on edge tiles and the mask's element rule in its partial
+// blocks (both after the mods: a softcap maps -inf to -cap), then exp2 against the row's
+// base-2 lse l2 and dS = P (dP - delta) [* dcap].
+template <bool MODS>
+__device__ __forceinline__ float bwd_p_ds(const BwdArgs& a, float s, float& dp, int b, int h,
+                                          int qi, int kj, int off, int sk, bool edge,
+                                          bool part, int pblk, int mqb, int mkc, float sl2,
+                                          float l2, float dl) {
+    float dcap;
+    float x = bwd_score<MODS>(a, s, b, h, qi, kj, off, dcap);
+    if (edge && !xattn_visible(qi, kj, off, sk, a.causal, a.wl, a.wr)) x = -XATTN_INF;
+    if (part && !xattn_bm_visible(a.bm, pblk, mqb, mkc, qi, kj)) x = -XATTN_INF;
+    const float p = ex2(fmaf(x, sl2, -l2));
+    dp = p * (dp - dl) * dcap;
+    return p;
+}
+
+// Accumulator tiles 2j and 2j + 1 (16 rows x 16 columns, float32) packed as an mma A operand.
+template <class T, int N>
+__device__ __forceinline__ void bwd_pack_a(unsigned (&f)[4], const float (&x)[N][4], int j) {
+    f[0] = pack2(x[2 * j][0], x[2 * j][1], T());
+    f[1] = pack2(x[2 * j][2], x[2 * j][3], T());
+    f[2] = pack2(x[2 * j + 1][0], x[2 * j + 1][1], T());
+    f[3] = pack2(x[2 * j + 1][2], x[2 * j + 1][3], T());
+}
+
 template <class T, int D, int DC, int NW, int BM, int DQN, bool MODS, bool DQ, bool SPARSE>
 __device__ __forceinline__ void flash_bwd_core(const BwdArgs& a) {
     constexpr int BN = NW * 16;   // keys per CTA: 16 per warp
@@ -220,32 +283,7 @@ __device__ __forceinline__ void flash_bwd_core(const BwdArgs& a) {
 
         // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys.
         float s[NS][4], dp[NS][4];
-#pragma unroll
-        for (int n = 0; n < NS; ++n)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) s[n][i] = dp[n][i] = 0.f;
-#pragma unroll 2
-        for (int ks = 0; ks < KS; ++ks) {
-            unsigned kf[4], vf[4];
-            {
-                const int r = wrow + (lane & 7) + ((lane >> 3) & 1) * 8;
-                const int c = ks * 16 + (lane >> 4) * 8;
-                ldsm_x4(kf, sKa + (unsigned)((r * LD + c) * 2));
-                ldsm_x4(vf, sVa + (unsigned)((r * LD + c) * 2));
-            }
-#pragma unroll
-            for (int nn = 0; nn < NS / 2; ++nn) {
-                unsigned qf[4], of[4];
-                const int r = nn * 16 + (lane & 7) + (lane >> 4) * 8;
-                const int c = ks * 16 + ((lane >> 3) & 1) * 8;
-                ldsm_x4(qf, qbase + (unsigned)((r * LD + c) * 2));
-                ldsm_x4(of, obase + (unsigned)((r * LD + c) * 2));
-                mma(s[2 * nn], kf, qf[0], qf[1], T());
-                mma(s[2 * nn + 1], kf, qf[2], qf[3], T());
-                mma(dp[2 * nn], vf, of[0], of[1], T());
-                mma(dp[2 * nn + 1], vf, of[2], of[3], T());
-            }
-        }
+        bwd_products<T, NS, KS, LD>(s, dp, sKa, sVa, qbase, obase, wrow, lane);
 
         // P^T and dS^T, element by element. Accumulator element (n, hr, e) of this thread is
         // key wrow + g + 8 hr, query n * 8 + 2 t4 + e of the tile. The visibility test runs
@@ -267,14 +305,9 @@ __device__ __forceinline__ void flash_bwd_core(const BwdArgs& a) {
 #pragma unroll
                 for (int hr = 0; hr < 2; ++hr) {
                     const int kj = k0 + wrow + g + hr * 8;
-                    float dcap;
-                    float x = bwd_score<MODS>(a, s[n][hr * 2 + e], b, h, qi, kj, off, dcap);
-                    if (edge && !xattn_visible(qi, kj, off, sk, a.causal, a.wl, a.wr))
-                        x = -XATTN_INF;
-                    if (part && !xattn_bm_visible(a.bm, pblk, mqb, mkc, qi, kj)) x = -XATTN_INF;
-                    const float p = ex2(fmaf(x, sl2, -l2));
-                    s[n][hr * 2 + e] = p;
-                    dp[n][hr * 2 + e] = p * (dp[n][hr * 2 + e] - dl) * dcap;
+                    s[n][hr * 2 + e] =
+                        bwd_p_ds<MODS>(a, s[n][hr * 2 + e], dp[n][hr * 2 + e], b, h, qi, kj,
+                                       off, sk, edge, part, pblk, mqb, mkc, sl2, l2, dl);
                 }
             }
 
@@ -283,14 +316,8 @@ __device__ __forceinline__ void flash_bwd_core(const BwdArgs& a) {
 #pragma unroll
         for (int j = 0; j < BM / 16; ++j) {
             unsigned pf[4], df[4];
-            pf[0] = pack2(s[2 * j][0], s[2 * j][1], T());
-            pf[1] = pack2(s[2 * j][2], s[2 * j][3], T());
-            pf[2] = pack2(s[2 * j + 1][0], s[2 * j + 1][1], T());
-            pf[3] = pack2(s[2 * j + 1][2], s[2 * j + 1][3], T());
-            df[0] = pack2(dp[2 * j][0], dp[2 * j][1], T());
-            df[1] = pack2(dp[2 * j][2], dp[2 * j][3], T());
-            df[2] = pack2(dp[2 * j + 1][0], dp[2 * j + 1][1], T());
-            df[3] = pack2(dp[2 * j + 1][2], dp[2 * j + 1][3], T());
+            bwd_pack_a<T>(pf, s, j);
+            bwd_pack_a<T>(df, dp, j);
 #pragma unroll
             for (int dn = 0; dn < DC / 16; ++dn) {
                 unsigned of[4], qf[4];
@@ -483,32 +510,7 @@ __device__ __forceinline__ void flash_bwd_dq_core(const BwdArgs& a) {
         const unsigned kbase = sKa + (unsigned)(bf * BN * LD * 2);
         const unsigned vbase = sVa + (unsigned)(bf * BN * LD * 2);
         float s[NS][4], dp[NS][4];
-#pragma unroll
-        for (int n = 0; n < NS; ++n)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) s[n][i] = dp[n][i] = 0.f;
-#pragma unroll 2
-        for (int ks = 0; ks < KS; ++ks) {
-            unsigned qf[4], of[4];
-            {
-                const int r = wrow + (lane & 7) + ((lane >> 3) & 1) * 8;
-                const int c = ks * 16 + (lane >> 4) * 8;
-                ldsm_x4(qf, sQa + (unsigned)((r * LD + c) * 2));
-                ldsm_x4(of, sOa + (unsigned)((r * LD + c) * 2));
-            }
-#pragma unroll
-            for (int nn = 0; nn < NS / 2; ++nn) {
-                unsigned kf[4], vf[4];
-                const int r = nn * 16 + (lane & 7) + (lane >> 4) * 8;
-                const int c = ks * 16 + ((lane >> 3) & 1) * 8;
-                ldsm_x4(kf, kbase + (unsigned)((r * LD + c) * 2));
-                ldsm_x4(vf, vbase + (unsigned)((r * LD + c) * 2));
-                mma(s[2 * nn], qf, kf[0], kf[1], T());
-                mma(s[2 * nn + 1], qf, kf[2], kf[3], T());
-                mma(dp[2 * nn], of, vf[0], vf[1], T());
-                mma(dp[2 * nn + 1], of, vf[2], vf[3], T());
-            }
-        }
+        bwd_products<T, NS, KS, LD>(s, dp, sQa, sOa, kbase, vbase, wrow, lane);
 
         // Element (n, hr, e): query wrow + g + 8 hr, key n * 8 + 2 t4 + e of the tile.
         const int k0 = kt * BN;
@@ -524,13 +526,8 @@ __device__ __forceinline__ void flash_bwd_dq_core(const BwdArgs& a) {
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     const int kj = k0 + n * 8 + t4 * 2 + e;
-                    float dcap;
-                    float x = bwd_score<MODS>(a, s[n][hr * 2 + e], b, h, qi, kj, off, dcap);
-                    if (edge && !xattn_visible(qi, kj, off, sk, a.causal, a.wl, a.wr))
-                        x = -XATTN_INF;
-                    if (part && !xattn_bm_visible(a.bm, pblk, mqb, mkc, qi, kj)) x = -XATTN_INF;
-                    const float p = ex2(fmaf(x, sl2, -l2[hr]));
-                    dp[n][hr * 2 + e] = p * (dp[n][hr * 2 + e] - dl[hr]) * dcap;
+                    bwd_p_ds<MODS>(a, s[n][hr * 2 + e], dp[n][hr * 2 + e], b, h, qi, kj, off,
+                                   sk, edge, part, pblk, mqb, mkc, sl2, l2[hr], dl[hr]);
                 }
         }
 
@@ -538,10 +535,7 @@ __device__ __forceinline__ void flash_bwd_dq_core(const BwdArgs& a) {
 #pragma unroll
         for (int j = 0; j < BN / 16; ++j) {
             unsigned af[4];
-            af[0] = pack2(dp[2 * j][0], dp[2 * j][1], T());
-            af[1] = pack2(dp[2 * j][2], dp[2 * j][3], T());
-            af[2] = pack2(dp[2 * j + 1][0], dp[2 * j + 1][1], T());
-            af[3] = pack2(dp[2 * j + 1][2], dp[2 * j + 1][3], T());
+            bwd_pack_a<T>(af, dp, j);
 #pragma unroll
             for (int dn = 0; dn < D / 16; ++dn) {
                 unsigned kf[4];

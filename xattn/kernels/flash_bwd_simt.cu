@@ -94,12 +94,8 @@ __device__ __forceinline__ void core(const Args& a) {
         load_rows<BM, D>(sO, a.dout + bh * sq * D, q0, sq);
         for (int i = tid; i < BM; i += NT) {
             const int qi = q0 + i;
-            float l = XATTN_INF, dl = 0.f;
-            if (qi < sq) {
-                const float x = a.lse[bh * sq + qi];
-                l = x == -XATTN_INF ? XATTN_INF : x * XATTN_LOG2E;
-                dl = a.delta[bh * sq + qi];
-            }
+            float l, dl;
+            xattn_bwd_row(a.lse, a.delta, bh * sq + qi, qi < sq, l, dl);
             sL[i] = l;
             sD[i] = dl;
         }

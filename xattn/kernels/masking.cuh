@@ -122,4 +122,18 @@ __device__ __forceinline__ void xattn_query_blocks(int k0, int k1, int off, int 
     qb1 = hi > lo ? (hi + bm - 1) / bm : qb0;
 }
 
+// The backward's view of query row i (flat index into lse and delta, `valid`: the row lies
+// inside Sq): its lse in base 2 and its delta; +inf and 0 for a row that sees no key (lse =
+// -inf) or lies past Sq, so that every p of the row is exactly 0.
+__device__ __forceinline__ void xattn_bwd_row(const float* lse, const float* delta, long long i,
+                                              bool valid, float& l2, float& dl) {
+    l2 = XATTN_INF;
+    dl = 0.f;
+    if (valid) {
+        const float x = lse[i];
+        l2 = x == -XATTN_INF ? XATTN_INF : x * XATTN_LOG2E;
+        dl = delta[i];
+    }
+}
+
 }  // namespace xattn

@@ -1,9 +1,9 @@
 """The kernels' common parameters, filled in one place for every CuPy launcher.
 
-:func:`option_args` turns the validated problem (:class:`xattn._array.AttnProblem`) and the
-score-operand arrays into the kernels' parameter block: the flat launch arguments that every
-entry point gathers into ``xattn::ScoreMods`` (``xattn/kernels/masking.cuh``), the struct that
-``xattn_score_mod`` reads. The other
+:func:`option_args` turns the validated problem (:class:`xattn._array.AttnProblem`, which
+carries every score option, operands included) into the kernels' parameter block: the flat
+launch arguments that every entry point gathers into ``xattn::ScoreMods``
+(``xattn/kernels/masking.cuh``), the struct that ``xattn_score_mod`` reads. The other
 helpers are the checks every launcher shares: the kernels' dtype names, the grid limits, the
 device's compute capability, and ``XATTN_POISON`` (a debug switch from the environment: fill
 every output with NaN before the launch so that unwritten elements fail the tests).
@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 __all__ = ["MAX_GRID_YZ", "compute_capability", "grid_reason", "option_args", "poison",
-           "type_name"]
+           "type_name", "visibility_args"]
 
 MAX_GRID_YZ = 65535
 
@@ -52,6 +52,19 @@ def compute_capability() -> int:
     return int(cupy.cuda.Device().compute_capability)
 
 
+def half_kernel_reason(prob, op, served, kernel):
+    """The first checks of a 16-bit kernel's ``supports``: CuPy inputs, the op it serves
+    (``served``: ``(op, reason when another op is asked)``), float16/bfloat16 inputs; the
+    reason, or None. ``kernel`` names the kernel in the dtype message."""
+    if prob.xp.__name__ != "cupy":
+        return "inputs are not CuPy arrays"
+    if op != served[0]:
+        return served[1]
+    if type_name(prob.dtype) is None:
+        return f"dtype {prob.dtype}: {kernel} takes float16 and bfloat16"
+    return None
+
+
 def grid_reason(prob):
     """Why the (batch, heads) grid dims do not fit a launch, or None."""
     nbatch = math.prod(prob.batch)
@@ -76,7 +89,7 @@ def device_reason(prob, uses, *, exact_cc=None):
 
 def has_score_mods(prob) -> bool:
     """Whether the problem needs the kernels' score-modification variant (``mods``)."""
-    return prob.softcap is not None or prob.has_bias or prob.has_alibi or prob.has_mask
+    return prob.has_score_mods
 
 
 def _collapse_batch(shape, strides):
@@ -112,28 +125,36 @@ def _score_operand(xp, x, prob, itemsize):
     return view, (bs, st[nb], st[nb + 1], st[nb + 2])
 
 
-def option_args(xp, prob, mask, bias, alibi_slopes):
-    """The kernels' parameter block (``xattn::ScoreMods`` in ``xattn/kernels/masking.cuh``) as
-    launch arguments, in the order of ``XATTN_SCORE_MOD_PARAMS``: causal, window sides (-1 =
-    unbounded), softcap (0 = off), ALiBi slopes and their batch stride, the bias and the mask
-    with their (batch, head, query, key) element strides (null pointers when absent). This is
-    the one place that fills it; every launcher passes it whole."""
-    i32, i64, f32 = np.int32, np.int64, np.float32
-    null = np.uint64(0)
-    alibi_arg, alibi_bs = null, 0
-    if alibi_slopes is not None:
-        alibi_arg = xp.ascontiguousarray(alibi_slopes, dtype=xp.float32).reshape(-1)
-        alibi_bs = 0 if alibi_arg.size == prob.hq else prob.hq
-    bias_arg, bias_st = null, (0, 0, 0, 0)
-    if bias is not None:
-        bias_arg, bias_st = _score_operand(xp, bias.astype(xp.float32, copy=False), prob, 4)
-    mask_arg, mask_st = null, (0, 0, 0, 0)
-    if mask is not None:
-        mask_arg, mask_st = _score_operand(xp, mask.view(xp.uint8), prob, 1)
+def visibility_args(prob):
+    """The parameter block's leading visibility fields: causal and the window sides (-1 =
+    unbounded), all that a kernel without score modifications reads."""
     w = prob.window
     wl = -1 if w is None or w[0] is None else w[0]
     wr = -1 if w is None or w[1] is None else w[1]
-    return (i32(prob.causal), i32(wl), i32(wr), f32(prob.softcap or 0.0),
+    return np.int32(prob.causal), np.int32(wl), np.int32(wr)
+
+
+def option_args(xp, prob, *_passed):
+    """The kernels' parameter block (``xattn::ScoreMods`` in ``xattn/kernels/masking.cuh``) as
+    launch arguments, in the order of ``XATTN_SCORE_MOD_PARAMS``: causal, window sides (-1 =
+    unbounded), softcap (0 = off), ALiBi slopes and their batch stride, the bias and the mask
+    with their (batch, head, query, key) element strides (null pointers when absent), all read
+    from ``prob``. This is the one place that fills it; every launcher passes it whole.
+    (``_passed``: launchers written before the operands travelled in ``prob`` also pass them;
+    they are the same arrays and are not read.)"""
+    i64, f32 = np.int64, np.float32
+    null = np.uint64(0)
+    alibi_arg, alibi_bs = null, 0
+    if prob.alibi_slopes is not None:
+        alibi_arg = xp.ascontiguousarray(prob.alibi_slopes, dtype=xp.float32).reshape(-1)
+        alibi_bs = 0 if alibi_arg.size == prob.hq else prob.hq
+    bias_arg, bias_st = null, (0, 0, 0, 0)
+    if prob.bias is not None:
+        bias_arg, bias_st = _score_operand(xp, prob.bias.astype(xp.float32, copy=False), prob, 4)
+    mask_arg, mask_st = null, (0, 0, 0, 0)
+    if prob.mask is not None:
+        mask_arg, mask_st = _score_operand(xp, prob.mask.view(xp.uint8), prob, 1)
+    return (*visibility_args(prob), f32(prob.softcap or 0.0),
             alibi_arg, i64(alibi_bs),
             bias_arg, *(i64(s) for s in bias_st),
             mask_arg, *(i64(s) for s in mask_st))

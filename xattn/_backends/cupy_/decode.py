@@ -35,12 +35,10 @@ _MAX_SPLITS = 128
 
 def supports(prob, opts, op):
     """``None`` when the kernel serves this request, else the reason it does not."""
-    if prob.xp.__name__ != "cupy":
-        return "inputs are not CuPy arrays"
-    if op != "decode":
-        return "serves decode_attention only"
-    if _params.type_name(prob.dtype) is None:
-        return f"dtype {prob.dtype}: the kernel takes float16 and bfloat16"
+    why = _params.half_kernel_reason(prob, op, ("decode", "serves decode_attention only"),
+                                     "the kernel")
+    if why is not None:
+        return why
     if prob.dv != prob.d or prob.d not in HEAD_DIMS:
         return f"head dims D={prob.d}, Dv={prob.dv}: the kernel takes D = Dv in {HEAD_DIMS}"
     if opts:

@@ -148,8 +148,8 @@ def get_simt_kernel(d: int, sparse: bool = False):
                              simt_smem_bytes(d))
 
 
-def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None,
-            element_rule=None, block_mask=None, allow_tf32=False, config=None):
+def forward(prob, q, k, v, *, plan=None, element_rule=None, block_mask=None, allow_tf32=False,
+            config=None):
     """Return ``(out, lse)`` computed by the ``mma.sync`` kernel (see :func:`supports`).
 
     ``config`` overrides the tile configuration ``(warps, tiles per warp, keys per block)``
@@ -165,10 +165,10 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
                                   "bfloat16")
     # Allocate and launch on the inputs' device, whichever device is current.
     with q.device:
-        return _forward(prob, q, k, v, mask, bias, alibi_slopes, config, block_mask=block_mask)
+        return _forward(prob, q, k, v, config, block_mask=block_mask)
 
 
-def _forward(prob, q, k, v, mask, bias, alibi_slopes, config, *, block_mask=None):
+def _forward(prob, q, k, v, config, *, block_mask=None):
     import cupy as xp
 
     tn = _params.type_name(prob.dtype)
@@ -219,7 +219,7 @@ def _forward(prob, q, k, v, mask, bias, alibi_slopes, config, *, block_mask=None
     args = (
         q4, k4, v4, out, lse,
         i32(prob.hq), i32(prob.group), i32(prob.sq), i32(prob.sk), f32(prob.scale),
-        *_params.option_args(xp, prob, mask, bias, alibi_slopes),
+        *_params.option_args(xp, prob),
         *bm_args,
     )
     fn(grid=((prob.sq + bm - 1) // bm, prob.hq, B), block=(threads,), args=args,
@@ -227,8 +227,5 @@ def _forward(prob, q, k, v, mask, bias, alibi_slopes, config, *, block_mask=None
     return _params.forward_result(xp, prob, out, lse)
 
 
-def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slopes=None,
-             plan=None, element_rule=None, block_mask=None, deterministic=False, **kw):
-    return flash_bwd.backward(prob, dout, q, k, v, out, lse, mask=mask, bias=bias,
-                              alibi_slopes=alibi_slopes, plan=plan, element_rule=element_rule,
-                              block_mask=block_mask, deterministic=deterministic, **kw)
+def backward(prob, dout, q, k, v, out, lse, **kw):
+    return flash_bwd.backward(prob, dout, q, k, v, out, lse, **kw)

@@ -191,9 +191,8 @@ def get_aux_kernel(kind, tn):
     return compiled_function(inst.source, f"flash_bwd_{kind}_{tn}", inst.defines, 0)
 
 
-def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slopes=None,
-             plan=None, element_rule=None, block_mask=None, deterministic=False, config=None,
-             dq_config=None):
+def backward(prob, dout, q, k, v, out, lse, *, plan=None, element_rule=None, block_mask=None,
+             deterministic=False, config=None, dq_config=None):
     """Return ``(dq, dk, dv)`` computed by the backward kernels (see :func:`supports`).
 
     ``config`` / ``dq_config`` override the tile configurations of :data:`CONFIGS` /
@@ -209,12 +208,12 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
         if reason:
             raise NotImplementedError(reason)
     with q.device:
-        return _backward(prob, dout, q, k, v, out, lse, mask, bias, alibi_slopes,
-                         bool(deterministic), config, dq_config, block_mask)
+        return _backward(prob, dout, q, k, v, out, lse, bool(deterministic), config,
+                         dq_config, block_mask)
 
 
-def _backward(prob, dout, q, k, v, out, lse, mask, bias, alibi_slopes, deterministic, config,
-              dq_config, block_mask=None):
+def _backward(prob, dout, q, k, v, out, lse, deterministic, config, dq_config,
+              block_mask=None):
     import cupy as xp
 
     tn = _params.type_name(prob.dtype)
@@ -278,7 +277,7 @@ def _backward(prob, dout, q, k, v, out, lse, mask, bias, alibi_slopes, determini
         get_aux_kernel("delta", tn)(grid=((rows + 7) // 8,), block=(256,),
                                     args=(o4, do4, delta, i64(rows), i32(dp)))
 
-    opt_args = _params.option_args(xp, prob, mask, bias, alibi_slopes)
+    opt_args = _params.option_args(xp, prob)
     acc = None if deterministic else xp.zeros((B, hq, sq, dp), dtype=xp.float32)
 
     if sparse:

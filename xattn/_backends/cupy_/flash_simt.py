@@ -34,8 +34,8 @@ def supports(prob, opts, op):
     return _launch.forward_reason(prob, opts, fp32=True)
 
 
-def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None,
-            element_rule=None, block_mask=None, allow_tf32=False, config=None):
+def forward(prob, q, k, v, *, plan=None, element_rule=None, block_mask=None, allow_tf32=False,
+            config=None):
     """Return ``(out, lse)`` computed by the float32 SIMT kernel (see :func:`supports`)."""
     if np.dtype(prob.dtype) != np.float32:
         raise NotImplementedError(f"dtype {prob.dtype}: the SIMT kernels take float32")
@@ -43,8 +43,7 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
         raise NotImplementedError("the CuPy kernels take a block_mask, not a tile plan / "
                                   "element rule")
     with q.device:
-        return _launch._forward(prob, q, k, v, mask, bias, alibi_slopes, config,
-                                block_mask=block_mask)
+        return _launch._forward(prob, q, k, v, config, block_mask=block_mask)
 
 
 def backward(prob, dout, q, k, v, out, lse, **kw):

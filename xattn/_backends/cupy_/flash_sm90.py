@@ -44,16 +44,14 @@ _KNOWN = frozenset({"allow_tf32"})
 
 def supports(prob, opts, op="forward"):
     """``None`` when the sm_90a kernel serves this request, else the reason it does not."""
-    if prob.xp.__name__ != "cupy":
-        return "inputs are not CuPy arrays"
-    if op != "forward":
-        return "the sm_90a kernel is forward only"
-    if _params.type_name(prob.dtype) is None:
-        return f"dtype {prob.dtype}: the sm_90a kernel takes float16 and bfloat16"
+    why = _params.half_kernel_reason(prob, op, ("forward", "the sm_90a kernel is forward only"),
+                                     "the sm_90a kernel")
+    if why is not None:
+        return why
     if prob.d not in CONFIGS or prob.dv != prob.d:
         return (f"head_dim {prob.d} (Dv {prob.dv}): the sm_90a kernel has D = Dv in "
                 f"{sorted(CONFIGS)}")
-    if prob.softcap is not None or prob.has_mask or prob.has_bias or prob.has_alibi:
+    if prob.has_score_mods:
         return "softcap, mask, bias and ALiBi run on the mma.sync kernel (cupy.sm80)"
     unknown = sorted(k for k, v in (opts or {}).items() if v is not None and k not in _KNOWN)
     if unknown:
@@ -90,12 +88,12 @@ def get_kernel(type_name: str, d: int, cfg: tuple):
                              arch=inst.arch, includes=inst.includes)
 
 
-def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, block_mask=None,
-            plan=None, element_rule=None, allow_tf32=False, config=None):
+def forward(prob, q, k, v, *, block_mask=None, plan=None, element_rule=None, allow_tf32=False,
+            config=None):
     """Return ``(out, lse)`` from the sm_90a kernel (the caller checked :func:`supports`, or a
     test calls it directly). ``config`` = (keys per block, warpgroups, mode) overrides the
     default (``CONFIGS``; ``BUILT`` lists the choices)."""
-    if any(x is not None for x in (mask, bias, alibi_slopes, block_mask, plan, element_rule)):
+    if prob.has_score_mods or any(x is not None for x in (block_mask, plan, element_rule)):
         raise NotImplementedError("the sm_90a kernel takes no mask, bias, ALiBi or block mask")
     with q.device:
         return _forward(prob, q, k, v, config)
@@ -120,9 +118,8 @@ def _forward(prob, q, k, v, config):
     nwg = cfg[1]
     bm = 64 * nwg
     i32, f32 = np.int32, np.float32
-    causal_window = _params.option_args(xp, prob, None, None, None)[:3]  # no score mods here
     args = (q4, k4, v4, out, lse, i32(prob.hq), i32(prob.group), i32(prob.sq), i32(prob.sk),
-            f32(prob.scale), *causal_window)
+            f32(prob.scale), *_params.visibility_args(prob))  # no score mods here
     fn(((prob.sq + bm - 1) // bm, prob.hq, B), (threads(cfg),), args,
        shared_mem=smem_bytes(d, cfg))
     return _params.forward_result(xp, prob, out, lse)

@@ -18,7 +18,7 @@ import numpy as np
 
 from ... import _flex_codegen as cg
 from ._compat import cuda
-from .flex_fwd import BLOCK_Q, MAX_D, _fn_key, _part, _passed
+from .flex_fwd import BLOCK_Q, MAX_D, _fn_key, _part, _passed, cached, nothing_to_launch
 
 _lock = threading.Lock()
 _kernels: OrderedDict = OrderedDict()
@@ -126,23 +126,14 @@ def build_kernel(smod, mmod, nargs, mask_takes_args, diff_args, dtype_name):
 def launch(dout3, q3, k3, v3, out3, lse2, dq3, dk3, dv3, grads, *, scale, hq, hkv, smod,
            mmod, args, mask_takes_args, diff_args, stream_ptr=None):
     """Fill ``dq3`` and add into the zeroed ``dk3``, ``dv3`` and ``grads`` (device arrays)."""
-    d, dv = q3.shape[2], v3.shape[2]
-    if d > MAX_D or dv > MAX_D:
-        raise NotImplementedError(f"head dims up to {MAX_D}, got D={d}, Dv={dv}")
-    if q3.shape[1] == 0 or q3.shape[0] == 0:
+    if nothing_to_launch(q3, v3):
         return
     dtype_name = np.dtype(q3.dtype).name
     key = (_fn_key(smod), _fn_key(mmod), tuple((a.dtype.str, a.ndim) for a in args),
            mask_takes_args, tuple(diff_args), dtype_name)
-    with _lock:
-        hit = _kernels.get(key)
-    if hit is None:
-        hit = build_kernel(smod, mmod, len(args), mask_takes_args, diff_args, dtype_name)
-        with _lock:
-            _kernels[key] = hit
-            while len(_kernels) > _MAX_KERNELS:
-                _kernels.popitem(last=False)
-    kernel, injected = hit
+    kernel, injected = cached(
+        _kernels, _lock, _MAX_KERNELS, key,
+        lambda: build_kernel(smod, mmod, len(args), mask_takes_args, diff_args, dtype_name))
     extra = (*args, *_passed(smod, injected[0]), *_passed(mmod, injected[1]), *grads)
     grid = (max(1, -(-q3.shape[1] // BLOCK_Q)), q3.shape[0])
     launch_args = (q3, k3, v3, dout3, out3, lse2, dq3, dk3, dv3, q3.dtype.type(scale), hq, hkv,

@@ -194,29 +194,42 @@ def _passed(cap, injected):
     return tuple(a for a in cap.arrays if not isinstance(a, np.ndarray))
 
 
+def nothing_to_launch(q3, v3) -> bool:
+    """True for an empty problem; head dims above MAX_D are refused (NotImplementedError)."""
+    d, dv = q3.shape[2], v3.shape[2]
+    if d > MAX_D or dv > MAX_D:
+        raise NotImplementedError(f"head dims up to {MAX_D}, got D={d}, Dv={dv}")
+    return q3.shape[1] == 0 or q3.shape[0] == 0
+
+
+def cached(kernels, lock, limit, key, build):
+    """``kernels[key]``, built by ``build()`` on a miss (outside the lock: compiling takes
+    seconds); the oldest entries go beyond ``limit``."""
+    with lock:
+        hit = kernels.get(key)
+    if hit is None:
+        hit = build()
+        with lock:
+            kernels[key] = hit
+            while len(kernels) > limit:
+                kernels.popitem(last=False)
+    return hit
+
+
 def launch(q3, k3, v3, out3, lse2, *, scale, hq, hkv, smod, mmod, args=(),
            mask_takes_args=False, stream_ptr=None):
     """Run the kernel on ``(B*H, S, D)`` device (or, under the simulator, host) arrays.
 
     ``stream_ptr`` is the CuPy stream to launch on, so the kernel orders with the caller's work.
     """
-    d, dv = q3.shape[2], v3.shape[2]
-    if d > MAX_D or dv > MAX_D:
-        raise NotImplementedError(f"head dims up to {MAX_D}, got D={d}, Dv={dv}")
-    if q3.shape[1] == 0 or q3.shape[0] == 0:
+    if nothing_to_launch(q3, v3):
         return
     dtype_name = np.dtype(q3.dtype).name
     key = (_fn_key(smod), _fn_key(mmod), tuple((a.dtype.str, a.ndim) for a in args),
            mask_takes_args, dtype_name)
-    with _lock:
-        hit = _kernels.get(key)
-    if hit is None:
-        hit = build_kernel(smod, mmod, len(args), mask_takes_args, dtype_name)
-        with _lock:
-            _kernels[key] = hit
-            while len(_kernels) > _MAX_KERNELS:
-                _kernels.popitem(last=False)
-    kernel, injected = hit
+    kernel, injected = cached(
+        _kernels, _lock, _MAX_KERNELS, key,
+        lambda: build_kernel(smod, mmod, len(args), mask_takes_args, dtype_name))
     extra = (*args, *_passed(smod, injected[0]), *_passed(mmod, injected[1]))
     grid = (max(1, -(-q3.shape[1] // BLOCK_Q)), q3.shape[0])
     launch_args = (q3, k3, v3, out3, lse2, q3.dtype.type(scale), hq, hkv, *extra)

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _pool
 from .decode_generic import key_bounds
-from .fused import numba_missing
+from .fused import host_reason
 
 # Splits per worker thread to aim for: enough that uneven jobs (ragged lengths, a loaded
 # core) even out, few enough that each job streams a long run of keys.
@@ -40,11 +40,9 @@ def _kernels():
 
 def supports(prob, opts, op):
     """None when this backend serves the request, else the reason it cannot."""
-    why = numba_missing()
+    why = host_reason(prob)
     if why is not None:
         return why
-    if prob.xp is not np:
-        return "runs on NumPy arrays only"
     if opts:
         return f"options not handled by this backend: {sorted(opts)}"
     return None

@@ -45,8 +45,7 @@ from .tiled import (
     bad_flags,
     bad_index,
     dbias_buffer,
-    score_view,
-    slopes_view,
+    tile_space,
 )
 
 # Score rows per tile, shared by the heads of a GQA group, and keys per tile. 256 x 512
@@ -82,13 +81,20 @@ def numba_missing():
     return None
 
 
+def host_reason(prob):
+    """Why the numba kernels cannot take this problem at all (numba missing, or arrays not
+    on the host), or None."""
+    why = numba_missing()
+    if why is None and prob.xp is not np:
+        why = "runs on NumPy arrays only"
+    return why
+
+
 def supports(prob, opts, op):
     """None when this backend serves the request, else the reason it cannot."""
-    why = numba_missing()
+    why = host_reason(prob)
     if why is not None:
         return why
-    if prob.xp is not np:
-        return "runs on NumPy arrays only"
     # A BlockMask arrives as plan + element_rule (forward/backward take them).
     unknown = set(opts) - {"plan", "element_rule", "block_mask", "allow_tf32", "deterministic",
                            "return_dbias"}
@@ -117,18 +123,9 @@ def _head_chunks(g, G, bq):
     return [(h, min(h + per, (g + 1) * G)) for h in range(g * G, (g + 1) * G, per)]
 
 
-def _views(prob, mask, bias, alibi_slopes):
-    cd = prob.cdtype
-    return (
-        score_view(np, mask, prob),
-        None if bias is None else score_view(np, bias.astype(cd, copy=False), prob),
-        slopes_view(np, None if alibi_slopes is None else alibi_slopes.astype(cd), prob),
-    )
-
-
-def _needs_mods(prob, views, element_rule):
+def _needs_mods(prob, element_rule):
     """``needs(full)``: whether a tile must go through apply_score_mods at all."""
-    always = prob.softcap is not None or any(x is not None for x in views)
+    always = prob.has_score_mods
     partial = prob.causal or prob.window is not None or element_rule is not None
 
     def needs(full):
@@ -153,8 +150,8 @@ def _widest(plan):
     return max((k1 - k0 for _, _, tiles in plan for k0, k1, _ in tiles), default=0)
 
 
-def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None,
-            element_rule=None, block_mask=None, allow_tf32=False):
+def forward(prob, q, k, v, *, plan=None, element_rule=None, block_mask=None,
+            allow_tf32=False):
     """Return ``(out, lse)``; see :func:`xattn._backends.numpy_.tiled.forward` for ``plan``."""
     if _masking.no_pairs(prob):
         return _masking.empty_forward(prob)
@@ -163,8 +160,8 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
     if plan is None:
         plan = default_plan(prob)
     q4, k4, v4 = as4d(q, prob), as4d(k, prob), as4d(v, prob)
-    views = _views(prob, mask, bias, alibi_slopes)
-    needs_mods = _needs_mods(prob, views, element_rule)
+    views = _masking.score_operands(np, prob, tile_space(prob))
+    needs_mods = _needs_mods(prob, element_rule)
     out = np.empty((*prob.batch, prob.hq, prob.sq, Dv), dtype=prob.dtype)
     lse = np.empty((*prob.batch, prob.hq, prob.sq), dtype=cd)
     out4, lse4 = out, lse  # allocated with a head axis already, even for 2-D inputs
@@ -241,22 +238,21 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
     return out, lse
 
 
-def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slopes=None,
-             plan=None, element_rule=None, block_mask=None, deterministic=False,
-             return_dbias=False):
+def backward(prob, dout, q, k, v, out, lse, *, plan=None, element_rule=None,
+             block_mask=None, deterministic=False, return_dbias=False):
     """Return ``(dq, dk, dv)`` (and ``dbias``), recomputing the scores tile by tile from
     ``lse``."""
     if _masking.no_pairs(prob):
         grads = _masking.empty_backward(prob)
-        return (*grads, dbias_buffer(np, bias, prob)[0]) if return_dbias else grads
+        return (*grads, dbias_buffer(np, prob)[0]) if return_dbias else grads
     K = _kernels()
     cd, G, D, Dv = prob.cdtype, prob.group, prob.d, prob.dv
     if plan is None:
         plan = default_plan(prob)
     q4, k4, v4 = as4d(q, prob), as4d(k, prob), as4d(v, prob)
     do4, o4, lse4 = as4d(dout, prob), as4d(out, prob), as4d(lse, prob)
-    views = _views(prob, mask, bias, alibi_slopes)
-    needs_mods = _needs_mods(prob, views, element_rule)
+    views = _masking.score_operands(np, prob, tile_space(prob))
+    needs_mods = _needs_mods(prob, element_rule)
     dq = np.empty((*prob.batch, prob.hq, prob.sq, D), dtype=prob.dtype)
     # dk/dv accumulate over query blocks: in the compute dtype, cast at the end if needed.
     dk = np.zeros((*prob.batch, prob.hkv, prob.sk, D), dtype=cd)
@@ -269,7 +265,7 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
         bad_q = bad_flags(np, (q4, do4, o4), cd)  # rows whose delta or products may be NaN
         bad_k = bad_flags(np, (k4, v4), cd)
     lock = threading.Lock()
-    dbias, dpad = dbias_buffer(np, bias, prob) if return_dbias else (None, None)
+    dbias, dpad = dbias_buffer(np, prob) if return_dbias else (None, None)
 
     @_masking.quiet
     def job(args):

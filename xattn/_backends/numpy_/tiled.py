@@ -32,17 +32,10 @@ def as4d(x, prob):
     return x if prob.heads_axis else x[None]
 
 
-def score_view(xp, x, prob):
-    """Broadcast a mask/bias to ``(*batch, Hq, Sq, Sk)`` as a view (never materialised)."""
-    if x is None:
-        return None
-    return xp.broadcast_to(x, (*prob.batch, prob.hq, prob.sq, prob.sk))
-
-
-def slopes_view(xp, slopes, prob):
-    if slopes is None:
-        return None
-    return xp.broadcast_to(slopes, (*prob.batch, prob.hq))
+def tile_space(prob) -> tuple:
+    """The index space of the CPU backends' tiles, ``(*batch, Hq, Sq, Sk)`` (2-D inputs: one
+    head)."""
+    return (*prob.batch, prob.hq, prob.sq, prob.sk)
 
 
 def bad_flags(xp, arrays, cd):
@@ -66,9 +59,11 @@ def bad_index(xp, flags):
     return idx if idx.size else None
 
 
-def dbias_buffer(xp, bias, prob):
-    """Zeros shaped like ``bias`` in the compute dtype, and a view of it whose dims line up
-    with the tile index space ``(*batch, Hq, Sq, Sk)`` (size 1 where the bias broadcasts)."""
+def dbias_buffer(xp, prob):
+    """Zeros shaped like the problem's bias in the compute dtype, and a view of it whose dims
+    line up with the tile index space ``(*batch, Hq, Sq, Sk)`` (size 1 where the bias
+    broadcasts)."""
+    bias = prob.bias
     if bias is None:
         return None, None
     dbias = xp.zeros(bias.shape, dtype=prob.cdtype)
@@ -89,18 +84,12 @@ def add_dbias(dpad, ds, bidx, h0, h1, q0, q1, k0, k1):
     dpad[tuple(index)] += ds
 
 
-def _plan_and_views(prob, plan, mask, bias, alibi_slopes):
+def plan_and_views(prob, plan):
     """The plan (default: the causal/window tiles of :func:`xattn._plans.tile_plan`) and the
-    score operands as broadcast views in the compute dtype."""
-    xp, cd = prob.xp, prob.cdtype
+    score operands (:func:`xattn._masking.score_operands`) over :func:`tile_space`."""
     if plan is None:
         plan = _plans.tile_plan(prob.sq, prob.sk, BLOCK_Q, BLOCK_K, prob.causal, prob.window)
-    views = (
-        score_view(xp, mask, prob),
-        None if bias is None else score_view(xp, bias.astype(cd, copy=False), prob),
-        slopes_view(xp, None if alibi_slopes is None else alibi_slopes.astype(cd), prob),
-    )
-    return plan, views
+    return plan, _masking.score_operands(prob.xp, prob, tile_space(prob))
 
 
 def softmax_step(xp, s, m, denom):
@@ -133,26 +122,13 @@ def _jobs(prob, plan):
 
 def _tile_args(prob, views, bidx, h0, h1, q0, q1, k0, k1, full, element_rule):
     """Keyword arguments of apply_score_mods for one tile of heads [h0, h1)."""
-    mask, bias, slopes = views
-    rows = bidx + (slice(h0, h1), slice(q0, q1), slice(k0, k1))
-    if mask is not None:
-        mask = mask[rows]
+    kw = _masking.tile_mods(prob, views, bidx + (slice(h0, h1), slice(q0, q1), slice(k0, k1)),
+                            q0, k0, full)
     if element_rule is not None and not full:
         extra = element_rule(q0, q1, k0, k1)
         if extra is not None:
-            mask = extra if mask is None else mask & extra
-    return dict(
-        q0=q0,
-        k0=k0,
-        sq=prob.sq,
-        sk=prob.sk,
-        causal=prob.causal and not full,
-        window=None if full else prob.window,
-        softcap=prob.softcap,
-        bias=None if bias is None else bias[rows],
-        slopes=None if slopes is None else slopes[bidx + (slice(h0, h1),)][:, None, None],
-        mask=mask,
-    )
+            kw["mask"] = extra if kw["mask"] is None else kw["mask"] & extra
+    return kw
 
 
 def _visible_product(xp, a, b, bad, vis):
@@ -172,8 +148,8 @@ def _zero_hidden(xp, ds, brows, vis_r, bcols, vis_c):
 
 
 @_masking.quiet
-def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None,
-            element_rule=None, block_mask=None, allow_tf32=False):
+def forward(prob, q, k, v, *, plan=None, element_rule=None, block_mask=None,
+            allow_tf32=False):
     """Return ``(out, lse)``.
 
     ``plan`` (default ``_masking.tile_plan`` of the causal/window options) lists, per query
@@ -184,7 +160,7 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
     if _masking.no_pairs(prob):
         return _masking.empty_forward(prob)
     xp, cd, G = prob.xp, prob.cdtype, prob.group
-    plan, views = _plan_and_views(prob, plan, mask, bias, alibi_slopes)
+    plan, views = plan_and_views(prob, plan)
     q4, k4, v4 = as4d(q, prob), as4d(k, prob), as4d(v, prob)
     out = xp.empty((*prob.batch, prob.hq, prob.sq, prob.dv), dtype=prob.dtype)
     lse = xp.empty((*prob.batch, prob.hq, prob.sq), dtype=cd)
@@ -224,15 +200,14 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, plan=None
 
 
 @_masking.quiet
-def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slopes=None,
-             plan=None, element_rule=None, block_mask=None, deterministic=False,
-             return_dbias=False):
+def backward(prob, dout, q, k, v, out, lse, *, plan=None, element_rule=None,
+             block_mask=None, deterministic=False, return_dbias=False):
     """Return ``(dq, dk, dv)`` (and ``dbias``): scores are recomputed tile by tile from ``lse``."""
     if _masking.no_pairs(prob):
         grads = _masking.empty_backward(prob)
-        return (*grads, dbias_buffer(prob.xp, bias, prob)[0]) if return_dbias else grads
+        return (*grads, dbias_buffer(prob.xp, prob)[0]) if return_dbias else grads
     xp, cd, G = prob.xp, prob.cdtype, prob.group
-    plan, views = _plan_and_views(prob, plan, mask, bias, alibi_slopes)
+    plan, views = plan_and_views(prob, plan)
     q4, k4, v4 = as4d(q, prob), as4d(k, prob), as4d(v, prob)
     do4, o4, lse4 = as4d(dout, prob), as4d(out, prob), as4d(lse, prob)
     dq = xp.empty((*prob.batch, prob.hq, prob.sq, prob.d), dtype=prob.dtype)
@@ -241,7 +216,7 @@ def backward(prob, dout, q, k, v, out, lse, *, mask=None, bias=None, alibi_slope
     scale = cd.type(prob.scale)
     bad_q = bad_flags(xp, (q4, do4, o4), cd)  # rows whose delta or products may be NaN
     bad_k = bad_flags(xp, (k4, v4), cd)
-    dbias, dpad = dbias_buffer(xp, bias, prob) if return_dbias else (None, None)
+    dbias, dpad = dbias_buffer(xp, prob) if return_dbias else (None, None)
     for bidx, g, (q0, q1, tiles) in _jobs(prob, plan):
         h0, h1 = g * G, (g + 1) * G
         rows = G * (q1 - q0)
