@@ -134,14 +134,12 @@ def visibility_args(prob):
     return np.int32(prob.causal), np.int32(wl), np.int32(wr)
 
 
-def option_args(xp, prob, *_passed):
+def option_args(xp, prob):
     """The kernels' parameter block (``xattn::ScoreMods`` in ``xattn/kernels/masking.cuh``) as
     launch arguments, in the order of ``XATTN_SCORE_MOD_PARAMS``: causal, window sides (-1 =
     unbounded), softcap (0 = off), ALiBi slopes and their batch stride, the bias and the mask
     with their (batch, head, query, key) element strides (null pointers when absent), all read
-    from ``prob``. This is the one place that fills it; every launcher passes it whole.
-    (``_passed``: launchers written before the operands travelled in ``prob`` also pass them;
-    they are the same arrays and are not read.)"""
+    from ``prob``. This is the one place that fills it; every launcher passes it whole."""
     i64, f32 = np.int64, np.float32
     null = np.uint64(0)
     alibi_arg, alibi_bs = null, 0

@@ -125,7 +125,7 @@ def get_kernel(d: int, cfg, mods: bool, x3: bool = False):
     return compiled_function(inst.source, inst.name, inst.defines, smem_bytes(d, cfg, x3))
 
 
-def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, block_mask=None,
+def forward(prob, q, k, v, *, block_mask=None,
             plan=None, element_rule=None, allow_tf32=True, config=None):
     """Return ``(out, lse)`` computed by the TF32 kernel on the inputs' device.
 
@@ -136,10 +136,10 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, block_mas
     if block_mask is not None or plan is not None or element_rule is not None:
         raise NotImplementedError("the TF32 kernel takes no block_mask / tile plan")
     with q.device:
-        return _forward(prob, q, k, v, mask, bias, alibi_slopes, config)
+        return _forward(prob, q, k, v, config)
 
 
-def _forward(prob, q, k, v, mask, bias, alibi_slopes, config, x3=False):
+def _forward(prob, q, k, v, config, x3=False):
     import cupy as xp
 
     d = prob.d
@@ -158,7 +158,7 @@ def _forward(prob, q, k, v, mask, bias, alibi_slopes, config, x3=False):
     args = (
         q4, k4, v4, out, lse,
         i32(prob.hq), i32(prob.group), i32(prob.sq), i32(prob.sk), f32(prob.scale),
-        *_params.option_args(xp, prob, mask, bias, alibi_slopes),
+        *_params.option_args(xp, prob),
     )
     fn(grid=((prob.sq + bm - 1) // bm, prob.hq, B), block=(nw * 32,), args=args,
        shared_mem=smem_bytes(dp, cfg, x3))

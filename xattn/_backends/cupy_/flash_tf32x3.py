@@ -30,7 +30,7 @@ def supports(prob, opts, op="forward"):
     return flash_tf32.request_reason(prob, opts, op, x3=True)
 
 
-def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, block_mask=None,
+def forward(prob, q, k, v, *, block_mask=None,
             plan=None, element_rule=None, allow_tf32=False, config=None):
     """Return ``(out, lse)`` computed by the 3xTF32 kernel on the inputs' device.
 
@@ -41,4 +41,4 @@ def forward(prob, q, k, v, *, mask=None, bias=None, alibi_slopes=None, block_mas
     if block_mask is not None or plan is not None or element_rule is not None:
         raise NotImplementedError("the 3xTF32 kernel takes no block_mask / tile plan")
     with q.device:
-        return flash_tf32._forward(prob, q, k, v, mask, bias, alibi_slopes, config, x3=True)
+        return flash_tf32._forward(prob, q, k, v, config, x3=True)
