@@ -13,7 +13,7 @@ CuPy through DLPack). Shapes: B*S = 16384 and Hq*D = 2048, fp16/bf16, D in {64, 
 S in {1024, 4096, 16384}, causal and not. Row sets (jobs, run in this order of priority):
 
 - ``fwd``: forward beside torch SDPA's default (cuDNN on Hopper) and its FLASH_ATTENTION
-  backend (FlashAttention-2); fp32 (``backend="cupy"``: the 3xTF32 kernel) beside torch's
+  backend (FlashAttention-2); fp32 (``backend="cupy"``: the strict SIMT kernel) beside torch's
   mem-efficient backend.
   Checked against float64 on head (0, 0) (first 1024 queries) and against torch.
 - ``bwd``: ``flash_attention_backward(..., backend="cupy")`` (and ``deterministic=True`` for
@@ -27,7 +27,7 @@ S in {1024, 4096, 16384}, causal and not. Row sets (jobs, run in this order of p
   mma.sync kernel (``backend="cupy.sm80"``) and torch.
 - ``tf32`` (``--tf32``): float32 with ``allow_tf32=True`` beside the strict float32 kernel,
   torch's SDPA default and its math backend, both with TF32 matmuls allowed.
-- ``fp32``: float32 at float32 accuracy, D in {64, 128}, S=4096: the 3xTF32 kernel
+- ``fp32`` (``--only ...,fp32``): float32, D in {64, 128}, S=4096: the opt-in 3xTF32 kernel
   (``cupy.tf32x3``) beside the strict SIMT kernel (``cupy.simt``, note column) and torch's
   float32 SDPA default (mem-efficient, no TF32) and math backend; the errors of all three against
   float64 on head (0, 0) in the note; with ``--configs`` every compiled 3xTF32 tile
@@ -68,8 +68,8 @@ SECTION_LEGEND = {
     "fwd": "forward, backend='cupy' (note: the kernel-table entry that served it); default = "
            "torch SDPA "
            "default (cuDNN on Hopper), flash = its FLASH_ATTENTION backend (FA2)",
-    "fp32": "float32 forward, backend='cupy' (3xTF32 since cupy.tf32x3); default = torch "
-            "mem-efficient",
+    "fp32": "float32 forward, backend='cupy' (note: the entry that served it); default = "
+            "torch mem-efficient",
     "tf32x3": "float32 forward at float32 accuracy: xattn = cupy.tf32x3 (3xTF32); default = "
               "torch SDPA fp32 default (TF32 off), flash = torch math backend (TF32 off); "
               "note: strict SIMT kernel (cupy.simt) TFLOP/s and the max errors vs float64",

@@ -24,10 +24,12 @@ def test_split_heuristic():
     assert cupy_decode.num_splits(1, 1, 1, 3, 132) == 1
 
 
-def test_entry_is_opt_in():
-    """auto never reaches the unverified kernel; it serves only decode requests."""
-    assert "cupy.decode" in _backends.BACKENDS
-    assert all("cupy.decode" not in names for names in _backends._PREFERENCE.values())
+def test_auto_takes_the_kernel_before_generic():
+    """Checked against the oracle on an H100 (2026-12-05), the kernel is auto's decode path on
+    CuPy; what it refuses (float32, other head dims) goes on to generic."""
+    order = _backends._PREFERENCE["gpu"]
+    assert order.index("cupy.decode") < order.index("generic")
+    assert "cupy.decode" not in _backends.OPT_IN
     assert cupy_decode.smem_bytes(128) == (16 * 136 + 4 * 4 * 16 * 136) * 2
 
 

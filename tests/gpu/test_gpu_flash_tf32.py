@@ -271,8 +271,8 @@ def test_switch_off_gives_the_strict_kernel(kernels, monkeypatch):
     assert kt.supports(prob, {}, "forward") is not None  # no allow_tf32: not TF32's request
     from xattn import _backends
 
-    # Without TF32 float32 goes to the 3xTF32 kernel (float32 accuracy), then SIMT.
-    assert _backends.explain(prob, {"allow_tf32": True})["backend"] == "cupy.tf32x3"
+    # With cupy.tf32 switched off, float32 goes to the strict SIMT kernel (3xTF32 is opt-in).
+    assert _backends.explain(prob, {"allow_tf32": True})["backend"] == "cupy.simt"
 
 
 @gpu

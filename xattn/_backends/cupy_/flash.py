@@ -68,7 +68,8 @@ def supports(prob, opts, op):
         return "inputs are not CuPy arrays"
     if _params.type_name(prob.dtype) is None:
         return (f"dtype {prob.dtype}: the mma.sync kernels take float16 and bfloat16 (float32: "
-                "cupy.tf32x3, cupy.tf32 with allow_tf32=True, cupy.simt; float64: generic)")
+                "cupy.simt, cupy.tf32 with allow_tf32=True, cupy.tf32x3 when named; float64: "
+                "generic)")
     if op == "backward":
         return flash_bwd.supports(prob, opts)
     if op != "forward":

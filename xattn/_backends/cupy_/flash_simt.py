@@ -6,9 +6,8 @@ the forward launcher of :mod:`.flash` with every option of :func:`xattn.flash_at
 ``flash_bwd_simt.cu`` through :mod:`.flash_bwd` (dq added with atomics, so
 ``deterministic=True`` and ``block_mask`` are refused: the ``generic`` entry serves them).
 
-float32 forward requests meet the ``cupy.tf32x3`` entry first (3xTF32 on tensor cores, float32
-accuracy; with ``allow_tf32=True`` the ``cupy.tf32`` entry before it); this one serves them
-when those cannot (a block mask, ``XATTN_DISABLE=cupy.tf32x3``), and every float32 backward.
+float32 requests come here through ``auto`` (with ``allow_tf32=True`` the ``cupy.tf32`` entry
+comes first); the 3xTF32 entry ``cupy.tf32x3`` serves float32 forwards only when named.
 """
 
 from __future__ import annotations
