@@ -257,3 +257,48 @@ def tf32_naive(q, k, v, **opts):
         # lse = max + log(sum of rounded weights), with max = lse_exact + log(wmax)
         lse = np.where(den[..., 0] > 0, lse + np.log(wmax[..., 0]) + np.log(den[..., 0]), lse)
     return out, lse
+
+
+# Option cases of the float32 tensor-core kernels' GPU tests (TF32 and 3xTF32).
+FLOAT32_OPTION_CASES = ["window", "window_right0", "causal_window", "alibi", "alibi_batched",
+                        "softcap", "bias_shared", "bias_full", "mask", "mask_empty_rows", "scale",
+                        "mqa", "gqa4", "all"]
+
+
+def float32_option_case(case, rng, hq, sq, sk):
+    """The score options of one FLOAT32_OPTION_CASES case, as CuPy arrays."""
+    import cupy as cp
+
+    import xattn
+
+    if case == "window":
+        return dict(window=(20, 7))
+    if case == "window_right0":
+        return dict(window=(None, 0))
+    if case == "causal_window":
+        return dict(causal=True, window=(33, None))
+    if case == "alibi":
+        return dict(alibi_slopes=cp.asarray(xattn.alibi_slopes(hq), dtype=cp.float32))
+    if case == "alibi_batched":
+        return dict(alibi_slopes=cp.asarray(rng.uniform(0.01, 0.5, (2, hq)), dtype=cp.float32))
+    if case == "softcap":
+        return dict(softcap=5.0)
+    if case == "bias_shared":
+        return dict(bias=cp.asarray(rng.standard_normal((sq, sk)), dtype=cp.float32))
+    if case == "bias_full":
+        return dict(bias=cp.asarray(rng.standard_normal((2, hq, sq, sk)), dtype=cp.float32))
+    if case == "mask":
+        return dict(mask=cp.asarray(rng.random((2, 1, sq, sk)) < 0.7))
+    if case == "mask_empty_rows":
+        m = rng.random((sq, sk)) < 0.5
+        m[::7] = False  # fully masked rows: out 0, lse -inf
+        return dict(mask=cp.asarray(m))
+    if case == "scale":
+        return dict(scale=0.3)
+    if case in ("mqa", "gqa4"):
+        return {}
+    assert case == "all"
+    return dict(causal=True, window=(64, 3), softcap=10.0,
+                alibi_slopes=cp.asarray(xattn.alibi_slopes(hq), dtype=cp.float32),
+                bias=cp.asarray(rng.standard_normal((hq, 1, sk)), dtype=cp.float32),
+                mask=cp.asarray(rng.random((sq, sk)) < 0.9))

@@ -20,7 +20,7 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import rna_tf32
+from conftest import FLOAT32_OPTION_CASES, float32_option_case, rna_tf32
 
 import xattn
 from xattn import _backends
@@ -187,48 +187,9 @@ def test_tf32x3_head_dims_lengths(d, causal, sq, sk):
     check_fp32(f"d={d} causal={causal} sq={sq} sk={sk}", out, lse, q, k, v, causal=causal)
 
 
-OPTION_CASES = ["window", "window_right0", "causal_window", "alibi", "alibi_batched", "softcap",
-                "bias_shared", "bias_full", "mask", "mask_empty_rows", "scale", "mqa", "gqa4",
-                "all"]
-
-
-def _options(case, rng, hq, sq, sk):
-    if case == "window":
-        return dict(window=(20, 7))
-    if case == "window_right0":
-        return dict(window=(None, 0))
-    if case == "causal_window":
-        return dict(causal=True, window=(33, None))
-    if case == "alibi":
-        return dict(alibi_slopes=cp.asarray(xattn.alibi_slopes(hq), dtype=cp.float32))
-    if case == "alibi_batched":
-        return dict(alibi_slopes=cp.asarray(rng.uniform(0.01, 0.5, (2, hq)), dtype=cp.float32))
-    if case == "softcap":
-        return dict(softcap=5.0)
-    if case == "bias_shared":
-        return dict(bias=cp.asarray(rng.standard_normal((sq, sk)), dtype=cp.float32))
-    if case == "bias_full":
-        return dict(bias=cp.asarray(rng.standard_normal((2, hq, sq, sk)), dtype=cp.float32))
-    if case == "mask":
-        return dict(mask=cp.asarray(rng.random((2, 1, sq, sk)) < 0.7))
-    if case == "mask_empty_rows":
-        m = rng.random((sq, sk)) < 0.5
-        m[::7] = False  # fully masked rows: out 0, lse -inf
-        return dict(mask=cp.asarray(m))
-    if case == "scale":
-        return dict(scale=0.3)
-    if case in ("mqa", "gqa4"):
-        return {}
-    assert case == "all"
-    return dict(causal=True, window=(64, 3), softcap=10.0,
-                alibi_slopes=cp.asarray(xattn.alibi_slopes(hq), dtype=cp.float32),
-                bias=cp.asarray(rng.standard_normal((hq, 1, sk)), dtype=cp.float32),
-                mask=cp.asarray(rng.random((sq, sk)) < 0.9))
-
-
 @gpu
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("case", OPTION_CASES)
+@pytest.mark.parametrize("case", FLOAT32_OPTION_CASES)
 def test_tf32x3_options(d, case):
     rng = np.random.default_rng([zlib.crc32(case.encode()), d, 3])
     hq, hkv, sq, sk = 4, 2, 100, 173
@@ -238,7 +199,7 @@ def test_tf32x3_options(d, case):
         hq, hkv = 8, 2
     big = case in ("softcap", "all")  # large scores: the float32 naive rule, as for SIMT
     q, k, v = _inputs(rng, hq=hq, hkv=hkv, sq=sq, sk=sk, d=d, amp=3.0 if big else 1.0)
-    opts = _options(case, rng, hq, sq, sk)
+    opts = float32_option_case(case, rng, hq, sq, sk)
     out, lse = _run(q, k, v, **opts)
     check_fp32(f"{case} d={d}", out, lse, q, k, v, naive_rule=big, **opts)
     if case == "mask_empty_rows":
