@@ -18,6 +18,9 @@ sequence. Timed, alternately and with CUDA events, after a warm-up:
 * ``copy``: ``cupy.copyto`` of a 2 GiB buffer, bytes read plus written: the card's streaming
   ceiling measured in the same run.
 
+``--sweep 1,2,4,...`` also times the kernel at forced split counts (the launcher's ``splits=``),
+the table to retune :func:`xattn._backends.cupy_.decode.num_splits` from.
+
 Throughput is bytes of K and V read per second (``B * Hkv * ctx * (D + Dv) * itemsize``).
 Caches smaller than 256 MiB are rotated among several copies, so that repeated calls do not
 measure the L2 (50 MiB on an H100). Each result is checked against torch before timing.
@@ -131,6 +134,16 @@ def row(batch, ctx, args, torch):
     res["torch"] = _time(t_torch, reps)
     res["cupy.decode"] = _time(t_x("cupy.decode", caches), reps)
     res["auto"] = _time(t_x("auto", caches), reps) if not args.no_auto else float("nan")
+    if args.sweep:
+        # The kernel at forced split counts (the heuristic's choice is the cupy.decode column).
+        from xattn._backends.cupy_ import decode as kernel
+        from xattn.kvcache import _validate_decode
+
+        prob = _validate_decode(qs[0], caches[0], None, None, None, None)
+        res["sweep"] = {
+            s: _time(lambda i=0, s=s: kernel.decode(prob, qs[i % sets], caches[i % sets],
+                                                    splits=s), reps)
+            for s in args.sweep}
     tk.clear(), tv.clear(), caches.clear()
     cp.get_default_memory_pool().free_all_blocks()
     if args.page_size:
@@ -161,6 +174,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="float16")
     p.add_argument("--page-size", type=int, default=256, help="0: no paged rows")
     p.add_argument("--no-auto", action="store_true")
+    p.add_argument("--sweep", type=lambda t: [int(x) for x in t.split(",")], default=None,
+                   help="comma-separated split counts to time the kernel at, e.g. 1,2,4,8,16,32")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
@@ -201,6 +216,19 @@ def main(argv=None):
               f"{bw['cupy.decode'] * 1e12 / copy:.2f} | "
               f"{r['cupy.decode'] / r.get('paged', float('nan')):.2f} | "
               f"{max(r['err cupy.decode'], r.get('err paged', 0)):.1e} |")
+
+    if args.sweep:
+        print("\nSplit sweep (TB/s of K/V read at each forced split count; * = best):\n")
+        print("| B | ctx | " + " | ".join(str(s) for s in args.sweep) + " | heuristic |")
+        print("|---|---|" + "---|" * (len(args.sweep) + 1))
+        for r in rows:
+            if "sweep" not in r:
+                continue
+            bw = {s: r["kv_bytes"] / t / 1e12 for s, t in r["sweep"].items()}
+            best = max(bw, key=bw.get)
+            cells = " | ".join(f"{bw[s]:.2f}{'*' if s == best else ''}" for s in args.sweep)
+            print(f"| {r['batch']} | {r['ctx']} | {cells} | "
+                  f"{r['kv_bytes'] / r['cupy.decode'] / 1e12:.2f} |")
 
 
 if __name__ == "__main__":

@@ -73,8 +73,9 @@ def _functions(type_name, d):
     return main, combine
 
 
-def decode(prob, q, cache, *, alibi_slopes=None):
-    """Return ``(out, lse)`` of :func:`xattn.decode_attention`."""
+def decode(prob, q, cache, *, alibi_slopes=None, splits=None):
+    """Return ``(out, lse)`` of :func:`xattn.decode_attention`. ``splits`` overrides
+    :func:`num_splits` (``benchmarks/gpu_decode.py --sweep`` times the choices with it)."""
     import cupy as cp
 
     B, Hq, Hkv, T, D = prob.batch, prob.hq, prob.hkv, prob.sq, prob.d
@@ -86,7 +87,9 @@ def decode(prob, q, cache, *, alibi_slopes=None):
     spans = [n - (max(0, n - T - left) if left >= 0 else 0) for n in lengths.tolist()]
     max_tiles = -(-max(spans, default=0) // BN)
     sms = cp.cuda.Device().attributes["MultiProcessorCount"]
-    splits = num_splits(B, Hkv, row_blocks, max_tiles, sms)
+    if splits is None:
+        splits = num_splits(B, Hkv, row_blocks, max_tiles, sms)
+    splits = int(max(1, min(int(splits), _MAX_SPLITS, max(1, max_tiles))))
 
     qc = cp.ascontiguousarray(q)
     out = cp.empty((B, Hq, T, D), dtype=q.dtype)
