@@ -142,34 +142,12 @@ struct FwdArgs : FwdOperands<unsigned short> {
     int causal, wl, wr;  // window sides, -1 = unbounded
 };
 
-// Masking and online softmax of one score tile held by a warpgroup: s[n * 4 + hr * 2 + e] is
-// row wq0 + 16 warp + g + 8 hr, key k0 + 8 n + 2 t4 + e (the wgmma accumulator layout). On
-// return s holds p = 2^(s * sl2 - m), m / l are updated and alpha rescales the old output.
-template <int BN>
-__device__ __forceinline__ void mask_tile(float (&s)[BN / 2], const FwdArgs& a, int wq0,
-                                          int wq1, int k0, int warp, int g, int t4) {
-    constexpr int NS = BN / 8;
-    const int off = a.sk - a.sq;
-    if (xattn_tile_needs_test(wq0, wq1, k0, BN, off, a.sk, a.causal, a.wl, a.wr)) {
-#pragma unroll
-        for (int hr = 0; hr < 2; ++hr) {
-            const int qi = wq0 + warp * 16 + g + hr * 8;
-#pragma unroll
-            for (int n = 0; n < NS; ++n)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int kj = k0 + n * 8 + t4 * 2 + e;
-                    if (!xattn_visible(qi, kj, off, a.sk, a.causal, a.wl, a.wr))
-                        s[n * 4 + hr * 2 + e] = -XATTN_INF;
-                }
-        }
-    }
-}
-
-// Every element tested (the caller decided that the tile needs it): straight-line selects, so
-// it may run while a wgmma is in flight.
-template <int BN>
-__device__ __forceinline__ void mask_tile_all(float (&s)[BN / 2], const FwdArgs& a, int wq0,
+// Masking of one score tile held by a warpgroup: s[n * 4 + hr * 2 + e] is row
+// wq0 + 16 warp + g + 8 hr, key k0 + 8 n + 2 t4 + e (the wgmma accumulator layout); every
+// element is tested and the invisible ones become -inf. SELECT: straight-line selects, so it
+// may run while a wgmma is in flight (the experimental modes); else a branch per element.
+template <int BN, bool SELECT>
+__device__ __forceinline__ void mask_elements(float (&s)[BN / 2], const FwdArgs& a, int wq0,
                                               int k0, int warp, int g, int t4) {
     constexpr int NS = BN / 8;
     const int off = a.sk - a.sq;
@@ -182,9 +160,20 @@ __device__ __forceinline__ void mask_tile_all(float (&s)[BN / 2], const FwdArgs&
             for (int e = 0; e < 2; ++e) {
                 const int kj = k0 + n * 8 + t4 * 2 + e;
                 const bool vis = xattn_visible(qi, kj, off, a.sk, a.causal, a.wl, a.wr);
-                s[n * 4 + hr * 2 + e] = vis ? s[n * 4 + hr * 2 + e] : -XATTN_INF;
+                if constexpr (SELECT)
+                    s[n * 4 + hr * 2 + e] = vis ? s[n * 4 + hr * 2 + e] : -XATTN_INF;
+                else if (!vis)
+                    s[n * 4 + hr * 2 + e] = -XATTN_INF;
             }
     }
+}
+
+// The element test only where the tile needs it (rows [wq0, wq1) against keys k0..k0+BN).
+template <int BN>
+__device__ __forceinline__ void mask_tile(float (&s)[BN / 2], const FwdArgs& a, int wq0,
+                                          int wq1, int k0, int warp, int g, int t4) {
+    if (xattn_tile_needs_test(wq0, wq1, k0, BN, a.sk - a.sq, a.sk, a.causal, a.wl, a.wr))
+        mask_elements<BN, false>(s, a, wq0, k0, warp, g, t4);
 }
 
 template <bool B>
