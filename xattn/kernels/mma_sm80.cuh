@@ -1,6 +1,6 @@
 // Tensor-core helpers for sm_80+ kernels (inline PTX, no CUDA headers): ldmatrix,
-// mma.sync m16n8k16, 16-bit tile copies with cp.async. Shared by flash_fwd.cu, flash_bwd.cu and
-// flash_fwd_tf32.cu.
+// mma.sync m16n8k16, 16-bit and float tile copies with cp.async. Shared by flash_fwd.cu,
+// flash_bwd.cu, flash_fwd_tf32.cu and decode_splitkv.cu.
 #pragma once
 
 #include "common.cuh"
@@ -33,22 +33,23 @@ __device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsig
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Copy a (rows x D) tile of 16-bit elements from global (row stride D) into shared memory
-// (row stride LD); rows at or past `limit` are zero-filled.
-template <int ROWS, int D, int LD, int NT>
-__device__ __forceinline__ void load_tile(unsigned short* s, const unsigned short* g, int row0,
-                                          int limit, int tid) {
-    constexpr int CPR = D / 8;  // 16-byte chunks per row
+// Copy a (ROWS x D) tile of 16-bit (E = unsigned short) or float elements from global (row
+// stride D) into shared memory (row stride LD); rows at or past `limit` are zero-filled.
+template <int ROWS, int D, int LD, int NT, class E>
+__device__ __forceinline__ void load_tile(E* s, const E* g, int row0, int limit, int tid) {
+    constexpr int BYTES = sizeof(E);
+    constexpr int EPC = 16 / BYTES;  // elements per 16-byte chunk
+    constexpr int CPR = D / EPC;     // chunks per row
     constexpr int TOTAL = ROWS * CPR;
     const unsigned sbase = smem_u32(s);
 #pragma unroll
     for (int it = 0; it < (TOTAL + NT - 1) / NT; ++it) {
         const int i = it * NT + tid;
         if (TOTAL % NT != 0 && i >= TOTAL) break;
-        int r = i / CPR, c = i % CPR;
-        bool ok = row0 + r < limit;
-        const unsigned short* src = ok ? g + (long long)(row0 + r) * D + c * 8 : g;
-        cp_async16(sbase + (unsigned)((r * LD + c * 8) * 2), src, ok);
+        const int r = i / CPR, c = i % CPR;
+        const bool ok = row0 + r < limit;
+        const E* src = ok ? g + (long long)(row0 + r) * D + c * EPC : g;
+        cp_async16(sbase + (unsigned)((r * LD + c * EPC) * BYTES), src, ok);
     }
 }
 
