@@ -48,6 +48,20 @@ __device__ __forceinline__ unsigned long long make_desc(unsigned addr, unsigned 
            ((unsigned long long)((sbo >> 4) & 0x3FFFu) << 32);
 }
 
+// This thread's share of a tile of TOTAL 16-byte chunks that NT threads copy together: f(i)
+// for the chunks i = tid, tid + NT, ... below TOTAL (unrolled; the bound is tested only where
+// NT does not divide TOTAL). Local to this file: in common.cuh, the mere presence of the
+// template moved one ld.shared of flash_fwd_simt.cu (that file's known PTX noise).
+template <int TOTAL, int NT, class F>
+__device__ __forceinline__ void for_each_chunk(int tid, F&& f) {
+#pragma unroll
+    for (int it = 0; it < (TOTAL + NT - 1) / NT; ++it) {
+        const int i = it * NT + tid;
+        if (TOTAL % NT != 0 && i >= TOTAL) break;
+        f(i);
+    }
+}
+
 // Copy a (ROWS x D) tile of 16-bit elements from global (row stride D) into the core-matrix
 // layout above; rows at or past `limit` are zero-filled. Chunk c (16 bytes) goes to byte 16 c:
 // eight consecutive chunks fill one core matrix (its 8 rows), so the shared-memory writes of a
@@ -57,16 +71,13 @@ __device__ __forceinline__ void load_tile(unsigned sbase, const unsigned short* 
                                           int limit, int tid) {
     constexpr int CPR = D / 8;  // core matrices (16-byte chunks) per row
     constexpr int TOTAL = ROWS * CPR;
-#pragma unroll
-    for (int it = 0; it < (TOTAL + NT - 1) / NT; ++it) {
-        const int c = it * NT + tid;
-        if (TOTAL % NT != 0 && c >= TOTAL) break;
+    for_each_chunk<TOTAL, NT>(tid, [&](int c) {
         const int cm = c >> 3, rin = c & 7;
         const int r = (cm / CPR) * 8 + rin, col = (cm % CPR) * 8;
         const bool ok = row0 + r < limit;
         const unsigned short* src = ok ? g + (long long)(row0 + r) * D + col : g;
         cp_async16_ordered(sbase + (unsigned)(c * 16), src, ok);
-    }
+    });
 }
 
 // 128-byte swizzle (descriptor layout type 1): a (R rows x D) tile is stored as D / 64 panels
@@ -88,16 +99,13 @@ __device__ __forceinline__ void load_tile_sw(unsigned sbase, const unsigned shor
                                              int limit, int tid) {
     constexpr int CPR = D / 8;
     constexpr int TOTAL = ROWS * CPR;
-#pragma unroll
-    for (int it = 0; it < (TOTAL + NT - 1) / NT; ++it) {
-        const int i = it * NT + tid;
-        if (TOTAL % NT != 0 && i >= TOTAL) break;
+    for_each_chunk<TOTAL, NT>(tid, [&](int i) {
         const int r = i / CPR, cc = i % CPR, c = cc & 7;
         const bool ok = row0 + r < limit;
         const unsigned short* src = ok ? g + (long long)(row0 + r) * D + cc * 8 : g;
         cp_async16_ordered(
             sbase + (unsigned)((cc >> 3) * ROWS * 128 + r * 128 + ((c ^ (r & 7)) << 4)), src, ok);
-    }
+    });
 }
 
 // The layout switch (SW: 128-byte swizzle, else core matrices) for loads and descriptors.
