@@ -18,20 +18,19 @@ __device__ __forceinline__ void ldsm_x4_t(unsigned (&r)[4], unsigned addr) {
                  : "r"(addr));
 }
 
-__device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0,
-                                    unsigned b1, f16) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
-        "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-__device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0,
-                                    unsigned b1, bf16) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
-        "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+// mma.sync m16n8k16, float accumulators, one overload per 16-bit type tag (PTX: its PTX type
+// name, pasted into the instruction string).
+#define XATTN_MMA_M16N8K16(TAG, PTX)                                                       \
+    __device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, \
+                                        unsigned b1, TAG) {                                 \
+        asm("mma.sync.aligned.m16n8k16.row.col.f32." PTX "." PTX ".f32 {%0,%1,%2,%3}, "     \
+            "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                                      \
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                \
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                \
+    }
+XATTN_MMA_M16N8K16(f16, "f16")
+XATTN_MMA_M16N8K16(bf16, "bf16")
+#undef XATTN_MMA_M16N8K16
 
 // Copy a (ROWS x D) tile of 16-bit (E = unsigned short) or float elements from global (row
 // stride D) into shared memory (row stride LD); rows at or past `limit` are zero-filled.
