@@ -50,8 +50,9 @@ __device__ __forceinline__ unsigned long long make_desc(unsigned addr, unsigned 
 
 // This thread's share of a tile of TOTAL 16-byte chunks that NT threads copy together: f(i)
 // for the chunks i = tid, tid + NT, ... below TOTAL (unrolled; the bound is tested only where
-// NT does not divide TOTAL). Local to this file: in common.cuh, the mere presence of the
-// template moved one ld.shared of flash_fwd_simt.cu (that file's known PTX noise).
+// NT does not divide TOTAL). The sm_80 loaders keep their loops written out: the PTX of
+// flash_fwd_simt.cu and flash_fwd_tf32.cu varies from build to build (one ld.shared more or
+// less vectorised), so a change to them cannot be shown byte-identical by tools/ptx_diff.py.
 template <int TOTAL, int NT, class F>
 __device__ __forceinline__ void for_each_chunk(int tid, F&& f) {
 #pragma unroll
