@@ -12,9 +12,10 @@ each architecture, with the launchers' options, and stores one file per (file, a
 appeared or disappeared (branch labels and local depots are numbered by the function's place
 in its translation unit: those numbers are ignored); the exit status is non-zero when any did.
 ``--registers`` renumbers virtual registers by first use inside each entry before comparing.
-``flash_fwd_simt.cu`` is the one file whose PTX moves with unrelated source text (one
-``ld.shared`` more or less vectorised, seen between two builds of the same kernel body): compare
-its entries' instruction histograms instead.
+``flash_fwd_simt.cu`` and ``flash_fwd_tf32.cu`` give PTX that varies between two builds of the
+same, unchanged source (one ``ld.shared`` more or less vectorised, in one to three entries a
+build): compare their entries' instruction histograms instead, or against several builds of
+the old source.
 """
 
 from __future__ import annotations

@@ -150,15 +150,24 @@ def check_bool(name: str, value) -> bool:
     return bool(value)
 
 
-def check_int(name: str, value, *, minimum: int = 0, default=None):
-    """``value`` as a Python int ``>= minimum``; ``None`` gives ``default`` when one is set."""
+def check_int(name: str, value, *, minimum: int = 0, default=None, expected=None):
+    """``value`` as a Python int ``>= minimum``; ``None`` gives ``default`` when one is set.
+    ``expected`` words the errors (default: ``an int >= minimum``)."""
     if value is None and default is not None:
         return default
+    expected = expected or f"an int >= {minimum}"
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an int >= {minimum}, got {value!r}")
+        raise TypeError(f"{name}: expected {expected}, got {value!r}")
     if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+        raise ValueError(f"{name}: expected {expected}, got {value}")
     return int(value)
+
+
+def check_positive_int(name: str, value, *, allow_none: bool = False):
+    """``value`` as a Python int ``>= 1``; ``None`` passes through with ``allow_none``."""
+    if value is None and allow_none:
+        return None
+    return check_int(name, value, minimum=1, expected="a positive int (>= 1)")
 
 
 def check_seed(name: str, seed) -> np.random.Generator:

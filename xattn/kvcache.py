@@ -29,6 +29,7 @@ from ._array import (
     array_namespace,
     check_bool,
     check_float_dtype,
+    check_positive_int,
     check_scalar,
     compute_dtype,
     is_cupy,
@@ -36,16 +37,6 @@ from ._array import (
 )
 
 __all__ = ["KVCache", "decode_attention"]
-
-
-def _positive_int(name, value, *, allow_none=False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected a positive int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value}")
-    return int(value)
 
 
 def _namespace_name(xp) -> str:
@@ -117,16 +108,16 @@ class KVCache:
 
     def __init__(self, batch, kv_heads, max_len, head_dim, *, dtype, xp=np, page_size=None,
                  num_pages=None, head_dim_v=None, window=None):
-        self.batch = _positive_int("batch", batch)
-        self.kv_heads = _positive_int("kv_heads", kv_heads)
-        self.max_len = _positive_int("max_len", max_len)
-        self.head_dim = _positive_int("head_dim", head_dim)
-        hv = _positive_int("head_dim_v", head_dim_v, allow_none=True)
+        self.batch = check_positive_int("batch", batch)
+        self.kv_heads = check_positive_int("kv_heads", kv_heads)
+        self.max_len = check_positive_int("max_len", max_len)
+        self.head_dim = check_positive_int("head_dim", head_dim)
+        hv = check_positive_int("head_dim_v", head_dim_v, allow_none=True)
         self.head_dim_v = self.head_dim if hv is None else hv
         self.dtype = dt = check_float_dtype(dtype)
         self._xp_name = _namespace_name(xp)
         self.xp = xp
-        self.page_size = _positive_int("page_size", page_size, allow_none=True)
+        self.page_size = check_positive_int("page_size", page_size, allow_none=True)
         if window is not None:
             if isinstance(window, bool) or not isinstance(window, numbers.Integral):
                 raise TypeError(f"window: expected a non-negative int or None, got {window!r}")
@@ -155,8 +146,8 @@ class KVCache:
         else:
             per_seq = -(-self.max_len // self.page_size)
             default = self.batch * per_seq
-            self.num_pages = _positive_int("num_pages", default if num_pages is None
-                                           else num_pages)
+            self.num_pages = check_positive_int("num_pages", default if num_pages is None
+                                                else num_pages)
             self._block_table = np.full((self.batch, per_seq), -1, dtype=np.int32)
             # Pages are handed out lowest index first: a fresh cache fills its pool in order.
             self._free = list(range(self.num_pages - 1, -1, -1))

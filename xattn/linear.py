@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 
 import numpy as np
 
 from ._array import (
     array_namespace,
     check_bool,
+    check_positive_int,
     check_same_shape,
     check_scalar,
     check_seed,
@@ -161,14 +161,6 @@ def _check_eps(eps):
     return eps
 
 
-def _check_int(name, value, *, allow_none=True):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected a positive int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name}: expected a positive int (>= 1), got {value}")
-    return int(value)
 
 
 # --- layout -----------------------------------------------------------------------------------
@@ -458,7 +450,7 @@ def _zeros_state(xp, n, f, e, cdtype):
 def _validate_linear(q, k, v, causal, eps, chunk_size, feature_map, extra=()):
     prob = validate_attention(q, k, v, causal=causal, extra=extra)
     eps = _check_eps(eps)
-    chunk = _check_int("chunk_size", chunk_size)
+    chunk = check_positive_int("chunk_size", chunk_size, allow_none=True)
     phi, dphi = _feature_map(prob.xp, feature_map, prob.cdtype)
     return prob, eps, chunk or DEFAULT_CHUNK, phi, dphi
 
@@ -817,8 +809,8 @@ def performer_projection(num_features, head_dim, *, orthogonal=True, seed=None, 
     >>> bool(np.allclose(g - np.diag(np.diag(g)), 0))
     True
     """
-    m = _check_int("num_features", num_features, allow_none=False)
-    d = _check_int("head_dim", head_dim, allow_none=False)
+    m = check_positive_int("num_features", num_features)
+    d = check_positive_int("head_dim", head_dim)
     orthogonal = check_bool("orthogonal", orthogonal)
     if xp is not None and getattr(xp, "__name__", None) not in ("numpy", "cupy"):
         raise TypeError(f"xp: expected the numpy or cupy module, got {xp!r}")
@@ -908,7 +900,7 @@ def performer_attention(
     """
     prob = validate_attention(q, k, v, causal=causal)
     xp, cd, g, d = prob.xp, prob.cdtype, prob.group, prob.d
-    m = _check_int("num_features", num_features)
+    m = check_positive_int("num_features", num_features, allow_none=True)
     if projection is None:
         w_proj = performer_projection(
             m or default_num_features(d), d, orthogonal=orthogonal, seed=seed, xp=xp

@@ -73,6 +73,20 @@ def block_sparse_attention(q, k, v, block_mask, /, *, return_lse=False, backend=
                            backend=backend, **score)
 
 
+# The end of the self-attention variants' parameter lists, and what they return.
+_SELF_ATTENTION_TAIL = """{score_options}, return_lse, backend
+        As in :func:`xattn.flash_attention`.
+
+    Returns
+    -------
+    out : array ``(..., Hq, S, Dv)``, and ``lse`` with ``return_lse``."""
+
+
+def _self_attention_doc(fn):
+    fn.__doc__ = fn.__doc__.replace("{self_attention_tail}", _SELF_ATTENTION_TAIL)
+    return fn
+
+
 def _self_attention_len(name, q, k, v, score):
     prob = validate_attention(q, k, v, **score)
     if prob.sq != prob.sk:
@@ -85,6 +99,7 @@ def _self_attention_len(name, q, k, v, score):
 
 @dlpack_interop
 @score_options(before="return_lse", exclude=("causal", "window"))
+@_self_attention_doc
 def longformer_attention(q, k, v, /, *, window, global_tokens, block_size=DEFAULT_BLOCK_SIZE,
                          return_lse=False, backend="auto", **score):
     """Longformer attention (Hugging Face semantics): sliding window plus global tokens.
@@ -106,12 +121,7 @@ def longformer_attention(q, k, v, /, *, window, global_tokens, block_size=DEFAUL
         tokens per batch element (the inputs' leading dims).
     block_size : int
         Block size of the underlying :meth:`BlockMask.longformer`.
-    {score_options}, return_lse, backend
-        As in :func:`xattn.flash_attention`.
-
-    Returns
-    -------
-    out : array ``(..., Hq, S, Dv)``, and ``lse`` with ``return_lse``.
+    {self_attention_tail}
 
     Examples
     --------
@@ -133,6 +143,7 @@ def longformer_attention(q, k, v, /, *, window, global_tokens, block_size=DEFAUL
 
 @dlpack_interop
 @score_options(before="return_lse", exclude=("causal", "window"))
+@_self_attention_doc
 def bigbird_attention(q, k, v, /, *, block_size=64, window_blocks=3, global_blocks=1,
                       random_blocks=3, seed=None, return_lse=False, backend="auto", **score):
     """BigBird (ITC) block-sparse attention under ``BlockMask.bigbird(S, ...)``.
@@ -151,12 +162,7 @@ def bigbird_attention(q, k, v, /, *, block_size=64, window_blocks=3, global_bloc
     q, k, v : arrays ``(..., Hq, S, D)``, ``(..., Hkv, S, D)``, ``(..., Hkv, S, Dv)``
     block_size, window_blocks, global_blocks, random_blocks, seed
         As in :meth:`BlockMask.bigbird`.
-    {score_options}, return_lse, backend
-        As in :func:`xattn.flash_attention`.
-
-    Returns
-    -------
-    out : array ``(..., Hq, S, Dv)``, and ``lse`` with ``return_lse``.
+    {self_attention_tail}
 
     Examples
     --------

@@ -48,6 +48,21 @@ __device__ __forceinline__ unsigned long long make_desc(unsigned addr, unsigned 
            ((unsigned long long)((sbo >> 4) & 0x3FFFu) << 32);
 }
 
+// This thread's share of a tile of TOTAL 16-byte chunks that NT threads copy together: f(i)
+// for the chunks i = tid, tid + NT, ... below TOTAL (unrolled; the bound is tested only where
+// NT does not divide TOTAL). The sm_80 loaders keep their loops written out: the PTX of
+// flash_fwd_simt.cu and flash_fwd_tf32.cu varies from build to build (one ld.shared more or
+// less vectorised), so a change to them cannot be shown byte-identical by tools/ptx_diff.py.
+template <int TOTAL, int NT, class F>
+__device__ __forceinline__ void for_each_chunk(int tid, F&& f) {
+#pragma unroll
+    for (int it = 0; it < (TOTAL + NT - 1) / NT; ++it) {
+        const int i = it * NT + tid;
+        if (TOTAL % NT != 0 && i >= TOTAL) break;
+        f(i);
+    }
+}
+
 // Copy a (ROWS x D) tile of 16-bit elements from global (row stride D) into the core-matrix
 // layout above; rows at or past `limit` are zero-filled. Chunk c (16 bytes) goes to byte 16 c:
 // eight consecutive chunks fill one core matrix (its 8 rows), so the shared-memory writes of a
@@ -57,16 +72,13 @@ __device__ __forceinline__ void load_tile(unsigned sbase, const unsigned short* 
                                           int limit, int tid) {
     constexpr int CPR = D / 8;  // core matrices (16-byte chunks) per row
     constexpr int TOTAL = ROWS * CPR;
-#pragma unroll
-    for (int it = 0; it < (TOTAL + NT - 1) / NT; ++it) {
-        const int c = it * NT + tid;
-        if (TOTAL % NT != 0 && c >= TOTAL) break;
+    for_each_chunk<TOTAL, NT>(tid, [&](int c) {
         const int cm = c >> 3, rin = c & 7;
         const int r = (cm / CPR) * 8 + rin, col = (cm % CPR) * 8;
         const bool ok = row0 + r < limit;
         const unsigned short* src = ok ? g + (long long)(row0 + r) * D + col : g;
         cp_async16_ordered(sbase + (unsigned)(c * 16), src, ok);
-    }
+    });
 }
 
 // 128-byte swizzle (descriptor layout type 1): a (R rows x D) tile is stored as D / 64 panels
@@ -88,16 +100,13 @@ __device__ __forceinline__ void load_tile_sw(unsigned sbase, const unsigned shor
                                              int limit, int tid) {
     constexpr int CPR = D / 8;
     constexpr int TOTAL = ROWS * CPR;
-#pragma unroll
-    for (int it = 0; it < (TOTAL + NT - 1) / NT; ++it) {
-        const int i = it * NT + tid;
-        if (TOTAL % NT != 0 && i >= TOTAL) break;
+    for_each_chunk<TOTAL, NT>(tid, [&](int i) {
         const int r = i / CPR, cc = i % CPR, c = cc & 7;
         const bool ok = row0 + r < limit;
         const unsigned short* src = ok ? g + (long long)(row0 + r) * D + cc * 8 : g;
         cp_async16_ordered(
             sbase + (unsigned)((cc >> 3) * ROWS * 128 + r * 128 + ((c ^ (r & 7)) << 4)), src, ok);
-    }
+    });
 }
 
 // The layout switch (SW: 128-byte swizzle, else core matrices) for loads and descriptors.
@@ -142,34 +151,12 @@ struct FwdArgs : FwdOperands<unsigned short> {
     int causal, wl, wr;  // window sides, -1 = unbounded
 };
 
-// Masking and online softmax of one score tile held by a warpgroup: s[n * 4 + hr * 2 + e] is
-// row wq0 + 16 warp + g + 8 hr, key k0 + 8 n + 2 t4 + e (the wgmma accumulator layout). On
-// return s holds p = 2^(s * sl2 - m), m / l are updated and alpha rescales the old output.
-template <int BN>
-__device__ __forceinline__ void mask_tile(float (&s)[BN / 2], const FwdArgs& a, int wq0,
-                                          int wq1, int k0, int warp, int g, int t4) {
-    constexpr int NS = BN / 8;
-    const int off = a.sk - a.sq;
-    if (xattn_tile_needs_test(wq0, wq1, k0, BN, off, a.sk, a.causal, a.wl, a.wr)) {
-#pragma unroll
-        for (int hr = 0; hr < 2; ++hr) {
-            const int qi = wq0 + warp * 16 + g + hr * 8;
-#pragma unroll
-            for (int n = 0; n < NS; ++n)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int kj = k0 + n * 8 + t4 * 2 + e;
-                    if (!xattn_visible(qi, kj, off, a.sk, a.causal, a.wl, a.wr))
-                        s[n * 4 + hr * 2 + e] = -XATTN_INF;
-                }
-        }
-    }
-}
-
-// Every element tested (the caller decided that the tile needs it): straight-line selects, so
-// it may run while a wgmma is in flight.
-template <int BN>
-__device__ __forceinline__ void mask_tile_all(float (&s)[BN / 2], const FwdArgs& a, int wq0,
+// Masking of one score tile held by a warpgroup: s[n * 4 + hr * 2 + e] is row
+// wq0 + 16 warp + g + 8 hr, key k0 + 8 n + 2 t4 + e (the wgmma accumulator layout); every
+// element is tested and the invisible ones become -inf. SELECT: straight-line selects, so it
+// may run while a wgmma is in flight (the experimental modes); else a branch per element.
+template <int BN, bool SELECT>
+__device__ __forceinline__ void mask_elements(float (&s)[BN / 2], const FwdArgs& a, int wq0,
                                               int k0, int warp, int g, int t4) {
     constexpr int NS = BN / 8;
     const int off = a.sk - a.sq;
@@ -182,9 +169,20 @@ __device__ __forceinline__ void mask_tile_all(float (&s)[BN / 2], const FwdArgs&
             for (int e = 0; e < 2; ++e) {
                 const int kj = k0 + n * 8 + t4 * 2 + e;
                 const bool vis = xattn_visible(qi, kj, off, a.sk, a.causal, a.wl, a.wr);
-                s[n * 4 + hr * 2 + e] = vis ? s[n * 4 + hr * 2 + e] : -XATTN_INF;
+                if constexpr (SELECT)
+                    s[n * 4 + hr * 2 + e] = vis ? s[n * 4 + hr * 2 + e] : -XATTN_INF;
+                else if (!vis)
+                    s[n * 4 + hr * 2 + e] = -XATTN_INF;
             }
     }
+}
+
+// The element test only where the tile needs it (rows [wq0, wq1) against keys k0..k0+BN).
+template <int BN>
+__device__ __forceinline__ void mask_tile(float (&s)[BN / 2], const FwdArgs& a, int wq0,
+                                          int wq1, int k0, int warp, int g, int t4) {
+    if (xattn_tile_needs_test(wq0, wq1, k0, BN, a.sk - a.sq, a.sk, a.causal, a.wl, a.wr))
+        mask_elements<BN, false>(s, a, wq0, k0, warp, g, t4);
 }
 
 template <bool B>

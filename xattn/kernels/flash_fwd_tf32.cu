@@ -94,25 +94,6 @@ struct Args : ScoreMods {
     float scale;         // softmax scale (natural units)
 };
 
-// Copy a (ROWS x D) float tile from global (row stride D) to shared memory (row stride LD);
-// rows at or past `limit` are zero-filled.
-template <int ROWS, int D, int LD, int NT>
-__device__ __forceinline__ void load_tile(float* s, const float* g, int row0, int limit,
-                                          int tid) {
-    constexpr int CPR = D / 4;  // 16-byte chunks per row
-    constexpr int TOTAL = ROWS * CPR;
-    const unsigned sbase = smem_u32(s);
-#pragma unroll
-    for (int it = 0; it < (TOTAL + NT - 1) / NT; ++it) {
-        const int i = it * NT + tid;
-        if (TOTAL % NT != 0 && i >= TOTAL) break;
-        const int r = i / CPR, c = i % CPR;
-        const bool ok = row0 + r < limit;
-        const float* src = ok ? g + (long long)(row0 + r) * D + c * 4 : g;
-        cp_async16(sbase + (unsigned)((r * LD + c * 4) * 4), src, ok);
-    }
-}
-
 // Round to TF32, in place, the chunks of a tile that this thread's load_tile copied: after
 // cp.async.wait_group they are visible to this thread; the caller's barrier publishes them.
 template <int ROWS, int D, int LD, int NT>
