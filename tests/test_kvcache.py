@@ -500,3 +500,27 @@ def test_cupy_cache_refuses_numpy_query(rng):
         xattn.decode_attention(q, cache)
     with pytest.raises(TypeError, match="never copies"):
         cache.append(q, q)
+
+
+def test_device_meta_is_copied_once_per_change():
+    """The kernels' copies of lengths and block table: reused while the cache is unchanged,
+    renewed by every append and reset, and always equal to the host state."""
+    cache = xattn.KVCache(2, 1, 64, 8, dtype=np.float32, page_size=16, num_pages=8)
+    kv = np.ones((2, 1, 20, 8), np.float32)
+
+    def check():
+        k, v, table, lengths, ps = cache._device_meta()
+        assert ps == 16 and k is cache.k_cache and v is cache.v_cache
+        np.testing.assert_array_equal(table, cache._pool()[2])
+        np.testing.assert_array_equal(lengths, cache.lengths)
+        return table, lengths
+
+    cache.append(kv, kv)
+    first = check()
+    again = check()
+    assert first[0] is again[0] and first[1] is again[1]  # no new copy: nothing changed
+    cache.append(kv[:, :, :3], kv[:, :, :3], lengths=[3, 0])
+    assert check()[1] is not first[1]
+    cache.reset(0)
+    table, lengths = check()
+    assert lengths.tolist() == [0, 20]

@@ -216,17 +216,17 @@ class KVCache:
 
     def _device_meta(self):
         """``(k_pages, v_pages, table, lengths, page_size)`` as :meth:`_pool`, with ``table`` and
-        ``lengths`` also copied into the cache's namespace: explicitly, once per change of the
-        cache (the copy of a few int32s, not of keys or values), so repeated decode calls on an
-        unchanged cache launch no host-to-device transfer."""
+        ``lengths`` int32 arrays in the cache's namespace: copied explicitly, once per change of
+        the cache (a few int32s, not keys or values), so repeated decode calls on an unchanged
+        cache launch no host-to-device transfer."""
         if self._meta is None or self._meta[0] != self._changes:
-            kp, vp, table, ps = self._pool()
+            _, _, table, ps = self._pool()
             xp = self.xp
-            self._meta = (self._changes, table, xp.asarray(table, dtype=xp.int32),
-                          xp.asarray(self._lengths, dtype=xp.int32))
-        _, table, table_dev, lengths_dev = self._meta
-        return self._k, self._v, table, table_dev, lengths_dev, (
-            self.page_size if self.paged else self.max_len)
+            # xp.array copies (asarray would alias the host state on NumPy).
+            self._meta = (self._changes, xp.array(table, dtype=xp.int32),
+                          xp.array(self._lengths, dtype=xp.int32), ps)
+        _, table, lengths, ps = self._meta
+        return self._k, self._v, table, lengths, ps
 
     def _segments(self, b, start, stop):
         """``(page, offset, position, count)`` runs covering positions ``[start, stop)`` of

@@ -79,7 +79,7 @@ def decode(prob, q, cache, *, alibi_slopes=None, splits=None):
     import cupy as cp
 
     B, Hq, Hkv, T, D = prob.batch, prob.hq, prob.hkv, prob.sq, prob.d
-    kpool, vpool, table, table_dev, lengths_dev, page_size = cache._device_meta()
+    kpool, vpool, table_dev, lengths_dev, page_size = cache._device_meta()
     lengths = cache.lengths
     left = -1 if prob.window is None or prob.window[0] is None else prob.window[0]
     R = prob.group * T
@@ -105,7 +105,7 @@ def decode(prob, q, cache, *, alibi_slopes=None, splits=None):
         alibi_bs = Hq
     i32, i64, f32 = np.int32, np.int64, np.float32
     args = (qc, kpool, vpool, table_dev, lengths_dev, out, lse, part_o, part_lse,
-            i32(B), i32(Hq), i32(Hkv), i32(T), i32(page_size), i32(table.shape[1]),
+            i32(B), i32(Hq), i32(Hkv), i32(T), i32(page_size), i32(table_dev.shape[1]),
             i32(splits), f32(prob.scale), f32(prob.softcap or 0.0), i32(left), alibi,
             i64(alibi_bs))
     main, combine = _functions(_params.type_name(prob.dtype), D)
