@@ -39,9 +39,12 @@
 //
 // 3xTF32 (X3, the `cupy.tf32x3` entry: float32 accuracy on tensor cores). Every operand x is
 // split into hi = tf32(x) and lo = tf32(x - hi) (x - hi is exact: Sterbenz), and each product
-// is taken as lo*hi' + hi*lo' + hi*hi' (three MMAs into the same float32 accumulator, the small
-// terms first; lo*lo' is dropped): per product the error is about 2^-21 relative instead of
-// 2^-10, below the float32 rounding of the sums (docs/numerics.rst). K, V (and Q when it is in
+// is taken as lo*hi' + hi*lo' + hi*hi' (lo*lo' is dropped): per product the error is about
+// 2^-21 relative instead of 2^-10, below the float32 rounding of the sums (docs/numerics.rst).
+// In Q K^T the small products chain into their own accumulator, added to the score once per
+// key block on the CUDA cores, so that only hi*hi' chains into the score: each MMA truncates
+// the sum it writes, and a score truncated 3 D / 8 times instead of D / 8 biases lse enough to
+// show in the float32 backward. K, V (and Q when it is in
 // shared memory) are split once per block, by the thread whose cp.async brought the chunk:
 // hi replaces x in place and lo goes D floats further along the same row (rows of 2D + 16 /
 // 2D + 4 floats: the same bank pattern for hi and lo); lo is 0 where hi == x, which keeps
@@ -280,6 +283,14 @@ __device__ __forceinline__ void flash_fwd_tf32_core(const Args& a) {
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int n = 0; n < NS; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
+        float st[X3 ? MT : 1][X3 ? NS : 1][4];  // small products (X3)
+        if constexpr (X3) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int n = 0; n < NS; ++n)
+                    st[mt][n][0] = st[mt][n][1] = st[mt][n][2] = st[mt][n][3] = 0.f;
+        }
         const float* Kb = sK + buf * BN * LDK;
         // With Q read from shared memory the chunk loop indexes no register array, so it need
         // not be unrolled fully (that keeps ptxas from hoisting every load of the tile).
@@ -327,19 +338,35 @@ __device__ __forceinline__ void flash_fwd_tf32_core(const Args& a) {
                 for (int mt = 0; mt < MT; ++mt) {
                     // k-step 0: columns (4t, 4t+1) as k = (t, t+4); k-step 1: (4t+2, 4t+3).
                     if constexpr (X3) {
+                        // hi*hi' chains into s; the two small products chain into their own
+                        // accumulator (t, about 2^-10 of s), added to s once after the last
+                        // chunk: the tensor cores truncate each sum they write, so chaining
+                        // all three into s truncates 3 D / 8 times per score, this D / 8.
                         const uint4 kl = *reinterpret_cast<const uint4*>(row + D);
                         const unsigned* h = af[mt];
                         const unsigned* l = al[X3 ? mt : 0];
-                        mma3(s[mt][n], {h[0], h[4], h[1], h[5]}, {l[0], l[4], l[1], l[5]}, k0,
-                             k1, kl.x, kl.y);
-                        mma3(s[mt][n], {h[2], h[6], h[3], h[7]}, {l[2], l[6], l[3], l[7]}, k2,
-                             k3, kl.z, kl.w);
+                        float(&tt)[4] = st[X3 ? mt : 0][X3 ? n : 0];
+                        mma(tt, l[0], l[4], l[1], l[5], k0, k1);
+                        mma(tt, h[0], h[4], h[1], h[5], kl.x, kl.y);
+                        mma(tt, l[2], l[6], l[3], l[7], k2, k3);
+                        mma(tt, h[2], h[6], h[3], h[7], kl.z, kl.w);
+                        mma(s[mt][n], h[0], h[4], h[1], h[5], k0, k1);
+                        mma(s[mt][n], h[2], h[6], h[3], h[7], k2, k3);
                     } else {
                         mma(s[mt][n], af[mt][0], af[mt][4], af[mt][1], af[mt][5], k0, k1);
                         mma(s[mt][n], af[mt][2], af[mt][6], af[mt][3], af[mt][7], k2, k3);
                     }
                 }
             }
+        }
+
+        if constexpr (X3) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int n = 0; n < NS; ++n)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) s[mt][n][e] += st[mt][n][e];
         }
 
         // Score modifications and masking, each a block-uniform branch around its own pass so
