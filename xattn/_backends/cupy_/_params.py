@@ -11,13 +11,14 @@ every output with NaN before the launch so that unwritten elements fail the test
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
 import numpy as np
 
 __all__ = ["MAX_GRID_YZ", "compute_capability", "grid_reason", "option_args", "poison",
-           "type_name", "visibility_args"]
+           "sm_count", "type_name", "visibility_args"]
 
 MAX_GRID_YZ = 65535
 
@@ -49,7 +50,24 @@ def fill_poison(xp, *arrays):
 def compute_capability() -> int:
     import cupy
 
-    return int(cupy.cuda.Device().compute_capability)
+    return _device_facts(cupy.cuda.runtime.getDevice())[0]
+
+
+def sm_count() -> int:
+    """Multiprocessors of the current device (cached: CuPy's ``Device().attributes`` reads
+    every attribute of the device, tens of microseconds, as long as a whole decode step)."""
+    import cupy
+
+    return _device_facts(cupy.cuda.runtime.getDevice())[1]
+
+
+@functools.lru_cache(maxsize=64)
+def _device_facts(device_id):
+    import cupy
+
+    rt = cupy.cuda.runtime
+    cc = int(cupy.cuda.Device(device_id).compute_capability)
+    return cc, int(rt.deviceGetAttribute(rt.cudaDevAttrMultiProcessorCount, device_id))
 
 
 def half_kernel_reason(prob, op, served, kernel):

@@ -42,9 +42,7 @@ def supports(prob, opts, op):
         return f"head dims D={prob.d}, Dv={prob.dv}: the kernel takes D = Dv in {HEAD_DIMS}"
     if opts:
         return f"options not handled by this backend: {sorted(opts)}"
-    import cupy
-
-    cc = int(cupy.cuda.Device().compute_capability)
+    cc = _params.compute_capability()
     if cc < 80:
         return f"compute capability {cc} < 80: the kernel uses mma.sync and cp.async"
     return None
@@ -86,7 +84,7 @@ def decode(prob, q, cache, *, alibi_slopes=None, splits=None):
     row_blocks = -(-R // 16)
     spans = [n - (max(0, n - T - left) if left >= 0 else 0) for n in lengths.tolist()]
     max_tiles = -(-max(spans, default=0) // BN)
-    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+    sms = _params.sm_count()
     if splits is None:
         splits = num_splits(B, Hkv, row_blocks, max_tiles, sms)
     splits = int(max(1, min(int(splits), _MAX_SPLITS, max(1, max_tiles))))
