@@ -15,13 +15,18 @@ from xattn.testing import assert_close, naive_attention, reference_attention, to
 
 
 def test_split_heuristic():
-    # One sequence, 8 kv heads, 132 SMs: enough splits for two waves of blocks.
-    assert cupy_decode.num_splits(1, 8, 1, 8192, 132) == 33
-    # Many sequences already fill the card: no split.
-    assert cupy_decode.num_splits(64, 8, 1, 8192, 132) == 1
+    # One sequence, 8 kv heads, 132 SMs x 3 resident blocks: 48 splits fill 384 of 396 slots
+    # in one wave (49 would fill 2 % more, under the gain asked of an extra split; 50 would
+    # start a second wave of 4 blocks).
+    assert cupy_decode.num_splits(1, 8, 1, 8192, 132, 3) == 48
+    # 64 sequences: 512 blocks would leave 2 waves of 396 slots 65 % full; 3 splits fill 4
+    # waves 97 %.
+    assert cupy_decode.num_splits(64, 8, 1, 8192, 132, 3) == 3
+    # Blocks that exactly fill the card take no split.
+    assert cupy_decode.num_splits(33, 4, 1, 8192, 132, 1) == 1
     # A short context is never cut below 4 tiles per warp.
-    assert cupy_decode.num_splits(1, 1, 1, 40, 132) == 2
-    assert cupy_decode.num_splits(1, 1, 1, 3, 132) == 1
+    assert cupy_decode.num_splits(1, 1, 1, 40, 132, 3) == 2
+    assert cupy_decode.num_splits(1, 1, 1, 3, 132, 3) == 1
 
 
 def test_auto_takes_the_kernel_before_generic():
