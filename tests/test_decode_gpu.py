@@ -15,10 +15,9 @@ from xattn.testing import assert_close, naive_attention, reference_attention, to
 
 
 def test_split_heuristic():
-    # One sequence, 8 kv heads, 132 SMs x 3 resident blocks: 48 splits fill 384 of 396 slots
-    # in one wave (49 would fill 2 % more, under the gain asked of an extra split; 50 would
-    # start a second wave of 4 blocks).
-    assert cupy_decode.num_splits(1, 8, 1, 8192, 132, 3) == 48
+    # One sequence, 8 kv heads, 132 SMs x 3 resident blocks: 49 splits fill 392 of 396 slots
+    # in one wave (50 would start a second wave of 4 blocks).
+    assert cupy_decode.num_splits(1, 8, 1, 8192, 132, 3) == 49
     # 64 sequences: 512 blocks would leave 2 waves of 396 slots 65 % full; 3 splits fill 4
     # waves 97 %.
     assert cupy_decode.num_splits(64, 8, 1, 8192, 132, 3) == 3

@@ -27,7 +27,7 @@ HEAD_DIMS = instances.DECODE_HEAD_DIMS
 # A warp should walk at least this many tiles of its split, or the merge costs more than it
 # saves.
 _MIN_TILES_PER_WARP = 4
-# A split count above the smallest good one must fill this much more of the card's block
+# A split count above the best smaller one must fill this fraction more of the card's block
 # slots to be taken (more splits cost a merge and a prologue each).
 _GAIN = 0.05
 _MAX_SPLITS = 128
@@ -61,7 +61,7 @@ def num_splits(batch, hkv, row_blocks, max_tiles, sm_count, per_sm=1):
     waves of ``sm_count * per_sm`` (the resident blocks the card holds); a last wave that is
     partly empty leaves bandwidth idle (64 sequences x 8 kv heads = 512 blocks on 396 slots of
     an H100 ran at 0.69 of copy bandwidth). The count taken fills the waves best, the fewest
-    splits among counts within ``_GAIN`` of each other, and leaves every warp at least
+    splits among counts within a factor ``1 + _GAIN`` of each other, and leaves every warp at least
     ``_MIN_TILES_PER_WARP`` tiles."""
     blocks = batch * hkv * row_blocks
     slots = max(1, sm_count * per_sm)
@@ -70,7 +70,7 @@ def num_splits(batch, hkv, row_blocks, max_tiles, sm_count, per_sm=1):
     for s in range(1, cap + 1):
         total = blocks * s
         fill = total / (-(-total // slots) * slots)
-        if fill > best_fill + _GAIN:
+        if fill > best_fill * (1 + _GAIN):
             best, best_fill = s, fill
     return best
 
