@@ -8,20 +8,18 @@
 # process (public API only, so the same snippet run on main gives the anchor). Under 2 min;
 # logs in $OUT (or a temp dir), the table printed last.
 set -u
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-OUT="${OUT:-$(mktemp -d)}"
-export OUT
+cd "$(dirname "$0")/.." || exit 1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OUT="${OUT:-$(mktemp -d)}"
 mkdir -p "$OUT"
+log="$OUT/pytest_bmparams.log"
 
-echo "== pytest (log: $OUT/pytest_bmparams.log)"
-timeout 75 python3 -m pytest -m gpu -q -n 8 -p no:cacheprovider \
-    tests/gpu/test_gpu_blockmask.py tests/gpu/test_gpu_blockmask_bwd.py \
-    tests/gpu/test_gpu_flash_tf32x3.py tests/gpu/test_gpu_entries.py \
-    > "$OUT/pytest_bmparams.log" 2>&1
+echo "== pytest (log: $log)"
+timeout 75 python3 -m pytest -m gpu -q -n 8 -p no:cacheprovider tests/gpu/test_gpu_blockmask.py \
+    tests/gpu/test_gpu_blockmask_bwd.py tests/gpu/test_gpu_flash_tf32x3.py \
+    tests/gpu/test_gpu_entries.py > "$log" 2>&1
 rc_tests=$?
-grep -E "^(FAILED|ERROR)" "$OUT/pytest_bmparams.log" | head -40
-tail -n 3 "$OUT/pytest_bmparams.log"
+grep -E "^(FAILED|ERROR)" "$log" | head -40
+tail -n 3 "$log"
 echo "pytest exit status: $rc_tests (124 = cut by the 75 s cap)"
 
 echo "== timing (log: $OUT/timing_bmparams.log)"
