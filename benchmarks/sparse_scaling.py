@@ -45,12 +45,8 @@ def qkv(seq, heads, dim, seed=0):
 
 
 def auto_backend(q, k, v, block_mask=None, **options):
-    prob = validate_attention(q, k, v, **options)
+    prob = validate_attention(q, k, v, block_mask=block_mask, **options)
     opts = _options(prob)
-    if block_mask is not None:
-        from xattn.sparse import plan_options
-
-        opts = {**opts, **plan_options(prob, block_mask), "block_mask": block_mask}
     for name, why in _backends.available_backends(np, prob, opts, "forward").items():
         if why is None:
             return name

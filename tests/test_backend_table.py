@@ -47,6 +47,22 @@ def test_every_entry_has_the_same_supports(name):
 
 
 @pytest.mark.parametrize("name", list(_backends.BACKENDS))
+def test_entries_read_the_block_mask_from_the_problem(name):
+    # A block mask travels in prob.block_mask (validated once); no entry takes it beside it.
+    mod = _backends.BACKENDS[name].load()
+    for fn in (getattr(mod, "forward", None), getattr(mod, "backward", None)):
+        if fn is not None:
+            assert "block_mask" not in inspect.signature(fn).parameters, (name, fn.__name__)
+
+
+def test_public_signatures_keep_block_mask():
+    for fn in (xattn.flash_attention, xattn.flash_attention_backward):
+        params = list(inspect.signature(fn).parameters)
+        assert params[params.index("scale") + 1] == "block_mask", fn.__name__
+    assert list(inspect.signature(xattn.block_sparse_attention).parameters)[3] == "block_mask"
+
+
+@pytest.mark.parametrize("name", list(_backends.BACKENDS))
 def test_no_module_globals_switch_kernels(name):
     mod = _backends.BACKENDS[name].load()
     flags = [a for a in vars(mod) if a.startswith("ENABLE_") or a == "POISON"]

@@ -126,3 +126,60 @@ def test_half_kernel_first_checks_keep_each_kernels_words():
         "dtype float32: the sm_90a kernel takes float16 and bfloat16")
     assert decode.supports(fake, {}, "decode") == (
         "dtype float32: the kernel takes float16 and bfloat16")
+
+
+def test_block_mask_args_fill_the_block_mask_struct_from_the_problem():
+    # The block-mask launch arguments come from prob.block_mask through the one filler
+    # (_params.block_mask_args): XattnBlockMask's fields in order, the CSC transpose after
+    # them for the backward, the device arrays cached per (mask, device) -- on NumPy
+    # stand-ins here, on CuPy on the GPU.
+    import xattn
+    from xattn._backends.cupy_ import blockmask
+
+    bm = xattn.BlockMask.documents([0, 3, 8], block_size=4)
+    prob, _ = _prob(sq=8, sk=8, block_mask=bm)
+    fwd = _params.block_mask_args(np, prob)
+    assert len(fwd) == 12, "XattnBlockMask has 12 fields"
+    frow, fcol, prow, pcol, tiles, *scalars = fwd
+    np.testing.assert_array_equal(frow, bm.full_row_ptr)
+    np.testing.assert_array_equal(fcol[:bm.num_full_blocks], bm.full_col_idx)
+    np.testing.assert_array_equal(prow, bm.partial_row_ptr)
+    np.testing.assert_array_equal(pcol, bm.partial_col_idx)
+    np.testing.assert_array_equal(tiles, blockmask.packed_tiles(bm))
+    # bq, bk, words per tile row, rule, offset, window sides
+    assert [int(x) for x in scalars] == [4, 4, 1, blockmask.KERNEL_RULE_TILES, 0, -1, -1]
+    bwd = _params.block_mask_args(np, prob, csc=True)
+    assert len(bwd) == 15
+    for got, want in zip(bwd[12:], blockmask.csc_arrays(bm), strict=True):
+        np.testing.assert_array_equal(got, want)
+    # Another problem with the same mask finds the cached arrays: no new copy per call.
+    again = _params.block_mask_args(np, _prob(sq=8, sk=8, block_mask=bm)[0], csc=True)
+    arrays = [i for i, a in enumerate(bwd) if isinstance(a, np.ndarray)]
+    assert len(arrays) == 8 and all(again[i] is bwd[i] for i in arrays)
+    # Without a mask: the dense launch's null pointers, the same count.
+    dense, _ = _prob(sq=8, sk=8)
+    assert len(_params.block_mask_args(np, dense)) == 12
+    nulls = _params.block_mask_args(np, dense, csc=True)
+    assert len(nulls) == 15 and [int(nulls[i]) for i in (0, 4, 12, 13, 14)] == [0] * 5
+    # The score-mod parameter block is the same with or without the mask.
+    for a, b in zip(_params.option_args(np, prob), _params.option_args(np, dense), strict=True):
+        assert type(a) is type(b) and int(a) == int(b)
+
+
+def test_launchers_take_the_block_mask_from_the_problem():
+    # No CuPy launcher takes a block_mask (or the CPU plan of one) beside the problem.
+    import inspect
+
+    from xattn._backends.cupy_ import (
+        flash,
+        flash_bwd,
+        flash_simt,
+        flash_sm90,
+        flash_tf32,
+        flash_tf32x3,
+    )
+
+    for fn in (flash.forward, flash_bwd.backward, flash_simt.forward, flash_sm90.forward,
+               flash_tf32.forward, flash_tf32x3.forward):
+        params = set(inspect.signature(fn).parameters)
+        assert not params & {"block_mask", "plan", "element_rule"}, fn.__module__

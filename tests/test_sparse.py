@@ -388,6 +388,67 @@ def test_block_mask_shape_mismatch(make_qkv):
         xattn.longformer_attention(q, k, v, window=4, global_tokens=np.ones((3, 50), bool))
 
 
+def test_block_mask_is_checked_once_at_validation(make_qkv):
+    # validate_attention checks a block mask with the other options, once, and the problem
+    # carries it (prob.block_mask): every public function raises the same message before any
+    # backend is asked, and nothing below checks it again.
+    import re
+
+    from xattn._array import validate_attention
+
+    q, k, v = make_qkv((2, 100, 16), (2, 120, 16))
+    wrong = BlockMask.causal(100)
+    msg = re.escape("block_mask: built for q_len=100, k_len=100, but q has Sq=100 and k has "
+                    "Sk=120")
+    out = np.zeros((2, 100, 16))
+    lse = np.zeros((2, 100))
+    calls = [
+        lambda bm: validate_attention(q, k, v, block_mask=bm),
+        lambda bm: xattn.flash_attention(q, k, v, block_mask=bm),
+        lambda bm: xattn.flash_attention_backward(out, q, k, v, out, lse, block_mask=bm),
+        lambda bm: xattn.block_sparse_attention(q, k, v, bm),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=msg):
+            call(wrong)
+        with pytest.raises(TypeError, match="block_mask: expected an xattn.BlockMask, got "
+                                            "ndarray"):
+            call(np.ones((100, 120), bool))
+    with pytest.raises(TypeError, match="block_mask: expected an xattn.BlockMask, got None"):
+        xattn.block_sparse_attention(q, k, v, None)
+    flags = np.zeros((3, 100), bool)
+    flags[[0, 1, 2], [0, 50, 99]] = True  # one global token per element: a batched mask
+    batched = BlockMask.longformer(100, window=4, global_tokens=flags)
+    x = np.zeros((2, 1, 100, 8))
+    with pytest.raises(ValueError, match=re.escape("block_mask: its batch_shape (3,) must "
+                                                   "equal the inputs' leading batch dims (2,)")):
+        validate_attention(x, x, x, block_mask=batched)
+    with pytest.raises(ValueError, match=re.escape("leading batch dims ()")):
+        validate_attention(x[0, 0], x[0, 0], x[0, 0], block_mask=batched)
+
+    good = BlockMask.causal(100, 120, block_size=32)
+    prob = validate_attention(q, k, v, block_mask=good)
+    assert prob.block_mask is good
+    assert prob == validate_attention(q, k, v) and "block_mask" not in repr(prob)
+
+
+def test_block_mask_travels_in_the_problem(backend, make_qkv, monkeypatch):
+    # One check per public call (validate_attention's); the backend reads prob.block_mask.
+    from xattn import _array
+
+    q, k, v = make_qkv((2, 100, 16), (2, 120, 16))
+    good = BlockMask.causal(100, 120, block_size=32)
+    seen = []
+    check = _array.check_block_mask
+    monkeypatch.setattr(_array, "check_block_mask",
+                        lambda prob, bm: (seen.append(bm), check(prob, bm))[1])
+    o, s = xattn.flash_attention(q, k, v, block_mask=good, return_lse=True, backend=backend)
+    xattn.flash_attention_backward(o, q, k, v, o, s, block_mask=good, backend=backend)
+    assert len(seen) == 2 and all(bm is good for bm in seen)
+    ref = reference_attention(q, k, v, mask=good.to_dense())[0]
+    assert_close(o, ref, dtype=q.dtype, name=f"{backend} forward")
+
+
 # --- attention against the oracle -----------------------------------------------------------
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "AttnProblem",
     "array_namespace",
     "bfloat16_dtype",
+    "check_block_mask",
     "check_bool",
     "check_int",
     "check_seed",
@@ -291,8 +292,8 @@ def score_options(*, before=None, exclude=(), wrap=True):
 @dataclass(frozen=True)
 class AttnProblem:
     """Everything a backend needs to know about one attention call: shapes, dtypes and the
-    validated score options, operands (mask, bias, ALiBi slopes) included -- the one
-    parameter block that travels whole from the public function to the kernels."""
+    validated score options, operands (mask, bias, ALiBi slopes) and the block mask included --
+    the one parameter block that travels whole from the public function to the kernels."""
 
     xp: Any
     batch: tuple  # leading batch dims
@@ -314,6 +315,10 @@ class AttnProblem:
     mask: Any = field(default=None, compare=False, repr=False)
     bias: Any = field(default=None, compare=False, repr=False)
     alibi_slopes: Any = field(default=None, compare=False, repr=False)
+    # An xattn.BlockMask (checked against the shapes by check_block_mask), or None. Not an
+    # operand: it selects the tiles to visit (the CPU plans, the kernels' block-sparse walk),
+    # it modifies no score.
+    block_mask: Any = field(default=None, compare=False, repr=False)
 
     @property
     def has_mask(self) -> bool:
@@ -376,11 +381,13 @@ class AttnProblem:
 
 
 @score_options(before="extra", wrap=False)
-def validate_attention(q, k, v, *, extra=(), **score) -> AttnProblem:
+def validate_attention(q, k, v, *, extra=(), block_mask=None, **score) -> AttnProblem:
     """Check q/k/v and the score options of every exact-attention function.
 
     ``extra`` is a sequence of ``(name, array)`` pairs (dout, out, lse, ...) that must share the
-    namespace and device of q/k/v; their shapes are checked by the caller.
+    namespace and device of q/k/v; their shapes are checked by the caller. ``block_mask`` (an
+    :class:`xattn.BlockMask`, see :func:`check_block_mask`) is checked here once and travels in
+    the problem.
     """
     if not score.keys() <= SCORE_OPTIONS.keys():
         key = next(iter(score.keys() - SCORE_OPTIONS.keys()))
@@ -474,11 +481,42 @@ def validate_attention(q, k, v, *, extra=(), **score) -> AttnProblem:
                 f"got {alibi_slopes.shape}"
             )
 
-    return AttnProblem(
+    prob = AttnProblem(
         xp=xp, batch=batch, hq=hq, hkv=hkv, sq=sq, sk=sk, d=d, dv=dv, dtype=np.dtype(q.dtype),
         cdtype=compute_dtype(q.dtype), scale=scale_f, causal=causal, window=window,
         softcap=softcap, heads_axis=q.ndim > 2, mask=mask, bias=bias, alibi_slopes=alibi_slopes,
+        block_mask=block_mask,
     )
+    if block_mask is not None:
+        check_block_mask(prob, block_mask)
+    return prob
+
+
+def _is_block_mask(x) -> bool:
+    # xattn._blockmask imports this module, so BlockMask (or a subclass) is recognised by its
+    # class's name and module, as is_cupy recognises CuPy without importing it.
+    home = __name__.rpartition(".")[0] + "._blockmask"
+    return any(c.__name__ == "BlockMask" and c.__module__ == home for c in type(x).__mro__)
+
+
+def check_block_mask(prob, block_mask) -> None:
+    """Check a ``block_mask`` against the problem: an :class:`xattn.BlockMask` built for
+    ``q_len=Sq``, ``k_len=Sk``, and a batched mask's ``batch_shape`` equal to the inputs'
+    leading batch dims. Its block size was checked by the BlockMask constructor; which block
+    sizes a kernel serves is that entry's ``supports``. A BlockMask holds host arrays and
+    serves NumPy and CuPy inputs alike (the CuPy launchers upload it once per device)."""
+    if not _is_block_mask(block_mask):
+        raise TypeError(f"block_mask: expected an xattn.BlockMask, got {type(block_mask).__name__}")
+    if (block_mask.q_len, block_mask.k_len) != (prob.sq, prob.sk):
+        raise ValueError(
+            f"block_mask: built for q_len={block_mask.q_len}, k_len={block_mask.k_len}, but q "
+            f"has Sq={prob.sq} and k has Sk={prob.sk}"
+        )
+    if block_mask.batch_shape and (not prob.heads_axis or block_mask.batch_shape != prob.batch):
+        raise ValueError(
+            f"block_mask: its batch_shape {block_mask.batch_shape} must equal the inputs' "
+            f"leading batch dims {prob.batch if prob.heads_axis else ()}"
+        )
 
 
 def check_same_shape(name: str, x, shape: tuple, dtype=None) -> None:

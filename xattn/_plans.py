@@ -10,8 +10,10 @@ where that pays:
   CSR arrays and the call's own ``causal``/``window``) plus the element rule of partial tiles;
 * :func:`window_plan`: ``flash_attention(window=...)`` on NumPy arrays as the block-sparse plan
   of its band, so a sliding window costs O(S * window);
-* :func:`plan_options` and :func:`per_batch`: what ``flash.py`` hands to a backend for a block
-  mask, and the per-batch-element loop of a batched mask.
+* :func:`plan_options` / :func:`cpu_plan`: the plan of the problem's block mask
+  (``prob.block_mask``), which the CPU backends take from here, and :func:`per_batch`: the
+  per-batch-element loop of a batched mask (``check_block_mask``, the one check of a mask
+  against the problem, lives in :mod:`xattn._array` and is re-exported here).
 
 A plan is, per query block, ``(q0, q1, tiles)`` with ``tiles`` a tuple of ``(k0, k1, full)``;
 ``element_rule(q0, q1, k0, k1)`` returns the boolean visibility of a non-full tile (or None).
@@ -28,11 +30,12 @@ import dataclasses
 import numpy as np
 
 from . import _masking
+from ._array import check_block_mask
 from ._blockmask import RULE_GLOBAL, BlockMask
 from ._masking import tile_plan
 
-__all__ = ["ElementRule", "block_plan", "check_block_mask", "per_batch", "plan_options",
-           "tile_plan", "window_plan"]
+__all__ = ["ElementRule", "block_plan", "check_block_mask", "cpu_plan", "per_batch",
+           "plan_options", "tile_plan", "window_plan"]
 
 # Widest merged key tile of a plan: the numpy backend's BLOCK_K (128 x 512 float32 scores
 # = 256 KiB, an L2-sized tile).
@@ -166,27 +169,22 @@ class ElementRule:
         return self.xp.asarray(vis)
 
 
-def check_block_mask(prob, block_mask):
-    """Validate a block_mask against a problem (shapes, batch)."""
-    if not isinstance(block_mask, BlockMask):
-        raise TypeError(f"block_mask: expected an xattn.BlockMask, got {type(block_mask).__name__}")
-    if (block_mask.q_len, block_mask.k_len) != (prob.sq, prob.sk):
-        raise ValueError(
-            f"block_mask: built for q_len={block_mask.q_len}, k_len={block_mask.k_len}, but q "
-            f"has Sq={prob.sq} and k has Sk={prob.sk}"
-        )
-    if block_mask.batch_shape and (not prob.heads_axis or block_mask.batch_shape != prob.batch):
-        raise ValueError(
-            f"block_mask: its batch_shape {block_mask.batch_shape} must equal the inputs' "
-            f"leading batch dims {prob.batch if prob.heads_axis else ()}"
-        )
+def plan_options(prob):
+    """``{"plan", "element_rule"}`` of the problem's (unbatched) block mask under its own
+    causal/window options."""
+    bm = prob.block_mask
+    plan, partial = block_plan(bm, prob.causal, prob.window)
+    return {"plan": plan, "element_rule": ElementRule(bm, partial, prob.xp)}
 
 
-def plan_options(prob, block_mask):
-    """The backend keyword arguments (``plan``, ``element_rule``) for an unbatched mask."""
-    check_block_mask(prob, block_mask)
-    plan, partial = block_plan(block_mask, prob.causal, prob.window)
-    return {"plan": plan, "element_rule": ElementRule(block_mask, partial, prob.xp)}
+def cpu_plan(prob, plan=None, element_rule=None):
+    """``(plan, element_rule)`` that a CPU backend walks: those handed over (a window's plan,
+    :func:`window_plan`), else those of ``prob.block_mask`` (cached), else ``(None, None)``
+    (the backend's own causal/window tiles)."""
+    if plan is None and prob.block_mask is not None:
+        opts = plan_options(prob)
+        return opts["plan"], opts["element_rule"]
+    return plan, element_rule
 
 
 # Sliding windows through flash_attention(window=...) on NumPy arrays: query blocks of
@@ -215,11 +213,10 @@ def window_plan(prob):
     return stripped, {"plan": plan, "element_rule": ElementRule(bm, partial, np)}
 
 
-def per_batch(fn, prob, block_mask, arrays, options, *, backward=False):
-    """Run ``fn`` (flash_attention or its backward) once per batch element of a batched
-    BlockMask, each with that element's mask and operands, and gather the results."""
-    check_block_mask(prob, block_mask)
-    xp = prob.xp
+def per_batch(fn, prob, arrays, options, *, backward=False):
+    """Run ``fn`` (flash_attention or its backward) once per batch element of the problem's
+    batched BlockMask, each with that element's mask and operands, and gather the results."""
+    block_mask, xp = prob.block_mask, prob.xp
     operands = {name: xp.broadcast_to(x, prob.operand_shape(name))
                 for name, x in prob.operands().items() if x is not None}
     results = None

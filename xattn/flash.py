@@ -18,14 +18,13 @@ def _options(prob):
     return {}
 
 
-def _route(prob, block_mask):
+def _route(prob):
     """``(prob, opts, kwargs)``: the problem, the options the table decides on and the
-    backend's keyword arguments, for a dense call, a window (a block-sparse plan of its band,
-    O(S * window) work) or one block mask (not a batched one: see _plans.per_batch)."""
-    if block_mask is not None:
-        sparse = _plans.plan_options(prob, block_mask)
-        return prob, {**_options(prob), **sparse, "block_mask": block_mask}, sparse
-    if prob.window is not None and not _masking.no_pairs(prob):
+    backend's keyword arguments. A window on NumPy arrays becomes the block-sparse plan of its
+    band (O(S * window) work); a block mask (one, not a batched one: see _plans.per_batch)
+    travels in ``prob.block_mask``, which every backend and ``supports`` read from there."""
+    if (prob.block_mask is None and prob.window is not None
+            and not _masking.no_pairs(prob)):
         prob, sparse = _plans.window_plan(prob)
     else:
         sparse = {}
@@ -82,18 +81,17 @@ def flash_attention(q, k, v, /, *, block_mask=None, return_lse=False, allow_tf32
     >>> out.shape, lse.dtype.name, bool(np.allclose(out, ref, atol=1e-5))
     ((4, 300, 64), 'float32', True)
     """
-    prob = validate_attention(q, k, v, **score)
+    prob = validate_attention(q, k, v, block_mask=block_mask, **score)
     allow_tf32 = check_bool("allow_tf32", allow_tf32)
     return_lse = check_bool("return_lse", return_lse)
-    if getattr(block_mask, "batch_shape", ()):  # one mask per batch element
+    if _batched_mask(prob):
         options = dict(score, return_lse=return_lse, allow_tf32=allow_tf32, backend=backend)
-        return _plans.per_batch(flash_attention, prob, block_mask, (q, k, v), options)
-    prob, opts, sparse = _route(prob, block_mask)
+        return _plans.per_batch(flash_attention, prob, (q, k, v), options)
+    prob, opts, sparse = _route(prob)
     if allow_tf32:
         opts["allow_tf32"] = True
     impl = _backends.select(prob, opts, backend, op="forward")
-    out, lse = impl.forward(prob, q, k, v, block_mask=block_mask, allow_tf32=allow_tf32,
-                            **sparse)
+    out, lse = impl.forward(prob, q, k, v, allow_tf32=allow_tf32, **sparse)
     return (out, lse) if return_lse else out
 
 
@@ -147,7 +145,7 @@ def flash_attention_backward(dout, q, k, v, out, lse, /, *, block_mask=None,
     True
     """
     prob = validate_attention(q, k, v, extra=(("dout", dout), ("out", out), ("lse", lse)),
-                              **score)
+                              block_mask=block_mask, **score)
     check_same_shape("dout", dout, prob.out_shape)
     check_same_shape("out", out, prob.out_shape)
     check_same_shape("lse", lse, prob.lse_shape)
@@ -160,31 +158,35 @@ def flash_attention_backward(dout, q, k, v, out, lse, /, *, block_mask=None,
     return_dbias = check_bool("return_dbias", return_dbias)
     bias = prob.bias
     want_dbias = return_dbias and bias is not None
-    if getattr(block_mask, "batch_shape", ()):  # one mask per batch element
+    if _batched_mask(prob):
         options = dict(score, deterministic=deterministic, return_dbias=want_dbias,
                        backend=backend)
-        res = _plans.per_batch(flash_attention_backward, prob, block_mask,
-                               (dout, q, k, v, out, lse), options, backward=True)
+        res = _plans.per_batch(flash_attention_backward, prob, (dout, q, k, v, out, lse),
+                               options, backward=True)
         if not return_dbias:
             return res
         if not want_dbias:
             return (*res, None)
         # Each element's dbias has the full score shape there: sum to the bias's shape.
         return (*res[:3], _sum_to(res[3], bias.shape).astype(bias.dtype, copy=False))
-    prob, opts, sparse = _route(prob, block_mask)
+    prob, opts, sparse = _route(prob)
     if deterministic:
         opts["deterministic"] = True
     if want_dbias:
         opts["return_dbias"] = True
         sparse = {**sparse, "return_dbias": True}
     impl = _backends.select(prob, opts, backend, op="backward")
-    res = impl.backward(prob, dout, q, k, v, out, lse, block_mask=block_mask,
-                        deterministic=deterministic, **sparse)
+    res = impl.backward(prob, dout, q, k, v, out, lse, deterministic=deterministic, **sparse)
     if not return_dbias:
         return res
     if not want_dbias:
         return (*res, None)
     return (*res[:3], res[3].astype(bias.dtype, copy=False))
+
+
+def _batched_mask(prob) -> bool:
+    """One block mask per batch element: one call per element (_plans.per_batch)."""
+    return prob.block_mask is not None and bool(prob.block_mask.batch_shape)
 
 
 def _sum_to(x, shape):

@@ -6,7 +6,9 @@ blocks, so work and memory are proportional to the visible blocks, never to ``Sq
 
 The CPU kernels consume a *plan* built by :mod:`xattn._plans` from the BlockMask's CSR arrays
 and the call's own ``causal``/``window`` options (``block_plan``, ``window_plan``,
-``plan_options`` and ``per_batch`` are re-exported here for existing callers).
+``plan_options`` and ``per_batch`` are re-exported here for existing callers). The mask is
+checked once, with the other options, by :func:`xattn._array.validate_attention`, and
+travels in the problem (``prob.block_mask``).
 """
 
 from __future__ import annotations
@@ -67,8 +69,8 @@ def block_sparse_attention(q, k, v, block_mask, /, *, return_lse=False, backend=
     >>> bool(np.allclose(out, ref, atol=1e-5))
     True
     """
-    if not isinstance(block_mask, BlockMask):
-        raise TypeError(f"block_mask: expected an xattn.BlockMask, got {type(block_mask).__name__}")
+    if block_mask is None:  # (any other non-BlockMask is refused by validate_attention)
+        raise TypeError("block_mask: expected an xattn.BlockMask, got None")
     return flash_attention(q, k, v, block_mask=block_mask, return_lse=return_lse,
                            backend=backend, **score)
 

@@ -342,11 +342,11 @@ def test_block_mask_config(d, block, mods, fp32, want):
 
 def test_block_mask_reason_names_the_block_size():
     q = np.zeros((2, 100, 64), np.float16)
-    prob = validate_attention(q, q, q)
     bm = xattn.BlockMask.causal(100, block_size=48)
-    reason = ck._block_mask_reason(prob, bm)
+    reason = ck._block_mask_reason(validate_attention(q, q, q, block_mask=bm))
     assert "block size (48, 48)" in reason
-    assert ck._block_mask_reason(prob, xattn.BlockMask.causal(100, block_size=64)) is None
+    bm64 = xattn.BlockMask.causal(100, block_size=64)
+    assert ck._block_mask_reason(validate_attention(q, q, q, block_mask=bm64)) is None
 
 
 # --- GPU ----------------------------------------------------------------------------------------
@@ -526,8 +526,8 @@ def test_dispatch_and_refusal():
     rng = np.random.default_rng(14)
     q, k, v = _qkv(rng, "float16", 200, 300, 64)
     bm = MASKS["causal"]
-    prob = validate_attention(q, k, v)
-    assert _backends.select_entry(prob, {"block_mask": bm}, "auto").name == "cupy.sm80"
+    prob = validate_attention(q, k, v, block_mask=bm)
+    assert _backends.select_entry(prob, {}, "auto").name == "cupy.sm80"
     odd = xattn.BlockMask.causal(200, 300, block_size=48)
     with pytest.raises(NotImplementedError, match=r"block size \(48, 48\)"):
         xattn.flash_attention(q, k, v, block_mask=odd, backend="cupy")

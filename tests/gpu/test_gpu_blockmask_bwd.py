@@ -65,16 +65,18 @@ def test_candidates_fit_their_tiles():
 
 def test_block_mask_reasons():
     q = np.zeros((2, 100, 64), np.float16)
-    prob = validate_attention(q, q, q)
-    assert kb.block_mask_reason(prob, xattn.BlockMask.causal(100, block_size=64)) is None
-    reason = kb.block_mask_reason(prob, xattn.BlockMask.causal(100, block_size=48))
+
+    def prob(block_size, x=q):
+        return validate_attention(x, x, x,
+                                  block_mask=xattn.BlockMask.causal(100, block_size=block_size))
+
+    assert kb.block_mask_reason(prob(64)) is None
+    reason = kb.block_mask_reason(prob(48))
     assert "block size (48, 48)" in reason and "generic backend" in reason
     # (64, 48): no dq configuration divides bk = 48, and none of the main kernel either.
-    assert kb.block_mask_reason(prob, xattn.BlockMask.causal(100, block_size=(64, 48)),
-                                deterministic=True) is not None
+    assert kb.block_mask_reason(prob((64, 48)), deterministic=True) is not None
     q32 = np.zeros((2, 100, 64), np.float32)
-    assert "float32" in kb.block_mask_reason(validate_attention(q32, q32, q32),
-                                             xattn.BlockMask.causal(100, block_size=64))
+    assert "float32" in kb.block_mask_reason(prob(64, q32))
 
 
 # --- GPU ------------------------------------------------------------------------------------------
@@ -318,9 +320,9 @@ def test_dispatch_refusal_and_switch(monkeypatch):
     rng = np.random.default_rng(14)
     q, k, v = _qkv(rng, "float16", 200, 300, 64)
     bm = MASKS["causal"]
-    prob = validate_attention(q, k, v)
+    prob = validate_attention(q, k, v, block_mask=bm)
     for det in (False, True):
-        opts = {"block_mask": bm, "plan": object(), "element_rule": object()}
+        opts = {}
         if det:
             opts["deterministic"] = True
         name = _backends.select_entry(prob, opts, "auto", op="backward").name

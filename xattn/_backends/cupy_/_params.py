@@ -3,7 +3,9 @@
 :func:`option_args` turns the validated problem (:class:`xattn._array.AttnProblem`, which
 carries every score option, operands included) into the kernels' parameter block: the flat
 launch arguments that every entry point gathers into ``xattn::ScoreMods``
-(``xattn/kernels/masking.cuh``), the struct that ``xattn_score_mod`` reads. The other
+(``xattn/kernels/masking.cuh``), the struct that ``xattn_score_mod`` reads.
+:func:`block_mask_args` does the same for the problem's block mask (``xattn::XattnBlockMask``
+of ``blockmask.cuh``, the cached device arrays of :mod:`.blockmask`). The other
 helpers are the checks every launcher shares: the kernels' dtype names, the grid limits, the
 device's compute capability, and ``XATTN_POISON`` (a debug switch from the environment: fill
 every output with NaN before the launch so that unwritten elements fail the tests).
@@ -17,8 +19,10 @@ import os
 
 import numpy as np
 
-__all__ = ["MAX_GRID_YZ", "compute_capability", "grid_reason", "option_args", "poison",
-           "sm_count", "type_name", "visibility_args"]
+from .blockmask import device_block_mask, device_csc, null_kernel_args
+
+__all__ = ["MAX_GRID_YZ", "block_mask_args", "compute_capability", "grid_reason", "option_args",
+           "poison", "sm_count", "type_name", "visibility_args"]
 
 MAX_GRID_YZ = 65535
 
@@ -174,6 +178,21 @@ def option_args(xp, prob):
             alibi_arg, i64(alibi_bs),
             bias_arg, *(i64(s) for s in bias_st),
             mask_arg, *(i64(s) for s in mask_st))
+
+
+def block_mask_args(xp, prob, *, csc=False):
+    """The block-mask launch arguments of ``prob.block_mask``, which follow the parameter block
+    in every entry point that can walk a mask: ``xattn::XattnBlockMask``
+    (``xattn/kernels/blockmask.cuh``) in its field order, then with ``csc`` the transpose that
+    the backward walks (``XattnCscMask``). The device arrays come from the per-(mask, device)
+    cache of :mod:`.blockmask`: uploaded on the first call, never copied again. A problem
+    without a block mask gets the dense launch's null arguments (its entries read none)."""
+    bm = prob.block_mask
+    if bm is None:
+        null = np.uint64(0)
+        return (*null_kernel_args(), null, null, null) if csc else null_kernel_args()
+    args = device_block_mask(bm, xp).kernel_args()
+    return (*args, *device_csc(bm, xp)) if csc else args
 
 
 def operand(xp, x, batch, heads, seq, width, dtype=None):

@@ -158,54 +158,65 @@ def null_kernel_args():
             i32(-1))
 
 
-def _cached(bm, kind, build):
-    import cupy
+def _device_id(xp):
+    """The current device of CuPy, ``"host"`` for NumPy (CPU tests run the same code on NumPy
+    stand-ins; no kernel ever reads those)."""
+    return xp.cuda.Device().id if xp.__name__ == "cupy" else "host"
 
-    dev = cupy.cuda.Device().id
+
+def _cached(bm, kind, build, xp):
+    dev = _device_id(xp)
     with _lock:
         per_mask = _cache.get(bm)
         hit = None if per_mask is None else per_mask.get((kind, dev))
     if hit is not None:
         return hit
-    value = build(cupy)
+    value = build(xp)
     with _lock:
         per_mask = _cache.setdefault(bm, {})
         return per_mask.setdefault((kind, dev), value)
 
 
-def device_block_mask(bm):
-    """``bm``'s CSR arrays (and packed tiles) on the current device, uploaded on first use.
+def _array_module(xp):
+    if xp is None:
+        import cupy as xp
+    return xp
+
+
+def device_block_mask(bm, xp=None):
+    """``bm``'s CSR arrays (and packed tiles) on the current device, uploaded on first use
+    (``xp``: CuPy by default; NumPy for the CPU tests).
 
     ``bm`` must be unbatched (``bm.batch_shape == ()``).
     """
 
-    def build(cupy):
+    def build(xp):
         dm = DeviceBlockMask()
-        dm.device = cupy.cuda.Device().id
+        dm.device = _device_id(xp)
         dm.bq, dm.bk = bm.block_size
         dm.rule, dm.off, dm.left, dm.right = kernel_rule(bm)
         arrays = [np.ascontiguousarray(a, dtype=np.int32) for a in
                   (bm.full_row_ptr, bm.full_col_idx, bm.partial_row_ptr, bm.partial_col_idx)]
         # Zero-length arrays still get a (valid, unread) allocation.
-        dm.frow, dm.fcol, dm.prow, dm.pcol = (cupy.asarray(a if a.size else np.zeros(1, np.int32))
+        dm.frow, dm.fcol, dm.prow, dm.pcol = (xp.asarray(a if a.size else np.zeros(1, np.int32))
                                               for a in arrays)
         dm.words = -(-dm.bk // 32)
         dm.tiles = None
         if dm.rule == KERNEL_RULE_TILES:
-            dm.tiles = cupy.asarray(packed_tiles(bm))
+            dm.tiles = xp.asarray(packed_tiles(bm))
         dm.nbytes = sum(a.nbytes for a in (dm.frow, dm.fcol, dm.prow, dm.pcol)) + (
             0 if dm.tiles is None else dm.tiles.nbytes)
         return dm
 
-    return _cached(bm, "csr", build)
+    return _cached(bm, "csr", build, _array_module(xp))
 
 
-def device_csc(bm):
-    """:func:`csc_arrays` of ``bm`` on the current device (cupy int32), uploaded on first use;
+def device_csc(bm, xp=None):
+    """:func:`csc_arrays` of ``bm`` on the current device (int32), uploaded on first use;
     the packed tiles are ``device_block_mask(bm).tiles``."""
 
-    def build(cupy):
-        return tuple(cupy.asarray(a if a.size else np.zeros(1, np.int32))
+    def build(xp):
+        return tuple(xp.asarray(a if a.size else np.zeros(1, np.int32))
                      for a in csc_arrays(bm))
 
-    return _cached(bm, "csc", build)
+    return _cached(bm, "csc", build, _array_module(xp))

@@ -9,11 +9,12 @@ divide, unknown options) are refused by :func:`supports` with a reason, so that
 ``backend="cupy.sm80"`` raises. The forward launcher here also serves the float32 SIMT kernel
 (``flash_fwd_simt.cu``) for the ``cupy.simt`` entry (:mod:`.flash_simt`).
 
-``block_mask``: each thread block walks the CSR lists of its query block row
+``prob.block_mask``: each thread block walks the CSR lists of its query block row
 (``xattn/kernels/blockmask.cuh``); invisible key blocks are never loaded, full blocks run no
 element test, partial blocks run the mask's element rule (causal/window arithmetically, every
 other rule from bit-packed tiles). The mask's arrays are uploaded once per (mask, device) and
-cached (:mod:`xattn._backends.cupy_.blockmask`). The kernel's query tile must lie inside one
+cached (:mod:`xattn._backends.cupy_.blockmask`; :func:`._params.block_mask_args` fills the
+launch arguments). The kernel's query tile must lie inside one
 mask block row and its key tile inside one mask block: a configuration of :data:`BM_CONFIGS`
 with ``bq % rows == 0`` and ``bk % keys == 0`` is chosen (float32: 32 x 32); block sizes that
 none divides (e.g. not multiples of 32) are refused with a reason.
@@ -53,9 +54,8 @@ BM_MODS_CONFIGS = instances.FWD_BM_MODS
 # The float32 SIMT kernel's fixed tile (flash_fwd_simt.cu).
 SIMT_BLOCK_Q, SIMT_BLOCK_K = 32, 32
 # Options the forward kernels understand: allow_tf32 is a permission (the strict kernels
-# honour it by not using it); a block_mask comes with the CPU backends' plan/element_rule,
-# which the kernels do not read (they walk the mask).
-KNOWN_FORWARD_OPTIONS = frozenset({"allow_tf32", "block_mask", "plan", "element_rule"})
+# honour it by not using it). A block mask is no option: it travels in prob.block_mask.
+KNOWN_FORWARD_OPTIONS = frozenset({"allow_tf32"})
 
 
 def _padded_dim(d: int):
@@ -86,9 +86,8 @@ def forward_reason(prob, opts, fp32=False):
     if _padded_dim(max(prob.d, prob.dv)) is None:
         return (f"head_dim {max(prob.d, prob.dv)} > {max(CONFIGS)} is not implemented in the "
                 "CuPy kernels")
-    bm = (opts or {}).get("block_mask")
-    if bm is not None:
-        reason = _block_mask_reason(prob, bm)
+    if prob.block_mask is not None:
+        reason = _block_mask_reason(prob)
         if reason:
             return reason
     return _params.device_reason(prob, "the kernels use " + (
@@ -107,8 +106,10 @@ def block_mask_config(dp, block_size, mods, fp32=False):
     return next((c for c in cands if bq % (c[0] * c[1] * 16) == 0 and bk % c[2] == 0), None)
 
 
-def _block_mask_reason(prob, bm):
-    if getattr(bm, "batch_shape", ()):
+def _block_mask_reason(prob):
+    """Why the forward kernels cannot walk ``prob.block_mask``, or None."""
+    bm = prob.block_mask
+    if bm.batch_shape:
         return "block_mask: a batched mask (one call per batch element goes through flash.py)"
     dp = _padded_dim(max(prob.d, prob.dv))
     fp32 = np.dtype(prob.dtype) == np.float32
@@ -149,27 +150,22 @@ def get_simt_kernel(d: int, sparse: bool = False):
                              simt_smem_bytes(d))
 
 
-def forward(prob, q, k, v, *, plan=None, element_rule=None, block_mask=None, allow_tf32=False,
-            config=None):
+def forward(prob, q, k, v, *, allow_tf32=False, config=None):
     """Return ``(out, lse)`` computed by the ``mma.sync`` kernel (see :func:`supports`).
 
     ``config`` overrides the tile configuration ``(warps, tiles per warp, keys per block)``
-    (benchmarks use it to compare configurations). With ``block_mask`` the kernels walk the
-    mask's own block lists (uploaded once, see :mod:`.blockmask`); ``plan`` and
-    ``element_rule`` (the CPU backends' form of the same mask) are then not read.
+    (benchmarks use it to compare configurations). With ``prob.block_mask`` the kernels walk
+    the mask's own block lists (uploaded once, see :mod:`.blockmask`).
     """
-    if block_mask is None and (plan is not None or element_rule is not None):
-        raise NotImplementedError("the CuPy kernels take a block_mask, not a tile plan / "
-                                  "element rule")
     if _params.type_name(prob.dtype) is None:
         raise NotImplementedError(f"dtype {prob.dtype}: the mma.sync kernels take float16 and "
                                   "bfloat16")
     # Allocate and launch on the inputs' device, whichever device is current.
     with q.device:
-        return _forward(prob, q, k, v, config, block_mask=block_mask)
+        return _forward(prob, q, k, v, config)
 
 
-def _forward(prob, q, k, v, config, *, block_mask=None):
+def _forward(prob, q, k, v, config):
     import cupy as xp
 
     tn = _params.type_name(prob.dtype)
@@ -178,10 +174,12 @@ def _forward(prob, q, k, v, config, *, block_mask=None):
     # output columns), the output sliced back to dv.
     dp = _padded_dim(max(d, dv))
     mods = _params.has_score_mods(prob)
+    block_mask = prob.block_mask
     if block_mask is not None:
+        reason = _block_mask_reason(prob)
+        if reason:
+            raise NotImplementedError(reason)
         fits = block_mask_config(dp, block_mask.block_size, mods, tn is None)
-        if fits is None:
-            raise NotImplementedError(_block_mask_reason(prob, block_mask))
         if config is not None and tn is not None:
             nw, mt, bn = config
             bq, bk = block_mask.block_size
@@ -201,14 +199,6 @@ def _forward(prob, q, k, v, config, *, block_mask=None):
         return _params.forward_result(xp, prob, out, lse)
 
     sparse = block_mask is not None
-    if sparse:
-        from .blockmask import device_block_mask
-
-        bm_args = device_block_mask(block_mask).kernel_args()
-    else:
-        from .blockmask import null_kernel_args
-
-        bm_args = null_kernel_args()
     if tn is None:  # float32: the SIMT kernel
         fn, bm, threads, smem = (get_simt_kernel(dp, sparse), SIMT_BLOCK_Q, 128,
                                  simt_smem_bytes(dp))
@@ -221,7 +211,7 @@ def _forward(prob, q, k, v, config, *, block_mask=None):
         q4, k4, v4, out, lse,
         i32(prob.hq), i32(prob.group), i32(prob.sq), i32(prob.sk), f32(prob.scale),
         *_params.option_args(xp, prob),
-        *bm_args,
+        *_params.block_mask_args(xp, prob),
     )
     fn(grid=((prob.sq + bm - 1) // bm, prob.hq, B), block=(threads,), args=args,
        shared_mem=smem)

@@ -21,7 +21,7 @@ bfloat16 here; ``cupy.simt`` serves float32 with the SIMT kernel (``flash_bwd_si
 same scheme on the CUDA cores, dq by atomics only), so ``deterministic=True`` with float32
 goes to the generic entry.
 
-``block_mask`` (float16/bfloat16): the main kernel walks the
+``prob.block_mask`` (float16/bfloat16): the main kernel walks the
 mask's CSC list of its key block's column (the query blocks that see those keys, uploaded once
 per (mask, device) by :mod:`.blockmask`), the deterministic dq kernel the CSR list of its query
 block row, as the forward does; invisible blocks are never loaded, full blocks run no element
@@ -30,7 +30,8 @@ tile must lie inside one mask key block and its query step inside one mask query
 first configuration of :data:`BM_CONFIGS` / :data:`BM_DQ_CONFIGS` that divides ``(bq, bk)`` is
 taken, and block sizes none divides (not multiples of 32 / 16) are refused with a reason.
 Batched masks never get here: :func:`xattn.flash_attention_backward` calls once per batch
-element. The CPU backends' ``plan`` / ``element_rule`` (the same mask) are not read.
+element. The device arrays and launch arguments of the mask come from
+:func:`._params.block_mask_args`.
 """
 
 from __future__ import annotations
@@ -98,9 +99,10 @@ def block_mask_configs(dp, block_size):
     return cfg, dq
 
 
-def block_mask_reason(prob, bm, deterministic=False):
-    """``None`` when the backward kernels serve ``bm`` for ``prob``, else the reason."""
-    if getattr(bm, "batch_shape", ()):
+def block_mask_reason(prob, deterministic=False):
+    """``None`` when the backward kernels serve ``prob.block_mask``, else the reason."""
+    bm = prob.block_mask
+    if bm.batch_shape:
         return "block_mask: a batched mask (one call per batch element goes through flash.py)"
     if np.dtype(prob.dtype) == np.float32:
         return ("block_mask with float32: the SIMT backward kernel walks no block mask (the "
@@ -120,14 +122,10 @@ def supports(prob, opts):
     if prob.xp.__name__ != "cupy":
         return "inputs are not CuPy arrays"
     opts = opts or {}
-    # block_mask comes with the CPU backends' plan/element_rule: the kernels walk the mask.
-    known = {"deterministic", "block_mask", "plan", "element_rule"}
-    unknown = sorted(k for k, v in opts.items() if v is not None and k not in known)
+    # A block mask is no option: it travels in prob.block_mask, which the kernels walk.
+    unknown = sorted(k for k, v in opts.items() if v is not None and k != "deterministic")
     if unknown:
         return f"options {unknown} are not implemented in the CuPy backward kernel"
-    if opts.get("block_mask") is None and (opts.get("plan") is not None
-                                           or opts.get("element_rule") is not None):
-        return "a tile plan / element rule without a block_mask (the kernels walk a BlockMask)"
     if np.dtype(prob.dtype) == np.float32:
         if opts.get("deterministic"):
             return ("deterministic=True with float32: the SIMT backward kernel adds dq with "
@@ -138,8 +136,8 @@ def supports(prob, opts):
     if _common_dim(prob) is None:
         return (f"head_dim {max(prob.d, prob.dv)} > {max(CONFIGS)} is not implemented in the "
                 "CuPy backward kernel")
-    if opts.get("block_mask") is not None:
-        reason = block_mask_reason(prob, opts["block_mask"], bool(opts.get("deterministic")))
+    if prob.block_mask is not None:
+        reason = block_mask_reason(prob, bool(opts.get("deterministic")))
         if reason:
             return reason
     return _params.device_reason(prob, "the kernels use mma.sync bf16/f16 and cp.async")
@@ -191,29 +189,24 @@ def get_aux_kernel(kind, tn):
     return compiled_function(inst.source, f"flash_bwd_{kind}_{tn}", inst.defines, 0)
 
 
-def backward(prob, dout, q, k, v, out, lse, *, plan=None, element_rule=None, block_mask=None,
-             deterministic=False, config=None, dq_config=None):
+def backward(prob, dout, q, k, v, out, lse, *, deterministic=False, config=None,
+             dq_config=None):
     """Return ``(dq, dk, dv)`` computed by the backward kernels (see :func:`supports`).
 
     ``config`` / ``dq_config`` override the tile configurations of :data:`CONFIGS` /
-    :data:`DQ_CONFIGS` (benchmarks use them to compare configurations). With ``block_mask``
-    the kernels walk the mask's own block lists; ``plan`` and ``element_rule`` (the CPU
-    backends' form of the same mask) are then not read.
+    :data:`DQ_CONFIGS` (benchmarks use them to compare configurations). With
+    ``prob.block_mask`` the kernels walk the mask's own block lists.
     """
-    if block_mask is None and (plan is not None or element_rule is not None):
-        raise NotImplementedError("the CuPy backward kernel takes a block_mask, not a tile "
-                                  "plan / element rule")
-    if block_mask is not None:
-        reason = block_mask_reason(prob, block_mask, bool(deterministic))
+    if prob.block_mask is not None:
+        reason = block_mask_reason(prob, bool(deterministic))
         if reason:
             raise NotImplementedError(reason)
     with q.device:
         return _backward(prob, dout, q, k, v, out, lse, bool(deterministic), config,
-                         dq_config, block_mask)
+                         dq_config)
 
 
-def _backward(prob, dout, q, k, v, out, lse, deterministic, config, dq_config,
-              block_mask=None):
+def _backward(prob, dout, q, k, v, out, lse, deterministic, config, dq_config):
     import cupy as xp
 
     tn = _params.type_name(prob.dtype)
@@ -223,6 +216,7 @@ def _backward(prob, dout, q, k, v, out, lse, deterministic, config, dq_config,
     if simt and deterministic:
         raise NotImplementedError("deterministic=True: the float32 kernel adds dq with atomics")
     d, dvd = prob.d, prob.dv
+    block_mask = prob.block_mask
     sparse = block_mask is not None
     dp = _sparse_dim(prob) if sparse else _common_dim(prob)
     if sparse:
@@ -280,14 +274,7 @@ def _backward(prob, dout, q, k, v, out, lse, deterministic, config, dq_config,
     opt_args = _params.option_args(xp, prob)
     acc = None if deterministic else xp.zeros((B, hq, sq, dp), dtype=xp.float32)
 
-    if sparse:
-        from .blockmask import device_block_mask, device_csc
-
-        bm_args = (*device_block_mask(block_mask).kernel_args(), *device_csc(block_mask))
-    else:
-        from .blockmask import null_kernel_args
-
-        bm_args = (*null_kernel_args(), null, null, null)
+    bm_args = _params.block_mask_args(xp, prob, csc=True)
 
     def args(dq_accum, dq):
         # The score-operand arguments; the tensor-core entries take bm_args after them.

@@ -2,7 +2,7 @@
 
 Forward: ``flash_fwd_simt.cu`` (one 32-query x 32-key tile per block, float32 FMAs), launched by
 the forward launcher of :mod:`.flash` with every option of :func:`xattn.flash_attention`,
-``block_mask`` included (its blocks must be multiples of 32 x 32). Backward:
+a block mask included (its blocks must be multiples of 32 x 32). Backward:
 ``flash_bwd_simt.cu`` through :mod:`.flash_bwd` (dq added with atomics, so
 ``deterministic=True`` and ``block_mask`` are refused: the ``generic`` entry serves them).
 
@@ -33,16 +33,13 @@ def supports(prob, opts, op):
     return _launch.forward_reason(prob, opts, fp32=True)
 
 
-def forward(prob, q, k, v, *, plan=None, element_rule=None, block_mask=None, allow_tf32=False,
-            config=None):
-    """Return ``(out, lse)`` computed by the float32 SIMT kernel (see :func:`supports`)."""
+def forward(prob, q, k, v, *, allow_tf32=False, config=None):
+    """Return ``(out, lse)`` computed by the float32 SIMT kernel (see :func:`supports`), which
+    walks ``prob.block_mask`` when there is one."""
     if np.dtype(prob.dtype) != np.float32:
         raise NotImplementedError(f"dtype {prob.dtype}: the SIMT kernels take float32")
-    if block_mask is None and (plan is not None or element_rule is not None):
-        raise NotImplementedError("the CuPy kernels take a block_mask, not a tile plan / "
-                                  "element rule")
     with q.device:
-        return _launch._forward(prob, q, k, v, config, block_mask=block_mask)
+        return _launch._forward(prob, q, k, v, config)
 
 
 def backward(prob, dout, q, k, v, out, lse, **kw):

@@ -53,9 +53,11 @@ def supports(prob, opts, op="forward"):
                 f"{sorted(CONFIGS)}")
     if prob.has_score_mods:
         return "softcap, mask, bias and ALiBi run on the mma.sync kernel (cupy.sm80)"
+    if prob.block_mask is not None:
+        return "a block_mask runs on the mma.sync kernel (cupy.sm80)"
     unknown = sorted(k for k, v in (opts or {}).items() if v is not None and k not in _KNOWN)
     if unknown:
-        return f"options {unknown} (a block mask, a tile plan) run on cupy.sm80"
+        return f"options {unknown} (a tile plan) run on cupy.sm80"
     return _params.device_reason(prob, "the sm_90a kernel", exact_cc=90)
 
 
@@ -88,12 +90,11 @@ def get_kernel(type_name: str, d: int, cfg: tuple):
                              arch=inst.arch, includes=inst.includes)
 
 
-def forward(prob, q, k, v, *, block_mask=None, plan=None, element_rule=None, allow_tf32=False,
-            config=None):
+def forward(prob, q, k, v, *, allow_tf32=False, config=None):
     """Return ``(out, lse)`` from the sm_90a kernel (the caller checked :func:`supports`, or a
     test calls it directly). ``config`` = (keys per block, warpgroups, mode) overrides the
     default (``CONFIGS``; ``BUILT`` lists the choices)."""
-    if prob.has_score_mods or any(x is not None for x in (block_mask, plan, element_rule)):
+    if prob.has_score_mods or prob.block_mask is not None:
         raise NotImplementedError("the sm_90a kernel takes no mask, bias, ALiBi or block mask")
     with q.device:
         return _forward(prob, q, k, v, config)

@@ -87,6 +87,9 @@ def request_reason(prob, opts, op, *, x3):
     opts = opts or {}
     if not x3 and not opts.get("allow_tf32"):
         return "float32 on tensor cores needs allow_tf32=True"
+    if prob.block_mask is not None:
+        return (f"block_mask is not implemented in {what} (cupy.simt walks block masks in "
+                "float32)")
     unknown = sorted(k for k, v in opts.items() if v is not None and k != "allow_tf32")
     if unknown:
         return f"options {unknown} are not implemented in {what}"
@@ -125,16 +128,15 @@ def get_kernel(d: int, cfg, mods: bool, x3: bool = False):
     return compiled_function(inst.source, inst.name, inst.defines, smem_bytes(d, cfg, x3))
 
 
-def forward(prob, q, k, v, *, block_mask=None,
-            plan=None, element_rule=None, allow_tf32=True, config=None):
+def forward(prob, q, k, v, *, allow_tf32=True, config=None):
     """Return ``(out, lse)`` computed by the TF32 kernel on the inputs' device.
 
     The caller has checked :func:`supports` (``allow_tf32`` is that permission; a block mask
     or tile plan is refused). ``config`` overrides the tile configuration
     ``(warps, tiles per warp, keys per block)`` (benchmarks compare configurations with it).
     """
-    if block_mask is not None or plan is not None or element_rule is not None:
-        raise NotImplementedError("the TF32 kernel takes no block_mask / tile plan")
+    if prob.block_mask is not None:
+        raise NotImplementedError("the TF32 kernel takes no block_mask")
     with q.device:
         return _forward(prob, q, k, v, config)
 

@@ -30,15 +30,14 @@ def supports(prob, opts, op="forward"):
     return flash_tf32.request_reason(prob, opts, op, x3=True)
 
 
-def forward(prob, q, k, v, *, block_mask=None,
-            plan=None, element_rule=None, allow_tf32=False, config=None):
+def forward(prob, q, k, v, *, allow_tf32=False, config=None):
     """Return ``(out, lse)`` computed by the 3xTF32 kernel on the inputs' device.
 
     The caller has checked :func:`supports` (a block mask or tile plan is refused;
     ``allow_tf32`` changes nothing here). ``config`` overrides the tile configuration
     ``(warps, tiles per warp, keys per block)`` (benchmarks compare configurations with it).
     """
-    if block_mask is not None or plan is not None or element_rule is not None:
-        raise NotImplementedError("the 3xTF32 kernel takes no block_mask / tile plan")
+    if prob.block_mask is not None:
+        raise NotImplementedError("the 3xTF32 kernel takes no block_mask")
     with q.device:
         return flash_tf32._forward(prob, q, k, v, config, x3=True)

@@ -34,7 +34,7 @@ import threading
 
 import numpy as np
 
-from ... import _masking
+from ... import _masking, _plans
 from . import _pool
 from .tiled import (
     _tile_args,
@@ -95,8 +95,9 @@ def supports(prob, opts, op):
     why = host_reason(prob)
     if why is not None:
         return why
-    # A BlockMask arrives as plan + element_rule (forward/backward take them).
-    unknown = set(opts) - {"plan", "element_rule", "block_mask", "allow_tf32", "deterministic",
+    # A BlockMask travels in prob (forward/backward walk its plan); a window's plan arrives
+    # as plan + element_rule.
+    unknown = set(opts) - {"plan", "element_rule", "allow_tf32", "deterministic",
                            "return_dbias"}
     if unknown:
         return f"options not handled by this backend: {sorted(unknown)}"
@@ -108,8 +109,14 @@ def block_q(prob) -> int:
     return max(MIN_BLOCK_Q, BLOCK_ROWS // prob.group)
 
 
-def default_plan(prob):
-    return _masking.tile_plan(prob.sq, prob.sk, block_q(prob), BLOCK_K, prob.causal, prob.window)
+def plan_of(prob, plan, element_rule):
+    """``(plan, element_rule)``: :func:`xattn._plans.cpu_plan` (those handed over, else the
+    problem's block mask's), else the causal/window tiles sized by :func:`block_q`."""
+    plan, element_rule = _plans.cpu_plan(prob, plan, element_rule)
+    if plan is None:
+        plan = _masking.tile_plan(prob.sq, prob.sk, block_q(prob), BLOCK_K, prob.causal,
+                                  prob.window)
+    return plan, element_rule
 
 
 def _head_chunks(g, G, bq):
@@ -150,15 +157,13 @@ def _widest(plan):
     return max((k1 - k0 for _, _, tiles in plan for k0, k1, _ in tiles), default=0)
 
 
-def forward(prob, q, k, v, *, plan=None, element_rule=None, block_mask=None,
-            allow_tf32=False):
+def forward(prob, q, k, v, *, plan=None, element_rule=None, allow_tf32=False):
     """Return ``(out, lse)``; see :func:`xattn._backends.numpy_.tiled.forward` for ``plan``."""
     if _masking.no_pairs(prob):
         return _masking.empty_forward(prob)
     K = _kernels()
     cd, G, D, Dv = prob.cdtype, prob.group, prob.d, prob.dv
-    if plan is None:
-        plan = default_plan(prob)
+    plan, element_rule = plan_of(prob, plan, element_rule)
     q4, k4, v4 = as4d(q, prob), as4d(k, prob), as4d(v, prob)
     views = _masking.score_operands(np, prob, tile_space(prob))
     needs_mods = _needs_mods(prob, element_rule)
@@ -239,7 +244,7 @@ def forward(prob, q, k, v, *, plan=None, element_rule=None, block_mask=None,
 
 
 def backward(prob, dout, q, k, v, out, lse, *, plan=None, element_rule=None,
-             block_mask=None, deterministic=False, return_dbias=False):
+             deterministic=False, return_dbias=False):
     """Return ``(dq, dk, dv)`` (and ``dbias``), recomputing the scores tile by tile from
     ``lse``."""
     if _masking.no_pairs(prob):
@@ -247,8 +252,7 @@ def backward(prob, dout, q, k, v, out, lse, *, plan=None, element_rule=None,
         return (*grads, dbias_buffer(np, prob)[0]) if return_dbias else grads
     K = _kernels()
     cd, G, D, Dv = prob.cdtype, prob.group, prob.d, prob.dv
-    if plan is None:
-        plan = default_plan(prob)
+    plan, element_rule = plan_of(prob, plan, element_rule)
     q4, k4, v4 = as4d(q, prob), as4d(k, prob), as4d(v, prob)
     do4, o4, lse4 = as4d(dout, prob), as4d(out, prob), as4d(lse, prob)
     views = _masking.score_operands(np, prob, tile_space(prob))

@@ -84,12 +84,14 @@ def add_dbias(dpad, ds, bidx, h0, h1, q0, q1, k0, k1):
     dpad[tuple(index)] += ds
 
 
-def plan_and_views(prob, plan):
-    """The plan (default: the causal/window tiles of :func:`xattn._plans.tile_plan`) and the
-    score operands (:func:`xattn._masking.score_operands`) over :func:`tile_space`."""
+def plan_and_views(prob, plan, element_rule):
+    """The plan and element rule (:func:`xattn._plans.cpu_plan`: those handed over, else the
+    problem's block mask's, else the causal/window tiles of :func:`xattn._plans.tile_plan`)
+    and the score operands (:func:`xattn._masking.score_operands`) over :func:`tile_space`."""
+    plan, element_rule = _plans.cpu_plan(prob, plan, element_rule)
     if plan is None:
         plan = _plans.tile_plan(prob.sq, prob.sk, BLOCK_Q, BLOCK_K, prob.causal, prob.window)
-    return plan, _masking.score_operands(prob.xp, prob, tile_space(prob))
+    return plan, element_rule, _masking.score_operands(prob.xp, prob, tile_space(prob))
 
 
 def softmax_step(xp, s, m, denom):
@@ -148,19 +150,19 @@ def _zero_hidden(xp, ds, brows, vis_r, bcols, vis_c):
 
 
 @_masking.quiet
-def forward(prob, q, k, v, *, plan=None, element_rule=None, block_mask=None,
-            allow_tf32=False):
+def forward(prob, q, k, v, *, plan=None, element_rule=None, allow_tf32=False):
     """Return ``(out, lse)``.
 
-    ``plan`` (default ``_masking.tile_plan`` of the causal/window options) lists, per query
-    block, the key tiles ``(k0, k1, full)`` to visit; ``full`` tiles skip every element test.
-    ``element_rule(q0, q1, k0, k1)`` returns an extra boolean ``(q1-q0, k1-k0)`` visibility for
-    a non-full tile (or None): how a BlockMask's partial blocks are evaluated.
+    ``plan`` lists, per query block, the key tiles ``(k0, k1, full)`` to visit; ``full`` tiles
+    skip every element test. ``element_rule(q0, q1, k0, k1)`` returns an extra boolean
+    ``(q1-q0, k1-k0)`` visibility for a non-full tile (or None): how a BlockMask's partial
+    blocks are evaluated. Both default to those of ``prob.block_mask``, else to
+    ``_masking.tile_plan`` of the causal/window options (:func:`plan_and_views`).
     """
     if _masking.no_pairs(prob):
         return _masking.empty_forward(prob)
     xp, cd, G = prob.xp, prob.cdtype, prob.group
-    plan, views = plan_and_views(prob, plan)
+    plan, element_rule, views = plan_and_views(prob, plan, element_rule)
     q4, k4, v4 = as4d(q, prob), as4d(k, prob), as4d(v, prob)
     out = xp.empty((*prob.batch, prob.hq, prob.sq, prob.dv), dtype=prob.dtype)
     lse = xp.empty((*prob.batch, prob.hq, prob.sq), dtype=cd)
@@ -201,13 +203,13 @@ def forward(prob, q, k, v, *, plan=None, element_rule=None, block_mask=None,
 
 @_masking.quiet
 def backward(prob, dout, q, k, v, out, lse, *, plan=None, element_rule=None,
-             block_mask=None, deterministic=False, return_dbias=False):
+             deterministic=False, return_dbias=False):
     """Return ``(dq, dk, dv)`` (and ``dbias``): scores are recomputed tile by tile from ``lse``."""
     if _masking.no_pairs(prob):
         grads = _masking.empty_backward(prob)
         return (*grads, dbias_buffer(prob.xp, prob)[0]) if return_dbias else grads
     xp, cd, G = prob.xp, prob.cdtype, prob.group
-    plan, views = plan_and_views(prob, plan)
+    plan, element_rule, views = plan_and_views(prob, plan, element_rule)
     q4, k4, v4 = as4d(q, prob), as4d(k, prob), as4d(v, prob)
     do4, o4, lse4 = as4d(dout, prob), as4d(out, prob), as4d(lse, prob)
     dq = xp.empty((*prob.batch, prob.hq, prob.sq, prob.d), dtype=prob.dtype)
