@@ -28,6 +28,15 @@ def test_split_heuristic():
     assert cupy_decode.num_splits(1, 1, 1, 3, 132, 3) == 1
 
 
+def test_resident_blocks():
+    # H100: 64K registers, 228 KiB of shared memory, 2048 threads per SM. The D=128 kernel's
+    # 69.6 KB of shared memory allow 3 blocks; 255 registers a thread would allow 2.
+    smem = cupy_decode.smem_bytes(128)
+    assert cupy_decode.resident_blocks(128, smem, 65536, 233472, 2048) == 3
+    assert cupy_decode.resident_blocks(255, smem, 65536, 233472, 2048) == 2
+    assert cupy_decode.resident_blocks(32, 0, 65536, 233472, 2048) == 16
+
+
 def test_auto_takes_the_kernel_before_generic():
     """Checked against the oracle on an H100 (2026-12-05), the kernel is auto's decode path on
     CuPy; what it refuses (float32, other head dims) goes on to generic."""

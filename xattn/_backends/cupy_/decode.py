@@ -76,22 +76,35 @@ def num_splits(batch, hkv, row_blocks, max_tiles, sm_count, per_sm=1):
 
 
 def blocks_per_sm(fn, d):
-    """Resident blocks of the decode kernel per SM (the driver's occupancy calculator), once per
-    device and head dim."""
+    """Resident blocks of the decode kernel per SM, from its registers (``num_regs`` of the
+    CuPy kernel) and shared memory against the device's limits, once per device, head dim
+    and kernel."""
     import cupy
 
-    key = (cupy.cuda.runtime.getDevice(), d, fn.ptr)
+    dev = cupy.cuda.runtime.getDevice()
+    key = (dev, d, fn.num_regs)
     hit = _occupancy.get(key)
     if hit is None:
-        drv, rt = cupy.cuda.driver, cupy.cuda.runtime
-        if hasattr(drv, "occupancyMaxActiveBlocksPerMultiprocessor"):
-            n = drv.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, NW * 32, smem_bytes(d))
-        else:  # a CuPy without the binding: shared memory is what limits this kernel
-            per_sm = rt.deviceGetAttribute(rt.cudaDevAttrMaxSharedMemoryPerMultiprocessor,
-                                           key[0])
-            n = per_sm // (smem_bytes(d) + 1024)
-        hit = _occupancy[key] = max(1, int(n))
+        rt = cupy.cuda.runtime
+
+        def attr(a):
+            return rt.deviceGetAttribute(a, dev)
+
+        hit = _occupancy[key] = resident_blocks(
+            fn.num_regs, smem_bytes(d), attr(rt.cudaDevAttrMaxRegistersPerMultiprocessor),
+            attr(rt.cudaDevAttrMaxSharedMemoryPerMultiprocessor),
+            attr(rt.cudaDevAttrMaxThreadsPerMultiProcessor))
     return hit
+
+
+def resident_blocks(regs, smem, regs_per_sm, smem_per_sm, threads_per_sm):
+    """Blocks of ``NW`` warps an SM holds at once: registers are given out per warp in units
+    of 256, each block's shared memory takes 1 KiB more for the system (sm_80 and sm_90)."""
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = regs_per_sm // per_warp // NW
+    by_smem = smem_per_sm // (smem + 1024)
+    by_threads = threads_per_sm // (NW * 32)
+    return max(1, min(by_regs, by_smem, by_threads, 32))
 
 
 _occupancy: dict = {}
