@@ -87,13 +87,13 @@ def blocks_per_sm(fn, d):
     if hit is None:
         rt = cupy.cuda.runtime
 
-        def attr(a):
-            return rt.deviceGetAttribute(a, dev)
+        def attr(name, number):  # the CUDA enum's number where CuPy lacks the name
+            return rt.deviceGetAttribute(getattr(rt, "cudaDevAttr" + name, number), dev)
 
         hit = _occupancy[key] = resident_blocks(
-            fn.num_regs, smem_bytes(d), attr(rt.cudaDevAttrMaxRegistersPerMultiprocessor),
-            attr(rt.cudaDevAttrMaxSharedMemoryPerMultiprocessor),
-            attr(rt.cudaDevAttrMaxThreadsPerMultiProcessor))
+            fn.num_regs, smem_bytes(d), attr("MaxRegistersPerMultiprocessor", 82),
+            attr("MaxSharedMemoryPerMultiprocessor", 81),
+            attr("MaxThreadsPerMultiProcessor", 39))
     return hit
 
 
