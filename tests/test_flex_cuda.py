@@ -400,3 +400,51 @@ def test_hooked_kernel_compiles_without_spills(tmp_path, d):
     assert any(n.endswith("_flex_bm") for n in names) and "xattn_flex_block_states" in names
     for (name, arch), r in report.items():
         assert r["spill_st"] == 0 and r["spill_ld"] == 0, (name, arch, r)
+
+
+# --- the derived block mask's lists (the launcher's host logic, with NumPy for CuPy) ------
+
+def test_block_lists_combine_heads_and_batches():
+    import types
+
+    from xattn._backends.cupy_ import flex_tc
+
+    fake = types.SimpleNamespace(
+        empty=np.empty, zeros=np.zeros, cumsum=np.cumsum, nonzero=np.nonzero, int8=np.int8,
+        int32=np.int32, cuda=types.SimpleNamespace(Device=lambda: types.SimpleNamespace(id=0)))
+    sq, sk, bs = 300, 333, flex_tc.BLOCK
+
+    def fn(b, h, q_idx, kv_idx):
+        return abs(q_idx - kv_idx) <= 60 * (h + 1) and (b == 0 or kv_idx <= q_idx)
+
+    i, j = np.arange(sq)[:, None], np.arange(sk)[None]
+    dense = np.array([[(np.abs(i - j) <= 60 * (h + 1)) & ((b == 0) | (j <= i))
+                       for h in range(3)] for b in range(2)])
+
+    def states_fn(grid, block, args):
+        states = args[0]
+        nkb, nqb, nz = grid
+        nh = int(args[5])
+        for z in range(nz):
+            b, h = divmod(z, nh)
+            for qb in range(nqb):
+                for kb in range(nkb):
+                    t = dense[b, h, qb * bs:(qb + 1) * bs, kb * bs:(kb + 1) * bs]
+                    states[z, qb, kb] = 2 if t.all() else (1 if t.any() else 0)
+
+    cap = cg.capture(fn, "mask_mod", 4)
+    assert {"b", "h"} <= cap.reads
+    mods = fc.translate(None, cap)
+    frow, fcol, prow, pcol = flex_tc.block_lists(
+        fake, mods, states_fn, (), mmod=cap, cacheable=False, batch=2, hq=3, sq=sq, sk=sk)
+    nqb, nkb = -(-sq // bs), -(-sk // bs)
+    blocks = dense.reshape(6, sq, sk)
+    for qb in range(nqb):
+        full = set(fcol[frow[qb]:frow[qb + 1]].tolist())
+        part = set(pcol[prow[qb]:prow[qb + 1]].tolist())
+        for kb in range(nkb):
+            t = blocks[:, qb * bs:(qb + 1) * bs, kb * bs:(kb + 1) * bs]
+            want = "full" if t.all() else ("partial" if t.any() else "empty")
+            got = "full" if kb in full else ("partial" if kb in part else "empty")
+            assert got == want, (qb, kb)
+        assert not full & part

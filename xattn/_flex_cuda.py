@@ -39,6 +39,8 @@ from __future__ import annotations
 import ast
 import hashlib
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -173,10 +175,10 @@ class CudaMods:
     slots: list = field(default_factory=list)
     has_score: bool = False
     has_mask: bool = False
+    key: str = ""             # hash of the text: names the compiled module
 
-    @property
-    def key(self) -> str:
-        return hashlib.sha256(self.text.encode()).hexdigest()[:24]
+    def __post_init__(self):
+        self.key = hashlib.sha256(self.text.encode()).hexdigest()[:24]
 
     def kernel_prelude(self) -> str:
         """The text put before the kernel source: functions plus the hook macros."""
@@ -724,6 +726,39 @@ def _function(cap, role, cname, nfixed, arg_slots, slots, consts, on_device):
         head.append(f"    const {ctype} v_{p} = {pin};")
         head.append(f"    (void)v_{p};")
     return "\n".join([*head, *decls, *tr.lines, "}"])
+
+
+_cache: OrderedDict = OrderedDict()
+_cache_lock = threading.Lock()
+_MAX_CACHED = 256
+
+
+def _fn_key(cap):
+    """What the text of one function depends on: its code and captured values (Capture.key),
+    and the contents of the host arrays it captures (compiled in)."""
+    if cap is None:
+        return None
+    digests = tuple((a.shape, a.dtype.str, hashlib.blake2b(
+        np.ascontiguousarray(a).view(np.uint8), digest_size=16).hexdigest())
+        for a in cap.arrays if isinstance(a, np.ndarray))
+    return cap.key, digests
+
+
+def translate_cached(smod, mmod, nargs, mask_takes_args, arg_arrays):
+    """:func:`translate` for the device, cached (a call in a training loop translates once)."""
+    key = (_fn_key(smod), _fn_key(mmod), nargs, mask_takes_args,
+           tuple((a.dtype.str, a.ndim) for a in arg_arrays))
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+            return hit
+    mods = translate(smod, mmod, nargs, mask_takes_args, arg_arrays)
+    with _cache_lock:
+        _cache[key] = mods
+        while len(_cache) > _MAX_CACHED:
+            _cache.popitem(last=False)
+    return mods
 
 
 def translate(smod, mmod, nargs=0, mask_takes_args=False, arg_arrays=(), *, on_device=True):

@@ -175,7 +175,7 @@ def block_lists(cp, mods, states_fn, user_args, *, mmod, cacheable, batch, hq, s
     out = []
     for sel in (full, partial):
         ptr = cp.zeros(nqb + 1, dtype=cp.int32)
-        cp.cumsum(sel.sum(axis=1, dtype=cp.int32), out=ptr[1:])
+        ptr[1:] = cp.cumsum(sel.sum(axis=1, dtype=cp.int32))
         cols = cp.nonzero(sel)[1].astype(cp.int32)  # row-major: columns sorted per row
         out += [ptr, cols if cols.size else cp.zeros(1, cp.int32)]
     lists = tuple(out)
@@ -218,7 +218,7 @@ def _forward(prob, q, k, v, smod, mmod, args, mask_takes_args):
 
     from . import _params
 
-    mods = _flex_cuda.translate(smod, mmod, len(args), mask_takes_args, args)
+    mods = _flex_cuda.translate_cached(smod, mmod, len(args), mask_takes_args, args)
     tn = _params.type_name(prob.dtype)
     dp = padded_dim(max(prob.d, prob.dv))
     batch = math.prod(prob.batch) if prob.heads_axis else 1
@@ -238,7 +238,9 @@ def _forward(prob, q, k, v, smod, mmod, args, mask_takes_args):
     _, fn, states_fn = _function(mods, inst, smem)
     user_args = mods.kernel_args(args, smod, mmod)
     if sparse:
-        cacheable = not mmod.arrays and not mask_takes_args
+        # Captured host arrays are compiled in (their values are in mods.key); device arrays
+        # and score_mod_args may change between calls.
+        cacheable = not mask_takes_args and all(isinstance(a, np.ndarray) for a in mmod.arrays)
         frow, fcol, prow, pcol = block_lists(
             cp, mods, states_fn, user_args, mmod=mmod, cacheable=cacheable, batch=batch,
             hq=hq, sq=sq, sk=sk)
