@@ -48,7 +48,7 @@ import numpy as np
 from . import _flex_codegen as cg
 from ._flex_codegen import FlexCompileError
 
-__all__ = ["MAX_EMBEDDED", "CudaMods", "FlexCompileError", "translate"]
+__all__ = ["MAX_EMBEDDED", "CudaMods", "FlexCompileError", "cuda_source", "translate"]
 
 # Captured host arrays up to this many elements are compiled in as constants; larger ones
 # must be passed as device arrays (score_mod_args), since xattn never copies them.
@@ -787,3 +787,28 @@ def translate(smod, mmod, nargs=0, mask_takes_args=False, arg_arrays=(), *, on_d
                                on_device))
     text = "\n".join([PRELUDE, _struct(slots), *consts, *funcs])
     return CudaMods(text, slots, smod is not None, mmod is not None)
+
+
+def cuda_source(score_mod=None, mask_mod=None, score_mod_args=()) -> str:
+    """The CUDA C that ``flex_attention(..., backend="cupy")`` compiles for these functions:
+    ``struct XattnUserArgs`` and ``xattn_user_score``/``xattn_user_mask`` (without the shared
+    helpers). Runs anywhere (no GPU, no compiler): for reading, and for the errors.
+
+    Examples
+    --------
+    >>> import xattn
+    >>> from xattn._flex_cuda import cuda_source
+    >>> def causal(b, h, q_idx, kv_idx):
+    ...     return kv_idx <= q_idx
+    >>> print(cuda_source(mask_mod=causal).splitlines()[-2].strip())
+    return ((v_kv_idx <= v_q_idx));
+    """
+    args = tuple(score_mod_args)
+    smod = None if score_mod is None else cg.capture(score_mod, "score_mod", 5 + len(args))
+    mmod, takes = None, False
+    if mask_mod is not None:
+        code = getattr(cg._unwrap(mask_mod), "__code__", None)
+        takes = bool(args) and code is not None and code.co_argcount == 4 + len(args)
+        mmod = cg.capture(mask_mod, "mask_mod", 4 + len(args) if takes else 4)
+    text = translate(smod, mmod, len(args), takes, args).text
+    return text[len(PRELUDE):].strip() + "\n"
