@@ -103,6 +103,17 @@ def python_ints(score, b, h, q_idx, kv_idx):
     return score + x * 0.01 + min(d, 3, -2 * d) - max(-d, 1)
 
 
+def big_ints(score, b, h, q_idx, kv_idx):
+    # Products of positions need 64 bits; sums and differences fit 32 (the translation
+    # chooses per expression): checked with positions up to 2**30.
+    x = (q_idx * kv_idx) % 1000003 + (q_idx + kv_idx + 5) // 7 % 1000 - abs(kv_idx - q_idx) % 999
+    return score + x * 1e-6 + min(q_idx - kv_idx, 0) * 1e-9 + (-q_idx) // 3 % 10
+
+
+def big_mask(b, h, q_idx, kv_idx):
+    return (q_idx - kv_idx) * 3 > q_idx or (q_idx + kv_idx) % 2 == 0
+
+
 def python_floats(score, b, h, q_idx, kv_idx):
     # constants exact in float32 (the kernel computes in float32: 0.7 would round)
     y = score % 1.5 + score // 0.75 + float(q_idx) / 4
@@ -138,6 +149,7 @@ CASES = [
     ("softcap", softcap, None, ()),
     ("np_softcap", np_softcap, None, ()),
     ("ints", python_ints, None, ()),
+    ("big_ints", big_ints, big_mask, ()),
     ("floats", python_floats, None, ()),
     ("numpy", numpy_funcs, None, ()),
     ("causal", None, causal, ()),
@@ -250,8 +262,9 @@ def test_translation_matches_python(library, name, role):
     score = (rng.standard_normal(count) * 3).astype(np.float32)
     b = rng.integers(0, 2, count)
     h = rng.integers(0, 4, count)
-    q = rng.integers(0, 150, count)
-    kv = rng.integers(0, 150, count)
+    top = 2**30 if name.startswith("big") else 150
+    q = rng.integers(0, top, count)
+    kv = rng.integers(0, top, count)
     got = _run(lib, n, role, mods, args, score, b, h, q, kv)
     want = np.array([fn(*((s,) if role == "score" else ()), int(bb), int(hh), int(qq),
                         int(kk), *args)

@@ -110,6 +110,7 @@ XATTN_UFN float xu_fmod(float a, float b) {
 }
 XATTN_UFN float xu_ffloordiv(float a, float b) { return floorf((a - xu_fmod(a, b)) / b); }
 XATTN_UFN long long xu_absll(long long a) { return a < 0 ? -a : a; }
+XATTN_UFN int xu_abs32(int a) { return a < 0 ? -a : a; }
 XATTN_UFN long long xu_ipow(long long a, long long n) {
     long long r = 1;
     for (; n > 0; --n) r *= a;
@@ -321,6 +322,9 @@ class _Translator:
             if isinstance(v, int):
                 if not -(2**63) <= v < 2**63:
                     self.fail(node, f"the integer {v} does not fit 64 bits")
+                small = _narrow(str(v) if v >= 0 else f"({v})", v, v)
+                if small is not None:
+                    return small, I
                 return f"{v}LL" if v != -(2**63) else "(-9223372036854775807LL - 1)", I
             if isinstance(v, float):
                 return _float_literal(v), F
@@ -352,7 +356,14 @@ class _Translator:
                 return (f"(!{a})", B) if t == B else (f"(~{a})", I)
             t2 = I if t == B else t
             op = "-" if isinstance(node.op, ast.USub) else "+"
-            return f"({op}{self.cast(a, t, t2)})", t2
+            a = self.cast(a, t, t2)
+            r = _rng(a)
+            if r is not None:
+                lo, hi = (-r[1], -r[0]) if op == "-" else r
+                small = _narrow(f"({op}{a})", lo, hi)
+                if small is not None:
+                    return small, t2
+            return f"({op}{_wide(a) if t2 == I else a})", t2
         if isinstance(node, ast.BinOp):
             return self.binop(node, dry)
         if isinstance(node, ast.Compare):
@@ -381,7 +392,12 @@ class _Translator:
             a, ta = self.expr(node.body, dry)
             b, tb = self.expr(node.orelse, dry)
             t = _join(ta, tb)
-            return f"({c} ? {self.cast(a, ta, t)} : {self.cast(b, tb, t)})", t
+            a, b = self.cast(a, ta, t), self.cast(b, tb, t)
+            code = f"({c} ? {a} : {b})"
+            ra, rb = _rng(a), _rng(b)
+            if ra and rb:
+                return _narrow(code, min(ra[0], rb[0]), max(ra[1], rb[1])), t
+            return code, t
         if isinstance(node, ast.Call):
             return self.call(node, dry)
         self.fail(node, f"the construct `{type(node).__name__}`")
@@ -394,6 +410,8 @@ class _Translator:
             return a
         if to == B:
             return self.truth(a, t)
+        if t == B and to == I:
+            return _narrow(f"((int){a})", 0, 1)
         return f"(({_CTYPE[to]}){a})"
 
     def subscript(self, node, dry):
@@ -427,6 +445,11 @@ class _Translator:
             return f"xu_bf16({raw})", F
         if vt == B:
             return f"({raw} != 0)", B
+        if dtype in ("int8", "int16", "int32", "uint8", "uint16"):
+            info = np.iinfo(dtype)
+            small = _narrow(f"((int){raw})", max(int(info.min), INT32[0] + 1), int(info.max))
+            if small is not None:
+                return small, I
         return f"(({_CTYPE[vt]}){raw})", vt
 
     def binop(self, node, dry):
@@ -437,9 +460,37 @@ class _Translator:
         t = I if t == B else t
         if op in (ast.Add, ast.Sub, ast.Mult):
             sym = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*"}[op]
-            return f"({self.cast(a, ta, t)} {sym} {self.cast(b, tb, t)})", t
+            a, b = self.cast(a, ta, t), self.cast(b, tb, t)
+            if t == I:
+                ra, rb = _rng(a), _rng(b)
+                if ra and rb:
+                    if op is ast.Add:
+                        lo, hi = ra[0] + rb[0], ra[1] + rb[1]
+                    elif op is ast.Sub:
+                        lo, hi = ra[0] - rb[1], ra[1] - rb[0]
+                    else:
+                        ends = [x * y for x in ra for y in rb]
+                        lo, hi = min(ends), max(ends)
+                    small = _narrow(f"({a} {sym} {b})", lo, hi)
+                    if small is not None:
+                        return small, I
+                a, b = _wide(a), _wide(b)
+            return f"({a} {sym} {b})", t
         if op is ast.Div:
             return f"({self.cast(a, ta, F)} / {self.cast(b, tb, F)})", F
+        if op in (ast.FloorDiv, ast.Mod) and t == I:
+            a, b = self.cast(a, ta, I), self.cast(b, tb, I)
+            ra, rb = _rng(a), _rng(b)
+            if ra and rb and rb[0] == rb[1] and rb[0] > 0:
+                c = rb[0]
+                if op is ast.Mod:
+                    lo, hi = 0, c - 1
+                else:
+                    lo, hi = ra[0] // c, ra[1] // c
+                # Non-negative by a positive constant: C's / and % are Python's.
+                code = (f"({a} {'/' if op is ast.FloorDiv else '%'} {b})" if ra[0] >= 0 else
+                        f"((int)xu_{'floordiv' if op is ast.FloorDiv else 'mod'}({a}, {b}))")
+                return _narrow(code, lo, hi) or code, I
         if op is ast.FloorDiv:
             if t == I:
                 return f"xu_floordiv({self.cast(a, ta, I)}, {self.cast(b, tb, I)})", I
@@ -460,7 +511,14 @@ class _Translator:
                    ast.RShift: ">>"}[op]
             if ta == tb == B and sym in "&|^":
                 return f"({a} {sym} {b})", B
-            return f"({self.cast(a, ta, I)} {sym} {self.cast(b, tb, I)})", I
+            a, b = self.cast(a, ta, I), self.cast(b, tb, I)
+            ra, rb = _rng(a), _rng(b)
+            if ra and rb and sym in "&|^":
+                return _narrow(f"({a} {sym} {b})", INT32[0] + 1, INT32[1]) or \
+                    f"({a} {sym} {b})", I
+            if ra and rb and sym == ">>" and rb[0] >= 0:
+                return _narrow(f"({a} >> {b})", min(ra[0], 0), max(ra[1], 0)), I
+            return f"({_wide(a)} {sym} {_wide(b)})", I
         self.fail(node, f"the operator {op.__name__}")
 
     def _callee(self, func):
@@ -489,14 +547,25 @@ class _Translator:
             a, t = args[0]
             if t == F or name != "abs":
                 return f"fabsf({self.cast(a, t, F)})", F
-            return f"xu_absll({self.cast(a, t, I)})", I
+            a = self.cast(a, t, I)
+            r = _rng(a)
+            if r is not None:
+                lo, hi = r if r[0] >= 0 else ((-r[1], -r[0]) if r[1] <= 0 else
+                                               (0, max(-r[0], r[1])))
+                return _narrow(f"xu_abs32({a})", lo, hi), I
+            return f"xu_absll({a})", I
         if name in ("min", "max") and mod == "builtin" and n >= 2:
             t = _join(*(t for _, t in args))
             t = I if t == B else t
             sym = "<" if name == "min" else ">"
-            acc = self.cast(*args[0], t)
-            for a, ta in args[1:]:
-                acc = self._minmax(acc, self.cast(a, ta, t), sym)
+            ops = [self.cast(a, ta, t) for a, ta in args]
+            acc = ops[0]
+            for a in ops[1:]:
+                acc = self._minmax(acc, a, sym)
+            rs = [_rng(a) for a in ops]
+            if t == I and all(rs):
+                pick = min if name == "min" else max
+                return _narrow(acc, pick(r[0] for r in rs), pick(r[1] for r in rs)), t
             return acc, t
         if name in ("minimum", "maximum", "fmin", "fmax") and n == 2:
             a, b = (self.cast(x, t, F) for x, t in args)
@@ -595,6 +664,40 @@ class _Translator:
             self.fail(s, f"the statement `{type(s).__name__}`")
 
 
+INT32 = (-(2**31), 2**31 - 1)
+# b, h, q_idx, kv_idx: the kernel's int indices. Sequences, batches and head counts stay below
+# 2**30 (flex_tc.reason refuses longer ones), so that sums and differences of two indices
+# plus small constants are still 32-bit.
+MAX_INDEX = 2**30
+INDEX_RANGE = (0, MAX_INDEX - 1)
+
+
+class _Code(str):
+    """C code of an integer expression whose values provably fit 32 bits (``rng``): emitted
+    as C ``int`` arithmetic, which is cheaper on the GPU than 64-bit and gives the same
+    values (no overflow is possible). Any other integer expression is ``long long``."""
+
+    rng = None
+
+
+def _narrow(code, lo, hi):
+    """``code`` as a 32-bit expression when [lo, hi] fits, else None."""
+    if INT32[0] < lo and hi <= INT32[1]:
+        c = _Code(code)
+        c.rng = (lo, hi)
+        return c
+    return None
+
+
+def _rng(a):
+    return getattr(a, "rng", None)
+
+
+def _wide(a):
+    """``a`` as long long (before an operation whose result may not fit 32 bits)."""
+    return f"((long long){a})" if _rng(a) else a
+
+
 class _Unknown(Exception):
     """A local whose type is not known yet (type inference iterates)."""
 
@@ -663,7 +766,7 @@ def _function(cap, role, cname, nfixed, arg_slots, slots, consts, on_device):
     else:
         ints = fixed
     for p in ints:
-        env.values[p] = ("v_" + p, I)
+        env.values[p] = (_narrow("v_" + p, *INDEX_RANGE), I)
     for p, slot in zip(params[nfixed:nuser], arg_slots, strict=True):
         env.arrays[p] = (slot.name, slot.dtype, slot.ndim, None)
     resolved = {}
@@ -718,11 +821,11 @@ def _function(cap, role, cname, nfixed, arg_slots, slots, consts, on_device):
     sig = ("float score_in" if role == "score_mod" else "")
     head = [f"XATTN_UFN {_CTYPE[ret]} {cname}(const XattnUserArgs& u"
             + (f", {sig}" if sig else "")
-            + ", long long b_in, long long h_in, long long q_in, long long kv_in) {",
+            + ", int b_in, int h_in, int q_in, int kv_in) {",
             "    (void)u;"]
     names_in = (["score_in"] if role == "score_mod" else []) + ["b_in", "h_in", "q_in", "kv_in"]
     for p, pin in zip(fixed, names_in, strict=True):
-        ctype = "float" if pin == "score_in" else "long long"
+        ctype = "float" if pin == "score_in" else "int"
         head.append(f"    const {ctype} v_{p} = {pin};")
         head.append(f"    (void)v_{p};")
     return "\n".join([*head, *decls, *tr.lines, "}"])

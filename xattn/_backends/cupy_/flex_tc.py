@@ -95,6 +95,9 @@ def reason(prob):
     nbatch = math.prod(prob.batch) if prob.heads_axis else 1
     if nbatch > 65535 or prob.hq > 65535:
         return f"batch ({nbatch}) or heads ({prob.hq}) above the grid limit 65535"
+    if max(prob.sq, prob.sk) >= _flex_cuda.MAX_INDEX:
+        return (f"sequence length {max(prob.sq, prob.sk)} >= 2**30 (the translated functions "
+                "compute with 32-bit positions)")
     cc = _params.compute_capability()
     if cc < 80:
         return f"compute capability {cc} < 80: the kernel uses mma.sync bf16/f16 and cp.async"
