@@ -5,10 +5,9 @@ math/numpy functions, helper functions); this module walks the resolved AST once
 writes two ``__device__ __forceinline__`` functions that NVRTC inlines into the ``mma.sync``
 forward kernel (``xattn/kernels/flash_fwd.cu``, hook ``XATTN_USER_MODS``)::
 
-    float xattn_user_score(const XattnUserArgs& u, float score, long long b, long long h,
-                           long long q_idx, long long kv_idx);
-    bool xattn_user_mask(const XattnUserArgs& u, long long b, long long h, long long q_idx,
-                         long long kv_idx);
+    float xattn_user_score(const XattnUserArgs& u, float score, int b, int h, int q_idx,
+                           int kv_idx);
+    bool xattn_user_mask(const XattnUserArgs& u, int b, int h, int q_idx, int kv_idx);
 
 ``XattnUserArgs`` holds, per array the functions read (``score_mod_args`` entries and
 captured CuPy arrays), its device pointer and its shape and strides in elements: the arrays
@@ -18,7 +17,10 @@ as ``numba.cuda`` freezes captured host arrays; their values are part of the cac
 
 Semantics (Python's, on the GPU's types; see ``docs/flex.rst``):
 
-* integers are ``long long``; ``//`` and ``%`` round toward minus infinity as in Python; a
+* integers are ``long long``, or ``int`` where their range provably fits 32 bits (positions
+  are below 2**30; their sums, differences, ``abs``, ``min``/``max``, ``%``/``//`` by positive
+  constants are tracked), which gives the same values faster; ``//`` and ``%`` round toward
+  minus infinity as in Python; a
   negative index counts from the end of its axis; indices are not bounds-checked (as in
   Numba);
 * floating values are ``float`` (float32), as FlexAttention computes them: Python floats,
