@@ -88,6 +88,11 @@ class _Setup:
             # (float32/float64, big head dims, old GPUs) to the SIMT kernel. A function it
             # cannot translate raises (FlexCompileError) under auto too: no silent fallback.
             self.tc_reason = flex_tc.reason(prob)
+            if self.tc_reason is None:
+                for cap in (self.smod, self.mmod):
+                    if cap is not None and not cg.has_source(cap.fn):
+                        self.tc_reason = (f"the source of {cap.fn.__name__} is not available "
+                                          "(the tensor-core kernel translates the source)")
             if backend == "cupy" and self.tc_reason:
                 raise NotImplementedError(f"backend='cupy': {self.tc_reason}")
         if backend == "auto":
@@ -175,7 +180,8 @@ def flex_attention(
         cores"); a construct it cannot translate raises a ``TypeError``
         (``FlexCompileError``) naming it. ``"numba_cuda"``: a SIMT kernel for every dtype
         (16-bit inputs upcast). ``"auto"`` on CuPy arrays picks ``"cupy"`` for 16-bit inputs
-        on compute capability 8.0+ with head dims up to 256, else ``"numba_cuda"``; the
+        on compute capability 8.0+ with head dims up to 256 (and functions whose source
+        Python can read), else ``"numba_cuda"``; the
         ``xattn`` logger says which at debug level. ``"numba_cuda"`` also accepts NumPy
         arrays when Numba's CUDA simulator is enabled (``NUMBA_ENABLE_CUDASIM=1``), for
         testing the GPU kernel without a GPU.
