@@ -140,7 +140,17 @@ def _function(mods, inst, smem):
             return hit
     text = kernel_text(mods)
     mod = cupy.RawModule(code=text, options=("-std=c++17", *inst.defines))
-    fn = mod.get_function(inst.name)
+    try:
+        fn = mod.get_function(inst.name)  # NVRTC runs here
+    except Exception as exc:
+        # A translation that NVRTC refuses is our bug: keep the source for the report.
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".cu", prefix="xattn_flex_",
+                                         delete=False) as f:
+            f.write(f"// options: {' '.join(inst.defines)}\n{text}")
+        raise RuntimeError(f"flex_attention: the generated kernel {inst.name} did not compile "
+                           f"(source kept in {f.name}): {exc}") from exc
     if smem > 48 * 1024:
         _allow_smem(fn, smem)
     states = mod.get_function("xattn_flex_block_states") if mods.has_mask else None
