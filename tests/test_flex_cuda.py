@@ -123,6 +123,8 @@ def python_floats(score, b, h, q_idx, kv_idx):
         y = -y
     else:
         y = y + int(score * 3.5) + round(score * 2.5) + math.floor(score) + math.ceil(-score)
+    if y > 40.0:
+        return float("-inf")
     return np.where(y > 1.0, np.exp(-abs(y)), np.sqrt(1.0 + y * y)) + math.pi * 0
 
 

@@ -543,6 +543,13 @@ class _Translator:
         if mod is None:
             self.fail(node, f"a call to {name}() (math/numpy functions, abs, min, max, "
                             "float, int, bool, round and helper functions are supported)")
+        if (name == "float" and mod == "builtin" and len(node.args) == 1
+                and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)):
+            try:  # float("inf"), float("-inf"), float("nan")
+                return _float_literal(float(node.args[0].value)), F
+            except ValueError:
+                self.fail(node, f"float({node.args[0].value!r})")
         args = [self.expr(a, dry) for a in node.args]
         n = len(args)
         if name in ("abs", "absolute", "fabs") and n == 1:
