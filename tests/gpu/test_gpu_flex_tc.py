@@ -60,6 +60,10 @@ def window(b, h, q_idx, kv_idx):
     return abs(q_idx - kv_idx) <= 70
 
 
+def window_by_head(b, h, q_idx, kv_idx):  # per head: the block mask combines a GQA group's
+    return abs(q_idx - kv_idx) <= 40 * (h + 1)
+
+
 def _doc_ids(n, seed):
     rng = np.random.default_rng(seed)
     cuts = np.sort(rng.choice(np.arange(1, n), 4, replace=False))
@@ -92,6 +96,8 @@ def _dense(case, table=None, sq=SQ, sk=SK):
         opts["mask"] = j <= i
     elif mmod == "window":
         opts["mask"] = np.abs(i - j) <= 70
+    elif mmod == "window_by_head":
+        opts["mask"] = np.abs(i - j)[None] <= 40 * (np.arange(HQ)[:, None, None] + 1)
     elif mmod == "documents":
         opts["mask"] = (DOC_HOST[:, :sq, None] == DOC_HOST[:, None, :sk])[:, None]
     return opts
@@ -105,12 +111,13 @@ def _functions(case):
         return doc[b, q_idx] == doc[b, kv_idx]
 
     s = {"alibi": alibi, "t5": t5, "softcap": softcap, None: None}[smod]
-    m = {"causal": causal, "window": window, "documents": documents, None: None}[mmod]
+    m = {"causal": causal, "window": window, "documents": documents,
+         "window_by_head": window_by_head, None: None}[mmod]
     return s, m
 
 
 CASES = [("alibi", "causal"), ("t5", "documents"), ("softcap", None), (None, "window"),
-         ("alibi", "window"), (None, "causal"), ("t5", None)]
+         ("alibi", "window"), (None, "causal"), ("t5", None), ("softcap", "window_by_head")]
 # Every case in float16 at D = 64; the main ones also in bfloat16 and at D = 128 (each
 # combination is one NVRTC compile of the forward kernel: a few seconds).
 MATRIX = ([(c, 64, "float16") for c in CASES]
