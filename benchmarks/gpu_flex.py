@@ -1,9 +1,14 @@
-"""flex_attention (Numba CUDA, fp32 SIMT) beside PyTorch FlexAttention on the same GPU.
+"""flex_attention beside PyTorch FlexAttention (torch.compile) on the same GPU.
 
-Same score_mod (ALiBi) and mask_mod (causal) written for each library; correctness against
-torch's result first, then CUDA-event timings (median). Prints a table with the card name.
+Same score_mod (ALiBi) and mask_mod (causal) written for each library, same dtype; correctness
+against torch's result first, then CUDA-event timings (median). float32 runs xattn's Numba CUDA
+SIMT kernel (``backend="numba_cuda"``), float16/bfloat16 the tensor-core kernel with the
+functions compiled in (``backend="cupy"``). FLOPs: causal, half of ``4 B H S^2 D``. Prints a
+table with the card name, xattn / torch as the ratio.
 
-    python3 benchmarks/gpu_flex.py [--seq 4096 16384]
+    python3 benchmarks/gpu_flex.py [--seq 4096 16384] [--dtype float16] [--json FILE]
+
+The issue's row (#13): ``--dtype float16 --seq 16384`` (D = 64, 16 heads).
 """
 
 import argparse
@@ -19,7 +24,12 @@ def main():
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--backend", default=None,
+                    help="xattn backend (default: cupy for 16-bit, numba_cuda for float32)")
+    ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args()
+    backend = args.backend or ("numba_cuda" if args.dtype == "float32" else "cupy")
 
     import cupy as cp
     import torch
@@ -61,21 +71,28 @@ def main():
             times.append(cp.cuda.get_elapsed_time(start, stop))
         return statistics.median(times)
 
+    tdtype = {"float32": torch.float32, "float16": torch.float16,
+              "bfloat16": torch.bfloat16}[args.dtype]
+    # 16-bit outputs: rounding of the output alone is ~1e-3 (fp16) / 8e-3 (bf16).
+    tol = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 6e-2}[args.dtype]
     rows = []
     for S in args.seq:
         rng = np.random.default_rng(S)
         q, k, v = (rng.standard_normal((1, H, S, D), dtype=np.float32) for _ in range(3))
-        qc, kc, vc = (cp.asarray(x) for x in (q, k, v))
-        qt, kt, vt = (torch.from_numpy(x).cuda() for x in (q, k, v))
+        qt, kt, vt = (torch.from_numpy(x).cuda().to(tdtype) for x in (q, k, v))
+        # The same 16-bit values for both libraries (through DLPack, no host round trip).
+        qc, kc, vc = (cp.from_dlpack(x) for x in (qt, kt, vt))
         bm = create_block_mask(t_causal, 1, H, S, S, device="cuda")
         ref = compiled(qt, kt, vt, score_mod=t_alibi, block_mask=bm)
-        out = xattn.flex_attention(qc, kc, vc, score_mod=alibi, mask_mod=causal)
-        err = float(cp.abs(out - cp.asarray(ref.cpu().numpy())).max())
-        assert err < 1e-3, f"S={S}: xattn vs torch max error {err}"
+        out = xattn.flex_attention(qc, kc, vc, score_mod=alibi, mask_mod=causal,
+                                   backend=backend)
+        err = float(cp.abs(out.astype(cp.float32)
+                           - cp.from_dlpack(ref.float().contiguous())).max())
+        assert err < tol, f"S={S}: xattn vs torch max error {err}"
         flops = 4 * H * S * S * D / 2  # causal: half the pairs
         ms_x = time_ms(
             lambda qc=qc, kc=kc, vc=vc: xattn.flex_attention(
-                qc, kc, vc, score_mod=alibi, mask_mod=causal
+                qc, kc, vc, score_mod=alibi, mask_mod=causal, backend=backend
             ),
             cp.cuda.Device().synchronize,
         )
@@ -86,11 +103,20 @@ def main():
             torch.cuda.synchronize,
         )
         rows.append((S, ms_x, flops / ms_x / 1e9, ms_t, flops / ms_t / 1e9, err))
-    print(f"\nflex attention fp32, causal + ALiBi, H={H} D={D}, card: {card}")
+    print(f"\nflex attention {args.dtype} (xattn backend={backend}), causal mask_mod + ALiBi "
+          f"score_mod, H={H} D={D}, card: {card}")
     print(f"{'S':>6} {'xattn ms':>9} {'TFLOP/s':>8} {'torch ms':>9} {'TFLOP/s':>8} "
           f"{'ratio':>6} {'max err':>8}")
     for S, mx, fx, mt, ft, err in rows:
         print(f"{S:>6} {mx:9.2f} {fx:8.2f} {mt:9.2f} {ft:8.2f} {fx / ft:6.2f} {err:8.1e}")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"card": card, "dtype": args.dtype, "backend": backend, "heads": H,
+                       "head_dim": D, "rows": [dict(zip(
+                           ("seq", "xattn_ms", "xattn_tflops", "torch_ms", "torch_tflops",
+                            "max_err"), r, strict=True)) for r in rows]}, f, indent=1)
     assert all(math.isfinite(r[1]) for r in rows)
 
 

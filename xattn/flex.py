@@ -9,6 +9,7 @@ the one thread pool, tiles skipped by a block mask derived from ``mask_mod``), o
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -16,6 +17,8 @@ import numpy as np
 from ._array import AttnProblem, check_bool, check_same_shape, dlpack_interop, validate_attention
 
 __all__ = ["flex_attention", "flex_attention_backward"]
+
+_log = logging.getLogger("xattn")
 
 
 def _simulator() -> bool:
@@ -52,7 +55,8 @@ def _check_args(score_mod_args, prob):
 class _Setup:
     """Validated inputs, captured user functions and the chosen backend of one call."""
 
-    def __init__(self, q, k, v, score_mod, mask_mod, score_mod_args, scale, backend, extra=()):
+    def __init__(self, q, k, v, score_mod, mask_mod, score_mod_args, scale, backend, extra=(),
+                 forward=True):
         from . import _flex_codegen as cg
 
         self.prob = prob = validate_attention(q, k, v, scale=scale, extra=extra)
@@ -69,10 +73,33 @@ class _Setup:
             self.mask_takes_args = bool(n) and code is not None and code.co_argcount == 4 + n
             self.mmod = cg.capture(mask_mod, "mask_mod", 4 + n if self.mask_takes_args else 4)
         on_gpu = prob.xp.__name__ == "cupy"
+        if backend not in ("auto", "numba", "numba_cuda", "cupy"):
+            raise ValueError("backend: expected 'auto', 'numba', 'numba_cuda' or 'cupy', got "
+                             f"{backend!r}")
+        self.tc_reason = None
+        if backend == "cupy" and not forward:
+            raise NotImplementedError(
+                "backend='cupy': the tensor-core flex kernel computes the forward pass only; "
+                "the gradient on the GPU is backend='numba_cuda' (what 'auto' picks)")
+        if backend in ("auto", "cupy") and on_gpu and forward:
+            from ._backends.cupy_ import flex_tc
+
+            # The tensor-core kernel serves 16-bit inputs; auto hands what its table refuses
+            # (float32/float64, big head dims, old GPUs) to the SIMT kernel. A function it
+            # cannot translate raises (FlexCompileError) under auto too: no silent fallback.
+            self.tc_reason = flex_tc.reason(prob)
+            if self.tc_reason is None:
+                for cap in (self.smod, self.mmod):
+                    if cap is not None and not cg.has_source(cap.fn):
+                        self.tc_reason = (f"the source of {cap.fn.__name__} is not available "
+                                          "(the tensor-core kernel translates the source)")
+            if backend == "cupy" and self.tc_reason:
+                raise NotImplementedError(f"backend='cupy': {self.tc_reason}")
         if backend == "auto":
-            backend = "numba_cuda" if on_gpu else "numba"
-        if backend not in ("numba", "numba_cuda"):
-            raise ValueError(f"backend: expected 'auto', 'numba' or 'numba_cuda', got {backend!r}")
+            backend = ("cupy" if self.tc_reason is None else "numba_cuda") if on_gpu else "numba"
+        if backend == "cupy" and not on_gpu:
+            raise TypeError("backend='cupy' needs CuPy arrays; xattn never copies between host "
+                            "and device")
         if backend == "numba" and on_gpu:
             raise TypeError("backend='numba' runs on the CPU but the inputs are CuPy arrays")
         if backend == "numba_cuda" and not on_gpu and not _simulator():
@@ -147,9 +174,17 @@ def flex_attention(
     return_lse : bool
         Also return the natural-log log-sum-exp ``(..., Hq, Sq)`` that
         :func:`flex_attention_backward` needs.
-    backend : ``"auto"``, ``"numba"`` (CPU) or ``"numba_cuda"`` (GPU)
-        ``"numba_cuda"`` also accepts NumPy arrays when Numba's CUDA simulator is enabled
-        (``NUMBA_ENABLE_CUDASIM=1``), for testing the GPU kernel without a GPU.
+    backend : ``"auto"``, ``"numba"`` (CPU), ``"cupy"`` or ``"numba_cuda"`` (GPU)
+        ``"cupy"``: float16/bfloat16 on tensor cores, the functions translated to CUDA C and
+        compiled into the ``mma.sync`` flash kernel (see :doc:`/flex`, "On the GPU: tensor
+        cores"); a construct it cannot translate raises a ``TypeError``
+        (``FlexCompileError``) naming it. ``"numba_cuda"``: a SIMT kernel for every dtype
+        (16-bit inputs upcast). ``"auto"`` on CuPy arrays picks ``"cupy"`` for 16-bit inputs
+        on compute capability 8.0+ with head dims up to 256 (and functions whose source
+        Python can read), else ``"numba_cuda"``; the
+        ``xattn`` logger says which at debug level. ``"numba_cuda"`` also accepts NumPy
+        arrays when Numba's CUDA simulator is enabled (``NUMBA_ENABLE_CUDASIM=1``), for
+        testing the GPU kernel without a GPU.
 
     Examples
     --------
@@ -171,6 +206,13 @@ def flex_attention(
     st = _Setup(q, k, v, score_mod, mask_mod, score_mod_args, scale, backend)
     return_lse = check_bool("return_lse", return_lse)
     prob, xp, work = st.prob, st.prob.xp, st.work
+    _log.debug("flex_attention: backend %s", st.backend, extra={"xattn_backend": st.backend})
+    if st.backend == "cupy":
+        from ._backends.cupy_ import flex_tc
+
+        out, lse = flex_tc.forward(prob, q, k, v, smod=st.smod, mmod=st.mmod, args=st.args,
+                                   mask_takes_args=st.mask_takes_args)
+        return (out, lse.astype(prob.cdtype, copy=False)) if return_lse else out
     rows = st.batch * st.hq
     out3 = xp.zeros((rows, prob.sq, prob.dv), dtype=work)
     lse2 = xp.full((rows, prob.sq), -np.inf, dtype=work)
@@ -259,7 +301,7 @@ def flex_attention_backward(
     ((2,), 'float64')
     """
     st = _Setup(q, k, v, score_mod, mask_mod, score_mod_args, scale, backend,
-                extra=(("dout", dout), ("out", out), ("lse", lse)))
+                extra=(("dout", dout), ("out", out), ("lse", lse)), forward=False)
     prob, work = st.prob, st.work
     check_same_shape("dout", dout, prob.out_shape)
     check_same_shape("out", out, prob.out_shape)

@@ -120,3 +120,61 @@ class FlexGPU:
     def time_alibi_causal(self, seq_len):
         xattn.flex_attention(self.q, self.k, self.v, score_mod=alibi, mask_mod=causal)
         self.cp.cuda.Device().synchronize()
+
+
+SLOPES16 = xattn.alibi_slopes(16)
+
+
+def alibi16(score, b, h, q_idx, kv_idx):
+    return score - SLOPES16[h] * abs(q_idx - kv_idx)
+
+
+class FlexGPUTensorCores:
+    """Issue #13's row: fp16, 16 heads, D=64, causal mask_mod + ALiBi score_mod, the functions
+    compiled into the mma.sync kernel (``backend="cupy"``). ``benchmarks/gpu_flex.py
+    --dtype float16`` times torch.compile(flex_attention) beside it."""
+
+    params = [[4096, 16384]]
+    param_names = ["seq_len"]
+    timeout = 300
+
+    def setup(self, seq_len):
+        try:
+            import cupy as cp
+
+            if cp.cuda.runtime.getDeviceCount() == 0:
+                raise NotImplementedError("no CUDA device")
+            if int(cp.cuda.Device().compute_capability) < 80:
+                raise NotImplementedError("the tensor-core kernel needs compute capability 8.0")
+        except ImportError:
+            raise NotImplementedError("cupy is not installed") from None
+        self.cp = cp
+        rng = np.random.default_rng(0)
+        self.q, self.k, self.v = (
+            cp.asarray(rng.standard_normal((1, 16, seq_len, 64), dtype=np.float32)
+                       .astype(np.float16))
+            for _ in range(3)
+        )
+        self._run()
+        cp.cuda.Device().synchronize()
+
+    def _run(self):
+        return xattn.flex_attention(self.q, self.k, self.v, score_mod=alibi16, mask_mod=causal,
+                                    backend="cupy")
+
+    def time_alibi_causal_fp16(self, seq_len):
+        self._run()
+        self.cp.cuda.Device().synchronize()
+
+    def track_tflops(self, seq_len):
+        cp = self.cp
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        for _ in range(5):
+            self._run()
+        stop.record()
+        stop.synchronize()
+        ms = cp.cuda.get_elapsed_time(start, stop) / 5
+        return 4 * 16 * seq_len * seq_len * 64 / 2 / ms / 1e9
+
+    track_tflops.unit = "TFLOP/s"

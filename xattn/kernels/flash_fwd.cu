@@ -26,11 +26,45 @@
 #define XATTN_KS_UNROLL 2
 #endif
 
+// flex_attention's hook (xattn/_backends/cupy_/flex_tc.py): a source that defines
+// XATTN_USER_MODS before this file also defines XattnUserArgs, xattn_user_score/_mask (the
+// user's functions translated by xattn/_flex_cuda.py) and XATTN_USER_PARAMS/_INIT (the
+// arrays they read, as extra trailing kernel parameters). Without it nothing changes.
+#ifndef XATTN_USER_PARAMS
+#define XATTN_USER_PARAMS
+#define XATTN_USER_INIT
+#endif
+
 namespace xattn {
+
+#ifdef XATTN_USER_MODS
+// Padding rows (qi >= sq) and keys (kj >= sk) of a tile never call the user's functions:
+// they may index arrays by position. Those keys are hidden by the sequence-end test anyway.
+__device__ __forceinline__ float xattn_user_score_at(const XattnUserArgs& u, float x, int b,
+                                                     int h, int qi, int kj, int sq, int sk) {
+#if XATTN_USER_SCORE
+    return (qi < sq && kj < sk) ? xattn_user_score(u, x, b, h, qi, kj) : x;
+#else
+    return x;
+#endif
+}
+
+__device__ __forceinline__ bool xattn_user_visible(const XattnUserArgs& u, int b, int h, int qi,
+                                                   int kj, int sq, int sk) {
+#if XATTN_USER_MASK
+    return qi < sq && kj < sk && xattn_user_mask(u, b, h, qi, kj);
+#else
+    return true;
+#endif
+}
+#endif
 
 // The parameter block (ScoreMods) first, then this kernel's own arguments.
 struct FwdArgs : ScoreMods, FwdOperands<unsigned short> {
     XattnBlockMask bm;  // read by the block-sparse (SPARSE) entries only
+#ifdef XATTN_USER_MODS
+    XattnUserArgs user;  // flex_attention: the arrays the user's functions read
+#endif
 };
 
 template <class T, int D, int NW, int MT, int BN, bool MODS, bool SPARSE>
@@ -186,10 +220,16 @@ __device__ __forceinline__ void flash_fwd_core(const FwdArgs& a) {
 #pragma unroll
                         for (int e = 0; e < 2; ++e) {
                             const int kj = k0 + n * 8 + t4 * 2 + e;
+#ifdef XATTN_USER_MODS
+                            // flex: the user's score_mod on the scaled score (natural units).
+                            s[mt][n][hr * 2 + e] = xattn_user_score_at(
+                                a.user, s[mt][n][hr * 2 + e] * a.scale, b, h, qi, kj, sq, sk);
+#else
                             float dcap;
                             s[mt][n][hr * 2 + e] = xattn_score_mod(
                                 a, s[mt][n][hr * 2 + e] * a.scale, b, h, qi, kj, off, sq, sk,
                                 dcap);
+#endif
                         }
                 }
         }
@@ -210,7 +250,9 @@ __device__ __forceinline__ void flash_fwd_core(const FwdArgs& a) {
                 }
         }
         if (SPARSE && pblk >= 0) {  // a partial block of the BlockMask: its element rule
+#ifndef XATTN_USER_MODS
             const int qb = q0 / a.bm.bq * a.bm.bq, kc = k0 / a.bm.bk * a.bm.bk;
+#endif
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -221,7 +263,13 @@ __device__ __forceinline__ void flash_fwd_core(const FwdArgs& a) {
 #pragma unroll
                         for (int e = 0; e < 2; ++e) {
                             const int kj = k0 + n * 8 + t4 * 2 + e;
+#ifdef XATTN_USER_MODS
+                            // flex: the partial blocks of the mask derived from mask_mod run
+                            // mask_mod itself (full blocks run nothing, empty ones are skipped).
+                            if (!xattn_user_visible(a.user, b, h, qi, kj, sq, sk))
+#else
                             if (!xattn_bm_visible(a.bm, pblk, qb, kc, qi, kj))
+#endif
                                 s[mt][n][hr * 2 + e] = -XATTN_INF;
                         }
                 }
@@ -295,13 +343,14 @@ __device__ __forceinline__ void flash_fwd_core(const FwdArgs& a) {
         unsigned short *o, float *lse, int hq, int group, int sq, int sk, float scale,        \
         XATTN_SCORE_MOD_PARAMS, const int *bm_frow, const int *bm_fcol, const int *bm_prow,   \
         const int *bm_pcol, const unsigned *bm_tiles, int bm_bq, int bm_bk, int bm_words,     \
-        int bm_rule, int bm_off, int bm_left, int bm_right
+        int bm_rule, int bm_off, int bm_left, int bm_right XATTN_USER_PARAMS
 
 #define XATTN_FWD_ARGS                                                                       \
     xattn::FwdArgs{XATTN_SCORE_MOD_INIT,                                                     \
                    xattn::FwdOperands<unsigned short>{q, k, v, o, lse, hq, group, sq, sk, scale},\
                    xattn::XattnBlockMask{bm_frow, bm_fcol, bm_prow, bm_pcol, bm_tiles, bm_bq,  \
-                                         bm_bk, bm_words, bm_rule, bm_off, bm_left, bm_right}}
+                                         bm_bk, bm_words, bm_rule, bm_off, bm_left, bm_right}\
+                   XATTN_USER_INIT}
 
 // MN names the variant: plain | mods (score modifications), with _bm for the block-sparse walk.
 // Every entry takes the block-mask arguments; the dense ones ignore them (pass nulls/zeros).

@@ -1,0 +1,284 @@
+"""flex_attention on tensor cores: the user's functions compiled into the ``mma.sync`` forward.
+
+:mod:`xattn._flex_cuda` translates ``score_mod``/``mask_mod`` to CUDA C; the text is put
+before ``xattn/kernels/flash_fwd.cu`` with ``XATTN_USER_MODS`` defined, so NVRTC inlines the
+user's functions into the 16-bit forward kernel (``backend="cupy"`` of
+:func:`xattn.flex_attention`): ``score_mod`` runs on every score of a visited tile (after the
+scale, natural units, before the online softmax), ``mask_mod`` only in the partial blocks of a
+block mask derived from it.
+
+Block mask: a small kernel of the same module (``xattn_flex_block_states``) evaluates
+``mask_mod`` on every (query, key) pair of every :data:`BLOCK` x :data:`BLOCK` block, per batch
+element only if the function reads ``b`` and per head only if it reads ``h``, and classifies
+each block empty / partial / full (one pass of ``Sq * Sk`` mask evaluations on the device,
+about the cost of one score tile per block without its product); blocks are then combined
+over batch and heads (empty where every one is empty, full where every one is full) into the
+CSR lists the forward kernel walks: empty blocks are never loaded, full blocks run no mask.
+A mask that reads no array is classified once per (function, shape, device) and cached; one
+that reads arrays is classified on every call (their contents may change).
+
+Compiled modules are cached per (device, generated text, entry); NVRTC's output is also kept
+on disk by CuPy.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections import OrderedDict
+
+import numpy as np
+
+from ... import _flex_cuda
+from . import instances
+from ._compile import _allow_smem, _Logged, source
+
+__all__ = ["BLOCK", "forward", "kernel_text", "reason"]
+
+# Side of the blocks of the derived block mask: a multiple of every 16-bit forward
+# configuration's query tile (64 or 128 rows) and key tile (32 or 64 keys), large enough that
+# the CSR lists stay short and small enough that a causal diagonal wastes little.
+BLOCK = 128
+# Threads of the block-classification kernel.
+STATE_THREADS = 256
+HEAD_DIMS = instances.HEAD_DIMS
+_log = logging.getLogger("xattn")
+_lock = threading.Lock()
+_modules: OrderedDict = OrderedDict()
+_plans: OrderedDict = OrderedDict()
+_MAX_MODULES = 64
+_MAX_PLANS = 32
+
+_STATES_KERNEL = r"""
+// Classify each BLOCK x BLOCK block of pairs for one (batch, head) slice z: 0 = mask_mod hides
+// every pair, 2 = it shows every pair inside (sq, sk), 1 = mixed. Grid (key blocks, query
+// blocks, slices); slice z is batch z / nh, head z % nh (0 when the function ignores them).
+extern "C" __global__ void __launch_bounds__(XATTN_STATE_THREADS)
+    xattn_flex_block_states(signed char* states, int sq, int sk, int bq, int bk, int nh
+                            XATTN_USER_PARAMS) {
+    const XattnUserArgs u = XATTN_USER_MAKE;
+    const int kb = blockIdx.x, qb = blockIdx.y, z = blockIdx.z;
+    const int b = z / nh, h = z - (z / nh) * nh;
+    int any = 0, all = 1;
+    for (int i = threadIdx.x; i < bq * bk; i += blockDim.x) {
+        const int qi = qb * bq + i / bk, kj = kb * bk + i % bk;
+        if (qi < sq && kj < sk) {
+            const bool vis = xattn_user_mask(u, b, h, qi, kj);
+            any |= vis;
+            all &= vis;
+        }
+    }
+    any = __syncthreads_or(any);
+    all = __syncthreads_and(all);
+    if (threadIdx.x == 0)
+        states[((long long)z * gridDim.y + qb) * gridDim.x + kb] = any ? (all ? 2 : 1) : 0;
+}
+"""
+
+
+def padded_dim(d: int):
+    return next((x for x in HEAD_DIMS if x >= d), None)
+
+
+def reason(prob):
+    """None when the tensor-core flex kernel serves ``prob``, else why not."""
+    from . import _params
+
+    if prob.xp.__name__ != "cupy":
+        return "inputs are not CuPy arrays"
+    if _params.type_name(prob.dtype) is None:
+        return (f"dtype {prob.dtype}: the tensor-core flex kernel takes float16 and bfloat16 "
+                "(backend='numba_cuda' computes float32/float64)")
+    if padded_dim(max(prob.d, prob.dv)) is None:
+        return f"head_dim {max(prob.d, prob.dv)} > {max(HEAD_DIMS)}"
+    nbatch = math.prod(prob.batch) if prob.heads_axis else 1
+    if nbatch > 65535 or prob.hq > 65535:
+        return f"batch ({nbatch}) or heads ({prob.hq}) above the grid limit 65535"
+    if max(prob.sq, prob.sk) >= _flex_cuda.MAX_INDEX:
+        return (f"sequence length {max(prob.sq, prob.sk)} >= 2**30 (the translated functions "
+                "compute with 32-bit positions)")
+    cc = _params.compute_capability()
+    if cc < 80:
+        return f"compute capability {cc} < 80: the kernel uses mma.sync bf16/f16 and cp.async"
+    return None
+
+
+def instance(tn, dp, mods: bool, sparse: bool):
+    """The forward instance (entry name, -D options) for the user's functions."""
+    if sparse:
+        cfg = (instances.FWD_BM_MODS.get(dp) if mods else None) or instances.FWD_BM[dp]
+        cfg = next(c for c in cfg if BLOCK % (c[0] * c[1] * 16) == 0 and BLOCK % c[2] == 0)
+    else:
+        cfg = instances.FWD_MODS.get(dp, instances.FWD[dp]) if mods else instances.FWD[dp]
+    inst = instances.fwd(tn, dp, cfg, mods, sparse)
+    # Own entry names (the variant token of the name): never the built-in entries' names.
+    mn = "flex" + ("_bm" if sparse else "")
+    params = tuple((k, mn if k == "XATTN_MN" else v) for k, v in inst.params)
+    name = inst.name.rsplit("_", 2 if sparse else 1)[0] + "_" + mn
+    return instances.Instance(inst.source, inst.macro, params, (name,)), cfg
+
+
+def kernel_text(mods) -> str:
+    """The module source: the translated functions and hook macros, the forward kernel and
+    (with a mask_mod) the block-classification kernel."""
+    parts = [mods.kernel_prelude(), source("flash_fwd.cu")]
+    if mods.has_mask:
+        parts += [f"#define XATTN_STATE_THREADS {STATE_THREADS}", _STATES_KERNEL]
+    return "\n".join(parts)
+
+
+def _function(mods, inst, smem):
+    import cupy
+
+    dev = cupy.cuda.Device().id
+    key = (dev, mods.key, inst.name)
+    with _lock:
+        hit = _modules.get(key)
+        if hit is not None:
+            _modules.move_to_end(key)
+            return hit
+    text = kernel_text(mods)
+    mod = cupy.RawModule(code=text, options=("-std=c++17", *inst.defines))
+    try:
+        fn = mod.get_function(inst.name)  # NVRTC runs here
+    except Exception as exc:
+        # A translation that NVRTC refuses is our bug: keep the source for the report.
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".cu", prefix="xattn_flex_",
+                                         delete=False) as f:
+            f.write(f"// options: {' '.join(inst.defines)}\n{text}")
+        raise RuntimeError(f"flex_attention: the generated kernel {inst.name} did not compile "
+                           f"(source kept in {f.name}): {exc}") from exc
+    if smem > 48 * 1024:
+        _allow_smem(fn, smem)
+    states = mod.get_function("xattn_flex_block_states") if mods.has_mask else None
+    hit = (mod, _Logged(inst.name, fn), states)
+    with _lock:
+        _modules[key] = hit
+        while len(_modules) > _MAX_MODULES:
+            _modules.popitem(last=False)
+    return hit
+
+
+def _mask_reads(cap, pos):
+    params = cap.params
+    return pos < len(params) and params[pos] in cap.reads
+
+
+def block_lists(cp, mods, states_fn, user_args, *, mmod, cacheable, batch, hq, sq, sk):
+    """CSR lists (full and partial per query block) of the block mask derived from mask_mod,
+    as int32 device arrays."""
+    nb = batch if _mask_reads(mmod, 0) else 1
+    nh = hq if _mask_reads(mmod, 1) else 1
+    nqb, nkb = -(-sq // BLOCK), -(-sk // BLOCK)
+    key = (cp.cuda.Device().id, mods.key, nb, nh, sq, sk)
+    if cacheable:
+        with _lock:
+            hit = _plans.get(key)
+        if hit is not None:
+            return hit
+    states = cp.empty((nb * nh, nqb, nkb), dtype=cp.int8)
+    states_fn(grid=(nkb, nqb, nb * nh), block=(STATE_THREADS,),
+              args=(states, np.int32(sq), np.int32(sk), np.int32(BLOCK), np.int32(BLOCK),
+                    np.int32(nh), *user_args))
+    lo, hi = states.min(axis=0), states.max(axis=0)
+    full, partial = lo == 2, (hi > 0) & (lo < 2)
+    out = []
+    for sel in (full, partial):
+        ptr = cp.zeros(nqb + 1, dtype=cp.int32)
+        ptr[1:] = cp.cumsum(sel.sum(axis=1, dtype=cp.int32))
+        cols = cp.nonzero(sel)[1].astype(cp.int32)  # row-major: columns sorted per row
+        out += [ptr, cols if cols.size else cp.zeros(1, cp.int32)]
+    lists = tuple(out)
+    if cacheable:
+        with _lock:
+            _plans[key] = lists
+            while len(_plans) > _MAX_PLANS:
+                _plans.popitem(last=False)
+    return lists
+
+
+def _operand(cp, x, b, h, s, width):
+    e = x.shape[-1]
+    x = cp.ascontiguousarray(x).reshape(b, h, s, e)
+    if e == width:
+        return x
+    # Head dims the kernels are not built for: zero columns change neither q.k nor the kept
+    # output columns (a copy, documented).
+    padded = cp.zeros((b, h, s, width), dtype=x.dtype)
+    padded[..., :e] = x
+    return padded
+
+
+def _no_score_options():
+    """The ScoreMods block (masking.cuh, XATTN_SCORE_MOD_PARAMS) with every option off."""
+    i32, i64, null = np.int32, np.int64, np.uint64(0)
+    return (i32(0), i32(-1), i32(-1), np.float32(0.0), null, i64(0),
+            null, i64(0), i64(0), i64(0), i64(0), null, i64(0), i64(0), i64(0), i64(0))
+
+
+def forward(prob, q, k, v, *, smod, mmod, args, mask_takes_args):
+    """``(out, lse)`` of flex attention on the tensor cores (16-bit CuPy inputs, see
+    :func:`reason`); ``lse`` float32 ``(batch..., Hq, Sq)``."""
+    with q.device:
+        return _forward(prob, q, k, v, smod, mmod, args, mask_takes_args)
+
+
+def _forward(prob, q, k, v, smod, mmod, args, mask_takes_args):
+    import cupy as cp
+
+    from . import _params
+
+    mods = _flex_cuda.translate_cached(smod, mmod, len(args), mask_takes_args, args)
+    tn = _params.type_name(prob.dtype)
+    dp = padded_dim(max(prob.d, prob.dv))
+    batch = math.prod(prob.batch) if prob.heads_axis else 1
+    hq, hkv = (prob.hq, prob.hkv) if prob.heads_axis else (1, 1)
+    sq, sk = prob.sq, prob.sk
+    out = cp.empty((batch, hq, sq, dp), dtype=q.dtype)
+    lse = cp.empty((batch, hq, sq), dtype=cp.float32)
+    if out.size == 0 or sk == 0:
+        out.fill(0)
+        lse.fill(-np.inf)
+        return _result(cp, prob, out, lse)
+    sparse = mmod is not None
+    inst, cfg = instance(tn, dp, smod is not None, sparse)
+    nw, mt, _ = cfg
+    bm_rows = nw * mt * 16
+    smem = (bm_rows + 4 * cfg[2]) * (dp + 8) * 2
+    _, fn, states_fn = _function(mods, inst, smem)
+    user_args = mods.kernel_args(args, smod, mmod)
+    if sparse:
+        # Captured host arrays are compiled in (their values are in mods.key); device arrays
+        # and score_mod_args may change between calls.
+        cacheable = not mask_takes_args and all(isinstance(a, np.ndarray) for a in mmod.arrays)
+        frow, fcol, prow, pcol = block_lists(
+            cp, mods, states_fn, user_args, mmod=mmod, cacheable=cacheable, batch=batch,
+            hq=hq, sq=sq, sk=sk)
+        bm_args = (frow, fcol, prow, pcol, np.uint64(0), np.int32(BLOCK), np.int32(BLOCK),
+                   np.int32(-(-BLOCK // 32)), np.int32(0), np.int32(0), np.int32(-1),
+                   np.int32(-1))
+    else:
+        null = np.uint64(0)
+        bm_args = (null, null, null, null, null, np.int32(1), np.int32(1), np.int32(1),
+                   np.int32(0), np.int32(0), np.int32(-1), np.int32(-1))
+    q4 = _operand(cp, q, batch, hq, sq, dp)
+    k4 = _operand(cp, k, batch, hkv, sk, dp)
+    v4 = _operand(cp, v, batch, hkv, sk, dp)
+    if _log.isEnabledFor(logging.DEBUG):
+        _log.debug("flex_attention: backend cupy, entry %s", inst.name,
+                   extra={"xattn_backend": "cupy"})
+    fn(grid=(-(-sq // bm_rows), hq, batch), block=(nw * 32,),
+       args=(q4, k4, v4, out, lse, np.int32(hq), np.int32(hq // hkv), np.int32(sq),
+             np.int32(sk), np.float32(prob.scale), *_no_score_options(), *bm_args,
+             *user_args),
+       shared_mem=smem)
+    return _result(cp, prob, out, lse)
+
+
+def _result(cp, prob, out, lse):
+    if out.shape[-1] != prob.dv:
+        out = cp.ascontiguousarray(out[..., :prob.dv])
+    return out.reshape(prob.out_shape), lse.reshape(prob.lse_shape)
