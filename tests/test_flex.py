@@ -429,7 +429,7 @@ def test_numba_cuda_kernel_on_gpu(dtype):
     rng = np.random.default_rng(1)
     q, k, v = _inputs(rng, (2, 4, 300, 64), (2, 2, 300, 64), 64, np.dtype(dtype))
     out = xattn.flex_attention(cp.asarray(q), cp.asarray(k), cp.asarray(v), score_mod=alibi,
-                               mask_mod=causal)
+                               mask_mod=causal, backend="numba_cuda")
     ref, _, _ = reference_attention(q, k, v, causal=True, alibi_slopes=SLOPES)
     naive = None if dtype == "float32" else naive_attention(q, k, v, causal=True,
                                                             alibi_slopes=SLOPES)

@@ -447,8 +447,12 @@ def build_cases(p: Problem) -> list[Case]:
         elif name == "flex":
             host_slopes = to_numpy(xattn.alibi_slopes(cfg.heads), np.float64)
             flex_kw = _flex_mods(host_slopes, causal)
-            # flex dispatches on its own: numba.njit on the host, numba.cuda on the GPU.
-            flex_backend = "numba" if xp is np else "numba_cuda"
+            # flex dispatches on its own (numba.njit on the host; on the GPU the tensor-core
+            # kernel for 16-bit inputs, numba.cuda otherwise): ask it which one runs.
+            from xattn.flex import _Setup
+
+            flex_backend = _Setup(q, k, v, flex_kw.get("score_mod"), flex_kw.get("mask_mod"),
+                                  (), None, "auto").backend
             exact(name, lambda kw=flex_kw: xattn.flex_attention(q, k, v, **kw), flex_backend, full,
                   alibi_slopes=xattn.alibi_slopes(cfg.heads, xp=xp))
         elif name == "linear":
