@@ -27,7 +27,7 @@ S in {1024, 4096, 16384}, causal and not. Row sets (jobs, run in this order of p
   mma.sync kernel (``backend="cupy.sm80"``) and torch.
 - ``tf32`` (``--tf32``): float32 with ``allow_tf32=True`` beside the strict float32 kernel,
   torch's SDPA default and its math backend, both with TF32 matmuls allowed.
-- ``fp32`` (``--only ...,fp32``): float32, D in {64, 128}, S=4096: the opt-in 3xTF32 kernel
+- ``fp32`` (``--only ...,fp32``): float32, D in {64, 128}, S=4096: the 3xTF32 kernel
   (``cupy.tf32x3``) beside the strict SIMT kernel (``cupy.simt``, note column) and torch's
   float32 SDPA default (mem-efficient, no TF32) and math backend; the errors of all three against
   float64 on head (0, 0) in the note; with ``--configs`` every compiled 3xTF32 tile

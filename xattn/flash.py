@@ -56,9 +56,9 @@ def flash_attention(q, k, v, /, *, block_mask=None, return_lse=False, allow_tf32
     allow_tf32 : bool
         Permit float32 inputs on the GPU to be multiplied on tensor cores in TF32 (10-bit
         mantissa inputs, float32 accumulation: see :doc:`/gpu` for the error). Off by default,
-        as in CuPy: float32 then runs the strict SIMT kernel (``backend="cupy.tf32x3"`` asks
-        for float32-class accuracy on tensor cores, 3xTF32); other dtypes and the CPU
-        backends ignore it.
+        as in CuPy: float32 then runs at float32-class accuracy on tensor cores (3xTF32,
+        ``"cupy.tf32x3"``; ``backend="cupy.simt"`` is the strict CUDA-core kernel); other
+        dtypes and the CPU backends ignore it.
     backend : str
         ``"auto"`` (default) picks the fastest implementation that supports the request;
         ``"numba"`` and ``"numpy"`` on the CPU, ``"cupy.sm90"``, ``"cupy.sm80"``,

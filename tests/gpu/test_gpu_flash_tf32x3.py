@@ -87,12 +87,14 @@ def _run(q, k, v, **opts):
 # CPU: the table, the switches, the configurations, the error argument.
 
 
-def test_tf32x3_is_opt_in():
-    """Served only when named (see OPT_IN in xattn/_backends: its lse is less exact than the
-    SIMT kernel's when scores are large); float32 through auto or "cupy" stays strict."""
-    assert "cupy.tf32x3" in _backends.OPT_IN
-    assert "cupy.tf32x3" not in _backends._PREFERENCE["gpu"]
-    assert "cupy.tf32x3" not in _backends.ALIASES["cupy"]
+def test_tf32x3_is_the_float32_default():
+    """auto and "cupy" take 3xTF32 for float32 (after cupy.tf32, which serves only with
+    allow_tf32=True) and the strict SIMT kernel for what it refuses (block_mask, backward)."""
+    assert "cupy.tf32x3" not in _backends.OPT_IN
+    order = _backends._PREFERENCE["gpu"]
+    assert order.index("cupy.tf32") < order.index("cupy.tf32x3") < order.index("cupy.simt")
+    alias = _backends.ALIASES["cupy"]
+    assert alias.index("cupy.tf32") < alias.index("cupy.tf32x3") < alias.index("cupy.simt")
 
 
 def test_switches_name_the_entries_exactly(monkeypatch):
@@ -208,16 +210,17 @@ def test_tf32x3_options(d, case):
 
 
 @gpu
-def test_float32_auto_stays_strict_and_the_switch(monkeypatch):
+def test_float32_auto_takes_tf32x3_and_the_switch(monkeypatch):
     rng = np.random.default_rng(2026)
     q, k, v = _inputs(rng, sq=256, sk=256, d=64)
     prob = validate_attention(q, k, v, causal=True)
-    assert _backends.explain(prob, {})["backend"] == "cupy.simt"
+    assert _backends.explain(prob, {})["backend"] == "cupy.tf32x3"
     assert _backends.explain(prob, {"allow_tf32": True})["backend"] == "cupy.tf32"
     auto = xattn.flash_attention(q, k, v, causal=True)
-    simt = xattn.flash_attention(q, k, v, causal=True, backend="cupy.simt")
-    assert bool(cp.all(auto == simt)), "auto must keep the strict SIMT kernel for float32"
+    x3 = xattn.flash_attention(q, k, v, causal=True, backend="cupy.tf32x3")
+    assert bool(cp.all(auto == x3)), "auto must take the 3xTF32 kernel for float32"
     monkeypatch.setenv("XATTN_DISABLE", "cupy.tf32x3")
+    assert _backends.explain(prob, {})["backend"] == "cupy.simt"
     with pytest.raises(NotImplementedError, match="XATTN_DISABLE"):
         xattn.flash_attention(q, k, v, backend="cupy.tf32x3")
 

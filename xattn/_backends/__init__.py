@@ -143,8 +143,7 @@ BACKENDS = {
             "cupy.decode",
             "gpu",
             ".cupy_.decode",
-            "split-KV decode kernel with GQA packing and paged reads (decode_splitkv.cu); "
-            "never run on a GPU yet: opt-in by name only, not in auto's list",
+            "split-KV decode kernel with GQA packing and paged reads (decode_splitkv.cu)",
             requires=("cupy",),
             fix=_CUPY_FIX,
             ops=(("decode", ".cupy_.decode"),),
@@ -164,16 +163,16 @@ BACKENDS = {
 # The order auto walks, per device: fastest first.
 _PREFERENCE = {
     "cpu": ("numba", "numpy"),
-    "gpu": ("cupy.sm90", "cupy.sm80", "cupy.tf32", "cupy.simt", "cupy.decode", "generic"),
+    "gpu": ("cupy.sm90", "cupy.sm80", "cupy.tf32", "cupy.tf32x3", "cupy.simt", "cupy.decode",
+            "generic"),
 }
-# Entries that serve only when named with backend=. cupy.tf32x3 (3xTF32): on an H100 its
-# forward error is float32-class (relative 3e-7 to 3e-6), but its lse is less exact than the
-# SIMT kernel's when scores are large (tensor cores truncate their running sums), and the
-# float32 backward fed with that lse missed the strict float32 rule (2x the naive error) by
-# 1.4x (tests/gpu/test_gpu_entries.py, scale=0.37): auto keeps SIMT until it is mended.
-OPT_IN = ("cupy.tf32x3",)
+# Entries that serve only when named with backend= (none today). cupy.tf32x3 (3xTF32) was one
+# until its q k^T stopped chaining the small products into the score: fed by it, the float32
+# backward now meets the strict float32 rule at every option set (H100, 2026-12-05,
+# tests/gpu/test_gpu_flash_tf32x3.py), so float32 runs on tensor cores by default.
+OPT_IN = ()
 # Names that stand for "the first of these entries that supports the request".
-ALIASES = {"cupy": ("cupy.sm90", "cupy.sm80", "cupy.tf32", "cupy.simt")}
+ALIASES = {"cupy": ("cupy.sm90", "cupy.sm80", "cupy.tf32", "cupy.tf32x3", "cupy.simt")}
 
 _warned: set = set()
 _warn_lock = threading.Lock()
