@@ -35,6 +35,8 @@ def _vector_bytes():
 
 
 VEC_BYTES = _vector_bytes()
+# Bump when the kernels below change: the generated modules that use them carry it.
+VERSION = 1
 # Rows per call and vectors per row: QK^T blocks of 12 rows x 2 vectors (32 float32 keys), and
 # P @ V blocks of 6 rows x 4 vectors (64 float32 value columns): 24 accumulators each,
 # measured 115-150 GFLOP/s per core (AVX-512) on the band's rows.

@@ -311,10 +311,11 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs
     idx = _np.empty(maxspan + maxw, _np.int64)
     # Transposed keys (D, ktld) of the columns [kbase, kdone), kept from chunk to chunk: a
     # band's consecutive chunks overlap, and each key is transposed once per job.
-    ktld = 2 * (maxspan + cwq) + 16
+    ktld = 4 * (maxspan + cwq) + 16
     ktbuf = _np.zeros(D * ktld if micro else 0, q.dtype)
     kbase = 0
     kdone = 0
+    nband = 0  # chunks that took the band path (returned: tests and benchmarks read it)
     tl = _np.empty(rpad, _np.int64)
     th = _np.empty(rpad, _np.int64)
     segs = _np.empty(maxspan // bk + 2, _np.int64)
@@ -335,8 +336,11 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs
         acc = abuf[: rows * Dv].reshape((rows, Dv))
         for r in range(nq):
             for hh in range(G):
+                # 1-D rows: the element loops vectorise (3-D indexing cost ~1 ns/element).
+                src = q[b * hq + g * G + hh, q0 + r]
+                dst = qt[r * G + hh]
                 for c in range(D):
-                    qt[r * G + hh, c] = q[b * hq + g * G + hh, q0 + r, c] * scale
+                    dst[c] = src[c] * scale
         m[:rows] = -_np.inf
         l[:rows] = 0.0
         acc[:] = 0.0
@@ -364,6 +368,7 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs
             lo[:rows] = span
             hi[:rows] = 0
             cov[:rows] = 0
+            visited = 0
             u = t
             while u < tc:
                 u1 = _segment_end(kbs, ka, kz, u, tc, bk, maxw)
@@ -371,6 +376,7 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs
                 r1 = min(kz[u] * bqf, nq) * G
                 a0 = kbs[u] * bk - c0
                 a1 = min(kbs[u1 - 1] * bk + bk, sk) - c0
+                visited += (r1 - r0) * (a1 - a0)
                 for x in range(r0, r1):
                     lo[x] = min(lo[x], a0)
                     hi[x] = max(hi[x], a1)
@@ -383,20 +389,9 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs
                         use_micro = True
                         break
             if use_micro:
-                # The band path (_flex_micro): each row's scores are computed over its own
-                # visible range only, a few rows at a time, so a band's edges cost neither
-                # the pairs of a rectangle's corners nor the short products of a staircase.
-                # Ranges: the first and last visible key of each row, from the partial key
-                # blocks at the ends of its covered range (full blocks are visible).
-                ns = 0
-                u = t
-                while u < tc:
-                    segs[ns] = u
-                    ns += 1
-                    u = _segment_end(kbs, ka, kz, u, tc, bk, maxw)
-                segs[ns] = tc
                 # Each row's own range: its covered keys cut to its first and last visible
                 # key (from the block mask's evaluation of mask_mod, cached with the plan).
+                tight = 0
                 for x in range(rows):
                     hr = (g * G + x % G) if rfirst.shape[0] > 1 else 0
                     i = q0 + x // G
@@ -405,12 +400,31 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs
                     if th[x] <= tl[x]:
                         tl[x] = 0
                         th[x] = 0
+                    tight += th[x] - tl[x]
+                # The band path runs where it saves pairs: its kernels run at ~85% of BLAS
+                # on long tiles, so tiles that follow the mask closely (a causal diagonal)
+                # stay with BLAS.
+                use_micro = tight * 20 < visited * 19
+            if use_micro:
+                nband += 1
+                # The band path (_flex_micro): each row's scores are computed over its own
+                # visible range only, a few rows at a time, so a band's edges cost neither
+                # the pairs of a rectangle's corners nor the short products of a staircase.
+                ns = 0
+                u = t
+                while u < tc:
+                    segs[ns] = u
+                    ns += 1
+                    u = _segment_end(kbs, ka, kz, u, tc, bk, maxw)
+                segs[ns] = tc
                 if c0 < kbase or c0 + span + cwq > kbase + ktld:
                     if kbase <= c0 < kdone:
                         # Slide the window: the overlap moves to the front.
                         for d in range(D):
+                            dst = ktbuf[d * ktld: d * ktld + kdone - c0]
+                            src = ktbuf[d * ktld + c0 - kbase: d * ktld + kdone - kbase]
                             for c in range(kdone - c0):
-                                ktbuf[d * ktld + c] = ktbuf[d * ktld + c0 - kbase + c]
+                                dst[c] = src[c]
                     else:
                         kdone = c0
                     kbase = c0
@@ -596,8 +610,11 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs
         for r in range(nq):
             for hh in range(G):
                 lse[b * hq + g * G + hh, q0 + r] = lse_rows[r * G + hh]
+                dst = out[b * hq + g * G + hh, q0 + r]
+                src = acc[r * G + hh]
                 for c in range(Dv):
-                    out[b * hq + g * G + hh, q0 + r, c] = acc[r * G + hh, c]
+                    dst[c] = src[c]
+    return nband
 
 
 @_numba.njit(**_JIT)
@@ -686,8 +703,17 @@ def row_bounds(b, h, sq, sk, bq, bk, qb0, qb1, st, first, last, dense{mask_tail}
                             cnt += 1
         dense[i] = f >= 0 and cnt == e - f + 1
 '''
-    text = "\n".join([_HEADER, _passes(sp, mp), *sp.lines, *mp.lines, body])
+    text = "\n".join([_HEADER, _micro_tag(), _passes(sp, mp), *sp.lines, *mp.lines, body])
     return text, {**sp.inject, **mp.inject}, sp, mp
+
+
+def _micro_tag():
+    # The micro-kernels' shapes and vector width are compiled into forward_job: part of the
+    # text, so that the hash (and numba's disk cache) changes with them.
+    from . import _flex_micro as m
+
+    return (f"# band path: {m.VERSION}, QK {m.QK_ROWS}x{m.QK_VECS}, PV {m.PV_ROWS}x{m.PV_VECS}, "
+            f"{m.VEC_BYTES}-byte vectors")
 
 
 def _passes(sp, mp):
@@ -1158,19 +1184,25 @@ def forward(q3, k3, v3, out3, lse2, *, scale, batch, hq, hkv, smod, mmod, args,
         vc3, vcum = _cleaned(v3, bad_flags(np, (v3,), v3.dtype))
 
     bqmax = bq * MERGE_ROWS
-    micro = BAND_PATH and _micro_fits(v3.dtype, v3.shape[2])
+    micro = BAND_PATH and mmod is not None and _micro_fits(v3.dtype, v3.shape[2])
 
     def job(j):
         _, _, b, g, qbs = j
         qlo, qhi, ptr, kbs, kst, ka, kz = _csr(plan, b, g)
         kv = b * hkv + g
         bi = b if plan["dep_b"] else 0
-        _call(mod.forward_job, (smod, mmod), q3, k3[kv], v3[kv], out3, lse2,
+        return _call(mod.forward_job, (smod, mmod), q3, k3[kv], v3[kv], out3, lse2,
               scale, hq, b, g, G, bqmax, bq, qlo, qhi, qbs, ptr, kbs, kst, ka, kz, bk,
               MAX_TILE_K, vc3[kv], vcum[min(kv, len(vcum) - 1)], micro, plan["first"][bi],
               plan["last"][bi], plan["dense"][bi], *extra)
 
-    _pool.run_jobs(job, sorted(jobs, key=lambda j: -j[0]))
+    counts = []
+    _pool.run_jobs(lambda j: counts.append(job(j)), sorted(jobs, key=lambda j: -j[0]))
+    last_forward["band_chunks"] = int(sum(counts))
+
+
+# What the last forward call did (for tests and benchmarks; not thread-safe across calls).
+last_forward = {"band_chunks": 0}
 
 
 def _cleaned(x3, flags):
