@@ -14,6 +14,10 @@ the ratio of GFLOP per CPU-second (process time of all threads), which other pro
 shared machine disturb less. Usage::
 
     PYTHONPATH=. python benchmarks/cpu_flex.py [--heads 8] [--repeat 5] [--quick] [--limit-blas]
+                                               [--band-ab]
+
+``--band-ab`` adds a row for the window with the band path switched off
+(``flex_njit.BAND_PATH = False``: BLAS tiles only), against dense flash again in the same run.
 
 ``--limit-blas`` runs every call inside xattn's one-thread BLAS limit. flash_attention computes
 its non-finite row flags (one NumPy matrix-vector product per input) outside the limit, so
@@ -83,6 +87,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="S=1024 and S=4096 (a smoke run)")
     ap.add_argument("--limit-blas", action="store_true",
                     help="every call inside xattn's one-thread BLAS limit")
+    ap.add_argument("--band-ab", action="store_true",
+                    help="also the window with the band path off (BLAS tiles only)")
     a = ap.parse_args(argv)
     if a.limit_blas:
         global LIMIT
@@ -126,6 +132,19 @@ def main(argv=None):
     rows.append((f"window +-{WINDOW} S={s2}", "dense flash (all pairs)",
                  *compare(lambda: xattn.flash_attention(q, k, v), win, dense, useful,
                           max(1, a.repeat // 2))))
+    if a.band_ab:
+        from xattn._backends.numpy_ import flex_njit
+
+        def win_blas():
+            flex_njit.BAND_PATH = False
+            try:
+                return win()
+            finally:
+                flex_njit.BAND_PATH = True
+
+        rows.append((f"window +-{WINDOW} S={s2}", "dense flash, band path off",
+                     *compare(lambda: xattn.flash_attention(q, k, v), win_blas, dense, useful,
+                              max(1, a.repeat // 2))))
     rows.append((f"window +-{WINDOW} S={s2}", "flash(window=) (useful)",
                  *compare(lambda: xattn.flash_attention(q, k, v, window=(WINDOW, WINDOW)),
                           win, useful, useful, a.repeat)))

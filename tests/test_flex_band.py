@@ -2,8 +2,8 @@
 
 Chunks of the CPU forward that meet partial blocks, and whose rows see clearly fewer keys than
 the BLAS tiles would visit, compute each row's scores over its own visible range with the
-register-blocked kernels of ``_flex_micro`` (value width a multiple of their vector columns:
-64 here). The masks below are boolean tables read by one ``mask_mod`` (a captured array is a
+register-blocked kernels of ``_flex_micro`` (value width a multiple of one vector: 64 here,
+48 once). The masks below are boolean tables read by one ``mask_mod`` (a captured array is a
 kernel parameter, so every table shares one compilation): windows whose widths are and are not
 multiples of the 32-key blocks, Sq != Sk, causal + window, windows with holes and with empty
 key blocks (gaps inside a row's range), documents, per-head widths, empty rows and non-finite
@@ -129,9 +129,14 @@ def test_band_path_off_and_not_taken(monkeypatch):
     xattn.flex_attention(q, k, v, mask_mod=table_all_heads)
     assert flex_njit.last_forward["band_chunks"] == 0
     _set(mask)
-    out = xattn.flex_attention(q, k, v[..., :40], mask_mod=table_all_heads)
+    out = xattn.flex_attention(q, k, v[..., :36], mask_mod=table_all_heads)
     assert flex_njit.last_forward["band_chunks"] == 0
-    assert_close(out, reference_attention(q, k, v[..., :40], mask=mask)[0], xp=np,
+    assert_close(out, reference_attention(q, k, v[..., :36], mask=mask)[0], xp=np,
+                 dtype=np.float32)
+    # 48 value columns: whole vectors, but not whole blocks of the wide P @ V kernel.
+    out = xattn.flex_attention(q, k, v[..., :48], mask_mod=table_all_heads)
+    assert flex_njit.last_forward["band_chunks"] > 0
+    assert_close(out, reference_attention(q, k, v[..., :48], mask=mask)[0], xp=np,
                  dtype=np.float32)
 
 

@@ -36,7 +36,7 @@ def _vector_bytes():
 
 VEC_BYTES = _vector_bytes()
 # Bump when the kernels below change: the generated modules that use them carry it.
-VERSION = 1
+VERSION = 2
 # Rows per call and vectors per row: QK^T blocks of 12 rows x 2 vectors (32 float32 keys), and
 # P @ V blocks of 6 rows x 4 vectors (64 float32 value columns): 24 accumulators each,
 # measured 115-150 GFLOP/s per core (AVX-512) on the band's rows.
@@ -111,47 +111,56 @@ def qk_tile(typingctx, q, qoff, ldq, kt, koff, ldk, s, soff, lds, dim):
     return sig, codegen
 
 
-@intrinsic
-def pv_tile(typingctx, p, poff, ldp, v, voff, ldv, acc, aoff, lda, n):
-    """``acc[r*lda + c] += sum_j p[r*ldp + j] * v[j*ldv + c]`` for ``r < PV_ROWS``,
-    ``c < PV_VECS * vector``, ``j < n``."""
-    sig = types.void(p, poff, ldp, v, voff, ldv, acc, aoff, lda, n)
+def _pv_kernel(nrows, nvecs):
+    @intrinsic
+    def pv(typingctx, p, poff, ldp, v, voff, ldv, acc, aoff, lda, n):
+        sig = types.void(p, poff, ldp, v, voff, ldv, acc, aoff, lda, n)
 
-    def codegen(context, builder, signature, args):
-        p, poff, ldp, v, voff, ldv, acc, aoff, lda, n = args
-        ety = context.get_value_type(signature.args[0].dtype)
-        width = VEC_BYTES // context.get_abi_sizeof(ety)
-        vty = ir.VectorType(ety, width)
-        ity = ldp.type
-        pp = _data(context, builder, signature.args[0], p, poff)
-        vp = _data(context, builder, signature.args[3], v, voff)
-        ap = _data(context, builder, signature.args[6], acc, aoff)
-        arows = [builder.gep(ap, [builder.mul(ir.Constant(ity, r), lda)])
-                 for r in range(PV_ROWS)]
-        prows = [builder.gep(pp, [builder.mul(ir.Constant(ity, r), ldp)])
-                 for r in range(PV_ROWS)]
-        accs = [[cgutils.alloca_once(builder, vty) for _ in range(PV_VECS)]
-                for _ in range(PV_ROWS)]
-        for r in range(PV_ROWS):
-            for c in range(PV_VECS):
-                ptr = builder.gep(arows[r], [ir.Constant(ity, c * width)])
-                builder.store(_vload(builder, ptr, vty), accs[r][c])
-        with cgutils.for_range(builder, n) as loop:
-            j = loop.index
-            vrow = builder.gep(vp, [builder.mul(j, ldv)])
-            vv = [_vload(builder, builder.gep(vrow, [ir.Constant(ity, c * width)]), vty)
-                  for c in range(PV_VECS)]
-            for r in range(PV_ROWS):
-                x = _splat(builder, builder.load(builder.gep(prows[r], [j])), vty)
-                for c in range(PV_VECS):
-                    builder.store(_fma(builder, builder.load(accs[r][c]), x, vv[c]), accs[r][c])
-        for r in range(PV_ROWS):
-            for c in range(PV_VECS):
-                _vstore(builder, builder.load(accs[r][c]),
-                        builder.gep(arows[r], [ir.Constant(ity, c * width)]), vty)
-        return context.get_dummy_value()
+        def codegen(context, builder, signature, args):
+            p, poff, ldp, v, voff, ldv, acc, aoff, lda, n = args
+            ety = context.get_value_type(signature.args[0].dtype)
+            width = VEC_BYTES // context.get_abi_sizeof(ety)
+            vty = ir.VectorType(ety, width)
+            ity = ldp.type
+            pp = _data(context, builder, signature.args[0], p, poff)
+            vp = _data(context, builder, signature.args[3], v, voff)
+            ap = _data(context, builder, signature.args[6], acc, aoff)
+            arows = [builder.gep(ap, [builder.mul(ir.Constant(ity, r), lda)])
+                     for r in range(nrows)]
+            prows = [builder.gep(pp, [builder.mul(ir.Constant(ity, r), ldp)])
+                     for r in range(nrows)]
+            accs = [[cgutils.alloca_once(builder, vty) for _ in range(nvecs)]
+                    for _ in range(nrows)]
+            for r in range(nrows):
+                for c in range(nvecs):
+                    ptr = builder.gep(arows[r], [ir.Constant(ity, c * width)])
+                    builder.store(_vload(builder, ptr, vty), accs[r][c])
+            with cgutils.for_range(builder, n) as loop:
+                j = loop.index
+                vrow = builder.gep(vp, [builder.mul(j, ldv)])
+                vv = [_vload(builder, builder.gep(vrow, [ir.Constant(ity, c * width)]), vty)
+                      for c in range(nvecs)]
+                for r in range(nrows):
+                    x = _splat(builder, builder.load(builder.gep(prows[r], [j])), vty)
+                    for c in range(nvecs):
+                        builder.store(_fma(builder, builder.load(accs[r][c]), x, vv[c]),
+                                      accs[r][c])
+            for r in range(nrows):
+                for c in range(nvecs):
+                    _vstore(builder, builder.load(accs[r][c]),
+                            builder.gep(arows[r], [ir.Constant(ity, c * width)]), vty)
+            return context.get_dummy_value()
 
-    return sig, codegen
+        return sig, codegen
+
+    pv.__doc__ = (f"``acc[r*lda + c] += sum_j p[r*ldp + j] * v[j*ldv + c]`` for ``r < {nrows}``, "
+                  f"``c < {nvecs} * vector``, ``j < n``.")
+    return pv
+
+
+# P @ V over PV_VECS vectors of value columns, and over one (the columns left after them).
+pv_tile = _pv_kernel(PV_ROWS, PV_VECS)
+pv_tile_1 = _pv_kernel(PV_ROWS, 1)
 
 
 @intrinsic

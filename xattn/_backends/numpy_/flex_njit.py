@@ -533,9 +533,12 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs
                             sbuf[x * ld + th[x]: x * ld + a1] = 0.0
                         else:
                             sbuf[x * ld + a0: x * ld + a1] = 0.0
-                    for cb in range(0, Dv, cwp):
+                    for cb in range(0, Dv - Dv % cwp, cwp):
                         _M.pv_tile(sbuf, x0 * ld + a0, ld, vsrc, (c0 + a0) * Dv + cb, Dv, abuf,
                                    x0 * Dv + cb, Dv, a1 - a0)
+                    for cb in range(Dv - Dv % cwp, Dv, vw):
+                        _M.pv_tile_1(sbuf, x0 * ld + a0, ld, vsrc, (c0 + a0) * Dv + cb, Dv,
+                                     abuf, x0 * Dv + cb, Dv, a1 - a0)
                 if exact:
                     nbad = _flagged(vcum, c0, span, idx)
                     _visible_terms(acc, S[:, :span], v2[c0:ce], idx, nbad, vis[:, :span])
@@ -1157,11 +1160,10 @@ BAND_PATH = True
 
 
 def _micro_fits(dtype, dv):
-    """The band path's P @ V kernel covers ``dv`` in whole blocks of its vector columns."""
+    """The band path's P @ V kernels cover ``dv`` in whole vectors."""
     from . import _flex_micro
 
-    width = _flex_micro.PV_VECS * (_flex_micro.VEC_BYTES // np.dtype(dtype).itemsize)
-    return dv % width == 0
+    return dv % (_flex_micro.VEC_BYTES // np.dtype(dtype).itemsize) == 0
 
 
 def forward(q3, k3, v3, out3, lse2, *, scale, batch, hq, hkv, smod, mmod, args,
