@@ -62,7 +62,7 @@ MIN_BLOCK_Q = 16
 # Block states of the derived block mask.
 EMPTY, PARTIAL, FULL = 0, 1, 2
 # Bump when the templates below change, so stale cached kernels are never loaded.
-_TEMPLATE_VERSION = "8"
+_TEMPLATE_VERSION = "9"
 
 _lock = threading.Lock()
 _modules: OrderedDict = OrderedDict()  # key -> generated module (LRU)
@@ -280,20 +280,38 @@ def _forward_text(smod, mmod, nargs, mask_takes_args):
     body = f'''
 @_numba.njit(**_JIT)
 def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs, ptr, kbs, kst,
-                ka, kz, bk, maxw, vc2, vcum, micro, rfirst, rlast, rdense{tail}):
+                ka, kz, bk, maxw, micro, rfirst, rlast, rdense{tail}):
     # q (B*Hq, Sq, D) and out (B*Hq, Sq, Dv), lse (B*Hq, Sq): whole arrays; k2, v2: this
     # job's kv head (Sk, D), (Sk, Dv). Query group n of this (b, g) holds the query rows
     # [qlo[n], qhi[n]) (at most bqs), in fine blocks of bqf rows; it sees the key blocks
     # kbs[ptr[n]:ptr[n + 1]] in states kst[...], each only from its fine blocks
     # [ka, kz). The job computes the groups qbs. Stacked row r*G + hh is query q0 + r of
-    # head g*G + hh, so every fine-block range is one contiguous run of rows. vcum (Sk + 1):
-    # prefix counts of the keys whose value holds NaN/inf; vc2: v2 with those rows at 0.
+    # head g*G + hh, so every fine-block range is one contiguous run of rows.
     # micro: chunks with partial blocks may take the band path (see the chunk loop);
     # rfirst, rlast, rdense (1 or Hq, Sq): each query row's first and last visible key, and
     # whether it sees every key between them (row_bounds).
     sk = k2.shape[0]
     D = q.shape[2]
     Dv = v2.shape[1]
+    # Values of hidden keys must not reach the output (k needs nothing: hidden scores are
+    # -inf). vcum (Sk + 1): prefix counts of the keys whose value row holds NaN/inf (a row
+    # sum is not finite), vc2: v2 with those rows at 0. One pass over v2 here, in the
+    # parallel jobs (before the jobs, one NumPy pass over all heads was ~3% of the wall time).
+    vcum = _np.zeros(sk + 1, _np.int64)
+    for j in range(sk):
+        row = v2[j]
+        total = 0.0
+        for c in range(Dv):
+            total += row[c]
+        # (Not math.isfinite: under these fast-math flags it folds to True. A finite sum
+        # that overflows float64 is flagged too, which only costs it the exact path.)
+        vcum[j + 1] = vcum[j] + (0 if abs(total) <= 1.7976931348623157e308 else 1)
+    vc2 = v2
+    if vcum[sk]:
+        vc2 = v2.copy()
+        for j in range(sk):
+            if vcum[j + 1] != vcum[j]:
+                vc2[j, :] = 0.0
     rmax = G * bqs
     # Rows padded to whole micro-kernel blocks (their results are never read).
     rpad = (rmax + _M.QK_ROWS - 1) // _M.QK_ROWS * _M.QK_ROWS
@@ -1178,12 +1196,7 @@ def forward(q3, k3, v3, out3, lse2, *, scale, batch, hq, hkv, smod, mmod, args,
     extra = _extra(mod, smod, mmod, args)
     scale = q3.dtype.type(scale)
     jobs, _ = _jobs(plan, batch, hkv)
-    # Values of hidden keys must not reach the output (k needs nothing: hidden scores are
-    # replaced by -inf); one pass over v when it is finite.
-    # (Under the one-thread BLAS limit: NumPy's OpenBLAS threads, woken by a multithreaded
-    # matrix-vector product, spin after it and took ~25% of the CPU time of the jobs below.)
-    with _pool.blas_limit():
-        vc3, vcum = _cleaned(v3, bad_flags(np, (v3,), v3.dtype))
+    # (The keys whose values are not finite are found inside the jobs: forward_job.)
 
     bqmax = bq * MERGE_ROWS
     micro = BAND_PATH and mmod is not None and _micro_fits(v3.dtype, v3.shape[2])
@@ -1195,7 +1208,7 @@ def forward(q3, k3, v3, out3, lse2, *, scale, batch, hq, hkv, smod, mmod, args,
         bi = b if plan["dep_b"] else 0
         return _call(mod.forward_job, (smod, mmod), q3, k3[kv], v3[kv], out3, lse2,
               scale, hq, b, g, G, bqmax, bq, qlo, qhi, qbs, ptr, kbs, kst, ka, kz, bk,
-              MAX_TILE_K, vc3[kv], vcum[min(kv, len(vcum) - 1)], micro, plan["first"][bi],
+              MAX_TILE_K, micro, plan["first"][bi],
               plan["last"][bi], plan["dense"][bi], *extra)
 
     counts = []
