@@ -36,7 +36,7 @@ def _vector_bytes():
 
 VEC_BYTES = _vector_bytes()
 # Bump when the kernels below change: the generated modules that use them carry it.
-VERSION = 2
+VERSION = 3
 # Rows per call and vectors per row: QK^T blocks of 12 rows x 2 vectors (32 float32 keys), and
 # P @ V blocks of 6 rows x 4 vectors (64 float32 value columns): 24 accumulators each,
 # measured 115-150 GFLOP/s per core (AVX-512) on the band's rows.
@@ -70,45 +70,56 @@ def _fma(builder, a, x, y):
     return builder.fadd(a, builder.fmul(x, y, flags=["fast"]), flags=["fast"])
 
 
-@intrinsic
-def qk_tile(typingctx, q, qoff, ldq, kt, koff, ldk, s, soff, lds, dim):
-    """``s[r*lds + c] = sum_d q[r*ldq + d] * kt[d*ldk + c]`` for ``r < QK_ROWS``,
-    ``c < QK_VECS * vector``, ``d < dim`` (``kt``: the keys transposed, ``(D, keys)``)."""
-    sig = types.void(q, qoff, ldq, kt, koff, ldk, s, soff, lds, dim)
+def _qk_kernel(nrows, nvecs):
+    @intrinsic
+    def qk(typingctx, q, qoff, ldq, kt, koff, ldk, s, soff, lds, dim):
+        sig = types.void(q, qoff, ldq, kt, koff, ldk, s, soff, lds, dim)
 
-    def codegen(context, builder, signature, args):
-        q, qoff, ldq, kt, koff, ldk, s, soff, lds, dim = args
-        ety = context.get_value_type(signature.args[0].dtype)
-        width = VEC_BYTES // context.get_abi_sizeof(ety)
-        vty = ir.VectorType(ety, width)
-        ity = ldq.type
-        qp = _data(context, builder, signature.args[0], q, qoff)
-        kp = _data(context, builder, signature.args[3], kt, koff)
-        sp = _data(context, builder, signature.args[6], s, soff)
-        accs = [[cgutils.alloca_once(builder, vty) for _ in range(QK_VECS)]
-                for _ in range(QK_ROWS)]
-        for row in accs:
-            for a in row:
-                builder.store(ir.Constant(vty, None), a)
-        qrows = [builder.gep(qp, [builder.mul(ir.Constant(ity, r), ldq)])
-                 for r in range(QK_ROWS)]
-        with cgutils.for_range(builder, dim) as loop:
-            d = loop.index
-            krow = builder.gep(kp, [builder.mul(d, ldk)])
-            kv = [_vload(builder, builder.gep(krow, [ir.Constant(ity, v * width)]), vty)
-                  for v in range(QK_VECS)]
-            for r in range(QK_ROWS):
-                x = _splat(builder, builder.load(builder.gep(qrows[r], [d])), vty)
-                for v in range(QK_VECS):
-                    builder.store(_fma(builder, builder.load(accs[r][v]), x, kv[v]), accs[r][v])
-        for r in range(QK_ROWS):
-            srow = builder.gep(sp, [builder.mul(ir.Constant(ity, r), lds)])
-            for v in range(QK_VECS):
-                _vstore(builder, builder.load(accs[r][v]),
-                        builder.gep(srow, [ir.Constant(ity, v * width)]), vty)
-        return context.get_dummy_value()
+        def codegen(context, builder, signature, args):
+            q, qoff, ldq, kt, koff, ldk, s, soff, lds, dim = args
+            ety = context.get_value_type(signature.args[0].dtype)
+            width = VEC_BYTES // context.get_abi_sizeof(ety)
+            vty = ir.VectorType(ety, width)
+            ity = ldq.type
+            qp = _data(context, builder, signature.args[0], q, qoff)
+            kp = _data(context, builder, signature.args[3], kt, koff)
+            sp = _data(context, builder, signature.args[6], s, soff)
+            accs = [[cgutils.alloca_once(builder, vty) for _ in range(nvecs)]
+                    for _ in range(nrows)]
+            for row in accs:
+                for a in row:
+                    builder.store(ir.Constant(vty, None), a)
+            qrows = [builder.gep(qp, [builder.mul(ir.Constant(ity, r), ldq)])
+                     for r in range(nrows)]
+            with cgutils.for_range(builder, dim) as loop:
+                d = loop.index
+                krow = builder.gep(kp, [builder.mul(d, ldk)])
+                kv = [_vload(builder, builder.gep(krow, [ir.Constant(ity, v * width)]), vty)
+                      for v in range(nvecs)]
+                for r in range(nrows):
+                    x = _splat(builder, builder.load(builder.gep(qrows[r], [d])), vty)
+                    for v in range(nvecs):
+                        builder.store(_fma(builder, builder.load(accs[r][v]), x, kv[v]),
+                                      accs[r][v])
+            for r in range(nrows):
+                srow = builder.gep(sp, [builder.mul(ir.Constant(ity, r), lds)])
+                for v in range(nvecs):
+                    _vstore(builder, builder.load(accs[r][v]),
+                            builder.gep(srow, [ir.Constant(ity, v * width)]), vty)
+            return context.get_dummy_value()
 
-    return sig, codegen
+        return sig, codegen
+
+    qk.__doc__ = (f"``s[r*lds + c] = sum_d q[r*ldq + d] * kt[d*ldk + c]`` for ``r < {nrows}``, "
+                  f"``c < {nvecs} * vector``, ``d < dim`` (``kt``: the keys transposed, "
+                  "``(D, keys)``).")
+    return qk
+
+
+# QK^T over QK_ROWS rows, and over QK_TAIL (a group's last rows: 256 = 21 x 12 + 4).
+QK_TAIL = 4
+qk_tile = _qk_kernel(QK_ROWS, QK_VECS)
+qk_tile_tail = _qk_kernel(QK_TAIL, QK_VECS)
 
 
 def _pv_kernel(nrows, nvecs):

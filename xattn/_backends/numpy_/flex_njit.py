@@ -459,18 +459,26 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs
                         for d in range(D):
                             ktbuf[d * ktld + c - kbase] = krow[d]
                     kdone = ce
-                for x0 in range(0, rows, _M.QK_ROWS):
+                x0 = 0
+                while x0 < rows:
+                    # Blocks of QK_ROWS rows, the last few in blocks of QK_TAIL.
+                    nr = _M.QK_ROWS if rows - x0 > _M.QK_ROWS - _M.QK_TAIL else _M.QK_TAIL
                     a0 = span
                     a1 = 0
-                    for x in range(x0, min(x0 + _M.QK_ROWS, rows)):
+                    for x in range(x0, min(x0 + nr, rows)):
                         if th[x] > tl[x]:
                             a0 = min(a0, tl[x])
                             a1 = max(a1, th[x])
                     cc = a0
                     while cc < a1:
-                        _M.qk_tile(qbuf, x0 * D, D, ktbuf, c0 - kbase + cc, ktld, sbuf,
-                                   x0 * ld + cc, ld, D)
+                        if nr == _M.QK_ROWS:
+                            _M.qk_tile(qbuf, x0 * D, D, ktbuf, c0 - kbase + cc, ktld, sbuf,
+                                       x0 * ld + cc, ld, D)
+                        else:
+                            _M.qk_tile_tail(qbuf, x0 * D, D, ktbuf, c0 - kbase + cc, ktld,
+                                            sbuf, x0 * ld + cc, ld, D)
                         cc += cwq
+                    x0 += nr
                 # Keys between a row's segments (block-sparse masks) are hidden.
                 for x in range(rows):
                     if cov[x] != hi[x] - lo[x] and th[x] > tl[x]:
@@ -733,8 +741,8 @@ def _micro_tag():
     # text, so that the hash (and numba's disk cache) changes with them.
     from . import _flex_micro as m
 
-    return (f"# band path: {m.VERSION}, QK {m.QK_ROWS}x{m.QK_VECS}, PV {m.PV_ROWS}x{m.PV_VECS}, "
-            f"{m.VEC_BYTES}-byte vectors")
+    return (f"# band path: {m.VERSION}, QK {m.QK_ROWS}/{m.QK_TAIL}x{m.QK_VECS}, "
+            f"PV {m.PV_ROWS}x{m.PV_VECS}, {m.VEC_BYTES}-byte vectors")
 
 
 def _passes(sp, mp):
@@ -1150,12 +1158,20 @@ def _csr(plan, b, g):
 MAX_TILE_K = 512
 # Jobs per worker thread: enough to balance uneven (causal) query blocks.
 _JOBS_PER_THREAD = 4
+# The forward's: twice as many, in contiguous runs of query groups. On a shared machine one
+# worker is often slower than the other (measured 26 against 31-41 ms for the same head of a
+# window); smaller jobs shorten the tail that the faster worker waits for.
+_FWD_JOBS_PER_THREAD = 8
 
 
-def _jobs(plan, batch, hkv):
-    """``(b, g, qbs)`` jobs: each (b, g)'s query blocks dealt out in interleaved shares."""
+def _jobs(plan, batch, hkv, per_thread=_JOBS_PER_THREAD, runs=False):
+    """``(b, g, qbs)`` jobs: each (b, g)'s query blocks dealt out in interleaved shares.
+
+    ``runs``: in contiguous runs instead (consecutive query groups of a band share most of
+    their keys, which the forward's band path transposes once per job).
+    """
     heads = [(b, g) for b in range(batch) for g in range(hkv)]
-    want = _JOBS_PER_THREAD * _pool.num_threads()
+    want = per_thread * _pool.num_threads()
     most = max(len(c[0]) for c in plan["csr"].values())
     split = 1 if len(heads) >= want else min(most, -(-want // len(heads)))
     jobs = []
@@ -1163,7 +1179,10 @@ def _jobs(plan, batch, hkv):
         qlo, _, ptr, _, _, _, _ = _csr(plan, b, g)
         nqb = len(qlo)
         for part in range(split):
-            qbs = np.arange(part, nqb, split, dtype=np.int64)
+            if runs:
+                qbs = np.arange(part * nqb // split, (part + 1) * nqb // split, dtype=np.int64)
+            else:
+                qbs = np.arange(part, nqb, split, dtype=np.int64)
             if len(qbs):
                 cost = int(np.sum(ptr[qbs + 1] - ptr[qbs]))
                 jobs.append((cost, len(jobs), b, g, qbs))
@@ -1195,7 +1214,7 @@ def forward(q3, k3, v3, out3, lse2, *, scale, batch, hq, hkv, smod, mmod, args,
                       sq=sq, sk=sk, bq=bq, bk=bk)
     extra = _extra(mod, smod, mmod, args)
     scale = q3.dtype.type(scale)
-    jobs, _ = _jobs(plan, batch, hkv)
+    jobs, _ = _jobs(plan, batch, hkv, _FWD_JOBS_PER_THREAD, runs=True)
     # (The keys whose values are not finite are found inside the jobs: forward_job.)
 
     bqmax = bq * MERGE_ROWS
