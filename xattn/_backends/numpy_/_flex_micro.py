@@ -36,7 +36,7 @@ def _vector_bytes():
 
 VEC_BYTES = _vector_bytes()
 # Bump when the kernels below change: the generated modules that use them carry it.
-VERSION = 3
+VERSION = 4
 # Rows per call and vectors per row: QK^T blocks of 12 rows x 2 vectors (32 float32 keys), and
 # P @ V blocks of 6 rows x 4 vectors (64 float32 value columns): 24 accumulators each,
 # measured 115-150 GFLOP/s per core (AVX-512) on the band's rows.
@@ -120,6 +120,9 @@ def _qk_kernel(nrows, nvecs):
 QK_TAIL = 4
 qk_tile = _qk_kernel(QK_ROWS, QK_VECS)
 qk_tile_tail = _qk_kernel(QK_TAIL, QK_VECS)
+# One vector of keys: the last keys of a block's range when one vector covers them.
+qk_tile_1 = _qk_kernel(QK_ROWS, 1)
+qk_tile_tail_1 = _qk_kernel(QK_TAIL, 1)
 
 
 def _pv_kernel(nrows, nvecs):

@@ -471,7 +471,14 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs
                             a1 = max(a1, th[x])
                     cc = a0
                     while cc < a1:
-                        if nr == _M.QK_ROWS:
+                        if a1 - cc <= vw:
+                            if nr == _M.QK_ROWS:
+                                _M.qk_tile_1(qbuf, x0 * D, D, ktbuf, c0 - kbase + cc, ktld,
+                                             sbuf, x0 * ld + cc, ld, D)
+                            else:
+                                _M.qk_tile_tail_1(qbuf, x0 * D, D, ktbuf, c0 - kbase + cc,
+                                                  ktld, sbuf, x0 * ld + cc, ld, D)
+                        elif nr == _M.QK_ROWS:
                             _M.qk_tile(qbuf, x0 * D, D, ktbuf, c0 - kbase + cc, ktld, sbuf,
                                        x0 * ld + cc, ld, D)
                         else:
