@@ -16,6 +16,13 @@ segments spanning up to ``_MAX_SPAN`` keys form a *chunk*, whose scores share on
 of one per segment, and no separate ``P @ V`` output to add, made the sliding window ~15%
 faster: docs/dev/perf_flex.rst.)
 
+A chunk with partial blocks whose rows see clearly fewer keys than its BLAS tiles would visit
+(a sliding window's edges) takes the *band path* instead: each row's scores are computed over
+its own visible range only (its first and last visible key, recorded with the block mask), by
+the register-blocked kernels of :mod:`._flex_micro`, 12 rows (QK^T) or 6 rows (P @ V) at a
+time, so the band's edges cost neither the corners of tall tiles nor short BLAS calls
+(+20-30 % on a +-256 window, docs/dev/perf_flex.rst).
+
 A job is one compiled call: the interpreter never runs inside the tile loop. Which key blocks
 a query block visits comes from a block mask derived from ``mask_mod`` (:func:`block_plan`,
 every element evaluated once per shape and cached): empty blocks are skipped, full blocks skip
