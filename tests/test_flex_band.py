@@ -180,3 +180,23 @@ def test_band_forward_gives_the_backward_its_lse():
     for got, want in zip((dq, dk, dv), reference_attention_backward(dout, q, k, v, mask=mask),
                          strict=True):
         assert_close(got, want, xp=np, dtype=np.float64)
+
+
+@pytest.mark.slow  # a compilation with other vector widths
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_band_path_with_32_byte_vectors(monkeypatch, dtype):
+    # CPUs without AVX-512 get 32-byte vectors (fewer registers than the blocks need: slower,
+    # still right); forced here whatever this CPU has.
+    from collections import OrderedDict
+
+    from xattn._backends.numpy_ import _flex_micro
+
+    monkeypatch.setattr(_flex_micro, "VEC_BYTES", 32)
+    monkeypatch.setattr(flex_njit, "_modules", OrderedDict())
+    mask = _masks()["window with holes"]
+    _set(mask)
+    rng = np.random.default_rng(9)
+    q, k, v = _inputs(rng, *mask.shape, dtype, d=40, dv=40)  # 40: whole 32-byte vectors
+    out = xattn.flex_attention(q, k, v, mask_mod=table_all_heads)
+    assert flex_njit.last_forward["band_chunks"] > 0
+    assert_close(out, reference_attention(q, k, v, mask=mask)[0], xp=np, dtype=dtype)
