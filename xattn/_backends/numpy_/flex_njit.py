@@ -16,6 +16,13 @@ segments spanning up to ``_MAX_SPAN`` keys form a *chunk*, whose scores share on
 of one per segment, and no separate ``P @ V`` output to add, made the sliding window ~15%
 faster: docs/dev/perf_flex.rst.)
 
+A chunk with partial blocks whose rows see clearly fewer keys than its BLAS tiles would visit
+(a sliding window's edges) takes the *band path* instead: each row's scores are computed over
+its own visible range only (its first and last visible key, recorded with the block mask), by
+the register-blocked kernels of :mod:`._flex_micro`, 12 rows (QK^T) or 6 rows (P @ V) at a
+time, so the band's edges cost neither the corners of tall tiles nor short BLAS calls
+(+20-30 % on a +-256 window, docs/dev/perf_flex.rst).
+
 A job is one compiled call: the interpreter never runs inside the tile loop. Which key blocks
 a query block visits comes from a block mask derived from ``mask_mod`` (:func:`block_plan`,
 every element evaluated once per shape and cached): empty blocks are skipped, full blocks skip
@@ -62,7 +69,7 @@ MIN_BLOCK_Q = 16
 # Block states of the derived block mask.
 EMPTY, PARTIAL, FULL = 0, 1, 2
 # Bump when the templates below change, so stale cached kernels are never loaded.
-_TEMPLATE_VERSION = "7"
+_TEMPLATE_VERSION = "9"
 
 _lock = threading.Lock()
 _modules: OrderedDict = OrderedDict()  # key -> generated module (LRU)
@@ -129,6 +136,7 @@ import numpy as _np
 import numba as _numba
 from numba.np.linalg import ensure_blas as _ensure_blas
 from xattn._backends.numpy_ import _fused_kernels as _K
+from xattn._backends.numpy_ import _flex_micro as _M
 
 _CACHE = True
 _JIT = dict(nogil=True, fastmath=_K._FASTMATH, cache=_CACHE)
@@ -279,28 +287,68 @@ def _forward_text(smod, mmod, nargs, mask_takes_args):
     body = f'''
 @_numba.njit(**_JIT)
 def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs, ptr, kbs, kst,
-                ka, kz, bk, maxw, vc2, vcum{tail}):
+                ka, kz, bk, maxw, micro, rfirst, rlast, rdense{tail}):
     # q (B*Hq, Sq, D) and out (B*Hq, Sq, Dv), lse (B*Hq, Sq): whole arrays; k2, v2: this
     # job's kv head (Sk, D), (Sk, Dv). Query group n of this (b, g) holds the query rows
     # [qlo[n], qhi[n]) (at most bqs), in fine blocks of bqf rows; it sees the key blocks
     # kbs[ptr[n]:ptr[n + 1]] in states kst[...], each only from its fine blocks
     # [ka, kz). The job computes the groups qbs. Stacked row r*G + hh is query q0 + r of
-    # head g*G + hh, so every fine-block range is one contiguous run of rows. vcum (Sk + 1):
-    # prefix counts of the keys whose value holds NaN/inf; vc2: v2 with those rows at 0.
+    # head g*G + hh, so every fine-block range is one contiguous run of rows.
+    # micro: chunks with partial blocks may take the band path (see the chunk loop);
+    # rfirst, rlast, rdense (1 or Hq, Sq): each query row's first and last visible key, and
+    # whether it sees every key between them (row_bounds).
     sk = k2.shape[0]
     D = q.shape[2]
     Dv = v2.shape[1]
+    # Values of hidden keys must not reach the output (k needs nothing: hidden scores are
+    # -inf). vcum (Sk + 1): prefix counts of the keys whose value row holds NaN/inf (a row
+    # sum is not finite), vc2: v2 with those rows at 0. One pass over v2 here, in the
+    # parallel jobs (before the jobs, one NumPy pass over all heads was ~3% of the wall time).
+    vcum = _np.zeros(sk + 1, _np.int64)
+    for j in range(sk):
+        row = v2[j]
+        total = 0.0
+        for c in range(Dv):
+            total += row[c]
+        # (Not math.isfinite: under these fast-math flags it folds to True. A finite sum
+        # that overflows float64 is flagged too, which only costs it the exact path.)
+        vcum[j + 1] = vcum[j] + (0 if abs(total) <= 1.7976931348623157e308 else 1)
+    vc2 = v2
+    if vcum[sk]:
+        vc2 = v2.copy()
+        for j in range(sk):
+            if vcum[j + 1] != vcum[j]:
+                vc2[j, :] = 0.0
     rmax = G * bqs
-    qbuf = _np.empty(rmax * D, q.dtype)
+    # Rows padded to whole micro-kernel blocks (their results are never read).
+    rpad = (rmax + _M.QK_ROWS - 1) // _M.QK_ROWS * _M.QK_ROWS
+    cwq = _M.QK_VECS * (_M.VEC_BYTES // q.itemsize)
+    cwp = _M.PV_VECS * (_M.VEC_BYTES // q.itemsize)
+    qbuf = _np.zeros(rpad * D, q.dtype)
     m = _np.empty(rmax, q.dtype)
     l = _np.empty(rmax, q.dtype)
-    abuf = _np.empty(rmax * Dv, q.dtype)
+    abuf = _np.zeros(rpad * Dv, q.dtype)
     maxspan = max(maxw, _MAX_SPAN)
-    sbuf = _np.empty(rmax * (maxspan + 32), q.dtype)
+    sbuf = _np.empty(rpad * (maxspan + 32 + cwq), q.dtype)
     lse_rows = _np.empty(rmax, q.dtype)
-    vbuf = _np.empty(rmax * (maxspan + 32) if vcum[sk] else 0, _np.bool_)
+    vbuf = _np.empty(rmax * (maxspan + 32 + cwq) if vcum[sk] else 0, _np.bool_)
     cov = _np.empty(rmax, _np.int64)
-    idx = _np.empty(maxw, _np.int64)
+    idx = _np.empty(maxspan + maxw, _np.int64)
+    # Transposed keys (D, ktld) of the columns [kbase, kdone), kept from chunk to chunk: a
+    # band's consecutive chunks overlap, and each key is transposed once per job.
+    ktld = 4 * (maxspan + cwq) + 16
+    ktbuf = _np.zeros(D * ktld if micro else 0, q.dtype)
+    kbase = 0
+    kdone = 0
+    nband = 0  # chunks that took the band path (returned: tests and benchmarks read it)
+    tl = _np.empty(rpad, _np.int64)
+    th = _np.empty(rpad, _np.int64)
+    segs = _np.empty(maxspan // bk + 2, _np.int64)
+    colf = _np.empty(maxspan + 1, _np.bool_)
+    v2f = v2.reshape(-1)
+    k2f = k2.reshape(-1)
+    vw = (_M.VEC_BYTES // q.itemsize)
+    vc2f = vc2.reshape(-1)
     vis = vbuf[:0].reshape((0, 0))
     lo = _np.empty(rmax, _np.int64)
     hi = _np.empty(rmax, _np.int64)
@@ -313,8 +361,11 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs
         acc = abuf[: rows * Dv].reshape((rows, Dv))
         for r in range(nq):
             for hh in range(G):
+                # 1-D rows: the element loops vectorise (3-D indexing cost ~1 ns/element).
+                src = q[b * hq + g * G + hh, q0 + r]
+                dst = qt[r * G + hh]
                 for c in range(D):
-                    qt[r * G + hh, c] = q[b * hq + g * G + hh, q0 + r, c] * scale
+                    dst[c] = src[c] * scale
         m[:rows] = -_np.inf
         l[:rows] = 0.0
         acc[:] = 0.0
@@ -337,11 +388,12 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs
             span = ce - c0
             # Row stride: a multiple of 16 elements plus 16, never a power of two (a 4 KiB
             # stride made the score GEMM ~25% slower through cache aliasing).
-            ld = (span + 15) // 16 * 16 + 16
+            ld = (span + cwq + 15) // 16 * 16 + 16
             S = sbuf[: rows * ld].reshape((rows, ld))
             lo[:rows] = span
             hi[:rows] = 0
             cov[:rows] = 0
+            visited = 0
             u = t
             while u < tc:
                 u1 = _segment_end(kbs, ka, kz, u, tc, bk, maxw)
@@ -349,83 +401,263 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs
                 r1 = min(kz[u] * bqf, nq) * G
                 a0 = kbs[u] * bk - c0
                 a1 = min(kbs[u1 - 1] * bk + bk, sk) - c0
+                visited += (r1 - r0) * (a1 - a0)
                 for x in range(r0, r1):
                     lo[x] = min(lo[x], a0)
                     hi[x] = max(hi[x], a1)
                     cov[x] += a1 - a0
                 u = u1
-            # Keys between a row's segments (block-sparse masks) are hidden.
-            for x in range(rows):
-                if cov[x] != hi[x] - lo[x]:
-                    for c in range(lo[x], hi[x]):
-                        S[x, c] = -_np.inf
-            u = t
-            while u < tc:
-                u1 = _segment_end(kbs, ka, kz, u, tc, bk, maxw)
-                r0 = ka[u] * bqf * G
-                r1 = min(kz[u] * bqf, nq) * G
-                k0 = kbs[u] * bk
-                k1 = min(kbs[u1 - 1] * bk + bk, sk)
-                w = k1 - k0
-                s = S[r0:r1, k0 - c0:k1 - c0]
-                _gemm(True, r1 - r0, w, D, qt[r0:r1], D, k2[k0:k1], D, 0.0, s, ld, ab)
-                for v_ in range(u, u1):
-                    # Rows as contiguous 1-D slices of sbuf: the element loops vectorise.
-                    j0 = kbs[v_] * bk
-                    j1 = min(j0 + bk, sk)
-                    if kst[v_] == {PARTIAL}:
-                        for x in range(r0, r1):
-                            hh = x % G
-                            h = g * G + hh
-                            i = q0 + x // G
-                            srow = sbuf[x * ld + j0 - c0: x * ld + j1 - c0]
-                            for j in range(j0, j1):
-                                if {visible_row}:
+            use_micro = False
+            if micro:
+                for u in range(t, tc):
+                    if kst[u] == {PARTIAL}:
+                        use_micro = True
+                        break
+            if use_micro:
+                # Each row's own range: its covered keys cut to its first and last visible
+                # key (from the block mask's evaluation of mask_mod, cached with the plan).
+                tight = 0
+                for x in range(rows):
+                    hr = (g * G + x % G) if rfirst.shape[0] > 1 else 0
+                    i = q0 + x // G
+                    tl[x] = max(lo[x], rfirst[hr, i] - c0)
+                    th[x] = min(hi[x], rlast[hr, i] + 1 - c0)
+                    if th[x] <= tl[x]:
+                        tl[x] = 0
+                        th[x] = 0
+                    tight += th[x] - tl[x]
+                # The band path runs where it saves pairs: its kernels run at ~85% of BLAS
+                # on long tiles, so tiles that follow the mask closely (a causal diagonal)
+                # stay with BLAS.
+                use_micro = tight * 20 < visited * 19
+            if use_micro:
+                nband += 1
+                # The band path (_flex_micro): each row's scores are computed over its own
+                # visible range only, a few rows at a time, so a band's edges cost neither
+                # the pairs of a rectangle's corners nor the short products of a staircase.
+                ns = 0
+                u = t
+                while u < tc:
+                    segs[ns] = u
+                    ns += 1
+                    u = _segment_end(kbs, ka, kz, u, tc, bk, maxw)
+                segs[ns] = tc
+                if c0 < kbase or c0 + span + cwq > kbase + ktld:
+                    if kbase <= c0 < kdone:
+                        # Slide the window: the overlap moves to the front.
+                        for d in range(D):
+                            dst = ktbuf[d * ktld: d * ktld + kdone - c0]
+                            src = ktbuf[d * ktld + c0 - kbase: d * ktld + kdone - kbase]
+                            for c in range(kdone - c0):
+                                dst[c] = src[c]
+                    else:
+                        kdone = c0
+                    kbase = c0
+                if ce > kdone:
+                    c = kdone
+                    if D % vw == 0:
+                        while c + vw <= ce:
+                            for d in range(0, D, vw):
+                                _M.transpose_tile(k2f, c * D + d, D, ktbuf,
+                                                  d * ktld + c - kbase, ktld)
+                            c += vw
+                    for c in range(c, ce):
+                        krow = k2[c]
+                        for d in range(D):
+                            ktbuf[d * ktld + c - kbase] = krow[d]
+                    kdone = ce
+                x0 = 0
+                while x0 < rows:
+                    # Blocks of QK_ROWS rows, the last few in blocks of QK_TAIL.
+                    nr = _M.QK_ROWS if rows - x0 > _M.QK_ROWS - _M.QK_TAIL else _M.QK_TAIL
+                    a0 = span
+                    a1 = 0
+                    for x in range(x0, min(x0 + nr, rows)):
+                        if th[x] > tl[x]:
+                            a0 = min(a0, tl[x])
+                            a1 = max(a1, th[x])
+                    cc = a0
+                    while cc < a1:
+                        if a1 - cc <= vw:
+                            if nr == _M.QK_ROWS:
+                                _M.qk_tile_1(qbuf, x0 * D, D, ktbuf, c0 - kbase + cc, ktld,
+                                             sbuf, x0 * ld + cc, ld, D)
+                            else:
+                                _M.qk_tile_tail_1(qbuf, x0 * D, D, ktbuf, c0 - kbase + cc,
+                                                  ktld, sbuf, x0 * ld + cc, ld, D)
+                        elif nr == _M.QK_ROWS:
+                            _M.qk_tile(qbuf, x0 * D, D, ktbuf, c0 - kbase + cc, ktld, sbuf,
+                                       x0 * ld + cc, ld, D)
+                        else:
+                            _M.qk_tile_tail(qbuf, x0 * D, D, ktbuf, c0 - kbase + cc, ktld,
+                                            sbuf, x0 * ld + cc, ld, D)
+                        cc += cwq
+                    x0 += nr
+                # Keys between a row's segments (block-sparse masks) are hidden.
+                for x in range(rows):
+                    if cov[x] != hi[x] - lo[x] and th[x] > tl[x]:
+                        colf[tl[x]:th[x]] = False
+                        for si in range(ns):
+                            u = segs[si]
+                            if ka[u] * bqf * G <= x < min(kz[u] * bqf, nq) * G:
+                                a0 = max(kbs[u] * bk - c0, tl[x])
+                                a1 = min(min(kbs[segs[si + 1] - 1] * bk + bk, sk) - c0, th[x])
+                                colf[a0:a1] = True
+                        for c in range(tl[x], th[x]):
+                            if not colf[c]:
+                                S[x, c] = -_np.inf
+                for si in range(ns):
+                    u = segs[si]
+                    r0 = ka[u] * bqf * G
+                    r1 = min(kz[u] * bqf, nq) * G
+                    for v_ in range(u, segs[si + 1]):
+                        j0 = kbs[v_] * bk
+                        j1 = min(j0 + bk, sk)
+                        if kst[v_] == {PARTIAL}:
+                            for x in range(r0, r1):
+                                jl = max(j0, c0 + tl[x])
+                                jh = min(j1, c0 + th[x])
+                                if jh <= jl:
+                                    continue
+                                hh = x % G
+                                h = g * G + hh
+                                i = q0 + x // G
+                                srow = sbuf[x * ld + j0 - c0: x * ld + j1 - c0]
+                                if rdense[(h if rdense.shape[0] > 1 else 0), i]:
+                                    # [tl, th) is visible: the block is full for this row.
+                                    if {bool(smod)}:
+                                        for j in range(jl, jh):
+                                            srow[j - j0] = {score_row}
+                                    continue
+                                for j in range(jl, jh):
+                                    if {visible_row}:
+                                        srow[j - j0] = {score_row}
+                                    else:
+                                        srow[j - j0] = -_np.inf
+                        elif {bool(smod)}:
+                            for x in range(r0, r1):
+                                jl = max(j0, c0 + tl[x])
+                                jh = min(j1, c0 + th[x])
+                                if jh <= jl:
+                                    continue
+                                hh = x % G
+                                h = g * G + hh
+                                i = q0 + x // G
+                                srow = sbuf[x * ld + j0 - c0: x * ld + j1 - c0]
+                                for j in range(jl, jh):
                                     srow[j - j0] = {score_row}
-                                else:
-                                    srow[j - j0] = -_np.inf
-                    elif {bool(smod)}:
-                        for x in range(r0, r1):
-                            hh = x % G
-                            h = g * G + hh
-                            i = q0 + x // G
-                            srow = sbuf[x * ld + j0 - c0: x * ld + j1 - c0]
-                            for j in range(j0, j1):
-                                srow[j - j0] = {score_row}
-                u = u1
-            exact = vcum[ce] != vcum[c0]
-            if exact:
-                vis = vbuf[: rows * ld].reshape((rows, ld))
-                _visible(S, vis)
-            for x in range(rows):
-                if hi[x] > lo[x]:
-                    _row_step(sbuf[x * ld + lo[x]: x * ld + hi[x]], m, l, acc, x)
-            u = t
-            while u < tc:
-                u1 = _segment_end(kbs, ka, kz, u, tc, bk, maxw)
-                r0 = ka[u] * bqf * G
-                r1 = min(kz[u] * bqf, nq) * G
-                k0 = kbs[u] * bk
-                k1 = min(kbs[u1 - 1] * bk + bk, sk)
-                w = k1 - k0
-                s = S[r0:r1, k0 - c0:k1 - c0]
-                nbad = _flagged(vcum, k0, w, idx) if exact else 0
-                if nbad:
-                    _gemm(False, r1 - r0, Dv, w, s, ld, vc2[k0:k1], Dv, 1.0, acc[r0:r1], Dv,
-                          ab)
-                    _visible_terms(acc[r0:r1], s, v2[k0:k1], idx, nbad,
-                                   vis[r0:r1, k0 - c0:k1 - c0])
-                else:
-                    _gemm(False, r1 - r0, Dv, w, s, ld, v2[k0:k1], Dv, 1.0, acc[r0:r1], Dv,
-                          ab)
-                u = u1
+                exact = vcum[ce] != vcum[c0]
+                if exact:
+                    vis = vbuf[: rows * ld].reshape((rows, ld))
+                    for x in range(rows):
+                        for c in range(span):
+                            vis[x, c] = tl[x] <= c < th[x] and S[x, c] != -_np.inf
+                for x in range(rows):
+                    if th[x] > tl[x]:
+                        _row_step(sbuf[x * ld + tl[x]: x * ld + th[x]], m, l, acc, x)
+                # Each block of rows multiplies its weights over the union of its rows'
+                # ranges; the weights outside a row's own range are zero.
+                vsrc = vc2f if exact else v2f
+                for x0 in range(0, rows, _M.PV_ROWS):
+                    a0 = span
+                    a1 = 0
+                    for x in range(x0, min(x0 + _M.PV_ROWS, rows)):
+                        if th[x] > tl[x]:
+                            a0 = min(a0, tl[x])
+                            a1 = max(a1, th[x])
+                    if a1 <= a0:
+                        continue
+                    for x in range(x0, x0 + _M.PV_ROWS):
+                        if x < rows and th[x] > tl[x]:
+                            sbuf[x * ld + a0: x * ld + tl[x]] = 0.0
+                            sbuf[x * ld + th[x]: x * ld + a1] = 0.0
+                        else:
+                            sbuf[x * ld + a0: x * ld + a1] = 0.0
+                    for cb in range(0, Dv - Dv % cwp, cwp):
+                        _M.pv_tile(sbuf, x0 * ld + a0, ld, vsrc, (c0 + a0) * Dv + cb, Dv, abuf,
+                                   x0 * Dv + cb, Dv, a1 - a0)
+                    for cb in range(Dv - Dv % cwp, Dv, vw):
+                        _M.pv_tile_1(sbuf, x0 * ld + a0, ld, vsrc, (c0 + a0) * Dv + cb, Dv,
+                                     abuf, x0 * Dv + cb, Dv, a1 - a0)
+                if exact:
+                    nbad = _flagged(vcum, c0, span, idx)
+                    _visible_terms(acc, S[:, :span], v2[c0:ce], idx, nbad, vis[:, :span])
+            else:
+                # Keys between a row's segments (block-sparse masks) are hidden.
+                for x in range(rows):
+                    if cov[x] != hi[x] - lo[x]:
+                        for c in range(lo[x], hi[x]):
+                            S[x, c] = -_np.inf
+                u = t
+                while u < tc:
+                    u1 = _segment_end(kbs, ka, kz, u, tc, bk, maxw)
+                    r0 = ka[u] * bqf * G
+                    r1 = min(kz[u] * bqf, nq) * G
+                    k0 = kbs[u] * bk
+                    k1 = min(kbs[u1 - 1] * bk + bk, sk)
+                    w = k1 - k0
+                    s = S[r0:r1, k0 - c0:k1 - c0]
+                    _gemm(True, r1 - r0, w, D, qt[r0:r1], D, k2[k0:k1], D, 0.0, s, ld, ab)
+                    for v_ in range(u, u1):
+                        # Rows as contiguous 1-D slices of sbuf: the element loops vectorise.
+                        j0 = kbs[v_] * bk
+                        j1 = min(j0 + bk, sk)
+                        if kst[v_] == {PARTIAL}:
+                            for x in range(r0, r1):
+                                hh = x % G
+                                h = g * G + hh
+                                i = q0 + x // G
+                                srow = sbuf[x * ld + j0 - c0: x * ld + j1 - c0]
+                                for j in range(j0, j1):
+                                    if {visible_row}:
+                                        srow[j - j0] = {score_row}
+                                    else:
+                                        srow[j - j0] = -_np.inf
+                        elif {bool(smod)}:
+                            for x in range(r0, r1):
+                                hh = x % G
+                                h = g * G + hh
+                                i = q0 + x // G
+                                srow = sbuf[x * ld + j0 - c0: x * ld + j1 - c0]
+                                for j in range(j0, j1):
+                                    srow[j - j0] = {score_row}
+                    u = u1
+                exact = vcum[ce] != vcum[c0]
+                if exact:
+                    vis = vbuf[: rows * ld].reshape((rows, ld))
+                    _visible(S, vis)
+                for x in range(rows):
+                    if hi[x] > lo[x]:
+                        _row_step(sbuf[x * ld + lo[x]: x * ld + hi[x]], m, l, acc, x)
+                u = t
+                while u < tc:
+                    u1 = _segment_end(kbs, ka, kz, u, tc, bk, maxw)
+                    r0 = ka[u] * bqf * G
+                    r1 = min(kz[u] * bqf, nq) * G
+                    k0 = kbs[u] * bk
+                    k1 = min(kbs[u1 - 1] * bk + bk, sk)
+                    w = k1 - k0
+                    s = S[r0:r1, k0 - c0:k1 - c0]
+                    nbad = _flagged(vcum, k0, w, idx) if exact else 0
+                    if nbad:
+                        _gemm(False, r1 - r0, Dv, w, s, ld, vc2[k0:k1], Dv, 1.0, acc[r0:r1], Dv,
+                              ab)
+                        _visible_terms(acc[r0:r1], s, v2[k0:k1], idx, nbad,
+                                       vis[r0:r1, k0 - c0:k1 - c0])
+                    else:
+                        _gemm(False, r1 - r0, Dv, w, s, ld, v2[k0:k1], Dv, 1.0, acc[r0:r1], Dv,
+                              ab)
+                    u = u1
             t = tc
         _K.finish_rows(acc, m[:rows], l[:rows], lse_rows[:rows])
         for r in range(nq):
             for hh in range(G):
                 lse[b * hq + g * G + hh, q0 + r] = lse_rows[r * G + hh]
+                dst = out[b * hq + g * G + hh, q0 + r]
+                src = acc[r * G + hh]
                 for c in range(Dv):
-                    out[b * hq + g * G + hh, q0 + r, c] = acc[r * G + hh, c]
+                    dst[c] = src[c]
+    return nband
 
 
 @_numba.njit(**_JIT)
@@ -455,9 +687,76 @@ def block_states(b, h, sq, sk, bq, bk, qb0, qb1, out{mask_tail}):
             if state < 0:
                 state = {FULL} if seen == total else {EMPTY}
             out[qb, kb] = state
+
+
+@_numba.njit(**_JIT)
+def row_bounds(b, h, sq, sk, bq, bk, qb0, qb1, st, first, last, dense{mask_tail}):
+    # The first and last visible key of each query row of the blocks [qb0, qb1) (-1 and -2
+    # when it sees none), from the block states st: empty blocks are skipped, full ones
+    # decide at their edge, partial ones are evaluated up to their first visible key.
+    # dense: 1 where the row sees every key from its first to its last (its partial blocks
+    # all evaluated and counted), so that its partial blocks need no mask in forward_job.
+    nkb = st.shape[1]
+    for i in range(qb0 * bq, min(qb1 * bq, sq)):
+        qb = i // bq
+        f = -1
+        for kb in range(nkb):
+            state = st[qb, kb]
+            if state == {EMPTY}:
+                continue
+            j0 = kb * bk
+            if state == {FULL}:
+                f = j0
+                break
+            for j in range(j0, min(j0 + bk, sk)):
+                if {visible}:
+                    f = j
+                    break
+            if f >= 0:
+                break
+        e = -2
+        if f >= 0:
+            for kb in range(nkb - 1, -1, -1):
+                state = st[qb, kb]
+                if state == {EMPTY}:
+                    continue
+                j1 = min(kb * bk + bk, sk)
+                if state == {FULL}:
+                    e = j1 - 1
+                    break
+                for j in range(j1 - 1, kb * bk - 1, -1):
+                    if {visible}:
+                        e = j
+                        break
+                if e >= 0:
+                    break
+        first[i] = f
+        last[i] = e
+        cnt = 0
+        if f >= 0:
+            for kb in range(f // bk, e // bk + 1):
+                state = st[qb, kb]
+                j0 = kb * bk
+                j1 = min(j0 + bk, sk)
+                if state == {FULL}:
+                    cnt += j1 - j0
+                elif state == {PARTIAL}:
+                    for j in range(j0, j1):
+                        if {visible}:
+                            cnt += 1
+        dense[i] = f >= 0 and cnt == e - f + 1
 '''
-    text = "\n".join([_HEADER, _passes(sp, mp), *sp.lines, *mp.lines, body])
+    text = "\n".join([_HEADER, _micro_tag(), _passes(sp, mp), *sp.lines, *mp.lines, body])
     return text, {**sp.inject, **mp.inject}, sp, mp
+
+
+def _micro_tag():
+    # The micro-kernels' shapes and vector width are compiled into forward_job: part of the
+    # text, so that the hash (and numba's disk cache) changes with them.
+    from . import _flex_micro as m
+
+    return (f"# band path: {m.VERSION}, QK {m.QK_ROWS}/{m.QK_TAIL}x{m.QK_VECS}, "
+            f"PV {m.PV_ROWS}x{m.PV_VECS}, {m.VEC_BYTES}-byte vectors")
 
 
 def _passes(sp, mp):
@@ -769,6 +1068,10 @@ def block_plan(mod, mmod, args, mask_takes_args, *, batch, hq, hkv, sq, sk, bq, 
             _block_cache.move_to_end(key)
             return hit
     states = np.empty((nb, nh, nqb, nkb), np.int8)
+    # Each row's first and last visible key: the band path's ranges (forward_job).
+    first = np.empty((nb, nh, sq), np.int64)
+    last = np.empty((nb, nh, sq), np.int64)
+    dense = np.empty((nb, nh, sq), np.int8)
     step = max(1, nqb // (4 * _pool.num_threads()))
     jobs = [(b, h, qb, min(qb + step, nqb)) for b in range(nb) for h in range(nh)
             for qb in range(0, nqb, step)]
@@ -777,6 +1080,8 @@ def block_plan(mod, mmod, args, mask_takes_args, *, batch, hq, hkv, sq, sk, bq, 
     def job(j):
         b, h, qb0, qb1 = j
         _call(mod.block_states, (None, mmod), b, h, sq, sk, bq, bk, qb0, qb1, states[b, h], *extra)
+        _call(mod.row_bounds, (None, mmod), b, h, sq, sk, bq, bk, qb0, qb1, states[b, h],
+              first[b, h], last[b, h], dense[b, h], *extra)
 
     _pool.run_jobs(job, jobs)
     # A GQA group's stacked rows: empty if every head's block is, full if every head's is.
@@ -788,8 +1093,10 @@ def block_plan(mod, mmod, args, mask_takes_args, *, batch, hq, hkv, sq, sk, bq, 
         comb = states
     csr = {(bi, gi): _group_rows(comb[bi, gi], bq, sq)
            for bi in range(comb.shape[0]) for gi in range(comb.shape[1])}
-    plan = {"csr": csr, "dep_b": dep_b, "dep_h": dep_h}
-    plan["bytes"] = sum(x.nbytes for c in csr.values() for x in c)
+    plan = {"csr": csr, "dep_b": dep_b, "dep_h": dep_h, "first": first, "last": last,
+            "dense": dense}
+    plan["bytes"] = sum(x.nbytes for c in csr.values() for x in c) + sum(
+        x.nbytes for x in (first, last, dense))
     with _lock:
         _block_cache[key] = plan
         while sum(p["bytes"] for p in _block_cache.values()) > _MAX_BLOCK_BYTES:
@@ -845,7 +1152,10 @@ def _group_rows(st, bq, sq):
 @lru_cache(maxsize=32)
 def _dense_plan(sq, sk, bq, bk):
     st = np.full((-(-sq // bq), -(-sk // bk)), FULL, np.int8)
-    return {"csr": {(0, 0): _group_rows(st, bq, sq)}, "dep_b": False, "dep_h": False}
+    # Every block is full: the band path (chunks with partial blocks) never runs.
+    none = np.zeros((1, 1, 1), np.int64)
+    return {"csr": {(0, 0): _group_rows(st, bq, sq)}, "dep_b": False, "dep_h": False,
+            "first": none, "last": none, "dense": none.astype(np.int8)}
 
 
 def _reads(cap, pos):
@@ -862,12 +1172,20 @@ def _csr(plan, b, g):
 MAX_TILE_K = 512
 # Jobs per worker thread: enough to balance uneven (causal) query blocks.
 _JOBS_PER_THREAD = 4
+# The forward's: twice as many, in contiguous runs of query groups. On a shared machine one
+# worker is often slower than the other (measured 26 against 31-41 ms for the same head of a
+# window); smaller jobs shorten the tail that the faster worker waits for.
+_FWD_JOBS_PER_THREAD = 8
 
 
-def _jobs(plan, batch, hkv):
-    """``(b, g, qbs)`` jobs: each (b, g)'s query blocks dealt out in interleaved shares."""
+def _jobs(plan, batch, hkv, per_thread=_JOBS_PER_THREAD, runs=False):
+    """``(b, g, qbs)`` jobs: each (b, g)'s query blocks dealt out in interleaved shares.
+
+    ``runs``: in contiguous runs instead (consecutive query groups of a band share most of
+    their keys, which the forward's band path transposes once per job).
+    """
     heads = [(b, g) for b in range(batch) for g in range(hkv)]
-    want = _JOBS_PER_THREAD * _pool.num_threads()
+    want = per_thread * _pool.num_threads()
     most = max(len(c[0]) for c in plan["csr"].values())
     split = 1 if len(heads) >= want else min(most, -(-want // len(heads)))
     jobs = []
@@ -875,7 +1193,10 @@ def _jobs(plan, batch, hkv):
         qlo, _, ptr, _, _, _, _ = _csr(plan, b, g)
         nqb = len(qlo)
         for part in range(split):
-            qbs = np.arange(part, nqb, split, dtype=np.int64)
+            if runs:
+                qbs = np.arange(part * nqb // split, (part + 1) * nqb // split, dtype=np.int64)
+            else:
+                qbs = np.arange(part, nqb, split, dtype=np.int64)
             if len(qbs):
                 cost = int(np.sum(ptr[qbs + 1] - ptr[qbs]))
                 jobs.append((cost, len(jobs), b, g, qbs))
@@ -883,6 +1204,17 @@ def _jobs(plan, batch, hkv):
 
 
 # --- launches ------------------------------------------------------------------------------
+
+# Whether chunks with partial blocks may take the band path of forward_job (register-blocked
+# micro-kernels over each row's visible range: :mod:`._flex_micro`).
+BAND_PATH = True
+
+
+def _micro_fits(dtype, dv):
+    """The band path's P @ V kernels cover ``dv`` in whole vectors."""
+    from . import _flex_micro
+
+    return dv % (_flex_micro.VEC_BYTES // np.dtype(dtype).itemsize) == 0
 
 
 def forward(q3, k3, v3, out3, lse2, *, scale, batch, hq, hkv, smod, mmod, args,
@@ -896,25 +1228,29 @@ def forward(q3, k3, v3, out3, lse2, *, scale, batch, hq, hkv, smod, mmod, args,
                       sq=sq, sk=sk, bq=bq, bk=bk)
     extra = _extra(mod, smod, mmod, args)
     scale = q3.dtype.type(scale)
-    jobs, _ = _jobs(plan, batch, hkv)
-    # Values of hidden keys must not reach the output (k needs nothing: hidden scores are
-    # replaced by -inf); one pass over v when it is finite.
-    # (Under the one-thread BLAS limit: NumPy's OpenBLAS threads, woken by a multithreaded
-    # matrix-vector product, spin after it and took ~25% of the CPU time of the jobs below.)
-    with _pool.blas_limit():
-        vc3, vcum = _cleaned(v3, bad_flags(np, (v3,), v3.dtype))
+    jobs, _ = _jobs(plan, batch, hkv, _FWD_JOBS_PER_THREAD, runs=True)
+    # (The keys whose values are not finite are found inside the jobs: forward_job.)
 
     bqmax = bq * MERGE_ROWS
+    micro = BAND_PATH and mmod is not None and _micro_fits(v3.dtype, v3.shape[2])
 
     def job(j):
         _, _, b, g, qbs = j
         qlo, qhi, ptr, kbs, kst, ka, kz = _csr(plan, b, g)
         kv = b * hkv + g
-        _call(mod.forward_job, (smod, mmod), q3, k3[kv], v3[kv], out3, lse2,
+        bi = b if plan["dep_b"] else 0
+        return _call(mod.forward_job, (smod, mmod), q3, k3[kv], v3[kv], out3, lse2,
               scale, hq, b, g, G, bqmax, bq, qlo, qhi, qbs, ptr, kbs, kst, ka, kz, bk,
-              MAX_TILE_K, vc3[kv], vcum[min(kv, len(vcum) - 1)], *extra)
+              MAX_TILE_K, micro, plan["first"][bi],
+              plan["last"][bi], plan["dense"][bi], *extra)
 
-    _pool.run_jobs(job, sorted(jobs, key=lambda j: -j[0]))
+    counts = []
+    _pool.run_jobs(lambda j: counts.append(job(j)), sorted(jobs, key=lambda j: -j[0]))
+    last_forward["band_chunks"] = int(sum(counts))
+
+
+# What the last forward call did (for tests and benchmarks; not thread-safe across calls).
+last_forward = {"band_chunks": 0}
 
 
 def _cleaned(x3, flags):
