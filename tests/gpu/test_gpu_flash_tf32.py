@@ -220,19 +220,22 @@ def test_strict_by_default_tf32_when_allowed(kernels):
 
 
 @gpu
-def test_switch_off_gives_the_strict_kernel(kernels, monkeypatch):
+def test_switch_off_gives_the_float32_accurate_kernel(kernels, monkeypatch):
     _, kt = kernels
     rng = np.random.default_rng(7)
     q, k, v = _inputs(rng, sq=90, sk=120, d=64)
     monkeypatch.setenv("XATTN_DISABLE", "cupy.tf32")
     off = xattn.flash_attention(q, k, v, causal=True, allow_tf32=True, backend="cupy")
-    strict = xattn.flash_attention(q, k, v, causal=True, backend="cupy")
-    assert bool(cp.all(off == strict)), "cupy.tf32 off must fall back to the strict kernel"
+    accurate = xattn.flash_attention(q, k, v, causal=True, backend="cupy")
+    assert bool(cp.all(off == accurate)), "cupy.tf32 off must give float32's own kernel"
     prob = validate_attention(q, k, v)
     assert kt.supports(prob, {}, "forward") is not None  # no allow_tf32: not TF32's request
     from xattn import _backends
 
-    # With cupy.tf32 switched off, float32 goes to the strict SIMT kernel (3xTF32 is opt-in).
+    # With cupy.tf32 switched off, float32 goes to the next entry: 3xTF32 (float32 accuracy on
+    # tensor cores), and with that one off too, to the strict SIMT kernel.
+    assert _backends.explain(prob, {"allow_tf32": True})["backend"] == "cupy.tf32x3"
+    monkeypatch.setenv("XATTN_DISABLE", "cupy.tf32,cupy.tf32x3")
     assert _backends.explain(prob, {"allow_tf32": True})["backend"] == "cupy.simt"
 
 
