@@ -327,8 +327,8 @@ def test_hidden_keys_never_leak():
 
 @gpu
 def test_float32_backward_fed_by_tf32x3_meets_the_strict_rule(option_name, make_options):
-    """The reason tf32x3 is opt-in: its lse feeds the float32 backward, which must stay within
-    the strict float32 rule (twice the naive error) at every option set of the CPU suite, as
+    """The reason tf32x3 was opt-in at first: its lse feeds the float32 backward, which must stay
+    within the strict float32 rule (twice the naive error) at every option set of the CPU suite, as
     it does when the SIMT forward feeds it (the failing case was ``scale=0.37``, see
     docs/numerics.rst "3xTF32")."""
     from xattn.testing import naive_attention_backward, reference_attention_backward
