@@ -143,7 +143,8 @@ BACKENDS = {
             "cupy.decode",
             "gpu",
             ".cupy_.decode",
-            "split-KV decode kernel with GQA packing and paged reads (decode_splitkv.cu)",
+            "split-KV decode kernel with GQA packing and paged reads (decode_splitkv.cu); "
+            "float16/bfloat16, D = Dv in 64 or 128",
             requires=("cupy",),
             fix=_CUPY_FIX,
             ops=(("decode", ".cupy_.decode"),),

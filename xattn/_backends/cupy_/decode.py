@@ -1,8 +1,9 @@
 """CuPy launcher of the split-KV decode kernel (``xattn/kernels/decode_splitkv.cu``).
 
 ``auto``'s decode path on CuPy (float16/bfloat16, D = Dv in 64 or 128): its tests against the
-float64 oracle (``tests/test_decode_gpu.py``) passed on an H100 on 2026-12-05, where it read
-K/V at 0.14-2.67 TB/s (``benchmarks/gpu_decode.py``; docs/inference.rst has the table).
+float64 oracle (``tests/test_decode_gpu.py``) passed on an H100 and an H200 on 2026-12-05; on
+the H200 it read K/V at 0.18-2.72 TB/s (``benchmarks/gpu_decode.py``; docs/inference.rst has
+the table and what bounds it).
 
 One thread block per (split of the keys, kv head x row block of 16 packed query rows,
 sequence); :func:`num_splits` picks the split count from the batch, the kv heads, the

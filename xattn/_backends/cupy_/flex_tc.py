@@ -31,7 +31,7 @@ from collections import OrderedDict
 import numpy as np
 
 from ... import _flex_cuda
-from . import instances
+from . import _params, instances
 from ._compile import _allow_smem, _Logged, source
 
 __all__ = ["BLOCK", "forward", "kernel_text", "reason"]
@@ -83,7 +83,6 @@ def padded_dim(d: int):
 
 def reason(prob):
     """None when the tensor-core flex kernel serves ``prob``, else why not."""
-    from . import _params
 
     if prob.xp.__name__ != "cupy":
         return "inputs are not CuPy arrays"
@@ -200,18 +199,6 @@ def block_lists(cp, mods, states_fn, user_args, *, mmod, cacheable, batch, hq, s
     return lists
 
 
-def _operand(cp, x, b, h, s, width):
-    e = x.shape[-1]
-    x = cp.ascontiguousarray(x).reshape(b, h, s, e)
-    if e == width:
-        return x
-    # Head dims the kernels are not built for: zero columns change neither q.k nor the kept
-    # output columns (a copy, documented).
-    padded = cp.zeros((b, h, s, width), dtype=x.dtype)
-    padded[..., :e] = x
-    return padded
-
-
 def _no_score_options():
     """The ScoreMods block (masking.cuh, XATTN_SCORE_MOD_PARAMS) with every option off."""
     i32, i64, null = np.int32, np.int64, np.uint64(0)
@@ -229,7 +216,6 @@ def forward(prob, q, k, v, *, smod, mmod, args, mask_takes_args):
 def _forward(prob, q, k, v, smod, mmod, args, mask_takes_args):
     import cupy as cp
 
-    from . import _params
 
     mods = _flex_cuda.translate_cached(smod, mmod, len(args), mask_takes_args, args)
     tn = _params.type_name(prob.dtype)
@@ -264,9 +250,9 @@ def _forward(prob, q, k, v, smod, mmod, args, mask_takes_args):
         null = np.uint64(0)
         bm_args = (null, null, null, null, null, np.int32(1), np.int32(1), np.int32(1),
                    np.int32(0), np.int32(0), np.int32(-1), np.int32(-1))
-    q4 = _operand(cp, q, batch, hq, sq, dp)
-    k4 = _operand(cp, k, batch, hkv, sk, dp)
-    v4 = _operand(cp, v, batch, hkv, sk, dp)
+    q4 = _params.operand(cp, q, batch, hq, sq, dp)
+    k4 = _params.operand(cp, k, batch, hkv, sk, dp)
+    v4 = _params.operand(cp, v, batch, hkv, sk, dp)
     if _log.isEnabledFor(logging.DEBUG):
         _log.debug("flex_attention: backend cupy, entry %s", inst.name,
                    extra={"xattn_backend": "cupy"})

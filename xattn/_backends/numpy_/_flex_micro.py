@@ -66,50 +66,73 @@ def _vstore(builder, val, ptr, vty):
     builder.store(val, builder.bitcast(ptr, vty.as_pointer()), align=1)
 
 
+def _operands(context, builder, signature, args, *which):
+    """The vector type of the first operand's elements, its width, the index type and the
+    data pointers of the array arguments at ``which`` (each followed by its offset)."""
+    ety = context.get_value_type(signature.args[0].dtype)
+    width = VEC_BYTES // context.get_abi_sizeof(ety)
+    ptrs = [_data(context, builder, signature.args[i], args[i], args[i + 1]) for i in which]
+    return ir.VectorType(ety, width), width, args[2].type, ptrs
+
+
+def _accumulators(builder, vty, nrows, nvecs):
+    return [[cgutils.alloca_once(builder, vty) for _ in range(nvecs)] for _ in range(nrows)]
+
+
+def _outer_products(builder, accs, arows, b, ldb, count, vty, ity):
+    """``accs[r][v] += a[r][j] * b[j*ldb + v*vector : ...]`` for ``j < count``: one row of ``b``
+    (a row of the transposed keys, or of values) per step, ``a``'s rows at ``arows``."""
+    width = vty.count
+    with cgutils.for_range(builder, count) as loop:
+        j = loop.index
+        brow = builder.gep(b, [builder.mul(j, ldb)])
+        bv = [_vload(builder, builder.gep(brow, [ir.Constant(ity, v * width)]), vty)
+              for v in range(len(accs[0]))]
+        for r, row in enumerate(accs):
+            x = _splat(builder, builder.load(builder.gep(arows[r], [j])), vty)
+            for v, acc in enumerate(row):
+                builder.store(_fma(builder, builder.load(acc), x, bv[v]), acc)
+
+
 def _fma(builder, a, x, y):
     return builder.fadd(a, builder.fmul(x, y, flags=["fast"]), flags=["fast"])
 
 
-def _qk_kernel(nrows, nvecs):
+def _gemm_kernel(nrows, nvecs, accumulate):
+    """``c[r*ldc + x] (+)= sum_j a[r*lda + j] * b[j*ldb + x]`` for ``r < nrows``,
+    ``x < nvecs * vector``, ``j < count``: the accumulators start from ``c`` (``accumulate``)
+    or from zero, live in registers through the whole sum and are stored once."""
+
     @intrinsic
-    def qk(typingctx, q, qoff, ldq, kt, koff, ldk, s, soff, lds, dim):
-        sig = types.void(q, qoff, ldq, kt, koff, ldk, s, soff, lds, dim)
+    def gemm(typingctx, a, aoff, lda, b, boff, ldb, c, coff, ldc, count):
+        sig = types.void(a, aoff, lda, b, boff, ldb, c, coff, ldc, count)
 
         def codegen(context, builder, signature, args):
-            q, qoff, ldq, kt, koff, ldk, s, soff, lds, dim = args
-            ety = context.get_value_type(signature.args[0].dtype)
-            width = VEC_BYTES // context.get_abi_sizeof(ety)
-            vty = ir.VectorType(ety, width)
-            ity = ldq.type
-            qp = _data(context, builder, signature.args[0], q, qoff)
-            kp = _data(context, builder, signature.args[3], kt, koff)
-            sp = _data(context, builder, signature.args[6], s, soff)
-            accs = [[cgutils.alloca_once(builder, vty) for _ in range(nvecs)]
-                    for _ in range(nrows)]
-            for row in accs:
-                for a in row:
-                    builder.store(ir.Constant(vty, None), a)
-            qrows = [builder.gep(qp, [builder.mul(ir.Constant(ity, r), ldq)])
+            lda, ldb, ldc, count = args[2], args[5], args[8], args[9]
+            vty, width, ity, (ap, bp, cp) = _operands(context, builder, signature, args, 0, 3, 6)
+            arows = [builder.gep(ap, [builder.mul(ir.Constant(ity, r), lda)])
                      for r in range(nrows)]
-            with cgutils.for_range(builder, dim) as loop:
-                d = loop.index
-                krow = builder.gep(kp, [builder.mul(d, ldk)])
-                kv = [_vload(builder, builder.gep(krow, [ir.Constant(ity, v * width)]), vty)
-                      for v in range(nvecs)]
-                for r in range(nrows):
-                    x = _splat(builder, builder.load(builder.gep(qrows[r], [d])), vty)
-                    for v in range(nvecs):
-                        builder.store(_fma(builder, builder.load(accs[r][v]), x, kv[v]),
-                                      accs[r][v])
-            for r in range(nrows):
-                srow = builder.gep(sp, [builder.mul(ir.Constant(ity, r), lds)])
-                for v in range(nvecs):
-                    _vstore(builder, builder.load(accs[r][v]),
-                            builder.gep(srow, [ir.Constant(ity, v * width)]), vty)
+            cols = [[builder.gep(builder.gep(cp, [builder.mul(ir.Constant(ity, r), ldc)]),
+                                 [ir.Constant(ity, v * width)]) for v in range(nvecs)]
+                    for r in range(nrows)]
+            accs = _accumulators(builder, vty, nrows, nvecs)
+            for acc_row, col_row in zip(accs, cols, strict=True):
+                for acc, col in zip(acc_row, col_row, strict=True):
+                    start = _vload(builder, col, vty) if accumulate else ir.Constant(vty, None)
+                    builder.store(start, acc)
+            _outer_products(builder, accs, arows, bp, ldb, count, vty, ity)
+            for acc_row, col_row in zip(accs, cols, strict=True):
+                for acc, col in zip(acc_row, col_row, strict=True):
+                    _vstore(builder, builder.load(acc), col, vty)
             return context.get_dummy_value()
 
         return sig, codegen
 
+    return gemm
+
+
+def _qk_kernel(nrows, nvecs):
+    qk = _gemm_kernel(nrows, nvecs, accumulate=False)
     qk.__doc__ = (f"``s[r*lds + c] = sum_d q[r*ldq + d] * kt[d*ldk + c]`` for ``r < {nrows}``, "
                   f"``c < {nvecs} * vector``, ``d < dim`` (``kt``: the keys transposed, "
                   "``(D, keys)``).")
@@ -126,47 +149,7 @@ qk_tile_tail_1 = _qk_kernel(QK_TAIL, 1)
 
 
 def _pv_kernel(nrows, nvecs):
-    @intrinsic
-    def pv(typingctx, p, poff, ldp, v, voff, ldv, acc, aoff, lda, n):
-        sig = types.void(p, poff, ldp, v, voff, ldv, acc, aoff, lda, n)
-
-        def codegen(context, builder, signature, args):
-            p, poff, ldp, v, voff, ldv, acc, aoff, lda, n = args
-            ety = context.get_value_type(signature.args[0].dtype)
-            width = VEC_BYTES // context.get_abi_sizeof(ety)
-            vty = ir.VectorType(ety, width)
-            ity = ldp.type
-            pp = _data(context, builder, signature.args[0], p, poff)
-            vp = _data(context, builder, signature.args[3], v, voff)
-            ap = _data(context, builder, signature.args[6], acc, aoff)
-            arows = [builder.gep(ap, [builder.mul(ir.Constant(ity, r), lda)])
-                     for r in range(nrows)]
-            prows = [builder.gep(pp, [builder.mul(ir.Constant(ity, r), ldp)])
-                     for r in range(nrows)]
-            accs = [[cgutils.alloca_once(builder, vty) for _ in range(nvecs)]
-                    for _ in range(nrows)]
-            for r in range(nrows):
-                for c in range(nvecs):
-                    ptr = builder.gep(arows[r], [ir.Constant(ity, c * width)])
-                    builder.store(_vload(builder, ptr, vty), accs[r][c])
-            with cgutils.for_range(builder, n) as loop:
-                j = loop.index
-                vrow = builder.gep(vp, [builder.mul(j, ldv)])
-                vv = [_vload(builder, builder.gep(vrow, [ir.Constant(ity, c * width)]), vty)
-                      for c in range(nvecs)]
-                for r in range(nrows):
-                    x = _splat(builder, builder.load(builder.gep(prows[r], [j])), vty)
-                    for c in range(nvecs):
-                        builder.store(_fma(builder, builder.load(accs[r][c]), x, vv[c]),
-                                      accs[r][c])
-            for r in range(nrows):
-                for c in range(nvecs):
-                    _vstore(builder, builder.load(accs[r][c]),
-                            builder.gep(arows[r], [ir.Constant(ity, c * width)]), vty)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
+    pv = _gemm_kernel(nrows, nvecs, accumulate=True)
     pv.__doc__ = (f"``acc[r*lda + c] += sum_j p[r*ldp + j] * v[j*ldv + c]`` for ``r < {nrows}``, "
                   f"``c < {nvecs} * vector``, ``j < n``.")
     return pv
@@ -188,13 +171,8 @@ def transpose_tile(typingctx, src, soff, lds, dst, doff, ldd):
     sig = types.void(src, soff, lds, dst, doff, ldd)
 
     def codegen(context, builder, signature, args):
-        src, soff, lds, dst, doff, ldd = args
-        ety = context.get_value_type(signature.args[0].dtype)
-        width = VEC_BYTES // context.get_abi_sizeof(ety)
-        vty = ir.VectorType(ety, width)
-        ity = lds.type
-        sp = _data(context, builder, signature.args[0], src, soff)
-        dp = _data(context, builder, signature.args[3], dst, doff)
+        lds, ldd = args[2], args[5]
+        vty, width, ity, (sp, dp) = _operands(context, builder, signature, args, 0, 3)
         rows = [_vload(builder, builder.gep(sp, [builder.mul(ir.Constant(ity, c), lds)]), vty)
                 for c in range(width)]
         i32v = ir.VectorType(ir.IntType(32), width)
