@@ -95,20 +95,24 @@ class FlexWindowCPU:
         xattn.flash_attention(self.q, self.k, self.v, window=(WINDOW, WINDOW))
 
 
+def _cupy_or_skip():
+    """CuPy with a device, or NotImplementedError (asv's skip)."""
+    try:
+        import cupy as cp
+    except ImportError:
+        raise NotImplementedError("cupy is not installed") from None
+    if cp.cuda.runtime.getDeviceCount() == 0:
+        raise NotImplementedError("no CUDA device")
+    return cp
+
+
 class FlexGPU:
     params = [[4096, 16384]]
     param_names = ["seq_len"]
     timeout = 300
 
     def setup(self, seq_len):
-        try:
-            import cupy as cp
-
-            if cp.cuda.runtime.getDeviceCount() == 0:
-                raise NotImplementedError("no CUDA device")
-        except ImportError:
-            raise NotImplementedError("cupy is not installed") from None
-        self.cp = cp
+        self.cp = cp = _cupy_or_skip()
         rng = np.random.default_rng(0)
         self.q, self.k, self.v = (
             cp.asarray(rng.standard_normal((8, seq_len, 64), dtype=np.float32))
@@ -139,15 +143,9 @@ class FlexGPUTensorCores:
     timeout = 300
 
     def setup(self, seq_len):
-        try:
-            import cupy as cp
-
-            if cp.cuda.runtime.getDeviceCount() == 0:
-                raise NotImplementedError("no CUDA device")
-            if int(cp.cuda.Device().compute_capability) < 80:
-                raise NotImplementedError("the tensor-core kernel needs compute capability 8.0")
-        except ImportError:
-            raise NotImplementedError("cupy is not installed") from None
+        cp = _cupy_or_skip()
+        if int(cp.cuda.Device().compute_capability) < 80:
+            raise NotImplementedError("the tensor-core kernel needs compute capability 8.0")
         self.cp = cp
         rng = np.random.default_rng(0)
         self.q, self.k, self.v = (
