@@ -249,6 +249,10 @@ def _warn_skipped(skipped, chosen, op):
     """A PerformanceWarning (once per entry and reason) for each installed entry that auto
     passed over because it cannot load here."""
     for backend, why in skipped:
+        # An entry that loaded serves other requests: nothing to warn about (and no package
+        # lookup on every call).
+        if backend.name in _loaded:
+            continue
         if not backend.installed() or why == "switched off by XATTN_DISABLE":
             continue
         why = _load_error(backend)
