@@ -26,6 +26,7 @@ def test_split_heuristic():
     # A short context is never cut below 4 tiles per warp.
     assert cupy_decode.num_splits(1, 1, 1, 40, 132, 3) == 2
     assert cupy_decode.num_splits(1, 1, 1, 3, 132, 3) == 1
+    assert cupy_decode.num_splits(0, 8, 1, 8192, 132, 3) == 1  # nothing to launch
 
 
 def test_resident_blocks():

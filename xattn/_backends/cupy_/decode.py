@@ -65,6 +65,8 @@ def num_splits(batch, hkv, row_blocks, max_tiles, sm_count, per_sm=1):
     splits among counts within a factor ``1 + _GAIN`` of each other, and leaves every warp at least
     ``_MIN_TILES_PER_WARP`` tiles."""
     blocks = batch * hkv * row_blocks
+    if blocks == 0:
+        return 1
     slots = max(1, sm_count * per_sm)
     cap = int(max(1, min(_MAX_SPLITS, max_tiles // (_MIN_TILES_PER_WARP * NW))))
     best, best_fill = 1, 0.0
