@@ -7,6 +7,7 @@ the reason, never as a silent pass.
 
 from __future__ import annotations
 
+import math
 import zlib
 
 import numpy as np
@@ -18,6 +19,18 @@ from xattn._backends import available_backends
 from xattn.testing import reference_attention, to_numpy
 
 BF16 = bfloat16_dtype()
+
+
+def t5_bucket(rel):
+    """A T5-style relative-position bucket (8 per direction, logarithmic beyond 4): the helper
+    the flex tests' table ``score_mod`` calls, translated with it (CPU and GPU flex tests)."""
+    sign = 8 if rel > 0 else 0
+    a = abs(rel)
+    if a < 4:
+        r = a
+    else:
+        r = min(4 + int(math.log(a / 4.0) / math.log(32.0) * 4.0), 7)
+    return sign + r
 
 
 def cupy_array(x, dtype):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import t5_bucket
 
 import xattn
 from xattn import _flex_codegen as cg
@@ -82,18 +83,8 @@ def doc_args(b, h, q_idx, kv_idx, doc, table):
     return doc[b, q_idx] == doc[b, kv_idx] and not (q_idx < kv_idx)
 
 
-def _t5_bucket(rel):
-    sign = 8 if rel > 0 else 0
-    a = abs(rel)
-    if a < 4:
-        r = a
-    else:
-        r = min(4 + int(math.log(a / 4.0) / math.log(32.0) * 4.0), 7)
-    return sign + r
-
-
 def t5(score, b, h, q_idx, kv_idx, doc, table):
-    return score + table[h, _t5_bucket(kv_idx - q_idx)]
+    return score + table[h, t5_bucket(kv_idx - q_idx)]
 
 
 def python_ints(score, b, h, q_idx, kv_idx):

@@ -16,7 +16,7 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import GPU_ONLY, cupy_array
+from conftest import GPU_ONLY, cupy_array, t5_bucket
 
 import xattn
 from xattn.testing import assert_close, naive_attention, reference_attention, to_numpy
@@ -30,22 +30,12 @@ CAP = 5.0
 NB = 16  # T5 buckets: 8 per direction
 
 
-def _t5_bucket(rel):
-    sign = 8 if rel > 0 else 0
-    a = abs(rel)
-    if a < 4:
-        r = a
-    else:
-        r = min(4 + int(math.log(a / 4.0) / math.log(32.0) * 4.0), 7)
-    return sign + r
-
-
 def alibi(score, b, h, q_idx, kv_idx):
     return score - SLOPES[h] * abs(q_idx - kv_idx)
 
 
 def t5(score, b, h, q_idx, kv_idx, table):
-    return score + table[h, _t5_bucket(kv_idx - q_idx)]
+    return score + table[h, t5_bucket(kv_idx - q_idx)]
 
 
 def softcap(score, b, h, q_idx, kv_idx):
@@ -78,7 +68,7 @@ DOC_HOST = np.stack([_doc_ids(max(SQ, SK), 1), _doc_ids(max(SQ, SK), 2)])
 
 def _bucket_table(sq, sk):
     i, j = np.arange(sq)[:, None], np.arange(sk)[None]
-    return np.vectorize(_t5_bucket)(j - i)
+    return np.vectorize(t5_bucket)(j - i)
 
 
 def _dense(case, table=None, sq=SQ, sk=SK):
