@@ -15,6 +15,7 @@ device, explicitly, once after each change (``KVCache._device_meta``), not at ev
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -57,6 +58,7 @@ def smem_bytes(d):
     return (16 * ld + NW * 4 * BN * ld) * 2
 
 
+@functools.lru_cache(maxsize=512)  # a pure function of ints, on every decode call's path
 def num_splits(batch, hkv, row_blocks, max_tiles, sm_count, per_sm=1):
     """Splits of each sequence's keys. Every block does the same work, so the blocks run in
     waves of ``sm_count * per_sm`` (the resident blocks the card holds); a last wave that is
