@@ -30,12 +30,39 @@ def test_split_heuristic():
 
 
 def test_resident_blocks():
-    # H100: 64K registers, 228 KiB of shared memory, 2048 threads per SM. The D=128 kernel's
-    # 69.6 KB of shared memory allow 3 blocks; 255 registers a thread would allow 2.
-    smem = cupy_decode.smem_bytes(128)
+    # H100: 64K registers, 228 KiB of shared memory, 2048 threads per SM. Four warps with two
+    # stages (69.6 KB of shared memory) allow 3 blocks; 255 registers a thread would allow 2.
+    smem = cupy_decode.smem_bytes(128, (4, 2))
     assert cupy_decode.resident_blocks(128, smem, 65536, 233472, 2048) == 3
     assert cupy_decode.resident_blocks(255, smem, 65536, 233472, 2048) == 2
     assert cupy_decode.resident_blocks(32, 0, 65536, 233472, 2048) == 16
+    # Three stages: 108.8 KB, 2 blocks; two warps of four stages: 3 blocks by shared memory.
+    assert cupy_decode.resident_blocks(166, cupy_decode.smem_bytes(128, (4, 3)), 65536, 233472,
+                                       2048) == 2
+    assert cupy_decode.resident_blocks(162, cupy_decode.smem_bytes(128, (2, 4)), 65536, 233472,
+                                       2048, 2) == 3
+
+
+def test_instances_and_shared_memory():
+    """Every (warps, stages) candidate is built for both dtypes (tools/check_kernels.py
+    compiles them spill-free), the lse merge once per dtype and head dim, and the shared
+    memory is the Q tile plus each warp's ring of K and V tiles."""
+    from xattn._backends.cupy_ import instances
+
+    names = [n for i in instances.shipped() for n in i.names if n.startswith("decode_")]
+    assert len(names) == len(set(names))
+    for d in instances.DECODE_HEAD_DIMS:
+        for nw, st in (instances.DECODE[d], *instances.DECODE_EXTRA.get(d, ())):
+            for tn in ("f16", "bf16"):
+                assert f"decode_splitkv_{tn}_d{d}_w{nw}_s{st}" in names
+            assert cupy_decode.smem_bytes(d, (nw, st)) == (16 * (d + 8)
+                                                          + nw * st * 2 * 16 * (d + 8)) * 2
+        for tn in ("f16", "bf16"):
+            assert names.count(f"decode_combine_{tn}_d{d}") == 1
+    assert cupy_decode.smem_bytes(128) == cupy_decode.smem_bytes(128, instances.DECODE[128])
+    # The split count leaves each of the block's warps at least 4 tiles.
+    assert cupy_decode.num_splits(1, 1, 1, 64, 132, 3, 2) == 8
+    assert cupy_decode.num_splits(1, 1, 1, 64, 132, 3, 8) == 2
 
 
 def test_auto_takes_the_kernel_before_generic():
@@ -44,7 +71,6 @@ def test_auto_takes_the_kernel_before_generic():
     order = _backends._PREFERENCE["gpu"]
     assert order.index("cupy.decode") < order.index("generic")
     assert "cupy.decode" not in _backends.OPT_IN
-    assert cupy_decode.smem_bytes(128) == (16 * 136 + 4 * 4 * 16 * 136) * 2
 
 
 def _cases():
@@ -57,7 +83,7 @@ def _cases():
 @pytest.mark.parametrize(("dtype", "d"), list(_cases()))
 @pytest.mark.parametrize(("hq", "hkv"), [(8, 8), (32, 8), (16, 1)], ids=["MHA", "GQA", "MQA"])
 @pytest.mark.parametrize("T", [1, 4])
-@pytest.mark.parametrize("page_size", [None, 16, 7])
+@pytest.mark.parametrize("page_size", [None, 16, 7])  # 7: tiles straddle pages
 @pytest.mark.parametrize("options", [{}, {"window": (300, None)}, {"softcap": 2.0},
                                      {"alibi": True}], ids=["plain", "window", "softcap",
                                                            "alibi"])
@@ -84,3 +110,128 @@ def test_cupy_decode_matches_oracle(rng, dtype, d, hq, hkv, T, page_size, option
         assert_close(out[b], ref, xp=cupy, dtype=q.dtype, naive=naive, name=f"out[{b}]")
         assert_close(lse[b], ref_lse, xp=cupy, dtype=np.float32, atol=1e-3, rtol=1e-3,
                      name=f"lse[{b}]")
+
+
+def _fill(rng, cache, lengths, dtype):
+    B, hkv, d = cache.batch, cache.kv_heads, cache.head_dim
+    k = cupy_array(rng.standard_normal((B, hkv, max(lengths), d)), dtype)
+    v = cupy_array(rng.standard_normal((B, hkv, max(lengths), d)), dtype)
+    cache.append(k, v, lengths=list(lengths))
+
+
+def _check(cache, q, out, lse, name="", **options):
+    import cupy
+
+    ref_opts = {key: (to_numpy(val) if hasattr(val, "shape") else val)
+                for key, val in options.items()}
+    for b in range(cache.batch):
+        K, V = cache.sequence(b)
+        ref, ref_lse, _ = reference_attention(q[b], K, V, causal=True, **ref_opts)
+        naive = naive_attention(q[b], K, V, causal=True, **ref_opts)
+        assert_close(out[b], ref, xp=cupy, dtype=q.dtype, naive=naive, name=f"{name} out[{b}]")
+        if lse is not None:
+            assert_close(lse[b], ref_lse, xp=cupy, dtype=np.float32, atol=1e-3, rtol=1e-3,
+                         name=f"{name} lse[{b}]")
+
+
+def _configs():
+    from xattn._backends.cupy_ import instances
+
+    for d in instances.DECODE_HEAD_DIMS:
+        for cfg in instances.DECODE_EXTRA.get(d, ()):
+            yield pytest.param(d, cfg, id=f"d{d}-w{cfg[0]}-s{cfg[1]}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("d", "cfg"), list(_configs()))
+@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("page_size", [None, 16, 24])
+@pytest.mark.parametrize("window", [None, (100, None)])
+def test_every_instance_matches_oracle(rng, d, cfg, T, page_size, window):
+    """The candidates the benchmark times beside the default (other warps and stages), on
+    ragged lengths, paged (24: tiles straddle pages) and windowed."""
+    cupy = pytest.importorskip("cupy")
+    from xattn.kvcache import _validate_decode
+
+    cache = xattn.KVCache(3, 8, 1536, d, dtype=np.float16, xp=cupy, page_size=page_size)
+    _fill(rng, cache, (1500, 333, 2), "float16")
+    q = cupy_array(rng.standard_normal((3, 32, T, d)), "float16")
+    prob = _validate_decode(q, cache, window, None, None, None)
+    out, lse = cupy_decode.decode(prob, q, cache, config=cfg)
+    _check(cache, q, out, lse, name=str(cfg), window=window)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, 2, 5, 37, 128])
+def test_forced_split_counts(rng, splits):
+    """One split (the block writes the output) and many (the lse merge), up to more splits
+    than some sequences have tiles (empty splits)."""
+    cupy = pytest.importorskip("cupy")
+    from xattn.kvcache import _validate_decode
+
+    cache = xattn.KVCache(3, 2, 4096, 128, dtype=np.float16, xp=cupy, page_size=32)
+    _fill(rng, cache, (4000, 700, 17), "float16")
+    q = cupy_array(rng.standard_normal((3, 8, 2, 128)), "float16")
+    prob = _validate_decode(q, cache, None, None, None, None)
+    out, lse = cupy_decode.decode(prob, q, cache, splits=splits)
+    _check(cache, q, out, lse, name=f"splits={splits}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [16, 24, 7])
+@pytest.mark.parametrize("T", [1, 4])
+def test_paged_equals_contiguous_exactly(rng, page_size, T):
+    """The same tokens in a contiguous and a paged cache give the same bits: the tiles, the
+    split count and the order of every sum are the layout's business only in the addresses."""
+    cupy = pytest.importorskip("cupy")
+    lengths = (3000, 1234, 5)
+    caches = [xattn.KVCache(3, 8, 3072, 128, dtype=np.float16, xp=cupy, page_size=ps)
+              for ps in (None, page_size)]
+    k = cupy_array(rng.standard_normal((3, 8, max(lengths), 128)), "float16")
+    v = cupy_array(rng.standard_normal((3, 8, max(lengths), 128)), "float16")
+    for c in caches:
+        c.append(k, v, lengths=list(lengths))
+    q = cupy_array(rng.standard_normal((3, 32, T, 128)), "float16")
+    slopes = cupy.asarray(rng.uniform(0.01, 0.1, 32).astype(np.float32))
+    for opts in ({}, {"window": (500, None)}, {"softcap": 3.0, "alibi_slopes": slopes}):
+        a, la = xattn.decode_attention(q, caches[0], return_lse=True, **opts)
+        b, lb = xattn.decode_attention(q, caches[1], return_lse=True, **opts)
+        assert bool((a == b).all()) and bool((la == lb).all()), opts
+    _check(caches[1], q, b, lb, **opts)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("page_size", "max_len"), [(None, 520), (16, 512), (8, 520)])
+def test_ring_buffer(rng, page_size, max_len):
+    """A ring buffer (KVCache(window=W)) past its capacity: the unrolled block table wraps
+    the slots; a tile that straddles the wrap (max_len 520, page 8) takes the per-row path."""
+    cupy = pytest.importorskip("cupy")
+    cache = xattn.KVCache(2, 2, max_len, 64, dtype=np.float16, xp=cupy, page_size=page_size,
+                          window=300)
+    for _ in range(3):
+        _fill(rng, cache, (400, 250), "float16")
+    q = cupy_array(rng.standard_normal((2, 8, 3, 64)), "float16")
+    out, lse = xattn.decode_attention(q, cache, return_lse=True, backend="cupy.decode")
+    _check(cache, q, out, lse, window=(300, None))
+
+
+@pytest.mark.gpu
+def test_plans_follow_the_cache(rng):
+    """The launch plan (split count, grid, arguments) is renewed by every append and reset;
+    without return_lse no lse is written and the output is the same bits; a non-contiguous q
+    is read as its values."""
+    cupy = pytest.importorskip("cupy")
+    cache = xattn.KVCache(2, 2, 2048, 128, dtype=np.float16, xp=cupy, page_size=16)
+    _fill(rng, cache, (40, 3), "float16")
+    for step in range(3):
+        q = cupy_array(rng.standard_normal((2, 8, 1, 128)), "float16")
+        out, lse = xattn.decode_attention(q, cache, return_lse=True)
+        again = xattn.decode_attention(q, cache)
+        assert bool((out == again).all())
+        _check(cache, q, out, lse, name=f"step {step}")
+        _fill(rng, cache, (600, 1), "float16")  # more splits, new pages
+    cache.reset(0)
+    _fill(rng, cache, (5, 0), "float16")
+    qt = cupy_array(rng.standard_normal((2, 4, 8, 128)), "float16").transpose(0, 2, 1, 3)
+    out, lse = xattn.decode_attention(qt, cache, return_lse=True)
+    _check(cache, qt, out, lse, name="after reset, transposed q")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,6 +134,12 @@ class KVCache:
         # int32s (_device_meta) are made once per change, not once per decode call.
         self._changes = 0
         self._meta = None
+        # decode_attention's host work, cached (see _launch_plans and _call_key): validated
+        # problems per call signature (the cache's shape never changes), and the launchers'
+        # plans for the current state (dropped at every change).
+        self._calls: dict = {}
+        self._plans: dict = {}
+        self._plans_at = -1
         shape_k = (self.kv_heads, self.head_dim)
         shape_v = (self.kv_heads, self.head_dim_v)
         if self.page_size is None:
@@ -153,6 +160,7 @@ class KVCache:
             self._free = list(range(self.num_pages - 1, -1, -1))
             self._k = xp.zeros((self.num_pages, shape_k[0], self.page_size, shape_k[1]), dtype=dt)
             self._v = xp.zeros((self.num_pages, shape_v[0], self.page_size, shape_v[1]), dtype=dt)
+        self._array_type = type(self._k)
 
     # -- read-only views of the state ---------------------------------------------------------
     @property
@@ -217,16 +225,28 @@ class KVCache:
     def _device_meta(self):
         """``(k_pages, v_pages, table, lengths, page_size)`` as :meth:`_pool`, with ``table`` and
         ``lengths`` int32 arrays in the cache's namespace: copied explicitly, once per change of
-        the cache (a few int32s, not keys or values), so repeated decode calls on an unchanged
-        cache launch no host-to-device transfer."""
+        the cache (a few int32s, not keys or values, in one transfer: ``lengths`` and ``table``
+        are views of one array), so repeated decode calls on an unchanged cache launch no
+        host-to-device transfer."""
         if self._meta is None or self._meta[0] != self._changes:
             _, _, table, ps = self._pool()
             xp = self.xp
+            host = np.concatenate([self._lengths, table.ravel()]).astype(np.int32, copy=False)
             # xp.array copies (asarray would alias the host state on NumPy).
-            self._meta = (self._changes, xp.array(table, dtype=xp.int32),
-                          xp.array(self._lengths, dtype=xp.int32), ps)
+            both = xp.array(host, dtype=xp.int32)
+            self._meta = (self._changes, both[self.batch:].reshape(table.shape),
+                          both[:self.batch], ps)
         _, table, lengths, ps = self._meta
         return self._k, self._v, table, lengths, ps
+
+    def _launch_plans(self) -> dict:
+        """A dict for a launcher's plans of the cache's current state (split count, grid,
+        launch arguments), emptied by every change (append, reset): a plan kept there is
+        reused only while lengths and block table stay as they were when it was made."""
+        if self._plans_at != self._changes or len(self._plans) > 64:
+            self._plans.clear()
+            self._plans_at = self._changes
+        return self._plans
 
     def _segments(self, b, start, stop):
         """``(page, offset, position, count)`` runs covering positions ``[start, stop)`` of
@@ -598,8 +618,8 @@ def decode_attention(q, cache, /, *, window=None, alibi_slopes=None, softcap=Non
     backend : str
         ``"auto"``, or ``"numba"`` (the CPU split-KV kernel), ``"numpy"`` (CPU array code)
         or ``"generic"`` (the same array code on CuPy); every dtype on each.
-        ``"cupy.decode"`` names the CUDA split-KV kernel, which has not been run on a GPU yet
-        and is never chosen by ``"auto"`` (see :doc:`/inference`).
+        ``"cupy.decode"`` names the CUDA split-KV kernel (float16/bfloat16, ``D = Dv`` in 64
+        or 128), which ``"auto"`` takes on CuPy where it applies (see :doc:`/inference`).
 
     Returns
     -------
@@ -622,11 +642,62 @@ def decode_attention(q, cache, /, *, window=None, alibi_slopes=None, softcap=Non
     >>> out.shape, bool(np.allclose(out[0], ref, atol=1e-5))
     ((1, 8, 1, 32), True)
     """
-    prob = _validate_decode(q, cache, window, alibi_slopes, softcap, scale)
+    key = _call_key(q, cache, window, alibi_slopes, softcap, scale, backend)
+    hit = None if key is None else cache._calls.get(key)
+    if hit is None:
+        prob = _validate_decode(q, cache, window, alibi_slopes, softcap, scale)
+        impl = _backends.select(prob, {}, backend, op="decode")
+        if key is not None:
+            if len(cache._calls) > 64:
+                cache._calls.clear()
+            cache._calls[key] = (prob, impl)
+    else:
+        prob, impl = hit
     return_lse = check_bool("return_lse", return_lse)
     interleaved = check_bool("rotary_interleaved", rotary_interleaved)
     if rotary is not None:
         q = _rotate_queries(q, cache, rotary, interleaved)
-    impl = _backends.select(prob, {}, backend, op="decode")
-    out, lse = impl.decode(prob, q, cache, alibi_slopes=alibi_slopes)
+    if getattr(impl, "DECODE_LSE_OPTIONAL", False):
+        out, lse = impl.decode(prob, q, cache, alibi_slopes=alibi_slopes, need_lse=return_lse)
+    else:
+        out, lse = impl.decode(prob, q, cache, alibi_slopes=alibi_slopes)
     return (out, lse) if return_lse else out
+
+
+_PLAIN_NUMBERS = (int, float)
+
+
+def _call_key(q, cache, window, alibi_slopes, softcap, scale, backend):
+    """A key under which this call's validated problem and table choice may be reused, or None
+    (validate in full).
+
+    Everything the validation and the choice read is in it: the exact array types (the cache's
+    own, so the namespace checks hold), q's shape, dtype and device, the options by type and
+    value (plain ints, floats, None and tuples of them only: anything else, including bools
+    and NumPy scalars, is validated every time), ALiBi's shape, dtype and device, the backend
+    name and ``XATTN_DISABLE``. The cache's own shape and options never change after
+    construction. With debug logging on, every call goes through the table (it logs the
+    choice)."""
+    if type(cache) is not KVCache or type(q) is not cache._array_type:
+        return None
+    if type(backend) is not str or _backends._log.isEnabledFor(10):  # logging.DEBUG
+        return None
+    for x in (softcap, scale):
+        if x is not None and type(x) not in _PLAIN_NUMBERS:
+            return None
+    if window is not None:
+        if type(window) is not tuple or len(window) != 2:
+            return None
+        for w in window:
+            if w is not None and type(w) is not int:
+                return None
+    dev = q.device.id if cache._xp_name == "cupy" else None
+    if alibi_slopes is None:
+        ali = None
+    elif type(alibi_slopes) is cache._array_type:
+        ali = (alibi_slopes.shape, alibi_slopes.dtype,
+               alibi_slopes.device.id if dev is not None else None)
+    else:
+        return None
+    return (q.shape, q.dtype, dev, window, type(softcap), softcap, type(scale), scale, ali,
+            backend, os.environ.get("XATTN_DISABLE", ""))

@@ -1,10 +1,6 @@
 // Decode attention over a KV cache, split over the keys ("flash-decoding"), on tensor cores
 // (mma.sync.m16n8k16, sm_80+), with GQA packing and paged reads through a block table.
 //
-// NOT YET RUN ON A GPU: compiled and checked with ptxas only (no spills, tools/check_kernels.py).
-// The launcher (xattn/_backends/cupy_/decode.py) is reachable only with backend="cupy.decode",
-// never by "auto", until a GPU run has checked it against the float64 oracle.
-//
 // Problem: sequence b holds L = lengths[b] tokens; its T newest queries sit at positions
 // L - T .. L - 1 (bottom-right causal), optionally with a left window wl. Query head h reads
 // kv head h / G (G = Hq / Hkv).
@@ -16,12 +12,16 @@
 // memory once for all the query heads sharing it.
 //
 // Grid: x = split, y = kv head * row blocks + row block, z = sequence. Block: NW warps. The
-// split's key tiles (BN = 16 keys) are dealt to the warps round-robin; each warp keeps its
-// own online softmax (float32 running max in base 2, sum, accumulator in registers) and its
-// own double-buffered K/V tiles in shared memory, filled with cp.async from the pages. At the
-// end the warps' states are merged through shared memory; with one split the block writes
-// the final output and lse, otherwise float32 partial outputs and their lse, which
-// decode_combine merges (out = sum_s exp(lse_s - lse) o_s, lse = log sum_s exp(lse_s)).
+// split's key tiles (BN = 16 keys, starting at a multiple of 16) are dealt to the warps in
+// turn; each warp keeps its own online softmax (float32 running max in base 2, sum,
+// accumulator in registers) and its own ring of ST stages of K/V tiles in shared memory,
+// filled with cp.async from the pages ST - 1 tiles ahead of the one it computes. A tile inside
+// one page costs one block-table read for all its rows (load_kv). Only the tiles at the causal
+// edge, the sequence end and the window's edge test each score; the others are visible to
+// every row. At the end the warps' states are merged through shared memory; with one split
+// the block writes the final output and lse, otherwise float32 partial outputs and their lse,
+// which decode_combine merges (out = sum_s exp(lse_s - lse) o_s, lse = log sum_s exp(lse_s)).
+// NW and ST are instance parameters (xattn/_backends/cupy_/instances.py: DECODE).
 //
 // Storage: k, v pools (P, Hkv, page_size, D) of 16-bit values; table (B, max_pages) int32;
 // a contiguous cache is one page per sequence (page_size = max_len, table[b] = {b}).
@@ -41,7 +41,7 @@ struct DecodeArgs {
     const int* table;          // (B, max_pages)
     const int* lengths;        // (B,)
     unsigned short* o;         // (B, Hq, T, D), written when splits == 1
-    float* lse;                // (B, Hq, T) natural log, written when splits == 1
+    float* lse;                // (B, Hq, T) natural log (null: not wanted)
     float* o_part;             // (splits, B, Hq, T, D) float32, normalised per split
     float* lse_part;           // (splits, B, Hq, T)
     int batch, hq, hkv, T, page_size, max_pages, splits;
@@ -52,33 +52,66 @@ struct DecodeArgs {
     long long alibi_bs;
 };
 
-// Copy ROWS keys (positions j0 .. j0 + ROWS - 1) of kv head g from the pages into shared
-// memory (row stride LD); positions at or past `hi` are zero-filled. One warp, 32 lanes.
-template <int ROWS, int D, int LD>
-__device__ __forceinline__ void load_paged(unsigned short* s, const unsigned short* pool,
-                                           const int* table, int ps, int hkv, int g, int j0,
-                                           int hi, int lane) {
+// cp.async of 16 bytes with a 256-byte L2 prefetch hint: each key row is 128-256 contiguous
+// bytes and a tile's rows are contiguous within a page, so the neighbouring sectors are the
+// next copies' anyway; src-size 0 zero-fills (rows past the sequence end).
+__device__ __forceinline__ void cp_async16_l2(unsigned dst, const void* src, bool valid) {
+    const int n = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(n));
+}
+
+// Copy the K and V rows of one BN-key tile (positions j0 .. j0 + BN - 1, kv head g) from the
+// pages into shared memory (row stride LD); positions at or past `hi` are zero-filled. One
+// warp, 32 lanes. A tile that lies in one page (every tile of a cache whose page size is a
+// multiple of BN, since tiles start at multiples of BN; every tile of a contiguous cache but
+// the one astride a ring buffer's wrap) costs one table read and one division for all its
+// rows, and each lane's copies step by constants from one base; only a tile astride a page
+// boundary looks up each row's page.
+template <int BN, int D, int LD>
+__device__ __forceinline__ void load_kv(unsigned sk, unsigned sv, const unsigned short* kpool,
+                                        const unsigned short* vpool, const int* table, int ps,
+                                        int hkv, int g, int j0, int hi, int lane) {
     constexpr int CPR = D / 8;  // 16-byte chunks per row
-    constexpr int TOTAL = ROWS * CPR;
-    const unsigned sbase = smem_u32(s);
+    constexpr int TOTAL = BN * CPR;
+    static_assert(TOTAL % 32 == 0, "whole iterations of the warp");
+    const int last = min(j0 + BN, hi) - 1;  // the tile's last stored position
+    const int pi = j0 / ps;
+    const int off = j0 - pi * ps;
+    if (off + (last - j0) < ps) {
+        const long long base =
+            (((long long)__ldg(table + pi) * hkv + g) * ps + off) * D + (lane % CPR) * 8;
 #pragma unroll
-    for (int it = 0; it < (TOTAL + 31) / 32; ++it) {
-        const int i = it * 32 + lane;
-        if (TOTAL % 32 != 0 && i >= TOTAL) break;
-        const int r = i / CPR, c = i % CPR;
-        const int j = j0 + r;
-        const bool ok = j < hi;
-        const unsigned short* src = pool;
-        if (ok) {
-            const long long page = table[j / ps];
-            src = pool + ((page * hkv + g) * ps + j % ps) * D + c * 8;
+        for (int it = 0; it < TOTAL / 32; ++it) {
+            const int r = it * (32 / CPR) + lane / CPR;
+            const bool ok = j0 + r <= last;
+            const long long e = ok ? base + (long long)r * D : 0;
+            const unsigned so = (unsigned)((r * LD + (lane % CPR) * 8) * 2);
+            cp_async16_l2(sk + so, kpool + e, ok);
+            cp_async16_l2(sv + so, vpool + e, ok);
         }
-        cp_async16(sbase + (unsigned)((r * LD + c * 8) * 2), src, ok);
+    } else {
+#pragma unroll
+        for (int it = 0; it < TOTAL / 32; ++it) {
+            const int r = it * (32 / CPR) + lane / CPR;
+            const int j = j0 + r;
+            const bool ok = j <= last;
+            long long e = 0;
+            if (ok) {
+                const int p = j / ps;
+                e = (((long long)__ldg(table + p) * hkv + g) * ps + (j - p * ps)) * D +
+                    (lane % CPR) * 8;
+            }
+            const unsigned so = (unsigned)((r * LD + (lane % CPR) * 8) * 2);
+            cp_async16_l2(sk + so, kpool + e, ok);
+            cp_async16_l2(sv + so, vpool + e, ok);
+        }
     }
 }
 
-template <class T, int D, int NW>
+template <class T, int D, int NW, int ST>
 __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
+    static_assert(ST >= 2 && ST <= 8, "2 to 8 stages");
     constexpr int BN = 16;          // keys per warp tile: one k16 step of P V
     constexpr int LD = D + 8;       // padded rows: conflict-free ldmatrix
     constexpr int KS = D / 16;      // k-steps of Q K^T
@@ -97,8 +130,10 @@ __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
     const int split = blockIdx.x, g = blockIdx.y / RB, rb = blockIdx.y % RB, b = blockIdx.z;
     const int L = a.lengths[b];
     const int first = L - a.T;  // position of query token 0
-    // Keys any query of the sequence may see, cut into BN-key tiles from lo, dealt to splits.
-    const int lo = a.wl >= 0 ? max(0, first - a.wl) : 0;
+    // Keys any query of the sequence may see, [lo, hi), in BN-key tiles from a multiple of BN
+    // (so that tiles and pages align; the window's rule hides the keys below lo), dealt to the
+    // splits in runs and within a split to the warps in turn.
+    const int lo = a.wl >= 0 ? max(0, first - a.wl) / BN * BN : 0;
     const int hi = L;
     const int n_tiles = hi > lo ? (hi - lo + BN - 1) / BN : 0;
     const int per_split = (n_tiles + a.splits - 1) / a.splits;
@@ -109,7 +144,22 @@ __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
     // Q: the block's 16 packed rows (rows past R read as zeros), once per block.
     load_tile<16, D, LD, NT>(sQ, a.q + row0 * D, rb * 16, R, tid);
     cp_async_commit();
-    cp_async_wait<0>();
+
+    // This warp's tiles: t0 + warp, t0 + warp + NW, ...; its first ST - 1 go in flight now,
+    // one commit group per stage (empty groups keep the count uniform).
+    const int count = t1 > t0 + warp ? (t1 - t0 - warp + NW - 1) / NW : 0;
+    unsigned short* wKV = sKV + warp * ST * 2 * TILE;  // [stage][K, V]
+    const unsigned wKVa = smem_u32(wKV);
+#pragma unroll
+    for (int s = 0; s < ST - 1; ++s) {
+        if (s < count)
+            load_kv<BN, D, LD>(wKVa + s * 4 * TILE, wKVa + s * 4 * TILE + 2 * TILE, a.k, a.v,
+                               table, a.page_size, a.hkv, g, lo + (t0 + warp + s * NW) * BN, hi,
+                               lane);
+        cp_async_commit();
+    }
+
+    cp_async_wait<ST - 1>();  // the Q group (the oldest) has landed
     __syncthreads();
     unsigned qf[KS][4];
     const unsigned sQa = smem_u32(sQ);
@@ -132,41 +182,32 @@ __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
         slope[hr] = (a.alibi && row_ok[hr])
                         ? a.alibi[(long long)b * a.alibi_bs + g * G + pr / a.T] : 0.f;
     }
+    const bool mods = a.softcap > 0.f || a.alibi != nullptr;
+    const float scale2 = a.scale * XATTN_LOG2E;
 
     float acc[ND][4];
 #pragma unroll
     for (int n = 0; n < ND; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
     float m[2] = {-XATTN_INF, -XATTN_INF}, l[2] = {0.f, 0.f};
 
-    unsigned short* wKV = sKV + warp * 4 * TILE;  // [buf][K, V]
-    const unsigned wKVa = smem_u32(wKV);
-    int kt = t0 + warp;
-    if (kt < t1) {
-        load_paged<BN, D, LD>(wKV, a.k, table, a.page_size, a.hkv, g, lo + kt * BN, hi, lane);
-        load_paged<BN, D, LD>(wKV + TILE, a.v, table, a.page_size, a.hkv, g, lo + kt * BN, hi,
-                              lane);
+    int slot = 0, fill = ST - 1;  // the stage read now, the stage the next copy fills
+    for (int i = 0; i < count; ++i) {
+        // Tile i has landed (at most ST - 2 younger groups are pending); the barrier also
+        // tells every lane that all lanes are done with the stage refilled below (tile i - 1).
+        cp_async_wait<ST - 2>();
+        __syncwarp();
+        if (i + ST - 1 < count)
+            load_kv<BN, D, LD>(wKVa + fill * 4 * TILE, wKVa + fill * 4 * TILE + 2 * TILE, a.k,
+                               a.v, table, a.page_size, a.hkv, g,
+                               lo + (t0 + warp + (i + ST - 1) * NW) * BN, hi, lane);
         cp_async_commit();
-    }
-    for (int buf = 0; kt < t1; buf ^= 1) {
-        const int kn = kt + NW;
-        if (kn < t1) {  // prefetch this warp's next tile into the other buffer
-            unsigned short* nxt = wKV + (buf ^ 1) * 2 * TILE;
-            load_paged<BN, D, LD>(nxt, a.k, table, a.page_size, a.hkv, g, lo + kn * BN, hi,
-                                  lane);
-            load_paged<BN, D, LD>(nxt + TILE, a.v, table, a.page_size, a.hkv, g, lo + kn * BN,
-                                  hi, lane);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncwarp();  // every lane's copies of this tile are visible to the warp
+        fill = fill + 1 == ST ? 0 : fill + 1;
 
         // S = Q K^T: 16 rows x 16 keys, two n8 tiles.
         float s[2][4];
 #pragma unroll
         for (int n = 0; n < 2; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-        const unsigned kbase = wKVa + (unsigned)(buf * 2 * TILE * 2);
+        const unsigned kbase = wKVa + (unsigned)(slot * 4 * TILE);
 #pragma unroll
         for (int ks = 0; ks < KS; ++ks) {
             unsigned bf[4];
@@ -177,23 +218,33 @@ __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
             mma(s[1], qf[ks], bf[2], bf[3], T());
         }
 
-        // Score modifications (softcap, ALiBi) and the rules, element by element: flash-attn's
-        // order, natural units; then base 2 for the softmax.
-        const int k0 = lo + kt * BN;
+        // Score modifications (softcap, ALiBi) in flash-attn's order, natural units, then the
+        // rules, then base 2 for the softmax. Only tiles that reach past the first query's
+        // position (the causal edge, the sequence end) or below the last query's window need
+        // the element test; the others are visible to every row.
+        const int k0 = lo + (t0 + warp + i * NW) * BN;
+        const bool edge = k0 + BN > first + 1 || (a.wl >= 0 && k0 < hi - 1 - a.wl);
+        if (mods || edge) {
 #pragma unroll
-        for (int hr = 0; hr < 2; ++hr)
+            for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+                for (int n = 0; n < 2; ++n)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int j = k0 + n * 8 + t4 * 2 + e;
+                        float x = s[n][hr * 2 + e] * a.scale;
+                        if (a.softcap > 0.f) x = a.softcap * tanhf(x / a.softcap);
+                        x -= slope[hr] * fabsf((float)(pos[hr] - j));
+                        const bool vis = !edge || (row_ok[hr] && j < hi && j <= pos[hr] &&
+                                                   (a.wl < 0 || j >= pos[hr] - a.wl));
+                        s[n][hr * 2 + e] = vis ? x * XATTN_LOG2E : -XATTN_INF;
+                    }
+        } else {
 #pragma unroll
             for (int n = 0; n < 2; ++n)
 #pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int j = k0 + n * 8 + t4 * 2 + e;
-                    float x = s[n][hr * 2 + e] * a.scale;
-                    if (a.softcap > 0.f) x = a.softcap * tanhf(x / a.softcap);
-                    x -= slope[hr] * fabsf((float)(pos[hr] - j));
-                    const bool vis = row_ok[hr] && j < hi && j <= pos[hr] &&
-                                     (a.wl < 0 || j >= pos[hr] - a.wl);
-                    s[n][hr * 2 + e] = vis ? x * XATTN_LOG2E : -XATTN_INF;
-                }
+                for (int e = 0; e < 4; ++e) s[n][e] *= scale2;
+        }
 
         // Online softmax per row (the 4 lanes of a quad share a row).
 #pragma unroll
@@ -240,11 +291,11 @@ __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
             mma(acc[2 * dn], pf, vf[0], vf[1], T());
             mma(acc[2 * dn + 1], pf, vf[2], vf[3], T());
         }
-        __syncwarp();  // all lanes are done with this buffer before it is refilled
-        kt = kn;
+        slot = slot + 1 == ST ? 0 : slot + 1;
     }
+    cp_async_wait<0>();  // no copy may land in the stages after the merge reuses them
 
-    // Merge the warps' states through shared memory (the K/V tiles are no longer needed).
+// Merge the warps' states through shared memory (the K/V tiles are no longer needed).
     __syncthreads();
     float* sAcc = reinterpret_cast<float*>(sKV);  // [NW][16][D]
     float* sM = sAcc + NW * 16 * D;               // [NW][16], base 2
@@ -286,7 +337,7 @@ __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
         const long long row = row0 + pr;  // (b, h, t) flattened
         if (a.splits == 1) {
             a.o[row * D + d] = (unsigned short)(pack2(out, 0.f, T()) & 0xffffu);
-            if (d == 0) a.lse[row] = lse;
+            if (d == 0 && a.lse != nullptr) a.lse[row] = lse;
         } else {
             const long long base = (long long)split * a.batch * a.hq * a.T + row;
             a.o_part[base * D + d] = out;
@@ -313,7 +364,7 @@ __device__ __forceinline__ void combine_core(const DecodeArgs& a) {
         val += wt * a.o_part[(s * rows + row) * D + d];
     }
     a.o[row * D + d] = (unsigned short)(pack2(sum > 0.f ? val / sum : 0.f, 0.f, T()) & 0xffffu);
-    if (d == 0) a.lse[row] = sum > 0.f ? m_use + __logf(sum) : -XATTN_INF;
+    if (d == 0 && a.lse != nullptr) a.lse[row] = sum > 0.f ? m_use + __logf(sum) : -XATTN_INF;
 }
 
 }  // namespace xattn
@@ -329,19 +380,23 @@ __device__ __forceinline__ void combine_core(const DecodeArgs& a) {
                       o_part, lse_part, batch,    hq,    hkv,       T,         page_size,   \
                       max_pages, splits, scale,   softcap, wl,      alibi,     alibi_bs}
 
-#define XATTN_DECODE_ENTRY(TN, D, NW)                                                       \
+#define XATTN_DECODE_ENTRY(TN, D, NW, ST)                                                   \
     extern "C" __global__ void __launch_bounds__(NW * 32)                                   \
-        decode_splitkv_##TN##_d##D##_w##NW(XATTN_DECODE_PARAMS) {                           \
-        xattn::decode_core<xattn::TN, D, NW>(XATTN_DECODE_ARGS);                            \
-    }                                                                                       \
+        decode_splitkv_##TN##_d##D##_w##NW##_s##ST(XATTN_DECODE_PARAMS) {                   \
+        xattn::decode_core<xattn::TN, D, NW, ST>(XATTN_DECODE_ARGS);                        \
+    }
+#define XATTN_DECODE_ONE(TN, D, NW, ST) XATTN_DECODE_ENTRY(TN, D, NW, ST)
+#define XATTN_DECODE_COMBINE_ENTRY(TN, D)                                                   \
     extern "C" __global__ void decode_combine_##TN##_d##D(XATTN_DECODE_PARAMS) {            \
         xattn::combine_core<xattn::TN, D>(XATTN_DECODE_ARGS);                               \
     }
-#define XATTN_DECODE_ONE(TN, D, NW) XATTN_DECODE_ENTRY(TN, D, NW)
+#define XATTN_DECODE_COMBINE_ONE(TN, D) XATTN_DECODE_COMBINE_ENTRY(TN, D)
 
-// Instantiation: the loader builds one module per (dtype, head dim) with -D options, CI one
-// translation unit with one macro call per entry -- both from the list in
+// Instantiation: the loader builds one module per entry with -D options, CI one translation
+// unit with one macro call per entry -- both from the list in
 // xattn/_backends/cupy_/instances.py. Without those options this file builds nothing.
-#ifdef XATTN_D
-XATTN_DECODE_ONE(XATTN_TN, XATTN_D, XATTN_NW)
+#if defined(XATTN_D) && defined(XATTN_ST)
+XATTN_DECODE_ONE(XATTN_TN, XATTN_D, XATTN_NW, XATTN_ST)
+#elif defined(XATTN_D)
+XATTN_DECODE_COMBINE_ONE(XATTN_TN, XATTN_D)
 #endif

@@ -23,7 +23,6 @@ import numpy as np
 from . import _params, instances
 from ._compile import compiled_function
 
-NW = instances.DECODE_WARPS  # warps per block
 BN = 16  # keys per warp tile
 HEAD_DIMS = instances.DECODE_HEAD_DIMS
 # A warp should walk at least this many tiles of its split, or the merge costs more than it
@@ -33,6 +32,8 @@ _MIN_TILES_PER_WARP = 4
 # slots to be taken (more splits cost a merge and a prologue each).
 _GAIN = 0.05
 _MAX_SPLITS = 128
+# decode_attention passes need_lse (False: no lse array is made or written).
+DECODE_LSE_OPTIONAL = True
 
 
 def supports(prob, opts, op):
@@ -51,26 +52,32 @@ def supports(prob, opts, op):
     return None
 
 
-def smem_bytes(d):
-    """Dynamic shared memory: the Q tile and each warp's two stages of K and V tiles (the
-    warps' merge reuses the K/V space)."""
+def default_config(d):
+    """``(warps, stages)`` of the instance the launcher takes for head dim ``d``."""
+    return instances.DECODE[d]
+
+
+def smem_bytes(d, cfg=None):
+    """Dynamic shared memory: the Q tile and each warp's ring of ``stages`` K and V tiles
+    (the warps' merge reuses the K/V space)."""
+    nw, st = cfg or default_config(d)
     ld = d + 8
-    return (16 * ld + NW * 4 * BN * ld) * 2
+    return (16 * ld + nw * st * 2 * BN * ld) * 2
 
 
-@functools.lru_cache(maxsize=512)  # a pure function of ints, on every decode call's path
-def num_splits(batch, hkv, row_blocks, max_tiles, sm_count, per_sm=1):
+@functools.lru_cache(maxsize=512)  # a pure function of ints, on every new plan's path
+def num_splits(batch, hkv, row_blocks, max_tiles, sm_count, per_sm=1, nw=4):
     """Splits of each sequence's keys. Every block does the same work, so the blocks run in
     waves of ``sm_count * per_sm`` (the resident blocks the card holds); a last wave that is
     partly empty leaves bandwidth idle (64 sequences x 8 kv heads = 512 blocks on 396 slots of
     an H100 ran at 0.69 of copy bandwidth). The count taken fills the waves best, the fewest
-    splits among counts within a factor ``1 + _GAIN`` of each other, and leaves every warp at least
-    ``_MIN_TILES_PER_WARP`` tiles."""
+    splits among counts within a factor ``1 + _GAIN`` of each other, and leaves every one of
+    the ``nw`` warps at least ``_MIN_TILES_PER_WARP`` tiles."""
     blocks = batch * hkv * row_blocks
     if blocks == 0:
         return 1
     slots = max(1, sm_count * per_sm)
-    cap = int(max(1, min(_MAX_SPLITS, max_tiles // (_MIN_TILES_PER_WARP * NW))))
+    cap = int(max(1, min(_MAX_SPLITS, max_tiles // (_MIN_TILES_PER_WARP * nw))))
     best, best_fill = 1, 0.0
     for s in range(1, cap + 1):
         total = blocks * s
@@ -80,14 +87,15 @@ def num_splits(batch, hkv, row_blocks, max_tiles, sm_count, per_sm=1):
     return best
 
 
-def blocks_per_sm(fn, d):
+def blocks_per_sm(fn, d, cfg=None):
     """Resident blocks of the decode kernel per SM, from its registers (``num_regs`` of the
-    CuPy kernel) and shared memory against the device's limits, once per device, head dim
-    and kernel."""
+    CuPy kernel) and shared memory against the device's limits, once per device, head dim,
+    configuration and kernel."""
     import cupy
 
+    cfg = cfg or default_config(d)
     dev = cupy.cuda.runtime.getDevice()
-    key = (dev, d, fn.num_regs)
+    key = (dev, d, cfg, fn.num_regs)
     hit = _occupancy.get(key)
     if hit is None:
         rt = cupy.cuda.runtime
@@ -96,71 +104,113 @@ def blocks_per_sm(fn, d):
             return rt.deviceGetAttribute(getattr(rt, "cudaDevAttr" + name, number), dev)
 
         hit = _occupancy[key] = resident_blocks(
-            fn.num_regs, smem_bytes(d), attr("MaxRegistersPerMultiprocessor", 82),
+            fn.num_regs, smem_bytes(d, cfg), attr("MaxRegistersPerMultiprocessor", 82),
             attr("MaxSharedMemoryPerMultiprocessor", 81),
-            attr("MaxThreadsPerMultiProcessor", 39))
+            attr("MaxThreadsPerMultiProcessor", 39), cfg[0])
     return hit
 
 
-def resident_blocks(regs, smem, regs_per_sm, smem_per_sm, threads_per_sm):
-    """Blocks of ``NW`` warps an SM holds at once: registers are given out per warp in units
+def resident_blocks(regs, smem, regs_per_sm, smem_per_sm, threads_per_sm, nw=4):
+    """Blocks of ``nw`` warps an SM holds at once: registers are given out per warp in units
     of 256, each block's shared memory takes 1 KiB more for the system (sm_80 and sm_90)."""
     per_warp = -(-max(regs, 1) * 32 // 256) * 256
-    by_regs = regs_per_sm // per_warp // NW
+    by_regs = regs_per_sm // per_warp // nw
     by_smem = smem_per_sm // (smem + 1024)
-    by_threads = threads_per_sm // (NW * 32)
+    by_threads = threads_per_sm // (nw * 32)
     return max(1, min(by_regs, by_smem, by_threads, 32))
 
 
 _occupancy: dict = {}
 
 
-def _functions(type_name, d):
-    inst = instances.decode(type_name, d, NW)
-    main = compiled_function(inst.source, inst.names[0], inst.defines, smem_bytes(d))
-    combine = compiled_function(inst.source, inst.names[1], inst.defines, 0)
+def _functions(type_name, d, cfg):
+    inst = instances.decode(type_name, d, cfg)
+    main = compiled_function(inst.source, inst.names[0], inst.defines, smem_bytes(d, cfg))
+    comb = instances.decode_combine(type_name, d)
+    combine = compiled_function(comb.source, comb.names[0], comb.defines, 0)
     return main, combine
 
 
-def decode(prob, q, cache, *, alibi_slopes=None, splits=None):
-    """Return ``(out, lse)`` of :func:`xattn.decode_attention`. ``splits`` overrides
-    :func:`num_splits` (``benchmarks/gpu_decode.py --sweep`` times the choices with it)."""
-    import cupy as cp
+class _Plan:
+    """Everything a launch needs that the cache's state and the problem fix: built once per
+    (problem, cache state, configuration, device), reused by the calls that follow until the
+    cache changes (:meth:`xattn.KVCache._launch_plans`)."""
 
+    __slots__ = ("prob", "main", "combine", "splits", "grid", "block", "smem", "head", "tail",
+                 "out_shape", "lse_shape", "part_o", "part_lse", "combine_grid")
+
+
+def _make_plan(prob, cache, splits, cfg):
     B, Hq, Hkv, T, D = prob.batch, prob.hq, prob.hkv, prob.sq, prob.d
     kpool, vpool, table_dev, lengths_dev, page_size = cache._device_meta()
-    lengths = cache.lengths
     left = -1 if prob.window is None or prob.window[0] is None else prob.window[0]
     R = prob.group * T
     row_blocks = -(-R // 16)
-    spans = [n - (max(0, n - T - left) if left >= 0 else 0) for n in lengths.tolist()]
-    max_tiles = -(-max(spans, default=0) // BN)
-    main, combine = _functions(_params.type_name(prob.dtype), D)
+    # The longest run of keys any sequence's queries see (tiles start at a multiple of BN,
+    # so a window's run may begin up to BN - 1 keys early).
+    longest = int(cache._lengths.max(initial=0))
+    span = longest if left < 0 else min(longest, T + left + BN - 1)
+    max_tiles = -(-span // BN)
+    main, combine = _functions(_params.type_name(prob.dtype), D, cfg)
     if splits is None:
         splits = num_splits(B, Hkv, row_blocks, max_tiles, _params.sm_count(),
-                            blocks_per_sm(main, D))
+                            blocks_per_sm(main, D, cfg), cfg[0])
     splits = int(max(1, min(int(splits), _MAX_SPLITS, max(1, max_tiles))))
+    i32, f32 = np.int32, np.float32
+    plan = _Plan()
+    plan.prob, plan.main, plan.combine, plan.splits = prob, main, combine, splits
+    plan.grid = (splits, Hkv * row_blocks, B)
+    plan.block = (cfg[0] * 32,)
+    plan.smem = smem_bytes(D, cfg)
+    plan.head = (kpool, vpool, table_dev, lengths_dev)
+    plan.tail = (i32(B), i32(Hq), i32(Hkv), i32(T), i32(page_size), i32(table_dev.shape[1]),
+                 i32(splits), f32(prob.scale), f32(prob.softcap or 0.0), i32(left))
+    plan.out_shape, plan.lse_shape = (B, Hq, T, D), (B, Hq, T)
+    rows = B * Hq * T
+    plan.part_o = splits * rows * D if splits > 1 else 0  # float32 elements
+    plan.part_lse = splits * rows if splits > 1 else 0
+    plan.combine_grid = (math.ceil(rows * D / 256),)
+    return plan
 
-    qc = cp.ascontiguousarray(q)
-    out = cp.empty((B, Hq, T, D), dtype=q.dtype)
-    lse = cp.empty((B, Hq, T), dtype=cp.float32)
-    null = np.uint64(0)
-    part_o, part_lse = null, null
-    if splits > 1:
-        part_o = cp.empty((splits, B, Hq, T, D), dtype=cp.float32)
-        part_lse = cp.empty((splits, B, Hq, T), dtype=cp.float32)
-    alibi, alibi_bs = null, 0
+
+_NULL = np.uint64(0)
+_ZERO64 = np.int64(0)
+
+
+def decode(prob, q, cache, *, alibi_slopes=None, splits=None, config=None, need_lse=True):
+    """Return ``(out, lse)`` of :func:`xattn.decode_attention` (``lse`` None without
+    ``need_lse``: the kernels then write none). ``splits`` overrides :func:`num_splits` and
+    ``config`` the ``(warps, stages)`` instance (``benchmarks/gpu_decode.py --sweep`` and
+    ``--configs`` time the choices with them).
+
+    The host work of a call on an unchanged cache is a dictionary look-up, two or three
+    allocations and the launches: the split count, grid and scalar arguments are planned once
+    per cache state (:class:`_Plan`)."""
+    import cupy as cp
+
+    cfg = default_config(prob.d) if config is None else tuple(config)
+    plans = cache._launch_plans()
+    key = (id(prob), splits, cfg, cp.cuda.runtime.getDevice())
+    plan = plans.get(key)
+    if plan is None or plan.prob is not prob:  # the plan holds prob: its id is not reused
+        plan = plans[key] = _make_plan(prob, cache, splits, cfg)
+
+    qc = q if q.flags.c_contiguous else cp.ascontiguousarray(q)
+    out = cp.empty(plan.out_shape, dtype=q.dtype)
+    lse = cp.empty(plan.lse_shape, dtype=cp.float32) if need_lse else None
+    part_o = part_lse = _NULL
+    if plan.part_o:
+        # One scratch allocation, the partial lse after the partial outputs (float32 both).
+        part_o = cp.empty(plan.part_o + plan.part_lse, dtype=cp.float32)
+        part_lse = np.uint64(part_o.data.ptr + 4 * plan.part_o)
+    alibi, alibi_bs = _NULL, _ZERO64
     if alibi_slopes is not None:
+        B, Hq = plan.out_shape[:2]
         alibi = cp.ascontiguousarray(cp.broadcast_to(alibi_slopes.astype(cp.float32), (B, Hq)))
-        alibi_bs = Hq
-    i32, i64, f32 = np.int32, np.int64, np.float32
-    args = (qc, kpool, vpool, table_dev, lengths_dev, out, lse, part_o, part_lse,
-            i32(B), i32(Hq), i32(Hkv), i32(T), i32(page_size), i32(table_dev.shape[1]),
-            i32(splits), f32(prob.scale), f32(prob.softcap or 0.0), i32(left), alibi,
-            i64(alibi_bs))
-    main(grid=(splits, Hkv * row_blocks, B), block=(NW * 32,), args=args,
-         shared_mem=smem_bytes(D))
-    if splits > 1:
-        total = B * Hq * T * D
-        combine(grid=(math.ceil(total / 256),), block=(256,), args=args)
+        alibi_bs = np.int64(Hq)
+    args = (qc, *plan.head, out, _NULL if lse is None else lse, part_o, part_lse, *plan.tail,
+            alibi, alibi_bs)
+    plan.main(plan.grid, plan.block, args, shared_mem=plan.smem)
+    if plan.part_o:
+        plan.combine(plan.combine_grid, (256,), args)
     return out, lse

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "DECODE_HEAD_DIMS", "DECODE_WARPS", "FWD",
+__all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "DECODE", "DECODE_EXTRA",
+           "DECODE_HEAD_DIMS", "FWD",
            "FWD_BM", "FWD_BM_MODS", "FWD_MODS", "HEAD_DIMS", "Instance", "SM90",
            "SM90_EXPERIMENTAL", "TF32", "TF32X3", "bwd", "bwd_aux", "bwd_dq", "bwd_simt", "decode",
+           "decode_combine",
            "experimental", "fwd", "fwd_simt", "shipped", "sm90", "tf32"]
 
 # Head dims the kernels are built for; others up to 256 are zero-padded to the next one.
@@ -230,16 +232,31 @@ def sm90(tn, d, cfg) -> Instance:
                     includes=extra)
 
 
-def decode(tn, d, nw) -> Instance:
-    """The split-KV decode kernel and its lse merge for one dtype and head dim."""
-    params = (("XATTN_TN", tn), ("XATTN_D", d), ("XATTN_NW", nw))
+def decode(tn, d, cfg) -> Instance:
+    """The split-KV decode kernel of one dtype, head dim and ``(warps, stages)``."""
+    nw, st = cfg
+    params = (("XATTN_TN", tn), ("XATTN_D", d), ("XATTN_NW", nw), ("XATTN_ST", st))
     return Instance("decode_splitkv.cu", "XATTN_DECODE_ONE", params,
-                    (f"decode_splitkv_{tn}_d{d}_w{nw}", f"decode_combine_{tn}_d{d}"))
+                    (f"decode_splitkv_{tn}_d{d}_w{nw}_s{st}",))
 
 
-# Head dims and warps per block of the split-KV decode kernel (decode_splitkv.cu).
+def decode_combine(tn, d) -> Instance:
+    """The lse merge of the decode kernel's split partials, one dtype and head dim."""
+    return Instance("decode_splitkv.cu", "XATTN_DECODE_COMBINE_ONE",
+                    (("XATTN_TN", tn), ("XATTN_D", d)), (f"decode_combine_{tn}_d{d}",))
+
+
+# Head dims of the split-KV decode kernel (decode_splitkv.cu) and its (warps, stages) per
+# head dim: each warp keeps `stages` 16-key K/V tiles in shared memory (8.5 KiB a stage at
+# D=128), `stages - 1` of them in flight. PROVISIONAL until measured on a GPU with
+# benchmarks/gpu_decode.py --configs (it times every DECODE_EXTRA candidate beside the default):
+# (4, 3) keeps 2 blocks of 4 warps per SM at D=128 (104 KiB each on 228), 16 tiles = 128 KiB
+# in flight per SM; the (4, 2) it replaced held 3 blocks, 12 tiles (96 KiB) in flight, and
+# read at most 2.7 TB/s on an H200, bound by its address math (a block-table read and two
+# divisions per 16-byte copy), not by the stages.
 DECODE_HEAD_DIMS = (64, 128)
-DECODE_WARPS = 4
+DECODE = {64: (4, 3), 128: (4, 3)}
+DECODE_EXTRA = {64: ((4, 2), (4, 4), (2, 4)), 128: ((4, 2), (4, 4), (2, 4), (8, 2))}
 
 
 def shipped() -> list:
@@ -272,7 +289,10 @@ def shipped() -> list:
             out += [tf32(d, cfg, mods, x3=True) for mods in (False, True)]
     out += [bwd_aux(tn) for tn in TYPES]
     out += [sm90(tn, *c[:1], c[1:]) for c in SM90_SHIPPED for tn in TYPES]
-    out += [decode(tn, d, DECODE_WARPS) for d in DECODE_HEAD_DIMS for tn in TYPES]
+    for d in DECODE_HEAD_DIMS:
+        for cfg in (DECODE[d], *DECODE_EXTRA.get(d, ())):
+            out += [decode(tn, d, cfg) for tn in TYPES]
+        out += [decode_combine(tn, d) for tn in TYPES]
     return out
 
 
