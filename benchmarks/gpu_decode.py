@@ -19,7 +19,14 @@ sequence. Timed, alternately and with CUDA events, after a warm-up:
   ceiling measured in the same run.
 
 ``--sweep 1,2,4,...`` also times the kernel at forced split counts (the launcher's ``splits=``),
-the table to retune :func:`xattn._backends.cupy_.decode.num_splits` from.
+the table to retune :func:`xattn._backends.cupy_.decode.num_splits` from. ``--configs`` times
+every ``(warps, stages)`` instance of ``DECODE_EXTRA`` (``xattn/_backends/cupy_/instances.py``)
+beside the default, through the launcher, to retune ``DECODE`` from.
+
+The host rows (``--host``, on by default): 200 back-to-back calls at B=1, ctx=4096 on one
+cache, wall time with a final synchronize and the time to issue them (the host's share),
+``decode_attention`` beside torch's SDPA on the same memory; and 200 decode steps of one
+``append`` then one ``decode_attention`` (a new launch plan each step).
 
 Throughput is bytes of K and V read per second (``B * Hkv * ctx * (D + Dv) * itemsize``).
 Caches smaller than 256 MiB are rotated among several copies, so that repeated calls do not
@@ -130,30 +137,85 @@ def row(batch, ctx, args, torch):
     for name in ("cupy.decode", "auto"):
         got = t_x(name, caches)(0).astype(cp.float32)
         res[f"err {name}"] = float(cp.abs(got - ref).max())
-    reps = max(3, min(200, int(2e9 // kv_bytes)))
-    res["torch"] = _time(t_torch, reps)
-    res["cupy.decode"] = _time(t_x("cupy.decode", caches), reps)
-    res["auto"] = _time(t_x("auto", caches), reps) if not args.no_auto else float("nan")
-    if args.sweep:
-        # The kernel at forced split counts (the heuristic's choice is the cupy.decode column).
+    reps = max(3, min(args.max_reps, int(2e9 // kv_bytes)))
+    res["torch"] = _time(t_torch, reps, args.rounds)
+    res["cupy.decode"] = _time(t_x("cupy.decode", caches), reps, args.rounds)
+    res["auto"] = (_time(t_x("auto", caches), reps, args.rounds) if not args.no_auto
+                   else float("nan"))
+    if args.sweep or args.configs:
         from xattn._backends.cupy_ import decode as kernel
+        from xattn._backends.cupy_ import instances
         from xattn.kvcache import _validate_decode
 
-        prob = _validate_decode(qs[0], caches[0], None, None, None, None)
+        probs = [_validate_decode(q, c, None, None, None, None)
+                 for q, c in zip(qs, caches, strict=True)]
+    if args.sweep:
+        # The kernel at forced split counts (the heuristic's choice is the cupy.decode column).
         res["sweep"] = {
-            s: _time(lambda i=0, s=s: kernel.decode(prob, qs[i % sets], caches[i % sets],
-                                                    splits=s), reps)
+            s: _time(lambda i=0, s=s: kernel.decode(probs[i % sets], qs[i % sets],
+                                                    caches[i % sets], splits=s), reps,
+                     args.rounds)
             for s in args.sweep}
+    if args.configs:
+        # Every (warps, stages) candidate through the launcher, the default first.
+        res["configs"], res["err configs"] = {}, {}
+        for cfg in (instances.DECODE[d], *instances.DECODE_EXTRA.get(d, ())):
+            def call(i=0, cfg=cfg):
+                return kernel.decode(probs[i % sets], qs[i % sets], caches[i % sets],
+                                     config=cfg)[0]
+            res["err configs"][str(cfg)] = float(
+                cp.abs(call(0).astype(cp.float32) - ref).max())
+            res["configs"][str(cfg)] = _time(call, reps, args.rounds)
     tk.clear(), tv.clear(), caches.clear()
     cp.get_default_memory_pool().free_all_blocks()
     if args.page_size:
         paged = make(args.page_size)
         got = t_x("cupy.decode", paged)(0).astype(cp.float32)
         res["err paged"] = float(cp.abs(got - ref).max())
-        res["paged"] = _time(t_x("cupy.decode", paged), reps)
+        res["paged"] = _time(t_x("cupy.decode", paged), reps, args.rounds)
         paged.clear()
         cp.get_default_memory_pool().free_all_blocks()
     return res
+
+
+def host_rows(args, torch, calls=200, ctx=4096):
+    """Microseconds per call of back-to-back calls at B=1 (the host bounds them): wall time
+    with a final synchronize, and the time to issue them; torch on the same memory."""
+    import time
+
+    import cupy as cp
+
+    dt = np.dtype(args.dtype)
+    hq, hkv, d = args.hq, args.hkv, args.head_dim
+    cache = xattn.KVCache(1, hkv, ctx + calls + 16, d, dtype=dt, xp=cp)
+    _fill(cache, ctx, seed=3)
+    q = cp.random.RandomState(4).standard_normal((1, hq, 1, d), dtype=cp.float32).astype(dt)
+    tq, tk, tv = (torch.from_dlpack(q), torch.from_dlpack(cache.k_cache)[:, :, :ctx],
+                  torch.from_dlpack(cache.v_cache)[:, :, :ctx])
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    k1 = cp.zeros((1, hkv, 1, d), dtype=dt)
+
+    def loop(fn):
+        for _ in range(3):
+            fn()
+        cp.cuda.Device().synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        t1 = time.perf_counter()
+        cp.cuda.Device().synchronize()
+        t2 = time.perf_counter()
+        return (t1 - t0) / calls * 1e6, (t2 - t0) / calls * 1e6
+
+    def step():  # one generation step: the new token's key/value, then attention
+        cache.append(k1, k1)
+        return xattn.decode_attention(q, cache)
+
+    out = {"decode_attention": loop(lambda: xattn.decode_attention(q, cache)),
+           "torch SDPA": loop(lambda: sdpa(tq, tk, tv, enable_gqa=True))}
+    # The cache grows by one token a step (3 warm-up + calls steps fit its capacity).
+    out["append + decode_attention"] = loop(step)
+    return out
 
 
 def _torch_causal(sdpa, q, k, v, torch):
@@ -176,6 +238,11 @@ def main(argv=None):
     p.add_argument("--no-auto", action="store_true")
     p.add_argument("--sweep", type=lambda t: [int(x) for x in t.split(",")], default=None,
                    help="comma-separated split counts to time the kernel at, e.g. 1,2,4,8,16,32")
+    p.add_argument("--configs", action="store_true",
+                   help="also time every (warps, stages) instance of DECODE_EXTRA")
+    p.add_argument("--no-host", action="store_true", help="skip the host-overhead rows")
+    p.add_argument("--rounds", type=int, default=5, help="timing rounds (median taken)")
+    p.add_argument("--max-reps", type=int, default=200, help="most calls per timing round")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
@@ -193,11 +260,53 @@ def main(argv=None):
                 rows.append({"batch": b, "ctx": ctx, "error": f"{type(exc).__name__}: {exc}"})
             cp.get_default_memory_pool().free_all_blocks()
             print(json.dumps(rows[-1]), flush=True)
+    host = None
+    if not args.no_host:
+        try:
+            host = host_rows(args, torch)
+        except Exception as exc:  # noqa: BLE001 - the table below still prints
+            host = {"error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps({"host": host}), flush=True)
     doc = {"device": name, "torch": torch.__version__, "cupy": cp.__version__,
-           "copy_bytes_per_s": copy, "args": vars(args), "rows": rows}
+           "copy_bytes_per_s": copy, "args": vars(args), "rows": rows, "host": host}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)
+    if args.sweep:
+        print("\nSplit sweep (TB/s of K/V read at each forced split count; * = best):\n")
+        print("| B | ctx | " + " | ".join(str(s) for s in args.sweep) + " | heuristic |")
+        print("|---|---|" + "---|" * (len(args.sweep) + 1))
+        for r in rows:
+            if "sweep" not in r:
+                continue
+            bw = {s: r["kv_bytes"] / t / 1e12 for s, t in r["sweep"].items()}
+            best = max(bw, key=bw.get)
+            cells = " | ".join(f"{bw[s]:.2f}{'*' if s == best else ''}" for s in args.sweep)
+            print(f"| {r['batch']} | {r['ctx']} | {cells} | "
+                  f"{r['kv_bytes'] / r['cupy.decode'] / 1e12:.2f} |")
+    if args.configs:
+        cfgs = next((list(r["configs"]) for r in rows if "configs" in r), [])
+        print("\n(warps, stages) instances through the launcher (TB/s of K/V read; * = best; "
+              "the first is the default):\n")
+        print("| B | ctx | " + " | ".join(cfgs) + " | max err |")
+        print("|---|---|" + "---|" * (len(cfgs) + 1))
+        for r in rows:
+            if "configs" not in r:
+                continue
+            bw = {c: r["kv_bytes"] / t / 1e12 for c, t in r["configs"].items()}
+            best = max(bw, key=bw.get)
+            cells = " | ".join(f"{bw[c]:.2f}{'*' if c == best else ''}" for c in cfgs)
+            print(f"| {r['batch']} | {r['ctx']} | {cells} | "
+                  f"{max(r['err configs'].values()):.1e} |")
+    if host and "error" not in host:
+        print("\nHost: 200 back-to-back calls, B=1, ctx=4096, one token (microseconds per "
+              "call):\n")
+        print("| call | issue (host) | wall, synchronized |")
+        print("|---|---|---|")
+        for k, (issue, wall) in host.items():
+            print(f"| {k} | {issue:.1f} | {wall:.1f} |")
+    elif host:
+        print(f"\nHost rows: ERROR {host['error'][:200]}")
     print(f"\n**{name}**, torch {torch.__version__}, cupy {cp.__version__}; Hq={args.hq} "
           f"Hkv={args.hkv} D={args.head_dim} T={args.tokens} {args.dtype}; copy "
           f"{copy / 1e12:.2f} TB/s (read + write). Cells: TB/s of K/V read (x/torch, x/copy).\n")
@@ -216,19 +325,6 @@ def main(argv=None):
               f"{bw['cupy.decode'] * 1e12 / copy:.2f} | "
               f"{r['cupy.decode'] / r.get('paged', float('nan')):.2f} | "
               f"{max(r['err cupy.decode'], r.get('err paged', 0)):.1e} |")
-
-    if args.sweep:
-        print("\nSplit sweep (TB/s of K/V read at each forced split count; * = best):\n")
-        print("| B | ctx | " + " | ".join(str(s) for s in args.sweep) + " | heuristic |")
-        print("|---|---|" + "---|" * (len(args.sweep) + 1))
-        for r in rows:
-            if "sweep" not in r:
-                continue
-            bw = {s: r["kv_bytes"] / t / 1e12 for s, t in r["sweep"].items()}
-            best = max(bw, key=bw.get)
-            cells = " | ".join(f"{bw[s]:.2f}{'*' if s == best else ''}" for s in args.sweep)
-            print(f"| {r['batch']} | {r['ctx']} | {cells} | "
-                  f"{r['kv_bytes'] / r['cupy.decode'] / 1e12:.2f} |")
 
 
 if __name__ == "__main__":
