@@ -126,8 +126,11 @@ def _check(cache, q, out, lse, name="", **options):
                 for key, val in options.items()}
     for b in range(cache.batch):
         K, V = cache.sequence(b)
-        ref, ref_lse, _ = reference_attention(q[b], K, V, causal=True, **ref_opts)
-        naive = naive_attention(q[b], K, V, causal=True, **ref_opts)
+        opts_b = dict(ref_opts)
+        if getattr(opts_b.get("alibi_slopes"), "ndim", 1) == 2:  # (B, Hq): this sequence's
+            opts_b["alibi_slopes"] = opts_b["alibi_slopes"][b]
+        ref, ref_lse, _ = reference_attention(q[b], K, V, causal=True, **opts_b)
+        naive = naive_attention(q[b], K, V, causal=True, **opts_b)
         assert_close(out[b], ref, xp=cupy, dtype=q.dtype, naive=naive, name=f"{name} out[{b}]")
         if lse is not None:
             assert_close(lse[b], ref_lse, xp=cupy, dtype=np.float32, atol=1e-3, rtol=1e-3,
@@ -235,3 +238,35 @@ def test_plans_follow_the_cache(rng):
     qt = cupy_array(rng.standard_normal((2, 4, 8, 128)), "float16").transpose(0, 2, 1, 3)
     out, lse = xattn.decode_attention(qt, cache, return_lse=True)
     _check(cache, qt, out, lse, name="after reset, transposed q")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("alibi_shape", [None, "heads", "batch"])
+def test_fast_launch_equals_cupy_launch(rng, monkeypatch, alibi_shape):
+    """The prebuilt cuLaunchKernel argument block (FAST_LAUNCH) passes what CuPy's own launch
+    passes: the same bits, one split and several, with and without lse and ALiBi."""
+    cupy = pytest.importorskip("cupy")
+    cache = xattn.KVCache(2, 2, 2048, 64, dtype=np.float16, xp=cupy, page_size=16)
+    _fill(rng, cache, (2000, 30), "float16")
+    q = cupy_array(rng.standard_normal((2, 8, 2, 64)), "float16")
+    opts = {}
+    if alibi_shape is not None:
+        shape = (8,) if alibi_shape == "heads" else (2, 8)
+        opts["alibi_slopes"] = cupy.asarray(rng.uniform(0.01, 0.1, shape))  # float64: copied
+    got = {}
+    for fast in (True, False):
+        monkeypatch.setattr(cupy_decode, "FAST_LAUNCH", fast)
+        from xattn.kvcache import _validate_decode
+
+        prob = _validate_decode(q, cache, None, opts.get("alibi_slopes"), None, None)
+        for splits in (1, 6):
+            out, lse = cupy_decode.decode(prob, q, cache, splits=splits, **opts)
+            bare, none = cupy_decode.decode(prob, q, cache, splits=splits, need_lse=False,
+                                            **opts)
+            assert none is None and bool((bare == out).all())
+            got[fast, splits] = (out, lse)
+    for splits in (1, 6):
+        (a, la), (b, lb) = got[True, splits], got[False, splits]
+        assert bool((a == b).all()) and bool((la == lb).all()), splits
+    ref_opts = {k: v.astype(np.float32) for k, v in opts.items()}
+    _check(cache, q, *got[True, 6], **ref_opts)

@@ -16,6 +16,7 @@ device, explicitly, once after each change (``KVCache._device_meta``), not at ev
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import numpy as np
@@ -131,13 +132,58 @@ def _functions(type_name, d, cfg):
     return main, combine
 
 
+# Launch through cuLaunchKernel with an argument block built once per plan (only the
+# pointers of q, the outputs and the scratch change between calls) instead of CuPy's
+# per-call conversion of 21 arguments for each of the two kernels. False (or debug logging
+# on, which names each kernel launched): CuPy's own launch. tests/test_decode_gpu.py checks
+# that both give the same bits.
+FAST_LAUNCH = True
+
+# The kernels' parameter list (XATTN_DECODE_PARAMS), as ctypes: 9 pointers, 7 int32, 2
+# floats, an int32, a pointer and an int64. The per-call slots are Q, OUT, LSE, PART_O,
+# PART_LSE, ALIBI and ALIBI_BS.
+_Q, _OUT, _LSE, _PART_O, _PART_LSE, _ALIBI, _ALIBI_BS = 0, 5, 6, 7, 8, 19, 20
+
+
+def _param_types():
+    import ctypes
+
+    p, i, f = ctypes.c_uint64, ctypes.c_int32, ctypes.c_float
+    return (p,) * 9 + (i,) * 7 + (f, f, i, p, ctypes.c_int64)
+
+
+class _ArgBlock:
+    """The ``void* kernelParams[]`` of cuLaunchKernel: one ctypes slot per parameter (the
+    driver copies the values at launch, so the block is reused by the next call)."""
+
+    __slots__ = ("slots", "array", "ptr", "lock")
+
+    def __init__(self, values):
+        import ctypes
+        import threading
+
+        self.lock = threading.Lock()
+
+        types = _param_types()
+        assert len(values) == len(types)
+        self.slots = [t(v) for t, v in zip(types, values, strict=True)]
+        self.array = (ctypes.c_void_p * len(self.slots))(
+            *(ctypes.addressof(s) for s in self.slots))
+        self.ptr = ctypes.addressof(self.array)
+
+
+def _ptr(x):
+    return 0 if x is None else int(x) if isinstance(x, (int, np.integer)) else x.data.ptr
+
+
 class _Plan:
     """Everything a launch needs that the cache's state and the problem fix: built once per
     (problem, cache state, configuration, device), reused by the calls that follow until the
     cache changes (:meth:`xattn.KVCache._launch_plans`)."""
 
     __slots__ = ("prob", "main", "combine", "splits", "grid", "block", "smem", "head", "tail",
-                 "out_shape", "lse_shape", "part_o", "part_lse", "combine_grid")
+                 "out_shape", "lse_shape", "part_o", "part_lse", "combine_grid", "args",
+                 "fn_main", "fn_combine")
 
 
 def _make_plan(prob, cache, splits, cfg):
@@ -170,11 +216,46 @@ def _make_plan(prob, cache, splits, cfg):
     plan.part_o = splits * rows * D if splits > 1 else 0  # float32 elements
     plan.part_lse = splits * rows if splits > 1 else 0
     plan.combine_grid = (math.ceil(rows * D / 256),)
+    plan.args = None
+    if hasattr(main, "ptr") and hasattr(combine, "ptr"):  # CuPy Functions (CUfunction)
+        values = [0, *(_ptr(x) for x in plan.head), 0, 0, 0, 0,
+                  *(x.item() for x in plan.tail), 0, 0]
+        plan.args = _ArgBlock(values)
+        plan.fn_main, plan.fn_combine = main.ptr, combine.ptr
     return plan
 
 
+_cuda = None  # (cupy.cuda.get_current_stream, the driver's launchKernel), on first use
+
+
+def _launch_fast(plan, q, out, lse, part_o, part_lse, alibi, alibi_bs):
+    global _cuda
+    if _cuda is None:
+        from cupy.cuda import get_current_stream
+        from cupy_backends.cuda.api import driver
+
+        _cuda = (get_current_stream, driver.launchKernel)
+    current_stream, launch = _cuda
+    stream = current_stream().ptr
+    g, b = plan.grid, plan.block[0]
+    # The slots are the plan's: two threads launching one plan take turns.
+    with plan.args.lock:
+        s = plan.args.slots
+        s[_Q].value = q.data.ptr
+        s[_OUT].value = out.data.ptr
+        s[_LSE].value = 0 if lse is None else lse.data.ptr
+        s[_PART_O].value = part_o
+        s[_PART_LSE].value = part_lse
+        s[_ALIBI].value = 0 if alibi is None else alibi.data.ptr
+        s[_ALIBI_BS].value = alibi_bs
+        launch(plan.fn_main, g[0], g[1], g[2], b, 1, 1, plan.smem, stream, plan.args.ptr, 0)
+        if plan.part_o:
+            launch(plan.fn_combine, plan.combine_grid[0], 1, 1, 256, 1, 1, 0, stream,
+                   plan.args.ptr, 0)
+
+
 _NULL = np.uint64(0)
-_ZERO64 = np.int64(0)
+_log = logging.getLogger("xattn")
 
 
 def decode(prob, q, cache, *, alibi_slopes=None, splits=None, config=None, need_lse=True):
@@ -198,18 +279,27 @@ def decode(prob, q, cache, *, alibi_slopes=None, splits=None, config=None, need_
     qc = q if q.flags.c_contiguous else cp.ascontiguousarray(q)
     out = cp.empty(plan.out_shape, dtype=q.dtype)
     lse = cp.empty(plan.lse_shape, dtype=cp.float32) if need_lse else None
-    part_o = part_lse = _NULL
+    scratch, part_o, part_lse = None, 0, 0
     if plan.part_o:
-        # One scratch allocation, the partial lse after the partial outputs (float32 both).
-        part_o = cp.empty(plan.part_o + plan.part_lse, dtype=cp.float32)
-        part_lse = np.uint64(part_o.data.ptr + 4 * plan.part_o)
-    alibi, alibi_bs = _NULL, _ZERO64
+        # One scratch allocation, the partial lse after the partial outputs (float32 both);
+        # CuPy's pool hands it out again only in stream order, after the kernels.
+        scratch = cp.cuda.alloc(4 * (plan.part_o + plan.part_lse))
+        part_o = scratch.ptr
+        part_lse = part_o + 4 * plan.part_o
+    alibi, alibi_bs = None, 0
     if alibi_slopes is not None:
-        B, Hq = plan.out_shape[:2]
-        alibi = cp.ascontiguousarray(cp.broadcast_to(alibi_slopes.astype(cp.float32), (B, Hq)))
-        alibi_bs = np.int64(Hq)
-    args = (qc, *plan.head, out, _NULL if lse is None else lse, part_o, part_lse, *plan.tail,
-            alibi, alibi_bs)
+        # Slopes (Hq,) or (B, Hq), read by the kernel at b * alibi_bs + h: as they are when
+        # float32 and contiguous, else a float32 copy.
+        alibi = alibi_slopes
+        if alibi.dtype != cp.float32 or not alibi.flags.c_contiguous:
+            alibi = cp.ascontiguousarray(alibi, dtype=cp.float32)
+        alibi_bs = 0 if alibi.ndim == 1 else plan.out_shape[1]
+    if FAST_LAUNCH and plan.args is not None and not _log.isEnabledFor(logging.DEBUG):
+        _launch_fast(plan, qc, out, lse, part_o, part_lse, alibi, alibi_bs)
+        return out, lse
+    u64 = np.uint64
+    args = (qc, *plan.head, out, _NULL if lse is None else lse, u64(part_o), u64(part_lse),
+            *plan.tail, _NULL if alibi is None else alibi, np.int64(alibi_bs))
     plan.main(plan.grid, plan.block, args, shared_mem=plan.smem)
     if plan.part_o:
         plan.combine(plan.combine_grid, (256,), args)
