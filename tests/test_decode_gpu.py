@@ -270,3 +270,33 @@ def test_fast_launch_equals_cupy_launch(rng, monkeypatch, alibi_shape):
         assert bool((a == b).all()) and bool((la == lb).all()), splits
     ref_opts = {k: v.astype(np.float32) for k, v in opts.items()}
     _check(cache, q, *got[True, 6], **ref_opts)
+
+
+def test_launch_argument_block_matches_the_kernel_signature():
+    """The prebuilt cuLaunchKernel block: parameter i of XATTN_DECODE_PARAMS (read from the
+    kernel file) points at a value of its C type holding what CuPy's launch would pass."""
+    import ctypes
+    import re
+    import struct
+
+    from xattn._backends.cupy_._compile import source
+
+    text = source("decode_splitkv.cu")
+    body = text[text.index("#define XATTN_DECODE_PARAMS"):text.index("#define XATTN_DECODE_ARGS")]
+    params = re.findall(r"(const unsigned short \*|unsigned short \*|const int \*|float \*|"
+                        r"const float \*|long long|int|float)\s*(\w+)", body.replace("\\", ""))
+    fmt = {"long long": "q", "int": "i", "float": "f"}
+    kinds = [fmt.get(t, "Q") for t, _ in params]
+    assert len(kinds) == len(cupy_decode._PARAM_AT) == 21
+    # k, v, table, lengths; batch, hq, hkv, T, page_size, max_pages, splits; scale,
+    # softcap; wl.
+    fixed = (11, 12, 13, 14, 3, 32, 8, 1, 4096, 300, 2, 0.25, 1.5, -1)
+    block = cupy_decode._ArgBlock(fixed)
+    # q, out, lse, partial outputs, partial lse, ALiBi slopes, ALiBi batch stride.
+    cupy_decode._PER_CALL.pack_into(block.buf, 0, 101, 105, 106, 107, 108, 119, 32)
+    expected = (101, 11, 12, 13, 14, 105, 106, 107, 108, 3, 32, 8, 1, 4096, 300, 2, 0.25, 1.5,
+                -1, 119, 32)
+    for i, (kind, want) in enumerate(zip(kinds, expected, strict=True)):
+        size = struct.calcsize("<" + kind)
+        raw = ctypes.string_at(block.array[i], size)
+        assert struct.unpack("<" + kind, raw)[0] == want, (i, params[i], want)

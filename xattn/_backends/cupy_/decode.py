@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import struct
 
 import numpy as np
 
@@ -124,10 +125,14 @@ def resident_blocks(regs, smem, regs_per_sm, smem_per_sm, threads_per_sm, nw=4):
 _occupancy: dict = {}
 
 
+@functools.lru_cache(maxsize=64)
+def _instances(type_name, d, cfg):
+    return instances.decode(type_name, d, cfg), instances.decode_combine(type_name, d)
+
+
 def _functions(type_name, d, cfg):
-    inst = instances.decode(type_name, d, cfg)
+    inst, comb = _instances(type_name, d, cfg)
     main = compiled_function(inst.source, inst.names[0], inst.defines, smem_bytes(d, cfg))
-    comb = instances.decode_combine(type_name, d)
     combine = compiled_function(comb.source, comb.names[0], comb.defines, 0)
     return main, combine
 
@@ -139,36 +144,33 @@ def _functions(type_name, d, cfg):
 # that both give the same bits.
 FAST_LAUNCH = True
 
-# The kernels' parameter list (XATTN_DECODE_PARAMS), as ctypes: 9 pointers, 7 int32, 2
-# floats, an int32, a pointer and an int64. The per-call slots are Q, OUT, LSE, PART_O,
-# PART_LSE, ALIBI and ALIBI_BS.
-_Q, _OUT, _LSE, _PART_O, _PART_LSE, _ALIBI, _ALIBI_BS = 0, 5, 6, 7, 8, 19, 20
-
-
-def _param_types():
-    import ctypes
-
-    p, i, f = ctypes.c_uint64, ctypes.c_int32, ctypes.c_float
-    return (p,) * 9 + (i,) * 7 + (f, f, i, p, ctypes.c_int64)
+# The kernels' parameter list (XATTN_DECODE_PARAMS) in one byte buffer: the values a call
+# changes first, side by side (q, out, lse, partial outputs, partial lse, ALiBi slopes: 64-bit
+# pointers; ALiBi's batch stride: int64), then k, v, table, lengths (pointers), batch, hq,
+# hkv, T, page_size, max_pages, splits (int32), scale, softcap (float32), wl (int32).
+# _PARAM_AT[i]: where parameter i of the signature lives in the buffer.
+_PER_CALL = struct.Struct("<6Qq")
+_FIXED = struct.Struct("<4Q7i2fi")
+_PARAM_AT = (0, 56, 64, 72, 80, 8, 16, 24, 32, 88, 92, 96, 100, 104, 108, 112, 116, 120, 124,
+             40, 48)
+_ARG_BYTES = _PER_CALL.size + _FIXED.size
 
 
 class _ArgBlock:
-    """The ``void* kernelParams[]`` of cuLaunchKernel: one ctypes slot per parameter (the
-    driver copies the values at launch, so the block is reused by the next call)."""
+    """The ``void* kernelParams[]`` of cuLaunchKernel over one byte buffer of the values (the
+    driver copies them at launch, so the next call rewrites the buffer)."""
 
-    __slots__ = ("slots", "array", "ptr", "lock")
+    __slots__ = ("buf", "array", "ptr", "lock")
 
-    def __init__(self, values):
+    def __init__(self, fixed):
         import ctypes
         import threading
 
         self.lock = threading.Lock()
-
-        types = _param_types()
-        assert len(values) == len(types)
-        self.slots = [t(v) for t, v in zip(types, values, strict=True)]
-        self.array = (ctypes.c_void_p * len(self.slots))(
-            *(ctypes.addressof(s) for s in self.slots))
+        self.buf = ctypes.create_string_buffer(_ARG_BYTES)
+        _FIXED.pack_into(self.buf, _PER_CALL.size, *fixed)
+        base = ctypes.addressof(self.buf)
+        self.array = (ctypes.c_void_p * len(_PARAM_AT))(*(base + at for at in _PARAM_AT))
         self.ptr = ctypes.addressof(self.array)
 
 
@@ -218,9 +220,7 @@ def _make_plan(prob, cache, splits, cfg):
     plan.combine_grid = (math.ceil(rows * D / 256),)
     plan.args = None
     if hasattr(main, "ptr") and hasattr(combine, "ptr"):  # CuPy Functions (CUfunction)
-        values = [0, *(_ptr(x) for x in plan.head), 0, 0, 0, 0,
-                  *(x.item() for x in plan.tail), 0, 0]
-        plan.args = _ArgBlock(values)
+        plan.args = _ArgBlock((*(_ptr(x) for x in plan.head), *(x.item() for x in plan.tail)))
         plan.fn_main, plan.fn_combine = main.ptr, combine.ptr
     return plan
 
@@ -240,14 +240,9 @@ def _launch_fast(plan, q, out, lse, part_o, part_lse, alibi, alibi_bs):
     g, b = plan.grid, plan.block[0]
     # The slots are the plan's: two threads launching one plan take turns.
     with plan.args.lock:
-        s = plan.args.slots
-        s[_Q].value = q.data.ptr
-        s[_OUT].value = out.data.ptr
-        s[_LSE].value = 0 if lse is None else lse.data.ptr
-        s[_PART_O].value = part_o
-        s[_PART_LSE].value = part_lse
-        s[_ALIBI].value = 0 if alibi is None else alibi.data.ptr
-        s[_ALIBI_BS].value = alibi_bs
+        _PER_CALL.pack_into(plan.args.buf, 0, q.data.ptr, out.data.ptr,
+                            0 if lse is None else lse.data.ptr, part_o, part_lse,
+                            0 if alibi is None else alibi.data.ptr, alibi_bs)
         launch(plan.fn_main, g[0], g[1], g[2], b, 1, 1, plan.smem, stream, plan.args.ptr, 0)
         if plan.part_o:
             launch(plan.fn_combine, plan.combine_grid[0], 1, 1, 256, 1, 1, 0, stream,
