@@ -246,6 +246,8 @@ def test_fast_launch_equals_cupy_launch(rng, monkeypatch, alibi_shape):
     """The prebuilt cuLaunchKernel argument block (FAST_LAUNCH) passes what CuPy's own launch
     passes: the same bits, one split and several, with and without lse and ALiBi."""
     cupy = pytest.importorskip("cupy")
+    if cupy_decode._driver() is None:
+        pytest.skip("this CuPy has no driver binding: CuPy's launch serves every call")
     cache = xattn.KVCache(2, 2, 2048, 64, dtype=np.float16, xp=cupy, page_size=16)
     _fill(rng, cache, (2000, 30), "float16")
     q = cupy_array(rng.standard_normal((2, 8, 2, 64)), "float16")

@@ -219,23 +219,27 @@ def _make_plan(prob, cache, splits, cfg):
     plan.part_lse = splits * rows if splits > 1 else 0
     plan.combine_grid = (math.ceil(rows * D / 256),)
     plan.args = None
-    if hasattr(main, "ptr") and hasattr(combine, "ptr"):  # CuPy Functions (CUfunction)
+    if hasattr(main, "ptr") and hasattr(combine, "ptr") and _driver() is not None:
         plan.args = _ArgBlock((*(_ptr(x) for x in plan.head), *(x.item() for x in plan.tail)))
         plan.fn_main, plan.fn_combine = main.ptr, combine.ptr
     return plan
 
 
-_cuda = None  # (cupy.cuda.get_current_stream, the driver's launchKernel), on first use
-
-
-def _launch_fast(plan, q, out, lse, part_o, part_lse, alibi, alibi_bs):
-    global _cuda
-    if _cuda is None:
+@functools.lru_cache(maxsize=1)
+def _driver():
+    """``(cupy.cuda.get_current_stream, launchKernel)`` of CuPy's driver binding, or None
+    where this CuPy has no such binding (then CuPy's own launch serves)."""
+    try:
         from cupy.cuda import get_current_stream
         from cupy_backends.cuda.api import driver
 
-        _cuda = (get_current_stream, driver.launchKernel)
-    current_stream, launch = _cuda
+        return get_current_stream, driver.launchKernel
+    except (ImportError, AttributeError):
+        return None
+
+
+def _launch_fast(plan, q, out, lse, part_o, part_lse, alibi, alibi_bs):
+    current_stream, launch = _driver()
     stream = current_stream().ptr
     g, b = plan.grid, plan.block[0]
     # The slots are the plan's: two threads launching one plan take turns.
