@@ -17,30 +17,40 @@ LOG="$OUT/decode"
 mkdir -p "$LOG"
 stage="${1:-all}"
 
+precompile() {
+    echo "== decode precompile: every module into CuPy's disk cache (log: $LOG/precompile.log)"
+    timeout 40 python3 tools/decode_precompile.py 8 > "$LOG/precompile.log" 2>&1
+    echo "precompile exit status: $? ($(grep -c ' ok$' "$LOG/precompile.log") modules ok)"
+    grep -A12 FAILED "$LOG/precompile.log" | head -40
+}
+
 run_tests() {
+    precompile
     echo "== decode tests (log: $LOG/tests.log)"
     local xdist=""
     python3 -c "import xdist" 2>/dev/null && xdist="-n 4"
     # shellcheck disable=SC2086
-    timeout 85 python3 -m pytest -m gpu $xdist -q -x -p no:cacheprovider \
+    timeout 70 python3 -m pytest -m gpu $xdist -q -x -p no:cacheprovider \
         tests/test_decode_gpu.py tests/test_decode_host_cache.py > "$LOG/tests.log" 2>&1
     local rc=$?
     grep -E "^(FAILED|ERROR)" "$LOG/tests.log" | head -30
     tail -n 3 "$LOG/tests.log"
-    echo "decode tests exit status: $rc (124 = cut by the 85 s cap)"
+    echo "decode tests exit status: $rc (124 = cut by the 70 s cap)"
 }
 
 run_bench() {
+    [ -f "$LOG/precompile.log" ] || precompile
     echo "== decode benchmark (log: $LOG/bench.log, json: $LOG/bench.json)"
-    timeout 110 python3 benchmarks/gpu_decode.py --configs --rounds 3 --max-reps 60 \
+    timeout 85 python3 benchmarks/gpu_decode.py --configs --rounds 3 --max-reps 60 \
         --json "$LOG/bench.json" > "$LOG/bench.log" 2>&1
     local rc=$?
-    echo "decode benchmark exit status: $rc (124 = cut by the 110 s cap)"
+    echo "decode benchmark exit status: $rc (124 = cut by the 85 s cap)"
     # Everything after the per-row JSON lines: the config and host tables, the main table last.
     grep -v '^{' "$LOG/bench.log" | tail -n 60
 }
 
 run_san() {
+    [ -f "$LOG/precompile.log" ] || precompile
     echo "== compute-sanitizer (logs: $LOG/memcheck.log, $LOG/racecheck.log)"
     local san
     san="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"

@@ -256,7 +256,7 @@ def decode_combine(tn, d) -> Instance:
 # divisions per 16-byte copy), not by the stages.
 DECODE_HEAD_DIMS = (64, 128)
 DECODE = {64: (4, 3), 128: (4, 3)}
-DECODE_EXTRA = {64: ((4, 2), (4, 4), (2, 4)), 128: ((4, 2), (4, 4), (2, 4), (8, 2))}
+DECODE_EXTRA = {64: ((4, 2), (2, 4)), 128: ((4, 2), (4, 4), (2, 4), (8, 2))}
 
 
 def shipped() -> list:
