@@ -1,9 +1,12 @@
 """CuPy launcher of the split-KV decode kernel (``xattn/kernels/decode_splitkv.cu``).
 
-``auto``'s decode path on CuPy (float16/bfloat16, D = Dv in 64 or 128): its tests against the
-float64 oracle (``tests/test_decode_gpu.py``) passed on an H100 and an H200 on 2026-12-05; on
-the H200 it read K/V at 0.18-2.72 TB/s (``benchmarks/gpu_decode.py``; docs/inference.rst has
-the table and what bounds it).
+``auto``'s decode path on CuPy (float16/bfloat16, D = Dv in 64 or 128). Its earlier version
+(two stages, a table read and two divisions per 16-byte copy, ~140 us of host work a call)
+passed its tests against the float64 oracle (``tests/test_decode_gpu.py``) on an H100 and an
+H200 on 2026-12-05 and read K/V at 0.18-2.72 TB/s there (``benchmarks/gpu_decode.py``;
+docs/inference.rst has the table). This version (stage ring, one table read per tile,
+planned launches through a prebuilt argument block) is compile-checked (spill-free, sm_80 and
+sm_90a) and waits for its GPU run (``bash tools/gpu_check_decode.sh``).
 
 One thread block per (split of the keys, kv head x row block of 16 packed query rows,
 sequence); :func:`num_splits` picks the split count from the batch, the kv heads, the
