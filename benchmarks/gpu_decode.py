@@ -211,7 +211,13 @@ def host_rows(args, torch, calls=200, ctx=4096):
         cache.append(k1, k1)
         return xattn.decode_attention(q, cache)
 
+    from xattn._backends.cupy_ import decode as kernel
+    from xattn.kvcache import _validate_decode
+
+    prob = _validate_decode(q, cache, None, None, None, None)
     out = {"decode_attention": loop(lambda: xattn.decode_attention(q, cache)),
+           "the launcher alone (need_lse=False)":
+               loop(lambda: kernel.decode(prob, q, cache, need_lse=False)),
            "torch SDPA": loop(lambda: sdpa(tq, tk, tv, enable_gqa=True))}
     # The cache grows by one token a step (3 warm-up + calls steps fit its capacity).
     out["append + decode_attention"] = loop(step)
