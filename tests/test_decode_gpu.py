@@ -302,3 +302,30 @@ def test_launch_argument_block_matches_the_kernel_signature():
         size = struct.calcsize("<" + kind)
         raw = ctypes.string_at(block.array[i], size)
         assert struct.unpack("<" + kind, raw)[0] == want, (i, params[i], want)
+
+
+@pytest.mark.gpu
+def test_fast_launch_from_a_new_thread(rng):
+    """A thread whose first CUDA work is a decode call (the driver-API launch needs the
+    runtime's context bound to the thread) gets the main thread's bits."""
+    import threading
+
+    cupy = pytest.importorskip("cupy")
+    cache = xattn.KVCache(1, 2, 512, 64, dtype=np.float16, xp=cupy)
+    _fill(rng, cache, (300,), "float16")
+    q = cupy_array(rng.standard_normal((1, 8, 1, 64)), "float16")
+    want = xattn.decode_attention(q, cache)
+    got = {}
+
+    def work():
+        try:
+            got["out"] = xattn.decode_attention(q, cache)
+            cupy.cuda.Device().synchronize()
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            got["error"] = exc
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert "error" not in got, got.get("error")
+    assert bool((got["out"] == want).all())

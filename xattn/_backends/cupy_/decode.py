@@ -22,6 +22,7 @@ import functools
 import logging
 import math
 import struct
+import threading
 
 import numpy as np
 
@@ -167,7 +168,6 @@ class _ArgBlock:
 
     def __init__(self, fixed):
         import ctypes
-        import threading
 
         self.lock = threading.Lock()
         self.buf = ctypes.create_string_buffer(_ARG_BYTES)
@@ -241,8 +241,26 @@ def _driver():
         return None
 
 
-def _launch_fast(plan, q, out, lse, part_o, part_lse, alibi, alibi_bs):
+_bound = threading.local()  # the devices whose primary context this thread has bound
+
+
+def _bind_context(dev):
+    """A driver-API launch needs a current context, which the runtime binds to a host thread
+    at its first runtime call that needs one (CuPy's own launch does the same check): a
+    thread whose first CUDA work is this launch makes one such call, once per device."""
+    done = getattr(_bound, "devices", None)
+    if done is None:
+        done = _bound.devices = set()
+    if dev not in done:
+        import cupy
+
+        cupy.cuda.runtime.memGetInfo()
+        done.add(dev)
+
+
+def _launch_fast(plan, dev, q, out, lse, part_o, part_lse, alibi, alibi_bs):
     current_stream, launch = _driver()
+    _bind_context(dev)
     stream = current_stream().ptr
     g, b = plan.grid, plan.block[0]
     # The slots are the plan's: two threads launching one plan take turns.
@@ -273,7 +291,8 @@ def decode(prob, q, cache, *, alibi_slopes=None, splits=None, config=None, need_
 
     cfg = default_config(prob.d) if config is None else tuple(config)
     plans = cache._launch_plans()
-    key = (id(prob), splits, cfg, cp.cuda.runtime.getDevice())
+    dev = cp.cuda.runtime.getDevice()
+    key = (id(prob), splits, cfg, dev)
     plan = plans.get(key)
     if plan is None or plan.prob is not prob:  # the plan holds prob: its id is not reused
         plan = plans[key] = _make_plan(prob, cache, splits, cfg)
@@ -297,7 +316,7 @@ def decode(prob, q, cache, *, alibi_slopes=None, splits=None, config=None, need_
             alibi = cp.ascontiguousarray(alibi, dtype=cp.float32)
         alibi_bs = 0 if alibi.ndim == 1 else plan.out_shape[1]
     if FAST_LAUNCH and plan.args is not None and not _log.isEnabledFor(logging.DEBUG):
-        _launch_fast(plan, qc, out, lse, part_o, part_lse, alibi, alibi_bs)
+        _launch_fast(plan, dev, qc, out, lse, part_o, part_lse, alibi, alibi_bs)
         return out, lse
     u64 = np.uint64
     args = (qc, *plan.head, out, _NULL if lse is None else lse, u64(part_o), u64(part_lse),
