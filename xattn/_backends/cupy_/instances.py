@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 __all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "DECODE_HEAD_DIMS", "DECODE_WARPS", "FWD",
            "FWD_BM", "FWD_BM_MODS", "FWD_MODS", "HEAD_DIMS", "Instance", "SM90",
-           "SM90_EXPERIMENTAL", "TF32", "TF32X3", "bwd", "bwd_aux", "bwd_dq", "bwd_simt", "decode",
+           "SM90_BWD_HEAD_DIMS", "SM90_EXPERIMENTAL", "TF32", "TF32X3", "bwd", "bwd_aux", "bwd_dq",
+           "bwd_simt", "bwd_sm90", "decode",
            "experimental", "fwd", "fwd_simt", "shipped", "sm90", "tf32"]
 
 # Head dims the kernels are built for; others up to 256 are zero-padded to the next one.
@@ -230,6 +231,18 @@ def sm90(tn, d, cfg) -> Instance:
                     includes=extra)
 
 
+def bwd_sm90(tn, d) -> Instance:
+    """The experimental Hopper backward main kernel (``flash_bwd_sm90.cu``) of one dtype and
+    head dim (:data:`SM90_BWD_HEAD_DIMS`)."""
+    params = (("XATTN_BWD90_TN", tn), ("XATTN_BWD90_D", d))
+    return Instance("flash_bwd_sm90.cu", "XATTN_BWD90_ONE", params,
+                    (f"flash_bwd_sm90_{tn}_d{d}",), arch="sm_90a")
+
+
+# Head dims of the Hopper backward (2 warpgroups, 128 keys x 64 queries per step).
+SM90_BWD_HEAD_DIMS = (64, 128)
+
+
 def decode(tn, d, nw) -> Instance:
     """The split-KV decode kernel and its lse merge for one dtype and head dim."""
     params = (("XATTN_TN", tn), ("XATTN_D", d), ("XATTN_NW", nw))
@@ -273,6 +286,7 @@ def shipped() -> list:
     out += [bwd_aux(tn) for tn in TYPES]
     out += [sm90(tn, *c[:1], c[1:]) for c in SM90_SHIPPED for tn in TYPES]
     out += [decode(tn, d, DECODE_WARPS) for d in DECODE_HEAD_DIMS for tn in TYPES]
+    out += [bwd_sm90(tn, d) for d in SM90_BWD_HEAD_DIMS for tn in TYPES]
     return out
 
 
