@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU check of the experimental Hopper wgmma backward (cupy.sm90_bwd, flash_bwd_sm90.cu; issue
 # 11). Needs a compute capability 9.0 GPU. Logs under $OUT/sm90bwd/ (or a temp dir).
-#   bash tools/gpu_check_sm90bwd.sh tests   the wgmma layout probes (tools/wgmma_probe.py: the
-#                                           forward's layouts, which this kernel reuses), then
+#   bash tools/gpu_check_sm90bwd.sh tests   the wgmma probes of the kernel's five products
+#                                           (tools/wgmma_probe.py --bwd), then
 #                                           tests/gpu/test_gpu_sm90_bwd.py (< 90 s)
 #   bash tools/gpu_check_sm90bwd.sh bench   fp16 S=4096 B=4 H=16, D 128 / 64, causal and not:
 #                                           sm90_bwd vs cupy.sm80 vs torch SDPA backward,
@@ -19,17 +19,17 @@ mkdir -p "$LOG"
 what="${1:-all}"
 
 run_tests() {
-    echo "== sm90bwd: wgmma probes (log: $LOG/probe.log)"
-    timeout 60 python3 tools/wgmma_probe.py > "$LOG/probe.log" 2>&1
-    echo "probe exit status: $? (124 = cut at 60 s)"
-    grep -E "FAIL|PASS" "$LOG/probe.log" | sort | uniq -c | sort -rn | head -12
+    echo "== sm90bwd: wgmma probes of the backward's products (log: $LOG/probe.log)"
+    timeout 30 python3 tools/wgmma_probe.py --bwd > "$LOG/probe.log" 2>&1
+    echo "probe exit status: $? (124 = cut at 30 s)"
+    grep -E "^(FAIL|PASS)|PASSED|FAILED|Error" "$LOG/probe.log" | head -16
     echo "== sm90bwd: pytest tests/gpu/test_gpu_sm90_bwd.py (log: $LOG/pytest.log)"
-    timeout 85 python3 -m pytest -m gpu -q -x -p no:cacheprovider -n 4 \
+    timeout 60 python3 -m pytest -m gpu -q -x -p no:cacheprovider -n 4 \
         tests/gpu/test_gpu_sm90_bwd.py > "$LOG/pytest.log" 2>&1
     rc=$?
     grep -E "^(FAILED|ERROR)|AssertionError|Error" "$LOG/pytest.log" | head -20
     tail -n 3 "$LOG/pytest.log"
-    echo "pytest exit status: $rc (124 = cut at 85 s)"
+    echo "pytest exit status: $rc (124 = cut at 60 s)"
 }
 
 run_bench() {

@@ -183,6 +183,58 @@ __device__ __forceinline__ void store_ds(const unsigned (&b4)[2][2], const float
         store_ds<T, N + 1>(b4, dp);
     }
 }
+
+// The five products of one step for warpgroup wg (issue only; the caller fences, commits and
+// waits). tools/wgmma_probe_bwd.cu runs exactly these on integer matrices.
+// S^T (or dP^T) = A B^T over the head dim: A = rows 64 wg.. of the BN-row tile at, B = the
+// BM-row tile bt, both K-major.
+template <class T, int D>
+__device__ __forceinline__ void gemm_scores(float (&s)[BM / 2], unsigned at, unsigned bt,
+                                            int wg) {
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks)
+        wgmma_ss(s, kmaj<BN>(at, wg * 64, ks), kmaj<BM>(bt, 0, ks), ks > 0 ? 1 : 0, T());
+}
+// acc += X B: X (64 keys x BM queries) from registers (pack_a), B = the BM x D tile bt, read
+// MN-major (dV += P^T dO, dK += dS^T Q).
+template <class T, int D>
+__device__ __forceinline__ void gemm_keys(float (&acc)[D / 2], const unsigned (&x)[BM / 16][4],
+                                          unsigned bt) {
+#pragma unroll
+    for (int j = 0; j < BM / 16; ++j) wgmma_rs<1>(acc, x[j], mnmaj<BM>(bt, 0, j), 1, T());
+}
+// dS^T fragment x (element x[n * 4 + hr * 2 + e]: key 64 wg + 16 warp + g + 8 hr, query
+// 8 n + 2 t4 + e) stored as dS (queries x keys, K-major, swizzled) at sS: element (query ql,
+// key kl) at panel kl / 64, row ql, chunk (kl % 64) / 8 ^ ql % 8, byte 2 (kl % 8). With
+// ql = 8 n + 2 t4 + e and kl = 64 wg + 16 warp + 8 hr + g the chunk depends on (hr, e) only
+// and the row step 8 n is an immediate 1024 n. Two threads share each 32-bit word of a store:
+// no bank conflict.
+template <class T>
+__device__ __forceinline__ void stage_ds(unsigned sS, const float (&x)[BM / 2], int wg,
+                                         int warp, int g, int t4) {
+    const unsigned base = opaque(sS) + (unsigned)(wg * BM * 128 + t4 * 256 + g * 2);
+    const int cw = 2 * warp, r2 = 2 * t4;
+    unsigned b4[2][2];
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+            b4[hr][e] = base + e * 128 + ((((cw + hr) ^ (r2 + e)) & 7) << 4);
+    store_ds<T>(b4, x);
+}
+// dQ (64 queries x 64 columns) = dS K: D = 128, columns 64 wg.. over all BN keys; D = 64, all
+// columns over this warpgroup's 64 keys (the two warpgroups' partial sums are both added).
+template <class T, int D>
+__device__ __forceinline__ void gemm_dq(float (&dq)[32], unsigned sS, unsigned kt, int wg) {
+    constexpr int KS0 = D == 128 ? 0 : 1;  // multiplies wg: the first k-step / 4
+    constexpr int NKS = D == 128 ? BN / 16 : 4;
+#pragma unroll
+    for (int ks = 0; ks < NKS; ++ks) {
+        const int kk = KS0 * wg * 4 + ks;
+        wgmma_ss_tb(dq, kmaj<BM>(sS, 0, kk), mnmaj<BN>(kt, D == 128 ? wg : 0, kk),
+                    ks > 0 ? 1 : 0, T());
+    }
+}
 #endif
 
 template <class T, int D>
@@ -271,17 +323,13 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const BwdArgs& a) {
         // declared outside the loop they would stay live across it).
         float s[BM / 2], dp[BM / 2];
 #pragma unroll
-        for (int i = 0; i < BM / 2; ++i) s[i] = dp[i] = 0.f;
+        for (int z = 0; z < BM / 2; ++z) s[z] = dp[z] = 0.f;
         fence_regs(s);
         fence_regs(dp);
         wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks)
-            wgmma_ss(s, kmaj<BN>(kt, wg * 64, ks), kmaj<BM>(qt, 0, ks), ks > 0 ? 1 : 0, T());
+        gemm_scores<T, D>(s, kt, qt, wg);
         wgmma_commit();
-#pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks)
-            wgmma_ss(dp, kmaj<BN>(vt, wg * 64, ks), kmaj<BM>(ot, 0, ks), ks > 0 ? 1 : 0, T());
+        gemm_scores<T, D>(dp, vt, ot, wg);
         wgmma_commit();
         wgmma_wait<1>();
         fence_regs(s);
@@ -310,8 +358,7 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const BwdArgs& a) {
         for (int j = 0; j < BM / 16; ++j) fence_regs(pa[j]);
         fence_regs(dv);
         wgmma_fence();
-#pragma unroll
-        for (int j = 0; j < BM / 16; ++j) wgmma_rs<1>(dv, pa[j], mnmaj<BM>(ot, 0, j), 1, T());
+        gemm_keys<T, D>(dv, pa, ot);
         wgmma_commit();
 
         wgmma_wait<1>();  // dP^T (the dV group may still run)
@@ -333,26 +380,10 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const BwdArgs& a) {
         for (int j = 0; j < BM / 16; ++j) fence_regs(da[j]);
         fence_regs(dk);
         wgmma_fence();
-#pragma unroll
-        for (int j = 0; j < BM / 16; ++j) wgmma_rs<1>(dk, da[j], mnmaj<BM>(qt, 0, j), 1, T());
+        gemm_keys<T, D>(dk, da, qt);
         wgmma_commit();
 
-        // dS (queries x keys, K-major, swizzled) for dQ: element (query ql, key kl) at panel
-        // kl / 64, row ql, chunk (kl % 64) / 8 ^ ql % 8, byte 2 (kl % 8). With ql = 8 n + 2 t4
-        // + e and kl = 64 wg + 16 warp + 8 hr + g, the chunk depends on (hr, e) only and the
-        // row step 8 n is an immediate 1024 n. Two threads share each 32-bit word of a store:
-        // no bank conflict.
-        {
-            const unsigned base = opaque(sS) + (unsigned)(wg * BM * 128 + t4 * 256 + g * 2);
-            const int cw = 2 * warp, r2 = 2 * t4;
-            unsigned b4[2][2];
-#pragma unroll
-            for (int hr = 0; hr < 2; ++hr)
-#pragma unroll
-                for (int e = 0; e < 2; ++e)
-                    b4[hr][e] = base + e * 128 + ((((cw + hr) ^ (r2 + e)) & 7) << 4);
-            store_ds<T>(b4, dp);
-        }
+        stage_ds<T>(sS, dp, wg, warp, g, t4);  // dS for dQ
         fence_proxy_async();
         if constexpr (D == 128)
             bar_sync<1, NT>();  // both warpgroups' dS are stored
@@ -366,21 +397,13 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const BwdArgs& a) {
         for (int j = 0; j < BM / 16; ++j) fence_regs(pa[j]);
         fence_regs(dv);
 
-        // dQ (64 queries x 64 columns) = dS K: D = 128, columns 64 wg.. over all 128 keys;
-        // D = 64, all columns over this warpgroup's 64 keys.
+        // dQ = dS K.
         float dq[32];
 #pragma unroll
-        for (int i = 0; i < 32; ++i) dq[i] = 0.f;
+        for (int z = 0; z < 32; ++z) dq[z] = 0.f;
         fence_regs(dq);
         wgmma_fence();
-        constexpr int KS0 = D == 128 ? 0 : 1;  // multiplies wg: the first k-step / 4
-        constexpr int NKS = D == 128 ? BN / 16 : 4;
-#pragma unroll
-        for (int ks = 0; ks < NKS; ++ks) {
-            const int kk = KS0 * wg * 4 + ks;
-            wgmma_ss_tb(dq, kmaj<BM>(opaque(sS), 0, kk), mnmaj<BN>(kt, D == 128 ? wg : 0, kk),
-                        ks > 0 ? 1 : 0, T());
-        }
+        gemm_dq<T, D>(dq, opaque(sS), kt, wg);
         wgmma_commit();
         wgmma_wait<0>();
         fence_regs(dq);
