@@ -21,6 +21,9 @@ Tile configurations (chosen from ``ptxas -v``, no spills, and timings on an H200
   candidates of each.
 * TF32 forward (``flash_fwd_tf32.cu``) and the Hopper forward (``flash_fwd_sm90.cu``:
   ``(keys per block, consumer warpgroups, schedule mode)``).
+* the experimental Hopper backward (``flash_bwd_sm90.cu``): one entry per dtype and head dim
+  (:data:`SM90_BWD_HEAD_DIMS`), its tile fixed in the kernel (2 warpgroups, 128 keys x 64
+  queries per step).
 """
 
 from __future__ import annotations
