@@ -46,10 +46,10 @@ run_san() {
     echo "== sm90bwd: compute-sanitizer (logs: $LOG/memcheck.log, $LOG/racecheck.log)"
     # Compile the cubins outside the sanitizer (disk cache); the workload also runs the forward
     # and flash_bwd.cu's delta / dq-convert kernels (all tiny).
-    timeout 30 python3 tools/gpu_sm90bwd_bench.py --san > "$LOG/san_warm.log" 2>&1
+    timeout 20 python3 tools/gpu_sm90bwd_bench.py --san > "$LOG/san_warm.log" 2>&1
     echo "warm-up exit status: $? ($(tr '\n' ' ' < "$LOG/san_warm.log" | tail -c 200))"
     for tool in memcheck racecheck; do
-        timeout 45 compute-sanitizer --tool "$tool" --print-limit 20 \
+        timeout 35 compute-sanitizer --tool "$tool" --print-limit 20 \
             python3 tools/gpu_sm90bwd_bench.py --san > "$LOG/$tool.log" 2>&1
         echo "$tool exit status: $?"
         grep -E "ERROR SUMMARY|RACECHECK SUMMARY|finite=" "$LOG/$tool.log" | head -8
