@@ -1,6 +1,8 @@
 """Probe the wgmma layouts of the sm_90a flash kernel, then (``--bench``) time the kernel.
 
-Usage: ``python3 tools/wgmma_probe.py [--bench] [--swapped]`` on a compute capability 9.0 GPU.
+Usage: ``python3 tools/wgmma_probe.py [--bench] [--swapped] [--bwd]`` on a compute capability
+9.0 GPU. ``--bwd`` runs only the probes of the Hopper backward (``tools/wgmma_probe_bwd.cu``:
+the five products of ``flash_bwd_sm90.cu`` through its own helpers, integer matrices).
 
 1. Probes (``tools/wgmma_probe.cu``, compiled only when this runs): one warpgroup runs the
    exact wgmma sequences of ``flash_fwd_sm90.cu`` on small integer-valued matrices (exact in
@@ -167,6 +169,53 @@ def run_probes(cp, k90, swapped=False):
                         ok_all = False
                         print("\n".join(block_map(c, ref)))
     return run_ring_probe(cp, k90, mod) and ok_all
+
+
+def run_bwd_probes(cp):
+    """The five products of the Hopper backward (``tools/wgmma_probe_bwd.cu``: the helpers of
+    ``flash_bwd_sm90.cu`` on integer matrices, exact in float32): c1 = K Q^T (S^T, dP^T),
+    c2 = X Q (dV, dK: A from registers, B MN-major), c3 = X^T K (dQ: dS staged in shared
+    memory, B MN-major with imm-trans-b); float16 and bfloat16, D = 64 and 128."""
+    from xattn._backends.cupy_ import _compile
+
+    text = Path(__file__).with_name("wgmma_probe_bwd.cu").read_text()
+    src = text.replace('#include "flash_bwd_sm90.cu"', _compile.source("flash_bwd_sm90.cu"))
+    t0 = time.perf_counter()
+    mod = _compile.load_module(_compile.cubin_path(src))
+    print(f"bwd probe module compiled in {time.perf_counter() - t0:.1f} s")
+    rng = np.random.default_rng(2)
+    ok_all = True
+    for tn, dtype in (("f16", np.dtype(np.float16)), ("bf16", _bf16())):
+        for d in (64, 128):
+            kk = rng.integers(-2, 3, (128, d)).astype(np.float64)
+            qq = rng.integers(-2, 3, (64, d)).astype(np.float64)
+            xx = rng.integers(-2, 3, (128, 64)).astype(np.float64)
+            refs = {"c1 = K Q^T (S^T / dP^T)": kk @ qq.T, "c2 = X Q (dV / dK)": xx @ qq,
+                    "c3 = X^T K (dQ)": xx.T @ kk}
+            fn = mod.get_function(f"probe_bwd_{tn}_d{d}")
+            smem = (128 * d + 64 * d + 64 * 128) * 2 + 1024
+            if smem > 48 * 1024:
+                _compile._allow_smem(fn, smem)
+            outs = [cp.full((128, 64), np.nan, dtype=cp.float32),
+                    cp.full((128, d), np.nan, dtype=cp.float32),
+                    cp.zeros((64, d), dtype=cp.float32)]
+            try:
+                fn((1,), (256,), (cp.asarray(kk.astype(dtype)).view(cp.uint16),
+                                  cp.asarray(qq.astype(dtype)).view(cp.uint16),
+                                  cp.asarray(xx.astype(np.float32)), *outs), shared_mem=smem)
+                cp.cuda.runtime.deviceSynchronize()
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                print(f"FAIL probe bwd {tn} D={d}: launch error {exc}")
+                ok_all = False
+                continue
+            for (label, ref), c in zip(refs.items(), outs, strict=True):
+                got = cp.asnumpy(c)
+                good = np.array_equal(got, ref)
+                print(f"{'PASS' if good else 'FAIL'} probe bwd {tn} D={d} {label}")
+                if not good:
+                    ok_all = False
+                    print("\n".join(block_map(got, ref)))
+    return ok_all
 
 
 def run_ring_probe(cp, k90, mod):
@@ -425,6 +474,8 @@ def main(argv=None):
     ap.add_argument("--swapped", action="store_true",
                     help="also run the no-swizzle probes with LBO / SBO swapped (diagnostic; "
                          "the MN-major one may fault and end the process)")
+    ap.add_argument("--bwd", action="store_true",
+                    help="only the probes of the Hopper backward (tools/wgmma_probe_bwd.cu)")
     args = ap.parse_args(argv)
     import cupy as cp
 
@@ -436,6 +487,10 @@ def main(argv=None):
         print("the sm_90a kernel needs compute capability 9.0: nothing to probe")
         return 2
     t0 = time.perf_counter()
+    if args.bwd:
+        ok = run_bwd_probes(cp)
+        print(f"bwd probes {'PASSED' if ok else 'FAILED'} ({time.perf_counter() - t0:.1f} s)")
+        return 0 if ok else 1
     ok = run_probes(cp, k90, swapped=args.swapped)
     ok = run_flash_checks(cp, k90) and ok
     print(f"checks {'PASSED' if ok else 'FAILED'} ({time.perf_counter() - t0:.1f} s)")

@@ -105,6 +105,15 @@ BACKENDS = {
             fix=_CUPY_FIX,
         ),
         Backend(
+            "cupy.sm90_bwd",
+            "gpu",
+            ".cupy_.flash_bwd_sm90",
+            "EXPERIMENTAL Hopper (sm_90a) wgmma backward, float16/bfloat16, D 64/128, "
+            "causal/GQA only, served when named (flash_bwd_sm90.cu)",
+            requires=("cupy",),
+            fix=_CUPY_FIX,
+        ),
+        Backend(
             "cupy.sm80",
             "gpu",
             ".cupy_.flash",
@@ -167,11 +176,12 @@ _PREFERENCE = {
     "gpu": ("cupy.sm90", "cupy.sm80", "cupy.tf32", "cupy.tf32x3", "cupy.simt", "cupy.decode",
             "generic"),
 }
-# Entries that serve only when named with backend= (none today). cupy.tf32x3 (3xTF32) was one
+# Entries that serve only when named with backend=. cupy.tf32x3 (3xTF32) was one
 # until its q k^T stopped chaining the small products into the score: fed by it, the float32
 # backward now meets the strict float32 rule at every option set (H100, 2026-12-05,
 # tests/gpu/test_gpu_flash_tf32x3.py), so float32 runs on tensor cores by default.
-OPT_IN = ()
+# cupy.sm90_bwd (the wgmma backward) stays one until its timings beat cupy.sm80's backward.
+OPT_IN = ("cupy.sm90_bwd",)
 # Names that stand for "the first of these entries that supports the request".
 ALIASES = {"cupy": ("cupy.sm90", "cupy.sm80", "cupy.tf32", "cupy.tf32x3", "cupy.simt")}
 

@@ -21,6 +21,9 @@ Tile configurations (chosen from ``ptxas -v``, no spills, and timings on an H200
   candidates of each.
 * TF32 forward (``flash_fwd_tf32.cu``) and the Hopper forward (``flash_fwd_sm90.cu``:
   ``(keys per block, consumer warpgroups, schedule mode)``).
+* the experimental Hopper backward (``flash_bwd_sm90.cu``): one entry per dtype and head dim
+  (:data:`SM90_BWD_HEAD_DIMS`), its tile fixed in the kernel (2 warpgroups, 128 keys x 64
+  queries per step).
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from dataclasses import dataclass
 __all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "DECODE", "DECODE_EXTRA",
            "DECODE_HEAD_DIMS", "FWD",
            "FWD_BM", "FWD_BM_MODS", "FWD_MODS", "HEAD_DIMS", "Instance", "SM90",
-           "SM90_EXPERIMENTAL", "TF32", "TF32X3", "bwd", "bwd_aux", "bwd_dq", "bwd_simt", "decode",
-           "decode_combine",
+           "SM90_BWD_HEAD_DIMS", "SM90_EXPERIMENTAL", "TF32", "TF32X3", "bwd", "bwd_aux", "bwd_dq",
+           "bwd_simt", "bwd_sm90", "decode", "decode_combine",
            "experimental", "fwd", "fwd_simt", "shipped", "sm90", "tf32"]
 
 # Head dims the kernels are built for; others up to 256 are zero-padded to the next one.
@@ -232,6 +235,18 @@ def sm90(tn, d, cfg) -> Instance:
                     includes=extra)
 
 
+def bwd_sm90(tn, d) -> Instance:
+    """The experimental Hopper backward main kernel (``flash_bwd_sm90.cu``) of one dtype and
+    head dim (:data:`SM90_BWD_HEAD_DIMS`)."""
+    params = (("XATTN_BWD90_TN", tn), ("XATTN_BWD90_D", d))
+    return Instance("flash_bwd_sm90.cu", "XATTN_BWD90_ONE", params,
+                    (f"flash_bwd_sm90_{tn}_d{d}",), arch="sm_90a")
+
+
+# Head dims of the Hopper backward (2 warpgroups, 128 keys x 64 queries per step).
+SM90_BWD_HEAD_DIMS = (64, 128)
+
+
 def decode(tn, d, cfg) -> Instance:
     """The split-KV decode kernel of one dtype, head dim and ``(warps, stages)``."""
     nw, st = cfg
@@ -293,6 +308,7 @@ def shipped() -> list:
         for cfg in (DECODE[d], *DECODE_EXTRA.get(d, ())):
             out += [decode(tn, d, cfg) for tn in TYPES]
         out += [decode_combine(tn, d) for tn in TYPES]
+    out += [bwd_sm90(tn, d) for d in SM90_BWD_HEAD_DIMS for tn in TYPES]
     return out
 
 

@@ -1,0 +1,473 @@
+// Flash attention backward for Hopper (sm_90a) on warpgroup MMA (wgmma.mma_async): the main
+// kernel of the backward (dK, dV and dQ's atomic partial sums). EXPERIMENTAL: the table entry
+// cupy.sm90_bwd serves it only when named; the delta and dq-convert kernels of flash_bwd.cu
+// run before and after it (xattn/_backends/cupy_/flash_bwd_sm90.py).
+//
+// One thread block = 2 warpgroups (256 threads, no producer) owns BN = 128 keys of one
+// (batch, kv head): K and V stay in shared memory, warpgroup w owns keys 64 w .. 64 w + 63 (the
+// M of its wgmmas). The block walks the query heads of its GQA group and, for each, the query
+// blocks of BM = 64 rows that may see its keys (causal clips the range), Q, dO, lse and delta
+// double-buffered by cp.async. Per query block each warpgroup computes
+//   S^T  = K Q^T       wgmma ss m64n64, A = K rows, B = Q rows, both K-major (GEMM K = head dim)
+//   dP^T = V dO^T      likewise
+//   P^T  = exp2(S^T scale log2e - lse log2e) on the accumulator fragment (the visibility test
+//          on edge tiles only; lse = +inf on rows past Sq or that see no key: p = 0 there)
+//   dS^T = P^T (dP^T - delta)
+//   dV  += P^T dO      wgmma rs m64nD, A = P^T from registers (the accumulator fragment packed
+//   dK  += dS^T Q      to 16-bit pairs is the register A fragment of m64k16, as the forward's
+//                      P V), B = dO / Q MN-major (their rows are queries = the GEMM K)
+//   dS^T is also stored (transposed, as dS: rows = queries, K-major) to shared memory, and
+//   dQ  += dS K        wgmma ss m64n64 with A = dS (K-major) and B = K (MN-major, imm-trans-b),
+//                      M = the 64 queries; added to the float32 dq_accum with red.global.add.v2.
+//   D = 128: warpgroup w computes dQ columns 64 w .. 64 w + 63 over all 128 keys (the two
+//   warpgroups meet at a barrier after both stored their dS); D = 64: each warpgroup computes
+//   the whole dQ row block over its own 64 keys and both add (no cross-warpgroup barrier).
+// dK is scaled by `scale` once at the end; dK / dV are written once (GQA: the query heads of a
+// group are summed in the accumulators, deterministic); dq = scale * dq_accum is the convert
+// kernel's job.
+//
+// Shared memory: every tile in the 128-byte-swizzle layout of flash_fwd_sm90.cu (descriptor
+// layout type 1): a tile of R rows x C 16-bit columns is C / 64 panels of R rows x 128 bytes
+// (panel p at byte 128 R p); the 16-byte chunk c of row r sits at chunk c ^ (r % 8) of its
+// row; tiles start 1024-byte aligned. K-major operand: SBO = 1024 (next 8 rows), a k-step of
+// 16 columns advances the start by 32 bytes inside a panel (by a panel every 4 k-steps).
+// MN-major operand: SBO = 1024 (next 8 rows along the GEMM K), LBO = 128 R (next 64 columns
+// along N), a k-step of 16 rows advances the start by 2048 bytes. tools/wgmma_probe.py checks
+// the forward's uses of these layouts; its "bwd" probes check this kernel's five GEMMs.
+//
+// cp.async and the dS stores write through the generic proxy and wgmma reads through the async
+// proxy: every writer runs fence.proxy.async before the barrier that precedes the wgmma.
+//
+// Layout (contiguous): q, dout (B, Hq, Sq, D); k, v (B, Hkv, Sk, D); lse, delta (B, Hq, Sq)
+// float32 (lse natural log, -inf on rows that see no key); dq_accum (B, Hq, Sq, D) float32,
+// zeroed by the launcher; dk, dv like k, v. GQA: query head h reads kv head h / group.
+// Bottom-right alignment: query i sits at key position i + (Sk - Sq). Options: causal, scale,
+// GQA (no window, score mods or block mask: the launcher refuses them).
+//
+// No CUDA headers; the local headers are inlined by the loader. The wgmma code is compiled only
+// for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); for other targets the entries trap.
+// Entry points: flash_bwd_sm90_<f16|bf16>_d<64|128>.
+
+#include "common.cuh"
+#include "masking.cuh"
+#include "wgmma_sm90.cuh"
+
+namespace xattn::sm90bwd {
+
+struct BwdArgs {
+    const unsigned short* q;
+    const unsigned short* k;
+    const unsigned short* v;
+    const unsigned short* dout;
+    const float* lse;
+    const float* delta;
+    float* dq_accum;
+    unsigned short* dk;
+    unsigned short* dv;
+    int hq, group, sq, sk;
+    float scale;
+    int causal;
+};
+
+constexpr int BN = 128;  // keys per block (64 per warpgroup)
+constexpr int BM = 64;   // query rows per step
+constexpr int NT = 256;  // threads
+
+#if XATTN_SM90_OK
+// Shared-memory matrix descriptor with the 128-byte swizzle (layout type 1), base offset 0:
+// bits 0-13 start address >> 4, 16-29 LBO >> 4, 32-45 SBO >> 4, 62-63 layout type.
+__device__ __forceinline__ unsigned long long desc_sw(unsigned addr, unsigned lbo, unsigned sbo) {
+    return (unsigned long long)((addr & 0x3FFFFu) >> 4) |
+           ((unsigned long long)((lbo >> 4) & 0x3FFFu) << 16) |
+           ((unsigned long long)((sbo >> 4) & 0x3FFFu) << 32) | (1ull << 62);
+}
+// K-major operand: rows `row`.. (a multiple of 8) of a tile of R rows; k-step ks (16 columns).
+template <int R>
+__device__ __forceinline__ unsigned long long kmaj(unsigned tile, int row, int ks) {
+    return desc_sw(tile + row * 128 + (ks >> 2) * R * 128 + (ks & 3) * 32, 16, 1024);
+}
+// MN-major operand of a tile of R rows (the GEMM K) from panel p (64 columns of N) on; k-step j
+// (rows 16 j..).
+template <int R>
+__device__ __forceinline__ unsigned long long mnmaj(unsigned tile, int p, int j) {
+    return desc_sw(tile + p * R * 128 + j * 2048, R * 128, 1024);
+}
+
+// wgmma m64n64k16 with A and B from shared memory, B MN-major (imm-trans-b = 1): dQ = dS K.
+#define XATTN_BWD90_SS_TB(TY)                                                                 \
+    __device__ __forceinline__ void wgmma_ss_tb(float (&d)[32], unsigned long long da,        \
+                                                unsigned long long db, int scale_d, TY) {     \
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                             \
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32." #TY "." #TY " "            \
+                     XATTN_REGS32 ", %32, %33, p, 1, 1, 0, 1;\n}\n"                            \
+                     : XATTN_ACC32                                                             \
+                     : "l"(da), "l"(db), "r"(scale_d));                                        \
+    }
+XATTN_BWD90_SS_TB(f16)
+XATTN_BWD90_SS_TB(bf16)
+
+// Immediate barrier ids (a register id makes ptxas reserve all 16 hardware barriers).
+template <int ID, int N>
+__device__ __forceinline__ void bar_sync() {
+    asm volatile("bar.sync %0, %1;\n" ::"n"(ID), "n"(N) : "memory");
+}
+
+// st.shared.u16 at addr + OFF (an immediate: the compiler keeps one base register, not one
+// address per element).
+template <int OFF>
+__device__ __forceinline__ void st_shared_u16(unsigned addr, unsigned short x) {
+    asm volatile("st.shared.u16 [%0 + %2], %1;\n" ::"r"(addr), "h"(x), "n"(OFF) : "memory");
+}
+// The value, opaque to the optimiser: descriptors and addresses derived from it inside the loop
+// are recomputed each step (a few integer adds) instead of being hoisted into dozens of
+// registers that the accumulators need.
+__device__ __forceinline__ unsigned opaque(unsigned x) {
+    asm volatile("" : "+r"(x));
+    return x;
+}
+__device__ __forceinline__ unsigned short to_bits(float x, f16) {
+    unsigned short r;
+    asm("cvt.rn.f16.f32 %0, %1;\n" : "=h"(r) : "f"(x));
+    return r;
+}
+__device__ __forceinline__ unsigned short to_bits(float x, bf16) {
+    unsigned short r;
+    asm("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(r) : "f"(x));
+    return r;
+}
+#endif  // XATTN_SM90_OK
+
+// A (ROWS x D) tile of 16-bit elements from global (row stride D) into the swizzled layout;
+// rows at or past `limit` are zero-filled. Eight consecutive threads copy the eight chunks of
+// one 128-byte panel row (no bank conflict, 128 contiguous global bytes).
+template <int ROWS, int D>
+__device__ __forceinline__ void load_tile(unsigned sbase, const unsigned short* g, int row0,
+                                          int limit, int tid) {
+    constexpr int CPR = D / 8;
+    constexpr int TOTAL = ROWS * CPR;
+    static_assert(TOTAL % NT == 0, "every thread copies the same number of chunks");
+#pragma unroll
+    for (int it = 0; it < TOTAL / NT; ++it) {
+        const int i = it * NT + tid;
+        const int r = i / CPR, cc = i % CPR, c = cc & 7;
+        const bool ok = row0 + r < limit;
+        const unsigned short* src = ok ? g + (long long)(row0 + r) * D + cc * 8 : g;
+        cp_async16_ordered(
+            sbase + (unsigned)((cc >> 3) * ROWS * 128 + r * 128 + ((c ^ (r & 7)) << 4)), src, ok);
+    }
+}
+
+// P^T rounded to the input type as the register A fragment of m64k16 for query chunk j
+// (accumulator n-blocks 2 j and 2 j + 1), as the forward packs P.
+template <class T>
+__device__ __forceinline__ void pack_a(unsigned (&p)[BM / 16][4], const float (&s)[BM / 2]) {
+#pragma unroll
+    for (int j = 0; j < BM / 16; ++j) {
+        p[j][0] = pack2(s[(2 * j) * 4 + 0], s[(2 * j) * 4 + 1], T());
+        p[j][1] = pack2(s[(2 * j) * 4 + 2], s[(2 * j) * 4 + 3], T());
+        p[j][2] = pack2(s[(2 * j + 1) * 4 + 0], s[(2 * j + 1) * 4 + 1], T());
+        p[j][3] = pack2(s[(2 * j + 1) * 4 + 2], s[(2 * j + 1) * 4 + 3], T());
+    }
+}
+
+#if XATTN_SM90_OK
+// The dS stores of one thread: element dp[n * 4 + hr * 2 + e] at b4[hr][e] + 1024 n.
+template <class T, int N = 0>
+__device__ __forceinline__ void store_ds(const unsigned (&b4)[2][2], const float (&dp)[BM / 2]) {
+    if constexpr (N < BM / 8) {
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+                st_shared_u16<N * 1024>(b4[hr][e], to_bits(dp[N * 4 + hr * 2 + e], T()));
+        store_ds<T, N + 1>(b4, dp);
+    }
+}
+
+// The five products of one step for warpgroup wg (issue only; the caller fences, commits and
+// waits). tools/wgmma_probe_bwd.cu runs exactly these on integer matrices.
+// S^T (or dP^T) = A B^T over the head dim: A = rows 64 wg.. of the BN-row tile at, B = the
+// BM-row tile bt, both K-major.
+template <class T, int D>
+__device__ __forceinline__ void gemm_scores(float (&s)[BM / 2], unsigned at, unsigned bt,
+                                            int wg) {
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks)
+        wgmma_ss(s, kmaj<BN>(at, wg * 64, ks), kmaj<BM>(bt, 0, ks), ks > 0 ? 1 : 0, T());
+}
+// acc += X B: X (64 keys x BM queries) from registers (pack_a), B = the BM x D tile bt, read
+// MN-major (dV += P^T dO, dK += dS^T Q).
+template <class T, int D>
+__device__ __forceinline__ void gemm_keys(float (&acc)[D / 2], const unsigned (&x)[BM / 16][4],
+                                          unsigned bt) {
+#pragma unroll
+    for (int j = 0; j < BM / 16; ++j) wgmma_rs<1>(acc, x[j], mnmaj<BM>(bt, 0, j), 1, T());
+}
+// dS^T fragment x (element x[n * 4 + hr * 2 + e]: key 64 wg + 16 warp + g + 8 hr, query
+// 8 n + 2 t4 + e) stored as dS (queries x keys, K-major, swizzled) at sS: element (query ql,
+// key kl) at panel kl / 64, row ql, chunk (kl % 64) / 8 ^ ql % 8, byte 2 (kl % 8). With
+// ql = 8 n + 2 t4 + e and kl = 64 wg + 16 warp + 8 hr + g the chunk depends on (hr, e) only
+// and the row step 8 n is an immediate 1024 n. Two threads share each 32-bit word of a store:
+// no bank conflict.
+template <class T>
+__device__ __forceinline__ void stage_ds(unsigned sS, const float (&x)[BM / 2], int wg,
+                                         int warp, int g, int t4) {
+    const unsigned base = opaque(sS) + (unsigned)(wg * BM * 128 + t4 * 256 + g * 2);
+    const int cw = 2 * warp, r2 = 2 * t4;
+    unsigned b4[2][2];
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+            b4[hr][e] = base + e * 128 + ((((cw + hr) ^ (r2 + e)) & 7) << 4);
+    store_ds<T>(b4, x);
+}
+// dQ (64 queries x 64 columns) = dS K: D = 128, columns 64 wg.. over all BN keys; D = 64, all
+// columns over this warpgroup's 64 keys (the two warpgroups' partial sums are both added).
+template <class T, int D>
+__device__ __forceinline__ void gemm_dq(float (&dq)[32], unsigned sS, unsigned kt, int wg) {
+    constexpr int KS0 = D == 128 ? 0 : 1;  // multiplies wg: the first k-step / 4
+    constexpr int NKS = D == 128 ? BN / 16 : 4;
+#pragma unroll
+    for (int ks = 0; ks < NKS; ++ks) {
+        const int kk = KS0 * wg * 4 + ks;
+        wgmma_ss_tb(dq, kmaj<BM>(sS, 0, kk), mnmaj<BN>(kt, D == 128 ? wg : 0, kk),
+                    ks > 0 ? 1 : 0, T());
+    }
+}
+#endif
+
+template <class T, int D>
+__device__ __forceinline__ void flash_bwd_sm90_core(const BwdArgs& a) {
+#if XATTN_SM90_OK
+    static_assert(D == 64 || D == 128, "wgmma wrappers exist for N = 64 and 128");
+    constexpr unsigned KV_TILE = BN * D * 2, Q_TILE = BM * D * 2, DS_TILE = BM * BN * 2;
+
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    const unsigned raw = smem_u32(smem_raw);
+    const unsigned sK = (raw + 1023u) & ~1023u;  // 1 KiB more allocated for the alignment
+    const unsigned sV = sK + KV_TILE;
+    const unsigned sQ = sV + KV_TILE;      // two buffers
+    const unsigned sO = sQ + 2 * Q_TILE;   // two buffers
+    const unsigned sS = sO + 2 * Q_TILE;   // dS (BM queries x BN keys, K-major)
+    float* sL = reinterpret_cast<float*>(smem_raw + (sS + DS_TILE - raw));  // 2 x BM lse log2e
+    float* sD = sL + 2 * BM;                                                // 2 x BM delta
+
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int hk = blockIdx.y, b = blockIdx.z;
+    const int sq = a.sq, sk = a.sk, off = sk - sq;
+    const int hkv = a.hq / a.group;
+    const int k0 = blockIdx.x * BN, k1 = min(k0 + BN, sk);
+    const int kw0 = k0 + wg * 64;  // this warpgroup's first key
+    const long long kvh = ((long long)b * hkv + hk) * sk * D;
+
+    int qb0, qb1;
+    xattn_query_blocks(k0, k1, off, sq, a.causal, -1, -1, BM, qb0, qb1);
+    const int nq = qb1 > qb0 ? qb1 - qb0 : 0;
+    const int nsteps = nq * a.group;  // (query head of the group, query block), head-major
+
+    // Q, dO, lse (base 2, +inf past Sq or on rows that see no key) and delta of step i into
+    // buffer bf.
+    auto stage = [&](int i, int bf) {
+        const int h = hk * a.group + i / nq;
+        const int q0 = (qb0 + i % nq) * BM;
+        const long long bh = (long long)b * a.hq + h;
+        load_tile<BM, D>(sQ + bf * Q_TILE, a.q + bh * sq * D, q0, sq, tid);
+        load_tile<BM, D>(sO + bf * Q_TILE, a.dout + bh * sq * D, q0, sq, tid);
+        if (tid < BM) {
+            float l2, dl;
+            xattn_bwd_row(a.lse, a.delta, bh * sq + q0 + tid, q0 + tid < sq, l2, dl);
+            sL[bf * BM + tid] = l2;
+            sD[bf * BM + tid] = dl;
+        }
+    };
+
+    float dk[D / 2], dv[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
+    const float sl2 = a.scale * XATTN_LOG2E;
+
+    if (nsteps > 0) {
+        load_tile<BN, D>(sK, a.k + kvh, k0, sk, tid);
+        load_tile<BN, D>(sV, a.v + kvh, k0, sk, tid);
+        stage(0, 0);
+        cp_async_commit_ordered();
+    }
+
+    for (int i = 0; i < nsteps; ++i) {
+        const int bf = i & 1;
+        if (i + 1 < nsteps) {
+            // Buffer bf ^ 1 was last read in step i - 1, which ended with a barrier after its
+            // wgmmas completed.
+            stage(i + 1, bf ^ 1);
+            cp_async_commit_ordered();
+            cp_async_wait_ordered<1>();
+        } else {
+            cp_async_wait_ordered<0>();
+        }
+        fence_proxy_async();
+        __syncthreads();
+
+        const int h = hk * a.group + i / nq;
+        const int q0 = (qb0 + i % nq) * BM;
+        const int q1 = min(q0 + BM, sq);
+        const long long bh = (long long)b * a.hq + h;
+        const unsigned qt = sQ + bf * Q_TILE, ot = sO + bf * Q_TILE;
+        const unsigned kt = opaque(sK), vt = opaque(sV);
+        const float* lb = sL + bf * BM;
+        const float* db = sD + bf * BM;
+
+        // S^T = K Q^T and dP^T = V dO^T (two commit groups: P^T is computed while dP^T runs).
+        // The accumulators start from zeros (scale-d 0 ignores them, but the asm reads them:
+        // declared outside the loop they would stay live across it).
+        float s[BM / 2], dp[BM / 2];
+#pragma unroll
+        for (int z = 0; z < BM / 2; ++z) s[z] = dp[z] = 0.f;
+        fence_regs(s);
+        fence_regs(dp);
+        wgmma_fence();
+        gemm_scores<T, D>(s, kt, qt, wg);
+        wgmma_commit();
+        gemm_scores<T, D>(dp, vt, ot, wg);
+        wgmma_commit();
+        wgmma_wait<1>();
+        fence_regs(s);
+
+        // Accumulator element s[n * 4 + hr * 2 + e]: key kw0 + 16 warp + g + 8 hr, query
+        // q0 + 8 n + 2 t4 + e. The visibility test only on tiles that need it.
+        const bool edge = xattn_tile_needs_test(q0, q1, kw0, 64, off, sk, a.causal, -1, -1);
+#pragma unroll
+        for (int n = 0; n < BM / 8; ++n)
+#pragma unroll
+            for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int ql = n * 8 + t4 * 2 + e;
+                    float x = s[n * 4 + hr * 2 + e];
+                    if (edge && !xattn_visible(q0 + ql, kw0 + warp * 16 + g + hr * 8, off, sk,
+                                               a.causal, -1, -1))
+                        x = -XATTN_INF;
+                    s[n * 4 + hr * 2 + e] = ex2(fmaf(x, sl2, -lb[ql]));
+                }
+        unsigned pa[BM / 16][4];
+        pack_a<T>(pa, s);
+
+        // dV += P^T dO.
+#pragma unroll
+        for (int j = 0; j < BM / 16; ++j) fence_regs(pa[j]);
+        fence_regs(dv);
+        wgmma_fence();
+        gemm_keys<T, D>(dv, pa, ot);
+        wgmma_commit();
+
+        wgmma_wait<1>();  // dP^T (the dV group may still run)
+        fence_regs(dp);
+#pragma unroll
+        for (int n = 0; n < BM / 8; ++n)
+#pragma unroll
+            for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int idx = n * 4 + hr * 2 + e;
+                    dp[idx] = s[idx] * (dp[idx] - db[n * 8 + t4 * 2 + e]);
+                }
+        unsigned da[BM / 16][4];
+        pack_a<T>(da, dp);
+
+        // dK += dS^T Q.
+#pragma unroll
+        for (int j = 0; j < BM / 16; ++j) fence_regs(da[j]);
+        fence_regs(dk);
+        wgmma_fence();
+        gemm_keys<T, D>(dk, da, qt);
+        wgmma_commit();
+
+        stage_ds<T>(sS, dp, wg, warp, g, t4);  // dS for dQ
+        fence_proxy_async();
+        if constexpr (D == 128)
+            bar_sync<1, NT>();  // both warpgroups' dS are stored
+        else if (wg == 0)
+            bar_sync<2, 128>();  // this warpgroup's dS (its own keys only)
+        else
+            bar_sync<3, 128>();
+
+        wgmma_wait<1>();  // dV done: its A fragment registers are free
+#pragma unroll
+        for (int j = 0; j < BM / 16; ++j) fence_regs(pa[j]);
+        fence_regs(dv);
+
+        // dQ = dS K.
+        float dq[32];
+#pragma unroll
+        for (int z = 0; z < 32; ++z) dq[z] = 0.f;
+        fence_regs(dq);
+        wgmma_fence();
+        gemm_dq<T, D>(dq, opaque(sS), kt, wg);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(dq);
+        fence_regs(dk);
+#pragma unroll
+        for (int j = 0; j < BM / 16; ++j) fence_regs(da[j]);
+
+        // dq fragment dq[n * 4 + hr * 2 + e]: query q0 + 16 warp + g + 8 hr, column
+        // c0 + 8 n + 2 t4 + e.
+        {
+            const int c0 = D == 128 ? wg * 64 : 0;
+#pragma unroll
+            for (int hr = 0; hr < 2; ++hr) {
+                const int qi = q0 + warp * 16 + g + hr * 8;
+                if (qi < sq) {
+                    float* row = a.dq_accum + (bh * sq + qi) * D + c0 + t4 * 2;
+#pragma unroll
+                    for (int n = 0; n < 8; ++n)
+                        red_add2(row + n * 8, dq[n * 4 + hr * 2], dq[n * 4 + hr * 2 + 1]);
+                }
+            }
+        }
+        __syncthreads();  // the next step overwrites this step's Q / dO buffer and dS
+    }
+
+    // dK (times scale) and dV of this warpgroup's keys; keys no query sees get zeros.
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        const int kj = kw0 + warp * 16 + g + hr * 8;
+        if (kj < sk) {
+            unsigned short* dkr = a.dk + kvh + (long long)kj * D + t4 * 2;
+            unsigned short* dvr = a.dv + kvh + (long long)kj * D + t4 * 2;
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) {
+                *reinterpret_cast<unsigned*>(dkr + n * 8) =
+                    pack2(dk[n * 4 + hr * 2] * a.scale, dk[n * 4 + hr * 2 + 1] * a.scale, T());
+                *reinterpret_cast<unsigned*>(dvr + n * 8) =
+                    pack2(dv[n * 4 + hr * 2], dv[n * 4 + hr * 2 + 1], T());
+            }
+        }
+    }
+#else
+    (void)a;
+    __trap();
+#endif
+}
+
+}  // namespace xattn::sm90bwd
+
+#define XATTN_BWD90_ENTRY(TN, D)                                                              \
+    extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_sm90_##TN##_d##D(          \
+        const unsigned short *q, const unsigned short *k, const unsigned short *v,            \
+        const unsigned short *dout, const float *lse, const float *delta, float *dq_accum,    \
+        unsigned short *dk, unsigned short *dv, int hq, int group, int sq, int sk,            \
+        float scale, int causal) {                                                            \
+        xattn::sm90bwd::flash_bwd_sm90_core<xattn::TN, D>(xattn::sm90bwd::BwdArgs{            \
+            q, k, v, dout, lse, delta, dq_accum, dk, dv, hq, group, sq, sk, scale, causal});  \
+    }
+// One more expansion level so that -D values expand before ## pastes them.
+#define XATTN_BWD90_ONE(TN, D) XATTN_BWD90_ENTRY(TN, D)
+// Instantiation: the loader builds one module per entry with -D options, CI one translation
+// unit per file with one macro call per entry -- both from the list in
+// xattn/_backends/cupy_/instances.py. Without those options this file builds nothing.
+// XATTN_BWD90_NO_ENTRIES: tools/wgmma_probe.cu includes this file for its helpers only.
+#if defined(XATTN_BWD90_D) && !defined(XATTN_BWD90_NO_ENTRIES)
+XATTN_BWD90_ONE(XATTN_BWD90_TN, XATTN_BWD90_D)
+#endif
