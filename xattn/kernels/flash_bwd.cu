@@ -170,7 +170,13 @@ __device__ __forceinline__ float bwd_p_ds(const BwdArgs& a, float s, float& dp, 
     if (part && !xattn_bm_visible(a.bm, pblk, mqb, mkc, qi, kj)) x = -XATTN_INF;
 #endif
     const float p = ex2(fmaf(x, sl2, -l2));
+#ifdef XATTN_USER_MODS
+    // The user's derivative may be inf or NaN where the pair does not count (a masked pair's
+    // score, log or sqrt at 0): a zero weight gives a zero dS, as on the CPU.
+    dp = p == 0.f ? 0.f : p * (dp - dl) * dcap;
+#else
     dp = p * (dp - dl) * dcap;
+#endif
     return p;
 }
 

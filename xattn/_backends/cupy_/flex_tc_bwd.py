@@ -50,9 +50,15 @@ _MAX_CSC = 32
 
 def reason(prob, smod, mmod, args):
     """None when the tensor-core backward serves this call, else why not."""
+    if prob.xp.__name__ == "cupy" and _params.type_name(prob.dtype) is None:
+        # Checked here too: the forward's table (flex_tc.reason) may serve other dtypes.
+        return (f"dtype {prob.dtype}: the tensor-core flex backward takes float16 and "
+                "bfloat16 (backend='numba_cuda' computes float32/float64)")
     why = flex_tc.reason(prob)
     if why is not None:
         return why
+    if flex_tc.padded_dim(max(prob.d, prob.dv)) not in flash_bwd.CONFIGS:
+        return f"head_dim {max(prob.d, prob.dv)}: no backward kernel configuration"
     floating = [i for i, a in enumerate(args) if a.dtype.kind == "f"]
     if floating:
         return (f"score_mod_args {floating} are floating arrays: their gradients (dargs) are "
