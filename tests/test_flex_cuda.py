@@ -137,6 +137,9 @@ def bool_mask(b, h, q_idx, kv_idx):
     return ok or bool(kv_idx == 0)
 
 
+# Score functions whose derivative the translation refuses (np.square and atan2 have no rule).
+NOT_DIFFERENTIABLE = {"numpy": r"a call to square\(\) with a differentiable argument"}
+
 CASES = [
     ("alibi", alibi, None, ()),
     ("softcap", softcap, None, ()),
@@ -183,6 +186,10 @@ def _harness(n, mods, role):
     init = ", ".join(fields) if fields else "0"
     if role == "score":
         call = "out[i] = xattn_user_score(u, score[i], b[i], h[i], q[i], kv[i]);"
+    elif role == "dscore":
+        # value and derivative interleaved
+        call = ("out[2 * i] = xattn_user_score_d(u, score[i], b[i], h[i], q[i], kv[i], "
+                "&out[2 * i + 1]);")
     else:
         call = "out[i] = xattn_user_mask(u, b[i], h[i], q[i], kv[i]) ? 1.f : 0.f;"
     return "\n".join([
@@ -209,9 +216,10 @@ def library(tmp_path_factory):
         sc = cg.capture(smod, "score_mod", 5 + len(args)) if smod else None
         takes = mmod is not None and mmod.__code__.co_argcount == 4 + len(args) and bool(args)
         mc = cg.capture(mmod, "mask_mod", 4 + len(args) if takes else 4) if mmod else None
-        mods = fc.translate(sc, mc, len(args), takes, args)
+        grad = smod is not None and name not in NOT_DIFFERENTIABLE
+        mods = fc.translate(sc, mc, len(args), takes, args, grad=grad)
         parts += [f"namespace c{n} {{", mods.text]
-        for role, fn in (("score", smod), ("mask", mmod)):
+        for role, fn in (("score", smod), ("mask", mmod), ("dscore", smod if grad else None)):
             if fn is not None:
                 parts.append(_harness(n, mods, role))
                 built[name, role] = (n, fn, mods, args)
@@ -227,7 +235,7 @@ def library(tmp_path_factory):
 
 def _run(lib, n, role, mods, args, score, b, h, q, kv):
     count = len(score)
-    out = np.empty(count, np.float32)
+    out = np.empty(count * (2 if role == "dscore" else 1), np.float32)
     ptrs = (ctypes.c_void_p * max(1, len(mods.slots)))()
     meta = []
     for i, s in enumerate(mods.slots):
@@ -269,6 +277,67 @@ def test_translation_matches_python(library, name, role):
     else:
         # float32 arithmetic against Python's float64: agreement to float32 rounding
         np.testing.assert_allclose(got, want, rtol=3e-6, atol=3e-5)
+
+
+def _inputs(n, name, count):
+    rng = np.random.default_rng(n)
+    score = (rng.standard_normal(count) * 3).astype(np.float32)
+    top = 2**30 if name.startswith("big") else 150
+    return (score, rng.integers(0, 2, count), rng.integers(0, 4, count),
+            rng.integers(0, top, count), rng.integers(0, top, count))
+
+
+@needs_nvcc
+@pytest.mark.parametrize("name", [c[0] for c in CASES
+                                  if c[1] is not None and c[0] not in NOT_DIFFERENTIABLE])
+def test_score_derivative_matches_finite_differences(library, name):
+    """xattn_user_score_d (the backward kernel's): its value is xattn_user_score's, its
+    derivative the Python function's slope, by central differences in float64 where the
+    function is smooth (one-sided slopes agree: no kink, jump or branch change nearby)."""
+    lib, built = library
+    n, fn, mods, args = built[name, "dscore"]
+    score, b, h, q, kv = _inputs(n, name, 2000)
+    got = _run(lib, n, "dscore", mods, args, score, b, h, q, kv).reshape(-1, 2)
+    val = _run(lib, n, "score", mods, args, score, b, h, q, kv)
+    np.testing.assert_array_equal(got[:, 0], val)
+    eps = 1e-4
+
+    def f(s, bb, hh, qq, kk):
+        return float(fn(s, int(bb), int(hh), int(qq), int(kk), *args))
+
+    checked = 0
+    for i, (s, bb, hh, qq, kk) in enumerate(zip(score.astype(np.float64), b, h, q, kv,
+                                               strict=True)):
+        f0, fp, fm = f(s, bb, hh, qq, kk), f(s + eps, bb, hh, qq, kk), f(s - eps, bb, hh, qq, kk)
+        if not all(map(math.isfinite, (f0, fp, fm))):
+            continue
+        right, left = (fp - f0) / eps, (f0 - fm) / eps
+        if abs(right - left) > 1e-3 * (1 + abs(right)):
+            continue  # a kink or a jump within eps
+        want = (fp - fm) / (2 * eps)
+        assert abs(got[i, 1] - want) <= 1e-3 * (1 + abs(want)), (i, s, got[i], want)
+        checked += 1
+    assert checked > len(score) // 2
+
+
+@pytest.mark.parametrize("name", sorted(NOT_DIFFERENTIABLE))
+def test_score_without_derivative_is_refused_by_name(name):
+    smod = next(c[1] for c in CASES if c[0] == name)
+    cap = cg.capture(smod, "score_mod", 5)
+    fc.translate(cap, None)  # the forward translates it
+    with pytest.raises(cg.FlexCompileError, match=NOT_DIFFERENTIABLE[name]) as info:
+        fc.translate(cap, None, grad=True)
+    assert "score_mod: cannot differentiate" in str(info.value) and "line" in str(info.value)
+
+
+def test_derivative_shares_the_numba_rules():
+    """The derivative text comes from _flex_codegen's differentiator (one set of rules):
+    a softcap's derivative is written from tanh's rule, 1 - tanh^2."""
+    mods = fc.translate(cg.capture(softcap, "score_mod", 5), None, grad=True)
+    body = mods.text.split("xattn_user_score_d(", 1)[1]
+    assert "*dscore_out = " in body and "tanhf(" in body
+    assert "((0x1.0000000000000p+0f) - (v__xa_t" in body
+    assert mods.has_grad and not fc.translate(cg.capture(softcap, "score_mod", 5), None).has_grad
 
 
 def test_generated_c_names_the_user_functions_and_arrays():
@@ -370,6 +439,9 @@ def test_backend_cupy_needs_cupy_arrays():
         xattn.flex_attention(q, q, q, mask_mod=causal, backend="cupy")
     with pytest.raises(ValueError, match="'numba_cuda' or 'cupy'"):
         xattn.flex_attention(q, q, q, backend="tensor")
+    lse = np.zeros((1, 8), np.float32)
+    with pytest.raises(TypeError, match="backend='cupy' needs CuPy arrays"):
+        xattn.flex_attention_backward(q, q, q, q, q, lse, mask_mod=causal, backend="cupy")
 
 
 # --- the hooked kernel compiles, spill-free ----------------------------------------------
@@ -454,3 +526,72 @@ def test_block_lists_combine_heads_and_batches():
             got = "full" if kb in full else ("partial" if kb in part else "empty")
             assert got == want, (qb, kb)
         assert not full & part
+
+
+def test_csc_lists_transpose_the_derived_mask():
+    """The backward's CSC lists (flex_tc_bwd.csc_lists, NumPy for CuPy): per key block the
+    visible query blocks in order, -1 for full blocks, the partial CSR entry otherwise."""
+    from xattn._backends.cupy_ import flex_tc_bwd
+
+    rng = np.random.default_rng(3)
+    for nqb, nkb in ((5, 7), (1, 1), (3, 2)):
+        state = rng.integers(0, 3, (nqb, nkb))  # 0 empty, 1 partial, 2 full
+        lists = []
+        for want in (2, 1):
+            sel = state == want
+            ptr = np.zeros(nqb + 1, np.int32)
+            ptr[1:] = np.cumsum(sel.sum(axis=1))
+            cols = np.nonzero(sel)[1].astype(np.int32)
+            lists += [ptr, cols if cols.size else np.zeros(1, np.int32)]
+        frow, fcol, prow, pcol = lists
+        col_ptr, row_idx, tile_idx = flex_tc_bwd.csc_lists(np, frow, fcol, prow, pcol, nqb,
+                                                            nkb)
+        for kb in range(nkb):
+            rows = row_idx[col_ptr[kb]:col_ptr[kb + 1]]
+            tiles = tile_idx[col_ptr[kb]:col_ptr[kb + 1]]
+            assert rows.tolist() == np.nonzero(state[:, kb])[0].tolist()
+            for r, t in zip(rows, tiles, strict=True):
+                if state[r, kb] == 2:
+                    assert t == -1
+                else:
+                    assert prow[r] <= t < prow[r + 1] and pcol[t] == kb
+
+
+@pytest.mark.slow
+@needs_nvcc
+@pytest.mark.parametrize("d", [64, 128])
+def test_hooked_backward_compiles_without_spills(tmp_path, d):
+    """flash_bwd.cu with the user's functions and the score derivative (XATTN_USER_MODS):
+    sm_80 and sm_90a, no spills, for a T5 table + document mask, ALiBi + causal (block-
+    sparse) and a softcap (dense)."""
+    if NVCC is None:
+        pytest.fail("nvcc not found under CI")
+    from xattn._backends.cupy_ import flex_tc_bwd
+
+    tool = _tool()
+    table = np.zeros((4, 16), np.float32)
+    doc = np.zeros((2, 64), np.int64)
+    cases = [
+        (fc.translate(cg.capture(t5, "score_mod", 7), cg.capture(doc_args, "mask_mod", 6), 2,
+                      True, (doc, table), grad=True), True),
+        (fc.translate(cg.capture(alibi, "score_mod", 5), cg.capture(causal, "mask_mod", 4),
+                      grad=True), True),
+        (fc.translate(cg.capture(softcap, "score_mod", 5), None, grad=True), False),
+    ]
+    report = {}
+    for m, sparse in cases:
+        inst, _ = flex_tc_bwd.instance("f16", d, True, sparse)
+        src = tmp_path / f"{inst.name}_{m.key}.cu"
+        src.write_text(flex_tc_bwd.kernel_text(m).replace("#pragma once", ""))
+        for arch, code in tool.ARCHS:
+            proc = subprocess.run(
+                [NVCC, *tool.FLAGS, f"-gencode=arch={arch},code={code}", *inst.defines,
+                 "-cubin", "-o", str(tmp_path / "k.cubin"), str(src)],
+                capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            report.update(tool.parse_ptxas(proc.stdout + proc.stderr))
+    names = {k[0] for k in report}
+    assert any(n.endswith("_flex_bm_atomic") for n in names)
+    assert any(n.endswith("_flex_atomic") for n in names)
+    for (name, arch), r in report.items():
+        assert r["spill_st"] == 0 and r["spill_ld"] == 0, (name, arch, r)

@@ -40,7 +40,7 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["Capture", "capture", "differentiate", "function_source"]
+__all__ = ["Capture", "capture", "differentiate", "function_source", "score_derivative"]
 
 
 class FlexCompileError(TypeError):
@@ -903,3 +903,13 @@ def differentiate(src: Source, cap: Capture, diff_args: dict, name: str) -> Deri
     d = _Differentiator(src, cap, set(diff_args))
     text = d.build(name)
     return Derivative(textwrap.dedent(text), [diff_args[s.value.id] for s in d.sites])
+
+
+def score_derivative(src: Source, cap: Capture) -> ast.FunctionDef:
+    """The derivative of a translated score_mod with respect to ``score`` only, as a parsed
+    function returning ``(value, d value / d score)``: the rules of :func:`differentiate`
+    (seed 0, no table reads), for translators to other languages (the CUDA C one of
+    :mod:`xattn._flex_cuda`). Helpers are inlined; the parameters are those of ``src``."""
+    d = _Differentiator(src, cap, set())
+    node = ast.parse(textwrap.dedent(d.build(src.name + "_d"))).body[0]
+    return node

@@ -9,6 +9,15 @@ forward kernel (``xattn/kernels/flash_fwd.cu``, hook ``XATTN_USER_MODS``)::
                            int kv_idx);
     bool xattn_user_mask(const XattnUserArgs& u, int b, int h, int q_idx, int kv_idx);
 
+and for the backward kernel (``xattn/kernels/flash_bwd.cu``, same hook), with ``grad=True``::
+
+    float xattn_user_score_d(const XattnUserArgs& u, float score, int b, int h, int q_idx,
+                             int kv_idx, float* dscore);
+
+the modified score and its derivative with respect to ``score``, written from the
+forward-mode derivative that :mod:`xattn._flex_codegen` derives for the Numba kernels
+(:func:`~xattn._flex_codegen.score_derivative`: one set of rules for both).
+
 ``XattnUserArgs`` holds, per array the functions read (``score_mod_args`` entries and
 captured CuPy arrays), its device pointer and its shape and strides in elements: the arrays
 are passed to the kernel, never copied. Small captured NumPy arrays (up to
@@ -178,6 +187,7 @@ class CudaMods:
     slots: list = field(default_factory=list)
     has_score: bool = False
     has_mask: bool = False
+    has_grad: bool = False    # xattn_user_score_d is defined (translate(..., grad=True))
     key: str = ""             # hash of the text: names the compiled module
 
     def __post_init__(self):
@@ -259,6 +269,7 @@ class _Translator:
         self.locals = {}
         self.lines = []
         self.indent = 1
+        self.dout = False
 
     def fail(self, node, what):
         line = getattr(node, "lineno", None)
@@ -650,6 +661,10 @@ class _Translator:
             if s.value is not None:
                 self.stmt(ast.copy_location(ast.Assign(targets=[s.target], value=s.value), s),
                           ret)
+        elif isinstance(s, ast.Return) and self.dout:
+            (a, t), (da, dt) = (self.expr(e) for e in s.value.elts)
+            self.emit(f"*dscore_out = {self.cast(da, dt, F)};")
+            self.emit(f"return {self.cast(a, t, ret)};")
         elif isinstance(s, ast.Return):
             a, t = self.expr(s.value)
             self.emit(f"return {self.cast(a, t, ret)};")
@@ -755,9 +770,10 @@ def _const_array(a, cname):
     return decl, tuple(int(n) for n in a.shape), tuple(strides)
 
 
-def _function(cap, role, cname, nfixed, arg_slots, slots, consts, on_device):
+def _function(cap, role, cname, nfixed, arg_slots, slots, consts, on_device, grad=False):
     """The C text of one user function. ``nfixed`` leading parameters (score, b, h, q, kv or
-    b, h, q, kv); ``arg_slots``: the score_mod_args slots its remaining parameters name."""
+    b, h, q, kv); ``arg_slots``: the score_mod_args slots its remaining parameters name;
+    ``grad``: also ``<cname>_d``, the value and its derivative with respect to the score."""
     src = cg.function_source(cap, f"_xu_{role}")
     if src is None:
         raise FlexCompileError(
@@ -781,6 +797,8 @@ def _function(cap, role, cname, nfixed, arg_slots, slots, consts, on_device):
     resolved = {}
     _resolve(cap, f"_xu_{role}", resolved, set(cap.params))
     tag = "smod" if role == "score_mod" else "mmod"
+    if grad:
+        env.modules["_math"] = "math"  # the derivative rules call _math.cos, _math.log, ...
     for alias, (kind, payload) in resolved.items():
         if kind == "const":
             v = payload
@@ -819,10 +837,26 @@ def _function(cap, role, cname, nfixed, arg_slots, slots, consts, on_device):
             env.funcs[alias] = payload
         elif kind == "builtin":
             env.builtins.add(alias)
+    # The derivative (before the translator below inlines helpers into src.node in place):
+    # the codegen's forward-mode rules, shared with the Numba kernels, then translated as
+    # any other Python function.
+    dnode = cg.score_derivative(src, cap) if grad else None
     # Renamed captured arrays are parameters of the Python text: not of ours (read via u).
     node.args.args = node.args.args[:nuser]
-    tr = _Translator(cap, role, env, src.helpers, node)
-    tr.infer_locals(set(params[:nuser]))
+    texts = [_emit(cap, role, env, src.helpers, node, cname, fixed, params[:nuser])]
+    if dnode is not None:
+        texts.append(_emit(cap, role, env, {}, dnode, cname + "_d", fixed, params[:nuser],
+                           dout=True))
+    return "\n".join(texts)
+
+
+def _emit(cap, role, env, helpers, node, cname, fixed, params, dout=False):
+    """The C text of one translated function (``dout``: the derivative of a score_mod,
+    whose Python returns ``(value, d/dscore)``; C returns the value and stores the
+    derivative through the last parameter)."""
+    tr = _Translator(cap, role, env, helpers, node)
+    tr.dout = dout
+    tr.infer_locals(set(params))
     ret = F if role == "score_mod" else B
     # Python names get a prefix: they may be C keywords (`new`, `double`) or our names.
     decls = [f"    {_CTYPE[t]} v_{n} = 0;" for n, t in sorted(tr.locals.items())]
@@ -830,7 +864,8 @@ def _function(cap, role, cname, nfixed, arg_slots, slots, consts, on_device):
     sig = ("float score_in" if role == "score_mod" else "")
     head = [f"XATTN_UFN {_CTYPE[ret]} {cname}(const XattnUserArgs& u"
             + (f", {sig}" if sig else "")
-            + ", int b_in, int h_in, int q_in, int kv_in) {",
+            + ", int b_in, int h_in, int q_in, int kv_in"
+            + (", float* dscore_out" if dout else "") + ") {",
             "    (void)u;"]
     names_in = (["score_in"] if role == "score_mod" else []) + ["b_in", "h_in", "q_in", "kv_in"]
     for p, pin in zip(fixed, names_in, strict=True):
@@ -856,16 +891,16 @@ def _fn_key(cap):
     return cap.key, digests
 
 
-def translate_cached(smod, mmod, nargs, mask_takes_args, arg_arrays):
+def translate_cached(smod, mmod, nargs, mask_takes_args, arg_arrays, *, grad=False):
     """:func:`translate` for the device, cached (a call in a training loop translates once)."""
     key = (_fn_key(smod), _fn_key(mmod), nargs, mask_takes_args,
-           tuple((a.dtype.str, a.ndim) for a in arg_arrays))
+           tuple((a.dtype.str, a.ndim) for a in arg_arrays), bool(grad))
     with _cache_lock:
         hit = _cache.get(key)
         if hit is not None:
             _cache.move_to_end(key)
             return hit
-    mods = translate(smod, mmod, nargs, mask_takes_args, arg_arrays)
+    mods = translate(smod, mmod, nargs, mask_takes_args, arg_arrays, grad=grad)
     with _cache_lock:
         _cache[key] = mods
         while len(_cache) > _MAX_CACHED:
@@ -873,12 +908,16 @@ def translate_cached(smod, mmod, nargs, mask_takes_args, arg_arrays):
     return mods
 
 
-def translate(smod, mmod, nargs=0, mask_takes_args=False, arg_arrays=(), *, on_device=True):
+def translate(smod, mmod, nargs=0, mask_takes_args=False, arg_arrays=(), *, on_device=True,
+              grad=False):
     """Translate a captured score_mod / mask_mod pair (:func:`xattn._flex_codegen.capture`).
 
     ``arg_arrays`` are the ``score_mod_args`` (their dtypes and ranks are compiled in);
     ``on_device``: captured NumPy arrays are compiled in as constants (the GPU path), else
-    also read through slots (the CPU tests pass host pointers).
+    also read through slots (the CPU tests pass host pointers). ``grad`` (the backward
+    kernel): also ``xattn_user_score_d``, the modified score and, through its last
+    parameter, its derivative with respect to the input score (a score_mod that cannot be
+    differentiated raises FlexCompileError naming the construct).
     """
     if len(arg_arrays) != nargs:
         raise ValueError("arg_arrays must hold the score_mod_args")
@@ -892,19 +931,21 @@ def translate(smod, mmod, nargs=0, mask_takes_args=False, arg_arrays=(), *, on_d
     consts, funcs = [], []
     if smod is not None:
         funcs.append(_function(smod, "score_mod", "xattn_user_score", 5, arg_slots, slots,
-                               consts, on_device))
+                               consts, on_device, grad))
     if mmod is not None:
         funcs.append(_function(mmod, "mask_mod", "xattn_user_mask", 4,
                                arg_slots if mask_takes_args else [], slots, consts,
                                on_device))
     text = "\n".join([PRELUDE, _struct(slots), *consts, *funcs])
-    return CudaMods(text, slots, smod is not None, mmod is not None)
+    return CudaMods(text, slots, smod is not None, mmod is not None, has_grad=bool(grad))
 
 
-def cuda_source(score_mod=None, mask_mod=None, score_mod_args=()) -> str:
+def cuda_source(score_mod=None, mask_mod=None, score_mod_args=(), grad=False) -> str:
     """The CUDA C that ``flex_attention(..., backend="cupy")`` compiles for these functions:
     ``struct XattnUserArgs`` and ``xattn_user_score``/``xattn_user_mask`` (without the shared
-    helpers). Runs anywhere (no GPU, no compiler): for reading, and for the errors.
+    helpers); with ``grad=True`` also ``xattn_user_score_d``, the score and its derivative
+    that ``flex_attention_backward`` compiles. Runs anywhere (no GPU, no compiler): for
+    reading, and for the errors.
 
     Examples
     --------
@@ -922,5 +963,5 @@ def cuda_source(score_mod=None, mask_mod=None, score_mod_args=()) -> str:
         code = getattr(cg._unwrap(mask_mod), "__code__", None)
         takes = bool(args) and code is not None and code.co_argcount == 4 + len(args)
         mmod = cg.capture(mask_mod, "mask_mod", 4 + len(args) if takes else 4)
-    text = translate(smod, mmod, len(args), takes, args).text
+    text = translate(smod, mmod, len(args), takes, args, grad=grad).text
     return text[len(PRELUDE):].strip() + "\n"

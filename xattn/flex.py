@@ -4,7 +4,9 @@ The functions are plain Python on scalars. xattn reads their source, resolves wh
 capture (:mod:`xattn._flex_codegen`) and compiles them with Numba into the tile loop: on the
 CPU the fused kernel of :mod:`xattn._backends.numpy_.flex_njit` (BLAS tiles, online softmax,
 the one thread pool, tiles skipped by a block mask derived from ``mask_mod``), on the GPU a
-``numba.cuda`` kernel. The backward pass differentiates ``score_mod`` from its source.
+``numba.cuda`` kernel; on CuPy float16/bfloat16 inputs both passes run on tensor cores instead,
+the functions translated to CUDA C (:mod:`xattn._flex_cuda`). The backward pass differentiates
+``score_mod`` from its source.
 """
 
 from __future__ import annotations
@@ -77,10 +79,15 @@ class _Setup:
             raise ValueError("backend: expected 'auto', 'numba', 'numba_cuda' or 'cupy', got "
                              f"{backend!r}")
         self.tc_reason = None
-        if backend == "cupy" and not forward:
-            raise NotImplementedError(
-                "backend='cupy': the tensor-core flex kernel computes the forward pass only; "
-                "the gradient on the GPU is backend='numba_cuda' (what 'auto' picks)")
+        if backend in ("auto", "cupy") and on_gpu and not forward:
+            from ._backends.cupy_ import flex_tc_bwd
+
+            # The tensor-core backward serves 16-bit inputs without floating score_mod_args
+            # (their gradients are the SIMT kernel's); auto hands the rest to numba_cuda and
+            # logs why. A function it cannot translate or differentiate raises under auto too.
+            self.tc_reason = flex_tc_bwd.reason(prob, self.smod, self.mmod, args)
+            if backend == "cupy" and self.tc_reason:
+                raise NotImplementedError(f"backend='cupy': {self.tc_reason}")
         if backend in ("auto", "cupy") and on_gpu and forward:
             from ._backends.cupy_ import flex_tc
 
@@ -95,6 +102,10 @@ class _Setup:
                                           "(the tensor-core kernel translates the source)")
             if backend == "cupy" and self.tc_reason:
                 raise NotImplementedError(f"backend='cupy': {self.tc_reason}")
+        if backend == "auto" and on_gpu and self.tc_reason:
+            _log.debug("%s: backend numba_cuda, not cupy: %s",
+                       "flex_attention" if forward else "flex_attention_backward",
+                       self.tc_reason, extra={"xattn_backend": "numba_cuda"})
         if backend == "auto":
             backend = ("cupy" if self.tc_reason is None else "numba_cuda") if on_gpu else "numba"
         if backend == "cupy" and not on_gpu:
@@ -263,9 +274,15 @@ def flex_attention_backward(
     a known derivative) raises a ``TypeError`` naming the construct and its line.
 
     Scores are recomputed tile by tile from ``lse`` (no ``Sq x Sk`` matrix), on the same
-    block mask as the forward pass (CPU). On the GPU (``backend="numba_cuda"``) a SIMT kernel
-    evaluates every pair and adds dk, dv and the table gradients with atomics (not bitwise
-    reproducible; checked under Numba's CUDA simulator only).
+    block mask as the forward pass. On CuPy float16/bfloat16 inputs without floating
+    ``score_mod_args`` (``backend="cupy"``, what ``"auto"`` picks there) the tensor-core
+    backward runs: ``score_mod`` and its derivative translated to CUDA C inside the
+    ``mma.sync`` kernels, empty blocks of the mask derived from ``mask_mod`` skipped, dq added
+    with float32 atomics (not bitwise reproducible). Calls with floating ``score_mod_args``
+    (whose gradients ``dargs`` holds), float32/float64 inputs and head dims above 256 run a
+    SIMT kernel (``backend="numba_cuda"``) that evaluates every pair and adds dk, dv and the
+    table gradients with atomics; ``"auto"`` says which at debug level in the ``xattn`` log,
+    and ``backend="cupy"`` raises ``NotImplementedError`` for them.
 
     Parameters
     ----------
@@ -275,6 +292,9 @@ def flex_attention_backward(
         As in the forward call.
     out, lse : arrays
         The forward outputs, from ``flex_attention(..., return_lse=True)``.
+    backend : ``"auto"``, ``"numba"`` (CPU), ``"cupy"`` or ``"numba_cuda"`` (GPU)
+        As in :func:`flex_attention`; ``"cupy"`` (tensor cores) takes 16-bit inputs without
+        floating ``score_mod_args``.
 
     Returns
     -------
@@ -308,10 +328,19 @@ def flex_attention_backward(
     check_same_shape("lse", lse, prob.lse_shape)
     diff = [i for i, a in enumerate(st.args) if a.dtype.kind == "f"]
     xp = prob.xp
+    _log.debug("flex_attention_backward: backend %s", st.backend,
+               extra={"xattn_backend": st.backend})
     if st.empty or prob.sk == 0:
         dq = xp.zeros(q.shape, q.dtype)
         dk, dv = xp.zeros(k.shape, k.dtype), xp.zeros(v.shape, v.dtype)
         grads = [xp.zeros(st.args[i].shape, np.float64) for i in diff]
+    elif st.backend == "cupy":
+        from ._backends.cupy_ import flex_tc_bwd
+
+        dq, dk, dv = flex_tc_bwd.backward(prob, dout, q, k, v, out, lse, smod=st.smod,
+                                          mmod=st.mmod, args=st.args,
+                                          mask_takes_args=st.mask_takes_args)
+        grads = []  # reason() admits no floating score_mod_args
     else:
         flat = (st.flat(dout, st.hq), st.flat(q, st.hq), st.flat(k, st.hkv), st.flat(v, st.hkv),
                 st.flat(out, st.hq),

@@ -1,0 +1,254 @@
+"""flex_attention_backward on tensor cores: the user's functions compiled into the ``mma.sync``
+backward (``xattn/kernels/flash_bwd.cu``, FlashAttention-2 scheme).
+
+:mod:`xattn._flex_cuda` translates ``score_mod`` together with its derivative with respect to
+the score (``xattn_user_score_d``, from the forward-mode rules the Numba kernels use) and
+``mask_mod``; the text is put before ``flash_bwd.cu`` with ``XATTN_USER_MODS`` defined, so
+NVRTC inlines them into the backward kernels. Each recomputed score runs
+``xattn_user_score_d`` (after the scale, natural units): its value gives ``P`` against the
+forward's ``lse``, its derivative ``dcap`` gives ``dS = P (dP - delta) dcap``.
+
+Steps (current CuPy stream, as :mod:`.flash_bwd` runs them):
+
+1. ``delta = rowsum(dout * out)`` (the built-in 16-bit kernel);
+2. the main kernel, one CTA per (key block, kv head, batch element): dK, dV of its keys and
+   ``dS K`` added to a float32 ``dq_accum`` with atomics (dq is not bitwise reproducible, as
+   the SIMT kernel's was not);
+3. ``dq = scale * dq_accum`` in the input type.
+
+With a ``mask_mod`` the block mask is derived as the forward derives it
+(:func:`.flex_tc.block_lists`, :data:`.flex_tc.BLOCK` square blocks; the same classification
+kernel in this module): the main kernel walks its CSC transpose (built here on the device),
+empty blocks are never loaded, full blocks run no ``mask_mod``, partial blocks run it per
+element. Compiled modules share :mod:`.flex_tc`'s cache.
+
+Gradients of floating ``score_mod_args`` (``dargs``) are not computed here:
+:func:`reason` refuses such calls, and :func:`xattn.flex_attention_backward` sends them to the
+SIMT kernel (``backend="numba_cuda"``) under ``"auto"``, saying so in the ``xattn`` log.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+from ... import _flex_codegen as cg
+from ... import _flex_cuda
+from . import _params, flash_bwd, flex_tc, instances
+from ._compile import _allow_smem, _Logged, source
+
+__all__ = ["backward", "csc_lists", "instance", "kernel_text", "reason"]
+
+_log = logging.getLogger("xattn")
+# The CSC transposes of the derived masks' CSR lists: id(frow) -> (frow, lists); frow is
+# held so that its id stays unique while the entry lives.
+_csc: dict = {}
+_MAX_CSC = 32
+
+
+def reason(prob, smod, mmod, args):
+    """None when the tensor-core backward serves this call, else why not."""
+    if prob.xp.__name__ == "cupy" and _params.type_name(prob.dtype) is None:
+        # Checked here too: the forward's table (flex_tc.reason) may serve other dtypes.
+        return (f"dtype {prob.dtype}: the tensor-core flex backward takes float16 and "
+                "bfloat16 (backend='numba_cuda' computes float32/float64)")
+    why = flex_tc.reason(prob)
+    if why is not None:
+        return why
+    if flex_tc.padded_dim(max(prob.d, prob.dv)) not in flash_bwd.CONFIGS:
+        return f"head_dim {max(prob.d, prob.dv)}: no backward kernel configuration"
+    floating = [i for i, a in enumerate(args) if a.dtype.kind == "f"]
+    if floating:
+        return (f"score_mod_args {floating} are floating arrays: their gradients (dargs) are "
+                "computed by the SIMT kernel only (backend='numba_cuda')")
+    for cap in (smod, mmod):
+        if cap is not None and not cg.has_source(cap.fn):
+            return (f"the source of {cap.fn.__name__} is not available (the tensor-core "
+                    "kernel translates the source)")
+    return None
+
+
+def _dims(prob, sparse):
+    dp = flex_tc.padded_dim(max(prob.d, prob.dv))
+    # The block-sparse backward tiles start at D = 64 (flash_bwd._sparse_dim).
+    return max(dp, min(flash_bwd.BM_CONFIGS)) if sparse else dp
+
+
+def instance(tn, dp, mods: bool, sparse: bool):
+    """The main backward instance (atomic dq) for the user's functions, and its config."""
+    if sparse:
+        cfg, _ = flash_bwd.block_mask_configs(dp, (flex_tc.BLOCK, flex_tc.BLOCK))
+    else:
+        cfg = flash_bwd.CONFIGS[dp]
+    inst = instances.bwd(tn, dp, cfg, mods, True, sparse)
+    # Own entry names (the variant token): never the built-in entries' names.
+    old = dict(inst.params)["XATTN_MN"]
+    mn = "flex" + ("_bm" if sparse else "")
+    params = tuple((k, mn if k == "XATTN_MN" else v) for k, v in inst.params)
+    name = inst.name.replace(f"_{old}_", f"_{mn}_")
+    return instances.Instance(inst.source, inst.macro, params, (name,),
+                              extra=inst.extra), cfg
+
+
+def kernel_text(mods) -> str:
+    """The module source: the translated functions (with the score derivative) and hook
+    macros, the backward kernel and (with a mask_mod) the block-classification kernel."""
+    parts = [mods.kernel_prelude(), source("flash_bwd.cu")]
+    if mods.has_mask:
+        parts += [f"#define XATTN_STATE_THREADS {flex_tc.STATE_THREADS}",
+                  flex_tc._STATES_KERNEL]
+    return "\n".join(parts)
+
+
+def _function(mods, inst, smem):
+    import cupy
+
+    dev = cupy.cuda.Device().id
+    key = (dev, mods.key, inst.name)
+    with flex_tc._lock:
+        hit = flex_tc._modules.get(key)
+        if hit is not None:
+            flex_tc._modules.move_to_end(key)
+            return hit
+    text = kernel_text(mods)
+    mod = cupy.RawModule(code=text, options=("-std=c++17", *inst.defines))
+    try:
+        fn = mod.get_function(inst.name)  # NVRTC runs here
+    except Exception as exc:
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".cu", prefix="xattn_flex_bwd_",
+                                         delete=False) as f:
+            f.write(f"// options: {' '.join(inst.defines)}\n{text}")
+        raise RuntimeError(f"flex_attention_backward: the generated kernel {inst.name} did "
+                           f"not compile (source kept in {f.name}): {exc}") from exc
+    if smem > 48 * 1024:
+        _allow_smem(fn, smem)
+    states = mod.get_function("xattn_flex_block_states") if mods.has_mask else None
+    hit = (mod, _Logged(inst.name, fn), states)
+    with flex_tc._lock:
+        flex_tc._modules[key] = hit
+        while len(flex_tc._modules) > flex_tc._MAX_MODULES:
+            flex_tc._modules.popitem(last=False)
+    return hit
+
+
+def csc_lists(xp, frow, fcol, prow, pcol, nqb, nkb):
+    """The CSC transpose of the derived mask's CSR lists (``XattnCscMask``): per key block,
+    the visible query blocks in order (``col_ptr``, ``row_idx``) and per entry the partial
+    block's CSR entry number, -1 for a full block (the kernels only test ``>= 0``)."""
+    tile = xp.full((nqb, nkb), -2, dtype=xp.int32)  # -2 empty, -1 full, >= 0 partial entry
+    for ptr, cols, val in ((frow, fcol, None), (prow, pcol, True)):
+        n = int(ptr[-1])
+        if n == 0:
+            continue
+        ent = xp.arange(n, dtype=xp.int32)
+        rows = (xp.searchsorted(ptr, ent, side="right") - 1).astype(xp.int32)
+        tile[rows, cols[:n]] = ent if val else -1
+    vis = tile.T > -2
+    col_ptr = xp.zeros(nkb + 1, dtype=xp.int32)
+    col_ptr[1:] = xp.cumsum(vis.sum(axis=1, dtype=xp.int32))
+    kcol, qrow = xp.nonzero(vis)  # row-major over (key block, query block): sorted per column
+    if qrow.size == 0:
+        return col_ptr, xp.zeros(1, xp.int32), xp.zeros(1, xp.int32)
+    return (col_ptr, qrow.astype(xp.int32),
+            tile.T[kcol, qrow].astype(xp.int32))
+
+
+def _csc_cached(cp, frow, fcol, prow, pcol, nqb, nkb):
+    hit = _csc.get(id(frow))
+    if hit is not None and hit[0] is frow:
+        return hit[1]
+    lists = csc_lists(cp, frow, fcol, prow, pcol, nqb, nkb)
+    _csc[id(frow)] = (frow, lists)
+    while len(_csc) > _MAX_CSC:
+        _csc.pop(next(iter(_csc)))
+    return lists
+
+
+def backward(prob, dout, q, k, v, out, lse, *, smod, mmod, args, mask_takes_args):
+    """``(dq, dk, dv)`` of flex attention on the tensor cores (see :func:`reason`), shaped
+    and typed like ``q``, ``k``, ``v``."""
+    with q.device:
+        return _backward(prob, dout, q, k, v, out, lse, smod, mmod, args, mask_takes_args)
+
+
+def _backward(prob, dout, q, k, v, out, lse, smod, mmod, args, mask_takes_args):
+    import cupy as cp
+
+    mods = _flex_cuda.translate_cached(smod, mmod, len(args), mask_takes_args, args,
+                                       grad=True)
+    tn = _params.type_name(prob.dtype)
+    sparse = mmod is not None
+    dp = _dims(prob, sparse)
+    batch = math.prod(prob.batch) if prob.heads_axis else 1
+    hq, hkv = (prob.hq, prob.hkv) if prob.heads_axis else (1, 1)
+    sq, sk = prob.sq, prob.sk
+    dtype = q.dtype
+    if batch * hq * sq == 0 or sk == 0:
+        return (cp.zeros(q.shape, dtype=dtype), cp.zeros(k.shape, dtype=dtype),
+                cp.zeros(v.shape, dtype=dtype))
+    inst, cfg = instance(tn, dp, smod is not None, sparse)
+    smem = flash_bwd.smem_bytes(dp, cfg)
+    _, fn, states_fn = _function(mods, inst, smem)
+    user_args = mods.kernel_args(args, smod, mmod)
+
+    i32, i64, f32 = np.int32, np.int64, np.float32
+    if sparse:
+        cacheable = not mask_takes_args and all(isinstance(a, np.ndarray) for a in mmod.arrays)
+        frow, fcol, prow, pcol = flex_tc.block_lists(
+            cp, mods, states_fn, user_args, mmod=mmod, cacheable=cacheable, batch=batch,
+            hq=hq, sq=sq, sk=sk)
+        nqb, nkb = -(-sq // flex_tc.BLOCK), -(-sk // flex_tc.BLOCK)
+        csc = (_csc_cached(cp, frow, fcol, prow, pcol, nqb, nkb) if cacheable
+               else csc_lists(cp, frow, fcol, prow, pcol, nqb, nkb))
+        bs = flex_tc.BLOCK
+        bm_args = (frow, fcol, prow, pcol, np.uint64(0), i32(bs), i32(bs),
+                   i32(-(-bs // 32)), i32(0), i32(0), i32(-1), i32(-1), *csc)
+    else:
+        null = np.uint64(0)
+        bm_args = (null, null, null, null, null, i32(1), i32(1), i32(1), i32(0), i32(0),
+                   i32(-1), i32(-1), null, null, null)
+
+    q4 = _params.operand(cp, q, batch, hq, sq, dp)
+    k4 = _params.operand(cp, k, batch, hkv, sk, dp)
+    v4 = _params.operand(cp, v, batch, hkv, sk, dp)
+    do4 = _params.operand(cp, dout, batch, hq, sq, dp, dtype)
+    o4 = _params.operand(cp, out, batch, hq, sq, dp, dtype)
+    lse3 = cp.ascontiguousarray(lse.reshape(batch, hq, sq), dtype=cp.float32)
+    dq4 = cp.empty((batch, hq, sq, dp), dtype=dtype)
+    dk4 = cp.empty((batch, hkv, sk, dp), dtype=dtype)
+    dv4 = cp.empty((batch, hkv, sk, dp), dtype=dtype)
+    if _params.poison():
+        _params.fill_poison(cp, dq4, dk4, dv4)
+    delta = cp.empty((batch, hq, sq), dtype=cp.float32)
+    acc = cp.zeros((batch, hq, sq, dp), dtype=cp.float32)
+
+    rows = batch * hq * sq
+    flash_bwd.get_aux_kernel("delta", tn)(grid=((rows + 7) // 8,), block=(256,),
+                                          args=(o4, do4, delta, i64(rows), i32(dp)))
+    if _log.isEnabledFor(logging.DEBUG):
+        _log.debug("flex_attention_backward: backend cupy, entry %s", inst.name,
+                   extra={"xattn_backend": "cupy"})
+    dc, nw, _, _ = cfg
+    bn = 16 * nw
+    null = np.uint64(0)
+    fn(grid=(-(-sk // bn) * (dp // dc), hkv, batch), block=(nw * 32,),
+       args=(q4, k4, v4, do4, lse3, delta, acc, null, dk4, dv4, i32(hq), i32(hq // hkv),
+             i32(sq), i32(sk), f32(prob.scale), *flex_tc._no_score_options(), *bm_args,
+             *user_args),
+       shared_mem=smem)
+    pairs = acc.size // 2
+    flash_bwd.get_aux_kernel("dq_convert", tn)(
+        grid=(min((pairs + 255) // 256, 65535),), block=(256,),
+        args=(acc, dq4, i64(pairs), f32(prob.scale)))
+
+    def finish(x, w, shape):
+        if w != dp:
+            x = cp.ascontiguousarray(x[..., :w])
+        return x.reshape(shape)
+
+    return (finish(dq4, prob.d, q.shape), finish(dk4, prob.d, k.shape),
+            finish(dv4, prob.dv, v.shape))
