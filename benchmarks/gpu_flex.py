@@ -1,14 +1,20 @@
 """flex_attention beside PyTorch FlexAttention (torch.compile) on the same GPU.
 
 Same score_mod (ALiBi) and mask_mod (causal) written for each library, same dtype; correctness
-against torch's result first, then CUDA-event timings (median). float32 runs xattn's Numba CUDA
-SIMT kernel (``backend="numba_cuda"``), float16/bfloat16 the tensor-core kernel with the
-functions compiled in (``backend="cupy"``). FLOPs: causal, half of ``4 B H S^2 D``. Prints a
-table with the card name, xattn / torch as the ratio.
+against torch's result first, then CUDA-event timings (median). Every dtype runs xattn's
+tensor-core kernel with the functions compiled in (``backend="cupy"``): float16/bfloat16 on
+``mma.sync`` f16/bf16, float32 in 3xTF32 (float32 accuracy). torch runs float32 at its default
+precision: TF32 is not enabled for it (``torch.backends.cuda.matmul.allow_tf32`` is printed).
+FLOPs: causal, half of ``4 B H S^2 D``. Prints a table with the card name, xattn / torch as
+the ratio.
 
     python3 benchmarks/gpu_flex.py [--seq 4096 16384] [--dtype float16] [--json FILE]
+    python3 benchmarks/gpu_flex.py --dtype float32 --seq 16384 --numba-seq 2048 --allow-tf32
 
-The issue's row (#13): ``--dtype float16 --seq 16384`` (D = 64, 16 heads).
+The issue's rows (#13): ``--dtype float16 --seq 16384`` and ``--dtype float32 --seq 16384``
+(D = 64, 16 heads). ``--numba-seq`` also times the SIMT route (``backend="numba_cuda"``, the
+float32 route before the tensor-core kernel) at those lengths, ``--allow-tf32`` xattn's plain
+TF32 flex (``allow_tf32=True``) beside it; both in a second table.
 """
 
 import argparse
@@ -26,10 +32,14 @@ def main():
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--backend", default=None,
-                    help="xattn backend (default: cupy for 16-bit, numba_cuda for float32)")
+                    help="xattn backend (default: cupy, the tensor-core kernels)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
+    ap.add_argument("--numba-seq", type=int, nargs="*", default=[],
+                    help="also time backend='numba_cuda' (SIMT) at these lengths")
+    ap.add_argument("--allow-tf32", action="store_true",
+                    help="float32: also time xattn's plain TF32 flex (allow_tf32=True)")
     args = ap.parse_args()
-    backend = args.backend or ("numba_cuda" if args.dtype == "float32" else "cupy")
+    backend = args.backend or "cupy"
 
     import cupy as cp
     import torch
@@ -104,11 +114,14 @@ def main():
         )
         rows.append((S, ms_x, flops / ms_x / 1e9, ms_t, flops / ms_t / 1e9, err))
     print(f"\nflex attention {args.dtype} (xattn backend={backend}), causal mask_mod + ALiBi "
-          f"score_mod, H={H} D={D}, card: {card}")
+          f"score_mod, H={H} D={D}, card: {card}, torch allow_tf32="
+          f"{torch.backends.cuda.matmul.allow_tf32}")
     print(f"{'S':>6} {'xattn ms':>9} {'TFLOP/s':>8} {'torch ms':>9} {'TFLOP/s':>8} "
           f"{'ratio':>6} {'max err':>8}")
     for S, mx, fx, mt, ft, err in rows:
         print(f"{S:>6} {mx:9.2f} {fx:8.2f} {mt:9.2f} {ft:8.2f} {fx / ft:6.2f} {err:8.1e}")
+    extra = _extra_rows(args, xattn, cp, torch, time_ms, alibi, causal, compiled, t_alibi,
+                        t_causal, create_block_mask, tdtype, tol)
     if args.json:
         import json
 
@@ -116,8 +129,65 @@ def main():
             json.dump({"card": card, "dtype": args.dtype, "backend": backend, "heads": H,
                        "head_dim": D, "rows": [dict(zip(
                            ("seq", "xattn_ms", "xattn_tflops", "torch_ms", "torch_tflops",
-                            "max_err"), r, strict=True)) for r in rows]}, f, indent=1)
+                            "max_err"), r, strict=True)) for r in rows],
+                       "torch_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+                       "extra": extra}, f, indent=1)
     assert all(math.isfinite(r[1]) for r in rows)
+
+
+def _extra_rows(args, xattn, cp, torch, time_ms, alibi, causal, compiled, t_alibi, t_causal,
+                create_block_mask, tdtype, tol):
+    """The second table: xattn's SIMT route at ``--numba-seq`` and plain TF32 (``--allow-tf32``)
+    beside torch at the same length; a route that cannot run here is reported, not fatal."""
+    H, D = args.heads, args.head_dim
+    jobs = [(S, "numba_cuda", False) for S in args.numba_seq]
+    if args.allow_tf32 and args.dtype == "float32":
+        jobs += [(S, "cupy", True) for S in args.seq]
+    if not jobs:
+        return []
+    out_rows, anchors = [], {}
+    for S, be, tf32 in jobs:
+        label = "cupy TF32" if tf32 else be
+        rng = np.random.default_rng(S)
+        q, k, v = (rng.standard_normal((1, H, S, D), dtype=np.float32) for _ in range(3))
+        qt, kt, vt = (torch.from_numpy(x).cuda().to(tdtype) for x in (q, k, v))
+        qc, kc, vc = (cp.from_dlpack(x) for x in (qt, kt, vt))
+        flops = 4 * H * S * S * D / 2
+
+        def run(qc=qc, kc=kc, vc=vc, be=be, tf32=tf32):
+            return xattn.flex_attention(qc, kc, vc, score_mod=alibi, mask_mod=causal,
+                                        backend=be, allow_tf32=tf32)
+
+        try:
+            out = run()  # first: a route that cannot run here costs no torch compile
+            if S not in anchors:
+                bm = create_block_mask(t_causal, 1, H, S, S, device="cuda")
+                ref = compiled(qt, kt, vt, score_mod=t_alibi, block_mask=bm)
+                ms_t = time_ms(lambda qt=qt, kt=kt, vt=vt, bm=bm: compiled(
+                    qt, kt, vt, score_mod=t_alibi, block_mask=bm), torch.cuda.synchronize)
+                anchors[S] = (cp.from_dlpack(ref.float().contiguous()), ms_t)
+            ref, ms_t = anchors[S]
+            err = float(cp.abs(out.astype(cp.float32) - ref).max())
+            # TF32 rounds inputs and weights to a 10-bit mantissa: a looser bound.
+            limit = 2e-2 if tf32 else tol
+            assert err < limit, f"{label} S={S}: max error {err} vs torch"
+            ms_x = time_ms(run, cp.cuda.Device().synchronize)
+            out_rows.append({"seq": S, "route": label, "xattn_ms": ms_x,
+                             "xattn_tflops": flops / ms_x / 1e9, "torch_ms": ms_t,
+                             "torch_tflops": flops / ms_t / 1e9, "max_err": err})
+        except Exception as exc:  # noqa: BLE001 - report the route, keep the main table
+            out_rows.append({"seq": S, "route": label, "error": f"{type(exc).__name__}: {exc}"})
+    print(f"\nother xattn routes, {args.dtype}, same problem (torch at the same S)")
+    print(f"{'S':>6} {'route':>11} {'xattn ms':>9} {'TFLOP/s':>8} {'torch ms':>9} "
+          f"{'TFLOP/s':>8} {'ratio':>6} {'max err':>8}")
+    for r in out_rows:
+        if "error" in r:
+            print(f"{r['seq']:>6} {r['route']:>11} unavailable: {r['error'][:120]}")
+            continue
+        print(f"{r['seq']:>6} {r['route']:>11} {r['xattn_ms']:9.2f} {r['xattn_tflops']:8.2f} "
+              f"{r['torch_ms']:9.2f} {r['torch_tflops']:8.2f} "
+              f"{r['xattn_tflops'] / r['torch_tflops']:6.2f} {r['max_err']:8.1e}")
+    return out_rows
 
 
 if __name__ == "__main__":
