@@ -85,7 +85,7 @@ def main():
               "bfloat16": torch.bfloat16}[args.dtype]
     # 16-bit outputs: rounding of the output alone is ~1e-3 (fp16) / 8e-3 (bf16).
     tol = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 6e-2}[args.dtype]
-    rows = []
+    rows, anchors = [], {}  # anchors: S -> (torch's output, torch ms, xattn ms)
     for S in args.seq:
         rng = np.random.default_rng(S)
         q, k, v = (rng.standard_normal((1, H, S, D), dtype=np.float32) for _ in range(3))
@@ -113,15 +113,15 @@ def main():
             torch.cuda.synchronize,
         )
         rows.append((S, ms_x, flops / ms_x / 1e9, ms_t, flops / ms_t / 1e9, err))
+        anchors[S] = (cp.from_dlpack(ref.float().contiguous()), ms_t, ms_x)
     print(f"\nflex attention {args.dtype} (xattn backend={backend}), causal mask_mod + ALiBi "
-          f"score_mod, H={H} D={D}, card: {card}, torch allow_tf32="
-          f"{torch.backends.cuda.matmul.allow_tf32}")
+          f"score_mod, H={H} D={D}, card: {card}, torch float32 matmul: {_torch_fp32(torch)}")
     print(f"{'S':>6} {'xattn ms':>9} {'TFLOP/s':>8} {'torch ms':>9} {'TFLOP/s':>8} "
           f"{'ratio':>6} {'max err':>8}")
     for S, mx, fx, mt, ft, err in rows:
         print(f"{S:>6} {mx:9.2f} {fx:8.2f} {mt:9.2f} {ft:8.2f} {fx / ft:6.2f} {err:8.1e}")
-    extra = _extra_rows(args, xattn, cp, torch, time_ms, alibi, causal, compiled, t_alibi,
-                        t_causal, create_block_mask, tdtype, tol)
+    extra = _extra_rows(args, xattn, cp, torch, time_ms, alibi, causal, tdtype, tol, backend,
+                        anchors)
     if args.json:
         import json
 
@@ -130,65 +130,77 @@ def main():
                        "head_dim": D, "rows": [dict(zip(
                            ("seq", "xattn_ms", "xattn_tflops", "torch_ms", "torch_tflops",
                             "max_err"), r, strict=True)) for r in rows],
-                       "torch_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+                       "torch_fp32_matmul": _torch_fp32(torch),
                        "extra": extra}, f, indent=1)
     assert all(math.isfinite(r[1]) for r in rows)
 
 
-def _extra_rows(args, xattn, cp, torch, time_ms, alibi, causal, compiled, t_alibi, t_causal,
-                create_block_mask, tdtype, tol):
+def _torch_fp32(torch):
+    """torch's float32 matmul setting as this run leaves it (never changed here)."""
+    try:
+        return str(torch.backends.cuda.matmul.fp32_precision)
+    except AttributeError:
+        return "allow_tf32=" + str(torch.backends.cuda.matmul.allow_tf32)
+
+
+def _extra_rows(args, xattn, cp, torch, time_ms, alibi, causal, tdtype, tol, backend, anchors):
     """The second table: xattn's SIMT route at ``--numba-seq`` and plain TF32 (``--allow-tf32``)
-    beside torch at the same length; a route that cannot run here is reported, not fatal."""
+    against the main table's torch run at the same length, or, at a length the main table did
+    not run (no second torch compile), against xattn's own ``backend`` route timed there; a
+    route that cannot run here is reported, not fatal."""
     H, D = args.heads, args.head_dim
     jobs = [(S, "numba_cuda", False) for S in args.numba_seq]
     if args.allow_tf32 and args.dtype == "float32":
         jobs += [(S, "cupy", True) for S in args.seq]
-    if not jobs:
-        return []
-    out_rows, anchors = [], {}
+    out_rows = []
     for S, be, tf32 in jobs:
         label = "cupy TF32" if tf32 else be
         rng = np.random.default_rng(S)
         q, k, v = (rng.standard_normal((1, H, S, D), dtype=np.float32) for _ in range(3))
-        qt, kt, vt = (torch.from_numpy(x).cuda().to(tdtype) for x in (q, k, v))
-        qc, kc, vc = (cp.from_dlpack(x) for x in (qt, kt, vt))
+        qc, kc, vc = (cp.from_dlpack(torch.from_numpy(x).cuda().to(tdtype)) for x in (q, k, v))
         flops = 4 * H * S * S * D / 2
 
         def run(qc=qc, kc=kc, vc=vc, be=be, tf32=tf32):
             return xattn.flex_attention(qc, kc, vc, score_mod=alibi, mask_mod=causal,
                                         backend=be, allow_tf32=tf32)
 
+        def main_route(qc=qc, kc=kc, vc=vc):
+            return xattn.flex_attention(qc, kc, vc, score_mod=alibi, mask_mod=causal,
+                                        backend=backend)
+
         try:
-            out = run()  # first: a route that cannot run here costs no torch compile
-            if S not in anchors:
-                bm = create_block_mask(t_causal, 1, H, S, S, device="cuda")
-                ref = compiled(qt, kt, vt, score_mod=t_alibi, block_mask=bm)
-                ms_t = time_ms(lambda qt=qt, kt=kt, vt=vt, bm=bm: compiled(
-                    qt, kt, vt, score_mod=t_alibi, block_mask=bm), torch.cuda.synchronize)
-                anchors[S] = (cp.from_dlpack(ref.float().contiguous()), ms_t)
-            ref, ms_t = anchors[S]
+            out = run()
+            if S in anchors:
+                ref, ms_ref, _ = anchors[S]
+                against = "torch"
+            else:
+                ref = main_route().astype(cp.float32)
+                ms_ref = time_ms(main_route, cp.cuda.Device().synchronize)
+                against = f"xattn {backend}"
             err = float(cp.abs(out.astype(cp.float32) - ref).max())
             # TF32 rounds inputs and weights to a 10-bit mantissa: a looser bound.
             limit = 2e-2 if tf32 else tol
-            assert err < limit, f"{label} S={S}: max error {err} vs torch"
+            assert err < limit, f"{label} S={S}: max error {err} vs {against}"
             ms_x = time_ms(run, cp.cuda.Device().synchronize)
             out_rows.append({"seq": S, "route": label, "xattn_ms": ms_x,
-                             "xattn_tflops": flops / ms_x / 1e9, "torch_ms": ms_t,
-                             "torch_tflops": flops / ms_t / 1e9, "max_err": err})
+                             "xattn_tflops": flops / ms_x / 1e9, "against": against,
+                             "against_ms": ms_ref, "against_tflops": flops / ms_ref / 1e9,
+                             "max_err": err})
         except Exception as exc:  # noqa: BLE001 - report the route, keep the main table
             out_rows.append({"seq": S, "route": label, "error": f"{type(exc).__name__}: {exc}"})
-    print(f"\nother xattn routes, {args.dtype}, same problem (torch at the same S)")
-    print(f"{'S':>6} {'route':>11} {'xattn ms':>9} {'TFLOP/s':>8} {'torch ms':>9} "
+    if not out_rows:
+        return out_rows
+    print(f"\nother xattn routes, {args.dtype}, same problem")
+    print(f"{'S':>6} {'route':>11} {'ms':>9} {'TFLOP/s':>8} {'against':>12} {'ms':>9} "
           f"{'TFLOP/s':>8} {'ratio':>6} {'max err':>8}")
     for r in out_rows:
         if "error" in r:
             print(f"{r['seq']:>6} {r['route']:>11} unavailable: {r['error'][:120]}")
             continue
         print(f"{r['seq']:>6} {r['route']:>11} {r['xattn_ms']:9.2f} {r['xattn_tflops']:8.2f} "
-              f"{r['torch_ms']:9.2f} {r['torch_tflops']:8.2f} "
-              f"{r['xattn_tflops'] / r['torch_tflops']:6.2f} {r['max_err']:8.1e}")
+              f"{r['against']:>12} {r['against_ms']:9.2f} {r['against_tflops']:8.2f} "
+              f"{r['xattn_tflops'] / r['against_tflops']:6.2f} {r['max_err']:8.1e}")
     return out_rows
-
 
 if __name__ == "__main__":
     main()

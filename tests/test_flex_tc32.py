@@ -125,9 +125,10 @@ def test_hooked_float32_kernel_compiles_without_spills(tmp_path, d):
     alibi_mods = fc.translate(cg.capture(alibi, "score_mod", 5),
                               cg.capture(causal, "mask_mod", 4))
     mask_only = fc.translate(None, cg.capture(causal, "mask_mod", 4))
+    neither = fc.translate(None, None)
     cases = [(mods, True, True, False), (alibi_mods, True, True, False),
              (alibi_mods, True, False, False), (mask_only, False, True, False),
-             (alibi_mods, True, True, True)]
+             (neither, False, False, False), (alibi_mods, True, True, True)]
     report = {}
     for m, has_score, sparse, tf32 in cases:
         inst, *_ = flex_tc.kernel_choice(_prob("float32", d), has_score, sparse, tf32)
