@@ -120,7 +120,7 @@ cp.cuda.Device().synchronize()
 print("workload ok:", [float(cp.abs(o).max()) for o in outs])
 EOF
     # Compile (NVRTC, CuPy's disk cache) outside the sanitizer first.
-    timeout 60 $PY "$LOG/san_workload.py" > "$LOG/san_warm.log" 2>&1 || {
+    timeout 30 $PY "$LOG/san_workload.py" > "$LOG/san_warm.log" 2>&1 || {
         tail -n 20 "$LOG/san_warm.log"; rc=1; return; }
     for tool in memcheck racecheck; do
         timeout 25 "$san" --tool $tool $PY "$LOG/san_workload.py" > "$LOG/san_$tool.log" 2>&1
