@@ -58,7 +58,7 @@ class _Setup:
     """Validated inputs, captured user functions and the chosen backend of one call."""
 
     def __init__(self, q, k, v, score_mod, mask_mod, score_mod_args, scale, backend, extra=(),
-                 forward=True):
+                 forward=True, allow_tf32=False):
         from . import _flex_codegen as cg
 
         self.prob = prob = validate_attention(q, k, v, scale=scale, extra=extra)
@@ -91,10 +91,10 @@ class _Setup:
         if backend in ("auto", "cupy") and on_gpu and forward:
             from ._backends.cupy_ import flex_tc
 
-            # The tensor-core kernel serves 16-bit inputs; auto hands what its table refuses
-            # (float32/float64, big head dims, old GPUs) to the SIMT kernel. A function it
+            # The tensor-core kernels serve 16-bit and float32 inputs; auto hands what they
+            # refuse (float64, big head dims, old GPUs) to the SIMT kernel. A function they
             # cannot translate raises (FlexCompileError) under auto too: no silent fallback.
-            self.tc_reason = flex_tc.reason(prob)
+            self.tc_reason = flex_tc.reason(prob, allow_tf32)
             if self.tc_reason is None:
                 for cap in (self.smod, self.mmod):
                     if cap is not None and not cg.has_source(cap.fn):
@@ -142,6 +142,7 @@ def flex_attention(
     score_mod_args=(),
     scale=None,
     return_lse=False,
+    allow_tf32=False,
     backend="auto",
 ):
     """Attention with a user-programmable score modification and mask.
@@ -168,10 +169,11 @@ def flex_attention(
     Parameters
     ----------
     q, k, v : arrays ``(..., Hq, Sq, D)``, ``(..., Hkv, Sk, D)``, ``(..., Hkv, Sk, Dv)``
-        NumPy (computed by ``numba.njit``) or CuPy (computed by a ``numba.cuda`` kernel on the
-        current CuPy stream). float32 and float64 are computed in their own precision; 16-bit
-        inputs are upcast to float32 (on their device) and the output cast back.
-        GPU: ``D, Dv <= 128``.
+        NumPy (computed by ``numba.njit``) or CuPy (on the current CuPy stream: float16,
+        bfloat16 and float32 on tensor cores, float64 by a ``numba.cuda`` kernel; see
+        ``backend``). On the CPU float32 and float64 are computed in their own precision and
+        16-bit inputs are upcast to float32, the output cast back. GPU: ``D, Dv <= 256`` on
+        tensor cores, ``<= 128`` in the ``numba_cuda`` kernel.
     score_mod : callable ``(score, b, h, q_idx, kv_idx, *score_mod_args) -> score``, optional
     mask_mod : callable ``(b, h, q_idx, kv_idx) -> bool``, optional
         It may also take the ``score_mod_args`` after ``kv_idx``.
@@ -185,14 +187,20 @@ def flex_attention(
     return_lse : bool
         Also return the natural-log log-sum-exp ``(..., Hq, Sq)`` that
         :func:`flex_attention_backward` needs.
+    allow_tf32 : bool
+        float32 on the GPU's tensor cores (``backend="cupy"``) in plain TF32 (10-bit
+        mantissa, about ``1e-3`` relative error) instead of the default error-compensated
+        3xTF32 (float32 accuracy, about ``1e-6``), as in :func:`xattn.flash_attention`.
+        Nothing else reads it.
     backend : ``"auto"``, ``"numba"`` (CPU), ``"cupy"`` or ``"numba_cuda"`` (GPU)
-        ``"cupy"``: float16/bfloat16 on tensor cores, the functions translated to CUDA C and
-        compiled into the ``mma.sync`` flash kernel (see :doc:`/flex`, "On the GPU: tensor
-        cores"); a construct it cannot translate raises a ``TypeError``
-        (``FlexCompileError``) naming it. ``"numba_cuda"``: a SIMT kernel for every dtype
-        (16-bit inputs upcast). ``"auto"`` on CuPy arrays picks ``"cupy"`` for 16-bit inputs
-        on compute capability 8.0+ with head dims up to 256 (and functions whose source
-        Python can read), else ``"numba_cuda"``; the
+        ``"cupy"``: float16/bfloat16 and float32 on tensor cores, the functions translated
+        to CUDA C and compiled into the ``mma.sync`` flash kernels (float32 in 3xTF32, see
+        :doc:`/flex`, "On the GPU: tensor cores"); a construct it cannot translate raises a
+        ``TypeError`` (``FlexCompileError``) naming it. ``"numba_cuda"``: a SIMT kernel for
+        every dtype (16-bit inputs upcast). ``"auto"`` on CuPy arrays picks ``"cupy"`` for
+        float16, bfloat16 and float32 inputs on compute capability 8.0+ with head dims up to
+        256 (and functions whose source Python can read), else ``"numba_cuda"`` (float64);
+        the
         ``xattn`` logger says which at debug level. ``"numba_cuda"`` also accepts NumPy
         arrays when Numba's CUDA simulator is enabled (``NUMBA_ENABLE_CUDASIM=1``), for
         testing the GPU kernel without a GPU.
@@ -214,7 +222,9 @@ def flex_attention(
     >>> bool(np.allclose(out, ref, atol=1e-5))
     True
     """
-    st = _Setup(q, k, v, score_mod, mask_mod, score_mod_args, scale, backend)
+    allow_tf32 = check_bool("allow_tf32", allow_tf32)
+    st = _Setup(q, k, v, score_mod, mask_mod, score_mod_args, scale, backend,
+                allow_tf32=allow_tf32)
     return_lse = check_bool("return_lse", return_lse)
     prob, xp, work = st.prob, st.prob.xp, st.work
     _log.debug("flex_attention: backend %s", st.backend, extra={"xattn_backend": st.backend})
@@ -222,7 +232,7 @@ def flex_attention(
         from ._backends.cupy_ import flex_tc
 
         out, lse = flex_tc.forward(prob, q, k, v, smod=st.smod, mmod=st.mmod, args=st.args,
-                                   mask_takes_args=st.mask_takes_args)
+                                   mask_takes_args=st.mask_takes_args, allow_tf32=allow_tf32)
         return (out, lse.astype(prob.cdtype, copy=False)) if return_lse else out
     rows = st.batch * st.hq
     out3 = xp.zeros((rows, prob.sq, prob.dv), dtype=work)

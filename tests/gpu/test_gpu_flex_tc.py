@@ -216,7 +216,7 @@ def test_head_dim_padding_and_2d_inputs():
                  naive=naive_attention(q, k, v, mask=j <= i))
 
 
-def test_forced_cupy_refuses_float32():
-    q = cp.ones((1, 2, 8, 16), cp.float32)
-    with pytest.raises(NotImplementedError, match="backend='cupy': dtype float32"):
+def test_forced_cupy_refuses_float64():
+    q = cp.ones((1, 2, 8, 16), cp.float64)
+    with pytest.raises(NotImplementedError, match="backend='cupy': dtype float64"):
         xattn.flex_attention(q, q, q, backend="cupy")

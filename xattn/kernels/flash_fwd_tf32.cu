@@ -55,10 +55,29 @@
 // would exceed float32's error). Twice the shared memory of the TF32 variant per key block,
 // so the tile configurations are smaller (instances.py).
 //
-// Entry points: flash_fwd_<tf32|tf32x3>_d<D>_w<NW>_m<MT>_n<BN>_<plain|mods>; the loader builds
-// one per module (-DXATTN_TF32_D=.. etc., see the end of this file).
+// flex_attention on float32 (xattn/_backends/cupy_/flex_tc.py): the same kernel with the user's
+// functions inlined (XATTN_USER_MODS, as in flash_fwd.cu): score_mod on every score of a
+// visited tile (after the scale, natural units), and the key tiles walked from the CSR lists
+// of the block mask derived from mask_mod (SPARSE, blockmask.cuh): empty blocks are never
+// loaded, full blocks run no mask, partial blocks run mask_mod per element. Those entries take
+// the block-mask arguments and the user's arrays after the common ones (XATTN_TF32_BM_ENTRY);
+// the dense entries keep their argument list. That code is compiled only into modules that
+// build such an entry (XATTN_TF32_WALK): the dense entries' source stays exactly as it was,
+// because NVVM vectorises this file's shared-memory loads differently after unrelated changes
+// (a header included, a template parameter added: tools/ptx_diff.py) and their PTX must not
+// move.
+//
+// Entry points: flash_fwd_<tf32|tf32x3>_d<D>_w<NW>_m<MT>_n<BN>_<plain|mods>[_bm]; the loader
+// builds one per module (-DXATTN_TF32_D=.. etc., see the end of this file).
+
+#if defined(XATTN_TF32_SPARSE) || defined(XATTN_USER_MODS)
+#define XATTN_TF32_WALK 1
+#endif
 
 #include "masking.cuh"
+#ifdef XATTN_TF32_WALK
+#include "blockmask.cuh"
+#endif
 #include "mma_sm80.cuh"
 #include "mma_fwd_tile.cuh"
 
@@ -67,6 +86,13 @@
 #endif
 #ifndef XATTN_TF32X3_KS_UNROLL
 #define XATTN_TF32X3_KS_UNROLL 1
+#endif
+
+// flex_attention's hook: a source that defines XATTN_USER_MODS before this file also defines
+// XattnUserArgs, xattn_user_score/_mask and XATTN_USER_PARAMS/_INIT (xattn/_flex_cuda.py).
+#if defined(XATTN_TF32_WALK) && !defined(XATTN_USER_PARAMS)
+#define XATTN_USER_PARAMS
+#define XATTN_USER_INIT
 #endif
 
 namespace xattn::tf32 {
@@ -96,6 +122,38 @@ struct Args : ScoreMods {
     int hq, group, sq, sk;
     float scale;         // softmax scale (natural units)
 };
+
+#ifdef XATTN_TF32_WALK
+// The block-sparse entries' arguments (the dense entries' Args stay as they are).
+struct BmArgs : Args {
+    XattnBlockMask bm;
+#ifdef XATTN_USER_MODS
+    XattnUserArgs user;  // flex_attention: the arrays the user's functions read
+#endif
+};
+#endif
+
+#ifdef XATTN_USER_MODS
+// Padding rows (qi >= sq) and keys (kj >= sk) of a tile never call the user's functions (they
+// may index arrays by position); those keys are hidden by the sequence-end test anyway.
+__device__ __forceinline__ float user_score_at(const XattnUserArgs& u, float x, int b, int h,
+                                               int qi, int kj, int sq, int sk) {
+#if XATTN_USER_SCORE
+    return (qi < sq && kj < sk) ? xattn_user_score(u, x, b, h, qi, kj) : x;
+#else
+    return x;
+#endif
+}
+
+__device__ __forceinline__ bool user_visible(const XattnUserArgs& u, int b, int h, int qi,
+                                             int kj, int sq, int sk) {
+#if XATTN_USER_MASK
+    return qi < sq && kj < sk && xattn_user_mask(u, b, h, qi, kj);
+#else
+    return true;
+#endif
+}
+#endif
 
 // Round to TF32, in place, the chunks of a tile that this thread's load_tile copied: after
 // cp.async.wait_group they are visible to this thread; the caller's barrier publishes them.
@@ -162,8 +220,13 @@ __device__ __forceinline__ void mma3(float (&c)[4], const unsigned (&ah)[4],
     mma(c, ah[0], ah[1], ah[2], ah[3], bh0, bh1);
 }
 
+#ifdef XATTN_TF32_WALK
+template <int D, int NW, int MT, int BN, bool MODS, bool X3, bool SPARSE, class A>
+__device__ __forceinline__ void flash_fwd_tf32_core(const A& a) {
+#else
 template <int D, int NW, int MT, int BN, bool MODS, bool X3>
 __device__ __forceinline__ void flash_fwd_tf32_core(const Args& a) {
+#endif
     // Q and K rows (16-byte loads, see the header); V rows (4-byte loads). X3: hi then lo.
     constexpr int LDK = X3 ? 2 * D + 16 : D + 16;
     constexpr int LDV = X3 ? 2 * D + 4 : D + 4;
@@ -201,6 +264,18 @@ __device__ __forceinline__ void flash_fwd_tf32_core(const Args& a) {
 
     int kb0, kb1;
     xattn_key_blocks(q0, q1, off, sk, a.causal, a.wl, a.wr, BN, kb0, kb1);
+#ifdef XATTN_TF32_WALK
+    // SPARSE: the key tiles are the block mask's visible ones of this query block row,
+    // clipped to [kb0, kb1), in its order (kb = -1 ends the walk); pblk >= 0 marks a tile of
+    // the pblk-th partial block, the only tiles that run the element rule.
+    // Without SPARSE the walk is [kb0, kb1).
+    XattnCsrWalk walk;
+    int kfirst = kb1 > kb0 ? kb0 : -1, pblk = -1;
+    if constexpr (SPARSE) {
+        xattn_csr_begin(a.bm, q0 / a.bm.bq, BN, kb0, kb1, walk);
+        xattn_csr_next(a.bm, walk, kfirst, pblk);
+    }
+#endif
 
     float acc[MT][ND][4];
     float m[MT][2], l[MT][2];
@@ -245,6 +320,32 @@ __device__ __forceinline__ void flash_fwd_tf32_core(const Args& a) {
             }
     }
 
+#ifdef XATTN_TF32_WALK
+    if (kfirst >= 0) {
+        if constexpr (!QREG) load_tile<BM, D, LDK, NT>(sQ, Qg, q0, sq, tid);
+        load_tile<BN, D, LDK, NT>(sK, Kg, kfirst * BN, sk, tid);
+        load_tile<BN, D, LDV, NT>(sV, Vg, kfirst * BN, sk, tid);
+        cp_async_commit();
+    }
+
+    // it counts the visited tiles (the buffer parity); a walk visits a tile at most once, so
+    // kb == kfirst marks the first.
+    for (int kb = kfirst, it = 0; kb >= 0; ++it) {
+        const int buf = it & 1;
+        // The next tile (kn = -1 after the last): SPARSE's prefetch follows the walk, never
+        // loading an invisible tile.
+        int kn = kb + 1 < kb1 ? kb + 1 : -1, pn = -1;
+        if constexpr (SPARSE) xattn_csr_next(a.bm, walk, kn, pn);
+        if (kn >= 0) {
+            load_tile<BN, D, LDK, NT>(sK + (buf ^ 1) * BN * LDK, Kg, kn * BN, sk, tid);
+            load_tile<BN, D, LDV, NT>(sV + (buf ^ 1) * BN * LDV, Vg, kn * BN, sk, tid);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+#else
+    const int kfirst = kb0;  // the first key tile (the dense walk)
     if (kb1 > kb0) {
         if constexpr (!QREG) load_tile<BM, D, LDK, NT>(sQ, Qg, q0, sq, tid);
         load_tile<BN, D, LDK, NT>(sK, Kg, kb0 * BN, sk, tid);
@@ -262,15 +363,16 @@ __device__ __forceinline__ void flash_fwd_tf32_core(const Args& a) {
         } else {
             cp_async_wait<0>();
         }
+#endif
         if constexpr (X3) {
             if constexpr (!QREG) {
-                if (kb == kb0) split_tile<BM, D, LDK, NT>(sQ, tid);
+                if (kb == kfirst) split_tile<BM, D, LDK, NT>(sQ, tid);
             }
             split_tile<BN, D, LDK, NT>(sK + buf * BN * LDK, tid);
             split_tile<BN, D, LDV, NT>(sV + buf * BN * LDV, tid);
         } else {
             if constexpr (!QREG) {
-                if (kb == kb0) round_tile<BM, D, LDK, NT>(sQ, tid);
+                if (kb == kfirst) round_tile<BM, D, LDK, NT>(sQ, tid);
             }
             round_tile<BN, D, LDK, NT>(sK + buf * BN * LDK, tid);
             round_tile<BN, D, LDV, NT>(sV + buf * BN * LDV, tid);
@@ -383,10 +485,16 @@ __device__ __forceinline__ void flash_fwd_tf32_core(const Args& a) {
 #pragma unroll
                         for (int e = 0; e < 2; ++e) {
                             const int kj = k0 + n * 8 + t4 * 2 + e;
+#ifdef XATTN_USER_MODS
+                            // flex: the user's score_mod on the scaled score (natural units).
+                            s[mt][n][hr * 2 + e] = user_score_at(
+                                a.user, s[mt][n][hr * 2 + e] * a.scale, b, h, qi, kj, sq, sk);
+#else
                             float dcap;
                             s[mt][n][hr * 2 + e] = xattn_score_mod(
                                 a, s[mt][n][hr * 2 + e] * a.scale, b, h, qi, kj, off, sq, sk,
                                 dcap);
+#endif
                         }
                 }
         }
@@ -406,6 +514,37 @@ __device__ __forceinline__ void flash_fwd_tf32_core(const Args& a) {
                         }
                 }
         }
+#ifdef XATTN_TF32_WALK
+        // A partial block of the block mask: its element rule (a block-uniform branch).
+        if constexpr (SPARSE) {
+            if (pblk >= 0) {
+#ifndef XATTN_USER_MODS
+                const int qb = q0 / a.bm.bq * a.bm.bq, kc = k0 / a.bm.bk * a.bm.bk;
+#endif
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int hr = 0; hr < 2; ++hr) {
+                        const int qi = q0 + wrow + mt * 16 + g + hr * 8;
+#pragma unroll
+                        for (int n = 0; n < NS; ++n)
+#pragma unroll
+                            for (int e = 0; e < 2; ++e) {
+                                const int kj = k0 + n * 8 + t4 * 2 + e;
+#ifdef XATTN_USER_MODS
+                                // flex: partial blocks of the mask derived from mask_mod
+                                // run mask_mod itself (full blocks run nothing, empty ones
+                                // are skipped).
+                                if (!user_visible(a.user, b, h, qi, kj, sq, sk))
+#else
+                                if (!xattn_bm_visible(a.bm, pblk, qb, kc, qi, kj))
+#endif
+                                    s[mt][n][hr * 2 + e] = -XATTN_INF;
+                            }
+                    }
+            }
+        }
+#endif
 
         // Online softmax and accumulator rescale (mma_fwd_tile.cuh). TF32 rounds the weights
         // here, once: the row sum and P V then see the same values. X3 keeps them float32
@@ -476,6 +615,10 @@ __device__ __forceinline__ void flash_fwd_tf32_core(const Args& a) {
             }
         }
         __syncthreads();  // the next iteration's cp.async overwrites this buffer
+#ifdef XATTN_TF32_WALK
+        if constexpr (SPARSE) pblk = pn;
+        kb = kn;
+#endif
     }
 
     // Epilogue: finish the row sums across the 4 lanes of a row, normalise, write out and lse.
@@ -514,13 +657,41 @@ __device__ __forceinline__ void flash_fwd_tf32_core(const Args& a) {
             XATTN_SCORE_MOD_INIT, q, k, v, o, lse, hq, group, sq, sk, scale});               \
     }
 
+#ifdef XATTN_TF32_WALK
+// The block-sparse entries (MN ends in _bm, or flex's own names): the common arguments, then
+// the block mask's (null / zero for a dense walk) and, in flex modules, the user's arrays.
+#define XATTN_TF32_BM_ENTRY(TN, D, NW, MT, BN, MN, MODS, X3, SPARSE)                          \
+    extern "C" __global__ void __launch_bounds__(NW * 32)                                    \
+        flash_fwd_##TN##_d##D##_w##NW##_m##MT##_n##BN##_##MN(                                \
+            const float *q, const float *k, const float *v, float *o, float *lse, int hq,    \
+            int group, int sq, int sk, float scale, XATTN_SCORE_MOD_PARAMS,                  \
+            const int *bm_frow, const int *bm_fcol, const int *bm_prow, const int *bm_pcol,  \
+            const unsigned *bm_tiles, int bm_bq, int bm_bk, int bm_words, int bm_rule,       \
+            int bm_off, int bm_left, int bm_right XATTN_USER_PARAMS) {                       \
+        xattn::tf32::flash_fwd_tf32_core<D, NW, MT, BN, MODS, X3, SPARSE>(                   \
+            xattn::tf32::BmArgs{                                                             \
+                xattn::tf32::Args{XATTN_SCORE_MOD_INIT, q, k, v, o, lse, hq, group, sq, sk,  \
+                                  scale},                                                    \
+                xattn::XattnBlockMask{bm_frow, bm_fcol, bm_prow, bm_pcol, bm_tiles, bm_bq,   \
+                                      bm_bk, bm_words, bm_rule, bm_off, bm_left, bm_right}   \
+                XATTN_USER_INIT});                                                           \
+    }
+#endif
+
 // One more expansion level so that macro arguments (-D values) expand before ## pastes them.
 #define XATTN_TF32_ONE(TN, D, NW, MT, BN, MN, MODS, X3) \
     XATTN_TF32_ENTRY(TN, D, NW, MT, BN, MN, MODS, X3)
+#ifdef XATTN_TF32_WALK
+#define XATTN_TF32_BM_ONE(TN, D, NW, MT, BN, MN, MODS, X3, SPARSE) \
+    XATTN_TF32_BM_ENTRY(TN, D, NW, MT, BN, MN, MODS, X3, SPARSE)
+#endif
 // Instantiation: the loader builds one module per entry with -D options, CI one translation
 // unit per file with one macro call per entry -- both from the list in
 // xattn/_backends/cupy_/instances.py. Without those options this file builds nothing.
-#ifdef XATTN_TF32_D
+#if defined(XATTN_TF32_D) && defined(XATTN_TF32_SPARSE)
+XATTN_TF32_BM_ONE(XATTN_TF32_TN, XATTN_TF32_D, XATTN_TF32_NW, XATTN_TF32_MT, XATTN_TF32_BN,
+                  XATTN_TF32_MN, XATTN_TF32_MODS, XATTN_TF32_X3, XATTN_TF32_SPARSE)
+#elif defined(XATTN_TF32_D)
 XATTN_TF32_ONE(XATTN_TF32_TN, XATTN_TF32_D, XATTN_TF32_NW, XATTN_TF32_MT, XATTN_TF32_BN,
                XATTN_TF32_MN, XATTN_TF32_MODS, XATTN_TF32_X3)
 #endif

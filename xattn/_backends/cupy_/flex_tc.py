@@ -1,11 +1,13 @@
 """flex_attention on tensor cores: the user's functions compiled into the ``mma.sync`` forward.
 
 :mod:`xattn._flex_cuda` translates ``score_mod``/``mask_mod`` to CUDA C; the text is put
-before ``xattn/kernels/flash_fwd.cu`` with ``XATTN_USER_MODS`` defined, so NVRTC inlines the
-user's functions into the 16-bit forward kernel (``backend="cupy"`` of
-:func:`xattn.flex_attention`): ``score_mod`` runs on every score of a visited tile (after the
-scale, natural units, before the online softmax), ``mask_mod`` only in the partial blocks of a
-block mask derived from it.
+before a forward kernel file with ``XATTN_USER_MODS`` defined, so NVRTC inlines the user's
+functions into it (``backend="cupy"`` of :func:`xattn.flex_attention`): ``score_mod`` runs on
+every score of a visited tile (after the scale, natural units, before the online softmax),
+``mask_mod`` only in the partial blocks of a block mask derived from it. The kernel file by
+dtype (:func:`kernel_choice`): float16/bfloat16 ``xattn/kernels/flash_fwd.cu``; float32
+``xattn/kernels/flash_fwd_tf32.cu``, error-compensated 3xTF32 (float32 accuracy, about
+``1e-6`` relative) or, with ``allow_tf32=True``, plain TF32 (about ``1e-3``).
 
 Block mask: a small kernel of the same module (``xattn_flex_block_states``) evaluates
 ``mask_mod`` on every (query, key) pair of every :data:`BLOCK` x :data:`BLOCK` block, per batch
@@ -31,10 +33,10 @@ from collections import OrderedDict
 import numpy as np
 
 from ... import _flex_cuda
-from . import _params, instances
+from . import _params, flash_tf32, instances
 from ._compile import _allow_smem, _Logged, source
 
-__all__ = ["BLOCK", "forward", "kernel_text", "reason"]
+__all__ = ["BLOCK", "forward", "kernel_choice", "kernel_text", "reason"]
 
 # Side of the blocks of the derived block mask: a multiple of every 16-bit forward
 # configuration's query tile (64 or 128 rows) and key tile (32 or 64 keys), large enough that
@@ -81,14 +83,18 @@ def padded_dim(d: int):
     return next((x for x in HEAD_DIMS if x >= d), None)
 
 
-def reason(prob):
+def _is_float32(prob) -> bool:
+    return np.dtype(prob.dtype) == np.float32
+
+
+def reason(prob, allow_tf32=False):
     """None when the tensor-core flex kernel serves ``prob``, else why not."""
 
     if prob.xp.__name__ != "cupy":
         return "inputs are not CuPy arrays"
-    if _params.type_name(prob.dtype) is None:
-        return (f"dtype {prob.dtype}: the tensor-core flex kernel takes float16 and bfloat16 "
-                "(backend='numba_cuda' computes float32/float64)")
+    if _params.type_name(prob.dtype) is None and not _is_float32(prob):
+        return (f"dtype {prob.dtype}: the tensor-core flex kernels take float16, bfloat16 and "
+                "float32 (backend='numba_cuda' computes float64)")
     if padded_dim(max(prob.d, prob.dv)) is None:
         return f"head_dim {max(prob.d, prob.dv)} > {max(HEAD_DIMS)}"
     nbatch = math.prod(prob.batch) if prob.heads_axis else 1
@@ -99,7 +105,16 @@ def reason(prob):
                 "compute with 32-bit positions)")
     cc = _params.compute_capability()
     if cc < 80:
-        return f"compute capability {cc} < 80: the kernel uses mma.sync bf16/f16 and cp.async"
+        return (f"compute capability {cc} < 80: the kernel uses mma.sync "
+                f"{'tf32' if _is_float32(prob) else 'bf16/f16'} and cp.async")
+    if _is_float32(prob):
+        import cupy
+
+        _, _, _, need = _float32_choice(prob, allow_tf32)
+        have = flash_tf32._max_smem(cupy.cuda.Device().id, need)
+        if need > have:
+            return (f"head_dim {max(prob.d, prob.dv)}: the float32 flex kernel needs {need} "
+                    f"bytes of shared memory per block, this device allows {have}")
     return None
 
 
@@ -118,10 +133,44 @@ def instance(tn, dp, mods: bool, sparse: bool):
     return instances.Instance(inst.source, inst.macro, params, (name,)), cfg
 
 
-def kernel_text(mods) -> str:
-    """The module source: the translated functions and hook macros, the forward kernel and
-    (with a mask_mod) the block-classification kernel."""
-    parts = [mods.kernel_prelude(), source("flash_fwd.cu")]
+def _flex_named(inst, sparse):
+    """``inst`` under flex's own entry name (the variant token ``flex``/``flex_bm``): never a
+    built-in entry's name."""
+    mn = "flex" + ("_bm" if sparse else "")
+    key = next(k for k, _ in inst.params if k.endswith("_MN"))
+    old = dict(inst.params)[key]
+    params = tuple((k, mn if k == key else v) for k, v in inst.params)
+    return instances.Instance(inst.source, inst.macro, params, (inst.name[:-len(old)] + mn,))
+
+
+def _float32_choice(prob, allow_tf32, mods=False, sparse=False):
+    """``(instance, config, padded head dim, shared memory)`` of the float32 kernel: 3xTF32,
+    or plain TF32 when the caller allows it; the default tile configuration of
+    flash_fwd_tf32.cu (its query and key tiles divide :data:`BLOCK`)."""
+    x3 = not allow_tf32
+    dp = flash_tf32.padded_dim(max(prob.d, prob.dv), x3)
+    cfg = (flash_tf32.X3_CONFIGS if x3 else flash_tf32.CONFIGS)[dp]
+    if BLOCK % (cfg[0] * cfg[1] * 16) or BLOCK % cfg[2]:
+        raise AssertionError(f"float32 config {cfg} does not tile the {BLOCK}-square blocks")
+    inst = _flex_named(instances.tf32_bm(dp, cfg, mods, x3, sparse), sparse)
+    return inst, cfg, dp, flash_tf32.smem_bytes(dp, cfg, x3)
+
+
+def kernel_choice(prob, mods: bool, sparse: bool, allow_tf32=False):
+    """The flex forward of one request by dtype: ``(instance, (warps, tiles per warp, keys per
+    block), padded head dim, dynamic shared memory bytes)``. ``mods``: a score_mod runs;
+    ``sparse``: the block mask derived from mask_mod is walked."""
+    if _is_float32(prob):
+        return _float32_choice(prob, allow_tf32, mods, sparse)
+    dp = padded_dim(max(prob.d, prob.dv))
+    inst, cfg = instance(_params.type_name(prob.dtype), dp, mods, sparse)
+    return inst, cfg, dp, (cfg[0] * cfg[1] * 16 + 4 * cfg[2]) * (dp + 8) * 2
+
+
+def kernel_text(mods, kernel="flash_fwd.cu") -> str:
+    """The module source: the translated functions and hook macros, the forward kernel file
+    and (with a mask_mod) the block-classification kernel."""
+    parts = [mods.kernel_prelude(), source(kernel)]
     if mods.has_mask:
         parts += [f"#define XATTN_STATE_THREADS {STATE_THREADS}", _STATES_KERNEL]
     return "\n".join(parts)
@@ -137,7 +186,7 @@ def _function(mods, inst, smem):
         if hit is not None:
             _modules.move_to_end(key)
             return hit
-    text = kernel_text(mods)
+    text = kernel_text(mods, inst.source)
     mod = cupy.RawModule(code=text, options=("-std=c++17", *inst.defines))
     try:
         fn = mod.get_function(inst.name)  # NVRTC runs here
@@ -206,20 +255,20 @@ def _no_score_options():
             null, i64(0), i64(0), i64(0), i64(0), null, i64(0), i64(0), i64(0), i64(0))
 
 
-def forward(prob, q, k, v, *, smod, mmod, args, mask_takes_args):
-    """``(out, lse)`` of flex attention on the tensor cores (16-bit CuPy inputs, see
-    :func:`reason`); ``lse`` float32 ``(batch..., Hq, Sq)``."""
+def forward(prob, q, k, v, *, smod, mmod, args, mask_takes_args, allow_tf32=False):
+    """``(out, lse)`` of flex attention on the tensor cores (16-bit or float32 CuPy inputs,
+    see :func:`reason`; ``allow_tf32``: float32 in plain TF32 instead of 3xTF32); ``lse``
+    float32 ``(batch..., Hq, Sq)``."""
     with q.device:
-        return _forward(prob, q, k, v, smod, mmod, args, mask_takes_args)
+        return _forward(prob, q, k, v, smod, mmod, args, mask_takes_args, allow_tf32)
 
 
-def _forward(prob, q, k, v, smod, mmod, args, mask_takes_args):
+def _forward(prob, q, k, v, smod, mmod, args, mask_takes_args, allow_tf32):
     import cupy as cp
 
-
     mods = _flex_cuda.translate_cached(smod, mmod, len(args), mask_takes_args, args)
-    tn = _params.type_name(prob.dtype)
-    dp = padded_dim(max(prob.d, prob.dv))
+    sparse = mmod is not None
+    inst, cfg, dp, smem = kernel_choice(prob, smod is not None, sparse, allow_tf32)
     batch = math.prod(prob.batch) if prob.heads_axis else 1
     hq, hkv = (prob.hq, prob.hkv) if prob.heads_axis else (1, 1)
     sq, sk = prob.sq, prob.sk
@@ -229,11 +278,8 @@ def _forward(prob, q, k, v, smod, mmod, args, mask_takes_args):
         out.fill(0)
         lse.fill(-np.inf)
         return _result(cp, prob, out, lse)
-    sparse = mmod is not None
-    inst, cfg = instance(tn, dp, smod is not None, sparse)
     nw, mt, _ = cfg
     bm_rows = nw * mt * 16
-    smem = (bm_rows + 4 * cfg[2]) * (dp + 8) * 2
     _, fn, states_fn = _function(mods, inst, smem)
     user_args = mods.kernel_args(args, smod, mmod)
     if sparse:

@@ -35,7 +35,7 @@ __all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "DECODE", "DECODE_EXTRA",
            "FWD_BM", "FWD_BM_MODS", "FWD_MODS", "HEAD_DIMS", "Instance", "SM90",
            "SM90_BWD_HEAD_DIMS", "SM90_EXPERIMENTAL", "TF32", "TF32X3", "bwd", "bwd_aux", "bwd_dq",
            "bwd_simt", "bwd_sm90", "decode", "decode_combine",
-           "experimental", "fwd", "fwd_simt", "shipped", "sm90", "tf32"]
+           "experimental", "fwd", "fwd_simt", "shipped", "sm90", "tf32", "tf32_bm"]
 
 # Head dims the kernels are built for; others up to 256 are zero-padded to the next one.
 HEAD_DIMS = (32, 64, 96, 128, 256)
@@ -220,6 +220,22 @@ def tf32(d, cfg, mods, x3=False) -> Instance:
               ("XATTN_TF32_MT", mt), ("XATTN_TF32_BN", bn), ("XATTN_TF32_MN", mn),
               ("XATTN_TF32_MODS", _b(mods)), ("XATTN_TF32_X3", _b(x3)))
     return Instance("flash_fwd_tf32.cu", "XATTN_TF32_ONE", params,
+                    (f"flash_fwd_{tn}_d{d}_w{nw}_m{mt}_n{bn}_{mn}",))
+
+
+def tf32_bm(d, cfg, mods, x3, sparse) -> Instance:
+    """The float32 tensor-core forward's entry with the block-mask arguments (and, in a flex
+    module, the user's arrays): ``sparse`` walks the block mask's lists, else ``[kb0, kb1)``.
+    Only flex_attention builds it (with its own entry name): CI compiles it through
+    tests/test_flex_cuda.py, not from :func:`shipped`."""
+    nw, mt, bn = cfg
+    mn = ("mods" if mods else "plain") + "_bm"
+    tn = "tf32x3" if x3 else "tf32"
+    params = (("XATTN_TF32_TN", tn), ("XATTN_TF32_D", d), ("XATTN_TF32_NW", nw),
+              ("XATTN_TF32_MT", mt), ("XATTN_TF32_BN", bn), ("XATTN_TF32_MN", mn),
+              ("XATTN_TF32_MODS", _b(mods)), ("XATTN_TF32_X3", _b(x3)),
+              ("XATTN_TF32_SPARSE", _b(sparse)))
+    return Instance("flash_fwd_tf32.cu", "XATTN_TF32_BM_ONE", params,
                     (f"flash_fwd_{tn}_d{d}_w{nw}_m{mt}_n{bn}_{mn}",))
 
 

@@ -1,0 +1,153 @@
+"""flex_attention's float32 tensor-core kernel (3xTF32 / TF32), checked without a GPU.
+
+The hooked ``flash_fwd_tf32.cu`` (the user's functions inlined, the derived block mask walked)
+compiles for sm_80 and sm_90a without warnings or spills, in every combination flex builds
+(score_mod and/or mask_mod, 3xTF32 and TF32, head dims 64 and 128); the kernel choice by dtype
+picks it for float32 with the tile configurations of the dense float32 kernels, under flex's
+own entry names. The numerics are checked on the GPU (tests/gpu/test_gpu_flex_tc32.py).
+Without nvcc the compile test skips, except under CI (``CI`` set), where nvcc must exist.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import t5_bucket
+
+import xattn
+from xattn import _flex_codegen as cg
+from xattn import _flex_cuda as fc
+from xattn._backends.cupy_ import flash_tf32, flex_tc, instances
+
+ROOT = Path(__file__).resolve().parents[1]
+SLOPES = xattn.alibi_slopes(4, dtype=np.float64)
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("check_kernels",
+                                                  ROOT / "tools" / "check_kernels.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+NVCC = _tool().find_nvcc()
+
+
+def alibi(score, b, h, q_idx, kv_idx):
+    return score - SLOPES[h] * abs(q_idx - kv_idx)
+
+
+def causal(b, h, q_idx, kv_idx):
+    return kv_idx <= q_idx
+
+
+def doc_args(b, h, q_idx, kv_idx, doc, table):
+    return doc[b, q_idx] == doc[b, kv_idx]
+
+
+def t5(score, b, h, q_idx, kv_idx, doc, table):
+    return score + table[h, t5_bucket(kv_idx - q_idx)]
+
+
+def _prob(dtype, d=64, dv=None):
+    return types.SimpleNamespace(dtype=np.dtype(dtype), d=d, dv=dv or d)
+
+
+@pytest.mark.parametrize("allow_tf32", [False, True])
+@pytest.mark.parametrize("d", [32, 64, 80, 128, 256])
+def test_float32_choice_is_the_tf32_kernel_under_flex_names(d, allow_tf32):
+    for mods in (False, True):
+        for sparse in (False, True):
+            inst, cfg, dp, smem = flex_tc.kernel_choice(_prob("float32", d), mods, sparse,
+                                                        allow_tf32)
+            x3 = not allow_tf32
+            assert dp == flash_tf32.padded_dim(d, x3)
+            assert cfg == (instances.TF32X3 if x3 else instances.TF32)[dp]
+            assert smem == flash_tf32.smem_bytes(dp, cfg, x3)
+            assert inst.source == "flash_fwd_tf32.cu" and inst.macro == "XATTN_TF32_BM_ONE"
+            tn = "tf32x3" if x3 else "tf32"
+            nw, mt, bn = cfg
+            mn = "flex_bm" if sparse else "flex"
+            assert inst.name == f"flash_fwd_{tn}_d{dp}_w{nw}_m{mt}_n{bn}_{mn}"
+            params = dict(inst.params)
+            assert params["XATTN_TF32_MN"] == mn
+            assert params["XATTN_TF32_SPARSE"] == ("true" if sparse else "false")
+            assert params["XATTN_TF32_MODS"] == ("true" if mods else "false")
+            # Query and key tiles divide the derived block mask's blocks.
+            assert flex_tc.BLOCK % (nw * mt * 16) == 0 and flex_tc.BLOCK % bn == 0
+
+
+def test_16bit_choice_is_unchanged():
+    inst, cfg, dp, smem = flex_tc.kernel_choice(_prob("float16", 80, 48), True, True)
+    ref, ref_cfg = flex_tc.instance("f16", 96, True, True)
+    assert (inst, cfg, dp) == (ref, ref_cfg, 96)
+    assert smem == (cfg[0] * cfg[1] * 16 + 4 * cfg[2]) * (96 + 8) * 2
+
+
+def test_float64_is_refused_with_the_reason():
+    prob = types.SimpleNamespace(xp=types.SimpleNamespace(__name__="cupy"),
+                                 dtype=np.dtype(np.float64), d=64, dv=64)
+    assert "backend='numba_cuda' computes float64" in flex_tc.reason(prob)
+
+
+def test_flex_attention_checks_allow_tf32():
+    q = np.ones((1, 8, 4), np.float32)
+    with pytest.raises(TypeError, match="allow_tf32"):
+        xattn.flex_attention(q, q, q, allow_tf32="yes")
+
+
+def test_dense_entries_take_their_old_arguments():
+    """The float32 entries flash_attention launches are still the dense macro's."""
+    for d, cfg in instances.TF32X3.items():
+        inst = instances.tf32(d, cfg, True, x3=True)
+        assert inst.macro == "XATTN_TF32_ONE"
+        assert "XATTN_TF32_SPARSE" not in dict(inst.params)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NVCC is None and not os.environ.get("CI"), reason="nvcc not found")
+@pytest.mark.parametrize("d", [64, 128])
+def test_hooked_float32_kernel_compiles_without_spills(tmp_path, d):
+    if NVCC is None:
+        pytest.fail("nvcc not found under CI")
+    tool = _tool()
+    table = np.zeros((4, 16), np.float32)
+    doc = np.zeros((2, 64), np.int64)
+    mods = fc.translate(cg.capture(t5, "score_mod", 7), cg.capture(doc_args, "mask_mod", 6),
+                        2, True, (doc, table))
+    alibi_mods = fc.translate(cg.capture(alibi, "score_mod", 5),
+                              cg.capture(causal, "mask_mod", 4))
+    mask_only = fc.translate(None, cg.capture(causal, "mask_mod", 4))
+    neither = fc.translate(None, None)
+    cases = [(mods, True, True, False), (alibi_mods, True, True, False),
+             (alibi_mods, True, False, False), (mask_only, False, True, False),
+             (neither, False, False, False), (alibi_mods, True, True, True)]
+    report = {}
+    for m, has_score, sparse, tf32 in cases:
+        inst, *_ = flex_tc.kernel_choice(_prob("float32", d), has_score, sparse, tf32)
+        src = tmp_path / f"{inst.name}_{m.key}.cu"
+        # The inlined headers keep their `#pragma once` (NVRTC ignores it; nvcc warns).
+        src.write_text(flex_tc.kernel_text(m, inst.source).replace("#pragma once", ""))
+        for arch, code in tool.ARCHS:
+            proc = subprocess.run(
+                [NVCC, *tool.FLAGS, f"-gencode=arch={arch},code={code}", *inst.defines,
+                 "-cubin", "-o", str(tmp_path / "k.cubin"), str(src)],
+                capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            warnings = [ln for ln in (proc.stdout + proc.stderr).splitlines()
+                        if "warning" in ln.lower() and "ptxas info" not in ln]
+            assert not warnings, warnings[:5]
+            report.update(tool.parse_ptxas(proc.stdout + proc.stderr))
+    names = {k[0] for k in report}
+    assert {f"flash_fwd_tf32x3_d{d}_w{c[0]}_m{c[1]}_n{c[2]}_{mn}"
+            for c in [instances.TF32X3[d]] for mn in ("flex", "flex_bm")} <= names
+    assert any(n.startswith("flash_fwd_tf32_") for n in names)
+    for (name, arch), r in report.items():
+        assert r["spill_st"] == 0 and r["spill_ld"] == 0, (name, arch, r)
