@@ -1,5 +1,6 @@
-"""flex_attention's hook in the Hopper kernel (flash_fwd_sm90.cu): the choice of kernel per
-card and head dim, and the generated sources compiled for sm_90a, spill-free (needs nvcc)."""
+"""The Hopper forward's score-mod and block-mask entries, host side (no GPU): the instance list,
+the block sizes the wgmma tiles serve, flex_attention's choice of kernel per card and head dim,
+and the generated flex sources compiled for sm_90a, spill-free (needs nvcc)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import numpy as np
 import pytest
 from conftest import t5_bucket
 
+import xattn
 from xattn import _flex_codegen as cg
 from xattn import _flex_cuda as fc
+from xattn._array import validate_attention
 from xattn._backends.cupy_ import flash_sm90, flex_tc, instances
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,3 +111,48 @@ def test_hooked_sm90_kernel_compiles_without_spills(tmp_path, dp):
     assert any(n.endswith("_flex") for n in names)
     for (name, arch), r in report.items():
         assert r["spill_st"] == 0 and r["spill_ld"] == 0, (name, arch, r)
+
+
+@pytest.mark.parametrize(("d", "block", "mods", "want"), [
+    (64, (128, 128), False, (128, 2, 11)),
+    (64, (128, 64), False, (64, 2, 11)),
+    (64, (256, 128), True, (128, 2, 11)),
+    (128, (128, 128), False, (128, 2, 11)),
+    (128, (128, 128), True, (64, 2, 11)),  # the 128-key tile spilled with mods
+    (128, (256, 64), True, (64, 2, 11)),
+    (64, (64, 64), False, None),  # 64 rows: the thread block holds 128
+    (128, (128, 32), False, None),
+    (96, (128, 128), False, None),
+])
+def test_block_mask_config(d, block, mods, want):
+    assert flash_sm90.block_mask_config(d, block, mods) == want
+
+
+def test_block_mask_reason_names_the_block_size():
+    q = np.zeros((2, 300, 64), np.float16)
+    bm = xattn.BlockMask.causal(300, block_size=64)
+    why = flash_sm90._block_mask_reason(validate_attention(q, q, q, block_mask=bm))
+    assert "block size (64, 64)" in why and "128 x 128" in why
+    ok = xattn.BlockMask.causal(300, block_size=(128, 64))
+    assert flash_sm90._block_mask_reason(validate_attention(q, q, q, block_mask=ok)) is None
+
+
+def test_instances_mods_and_block_mask_entries():
+    """Every configuration the launcher picks for mods / block masks is shipped; the plain
+    entries keep their names and argument list (macro); entry names are unique."""
+    shipped = {i.name: i for i in instances.shipped()}
+    for tn in ("f16", "bf16"):
+        for d, cfg in flash_sm90.MODS_CONFIGS.items():
+            inst = instances.sm90(tn, d, cfg, True)
+            assert inst.name.endswith("_mods") and inst.name in shipped
+            assert inst.macro == "XATTN90_MODS_ONE" and inst.ci
+        for d, cands in flash_sm90.BM_CONFIGS.items():
+            for cfg in cands:
+                assert instances.sm90(tn, d, cfg, False, True).name in shipped
+            for cfg in flash_sm90.BM_MODS_CONFIGS.get(d, cands):
+                inst = instances.sm90(tn, d, cfg, True, True)
+                assert inst.name.endswith("_mods_bm") and inst.name in shipped
+                assert inst.ci == (tn == "f16")
+        plain = instances.sm90(tn, 64, (64, 3, 11))
+        assert plain.macro == "XATTN90_ONE" and plain.name == f"flash_fwd_sm90_{tn}_d64_n64_g3_o11"
+    assert len(shipped) == len(instances.shipped())
