@@ -541,11 +541,9 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
     static_assert(NWG == 2 || (NWG == 3 && !PP), "ping-pong pairs two consumer warpgroups");
     // Registers: 168 (NWG = 2) or 128 (NWG = 3) per thread at launch; the producer keeps 24
     // and the consumers take the rest in multiples of 8 (64512 of the 65536 in both cases).
-    // The block-sparse producer walks the CSR list (its state and the list's pointers): it
-    // keeps 40, and the consumers get 232 (NWG = 2) or 152 (NWG = 3).
-    constexpr int PREGS = SPARSE ? 40 : 24;
-    constexpr int CREGS = ((65536 / 128 - PREGS) / NWG) & ~7;
-    static_assert(SPARSE || CREGS == (NWG == 2 ? 240 : 160), "the plain entries' budget");
+    // The block-sparse producer's CSR walk fits the 24 as well (ptxas 13.0 allocates the code
+    // after setmaxnreg.dec within it: R0-R20 in the SASS of the _bm entries).
+    constexpr int CREGS = NWG == 2 ? 240 : 160;
     constexpr int WS_ST = 3;
     constexpr int BM = NWG * 64;
     constexpr int NC = NWG * 128;  // consumer threads
@@ -583,7 +581,7 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
     __syncthreads();  // the only block-wide barrier: the mbarriers are initialised
 
     if (wg == 0) {
-        setmaxnreg_dec<PREGS>();
+        setmaxnreg_dec<24>();
         if constexpr (SPARSE)
             ws_produce_walk<BN, D, WS_ST>(sKa, sVa, Kg, Vg, a.bm, q0 / a.bm.bq, kb0, kb1, sk,
                                           fullb, emptyb, tid);
