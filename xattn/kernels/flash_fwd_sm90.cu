@@ -653,11 +653,11 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
         wgmma_commit();
         wgmma_wait<0>();
         fence_regs(s);
-        if constexpr (MODS) mod_elements<BN>(s, a, wq0, kb * BN, b, h, warp, g, t4);
-        mask_tile<BN>(s, a, wq0, min(wq0 + 64, sq), kb * BN, warp, g, t4);
-        if constexpr (SPARSE) {
-            if (pb >= 0) bm_elements<BN>(s, a, pb, q0, wq0, kb * BN, b, h, warp, g, t4);
-        }
+        // The element passes of the plain entries run before the P V issue (their measured
+        // schedule); those of the _mods / _bm entries after it, while P V runs (they write s
+        // only, no operand of that wgmma), in the order mods, visibility, block mask.
+        if constexpr (!MODS && !SPARSE)
+            mask_tile<BN>(s, a, wq0, min(wq0 + 64, sq), kb * BN, warp, g, t4);
 
         const bool first = i == 0;
         const unsigned long long dv = mnmajor_desc<true, BN, D>(sVa + (first ? st : pst) * TILE);
@@ -678,6 +678,14 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
                 named_arrive<3, NC>();
             else
                 named_arrive<2, NC>();
+        }
+
+        if constexpr (MODS || SPARSE) {
+            if constexpr (MODS) mod_elements<BN>(s, a, wq0, kb * BN, b, h, warp, g, t4);
+            mask_tile<BN>(s, a, wq0, min(wq0 + 64, sq), kb * BN, warp, g, t4);
+            if constexpr (SPARSE) {
+                if (pb >= 0) bm_elements<BN>(s, a, pb, q0, wq0, kb * BN, b, h, warp, g, t4);
+            }
         }
 
         float alpha[2];
