@@ -39,6 +39,7 @@ def one(item):
 
 todo = [i for i in instances.shipped() if i.source == "flash_fwd_sm90.cu"]
 todo.append(instances.sm90("f16", 64, (128, 2, 27), True, True))  # test_explicit_configs
+todo += [i for i in instances.experimental() if i.name.endswith("_o27")]  # warp_specialised
 items = [(i.name, i.defines) for i in todo]
 t0 = time.time()
 with ProcessPoolExecutor(max_workers=min(16, os.cpu_count() or 4)) as ex:
@@ -51,7 +52,7 @@ EOF
 run_tests() {
     echo "== tests ($(date -u +%H:%M:%S))"
     XDIST=""
-    if $PY -c "import xdist" 2>/dev/null; then XDIST="-n 8"; fi
+    if $PY -c "import xdist" 2>/dev/null; then XDIST="-n 12"; fi
     timeout 85 $PY -m pytest -m gpu -q -x -p no:cacheprovider $XDIST -rs --tb=short \
         tests/gpu/test_gpu_sm90_mods.py tests/gpu/test_gpu_flex_tc.py \
         tests/gpu/test_gpu_flash_sm90.py::test_dispatch \
