@@ -65,11 +65,12 @@ def _prob(dtype, d=64, dv=None):
 def test_float32_choice_is_the_tf32_kernel_under_flex_names(d, allow_tf32):
     for mods in (False, True):
         for sparse in (False, True):
-            inst, cfg, dp, smem = flex_tc.kernel_choice(_prob("float32", d), mods, sparse,
-                                                        allow_tf32)
+            inst, dp, rows, threads, smem = flex_tc.kernel_choice(
+                _prob("float32", d), mods, sparse, allow_tf32, cc=90)
             x3 = not allow_tf32
             assert dp == flash_tf32.padded_dim(d, x3)
-            assert cfg == (instances.TF32X3 if x3 else instances.TF32)[dp]
+            cfg = (instances.TF32X3 if x3 else instances.TF32)[dp]
+            assert (rows, threads) == (cfg[0] * cfg[1] * 16, cfg[0] * 32)
             assert smem == flash_tf32.smem_bytes(dp, cfg, x3)
             assert inst.source == "flash_fwd_tf32.cu" and inst.macro == "XATTN_TF32_BM_ONE"
             tn = "tf32x3" if x3 else "tf32"
@@ -84,11 +85,14 @@ def test_float32_choice_is_the_tf32_kernel_under_flex_names(d, allow_tf32):
             assert flex_tc.BLOCK % (nw * mt * 16) == 0 and flex_tc.BLOCK % bn == 0
 
 
-def test_16bit_choice_is_unchanged():
-    inst, cfg, dp, smem = flex_tc.kernel_choice(_prob("float16", 80, 48), True, True)
-    ref, ref_cfg = flex_tc.instance("f16", 96, True, True)
-    assert (inst, cfg, dp) == (ref, ref_cfg, 96)
-    assert smem == (cfg[0] * cfg[1] * 16 + 4 * cfg[2]) * (96 + 8) * 2
+@pytest.mark.parametrize("cc", [80, 90])
+def test_16bit_choice_is_the_16bit_kernels(cc):
+    got = flex_tc.kernel_choice(_prob("float16", 80, 48), True, True, cc=cc)
+    assert got == (*flex_tc.kernel_for("f16", 96, True, True, cc)[:1], 96,
+                   *flex_tc.kernel_for("f16", 96, True, True, cc)[1:])
+    got = flex_tc.kernel_choice(_prob("bfloat16", 64), True, False, cc=cc)
+    assert got[0] == flex_tc.kernel_for("bf16", 64, True, False, cc)[0]
+    assert got[0].source == ("flash_fwd_sm90.cu" if cc == 90 else "flash_fwd.cu")
 
 
 def test_float64_is_refused_with_the_reason():

@@ -174,16 +174,17 @@ def test_supports_and_switch(monkeypatch):
     monkeypatch.delenv("XATTN_DISABLE")
     assert _backends.explain(prob, {})["backend"] == "cupy.sm90"
     alibi = validate_attention(q, k, v, alibi_slopes=cp.ones(4, cp.float32))
-    assert k90.supports(alibi, {}, "forward") is not None
+    assert k90.supports(alibi, {}, "forward") is None  # the _mods entries
     prob96 = validate_attention(*_inputs(np.random.default_rng(1), "float16", d=96))
     assert "head_dim" in k90.supports(prob96, {}, "forward")
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("case", ["plain_causal", "softcap_goes_to_mma_sync"])
+@pytest.mark.parametrize("case", ["plain_causal", "softcap", "block_mask_64_to_mma_sync"])
 def test_dispatch(dtype, case):
     """backend="cupy" (and "auto") reach the wgmma kernel where it applies, with its default
-    configuration, and the mma.sync kernel for what it does not serve."""
+    configuration, and the mma.sync kernel for what it does not serve (a block mask of 64-row
+    blocks: the wgmma thread block holds 128 or 192 query rows)."""
     import logging
 
     import xattn
@@ -202,14 +203,19 @@ def test_dispatch(dtype, case):
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)  # setLevel, not .level: the logger caches isEnabledFor
     try:
-        opts = {"causal": True} if case == "plain_causal" else {"softcap": 5.0}
+        bm = xattn.BlockMask.causal(300, 421, block_size=64)
+        opts = {"plain_causal": {"causal": True}, "softcap": {"softcap": 5.0},
+                "block_mask_64_to_mma_sync": {"block_mask": bm}}[case]
+        ref_opts = {"mask": cp.asarray(bm.to_dense())} if "block_mask" in opts else opts
         q, k, v = _inputs(np.random.default_rng(7), dtype, b=1, sq=300, sk=421, d=128)
         for backend in ("cupy", "auto"):
             out, lse = xattn.flash_attention(q, k, v, return_lse=True, backend=backend, **opts)
-            ref, ref_lse, _ = reference_attention(q, k, v, **opts)
-            assert_close(out, ref, xp=cp, dtype=q.dtype, naive=naive_attention(q, k, v, **opts))
+            ref, ref_lse, _ = reference_attention(q, k, v, **ref_opts)
+            assert_close(out, ref, xp=cp, dtype=q.dtype,
+                         naive=naive_attention(q, k, v, **ref_opts))
             assert_close(lse, ref_lse, xp=cp, dtype=np.float32, atol=2e-3, rtol=1e-3)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-    assert len(calls) == (2 if case == "plain_causal" else 0)
+    assert len(calls) == (0 if "block_mask" in opts else 2)
+    assert [c.endswith("_mods") for c in calls] == [case == "softcap"] * len(calls)

@@ -100,7 +100,7 @@ BACKENDS = {
             "gpu",
             ".cupy_.flash_sm90",
             "Hopper (sm_90a) warp-specialised wgmma forward, float16/bfloat16, D 64/128, "
-            "causal/window only (flash_fwd_sm90.cu)",
+            "score mods, block masks of 128-row blocks (flash_fwd_sm90.cu)",
             requires=("cupy",),
             fix=_CUPY_FIX,
         ),

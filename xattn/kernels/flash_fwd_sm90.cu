@@ -25,10 +25,15 @@
 //
 // Layout (contiguous): q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D), out like q, lse (B, Hq, Sq)
 // float32 natural log. GQA: query head h reads kv head h / group. Bottom-right alignment:
-// query i sits at key position i + (Sk - Sq). Options: causal, window, scale, GQA, lse (no
-// score mods: those stay on flash_fwd.cu). The same argument list as flash_fwd.cu's entries.
+// query i sits at key position i + (Sk - Sq). Options: causal, window, scale, GQA, lse; the
+// _mods / _bm entries (mode 11 only) add the score modifications (softcap, bias, ALiBi, bool
+// mask: masking.cuh's ScoreMods, applied as flash_fwd.cu applies them) and the block mask's
+// CSR walk (blockmask.cuh: producer and consumers walk the same list, so only visible key
+// tiles are loaded; the element rule runs in partial blocks only), and take flash_fwd.cu's
+// argument list (XATTN90_MODS_PARAMS), flex_attention's hook (flex_hook.cuh) included. The
+// plain entries keep their short argument list and their code.
 //
-// No CUDA headers; masking.cuh is inlined by the loader. The wgmma code is compiled only for
+// No CUDA headers; the local headers are inlined by the loader. The wgmma code is compiled only for
 // sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); for other targets the entries trap.
 // Entry points: flash_fwd_sm90_<f16|bf16>_d<D>_n<BN>_g<NWG>_o<mode> (mode bits at the end).
 // Modes 11 / 27 (flash_fwd_sm90_ws) add a producer warpgroup: K/V stages handed over by
@@ -36,6 +41,8 @@
 
 #include "common.cuh"
 #include "masking.cuh"
+#include "blockmask.cuh"
+#include "flex_hook.cuh"
 #include "wgmma_sm90.cuh"
 
 namespace xattn::sm90 {
@@ -146,17 +153,26 @@ __device__ __forceinline__ unsigned long long mnmajor_step(int j) {
     return SW ? (unsigned long long)((j * 2048) >> 4) : (unsigned long long)((j * 32 * D) >> 4);
 }
 
-// The visibility rules only: this kernel serves no other score modification.
+// The plain entries: the visibility rules only.
 struct FwdArgs : FwdOperands<unsigned short> {
     int causal, wl, wr;  // window sides, -1 = unbounded
+};
+
+// The _mods / _bm entries: flash_fwd.cu's parameter block (ScoreMods first), the block mask
+// and, for flex_attention, the arrays the user's functions read.
+struct FwdArgsMods : ScoreMods, FwdOperands<unsigned short> {
+    XattnBlockMask bm;  // read by the SPARSE entries only
+#ifdef XATTN_USER_MODS
+    XattnUserArgs user;
+#endif
 };
 
 // Masking of one score tile held by a warpgroup: s[n * 4 + hr * 2 + e] is row
 // wq0 + 16 warp + g + 8 hr, key k0 + 8 n + 2 t4 + e (the wgmma accumulator layout); every
 // element is tested and the invisible ones become -inf. SELECT: straight-line selects, so it
 // may run while a wgmma is in flight (the experimental modes); else a branch per element.
-template <int BN, bool SELECT>
-__device__ __forceinline__ void mask_elements(float (&s)[BN / 2], const FwdArgs& a, int wq0,
+template <int BN, bool SELECT, class A>
+__device__ __forceinline__ void mask_elements(float (&s)[BN / 2], const A& a, int wq0,
                                               int k0, int warp, int g, int t4) {
     constexpr int NS = BN / 8;
     const int off = a.sk - a.sq;
@@ -178,11 +194,69 @@ __device__ __forceinline__ void mask_elements(float (&s)[BN / 2], const FwdArgs&
 }
 
 // The element test only where the tile needs it (rows [wq0, wq1) against keys k0..k0+BN).
-template <int BN>
-__device__ __forceinline__ void mask_tile(float (&s)[BN / 2], const FwdArgs& a, int wq0,
+template <int BN, class A>
+__device__ __forceinline__ void mask_tile(float (&s)[BN / 2], const A& a, int wq0,
                                           int wq1, int k0, int warp, int g, int t4) {
     if (xattn_tile_needs_test(wq0, wq1, k0, BN, a.sk - a.sq, a.sk, a.causal, a.wl, a.wr))
         mask_elements<BN, false>(s, a, wq0, k0, warp, g, t4);
+}
+
+// The score modifications on every score of a tile (the _mods entries), in natural units:
+// s becomes score_mod(scale * s), the built-in chain of masking.cuh (softcap, bias, ALiBi,
+// bool mask) or, under flex_attention's hook, the user's score_mod. Same fragment layout as
+// mask_elements; the caller then runs the softmax with sl2 = log2(e) (the scale is applied).
+template <int BN>
+__device__ __forceinline__ void mod_elements(float (&s)[BN / 2], const FwdArgsMods& a, int wq0,
+                                             int k0, int b, int h, int warp, int g, int t4) {
+    constexpr int NS = BN / 8;
+    const int off = a.sk - a.sq;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        const int qi = wq0 + warp * 16 + g + hr * 8;
+#pragma unroll
+        for (int n = 0; n < NS; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int kj = k0 + n * 8 + t4 * 2 + e;
+                float& x = s[n * 4 + hr * 2 + e];
+#ifdef XATTN_USER_MODS
+                x = xattn_user_score_at(a.user, x * a.scale, b, h, qi, kj, a.sq, a.sk);
+#else
+                float dcap;
+                x = xattn_score_mod(a, x * a.scale, b, h, qi, kj, off, a.sq, a.sk, dcap);
+#endif
+            }
+    }
+    (void)off;
+}
+
+// The element rule of partial block number pblk of the block mask (the _bm entries), or under
+// flex_attention's hook the user's mask_mod itself (the block mask was derived from it: full
+// blocks run nothing, empty ones are never visited). Rows [q0, q0 + BM) of the thread block
+// lie inside one mask block row, keys [k0, k0 + BN) inside one mask block.
+template <int BN>
+__device__ __forceinline__ void bm_elements(float (&s)[BN / 2], const FwdArgsMods& a, int pblk,
+                                            int q0, int wq0, int k0, int b, int h, int warp,
+                                            int g, int t4) {
+    constexpr int NS = BN / 8;
+    const int qb = q0 / a.bm.bq * a.bm.bq, kc = k0 / a.bm.bk * a.bm.bk;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        const int qi = wq0 + warp * 16 + g + hr * 8;
+#pragma unroll
+        for (int n = 0; n < NS; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int kj = k0 + n * 8 + t4 * 2 + e;
+#ifdef XATTN_USER_MODS
+                const bool vis = xattn_user_visible(a.user, b, h, qi, kj, a.sq, a.sk);
+#else
+                const bool vis = xattn_bm_visible(a.bm, pblk, qb, kc, qi, kj);
+#endif
+                if (!vis) s[n * 4 + hr * 2 + e] = -XATTN_INF;
+            }
+    }
+    (void)qb, (void)kc, (void)pblk, (void)b, (void)h;
 }
 
 template <bool B>
@@ -226,9 +300,9 @@ __device__ __forceinline__ void softmax_rows(float (&s)[BN / 2], float (&m)[2], 
 // Masking and online softmax of one score tile held by a warpgroup: s[n * 4 + hr * 2 + e] is
 // row wq0 + 16 warp + g + 8 hr, key k0 + 8 n + 2 t4 + e (the wgmma accumulator layout). On
 // return s holds p = 2^(s * sl2 - m), m / l are updated and alpha rescales the old output.
-template <int BN>
+template <int BN, class A>
 __device__ __forceinline__ void softmax_tile(float (&s)[BN / 2], float (&m)[2], float (&l)[2],
-                                             float (&alpha)[2], const FwdArgs& a, int wq0,
+                                             float (&alpha)[2], const A& a, int wq0,
                                              int wq1, int k0, int warp, int g, int t4,
                                              float sl2) {
     mask_tile<BN>(s, a, wq0, wq1, k0, warp, g, t4);
@@ -260,8 +334,8 @@ __device__ __forceinline__ void rescale(float (&acc)[D / 2], const float (&alpha
 }
 
 // Epilogue: finish the row sums across the 4 lanes of a row, normalise, write out and lse.
-template <class T, int D>
-__device__ __forceinline__ void write_out(const FwdArgs& a, const float (&acc)[D / 2],
+template <class T, int D, class A>
+__device__ __forceinline__ void write_out(const A& a, const float (&acc)[D / 2],
                                           const float (&m)[2], const float (&l)[2],
                                           long long bh, int wq0, int warp, int g, int t4) {
     unsigned short* Og = a.o + bh * a.sq * D;
@@ -401,6 +475,43 @@ __device__ __forceinline__ void ws_produce(unsigned sK, unsigned sV, const unsig
         mbar_arrive(fullb + ((nkb - 1) % NST) * 8);
     }
 }
+
+// ws_produce for the block-sparse entries: the key tiles of the CSR walk of mask block row
+// `row` clipped to [kb0, kb1) (the consumers walk the very same list), in the same ring with
+// the same handoff; stage i % NST holds the i-th visited tile.
+template <int BN, int D, int NST>
+__device__ __forceinline__ void ws_produce_walk(unsigned sK, unsigned sV,
+                                                const unsigned short* Kg,
+                                                const unsigned short* Vg,
+                                                const XattnBlockMask& bm, int row, int kb0,
+                                                int kb1, int limit, unsigned fullb,
+                                                unsigned emptyb, int tid) {
+    static_assert(NST >= 3, "see ws_produce");
+    constexpr unsigned TILE = BN * D * 2;
+    XattnCsrWalk walk;
+    int kt, p;
+    xattn_csr_begin(bm, row, BN, kb0, kb1, walk);
+    xattn_csr_next(bm, walk, kt, p);
+    int i = 0;
+    for (; kt >= 0; ++i) {
+        const int st = i % NST;
+        if (i >= NST) mbar_wait(emptyb + st * 8, ((i / NST) - 1) & 1);
+        load_tile_sw_lean<BN, D>(sK + st * TILE, Kg, kt * BN, limit, tid);
+        load_tile_sw_lean<BN, D>(sV + st * TILE, Vg, kt * BN, limit, tid);
+        cp_async_commit_ordered();
+        if (i > 0) {
+            cp_async_wait_ordered<1>();
+            fence_proxy_async();
+            mbar_arrive(fullb + ((i - 1) % NST) * 8);
+        }
+        xattn_csr_next(bm, walk, kt, p);
+    }
+    if (i > 0) {
+        cp_async_wait_ordered<0>();
+        fence_proxy_async();
+        mbar_arrive(fullb + ((i - 1) % NST) * 8);
+    }
+}
 #endif
 
 // Warp-specialised schedule (mode bit 3, after FlashAttention-3): warpgroup 0 is a producer
@@ -419,14 +530,19 @@ __device__ __forceinline__ void ws_produce(unsigned sK, unsigned sV, const unsig
 // one consumer warpgroup to the other: a warpgroup issues S = Q K^T and its P V only in its
 // turn and passes the turn on right after the P V issue, so its softmax runs while the other
 // warpgroup's GEMMs execute.
-template <class T, int D, int BN, int NWG, bool PP>
-__device__ __forceinline__ void flash_fwd_sm90_ws(const FwdArgs& a) {
+// MODS / SPARSE (the _mods / _bm entries, A = FwdArgsMods): the score modifications on every
+// visited tile, the block mask's walk; the plain entries (A = FwdArgs) compile neither.
+template <class T, int D, int BN, int NWG, bool PP, bool MODS = false, bool SPARSE = false,
+          class A = FwdArgs>
+__device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
 #if XATTN_SM90_OK
     static_assert(D == 64 || D == 128, "wgmma wrappers exist for N = 64 and 128");
     static_assert(BN == 64 || BN == 128, "wgmma wrappers exist for N = 64 and 128");
     static_assert(NWG == 2 || (NWG == 3 && !PP), "ping-pong pairs two consumer warpgroups");
     // Registers: 168 (NWG = 2) or 128 (NWG = 3) per thread at launch; the producer keeps 24
     // and the consumers take the rest in multiples of 8 (64512 of the 65536 in both cases).
+    // The block-sparse producer's CSR walk fits the 24 as well (ptxas 13.0 allocates the code
+    // after setmaxnreg.dec within it: R0-R20 in the SASS of the _bm entries).
     constexpr int CREGS = NWG == 2 ? 240 : 160;
     constexpr int WS_ST = 3;
     constexpr int BM = NWG * 64;
@@ -466,7 +582,11 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const FwdArgs& a) {
 
     if (wg == 0) {
         setmaxnreg_dec<24>();
-        ws_produce<BN, D, WS_ST>(sKa, sVa, Kg, Vg, kb0, nkb, sk, fullb, emptyb, tid);
+        if constexpr (SPARSE)
+            ws_produce_walk<BN, D, WS_ST>(sKa, sVa, Kg, Vg, a.bm, q0 / a.bm.bq, kb0, kb1, sk,
+                                          fullb, emptyb, tid);
+        else
+            ws_produce<BN, D, WS_ST>(sKa, sVa, Kg, Vg, kb0, nkb, sk, fullb, emptyb, tid);
         return;
     }
 
@@ -483,10 +603,22 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const FwdArgs& a) {
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) s[i] = 0.f;
     float m[2] = {-XATTN_INF, -XATTN_INF}, l[2] = {0.f, 0.f};
-    const float sl2 = a.scale * XATTN_LOG2E;
+    // With score mods the scores are scaled before them (natural units): the softmax only
+    // converts to base 2.
+    const float sl2 = MODS ? XATTN_LOG2E : a.scale * XATTN_LOG2E;
     const unsigned long long dq = kmajor_desc<true, BM, D>(sQa, cwg * 64);
 
-    if (nkb > 0) {
+    // SPARSE: the key tiles of the CSR walk (the producer's list); kt = -1 ends it, pblk >= 0
+    // marks a tile of a partial block.
+    XattnCsrWalk walk;
+    int kt = -1, pblk = -1;
+    if constexpr (SPARSE) {
+        xattn_csr_begin(a.bm, q0 / a.bm.bq, BN, kb0, kb1, walk);
+        xattn_csr_next(a.bm, walk, kt, pblk);
+    }
+    const bool any = SPARSE ? kt >= 0 : nkb > 0;
+
+    if (any) {
         load_tile_sw<BM, D, NC>(sQa, Qg, q0, sq, ctid);
         cp_async_commit_ordered();
         cp_async_wait_ordered<0>();
@@ -498,8 +630,8 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const FwdArgs& a) {
     }
 
     unsigned pp[BN / 16][4];
-    for (int i = 0; i < nkb; ++i) {
-        const int kb = kb0 + i;
+    // One visited key tile kb (the i-th): S = Q K^T, masking, P V of the previous tile, softmax.
+    auto step = [&](const int i, const int kb, const int pb) {
         const int st = i % WS_ST;
         const int pst = (i + WS_ST - 1) % WS_ST;  // block kb - 1's stage
         mbar_wait(fullb + st * 8, (i / WS_ST) & 1);
@@ -521,7 +653,11 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const FwdArgs& a) {
         wgmma_commit();
         wgmma_wait<0>();
         fence_regs(s);
-        mask_tile<BN>(s, a, wq0, min(wq0 + 64, sq), kb * BN, warp, g, t4);
+        // The element passes of the plain entries run before the P V issue (their measured
+        // schedule); those of the _mods / _bm entries after it, while P V runs (they write s
+        // only, no operand of that wgmma), in the order mods, visibility, block mask.
+        if constexpr (!MODS && !SPARSE)
+            mask_tile<BN>(s, a, wq0, min(wq0 + 64, sq), kb * BN, warp, g, t4);
 
         const bool first = i == 0;
         const unsigned long long dv = mnmajor_desc<true, BN, D>(sVa + (first ? st : pst) * TILE);
@@ -544,6 +680,14 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const FwdArgs& a) {
                 named_arrive<2, NC>();
         }
 
+        if constexpr (MODS || SPARSE) {
+            if constexpr (MODS) mod_elements<BN>(s, a, wq0, kb * BN, b, h, warp, g, t4);
+            mask_tile<BN>(s, a, wq0, min(wq0 + 64, sq), kb * BN, warp, g, t4);
+            if constexpr (SPARSE) {
+                if (pb >= 0) bm_elements<BN>(s, a, pb, q0, wq0, kb * BN, b, h, warp, g, t4);
+            }
+        }
+
         float alpha[2];
         softmax_rows<BN>(s, m, l, alpha, sl2);
         unsigned pn[BN / 16][4];
@@ -564,9 +708,18 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const FwdArgs& a) {
         for (int j = 0; j < BN / 16; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) pp[j][e] = pn[j][e];
+    };
+    int nvis = nkb;  // tiles visited
+    if constexpr (SPARSE) {
+        for (nvis = 0; kt >= 0; ++nvis) {
+            step(nvis, kt, pblk);
+            xattn_csr_next(a.bm, walk, kt, pblk);
+        }
+    } else {
+        for (int i = 0; i < nkb; ++i) step(i, kb0 + i, -1);
     }
-    if (nkb > 0) {
-        const unsigned long long dv = mnmajor_desc<true, BN, D>(sVa + ((nkb - 1) % WS_ST) * TILE);
+    if (nvis > 0) {
+        const unsigned long long dv = mnmajor_desc<true, BN, D>(sVa + ((nvis - 1) % WS_ST) * TILE);
         fence_regs(acc);
 #pragma unroll
         for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
@@ -601,6 +754,13 @@ __device__ __forceinline__ void flash_fwd_sm90_mode(const FwdArgs& a) {
     }
 }
 
+// The _mods / _bm entries: the warp-specialised schedules only (mode bit 3).
+template <class T, int D, int BN, int NWG, int OV, bool MODS, bool SPARSE>
+__device__ __forceinline__ void flash_fwd_sm90_mods_mode(const FwdArgsMods& a) {
+    static_assert((OV & 8) != 0 && (OV & 3) == 3, "score mods and block masks: mode 11 or 27");
+    flash_fwd_sm90_ws<T, D, BN, NWG, (OV & 16) != 0, MODS, SPARSE>(a);
+}
+
 }  // namespace xattn::sm90
 
 #define XATTN90_PARAMS                                                                     \
@@ -630,10 +790,38 @@ __device__ __forceinline__ void flash_fwd_sm90_mode(const FwdArgs& a) {
     }
 // One more expansion level so that -D values expand before ## pastes them.
 #define XATTN90_ONE(TN, D, BN, NWG, OV) XATTN90_ENTRY(TN, D, BN, NWG, OV)
+
+// The _mods / _bm entries (MN: mods | bm | mods_bm, flex | flex_bm for flex_attention): the
+// argument list of flash_fwd.cu's entries (the parameter block, the block mask, the user's
+// arrays), so one launch tuple serves both kernels.
+#define XATTN90_MODS_PARAMS                                                                \
+    const unsigned short *q, const unsigned short *k, const unsigned short *v,             \
+        unsigned short *o, float *lse, int hq, int group, int sq, int sk, float scale,      \
+        XATTN_SCORE_MOD_PARAMS, const int *bm_frow, const int *bm_fcol, const int *bm_prow, \
+        const int *bm_pcol, const unsigned *bm_tiles, int bm_bq, int bm_bk, int bm_words,   \
+        int bm_rule, int bm_off, int bm_left, int bm_right XATTN_USER_PARAMS
+#define XATTN90_MODS_ENTRY(TN, D, BN, NWG, OV, MN, MODS, SPARSE)                            \
+    extern "C" __global__ void __launch_bounds__(((OV & 8) ? NWG + 1 : NWG) * 128, 1)      \
+        flash_fwd_sm90_##TN##_d##D##_n##BN##_g##NWG##_o##OV##_##MN(XATTN90_MODS_PARAMS) {   \
+        xattn::sm90::flash_fwd_sm90_mods_mode<xattn::TN, D, BN, NWG, OV, MODS, SPARSE>(     \
+            xattn::sm90::FwdArgsMods{                                                       \
+                XATTN_SCORE_MOD_INIT,                                                       \
+                xattn::FwdOperands<unsigned short>{q, k, v, o, lse, hq, group, sq, sk, scale}, \
+                xattn::XattnBlockMask{bm_frow, bm_fcol, bm_prow, bm_pcol, bm_tiles, bm_bq,    \
+                                      bm_bk, bm_words, bm_rule, bm_off, bm_left, bm_right}    \
+                XATTN_USER_INIT});                                                          \
+    }
+#define XATTN90_MODS_ONE(TN, D, BN, NWG, OV, MN, MODS, SPARSE) \
+    XATTN90_MODS_ENTRY(TN, D, BN, NWG, OV, MN, MODS, SPARSE)
 // Instantiation: the loader builds one module per entry with -D options, CI one translation
 // unit per file with one macro call per entry -- both from the list in
 // xattn/_backends/cupy_/instances.py. Without those options this file builds nothing.
 // XATTN90_NO_ENTRIES: tools/wgmma_probe.cu includes this file for its helpers only.
 #if defined(XATTN90_D) && !defined(XATTN90_NO_ENTRIES)
+#ifdef XATTN90_MN
+XATTN90_MODS_ONE(XATTN90_TN, XATTN90_D, XATTN90_BN, XATTN90_NWG, XATTN90_OV, XATTN90_MN,
+                 XATTN90_MODS, XATTN90_SPARSE)
+#else
 XATTN90_ONE(XATTN90_TN, XATTN90_D, XATTN90_BN, XATTN90_NWG, XATTN90_OV)
+#endif
 #endif

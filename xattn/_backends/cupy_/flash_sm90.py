@@ -2,9 +2,11 @@
 
 The kernel (``flash_fwd_sm90.cu``) serves float16 and bfloat16, head dims 64 and 128,
 ``Dv == D``, causal (bottom-right) and sliding window, any scale, GQA/MQA, Sq and Sk of any
-length, and always writes ``lse``. Everything else (score modifications, mask, bias, ALiBi, a
-block mask, other head dims, other cards, the backward pass) is refused by :func:`supports`,
-and ``auto`` walks on to ``cupy.sm80``.
+length, and always writes ``lse``; its ``_mods`` entries add the score modifications (softcap,
+bias, ALiBi, boolean mask) and its ``_bm`` entries a block mask (unbatched, block sizes that
+its tiles divide: ``bq`` a multiple of 128 and ``bk`` of 64, :data:`BM_CONFIGS`). Everything
+else (other head dims, other block sizes, other cards, the backward pass) is refused by
+:func:`supports`, and ``auto`` walks on to ``cupy.sm80``.
 
 The module is compiled for ``sm_90a`` only (the wgmma instructions exist in no portable
 target), so it runs on compute capability 9.0 exactly; :mod:`._compile` builds and caches its
@@ -35,6 +37,12 @@ __all__ = ["BUILT", "CONFIGS", "compiled_function", "forward", "get_kernel", "pr
 # 202; mma.sync 294 / 248), D=64 (64, 3, 11) 348 / 294 (mode 3: 304 / 269; mma.sync 292 / 258).
 # Mode 27 (ping-pong on top of 11) measured slower: 394 / 344 at D=128.
 CONFIGS = instances.SM90
+# The score-modification entries' configuration per head dim, and the block-sparse candidates
+# in order of preference (the first whose query rows divide the mask's bq and whose key tile
+# divides its bk); see instances.py.
+MODS_CONFIGS = instances.SM90_MODS
+BM_CONFIGS = instances.SM90_BM
+BM_MODS_CONFIGS = instances.SM90_BM_MODS
 # Every configuration that can be built, as (D, BN, warpgroups, mode): the shipped ones (CI
 # compiles them) and the experimental schedules (built on request: config=...).
 BUILT = frozenset((*instances.SM90_SHIPPED, *instances.SM90_EXPERIMENTAL))
@@ -51,14 +59,35 @@ def supports(prob, opts, op="forward"):
     if prob.d not in CONFIGS or prob.dv != prob.d:
         return (f"head_dim {prob.d} (Dv {prob.dv}): the sm_90a kernel has D = Dv in "
                 f"{sorted(CONFIGS)}")
-    if prob.has_score_mods:
-        return "softcap, mask, bias and ALiBi run on the mma.sync kernel (cupy.sm80)"
     if prob.block_mask is not None:
-        return "a block_mask runs on the mma.sync kernel (cupy.sm80)"
+        why = _block_mask_reason(prob)
+        if why is not None:
+            return why
     unknown = sorted(k for k, v in (opts or {}).items() if v is not None and k not in _KNOWN)
     if unknown:
         return f"options {unknown} (a tile plan) run on cupy.sm80"
     return _params.device_reason(prob, "the sm_90a kernel", exact_cc=90)
+
+
+def block_mask_config(d, block_size, mods):
+    """The configuration ``(BN, warpgroups, mode)`` whose query rows (64 per warpgroup) divide
+    the mask's ``bq`` and whose key tile divides its ``bk``, or None."""
+    bq, bk = block_size
+    cands = (BM_MODS_CONFIGS.get(d) if mods else None) or BM_CONFIGS.get(d, ())
+    return next((c for c in cands if bq % (64 * c[1]) == 0 and bk % c[0] == 0), None)
+
+
+def _block_mask_reason(prob):
+    bm = prob.block_mask
+    if bm.batch_shape:
+        return "block_mask: a batched mask (one call per batch element goes through flash.py)"
+    mods = prob.has_score_mods
+    if block_mask_config(prob.d, bm.block_size, mods) is None:
+        cands = (BM_MODS_CONFIGS.get(prob.d) if mods else None) or BM_CONFIGS.get(prob.d, ())
+        tiles = " or ".join(f"{64 * c[1]} x {c[0]}" for c in cands)
+        return (f"block_mask: block size {bm.block_size} is not served by the sm_90a kernel "
+                f"(head dim {prob.d}): (bq, bk) must be multiples of a tile ({tiles})")
+    return None
 
 
 def smem_bytes(d, cfg):
@@ -82,10 +111,10 @@ def precompile(type_name: str, keys, workers: int = 8):
     _compile.precompile("flash_fwd_sm90.cu", entries, workers)
 
 
-def get_kernel(type_name: str, d: int, cfg: tuple):
-    """The compiled entry point for one dtype, head dim and (BN, warpgroups, mode); cached
-    per device."""
-    inst = instances.sm90(type_name, d, cfg)
+def get_kernel(type_name: str, d: int, cfg: tuple, mods: bool = False, sparse: bool = False):
+    """The compiled entry point for one dtype, head dim and (BN, warpgroups, mode), with score
+    mods / the block-mask walk; cached per device."""
+    inst = instances.sm90(type_name, d, cfg, mods, sparse)
     return compiled_function(inst.source, inst.name, inst.defines, smem_bytes(d, cfg),
                              arch=inst.arch, includes=inst.includes)
 
@@ -93,9 +122,12 @@ def get_kernel(type_name: str, d: int, cfg: tuple):
 def forward(prob, q, k, v, *, allow_tf32=False, config=None):
     """Return ``(out, lse)`` from the sm_90a kernel (the caller checked :func:`supports`, or a
     test calls it directly). ``config`` = (keys per block, warpgroups, mode) overrides the
-    default (``CONFIGS``; ``BUILT`` lists the choices)."""
-    if prob.has_score_mods or prob.block_mask is not None:
-        raise NotImplementedError("the sm_90a kernel takes no mask, bias, ALiBi or block mask")
+    default (``CONFIGS``; ``BUILT`` lists the choices; with score mods or a block mask only
+    the warp-specialised modes 11 and 27 have entries)."""
+    if prob.block_mask is not None:
+        why = _block_mask_reason(prob)
+        if why is not None:
+            raise NotImplementedError(why)
     with q.device:
         return _forward(prob, q, k, v, config)
 
@@ -108,19 +140,36 @@ def _forward(prob, q, k, v, config):
     if tn is None or d not in CONFIGS or prob.dv != d:
         raise NotImplementedError(f"the sm_90a kernel has no entry for dtype {prob.dtype}, "
                                   f"D {d}, Dv {prob.dv}")
-    cfg = tuple(config) if config is not None else CONFIGS[d]
-    if (d, *cfg) not in BUILT:
+    mods, sparse = prob.has_score_mods, prob.block_mask is not None
+    if config is not None:
+        cfg = tuple(config)
+    elif sparse:
+        cfg = block_mask_config(d, prob.block_mask.block_size, mods)
+    else:
+        cfg = MODS_CONFIGS[d] if mods else CONFIGS[d]
+    if (d, *cfg) not in BUILT and not ((mods or sparse) and cfg[2] in (11, 27)):
         raise ValueError(f"config {cfg} for D={d} is not built; built: {sorted(BUILT)}")
+    if (mods or sparse) and cfg[2] not in (11, 27):
+        raise ValueError(f"config {cfg}: score mods and block masks run in modes 11 and 27")
+    if sparse:
+        bq, bk = prob.block_mask.block_size
+        if bq % (64 * cfg[1]) or bk % cfg[0]:
+            raise ValueError(f"config: {cfg} does not divide the block_mask's block size "
+                             f"{prob.block_mask.block_size}")
     B = math.prod(prob.batch)
     q4, k4, v4, out, lse = _params.forward_buffers(xp, prob, q, k, v, d, q.dtype)
     if _params.nothing_to_launch(out, lse):
         return _params.forward_result(xp, prob, out, lse)
-    fn = get_kernel(tn, d, cfg)
+    fn = get_kernel(tn, d, cfg, mods, sparse)
     nwg = cfg[1]
     bm = 64 * nwg
     i32, f32 = np.int32, np.float32
     args = (q4, k4, v4, out, lse, i32(prob.hq), i32(prob.group), i32(prob.sq), i32(prob.sk),
-            f32(prob.scale), *_params.visibility_args(prob))  # no score mods here
+            f32(prob.scale))
+    if mods or sparse:  # flash_fwd.cu's argument list: the parameter block, the block mask
+        args += (*_params.option_args(xp, prob), *_params.block_mask_args(xp, prob))
+    else:  # the plain entries read the visibility fields only
+        args += _params.visibility_args(prob)
     fn(((prob.sq + bm - 1) // bm, prob.hq, B), (threads(cfg),), args,
        shared_mem=smem_bytes(d, cfg))
     return _params.forward_result(xp, prob, out, lse)

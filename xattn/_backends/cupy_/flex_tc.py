@@ -1,11 +1,13 @@
-"""flex_attention on tensor cores: the user's functions compiled into the ``mma.sync`` forward.
+"""flex_attention on tensor cores: the user's functions compiled into the 16-bit forward.
 
 :mod:`xattn._flex_cuda` translates ``score_mod``/``mask_mod`` to CUDA C; the text is put
 before a forward kernel file with ``XATTN_USER_MODS`` defined, so NVRTC inlines the user's
 functions into it (``backend="cupy"`` of :func:`xattn.flex_attention`): ``score_mod`` runs on
 every score of a visited tile (after the scale, natural units, before the online softmax),
-``mask_mod`` only in the partial blocks of a block mask derived from it. The kernel file by
-dtype (:func:`kernel_choice`): float16/bfloat16 ``xattn/kernels/flash_fwd.cu``; float32
+``mask_mod`` only in the partial blocks of a block mask derived from it. The kernel by dtype
+(:func:`kernel_choice`): float16/bfloat16 ``xattn/kernels/flash_fwd.cu`` (``mma.sync``), or on
+compute capability 9.0 with a padded head dim of 64 or 128 the Hopper kernel
+``flash_fwd_sm90.cu`` (wgmma, warp-specialised, the same hook; :func:`kernel_for`); float32
 ``xattn/kernels/flash_fwd_tf32.cu``, error-compensated 3xTF32 (float32 accuracy, about
 ``1e-6`` relative) or, with ``allow_tf32=True``, plain TF32 (about ``1e-3``).
 
@@ -33,14 +35,15 @@ from collections import OrderedDict
 import numpy as np
 
 from ... import _flex_cuda
-from . import _params, flash_tf32, instances
+from . import _compile, _params, flash_tf32, instances
 from ._compile import _allow_smem, _Logged, source
 
 __all__ = ["BLOCK", "forward", "kernel_choice", "kernel_text", "reason"]
 
 # Side of the blocks of the derived block mask: a multiple of every 16-bit forward
-# configuration's query tile (64 or 128 rows) and key tile (32 or 64 keys), large enough that
-# the CSR lists stay short and small enough that a causal diagonal wastes little.
+# configuration's query tile (64 or 128 rows; the Hopper kernel's block-sparse entries: 128)
+# and key tile (32 or 64 keys; Hopper: 64 or 128), large enough that the CSR lists stay short
+# and small enough that a causal diagonal wastes little.
 BLOCK = 128
 # Threads of the block-classification kernel.
 STATE_THREADS = 256
@@ -156,21 +159,53 @@ def _float32_choice(prob, allow_tf32, mods=False, sparse=False):
     return inst, cfg, dp, flash_tf32.smem_bytes(dp, cfg, x3)
 
 
-def kernel_choice(prob, mods: bool, sparse: bool, allow_tf32=False):
-    """The flex forward of one request by dtype: ``(instance, (warps, tiles per warp, keys per
-    block), padded head dim, dynamic shared memory bytes)``. ``mods``: a score_mod runs;
-    ``sparse``: the block mask derived from mask_mod is walked."""
+def instance_sm90(tn, dp, mods: bool, sparse: bool):
+    """The Hopper forward instance for the user's functions: ``(instance, (BN, warpgroups,
+    mode))``. Its ``_mods`` entry also serves a call with neither function (the user score is
+    then the identity), since only the ``_mods`` / ``_bm`` entries take the hook's arguments."""
+    from . import flash_sm90
+
+    if sparse:
+        cfg = flash_sm90.block_mask_config(dp, (BLOCK, BLOCK), mods)
+    else:
+        cfg, mods = flash_sm90.MODS_CONFIGS[dp], True
+    inst = instances.sm90(tn, dp, cfg, mods, sparse)
+    mn = "flex" + ("_bm" if sparse else "")
+    params = tuple((k, mn if k == "XATTN90_MN" else v) for k, v in inst.params)
+    name = inst.name.rsplit("_o", 1)[0] + f"_o{cfg[2]}_{mn}"
+    return instances.Instance(inst.source, inst.macro, params, (name,), arch=inst.arch), cfg
+
+
+def kernel_for(tn, dp, mods: bool, sparse: bool, cc: int):
+    """``(instance, query rows per thread block, threads, shared memory bytes)`` of the kernel
+    that runs the user's functions for 16-bit inputs: the Hopper kernel on compute capability
+    9.0 for padded head dims it has (64, 128), else the ``mma.sync`` kernel."""
+    from . import flash_sm90
+
+    if cc == 90 and dp in flash_sm90.MODS_CONFIGS:
+        inst, cfg = instance_sm90(tn, dp, mods, sparse)
+        return inst, 64 * cfg[1], flash_sm90.threads(cfg), flash_sm90.smem_bytes(dp, cfg)
+    inst, cfg = instance(tn, dp, mods, sparse)
+    nw, mt, bn = cfg
+    return inst, nw * mt * 16, nw * 32, (nw * mt * 16 + 4 * bn) * (dp + 8) * 2
+
+
+def kernel_choice(prob, mods: bool, sparse: bool, allow_tf32=False, cc=80):
+    """The flex forward of one request: ``(instance, padded head dim, query rows per thread
+    block, threads, dynamic shared memory bytes)``. ``mods``: a score_mod runs; ``sparse``: the
+    block mask derived from mask_mod is walked; ``cc``: the device's compute capability."""
     if _is_float32(prob):
-        return _float32_choice(prob, allow_tf32, mods, sparse)
+        inst, (nw, mt, _), dp, smem = _float32_choice(prob, allow_tf32, mods, sparse)
+        return inst, dp, nw * mt * 16, nw * 32, smem
     dp = padded_dim(max(prob.d, prob.dv))
-    inst, cfg = instance(_params.type_name(prob.dtype), dp, mods, sparse)
-    return inst, cfg, dp, (cfg[0] * cfg[1] * 16 + 4 * cfg[2]) * (dp + 8) * 2
+    inst, rows, threads, smem = kernel_for(_params.type_name(prob.dtype), dp, mods, sparse, cc)
+    return inst, dp, rows, threads, smem
 
 
-def kernel_text(mods, kernel="flash_fwd.cu") -> str:
-    """The module source: the translated functions and hook macros, the forward kernel file
-    and (with a mask_mod) the block-classification kernel."""
-    parts = [mods.kernel_prelude(), source(kernel)]
+def kernel_text(mods, kernel_file="flash_fwd.cu") -> str:
+    """The module source: the translated functions and hook macros, the forward kernel and
+    (with a mask_mod) the block-classification kernel."""
+    parts = [mods.kernel_prelude(), source(kernel_file)]
     if mods.has_mask:
         parts += [f"#define XATTN_STATE_THREADS {STATE_THREADS}", _STATES_KERNEL]
     return "\n".join(parts)
@@ -187,8 +222,11 @@ def _function(mods, inst, smem):
             _modules.move_to_end(key)
             return hit
     text = kernel_text(mods, inst.source)
-    mod = cupy.RawModule(code=text, options=("-std=c++17", *inst.defines))
     try:
+        if inst.arch is None:
+            mod = cupy.RawModule(code=text, options=("-std=c++17", *inst.defines))
+        else:  # sm_90a: a cubin of its own (CuPy adds a portable -arch), cached on disk
+            mod = _compile.load_module(_compile.cubin_path(text, inst.defines))
         fn = mod.get_function(inst.name)  # NVRTC runs here
     except Exception as exc:
         # A translation that NVRTC refuses is our bug: keep the source for the report.
@@ -268,7 +306,8 @@ def _forward(prob, q, k, v, smod, mmod, args, mask_takes_args, allow_tf32):
 
     mods = _flex_cuda.translate_cached(smod, mmod, len(args), mask_takes_args, args)
     sparse = mmod is not None
-    inst, cfg, dp, smem = kernel_choice(prob, smod is not None, sparse, allow_tf32)
+    inst, dp, bm_rows, threads, smem = kernel_choice(prob, smod is not None, sparse, allow_tf32,
+                                                     _params.compute_capability())
     batch = math.prod(prob.batch) if prob.heads_axis else 1
     hq, hkv = (prob.hq, prob.hkv) if prob.heads_axis else (1, 1)
     sq, sk = prob.sq, prob.sk
@@ -278,8 +317,6 @@ def _forward(prob, q, k, v, smod, mmod, args, mask_takes_args, allow_tf32):
         out.fill(0)
         lse.fill(-np.inf)
         return _result(cp, prob, out, lse)
-    nw, mt, _ = cfg
-    bm_rows = nw * mt * 16
     _, fn, states_fn = _function(mods, inst, smem)
     user_args = mods.kernel_args(args, smod, mmod)
     if sparse:
@@ -302,7 +339,7 @@ def _forward(prob, q, k, v, smod, mmod, args, mask_takes_args, allow_tf32):
     if _log.isEnabledFor(logging.DEBUG):
         _log.debug("flex_attention: backend cupy, entry %s", inst.name,
                    extra={"xattn_backend": "cupy"})
-    fn(grid=(-(-sq // bm_rows), hq, batch), block=(nw * 32,),
+    fn(grid=(-(-sq // bm_rows), hq, batch), block=(threads,),
        args=(q4, k4, v4, out, lse, np.int32(hq), np.int32(hq // hkv), np.int32(sq),
              np.int32(sk), np.float32(prob.scale), *_no_score_options(), *bm_args,
              *user_args),

@@ -32,10 +32,11 @@ from dataclasses import dataclass
 
 __all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "DECODE", "DECODE_EXTRA",
            "DECODE_HEAD_DIMS", "FWD",
-           "FWD_BM", "FWD_BM_MODS", "FWD_MODS", "HEAD_DIMS", "Instance", "SM90",
-           "SM90_BWD_HEAD_DIMS", "SM90_EXPERIMENTAL", "TF32", "TF32X3", "bwd", "bwd_aux", "bwd_dq",
-           "bwd_simt", "bwd_sm90", "decode", "decode_combine",
-           "experimental", "fwd", "fwd_simt", "shipped", "sm90", "tf32", "tf32_bm"]
+           "FWD_BM", "FWD_BM_MODS", "FWD_MODS", "HEAD_DIMS", "Instance", "SM90", "SM90_BM",
+           "SM90_BM_MODS", "SM90_BWD_HEAD_DIMS", "SM90_EXPERIMENTAL", "SM90_MODS", "TF32",
+           "TF32X3", "bwd", "bwd_aux", "bwd_dq", "bwd_simt", "bwd_sm90", "decode",
+           "decode_combine", "experimental", "fwd", "fwd_simt", "shipped", "sm90", "tf32",
+           "tf32_bm"]
 
 # Head dims the kernels are built for; others up to 256 are zero-padded to the next one.
 HEAD_DIMS = (32, 64, 96, 128, 256)
@@ -101,6 +102,16 @@ TF32X3_EXTRA = {64: ((8, 1, 32), (8, 1, 16), (4, 2, 16)), 128: ((4, 1, 32),)}
 # overlap and the 128-byte swizzle; see flash_fwd_sm90.cu.
 SM90 = {64: (64, 3, 11), 128: (128, 2, 11)}
 SM90_SHIPPED = ((64, 128, 2, 11), (64, 64, 3, 11), (128, 128, 2, 11))
+# The score-modification entries (_mods: softcap, bias, ALiBi, bool mask; flex_attention's
+# score_mod) take the default configuration of their head dim. The block-sparse entries (_bm,
+# plain and with mods) need the thread block's query rows (64 per consumer warpgroup) to divide
+# the mask's bq and its key tile to divide bk: candidates in order of preference, the first
+# that divides is taken. Two consumers (128 rows) so that 128-row masks (flex_attention's
+# derived mask, BlockMask's default sizes) fit; 64-key tiles for bk = 64.
+# At D=128 the 128-key tile spilled with mods (ptxas 13.0, 240 registers): 64 keys there.
+SM90_MODS = {64: (64, 3, 11), 128: (64, 2, 11)}
+SM90_BM = {64: ((128, 2, 11), (64, 2, 11)), 128: ((128, 2, 11), (64, 2, 11))}
+SM90_BM_MODS = {128: ((64, 2, 11),)}
 # (D, BN, warpgroups, mode) of the earlier schedules (0-3) and ping-pong (27): measured slower
 # than mode 11 on an H200, kept buildable for tools/wgmma_probe.py --bench.
 SM90_EXPERIMENTAL = (
@@ -239,15 +250,24 @@ def tf32_bm(d, cfg, mods, x3, sparse) -> Instance:
                     (f"flash_fwd_{tn}_d{d}_w{nw}_m{mt}_n{bn}_{mn}",))
 
 
-def sm90(tn, d, cfg) -> Instance:
-    """The Hopper forward of one dtype, head dim and ``(keys per block, warpgroups, mode)``."""
+def sm90(tn, d, cfg, mods=False, sparse=False) -> Instance:
+    """The Hopper forward of one dtype, head dim and ``(keys per block, warpgroups, mode)``;
+    ``mods`` / ``sparse``: the entry with score modifications / the block mask's walk (mode 11
+    or 27 only; flash_fwd.cu's argument list)."""
     bn, nwg, mode = cfg
     params = (("XATTN90_TN", tn), ("XATTN90_D", d), ("XATTN90_BN", bn), ("XATTN90_NWG", nwg),
               ("XATTN90_OV", mode))
+    name = f"flash_fwd_sm90_{tn}_d{d}_n{bn}_g{nwg}_o{mode}"
+    if mods or sparse:
+        mn = "_".join(("mods",) * mods + ("bm",) * sparse)
+        params += (("XATTN90_MN", mn), ("XATTN90_MODS", _b(mods)),
+                   ("XATTN90_SPARSE", _b(sparse)))
+        # The bfloat16 block-sparse twins are left to --all, as flash_fwd.cu's.
+        return Instance("flash_fwd_sm90.cu", "XATTN90_MODS_ONE", params, (f"{name}_{mn}",),
+                        arch="sm_90a", ci=not (sparse and tn != "f16"))
     # Modes 0-3 (the schedules before warp specialisation) live in tools/, not in the package.
     extra = () if mode & 8 else (SM90_MODES_SOURCE,)
-    return Instance("flash_fwd_sm90.cu", "XATTN90_ONE", params,
-                    (f"flash_fwd_sm90_{tn}_d{d}_n{bn}_g{nwg}_o{mode}",), arch="sm_90a",
+    return Instance("flash_fwd_sm90.cu", "XATTN90_ONE", params, (name,), arch="sm_90a",
                     includes=extra)
 
 
@@ -320,6 +340,10 @@ def shipped() -> list:
             out += [tf32(d, cfg, mods, x3=True) for mods in (False, True)]
     out += [bwd_aux(tn) for tn in TYPES]
     out += [sm90(tn, *c[:1], c[1:]) for c in SM90_SHIPPED for tn in TYPES]
+    out += [sm90(tn, d, c, True) for d, c in SM90_MODS.items() for tn in TYPES]
+    for d, cs in SM90_BM.items():
+        out += [sm90(tn, d, c, False, True) for c in cs for tn in TYPES]
+        out += [sm90(tn, d, c, True, True) for c in SM90_BM_MODS.get(d, cs) for tn in TYPES]
     for d in DECODE_HEAD_DIMS:
         for cfg in (DECODE[d], *DECODE_EXTRA.get(d, ())):
             out += [decode(tn, d, cfg) for tn in TYPES]
