@@ -21,43 +21,15 @@
 #include "blockmask.cuh"
 #include "mma_sm80.cuh"
 #include "mma_fwd_tile.cuh"
+// flex_attention's hook (XATTN_USER_MODS, xattn/_backends/cupy_/flex_tc.py).
+#include "flex_hook.cuh"
+#include "fwd_score_rules.cuh"
 
 #ifndef XATTN_KS_UNROLL
 #define XATTN_KS_UNROLL 2
 #endif
 
-// flex_attention's hook (xattn/_backends/cupy_/flex_tc.py): a source that defines
-// XATTN_USER_MODS before this file also defines XattnUserArgs, xattn_user_score/_mask (the
-// user's functions translated by xattn/_flex_cuda.py) and XATTN_USER_PARAMS/_INIT (the
-// arrays they read, as extra trailing kernel parameters). Without it nothing changes.
-#ifndef XATTN_USER_PARAMS
-#define XATTN_USER_PARAMS
-#define XATTN_USER_INIT
-#endif
-
 namespace xattn {
-
-#ifdef XATTN_USER_MODS
-// Padding rows (qi >= sq) and keys (kj >= sk) of a tile never call the user's functions:
-// they may index arrays by position. Those keys are hidden by the sequence-end test anyway.
-__device__ __forceinline__ float xattn_user_score_at(const XattnUserArgs& u, float x, int b,
-                                                     int h, int qi, int kj, int sq, int sk) {
-#if XATTN_USER_SCORE
-    return (qi < sq && kj < sk) ? xattn_user_score(u, x, b, h, qi, kj) : x;
-#else
-    return x;
-#endif
-}
-
-__device__ __forceinline__ bool xattn_user_visible(const XattnUserArgs& u, int b, int h, int qi,
-                                                   int kj, int sq, int sk) {
-#if XATTN_USER_MASK
-    return qi < sq && kj < sk && xattn_user_mask(u, b, h, qi, kj);
-#else
-    return true;
-#endif
-}
-#endif
 
 // The parameter block (ScoreMods) first, then this kernel's own arguments.
 struct FwdArgs : ScoreMods, FwdOperands<unsigned short> {
@@ -210,69 +182,18 @@ __device__ __forceinline__ void flash_fwd_core(const FwdArgs& a) {
         // that the common interior tile runs none of the element tests.
         const int k0 = kt * BN;
         if constexpr (MODS) {
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int hr = 0; hr < 2; ++hr) {
-                    const int qi = q0 + wrow + mt * 16 + g + hr * 8;
-#pragma unroll
-                    for (int n = 0; n < NS; ++n)
-#pragma unroll
-                        for (int e = 0; e < 2; ++e) {
-                            const int kj = k0 + n * 8 + t4 * 2 + e;
-#ifdef XATTN_USER_MODS
-                            // flex: the user's score_mod on the scaled score (natural units).
-                            s[mt][n][hr * 2 + e] = xattn_user_score_at(
-                                a.user, s[mt][n][hr * 2 + e] * a.scale, b, h, qi, kj, sq, sk);
-#else
-                            float dcap;
-                            s[mt][n][hr * 2 + e] = xattn_score_mod(
-                                a, s[mt][n][hr * 2 + e] * a.scale, b, h, qi, kj, off, sq, sk,
-                                dcap);
-#endif
-                        }
-                }
+            XATTN_FWD_EACH_SCORE(MT, NS, s, q0 + wrow, k0, g, t4,
+                                 XATTN_FWD_SCORE_MOD(a, b, h, off, sq, sk))
         }
         if (xattn_tile_needs_test(q0, q1, k0, BN, off, sk, a.causal, a.wl, a.wr)) {
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int hr = 0; hr < 2; ++hr) {
-                    const int qi = q0 + wrow + mt * 16 + g + hr * 8;
-#pragma unroll
-                    for (int n = 0; n < NS; ++n)
-#pragma unroll
-                        for (int e = 0; e < 2; ++e) {
-                            const int kj = k0 + n * 8 + t4 * 2 + e;
-                            if (!xattn_visible(qi, kj, off, sk, a.causal, a.wl, a.wr))
-                                s[mt][n][hr * 2 + e] = -XATTN_INF;
-                        }
-                }
+            XATTN_FWD_EACH_SCORE(MT, NS, s, q0 + wrow, k0, g, t4, XATTN_FWD_EDGE(a, off, sk))
         }
         if (SPARSE && pblk >= 0) {  // a partial block of the BlockMask: its element rule
 #ifndef XATTN_USER_MODS
             const int qb = q0 / a.bm.bq * a.bm.bq, kc = k0 / a.bm.bk * a.bm.bk;
 #endif
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int hr = 0; hr < 2; ++hr) {
-                    const int qi = q0 + wrow + mt * 16 + g + hr * 8;
-#pragma unroll
-                    for (int n = 0; n < NS; ++n)
-#pragma unroll
-                        for (int e = 0; e < 2; ++e) {
-                            const int kj = k0 + n * 8 + t4 * 2 + e;
-#ifdef XATTN_USER_MODS
-                            // flex: the partial blocks of the mask derived from mask_mod run
-                            // mask_mod itself (full blocks run nothing, empty ones are skipped).
-                            if (!xattn_user_visible(a.user, b, h, qi, kj, sq, sk))
-#else
-                            if (!xattn_bm_visible(a.bm, pblk, qb, kc, qi, kj))
-#endif
-                                s[mt][n][hr * 2 + e] = -XATTN_INF;
-                        }
-                }
+            XATTN_FWD_EACH_SCORE(MT, NS, s, q0 + wrow, k0, g, t4,
+                                 XATTN_FWD_BLOCK_MASK(a, pblk, qb, kc, b, h, sq, sk))
         }
 
         // Online softmax and accumulator rescale (mma_fwd_tile.cuh).

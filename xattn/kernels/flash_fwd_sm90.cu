@@ -43,6 +43,7 @@
 #include "masking.cuh"
 #include "blockmask.cuh"
 #include "flex_hook.cuh"
+#include "fwd_score_rules.cuh"
 #include "wgmma_sm90.cuh"
 
 namespace xattn::sm90 {
@@ -167,29 +168,28 @@ struct FwdArgsMods : ScoreMods, FwdOperands<unsigned short> {
 #endif
 };
 
-// Masking of one score tile held by a warpgroup: s[n * 4 + hr * 2 + e] is row
-// wq0 + 16 warp + g + 8 hr, key k0 + 8 n + 2 t4 + e (the wgmma accumulator layout); every
-// element is tested and the invisible ones become -inf. SELECT: straight-line selects, so it
-// may run while a wgmma is in flight (the experimental modes); else a branch per element.
+// The element passes on one score tile held by a warpgroup (fwd_score_rules.cuh): s[n * 4 +
+// hr * 2 + e] is row wq0 + 16 warp + g + 8 hr, key k0 + 8 n + 2 t4 + e (the wgmma accumulator
+// layout), seen as one 16-row tile per warp, rows[1][BN / 8][4].
+template <int BN>
+__device__ __forceinline__ float (&row_tile(float (&s)[BN / 2]))[1][BN / 8][4] {
+    return *reinterpret_cast<float (*)[1][BN / 8][4]>(&s);
+}
+
+// Masking: every element tested, the invisible ones become -inf. SELECT: straight-line
+// selects, so that it may run while a wgmma is in flight (the experimental modes); else a
+// branch per element.
 template <int BN, bool SELECT, class A>
 __device__ __forceinline__ void mask_elements(float (&s)[BN / 2], const A& a, int wq0,
                                               int k0, int warp, int g, int t4) {
-    constexpr int NS = BN / 8;
     const int off = a.sk - a.sq;
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-        const int qi = wq0 + warp * 16 + g + hr * 8;
-#pragma unroll
-        for (int n = 0; n < NS; ++n)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int kj = k0 + n * 8 + t4 * 2 + e;
-                const bool vis = xattn_visible(qi, kj, off, a.sk, a.causal, a.wl, a.wr);
-                if constexpr (SELECT)
-                    s[n * 4 + hr * 2 + e] = vis ? s[n * 4 + hr * 2 + e] : -XATTN_INF;
-                else if (!vis)
-                    s[n * 4 + hr * 2 + e] = -XATTN_INF;
-            }
+    if constexpr (SELECT) {
+        XATTN_FWD_EACH_SCORE(1, BN / 8, row_tile<BN>(s), wq0 + warp * 16, k0, g, t4,
+                             x_ = xattn_visible(qi_, kj_, off, a.sk, a.causal, a.wl, a.wr)
+                                      ? x_ : -XATTN_INF;)
+    } else {
+        XATTN_FWD_EACH_SCORE(1, BN / 8, row_tile<BN>(s), wq0 + warp * 16, k0, g, t4,
+                             XATTN_FWD_EDGE(a, off, a.sk))
     }
 }
 
@@ -201,62 +201,28 @@ __device__ __forceinline__ void mask_tile(float (&s)[BN / 2], const A& a, int wq
         mask_elements<BN, false>(s, a, wq0, k0, warp, g, t4);
 }
 
-// The score modifications on every score of a tile (the _mods entries), in natural units:
-// s becomes score_mod(scale * s), the built-in chain of masking.cuh (softcap, bias, ALiBi,
-// bool mask) or, under flex_attention's hook, the user's score_mod. Same fragment layout as
-// mask_elements; the caller then runs the softmax with sl2 = log2(e) (the scale is applied).
+// The score modifications on every score of a tile (the _mods entries): the caller then runs
+// the softmax with sl2 = log2(e) (the scale is applied).
 template <int BN>
 __device__ __forceinline__ void mod_elements(float (&s)[BN / 2], const FwdArgsMods& a, int wq0,
                                              int k0, int b, int h, int warp, int g, int t4) {
-    constexpr int NS = BN / 8;
     const int off = a.sk - a.sq;
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-        const int qi = wq0 + warp * 16 + g + hr * 8;
-#pragma unroll
-        for (int n = 0; n < NS; ++n)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int kj = k0 + n * 8 + t4 * 2 + e;
-                float& x = s[n * 4 + hr * 2 + e];
-#ifdef XATTN_USER_MODS
-                x = xattn_user_score_at(a.user, x * a.scale, b, h, qi, kj, a.sq, a.sk);
-#else
-                float dcap;
-                x = xattn_score_mod(a, x * a.scale, b, h, qi, kj, off, a.sq, a.sk, dcap);
-#endif
-            }
-    }
+    XATTN_FWD_EACH_SCORE(1, BN / 8, row_tile<BN>(s), wq0 + warp * 16, k0, g, t4,
+                         XATTN_FWD_SCORE_MOD(a, b, h, off, a.sq, a.sk))
     (void)off;
 }
 
-// The element rule of partial block number pblk of the block mask (the _bm entries), or under
-// flex_attention's hook the user's mask_mod itself (the block mask was derived from it: full
-// blocks run nothing, empty ones are never visited). Rows [q0, q0 + BM) of the thread block
-// lie inside one mask block row, keys [k0, k0 + BN) inside one mask block.
+// The element rule of partial block number pblk of the block mask (the _bm entries), or the
+// user's mask_mod. Rows [q0, q0 + BM) of the thread block lie inside one mask block row, keys
+// [k0, k0 + BN) inside one mask block.
 template <int BN>
 __device__ __forceinline__ void bm_elements(float (&s)[BN / 2], const FwdArgsMods& a, int pblk,
                                             int q0, int wq0, int k0, int b, int h, int warp,
                                             int g, int t4) {
-    constexpr int NS = BN / 8;
     const int qb = q0 / a.bm.bq * a.bm.bq, kc = k0 / a.bm.bk * a.bm.bk;
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-        const int qi = wq0 + warp * 16 + g + hr * 8;
-#pragma unroll
-        for (int n = 0; n < NS; ++n)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int kj = k0 + n * 8 + t4 * 2 + e;
-#ifdef XATTN_USER_MODS
-                const bool vis = xattn_user_visible(a.user, b, h, qi, kj, a.sq, a.sk);
-#else
-                const bool vis = xattn_bm_visible(a.bm, pblk, qb, kc, qi, kj);
-#endif
-                if (!vis) s[n * 4 + hr * 2 + e] = -XATTN_INF;
-            }
-    }
-    (void)qb, (void)kc, (void)pblk, (void)b, (void)h;
+    XATTN_FWD_EACH_SCORE(1, BN / 8, row_tile<BN>(s), wq0 + warp * 16, k0, g, t4,
+                         XATTN_FWD_BLOCK_MASK(a, pblk, qb, kc, b, h, a.sq, a.sk))
+    (void)qb, (void)kc, (void)pblk;
 }
 
 template <bool B>

@@ -80,6 +80,11 @@
 #endif
 #include "mma_sm80.cuh"
 #include "mma_fwd_tile.cuh"
+#ifdef XATTN_USER_MODS
+// flex_attention's hook (xattn_user_score_at / _visible); only its builds see the header.
+#include "flex_hook.cuh"
+#endif
+#include "fwd_score_rules.cuh"
 
 #ifndef XATTN_TF32_KS_UNROLL
 #define XATTN_TF32_KS_UNROLL 2
@@ -88,8 +93,7 @@
 #define XATTN_TF32X3_KS_UNROLL 1
 #endif
 
-// flex_attention's hook: a source that defines XATTN_USER_MODS before this file also defines
-// XattnUserArgs, xattn_user_score/_mask and XATTN_USER_PARAMS/_INIT (xattn/_flex_cuda.py).
+// The block-sparse entries without flex_attention's hook take no user arrays.
 #if defined(XATTN_TF32_WALK) && !defined(XATTN_USER_PARAMS)
 #define XATTN_USER_PARAMS
 #define XATTN_USER_INIT
@@ -131,28 +135,6 @@ struct BmArgs : Args {
     XattnUserArgs user;  // flex_attention: the arrays the user's functions read
 #endif
 };
-#endif
-
-#ifdef XATTN_USER_MODS
-// Padding rows (qi >= sq) and keys (kj >= sk) of a tile never call the user's functions (they
-// may index arrays by position); those keys are hidden by the sequence-end test anyway.
-__device__ __forceinline__ float user_score_at(const XattnUserArgs& u, float x, int b, int h,
-                                               int qi, int kj, int sq, int sk) {
-#if XATTN_USER_SCORE
-    return (qi < sq && kj < sk) ? xattn_user_score(u, x, b, h, qi, kj) : x;
-#else
-    return x;
-#endif
-}
-
-__device__ __forceinline__ bool user_visible(const XattnUserArgs& u, int b, int h, int qi,
-                                             int kj, int sq, int sk) {
-#if XATTN_USER_MASK
-    return qi < sq && kj < sk && xattn_user_mask(u, b, h, qi, kj);
-#else
-    return true;
-#endif
-}
 #endif
 
 // Round to TF32, in place, the chunks of a tile that this thread's load_tile copied: after
@@ -475,44 +457,11 @@ __device__ __forceinline__ void flash_fwd_tf32_core(const Args& a) {
         // that the common interior tile runs none of the element tests.
         const int k0 = kb * BN;
         if constexpr (MODS) {
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int hr = 0; hr < 2; ++hr) {
-                    const int qi = q0 + wrow + mt * 16 + g + hr * 8;
-#pragma unroll
-                    for (int n = 0; n < NS; ++n)
-#pragma unroll
-                        for (int e = 0; e < 2; ++e) {
-                            const int kj = k0 + n * 8 + t4 * 2 + e;
-#ifdef XATTN_USER_MODS
-                            // flex: the user's score_mod on the scaled score (natural units).
-                            s[mt][n][hr * 2 + e] = user_score_at(
-                                a.user, s[mt][n][hr * 2 + e] * a.scale, b, h, qi, kj, sq, sk);
-#else
-                            float dcap;
-                            s[mt][n][hr * 2 + e] = xattn_score_mod(
-                                a, s[mt][n][hr * 2 + e] * a.scale, b, h, qi, kj, off, sq, sk,
-                                dcap);
-#endif
-                        }
-                }
+            XATTN_FWD_EACH_SCORE(MT, NS, s, q0 + wrow, k0, g, t4,
+                                 XATTN_FWD_SCORE_MOD(a, b, h, off, sq, sk))
         }
         if (xattn_tile_needs_test(q0, q1, k0, BN, off, sk, a.causal, a.wl, a.wr)) {
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int hr = 0; hr < 2; ++hr) {
-                    const int qi = q0 + wrow + mt * 16 + g + hr * 8;
-#pragma unroll
-                    for (int n = 0; n < NS; ++n)
-#pragma unroll
-                        for (int e = 0; e < 2; ++e) {
-                            const int kj = k0 + n * 8 + t4 * 2 + e;
-                            if (!xattn_visible(qi, kj, off, sk, a.causal, a.wl, a.wr))
-                                s[mt][n][hr * 2 + e] = -XATTN_INF;
-                        }
-                }
+            XATTN_FWD_EACH_SCORE(MT, NS, s, q0 + wrow, k0, g, t4, XATTN_FWD_EDGE(a, off, sk))
         }
 #ifdef XATTN_TF32_WALK
         // A partial block of the block mask: its element rule (a block-uniform branch).
@@ -521,27 +470,8 @@ __device__ __forceinline__ void flash_fwd_tf32_core(const Args& a) {
 #ifndef XATTN_USER_MODS
                 const int qb = q0 / a.bm.bq * a.bm.bq, kc = k0 / a.bm.bk * a.bm.bk;
 #endif
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                    for (int hr = 0; hr < 2; ++hr) {
-                        const int qi = q0 + wrow + mt * 16 + g + hr * 8;
-#pragma unroll
-                        for (int n = 0; n < NS; ++n)
-#pragma unroll
-                            for (int e = 0; e < 2; ++e) {
-                                const int kj = k0 + n * 8 + t4 * 2 + e;
-#ifdef XATTN_USER_MODS
-                                // flex: partial blocks of the mask derived from mask_mod
-                                // run mask_mod itself (full blocks run nothing, empty ones
-                                // are skipped).
-                                if (!user_visible(a.user, b, h, qi, kj, sq, sk))
-#else
-                                if (!xattn_bm_visible(a.bm, pblk, qb, kc, qi, kj))
-#endif
-                                    s[mt][n][hr * 2 + e] = -XATTN_INF;
-                            }
-                    }
+                XATTN_FWD_EACH_SCORE(MT, NS, s, q0 + wrow, k0, g, t4,
+                                     XATTN_FWD_BLOCK_MASK(a, pblk, qb, kc, b, h, sq, sk))
             }
         }
 #endif

@@ -2,8 +2,8 @@
 // a source that defines XATTN_USER_MODS before the kernel file also defines XattnUserArgs,
 // xattn_user_score/_mask (the user's functions translated by xattn/_flex_cuda.py) and
 // XATTN_USER_PARAMS/_INIT (the arrays they read, as extra trailing kernel parameters). Without
-// it the parameter macros are empty and nothing else is defined. flash_fwd.cu spells the same
-// two helpers out itself (written before this header); flash_fwd_sm90.cu includes this one.
+// it the parameter macros are empty and nothing else is defined. Included by flash_fwd.cu,
+// flash_fwd_sm90.cu and (XATTN_USER_MODS builds only) flash_fwd_tf32.cu.
 #pragma once
 
 #ifndef XATTN_USER_PARAMS

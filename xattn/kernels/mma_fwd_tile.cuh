@@ -2,9 +2,8 @@
 // flash_fwd_tf32.cu: TF32 / 3xTF32) share, on one warp's score fragments s[MT][NS][4] in the
 // m16n8 accumulator layout (lane g = lane / 4, t = lane % 4 holds rows g and g + 8, columns
 // 2t and 2t + 1 of each 8-key n-tile; MT row tiles of 16 rows): the online softmax in base 2
-// and the rescale of the output accumulator. Each kernel keeps its own products, fragment
-// loads and masking passes (the masking passes moved into a helper changed the 16-bit
-// kernel's PTX: NVVM scheduled the inlined loop differently, so they stay written out).
+// and the rescale of the output accumulator. Each kernel keeps its own products and fragment
+// loads; the masking passes are fwd_score_rules.cuh's.
 #pragma once
 
 #include "common.cuh"
