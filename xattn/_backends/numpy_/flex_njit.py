@@ -513,37 +513,26 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs
                     for v_ in range(u, segs[si + 1]):
                         j0 = kbs[v_] * bk
                         j1 = min(j0 + bk, sk)
-                        if kst[v_] == {PARTIAL}:
-                            for x in range(r0, r1):
-                                jl = max(j0, c0 + tl[x])
-                                jh = min(j1, c0 + th[x])
-                                if jh <= jl:
-                                    continue
-                                hh = x % G
-                                h = g * G + hh
-                                i = q0 + x // G
-                                srow = sbuf[x * ld + j0 - c0: x * ld + j1 - c0]
-                                if rdense[(h if rdense.shape[0] > 1 else 0), i]:
-                                    # [tl, th) is visible: the block is full for this row.
-                                    if {bool(smod)}:
-                                        for j in range(jl, jh):
-                                            srow[j - j0] = {score_row}
-                                    continue
+                        partial = kst[v_] == {PARTIAL}
+                        if not (partial or {bool(smod)}):
+                            continue
+                        for x in range(r0, r1):
+                            jl = max(j0, c0 + tl[x])
+                            jh = min(j1, c0 + th[x])
+                            if jh <= jl:
+                                continue
+                            hh = x % G
+                            h = g * G + hh
+                            i = q0 + x // G
+                            srow = sbuf[x * ld + j0 - c0: x * ld + j1 - c0]
+                            # rdense: [tl, th) is visible, the block is full for this row.
+                            if partial and not rdense[(h if rdense.shape[0] > 1 else 0), i]:
                                 for j in range(jl, jh):
                                     if {visible_row}:
                                         srow[j - j0] = {score_row}
                                     else:
                                         srow[j - j0] = -_np.inf
-                        elif {bool(smod)}:
-                            for x in range(r0, r1):
-                                jl = max(j0, c0 + tl[x])
-                                jh = min(j1, c0 + th[x])
-                                if jh <= jl:
-                                    continue
-                                hh = x % G
-                                h = g * G + hh
-                                i = q0 + x // G
-                                srow = sbuf[x * ld + j0 - c0: x * ld + j1 - c0]
+                            elif {bool(smod)}:
                                 for j in range(jl, jh):
                                     srow[j - j0] = {score_row}
                 exact = vcum[ce] != vcum[c0]
