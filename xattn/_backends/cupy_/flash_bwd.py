@@ -189,6 +189,43 @@ def get_aux_kernel(kind, tn):
     return compiled_function(inst.source, f"flash_bwd_{kind}_{tn}", inst.defines, 0)
 
 
+# The steps that every tensor-core backward launcher (this one, flash_bwd_sm90.py,
+# flex_tc_bwd.py) shares around its main kernel.
+
+def grad_buffers(xp, batch, hq, hkv, sq, sk, dp, dtype):
+    """``(dq, dk, dv, delta)``: the gradients (batch, heads, seq, dp) in ``dtype``, uninitialised
+    (poisoned under ``XATTN_POISON``: an element no kernel wrote shows), and the float32 row
+    sums (batch, hq, sq)."""
+    dq4 = xp.empty((batch, hq, sq, dp), dtype=dtype)
+    dk4 = xp.empty((batch, hkv, sk, dp), dtype=dtype)
+    dv4 = xp.empty((batch, hkv, sk, dp), dtype=dtype)
+    if _params.poison():
+        _params.fill_poison(xp, dq4, dk4, dv4)
+    return dq4, dk4, dv4, xp.empty((batch, hq, sq), dtype=xp.float32)
+
+
+def run_delta(tn, o4, do4, delta, dp):
+    """``delta = rowsum(dout * out)`` in float32 (step 1), rows of ``dp`` columns."""
+    rows = delta.size
+    get_aux_kernel("delta", tn)(grid=((rows + 7) // 8,), block=(256,),
+                                args=(o4, do4, delta, np.int64(rows), np.int32(dp)))
+
+
+def run_dq_convert(tn, acc, dq4, scale):
+    """``dq = scale * dq_accum`` in the input type (step 3 of the atomic variant)."""
+    pairs = acc.size // 2
+    get_aux_kernel("dq_convert", tn)(grid=(min((pairs + 255) // 256, 65535),), block=(256,),
+                                     args=(acc, dq4, np.int64(pairs), np.float32(scale)))
+
+
+def unpad(xp, x, w, shape):
+    """The first ``w`` columns of a padded (..., dp) result, as ``shape`` (a copy only where
+    padded)."""
+    if w != x.shape[-1]:
+        x = xp.ascontiguousarray(x[..., :w])
+    return x.reshape(shape)
+
+
 def backward(prob, dout, q, k, v, out, lse, *, deterministic=False, config=None,
              dq_config=None):
     """Return ``(dq, dk, dv)`` computed by the backward kernels (see :func:`supports`).
@@ -241,11 +278,6 @@ def _backward(prob, dout, q, k, v, out, lse, deterministic, config, dq_config):
         # Contiguous (B, H, S, dp) in the input type; zero columns where w < dp.
         return _params.operand(xp, x, B, h, s, dp, dtype)
 
-    def finish(x, w, shape):
-        if w != dp:
-            x = xp.ascontiguousarray(x[..., :w])
-        return x.reshape(shape)
-
     if B * hq * sq == 0 or sk == 0:
         # Nothing to differentiate through: queries without keys have zero gradients.
         return (xp.zeros(q.shape, dtype=dtype), xp.zeros(k.shape, dtype=dtype),
@@ -255,21 +287,14 @@ def _backward(prob, dout, q, k, v, out, lse, deterministic, config, dq_config):
     do4, o4 = prep(dout, hq, sq, dvd), prep(out, hq, sq, dvd)
     lse3 = xp.ascontiguousarray(lse.reshape(B, hq, sq), dtype=xp.float32)
 
-    dq4 = xp.empty((B, hq, sq, dp), dtype=dtype)
-    dk4 = xp.empty((B, hkv, sk, dp), dtype=dtype)
-    dv4 = xp.empty((B, hkv, sk, dp), dtype=dtype)
-    if _params.poison():
-        _params.fill_poison(xp, dq4, dk4, dv4)
-    delta = xp.empty((B, hq, sq), dtype=xp.float32)
+    dq4, dk4, dv4, delta = grad_buffers(xp, B, hq, hkv, sq, sk, dp, dtype)
     null = np.uint64(0)
-    i32, i64, f32 = np.int32, np.int64, np.float32
+    i32, f32 = np.int32, np.float32
 
-    rows = B * hq * sq
     if simt:
         delta[...] = (do4 * o4).sum(axis=-1)
     else:
-        get_aux_kernel("delta", tn)(grid=((rows + 7) // 8,), block=(256,),
-                                    args=(o4, do4, delta, i64(rows), i32(dp)))
+        run_delta(tn, o4, do4, delta, dp)
 
     opt_args = _params.option_args(xp, prob)
     acc = None if deterministic else xp.zeros((B, hq, sq, dp), dtype=xp.float32)
@@ -290,7 +315,8 @@ def _backward(prob, dout, q, k, v, out, lse, deterministic, config, dq_config):
             args=(q4, k4, v4, do4, lse3, delta, acc, dk4, dv4, *args(null, null)[10:]),
             shared_mem=simt_smem_bytes(dp))
         xp.multiply(acc, f32(prob.scale), out=dq4)
-        return (finish(dq4, d, q.shape), finish(dk4, d, k.shape), finish(dv4, dvd, v.shape))
+        return (unpad(xp, dq4, d, q.shape), unpad(xp, dk4, d, k.shape),
+                unpad(xp, dv4, dvd, v.shape))
     dc, nw, _, _ = cfg
     bn = 16 * nw
     main = get_kernel(tn, dp, cfg, mods, not deterministic, sparse)
@@ -304,7 +330,6 @@ def _backward(prob, dout, q, k, v, out, lse, deterministic, config, dq_config):
             grid=((sq + bm - 1) // bm, hq, B), block=(dnw * 32,),
             args=(*args(null, dq4), *bm_args), shared_mem=dq_smem_bytes(dp, dq_cfg))
     else:
-        pairs = acc.size // 2
-        get_aux_kernel("dq_convert", tn)(grid=(min((pairs + 255) // 256, 65535),), block=(256,),
-                                         args=(acc, dq4, i64(pairs), f32(prob.scale)))
-    return (finish(dq4, d, q.shape), finish(dk4, d, k.shape), finish(dv4, dvd, v.shape))
+        run_dq_convert(tn, acc, dq4, prob.scale)
+    return (unpad(xp, dq4, d, q.shape), unpad(xp, dk4, d, k.shape),
+            unpad(xp, dv4, dvd, v.shape))

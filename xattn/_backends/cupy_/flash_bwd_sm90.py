@@ -110,25 +110,15 @@ def _backward(prob, dout, q, k, v, out, lse):
     o4 = _params.operand(xp, out, B, hq, sq, d, dtype)
     lse3 = xp.ascontiguousarray(lse.reshape(B, hq, sq), dtype=xp.float32)
 
-    dq4 = xp.empty((B, hq, sq, d), dtype=dtype)
-    dk4 = xp.empty((B, hkv, sk, d), dtype=dtype)
-    dv4 = xp.empty((B, hkv, sk, d), dtype=dtype)
-    if _params.poison():
-        _params.fill_poison(xp, dq4, dk4, dv4)
-    delta = xp.empty((B, hq, sq), dtype=xp.float32)
+    dq4, dk4, dv4, delta = flash_bwd.grad_buffers(xp, B, hq, hkv, sq, sk, d, dtype)
     acc = xp.zeros((B, hq, sq, d), dtype=xp.float32)
-    i32, i64, f32 = np.int32, np.int64, np.float32
+    i32, f32 = np.int32, np.float32
 
-    rows = B * hq * sq
-    flash_bwd.get_aux_kernel("delta", tn)(grid=((rows + 7) // 8,), block=(256,),
-                                          args=(o4, do4, delta, i64(rows), i32(d)))
+    flash_bwd.run_delta(tn, o4, do4, delta, d)
     get_kernel(tn, d)(
         grid=((sk + BLOCK_N - 1) // BLOCK_N, hkv, B), block=(THREADS,),
         args=(q4, k4, v4, do4, lse3, delta, acc, dk4, dv4, i32(hq), i32(prob.group), i32(sq),
               i32(sk), f32(prob.scale), i32(bool(prob.causal))),
         shared_mem=smem_bytes(d))
-    pairs = acc.size // 2
-    flash_bwd.get_aux_kernel("dq_convert", tn)(grid=(min((pairs + 255) // 256, 65535),),
-                                               block=(256,),
-                                               args=(acc, dq4, i64(pairs), f32(prob.scale)))
+    flash_bwd.run_dq_convert(tn, acc, dq4, prob.scale)
     return dq4.reshape(q.shape), dk4.reshape(k.shape), dv4.reshape(v.shape)

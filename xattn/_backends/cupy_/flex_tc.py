@@ -212,6 +212,16 @@ def kernel_text(mods, kernel_file="flash_fwd.cu") -> str:
 
 
 def _function(mods, inst, smem):
+    return cached_function(mods, inst, smem, lambda: kernel_text(mods, inst.source),
+                           "flex_attention", "xattn_flex_")
+
+
+def cached_function(mods, inst, smem, text_of, caller, prefix):
+    """``(module, entry, block-states function or None)`` of one generated kernel (the forward
+    here, the backward in flex_tc_bwd.py): compiled on first use (NVRTC, or an sm_90a cubin of
+    its own) from ``text_of()`` and kept per (device, functions, entry), the last
+    ``_MAX_MODULES`` used. A source NVRTC refuses is our bug: it is kept in a file named in the
+    error (``caller``: the function the error names, ``prefix``: the file's)."""
     import cupy
 
     dev = cupy.cuda.Device().id
@@ -221,7 +231,7 @@ def _function(mods, inst, smem):
         if hit is not None:
             _modules.move_to_end(key)
             return hit
-    text = kernel_text(mods, inst.source)
+    text = text_of()
     try:
         if inst.arch is None:
             mod = cupy.RawModule(code=text, options=("-std=c++17", *inst.defines))
@@ -229,13 +239,12 @@ def _function(mods, inst, smem):
             mod = _compile.load_module(_compile.cubin_path(text, inst.defines))
         fn = mod.get_function(inst.name)  # NVRTC runs here
     except Exception as exc:
-        # A translation that NVRTC refuses is our bug: keep the source for the report.
         import tempfile
 
-        with tempfile.NamedTemporaryFile("w", suffix=".cu", prefix="xattn_flex_",
+        with tempfile.NamedTemporaryFile("w", suffix=".cu", prefix=prefix,
                                          delete=False) as f:
             f.write(f"// options: {' '.join(inst.defines)}\n{text}")
-        raise RuntimeError(f"flex_attention: the generated kernel {inst.name} did not compile "
+        raise RuntimeError(f"{caller}: the generated kernel {inst.name} did not compile "
                            f"(source kept in {f.name}): {exc}") from exc
     if smem > 48 * 1024:
         _allow_smem(fn, smem)

@@ -37,7 +37,7 @@ import numpy as np
 from ... import _flex_codegen as cg
 from ... import _flex_cuda
 from . import _params, flash_bwd, flex_tc, instances
-from ._compile import _allow_smem, _Logged, source
+from ._compile import source
 
 __all__ = ["backward", "csc_lists", "instance", "kernel_text", "reason"]
 
@@ -103,36 +103,8 @@ def kernel_text(mods) -> str:
 
 
 def _function(mods, inst, smem):
-    import cupy
-
-    dev = cupy.cuda.Device().id
-    key = (dev, mods.key, inst.name)
-    with flex_tc._lock:
-        hit = flex_tc._modules.get(key)
-        if hit is not None:
-            flex_tc._modules.move_to_end(key)
-            return hit
-    text = kernel_text(mods)
-    mod = cupy.RawModule(code=text, options=("-std=c++17", *inst.defines))
-    try:
-        fn = mod.get_function(inst.name)  # NVRTC runs here
-    except Exception as exc:
-        import tempfile
-
-        with tempfile.NamedTemporaryFile("w", suffix=".cu", prefix="xattn_flex_bwd_",
-                                         delete=False) as f:
-            f.write(f"// options: {' '.join(inst.defines)}\n{text}")
-        raise RuntimeError(f"flex_attention_backward: the generated kernel {inst.name} did "
-                           f"not compile (source kept in {f.name}): {exc}") from exc
-    if smem > 48 * 1024:
-        _allow_smem(fn, smem)
-    states = mod.get_function("xattn_flex_block_states") if mods.has_mask else None
-    hit = (mod, _Logged(inst.name, fn), states)
-    with flex_tc._lock:
-        flex_tc._modules[key] = hit
-        while len(flex_tc._modules) > flex_tc._MAX_MODULES:
-            flex_tc._modules.popitem(last=False)
-    return hit
+    return flex_tc.cached_function(mods, inst, smem, lambda: kernel_text(mods),
+                                   "flex_attention_backward", "xattn_flex_bwd_")
 
 
 def csc_lists(xp, frow, fcol, prow, pcol, nqb, nkb):
@@ -195,7 +167,7 @@ def _backward(prob, dout, q, k, v, out, lse, smod, mmod, args, mask_takes_args):
     _, fn, states_fn = _function(mods, inst, smem)
     user_args = mods.kernel_args(args, smod, mmod)
 
-    i32, i64, f32 = np.int32, np.int64, np.float32
+    i32, f32 = np.int32, np.float32
     if sparse:
         cacheable = not mask_takes_args and all(isinstance(a, np.ndarray) for a in mmod.arrays)
         frow, fcol, prow, pcol = flex_tc.block_lists(
@@ -218,17 +190,10 @@ def _backward(prob, dout, q, k, v, out, lse, smod, mmod, args, mask_takes_args):
     do4 = _params.operand(cp, dout, batch, hq, sq, dp, dtype)
     o4 = _params.operand(cp, out, batch, hq, sq, dp, dtype)
     lse3 = cp.ascontiguousarray(lse.reshape(batch, hq, sq), dtype=cp.float32)
-    dq4 = cp.empty((batch, hq, sq, dp), dtype=dtype)
-    dk4 = cp.empty((batch, hkv, sk, dp), dtype=dtype)
-    dv4 = cp.empty((batch, hkv, sk, dp), dtype=dtype)
-    if _params.poison():
-        _params.fill_poison(cp, dq4, dk4, dv4)
-    delta = cp.empty((batch, hq, sq), dtype=cp.float32)
+    dq4, dk4, dv4, delta = flash_bwd.grad_buffers(cp, batch, hq, hkv, sq, sk, dp, dtype)
     acc = cp.zeros((batch, hq, sq, dp), dtype=cp.float32)
 
-    rows = batch * hq * sq
-    flash_bwd.get_aux_kernel("delta", tn)(grid=((rows + 7) // 8,), block=(256,),
-                                          args=(o4, do4, delta, i64(rows), i32(dp)))
+    flash_bwd.run_delta(tn, o4, do4, delta, dp)
     if _log.isEnabledFor(logging.DEBUG):
         _log.debug("flex_attention_backward: backend cupy, entry %s", inst.name,
                    extra={"xattn_backend": "cupy"})
@@ -240,15 +205,6 @@ def _backward(prob, dout, q, k, v, out, lse, smod, mmod, args, mask_takes_args):
              i32(sq), i32(sk), f32(prob.scale), *flex_tc._no_score_options(), *bm_args,
              *user_args),
        shared_mem=smem)
-    pairs = acc.size // 2
-    flash_bwd.get_aux_kernel("dq_convert", tn)(
-        grid=(min((pairs + 255) // 256, 65535),), block=(256,),
-        args=(acc, dq4, i64(pairs), f32(prob.scale)))
-
-    def finish(x, w, shape):
-        if w != dp:
-            x = cp.ascontiguousarray(x[..., :w])
-        return x.reshape(shape)
-
-    return (finish(dq4, prob.d, q.shape), finish(dk4, prob.d, k.shape),
-            finish(dv4, prob.dv, v.shape))
+    flash_bwd.run_dq_convert(tn, acc, dq4, prob.scale)
+    return (flash_bwd.unpad(cp, dq4, prob.d, q.shape), flash_bwd.unpad(cp, dk4, prob.d, k.shape),
+            flash_bwd.unpad(cp, dv4, prob.dv, v.shape))
