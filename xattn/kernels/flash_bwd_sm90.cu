@@ -203,6 +203,17 @@ __device__ __forceinline__ void gemm_keys(float (&acc)[D / 2], const unsigned (&
 #pragma unroll
     for (int j = 0; j < BM / 16; ++j) wgmma_rs<1>(acc, x[j], mnmaj<BM>(bt, 0, j), 1, T());
 }
+// gemm_keys as a commit group of its own, its register operands fenced first.
+template <class T, int D>
+__device__ __forceinline__ void issue_keys(float (&acc)[D / 2], unsigned (&x)[BM / 16][4],
+                                           unsigned bt) {
+#pragma unroll
+    for (int j = 0; j < BM / 16; ++j) fence_regs(x[j]);
+    fence_regs(acc);
+    wgmma_fence();
+    gemm_keys<T, D>(acc, x, bt);
+    wgmma_commit();
+}
 // dS^T fragment x (element x[n * 4 + hr * 2 + e]: key 64 wg + 16 warp + g + 8 hr, query
 // 8 n + 2 t4 + e) stored as dS (queries x keys, K-major, swizzled) at sS: element (query ql,
 // key kl) at panel kl / 64, row ql, chunk (kl % 64) / 8 ^ ql % 8, byte 2 (kl % 8). With
@@ -353,35 +364,17 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const BwdArgs& a) {
         unsigned pa[BM / 16][4];
         pack_a<T>(pa, s);
 
-        // dV += P^T dO.
-#pragma unroll
-        for (int j = 0; j < BM / 16; ++j) fence_regs(pa[j]);
-        fence_regs(dv);
-        wgmma_fence();
-        gemm_keys<T, D>(dv, pa, ot);
-        wgmma_commit();
+        issue_keys<T, D>(dv, pa, ot);  // dV += P^T dO
 
         wgmma_wait<1>();  // dP^T (the dV group may still run)
         fence_regs(dp);
 #pragma unroll
-        for (int n = 0; n < BM / 8; ++n)
-#pragma unroll
-            for (int hr = 0; hr < 2; ++hr)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int idx = n * 4 + hr * 2 + e;
-                    dp[idx] = s[idx] * (dp[idx] - db[n * 8 + t4 * 2 + e]);
-                }
+        for (int idx = 0; idx < BM / 2; ++idx)  // query 8 n + 2 t4 + e of idx = 4 n + 2 hr + e
+            dp[idx] = s[idx] * (dp[idx] - db[idx / 4 * 8 + t4 * 2 + idx % 2]);
         unsigned da[BM / 16][4];
         pack_a<T>(da, dp);
 
-        // dK += dS^T Q.
-#pragma unroll
-        for (int j = 0; j < BM / 16; ++j) fence_regs(da[j]);
-        fence_regs(dk);
-        wgmma_fence();
-        gemm_keys<T, D>(dk, da, qt);
-        wgmma_commit();
+        issue_keys<T, D>(dk, da, qt);  // dK += dS^T Q
 
         stage_ds<T>(sS, dp, wg, warp, g, t4);  // dS for dQ
         fence_proxy_async();
