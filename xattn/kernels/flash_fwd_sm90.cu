@@ -170,7 +170,7 @@ struct FwdArgsMods : ScoreMods, FwdOperands<unsigned short> {
 
 // The element passes on one score tile held by a warpgroup (fwd_score_rules.cuh): s[n * 4 +
 // hr * 2 + e] is row wq0 + 16 warp + g + 8 hr, key k0 + 8 n + 2 t4 + e (the wgmma accumulator
-// layout), seen as one 16-row tile per warp, rows[1][BN / 8][4].
+// layout), seen as one 16-row tile per warp: s[1][BN / 8][4].
 template <int BN>
 __device__ __forceinline__ float (&row_tile(float (&s)[BN / 2]))[1][BN / 8][4] {
     return *reinterpret_cast<float (*)[1][BN / 8][4]>(&s);

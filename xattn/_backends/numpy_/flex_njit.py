@@ -154,6 +154,15 @@ def _segment_end(kbs, ka, kz, t, t_end, bk, maxw):
     return t1
 
 
+@_numba.njit(**_JIT)
+def _segment(kbs, ka, kz, u, t_end, bk, maxw, bqf, G, nq, sk):
+    # The tile that starts at block u: its end block u1, its stacked rows [r0, r1) and its keys
+    # [k0, k1).
+    u1 = _segment_end(kbs, ka, kz, u, t_end, bk, maxw)
+    return (u1, ka[u] * bqf * G, min(kz[u] * bqf, nq) * G, kbs[u] * bk,
+            min(kbs[u1 - 1] * bk + bk, sk))
+
+
 # Keys per chunk of score columns (see forward_job): (rows x span) scores stay in L2.
 _MAX_SPAN = 1024
 _GEMM = _numba.types.ExternalFunction("numba_xxgemm", _numba.types.intc(
@@ -511,11 +520,11 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs
                     r0 = ka[u] * bqf * G
                     r1 = min(kz[u] * bqf, nq) * G
                     for v_ in range(u, segs[si + 1]):
-                        j0 = kbs[v_] * bk
-                        j1 = min(j0 + bk, sk)
                         partial = kst[v_] == {PARTIAL}
                         if not (partial or {bool(smod)}):
                             continue
+                        j0 = kbs[v_] * bk
+                        j1 = min(j0 + bk, sk)
                         for x in range(r0, r1):
                             jl = max(j0, c0 + tl[x])
                             jh = min(j1, c0 + th[x])
@@ -579,11 +588,7 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs
                             S[x, c] = -_np.inf
                 u = t
                 while u < tc:
-                    u1 = _segment_end(kbs, ka, kz, u, tc, bk, maxw)
-                    r0 = ka[u] * bqf * G
-                    r1 = min(kz[u] * bqf, nq) * G
-                    k0 = kbs[u] * bk
-                    k1 = min(kbs[u1 - 1] * bk + bk, sk)
+                    u1, r0, r1, k0, k1 = _segment(kbs, ka, kz, u, tc, bk, maxw, bqf, G, nq, sk)
                     w = k1 - k0
                     s = S[r0:r1, k0 - c0:k1 - c0]
                     _gemm(True, r1 - r0, w, D, qt[r0:r1], D, k2[k0:k1], D, 0.0, s, ld, ab)
@@ -591,23 +596,21 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs
                         # Rows as contiguous 1-D slices of sbuf: the element loops vectorise.
                         j0 = kbs[v_] * bk
                         j1 = min(j0 + bk, sk)
-                        if kst[v_] == {PARTIAL}:
-                            for x in range(r0, r1):
-                                hh = x % G
-                                h = g * G + hh
-                                i = q0 + x // G
-                                srow = sbuf[x * ld + j0 - c0: x * ld + j1 - c0]
+                        partial = kst[v_] == {PARTIAL}
+                        if not (partial or {bool(smod)}):
+                            continue
+                        for x in range(r0, r1):
+                            hh = x % G
+                            h = g * G + hh
+                            i = q0 + x // G
+                            srow = sbuf[x * ld + j0 - c0: x * ld + j1 - c0]
+                            if partial:
                                 for j in range(j0, j1):
                                     if {visible_row}:
                                         srow[j - j0] = {score_row}
                                     else:
                                         srow[j - j0] = -_np.inf
-                        elif {bool(smod)}:
-                            for x in range(r0, r1):
-                                hh = x % G
-                                h = g * G + hh
-                                i = q0 + x // G
-                                srow = sbuf[x * ld + j0 - c0: x * ld + j1 - c0]
+                            else:
                                 for j in range(j0, j1):
                                     srow[j - j0] = {score_row}
                     u = u1
@@ -620,11 +623,7 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs
                         _row_step(sbuf[x * ld + lo[x]: x * ld + hi[x]], m, l, acc, x)
                 u = t
                 while u < tc:
-                    u1 = _segment_end(kbs, ka, kz, u, tc, bk, maxw)
-                    r0 = ka[u] * bqf * G
-                    r1 = min(kz[u] * bqf, nq) * G
-                    k0 = kbs[u] * bk
-                    k1 = min(kbs[u1 - 1] * bk + bk, sk)
+                    u1, r0, r1, k0, k1 = _segment(kbs, ka, kz, u, tc, bk, maxw, bqf, G, nq, sk)
                     w = k1 - k0
                     s = S[r0:r1, k0 - c0:k1 - c0]
                     nbad = _flagged(vcum, k0, w, idx) if exact else 0
