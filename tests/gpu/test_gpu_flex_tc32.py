@@ -209,14 +209,14 @@ def test_gpu_equals_cpu(case):
     smod, mmod = _functions(case)
     out = xattn.flex_attention(q, k, v, score_mod=smod, mask_mod=mmod, score_mod_args=args,
                                backend="cupy")
-    qh, kh, vh = (to_numpy(x) for x in (q, k, v))
+    qh, kh, vh = (to_numpy(x, np.float32) for x in (q, k, v))
     if case[1] == "documents":
         def cpu_mask(b, h, q_idx, kv_idx):
             return DOC_HOST[b, q_idx] == DOC_HOST[b, kv_idx]
     else:
         cpu_mask = mmod
     cpu = xattn.flex_attention(qh, kh, vh, score_mod=smod, mask_mod=cpu_mask,
-                               score_mod_args=tuple(to_numpy(a) for a in args),
+                               score_mod_args=tuple(to_numpy(a, np.float32) for a in args),
                                backend="numba")
     assert cpu.dtype == np.float32
     assert_close(out, cpu.astype(np.float64), xp=cp, dtype=np.float32,
