@@ -1,4 +1,4 @@
-"""The experimental sm_90a (wgmma) backward, ``cupy.sm90_bwd``, against the float64 oracle
+"""The sm_90a (wgmma) backward, ``cupy.sm90_bwd``, against the float64 oracle
 (needs CuPy and a compute capability 9.0 GPU).
 
 dq, dk and dv must lie within the bound of the mma.sync backward's tests
@@ -90,12 +90,12 @@ def test_sm90_backward_matches_the_mma_sync_backward():
         assert err <= 2e-2 * scale, f"{name}: max |sm90 - sm80| {err:.3g} (max |sm80| {scale:.3g})"
 
 
-def test_sm90_backward_is_opt_in_and_refuses_with_reasons():
+def test_auto_takes_the_sm90_backward_and_it_refuses_with_reasons():
     rng = np.random.default_rng(94)
     q, k, v = _inputs(rng, "float16", sq=40, sk=50, d=64)
     prob = validate_attention(q, k, v, causal=True)
-    assert ENTRY in _backends.OPT_IN
-    assert _backends.explain(prob, {}, "auto", op="backward")["backend"] != ENTRY
+    assert ENTRY not in _backends.OPT_IN
+    assert _backends.explain(prob, {}, "auto", op="backward")["backend"] == ENTRY
     assert _backends.explain(prob, {}, ENTRY, op="backward")["backend"] == ENTRY
     refusals = {
         "window": (validate_attention(q, k, v, window=(8, 0)), {}, "window"),
