@@ -15,8 +15,8 @@ from conftest import GPU_ONLY, cupy_array
 
 import xattn
 from xattn import _backends
-from xattn._backends.cupy_ import _params
 from xattn._array import validate_attention
+from xattn._backends.cupy_ import _params
 from xattn.testing import (
     naive_attention_backward,
     reference_attention_backward,
