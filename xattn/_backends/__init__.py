@@ -173,8 +173,8 @@ BACKENDS = {
 # The order auto walks, per device: fastest first.
 _PREFERENCE = {
     "cpu": ("numba", "numpy"),
-    "gpu": ("cupy.sm90", "cupy.sm90_bwd", "cupy.sm80", "cupy.tf32", "cupy.tf32x3", "cupy.simt", "cupy.decode",
-            "generic"),
+    "gpu": ("cupy.sm90", "cupy.sm90_bwd", "cupy.sm80", "cupy.tf32", "cupy.tf32x3", "cupy.simt",
+            "cupy.decode", "generic"),
 }
 # Entries that serve only when named with backend=. cupy.tf32x3 (3xTF32) was one
 # until its q k^T stopped chaining the small products into the score: fed by it, the float32
@@ -184,7 +184,8 @@ _PREFERENCE = {
 # backward: 1.68x at D=128, 1.08x at D=64 (fp16, S=4096, H100, 2026-12-05).
 OPT_IN = ()
 # Names that stand for "the first of these entries that supports the request".
-ALIASES = {"cupy": ("cupy.sm90", "cupy.sm90_bwd", "cupy.sm80", "cupy.tf32", "cupy.tf32x3", "cupy.simt")}
+ALIASES = {"cupy": ("cupy.sm90", "cupy.sm90_bwd", "cupy.sm80", "cupy.tf32", "cupy.tf32x3",
+                    "cupy.simt")}
 
 _warned: set = set()
 _warn_lock = threading.Lock()
