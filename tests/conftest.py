@@ -7,8 +7,13 @@ the reason, never as a silent pass.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
+import os
+import subprocess
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +36,53 @@ def t5_bucket(rel):
     else:
         r = min(4 + int(math.log(a / 4.0) / math.log(32.0) * 4.0), 7)
     return sign + r
+
+
+@functools.lru_cache(maxsize=1)
+def kernel_tool():
+    """``tools/check_kernels.py`` as a module: its nvcc flags, architectures, ptxas parser."""
+    path = Path(__file__).resolve().parents[1] / "tools" / "check_kernels.py"
+    spec = importlib.util.spec_from_file_location("check_kernels", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+NVCC = kernel_tool().find_nvcc()
+# Tests that compile with nvcc: skipped without it, except under CI, where they fail.
+needs_nvcc = pytest.mark.skipif(NVCC is None and not os.environ.get("CI"),
+                                reason="nvcc not found")
+
+
+def compile_module(tmp_path, text, inst, archs=None, no_warnings=False):
+    """The ptxas report ``{(entry, arch): {...}}`` of one generated module (a flex-hooked
+    kernel) compiled with nvcc for ``archs`` (default: every architecture CI checks). The
+    inlined headers keep their ``#pragma once``, which NVRTC ignores and nvcc warns about: it
+    is dropped. ``no_warnings``: any compiler warning but ptxas's info lines fails."""
+    if NVCC is None:
+        pytest.fail("nvcc not found under CI")
+    tool = kernel_tool()
+    src = tmp_path / f"{inst.name}.cu"
+    src.write_text(text.replace("#pragma once", ""))
+    report = {}
+    for arch, code in archs or tool.ARCHS:
+        proc = subprocess.run(
+            [NVCC, *tool.FLAGS, f"-gencode=arch={arch},code={code}", *inst.defines,
+             "-cubin", "-o", str(tmp_path / "k.cubin"), str(src)],
+            capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        out = proc.stdout + proc.stderr
+        if no_warnings:
+            warnings = [ln for ln in out.splitlines()
+                        if "warning" in ln.lower() and "ptxas info" not in ln]
+            assert not warnings, warnings[:5]
+        report.update(tool.parse_ptxas(out))
+    return report
+
+
+def assert_no_spills(report):
+    for (name, arch), r in report.items():
+        assert r["spill_st"] == 0 and r["spill_ld"] == 0, (name, arch, r)
 
 
 def cupy_array(x, dtype):

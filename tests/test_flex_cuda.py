@@ -10,34 +10,17 @@ spills. Without nvcc these tests skip, except under CI (``CI`` set), where nvcc 
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import math
 import os
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import t5_bucket
+from conftest import NVCC, assert_no_spills, compile_module, needs_nvcc, t5_bucket
 
 import xattn
 from xattn import _flex_codegen as cg
 from xattn import _flex_cuda as fc
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("check_kernels",
-                                                  ROOT / "tools" / "check_kernels.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-NVCC = _tool().find_nvcc()
-needs_nvcc = pytest.mark.skipif(NVCC is None and not os.environ.get("CI"),
-                                reason="nvcc not found")
 
 # --- the functions: those of the CPU tests and docs, plus Python's corner cases -------------
 
@@ -450,11 +433,8 @@ def test_backend_cupy_needs_cupy_arrays():
 @needs_nvcc
 @pytest.mark.parametrize("d", [64, 128])
 def test_hooked_kernel_compiles_without_spills(tmp_path, d):
-    if NVCC is None:
-        pytest.fail("nvcc not found under CI")
     from xattn._backends.cupy_ import flex_tc
 
-    tool = _tool()
     table = np.zeros((4, 16), np.float32)
     doc = np.zeros((2, 64), np.int64)
     mods = fc.translate(cg.capture(t5, "score_mod", 7), cg.capture(doc_args, "mask_mod", 6),
@@ -464,20 +444,10 @@ def test_hooked_kernel_compiles_without_spills(tmp_path, d):
     report = {}
     for m, sparse in ((mods, True), (alibi_mods, True), (alibi_mods, False)):
         inst, _ = flex_tc.instance("f16", d, True, sparse)
-        src = tmp_path / f"{inst.name}_{m.key}.cu"
-        # The inlined headers keep their `#pragma once` (NVRTC ignores it; nvcc warns).
-        src.write_text(flex_tc.kernel_text(m).replace("#pragma once", ""))
-        for arch, code in tool.ARCHS:
-            proc = subprocess.run(
-                [NVCC, *tool.FLAGS, f"-gencode=arch={arch},code={code}", *inst.defines,
-                 "-cubin", "-o", str(tmp_path / "k.cubin"), str(src)],
-                capture_output=True, text=True)
-            assert proc.returncode == 0, proc.stderr[-4000:]
-            report.update(tool.parse_ptxas(proc.stdout + proc.stderr))
+        report.update(compile_module(tmp_path, flex_tc.kernel_text(m), inst))
     names = {k[0] for k in report}
     assert any(n.endswith("_flex_bm") for n in names) and "xattn_flex_block_states" in names
-    for (name, arch), r in report.items():
-        assert r["spill_st"] == 0 and r["spill_ld"] == 0, (name, arch, r)
+    assert_no_spills(report)
 
 
 # --- the derived block mask's lists (the launcher's host logic, with NumPy for CuPy) ------
@@ -564,11 +534,8 @@ def test_hooked_backward_compiles_without_spills(tmp_path, d):
     """flash_bwd.cu with the user's functions and the score derivative (XATTN_USER_MODS):
     sm_80 and sm_90a, no spills, for a T5 table + document mask, ALiBi + causal (block-
     sparse) and a softcap (dense)."""
-    if NVCC is None:
-        pytest.fail("nvcc not found under CI")
     from xattn._backends.cupy_ import flex_tc_bwd
 
-    tool = _tool()
     table = np.zeros((4, 16), np.float32)
     doc = np.zeros((2, 64), np.int64)
     cases = [
@@ -581,17 +548,8 @@ def test_hooked_backward_compiles_without_spills(tmp_path, d):
     report = {}
     for m, sparse in cases:
         inst, _ = flex_tc_bwd.instance("f16", d, True, sparse)
-        src = tmp_path / f"{inst.name}_{m.key}.cu"
-        src.write_text(flex_tc_bwd.kernel_text(m).replace("#pragma once", ""))
-        for arch, code in tool.ARCHS:
-            proc = subprocess.run(
-                [NVCC, *tool.FLAGS, f"-gencode=arch={arch},code={code}", *inst.defines,
-                 "-cubin", "-o", str(tmp_path / "k.cubin"), str(src)],
-                capture_output=True, text=True)
-            assert proc.returncode == 0, proc.stderr[-4000:]
-            report.update(tool.parse_ptxas(proc.stdout + proc.stderr))
+        report.update(compile_module(tmp_path, flex_tc_bwd.kernel_text(m), inst))
     names = {k[0] for k in report}
     assert any(n.endswith("_flex_bm_atomic") for n in names)
     assert any(n.endswith("_flex_atomic") for n in names)
-    for (name, arch), r in report.items():
-        assert r["spill_st"] == 0 and r["spill_ld"] == 0, (name, arch, r)
+    assert_no_spills(report)

@@ -10,34 +10,18 @@ Without nvcc the compile test skips, except under CI (``CI`` set), where nvcc mu
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import t5_bucket
+from conftest import assert_no_spills, compile_module, needs_nvcc, t5_bucket
 
 import xattn
 from xattn import _flex_codegen as cg
 from xattn import _flex_cuda as fc
 from xattn._backends.cupy_ import flash_tf32, flex_tc, instances
 
-ROOT = Path(__file__).resolve().parents[1]
 SLOPES = xattn.alibi_slopes(4, dtype=np.float64)
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("check_kernels",
-                                                  ROOT / "tools" / "check_kernels.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-NVCC = _tool().find_nvcc()
 
 
 def alibi(score, b, h, q_idx, kv_idx):
@@ -116,12 +100,9 @@ def test_dense_entries_take_their_old_arguments():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(NVCC is None and not os.environ.get("CI"), reason="nvcc not found")
+@needs_nvcc
 @pytest.mark.parametrize("d", [64, 128])
 def test_hooked_float32_kernel_compiles_without_spills(tmp_path, d):
-    if NVCC is None:
-        pytest.fail("nvcc not found under CI")
-    tool = _tool()
     table = np.zeros((4, 16), np.float32)
     doc = np.zeros((2, 64), np.int64)
     mods = fc.translate(cg.capture(t5, "score_mod", 7), cg.capture(doc_args, "mask_mod", 6),
@@ -136,22 +117,10 @@ def test_hooked_float32_kernel_compiles_without_spills(tmp_path, d):
     report = {}
     for m, has_score, sparse, tf32 in cases:
         inst, *_ = flex_tc.kernel_choice(_prob("float32", d), has_score, sparse, tf32)
-        src = tmp_path / f"{inst.name}_{m.key}.cu"
-        # The inlined headers keep their `#pragma once` (NVRTC ignores it; nvcc warns).
-        src.write_text(flex_tc.kernel_text(m, inst.source).replace("#pragma once", ""))
-        for arch, code in tool.ARCHS:
-            proc = subprocess.run(
-                [NVCC, *tool.FLAGS, f"-gencode=arch={arch},code={code}", *inst.defines,
-                 "-cubin", "-o", str(tmp_path / "k.cubin"), str(src)],
-                capture_output=True, text=True)
-            assert proc.returncode == 0, proc.stderr[-4000:]
-            warnings = [ln for ln in (proc.stdout + proc.stderr).splitlines()
-                        if "warning" in ln.lower() and "ptxas info" not in ln]
-            assert not warnings, warnings[:5]
-            report.update(tool.parse_ptxas(proc.stdout + proc.stderr))
+        report.update(compile_module(tmp_path, flex_tc.kernel_text(m, inst.source), inst,
+                                     no_warnings=True))
     names = {k[0] for k in report}
     assert {f"flash_fwd_tf32x3_d{d}_w{c[0]}_m{c[1]}_n{c[2]}_{mn}"
             for c in [instances.TF32X3[d]] for mn in ("flex", "flex_bm")} <= names
     assert any(n.startswith("flash_fwd_tf32_") for n in names)
-    for (name, arch), r in report.items():
-        assert r["spill_st"] == 0 and r["spill_ld"] == 0, (name, arch, r)
+    assert_no_spills(report)

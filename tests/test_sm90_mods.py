@@ -4,14 +4,9 @@ and the generated flex sources compiled for sm_90a, spill-free (needs nvcc)."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-from pathlib import Path
-
 import numpy as np
 import pytest
-from conftest import t5_bucket
+from conftest import assert_no_spills, compile_module, needs_nvcc, t5_bucket
 
 import xattn
 from xattn import _flex_codegen as cg
@@ -19,18 +14,6 @@ from xattn import _flex_cuda as fc
 from xattn._array import validate_attention
 from xattn._backends.cupy_ import flash_sm90, flex_tc, instances
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("check_kernels",
-                                                  ROOT / "tools" / "check_kernels.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-NVCC = _tool().find_nvcc()
 SLOPES = np.linspace(0.05, 0.4, 4)
 
 
@@ -80,12 +63,9 @@ def test_kernel_for_keeps_mma_sync_elsewhere(cc, dp):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(NVCC is None and not os.environ.get("CI"), reason="nvcc not found")
+@needs_nvcc
 @pytest.mark.parametrize("dp", [64, 128])
 def test_hooked_sm90_kernel_compiles_without_spills(tmp_path, dp):
-    if NVCC is None:
-        pytest.fail("nvcc not found under CI")
-    tool = _tool()
     table = np.zeros((4, 16), np.float32)
     doc = np.zeros((2, 64), np.int64)
     mods = fc.translate(cg.capture(t5, "score_mod", 7), cg.capture(doc_args, "mask_mod", 6),
@@ -97,20 +77,12 @@ def test_hooked_sm90_kernel_compiles_without_spills(tmp_path, dp):
     for m, smod, sparse in ((mods, True, True), (alibi_mods, True, True),
                             (alibi_mods, True, False), (mask_only, False, True)):
         inst, *_ = flex_tc.kernel_for("f16", dp, smod, sparse, 90)
-        src = tmp_path / f"{inst.name}_{m.key}.cu"
-        # The inlined headers keep their `#pragma once` (NVRTC ignores it; nvcc warns).
-        src.write_text(flex_tc.kernel_text(m, inst.source).replace("#pragma once", ""))
-        proc = subprocess.run(
-            [NVCC, *tool.FLAGS, "-gencode=arch=compute_90a,code=sm_90a", *inst.defines,
-             "-cubin", "-o", str(tmp_path / "k.cubin"), str(src)],
-            capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        report.update(tool.parse_ptxas(proc.stdout + proc.stderr))
+        report.update(compile_module(tmp_path, flex_tc.kernel_text(m, inst.source), inst,
+                                     archs=(("compute_90a", "sm_90a"),)))
     names = {k[0] for k in report}
     assert any(n.endswith("_flex_bm") for n in names) and "xattn_flex_block_states" in names
     assert any(n.endswith("_flex") for n in names)
-    for (name, arch), r in report.items():
-        assert r["spill_st"] == 0 and r["spill_ld"] == 0, (name, arch, r)
+    assert_no_spills(report)
 
 
 @pytest.mark.parametrize(("d", "block", "mods", "want"), [
