@@ -36,7 +36,6 @@ import numpy as np
 import xattn
 from xattn import _backends
 from xattn._array import validate_attention
-from xattn.flash import _options
 
 
 def qkv(seq, heads, dim, seed=0):
@@ -46,8 +45,7 @@ def qkv(seq, heads, dim, seed=0):
 
 def auto_backend(q, k, v, block_mask=None, **options):
     prob = validate_attention(q, k, v, block_mask=block_mask, **options)
-    opts = _options(prob)
-    for name, why in _backends.available_backends(np, prob, opts, "forward").items():
+    for name, why in _backends.available_backends(np, prob, {}, "forward").items():
         if why is None:
             return name
     return "?"

@@ -183,3 +183,32 @@ def test_launchers_take_the_block_mask_from_the_problem():
                flash_tf32.forward, flash_tf32x3.forward):
         params = set(inspect.signature(fn).parameters)
         assert not params & {"block_mask", "plan", "element_rule"}, fn.__module__
+
+
+def test_sm90_backward_refusals_name_their_reason():
+    """cupy.sm90_bwd turns down, before asking the device, every request its kernel does not
+    serve, so that auto walks on to cupy.sm80 (the checks that need no GPU)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from xattn import BlockMask
+    from xattn._backends.cupy_ import flash_bwd_sm90 as m
+
+    on_gpu = SimpleNamespace(__name__="cupy")
+
+    def why(dtype=np.float16, d=64, dv=64, op="backward", opts=None, **score):
+        q = np.zeros((2, 5, d), dtype)
+        prob = validate_attention(q, q, np.zeros((2, 5, dv), dtype), **score)
+        return m.supports(dataclasses.replace(prob, xp=on_gpu), opts or {}, op)
+
+    assert "backward only" in why(op="forward")
+    assert "float16 and bfloat16" in why(np.float32)
+    assert "head_dim 96" in why(d=96, dv=96)
+    assert "Dv 128" in why(d=64, dv=128)
+    assert "softcap" in why(softcap=5.0)
+    assert "sliding window" in why(window=(2, 0))
+    assert "deterministic" in why(opts={"deterministic": True})
+    assert "return_dbias" in why(opts={"return_dbias": True})
+    q = np.zeros((2, 256, 64), np.float16)
+    prob = validate_attention(q, q, q, block_mask=BlockMask.causal(256, block_size=128))
+    assert "block_mask" in m.supports(dataclasses.replace(prob, xp=on_gpu), {}, "backward")

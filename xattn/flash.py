@@ -14,10 +14,6 @@ from ._array import (
 __all__ = ["flash_attention", "flash_attention_backward"]
 
 
-def _options(prob):
-    return {}
-
-
 def _route(prob):
     """``(prob, opts, kwargs)``: the problem, the options the table decides on and the
     backend's keyword arguments. A window on NumPy arrays becomes the block-sparse plan of its
@@ -28,7 +24,7 @@ def _route(prob):
         prob, sparse = _plans.window_plan(prob)
     else:
         sparse = {}
-    return prob, {**_options(prob), **sparse}, sparse
+    return prob, dict(sparse), sparse
 
 
 @dlpack_interop

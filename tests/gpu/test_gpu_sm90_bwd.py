@@ -114,3 +114,16 @@ def test_auto_takes_the_sm90_backward_and_it_refuses_with_reasons():
     out, lse = xattn.flash_attention(q, k, v, return_lse=True, window=(8, 0))
     with pytest.raises(NotImplementedError, match="window"):
         xattn.flash_attention_backward(out, q, k, v, out, lse, backend=ENTRY, window=(8, 0))
+
+
+@pytest.mark.parametrize("sq,sk", [(0, 50), (40, 0), (0, 0)])
+def test_sm90_backward_empty_lengths(sq, sk):
+    # The launcher returns zeros without a launch (queries without keys, keys without queries).
+    q = cp.ones((1, 4, sq, 64), cp.float16)
+    k = cp.ones((1, 2, sk, 64), cp.float16)
+    out = cp.zeros_like(q)
+    lse = cp.full((1, 4, sq), -cp.inf, cp.float32)
+    grads = xattn.flash_attention_backward(out, q, k, k, out, lse, backend=ENTRY)
+    for x, like in zip(grads, (q, k, k), strict=True):
+        assert x.shape == like.shape and x.dtype == like.dtype
+        assert not bool(cp.any(x != 0))

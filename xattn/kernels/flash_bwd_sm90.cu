@@ -1,7 +1,7 @@
 // Flash attention backward for Hopper (sm_90a) on warpgroup MMA (wgmma.mma_async): the main
-// kernel of the backward (dK, dV and dQ's atomic partial sums). EXPERIMENTAL: the table entry
-// cupy.sm90_bwd serves it only when named; the delta and dq-convert kernels of flash_bwd.cu
-// run before and after it (xattn/_backends/cupy_/flash_bwd_sm90.py).
+// kernel of the backward (dK, dV and dQ's atomic partial sums), the table entry cupy.sm90_bwd
+// (auto's backward on sm_90 for what it serves); the delta and dq-convert kernels of
+// flash_bwd.cu run before and after it (xattn/_backends/cupy_/flash_bwd_sm90.py).
 //
 // One thread block = 2 warpgroups (256 threads, no producer) owns BN = 128 keys of one
 // (batch, kv head): K and V stay in shared memory, warpgroup w owns keys 64 w .. 64 w + 63 (the

@@ -1,4 +1,4 @@
-"""The ``cupy.sm90_bwd`` entry: an EXPERIMENTAL Hopper (sm_90a) backward on warpgroup MMA.
+"""The ``cupy.sm90_bwd`` entry: the Hopper (sm_90a) backward on warpgroup MMA.
 
 ``flash_bwd_sm90.cu``'s main kernel computes dK, dV and the float32 partial sums of dQ with
 wgmma (all five GEMMs of the backward); the delta and dq-convert kernels are those of the
@@ -17,8 +17,8 @@ rows (zero gradients); compute capability 9.0 only. Refused with the reason
 (:func:`supports`): the forward, windows, score modifications (softcap, mask, bias, ALiBi),
 block masks, ``deterministic=True``, other head dims and dtypes.
 
-The entry is not in ``auto``'s order (it is in ``OPT_IN``): ``backend="cupy.sm90_bwd"`` names
-it until its timings (``tools/gpu_check_sm90bwd.sh bench``) show it ahead of ``cupy.sm80``.
+``auto`` tries it before ``cupy.sm80``'s backward (measured ahead of it on an H100,
+``tools/gpu_check_sm90bwd.sh bench``); requests it refuses walk on to ``cupy.sm80``.
 """
 
 from __future__ import annotations

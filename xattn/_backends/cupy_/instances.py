@@ -21,7 +21,7 @@ Tile configurations (chosen from ``ptxas -v``, no spills, and timings on an H200
   candidates of each.
 * TF32 forward (``flash_fwd_tf32.cu``) and the Hopper forward (``flash_fwd_sm90.cu``:
   ``(keys per block, consumer warpgroups, schedule mode)``).
-* the experimental Hopper backward (``flash_bwd_sm90.cu``): one entry per dtype and head dim
+* the Hopper backward (``flash_bwd_sm90.cu``): one entry per dtype and head dim
   (:data:`SM90_BWD_HEAD_DIMS`), its tile fixed in the kernel (2 warpgroups, 128 keys x 64
   queries per step).
 """
@@ -272,7 +272,7 @@ def sm90(tn, d, cfg, mods=False, sparse=False) -> Instance:
 
 
 def bwd_sm90(tn, d) -> Instance:
-    """The experimental Hopper backward main kernel (``flash_bwd_sm90.cu``) of one dtype and
+    """The Hopper backward main kernel (``flash_bwd_sm90.cu``) of one dtype and
     head dim (:data:`SM90_BWD_HEAD_DIMS`)."""
     params = (("XATTN_BWD90_TN", tn), ("XATTN_BWD90_D", d))
     return Instance("flash_bwd_sm90.cu", "XATTN_BWD90_ONE", params,
