@@ -553,3 +553,35 @@ def test_hooked_backward_compiles_without_spills(tmp_path, d):
     assert any(n.endswith("_flex_bm_atomic") for n in names)
     assert any(n.endswith("_flex_atomic") for n in names)
     assert_no_spills(report)
+
+
+def test_csc_cache_hits_by_identity_and_stays_bounded_across_threads():
+    """flex_tc_bwd's CSC cache (NumPy for CuPy): a hit is the same lists for the same frow
+    object, and threads inserting at once keep it within _MAX_CSC (its lock)."""
+    import threading
+
+    from xattn._backends.cupy_ import flex_tc_bwd
+
+    def lists():
+        frow = np.array([0, 1], np.int32)
+        return frow, np.zeros(1, np.int32), np.zeros(2, np.int32), np.zeros(1, np.int32)
+
+    frow, fcol, prow, pcol = lists()
+    first = flex_tc_bwd._csc_cached(np, frow, fcol, prow, pcol, 1, 1)
+    assert flex_tc_bwd._csc_cached(np, frow, fcol, prow, pcol, 1, 1) is first
+    errors = []
+
+    def worker():
+        try:
+            for _ in range(50):
+                flex_tc_bwd._csc_cached(np, *lists(), 1, 1)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(flex_tc_bwd._csc) <= flex_tc_bwd._MAX_CSC

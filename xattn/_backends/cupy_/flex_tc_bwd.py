@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 
 import numpy as np
 
@@ -46,6 +47,7 @@ _log = logging.getLogger("xattn")
 # held so that its id stays unique while the entry lives.
 _csc: dict = {}
 _MAX_CSC = 32
+_csc_lock = threading.Lock()  # calls from several threads share _csc (as flex_tc's caches)
 
 
 def reason(prob, smod, mmod, args):
@@ -130,13 +132,15 @@ def csc_lists(xp, frow, fcol, prow, pcol, nqb, nkb):
 
 
 def _csc_cached(cp, frow, fcol, prow, pcol, nqb, nkb):
-    hit = _csc.get(id(frow))
+    with _csc_lock:
+        hit = _csc.get(id(frow))
     if hit is not None and hit[0] is frow:
         return hit[1]
     lists = csc_lists(cp, frow, fcol, prow, pcol, nqb, nkb)
-    _csc[id(frow)] = (frow, lists)
-    while len(_csc) > _MAX_CSC:
-        _csc.pop(next(iter(_csc)))
+    with _csc_lock:
+        _csc[id(frow)] = (frow, lists)
+        while len(_csc) > _MAX_CSC:
+            _csc.pop(next(iter(_csc)))
     return lists
 
 
