@@ -585,3 +585,18 @@ def test_csc_cache_hits_by_identity_and_stays_bounded_across_threads():
         t.join()
     assert not errors
     assert len(flex_tc_bwd._csc) <= flex_tc_bwd._MAX_CSC
+
+
+def test_derived_mask_args_follow_the_block_mask_struct():
+    """The flex launchers' block-mask arguments have XattnBlockMask's fields (the dense
+    launch's null arguments are the built-in ones): BLOCK-square blocks, one bit word per
+    32 keys of a block, no element rule."""
+    from xattn._backends.cupy_ import flex_tc
+    from xattn._backends.cupy_.blockmask import null_kernel_args
+
+    lists = tuple(np.zeros(2, np.int32) for _ in range(4))
+    got = flex_tc.derived_mask_args(*lists)
+    assert len(got) == len(null_kernel_args())
+    assert all(a is b for a, b in zip(got[:4], lists, strict=True))
+    assert [int(x) for x in got[4:]] == [0, flex_tc.BLOCK, flex_tc.BLOCK,
+                                         flex_tc.BLOCK // 32, 0, 0, -1, -1]

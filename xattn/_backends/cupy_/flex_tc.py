@@ -37,6 +37,7 @@ import numpy as np
 from ... import _flex_cuda
 from . import _compile, _params, flash_tf32, instances
 from ._compile import _allow_smem, _Logged, source
+from .blockmask import null_kernel_args
 
 __all__ = ["BLOCK", "forward", "kernel_choice", "kernel_text", "reason"]
 
@@ -295,6 +296,14 @@ def block_lists(cp, mods, states_fn, user_args, *, mmod, cacheable, batch, hq, s
     return lists
 
 
+def derived_mask_args(frow, fcol, prow, pcol):
+    """The ``XattnBlockMask`` launch arguments of the derived mask's lists (:func:`block_lists`,
+    :data:`BLOCK` square blocks, no tile bits, no element rule), in its field order."""
+    i32 = np.int32
+    return (frow, fcol, prow, pcol, np.uint64(0), i32(BLOCK), i32(BLOCK), i32(-(-BLOCK // 32)),
+            i32(0), i32(0), i32(-1), i32(-1))
+
+
 def _no_score_options():
     """The ScoreMods block (masking.cuh, XATTN_SCORE_MOD_PARAMS) with every option off."""
     i32, i64, null = np.int32, np.int64, np.uint64(0)
@@ -335,13 +344,9 @@ def _forward(prob, q, k, v, smod, mmod, args, mask_takes_args, allow_tf32):
         frow, fcol, prow, pcol = block_lists(
             cp, mods, states_fn, user_args, mmod=mmod, cacheable=cacheable, batch=batch,
             hq=hq, sq=sq, sk=sk)
-        bm_args = (frow, fcol, prow, pcol, np.uint64(0), np.int32(BLOCK), np.int32(BLOCK),
-                   np.int32(-(-BLOCK // 32)), np.int32(0), np.int32(0), np.int32(-1),
-                   np.int32(-1))
+        bm_args = derived_mask_args(frow, fcol, prow, pcol)
     else:
-        null = np.uint64(0)
-        bm_args = (null, null, null, null, null, np.int32(1), np.int32(1), np.int32(1),
-                   np.int32(0), np.int32(0), np.int32(-1), np.int32(-1))
+        bm_args = null_kernel_args()
     q4 = _params.operand(cp, q, batch, hq, sq, dp)
     k4 = _params.operand(cp, k, batch, hkv, sk, dp)
     v4 = _params.operand(cp, v, batch, hkv, sk, dp)

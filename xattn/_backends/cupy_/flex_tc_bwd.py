@@ -39,6 +39,7 @@ from ... import _flex_codegen as cg
 from ... import _flex_cuda
 from . import _params, flash_bwd, flex_tc, instances
 from ._compile import source
+from .blockmask import null_kernel_args
 
 __all__ = ["backward", "csc_lists", "instance", "kernel_text", "reason"]
 
@@ -180,13 +181,10 @@ def _backward(prob, dout, q, k, v, out, lse, smod, mmod, args, mask_takes_args):
         nqb, nkb = -(-sq // flex_tc.BLOCK), -(-sk // flex_tc.BLOCK)
         csc = (_csc_cached(cp, frow, fcol, prow, pcol, nqb, nkb) if cacheable
                else csc_lists(cp, frow, fcol, prow, pcol, nqb, nkb))
-        bs = flex_tc.BLOCK
-        bm_args = (frow, fcol, prow, pcol, np.uint64(0), i32(bs), i32(bs),
-                   i32(-(-bs // 32)), i32(0), i32(0), i32(-1), i32(-1), *csc)
+        bm_args = (*flex_tc.derived_mask_args(frow, fcol, prow, pcol), *csc)
     else:
         null = np.uint64(0)
-        bm_args = (null, null, null, null, null, i32(1), i32(1), i32(1), i32(0), i32(0),
-                   i32(-1), i32(-1), null, null, null)
+        bm_args = (*null_kernel_args(), null, null, null)
 
     q4 = _params.operand(cp, q, batch, hq, sq, dp)
     k4 = _params.operand(cp, k, batch, hkv, sk, dp)
