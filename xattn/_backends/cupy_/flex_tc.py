@@ -114,7 +114,7 @@ def reason(prob, allow_tf32=False):
     if _is_float32(prob):
         import cupy
 
-        _, _, _, need = _float32_choice(prob, allow_tf32)
+        *_, need = _float32_config(prob, allow_tf32)
         have = flash_tf32._max_smem(cupy.cuda.Device().id, need)
         if need > have:
             return (f"head_dim {max(prob.d, prob.dv)}: the float32 flex kernel needs {need} "
@@ -147,17 +147,25 @@ def _flex_named(inst, sparse):
     return instances.Instance(inst.source, inst.macro, params, (inst.name[:-len(old)] + mn,))
 
 
-def _float32_choice(prob, allow_tf32, mods=False, sparse=False):
-    """``(instance, config, padded head dim, shared memory)`` of the float32 kernel: 3xTF32,
-    or plain TF32 when the caller allows it; the default tile configuration of
-    flash_fwd_tf32.cu (its query and key tiles divide :data:`BLOCK`)."""
+def _float32_config(prob, allow_tf32):
+    """``(x3, config, padded head dim, shared memory)`` of the float32 kernel: 3xTF32, or
+    plain TF32 when the caller allows it; the default tile configuration of
+    flash_fwd_tf32.cu (its query and key tiles divide :data:`BLOCK`). No instance is built:
+    :func:`reason` reads the shared memory on every call."""
     x3 = not allow_tf32
     dp = flash_tf32.padded_dim(max(prob.d, prob.dv), x3)
     cfg = (flash_tf32.X3_CONFIGS if x3 else flash_tf32.CONFIGS)[dp]
     if BLOCK % (cfg[0] * cfg[1] * 16) or BLOCK % cfg[2]:
         raise AssertionError(f"float32 config {cfg} does not tile the {BLOCK}-square blocks")
+    return x3, cfg, dp, flash_tf32.smem_bytes(dp, cfg, x3)
+
+
+def _float32_choice(prob, allow_tf32, mods=False, sparse=False):
+    """``(instance, config, padded head dim, shared memory)`` of the float32 kernel
+    (:func:`_float32_config`) under flex's entry names."""
+    x3, cfg, dp, smem = _float32_config(prob, allow_tf32)
     inst = _flex_named(instances.tf32_bm(dp, cfg, mods, x3, sparse), sparse)
-    return inst, cfg, dp, flash_tf32.smem_bytes(dp, cfg, x3)
+    return inst, cfg, dp, smem
 
 
 def instance_sm90(tn, dp, mods: bool, sparse: bool):
