@@ -600,3 +600,19 @@ def test_derived_mask_args_follow_the_block_mask_struct():
     assert all(a is b for a, b in zip(got[:4], lists, strict=True))
     assert [int(x) for x in got[4:]] == [0, flex_tc.BLOCK, flex_tc.BLOCK,
                                          flex_tc.BLOCK // 32, 0, 0, -1, -1]
+
+
+def test_backward_pads_head_dims_as_the_forward_admits_them():
+    """flex_tc_bwd takes flash_bwd's padded head dims: every head dim the forward's table
+    admits (flex_tc.reason) has a backward kernel, the block-sparse one from D = 64."""
+    import types
+
+    from xattn._backends.cupy_ import flash_bwd, flex_tc
+
+    for d in range(1, max(flex_tc.HEAD_DIMS) + 2):
+        prob = types.SimpleNamespace(d=d, dv=1)
+        dense = flash_bwd._common_dim(prob)
+        assert dense == flex_tc.padded_dim(d)
+        if dense is not None:
+            assert flash_bwd._sparse_dim(prob) == max(dense, 64)
+            assert flash_bwd.block_mask_configs(dense, (flex_tc.BLOCK, flex_tc.BLOCK))[0]

@@ -60,7 +60,7 @@ def reason(prob, smod, mmod, args):
     why = flex_tc.reason(prob)
     if why is not None:
         return why
-    if flex_tc.padded_dim(max(prob.d, prob.dv)) not in flash_bwd.CONFIGS:
+    if flash_bwd._common_dim(prob) is None:
         return f"head_dim {max(prob.d, prob.dv)}: no backward kernel configuration"
     floating = [i for i, a in enumerate(args) if a.dtype.kind == "f"]
     if floating:
@@ -71,12 +71,6 @@ def reason(prob, smod, mmod, args):
             return (f"the source of {cap.fn.__name__} is not available (the tensor-core "
                     "kernel translates the source)")
     return None
-
-
-def _dims(prob, sparse):
-    dp = flex_tc.padded_dim(max(prob.d, prob.dv))
-    # The block-sparse backward tiles start at D = 64 (flash_bwd._sparse_dim).
-    return max(dp, min(flash_bwd.BM_CONFIGS)) if sparse else dp
 
 
 def instance(tn, dp, mods: bool, sparse: bool):
@@ -159,7 +153,8 @@ def _backward(prob, dout, q, k, v, out, lse, smod, mmod, args, mask_takes_args):
                                        grad=True)
     tn = _params.type_name(prob.dtype)
     sparse = mmod is not None
-    dp = _dims(prob, sparse)
+    # The backward's own padded head dims (the block-sparse tiles start at D = 64).
+    dp = flash_bwd._sparse_dim(prob) if sparse else flash_bwd._common_dim(prob)
     batch = math.prod(prob.batch) if prob.heads_axis else 1
     hq, hkv = (prob.hq, prob.hkv) if prob.heads_axis else (1, 1)
     sq, sk = prob.sq, prob.sk
