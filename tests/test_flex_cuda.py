@@ -616,3 +616,18 @@ def test_backward_pads_head_dims_as_the_forward_admits_them():
         if dense is not None:
             assert flash_bwd._sparse_dim(prob) == max(dense, 64)
             assert flash_bwd.block_mask_configs(dense, (flex_tc.BLOCK, flex_tc.BLOCK))[0]
+
+
+def test_source_reason_names_a_function_without_source():
+    """The one check both tensor-core directions make before translating (flex_tc's
+    source_reason): None for readable sources, the function's name otherwise."""
+    from xattn._backends.cupy_ import flex_tc
+
+    cap = cg.capture(causal, "mask_mod", 4)
+    assert flex_tc.source_reason(None, cap) is None
+    ns = {}
+    exec("def no_file(b, h, q_idx, kv_idx):\n    return kv_idx <= q_idx\n", ns)  # noqa: S102
+    if cg.has_source(ns["no_file"]):
+        pytest.skip("this Python reads the source of exec'd functions")
+    why = flex_tc.source_reason(cap, cg.capture(ns["no_file"], "mask_mod", 4))
+    assert "no_file" in why and "not available" in why

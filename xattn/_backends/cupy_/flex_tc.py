@@ -122,6 +122,18 @@ def reason(prob, allow_tf32=False):
     return None
 
 
+def source_reason(*caps):
+    """None when Python can read the source of every captured function (``None`` entries
+    skipped), else why the tensor-core kernels cannot serve them."""
+    from ... import _flex_codegen as cg
+
+    for cap in caps:
+        if cap is not None and not cg.has_source(cap.fn):
+            return (f"the source of {cap.fn.__name__} is not available (the tensor-core "
+                    "kernels translate the source)")
+    return None
+
+
 def instance(tn, dp, mods: bool, sparse: bool):
     """The forward instance (entry name, -D options) for the user's functions."""
     if sparse:

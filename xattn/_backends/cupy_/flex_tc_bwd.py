@@ -35,7 +35,6 @@ import threading
 
 import numpy as np
 
-from ... import _flex_codegen as cg
 from ... import _flex_cuda
 from . import _params, flash_bwd, flex_tc, instances
 from ._compile import source
@@ -66,11 +65,7 @@ def reason(prob, smod, mmod, args):
     if floating:
         return (f"score_mod_args {floating} are floating arrays: their gradients (dargs) are "
                 "computed by the SIMT kernel only (backend='numba_cuda')")
-    for cap in (smod, mmod):
-        if cap is not None and not cg.has_source(cap.fn):
-            return (f"the source of {cap.fn.__name__} is not available (the tensor-core "
-                    "kernel translates the source)")
-    return None
+    return flex_tc.source_reason(smod, mmod)
 
 
 def instance(tn, dp, mods: bool, sparse: bool):
