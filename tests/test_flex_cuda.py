@@ -553,3 +553,81 @@ def test_hooked_backward_compiles_without_spills(tmp_path, d):
     assert any(n.endswith("_flex_bm_atomic") for n in names)
     assert any(n.endswith("_flex_atomic") for n in names)
     assert_no_spills(report)
+
+
+def test_csc_cache_hits_by_identity_and_stays_bounded_across_threads():
+    """flex_tc_bwd's CSC cache (NumPy for CuPy): a hit is the same lists for the same frow
+    object, and threads inserting at once keep it within _MAX_CSC (its lock)."""
+    import threading
+
+    from xattn._backends.cupy_ import flex_tc_bwd
+
+    def lists():
+        frow = np.array([0, 1], np.int32)
+        return frow, np.zeros(1, np.int32), np.zeros(2, np.int32), np.zeros(1, np.int32)
+
+    frow, fcol, prow, pcol = lists()
+    first = flex_tc_bwd._csc_cached(np, frow, fcol, prow, pcol, 1, 1)
+    assert flex_tc_bwd._csc_cached(np, frow, fcol, prow, pcol, 1, 1) is first
+    errors = []
+
+    def worker():
+        try:
+            for _ in range(50):
+                flex_tc_bwd._csc_cached(np, *lists(), 1, 1)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(flex_tc_bwd._csc) <= flex_tc_bwd._MAX_CSC
+
+
+def test_derived_mask_args_follow_the_block_mask_struct():
+    """The flex launchers' block-mask arguments have XattnBlockMask's fields (the dense
+    launch's null arguments are the built-in ones): BLOCK-square blocks, one bit word per
+    32 keys of a block, no element rule."""
+    from xattn._backends.cupy_ import flex_tc
+    from xattn._backends.cupy_.blockmask import null_kernel_args
+
+    lists = tuple(np.zeros(2, np.int32) for _ in range(4))
+    got = flex_tc.derived_mask_args(*lists)
+    assert len(got) == len(null_kernel_args())
+    assert all(a is b for a, b in zip(got[:4], lists, strict=True))
+    assert [int(x) for x in got[4:]] == [0, flex_tc.BLOCK, flex_tc.BLOCK,
+                                         flex_tc.BLOCK // 32, 0, 0, -1, -1]
+
+
+def test_backward_pads_head_dims_as_the_forward_admits_them():
+    """flex_tc_bwd takes flash_bwd's padded head dims: every head dim the forward's table
+    admits (flex_tc.reason) has a backward kernel, the block-sparse one from D = 64."""
+    import types
+
+    from xattn._backends.cupy_ import flash_bwd, flex_tc
+
+    for d in range(1, max(flex_tc.HEAD_DIMS) + 2):
+        prob = types.SimpleNamespace(d=d, dv=1)
+        dense = flash_bwd._common_dim(prob)
+        assert dense == flex_tc.padded_dim(d)
+        if dense is not None:
+            assert flash_bwd._sparse_dim(prob) == max(dense, 64)
+            assert flash_bwd.block_mask_configs(dense, (flex_tc.BLOCK, flex_tc.BLOCK))[0]
+
+
+def test_source_reason_names_a_function_without_source():
+    """The one check both tensor-core directions make before translating (flex_tc's
+    source_reason): None for readable sources, the function's name otherwise."""
+    from xattn._backends.cupy_ import flex_tc
+
+    cap = cg.capture(causal, "mask_mod", 4)
+    assert flex_tc.source_reason(None, cap) is None
+    ns = {}
+    exec("def no_file(b, h, q_idx, kv_idx):\n    return kv_idx <= q_idx\n", ns)  # noqa: S102
+    if cg.has_source(ns["no_file"]):
+        pytest.skip("this Python reads the source of exec'd functions")
+    why = flex_tc.source_reason(cap, cg.capture(ns["no_file"], "mask_mod", 4))
+    assert "no_file" in why and "not available" in why

@@ -124,3 +124,26 @@ def test_hooked_float32_kernel_compiles_without_spills(tmp_path, d):
             for c in [instances.TF32X3[d]] for mn in ("flex", "flex_bm")} <= names
     assert any(n.startswith("flash_fwd_tf32_") for n in names)
     assert_no_spills(report)
+
+
+@pytest.mark.parametrize("allow_tf32", [False, True])
+def test_float32_reason_compares_the_kernels_shared_memory(monkeypatch, allow_tf32):
+    """reason() on float32 (a stand-in for CuPy and the device): None where the device allows
+    the kernel's shared memory, else the head dim and both byte counts."""
+    import sys
+
+    from xattn._backends.cupy_ import _params
+
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        Device=lambda: types.SimpleNamespace(id=0)))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(_params, "compute_capability", lambda: 80)
+    prob = types.SimpleNamespace(xp=types.SimpleNamespace(__name__="cupy"),
+                                 dtype=np.dtype(np.float32), d=128, dv=128, heads_axis=False,
+                                 batch=(), hq=1, sq=64, sk=64)
+    need = flex_tc.kernel_choice(prob, True, True, allow_tf32)[-1]
+    monkeypatch.setattr(flash_tf32, "_max_smem", lambda dev, default: need)
+    assert flex_tc.reason(prob, allow_tf32) is None
+    monkeypatch.setattr(flash_tf32, "_max_smem", lambda dev, default: need - 1)
+    why = flex_tc.reason(prob, allow_tf32)
+    assert f"needs {need} bytes" in why and f"allows {need - 1}" in why

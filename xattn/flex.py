@@ -79,27 +79,19 @@ class _Setup:
             raise ValueError("backend: expected 'auto', 'numba', 'numba_cuda' or 'cupy', got "
                              f"{backend!r}")
         self.tc_reason = None
-        if backend in ("auto", "cupy") and on_gpu and not forward:
-            from ._backends.cupy_ import flex_tc_bwd
+        if backend in ("auto", "cupy") and on_gpu:
+            from ._backends.cupy_ import flex_tc, flex_tc_bwd
 
-            # The tensor-core backward serves 16-bit inputs without floating score_mod_args
-            # (their gradients are the SIMT kernel's); auto hands the rest to numba_cuda and
-            # logs why. A function it cannot translate or differentiate raises under auto too.
-            self.tc_reason = flex_tc_bwd.reason(prob, self.smod, self.mmod, args)
-            if backend == "cupy" and self.tc_reason:
-                raise NotImplementedError(f"backend='cupy': {self.tc_reason}")
-        if backend in ("auto", "cupy") and on_gpu and forward:
-            from ._backends.cupy_ import flex_tc
-
-            # The tensor-core kernels serve 16-bit and float32 inputs; auto hands what they
-            # refuse (float64, big head dims, old GPUs) to the SIMT kernel. A function they
-            # cannot translate raises (FlexCompileError) under auto too: no silent fallback.
-            self.tc_reason = flex_tc.reason(prob, allow_tf32)
-            if self.tc_reason is None:
-                for cap in (self.smod, self.mmod):
-                    if cap is not None and not cg.has_source(cap.fn):
-                        self.tc_reason = (f"the source of {cap.fn.__name__} is not available "
-                                          "(the tensor-core kernel translates the source)")
+            # Forward: the tensor-core kernels serve 16-bit and float32 inputs. Backward: 16-bit
+            # inputs without floating score_mod_args (their gradients are the SIMT kernel's).
+            # auto hands the rest (float64, big head dims, old GPUs) to numba_cuda and logs
+            # why. A function they cannot translate or differentiate raises
+            # (FlexCompileError) under auto too: no silent fallback.
+            if forward:
+                self.tc_reason = (flex_tc.reason(prob, allow_tf32)
+                                  or flex_tc.source_reason(self.smod, self.mmod))
+            else:
+                self.tc_reason = flex_tc_bwd.reason(prob, self.smod, self.mmod, args)
             if backend == "cupy" and self.tc_reason:
                 raise NotImplementedError(f"backend='cupy': {self.tc_reason}")
         if backend == "auto" and on_gpu and self.tc_reason:

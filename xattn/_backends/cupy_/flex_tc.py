@@ -37,6 +37,7 @@ import numpy as np
 from ... import _flex_cuda
 from . import _compile, _params, flash_tf32, instances
 from ._compile import _allow_smem, _Logged, source
+from .blockmask import null_kernel_args
 
 __all__ = ["BLOCK", "forward", "kernel_choice", "kernel_text", "reason"]
 
@@ -113,11 +114,23 @@ def reason(prob, allow_tf32=False):
     if _is_float32(prob):
         import cupy
 
-        _, _, _, need = _float32_choice(prob, allow_tf32)
+        *_, need = _float32_config(prob, allow_tf32)
         have = flash_tf32._max_smem(cupy.cuda.Device().id, need)
         if need > have:
             return (f"head_dim {max(prob.d, prob.dv)}: the float32 flex kernel needs {need} "
                     f"bytes of shared memory per block, this device allows {have}")
+    return None
+
+
+def source_reason(*caps):
+    """None when Python can read the source of every captured function (``None`` entries
+    skipped), else why the tensor-core kernels cannot serve them."""
+    from ... import _flex_codegen as cg
+
+    for cap in caps:
+        if cap is not None and not cg.has_source(cap.fn):
+            return (f"the source of {cap.fn.__name__} is not available (the tensor-core "
+                    "kernels translate the source)")
     return None
 
 
@@ -146,17 +159,25 @@ def _flex_named(inst, sparse):
     return instances.Instance(inst.source, inst.macro, params, (inst.name[:-len(old)] + mn,))
 
 
-def _float32_choice(prob, allow_tf32, mods=False, sparse=False):
-    """``(instance, config, padded head dim, shared memory)`` of the float32 kernel: 3xTF32,
-    or plain TF32 when the caller allows it; the default tile configuration of
-    flash_fwd_tf32.cu (its query and key tiles divide :data:`BLOCK`)."""
+def _float32_config(prob, allow_tf32):
+    """``(x3, config, padded head dim, shared memory)`` of the float32 kernel: 3xTF32, or
+    plain TF32 when the caller allows it; the default tile configuration of
+    flash_fwd_tf32.cu (its query and key tiles divide :data:`BLOCK`). No instance is built:
+    :func:`reason` reads the shared memory on every call."""
     x3 = not allow_tf32
     dp = flash_tf32.padded_dim(max(prob.d, prob.dv), x3)
     cfg = (flash_tf32.X3_CONFIGS if x3 else flash_tf32.CONFIGS)[dp]
     if BLOCK % (cfg[0] * cfg[1] * 16) or BLOCK % cfg[2]:
         raise AssertionError(f"float32 config {cfg} does not tile the {BLOCK}-square blocks")
+    return x3, cfg, dp, flash_tf32.smem_bytes(dp, cfg, x3)
+
+
+def _float32_choice(prob, allow_tf32, mods=False, sparse=False):
+    """``(instance, config, padded head dim, shared memory)`` of the float32 kernel
+    (:func:`_float32_config`) under flex's entry names."""
+    x3, cfg, dp, smem = _float32_config(prob, allow_tf32)
     inst = _flex_named(instances.tf32_bm(dp, cfg, mods, x3, sparse), sparse)
-    return inst, cfg, dp, flash_tf32.smem_bytes(dp, cfg, x3)
+    return inst, cfg, dp, smem
 
 
 def instance_sm90(tn, dp, mods: bool, sparse: bool):
@@ -295,6 +316,14 @@ def block_lists(cp, mods, states_fn, user_args, *, mmod, cacheable, batch, hq, s
     return lists
 
 
+def derived_mask_args(frow, fcol, prow, pcol):
+    """The ``XattnBlockMask`` launch arguments of the derived mask's lists (:func:`block_lists`,
+    :data:`BLOCK` square blocks, no tile bits, no element rule), in its field order."""
+    i32 = np.int32
+    return (frow, fcol, prow, pcol, np.uint64(0), i32(BLOCK), i32(BLOCK), i32(-(-BLOCK // 32)),
+            i32(0), i32(0), i32(-1), i32(-1))
+
+
 def _no_score_options():
     """The ScoreMods block (masking.cuh, XATTN_SCORE_MOD_PARAMS) with every option off."""
     i32, i64, null = np.int32, np.int64, np.uint64(0)
@@ -335,13 +364,9 @@ def _forward(prob, q, k, v, smod, mmod, args, mask_takes_args, allow_tf32):
         frow, fcol, prow, pcol = block_lists(
             cp, mods, states_fn, user_args, mmod=mmod, cacheable=cacheable, batch=batch,
             hq=hq, sq=sq, sk=sk)
-        bm_args = (frow, fcol, prow, pcol, np.uint64(0), np.int32(BLOCK), np.int32(BLOCK),
-                   np.int32(-(-BLOCK // 32)), np.int32(0), np.int32(0), np.int32(-1),
-                   np.int32(-1))
+        bm_args = derived_mask_args(frow, fcol, prow, pcol)
     else:
-        null = np.uint64(0)
-        bm_args = (null, null, null, null, null, np.int32(1), np.int32(1), np.int32(1),
-                   np.int32(0), np.int32(0), np.int32(-1), np.int32(-1))
+        bm_args = null_kernel_args()
     q4 = _params.operand(cp, q, batch, hq, sq, dp)
     k4 = _params.operand(cp, k, batch, hkv, sk, dp)
     v4 = _params.operand(cp, v, batch, hkv, sk, dp)

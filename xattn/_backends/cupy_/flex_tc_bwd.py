@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 
 import numpy as np
 
-from ... import _flex_codegen as cg
 from ... import _flex_cuda
 from . import _params, flash_bwd, flex_tc, instances
 from ._compile import source
+from .blockmask import null_kernel_args
 
 __all__ = ["backward", "csc_lists", "instance", "kernel_text", "reason"]
 
@@ -46,6 +47,7 @@ _log = logging.getLogger("xattn")
 # held so that its id stays unique while the entry lives.
 _csc: dict = {}
 _MAX_CSC = 32
+_csc_lock = threading.Lock()  # calls from several threads share _csc (as flex_tc's caches)
 
 
 def reason(prob, smod, mmod, args):
@@ -57,23 +59,13 @@ def reason(prob, smod, mmod, args):
     why = flex_tc.reason(prob)
     if why is not None:
         return why
-    if flex_tc.padded_dim(max(prob.d, prob.dv)) not in flash_bwd.CONFIGS:
+    if flash_bwd._common_dim(prob) is None:
         return f"head_dim {max(prob.d, prob.dv)}: no backward kernel configuration"
     floating = [i for i, a in enumerate(args) if a.dtype.kind == "f"]
     if floating:
         return (f"score_mod_args {floating} are floating arrays: their gradients (dargs) are "
                 "computed by the SIMT kernel only (backend='numba_cuda')")
-    for cap in (smod, mmod):
-        if cap is not None and not cg.has_source(cap.fn):
-            return (f"the source of {cap.fn.__name__} is not available (the tensor-core "
-                    "kernel translates the source)")
-    return None
-
-
-def _dims(prob, sparse):
-    dp = flex_tc.padded_dim(max(prob.d, prob.dv))
-    # The block-sparse backward tiles start at D = 64 (flash_bwd._sparse_dim).
-    return max(dp, min(flash_bwd.BM_CONFIGS)) if sparse else dp
+    return flex_tc.source_reason(smod, mmod)
 
 
 def instance(tn, dp, mods: bool, sparse: bool):
@@ -130,13 +122,15 @@ def csc_lists(xp, frow, fcol, prow, pcol, nqb, nkb):
 
 
 def _csc_cached(cp, frow, fcol, prow, pcol, nqb, nkb):
-    hit = _csc.get(id(frow))
+    with _csc_lock:
+        hit = _csc.get(id(frow))
     if hit is not None and hit[0] is frow:
         return hit[1]
     lists = csc_lists(cp, frow, fcol, prow, pcol, nqb, nkb)
-    _csc[id(frow)] = (frow, lists)
-    while len(_csc) > _MAX_CSC:
-        _csc.pop(next(iter(_csc)))
+    with _csc_lock:
+        _csc[id(frow)] = (frow, lists)
+        while len(_csc) > _MAX_CSC:
+            _csc.pop(next(iter(_csc)))
     return lists
 
 
@@ -154,7 +148,8 @@ def _backward(prob, dout, q, k, v, out, lse, smod, mmod, args, mask_takes_args):
                                        grad=True)
     tn = _params.type_name(prob.dtype)
     sparse = mmod is not None
-    dp = _dims(prob, sparse)
+    # The backward's own padded head dims (the block-sparse tiles start at D = 64).
+    dp = flash_bwd._sparse_dim(prob) if sparse else flash_bwd._common_dim(prob)
     batch = math.prod(prob.batch) if prob.heads_axis else 1
     hq, hkv = (prob.hq, prob.hkv) if prob.heads_axis else (1, 1)
     sq, sk = prob.sq, prob.sk
@@ -176,13 +171,10 @@ def _backward(prob, dout, q, k, v, out, lse, smod, mmod, args, mask_takes_args):
         nqb, nkb = -(-sq // flex_tc.BLOCK), -(-sk // flex_tc.BLOCK)
         csc = (_csc_cached(cp, frow, fcol, prow, pcol, nqb, nkb) if cacheable
                else csc_lists(cp, frow, fcol, prow, pcol, nqb, nkb))
-        bs = flex_tc.BLOCK
-        bm_args = (frow, fcol, prow, pcol, np.uint64(0), i32(bs), i32(bs),
-                   i32(-(-bs // 32)), i32(0), i32(0), i32(-1), i32(-1), *csc)
+        bm_args = (*flex_tc.derived_mask_args(frow, fcol, prow, pcol), *csc)
     else:
         null = np.uint64(0)
-        bm_args = (null, null, null, null, null, i32(1), i32(1), i32(1), i32(0), i32(0),
-                   i32(-1), i32(-1), null, null, null)
+        bm_args = (*null_kernel_args(), null, null, null)
 
     q4 = _params.operand(cp, q, batch, hq, sq, dp)
     k4 = _params.operand(cp, k, batch, hkv, sk, dp)
