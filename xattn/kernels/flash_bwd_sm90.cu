@@ -18,7 +18,10 @@
 //                      P V), B = dO / Q MN-major (their rows are queries = the GEMM K)
 //   dS^T is also stored (transposed, as dS: rows = queries, K-major) to shared memory, and
 //   dQ  += dS K        wgmma ss m64n64 with A = dS (K-major) and B = K (MN-major, imm-trans-b),
-//                      M = the 64 queries; added to the float32 dq_accum with red.global.add.v2.
+//                      M = the 64 queries; staged in shared memory (float32) and added to the
+//                      float32 dq_accum by bulk reductions (cp.reduce.async.bulk .add.f32, one
+//                      per 256-byte row: the copy engine adds it in L2, where 32 red.add.v2 per
+//                      thread cost about a quarter of the kernel's time).
 //   D = 128: warpgroup w computes dQ columns 64 w .. 64 w + 63 over all 128 keys (the two
 //   warpgroups meet at a barrier after both stored their dS); D = 64: each warpgroup computes
 //   the whole dQ row block over its own 64 keys and both add (no cross-warpgroup barrier).
@@ -72,6 +75,8 @@ struct BwdArgs {
 constexpr int BN = 128;  // keys per block (64 per warpgroup)
 constexpr int BM = 64;   // query rows per step
 constexpr int NT = 256;  // threads
+constexpr int DQS = 72;  // row stride (floats) of the dQ staging tiles: 64 + 8, so that the
+                         // fragment's float2 stores meet at most 2-way bank conflicts
 
 #if XATTN_SM90_OK
 // Shared-memory matrix descriptor with the 128-byte swizzle (layout type 1), base offset 0:
@@ -105,6 +110,20 @@ __device__ __forceinline__ unsigned long long mnmaj(unsigned tile, int p, int j)
     }
 XATTN_BWD90_SS_TB(f16)
 XATTN_BWD90_SS_TB(bf16)
+
+// dst[0..63] += the 64 floats at shared address src, by the copy engine (bulk_group: the
+// issuing thread later waits for the read of src before it is rewritten).
+__device__ __forceinline__ void bulk_add_row64(float* dst, unsigned src) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], 256;\n"
+                 ::"l"(dst), "r"(src) : "memory");
+    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+__device__ __forceinline__ void bulk_wait_read() {
+    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+}
+__device__ __forceinline__ void bulk_wait_all() {
+    asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+}
 
 // Immediate barrier ids (a register id makes ptxas reserve all 16 hardware barriers).
 template <int ID, int N>
@@ -263,6 +282,7 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const BwdArgs& a) {
     const unsigned sS = sO + 2 * Q_TILE;   // dS (BM queries x BN keys, K-major)
     float* sL = reinterpret_cast<float*>(smem_raw + (sS + DS_TILE - raw));  // 2 x BM lse log2e
     float* sD = sL + 2 * BM;                                                // 2 x BM delta
+    float* sDQ = sD + 2 * BM;  // dQ staging: one BM x DQS float tile per warpgroup
 
     const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, t4 = lane & 3;
@@ -272,6 +292,12 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const BwdArgs& a) {
     const int k0 = blockIdx.x * BN, k1 = min(k0 + BN, sk);
     const int kw0 = k0 + wg * 64;  // this warpgroup's first key
     const long long kvh = ((long long)b * hkv + hk) * sk * D;
+    // Thread r < 64 of each warpgroup owns row r of its dQ staging tile: it issues that row's
+    // bulk add (dq_row: the dq_accum row, null when none is pending) and waits for its read.
+    const int wrow = tid & 127;
+    float* const dq_stage = sDQ + wg * BM * DQS;
+    float* dq_row = nullptr;
+    bool issued = false;  // this thread issued bulk adds: it waits for them before it exits
 
     int qb0, qb1;
     xattn_query_blocks(k0, k1, off, sq, a.causal, -1, -1, BM, qb0, qb1);
@@ -378,6 +404,9 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const BwdArgs& a) {
 
         stage_ds<T>(sS, dp, wg, warp, g, t4);  // dS for dQ
         fence_proxy_async();
+        // The last step's dQ rows must be read out of the staging tile before it is rewritten
+        // below; the barrier that follows tells the whole warpgroup.
+        if (dq_row != nullptr) bulk_wait_read();
         if constexpr (D == 128)
             bar_sync<1, NT>();  // both warpgroups' dS are stored
         else if (wg == 0)
@@ -404,23 +433,27 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const BwdArgs& a) {
 #pragma unroll
         for (int j = 0; j < BM / 16; ++j) fence_regs(da[j]);
 
-        // dq fragment dq[n * 4 + hr * 2 + e]: query q0 + 16 warp + g + 8 hr, column
-        // c0 + 8 n + 2 t4 + e.
-        {
-            const int c0 = D == 128 ? wg * 64 : 0;
+        // dq fragment dq[n * 4 + hr * 2 + e]: query row 16 warp + g + 8 hr of the block,
+        // column c0 + 8 n + 2 t4 + e; into the staging tile, then one bulk add per row.
 #pragma unroll
-            for (int hr = 0; hr < 2; ++hr) {
-                const int qi = q0 + warp * 16 + g + hr * 8;
-                if (qi < sq) {
-                    float* row = a.dq_accum + (bh * sq + qi) * D + c0 + t4 * 2;
+        for (int hr = 0; hr < 2; ++hr) {
+            float* srow = dq_stage + (warp * 16 + g + hr * 8) * DQS + t4 * 2;
 #pragma unroll
-                    for (int n = 0; n < 8; ++n)
-                        red_add2(row + n * 8, dq[n * 4 + hr * 2], dq[n * 4 + hr * 2 + 1]);
-                }
-            }
+            for (int n = 0; n < 8; ++n)
+                *reinterpret_cast<float2*>(srow + n * 8) =
+                    make_float2(dq[n * 4 + hr * 2], dq[n * 4 + hr * 2 + 1]);
         }
-        __syncthreads();  // the next step overwrites this step's Q / dO buffer and dS
+        fence_proxy_async();  // the bulk adds read the tile through the async proxy
+        dq_row = nullptr;
+        if (wrow < BM && q0 + wrow < sq)
+            dq_row = a.dq_accum + (bh * sq + q0 + wrow) * D + (D == 128 ? wg * 64 : 0);
+        __syncthreads();  // the tile is written; the next step overwrites Q / dO and dS
+        if (dq_row != nullptr) {
+            bulk_add_row64(dq_row, smem_u32(dq_stage + wrow * DQS));
+            issued = true;
+        }
     }
+    if (issued) bulk_wait_all();  // the tile must outlive the reads of the adds
 
     // dK (times scale) and dV of this warpgroup's keys; keys no query sees get zeros.
 #pragma unroll

@@ -7,7 +7,8 @@ mma.sync backward (:mod:`.flash_bwd`), so the three launches are:
 1. ``delta = rowsum(dout * out)`` (``flash_bwd_delta_<t>``);
 2. the wgmma kernel, one CTA of two warpgroups per (128 keys, kv head, batch element), walking
    the query heads of its GQA group and the 64-row query blocks that see its keys; dS K is
-   added to a zeroed float32 ``dq_accum`` with ``red.global.add.v2.f32`` (the order of those
+   staged in shared memory and added to a zeroed float32 ``dq_accum`` by bulk reductions
+   (``cp.reduce.async.bulk .add.f32``, one per 256-byte row; the order of those
    adds varies from run to run);
 3. ``dq = scale * dq_accum`` in the input type (``flash_bwd_dq_convert_<t>``).
 
@@ -64,10 +65,16 @@ def supports(prob, opts, op="backward"):
     return _params.device_reason(prob, "the sm_90a backward kernel", exact_cc=90)
 
 
+# Row stride (floats) of the kernel's dQ staging tiles (DQS in flash_bwd_sm90.cu).
+DQ_STRIDE = 72
+
+
 def smem_bytes(d):
-    """K, V, two Q and two dO buffers, dS (64 x 128), lse and delta (two buffers each), plus
-    1 KiB for the 1024-byte alignment of the swizzled tiles."""
-    return (2 * BLOCK_N * d + 4 * BLOCK_M * d + BLOCK_M * BLOCK_N) * 2 + 4 * BLOCK_M * 4 + 1024
+    """K, V, two Q and two dO buffers, dS (64 x 128), lse and delta (two buffers each), a
+    float32 dQ staging tile (64 rows of DQ_STRIDE) per warpgroup, plus 1 KiB for the
+    1024-byte alignment of the swizzled tiles."""
+    return ((2 * BLOCK_N * d + 4 * BLOCK_M * d + BLOCK_M * BLOCK_N) * 2 + 4 * BLOCK_M * 4
+            + 2 * BLOCK_M * DQ_STRIDE * 4 + 1024)
 
 
 def get_kernel(tn, d):
