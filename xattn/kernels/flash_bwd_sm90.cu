@@ -1,7 +1,7 @@
 // Flash attention backward for Hopper (sm_90a) on warpgroup MMA (wgmma.mma_async): the main
 // kernel of the backward (dK, dV and dQ's atomic partial sums), the table entry cupy.sm90_bwd
-// (auto's backward on sm_90 for what it serves); the delta and dq-convert kernels of
-// flash_bwd.cu run before and after it (xattn/_backends/cupy_/flash_bwd_sm90.py).
+// (auto's backward on sm_90 for what it serves), and its dq-convert kernel; flash_bwd.cu's
+// delta kernel runs before them (xattn/_backends/cupy_/flash_bwd_sm90.py).
 //
 // One thread block = 2 warpgroups (256 threads, no producer) owns BN = 128 keys of one
 // (batch, kv head): K and V stay in shared memory, warpgroup w owns keys 64 w .. 64 w + 63 (the
@@ -18,10 +18,14 @@
 //                      P V), B = dO / Q MN-major (their rows are queries = the GEMM K)
 //   dS^T is also stored (transposed, as dS: rows = queries, K-major) to shared memory, and
 //   dQ  += dS K        wgmma ss m64n64 with A = dS (K-major) and B = K (MN-major, imm-trans-b),
-//                      M = the 64 queries; staged in shared memory (float32) and added to the
-//                      float32 dq_accum by bulk reductions (cp.reduce.async.bulk .add.f32, one
-//                      per 256-byte row: the copy engine adds it in L2, where 32 red.add.v2 per
-//                      thread cost about a quarter of the kernel's time).
+//                      M = the 64 queries; the 64 x 64 float32 result is staged in shared
+//                      memory and added to dq_accum by ONE bulk reduction per warpgroup
+//                      (cp.reduce.async.bulk .add.f32, 16 KiB; the copy engine adds it in L2).
+//   dq_accum is therefore laid out in accumulator-fragment order, not row-major: the tile of
+//   (query block qb, 64 columns c) holds element j of warpgroup thread t at (j / 4) 512 + 4 t +
+//   j % 4, so the staging stores are conflict-free float4s and the tile is one contiguous run;
+//   this file's dq-convert kernel reads that order back (H100: per-thread red.add.v2 cost
+//   about a quarter of the kernel's time, 256-byte bulk adds per row were slower still).
 //   D = 128: warpgroup w computes dQ columns 64 w .. 64 w + 63 over all 128 keys (the two
 //   warpgroups meet at a barrier after both stored their dS); D = 64: each warpgroup computes
 //   the whole dQ row block over its own 64 keys and both add (no cross-warpgroup barrier).
@@ -42,8 +46,8 @@
 // proxy: every writer runs fence.proxy.async before the barrier that precedes the wgmma.
 //
 // Layout (contiguous): q, dout (B, Hq, Sq, D); k, v (B, Hkv, Sk, D); lse, delta (B, Hq, Sq)
-// float32 (lse natural log, -inf on rows that see no key); dq_accum (B, Hq, Sq, D) float32,
-// zeroed by the launcher; dk, dv like k, v. GQA: query head h reads kv head h / group.
+// float32 (lse natural log, -inf on rows that see no key); dq_accum float32, B x Hq x
+// ceil(Sq / 64) x D / 64 tiles of 64 x 64 in fragment order, zeroed by the launcher; dk, dv like k, v. GQA: query head h reads kv head h / group.
 // Bottom-right alignment: query i sits at key position i + (Sk - Sq). Options: causal, scale,
 // GQA (no window, score mods or block mask: the launcher refuses them).
 //
@@ -75,8 +79,7 @@ struct BwdArgs {
 constexpr int BN = 128;  // keys per block (64 per warpgroup)
 constexpr int BM = 64;   // query rows per step
 constexpr int NT = 256;  // threads
-constexpr int DQS = 72;  // row stride (floats) of the dQ staging tiles: 64 + 8, so that the
-                         // fragment's float2 stores meet at most 2-way bank conflicts
+constexpr int DQ_TILE = 64 * 64;  // floats of one dQ tile (64 queries x 64 columns)
 
 #if XATTN_SM90_OK
 // Shared-memory matrix descriptor with the 128-byte swizzle (layout type 1), base offset 0:
@@ -111,11 +114,11 @@ __device__ __forceinline__ unsigned long long mnmaj(unsigned tile, int p, int j)
 XATTN_BWD90_SS_TB(f16)
 XATTN_BWD90_SS_TB(bf16)
 
-// dst[0..63] += the 64 floats at shared address src, by the copy engine (bulk_group: the
+// dst[0..DQ_TILE) += the tile at shared address src, by the copy engine (bulk_group: the
 // issuing thread later waits for the read of src before it is rewritten).
-__device__ __forceinline__ void bulk_add_row64(float* dst, unsigned src) {
-    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], 256;\n"
-                 ::"l"(dst), "r"(src) : "memory");
+__device__ __forceinline__ void bulk_add_tile(float* dst, unsigned src) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+                 ::"l"(dst), "r"(src), "n"(DQ_TILE * 4) : "memory");
     asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
 }
 __device__ __forceinline__ void bulk_wait_read() {
@@ -282,7 +285,7 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const BwdArgs& a) {
     const unsigned sS = sO + 2 * Q_TILE;   // dS (BM queries x BN keys, K-major)
     float* sL = reinterpret_cast<float*>(smem_raw + (sS + DS_TILE - raw));  // 2 x BM lse log2e
     float* sD = sL + 2 * BM;                                                // 2 x BM delta
-    float* sDQ = sD + 2 * BM;  // dQ staging: one BM x DQS float tile per warpgroup
+    float* sDQ = sD + 2 * BM;  // dQ staging: one DQ_TILE per warpgroup (16-byte aligned)
 
     const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, t4 = lane & 3;
@@ -292,11 +295,12 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const BwdArgs& a) {
     const int k0 = blockIdx.x * BN, k1 = min(k0 + BN, sk);
     const int kw0 = k0 + wg * 64;  // this warpgroup's first key
     const long long kvh = ((long long)b * hkv + hk) * sk * D;
-    // Thread r < 64 of each warpgroup owns row r of its dQ staging tile: it issues that row's
-    // bulk add (dq_row: the dq_accum row, null when none is pending) and waits for its read.
-    const int wrow = tid & 127;
-    float* const dq_stage = sDQ + wg * BM * DQS;
-    float* dq_row = nullptr;
+    // The first thread of each warpgroup issues its tile's bulk add (dq_dst: the dq_accum
+    // tile, null when none is pending) and waits for its read.
+    const int wt = tid & 127;
+    float* const dq_stage = sDQ + wg * DQ_TILE;
+    const int nqb = (sq + BM - 1) / BM, dq_tiles = D / 64;
+    float* dq_dst = nullptr;
     bool issued = false;  // this thread issued bulk adds: it waits for them before it exits
 
     int qb0, qb1;
@@ -406,7 +410,7 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const BwdArgs& a) {
         fence_proxy_async();
         // The last step's dQ rows must be read out of the staging tile before it is rewritten
         // below; the barrier that follows tells the whole warpgroup.
-        if (dq_row != nullptr) bulk_wait_read();
+        if (dq_dst != nullptr) bulk_wait_read();
         if constexpr (D == 128)
             bar_sync<1, NT>();  // both warpgroups' dS are stored
         else if (wg == 0)
@@ -433,23 +437,18 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const BwdArgs& a) {
 #pragma unroll
         for (int j = 0; j < BM / 16; ++j) fence_regs(da[j]);
 
-        // dq fragment dq[n * 4 + hr * 2 + e]: query row 16 warp + g + 8 hr of the block,
-        // column c0 + 8 n + 2 t4 + e; into the staging tile, then one bulk add per row.
+        // The fragment in fragment order (see the header), then one bulk add of the tile.
 #pragma unroll
-        for (int hr = 0; hr < 2; ++hr) {
-            float* srow = dq_stage + (warp * 16 + g + hr * 8) * DQS + t4 * 2;
-#pragma unroll
-            for (int n = 0; n < 8; ++n)
-                *reinterpret_cast<float2*>(srow + n * 8) =
-                    make_float2(dq[n * 4 + hr * 2], dq[n * 4 + hr * 2 + 1]);
-        }
-        fence_proxy_async();  // the bulk adds read the tile through the async proxy
-        dq_row = nullptr;
-        if (wrow < BM && q0 + wrow < sq)
-            dq_row = a.dq_accum + (bh * sq + q0 + wrow) * D + (D == 128 ? wg * 64 : 0);
+        for (int n = 0; n < 8; ++n)
+            *reinterpret_cast<float4*>(dq_stage + n * 512 + wt * 4) =
+                make_float4(dq[n * 4], dq[n * 4 + 1], dq[n * 4 + 2], dq[n * 4 + 3]);
+        fence_proxy_async();  // the bulk add reads the tile through the async proxy
+        dq_dst = wt == 0 ? a.dq_accum + ((bh * nqb + q0 / BM) * dq_tiles +
+                                         (D == 128 ? wg : 0)) * (long long)DQ_TILE
+                         : nullptr;
         __syncthreads();  // the tile is written; the next step overwrites Q / dO and dS
-        if (dq_row != nullptr) {
-            bulk_add_row64(dq_row, smem_u32(dq_stage + wrow * DQS));
+        if (dq_dst != nullptr) {
+            bulk_add_tile(dq_dst, smem_u32(dq_stage));
             issued = true;
         }
     }
@@ -477,6 +476,29 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const BwdArgs& a) {
 #endif
 }
 
+// dq = scale * dq_accum, from the fragment order of the main kernel's tiles (see the header)
+// to (B, Hq, Sq, D) rows in the input type; one thread per pair of adjacent columns.
+template <class T, int D>
+__device__ __forceinline__ void dq_convert_core(const float* acc, unsigned short* dq,
+                                                long long rows, int sq, float scale) {
+    const long long pairs = rows * (D / 2);
+    const int nqb = (sq + BM - 1) / BM;
+    for (long long p = blockIdx.x * (long long)blockDim.x + threadIdx.x; p < pairs;
+         p += (long long)gridDim.x * blockDim.x) {
+        const long long row = p / (D / 2);
+        const int c = (int)(p % (D / 2)) * 2;
+        const long long bh = row / sq;
+        const int s = (int)(row % sq), r = s % BM, cc = c % 64;
+        // Thread t = 32 warp + 4 g + t4 of the warpgroup that held (r, cc): element
+        // j = 4 n + 2 hr + e with r = 16 warp + 8 hr + g and cc = 8 n + 2 t4 + e.
+        const int t = (r / 16) * 32 + (r % 8) * 4 + (cc % 8) / 2;
+        const long long tile = (bh * nqb + s / BM) * (D / 64) + c / 64;
+        const float2 x = *reinterpret_cast<const float2*>(
+            acc + tile * DQ_TILE + (cc / 8) * 512 + t * 4 + ((r % 16) / 8) * 2);
+        *reinterpret_cast<unsigned*>(dq + row * D + c) = pack2(x.x * scale, x.y * scale, T());
+    }
+}
+
 }  // namespace xattn::sm90bwd
 
 #define XATTN_BWD90_ENTRY(TN, D)                                                              \
@@ -487,6 +509,10 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const BwdArgs& a) {
         float scale, int causal) {                                                            \
         xattn::sm90bwd::flash_bwd_sm90_core<xattn::TN, D>(xattn::sm90bwd::BwdArgs{            \
             q, k, v, dout, lse, delta, dq_accum, dk, dv, hq, group, sq, sk, scale, causal});  \
+    }                                                                                         \
+    extern "C" __global__ void flash_bwd_sm90_dqconv_##TN##_d##D(                             \
+        const float *acc, unsigned short *dq, long long rows, int sq, float scale) {          \
+        xattn::sm90bwd::dq_convert_core<xattn::TN, D>(acc, dq, rows, sq, scale);              \
     }
 // One more expansion level so that -D values expand before ## pastes them.
 #define XATTN_BWD90_ONE(TN, D) XATTN_BWD90_ENTRY(TN, D)

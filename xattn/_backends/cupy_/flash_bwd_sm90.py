@@ -1,16 +1,17 @@
 """The ``cupy.sm90_bwd`` entry: the Hopper (sm_90a) backward on warpgroup MMA.
 
 ``flash_bwd_sm90.cu``'s main kernel computes dK, dV and the float32 partial sums of dQ with
-wgmma (all five GEMMs of the backward); the delta and dq-convert kernels are those of the
-mma.sync backward (:mod:`.flash_bwd`), so the three launches are:
+wgmma (all five GEMMs of the backward); the delta kernel is the mma.sync backward's
+(:mod:`.flash_bwd`), so the three launches are:
 
 1. ``delta = rowsum(dout * out)`` (``flash_bwd_delta_<t>``);
 2. the wgmma kernel, one CTA of two warpgroups per (128 keys, kv head, batch element), walking
    the query heads of its GQA group and the 64-row query blocks that see its keys; dS K is
-   staged in shared memory and added to a zeroed float32 ``dq_accum`` by bulk reductions
-   (``cp.reduce.async.bulk .add.f32``, one per 256-byte row; the order of those
-   adds varies from run to run);
-3. ``dq = scale * dq_accum`` in the input type (``flash_bwd_dq_convert_<t>``).
+   staged in shared memory and added to a zeroed float32 ``dq_accum`` (in the kernel's tile
+   order) by one bulk reduction per 64 x 64 tile (``cp.reduce.async.bulk .add.f32``; the
+   order of those adds varies from run to run);
+3. ``dq = scale * dq_accum`` in the input type, back to row order
+   (``flash_bwd_sm90_dqconv_<t>_d<D>``).
 
 Served: float16 and bfloat16, ``D == Dv`` in 64 or 128, causal or not (bottom-right), any
 scale, GQA/MQA (dk/dv summed over the group in registers), any ``Sq`` / ``Sk``, fully masked
@@ -65,22 +66,20 @@ def supports(prob, opts, op="backward"):
     return _params.device_reason(prob, "the sm_90a backward kernel", exact_cc=90)
 
 
-# Row stride (floats) of the kernel's dQ staging tiles (DQS in flash_bwd_sm90.cu).
-DQ_STRIDE = 72
-
-
 def smem_bytes(d):
     """K, V, two Q and two dO buffers, dS (64 x 128), lse and delta (two buffers each), a
-    float32 dQ staging tile (64 rows of DQ_STRIDE) per warpgroup, plus 1 KiB for the
-    1024-byte alignment of the swizzled tiles."""
+    64 x 64 float32 dQ staging tile per warpgroup, plus 1 KiB for the 1024-byte alignment of
+    the swizzled tiles."""
     return ((2 * BLOCK_N * d + 4 * BLOCK_M * d + BLOCK_M * BLOCK_N) * 2 + 4 * BLOCK_M * 4
-            + 2 * BLOCK_M * DQ_STRIDE * 4 + 1024)
+            + 2 * 64 * 64 * 4 + 1024)
 
 
-def get_kernel(tn, d):
-    """The compiled sm_90a entry of one dtype and head dim (cubin cached on disk)."""
+def get_kernel(tn, d, convert=False):
+    """The compiled sm_90a main entry of one dtype and head dim, or (``convert``) its dq
+    conversion kernel (one cubin, cached on disk)."""
     inst = instances.bwd_sm90(tn, d)
-    return compiled_function(inst.source, inst.name, inst.defines, smem_bytes(d),
+    name = inst.names[1] if convert else inst.name
+    return compiled_function(inst.source, name, inst.defines, 0 if convert else smem_bytes(d),
                              arch=inst.arch)
 
 
@@ -118,7 +117,8 @@ def _backward(prob, dout, q, k, v, out, lse):
     lse3 = xp.ascontiguousarray(lse.reshape(B, hq, sq), dtype=xp.float32)
 
     dq4, dk4, dv4, delta = flash_bwd.grad_buffers(xp, B, hq, hkv, sq, sk, d, dtype)
-    acc = xp.zeros((B, hq, sq, d), dtype=xp.float32)
+    # dq_accum in the kernel's tile order: whole 64-row query blocks (the last one padded).
+    acc = xp.zeros((B, hq, -(-sq // BLOCK_M) * BLOCK_M, d), dtype=xp.float32)
     i32, f32 = np.int32, np.float32
 
     flash_bwd.run_delta(tn, o4, do4, delta, d)
@@ -127,5 +127,8 @@ def _backward(prob, dout, q, k, v, out, lse):
         args=(q4, k4, v4, do4, lse3, delta, acc, dk4, dv4, i32(hq), i32(prob.group), i32(sq),
               i32(sk), f32(prob.scale), i32(bool(prob.causal))),
         shared_mem=smem_bytes(d))
-    flash_bwd.run_dq_convert(tn, acc, dq4, prob.scale)
+    pairs = B * hq * sq * d // 2
+    get_kernel(tn, d, convert=True)(
+        grid=(min((pairs + 255) // 256, 65535),), block=(256,),
+        args=(acc, dq4, np.int64(B * hq * sq), i32(sq), f32(prob.scale)))
     return dq4.reshape(q.shape), dk4.reshape(k.shape), dv4.reshape(v.shape)

@@ -276,7 +276,8 @@ def bwd_sm90(tn, d) -> Instance:
     head dim (:data:`SM90_BWD_HEAD_DIMS`)."""
     params = (("XATTN_BWD90_TN", tn), ("XATTN_BWD90_D", d))
     return Instance("flash_bwd_sm90.cu", "XATTN_BWD90_ONE", params,
-                    (f"flash_bwd_sm90_{tn}_d{d}",), arch="sm_90a")
+                    (f"flash_bwd_sm90_{tn}_d{d}", f"flash_bwd_sm90_dqconv_{tn}_d{d}"),
+                    arch="sm_90a")
 
 
 # Head dims of the Hopper backward (2 warpgroups, 128 keys x 64 queries per step).
