@@ -302,29 +302,6 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const BwdArgs& a) {
     const int nqb = (sq + BM - 1) / BM, dq_tiles = D / 64;
     float* dq_dst = nullptr;
     bool issued = false;  // this thread issued bulk adds: it waits for them before it exits
-    // DEFER: step i's dQ product stays in flight into step i + 1 (overlapping the barrier and
-    // that step's S^T product) and is staged there. D = 64 only: each warpgroup's dQ reads
-    // its own half of sS, so its own wgmma wait protects the next step's dS stores (D = 128
-    // would need a second dS buffer, and its registers are at the limit).
-    constexpr bool DEFER = D == 64;
-    float dq[32];
-    long long dq_tile = -1;  // the dq_accum tile of the product in flight (DEFER)
-    // dq into the staging tile in fragment order (see the header); the issuing thread sets
-    // dq_dst to the tile's place in dq_accum.
-    auto stage_dq = [&](long long tile) {
-#pragma unroll
-        for (int n = 0; n < 8; ++n)
-            *reinterpret_cast<float4*>(dq_stage + n * 512 + wt * 4) =
-                make_float4(dq[n * 4], dq[n * 4 + 1], dq[n * 4 + 2], dq[n * 4 + 3]);
-        fence_proxy_async();  // the bulk add reads the tile through the async proxy
-        dq_dst = wt == 0 ? a.dq_accum + tile * DQ_TILE : nullptr;
-    };
-    auto issue_dq = [&]() {
-        if (dq_dst != nullptr) {
-            bulk_add_tile(dq_dst, smem_u32(dq_stage));
-            issued = true;
-        }
-    };
 
     int qb0, qb1;
     xattn_query_blocks(k0, k1, off, sq, a.causal, -1, -1, BM, qb0, qb1);
@@ -371,9 +348,6 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const BwdArgs& a) {
             cp_async_wait_ordered<0>();
         }
         fence_proxy_async();
-        // DEFER: the last tile's bulk add must have read the staging tile before this step
-        // rewrites it; the barrier tells the warpgroup.
-        if (DEFER && dq_dst != nullptr) bulk_wait_read();
         __syncthreads();
 
         const int h = hk * a.group + i / nq;
@@ -398,12 +372,8 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const BwdArgs& a) {
         wgmma_commit();
         gemm_scores<T, D>(dp, vt, ot, wg);
         wgmma_commit();
-        wgmma_wait<1>();  // S^T (and DEFER: the last step's dQ, committed before it)
+        wgmma_wait<1>();
         fence_regs(s);
-        if (DEFER && dq_tile >= 0) {
-            fence_regs(dq);
-            stage_dq(dq_tile);  // issued after the dS barrier below
-        }
 
         // Accumulator element s[n * 4 + hr * 2 + e]: key kw0 + 16 warp + g + 8 hr, query
         // q0 + 8 n + 2 t4 + e. The visibility test only on tiles that need it.
@@ -438,9 +408,9 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const BwdArgs& a) {
 
         stage_ds<T>(sS, dp, wg, warp, g, t4);  // dS for dQ
         fence_proxy_async();
-        // Not DEFER: the last tile's bulk add must have read the staging tile before it is
-        // rewritten below; the barrier that follows tells the whole warpgroup.
-        if (!DEFER && dq_dst != nullptr) bulk_wait_read();
+        // The last step's dQ rows must be read out of the staging tile before it is rewritten
+        // below; the barrier that follows tells the whole warpgroup.
+        if (dq_dst != nullptr) bulk_wait_read();
         if constexpr (D == 128)
             bar_sync<1, NT>();  // both warpgroups' dS are stored
         else if (wg == 0)
@@ -448,46 +418,39 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const BwdArgs& a) {
         else
             bar_sync<3, 128>();
 
-        if (DEFER && dq_tile >= 0) issue_dq();  // the staging stores are behind the barrier
-
         wgmma_wait<1>();  // dV done: its A fragment registers are free
 #pragma unroll
         for (int j = 0; j < BM / 16; ++j) fence_regs(pa[j]);
         fence_regs(dv);
 
         // dQ = dS K.
+        float dq[32];
 #pragma unroll
         for (int z = 0; z < 32; ++z) dq[z] = 0.f;
         fence_regs(dq);
         wgmma_fence();
         gemm_dq<T, D>(dq, opaque(sS), kt, wg);
         wgmma_commit();
-        dq_tile = (bh * nqb + q0 / BM) * dq_tiles + (D == 128 ? wg : 0);
-        if constexpr (DEFER) {
-            wgmma_wait<1>();  // dK done (dQ may still run)
-            fence_regs(dk);
-#pragma unroll
-            for (int j = 0; j < BM / 16; ++j) fence_regs(da[j]);
-            __syncthreads();  // the next step overwrites this step's Q / dO buffer
-        } else {
-            wgmma_wait<0>();
-            fence_regs(dq);
-            fence_regs(dk);
-#pragma unroll
-            for (int j = 0; j < BM / 16; ++j) fence_regs(da[j]);
-            stage_dq(dq_tile);
-            __syncthreads();  // the tile is written; the next step overwrites Q / dO and dS
-            issue_dq();
-        }
-    }
-    if (DEFER && dq_tile >= 0) {  // the last step's dQ
         wgmma_wait<0>();
         fence_regs(dq);
-        if (dq_dst != nullptr) bulk_wait_read();
-        __syncthreads();
-        stage_dq(dq_tile);
-        __syncthreads();
-        issue_dq();
+        fence_regs(dk);
+#pragma unroll
+        for (int j = 0; j < BM / 16; ++j) fence_regs(da[j]);
+
+        // The fragment in fragment order (see the header), then one bulk add of the tile.
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+            *reinterpret_cast<float4*>(dq_stage + n * 512 + wt * 4) =
+                make_float4(dq[n * 4], dq[n * 4 + 1], dq[n * 4 + 2], dq[n * 4 + 3]);
+        fence_proxy_async();  // the bulk add reads the tile through the async proxy
+        dq_dst = wt == 0 ? a.dq_accum + ((bh * nqb + q0 / BM) * dq_tiles +
+                                         (D == 128 ? wg : 0)) * (long long)DQ_TILE
+                         : nullptr;
+        __syncthreads();  // the tile is written; the next step overwrites Q / dO and dS
+        if (dq_dst != nullptr) {
+            bulk_add_tile(dq_dst, smem_u32(dq_stage));
+            issued = true;
+        }
     }
     if (issued) bulk_wait_all();  // the tile must outlive the reads of the adds
 
