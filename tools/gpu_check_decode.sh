@@ -19,7 +19,7 @@ stage="${1:-all}"
 
 precompile() {
     echo "== decode precompile: every module into CuPy's disk cache (log: $LOG/precompile.log)"
-    timeout 28 python3 tools/decode_precompile.py 14 > "$LOG/precompile.log" 2>&1
+    timeout 28 python3 tools/decode_precompile.py 16 > "$LOG/precompile.log" 2>&1
     echo "precompile exit status: $? ($(grep -c ' ok$' "$LOG/precompile.log") modules ok)"
     grep -A12 FAILED "$LOG/precompile.log" | head -40
 }
@@ -43,7 +43,7 @@ run_tests() {
 run_bench() {
     [ -f "$LOG/precompile.log" ] || precompile
     echo "== decode benchmark (log: $LOG/bench.log, json: $LOG/bench.json)"
-    timeout 85 python3 benchmarks/gpu_decode.py --configs 8x2,4x3 --rounds 3 --max-reps 60 \
+    timeout 85 python3 benchmarks/gpu_decode.py --configs 8x2,4x3,8x3 --rounds 3 --max-reps 60 \
         --json "$LOG/bench.json" > "$LOG/bench.log" 2>&1
     local rc=$?
     echo "decode benchmark exit status: $rc (124 = cut by the 85 s cap)"

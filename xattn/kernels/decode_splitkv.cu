@@ -15,7 +15,8 @@
 // split's key tiles (BN = 16 keys, starting at a multiple of 16) are dealt to the warps in
 // turn; each warp keeps its own online softmax (float32 running max in base 2, sum,
 // accumulator in registers) and its own ring of ST stages of K/V tiles in shared memory,
-// filled with cp.async from the pages ST - 1 tiles ahead of the one it computes. A tile inside
+// filled with cp.async from the pages ST - 1 tiles ahead of the one it computes (ST tiles in
+// flight while it waits). A tile inside
 // one page costs one block-table read for all its rows (load_kv). Only the tiles at the causal
 // edge, the sequence end and the window's edge test each score; the others are visible to
 // every row. At the end the warps' states are merged through shared memory; with one split
@@ -260,9 +261,9 @@ __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
 
     int slot = 0, fill = ST - 1;  // the stage read now, the stage the next copy fills
     for (int i = 0; i < count; ++i) {
-        // Tile i has landed (at most ST - 2 younger groups are pending); the barrier also
-        // tells every lane that all lanes are done with the stage refilled below (tile i - 1).
-        cp_async_wait<ST - 2>();
+        // The stage of tile i - 1 is free once every lane is done with it (the barrier): it is
+        // refilled with tile i + ST - 1 before the wait for tile i, so that a waiting warp has
+        // ST tiles in flight, not ST - 1 (a warp spends most of its time waiting).
         __syncwarp();
         if (i + ST - 1 < count)
             load_kv<BN, D, LD>(wKVa + fill * 4 * TILE, wKVa + fill * 4 * TILE + 2 * TILE, a.k,
@@ -270,6 +271,10 @@ __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
                                lo + (t0 + warp + (i + ST - 1) * NW) * BN, hi, lane);
         cp_async_commit();
         fill = fill + 1 == ST ? 0 : fill + 1;
+        // Tile i has landed (at most ST - 1 younger groups are pending); the barrier makes each
+        // lane's copies of it visible to the others.
+        cp_async_wait<ST - 1>();
+        __syncwarp();
 
         // S = Q K^T: 16 rows x 16 keys, two n8 tiles.
         float s[2][4];
