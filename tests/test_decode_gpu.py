@@ -468,6 +468,6 @@ def test_merge_tickets_are_left_zero(rng):
         stream.synchronize()
     cupy.cuda.Device().synchronize()
     dev = cupy.cuda.runtime.getDevice()
-    mine = [v for (d, _), v in cupy_decode._tickets.items() if d == dev]
+    mine = [v for (d, _, _), v in cupy_decode._tickets.items() if d == dev]
     assert len(mine) >= 2
     assert all(int(v.max()) == 0 and int(v.min()) == 0 for v in mine)

@@ -246,20 +246,23 @@ def _make_plan(prob, cache, splits, cfg):
 # block that merges a (sequence, kv head, row block) sets its counter back to 0, and launches
 # on one stream run in order, so every plan on that stream shares one array. It only grows:
 # the array it replaces goes back to CuPy's pool, which hands it out again in stream order.
+# The per-thread default stream (handle 2, cudaStreamPerThread) is one stream per host thread.
 _tickets: dict = {}
 _tickets_lock = threading.Lock()
+_PER_THREAD_STREAM = 2
 
 
 def _ticket_counters(dev, stream, n):
-    buf = _tickets.get((dev, stream))
+    key = (dev, stream, threading.get_ident() if stream == _PER_THREAD_STREAM else 0)
+    buf = _tickets.get(key)
     if buf is None or buf.size < n:
         import cupy
 
         with _tickets_lock:
-            buf = _tickets.get((dev, stream))
+            buf = _tickets.get(key)
             if buf is None or buf.size < n:
                 # cupy.zeros runs on the current stream, the launch's: zero before it reads.
-                buf = _tickets[dev, stream] = cupy.zeros(max(n, 4096), dtype=cupy.int32)
+                buf = _tickets[key] = cupy.zeros(max(n, 4096), dtype=cupy.int32)
     return buf
 
 
