@@ -1,6 +1,8 @@
 """The CuPy split-KV decode kernel (decode_splitkv.cu, backend="cupy.decode") against the
-float64 oracle on the cache contents. GPU tests skip without CuPy and a device; the split
-heuristic and the table entry are checked everywhere."""
+float64 oracle on the cache contents, its in-kernel split merge (ticket counters) and its
+launch through the prebuilt cuLaunchKernel argument block (a default call must take it). GPU
+tests skip without CuPy and a device; the split heuristic, the table entry, the argument
+block's layout and the function-handle lookup are checked everywhere."""
 
 from __future__ import annotations
 
