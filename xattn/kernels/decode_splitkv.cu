@@ -16,10 +16,9 @@
 // turn; each warp keeps its own online softmax (float32 running max in base 2, sum,
 // accumulator in registers) and its own ring of ST stages of K/V tiles in shared memory,
 // filled with cp.async from the pages ST - 1 tiles ahead of the one it computes (ST tiles in
-// flight while it waits). A tile inside
-// one page costs one block-table read for all its rows (load_kv). Only the tiles at the causal
-// edge, the sequence end and the window's edge test each score; the others are visible to
-// every row. At the end the warps' states are merged through shared memory; with one split
+// flight while it waits). A tile inside one page costs one block-table read for all its rows
+// (load_kv). Only the tiles at the causal edge, the sequence end and the window's edge test
+// each score; the others are visible to every row. At the end the warps' states are merged through shared memory; with one split
 // the block writes the final output and lse. With several, every block writes its float32
 // partial output and lse and takes a ticket from the counter of its (sequence, kv head, row
 // block); the block that draws the last ticket merges the splits (out = sum_s exp(lse_s - lse)
