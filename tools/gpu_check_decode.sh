@@ -19,7 +19,7 @@ stage="${1:-all}"
 
 precompile() {
     echo "== decode precompile: every module into CuPy's disk cache (log: $LOG/precompile.log)"
-    timeout 28 python3 tools/decode_precompile.py 16 > "$LOG/precompile.log" 2>&1
+    timeout 28 python3 tools/decode_precompile.py 18 > "$LOG/precompile.log" 2>&1
     echo "precompile exit status: $? ($(grep -c ' ok$' "$LOG/precompile.log") modules ok)"
     grep -A12 FAILED "$LOG/precompile.log" | head -40
 }
