@@ -21,7 +21,8 @@ sequence. Timed, alternately and with CUDA events, after a warm-up:
 ``--sweep 1,2,4,...`` also times the kernel at forced split counts (the launcher's ``splits=``),
 the table to retune :func:`xattn._backends.cupy_.decode.num_splits` from. ``--configs`` times
 every ``(warps, stages)`` instance of ``DECODE_EXTRA`` (``xattn/_backends/cupy_/instances.py``)
-beside the default, through the launcher, to retune ``DECODE`` from.
+beside the default, through the launcher, to retune ``DECODE`` from; ``--configs 8x2,4x3``
+times only those.
 
 The host rows (``--host``, on by default): 200 back-to-back calls at B=1, ctx=4096 on one
 cache, wall time with a final synchronize and the time to issue them (the host's share),
@@ -159,7 +160,8 @@ def row(batch, ctx, args, torch):
     if args.configs:
         # Every (warps, stages) candidate through the launcher, the default first.
         res["configs"], res["err configs"] = {}, {}
-        for cfg in (instances.DECODE[d], *instances.DECODE_EXTRA.get(d, ())):
+        every = (instances.DECODE[d], *instances.DECODE_EXTRA.get(d, ()))
+        for cfg in every if args.configs == "all" else _parse_configs(args.configs):
             def call(i=0, cfg=cfg):
                 return kernel.decode(probs[i % sets], qs[i % sets], caches[i % sets],
                                      config=cfg)[0]
@@ -215,13 +217,20 @@ def host_rows(args, torch, calls=200, ctx=4096):
     from xattn.kvcache import _validate_decode
 
     prob = _validate_decode(q, cache, None, None, None, None)
-    out = {"decode_attention": loop(lambda: xattn.decode_attention(q, cache)),
-           "the launcher alone (need_lse=False)":
-               loop(lambda: kernel.decode(prob, q, cache, need_lse=False)),
-           "torch SDPA": loop(lambda: sdpa(tq, tk, tv, enable_gqa=True))}
+    out = {"decode_attention": loop(lambda: xattn.decode_attention(q, cache))}
+    # Whether those calls launched through the prebuilt argument block (cuLaunchKernel).
+    fast = [p.args is not None for p in cache._launch_plans().values()]
+    out.update({"the launcher alone (need_lse=False)":
+                loop(lambda: kernel.decode(prob, q, cache, need_lse=False)),
+                "torch SDPA": loop(lambda: sdpa(tq, tk, tv, enable_gqa=True))})
     # The cache grows by one token a step (3 warm-up + calls steps fit its capacity).
     out["append + decode_attention"] = loop(step)
-    return out
+    return out, bool(fast) and all(fast)
+
+
+def _parse_configs(text):
+    """``"8x2,4x3"`` -> ``[(8, 2), (4, 3)]``."""
+    return [tuple(int(x) for x in item.split("x")) for item in text.split(",") if item]
 
 
 def _torch_causal(sdpa, q, k, v, torch):
@@ -244,8 +253,9 @@ def main(argv=None):
     p.add_argument("--no-auto", action="store_true")
     p.add_argument("--sweep", type=lambda t: [int(x) for x in t.split(",")], default=None,
                    help="comma-separated split counts to time the kernel at, e.g. 1,2,4,8,16,32")
-    p.add_argument("--configs", action="store_true",
-                   help="also time every (warps, stages) instance of DECODE_EXTRA")
+    p.add_argument("--configs", nargs="?", const="all", default=None,
+                   help="also time every (warps, stages) instance of DECODE_EXTRA, or those "
+                        "listed (e.g. 8x2,4x3)")
     p.add_argument("--no-host", action="store_true", help="skip the host-overhead rows")
     p.add_argument("--rounds", type=int, default=5, help="timing rounds (median taken)")
     p.add_argument("--max-reps", type=int, default=200, help="most calls per timing round")
@@ -266,15 +276,16 @@ def main(argv=None):
                 rows.append({"batch": b, "ctx": ctx, "error": f"{type(exc).__name__}: {exc}"})
             cp.get_default_memory_pool().free_all_blocks()
             print(json.dumps(rows[-1]), flush=True)
-    host = None
+    host, fast = None, None
     if not args.no_host:
         try:
-            host = host_rows(args, torch)
+            host, fast = host_rows(args, torch)
         except Exception as exc:  # noqa: BLE001 - the table below still prints
             host = {"error": f"{type(exc).__name__}: {exc}"}
-        print(json.dumps({"host": host}), flush=True)
+        print(json.dumps({"host": host, "fast_launch": fast}), flush=True)
     doc = {"device": name, "torch": torch.__version__, "cupy": cp.__version__,
-           "copy_bytes_per_s": copy, "args": vars(args), "rows": rows, "host": host}
+           "copy_bytes_per_s": copy, "args": vars(args), "rows": rows, "host": host,
+           "fast_launch": fast}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)
@@ -306,7 +317,7 @@ def main(argv=None):
                   f"{max(r['err configs'].values()):.1e} |")
     if host and "error" not in host:
         print("\nHost: 200 back-to-back calls, B=1, ctx=4096, one token (microseconds per "
-              "call):\n")
+              f"call; decode_attention launched through the argument block: {fast}):\n")
         print("| call | issue (host) | wall, synchronized |")
         print("|---|---|---|")
         for k, (issue, wall) in host.items():

@@ -1,6 +1,8 @@
 """The CuPy split-KV decode kernel (decode_splitkv.cu, backend="cupy.decode") against the
-float64 oracle on the cache contents. GPU tests skip without CuPy and a device; the split
-heuristic and the table entry are checked everywhere."""
+float64 oracle on the cache contents, its in-kernel split merge (ticket counters) and its
+launch through the prebuilt cuLaunchKernel argument block (a default call must take it). GPU
+tests skip without CuPy and a device; the split heuristic, the table entry, the argument
+block's layout and the function-handle lookup are checked everywhere."""
 
 from __future__ import annotations
 
@@ -45,8 +47,8 @@ def test_resident_blocks():
 
 def test_instances_and_shared_memory():
     """Every (warps, stages) candidate is built for both dtypes (tools/check_kernels.py
-    compiles them spill-free), the lse merge once per dtype and head dim, and the shared
-    memory is the Q tile plus each warp's ring of K and V tiles."""
+    compiles them spill-free), no separate merge kernel is left, and the shared memory is the
+    Q tile plus each warp's ring of K and V tiles."""
     from xattn._backends.cupy_ import instances
 
     names = [n for i in instances.shipped() for n in i.names if n.startswith("decode_")]
@@ -57,12 +59,42 @@ def test_instances_and_shared_memory():
                 assert f"decode_splitkv_{tn}_d{d}_w{nw}_s{st}" in names
             assert cupy_decode.smem_bytes(d, (nw, st)) == (16 * (d + 8)
                                                           + nw * st * 2 * 16 * (d + 8)) * 2
-        for tn in ("f16", "bf16"):
-            assert names.count(f"decode_combine_{tn}_d{d}") == 1
+    assert not [n for n in names if n.startswith("decode_combine")]
     assert cupy_decode.smem_bytes(128) == cupy_decode.smem_bytes(128, instances.DECODE[128])
+    # (8, 2) serves D=128; (4, 3), the default it replaced, stays a candidate.
+    assert instances.DECODE[128] == (8, 2) and (4, 3) in instances.DECODE_EXTRA[128]
     # The split count leaves each of the block's warps at least 4 tiles.
     assert cupy_decode.num_splits(1, 1, 1, 64, 132, 3, 2) == 8
     assert cupy_decode.num_splits(1, 1, 1, 64, 132, 3, 8) == 2
+
+
+def test_split_cap_matches_the_kernel():
+    """The merging block keeps one weight per (split, row) in shared memory sized by the
+    kernel's XATTN_DECODE_MAX_SPLITS: the launcher never asks for more splits."""
+    import re
+
+    from xattn._backends.cupy_._compile import source
+
+    m = re.search(r"#define XATTN_DECODE_MAX_SPLITS (\d+)", source("decode_splitkv.cu"))
+    assert m is not None and int(m.group(1)) == cupy_decode._MAX_SPLITS
+
+
+def test_function_handle():
+    """The CUfunction handle of what compiled_function returns: a bare Function's .ptr, a
+    cupy.RawKernel's .kernel.ptr (a RawKernel has no .ptr: looking only for .ptr left the
+    fast launch off), through the debug-logging wrapper too; None where neither exists."""
+    from types import SimpleNamespace
+
+    from xattn._backends.cupy_._compile import _Logged
+
+    function = SimpleNamespace(ptr=1234)
+    raw_kernel = SimpleNamespace(kernel=SimpleNamespace(ptr=5678), num_regs=100)
+    assert cupy_decode.function_handle(function) == 1234
+    assert cupy_decode.function_handle(raw_kernel) == 5678
+    assert cupy_decode.function_handle(_Logged("k", raw_kernel)) == 5678
+    assert cupy_decode.function_handle(_Logged("k", function)) == 1234
+    assert cupy_decode.function_handle(SimpleNamespace(num_regs=1)) is None
+    assert cupy_decode.function_handle(SimpleNamespace(kernel=SimpleNamespace(ptr=0))) is None
 
 
 def test_auto_takes_the_kernel_before_generic():
@@ -147,21 +179,54 @@ def _configs():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("d", "cfg"), list(_configs()))
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("T", [1, 4])
 @pytest.mark.parametrize("page_size", [None, 16, 24])
 @pytest.mark.parametrize("window", [None, (100, None)])
-def test_every_instance_matches_oracle(rng, d, cfg, T, page_size, window):
+def test_every_instance_matches_oracle(rng, d, cfg, dtype, T, page_size, window):
     """The candidates the benchmark times beside the default (other warps and stages), on
-    ragged lengths, paged (24: tiles straddle pages) and windowed."""
+    ragged lengths, paged (24: tiles straddle pages) and windowed, in both 16-bit types."""
     cupy = pytest.importorskip("cupy")
     from xattn.kvcache import _validate_decode
 
-    cache = xattn.KVCache(3, 8, 1536, d, dtype=np.float16, xp=cupy, page_size=page_size)
-    _fill(rng, cache, (1500, 333, 2), "float16")
-    q = cupy_array(rng.standard_normal((3, 32, T, d)), "float16")
+    rt = cupy.cuda.runtime
+    optin = rt.deviceGetAttribute(getattr(rt, "cudaDevAttrMaxSharedMemoryPerBlockOptin", 97),
+                                  rt.getDevice())
+    if cupy_decode.smem_bytes(d, cfg) + 16 > optin:
+        pytest.skip(f"{cfg} needs {cupy_decode.smem_bytes(d, cfg)} bytes of shared memory a "
+                    f"block, this device allows {optin}")
+    cache = xattn.KVCache(3, 8, 1536, d, dtype=cupy_array(np.zeros(1), dtype).dtype, xp=cupy,
+                          page_size=page_size)
+    _fill(rng, cache, (1500, 333, 2), dtype)
+    q = cupy_array(rng.standard_normal((3, 32, T, d)), dtype)
     prob = _validate_decode(q, cache, window, None, None, None)
     out, lse = cupy_decode.decode(prob, q, cache, config=cfg)
     _check(cache, q, out, lse, name=str(cfg), window=window)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("splits", [None, 1, 3, 40])
+@pytest.mark.parametrize("page_size", [None, 24])
+def test_default_config_d128(rng, dtype, splits, page_size):
+    """The default D=128 instance, (8, 2), named explicitly (auto's rows above take it too):
+    both 16-bit types, one split (no merge), several (the in-kernel merge) and the
+    heuristic's count, GQA with T = 2, softcap and ALiBi."""
+    cupy = pytest.importorskip("cupy")
+    from xattn._backends.cupy_ import instances
+    from xattn.kvcache import _validate_decode
+
+    assert instances.DECODE[128] == (8, 2)
+    cache = xattn.KVCache(2, 4, 3072, 128, dtype=cupy_array(np.zeros(1), dtype).dtype, xp=cupy,
+                          page_size=page_size)
+    _fill(rng, cache, (3000, 41), dtype)
+    q = cupy_array(rng.standard_normal((2, 16, 2, 128)), dtype)
+    slopes = cupy.asarray(rng.uniform(0.01, 0.1, 16).astype(np.float32))
+    prob = _validate_decode(q, cache, None, slopes, 5.0, None)
+    out, lse = cupy_decode.decode(prob, q, cache, alibi_slopes=slopes, splits=splits,
+                                  config=(8, 2))
+    _check(cache, q, out, lse, name=f"{dtype} splits={splits}", softcap=5.0,
+           alibi_slopes=slopes)
 
 
 @pytest.mark.gpu
@@ -246,8 +311,7 @@ def test_fast_launch_equals_cupy_launch(rng, monkeypatch, alibi_shape):
     """The prebuilt cuLaunchKernel argument block (FAST_LAUNCH) passes what CuPy's own launch
     passes: the same bits, one split and several, with and without lse and ALiBi."""
     cupy = pytest.importorskip("cupy")
-    if cupy_decode._driver() is None:
-        pytest.skip("this CuPy has no driver binding: CuPy's launch serves every call")
+    assert cupy_decode._driver() is not None, "CuPy's driver binding (launchKernel) is missing"
     cache = xattn.KVCache(2, 2, 2048, 64, dtype=np.float16, xp=cupy, page_size=16)
     _fill(rng, cache, (2000, 30), "float16")
     q = cupy_array(rng.standard_normal((2, 8, 2, 64)), "float16")
@@ -270,6 +334,9 @@ def test_fast_launch_equals_cupy_launch(rng, monkeypatch, alibi_shape):
     for splits in (1, 6):
         (a, la), (b, lb) = got[True, splits], got[False, splits]
         assert bool((a == b).all()) and bool((la == lb).all()), splits
+        # The fast path had an argument block to launch with (it once silently had none).
+        assert any(p.args is not None and p.splits == splits
+                   for p in cache._launch_plans().values()), splits
     ref_opts = {k: v.astype(np.float32) for k, v in opts.items()}
     _check(cache, q, *got[True, 6], **ref_opts)
 
@@ -285,19 +352,22 @@ def test_launch_argument_block_matches_the_kernel_signature():
 
     text = source("decode_splitkv.cu")
     body = text[text.index("#define XATTN_DECODE_PARAMS"):text.index("#define XATTN_DECODE_ARGS")]
-    params = re.findall(r"(const unsigned short \*|unsigned short \*|const int \*|float \*|"
-                        r"const float \*|long long|int|float)\s*(\w+)", body.replace("\\", ""))
+    params = re.findall(r"(const unsigned short \*|unsigned short \*|const int \*|int \*|"
+                        r"float \*|const float \*|long long|int|float)\s*(\w+)",
+                        body.replace("\\", ""))
     fmt = {"long long": "q", "int": "i", "float": "f"}
     kinds = [fmt.get(t, "Q") for t, _ in params]
-    assert len(kinds) == len(cupy_decode._PARAM_AT) == 21
+    assert [n for _, n in params][9] == "counters"
+    assert len(kinds) == len(cupy_decode._PARAM_AT) == 22
     # k, v, table, lengths; batch, hq, hkv, T, page_size, max_pages, splits; scale,
     # softcap; wl.
     fixed = (11, 12, 13, 14, 3, 32, 8, 1, 4096, 300, 2, 0.25, 1.5, -1)
     block = cupy_decode._ArgBlock(fixed)
-    # q, out, lse, partial outputs, partial lse, ALiBi slopes, ALiBi batch stride.
-    cupy_decode._PER_CALL.pack_into(block.buf, 0, 101, 105, 106, 107, 108, 119, 32)
-    expected = (101, 11, 12, 13, 14, 105, 106, 107, 108, 3, 32, 8, 1, 4096, 300, 2, 0.25, 1.5,
-                -1, 119, 32)
+    # q, out, lse, partial outputs, partial lse, ALiBi slopes, ticket counters, ALiBi batch
+    # stride.
+    cupy_decode._PER_CALL.pack_into(block.buf, 0, 101, 105, 106, 107, 108, 119, 109, 32)
+    expected = (101, 11, 12, 13, 14, 105, 106, 107, 108, 109, 3, 32, 8, 1, 4096, 300, 2, 0.25,
+                1.5, -1, 119, 32)
     for i, (kind, want) in enumerate(zip(kinds, expected, strict=True)):
         size = struct.calcsize("<" + kind)
         raw = ctypes.string_at(block.array[i], size)
@@ -329,3 +399,77 @@ def test_fast_launch_from_a_new_thread(rng):
     t.join()
     assert "error" not in got, got.get("error")
     assert bool((got["out"] == want).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [None, 1, 7])
+def test_default_call_takes_the_fast_launch(rng, monkeypatch, splits):
+    """A call as a user makes it (debug logging off) launches through the prebuilt argument
+    block, once per call, and never through CuPy's launch (the compiled function's wrapper):
+    the test fails if the fast path silently falls back."""
+    cupy = pytest.importorskip("cupy")
+    import logging
+
+    from xattn._backends.cupy_ import _compile
+    from xattn.kvcache import _validate_decode
+
+    assert not logging.getLogger("xattn").isEnabledFor(logging.DEBUG)
+    counts = {"fast": 0, "cupy": 0}
+    fast, slow = cupy_decode._launch_fast, _compile._Logged.__call__
+
+    def count_fast(*args, **kwargs):
+        counts["fast"] += 1
+        return fast(*args, **kwargs)
+
+    def count_slow(self, *args, **kwargs):
+        counts["cupy"] += 1
+        return slow(self, *args, **kwargs)
+
+    monkeypatch.setattr(cupy_decode, "_launch_fast", count_fast)
+    monkeypatch.setattr(_compile._Logged, "__call__", count_slow)
+    cache = xattn.KVCache(2, 8, 4096, 128, dtype=np.float16, xp=cupy)
+    _fill(rng, cache, (4000, 900), "float16")
+    q = cupy_array(rng.standard_normal((2, 32, 1, 128)), "float16")
+    if splits is None:
+        for _ in range(3):
+            out, lse = xattn.decode_attention(q, cache, return_lse=True)
+    else:
+        prob = _validate_decode(q, cache, None, None, None, None)
+        for _ in range(3):
+            out, lse = cupy_decode.decode(prob, q, cache, splits=splits)
+    assert counts == {"fast": 3, "cupy": 0}, counts
+    (plan,) = cache._launch_plans().values()
+    assert plan.args is not None and plan.fn_main
+    _check(cache, q, out, lse, name="fast launch")
+
+
+@pytest.mark.gpu
+def test_merge_tickets_are_left_zero(rng):
+    """Many launches with the in-kernel merge (several splits) on the default stream and on a
+    second one: the same bits every time (a counter left off zero would make some block merge
+    too early or never), every ticket counter back at 0 afterwards, one array per stream."""
+    cupy = pytest.importorskip("cupy")
+    from xattn.kvcache import _validate_decode
+
+    cache = xattn.KVCache(3, 2, 2048, 64, dtype=np.float16, xp=cupy, page_size=16)
+    _fill(rng, cache, (2000, 333, 5), "float16")
+    q = cupy_array(rng.standard_normal((3, 8, 3, 64)), "float16")
+    prob = _validate_decode(q, cache, None, None, None, None)
+    first, first_lse = cupy_decode.decode(prob, q, cache, splits=9)
+    _check(cache, q, first, first_lse, name="9 splits")
+    def launches():
+        for splits in (9, 2, 9, 128, 9):
+            out, lse = cupy_decode.decode(prob, q, cache, splits=splits)
+            if splits == 9:
+                assert bool((out == first).all()) and bool((lse == first_lse).all())
+
+    launches()  # the default stream
+    cupy.cuda.Device().synchronize()
+    with cupy.cuda.Stream() as stream:
+        launches()
+        stream.synchronize()
+    cupy.cuda.Device().synchronize()
+    dev = cupy.cuda.runtime.getDevice()
+    mine = [v for (d, _, _), v in cupy_decode._tickets.items() if d == dev]
+    assert len(mine) >= 2
+    assert all(int(v.max()) == 0 and int(v.min()) == 0 for v in mine)

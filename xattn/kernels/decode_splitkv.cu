@@ -15,12 +15,16 @@
 // split's key tiles (BN = 16 keys, starting at a multiple of 16) are dealt to the warps in
 // turn; each warp keeps its own online softmax (float32 running max in base 2, sum,
 // accumulator in registers) and its own ring of ST stages of K/V tiles in shared memory,
-// filled with cp.async from the pages ST - 1 tiles ahead of the one it computes. A tile inside
-// one page costs one block-table read for all its rows (load_kv). Only the tiles at the causal
-// edge, the sequence end and the window's edge test each score; the others are visible to
-// every row. At the end the warps' states are merged through shared memory; with one split
-// the block writes the final output and lse, otherwise float32 partial outputs and their lse,
-// which decode_combine merges (out = sum_s exp(lse_s - lse) o_s, lse = log sum_s exp(lse_s)).
+// filled with cp.async from the pages ST - 1 tiles ahead of the one it computes (ST tiles in
+// flight while it waits). A tile inside one page costs one block-table read for all its rows
+// (load_kv). Only the tiles at the causal edge, the sequence end and the window's edge test
+// each score; the others are visible to every row. At the end the warps' states are merged through shared memory; with one split
+// the block writes the final output and lse. With several, every block writes its float32
+// partial output and lse and takes a ticket from the counter of its (sequence, kv head, row
+// block); the block that draws the last ticket merges the splits (out = sum_s exp(lse_s - lse)
+// o_s, lse = log sum_s exp(lse_s)) and sets the counter back to 0 for the next launch on the
+// stream -- one launch per call, no second kernel (the launcher keeps one zeroed counter array
+// per device and stream: xattn/_backends/cupy_/decode.py).
 // NW and ST are instance parameters (xattn/_backends/cupy_/instances.py: DECODE).
 //
 // Storage: k, v pools (P, Hkv, page_size, D) of 16-bit values; table (B, max_pages) int32;
@@ -31,6 +35,10 @@
 
 #include "masking.cuh"
 #include "mma_sm80.cuh"
+
+// Most splits of one sequence's keys (the launcher's _MAX_SPLITS): the merging block keeps one
+// weight per (split, row) in shared memory.
+#define XATTN_DECODE_MAX_SPLITS 128
 
 namespace xattn {
 
@@ -44,6 +52,7 @@ struct DecodeArgs {
     float* lse;                // (B, Hq, T) natural log (null: not wanted)
     float* o_part;             // (splits, B, Hq, T, D) float32, normalised per split
     float* lse_part;           // (splits, B, Hq, T)
+    int* counters;             // (B, Hkv * row blocks), zero between launches; splits > 1 only
     int batch, hq, hkv, T, page_size, max_pages, splits;
     float scale;               // natural units
     float softcap;             // 0 = off
@@ -109,9 +118,68 @@ __device__ __forceinline__ void load_kv(unsigned sk, unsigned sv, const unsigned
     }
 }
 
+// A float load through L2 only (ld.global.cg): values that other blocks of this launch wrote.
+__device__ __forceinline__ float ld_cg(const float* p) {
+    float x;
+    asm volatile("ld.global.cg.f32 %0, [%1];\n" : "=f"(x) : "l"(p) : "memory");
+    return x;
+}
+
+// The merge of a (sequence, kv head, row block)'s split partials by the block that finished
+// last: for each of its rows (packed rows pr0 .. pr0 + 15 below R), weights
+// w_s = exp(lse_s - max_s lse_s) in shared memory (sW, [split][16 rows]; one warp per row),
+// then out = sum_s w_s o_s / sum_s w_s for every (row, d) and lse = max + log sum_s w_s. The
+// partials are read through L2 (ld_cg): other blocks wrote them, and L1 is not coherent.
+// Empty splits carry lse = -inf and weigh 0; a row that sees no key gets 0 and -inf.
+template <class T, int D, int NW>
+__device__ __forceinline__ void merge_splits(const DecodeArgs& a, float* smem, long long row0,
+                                             int pr0, int R, int warp, int lane, int tid) {
+    constexpr int NT = NW * 32;
+    const long long rows = (long long)a.batch * a.hq * a.T;  // rows of one split's partials
+    float* sW = smem;                                        // [splits][16]
+    float* sSum = sW + XATTN_DECODE_MAX_SPLITS * 16;         // [16]
+    for (int r = warp; r < 16; r += NW) {
+        if (pr0 + r >= R) continue;  // padding rows: nothing was written for them
+        const long long row = row0 + pr0 + r;
+        float mx = -XATTN_INF;
+        for (int s = lane; s < a.splits; s += 32)
+            mx = fmaxf(mx, ld_cg(a.lse_part + s * rows + row));
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        const float m_use = mx == -XATTN_INF ? 0.f : mx;
+        float sum = 0.f;
+        for (int s = lane; s < a.splits; s += 32) {
+            const float w = __expf(ld_cg(a.lse_part + s * rows + row) - m_use);
+            sW[s * 16 + r] = w;
+            sum += w;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        if (lane == 0) {
+            sSum[r] = sum;
+            if (a.lse != nullptr) a.lse[row] = sum > 0.f ? m_use + __logf(sum) : -XATTN_INF;
+        }
+    }
+    __syncthreads();  // sW and sSum are complete
+    for (int i = tid; i < 16 * D; i += NT) {
+        const int r = i / D, d = i % D;
+        if (pr0 + r >= R) continue;
+        const long long row = row0 + pr0 + r;
+        float val = 0.f;
+        for (int s = 0; s < a.splits; ++s)
+            val += sW[s * 16 + r] * ld_cg(a.o_part + (s * rows + row) * D + d);
+        const float sum = sSum[r];
+        a.o[row * D + d] =
+            (unsigned short)(pack2(sum > 0.f ? val / sum : 0.f, 0.f, T()) & 0xffffu);
+    }
+}
+
 template <class T, int D, int NW, int ST>
 __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
     static_assert(ST >= 2 && ST <= 8, "2 to 8 stages");
+    // The merge's weights and sums fit in the K/V stages it reuses.
+    static_assert(NW * ST * 2 * 16 * (D + 8) * 2 >= (XATTN_DECODE_MAX_SPLITS * 16 + 16) * 4,
+                  "shared memory for the split merge");
     constexpr int BN = 16;          // keys per warp tile: one k16 step of P V
     constexpr int LD = D + 8;       // padded rows: conflict-free ldmatrix
     constexpr int KS = D / 16;      // k-steps of Q K^T
@@ -192,9 +260,9 @@ __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
 
     int slot = 0, fill = ST - 1;  // the stage read now, the stage the next copy fills
     for (int i = 0; i < count; ++i) {
-        // Tile i has landed (at most ST - 2 younger groups are pending); the barrier also
-        // tells every lane that all lanes are done with the stage refilled below (tile i - 1).
-        cp_async_wait<ST - 2>();
+        // The stage of tile i - 1 is free once every lane is done with it (the barrier): it is
+        // refilled with tile i + ST - 1 before the wait for tile i, so that a waiting warp has
+        // ST tiles in flight, not ST - 1 (a warp spends most of its time waiting).
         __syncwarp();
         if (i + ST - 1 < count)
             load_kv<BN, D, LD>(wKVa + fill * 4 * TILE, wKVa + fill * 4 * TILE + 2 * TILE, a.k,
@@ -202,6 +270,10 @@ __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
                                lo + (t0 + warp + (i + ST - 1) * NW) * BN, hi, lane);
         cp_async_commit();
         fill = fill + 1 == ST ? 0 : fill + 1;
+        // Tile i has landed (at most ST - 1 younger groups are pending); the barrier makes each
+        // lane's copies of it visible to the others.
+        cp_async_wait<ST - 1>();
+        __syncwarp();
 
         // S = Q K^T: 16 rows x 16 keys, two n8 tiles.
         float s[2][4];
@@ -344,27 +416,25 @@ __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
             if (d == 0) a.lse_part[base] = lse;
         }
     }
-}
+    if (a.splits == 1) return;
 
-// out = sum_s exp(lse_s - lse) o_s with lse = log sum_s exp(lse_s); one thread per (row, d).
-template <class T, int D>
-__device__ __forceinline__ void combine_core(const DecodeArgs& a) {
-    const long long rows = (long long)a.batch * a.hq * a.T;
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= rows * D) return;
-    const long long row = i / D;
-    const int d = (int)(i % D);
-    float mx = -XATTN_INF;
-    for (int s = 0; s < a.splits; ++s) mx = fmaxf(mx, a.lse_part[s * rows + row]);
-    const float m_use = mx == -XATTN_INF ? 0.f : mx;
-    float sum = 0.f, val = 0.f;
-    for (int s = 0; s < a.splits; ++s) {
-        const float wt = __expf(a.lse_part[s * rows + row] - m_use);  // 0 for empty splits
-        sum += wt;
-        val += wt * a.o_part[(s * rows + row) * D + d];
+    // Several splits: the last block of this (sequence, kv head, row block) to finish merges
+    // them. Each thread's partials are made visible device-wide before the block takes its
+    // ticket (the fence), and the barrier orders every thread's fence before thread 0's atomic.
+    __shared__ int s_last;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        int* counter = a.counters + (long long)b * gridDim.y + blockIdx.y;
+        const bool last = atomicAdd(counter, 1) == a.splits - 1;
+        // Every other split has taken its ticket: the counter is free for the next launch.
+        if (last) atomicExch(counter, 0);
+        __threadfence();  // the partials read below are not older than the ticket
+        s_last = last;
     }
-    a.o[row * D + d] = (unsigned short)(pack2(sum > 0.f ? val / sum : 0.f, 0.f, T()) & 0xffffu);
-    if (d == 0 && a.lse != nullptr) a.lse[row] = sum > 0.f ? m_use + __logf(sum) : -XATTN_INF;
+    __syncthreads();
+    if (!s_last) return;
+    merge_splits<T, D, NW>(a, reinterpret_cast<float*>(sKV), row0, rb * 16, R, warp, lane, tid);
 }
 
 }  // namespace xattn
@@ -372,13 +442,15 @@ __device__ __forceinline__ void combine_core(const DecodeArgs& a) {
 #define XATTN_DECODE_PARAMS                                                                 \
     const unsigned short *q, const unsigned short *k, const unsigned short *v,              \
         const int *table, const int *lengths, unsigned short *o, float *lse, float *o_part, \
-        float *lse_part, int batch, int hq, int hkv, int T, int page_size, int max_pages,   \
-        int splits, float scale, float softcap, int wl, const float *alibi, long long alibi_bs
+        float *lse_part, int *counters, int batch, int hq, int hkv, int T, int page_size,   \
+        int max_pages, int splits, float scale, float softcap, int wl, const float *alibi,  \
+        long long alibi_bs
 
 #define XATTN_DECODE_ARGS                                                                   \
-    xattn::DecodeArgs{q,     k,         v,        table, lengths,   o,         lse,         \
-                      o_part, lse_part, batch,    hq,    hkv,       T,         page_size,   \
-                      max_pages, splits, scale,   softcap, wl,      alibi,     alibi_bs}
+    xattn::DecodeArgs{q,         k,        v,      table,   lengths, o,     lse,            \
+                      o_part,    lse_part, counters, batch, hq,      hkv,   T,              \
+                      page_size, max_pages, splits, scale,  softcap, wl,    alibi,          \
+                      alibi_bs}
 
 #define XATTN_DECODE_ENTRY(TN, D, NW, ST)                                                   \
     extern "C" __global__ void __launch_bounds__(NW * 32)                                   \
@@ -386,17 +458,10 @@ __device__ __forceinline__ void combine_core(const DecodeArgs& a) {
         xattn::decode_core<xattn::TN, D, NW, ST>(XATTN_DECODE_ARGS);                        \
     }
 #define XATTN_DECODE_ONE(TN, D, NW, ST) XATTN_DECODE_ENTRY(TN, D, NW, ST)
-#define XATTN_DECODE_COMBINE_ENTRY(TN, D)                                                   \
-    extern "C" __global__ void decode_combine_##TN##_d##D(XATTN_DECODE_PARAMS) {            \
-        xattn::combine_core<xattn::TN, D>(XATTN_DECODE_ARGS);                               \
-    }
-#define XATTN_DECODE_COMBINE_ONE(TN, D) XATTN_DECODE_COMBINE_ENTRY(TN, D)
 
 // Instantiation: the loader builds one module per entry with -D options, CI one translation
 // unit with one macro call per entry -- both from the list in
 // xattn/_backends/cupy_/instances.py. Without those options this file builds nothing.
 #if defined(XATTN_D) && defined(XATTN_ST)
 XATTN_DECODE_ONE(XATTN_TN, XATTN_D, XATTN_NW, XATTN_ST)
-#elif defined(XATTN_D)
-XATTN_DECODE_COMBINE_ONE(XATTN_TN, XATTN_D)
 #endif

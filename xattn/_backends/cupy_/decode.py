@@ -1,26 +1,26 @@
 """CuPy launcher of the split-KV decode kernel (``xattn/kernels/decode_splitkv.cu``).
 
-``auto``'s decode path on CuPy (float16/bfloat16, D = Dv in 64 or 128). Its earlier version
-(two stages, a table read and two divisions per 16-byte copy, ~140 us of host work a call)
-passed its tests against the float64 oracle (``tests/test_decode_gpu.py``) on an H100 and an
-H200 on 2026-12-05 and read K/V at 0.18-2.72 TB/s there (``benchmarks/gpu_decode.py``;
-docs/inference.rst has the table). This version (stage ring, one table read per tile,
-planned launches through a prebuilt argument block) is compile-checked (spill-free, sm_80 and
+``auto``'s decode path on CuPy (float16/bfloat16, D = Dv in 64 or 128). Its earlier versions
+passed their tests against the float64 oracle (``tests/test_decode_gpu.py``) on an H100 and an
+H200 on 2026-12-05 (``benchmarks/gpu_decode.py``; docs/inference.rst has the tables). This
+version (the split merge inside the kernel, (8, 2) the default at D=128, launches through a
+prebuilt argument block that really engages) is compile-checked (spill-free, sm_80 and
 sm_90a) and waits for its GPU run (``bash tools/gpu_check_decode.sh``).
 
 One thread block per (split of the keys, kv head x row block of 16 packed query rows,
 sequence); :func:`num_splits` picks the split count from the batch, the kv heads, the
 longest context and the SM count. With more than one split the blocks write float32 partial
-results and a second kernel merges them by their lse. The cache's lengths and block table
-live on the host (:mod:`xattn.kvcache`); the cache copies those few int32 values to the
-device, explicitly, once after each change (``KVCache._device_meta``), not at every call.
+results and the last block of each (sequence, kv head, row block) to finish merges them by
+their lse, counted by a per-(device, stream) int32 ticket array that the merging blocks leave
+zeroed: one launch per call. The cache's lengths and block table live on the host
+(:mod:`xattn.kvcache`); the cache copies those few int32 values to the device, explicitly,
+once after each change (``KVCache._device_meta``), not at every call.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import math
 import struct
 import threading
 
@@ -37,7 +37,7 @@ _MIN_TILES_PER_WARP = 4
 # A split count above the best smaller one must fill this fraction more of the card's block
 # slots to be taken (more splits cost a merge and a prologue each).
 _GAIN = 0.05
-_MAX_SPLITS = 128
+_MAX_SPLITS = 128  # the kernel's XATTN_DECODE_MAX_SPLITS (its merge keeps a weight per split)
 # decode_attention passes need_lse (False: no lse array is made or written).
 DECODE_LSE_OPTIONAL = True
 
@@ -109,8 +109,10 @@ def blocks_per_sm(fn, d, cfg=None):
         def attr(name, number):  # the CUDA enum's number where CuPy lacks the name
             return rt.deviceGetAttribute(getattr(rt, "cudaDevAttr" + name, number), dev)
 
+        # The static shared memory (the merge's flag) counts beside the dynamic.
+        static = int(getattr(fn, "shared_size_bytes", 0) or 0)
         hit = _occupancy[key] = resident_blocks(
-            fn.num_regs, smem_bytes(d, cfg), attr("MaxRegistersPerMultiprocessor", 82),
+            fn.num_regs, smem_bytes(d, cfg) + static, attr("MaxRegistersPerMultiprocessor", 82),
             attr("MaxSharedMemoryPerMultiprocessor", 81),
             attr("MaxThreadsPerMultiProcessor", 39), cfg[0])
     return hit
@@ -130,33 +132,44 @@ _occupancy: dict = {}
 
 
 @functools.lru_cache(maxsize=64)
-def _instances(type_name, d, cfg):
-    return instances.decode(type_name, d, cfg), instances.decode_combine(type_name, d)
+def _instance(type_name, d, cfg):
+    return instances.decode(type_name, d, cfg)
 
 
-def _functions(type_name, d, cfg):
-    inst, comb = _instances(type_name, d, cfg)
-    main = compiled_function(inst.source, inst.names[0], inst.defines, smem_bytes(d, cfg))
-    combine = compiled_function(comb.source, comb.names[0], comb.defines, 0)
-    return main, combine
+def _function(type_name, d, cfg):
+    inst = _instance(type_name, d, cfg)
+    return compiled_function(inst.source, inst.names[0], inst.defines, smem_bytes(d, cfg))
+
+
+def function_handle(fn):
+    """The ``CUfunction`` handle (an int) of a compiled function on the current device, or
+    None where it has none: a ``cupy.cuda.function.Function`` carries it as ``.ptr``; a
+    ``cupy.RawKernel`` (what ``RawModule.get_function`` returns) has no ``.ptr``, its
+    ``.kernel`` is the Function of the current device (loaded, compiled first if need be, on
+    first access). The debug-logging wrapper of :func:`compiled_function` passes both
+    attributes through."""
+    ptr = getattr(fn, "ptr", None)
+    if ptr is None:
+        ptr = getattr(getattr(fn, "kernel", None), "ptr", None)
+    return int(ptr) if ptr else None
 
 
 # Launch through cuLaunchKernel with an argument block built once per plan (only the
-# pointers of q, the outputs and the scratch change between calls) instead of CuPy's
-# per-call conversion of 21 arguments for each of the two kernels. False (or debug logging
-# on, which names each kernel launched): CuPy's own launch. tests/test_decode_gpu.py checks
-# that both give the same bits.
+# pointers of q, the outputs, the scratch and the tickets change between calls) instead of
+# CuPy's per-call conversion of 22 arguments. False (or debug logging on, which names each
+# kernel launched): CuPy's own launch. tests/test_decode_gpu.py checks that both give the same
+# bits and that a default call takes this path.
 FAST_LAUNCH = True
 
-# The kernels' parameter list (XATTN_DECODE_PARAMS) in one byte buffer: the values a call
-# changes first, side by side (q, out, lse, partial outputs, partial lse, ALiBi slopes: 64-bit
-# pointers; ALiBi's batch stride: int64), then k, v, table, lengths (pointers), batch, hq,
-# hkv, T, page_size, max_pages, splits (int32), scale, softcap (float32), wl (int32).
-# _PARAM_AT[i]: where parameter i of the signature lives in the buffer.
-_PER_CALL = struct.Struct("<6Qq")
+# The kernel's parameter list (XATTN_DECODE_PARAMS) in one byte buffer: the values a call
+# changes first, side by side (q, out, lse, partial outputs, partial lse, ALiBi slopes, ticket
+# counters: 64-bit pointers; ALiBi's batch stride: int64), then k, v, table, lengths
+# (pointers), batch, hq, hkv, T, page_size, max_pages, splits (int32), scale, softcap
+# (float32), wl (int32). _PARAM_AT[i]: where parameter i of the signature lives in the buffer.
+_PER_CALL = struct.Struct("<7Qq")
 _FIXED = struct.Struct("<4Q7i2fi")
-_PARAM_AT = (0, 56, 64, 72, 80, 8, 16, 24, 32, 88, 92, 96, 100, 104, 108, 112, 116, 120, 124,
-             40, 48)
+_PARAM_AT = (0, 64, 72, 80, 88, 8, 16, 24, 32, 48, 96, 100, 104, 108, 112, 116, 120, 124, 128,
+             132, 40, 56)
 _ARG_BYTES = _PER_CALL.size + _FIXED.size
 
 
@@ -186,9 +199,8 @@ class _Plan:
     (problem, cache state, configuration, device), reused by the calls that follow until the
     cache changes (:meth:`xattn.KVCache._launch_plans`)."""
 
-    __slots__ = ("prob", "main", "combine", "splits", "grid", "block", "smem", "head", "tail",
-                 "out_shape", "lse_shape", "part_o", "part_lse", "combine_grid", "args",
-                 "fn_main", "fn_combine")
+    __slots__ = ("prob", "main", "splits", "grid", "block", "smem", "head", "tail", "out_shape",
+                 "lse_shape", "part_o", "part_lse", "tickets", "args", "fn_main")
 
 
 def _make_plan(prob, cache, splits, cfg):
@@ -202,14 +214,14 @@ def _make_plan(prob, cache, splits, cfg):
     longest = int(cache._lengths.max(initial=0))
     span = longest if left < 0 else min(longest, T + left + BN - 1)
     max_tiles = -(-span // BN)
-    main, combine = _functions(_params.type_name(prob.dtype), D, cfg)
+    main = _function(_params.type_name(prob.dtype), D, cfg)
     if splits is None:
         splits = num_splits(B, Hkv, row_blocks, max_tiles, _params.sm_count(),
                             blocks_per_sm(main, D, cfg), cfg[0])
     splits = int(max(1, min(int(splits), _MAX_SPLITS, max(1, max_tiles))))
     i32, f32 = np.int32, np.float32
     plan = _Plan()
-    plan.prob, plan.main, plan.combine, plan.splits = prob, main, combine, splits
+    plan.prob, plan.main, plan.splits = prob, main, splits
     plan.grid = (splits, Hkv * row_blocks, B)
     plan.block = (cfg[0] * 32,)
     plan.smem = smem_bytes(D, cfg)
@@ -220,12 +232,38 @@ def _make_plan(prob, cache, splits, cfg):
     rows = B * Hq * T
     plan.part_o = splits * rows * D if splits > 1 else 0  # float32 elements
     plan.part_lse = splits * rows if splits > 1 else 0
-    plan.combine_grid = (math.ceil(rows * D / 256),)
-    plan.args = None
-    if hasattr(main, "ptr") and hasattr(combine, "ptr") and _driver() is not None:
+    # One ticket counter per (sequence, kv head, row block) when the blocks merge splits.
+    plan.tickets = B * Hkv * row_blocks if splits > 1 else 0
+    plan.args = plan.fn_main = None
+    handle = function_handle(main) if _driver() is not None else None
+    if handle is not None:
         plan.args = _ArgBlock((*(_ptr(x) for x in plan.head), *(x.item() for x in plan.tail)))
-        plan.fn_main, plan.fn_combine = main.ptr, combine.ptr
+        plan.fn_main = handle
     return plan
+
+
+# (device, stream) -> int32 device array of ticket counters, all zero between launches: the
+# block that merges a (sequence, kv head, row block) sets its counter back to 0, and launches
+# on one stream run in order, so every plan on that stream shares one array. It only grows:
+# the array it replaces goes back to CuPy's pool, which hands it out again in stream order.
+# The per-thread default stream (handle 2, cudaStreamPerThread) is one stream per host thread.
+_tickets: dict = {}
+_tickets_lock = threading.Lock()
+_PER_THREAD_STREAM = 2
+
+
+def _ticket_counters(dev, stream, n):
+    key = (dev, stream, threading.get_ident() if stream == _PER_THREAD_STREAM else 0)
+    buf = _tickets.get(key)
+    if buf is None or buf.size < n:
+        import cupy
+
+        with _tickets_lock:
+            buf = _tickets.get(key)
+            if buf is None or buf.size < n:
+                # cupy.zeros runs on the current stream, the launch's: zero before it reads.
+                buf = _tickets[key] = cupy.zeros(max(n, 4096), dtype=cupy.int32)
+    return buf
 
 
 @functools.lru_cache(maxsize=1)
@@ -258,20 +296,16 @@ def _bind_context(dev):
         done.add(dev)
 
 
-def _launch_fast(plan, dev, q, out, lse, part_o, part_lse, alibi, alibi_bs):
-    current_stream, launch = _driver()
-    _bind_context(dev)
-    stream = current_stream().ptr
-    g, b = plan.grid, plan.block[0]
+def _launch_fast(plan, stream, q, out, lse, part_o, part_lse, alibi, alibi_bs, tickets):
+    launch = _driver()[1]
+    g = plan.grid
     # The slots are the plan's: two threads launching one plan take turns.
     with plan.args.lock:
         _PER_CALL.pack_into(plan.args.buf, 0, q.data.ptr, out.data.ptr,
                             0 if lse is None else lse.data.ptr, part_o, part_lse,
-                            0 if alibi is None else alibi.data.ptr, alibi_bs)
-        launch(plan.fn_main, g[0], g[1], g[2], b, 1, 1, plan.smem, stream, plan.args.ptr, 0)
-        if plan.part_o:
-            launch(plan.fn_combine, plan.combine_grid[0], 1, 1, 256, 1, 1, 0, stream,
-                   plan.args.ptr, 0)
+                            0 if alibi is None else alibi.data.ptr, tickets, alibi_bs)
+        launch(plan.fn_main, g[0], g[1], g[2], plan.block[0], 1, 1, plan.smem, stream,
+               plan.args.ptr, 0)
 
 
 _NULL = np.uint64(0)
@@ -280,12 +314,12 @@ _log = logging.getLogger("xattn")
 
 def decode(prob, q, cache, *, alibi_slopes=None, splits=None, config=None, need_lse=True):
     """Return ``(out, lse)`` of :func:`xattn.decode_attention` (``lse`` None without
-    ``need_lse``: the kernels then write none). ``splits`` overrides :func:`num_splits` and
+    ``need_lse``: the kernel then writes none). ``splits`` overrides :func:`num_splits` and
     ``config`` the ``(warps, stages)`` instance (``benchmarks/gpu_decode.py --sweep`` and
     ``--configs`` time the choices with them).
 
     The host work of a call on an unchanged cache is a dictionary look-up, two or three
-    allocations and the launches: the split count, grid and scalar arguments are planned once
+    allocations and one launch: the split count, grid and scalar arguments are planned once
     per cache state (:class:`_Plan`)."""
     import cupy as cp
 
@@ -300,13 +334,22 @@ def decode(prob, q, cache, *, alibi_slopes=None, splits=None, config=None, need_
     qc = q if q.flags.c_contiguous else cp.ascontiguousarray(q)
     out = cp.empty(plan.out_shape, dtype=q.dtype)
     lse = cp.empty(plan.lse_shape, dtype=cp.float32) if need_lse else None
-    scratch, part_o, part_lse = None, 0, 0
+    scratch, part_o, part_lse, tickets = None, 0, 0, 0
+    fast = FAST_LAUNCH and plan.args is not None and not _log.isEnabledFor(logging.DEBUG)
+    if fast:
+        # The stream read for the tickets is the launch's; the driver-API launch needs the
+        # runtime's context bound to this thread.
+        _bind_context(dev)
+        stream = _driver()[0]().ptr
+    else:
+        stream = cp.cuda.get_current_stream().ptr
     if plan.part_o:
         # One scratch allocation, the partial lse after the partial outputs (float32 both);
-        # CuPy's pool hands it out again only in stream order, after the kernels.
+        # CuPy's pool hands it out again only in stream order, after the kernel.
         scratch = cp.cuda.alloc(4 * (plan.part_o + plan.part_lse))
         part_o = scratch.ptr
         part_lse = part_o + 4 * plan.part_o
+        tickets = _ticket_counters(dev, stream, plan.tickets).data.ptr
     alibi, alibi_bs = None, 0
     if alibi_slopes is not None:
         # Slopes (Hq,) or (B, Hq), read by the kernel at b * alibi_bs + h: as they are when
@@ -315,13 +358,11 @@ def decode(prob, q, cache, *, alibi_slopes=None, splits=None, config=None, need_
         if alibi.dtype != cp.float32 or not alibi.flags.c_contiguous:
             alibi = cp.ascontiguousarray(alibi, dtype=cp.float32)
         alibi_bs = 0 if alibi.ndim == 1 else plan.out_shape[1]
-    if FAST_LAUNCH and plan.args is not None and not _log.isEnabledFor(logging.DEBUG):
-        _launch_fast(plan, dev, qc, out, lse, part_o, part_lse, alibi, alibi_bs)
+    if fast:
+        _launch_fast(plan, stream, qc, out, lse, part_o, part_lse, alibi, alibi_bs, tickets)
         return out, lse
     u64 = np.uint64
     args = (qc, *plan.head, out, _NULL if lse is None else lse, u64(part_o), u64(part_lse),
-            *plan.tail, _NULL if alibi is None else alibi, np.int64(alibi_bs))
+            u64(tickets), *plan.tail, _NULL if alibi is None else alibi, np.int64(alibi_bs))
     plan.main(plan.grid, plan.block, args, shared_mem=plan.smem)
-    if plan.part_o:
-        plan.combine(plan.combine_grid, (256,), args)
     return out, lse

@@ -35,7 +35,7 @@ __all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "DECODE", "DECODE_EXTRA",
            "FWD_BM", "FWD_BM_MODS", "FWD_MODS", "HEAD_DIMS", "Instance", "SM90", "SM90_BM",
            "SM90_BM_MODS", "SM90_BWD_HEAD_DIMS", "SM90_EXPERIMENTAL", "SM90_MODS", "TF32",
            "TF32X3", "bwd", "bwd_aux", "bwd_dq", "bwd_simt", "bwd_sm90", "decode",
-           "decode_combine", "experimental", "fwd", "fwd_simt", "shipped", "sm90", "tf32",
+           "experimental", "fwd", "fwd_simt", "shipped", "sm90", "tf32",
            "tf32_bm"]
 
 # Head dims the kernels are built for; others up to 256 are zero-padded to the next one.
@@ -292,23 +292,23 @@ def decode(tn, d, cfg) -> Instance:
                     (f"decode_splitkv_{tn}_d{d}_w{nw}_s{st}",))
 
 
-def decode_combine(tn, d) -> Instance:
-    """The lse merge of the decode kernel's split partials, one dtype and head dim."""
-    return Instance("decode_splitkv.cu", "XATTN_DECODE_COMBINE_ONE",
-                    (("XATTN_TN", tn), ("XATTN_D", d)), (f"decode_combine_{tn}_d{d}",))
-
-
 # Head dims of the split-KV decode kernel (decode_splitkv.cu) and its (warps, stages) per
 # head dim: each warp keeps `stages` 16-key K/V tiles in shared memory (8.5 KiB a stage at
-# D=128), `stages - 1` of them in flight. PROVISIONAL until measured on a GPU with
-# benchmarks/gpu_decode.py --configs (it times every DECODE_EXTRA candidate beside the default):
-# (4, 3) keeps 2 blocks of 4 warps per SM at D=128 (104 KiB each on 228), 16 tiles = 128 KiB
-# in flight per SM; the (4, 2) it replaced held 3 blocks, 12 tiles (96 KiB) in flight, and
-# read at most 2.7 TB/s on an H200, bound by its address math (a block-table read and two
-# divisions per 16-byte copy), not by the stages.
+# D=128), `stages - 1` of them in flight. Chosen on an H100 80GB HBM3 (2026-12-05,
+# benchmarks/gpu_decode.py --configs: fp16, Hq=32 Hkv=8, B in 1/16/64 x ctx in 4k/32k/128k,
+# the candidates through the launcher in one run, with the separate merge kernel of the
+# time): at D=128, (8, 2) -- one block of 8 warps per SM, 8 tiles (68 KiB) in flight -- read
+# at least as fast as (4, 3) -- two blocks of 4 warps, 16 tiles in flight -- in all 9 rows
+# and fastest of the 5 candidates in 7 of them, by up to 0.15 TB/s (6 %); all 5 lay within
+# 10 % of each other, so the bytes in flight past ~64 KiB per SM are not what bounds the
+# kernel. Its GPU tests cover float16 and bfloat16 at (8, 2) (tests/test_decode_gpu.py). D=64
+# keeps (4, 3): no run has timed its candidates yet. Since then a warp refills a free stage
+# before it waits (ST tiles in flight while waiting instead of ST - 1), which doubles (8, 2)'s
+# bytes in flight; (8, 3) (213 KiB of shared memory: one block per SM on sm_90, too much for
+# sm_80's 163 KiB) is the candidate with three.
 DECODE_HEAD_DIMS = (64, 128)
-DECODE = {64: (4, 3), 128: (4, 3)}
-DECODE_EXTRA = {64: ((4, 2), (2, 4)), 128: ((4, 2), (4, 4), (2, 4), (8, 2))}
+DECODE = {64: (4, 3), 128: (8, 2)}
+DECODE_EXTRA = {64: ((4, 2), (2, 4)), 128: ((4, 3), (8, 3), (4, 2), (4, 4), (2, 4))}
 
 
 def shipped() -> list:
@@ -348,7 +348,6 @@ def shipped() -> list:
     for d in DECODE_HEAD_DIMS:
         for cfg in (DECODE[d], *DECODE_EXTRA.get(d, ())):
             out += [decode(tn, d, cfg) for tn in TYPES]
-        out += [decode_combine(tn, d) for tn in TYPES]
     out += [bwd_sm90(tn, d) for d in SM90_BWD_HEAD_DIMS for tn in TYPES]
     return out
 
