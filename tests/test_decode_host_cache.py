@@ -77,23 +77,3 @@ def test_launch_plans_are_dropped_at_every_change(rng, page_size):
     K, V = cache.sequence(0)
     np.testing.assert_allclose(xattn.decode_attention(q, cache)[0],
                                xattn.flash_attention(q[0], K, V, causal=True), atol=1e-5)
-
-
-def test_disable_switch_reads_the_environment_as_it_is_now(monkeypatch):
-    """The call key's cheap read of XATTN_DISABLE follows every change made through
-    os.environ, and agrees with os.environ about whether and what is set."""
-    import os
-
-    from xattn.kvcache import _disable_switch
-
-    def plain():
-        value = os.environ.get("XATTN_DISABLE")
-        return None if value is None else os.fsencode(value) if os.name == "posix" else value
-
-    monkeypatch.delenv("XATTN_DISABLE", raising=False)
-    assert _disable_switch() is None
-    for value in ("numba", "numba,numpy", ""):
-        monkeypatch.setenv("XATTN_DISABLE", value)
-        assert _disable_switch() == plain()
-    monkeypatch.delenv("XATTN_DISABLE")
-    assert _disable_switch() is None

@@ -671,12 +671,11 @@ def _call_key(q, cache, window, alibi_slopes, softcap, scale, backend):
     """A key under which this call's validated problem and table choice may be reused, or None
     (validate in full).
 
-    Everything the validation and the choice read is in it: the exact
-    array types (the cache's own, so the namespace checks hold), q's shape, dtype and device,
-    the options by type and value (plain ints, floats, None and tuples of them only: anything
-    else, including bools and NumPy scalars, is validated every time), ALiBi's shape, dtype
-    and device, the backend name and ``XATTN_DISABLE`` (read at every call, cheaply:
-    :func:`_disable_switch`). The cache's own shape and options never change after
+    Everything the validation and the choice read is in it: the exact array types (the cache's
+    own, so the namespace checks hold), q's shape, dtype and device, the options by type and
+    value (plain ints, floats, None and tuples of them only: anything else, including bools
+    and NumPy scalars, is validated every time), ALiBi's shape, dtype and device, the backend
+    name and ``XATTN_DISABLE``. The cache's own shape and options never change after
     construction. With debug logging on, every call goes through the table (it logs the
     choice)."""
     if type(cache) is not KVCache or type(q) is not cache._array_type:
@@ -701,25 +700,4 @@ def _call_key(q, cache, window, alibi_slopes, softcap, scale, backend):
     else:
         return None
     return (q.shape, q.dtype, dev, window, type(softcap), softcap, type(scale), scale, ali,
-            backend, _disable_switch())
-
-
-def _disable_switch():
-    """``XATTN_DISABLE`` as the environment holds it now (raw: bytes on POSIX), for the call
-    key. ``os.environ.get`` of an unset variable costs ~0.6 us (a KeyError raised and caught
-    inside ``Mapping.get``), a noticeable share of a GPU decode call's host work; the mapping's
-    own dict, under the key as the mapping encodes it, answers the same in ~20 ns. Every
-    change through ``os.environ`` (``monkeypatch.setenv`` included) lands in that dict, and
-    :func:`xattn._backends.disabled` reads the variable through ``os.environ`` too. Where the
-    mapping has no such dict (not CPython), the plain lookup."""
-    if _ENV_DATA is not None:
-        return _ENV_DATA.get(_ENV_KEY)
-    return os.environ.get("XATTN_DISABLE")
-
-
-_ENV_DATA = getattr(os.environ, "_data", None)
-_ENV_KEY = None
-if isinstance(_ENV_DATA, dict) and callable(getattr(os.environ, "encodekey", None)):
-    _ENV_KEY = os.environ.encodekey("XATTN_DISABLE")
-else:
-    _ENV_DATA = None
+            backend, os.environ.get("XATTN_DISABLE", ""))
