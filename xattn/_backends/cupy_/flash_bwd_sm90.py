@@ -11,14 +11,25 @@ mma.sync backward (:mod:`.flash_bwd`), so the three launches are:
    adds varies from run to run);
 3. ``dq = scale * dq_accum`` in the input type (``flash_bwd_dq_convert_<t>``).
 
-Served: float16 and bfloat16, ``D == Dv`` in 64 or 128, causal or not (bottom-right), any
-scale, GQA/MQA (dk/dv summed over the group in registers), any ``Sq`` / ``Sk``, fully masked
-rows (zero gradients); compute capability 9.0 only. Refused with the reason
-(:func:`supports`): the forward, windows, score modifications (softcap, mask, bias, ALiBi),
-block masks, ``deterministic=True``, other head dims and dtypes.
+Served: float16 and bfloat16, ``D == Dv`` in 64 or 128, causal or not (bottom-right), sliding
+windows, any scale, GQA/MQA (dk/dv summed over the group in registers), any ``Sq`` / ``Sk``,
+fully masked rows (zero gradients); the score modifications (softcap with its derivative in
+dS, ALiBi, additive bias and boolean mask in every broadcast shape, as ``cupy.sm80``'s
+backward takes them) at D = 64; a block mask (unbatched) whose blocks its tiles divide: ``bk``
+a multiple of 128 (the CTA's keys), ``bq`` of 64 (one query step), at D = 64 and, without
+score mods, D = 128. The kernel walks the mask's CSC column of its 128 keys (the query blocks
+that see them), so invisible blocks are never loaded; full blocks run no element test,
+partial blocks the mask's element rule. Compute capability 9.0 only. Refused with the reason
+(:func:`supports`), so that ``auto`` walks on to ``cupy.sm80``: the forward, score mods at
+D = 128 (they do not fit the registers beside the dK/dV accumulators), other block sizes,
+``deterministic=True``, ``return_dbias``, other head dims and dtypes.
 
-``auto`` tries it before ``cupy.sm80``'s backward (measured ahead of it on an H100,
-``tools/gpu_check_sm90bwd.sh bench``); requests it refuses walk on to ``cupy.sm80``.
+Entries (:func:`variant`): the plain one (causal only, its own argument list), and with a
+window, score mods or a block mask one of ``win``, ``mods``, ``bm``, ``mods_bm``, which take
+``flash_bwd.cu``'s argument list (the parameter block of :func:`._params.option_args`, then
+the block mask's CSR and CSC arrays of :func:`._params.block_mask_args`).
+``flex_attention_backward`` builds the same kernel with the user's functions compiled in
+(:mod:`.flex_tc_bwd`).
 """
 
 from __future__ import annotations
@@ -30,12 +41,40 @@ import numpy as np
 from . import _params, flash_bwd, instances
 from ._compile import compiled_function
 
-__all__ = ["HEAD_DIMS", "backward", "forward", "get_kernel", "smem_bytes", "supports"]
+__all__ = ["HEAD_DIMS", "backward", "block_mask_reason", "built", "forward", "get_kernel",
+           "grid", "smem_bytes", "supports", "variant"]
 
 HEAD_DIMS = instances.SM90_BWD_HEAD_DIMS
 # Keys per CTA (two warpgroups of 64) and query rows per step: fixed by the kernel.
 BLOCK_N, BLOCK_M = 128, 64
 THREADS = 256
+
+
+def variant(prob):
+    """The kernel entry's variant token for this problem (:data:`instances.SM90_BWD_VARIANTS`),
+    or ``None`` for the plain entry (causal only)."""
+    mods, sparse = prob.has_score_mods, prob.block_mask is not None
+    if mods or sparse:
+        return "_".join(("mods",) * mods + ("bm",) * sparse)
+    return "win" if prob.window is not None else None
+
+
+def built(var, d) -> bool:
+    """Whether the entry of variant ``var`` exists at head dim ``d``."""
+    return var is None or d in instances.SM90_BWD_VARIANTS[var][2]
+
+
+def block_mask_reason(block_mask):
+    """``None`` when the kernel walks this block mask, else why not: its 128 keys must lie
+    inside one mask key block and each 64-row query step inside one mask query block."""
+    if block_mask.batch_shape:
+        return "block_mask: a batched mask (one call per batch element goes through flash.py)"
+    bq, bk = block_mask.block_size
+    if bq % BLOCK_M or bk % BLOCK_N:
+        return (f"block_mask: block size {tuple(block_mask.block_size)} is not served by the "
+                f"sm_90a backward kernel: bq must be a multiple of {BLOCK_M} and bk of "
+                f"{BLOCK_N} (its query step and key block); cupy.sm80 takes smaller blocks")
+    return None
 
 
 def supports(prob, opts, op="backward"):
@@ -48,12 +87,15 @@ def supports(prob, opts, op="backward"):
     if prob.d not in HEAD_DIMS or prob.dv != prob.d:
         return (f"head_dim {prob.d} (Dv {prob.dv}): the sm_90a backward kernel has D = Dv in "
                 f"{list(HEAD_DIMS)}")
-    if prob.has_score_mods:
-        return "softcap, mask, bias and ALiBi run on the mma.sync backward (cupy.sm80)"
-    if prob.window is not None:
-        return "a sliding window runs on the mma.sync backward (cupy.sm80)"
     if prob.block_mask is not None:
-        return "a block_mask runs on the mma.sync backward (cupy.sm80)"
+        why = block_mask_reason(prob.block_mask)
+        if why is not None:
+            return why
+    var = variant(prob)
+    if not built(var, prob.d):
+        return (f"softcap, mask, bias and ALiBi at head_dim {prob.d}: the sm_90a backward has "
+                f"them at D = {list(instances.SM90_BWD_VARIANTS[var][2])} (at D = 128 they do "
+                "not fit the registers beside the dK/dV accumulators); cupy.sm80 serves them")
     opts = opts or {}
     if opts.get("deterministic"):
         return ("deterministic=True: the sm_90a backward adds dq with atomics (cupy.sm80 has "
@@ -70,11 +112,17 @@ def smem_bytes(d):
     return (2 * BLOCK_N * d + 4 * BLOCK_M * d + BLOCK_M * BLOCK_N) * 2 + 4 * BLOCK_M * 4 + 1024
 
 
-def get_kernel(tn, d):
-    """The compiled sm_90a entry of one dtype and head dim (cubin cached on disk)."""
-    inst = instances.bwd_sm90(tn, d)
+def get_kernel(tn, d, var=None):
+    """The compiled sm_90a entry of one dtype, head dim and variant (:func:`variant`; cubin
+    cached on disk)."""
+    inst = instances.bwd_sm90(tn, d, var)
     return compiled_function(inst.source, inst.name, inst.defines, smem_bytes(d),
                              arch=inst.arch)
+
+
+def grid(batch, hkv, sk):
+    """The launch grid: (key blocks of 128, kv heads, batch elements)."""
+    return ((sk + BLOCK_N - 1) // BLOCK_N, hkv, batch)
 
 
 def forward(prob, q, k, v, **_):
@@ -115,10 +163,15 @@ def _backward(prob, dout, q, k, v, out, lse):
     i32, f32 = np.int32, np.float32
 
     flash_bwd.run_delta(tn, o4, do4, delta, d)
-    get_kernel(tn, d)(
-        grid=((sk + BLOCK_N - 1) // BLOCK_N, hkv, B), block=(THREADS,),
-        args=(q4, k4, v4, do4, lse3, delta, acc, dk4, dv4, i32(hq), i32(prob.group), i32(sq),
-              i32(sk), f32(prob.scale), i32(bool(prob.causal))),
-        shared_mem=smem_bytes(d))
+    var = variant(prob)
+    if var is None:
+        args = (q4, k4, v4, do4, lse3, delta, acc, dk4, dv4, i32(hq), i32(prob.group), i32(sq),
+                i32(sk), f32(prob.scale), i32(bool(prob.causal)))
+    else:  # flash_bwd.cu's argument list (dq, null here, is not read)
+        args = (q4, k4, v4, do4, lse3, delta, acc, np.uint64(0), dk4, dv4, i32(hq),
+                i32(prob.group), i32(sq), i32(sk), f32(prob.scale),
+                *_params.option_args(xp, prob), *_params.block_mask_args(xp, prob, csc=True))
+    get_kernel(tn, d, var)(grid=grid(B, hkv, sk), block=(THREADS,), args=args,
+                           shared_mem=smem_bytes(d))
     flash_bwd.run_dq_convert(tn, acc, dq4, prob.scale)
     return dq4.reshape(q.shape), dk4.reshape(k.shape), dv4.reshape(v.shape)
