@@ -79,31 +79,35 @@ def block_mask_reason(block_mask):
 
 def supports(prob, opts, op="backward"):
     """``None`` when the sm_90a backward kernel serves this request, else the reason."""
-    why = _params.half_kernel_reason(
+    why = (_params.half_kernel_reason(
         prob, op, ("backward", "the cupy.sm90_bwd entry is backward only (the forward runs on "
                    "cupy.sm90)"), "the sm_90a backward kernel")
-    if why is not None:
-        return why
+        or _entry_reason(prob) or _options_reason(opts or {}))
+    return why or _params.device_reason(prob, "the sm_90a backward kernel", exact_cc=90)
+
+
+def _entry_reason(prob):
+    """Why no entry serves this head dim, block mask or set of score mods, or None."""
     if prob.d not in HEAD_DIMS or prob.dv != prob.d:
         return (f"head_dim {prob.d} (Dv {prob.dv}): the sm_90a backward kernel has D = Dv in "
                 f"{list(HEAD_DIMS)}")
-    if prob.block_mask is not None:
-        why = block_mask_reason(prob.block_mask)
-        if why is not None:
-            return why
+    why = None if prob.block_mask is None else block_mask_reason(prob.block_mask)
     var = variant(prob)
-    if not built(var, prob.d):
-        return (f"softcap, mask, bias and ALiBi at head_dim {prob.d}: the sm_90a backward has "
-                f"them at D = {list(instances.SM90_BWD_VARIANTS[var][2])} (at D = 128 they do "
-                "not fit the registers beside the dK/dV accumulators); cupy.sm80 serves them")
-    opts = opts or {}
+    if why is None and not built(var, prob.d):
+        why = (f"softcap, mask, bias and ALiBi at head_dim {prob.d}: the sm_90a backward has "
+               f"them at D = {list(instances.SM90_BWD_VARIANTS[var][2])} (at D = 128 they do "
+               "not fit the registers beside the dK/dV accumulators); cupy.sm80 serves them")
+    return why
+
+
+def _options_reason(opts):
     if opts.get("deterministic"):
         return ("deterministic=True: the sm_90a backward adds dq with atomics (cupy.sm80 has "
                 "the deterministic dq kernel)")
     unknown = sorted(k for k, v in opts.items() if v is not None and k != "deterministic")
     if unknown:
         return f"options {unknown} are not implemented in the sm_90a backward kernel"
-    return _params.device_reason(prob, "the sm_90a backward kernel", exact_cc=90)
+    return None
 
 
 def smem_bytes(d):
