@@ -41,12 +41,20 @@
 // Layout (contiguous): q, dout (B, Hq, Sq, D); k, v (B, Hkv, Sk, D); lse, delta (B, Hq, Sq)
 // float32 (lse natural log, -inf on rows that see no key); dq_accum (B, Hq, Sq, D) float32,
 // zeroed by the launcher; dk, dv like k, v. GQA: query head h reads kv head h / group.
-// Bottom-right alignment: query i sits at key position i + (Sk - Sq). Options: causal, scale,
-// GQA (no window, score mods or block mask: the launcher refuses them).
+// Bottom-right alignment: query i sits at key position i + (Sk - Sq). The plain entries:
+// causal, scale, GQA. The option entries (_win, _mods, _bm, _mods_bm; _flex, _flex_bm under
+// flex_attention_backward's hook) take flash_bwd.cu's argument list (bwd_score_rules.cuh) and
+// add the window (which also clips each key block's range of query blocks), the score
+// modifications (softcap with its derivative in dS, ALiBi, bias, mask; or the user's
+// score_mod with its derivative) and the block mask: the key block's CSC column is counted,
+// then walked step by step (blockmask.cuh), each step's partial-block number kept for the
+// element rule (or the user's mask_mod). They compute P^T and dS^T in one pass after dP^T
+// (bwd_p_ds, the mma.sync backward's rule). The launcher checks that the 128 keys lie inside
+// one mask key block and each 64-row step inside one mask query block.
 //
 // No CUDA headers; the local headers are inlined by the loader. The wgmma code is compiled only
 // for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); for other targets the entries trap.
-// Entry points: flash_bwd_sm90_<f16|bf16>_d<64|128>.
+// Entry points: flash_bwd_sm90_<f16|bf16>_d<64|128>[_<win|mods|bm|mods_bm|flex|flex_bm>].
 
 #include "common.cuh"
 #include "masking.cuh"
