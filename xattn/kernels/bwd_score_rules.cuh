@@ -73,16 +73,14 @@ __device__ __forceinline__ float bwd_score(const BwdArgs& a, float s, int b, int
     }
 }
 
-// P of one (query qi, key kj) element from its raw score s, and dS in place of its dP: the
-// score mods, the visibility test on edge tiles and the mask's element rule in its partial
-// blocks (both after the mods: a softcap maps -inf to -cap), then exp2 against the row's
-// base-2 lse l2 and dS = P (dP - delta) [* dcap].
+// P of one (query qi, key kj) element from its raw score s: the score mods, the visibility
+// test on edge tiles and the mask's element rule in its partial blocks (both after the mods: a
+// softcap maps -inf to -cap), then exp2 against the row's base-2 lse l2; dcap gets the
+// derivative of the score mods (1 without a softcap or score_mod).
 template <bool MODS>
-__device__ __forceinline__ float bwd_p_ds(const BwdArgs& a, float s, float& dp, int b, int h,
-                                          int qi, int kj, int off, int sk, bool edge,
-                                          bool part, int pblk, int mqb, int mkc, float sl2,
-                                          float l2, float dl) {
-    float dcap;
+__device__ __forceinline__ float bwd_p(const BwdArgs& a, float s, int b, int h, int qi, int kj,
+                                       int off, int sk, bool edge, bool part, int pblk, int mqb,
+                                       int mkc, float sl2, float l2, float& dcap) {
     float x = bwd_score<MODS>(a, s, b, h, qi, kj, off, dcap);
     if (edge && !xattn_visible(qi, kj, off, sk, a.causal, a.wl, a.wr)) x = -XATTN_INF;
 #ifdef XATTN_USER_MODS
@@ -91,14 +89,30 @@ __device__ __forceinline__ float bwd_p_ds(const BwdArgs& a, float s, float& dp, 
 #else
     if (part && !xattn_bm_visible(a.bm, pblk, mqb, mkc, qi, kj)) x = -XATTN_INF;
 #endif
-    const float p = ex2(fmaf(x, sl2, -l2));
+    return ex2(fmaf(x, sl2, -l2));
+}
+
+// dS = P (dP - delta) [* dcap] of one element.
+__device__ __forceinline__ float bwd_ds(float p, float dp, float dl, float dcap) {
 #ifdef XATTN_USER_MODS
     // The user's derivative may be inf or NaN where the pair does not count (a masked pair's
     // score, log or sqrt at 0): a zero weight gives a zero dS, as on the CPU.
-    dp = p == 0.f ? 0.f : p * (dp - dl) * dcap;
+    return p == 0.f ? 0.f : p * (dp - dl) * dcap;
 #else
-    dp = p * (dp - dl) * dcap;
+    return p * (dp - dl) * dcap;
 #endif
+}
+
+// P of one element (bwd_p) and dS in place of its dP (bwd_ds).
+template <bool MODS>
+__device__ __forceinline__ float bwd_p_ds(const BwdArgs& a, float s, float& dp, int b, int h,
+                                          int qi, int kj, int off, int sk, bool edge,
+                                          bool part, int pblk, int mqb, int mkc, float sl2,
+                                          float l2, float dl) {
+    float dcap;
+    const float p = bwd_p<MODS>(a, s, b, h, qi, kj, off, sk, edge, part, pblk, mqb, mkc, sl2,
+                                l2, dcap);
+    dp = bwd_ds(p, dp, dl, dcap);
     return p;
 }
 

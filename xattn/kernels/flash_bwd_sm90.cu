@@ -48,9 +48,10 @@
 // modifications (softcap with its derivative in dS, ALiBi, bias, mask; or the user's
 // score_mod with its derivative) and the block mask: the key block's CSC column is counted,
 // then walked step by step (blockmask.cuh), each step's partial-block number kept for the
-// element rule (or the user's mask_mod). They compute P^T and dS^T in one pass after dP^T
-// (bwd_p_ds, the mma.sync backward's rule). The launcher checks that the 128 keys lie inside
-// one mask key block and each 64-row step inside one mask query block.
+// element rule (or the user's mask_mod), with the mma.sync backward's per-element rules
+// (bwd_p, bwd_ds of bwd_score_rules.cuh): at D = 64 P^T while dP^T runs, as the plain entries,
+// then dS^T; at D = 128 both in one pass after dP^T (registers). The launcher checks that the
+// 128 keys lie inside one mask key block and each 64-row step inside one mask query block.
 //
 // No CUDA headers; the local headers are inlined by the loader. The wgmma code is compiled only
 // for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); for other targets the entries trap.
@@ -399,16 +400,19 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const A& a) {
         // Accumulator element s[n * 4 + hr * 2 + e]: key kw0 + 16 warp + g + 8 hr, query
         // q0 + 8 n + 2 t4 + e. The visibility test only on tiles that need it.
         const bool edge = xattn_tile_needs_test(q0, q1, kw0, 64, off, sk, a.causal, a.wl, a.wr);
-        // JOINT: P^T and dS^T in one pass once dP^T is there (bwd_score_rules.cuh: the score
-        // mods or flex_attention's score_mod with the derivative that dS needs, the visibility
-        // test on edge tiles, the block mask's element rule in its partial blocks). Otherwise
-        // P^T is computed while dP^T runs. The window entry at D = 128 is joint too: the
-        // overlap kept more registers live than its 255 (ptxas spilled 8 bytes).
-        constexpr bool JOINT = MODS || SPARSE || (D == 128 && !plain_args<A>::value);
+        // The option entries (OPT) run bwd_score_rules.cuh's rules (bwd_p: the score mods or
+        // flex_attention's score_mod, the visibility test on edge tiles, the block mask's
+        // element rule in its partial blocks; bwd_ds with the mods' derivative dcap). P^T is
+        // computed while dP^T runs, then dS^T; at D = 128 (JOINT) both in one pass once dP^T
+        // is there: the overlap kept more registers live than its 255 (the window entry
+        // spilled 8 bytes).
+        constexpr bool OPT = !plain_args<A>::value;
+        constexpr bool JOINT = OPT && D == 128;
         if constexpr (JOINT) {
             wgmma_wait<0>();
             fence_regs(dp);
         }
+        float dc[OPT && !JOINT ? BM / 2 : 1];  // dcap per element (folded away when constant)
 #pragma unroll
         for (int n = 0; n < BM / 8; ++n)
 #pragma unroll
@@ -416,13 +420,14 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const A& a) {
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     const int ql = n * 8 + t4 * 2 + e;
-                    if constexpr (JOINT) {
+                    if constexpr (OPT) {
                         const int idx = n * 4 + hr * 2 + e;
-                        s[idx] = bwd_p_ds<MODS>(
-                            a, s[idx], dp[idx], b, h, q0 + ql, kw0 + warp * 16 + g + hr * 8, off,
-                            sk, edge, SPARSE && pblk >= 0, pblk,
-                            SPARSE ? q0 / a.bm.bq * a.bm.bq : 0,
-                            SPARSE ? k0 / a.bm.bk * a.bm.bk : 0, sl2, lb[ql], db[ql]);
+                        float& dcap = dc[JOINT ? 0 : idx];
+                        s[idx] = bwd_p<MODS>(
+                            a, s[idx], b, h, q0 + ql, kw0 + warp * 16 + g + hr * 8, off, sk,
+                            edge, SPARSE && pblk >= 0, pblk, SPARSE ? q0 / a.bm.bq * a.bm.bq : 0,
+                            SPARSE ? k0 / a.bm.bk * a.bm.bk : 0, sl2, lb[ql], dcap);
+                        if constexpr (JOINT) dp[idx] = bwd_ds(s[idx], dp[idx], db[ql], dcap);
                     } else {
                         float x = s[n * 4 + hr * 2 + e];
                         if (edge && !xattn_visible(q0 + ql, kw0 + warp * 16 + g + hr * 8, off,
@@ -440,8 +445,13 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const A& a) {
             wgmma_wait<1>();  // dP^T (the dV group may still run)
             fence_regs(dp);
 #pragma unroll
-            for (int idx = 0; idx < BM / 2; ++idx)  // query 8 n + 2 t4 + e of idx = 4 n + 2 hr + e
-                dp[idx] = s[idx] * (dp[idx] - db[idx / 4 * 8 + t4 * 2 + idx % 2]);
+            for (int idx = 0; idx < BM / 2; ++idx) {  // query 8 n + 2 t4 + e of idx = 4 n + 2 hr + e
+                const float dl = db[idx / 4 * 8 + t4 * 2 + idx % 2];
+                if constexpr (OPT)
+                    dp[idx] = bwd_ds(s[idx], dp[idx], dl, dc[idx]);
+                else
+                    dp[idx] = s[idx] * (dp[idx] - dl);
+            }
         }
         unsigned da[BM / 16][4];
         pack_a<T>(da, dp);

@@ -293,7 +293,7 @@ SM90_BWD_HEAD_DIMS = (64, 128)
 # Its option entries: name token -> (score modifications, block-mask walk, head dims built).
 # "win" serves causal + window (the plain entries take no window: their code stays as
 # measured). At D = 128 the score mods do not fit the 255 registers beside the 128 dK/dV
-# accumulators (ptxas 13.0, sm_90a: mods spilled 48 bytes, mods_bm 72; bm 247 and win 255
+# accumulators (ptxas 13.0, sm_90a: mods spilled 48 bytes, mods_bm 72; bm 244 and win 255
 # registers fit), so score mods at D = 128 stay on the mma.sync backward.
 SM90_BWD_VARIANTS = {"win": (False, False, (64, 128)), "mods": (True, False, (64,)),
                      "bm": (False, True, (64, 128)), "mods_bm": (True, True, (64,))}
