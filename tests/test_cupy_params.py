@@ -185,30 +185,62 @@ def test_launchers_take_the_block_mask_from_the_problem():
         assert not params & {"block_mask", "plan", "element_rule"}, fn.__module__
 
 
-def test_sm90_backward_refusals_name_their_reason():
-    """cupy.sm90_bwd turns down, before asking the device, every request its kernel does not
-    serve, so that auto walks on to cupy.sm80 (the checks that need no GPU)."""
+def test_sm90_backward_refusals_name_their_reason(monkeypatch):
+    """cupy.sm90_bwd turns down every request its kernel does not serve, with the reason, so
+    that auto walks on to cupy.sm80, and takes the options its entries have (windows, score
+    mods at D = 64, block masks its tiles divide); the device is a stand-in of compute
+    capability 9.0 (no GPU needed)."""
     import dataclasses
     from types import SimpleNamespace
 
     from xattn import BlockMask
+    from xattn._backends.cupy_ import _params
     from xattn._backends.cupy_ import flash_bwd_sm90 as m
 
     on_gpu = SimpleNamespace(__name__="cupy")
+    cc = {"value": 90}
+    monkeypatch.setattr(_params, "compute_capability", lambda: cc["value"])
+
+    def prob_of(dtype=np.float16, d=64, dv=64, s=5, **score):
+        q = np.zeros((2, s, d), dtype)
+        prob = validate_attention(q, q, np.zeros((2, s, dv), dtype), **score)
+        return dataclasses.replace(prob, xp=on_gpu)
 
     def why(dtype=np.float16, d=64, dv=64, op="backward", opts=None, **score):
-        q = np.zeros((2, 5, d), dtype)
-        prob = validate_attention(q, q, np.zeros((2, 5, dv), dtype), **score)
-        return m.supports(dataclasses.replace(prob, xp=on_gpu), opts or {}, op)
+        return m.supports(prob_of(dtype, d, dv, **score), opts or {}, op)
 
     assert "backward only" in why(op="forward")
     assert "float16 and bfloat16" in why(np.float32)
     assert "head_dim 96" in why(d=96, dv=96)
     assert "Dv 128" in why(d=64, dv=128)
-    assert "softcap" in why(softcap=5.0)
-    assert "sliding window" in why(window=(2, 0))
     assert "deterministic" in why(opts={"deterministic": True})
     assert "return_dbias" in why(opts={"return_dbias": True})
-    q = np.zeros((2, 256, 64), np.float16)
-    prob = validate_attention(q, q, q, block_mask=BlockMask.causal(256, block_size=128))
-    assert "block_mask" in m.supports(dataclasses.replace(prob, xp=on_gpu), {}, "backward")
+    bias = np.zeros((5, 5), np.float32)
+    mask = np.ones((2, 1, 5), bool)
+    served = [{}, {"causal": True}, {"window": (2, 0)}, {"window": (None, 1), "causal": True},
+              {"softcap": 5.0}, {"alibi_slopes": np.ones(2, np.float32)}, {"bias": bias},
+              {"mask": mask}, {"softcap": 3.0, "window": (1, 1), "bias": bias}]
+    for score in served:
+        assert why(**score) is None, score
+    assert why(d=128, dv=128, window=(2, 3), causal=True) is None
+    for score in served[4:]:
+        reason = why(d=128, dv=128, **score)
+        assert reason is not None and "D = [64]" in reason and "cupy.sm80" in reason, score
+    assert [m.variant(prob_of(**s)) for s in served[:5]] == [None, None, "win", "win", "mods"]
+
+    def bm_why(block_size, d=64, **score):
+        prob = prob_of(d=d, dv=d, s=256, **score)
+        bm = BlockMask.causal(256, block_size=block_size)
+        return m.supports(dataclasses.replace(prob, block_mask=bm), {}, "backward")
+
+    assert bm_why(128) is None and bm_why((64, 128)) is None and bm_why(256) is None
+    assert bm_why(128, d=128) is None and bm_why(128, softcap=2.0) is None
+    assert "D = [64]" in bm_why(128, d=128, softcap=2.0)
+    for size in (64, (128, 64), (32, 128)):
+        reason = bm_why(size)
+        assert reason is not None and "block size" in reason and "cupy.sm80" in reason, size
+    prob = dataclasses.replace(prob_of(s=256, softcap=1.0),
+                               block_mask=BlockMask.causal(256, block_size=128))
+    assert m.variant(prob) == "mods_bm"
+    cc["value"] = 80
+    assert "9.0 only" in why()

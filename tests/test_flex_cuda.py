@@ -631,3 +631,39 @@ def test_source_reason_names_a_function_without_source():
         pytest.skip("this Python reads the source of exec'd functions")
     why = flex_tc.source_reason(cap, cg.capture(ns["no_file"], "mask_mod", 4))
     assert "no_file" in why and "not available" in why
+
+
+@pytest.mark.slow
+@needs_nvcc
+def test_hooked_sm90_backward_compiles_without_spills(tmp_path):
+    """flash_bwd_sm90.cu with the user's functions (the Hopper backward that
+    flex_attention_backward takes on compute capability 9.0): sm_90a, no spills, named
+    ``_flex`` / ``_flex_bm``; a score_mod at padded head dim 128 has no entry (mma.sync)."""
+    from xattn._backends.cupy_ import flex_tc_bwd
+
+    table = np.zeros((4, 16), np.float32)
+    doc = np.zeros((2, 64), np.int64)
+    cases = [
+        (fc.translate(cg.capture(t5, "score_mod", 7), cg.capture(doc_args, "mask_mod", 6), 2,
+                      True, (doc, table), grad=True), 64, True, True),
+        (fc.translate(cg.capture(alibi, "score_mod", 5), cg.capture(causal, "mask_mod", 4),
+                      grad=True), 64, True, True),
+        (fc.translate(cg.capture(softcap, "score_mod", 5), None, grad=True), 64, True, False),
+        (fc.translate(None, cg.capture(causal, "mask_mod", 4), grad=True), 128, False, True),
+    ]
+    report = {}
+    for m, d, mods, sparse in cases:
+        inst = flex_tc_bwd.instance_sm90("f16", d, mods, sparse)
+        assert inst.arch == "sm_90a" and inst.name.endswith("_flex_bm" if sparse else "_flex")
+        report.update(compile_module(tmp_path, flex_tc_bwd.kernel_text(m, inst.source), inst,
+                                     archs=[("compute_90a", "sm_90a")]))
+    assert {n for n, _ in report} >= {"flash_bwd_sm90_f16_d64_flex_bm",
+                                       "flash_bwd_sm90_f16_d64_flex",
+                                       "flash_bwd_sm90_f16_d128_flex_bm"}
+    assert_no_spills(report)
+    assert flex_tc_bwd.instance_sm90("f16", 128, True, True) is None
+    assert flex_tc_bwd.kernel_for("f16", 128, True, True, 90)[0].name.endswith(
+        "_flex_bm_atomic")
+    assert flex_tc_bwd.kernel_for("f16", 64, True, True, 80)[0].source == "flash_bwd.cu"
+    inst, bn, ncol, threads, _ = flex_tc_bwd.kernel_for("bf16", 64, True, True, 90)
+    assert (inst.source, bn, ncol, threads) == ("flash_bwd_sm90.cu", 128, 1, 256)

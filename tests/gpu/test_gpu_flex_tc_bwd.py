@@ -20,7 +20,7 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import GPU_ONLY, cupy_array, t5_bucket
+from conftest import CC, GPU_ONLY, cupy_array, t5_bucket
 
 import xattn
 from xattn.testing import (
@@ -230,12 +230,43 @@ def test_auto_picks_the_tensor_core_backward(caplog):
     ran = [getattr(r, "xattn_backend", None) for r in caplog.records]
     assert "cupy" in ran and "numba_cuda" not in ran
     kernels = [getattr(r, "xattn_kernel", "") for r in caplog.records]
-    assert any(name.endswith("_flex_bm_atomic") for name in kernels), kernels
+    # Compute capability 9.0: the wgmma backward (flash_bwd_sm90.cu), else mma.sync.
+    want = "flash_bwd_sm90_f16_d64_flex_bm" if CC == 90 else "_flex_bm_atomic"
+    assert any(name.endswith(want) for name in kernels), kernels
     opts = _dense(("alibi", "causal"), 130, 130)
     refs = reference_attention_backward(dout, q, k, v, **opts)
     naive = naive_attention_backward(dout, q, k, v, out, **opts)
     for name, g, r, n in zip(("dq", "dk", "dv"), (dq, dk, dv), refs, naive, strict=True):
         _assert_grad("auto", name, g, r, n, q.dtype)
+
+
+@pytest.mark.parametrize(("case", "d"),
+                         [(("alibi", "causal"), 64), (("t5", "documents"), 64),
+                          (("softcap", None), 64), ((None, "documents"), 128),
+                          (("alibi", "causal"), 128)],
+                         ids=["alibi+causal-d64", "t5+documents-d64", "softcap-d64",
+                              "documents-d128", "alibi+causal-d128"])
+def test_kernel_by_compute_capability(case, d, caplog):
+    """The backward kernel is chosen as the forward's (flex_tc.kernel_for): on compute
+    capability 9.0 the wgmma backward (flash_bwd_sm90.cu, ``_flex`` / ``_flex_bm``) at padded
+    head dim 64, and at 128 without a score_mod (whose derivative does not fit its registers
+    there: mma.sync); elsewhere the mma.sync backward. Gradients against the oracle either
+    way."""
+    with caplog.at_level(logging.DEBUG, logger="xattn"):
+        (q, k, v, dout, out), (dq, dk, dv, _) = _run(case, "float16", d)
+    kernels = [getattr(r, "xattn_kernel", "") for r in caplog.records]
+    sparse = case[1] is not None
+    if CC == 90 and (d == 64 or case[0] is None):
+        want = f"flash_bwd_sm90_f16_d{d}_flex" + ("_bm" if sparse else "")
+        assert want in kernels, kernels
+    else:
+        assert any(n.startswith("flash_bwd_f16_") and n.endswith("_atomic") for n in kernels), \
+            kernels
+    opts = _dense(case, SQ, SK)
+    refs = reference_attention_backward(dout, q, k, v, **opts)
+    naive = naive_attention_backward(dout, q, k, v, out, **opts)
+    for name, g, r, n in zip(("dq", "dk", "dv"), (dq, dk, dv), refs, naive, strict=True):
+        _assert_grad(f"{case} d={d}", name, g, r, n, q.dtype)
 
 
 def test_floating_score_mod_args_are_refused_by_cupy_and_routed_by_auto(caplog):

@@ -1,5 +1,9 @@
 """The sm_90a (wgmma) backward, ``cupy.sm90_bwd``, against the float64 oracle
-(needs CuPy and a compute capability 9.0 GPU).
+(needs CuPy and a compute capability 9.0 GPU): the plain entries (causal, GQA), and the option
+entries forced with ``backend="cupy.sm90_bwd"``: every option case of the mma.sync backward's
+tests at D = 64 (windows, softcap, ALiBi, bias and mask in several broadcast shapes, GQA with
+all of them), windows at D = 128, block masks of 128-key blocks (walk, element rules, empty
+rows and columns, GQA, with score mods), and the refusals that send the rest to cupy.sm80.
 
 dq, dk and dv must lie within the bound of the mma.sync backward's tests
 (``test_gpu_flash_bwd._assert_grad``: 2x the float64 error of the naive same-dtype backward
@@ -15,7 +19,8 @@ import zlib
 import numpy as np
 import pytest
 from conftest import CC, cupy_array
-from test_gpu_flash_bwd import _assert_grad, _inputs
+from test_gpu_blockmask_bwd import _assert_grad as _assert_grad_bm
+from test_gpu_flash_bwd import _OPTION_CASES, _assert_grad, _inputs, _option_case
 
 import xattn
 from xattn import _backends
@@ -98,9 +103,9 @@ def test_auto_takes_the_sm90_backward_and_it_refuses_with_reasons():
     assert _backends.explain(prob, {}, "auto", op="backward")["backend"] == ENTRY
     assert _backends.explain(prob, {}, ENTRY, op="backward")["backend"] == ENTRY
     refusals = {
-        "window": (validate_attention(q, k, v, window=(8, 0)), {}, "window"),
-        "softcap": (validate_attention(q, k, v, softcap=5.0), {}, "softcap"),
         "deterministic": (prob, {"deterministic": True}, "deterministic"),
+        "return_dbias": (validate_attention(q, k, v, bias=cp.zeros((40, 50), cp.float32)),
+                         {"return_dbias": True}, "return_dbias"),
     }
     for case, (p, opts, word) in refusals.items():
         why = _backends.explain(p, opts, ENTRY, op="backward")["reasons"][ENTRY]
@@ -111,9 +116,10 @@ def test_auto_takes_the_sm90_backward_and_it_refuses_with_reasons():
     why = _backends.explain(validate_attention(q96, k96, v96), {}, ENTRY,
                             op="backward")["reasons"][ENTRY]
     assert why is not None and "head_dim 96" in why
-    out, lse = xattn.flash_attention(q, k, v, return_lse=True, window=(8, 0))
-    with pytest.raises(NotImplementedError, match="window"):
-        xattn.flash_attention_backward(out, q, k, v, out, lse, backend=ENTRY, window=(8, 0))
+    out, lse = xattn.flash_attention(q, k, v, return_lse=True)
+    with pytest.raises(NotImplementedError, match="deterministic"):
+        xattn.flash_attention_backward(out, q, k, v, out, lse, backend=ENTRY,
+                                       deterministic=True)
 
 
 @pytest.mark.parametrize("sq,sk", [(0, 50), (40, 0), (0, 0)])
@@ -127,3 +133,187 @@ def test_sm90_backward_empty_lengths(sq, sk):
     for x, like in zip(grads, (q, k, k), strict=True):
         assert x.shape == like.shape and x.dtype == like.dtype
         assert not bool(cp.any(x != 0))
+
+
+# --- the option entries (win, mods, bm, mods_bm) ----------------------------------------------
+
+def _entry_name(prob):
+    """The compiled entry that serves ``prob`` (the variant the launcher picks)."""
+    from xattn._backends.cupy_ import flash_bwd_sm90 as m
+
+    var = m.variant(prob)
+    return f"flash_bwd_sm90_f16_d{prob.d}" + (f"_{var}" if var else "")
+
+
+# bfloat16 on the cases that exercise the most rules; float16 on all.
+_BF16_CASES = ("softcap", "alibi_batched", "bias_full", "mask_empty_rows", "causal_window",
+               "all")
+
+
+@pytest.mark.parametrize(("dtype", "case"),
+                         [("float16", c) for c in _OPTION_CASES]
+                         + [("bfloat16", c) for c in _BF16_CASES])
+def test_sm90_backward_options_d64(dtype, case):
+    # The option cases of test_gpu_flash_bwd (windows, softcap, ALiBi per head and per batch
+    # element, bias (Sq, Sk) float32 and (B, H, Sq, Sk) float16, masks (B, 1, Sq, Sk) and
+    # (Sq, Sk) with fully masked rows, scale, MHA / GQA / MQA, all at once), forced onto the
+    # wgmma backward.
+    rng = np.random.default_rng([zlib.crc32(case.encode()), 64, 90])
+    (q, k, v), opts = _option_case(rng, case, dtype, 64)
+    dq, dk, dv = _check(f"{dtype} d=64 {case}", q, k, v, **opts)
+    if case == "mask_empty_rows":
+        assert bool(cp.all(dq[..., ::7, :] == 0)), "dq of fully masked rows is not exactly 0"
+    if case == "window_far":
+        assert bool(cp.all(dk[..., :140, :] == 0)) and bool(cp.all(dv[..., :140, :] == 0)), \
+            "dk/dv of keys that no query sees are not exactly 0"
+
+
+@pytest.mark.parametrize(("dtype", "case"),
+                         [("float16", "window"), ("float16", "window_right0"),
+                          ("bfloat16", "causal_window"), ("float16", "window_far")])
+def test_sm90_backward_window_d128(dtype, case):
+    # D = 128 has the window entry (its P^T and dS^T in one pass), not the score mods.
+    rng = np.random.default_rng([zlib.crc32(case.encode()), 128, 90])
+    (q, k, v), opts = _option_case(rng, case, dtype, 128)
+    _check(f"{dtype} d=128 {case}", q, k, v, **opts)
+
+
+def test_sm90_backward_gqa_with_every_mod_many_blocks():
+    # Several key blocks and query steps, GQA 8/2, every modification at once, lengths that are
+    # multiples of no tile (the bias read per query head, ALiBi per batch element).
+    rng = np.random.default_rng(95)
+    b, hq, hkv, sq, sk = 2, 8, 2, 300, 420
+    q, k, v = _inputs(rng, "bfloat16", b=(b,), hq=hq, hkv=hkv, sq=sq, sk=sk, d=64, amp=2.0)
+    opts = dict(causal=True, window=(200, None), softcap=8.0,
+                alibi_slopes=cp.asarray(rng.uniform(0.01, 0.2, (b, hq)), dtype=cp.float32),
+                bias=cp.asarray(rng.standard_normal((hq, 1, sk)), dtype=cp.float32),
+                mask=cp.asarray(rng.random((b, 1, sq, sk)) < 0.85))
+    _check("bfloat16 d=64 gqa 8/2 every mod sq=300 sk=420", q, k, v, **opts)
+
+
+def _check_bm(case, q, k, v, bm, **opts):
+    """Forward (auto) + backward forced onto the wgmma backward with ``bm``, against the oracle
+    with the mask's dense form (and'ed with a user mask)."""
+    rng = np.random.default_rng(zlib.crc32(case.encode()) + 3)
+    out, lse = xattn.flash_attention(q, k, v, block_mask=bm, return_lse=True, **opts)
+    dout = cupy_array(rng.standard_normal(out.shape), np.dtype(q.dtype).name)
+    grads = xattn.flash_attention_backward(dout, q, k, v, out, lse, block_mask=bm,
+                                           backend=ENTRY, **opts)
+    ref_opts = dict(opts)
+    dense = np.asarray(bm.to_dense())
+    user = ref_opts.pop("mask", None)
+    ref_opts["mask"] = dense if user is None else dense & cp.asnumpy(user)
+    refs = reference_attention_backward(dout, q, k, v, **ref_opts)
+    naive = naive_attention_backward(dout, q, k, v, out, **ref_opts)
+    for name, g, r, n in zip(("dq", "dk", "dv"), grads, refs, naive, strict=True):
+        _assert_grad_bm(case, name, g, r, n, q.dtype, bm)
+    return grads
+
+
+def _bm_masks():
+    rng = np.random.default_rng(0)
+    dense = rng.random((300, 270)) < 0.4
+    dense[:, 128:256] = True  # a full block column among partial ones
+    dense[40:70, :] = False  # empty rows inside partial blocks
+    return {
+        "causal128": xattn.BlockMask.causal(333, block_size=128),
+        "window128": xattn.BlockMask.sliding_window(400, window=(150, 0), block_size=128),
+        "documents128": xattn.BlockMask.documents([0, 50, 180, 310], causal=True,
+                                                  block_size=128),
+        "from_dense128": xattn.BlockMask.from_dense(dense, block_size=128),
+        # Two 64-row query steps per mask block row; 256-key blocks (two CTAs per column).
+        "from_dense_128x256": xattn.BlockMask.from_dense(dense, block_size=(128, 256)),
+        "causal_64x128": xattn.BlockMask.causal(300, 333, block_size=(64, 128)),
+    }
+
+
+BM_MASKS = _bm_masks()
+
+
+@pytest.mark.parametrize(("dtype", "d"), [("float16", 64), ("bfloat16", 128)])
+@pytest.mark.parametrize("name", sorted(BM_MASKS))
+def test_sm90_backward_block_masks(dtype, d, name):
+    bm = BM_MASKS[name]
+    rng = np.random.default_rng([zlib.crc32(name.encode()), d, 96])
+    q, k, v = _inputs(rng, dtype, b=(2,), hq=4, hkv=2, sq=bm.q_len, sk=bm.k_len, d=d)
+    _check_bm(f"{name} {dtype} d={d}", q, k, v, bm)
+
+
+@pytest.mark.parametrize("name,option", [
+    ("window128", "all"), ("documents128", "alibi"), ("from_dense128", "softcap"),
+    ("causal_64x128", "mask"), ("from_dense_128x256", "window"),
+])
+def test_sm90_backward_block_masks_with_options(name, option):
+    bm = BM_MASKS[name]
+    rng = np.random.default_rng([zlib.crc32((name + option).encode()), 97])
+    hq = 4
+    sq, sk = bm.q_len, bm.k_len
+    q, k, v = _inputs(rng, "float16", b=(2,), hq=hq, hkv=2, sq=sq, sk=sk, d=64,
+                      amp=3.0 if option in ("softcap", "all") else 1.0)
+    opts = {}
+    if option == "window":
+        opts["window"] = (90, 20)
+    elif option == "alibi":
+        opts["alibi_slopes"] = cp.asarray(xattn.alibi_slopes(hq), dtype=cp.float32)
+    elif option == "softcap":
+        opts["softcap"] = 6.0
+    elif option == "mask":
+        opts["mask"] = cp.asarray(rng.random((2, 1, sq, sk)) < 0.8)
+    elif option == "all":
+        opts.update(causal=True, window=(300, None), softcap=10.0,
+                    alibi_slopes=cp.asarray(xattn.alibi_slopes(hq), dtype=cp.float32),
+                    bias=cp.asarray(rng.standard_normal((hq, 1, sk)), dtype=cp.float32),
+                    mask=cp.asarray(rng.random((sq, sk)) < 0.9))
+    _check_bm(f"{name} + {option}", q, k, v, bm, **opts)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_sm90_backward_block_mask_gqa_empty_rows_and_columns(d):
+    # GQA 8/2 (each CTA walks the column once per query head), a block row no key block is
+    # visible to (dq exactly 0), a key block column no query sees (dk/dv exactly 0).
+    rng = np.random.default_rng([d, 98])
+    dense = rng.random((400, 390)) < 0.5
+    dense[128:256] = False
+    dense[:, 128:256] = False
+    bm = xattn.BlockMask.from_dense(dense, block_size=128)
+    q, k, v = _inputs(rng, "float16", b=(1,), hq=8, hkv=2, sq=400, sk=390, d=d)
+    dq, dk, dv = _check_bm(f"gqa 8/2 empty rows/columns d={d}", q, k, v, bm)
+    assert bool(cp.all(dq[..., 128:256, :] == 0)), "dq of rows that see nothing is not 0"
+    assert bool(cp.all(dk[..., 128:256, :] == 0)) and bool(cp.all(dv[..., 128:256, :] == 0)), \
+        "dk/dv of keys that no query sees are not exactly 0"
+
+
+def test_auto_routes_options_to_the_sm90_backward_and_refuses_the_rest():
+    rng = np.random.default_rng(99)
+    q, k, v = _inputs(rng, "float16", sq=200, sk=300, d=64)
+    q2, k2, v2 = _inputs(rng, "float16", sq=200, sk=300, d=128)
+    bias = cp.asarray(rng.standard_normal((200, 300)), dtype=cp.float32)
+    served = {
+        "window d=64": validate_attention(q, k, v, window=(8, 0)),
+        "softcap d=64": validate_attention(q, k, v, softcap=5.0),
+        "bias d=64": validate_attention(q, k, v, bias=bias, causal=True),
+        "window d=128": validate_attention(q2, k2, v2, window=(30, 5), causal=True),
+        "block mask d=128": validate_attention(
+            q2, k2, v2, block_mask=xattn.BlockMask.causal(200, 300, block_size=128)),
+        "block mask + alibi d=64": validate_attention(
+            q, k, v, block_mask=xattn.BlockMask.causal(200, 300, block_size=(64, 128)),
+            alibi_slopes=cp.asarray(xattn.alibi_slopes(4), dtype=cp.float32)),
+    }
+    for case, prob in served.items():
+        got = _backends.explain(prob, {}, "auto", op="backward")
+        assert got["backend"] == ENTRY, (case, got)
+    refused = {
+        "softcap d=128": (validate_attention(q2, k2, v2, softcap=5.0), "D = [64]"),
+        "block mask 64": (validate_attention(
+            q, k, v, block_mask=xattn.BlockMask.causal(200, 300, block_size=64)), "block size"),
+    }
+    for case, (prob, word) in refused.items():
+        got = _backends.explain(prob, {}, "auto", op="backward")
+        assert got["backend"] == "cupy.sm80", (case, got)
+        assert word in got["reasons"][ENTRY], (case, got["reasons"][ENTRY])
+    out, lse = xattn.flash_attention(q2, k2, v2, return_lse=True, softcap=5.0)
+    with pytest.raises(NotImplementedError, match="D = "):
+        xattn.flash_attention_backward(out, q2, k2, v2, out, lse, backend=ENTRY, softcap=5.0)
+    # The entries the launcher names exist (the variant tokens of instances.py).
+    assert _entry_name(served["softcap d=64"]).endswith("_mods")
+    assert _entry_name(served["block mask + alibi d=64"]).endswith("_mods_bm")

@@ -108,8 +108,9 @@ BACKENDS = {
             "cupy.sm90_bwd",
             "gpu",
             ".cupy_.flash_bwd_sm90",
-            "Hopper (sm_90a) wgmma backward, float16/bfloat16, D = Dv in 64/128, causal and "
-            "GQA, no score mods/window/block mask/deterministic (flash_bwd_sm90.cu)",
+            "Hopper (sm_90a) wgmma backward, float16/bfloat16, D = Dv in 64/128, causal, "
+            "window, GQA, block masks of 128-key blocks, score mods at D = 64; not "
+            "deterministic (flash_bwd_sm90.cu)",
             requires=("cupy",),
             fix=_CUPY_FIX,
         ),

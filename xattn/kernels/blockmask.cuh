@@ -116,6 +116,47 @@ struct XattnCscMask {
     const int* tile_idx;  // partial-block number, -1 = full
 };
 
+// The lean walk of the backward kernels, whose registers are all taken by the dK / dV
+// accumulators: the cursor is only (entry e, query tile qt, partial block p); the column's end
+// e1 and the tiles per mask block per = bq / bm_rows are re-read or recomputed by the caller.
+// The first query tile of CSC entry e onwards inside [qt0, qt1): its entry e2, tile qt and p,
+// or qt = -1 when no entry before e1 has one.
+__device__ __forceinline__ void xattn_csc_from(const XattnCscMask& cm, int e, int e1, int per,
+                                               int qt0, int qt1, int& e2, int& qt, int& p) {
+    qt = -1;
+    for (; e < e1; ++e) {
+        const int first = cm.row_idx[e] * per;
+        const int lo = max(first, qt0);
+        if (lo < min(first + per, qt1)) {
+            qt = lo;
+            p = cm.tile_idx[e];
+            break;
+        }
+    }
+    e2 = e;
+}
+
+// The cursor (e, qt, p) moved to the next query tile of column col (qt = -1 past its end).
+__device__ __forceinline__ void xattn_csc_advance(const XattnCscMask& cm, int col, int per,
+                                                  int qt0, int qt1, int& e, int& qt, int& p) {
+    const int first = cm.row_idx[e] * per;
+    if (qt + 1 < min(first + per, qt1))
+        ++qt;  // the next query tile of the same mask block
+    else
+        xattn_csc_from(cm, e + 1, cm.col_ptr[col + 1], per, qt0, qt1, e, qt, p);
+}
+
+// The number of query tiles of column [e0, e1) inside [qt0, qt1) (the steps of one walk).
+__device__ __forceinline__ int xattn_csc_count(const XattnCscMask& cm, int e0, int e1, int per,
+                                               int qt0, int qt1) {
+    int n = 0;
+    for (int e = e0; e < e1; ++e) {
+        const int first = cm.row_idx[e] * per;
+        n += max(0, min(first + per, qt1) - max(first, qt0));
+    }
+    return n;
+}
+
 struct XattnCscWalk {
     int e, e1, sub, per, qt0, qt1;
 };

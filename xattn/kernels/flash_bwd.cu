@@ -39,81 +39,9 @@
 #include "masking.cuh"
 #include "mma_sm80.cuh"
 #include "blockmask.cuh"
-
-// flex_attention_backward's hook (xattn/_backends/cupy_/flex_tc_bwd.py), as flash_fwd.cu's: a
-// source that defines XATTN_USER_MODS before this file also defines XattnUserArgs,
-// xattn_user_score_d (the user's score_mod and its derivative, translated by
-// xattn/_flex_cuda.py), xattn_user_mask and XATTN_USER_PARAMS/_INIT (the arrays they read, as
-// extra trailing kernel parameters). The MODS entries then run the user's score_mod in place
-// of the parameter block's mods, and partial blocks of the (derived) block mask run
-// xattn_user_mask in place of the BlockMask's element rule. Without it nothing changes.
-#ifndef XATTN_USER_PARAMS
-#define XATTN_USER_PARAMS
-#define XATTN_USER_INIT
-#endif
+#include "bwd_score_rules.cuh"
 
 namespace xattn {
-
-// The parameter block (ScoreMods) first, then this kernel's own arguments.
-struct BwdArgs : ScoreMods {
-    const unsigned short* q;
-    const unsigned short* k;
-    const unsigned short* v;
-    const unsigned short* dout;
-    const float* lse;    // natural log, -inf on rows that see no key
-    const float* delta;  // rowsum(dout * out)
-    float* dq_accum;     // float32, zeroed by the launcher; the dq kernel ignores it
-    unsigned short* dq;  // written by the dq kernel only
-    unsigned short* dk;
-    unsigned short* dv;
-    int hq, group, sq, sk;
-    float scale;
-    XattnBlockMask bm;  // read by the block-sparse (SPARSE) entries only
-    XattnCscMask cm;    // its transpose, walked by the main kernel
-#ifdef XATTN_USER_MODS
-    XattnUserArgs user;  // flex_attention_backward: the arrays the user's functions read
-#endif
-};
-
-#ifdef XATTN_USER_MODS
-// Padding rows (qi >= sq) and keys (kj >= sk) never call the user's functions (they may index
-// arrays by position); their p is 0 anyway (lse +inf, or hidden by the sequence-end test).
-__device__ __forceinline__ float bwd_user_score(const BwdArgs& a, float x, int b, int h, int qi,
-                                                int kj, float& dcap) {
-#if XATTN_USER_SCORE
-    if (qi < a.sq && kj < a.sk) return xattn_user_score_d(a.user, x, b, h, qi, kj, &dcap);
-#endif
-    return x;
-}
-
-__device__ __forceinline__ bool bwd_user_visible(const BwdArgs& a, int b, int h, int qi,
-                                                 int kj) {
-#if XATTN_USER_MASK
-    return qi < a.sq && kj < a.sk && xattn_user_mask(a.user, b, h, qi, kj);
-#else
-    return true;
-#endif
-}
-#endif
-
-// The forward's score modifications on one raw score q.k: returns the score in the units that
-// sl2 turns into base 2 (raw with MODS off, natural with MODS on) and sets dcap to the
-// derivative of the softcap (1 without it). Bias, ALiBi and mask are constants.
-template <bool MODS>
-__device__ __forceinline__ float bwd_score(const BwdArgs& a, float s, int b, int h, int qi,
-                                           int kj, int off, float& dcap) {
-    dcap = 1.f;
-    if constexpr (!MODS) {
-        return s;
-    } else {
-#ifdef XATTN_USER_MODS
-        // flex: the user's score_mod on the scaled score (natural units), dcap its derivative.
-        return bwd_user_score(a, s * a.scale, b, h, qi, kj, dcap);
-#else
-        return xattn_score_mod(a, s * a.scale, b, h, qi, kj, off, a.sq, a.sk, dcap);
-#endif
-    }
-}
 
 // S = A B^T and dP = C E^T for this warp's 16 rows of A and C (shared-memory tiles at the
 // addresses a_s, c_s, starting at row wrow) against the NS * 8 rows of B and E (at b_s, e_s),
@@ -149,35 +77,6 @@ __device__ __forceinline__ void bwd_products(float (&s)[NS][4], float (&dp)[NS][
             mma(dp[2 * nn + 1], cf, ef[2], ef[3], T());
         }
     }
-}
-
-// P of one (query qi, key kj) element from its raw score s, and dS in place of its dP: the
-// score mods, the visibility test on edge tiles and the mask's element rule in its partial
-// blocks (both after the mods: a softcap maps -inf to -cap), then exp2 against the row's
-// base-2 lse l2 and dS = P (dP - delta) [* dcap].
-template <bool MODS>
-__device__ __forceinline__ float bwd_p_ds(const BwdArgs& a, float s, float& dp, int b, int h,
-                                          int qi, int kj, int off, int sk, bool edge,
-                                          bool part, int pblk, int mqb, int mkc, float sl2,
-                                          float l2, float dl) {
-    float dcap;
-    float x = bwd_score<MODS>(a, s, b, h, qi, kj, off, dcap);
-    if (edge && !xattn_visible(qi, kj, off, sk, a.causal, a.wl, a.wr)) x = -XATTN_INF;
-#ifdef XATTN_USER_MODS
-    // flex: partial blocks of the mask derived from mask_mod run mask_mod itself.
-    if (part && !bwd_user_visible(a, b, h, qi, kj)) x = -XATTN_INF;
-#else
-    if (part && !xattn_bm_visible(a.bm, pblk, mqb, mkc, qi, kj)) x = -XATTN_INF;
-#endif
-    const float p = ex2(fmaf(x, sl2, -l2));
-#ifdef XATTN_USER_MODS
-    // The user's derivative may be inf or NaN where the pair does not count (a masked pair's
-    // score, log or sqrt at 0): a zero weight gives a zero dS, as on the CPU.
-    dp = p == 0.f ? 0.f : p * (dp - dl) * dcap;
-#else
-    dp = p * (dp - dl) * dcap;
-#endif
-    return p;
 }
 
 // Accumulator tiles 2j and 2j + 1 (16 rows x 16 columns, float32) packed as an mma A operand.
@@ -235,18 +134,7 @@ __device__ __forceinline__ void flash_bwd_core(const BwdArgs& a) {
     const int mcol = SPARSE ? k0 / a.bm.bk : 0;
     // The first query tile of CSC entry e onwards (ent, qt, p), or qt = -1 past the column end.
     auto csc_from = [&](int e, int& e2, int& qt2, int& p2) {
-        const int per = a.bm.bq / BM, e1 = a.cm.col_ptr[mcol + 1];
-        qt2 = -1;
-        for (; e < e1; ++e) {
-            const int first = a.cm.row_idx[e] * per;
-            const int lo = max(first, qb0);
-            if (lo < min(first + per, qb1)) {
-                qt2 = lo;
-                p2 = a.cm.tile_idx[e];
-                break;
-            }
-        }
-        e2 = e;
+        xattn_csc_from(a.cm, e, a.cm.col_ptr[mcol + 1], a.bm.bq / BM, qb0, qb1, e2, qt2, p2);
     };
     if constexpr (SPARSE) {
         if (qt >= 0) csc_from(a.cm.col_ptr[mcol], ent, qt, pblk);
@@ -649,24 +537,6 @@ __device__ __forceinline__ void bwd_dq_convert(const float* acc, unsigned short*
 }
 
 }  // namespace xattn
-
-#define XATTN_BWD_PARAMS                                                                      \
-    const unsigned short *q, const unsigned short *k, const unsigned short *v,                \
-        const unsigned short *dout, const float *lse, const float *delta, float *dq_accum,    \
-        unsigned short *dq, unsigned short *dk, unsigned short *dv, int hq, int group,        \
-        int sq, int sk, float scale, XATTN_SCORE_MOD_PARAMS, const int *bm_frow,              \
-        const int *bm_fcol, const int *bm_prow, const int *bm_pcol,       \
-        const unsigned *bm_tiles, int bm_bq, int bm_bk, int bm_words, int bm_rule,            \
-        int bm_off, int bm_left, int bm_right, const int *bm_col_ptr, const int *bm_row_idx,  \
-        const int *bm_tile_idx XATTN_USER_PARAMS
-
-#define XATTN_BWD_ARGS                                                                        \
-    xattn::BwdArgs{XATTN_SCORE_MOD_INIT, q, k, v, dout, lse, delta, dq_accum, dq, dk, dv, hq,  \
-                   group, sq, sk, scale,                                                      \
-                   xattn::XattnBlockMask{bm_frow, bm_fcol, bm_prow, bm_pcol, bm_tiles, bm_bq,  \
-                                         bm_bk, bm_words, bm_rule, bm_off, bm_left, bm_right}, \
-                   xattn::XattnCscMask{bm_col_ptr, bm_row_idx, bm_tile_idx}            \
-                   XATTN_USER_INIT}
 
 // Every entry takes the block-mask arguments (the CSR arrays and rule as the forward's, then the
 // CSC transpose); the dense ones ignore them (the launcher passes nulls). MN names the variant:

@@ -47,16 +47,27 @@
 //
 // Layout (contiguous): q, dout (B, Hq, Sq, D); k, v (B, Hkv, Sk, D); lse, delta (B, Hq, Sq)
 // float32 (lse natural log, -inf on rows that see no key); dq_accum float32, B x Hq x
-// ceil(Sq / 64) x D / 64 tiles of 64 x 64 in fragment order, zeroed by the launcher; dk, dv like k, v. GQA: query head h reads kv head h / group.
-// Bottom-right alignment: query i sits at key position i + (Sk - Sq). Options: causal, scale,
-// GQA (no window, score mods or block mask: the launcher refuses them).
+// ceil(Sq / 64) x D / 64 tiles of 64 x 64 in fragment order, zeroed by the launcher; dk, dv
+// like k, v. GQA: query head h reads kv head h / group.
+// Bottom-right alignment: query i sits at key position i + (Sk - Sq). The plain entries:
+// causal, scale, GQA. The option entries (_win, _mods, _bm, _mods_bm; _flex, _flex_bm under
+// flex_attention_backward's hook) take flash_bwd.cu's argument list (bwd_score_rules.cuh) and
+// add the window (which also clips each key block's range of query blocks), the score
+// modifications (softcap with its derivative in dS, ALiBi, bias, mask; or the user's
+// score_mod with its derivative) and the block mask: the key block's CSC column is counted,
+// then walked step by step (blockmask.cuh), each step's partial-block number kept for the
+// element rule (or the user's mask_mod), with the mma.sync backward's per-element rules
+// (bwd_p, bwd_ds of bwd_score_rules.cuh): at D = 64 P^T while dP^T runs, as the plain entries,
+// then dS^T; at D = 128 both in one pass after dP^T (registers). The launcher checks that the
+// 128 keys lie inside one mask key block and each 64-row step inside one mask query block.
 //
 // No CUDA headers; the local headers are inlined by the loader. The wgmma code is compiled only
 // for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); for other targets the entries trap.
-// Entry points: flash_bwd_sm90_<f16|bf16>_d<64|128>.
+// Entry points: flash_bwd_sm90_<f16|bf16>_d<64|128>[_<win|mods|bm|mods_bm|flex|flex_bm>].
 
 #include "common.cuh"
 #include "masking.cuh"
+#include "bwd_score_rules.cuh"
 #include "wgmma_sm90.cuh"
 
 namespace xattn::sm90bwd {
@@ -74,6 +85,7 @@ struct BwdArgs {
     int hq, group, sq, sk;
     float scale;
     int causal;
+    static constexpr int wl = -1, wr = -1;  // no window: the option entries take one
 };
 
 constexpr int BN = 128;  // keys per block (64 per warpgroup)
@@ -270,8 +282,21 @@ __device__ __forceinline__ void gemm_dq(float (&dq)[32], unsigned sS, unsigned k
 }
 #endif
 
-template <class T, int D>
-__device__ __forceinline__ void flash_bwd_sm90_core(const BwdArgs& a) {
+template <class A>
+struct plain_args {  // the plain entries' argument struct (no window, no options)
+    static constexpr bool value = false;
+};
+template <>
+struct plain_args<BwdArgs> {
+    static constexpr bool value = true;
+};
+
+// MODS / SPARSE (the option entries, A = xattn::BwdArgs of bwd_score_rules.cuh): the score
+// modifications (or flex_attention's score_mod) and the block mask's CSC walk (or the mask
+// derived from mask_mod); the window entries (neither, A = xattn::BwdArgs) only read the
+// window sides. The plain entries (A = BwdArgs above) compile none of it.
+template <class T, int D, bool MODS = false, bool SPARSE = false, class A = BwdArgs>
+__device__ __forceinline__ void flash_bwd_sm90_core(const A& a) {
 #if XATTN_SM90_OK
     static_assert(D == 64 || D == 128, "wgmma wrappers exist for N = 64 and 128");
     constexpr unsigned KV_TILE = BN * D * 2, Q_TILE = BM * D * 2, DS_TILE = BM * BN * 2;
@@ -304,15 +329,39 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const BwdArgs& a) {
     bool issued = false;  // this thread issued bulk adds: it waits for them before it exits
 
     int qb0, qb1;
-    xattn_query_blocks(k0, k1, off, sq, a.causal, -1, -1, BM, qb0, qb1);
-    const int nq = qb1 > qb0 ? qb1 - qb0 : 0;
+    xattn_query_blocks(k0, k1, off, sq, a.causal, a.wl, a.wr, BM, qb0, qb1);
+    // The query blocks of one head: [qb0, qb1), or (SPARSE) those of them that the BlockMask's
+    // column of this key block lists (CSC; the 128 keys lie inside one mask key block, each
+    // 64-row step inside one mask query block: the launcher checks the block size).
+    int nq = qb1 > qb0 ? qb1 - qb0 : 0;
+    int mcol = 0;  // the mask's key block
+    if constexpr (SPARSE) {
+        mcol = k0 / a.bm.bk;
+        if (nq > 0)
+            nq = xattn_csc_count(a.cm, a.cm.col_ptr[mcol], a.cm.col_ptr[mcol + 1],
+                                 a.bm.bq / BM, qb0, qb1);
+    }
     const int nsteps = nq * a.group;  // (query head of the group, query block), head-major
+    // SPARSE: the CSC cursor (entry ce, query block cqt, partial block cpb, -1 = full) of the
+    // latest staged step; walk(i) moves it onto step i (steps are staged in order, every head
+    // walks the same column).
+    int ce = 0, cqt = 0, cpb = -1;
+    auto walk = [&](int i) {
+        if constexpr (SPARSE) {
+            const int per = a.bm.bq / BM;
+            if (i % nq == 0)
+                xattn_csc_from(a.cm, a.cm.col_ptr[mcol], a.cm.col_ptr[mcol + 1], per, qb0, qb1,
+                               ce, cqt, cpb);
+            else
+                xattn_csc_advance(a.cm, mcol, per, qb0, qb1, ce, cqt, cpb);
+        }
+    };
 
     // Q, dO, lse (base 2, +inf past Sq or on rows that see no key) and delta of step i into
-    // buffer bf.
+    // buffer bf (SPARSE: the cursor is on step i).
     auto stage = [&](int i, int bf) {
         const int h = hk * a.group + i / nq;
-        const int q0 = (qb0 + i % nq) * BM;
+        const int q0 = (SPARSE ? cqt : qb0 + i % nq) * BM;
         const long long bh = (long long)b * a.hq + h;
         load_tile<BM, D>(sQ + bf * Q_TILE, a.q + bh * sq * D, q0, sq, tid);
         load_tile<BM, D>(sO + bf * Q_TILE, a.dout + bh * sq * D, q0, sq, tid);
@@ -327,20 +376,24 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const BwdArgs& a) {
     float dk[D / 2], dv[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
-    const float sl2 = a.scale * XATTN_LOG2E;
+    // With score mods the scores are scaled before them (natural units).
+    const float sl2 = MODS ? XATTN_LOG2E : a.scale * XATTN_LOG2E;
 
     if (nsteps > 0) {
         load_tile<BN, D>(sK, a.k + kvh, k0, sk, tid);
         load_tile<BN, D>(sV, a.v + kvh, k0, sk, tid);
+        walk(0);
         stage(0, 0);
         cp_async_commit_ordered();
     }
 
     for (int i = 0; i < nsteps; ++i) {
         const int bf = i & 1;
+        const int tq = cqt, pblk = cpb;  // SPARSE: this step's query block and partial block
         if (i + 1 < nsteps) {
             // Buffer bf ^ 1 was last read in step i - 1, which ended with a barrier after its
             // wgmmas completed.
+            walk(i + 1);
             stage(i + 1, bf ^ 1);
             cp_async_commit_ordered();
             cp_async_wait_ordered<1>();
@@ -351,7 +404,7 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const BwdArgs& a) {
         __syncthreads();
 
         const int h = hk * a.group + i / nq;
-        const int q0 = (qb0 + i % nq) * BM;
+        const int q0 = (SPARSE ? tq : qb0 + i % nq) * BM;
         const int q1 = min(q0 + BM, sq);
         const long long bh = (long long)b * a.hq + h;
         const unsigned qt = sQ + bf * Q_TILE, ot = sO + bf * Q_TILE;
@@ -377,7 +430,20 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const BwdArgs& a) {
 
         // Accumulator element s[n * 4 + hr * 2 + e]: key kw0 + 16 warp + g + 8 hr, query
         // q0 + 8 n + 2 t4 + e. The visibility test only on tiles that need it.
-        const bool edge = xattn_tile_needs_test(q0, q1, kw0, 64, off, sk, a.causal, -1, -1);
+        const bool edge = xattn_tile_needs_test(q0, q1, kw0, 64, off, sk, a.causal, a.wl, a.wr);
+        // The option entries (OPT) run bwd_score_rules.cuh's rules (bwd_p: the score mods or
+        // flex_attention's score_mod, the visibility test on edge tiles, the block mask's
+        // element rule in its partial blocks; bwd_ds with the mods' derivative dcap). P^T is
+        // computed while dP^T runs, then dS^T; at D = 128 (JOINT) both in one pass once dP^T
+        // is there: the overlap kept more registers live than its 255 (the window entry
+        // spilled 8 bytes).
+        constexpr bool OPT = !plain_args<A>::value;
+        constexpr bool JOINT = OPT && D == 128;
+        if constexpr (JOINT) {
+            wgmma_wait<0>();
+            fence_regs(dp);
+        }
+        float dc[OPT && !JOINT ? BM / 2 : 1];  // dcap per element (folded away when constant)
 #pragma unroll
         for (int n = 0; n < BM / 8; ++n)
 #pragma unroll
@@ -385,22 +451,39 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const BwdArgs& a) {
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     const int ql = n * 8 + t4 * 2 + e;
-                    float x = s[n * 4 + hr * 2 + e];
-                    if (edge && !xattn_visible(q0 + ql, kw0 + warp * 16 + g + hr * 8, off, sk,
-                                               a.causal, -1, -1))
-                        x = -XATTN_INF;
-                    s[n * 4 + hr * 2 + e] = ex2(fmaf(x, sl2, -lb[ql]));
+                    if constexpr (OPT) {
+                        const int idx = n * 4 + hr * 2 + e;
+                        float& dcap = dc[JOINT ? 0 : idx];
+                        s[idx] = bwd_p<MODS>(
+                            a, s[idx], b, h, q0 + ql, kw0 + warp * 16 + g + hr * 8, off, sk,
+                            edge, SPARSE && pblk >= 0, pblk, SPARSE ? q0 / a.bm.bq * a.bm.bq : 0,
+                            SPARSE ? k0 / a.bm.bk * a.bm.bk : 0, sl2, lb[ql], dcap);
+                        if constexpr (JOINT) dp[idx] = bwd_ds(s[idx], dp[idx], db[ql], dcap);
+                    } else {
+                        float x = s[n * 4 + hr * 2 + e];
+                        if (edge && !xattn_visible(q0 + ql, kw0 + warp * 16 + g + hr * 8, off,
+                                                   sk, a.causal, a.wl, a.wr))
+                            x = -XATTN_INF;
+                        s[n * 4 + hr * 2 + e] = ex2(fmaf(x, sl2, -lb[ql]));
+                    }
                 }
         unsigned pa[BM / 16][4];
         pack_a<T>(pa, s);
 
         issue_keys<T, D>(dv, pa, ot);  // dV += P^T dO
 
-        wgmma_wait<1>();  // dP^T (the dV group may still run)
-        fence_regs(dp);
+        if constexpr (!JOINT) {
+            wgmma_wait<1>();  // dP^T (the dV group may still run)
+            fence_regs(dp);
 #pragma unroll
-        for (int idx = 0; idx < BM / 2; ++idx)  // query 8 n + 2 t4 + e of idx = 4 n + 2 hr + e
-            dp[idx] = s[idx] * (dp[idx] - db[idx / 4 * 8 + t4 * 2 + idx % 2]);
+            for (int idx = 0; idx < BM / 2; ++idx) {  // query 8 n + 2 t4 + e of idx = 4 n + 2 hr + e
+                const float dl = db[idx / 4 * 8 + t4 * 2 + idx % 2];
+                if constexpr (OPT)
+                    dp[idx] = bwd_ds(s[idx], dp[idx], dl, dc[idx]);
+                else
+                    dp[idx] = s[idx] * (dp[idx] - dl);
+            }
+        }
         unsigned da[BM / 16][4];
         pack_a<T>(da, dp);
 
@@ -516,10 +599,26 @@ __device__ __forceinline__ void dq_convert_core(const float* acc, unsigned short
     }
 // One more expansion level so that -D values expand before ## pastes them.
 #define XATTN_BWD90_ONE(TN, D) XATTN_BWD90_ENTRY(TN, D)
+
+// The option entries (MN: win = causal and window | mods = score modifications | bm = block
+// mask | mods_bm; flex | flex_bm for flex_attention_backward): flash_bwd.cu's argument list
+// (XATTN_BWD_PARAMS of bwd_score_rules.cuh; dq is not read), so one launch tuple serves both
+// kernels. The plain entries keep their short argument list and their code.
+#define XATTN_BWD90_OPT_ENTRY(TN, D, MN, MODS, SPARSE)                                       \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                      \
+        flash_bwd_sm90_##TN##_d##D##_##MN(XATTN_BWD_PARAMS) {                                 \
+        xattn::sm90bwd::flash_bwd_sm90_core<xattn::TN, D, MODS, SPARSE>(XATTN_BWD_ARGS);      \
+    }
+#define XATTN_BWD90_OPT_ONE(TN, D, MN, MODS, SPARSE) XATTN_BWD90_OPT_ENTRY(TN, D, MN, MODS, SPARSE)
 // Instantiation: the loader builds one module per entry with -D options, CI one translation
 // unit per file with one macro call per entry -- both from the list in
 // xattn/_backends/cupy_/instances.py. Without those options this file builds nothing.
 // XATTN_BWD90_NO_ENTRIES: tools/wgmma_probe.cu includes this file for its helpers only.
 #if defined(XATTN_BWD90_D) && !defined(XATTN_BWD90_NO_ENTRIES)
+#ifdef XATTN_BWD90_MN
+XATTN_BWD90_OPT_ONE(XATTN_BWD90_TN, XATTN_BWD90_D, XATTN_BWD90_MN, XATTN_BWD90_MODS,
+                    XATTN_BWD90_SPARSE)
+#else
 XATTN_BWD90_ONE(XATTN_BWD90_TN, XATTN_BWD90_D)
+#endif
 #endif

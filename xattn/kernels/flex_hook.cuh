@@ -3,7 +3,9 @@
 // xattn_user_score/_mask (the user's functions translated by xattn/_flex_cuda.py) and
 // XATTN_USER_PARAMS/_INIT (the arrays they read, as extra trailing kernel parameters). Without
 // it the parameter macros are empty and nothing else is defined. Included by flash_fwd.cu,
-// flash_fwd_sm90.cu and (XATTN_USER_MODS builds only) flash_fwd_tf32.cu.
+// flash_fwd_sm90.cu, (XATTN_USER_MODS builds only) flash_fwd_tf32.cu, and through
+// bwd_score_rules.cuh by the backward kernels (flash_bwd.cu, flash_bwd_sm90.cu), whose hook
+// adds xattn_user_score_d.
 #pragma once
 
 #ifndef XATTN_USER_PARAMS

@@ -13,14 +13,25 @@ wgmma (all five GEMMs of the backward); the delta kernel is the mma.sync backwar
 3. ``dq = scale * dq_accum`` in the input type, back to row order
    (``flash_bwd_sm90_dqconv_<t>_d<D>``).
 
-Served: float16 and bfloat16, ``D == Dv`` in 64 or 128, causal or not (bottom-right), any
-scale, GQA/MQA (dk/dv summed over the group in registers), any ``Sq`` / ``Sk``, fully masked
-rows (zero gradients); compute capability 9.0 only. Refused with the reason
-(:func:`supports`): the forward, windows, score modifications (softcap, mask, bias, ALiBi),
-block masks, ``deterministic=True``, other head dims and dtypes.
+Served: float16 and bfloat16, ``D == Dv`` in 64 or 128, causal or not (bottom-right), sliding
+windows, any scale, GQA/MQA (dk/dv summed over the group in registers), any ``Sq`` / ``Sk``,
+fully masked rows (zero gradients); the score modifications (softcap with its derivative in
+dS, ALiBi, additive bias and boolean mask in every broadcast shape, as ``cupy.sm80``'s
+backward takes them) at D = 64; a block mask (unbatched) whose blocks its tiles divide: ``bk``
+a multiple of 128 (the CTA's keys), ``bq`` of 64 (one query step), at D = 64 and, without
+score mods, D = 128. The kernel walks the mask's CSC column of its 128 keys (the query blocks
+that see them), so invisible blocks are never loaded; full blocks run no element test,
+partial blocks the mask's element rule. Compute capability 9.0 only. Refused with the reason
+(:func:`supports`), so that ``auto`` walks on to ``cupy.sm80``: the forward, score mods at
+D = 128 (they do not fit the registers beside the dK/dV accumulators), other block sizes,
+``deterministic=True``, ``return_dbias``, other head dims and dtypes.
 
-``auto`` tries it before ``cupy.sm80``'s backward (measured ahead of it on an H100,
-``tools/gpu_check_sm90bwd.sh bench``); requests it refuses walk on to ``cupy.sm80``.
+Entries (:func:`variant`): the plain one (causal only, its own argument list), and with a
+window, score mods or a block mask one of ``win``, ``mods``, ``bm``, ``mods_bm``, which take
+``flash_bwd.cu``'s argument list (the parameter block of :func:`._params.option_args`, then
+the block mask's CSR and CSC arrays of :func:`._params.block_mask_args`).
+``flex_attention_backward`` builds the same kernel with the user's functions compiled in
+(:mod:`.flex_tc_bwd`).
 """
 
 from __future__ import annotations
@@ -32,7 +43,8 @@ import numpy as np
 from . import _params, flash_bwd, instances
 from ._compile import compiled_function
 
-__all__ = ["HEAD_DIMS", "backward", "forward", "get_kernel", "smem_bytes", "supports"]
+__all__ = ["HEAD_DIMS", "backward", "block_mask_reason", "built", "forward", "get_kernel",
+           "grid", "smem_bytes", "supports", "variant"]
 
 HEAD_DIMS = instances.SM90_BWD_HEAD_DIMS
 # Keys per CTA (two warpgroups of 64) and query rows per step: fixed by the kernel.
@@ -40,30 +52,64 @@ BLOCK_N, BLOCK_M = 128, 64
 THREADS = 256
 
 
+def variant(prob):
+    """The kernel entry's variant token for this problem (:data:`instances.SM90_BWD_VARIANTS`),
+    or ``None`` for the plain entry (causal only)."""
+    mods, sparse = prob.has_score_mods, prob.block_mask is not None
+    if mods or sparse:
+        return "_".join(("mods",) * mods + ("bm",) * sparse)
+    return "win" if prob.window is not None else None
+
+
+def built(var, d) -> bool:
+    """Whether the entry of variant ``var`` exists at head dim ``d``."""
+    return var is None or d in instances.SM90_BWD_VARIANTS[var][2]
+
+
+def block_mask_reason(block_mask):
+    """``None`` when the kernel walks this block mask, else why not: its 128 keys must lie
+    inside one mask key block and each 64-row query step inside one mask query block."""
+    if block_mask.batch_shape:
+        return "block_mask: a batched mask (one call per batch element goes through flash.py)"
+    bq, bk = block_mask.block_size
+    if bq % BLOCK_M or bk % BLOCK_N:
+        return (f"block_mask: block size {tuple(block_mask.block_size)} is not served by the "
+                f"sm_90a backward kernel: bq must be a multiple of {BLOCK_M} and bk of "
+                f"{BLOCK_N} (its query step and key block); cupy.sm80 takes smaller blocks")
+    return None
+
+
 def supports(prob, opts, op="backward"):
     """``None`` when the sm_90a backward kernel serves this request, else the reason."""
-    why = _params.half_kernel_reason(
+    why = (_params.half_kernel_reason(
         prob, op, ("backward", "the cupy.sm90_bwd entry is backward only (the forward runs on "
                    "cupy.sm90)"), "the sm_90a backward kernel")
-    if why is not None:
-        return why
+        or _entry_reason(prob) or _options_reason(opts or {}))
+    return why or _params.device_reason(prob, "the sm_90a backward kernel", exact_cc=90)
+
+
+def _entry_reason(prob):
+    """Why no entry serves this head dim, block mask or set of score mods, or None."""
     if prob.d not in HEAD_DIMS or prob.dv != prob.d:
         return (f"head_dim {prob.d} (Dv {prob.dv}): the sm_90a backward kernel has D = Dv in "
                 f"{list(HEAD_DIMS)}")
-    if prob.has_score_mods:
-        return "softcap, mask, bias and ALiBi run on the mma.sync backward (cupy.sm80)"
-    if prob.window is not None:
-        return "a sliding window runs on the mma.sync backward (cupy.sm80)"
-    if prob.block_mask is not None:
-        return "a block_mask runs on the mma.sync backward (cupy.sm80)"
-    opts = opts or {}
+    why = None if prob.block_mask is None else block_mask_reason(prob.block_mask)
+    var = variant(prob)
+    if why is None and not built(var, prob.d):
+        why = (f"softcap, mask, bias and ALiBi at head_dim {prob.d}: the sm_90a backward has "
+               f"them at D = {list(instances.SM90_BWD_VARIANTS[var][2])} (at D = 128 they do "
+               "not fit the registers beside the dK/dV accumulators); cupy.sm80 serves them")
+    return why
+
+
+def _options_reason(opts):
     if opts.get("deterministic"):
         return ("deterministic=True: the sm_90a backward adds dq with atomics (cupy.sm80 has "
                 "the deterministic dq kernel)")
     unknown = sorted(k for k, v in opts.items() if v is not None and k != "deterministic")
     if unknown:
         return f"options {unknown} are not implemented in the sm_90a backward kernel"
-    return _params.device_reason(prob, "the sm_90a backward kernel", exact_cc=90)
+    return None
 
 
 def smem_bytes(d):
@@ -74,13 +120,34 @@ def smem_bytes(d):
             + 2 * 64 * 64 * 4 + 1024)
 
 
-def get_kernel(tn, d, convert=False):
-    """The compiled sm_90a main entry of one dtype and head dim, or (``convert``) its dq
-    conversion kernel (one cubin, cached on disk)."""
-    inst = instances.bwd_sm90(tn, d)
+def get_kernel(tn, d, var=None, convert=False):
+    """The compiled sm_90a entry of one dtype, head dim and variant (:func:`variant`), or
+    (``convert``) the dq conversion kernel of them all (in the plain entry's cubin; cached on
+    disk)."""
+    inst = instances.bwd_sm90(tn, d, None if convert else var)
     name = inst.names[1] if convert else inst.name
     return compiled_function(inst.source, name, inst.defines, 0 if convert else smem_bytes(d),
                              arch=inst.arch)
+
+
+def dq_accum(xp, batch, hq, sq, d):
+    """The zeroed float32 dq_accum, in the kernel's tile order: whole 64-row query blocks (the
+    last one padded), each as D / 64 tiles of 64 x 64 in accumulator-fragment order."""
+    return xp.zeros((batch, hq, -(-sq // BLOCK_M) * BLOCK_M, d), dtype=xp.float32)
+
+
+def run_dq_convert(tn, d, acc, dq4, rows, sq, scale):
+    """``dq = scale * dq_accum`` in the input type, from the tile order back to ``rows`` rows
+    of ``d`` (``rows`` = batch x heads x sq)."""
+    pairs = rows * d // 2
+    get_kernel(tn, d, convert=True)(grid=(min((pairs + 255) // 256, 65535),), block=(256,),
+                                    args=(acc, dq4, np.int64(rows), np.int32(sq),
+                                          np.float32(scale)))
+
+
+def grid(batch, hkv, sk):
+    """The launch grid: (key blocks of 128, kv heads, batch elements)."""
+    return ((sk + BLOCK_N - 1) // BLOCK_N, hkv, batch)
 
 
 def forward(prob, q, k, v, **_):
@@ -118,17 +185,19 @@ def _backward(prob, dout, q, k, v, out, lse):
 
     dq4, dk4, dv4, delta = flash_bwd.grad_buffers(xp, B, hq, hkv, sq, sk, d, dtype)
     # dq_accum in the kernel's tile order: whole 64-row query blocks (the last one padded).
-    acc = xp.zeros((B, hq, -(-sq // BLOCK_M) * BLOCK_M, d), dtype=xp.float32)
+    acc = dq_accum(xp, B, hq, sq, d)
     i32, f32 = np.int32, np.float32
 
     flash_bwd.run_delta(tn, o4, do4, delta, d)
-    get_kernel(tn, d)(
-        grid=((sk + BLOCK_N - 1) // BLOCK_N, hkv, B), block=(THREADS,),
-        args=(q4, k4, v4, do4, lse3, delta, acc, dk4, dv4, i32(hq), i32(prob.group), i32(sq),
-              i32(sk), f32(prob.scale), i32(bool(prob.causal))),
-        shared_mem=smem_bytes(d))
-    pairs = B * hq * sq * d // 2
-    get_kernel(tn, d, convert=True)(
-        grid=(min((pairs + 255) // 256, 65535),), block=(256,),
-        args=(acc, dq4, np.int64(B * hq * sq), i32(sq), f32(prob.scale)))
+    var = variant(prob)
+    if var is None:
+        args = (q4, k4, v4, do4, lse3, delta, acc, dk4, dv4, i32(hq), i32(prob.group), i32(sq),
+                i32(sk), f32(prob.scale), i32(bool(prob.causal)))
+    else:  # flash_bwd.cu's argument list (dq, null here, is not read)
+        args = (q4, k4, v4, do4, lse3, delta, acc, np.uint64(0), dk4, dv4, i32(hq),
+                i32(prob.group), i32(sq), i32(sk), f32(prob.scale),
+                *_params.option_args(xp, prob), *_params.block_mask_args(xp, prob, csc=True))
+    get_kernel(tn, d, var)(grid=grid(B, hkv, sk), block=(THREADS,), args=args,
+                           shared_mem=smem_bytes(d))
+    run_dq_convert(tn, d, acc, dq4, B * hq * sq, sq, prob.scale)
     return dq4.reshape(q.shape), dk4.reshape(k.shape), dv4.reshape(v.shape)

@@ -1,17 +1,25 @@
-"""flex_attention_backward on tensor cores: the user's functions compiled into the ``mma.sync``
-backward (``xattn/kernels/flash_bwd.cu``, FlashAttention-2 scheme).
+"""flex_attention_backward on tensor cores: the user's functions compiled into the 16-bit
+backward kernels.
+
+The kernel (:func:`kernel_for`, by compute capability as :func:`.flex_tc.kernel_for` picks the
+forward's): on compute capability 9.0 the Hopper backward ``xattn/kernels/flash_bwd_sm90.cu``
+(wgmma, the five GEMMs on warpgroup MMA; padded head dim 64, or 128 without a score_mod, whose
+derivative does not fit its registers there), elsewhere the ``mma.sync`` backward
+``xattn/kernels/flash_bwd.cu`` (FlashAttention-2 scheme). Both take the same argument list
+and read the user's functions through the same hook (``bwd_score_rules.cuh``).
 
 :mod:`xattn._flex_cuda` translates ``score_mod`` together with its derivative with respect to
 the score (``xattn_user_score_d``, from the forward-mode rules the Numba kernels use) and
-``mask_mod``; the text is put before ``flash_bwd.cu`` with ``XATTN_USER_MODS`` defined, so
-NVRTC inlines them into the backward kernels. Each recomputed score runs
+``mask_mod``; the text is put before the kernel file with ``XATTN_USER_MODS`` defined, so
+the compiler inlines them into the backward kernel. Each recomputed score runs
 ``xattn_user_score_d`` (after the scale, natural units): its value gives ``P`` against the
 forward's ``lse``, its derivative ``dcap`` gives ``dS = P (dP - delta) dcap``.
 
 Steps (current CuPy stream, as :mod:`.flash_bwd` runs them):
 
 1. ``delta = rowsum(dout * out)`` (the built-in 16-bit kernel);
-2. the main kernel, one CTA per (key block, kv head, batch element): dK, dV of its keys and
+2. the main kernel, one CTA per (key block, kv head, batch element; mma.sync at D = 256: two
+   column halves): dK, dV of its keys and
    ``dS K`` added to a float32 ``dq_accum`` with atomics (dq is not bitwise reproducible, as
    the SIMT kernel's was not);
 3. ``dq = scale * dq_accum`` in the input type.
@@ -36,11 +44,11 @@ import threading
 import numpy as np
 
 from ... import _flex_cuda
-from . import _params, flash_bwd, flex_tc, instances
+from . import _params, flash_bwd, flash_bwd_sm90, flex_tc, instances
 from ._compile import source
 from .blockmask import null_kernel_args
 
-__all__ = ["backward", "csc_lists", "instance", "kernel_text", "reason"]
+__all__ = ["backward", "csc_lists", "instance", "kernel_for", "kernel_text", "reason"]
 
 _log = logging.getLogger("xattn")
 # The CSC transposes of the derived masks' CSR lists: id(frow) -> (frow, lists); frow is
@@ -84,10 +92,38 @@ def instance(tn, dp, mods: bool, sparse: bool):
                               extra=inst.extra), cfg
 
 
-def kernel_text(mods) -> str:
+def instance_sm90(tn, dp, mods: bool, sparse: bool):
+    """The Hopper backward's instance for the user's functions, or None where it has no
+    entry (a score_mod at padded head dim 128). With neither function the window entry
+    serves (the option entries alone take the hook's arguments)."""
+    var = "_".join(("mods",) * mods + ("bm",) * sparse) or "win"
+    if dp not in flash_bwd_sm90.HEAD_DIMS or not flash_bwd_sm90.built(var, dp):
+        return None
+    inst = instances.bwd_sm90(tn, dp, var)
+    mn = "flex" + ("_bm" if sparse else "")
+    params = tuple((k, mn if k == "XATTN_BWD90_MN" else v) for k, v in inst.params)
+    return instances.Instance(inst.source, inst.macro, params,
+                              (inst.name[:-len(var)] + mn,), arch=inst.arch)
+
+
+def kernel_for(tn, dp, mods: bool, sparse: bool, cc: int):
+    """``(instance, keys per CTA, CTAs per key block, threads, shared memory bytes)`` of the
+    backward that runs the user's functions: the Hopper kernel on compute capability 9.0
+    where it has an entry (:func:`instance_sm90`), else the ``mma.sync`` kernel."""
+    if cc == 90:
+        inst = instance_sm90(tn, dp, mods, sparse)
+        if inst is not None:
+            return (inst, flash_bwd_sm90.BLOCK_N, 1, flash_bwd_sm90.THREADS,
+                    flash_bwd_sm90.smem_bytes(dp))
+    inst, cfg = instance(tn, dp, mods, sparse)
+    dc, nw, _, _ = cfg
+    return inst, 16 * nw, dp // dc, nw * 32, flash_bwd.smem_bytes(dp, cfg)
+
+
+def kernel_text(mods, kernel_file="flash_bwd.cu") -> str:
     """The module source: the translated functions (with the score derivative) and hook
     macros, the backward kernel and (with a mask_mod) the block-classification kernel."""
-    parts = [mods.kernel_prelude(), source("flash_bwd.cu")]
+    parts = [mods.kernel_prelude(), source(kernel_file)]
     if mods.has_mask:
         parts += [f"#define XATTN_STATE_THREADS {flex_tc.STATE_THREADS}",
                   flex_tc._STATES_KERNEL]
@@ -95,7 +131,7 @@ def kernel_text(mods) -> str:
 
 
 def _function(mods, inst, smem):
-    return flex_tc.cached_function(mods, inst, smem, lambda: kernel_text(mods),
+    return flex_tc.cached_function(mods, inst, smem, lambda: kernel_text(mods, inst.source),
                                    "flex_attention_backward", "xattn_flex_bwd_")
 
 
@@ -157,8 +193,8 @@ def _backward(prob, dout, q, k, v, out, lse, smod, mmod, args, mask_takes_args):
     if batch * hq * sq == 0 or sk == 0:
         return (cp.zeros(q.shape, dtype=dtype), cp.zeros(k.shape, dtype=dtype),
                 cp.zeros(v.shape, dtype=dtype))
-    inst, cfg = instance(tn, dp, smod is not None, sparse)
-    smem = flash_bwd.smem_bytes(dp, cfg)
+    inst, bn, ncol, threads, smem = kernel_for(tn, dp, smod is not None, sparse,
+                                               _params.compute_capability())
     _, fn, states_fn = _function(mods, inst, smem)
     user_args = mods.kernel_args(args, smod, mmod)
 
@@ -183,20 +219,23 @@ def _backward(prob, dout, q, k, v, out, lse, smod, mmod, args, mask_takes_args):
     o4 = _params.operand(cp, out, batch, hq, sq, dp, dtype)
     lse3 = cp.ascontiguousarray(lse.reshape(batch, hq, sq), dtype=cp.float32)
     dq4, dk4, dv4, delta = flash_bwd.grad_buffers(cp, batch, hq, hkv, sq, sk, dp, dtype)
-    acc = cp.zeros((batch, hq, sq, dp), dtype=cp.float32)
+    wgmma = inst.source == "flash_bwd_sm90.cu"  # its dq_accum is in tile order
+    acc = (flash_bwd_sm90.dq_accum(cp, batch, hq, sq, dp) if wgmma
+           else cp.zeros((batch, hq, sq, dp), dtype=cp.float32))
 
     flash_bwd.run_delta(tn, o4, do4, delta, dp)
     if _log.isEnabledFor(logging.DEBUG):
         _log.debug("flex_attention_backward: backend cupy, entry %s", inst.name,
                    extra={"xattn_backend": "cupy"})
-    dc, nw, _, _ = cfg
-    bn = 16 * nw
     null = np.uint64(0)
-    fn(grid=(-(-sk // bn) * (dp // dc), hkv, batch), block=(nw * 32,),
+    fn(grid=(-(-sk // bn) * ncol, hkv, batch), block=(threads,),
        args=(q4, k4, v4, do4, lse3, delta, acc, null, dk4, dv4, i32(hq), i32(hq // hkv),
              i32(sq), i32(sk), f32(prob.scale), *flex_tc._no_score_options(), *bm_args,
              *user_args),
        shared_mem=smem)
-    flash_bwd.run_dq_convert(tn, acc, dq4, prob.scale)
+    if wgmma:
+        flash_bwd_sm90.run_dq_convert(tn, dp, acc, dq4, batch * hq * sq, sq, prob.scale)
+    else:
+        flash_bwd.run_dq_convert(tn, acc, dq4, prob.scale)
     return (flash_bwd.unpad(cp, dq4, prob.d, q.shape), flash_bwd.unpad(cp, dk4, prob.d, k.shape),
             flash_bwd.unpad(cp, dv4, prob.dv, v.shape))

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 __all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "DECODE", "DECODE_EXTRA",
            "DECODE_HEAD_DIMS", "FWD",
            "FWD_BM", "FWD_BM_MODS", "FWD_MODS", "HEAD_DIMS", "Instance", "SM90", "SM90_BM",
-           "SM90_BM_MODS", "SM90_BWD_HEAD_DIMS", "SM90_EXPERIMENTAL", "SM90_MODS", "TF32",
+           "SM90_BM_MODS", "SM90_BWD_HEAD_DIMS", "SM90_BWD_VARIANTS", "SM90_EXPERIMENTAL",
+           "SM90_MODS", "TF32",
            "TF32X3", "bwd", "bwd_aux", "bwd_dq", "bwd_simt", "bwd_sm90", "decode",
            "experimental", "fwd", "fwd_simt", "shipped", "sm90", "tf32",
            "tf32_bm"]
@@ -271,17 +272,32 @@ def sm90(tn, d, cfg, mods=False, sparse=False) -> Instance:
                     includes=extra)
 
 
-def bwd_sm90(tn, d) -> Instance:
-    """The Hopper backward main kernel (``flash_bwd_sm90.cu``) of one dtype and
-    head dim (:data:`SM90_BWD_HEAD_DIMS`)."""
+def bwd_sm90(tn, d, variant=None) -> Instance:
+    """The Hopper backward main kernel (``flash_bwd_sm90.cu``) of one dtype and head dim
+    (:data:`SM90_BWD_HEAD_DIMS`); ``variant`` one of :data:`SM90_BWD_VARIANTS` (``None``: the
+    plain entry, causal only, its own short argument list; the others take ``flash_bwd.cu``'s
+    argument list)."""
     params = (("XATTN_BWD90_TN", tn), ("XATTN_BWD90_D", d))
-    return Instance("flash_bwd_sm90.cu", "XATTN_BWD90_ONE", params,
-                    (f"flash_bwd_sm90_{tn}_d{d}", f"flash_bwd_sm90_dqconv_{tn}_d{d}"),
+    name = f"flash_bwd_sm90_{tn}_d{d}"
+    if variant is None:  # the plain module also holds the dq-convert kernel of every variant
+        return Instance("flash_bwd_sm90.cu", "XATTN_BWD90_ONE", params,
+                        (name, f"flash_bwd_sm90_dqconv_{tn}_d{d}"), arch="sm_90a")
+    mods, sparse, _ = SM90_BWD_VARIANTS[variant]
+    params += (("XATTN_BWD90_MN", variant), ("XATTN_BWD90_MODS", _b(mods)),
+               ("XATTN_BWD90_SPARSE", _b(sparse)))
+    return Instance("flash_bwd_sm90.cu", "XATTN_BWD90_OPT_ONE", params, (f"{name}_{variant}",),
                     arch="sm_90a")
 
 
 # Head dims of the Hopper backward (2 warpgroups, 128 keys x 64 queries per step).
 SM90_BWD_HEAD_DIMS = (64, 128)
+# Its option entries: name token -> (score modifications, block-mask walk, head dims built).
+# "win" serves causal + window (the plain entries take no window: their code stays as
+# measured). At D = 128 the score mods do not fit the 255 registers beside the 128 dK/dV
+# accumulators (ptxas 13.0, sm_90a: mods spilled 48 bytes, mods_bm 72; bm 244 and win 255
+# registers fit), so score mods at D = 128 stay on the mma.sync backward.
+SM90_BWD_VARIANTS = {"win": (False, False, (64, 128)), "mods": (True, False, (64,)),
+                     "bm": (False, True, (64, 128)), "mods_bm": (True, True, (64,))}
 
 
 def decode(tn, d, cfg) -> Instance:
@@ -349,6 +365,8 @@ def shipped() -> list:
         for cfg in (DECODE[d], *DECODE_EXTRA.get(d, ())):
             out += [decode(tn, d, cfg) for tn in TYPES]
     out += [bwd_sm90(tn, d) for d in SM90_BWD_HEAD_DIMS for tn in TYPES]
+    out += [bwd_sm90(tn, d, var) for var, (*_, dims) in SM90_BWD_VARIANTS.items()
+            for d in dims for tn in TYPES]
     return out
 
 
