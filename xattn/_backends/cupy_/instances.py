@@ -296,7 +296,9 @@ SM90_BWD_HEAD_DIMS = (64, 128)
 # measured). At D = 128 the score mods do not fit the 255 registers beside the 128 dK/dV
 # accumulators (ptxas 13.0, sm_90a: mods spilled 48 bytes, mods_bm 72; bm 244 and win 255
 # registers fit), so score mods at D = 128 stay on the mma.sync backward.
-SM90_BWD_VARIANTS = {"win": (False, False, (64, 128)), "mods": (True, False, (64,)),
+# "win" at D = 128 was built and measured slower than cupy.sm80's window backward (110 against
+# 129 TFLOP/s, fp16 B=4 H=16 S=4096, window (1024, 0) causal, H100, 2026-12-05): not built.
+SM90_BWD_VARIANTS = {"win": (False, False, (64,)), "mods": (True, False, (64,)),
                      "bm": (False, True, (64, 128)), "mods_bm": (True, True, (64,))}
 
 
