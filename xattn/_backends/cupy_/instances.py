@@ -35,6 +35,7 @@ __all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "DECODE", "DECODE_EXTRA",
            "FWD_BM", "FWD_BM_MODS", "FWD_MODS", "HEAD_DIMS", "Instance", "SM90", "SM90_BM",
            "SM90_BM_MODS", "SM90_BWD_HEAD_DIMS", "SM90_EXPERIMENTAL", "SM90_MODS", "TF32",
            "TF32X3", "bwd", "bwd_aux", "bwd_dq", "bwd_simt", "bwd_sm90", "decode",
+           "decode_is_bulk",
            "experimental", "fwd", "fwd_simt", "shipped", "sm90", "tf32",
            "tf32_bm"]
 
@@ -285,11 +286,26 @@ SM90_BWD_HEAD_DIMS = (64, 128)
 
 
 def decode(tn, d, cfg) -> Instance:
-    """The split-KV decode kernel of one dtype, head dim and ``(warps, stages)``."""
-    nw, st = cfg
+    """The split-KV decode kernel of one dtype, head dim and ``(warps, stages)``, or
+    ``(warps, stages, keys per stage)``: the candidate whose stages the Hopper bulk copy
+    engine fills (sm_90 only, see :func:`decode_is_bulk`)."""
+    nw, st = cfg[:2]
     params = (("XATTN_TN", tn), ("XATTN_D", d), ("XATTN_NW", nw), ("XATTN_ST", st))
+    if decode_is_bulk(cfg):
+        kps = cfg[2]
+        return Instance("decode_splitkv.cu", "XATTN_DECODE_TMA_ONE", (*params, ("XATTN_KPS", kps)),
+                        (f"decode_splitkv_tma_{tn}_d{d}_w{nw}_s{st}_k{kps}",))
     return Instance("decode_splitkv.cu", "XATTN_DECODE_ONE", params,
                     (f"decode_splitkv_{tn}_d{d}_w{nw}_s{st}",))
+
+
+def decode_is_bulk(cfg) -> bool:
+    """Whether a decode configuration is a bulk-copy (TMA) candidate: three numbers, the third
+    the keys of one K/V stage (16, 32 or 64)."""
+    if len(cfg) not in (2, 3):
+        raise ValueError(f"config: expected (warps, stages) or (warps, stages, keys per "
+                         f"stage), got {tuple(cfg)}")
+    return len(cfg) == 3
 
 
 # Head dims of the split-KV decode kernel (decode_splitkv.cu) and its (warps, stages) per
@@ -306,9 +322,17 @@ def decode(tn, d, cfg) -> Instance:
 # before it waits (ST tiles in flight while waiting instead of ST - 1), which doubles (8, 2)'s
 # bytes in flight; (8, 3) (213 KiB of shared memory: one block per SM on sm_90, too much for
 # sm_80's 163 KiB) is the candidate with three.
+#
+# The bulk-copy candidates, (warps, stages, keys per stage) (decode_splitkv_tma_*: each key row
+# one cp.async.bulk into the padded rows, a stage's copies completing on an mbarrier; sm_90
+# only, not yet timed): (8, 2, 16) is (8, 2) with the copy engine in place of cp.async (140 KiB
+# of shared memory, 1 block per SM), (8, 3, 16) has a third stage (208 KiB), (4, 3, 32) holds
+# the same bytes in half the warps, with half the barrier waits per key (208 KiB).
 DECODE_HEAD_DIMS = (64, 128)
 DECODE = {64: (4, 3), 128: (8, 2)}
-DECODE_EXTRA = {64: ((4, 2), (2, 4)), 128: ((4, 3), (8, 3), (4, 2), (4, 4), (2, 4))}
+DECODE_EXTRA = {64: ((4, 2), (2, 4)),
+                128: ((4, 3), (8, 3), (4, 2), (4, 4), (2, 4), (8, 2, 16), (8, 3, 16),
+                      (4, 3, 32))}
 
 
 def shipped() -> list:
