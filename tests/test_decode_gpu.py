@@ -56,8 +56,9 @@ def test_instances_and_shared_memory():
     for d in instances.DECODE_HEAD_DIMS:
         for cfg in (instances.DECODE[d], *instances.DECODE_EXTRA.get(d, ())):
             nw, st = cfg[:2]
-            kps = cfg[2] if len(cfg) == 3 else 16
-            tma = f"tma_{{}}_d{d}_w{nw}_s{st}_k{kps}" if len(cfg) == 3 else None
+            kps = cfg[2] if len(cfg) >= 3 else 16
+            rpc = cfg[3] if len(cfg) == 4 else 1
+            tma = f"tma_{{}}_d{d}_w{nw}_s{st}_k{kps}_r{rpc}" if len(cfg) >= 3 else None
             for tn in ("f16", "bf16"):
                 want = tma.format(tn) if tma else f"{tn}_d{d}_w{nw}_s{st}"
                 assert f"decode_splitkv_{want}" in names
@@ -192,13 +193,14 @@ def test_bulk_candidate_refused_below_sm90(monkeypatch):
     with pytest.raises(ValueError, match=r"config: \(8, 2, 48\) is not an instance"):
         cupy_decode.check_config(128, (8, 2, 48))
     with pytest.raises(ValueError, match="config"):
-        cupy_decode.check_config(128, (8, 2, 16, 1))
+        cupy_decode.check_config(128, (8, 2, 16, 2, 1))
     assert cupy_decode.keys_per_stage((4, 3, 32)) == 32
     assert cupy_decode.keys_per_stage((8, 2)) == 16
 
 
 def _cfg_id(cfg):
-    return f"w{cfg[0]}-s{cfg[1]}" + (f"-tma{cfg[2]}" if len(cfg) == 3 else "")
+    return f"w{cfg[0]}-s{cfg[1]}" + "".join(f"-tma{k}" if i == 0 else f"-r{k}"
+                                              for i, k in enumerate(cfg[2:]))
 
 
 def _skip_unless_sm90(cupy, cfg):

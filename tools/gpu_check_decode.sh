@@ -43,13 +43,13 @@ run_tests() {
 run_bench() {
     [ -f "$LOG/precompile.log" ] || precompile
     echo "== decode benchmark (log: $LOG/bench.log, json: $LOG/bench.json)"
-    # WxS: (warps, stages) of the cp.async kernel; WxSxK: the bulk-copy (TMA) candidates, K keys
-    # a stage, timed only on sm_90 (the launcher refuses them elsewhere, which would fail the
-    # whole row).
+    # WxS: (warps, stages) of the cp.async kernel; WxSxK[xR]: the bulk-copy (TMA) candidates,
+    # K keys a stage, R key rows a copy, timed only on sm_90 (the launcher refuses them
+    # elsewhere, which would fail the whole row).
     local cfgs="8x2,4x3,8x3"
     if python3 -c "import sys, cupy; sys.exit(int(cupy.cuda.Device().compute_capability) < 90)"
     then
-        cfgs="$cfgs,8x2x16,8x3x16,4x3x32"
+        cfgs="$cfgs,8x2x16,8x3x16,8x2x16x2,4x3x32x2"
     fi
     echo "configs: $cfgs"
     timeout 85 python3 benchmarks/gpu_decode.py --configs "$cfgs" --rounds 3 --max-reps 60 \
@@ -107,7 +107,7 @@ if int(cp.cuda.Device().compute_capability) >= 90:
         cache.append(kv, kv, lengths=[150, 37])
         q = cp.asarray(rs.standard_normal((2, 8, 2, 128)).astype(np.float16))
         prob = _validate_decode(q, cache, None, None, None, None)
-        for cfg in [c for c in instances.DECODE_EXTRA[128] if len(c) == 3]:
+        for cfg in [c for c in instances.DECODE_EXTRA[128] if len(c) >= 3]:
             for splits in (1, 3):
                 out, lse = kernel.decode(prob, q, cache, splits=splits, config=cfg)
                 cp.cuda.Device().synchronize()

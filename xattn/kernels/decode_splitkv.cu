@@ -192,14 +192,23 @@ __device__ __forceinline__ void bulk_g2s(unsigned dst, const void* src, unsigned
 #endif
 }
 
-// One warp's stage of KPS keys (positions j0 .. j0 + KPS - 1, kv head g) by bulk copies into
-// rows of LD elements, completing on `bar`; positions at or past `hi` are not copied, and
-// their V rows are zeroed by ordinary stores (a zero weight times stale or uninitialised
+// One warp's stage of KPS keys (positions j0 .. j0 + KPS - 1, kv head g) by bulk copies,
+// completing on `bar`: RPC = 1, one copy per key row into rows of LD elements (lanes 0-15 the
+// K rows, 16-31 the V rows); RPC = 2, one copy per pair of adjacent keys (2 contiguous rows;
+// lane l copies pair l % 8 of K (l / 8 even) or V of tile l / 16, pairs PS elements apart), a
+// pair whose rows lie in two pages in two copies. Positions at or past `hi` are not copied,
+// and their V rows are zeroed by ordinary stores (a zero weight times stale or uninitialised
 // shared memory could be NaN; their K rows' scores are masked, so they stay as they are). The
 // stage with such rows is the sequence's last, so no later copy of this warp lands where these
 // stores went. Lane 0 announces the bytes before any lane copies (a copy that lands first
 // leaves the transaction count negative, which the phase's pending arrival keeps open).
-template <int KPS, int D, int LD>
+__device__ __forceinline__ void zero_row_shared(unsigned addr, int bytes) {
+    for (int c = 0; c < bytes; c += 16)
+        asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr + c), "r"(0)
+                     : "memory");
+}
+
+template <int KPS, int D, int LD, int RPC>
 __device__ __forceinline__ void load_kv_bulk(unsigned sk, unsigned sv, unsigned bar,
                                              const unsigned short* kpool,
                                              const unsigned short* vpool, const int* table,
@@ -208,32 +217,65 @@ __device__ __forceinline__ void load_kv_bulk(unsigned sk, unsigned sv, unsigned 
     constexpr unsigned ROW = D * 2;  // bytes of one key row
     const int last = min(j0 + KPS, hi) - 1;
     if (lane == 0) bulk_mbar_expect(bar, (unsigned)(last - j0 + 1) * 2u * ROW);
-    const bool is_v = lane >= 16;
-    const unsigned short* pool = is_v ? vpool : kpool;
-    const unsigned dst = is_v ? sv : sk;
     const int pi = j0 / ps;
     const int off = j0 - pi * ps;
     const bool one_page = off + (last - j0) < ps;
     const long long base =
         one_page ? (((long long)__ldg(table + pi) * hkv + g) * ps + off) * D : 0;
+    if constexpr (RPC == 1) {
+        const bool is_v = lane >= 16;
+        const unsigned short* pool = is_v ? vpool : kpool;
+        const unsigned dst = is_v ? sv : sk;
 #pragma unroll
-    for (int u = 0; u < KPS / 16; ++u) {
-        const int r = (lane & 15) + u * 16;
-        const int j = j0 + r;
-        const unsigned so = dst + (unsigned)(r * LD * 2);
-        if (j <= last) {
-            long long e = base + (long long)r * D;
-            if (!one_page) {
-                const int p = j / ps;
-                e = (((long long)__ldg(table + p) * hkv + g) * ps + (j - p * ps)) * D;
+        for (int u = 0; u < KPS / 16; ++u) {
+            const int r = (lane & 15) + u * 16;
+            const int j = j0 + r;
+            const unsigned so = dst + (unsigned)(r * LD * 2);
+            if (j <= last) {
+                long long e = base + (long long)r * D;
+                if (!one_page) {
+                    const int p = j / ps;
+                    e = (((long long)__ldg(table + p) * hkv + g) * ps + (j - p * ps)) * D;
+                }
+                bulk_g2s(so, pool + e, ROW, bar);
+            } else if (is_v) {
+                zero_row_shared(so, ROW);
             }
-            bulk_g2s(so, pool + e, ROW, bar);
-        } else if (is_v) {
+        }
+    } else {
+        static_assert(RPC == 2, "1 or 2 rows per copy");
+        constexpr int PS = 2 * D + 8;
+        constexpr int COPIES = KPS;  // per 16-key tile: 8 K pairs, 8 V pairs
 #pragma unroll
-            for (int c = 0; c < D / 8; ++c)
-                asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(so + c * 16),
-                             "r"(0)
-                             : "memory");
+        for (int w = 0; w < (COPIES + 31) / 32; ++w) {
+            const int idx = lane + 32 * w;
+            if (COPIES % 32 != 0 && idx >= COPIES) break;
+            const int u = idx >> 4, p = idx & 7;
+            const bool is_v = (idx >> 3) & 1;
+            const unsigned short* pool = is_v ? vpool : kpool;
+            const int r = u * 16 + 2 * p;  // the pair's first key in the stage
+            const int j = j0 + r;
+            const unsigned so = (is_v ? sv : sk) + (unsigned)((u * 16 * LD + p * PS) * 2);
+            const int n = min(2, max(0, last - j + 1));  // rows of the pair to copy
+            if (n > 0) {
+                long long e = base + (long long)r * D;
+                bool two_pages = false;
+                if (!one_page) {
+                    const int pg = j / ps;
+                    const int jo = j - pg * ps;
+                    e = (((long long)__ldg(table + pg) * hkv + g) * ps + jo) * D;
+                    two_pages = n == 2 && jo + 1 == ps;
+                }
+                if (two_pages) {
+                    const int pg = (j + 1) / ps;  // the second row starts that page
+                    bulk_g2s(so, pool + e, ROW, bar);
+                    bulk_g2s(so + ROW, pool + ((long long)__ldg(table + pg) * hkv + g) * ps * D,
+                             ROW, bar);
+                } else {
+                    bulk_g2s(so, pool + e, (unsigned)n * ROW, bar);
+                }
+            }
+            if (is_v && n < 2) zero_row_shared(so + n * ROW, (2 - n) * ROW);
         }
     }
 }
@@ -297,11 +339,15 @@ __device__ __forceinline__ void merge_splits(const DecodeArgs& a, float* smem, l
 // KPS = 0: the K/V stages are filled by cp.async (sm_80+), one 16-key tile a stage. KPS > 0
 // (sm_90 only): by the bulk copy engine (load_kv_bulk), KPS keys a stage, each stage's copies
 // completing on its own mbarrier; a warp's unit of work (and the splits') is then the KPS-key
-// chunk, walked in 16-key tiles.
-template <class T, int D, int NW, int ST, int KPS = 0>
+// chunk, walked in 16-key tiles. RPC: key rows per bulk copy, 1 or 2 (load_kv_bulk2).
+template <class T, int D, int NW, int ST, int KPS = 0, int RPC = 1>
 __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
     static_assert(ST >= 2 && ST <= 8, "2 to 8 stages");
     constexpr bool BULK = KPS > 0;
+    static_assert(RPC == 1 || (BULK && RPC == 2), "rows per copy: 1, or 2 for bulk copies");
+    // RPC = 2: a 16-key tile is 8 pairs of adjacent keys, each pair's 2 contiguous rows one
+    // copy, pairs PS elements apart (16 bytes of padding a pair, inside the tile's 16 * LD).
+    constexpr int PS = 2 * D + 8;
     constexpr int BN = 16;          // keys per warp tile: one k16 step of P V
     constexpr int CK = BULK ? KPS : BN;  // keys per stage (a chunk)
     constexpr int CH = CK / BN;     // tiles per chunk
@@ -359,9 +405,9 @@ __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
 #pragma unroll
         for (int s = 0; s < ST - 1; ++s)
             if (s < count)
-                load_kv_bulk<CK, D, LD>(wKVa + s * STAGE, wKVa + s * STAGE + CK * LD * 2,
-                                        bar0 + s * 8, a.k, a.v, table, a.page_size, a.hkv, g,
-                                        lo + (t0 + warp + s * NW) * CK, hi, lane);
+                load_kv_bulk<CK, D, LD, RPC>(wKVa + s * STAGE, wKVa + s * STAGE + CK * LD * 2,
+                                             bar0 + s * 8, a.k, a.v, table, a.page_size, a.hkv,
+                                             g, lo + (t0 + warp + s * NW) * CK, hi, lane);
         cp_async_wait<0>();  // the Q group, the only cp.async one
     } else {
 #pragma unroll
@@ -416,9 +462,10 @@ __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
         __syncwarp();
         if constexpr (BULK) {
             if (i + ST - 1 < count)
-                load_kv_bulk<CK, D, LD>(wKVa + fill * STAGE, wKVa + fill * STAGE + CK * LD * 2,
-                                        bar0 + fill * 8, a.k, a.v, table, a.page_size, a.hkv,
-                                        g, lo + (t0 + warp + (i + ST - 1) * NW) * CK, hi, lane);
+                load_kv_bulk<CK, D, LD, RPC>(
+                    wKVa + fill * STAGE, wKVa + fill * STAGE + CK * LD * 2, bar0 + fill * 8, a.k,
+                    a.v, table, a.page_size, a.hkv, g, lo + (t0 + warp + (i + ST - 1) * NW) * CK,
+                    hi, lane);
             fill = fill + 1 == ST ? 0 : fill + 1;
             // Chunk i's copies have landed and are visible to this lane; the zeroed V rows of a
             // last chunk were stored an iteration or more ago, before the barrier above.
@@ -452,7 +499,9 @@ __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
                 unsigned bf[4];
                 const int r = (lane & 7) + (lane >> 4) * 8;
                 const int c = ks * 16 + ((lane >> 3) & 1) * 8;
-                ldsm_x4(bf, kbase + (unsigned)((r * LD + c) * 2));
+                // Pair layout: n-tile 0 holds the even keys, n-tile 1 the odd ones.
+                const int ro = RPC == 2 ? (lane & 7) * PS + (lane >> 4) * D : r * LD;
+                ldsm_x4(bf, kbase + (unsigned)((ro + c) * 2));
                 mma(s[0], qf[ks], bf[0], bf[1], T());
                 mma(s[1], qf[ks], bf[2], bf[3], T());
             }
@@ -470,7 +519,8 @@ __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
                     for (int n = 0; n < 2; ++n)
 #pragma unroll
                         for (int e = 0; e < 2; ++e) {
-                            const int j = k0 + n * 8 + t4 * 2 + e;
+                            const int j = RPC == 2 ? k0 + (t4 * 2 + e) * 2 + n
+                                                   : k0 + n * 8 + t4 * 2 + e;
                             float x = s[n][hr * 2 + e] * a.scale;
                             if (a.softcap > 0.f) x = a.softcap * tanhf(x / a.softcap);
                             x -= slope[hr] * fabsf((float)(pos[hr] - j));
@@ -525,7 +575,9 @@ __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
                 unsigned vf[4];
                 const int r = (lane & 7) + ((lane >> 3) & 1) * 8;
                 const int c = dn * 16 + (lane >> 4) * 8;
-                ldsm_x4_t(vf, vbase + (unsigned)((r * LD + c) * 2));
+                // P's columns are the keys in the n-tiles' order: V's rows follow it.
+                const int ro = RPC == 2 ? (lane & 7) * PS + ((lane >> 3) & 1) * D : r * LD;
+                ldsm_x4_t(vf, vbase + (unsigned)((ro + c) * 2));
                 mma(acc[2 * dn], pf, vf[0], vf[1], T());
                 mma(acc[2 * dn + 1], pf, vf[2], vf[3], T());
             }
@@ -632,23 +684,25 @@ __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
 // The bulk-copy candidates (KPS keys a stage): sm_90 only; built for older targets their
 // entries trap (the launcher refuses them there).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-#define XATTN_DECODE_TMA_BODY(TN, D, NW, ST, KPS) __trap();
+#define XATTN_DECODE_TMA_BODY(TN, D, NW, ST, KPS, RPC) __trap();
 #else
-#define XATTN_DECODE_TMA_BODY(TN, D, NW, ST, KPS) \
-    xattn::decode_core<xattn::TN, D, NW, ST, KPS>(XATTN_DECODE_ARGS);
+#define XATTN_DECODE_TMA_BODY(TN, D, NW, ST, KPS, RPC) \
+    xattn::decode_core<xattn::TN, D, NW, ST, KPS, RPC>(XATTN_DECODE_ARGS);
 #endif
-#define XATTN_DECODE_TMA_ENTRY(TN, D, NW, ST, KPS)                                          \
+#define XATTN_DECODE_TMA_ENTRY(TN, D, NW, ST, KPS, RPC)                                     \
     extern "C" __global__ void __launch_bounds__(NW * 32)                                   \
-        decode_splitkv_tma_##TN##_d##D##_w##NW##_s##ST##_k##KPS(XATTN_DECODE_PARAMS) {      \
-        XATTN_DECODE_TMA_BODY(TN, D, NW, ST, KPS)                                           \
+        decode_splitkv_tma_##TN##_d##D##_w##NW##_s##ST##_k##KPS##_r##RPC(                   \
+            XATTN_DECODE_PARAMS) {                                                          \
+        XATTN_DECODE_TMA_BODY(TN, D, NW, ST, KPS, RPC)                                      \
     }
-#define XATTN_DECODE_TMA_ONE(TN, D, NW, ST, KPS) XATTN_DECODE_TMA_ENTRY(TN, D, NW, ST, KPS)
+#define XATTN_DECODE_TMA_ONE(TN, D, NW, ST, KPS, RPC) \
+    XATTN_DECODE_TMA_ENTRY(TN, D, NW, ST, KPS, RPC)
 
 // Instantiation: the loader builds one module per entry with -D options, CI one translation
 // unit with one macro call per entry -- both from the list in
 // xattn/_backends/cupy_/instances.py. Without those options this file builds nothing.
 #if defined(XATTN_D) && defined(XATTN_ST) && defined(XATTN_KPS)
-XATTN_DECODE_TMA_ONE(XATTN_TN, XATTN_D, XATTN_NW, XATTN_ST, XATTN_KPS)
+XATTN_DECODE_TMA_ONE(XATTN_TN, XATTN_D, XATTN_NW, XATTN_ST, XATTN_KPS, XATTN_RPC)
 #elif defined(XATTN_D) && defined(XATTN_ST)
 XATTN_DECODE_ONE(XATTN_TN, XATTN_D, XATTN_NW, XATTN_ST)
 #endif
