@@ -198,6 +198,33 @@ def test_bulk_candidate_refused_below_sm90(monkeypatch):
     assert cupy_decode.keys_per_stage((8, 2)) == 16
 
 
+def test_bulk_layout_index_algebra():
+    """tools/decode_bulk_layout_check.py (a CPU transcription of load_kv_bulk's placement and
+    the compute's ldmatrix addressing): every fragment element of Q K^T and P V holds the key
+    the mask assigns to its score column, V rows past the end are zeros, and the bytes
+    announced to the mbarrier are the bytes copied -- one and two rows a copy, pages of 7
+    (pairs split by a page boundary), 64 and one page, stage ends inside a pair."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "decode_bulk_layout_check.py"
+    spec = importlib.util.spec_from_file_location("decode_bulk_layout_check", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for kps, rpc in ((16, 1), (32, 1), (16, 2), (32, 2), (64, 2)):
+        for ps in (7, 64, 1 << 20):
+            for j0, n in ((0, 1), (0, 17), (48, 64), (48, 35)):
+                tool.check(128, kps, rpc, ps, j0, j0 + n)
+    # The check can fail: the cp.async kernel's key order read from the pair layout.
+    orig = tool.key_of
+    tool.key_of = lambda rpc, k0, ntile, nn: orig(1, k0, ntile, nn)
+    try:
+        with pytest.raises(AssertionError):
+            tool.check(128, 16, 2, 1 << 20, 0, 16)
+    finally:
+        tool.key_of = orig
+
+
 def _cfg_id(cfg):
     return f"w{cfg[0]}-s{cfg[1]}" + "".join(f"-tma{k}" if i == 0 else f"-r{k}"
                                               for i, k in enumerate(cfg[2:]))
