@@ -387,8 +387,9 @@ __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
     load_tile<16, D, LD, NT>(sQ, a.q + row0 * D, rb * 16, R, tid);
     cp_async_commit();
 
-    // This warp's tiles: t0 + warp, t0 + warp + NW, ...; its first ST - 1 go in flight now,
-    // one commit group per stage (empty groups keep the count uniform).
+    // This warp's tiles (chunks of CK keys): t0 + warp, t0 + warp + NW, ...; its first ST - 1
+    // go in flight now, with cp.async one commit group per stage (empty groups keep the count
+    // uniform), with bulk copies on the stage's mbarrier (initialised first, by lane 0).
     const int count = t1 > t0 + warp ? (t1 - t0 - warp + NW - 1) / NW : 0;
     unsigned short* wKV = sKV + warp * ST * 2 * CK * LD;  // [stage][K, V]
     const unsigned wKVa = smem_u32(wKV);

@@ -7,6 +7,12 @@ version (the split merge inside the kernel, (8, 2) the default at D=128, launche
 prebuilt argument block that really engages) is compile-checked (spill-free, sm_80 and
 sm_90a) and waits for its GPU run (``bash tools/gpu_check_decode.sh``).
 
+Candidates beside the default (``config=``, ``instances.DECODE_EXTRA``) include the bulk-copy
+(TMA) instances, ``(warps, stages, keys per stage[, rows per copy])``: their K/V stages are
+filled by Hopper's ``cp.async.bulk`` on an mbarrier ring instead of ``cp.async``; they exist on
+sm_90 only, and :func:`check_config` refuses them below compute capability 9.0. They are
+compile-checked and wait for their first GPU run (``bash tools/gpu_check_decode.sh``).
+
 One thread block per (split of the keys, kv head x row block of 16 packed query rows,
 sequence); :func:`num_splits` picks the split count from the batch, the kv heads, the
 longest context and the SM count. With more than one split the blocks write float32 partial
