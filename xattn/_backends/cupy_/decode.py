@@ -246,8 +246,8 @@ def _make_plan(prob, cache, splits, cfg):
     span = longest if left < 0 else min(longest, T + left + BN - 1)
     max_tiles = -(-span // BN)
     # The kernel deals chunks of keys_per_stage keys to the splits (16: a tile); the heuristic
-    # counts 16-key tiles whatever the chunk, so that a candidate gets the splits of the
-    # default at the same problem.
+    # counts 16-key tiles whatever the chunk (its least work per warp stays 4 x 16 keys), and
+    # the count is capped by the chunks (more splits would only be empty).
     max_chunks = -(-span // keys_per_stage(cfg))
     main = _function(_params.type_name(prob.dtype), D, cfg)
     if splits is None:
@@ -350,10 +350,10 @@ _log = logging.getLogger("xattn")
 def decode(prob, q, cache, *, alibi_slopes=None, splits=None, config=None, need_lse=True):
     """Return ``(out, lse)`` of :func:`xattn.decode_attention` (``lse`` None without
     ``need_lse``: the kernel then writes none). ``splits`` overrides :func:`num_splits` and
-    ``config`` the ``(warps, stages)`` instance, or a ``(warps, stages, keys per stage)``
-    bulk-copy candidate (compute capability 9.0 and up; :func:`check_config` refuses an
-    unknown one) (``benchmarks/gpu_decode.py --sweep`` and ``--configs`` time the choices
-    with them).
+    ``config`` the ``(warps, stages)`` instance, or a ``(warps, stages, keys per stage[,
+    rows per copy])`` bulk-copy candidate (compute capability 9.0 and up); :func:`check_config`
+    refuses an unknown one (``benchmarks/gpu_decode.py --sweep`` and ``--configs`` time the
+    choices with them).
 
     The host work of a call on an unchanged cache is a dictionary look-up, two or three
     allocations and one launch: the split count, grid and scalar arguments are planned once
