@@ -316,47 +316,46 @@ def test_bulk_candidates_match_oracle(rng, cfg, dtype, splits, page_size, hq, hk
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(("nw", "st"), [(8, 2), (8, 3)], ids=["w8-s2", "w8-s3"])
 @pytest.mark.parametrize("page_size", [None, 24])
 @pytest.mark.parametrize("splits", [1, 5])
 @pytest.mark.parametrize("window", [None, (500, None)])
-def test_bulk_16_keys_equals_cp_async_exactly(rng, page_size, splits, window):
+def test_bulk_16_keys_equals_cp_async_exactly(rng, nw, st, page_size, splits, window):
     """(warps, stages, 16) deals the same 16-key tiles to the same warps and splits as
     (warps, stages) and sums in the same order: only the copies differ, so the bits agree
     (a row copied to the wrong place or a stage read before it landed would not)."""
     cupy = pytest.importorskip("cupy")
     from xattn.kvcache import _validate_decode
 
-    _skip_unless_sm90(cupy, (8, 2, 16))
+    _skip_unless_sm90(cupy, (nw, st, 16))
     cache = xattn.KVCache(3, 8, 3072, 128, dtype=np.float16, xp=cupy, page_size=page_size)
     _fill(rng, cache, (3000, 1234, 5), "float16")
     q = cupy_array(rng.standard_normal((3, 32, 1, 128)), "float16")
     prob = _validate_decode(q, cache, window, None, None, None)
-    for nw, st in ((8, 2), (8, 3)):
-        a, la = cupy_decode.decode(prob, q, cache, splits=splits, config=(nw, st))
-        b, lb = cupy_decode.decode(prob, q, cache, splits=splits, config=(nw, st, 16))
-        assert bool((a == b).all()) and bool((la == lb).all()), (nw, st)
-    _check(cache, q, b, lb, name="(8, 3, 16)", window=window)
+    a, la = cupy_decode.decode(prob, q, cache, splits=splits, config=(nw, st))
+    b, lb = cupy_decode.decode(prob, q, cache, splits=splits, config=(nw, st, 16))
+    assert bool((a == b).all()) and bool((la == lb).all())
+    _check(cache, q, b, lb, name=str((nw, st, 16)), window=window)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cfg", list(_bulk_configs()))
 @pytest.mark.parametrize(("page_size", "max_len"), [(None, 520), (8, 520)])
-def test_bulk_ring_buffer(rng, page_size, max_len):
+def test_bulk_ring_buffer(rng, cfg, page_size, max_len):
     """The bulk-copy candidates on a ring buffer past its capacity: a stage that straddles
     the wrap takes the per-row addresses."""
     cupy = pytest.importorskip("cupy")
     from xattn.kvcache import _validate_decode
 
+    _skip_unless_sm90(cupy, cfg)
     cache = xattn.KVCache(2, 2, max_len, 128, dtype=np.float16, xp=cupy, page_size=page_size,
                           window=300)
     for _ in range(3):
         _fill(rng, cache, (400, 250), "float16")
     q = cupy_array(rng.standard_normal((2, 8, 3, 128)), "float16")
     prob = _validate_decode(q, cache, None, None, None, None)
-    for param in _bulk_configs():
-        cfg = param.values[0]
-        _skip_unless_sm90(cupy, cfg)
-        out, lse = cupy_decode.decode(prob, q, cache, config=cfg)
-        _check(cache, q, out, lse, name=str(cfg), window=(300, None))
+    out, lse = cupy_decode.decode(prob, q, cache, config=cfg)
+    _check(cache, q, out, lse, name=str(cfg), window=(300, None))
 
 
 @pytest.mark.gpu

@@ -155,10 +155,13 @@ __device__ __forceinline__ void bulk_mbar_expect(unsigned bar, unsigned bytes) {
 #endif
 }
 // Blocks until the phase of parity `parity` has completed (its copies have landed and are
-// visible to this thread).
+// visible to this thread). A phase still open after about 4 s of waiting (bytes announced that
+// no copy delivers: a bug) traps, so that the launch fails with an error instead of holding
+// the GPU forever; the clock is read only once every 1024 unsuccessful tries.
 __device__ __forceinline__ void bulk_mbar_wait(unsigned bar, unsigned parity) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    for (;;) {
+    unsigned long long start = 0;
+    for (unsigned n = 1;; ++n) {
         unsigned done;
         asm volatile(
             "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
@@ -167,6 +170,12 @@ __device__ __forceinline__ void bulk_mbar_wait(unsigned bar, unsigned parity) {
             : "r"(bar), "r"(parity)
             : "memory");
         if (done) return;
+        if ((n & 1023u) == 0) {
+            unsigned long long now;
+            asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(now));
+            if (start == 0) start = now;
+            else if (now - start > 4000000000ull) __trap();
+        }
     }
 #else
     __trap();
