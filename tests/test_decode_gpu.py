@@ -54,21 +54,12 @@ def test_instances_and_shared_memory():
     names = [n for i in instances.shipped() for n in i.names if n.startswith("decode_")]
     assert len(names) == len(set(names))
     for d in instances.DECODE_HEAD_DIMS:
-        for cfg in (instances.DECODE[d], *instances.DECODE_EXTRA.get(d, ())):
-            nw, st = cfg[:2]
-            kps = cfg[2] if len(cfg) >= 3 else 16
-            rpc = cfg[3] if len(cfg) == 4 else 1
-            tma = f"tma_{{}}_d{d}_w{nw}_s{st}_k{kps}_r{rpc}" if len(cfg) >= 3 else None
+        for nw, st in (instances.DECODE[d], *instances.DECODE_EXTRA.get(d, ())):
             for tn in ("f16", "bf16"):
-                want = tma.format(tn) if tma else f"{tn}_d{d}_w{nw}_s{st}"
-                assert f"decode_splitkv_{want}" in names
-            assert cupy_decode.smem_bytes(d, cfg) == (16 * (d + 8)
-                                                      + nw * st * 2 * kps * (d + 8)) * 2
+                assert f"decode_splitkv_{tn}_d{d}_w{nw}_s{st}" in names
+            assert cupy_decode.smem_bytes(d, (nw, st)) == (16 * (d + 8)
+                                                          + nw * st * 2 * 16 * (d + 8)) * 2
     assert not [n for n in names if n.startswith("decode_combine")]
-    # The bulk-copy (TMA) candidates: the default's shape with the copy engine, and larger
-    # stages; the default stays the cp.async kernel.
-    assert (8, 2, 16) in instances.DECODE_EXTRA[128]
-    assert not instances.decode_is_bulk(instances.DECODE[128])
     assert cupy_decode.smem_bytes(128) == cupy_decode.smem_bytes(128, instances.DECODE[128])
     # (8, 2) serves D=128; (4, 3), the default it replaced, stays a candidate.
     assert instances.DECODE[128] == (8, 2) and (4, 3) in instances.DECODE_EXTRA[128]
@@ -178,74 +169,12 @@ def _check(cache, q, out, lse, name="", **options):
                          name=f"{name} lse[{b}]")
 
 
-def test_bulk_candidate_refused_below_sm90(monkeypatch):
-    """The bulk-copy candidates exist on sm_90 only: the launcher refuses them below compute
-    capability 9.0 with the config named (no silent fallback to another instance), takes them
-    from 9.0 on, and refuses a configuration the kernel has no instance of."""
-    from xattn._backends.cupy_ import _params
-
-    monkeypatch.setattr(_params, "compute_capability", lambda: 80)
-    with pytest.raises(ValueError, match=r"config: \(8, 2, 16\).*9\.0.*8\.0"):
-        cupy_decode.check_config(128, (8, 2, 16))
-    cupy_decode.check_config(128, (8, 2))  # the cp.async instances serve sm_80
-    monkeypatch.setattr(_params, "compute_capability", lambda: 90)
-    cupy_decode.check_config(128, (8, 2, 16))
-    with pytest.raises(ValueError, match=r"config: \(8, 2, 48\) is not an instance"):
-        cupy_decode.check_config(128, (8, 2, 48))
-    with pytest.raises(ValueError, match="config"):
-        cupy_decode.check_config(128, (8, 2, 16, 2, 1))
-    assert cupy_decode.keys_per_stage((4, 3, 32)) == 32
-    assert cupy_decode.keys_per_stage((8, 2)) == 16
-
-
-def test_bulk_layout_index_algebra():
-    """tools/decode_bulk_layout_check.py (a CPU transcription of load_kv_bulk's placement and
-    the compute's ldmatrix addressing): every fragment element of Q K^T and P V holds the key
-    the mask assigns to its score column, V rows past the end are zeros, and the bytes
-    announced to the mbarrier are the bytes copied -- one and two rows a copy, pages of 7
-    (pairs split by a page boundary), 64 and one page, stage ends inside a pair."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "tools" / "decode_bulk_layout_check.py"
-    spec = importlib.util.spec_from_file_location("decode_bulk_layout_check", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    for kps, rpc in ((16, 1), (32, 1), (16, 2), (32, 2), (64, 2)):
-        for ps in (7, 64, 1 << 20):
-            for j0, n in ((0, 1), (0, 17), (48, 64), (48, 35)):
-                tool.check(128, kps, rpc, ps, j0, j0 + n)
-    # The check can fail: the cp.async kernel's key order read from the pair layout.
-    orig = tool.key_of
-    tool.key_of = lambda rpc, k0, ntile, nn: orig(1, k0, ntile, nn)
-    try:
-        with pytest.raises(AssertionError):
-            tool.check(128, 16, 2, 1 << 20, 0, 16)
-    finally:
-        tool.key_of = orig
-
-
-def _cfg_id(cfg):
-    return f"w{cfg[0]}-s{cfg[1]}" + "".join(f"-tma{k}" if i == 0 else f"-r{k}"
-                                              for i, k in enumerate(cfg[2:]))
-
-
-def _skip_unless_sm90(cupy, cfg):
-    from xattn._backends.cupy_ import instances
-
-    if not instances.decode_is_bulk(cfg):
-        return
-    major = cupy.cuda.Device().compute_capability
-    if int(major) < 90:
-        pytest.skip(f"{cfg} is a bulk-copy candidate (sm_90 only), this device is sm_{major}")
-
-
 def _configs():
     from xattn._backends.cupy_ import instances
 
     for d in instances.DECODE_HEAD_DIMS:
         for cfg in instances.DECODE_EXTRA.get(d, ()):
-            yield pytest.param(d, cfg, id=f"d{d}-{_cfg_id(cfg)}")
+            yield pytest.param(d, cfg, id=f"d{d}-w{cfg[0]}-s{cfg[1]}")
 
 
 @pytest.mark.gpu
@@ -260,7 +189,6 @@ def test_every_instance_matches_oracle(rng, d, cfg, dtype, T, page_size, window)
     cupy = pytest.importorskip("cupy")
     from xattn.kvcache import _validate_decode
 
-    _skip_unless_sm90(cupy, cfg)
     rt = cupy.cuda.runtime
     optin = rt.deviceGetAttribute(getattr(rt, "cudaDevAttrMaxSharedMemoryPerBlockOptin", 97),
                                   rt.getDevice())
@@ -274,88 +202,6 @@ def test_every_instance_matches_oracle(rng, d, cfg, dtype, T, page_size, window)
     prob = _validate_decode(q, cache, window, None, None, None)
     out, lse = cupy_decode.decode(prob, q, cache, config=cfg)
     _check(cache, q, out, lse, name=str(cfg), window=window)
-
-
-def _bulk_configs():
-    from xattn._backends.cupy_ import instances
-
-    for cfg in instances.DECODE_EXTRA[128]:
-        if instances.decode_is_bulk(cfg):
-            yield pytest.param(cfg, id=_cfg_id(cfg))
-
-
-def _dtype(dtype):
-    return cupy_array(np.zeros(1), dtype).dtype
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("cfg", list(_bulk_configs()))
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("splits", [None, 1, 40])
-@pytest.mark.parametrize(("page_size", "hq", "hkv"), [(None, 32, 8), (64, 16, 1), (7, 8, 8)],
-                         ids=["contiguous-GQA", "page64-MQA", "page7-MHA"])
-def test_bulk_candidates_match_oracle(rng, cfg, dtype, splits, page_size, hq, hkv):
-    """The bulk-copy candidates (one cp.async.bulk per key row, an mbarrier per stage):
-    ragged lengths whose ends fall inside a stage (3000, 41, 1: a stage of one row), pages of
-    64 (a stage inside one page: one table read) and of 7 (a stage's rows in several pages),
-    one split, several (the in-kernel merge; empty splits at 40) and the heuristic's count,
-    T = 2, softcap and ALiBi, in both 16-bit types."""
-    cupy = pytest.importorskip("cupy")
-    from xattn.kvcache import _validate_decode
-
-    _skip_unless_sm90(cupy, cfg)
-    cache = xattn.KVCache(3, hkv, 3072, 128, dtype=_dtype(dtype), xp=cupy, page_size=page_size)
-    _fill(rng, cache, (3000, 41, 1), dtype)
-    q = cupy_array(rng.standard_normal((3, hq, 2, 128)), dtype)
-    slopes = cupy.asarray(rng.uniform(0.01, 0.1, hq).astype(np.float32))
-    prob = _validate_decode(q, cache, None, slopes, 5.0, None)
-    out, lse = cupy_decode.decode(prob, q, cache, alibi_slopes=slopes, splits=splits,
-                                  config=cfg)
-    _check(cache, q, out, lse, name=f"{cfg} splits={splits}", softcap=5.0,
-           alibi_slopes=slopes)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize(("nw", "st"), [(8, 2), (8, 3)], ids=["w8-s2", "w8-s3"])
-@pytest.mark.parametrize("page_size", [None, 24])
-@pytest.mark.parametrize("splits", [1, 5])
-@pytest.mark.parametrize("window", [None, (500, None)])
-def test_bulk_16_keys_equals_cp_async_exactly(rng, nw, st, page_size, splits, window):
-    """(warps, stages, 16) deals the same 16-key tiles to the same warps and splits as
-    (warps, stages) and sums in the same order: only the copies differ, so the bits agree
-    (a row copied to the wrong place or a stage read before it landed would not)."""
-    cupy = pytest.importorskip("cupy")
-    from xattn.kvcache import _validate_decode
-
-    _skip_unless_sm90(cupy, (nw, st, 16))
-    cache = xattn.KVCache(3, 8, 3072, 128, dtype=np.float16, xp=cupy, page_size=page_size)
-    _fill(rng, cache, (3000, 1234, 5), "float16")
-    q = cupy_array(rng.standard_normal((3, 32, 1, 128)), "float16")
-    prob = _validate_decode(q, cache, window, None, None, None)
-    a, la = cupy_decode.decode(prob, q, cache, splits=splits, config=(nw, st))
-    b, lb = cupy_decode.decode(prob, q, cache, splits=splits, config=(nw, st, 16))
-    assert bool((a == b).all()) and bool((la == lb).all())
-    _check(cache, q, b, lb, name=str((nw, st, 16)), window=window)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("cfg", list(_bulk_configs()))
-@pytest.mark.parametrize(("page_size", "max_len"), [(None, 520), (8, 520)])
-def test_bulk_ring_buffer(rng, cfg, page_size, max_len):
-    """The bulk-copy candidates on a ring buffer past its capacity: a stage that straddles
-    the wrap takes the per-row addresses."""
-    cupy = pytest.importorskip("cupy")
-    from xattn.kvcache import _validate_decode
-
-    _skip_unless_sm90(cupy, cfg)
-    cache = xattn.KVCache(2, 2, max_len, 128, dtype=np.float16, xp=cupy, page_size=page_size,
-                          window=300)
-    for _ in range(3):
-        _fill(rng, cache, (400, 250), "float16")
-    q = cupy_array(rng.standard_normal((2, 8, 3, 128)), "float16")
-    prob = _validate_decode(q, cache, None, None, None, None)
-    out, lse = cupy_decode.decode(prob, q, cache, config=cfg)
-    _check(cache, q, out, lse, name=str(cfg), window=(300, None))
 
 
 @pytest.mark.gpu

@@ -18,10 +18,8 @@ sys.path.insert(0, ROOT)
 from xattn._backends.cupy_ import instances  # noqa: E402
 
 # function_handle loads the module (CuPy compiles a RawModule lazily) and fails without one.
-# argv: type name, head dim, then the configuration's numbers ((warps, stages), or a bulk-copy
-# candidate's (warps, stages, keys per stage)).
 CODE = ("import sys; from xattn._backends.cupy_ import decode as m; "
-        "f = m._function(sys.argv[1], int(sys.argv[2]), tuple(int(x) for x in sys.argv[3:])); "
+        "f = m._function(sys.argv[1], int(sys.argv[2]), (int(sys.argv[3]), int(sys.argv[4]))); "
         "assert m.function_handle(f), 'no CUfunction handle'")
 
 
@@ -35,9 +33,9 @@ def specs():
 
 
 def run(spec):
-    tn, d, cfg = spec
+    tn, d, (nw, st) = spec
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-c", CODE, tn, str(d), *(str(x) for x in cfg)],
+    return subprocess.run([sys.executable, "-c", CODE, tn, str(d), str(nw), str(st)],
                           capture_output=True, text=True, env=env)
 
 

@@ -25,9 +25,7 @@
 // o_s, lse = log sum_s exp(lse_s)) and sets the counter back to 0 for the next launch on the
 // stream -- one launch per call, no second kernel (the launcher keeps one zeroed counter array
 // per device and stream: xattn/_backends/cupy_/decode.py).
-// NW and ST are instance parameters (xattn/_backends/cupy_/instances.py: DECODE). The
-// candidates with a third, KPS (decode_splitkv_tma_*), fill the stages with Hopper's bulk copy
-// engine instead of cp.async, KPS keys a stage (load_kv_bulk; sm_90 only).
+// NW and ST are instance parameters (xattn/_backends/cupy_/instances.py: DECODE).
 //
 // Storage: k, v pools (P, Hkv, page_size, D) of 16-bit values; table (B, max_pages) int32;
 // a contiguous cache is one page per sequence (page_size = max_len, table[b] = {b}).
@@ -120,175 +118,6 @@ __device__ __forceinline__ void load_kv(unsigned sk, unsigned sv, const unsigned
     }
 }
 
-// Hopper's bulk copy engine (the candidate instances with KPS > 0, sm_90 only): a warp's stage
-// of KPS keys is filled by one 1-D cp.async.bulk per key row (D * 2 contiguous bytes, lanes
-// 0-15 the K rows, 16-31 the V rows, KPS / 16 copies a lane), completing on the stage's
-// mbarrier. A row per copy rather than the stage's whole contiguous run: one copy lands its
-// bytes unchanged, and rows 2 * D bytes apart (a multiple of 128) would put the 8 rows of every
-// ldmatrix phase in one bank group (8-way conflicts); row copies land in the padded rows (LD)
-// the mma path reads conflict-free. A larger KPS means fewer barrier waits per key, not fewer
-// copies. Below sm_90 these helpers trap (the launcher refuses the candidate there).
-__device__ __forceinline__ void bulk_mbar_init(unsigned bar, unsigned count) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-#else
-    __trap();
-#endif
-}
-// The initialised barriers are visible to the copy engine's complete_tx before any copy that
-// the caller issues after this.
-__device__ __forceinline__ void bulk_mbar_init_fence() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-#else
-    __trap();
-#endif
-}
-// This phase's one arrival, with the bytes its copies will deliver.
-__device__ __forceinline__ void bulk_mbar_expect(unsigned bar, unsigned bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar),
-                 "r"(bytes)
-                 : "memory");
-#else
-    __trap();
-#endif
-}
-// Blocks until the phase of parity `parity` has completed (its copies have landed and are
-// visible to this thread). A phase still open after about 4 s of waiting (bytes announced that
-// no copy delivers: a bug) traps, so that the launch fails with an error instead of holding
-// the GPU forever; the clock is read only once every 1024 unsuccessful tries.
-__device__ __forceinline__ void bulk_mbar_wait(unsigned bar, unsigned parity) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    unsigned long long start = 0;
-    for (unsigned n = 1;; ++n) {
-        unsigned done;
-        asm volatile(
-            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-            "selp.u32 %0, 1, 0, p;\n}\n"
-            : "=r"(done)
-            : "r"(bar), "r"(parity)
-            : "memory");
-        if (done) return;
-        if ((n & 1023u) == 0) {
-            unsigned long long now;
-            asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(now));
-            if (start == 0) start = now;
-            else if (now - start > 4000000000ull) __trap();
-        }
-    }
-#else
-    __trap();
-#endif
-}
-__device__ __forceinline__ void bulk_fence_proxy() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#else
-    __trap();
-#endif
-}
-__device__ __forceinline__ void bulk_g2s(unsigned dst, const void* src, unsigned bytes,
-                                         unsigned bar) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, "
-        "[%3];\n" ::"r"(dst),
-        "l"(src), "r"(bytes), "r"(bar)
-        : "memory");
-#else
-    __trap();
-#endif
-}
-
-// One warp's stage of KPS keys (positions j0 .. j0 + KPS - 1, kv head g) by bulk copies,
-// completing on `bar`: RPC = 1, one copy per key row into rows of LD elements (lanes 0-15 the
-// K rows, 16-31 the V rows); RPC = 2, one copy per pair of adjacent keys (2 contiguous rows;
-// lane l copies pair l % 8 of K (l / 8 even) or V of tile l / 16, pairs PS elements apart), a
-// pair whose rows lie in two pages in two copies. Positions at or past `hi` are not copied,
-// and their V rows are zeroed by ordinary stores (a zero weight times stale or uninitialised
-// shared memory could be NaN; their K rows' scores are masked, so they stay as they are). The
-// stage with such rows is the sequence's last, so no later copy of this warp lands where these
-// stores went. Lane 0 announces the bytes before any lane copies (a copy that lands first
-// leaves the transaction count negative, which the phase's pending arrival keeps open).
-__device__ __forceinline__ void zero_row_shared(unsigned addr, int bytes) {
-    for (int c = 0; c < bytes; c += 16)
-        asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr + c), "r"(0)
-                     : "memory");
-}
-
-template <int KPS, int D, int LD, int RPC>
-__device__ __forceinline__ void load_kv_bulk(unsigned sk, unsigned sv, unsigned bar,
-                                             const unsigned short* kpool,
-                                             const unsigned short* vpool, const int* table,
-                                             int ps, int hkv, int g, int j0, int hi, int lane) {
-    static_assert(KPS % 16 == 0, "whole 16-key tiles");
-    constexpr unsigned ROW = D * 2;  // bytes of one key row
-    const int last = min(j0 + KPS, hi) - 1;
-    if (lane == 0) bulk_mbar_expect(bar, (unsigned)(last - j0 + 1) * 2u * ROW);
-    const int pi = j0 / ps;
-    const int off = j0 - pi * ps;
-    const bool one_page = off + (last - j0) < ps;
-    const long long base =
-        one_page ? (((long long)__ldg(table + pi) * hkv + g) * ps + off) * D : 0;
-    if constexpr (RPC == 1) {
-        const bool is_v = lane >= 16;
-        const unsigned short* pool = is_v ? vpool : kpool;
-        const unsigned dst = is_v ? sv : sk;
-#pragma unroll
-        for (int u = 0; u < KPS / 16; ++u) {
-            const int r = (lane & 15) + u * 16;
-            const int j = j0 + r;
-            const unsigned so = dst + (unsigned)(r * LD * 2);
-            if (j <= last) {
-                long long e = base + (long long)r * D;
-                if (!one_page) {
-                    const int p = j / ps;
-                    e = (((long long)__ldg(table + p) * hkv + g) * ps + (j - p * ps)) * D;
-                }
-                bulk_g2s(so, pool + e, ROW, bar);
-            } else if (is_v) {
-                zero_row_shared(so, ROW);
-            }
-        }
-    } else {
-        static_assert(RPC == 2, "1 or 2 rows per copy");
-        constexpr int PS = 2 * D + 8;
-        constexpr int COPIES = KPS;  // per 16-key tile: 8 K pairs, 8 V pairs
-#pragma unroll
-        for (int w = 0; w < (COPIES + 31) / 32; ++w) {
-            const int idx = lane + 32 * w;
-            if (COPIES % 32 != 0 && idx >= COPIES) break;
-            const int u = idx >> 4, p = idx & 7;
-            const bool is_v = (idx >> 3) & 1;
-            const unsigned short* pool = is_v ? vpool : kpool;
-            const int r = u * 16 + 2 * p;  // the pair's first key in the stage
-            const int j = j0 + r;
-            const unsigned so = (is_v ? sv : sk) + (unsigned)((u * 16 * LD + p * PS) * 2);
-            const int n = min(2, max(0, last - j + 1));  // rows of the pair to copy
-            if (n > 0) {
-                long long e = base + (long long)r * D;
-                bool two_pages = false;
-                if (!one_page) {
-                    const int pg = j / ps;
-                    const int jo = j - pg * ps;
-                    e = (((long long)__ldg(table + pg) * hkv + g) * ps + jo) * D;
-                    two_pages = n == 2 && jo + 1 == ps;
-                }
-                if (two_pages) {
-                    const int pg = (j + 1) / ps;  // the second row starts that page
-                    bulk_g2s(so, pool + e, ROW, bar);
-                    bulk_g2s(so + ROW, pool + ((long long)__ldg(table + pg) * hkv + g) * ps * D,
-                             ROW, bar);
-                } else {
-                    bulk_g2s(so, pool + e, (unsigned)n * ROW, bar);
-                }
-            }
-            if (is_v && n < 2) zero_row_shared(so + n * ROW, (2 - n) * ROW);
-        }
-    }
-}
-
 // A float load through L2 only (ld.global.cg): values that other blocks of this launch wrote.
 __device__ __forceinline__ float ld_cg(const float* p) {
     float x;
@@ -345,30 +174,18 @@ __device__ __forceinline__ void merge_splits(const DecodeArgs& a, float* smem, l
     }
 }
 
-// KPS = 0: the K/V stages are filled by cp.async (sm_80+), one 16-key tile a stage. KPS > 0
-// (sm_90 only): by the bulk copy engine (load_kv_bulk), KPS keys a stage, each stage's copies
-// completing on its own mbarrier; a warp's unit of work (and the splits') is then the KPS-key
-// chunk, walked in 16-key tiles. RPC: key rows per bulk copy, 1 or 2 (load_kv_bulk2).
-template <class T, int D, int NW, int ST, int KPS = 0, int RPC = 1>
+template <class T, int D, int NW, int ST>
 __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
     static_assert(ST >= 2 && ST <= 8, "2 to 8 stages");
-    constexpr bool BULK = KPS > 0;
-    static_assert(RPC == 1 || (BULK && RPC == 2), "rows per copy: 1, or 2 for bulk copies");
-    // RPC = 2: a 16-key tile is 8 pairs of adjacent keys, each pair's 2 contiguous rows one
-    // copy, pairs PS elements apart (16 bytes of padding a pair, inside the tile's 16 * LD).
-    constexpr int PS = 2 * D + 8;
-    constexpr int BN = 16;          // keys per warp tile: one k16 step of P V
-    constexpr int CK = BULK ? KPS : BN;  // keys per stage (a chunk)
-    constexpr int CH = CK / BN;     // tiles per chunk
-    static_assert(CK % BN == 0 && CH <= 4, "16 to 64 keys a stage");
     // The merge's weights and sums fit in the K/V stages it reuses.
-    static_assert(NW * ST * 2 * CK * (D + 8) * 2 >= (XATTN_DECODE_MAX_SPLITS * 16 + 16) * 4,
+    static_assert(NW * ST * 2 * 16 * (D + 8) * 2 >= (XATTN_DECODE_MAX_SPLITS * 16 + 16) * 4,
                   "shared memory for the split merge");
+    constexpr int BN = 16;          // keys per warp tile: one k16 step of P V
     constexpr int LD = D + 8;       // padded rows: conflict-free ldmatrix
     constexpr int KS = D / 16;      // k-steps of Q K^T
     constexpr int ND = D / 8;       // n-tiles of the output
     constexpr int NT = NW * 32;
-    constexpr int STAGE = 2 * CK * LD * 2;  // bytes of one stage: CK K rows, then CK V rows
+    constexpr int TILE = BN * LD;   // one K or V tile, in 16-bit elements
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     unsigned short* sQ = reinterpret_cast<unsigned short*>(smem_raw);
@@ -386,7 +203,7 @@ __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
     // splits in runs and within a split to the warps in turn.
     const int lo = a.wl >= 0 ? max(0, first - a.wl) / BN * BN : 0;
     const int hi = L;
-    const int n_tiles = hi > lo ? (hi - lo + CK - 1) / CK : 0;  // chunks
+    const int n_tiles = hi > lo ? (hi - lo + BN - 1) / BN : 0;
     const int per_split = (n_tiles + a.splits - 1) / a.splits;
     const int t0 = split * per_split, t1 = min(t0 + per_split, n_tiles);
     const int* table = a.table + (long long)b * a.max_pages;
@@ -396,40 +213,21 @@ __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
     load_tile<16, D, LD, NT>(sQ, a.q + row0 * D, rb * 16, R, tid);
     cp_async_commit();
 
-    // This warp's tiles (chunks of CK keys): t0 + warp, t0 + warp + NW, ...; its first ST - 1
-    // go in flight now, with cp.async one commit group per stage (empty groups keep the count
-    // uniform), with bulk copies on the stage's mbarrier (initialised first, by lane 0).
+    // This warp's tiles: t0 + warp, t0 + warp + NW, ...; its first ST - 1 go in flight now,
+    // one commit group per stage (empty groups keep the count uniform).
     const int count = t1 > t0 + warp ? (t1 - t0 - warp + NW - 1) / NW : 0;
-    unsigned short* wKV = sKV + warp * ST * 2 * CK * LD;  // [stage][K, V]
+    unsigned short* wKV = sKV + warp * ST * 2 * TILE;  // [stage][K, V]
     const unsigned wKVa = smem_u32(wKV);
-    unsigned bar0 = 0;  // BULK: this warp's ST mbarriers, 8 bytes apart
-    if constexpr (BULK) {
-        __shared__ __align__(8) unsigned long long s_bar[NW * ST];
-        bar0 = smem_u32(s_bar) + (unsigned)(warp * ST * 8);
-        if (lane == 0) {
 #pragma unroll
-            for (int s = 0; s < ST; ++s) bulk_mbar_init(bar0 + s * 8, 1);
-            bulk_mbar_init_fence();
-        }
-        __syncwarp();
-#pragma unroll
-        for (int s = 0; s < ST - 1; ++s)
-            if (s < count)
-                load_kv_bulk<CK, D, LD, RPC>(wKVa + s * STAGE, wKVa + s * STAGE + CK * LD * 2,
-                                             bar0 + s * 8, a.k, a.v, table, a.page_size, a.hkv,
-                                             g, lo + (t0 + warp + s * NW) * CK, hi, lane);
-        cp_async_wait<0>();  // the Q group, the only cp.async one
-    } else {
-#pragma unroll
-        for (int s = 0; s < ST - 1; ++s) {
-            if (s < count)
-                load_kv<BN, D, LD>(wKVa + s * STAGE, wKVa + s * STAGE + CK * LD * 2, a.k, a.v,
-                                   table, a.page_size, a.hkv, g, lo + (t0 + warp + s * NW) * BN,
-                                   hi, lane);
-            cp_async_commit();
-        }
-        cp_async_wait<ST - 1>();  // the Q group (the oldest) has landed
+    for (int s = 0; s < ST - 1; ++s) {
+        if (s < count)
+            load_kv<BN, D, LD>(wKVa + s * 4 * TILE, wKVa + s * 4 * TILE + 2 * TILE, a.k, a.v,
+                               table, a.page_size, a.hkv, g, lo + (t0 + warp + s * NW) * BN, hi,
+                               lane);
+        cp_async_commit();
     }
+
+    cp_async_wait<ST - 1>();  // the Q group (the oldest) has landed
     __syncthreads();
     unsigned qf[KS][4];
     const unsigned sQa = smem_u32(sQ);
@@ -461,143 +259,113 @@ __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
     float m[2] = {-XATTN_INF, -XATTN_INF}, l[2] = {0.f, 0.f};
 
     int slot = 0, fill = ST - 1;  // the stage read now, the stage the next copy fills
-    unsigned phase = 0;           // BULK: the parity of the slot's mbarrier phase this lap
     for (int i = 0; i < count; ++i) {
-        // The stage of chunk i - 1 is free once every lane is done with it (the barrier): it is
-        // refilled with chunk i + ST - 1 before the wait for chunk i, so that a waiting warp has
-        // ST chunks in flight, not ST - 1 (a warp spends most of its time waiting). The bulk
-        // copies write through the async proxy: each lane's reads of the stage are ordered
-        // before them by a proxy fence ahead of the barrier.
-        if constexpr (BULK) bulk_fence_proxy();
+        // The stage of tile i - 1 is free once every lane is done with it (the barrier): it is
+        // refilled with tile i + ST - 1 before the wait for tile i, so that a waiting warp has
+        // ST tiles in flight, not ST - 1 (a warp spends most of its time waiting).
         __syncwarp();
-        if constexpr (BULK) {
-            if (i + ST - 1 < count)
-                load_kv_bulk<CK, D, LD, RPC>(
-                    wKVa + fill * STAGE, wKVa + fill * STAGE + CK * LD * 2, bar0 + fill * 8, a.k,
-                    a.v, table, a.page_size, a.hkv, g, lo + (t0 + warp + (i + ST - 1) * NW) * CK,
-                    hi, lane);
-            fill = fill + 1 == ST ? 0 : fill + 1;
-            // Chunk i's copies have landed and are visible to this lane; the zeroed V rows of a
-            // last chunk were stored an iteration or more ago, before the barrier above.
-            bulk_mbar_wait(bar0 + slot * 8, phase);
-        } else {
-            if (i + ST - 1 < count)
-                load_kv<BN, D, LD>(wKVa + fill * STAGE, wKVa + fill * STAGE + CK * LD * 2, a.k,
-                                   a.v, table, a.page_size, a.hkv, g,
-                                   lo + (t0 + warp + (i + ST - 1) * NW) * BN, hi, lane);
-            cp_async_commit();
-            fill = fill + 1 == ST ? 0 : fill + 1;
-            // Tile i has landed (at most ST - 1 younger groups are pending); the barrier makes
-            // each lane's copies of it visible to the others.
-            cp_async_wait<ST - 1>();
-            __syncwarp();
+        if (i + ST - 1 < count)
+            load_kv<BN, D, LD>(wKVa + fill * 4 * TILE, wKVa + fill * 4 * TILE + 2 * TILE, a.k,
+                               a.v, table, a.page_size, a.hkv, g,
+                               lo + (t0 + warp + (i + ST - 1) * NW) * BN, hi, lane);
+        cp_async_commit();
+        fill = fill + 1 == ST ? 0 : fill + 1;
+        // Tile i has landed (at most ST - 1 younger groups are pending); the barrier makes each
+        // lane's copies of it visible to the others.
+        cp_async_wait<ST - 1>();
+        __syncwarp();
+
+        // S = Q K^T: 16 rows x 16 keys, two n8 tiles.
+        float s[2][4];
+#pragma unroll
+        for (int n = 0; n < 2; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+        const unsigned kbase = wKVa + (unsigned)(slot * 4 * TILE);
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+            unsigned bf[4];
+            const int r = (lane & 7) + (lane >> 4) * 8;
+            const int c = ks * 16 + ((lane >> 3) & 1) * 8;
+            ldsm_x4(bf, kbase + (unsigned)((r * LD + c) * 2));
+            mma(s[0], qf[ks], bf[0], bf[1], T());
+            mma(s[1], qf[ks], bf[2], bf[3], T());
         }
 
-        // The chunk's 16-key tiles; those wholly past the sequence end (a chunk's tail) are
-        // skipped.
-#pragma unroll 1
-        for (int u = 0; u < CH; ++u) {
-            if (CH > 1 && lo + (t0 + warp + i * NW) * CK + u * BN >= hi) break;
-            const unsigned kbase = wKVa + (unsigned)(slot * STAGE + u * BN * LD * 2);
-            const unsigned vbase = kbase + (unsigned)(CK * LD * 2);
-            // S = Q K^T: 16 rows x 16 keys, two n8 tiles.
-            float s[2][4];
+        // Score modifications (softcap, ALiBi) in flash-attn's order, natural units, then the
+        // rules, then base 2 for the softmax. Only tiles that reach past the first query's
+        // position (the causal edge, the sequence end) or below the last query's window need
+        // the element test; the others are visible to every row.
+        const int k0 = lo + (t0 + warp + i * NW) * BN;
+        const bool edge = k0 + BN > first + 1 || (a.wl >= 0 && k0 < hi - 1 - a.wl);
+        if (mods || edge) {
 #pragma unroll
-            for (int n = 0; n < 2; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-#pragma unroll
-            for (int ks = 0; ks < KS; ++ks) {
-                unsigned bf[4];
-                const int r = (lane & 7) + (lane >> 4) * 8;
-                const int c = ks * 16 + ((lane >> 3) & 1) * 8;
-                // Pair layout: n-tile 0 holds the even keys, n-tile 1 the odd ones.
-                const int ro = RPC == 2 ? (lane & 7) * PS + (lane >> 4) * D : r * LD;
-                ldsm_x4(bf, kbase + (unsigned)((ro + c) * 2));
-                mma(s[0], qf[ks], bf[0], bf[1], T());
-                mma(s[1], qf[ks], bf[2], bf[3], T());
-            }
-
-            // Score modifications (softcap, ALiBi) in flash-attn's order, natural units, then the
-            // rules, then base 2 for the softmax. Only tiles that reach past the first query's
-            // position (the causal edge, the sequence end) or below the last query's window need
-            // the element test; the others are visible to every row.
-            const int k0 = lo + (t0 + warp + i * NW) * CK + u * BN;
-            const bool edge = k0 + BN > first + 1 || (a.wl >= 0 && k0 < hi - 1 - a.wl);
-            if (mods || edge) {
-#pragma unroll
-                for (int hr = 0; hr < 2; ++hr)
-#pragma unroll
-                    for (int n = 0; n < 2; ++n)
-#pragma unroll
-                        for (int e = 0; e < 2; ++e) {
-                            const int j = RPC == 2 ? k0 + (t4 * 2 + e) * 2 + n
-                                                   : k0 + n * 8 + t4 * 2 + e;
-                            float x = s[n][hr * 2 + e] * a.scale;
-                            if (a.softcap > 0.f) x = a.softcap * tanhf(x / a.softcap);
-                            x -= slope[hr] * fabsf((float)(pos[hr] - j));
-                            const bool vis = !edge || (row_ok[hr] && j < hi && j <= pos[hr] &&
-                                                       (a.wl < 0 || j >= pos[hr] - a.wl));
-                            s[n][hr * 2 + e] = vis ? x * XATTN_LOG2E : -XATTN_INF;
-                        }
-            } else {
-#pragma unroll
-                for (int n = 0; n < 2; ++n)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) s[n][e] *= scale2;
-            }
-
-            // Online softmax per row (the 4 lanes of a quad share a row).
-#pragma unroll
-            for (int hr = 0; hr < 2; ++hr) {
-                float mx = fmaxf(fmaxf(s[0][hr * 2], s[0][hr * 2 + 1]),
-                                 fmaxf(s[1][hr * 2], s[1][hr * 2 + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float m_new = fmaxf(m[hr], mx);
-                // Nothing visible yet: exponentiate against 0 so that every p is exactly 0.
-                const float m_use = m_new == -XATTN_INF ? 0.f : m_new;
-                const float alpha = ex2(m[hr] - m_use);
-                m[hr] = m_new;
-                float rs = 0.f;
+            for (int hr = 0; hr < 2; ++hr)
 #pragma unroll
                 for (int n = 0; n < 2; ++n)
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        const float p = ex2(s[n][hr * 2 + e] - m_use);
-                        s[n][hr * 2 + e] = p;
-                        rs += p;
+                        const int j = k0 + n * 8 + t4 * 2 + e;
+                        float x = s[n][hr * 2 + e] * a.scale;
+                        if (a.softcap > 0.f) x = a.softcap * tanhf(x / a.softcap);
+                        x -= slope[hr] * fabsf((float)(pos[hr] - j));
+                        const bool vis = !edge || (row_ok[hr] && j < hi && j <= pos[hr] &&
+                                                   (a.wl < 0 || j >= pos[hr] - a.wl));
+                        s[n][hr * 2 + e] = vis ? x * XATTN_LOG2E : -XATTN_INF;
                     }
-                l[hr] = l[hr] * alpha + rs;
+        } else {
 #pragma unroll
-                for (int n = 0; n < ND; ++n) {
-                    acc[n][hr * 2] *= alpha;
-                    acc[n][hr * 2 + 1] *= alpha;
-                }
-            }
+            for (int n = 0; n < 2; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[n][e] *= scale2;
+        }
 
-            // O += P V: the two score n-tiles are the m16k16 A fragment (no shared memory).
-            unsigned pf[4];
-            pf[0] = pack2(s[0][0], s[0][1], T());
-            pf[1] = pack2(s[0][2], s[0][3], T());
-            pf[2] = pack2(s[1][0], s[1][1], T());
-            pf[3] = pack2(s[1][2], s[1][3], T());
+        // Online softmax per row (the 4 lanes of a quad share a row).
 #pragma unroll
-            for (int dn = 0; dn < D / 16; ++dn) {
-                unsigned vf[4];
-                const int r = (lane & 7) + ((lane >> 3) & 1) * 8;
-                const int c = dn * 16 + (lane >> 4) * 8;
-                // P's columns are the keys in the n-tiles' order: V's rows follow it.
-                const int ro = RPC == 2 ? (lane & 7) * PS + ((lane >> 3) & 1) * D : r * LD;
-                ldsm_x4_t(vf, vbase + (unsigned)((ro + c) * 2));
-                mma(acc[2 * dn], pf, vf[0], vf[1], T());
-                mma(acc[2 * dn + 1], pf, vf[2], vf[3], T());
+        for (int hr = 0; hr < 2; ++hr) {
+            float mx = fmaxf(fmaxf(s[0][hr * 2], s[0][hr * 2 + 1]),
+                             fmaxf(s[1][hr * 2], s[1][hr * 2 + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m[hr], mx);
+            // Nothing visible yet: exponentiate against 0 so that every p is exactly 0.
+            const float m_use = m_new == -XATTN_INF ? 0.f : m_new;
+            const float alpha = ex2(m[hr] - m_use);
+            m[hr] = m_new;
+            float rs = 0.f;
+#pragma unroll
+            for (int n = 0; n < 2; ++n)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const float p = ex2(s[n][hr * 2 + e] - m_use);
+                    s[n][hr * 2 + e] = p;
+                    rs += p;
+                }
+            l[hr] = l[hr] * alpha + rs;
+#pragma unroll
+            for (int n = 0; n < ND; ++n) {
+                acc[n][hr * 2] *= alpha;
+                acc[n][hr * 2 + 1] *= alpha;
             }
         }
+
+        // O += P V: the two score n-tiles are the m16k16 A fragment (no shared memory).
+        unsigned pf[4];
+        pf[0] = pack2(s[0][0], s[0][1], T());
+        pf[1] = pack2(s[0][2], s[0][3], T());
+        pf[2] = pack2(s[1][0], s[1][1], T());
+        pf[3] = pack2(s[1][2], s[1][3], T());
+        const unsigned vbase = kbase + (unsigned)(TILE * 2);
+#pragma unroll
+        for (int dn = 0; dn < D / 16; ++dn) {
+            unsigned vf[4];
+            const int r = (lane & 7) + ((lane >> 3) & 1) * 8;
+            const int c = dn * 16 + (lane >> 4) * 8;
+            ldsm_x4_t(vf, vbase + (unsigned)((r * LD + c) * 2));
+            mma(acc[2 * dn], pf, vf[0], vf[1], T());
+            mma(acc[2 * dn + 1], pf, vf[2], vf[3], T());
+        }
         slot = slot + 1 == ST ? 0 : slot + 1;
-        if constexpr (BULK) phase ^= slot == 0 ? 1u : 0u;
     }
-    // No copy may land in the stages after the merge reuses them (the bulk copies all have:
-    // each chunk issued was waited for).
-    if constexpr (!BULK) cp_async_wait<0>();
+    cp_async_wait<0>();  // no copy may land in the stages after the merge reuses them
 
 // Merge the warps' states through shared memory (the K/V tiles are no longer needed).
     __syncthreads();
@@ -691,28 +459,9 @@ __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
     }
 #define XATTN_DECODE_ONE(TN, D, NW, ST) XATTN_DECODE_ENTRY(TN, D, NW, ST)
 
-// The bulk-copy candidates (KPS keys a stage): sm_90 only; built for older targets their
-// entries trap (the launcher refuses them there).
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-#define XATTN_DECODE_TMA_BODY(TN, D, NW, ST, KPS, RPC) __trap();
-#else
-#define XATTN_DECODE_TMA_BODY(TN, D, NW, ST, KPS, RPC) \
-    xattn::decode_core<xattn::TN, D, NW, ST, KPS, RPC>(XATTN_DECODE_ARGS);
-#endif
-#define XATTN_DECODE_TMA_ENTRY(TN, D, NW, ST, KPS, RPC)                                     \
-    extern "C" __global__ void __launch_bounds__(NW * 32)                                   \
-        decode_splitkv_tma_##TN##_d##D##_w##NW##_s##ST##_k##KPS##_r##RPC(                   \
-            XATTN_DECODE_PARAMS) {                                                          \
-        XATTN_DECODE_TMA_BODY(TN, D, NW, ST, KPS, RPC)                                      \
-    }
-#define XATTN_DECODE_TMA_ONE(TN, D, NW, ST, KPS, RPC) \
-    XATTN_DECODE_TMA_ENTRY(TN, D, NW, ST, KPS, RPC)
-
 // Instantiation: the loader builds one module per entry with -D options, CI one translation
 // unit with one macro call per entry -- both from the list in
 // xattn/_backends/cupy_/instances.py. Without those options this file builds nothing.
-#if defined(XATTN_D) && defined(XATTN_ST) && defined(XATTN_KPS)
-XATTN_DECODE_TMA_ONE(XATTN_TN, XATTN_D, XATTN_NW, XATTN_ST, XATTN_KPS, XATTN_RPC)
-#elif defined(XATTN_D) && defined(XATTN_ST)
+#if defined(XATTN_D) && defined(XATTN_ST)
 XATTN_DECODE_ONE(XATTN_TN, XATTN_D, XATTN_NW, XATTN_ST)
 #endif

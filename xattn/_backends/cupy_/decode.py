@@ -7,12 +7,6 @@ version (the split merge inside the kernel, (8, 2) the default at D=128, launche
 prebuilt argument block that really engages) is compile-checked (spill-free, sm_80 and
 sm_90a) and waits for its GPU run (``bash tools/gpu_check_decode.sh``).
 
-Candidates beside the default (``config=``, ``instances.DECODE_EXTRA``) include the bulk-copy
-(TMA) instances, ``(warps, stages, keys per stage[, rows per copy])``: their K/V stages are
-filled by Hopper's ``cp.async.bulk`` on an mbarrier ring instead of ``cp.async``; they exist on
-sm_90 only, and :func:`check_config` refuses them below compute capability 9.0. They are
-compile-checked and wait for their first GPU run (``bash tools/gpu_check_decode.sh``).
-
 One thread block per (split of the keys, kv head x row block of 16 packed query rows,
 sequence); :func:`num_splits` picks the split count from the batch, the kv heads, the
 longest context and the SM count. With more than one split the blocks write float32 partial
@@ -70,35 +64,11 @@ def default_config(d):
 
 
 def smem_bytes(d, cfg=None):
-    """Dynamic shared memory: the Q tile and each warp's ring of ``stages`` K and V tiles of
-    16 keys, or of the bulk-copy candidate's keys per stage (the warps' merge reuses the K/V
-    space; the candidate's mbarriers are static shared memory)."""
-    cfg = cfg or default_config(d)
-    nw, st = cfg[:2]
+    """Dynamic shared memory: the Q tile and each warp's ring of ``stages`` K and V tiles
+    (the warps' merge reuses the K/V space)."""
+    nw, st = cfg or default_config(d)
     ld = d + 8
-    return (16 * ld + nw * st * 2 * keys_per_stage(cfg) * ld) * 2
-
-
-def keys_per_stage(cfg):
-    """Keys of one K/V stage of a configuration: 16 (one tile), or a bulk-copy candidate's
-    third number (the warps and the splits are then dealt chunks of that many keys)."""
-    return int(cfg[2]) if instances.decode_is_bulk(cfg) else BN
-
-
-def check_config(d, cfg):
-    """Refuse what the kernel has no instance for: a configuration outside
-    ``DECODE[d]`` / ``DECODE_EXTRA[d]``, and a bulk-copy candidate below compute capability
-    9.0 (its copies and barriers exist on sm_90 only)."""
-    known = (instances.DECODE[d], *instances.DECODE_EXTRA.get(d, ()))
-    if tuple(cfg) not in known:
-        raise ValueError(f"config: {tuple(cfg)} is not an instance of the decode kernel at "
-                         f"D={d}; expected one of {known}")
-    if instances.decode_is_bulk(cfg):
-        cc = _params.compute_capability()
-        if cc < 90:
-            raise ValueError(f"config: {tuple(cfg)} is a bulk-copy (TMA) candidate, which "
-                             f"needs compute capability >= 9.0; this device has "
-                             f"{cc // 10}.{cc % 10}")
+    return (16 * ld + nw * st * 2 * BN * ld) * 2
 
 
 @functools.lru_cache(maxsize=512)  # a pure function of ints, on every new plan's path
@@ -235,7 +205,6 @@ class _Plan:
 
 def _make_plan(prob, cache, splits, cfg):
     B, Hq, Hkv, T, D = prob.batch, prob.hq, prob.hkv, prob.sq, prob.d
-    check_config(D, cfg)
     kpool, vpool, table_dev, lengths_dev, page_size = cache._device_meta()
     left = -1 if prob.window is None or prob.window[0] is None else prob.window[0]
     R = prob.group * T
@@ -245,15 +214,11 @@ def _make_plan(prob, cache, splits, cfg):
     longest = int(cache._lengths.max(initial=0))
     span = longest if left < 0 else min(longest, T + left + BN - 1)
     max_tiles = -(-span // BN)
-    # The kernel deals chunks of keys_per_stage keys to the splits (16: a tile); the heuristic
-    # counts 16-key tiles whatever the chunk (its least work per warp stays 4 x 16 keys), and
-    # the count is capped by the chunks (more splits would only be empty).
-    max_chunks = -(-span // keys_per_stage(cfg))
     main = _function(_params.type_name(prob.dtype), D, cfg)
     if splits is None:
         splits = num_splits(B, Hkv, row_blocks, max_tiles, _params.sm_count(),
                             blocks_per_sm(main, D, cfg), cfg[0])
-    splits = int(max(1, min(int(splits), _MAX_SPLITS, max(1, max_chunks))))
+    splits = int(max(1, min(int(splits), _MAX_SPLITS, max(1, max_tiles))))
     i32, f32 = np.int32, np.float32
     plan = _Plan()
     plan.prob, plan.main, plan.splits = prob, main, splits
@@ -350,10 +315,8 @@ _log = logging.getLogger("xattn")
 def decode(prob, q, cache, *, alibi_slopes=None, splits=None, config=None, need_lse=True):
     """Return ``(out, lse)`` of :func:`xattn.decode_attention` (``lse`` None without
     ``need_lse``: the kernel then writes none). ``splits`` overrides :func:`num_splits` and
-    ``config`` the ``(warps, stages)`` instance, or a ``(warps, stages, keys per stage[,
-    rows per copy])`` bulk-copy candidate (compute capability 9.0 and up); :func:`check_config`
-    refuses an unknown one (``benchmarks/gpu_decode.py --sweep`` and ``--configs`` time the
-    choices with them).
+    ``config`` the ``(warps, stages)`` instance (``benchmarks/gpu_decode.py --sweep`` and
+    ``--configs`` time the choices with them).
 
     The host work of a call on an unchanged cache is a dictionary look-up, two or three
     allocations and one launch: the split count, grid and scalar arguments are planned once

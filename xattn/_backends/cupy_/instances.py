@@ -36,7 +36,6 @@ __all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "DECODE", "DECODE_EXTRA",
            "SM90_BM_MODS", "SM90_BWD_HEAD_DIMS", "SM90_BWD_VARIANTS", "SM90_EXPERIMENTAL",
            "SM90_MODS", "TF32",
            "TF32X3", "bwd", "bwd_aux", "bwd_dq", "bwd_simt", "bwd_sm90", "decode",
-           "decode_is_bulk",
            "experimental", "fwd", "fwd_simt", "shipped", "sm90", "tf32",
            "tf32_bm"]
 
@@ -304,28 +303,11 @@ SM90_BWD_VARIANTS = {"win": (False, False, (64,)), "mods": (True, False, (64,)),
 
 
 def decode(tn, d, cfg) -> Instance:
-    """The split-KV decode kernel of one dtype, head dim and ``(warps, stages)``, or
-    ``(warps, stages, keys per stage[, rows per copy])``: a candidate whose stages the Hopper
-    bulk copy engine fills (sm_90 only, see :func:`decode_is_bulk`)."""
-    nw, st = cfg[:2]
+    """The split-KV decode kernel of one dtype, head dim and ``(warps, stages)``."""
+    nw, st = cfg
     params = (("XATTN_TN", tn), ("XATTN_D", d), ("XATTN_NW", nw), ("XATTN_ST", st))
-    if decode_is_bulk(cfg):
-        kps, rpc = cfg[2], (cfg[3] if len(cfg) == 4 else 1)
-        return Instance("decode_splitkv.cu", "XATTN_DECODE_TMA_ONE",
-                        (*params, ("XATTN_KPS", kps), ("XATTN_RPC", rpc)),
-                        (f"decode_splitkv_tma_{tn}_d{d}_w{nw}_s{st}_k{kps}_r{rpc}",))
     return Instance("decode_splitkv.cu", "XATTN_DECODE_ONE", params,
                     (f"decode_splitkv_{tn}_d{d}_w{nw}_s{st}",))
-
-
-def decode_is_bulk(cfg) -> bool:
-    """Whether a decode configuration is a bulk-copy (TMA) candidate: three or four numbers,
-    the third the keys of one K/V stage (16, 32 or 64), the fourth the key rows of one copy
-    (1, the default, or 2)."""
-    if len(cfg) not in (2, 3, 4):
-        raise ValueError(f"config: expected (warps, stages) or (warps, stages, keys per "
-                         f"stage[, rows per copy]), got {tuple(cfg)}")
-    return len(cfg) >= 3
 
 
 # Head dims of the split-KV decode kernel (decode_splitkv.cu) and its (warps, stages) per
@@ -342,21 +324,9 @@ def decode_is_bulk(cfg) -> bool:
 # before it waits (ST tiles in flight while waiting instead of ST - 1), which doubles (8, 2)'s
 # bytes in flight; (8, 3) (213 KiB of shared memory: one block per SM on sm_90, too much for
 # sm_80's 163 KiB) is the candidate with three.
-#
-# The bulk-copy candidates, (warps, stages, keys per stage[, rows per copy])
-# (decode_splitkv_tma_*: a stage's copies complete on its mbarrier; sm_90 only, not yet timed).
-# One copy per key row (256 bytes at D=128) lands in the padded rows; two rows per copy (512
-# bytes, half the copies) land as pairs of adjacent keys with the padding between pairs, the
-# even keys in one n8 tile and the odd in the other, so that ldmatrix stays conflict-free (a
-# whole 16-key tile in one copy would put 8 rows of 256 bytes in one bank group). (8, 2, 16)
-# is (8, 2) with the copy engine in place of cp.async (140 KiB of shared memory, 1 block per
-# SM; the same bits); (8, 3, 16) has a third stage (208 KiB); (8, 2, 16, 2) halves the copies;
-# (4, 3, 32, 2) holds (8, 3)'s bytes in half the warps, with half the barrier waits per key.
 DECODE_HEAD_DIMS = (64, 128)
 DECODE = {64: (4, 3), 128: (8, 2)}
-DECODE_EXTRA = {64: ((4, 2), (2, 4)),
-                128: ((4, 3), (8, 3), (4, 2), (4, 4), (2, 4), (8, 2, 16), (8, 3, 16),
-                      (8, 2, 16, 2), (4, 3, 32, 2))}
+DECODE_EXTRA = {64: ((4, 2), (2, 4)), 128: ((4, 3), (8, 3), (4, 2), (4, 4), (2, 4))}
 
 
 def shipped() -> list:
