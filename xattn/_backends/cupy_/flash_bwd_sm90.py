@@ -14,8 +14,8 @@ wgmma (all five GEMMs of the backward); the delta kernel is the mma.sync backwar
    (``flash_bwd_sm90_dqconv_<t>_d<D>``).
 
 Served: float16 and bfloat16, ``D == Dv`` in 64 or 128, causal or not (bottom-right), sliding
-windows, any scale, GQA/MQA (dk/dv summed over the group in registers), any ``Sq`` / ``Sk``,
-fully masked rows (zero gradients); the score modifications (softcap with its derivative in
+windows at D = 64 (the D = 128 entry measured slower than ``cupy.sm80``'s), any scale,
+GQA/MQA (dk/dv summed over the group in registers), any ``Sq`` / ``Sk``, fully masked rows (zero gradients); the score modifications (softcap with its derivative in
 dS, ALiBi, additive bias and boolean mask in every broadcast shape, as ``cupy.sm80``'s
 backward takes them) at D = 64; a block mask (unbatched) whose blocks its tiles divide: ``bk``
 a multiple of 128 (the CTA's keys), ``bq`` of 64 (one query step), at D = 64 and, without
@@ -43,8 +43,8 @@ import numpy as np
 from . import _params, flash_bwd, instances
 from ._compile import compiled_function
 
-__all__ = ["HEAD_DIMS", "backward", "block_mask_reason", "built", "forward", "get_kernel",
-           "grid", "smem_bytes", "supports", "variant"]
+__all__ = ["HEAD_DIMS", "backward", "block_mask_reason", "built", "dq_accum", "forward",
+           "get_kernel", "grid", "run_dq_convert", "smem_bytes", "supports", "variant"]
 
 HEAD_DIMS = instances.SM90_BWD_HEAD_DIMS
 # Keys per CTA (two warpgroups of 64) and query rows per step: fixed by the kernel.
