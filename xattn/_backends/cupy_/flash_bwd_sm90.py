@@ -14,17 +14,18 @@ wgmma (all five GEMMs of the backward); the delta kernel is the mma.sync backwar
    (``flash_bwd_sm90_dqconv_<t>_d<D>``).
 
 Served: float16 and bfloat16, ``D == Dv`` in 64 or 128, causal or not (bottom-right), sliding
-windows at D = 64 (the D = 128 entry measured slower than ``cupy.sm80``'s), any scale,
-GQA/MQA (dk/dv summed over the group in registers), any ``Sq`` / ``Sk``, fully masked rows (zero gradients); the score modifications (softcap with its derivative in
-dS, ALiBi, additive bias and boolean mask in every broadcast shape, as ``cupy.sm80``'s
-backward takes them) at D = 64; a block mask (unbatched) whose blocks its tiles divide: ``bk``
-a multiple of 128 (the CTA's keys), ``bq`` of 64 (one query step), at D = 64 and, without
-score mods, D = 128. The kernel walks the mask's CSC column of its 128 keys (the query blocks
-that see them), so invisible blocks are never loaded; full blocks run no element test,
-partial blocks the mask's element rule. Compute capability 9.0 only. Refused with the reason
-(:func:`supports`), so that ``auto`` walks on to ``cupy.sm80``: the forward, score mods at
-D = 128 (they do not fit the registers beside the dK/dV accumulators), other block sizes,
-``deterministic=True``, ``return_dbias``, other head dims and dtypes.
+windows at D = 64 (the D = 128 entry measured slower than ``cupy.sm80``'s), any scale, GQA/MQA
+(dk/dv summed over the group in registers), any ``Sq`` / ``Sk``, fully masked rows (zero
+gradients); the score modifications (softcap with its derivative in dS, ALiBi, additive bias and
+boolean mask in every broadcast shape, as ``cupy.sm80``'s backward takes them) at D = 64; a
+block mask (unbatched) whose blocks its tiles divide: ``bk`` a multiple of 128 (the CTA's keys),
+``bq`` of 64 (one query step), at D = 64 and, without score mods, D = 128. The kernel walks the
+mask's CSC column of its 128 keys (the query blocks that see them), so invisible blocks are
+never loaded; full blocks run no element test, partial blocks the mask's element rule. Compute
+capability 9.0 only. Refused with the reason (:func:`supports`), so that ``auto`` walks on to
+``cupy.sm80``: the forward, score mods at D = 128 (they do not fit the registers beside the
+dK/dV accumulators), other block sizes, ``deterministic=True``, ``return_dbias``, other head
+dims and dtypes.
 
 Entries (:func:`variant`): the plain one (causal only, its own argument list), and with a
 window, score mods or a block mask one of ``win``, ``mods``, ``bm``, ``mods_bm``, which take
