@@ -94,8 +94,9 @@ def instance(tn, dp, mods: bool, sparse: bool):
 
 def instance_sm90(tn, dp, mods: bool, sparse: bool):
     """The Hopper backward's instance for the user's functions, or None where it has no
-    entry (a score_mod at padded head dim 128). With neither function the window entry
-    serves (the option entries alone take the hook's arguments)."""
+    entry (a score_mod at padded head dim 128; neither function at 128). With neither function
+    the window entry serves (the option entries alone take the hook's arguments), which exists
+    at D = 64 only."""
     var = "_".join(("mods",) * mods + ("bm",) * sparse) or "win"
     if dp not in flash_bwd_sm90.HEAD_DIMS or not flash_bwd_sm90.built(var, dp):
         return None
