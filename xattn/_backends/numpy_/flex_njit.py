@@ -69,7 +69,7 @@ MIN_BLOCK_Q = 16
 # Block states of the derived block mask.
 EMPTY, PARTIAL, FULL = 0, 1, 2
 # Bump when the templates below change, so stale cached kernels are never loaded.
-_TEMPLATE_VERSION = "10"
+_TEMPLATE_VERSION = "11"
 
 _lock = threading.Lock()
 _modules: OrderedDict = OrderedDict()  # key -> generated module (LRU)
@@ -196,6 +196,22 @@ def forward_scratch(rmax, D, Dv, sk, maxw, micro, itemsize):
     ktld = 4 * (maxspan + cwq) + 16
     nf = rpad * D + rpad * Dv + rpad * (maxspan + 32 + cwq) + (D * ktld if micro else 0)
     return nf, sk + 1
+
+
+@_numba.njit(**_JIT)
+def _value_flags(v2, vcum, j0, j1):
+    # vcum[j + 1] = vcum[j] + (value row j holds NaN/inf) for j in [j0, j1); returns how
+    # many of them do.
+    Dv = v2.shape[1]
+    for j in range(j0, j1):
+        row = v2[j]
+        total = 0.0
+        for c in range(Dv):
+            total += row[c]
+        # (Not math.isfinite: under these fast-math flags it folds to True. A finite sum
+        # that overflows float64 is flagged too, which only costs it the exact path.)
+        vcum[j + 1] = vcum[j] + (0 if abs(total) <= 1.7976931348623157e308 else 1)
+    return vcum[j1] - vcum[j0]
 
 
 @_numba.njit(**_JIT)
@@ -345,40 +361,26 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs
     sbuf = fws[o: o + rpad * (maxspan + 32 + cwq)]
     o += rpad * (maxspan + 32 + cwq)
     ktbuf = fws[o: o + (D * ktld if micro else 0)]
-    # The keys this job's query groups can see: [klo, khi).
+    # The first key this job's query groups can see.
     klo = sk
-    khi = 0
     for n in range(qbs.shape[0]):
         if ptr[qbs[n] + 1] > ptr[qbs[n]]:
             klo = min(klo, kbs[ptr[qbs[n]]] * bk)
-            khi = max(khi, min(kbs[ptr[qbs[n] + 1] - 1] * bk + bk, sk))
     # Values of hidden keys must not reach the output (k needs nothing: hidden scores are
-    # -inf). vcum (Sk + 1): prefix counts of the keys whose value row holds NaN/inf (a row
-    # sum is not finite), over the job's keys only (counts relative to klo; only their
-    # differences are read), vc2: v2 with those rows at 0. One pass over the job's keys
-    # here, in the parallel jobs (before the jobs, one NumPy pass over all heads was ~3% of
-    # the wall time).
+    # -inf). vcum (Sk + 1): prefix counts of the keys whose value row holds NaN/inf, over
+    # [klo, vdone) (counts relative to klo; only their differences are read), extended
+    # chunk by chunk just before the chunk's P @ V (_value_flags), so that the value rows
+    # are read from memory once, not once for the flags and again for the products; vc2: v2
+    # with those rows at 0 (a copy, made when the first one is found).
     vcum = iws[: sk + 1]
     vcum[klo] = 0
-    for j in range(klo, khi):
-        row = v2[j]
-        total = 0.0
-        for c in range(Dv):
-            total += row[c]
-        # (Not math.isfinite: under these fast-math flags it folds to True. A finite sum
-        # that overflows float64 is flagged too, which only costs it the exact path.)
-        vcum[j + 1] = vcum[j] + (0 if abs(total) <= 1.7976931348623157e308 else 1)
-    anybad = khi > klo and vcum[khi] != vcum[klo]
+    vdone = klo
     vc2 = v2
-    if anybad:
-        vc2 = v2.copy()
-        for j in range(klo, khi):
-            if vcum[j + 1] != vcum[j]:
-                vc2[j, :] = 0.0
+    copied = False
     m = _np.empty(rmax, q.dtype)
     l = _np.empty(rmax, q.dtype)
     lse_rows = _np.empty(rmax, q.dtype)
-    vbuf = _np.empty(rmax * (maxspan + 32 + cwq) if anybad else 0, _np.bool_)
+    vbuf = _np.empty(0, _np.bool_)
     cov = _np.empty(rmax, _np.int64)
     idx = _np.empty(maxspan + maxw, _np.int64)
     kbase = 0
@@ -578,6 +580,17 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs
                             elif {bool(smod)}:
                                 for j in range(jl, jh):
                                     srow[j - j0] = {score_row}
+                if ce > vdone:
+                    if _value_flags(v2, vcum, vdone, ce):
+                        if not copied:
+                            vc2 = v2.copy()
+                            vc2f = vc2.reshape(-1)
+                            vbuf = _np.empty(rmax * (maxspan + 32 + cwq), _np.bool_)
+                            copied = True
+                        for j in range(vdone, ce):
+                            if vcum[j + 1] != vcum[j]:
+                                vc2[j, :] = 0.0
+                    vdone = ce
                 exact = vcum[ce] != vcum[c0]
                 if exact:
                     vis = vbuf[: rows * ld].reshape((rows, ld))
@@ -648,6 +661,17 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs
                                 for j in range(j0, j1):
                                     srow[j - j0] = {score_row}
                     u = u1
+                if ce > vdone:
+                    if _value_flags(v2, vcum, vdone, ce):
+                        if not copied:
+                            vc2 = v2.copy()
+                            vc2f = vc2.reshape(-1)
+                            vbuf = _np.empty(rmax * (maxspan + 32 + cwq), _np.bool_)
+                            copied = True
+                        for j in range(vdone, ce):
+                            if vcum[j + 1] != vcum[j]:
+                                vc2[j, :] = 0.0
+                    vdone = ce
                 exact = vcum[ce] != vcum[c0]
                 if exact:
                     vis = vbuf[: rows * ld].reshape((rows, ld))
