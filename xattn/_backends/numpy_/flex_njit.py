@@ -1249,6 +1249,34 @@ def _jobs(plan, batch, hkv, per_thread=_JOBS_PER_THREAD, runs=False):
     return jobs, split
 
 
+def _tail_split(plan, jobs):
+    """The jobs longest first, the last ``2 * threads`` of them cut in two contiguous halves.
+
+    A worker that meets a slow stretch (on this machine: the output's first-touch page
+    faults, ~0.3-6 ms each) finishes its last job late while the other waits; short jobs at
+    the end bound that wait. Only the tail is cut: more jobs throughout cost the causal
+    forward its key reuse between consecutive groups (docs/dev/perf_flex.rst).
+    """
+    jobs = sorted(jobs, key=lambda j: -j[0])
+    if not TAIL_SPLIT:
+        return jobs
+    n = 2 * _pool.num_threads()
+    if len(jobs) < 2 or n < 2:
+        return jobs
+    head, tail = jobs[:-n], []
+    for cost, i, b, g, qbs in jobs[-n:]:
+        if len(qbs) < 2:
+            tail.append((cost, i, b, g, qbs))
+            continue
+        ptr = _csr(plan, b, g)[2]
+        for part in (qbs[: len(qbs) // 2], qbs[len(qbs) // 2:]):
+            tail.append((int(np.sum(ptr[part + 1] - ptr[part])), i, b, g, part))
+    return head + sorted(tail, key=lambda j: -j[0])
+
+
+TAIL_SPLIT = True
+
+
 # --- launches ------------------------------------------------------------------------------
 
 # Whether chunks with partial blocks may take the band path of forward_job (register-blocked
@@ -1317,7 +1345,7 @@ def forward(q3, k3, v3, out3, lse2, *, scale, batch, hq, hkv, smod, mmod, args,
               plan["last"][bi], plan["dense"][bi], fws, iws, *extra)
 
     counts = []
-    _pool.run_jobs(lambda j: counts.append(job(j)), sorted(jobs, key=lambda j: -j[0]))
+    _pool.run_jobs(lambda j: counts.append(job(j)), _tail_split(plan, jobs))
     last_forward["band_chunks"] = int(sum(counts))
 
 
