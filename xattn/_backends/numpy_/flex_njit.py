@@ -1292,9 +1292,9 @@ def _micro_fits(dtype, dv):
 
 
 # Each thread's scratch for forward_job, kept between calls (grown, never shrunk): a few MB
-# per worker thread and dtype (2.4 MB for float32 at D = 64). Thread-local, so the jobs that
-# run at the same time never share it; a job that runs in the calling thread (no pool, or a
-# nested call) uses that thread's.
+# per worker thread and dtype (2.4 MB for float32 at D = 64, more for wide GQA groups, plus 8
+# bytes per key). Thread-local, so the jobs that run at the same time never share it; a job
+# that runs in the calling thread (no pool, or a nested call) uses that thread's.
 _tls = threading.local()
 
 
