@@ -200,3 +200,45 @@ def test_band_path_with_32_byte_vectors(monkeypatch, dtype):
     out = xattn.flex_attention(q, k, v, mask_mod=table_all_heads)
     assert flex_njit.last_forward["band_chunks"] > 0
     assert_close(out, reference_attention(q, k, v, mask=mask)[0], xp=np, dtype=dtype)
+
+
+def test_forward_scratch_kept_between_calls():
+    # Each thread keeps its forward scratch from call to call (flex_njit._scratch): a call
+    # after others that grew it (a GQA group of 8: twice the stacked rows) and that met
+    # non-finite values gives the same bits as before them.
+    mask = _masks()["window 50"]
+    _set(mask)
+    rng = np.random.default_rng(8)
+    q, k, v = _inputs(rng, *mask.shape, np.float32)
+    first = xattn.flex_attention(q, k, v, mask_mod=table_all_heads)
+    assert flex_njit.last_forward["band_chunks"] > 0
+    q16 = rng.standard_normal((2, 16, *q.shape[2:])).astype(np.float32)
+    wide = xattn.flex_attention(q16, k, v, mask_mod=table_all_heads)
+    assert_close(wide, reference_attention(q16, k, v, mask=mask)[0], xp=np, dtype=np.float32)
+    bad = v.copy()
+    bad[:, :, 7] = np.nan
+    xattn.flex_attention(q, k, bad, mask_mod=table_all_heads)
+    np.testing.assert_array_equal(xattn.flex_attention(q, k, v, mask_mod=table_all_heads),
+                                  first)
+    assert_close(first, reference_attention(q, k, v, mask=mask)[0], xp=np, dtype=np.float32)
+
+
+@pytest.mark.parametrize("mask_name", ["window 64", "causal+window"])
+def test_forward_jobs_cover_every_group_once(mask_name):
+    # The forward's jobs, their tail cut in halves (flex_njit._tail_split): every query group
+    # of every (batch, kv head) exactly once, longest first before the tail.
+    mask = _masks()[mask_name]
+    _set(mask)
+    mmod = flex_njit.cg.capture(table_all_heads, "mask_mod", 4)
+    mod = flex_njit.forward_module(None, mmod, (), False)
+    plan = flex_njit.block_plan(mod, mmod, (), False, batch=2, hq=3, hkv=3, sq=mask.shape[0],
+                                sk=mask.shape[1], bq=flex_njit.block_q(1),
+                                bk=flex_njit.BLOCK_K)
+    jobs, _ = flex_njit._jobs(plan, 2, 3, flex_njit._FWD_JOBS_PER_THREAD, runs=True)
+    order = flex_njit._tail_split(plan, jobs)
+    groups = len(flex_njit._csr(plan, 0, 0)[0])
+    seen = sorted((b, g, int(n)) for _, _, b, g, qbs in order for n in qbs)
+    assert seen == [(b, g, n) for b in range(2) for g in range(3) for n in range(groups)]
+    assert len(order) >= len(jobs)
+    head = [c for c, *_ in order[: len(jobs) - 2 * flex_njit._pool.num_threads()]]
+    assert head == sorted(head, reverse=True)

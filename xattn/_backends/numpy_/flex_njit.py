@@ -69,7 +69,7 @@ MIN_BLOCK_Q = 16
 # Block states of the derived block mask.
 EMPTY, PARTIAL, FULL = 0, 1, 2
 # Bump when the templates below change, so stale cached kernels are never loaded.
-_TEMPLATE_VERSION = "9"
+_TEMPLATE_VERSION = "11"
 
 _lock = threading.Lock()
 _modules: OrderedDict = OrderedDict()  # key -> generated module (LRU)
@@ -187,6 +187,34 @@ def _gemm(tb, m, n, k, a, lda, b, ldb, beta, c, ldc, ab):
 
 
 @_numba.njit(**_JIT)
+def forward_scratch(rmax, D, Dv, sk, maxw, micro, itemsize):
+    # Sizes (floats, int64s) of forward_job's scratch for rmax stacked rows: q rows, acc,
+    # the score chunk, the transposed keys (band path only); the value flags' prefix counts.
+    rpad = (rmax + _M.QK_ROWS - 1) // _M.QK_ROWS * _M.QK_ROWS
+    cwq = _M.QK_VECS * (_M.VEC_BYTES // itemsize)
+    maxspan = max(maxw, _MAX_SPAN)
+    ktld = 4 * (maxspan + cwq) + 16
+    nf = rpad * D + rpad * Dv + rpad * (maxspan + 32 + cwq) + (D * ktld if micro else 0)
+    return nf, sk + 1
+
+
+@_numba.njit(**_JIT)
+def _value_flags(v2, vcum, j0, j1):
+    # vcum[j + 1] = vcum[j] + (value row j holds NaN/inf) for j in [j0, j1); returns how
+    # many of them do.
+    Dv = v2.shape[1]
+    for j in range(j0, j1):
+        row = v2[j]
+        total = 0.0
+        for c in range(Dv):
+            total += row[c]
+        # (Not math.isfinite: under these fast-math flags it folds to True. A finite sum
+        # that overflows float64 is flagged too, which only costs it the exact path.)
+        vcum[j + 1] = vcum[j] + (0 if abs(total) <= 1.7976931348623157e308 else 1)
+    return vcum[j1] - vcum[j0]
+
+
+@_numba.njit(**_JIT)
 def _row_step(row, m, l, acc, x):
     # One online-softmax step of row x over its contiguous scores `row`, rewritten as
     # exp(row - m_new) (the step of _K.online_softmax_tile, for one row of a chunk).
@@ -296,7 +324,7 @@ def _forward_text(smod, mmod, nargs, mask_takes_args):
     body = f'''
 @_numba.njit(**_JIT)
 def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs, ptr, kbs, kst,
-                ka, kz, bk, maxw, micro, rfirst, rlast, rdense{tail}):
+                ka, kz, bk, maxw, micro, rfirst, rlast, rdense, fws, iws{tail}):
     # q (B*Hq, Sq, D) and out (B*Hq, Sq, Dv), lse (B*Hq, Sq): whole arrays; k2, v2: this
     # job's kv head (Sk, D), (Sk, Dv). Query group n of this (b, g) holds the query rows
     # [qlo[n], qhi[n]) (at most bqs), in fine blocks of bqf rows; it sees the key blocks
@@ -306,47 +334,55 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs
     # micro: chunks with partial blocks may take the band path (see the chunk loop);
     # rfirst, rlast, rdense (1 or Hq, Sq): each query row's first and last visible key, and
     # whether it sees every key between them (row_bounds).
+    # fws, iws: this worker's scratch (forward_scratch sizes them), kept by the caller from
+    # call to call: fresh megabyte buffers per job cost page faults and unmaps (TLB
+    # shootdowns that stall the other workers), ~10 % of a window call's time.
     sk = k2.shape[0]
     D = q.shape[2]
     Dv = v2.shape[1]
-    # Values of hidden keys must not reach the output (k needs nothing: hidden scores are
-    # -inf). vcum (Sk + 1): prefix counts of the keys whose value row holds NaN/inf (a row
-    # sum is not finite), vc2: v2 with those rows at 0. One pass over v2 here, in the
-    # parallel jobs (before the jobs, one NumPy pass over all heads was ~3% of the wall time).
-    vcum = _np.zeros(sk + 1, _np.int64)
-    for j in range(sk):
-        row = v2[j]
-        total = 0.0
-        for c in range(Dv):
-            total += row[c]
-        # (Not math.isfinite: under these fast-math flags it folds to True. A finite sum
-        # that overflows float64 is flagged too, which only costs it the exact path.)
-        vcum[j + 1] = vcum[j] + (0 if abs(total) <= 1.7976931348623157e308 else 1)
-    vc2 = v2
-    if vcum[sk]:
-        vc2 = v2.copy()
-        for j in range(sk):
-            if vcum[j + 1] != vcum[j]:
-                vc2[j, :] = 0.0
     rmax = G * bqs
     # Rows padded to whole micro-kernel blocks (their results are never read).
     rpad = (rmax + _M.QK_ROWS - 1) // _M.QK_ROWS * _M.QK_ROWS
     cwq = _M.QK_VECS * (_M.VEC_BYTES // q.itemsize)
     cwp = _M.PV_VECS * (_M.VEC_BYTES // q.itemsize)
-    qbuf = _np.zeros(rpad * D, q.dtype)
-    m = _np.empty(rmax, q.dtype)
-    l = _np.empty(rmax, q.dtype)
-    abuf = _np.zeros(rpad * Dv, q.dtype)
     maxspan = max(maxw, _MAX_SPAN)
-    sbuf = _np.empty(rpad * (maxspan + 32 + cwq), q.dtype)
-    lse_rows = _np.empty(rmax, q.dtype)
-    vbuf = _np.empty(rmax * (maxspan + 32 + cwq) if vcum[sk] else 0, _np.bool_)
-    cov = _np.empty(rmax, _np.int64)
-    idx = _np.empty(maxspan + maxw, _np.int64)
     # Transposed keys (D, ktld) of the columns [kbase, kdone), kept from chunk to chunk: a
     # band's consecutive chunks overlap, and each key is transposed once per job.
     ktld = 4 * (maxspan + cwq) + 16
-    ktbuf = _np.zeros(D * ktld if micro else 0, q.dtype)
+    nf, ni = forward_scratch(rmax, D, Dv, sk, maxw, micro, q.itemsize)
+    if fws.shape[0] < nf:
+        fws = _np.empty(nf, q.dtype)
+    if iws.shape[0] < ni:
+        iws = _np.empty(ni, _np.int64)
+    qbuf = fws[: rpad * D]
+    o = rpad * D
+    abuf = fws[o: o + rpad * Dv]
+    o += rpad * Dv
+    sbuf = fws[o: o + rpad * (maxspan + 32 + cwq)]
+    o += rpad * (maxspan + 32 + cwq)
+    ktbuf = fws[o: o + (D * ktld if micro else 0)]
+    # The first key this job's query groups can see.
+    klo = sk
+    for n in range(qbs.shape[0]):
+        if ptr[qbs[n] + 1] > ptr[qbs[n]]:
+            klo = min(klo, kbs[ptr[qbs[n]]] * bk)
+    # Values of hidden keys must not reach the output (k needs nothing: hidden scores are
+    # -inf). vcum (Sk + 1): prefix counts of the keys whose value row holds NaN/inf, over
+    # [klo, vdone) (counts relative to klo; only their differences are read), extended
+    # chunk by chunk just before the chunk's P @ V (_value_flags), so that the value rows
+    # are read from memory once, not once for the flags and again for the products; vc2: v2
+    # with those rows at 0 (a copy, made when the first one is found).
+    vcum = iws[: sk + 1]
+    vcum[klo] = 0
+    vdone = klo
+    vc2 = v2
+    copied = False
+    m = _np.empty(rmax, q.dtype)
+    l = _np.empty(rmax, q.dtype)
+    lse_rows = _np.empty(rmax, q.dtype)
+    vbuf = _np.empty(0, _np.bool_)
+    cov = _np.empty(rmax, _np.int64)
+    idx = _np.empty(maxspan + maxw, _np.int64)
     kbase = 0
     kdone = 0
     nband = 0  # chunks that took the band path (returned: tests and benchmarks read it)
@@ -544,6 +580,17 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs
                             elif {bool(smod)}:
                                 for j in range(jl, jh):
                                     srow[j - j0] = {score_row}
+                if ce > vdone:
+                    if _value_flags(v2, vcum, vdone, ce):
+                        if not copied:
+                            vc2 = v2.copy()
+                            vc2f = vc2.reshape(-1)
+                            vbuf = _np.empty(rmax * (maxspan + 32 + cwq), _np.bool_)
+                            copied = True
+                        for j in range(vdone, ce):
+                            if vcum[j + 1] != vcum[j]:
+                                vc2[j, :] = 0.0
+                    vdone = ce
                 exact = vcum[ce] != vcum[c0]
                 if exact:
                     vis = vbuf[: rows * ld].reshape((rows, ld))
@@ -614,6 +661,17 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs
                                 for j in range(j0, j1):
                                     srow[j - j0] = {score_row}
                     u = u1
+                if ce > vdone:
+                    if _value_flags(v2, vcum, vdone, ce):
+                        if not copied:
+                            vc2 = v2.copy()
+                            vc2f = vc2.reshape(-1)
+                            vbuf = _np.empty(rmax * (maxspan + 32 + cwq), _np.bool_)
+                            copied = True
+                        for j in range(vdone, ce):
+                            if vcum[j + 1] != vcum[j]:
+                                vc2[j, :] = 0.0
+                    vdone = ce
                 exact = vcum[ce] != vcum[c0]
                 if exact:
                     vis = vbuf[: rows * ld].reshape((rows, ld))
@@ -1191,6 +1249,34 @@ def _jobs(plan, batch, hkv, per_thread=_JOBS_PER_THREAD, runs=False):
     return jobs, split
 
 
+def _tail_split(plan, jobs):
+    """The jobs longest first, the last ``2 * threads`` of them cut in two contiguous halves.
+
+    A worker that meets a slow stretch (on this machine: the output's first-touch page
+    faults, ~0.3-6 ms each) finishes its last job late while the other waits; short jobs at
+    the end bound that wait. Only the tail is cut: more jobs throughout cost the causal
+    forward its key reuse between consecutive groups (docs/dev/perf_flex.rst).
+    """
+    jobs = sorted(jobs, key=lambda j: -j[0])
+    if not TAIL_SPLIT:
+        return jobs
+    n = 2 * _pool.num_threads()
+    if len(jobs) < 2 or n < 2:
+        return jobs
+    head, tail = jobs[:-n], []
+    for cost, i, b, g, qbs in jobs[-n:]:
+        if len(qbs) < 2:
+            tail.append((cost, i, b, g, qbs))
+            continue
+        ptr = _csr(plan, b, g)[2]
+        for part in (qbs[: len(qbs) // 2], qbs[len(qbs) // 2:]):
+            tail.append((int(np.sum(ptr[part + 1] - ptr[part])), i, b, g, part))
+    return head + sorted(tail, key=lambda j: -j[0])
+
+
+TAIL_SPLIT = True
+
+
 # --- launches ------------------------------------------------------------------------------
 
 # Whether chunks with partial blocks may take the band path of forward_job (register-blocked
@@ -1203,6 +1289,28 @@ def _micro_fits(dtype, dv):
     from . import _flex_micro
 
     return dv % (_flex_micro.VEC_BYTES // np.dtype(dtype).itemsize) == 0
+
+
+# Each thread's scratch for forward_job, kept between calls (grown, never shrunk): a few MB
+# per worker thread and dtype (2.4 MB for float32 at D = 64, more for wide GQA groups, plus 8
+# bytes per key). Thread-local, so the jobs that run at the same time never share it; a job
+# that runs in the calling thread (no pool, or a nested call) uses that thread's.
+_tls = threading.local()
+
+
+def _scratch(dtype, nf, ni):
+    """This thread's ``(floats of dtype, int64s)`` scratch with at least ``nf``, ``ni`` items."""
+    bufs = getattr(_tls, "bufs", None)
+    if bufs is None:
+        bufs = _tls.bufs = {}
+    key = np.dtype(dtype).str
+    f, i = bufs.get(key, (None, None))
+    if f is None or f.shape[0] < nf:
+        f = np.empty(nf, dtype)
+    if i is None or i.shape[0] < ni:
+        i = np.empty(ni, np.int64)
+    bufs[key] = (f, i)
+    return f, i
 
 
 def forward(q3, k3, v3, out3, lse2, *, scale, batch, hq, hkv, smod, mmod, args,
@@ -1222,18 +1330,22 @@ def forward(q3, k3, v3, out3, lse2, *, scale, batch, hq, hkv, smod, mmod, args,
     bqmax = bq * MERGE_ROWS
     micro = BAND_PATH and mmod is not None and _micro_fits(v3.dtype, v3.shape[2])
 
+    nf, ni = mod.forward_scratch(G * bqmax, q3.shape[2], v3.shape[2], sk, MAX_TILE_K, micro,
+                                 q3.dtype.itemsize)
+
     def job(j):
         _, _, b, g, qbs = j
         qlo, qhi, ptr, kbs, kst, ka, kz = _csr(plan, b, g)
         kv = b * hkv + g
         bi = b if plan["dep_b"] else 0
+        fws, iws = _scratch(q3.dtype, nf, ni)
         return _call(mod.forward_job, (smod, mmod), q3, k3[kv], v3[kv], out3, lse2,
               scale, hq, b, g, G, bqmax, bq, qlo, qhi, qbs, ptr, kbs, kst, ka, kz, bk,
               MAX_TILE_K, micro, plan["first"][bi],
-              plan["last"][bi], plan["dense"][bi], *extra)
+              plan["last"][bi], plan["dense"][bi], fws, iws, *extra)
 
     counts = []
-    _pool.run_jobs(lambda j: counts.append(job(j)), sorted(jobs, key=lambda j: -j[0]))
+    _pool.run_jobs(lambda j: counts.append(job(j)), _tail_split(plan, jobs))
     last_forward["band_chunks"] = int(sum(counts))
 
 
