@@ -12,6 +12,7 @@ files (plans, packing, reasons computed on NumPy problems) still run.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,13 @@ def _is_plugin_object(name, value):
     return name.startswith("pytest_") or hasattr(value, "_pytestfixturefunction") or \
         type(value).__name__ == "FixtureFunctionDefinition"
 
+
+# Under pytest-xdist every worker process would run the CPU comparisons (numba, one thread
+# per CPU) at once: on a 16-core device, 14 workers x 16 threads. Three CPU references of a
+# T5 score_mod then ran past a 100 s per-test timeout (H100 run, 2026-12-05). One thread per
+# worker unless the caller chose otherwise.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("XATTN_NUM_THREADS", "1")
 
 _cpu = _load_cpu_conftest()
 globals().update({k: v for k, v in vars(_cpu).items()
