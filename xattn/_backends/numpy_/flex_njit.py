@@ -321,6 +321,20 @@ def _forward_text(smod, mmod, nargs, mask_takes_args):
     visible = visible_row
     mask_tail = ", ".join([*margs, *mp.extra])
     mask_tail = f", {mask_tail}" if mask_tail else ""
+    # The value rows' non-finite pass before a chunk's P @ V (keys up to ce), the same text in
+    # the band path and the BLAS-tile path of forward_job.
+    value_pass = '''                if ce > vdone:
+                    if _value_flags(v2, vcum, vdone, ce):
+                        if not copied:
+                            vc2 = v2.copy()
+                            vc2f = vc2.reshape(-1)
+                            vbuf = _np.empty(rmax * (maxspan + 32 + cwq), _np.bool_)
+                            copied = True
+                        for j in range(vdone, ce):
+                            if vcum[j + 1] != vcum[j]:
+                                vc2[j, :] = 0.0
+                    vdone = ce
+                exact = vcum[ce] != vcum[c0]'''
     body = f'''
 @_numba.njit(**_JIT)
 def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs, ptr, kbs, kst,
@@ -580,18 +594,7 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs
                             elif {bool(smod)}:
                                 for j in range(jl, jh):
                                     srow[j - j0] = {score_row}
-                if ce > vdone:
-                    if _value_flags(v2, vcum, vdone, ce):
-                        if not copied:
-                            vc2 = v2.copy()
-                            vc2f = vc2.reshape(-1)
-                            vbuf = _np.empty(rmax * (maxspan + 32 + cwq), _np.bool_)
-                            copied = True
-                        for j in range(vdone, ce):
-                            if vcum[j + 1] != vcum[j]:
-                                vc2[j, :] = 0.0
-                    vdone = ce
-                exact = vcum[ce] != vcum[c0]
+{value_pass}
                 if exact:
                     vis = vbuf[: rows * ld].reshape((rows, ld))
                     for x in range(rows):
@@ -661,18 +664,7 @@ def forward_job(q, k2, v2, out, lse, scale, hq, b, g, G, bqs, bqf, qlo, qhi, qbs
                                 for j in range(j0, j1):
                                     srow[j - j0] = {score_row}
                     u = u1
-                if ce > vdone:
-                    if _value_flags(v2, vcum, vdone, ce):
-                        if not copied:
-                            vc2 = v2.copy()
-                            vc2f = vc2.reshape(-1)
-                            vbuf = _np.empty(rmax * (maxspan + 32 + cwq), _np.bool_)
-                            copied = True
-                        for j in range(vdone, ce):
-                            if vcum[j + 1] != vcum[j]:
-                                vc2[j, :] = 0.0
-                    vdone = ce
-                exact = vcum[ce] != vcum[c0]
+{value_pass}
                 if exact:
                     vis = vbuf[: rows * ld].reshape((rows, ld))
                     _visible(S, vis)
