@@ -16,19 +16,75 @@ from xattn._backends.cupy_ import decode as cupy_decode
 from xattn.testing import assert_close, naive_attention, reference_attention, to_numpy
 
 
-def test_split_heuristic():
-    # One sequence, 8 kv heads, 132 SMs x 3 resident blocks: 49 splits fill 392 of 396 slots
-    # in one wave (50 would start a second wave of 4 blocks).
-    assert cupy_decode.num_splits(1, 8, 1, 8192, 132, 3) == 49
-    # 64 sequences: 512 blocks would leave 2 waves of 396 slots 65 % full; 3 splits fill 4
-    # waves 97 %.
-    assert cupy_decode.num_splits(64, 8, 1, 8192, 132, 3) == 3
-    # Blocks that exactly fill the card take no split.
-    assert cupy_decode.num_splits(33, 4, 1, 8192, 132, 1) == 1
-    # A short context is never cut below 4 tiles per warp.
-    assert cupy_decode.num_splits(1, 1, 1, 40, 132, 3) == 2
-    assert cupy_decode.num_splits(1, 1, 1, 3, 132, 3) == 1
-    assert cupy_decode.num_splits(0, 8, 1, 8192, 132, 3) == 1  # nothing to launch
+def test_block_count():
+    # One block per resident slot of the card: 132 SMs x 3.
+    assert cupy_decode.num_blocks(8 * 8192, 132, 3) == 396
+    assert cupy_decode.num_blocks(512 * 8192, 132, 1) == 132
+    # Short work is never cut below 4 tiles per warp: 40 tiles, 4 warps -> 3 blocks.
+    assert cupy_decode.num_blocks(40, 132, 3) == 3
+    assert cupy_decode.num_blocks(3, 132, 3) == 1
+    assert cupy_decode.num_blocks(0, 132, 3) == 1  # nothing to read: one block writes zeros
+    # Never more than the kernel's merge can take.
+    assert cupy_decode.num_blocks(10**9, 1000, 2) == cupy_decode._MAX_SPLITS
+
+
+def test_seq_tiles_matches_the_kernel_rule():
+    # 16-key tiles from 0, or from the window's first key rounded down to a multiple of 16;
+    # a sequence without keys still owns one tile.
+    assert list(cupy_decode.seq_tiles([0, 1, 16, 17, 4096], 1, -1)) == [1, 1, 1, 2, 256]
+    # T = 1, left 100, L = 1000: keys 899 .. 999, tiles from 896: 7 tiles.
+    assert list(cupy_decode.seq_tiles([1000, 50, 3], 1, 100)) == [7, 4, 1]
+    assert list(cupy_decode.seq_tiles([3], 4, -1)) == [1]  # fewer keys than queries
+
+
+def _schedule(tiles, hr, nb):
+    """The kernel's partition (decode_core in decode_splitkv.cu), written out in Python:
+    for every block, its segments as (pair, first tile, end tile, slot, first slot, count)."""
+    spans = [hr * n for n in tiles]
+    total = sum(spans)
+    w = -(-total // nb)
+    out = []
+    for i in range(nb):
+        start, end = i * w, min(i * w + w, total)
+        segs, base, cur = [], 0, start
+        for b, n in enumerate(tiles):
+            while base <= cur < min(end, base + spans[b]):
+                y = (cur - base) // n
+                p0 = base + y * n
+                s1 = min(end, p0 + n)
+                first, last = p0 // w, (p0 + n - 1) // w
+                p = b * hr + y
+                segs.append((p, cur - p0, s1 - p0, p + i, p + first, last - first + 1))
+                cur = s1
+            base += spans[b]
+        out.append(segs)
+    return out
+
+
+@pytest.mark.parametrize(("tiles", "hr", "nb"), [
+    ((256,) * 16, 8, 132), ((2048,), 8, 132), ((250, 44, 2), 2, 512), ((1, 3, 1), 4, 64),
+    ((7, 1, 300, 2, 2), 3, 5), ((8192,) * 64, 8, 396)])
+def test_schedule_covers_every_pair_once(tiles, hr, nb):
+    """Every pair's tiles are read exactly once; a pair's segments count what the kernel
+    expects (the merge waits for that many tickets); slots are distinct and their range is
+    what the launcher allocates; no pair has more segments than the merge holds."""
+    sched = _schedule(tiles, hr, nb)
+    seen = {}
+    for segs in sched:
+        for p, t0, t1, slot, slot0, nseg in segs:
+            seen.setdefault(p, []).append((t0, t1, slot, slot0, nseg))
+    pairs = len(tiles) * hr
+    assert sorted(seen) == list(range(pairs))
+    slots = [s for v in seen.values() for _, _, s, _, _ in v]
+    assert len(slots) == len(set(slots)) and max(slots) < pairs + nb - 1
+    for p, v in seen.items():
+        n = tiles[p // hr]
+        v.sort()
+        assert v[0][0] == 0 and v[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(v[:-1], v[1:], strict=True))
+        assert all(x[4] == len(v) and x[3] == v[0][2] for x in v)
+        assert [x[2] for x in v] == list(range(v[0][2], v[0][2] + len(v)))
+        assert len(v) <= cupy_decode._MAX_SPLITS
 
 
 def test_resident_blocks():
@@ -63,14 +119,15 @@ def test_instances_and_shared_memory():
     assert cupy_decode.smem_bytes(128) == cupy_decode.smem_bytes(128, instances.DECODE[128])
     # (8, 2) serves D=128; (4, 3), the default it replaced, stays a candidate.
     assert instances.DECODE[128] == (8, 2) and (4, 3) in instances.DECODE_EXTRA[128]
-    # The split count leaves each of the block's warps at least 4 tiles.
-    assert cupy_decode.num_splits(1, 1, 1, 64, 132, 3, 2) == 8
-    assert cupy_decode.num_splits(1, 1, 1, 64, 132, 3, 8) == 2
+    # The block count leaves each of the block's warps at least 4 tiles.
+    assert cupy_decode.num_blocks(64, 132, 3, 2) == 8
+    assert cupy_decode.num_blocks(64, 132, 3, 8) == 2
 
 
-def test_split_cap_matches_the_kernel():
-    """The merging block keeps one weight per (split, row) in shared memory sized by the
-    kernel's XATTN_DECODE_MAX_SPLITS: the launcher never asks for more splits."""
+def test_block_cap_matches_the_kernel():
+    """The merging block keeps one weight per (segment, row) in shared memory sized by the
+    kernel's XATTN_DECODE_MAX_SPLITS, and a pair has at most one segment per block: the
+    launcher never asks for more blocks."""
     import re
 
     from xattn._backends.cupy_._compile import source
@@ -230,15 +287,17 @@ def test_default_config_d128(rng, dtype, splits, page_size):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("splits", [1, 2, 5, 37, 128])
-def test_forced_split_counts(rng, splits):
-    """One split (the block writes the output) and many (the lse merge), up to more splits
-    than some sequences have tiles (empty splits)."""
+@pytest.mark.parametrize("splits", [1, 2, 5, 37, 128, 512])
+@pytest.mark.parametrize("lengths", [(4000, 700, 17), (5, 40, 1)])
+def test_forced_split_counts(rng, splits, lengths):
+    """One block (it writes every pair's output), several (runs that cut pairs: the lse merge,
+    runs that span sequences), up to the cap: pairs in hundreds of segments, and more blocks
+    than tiles (blocks past the list's end do nothing)."""
     cupy = pytest.importorskip("cupy")
     from xattn.kvcache import _validate_decode
 
     cache = xattn.KVCache(3, 2, 4096, 128, dtype=np.float16, xp=cupy, page_size=32)
-    _fill(rng, cache, (4000, 700, 17), "float16")
+    _fill(rng, cache, lengths, "float16")
     q = cupy_array(rng.standard_normal((3, 8, 2, 128)), "float16")
     prob = _validate_decode(q, cache, None, None, None, None)
     out, lse = cupy_decode.decode(prob, q, cache, splits=splits)

@@ -84,8 +84,9 @@ for d in (64, 128):
         for window in (None, (40, None)):
             prob = _validate_decode(q, cache, window, None, None, None)
             for cfg in (instances.DECODE[d], instances.DECODE_EXTRA[d][0]):
-                # 3 splits twice: the in-kernel merge, then its ticket counters reused.
-                for splits in (1, 3, 3):
+                # 3 blocks twice: the in-kernel merge, then its ticket counters reused; 40:
+                # runs that span pairs and sequences.
+                for splits in (1, 3, 3, 40):
                     out, lse = kernel.decode(prob, q, cache, splits=splits, config=cfg)
                     cp.cuda.Device().synchronize()
                     assert bool(cp.isfinite(out).all()), (d, ps, window, cfg, splits)

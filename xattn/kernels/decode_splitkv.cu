@@ -6,25 +6,25 @@
 // kv head h / G (G = Hq / Hkv).
 //
 // GQA packing: the G query heads of one kv head and the T tokens are R = G * T rows, which
-// are contiguous in q (B, Hq, T, D): rows (g * G + h') * T + t. One thread block owns 16 of
-// those rows (a row block: R = 4 at T = 1 still fills one m16 tile, padded) for one kv head,
-// one sequence and one split of the keys, so each key and value of the split is read from
-// memory once for all the query heads sharing it.
+// are contiguous in q (B, Hq, T, D): rows (g * G + h') * T + t. A pair (sequence, kv head,
+// row block of 16 of those rows: R = 4 at T = 1 still fills one m16 tile, padded) is the unit
+// of work, so each key and value is read from memory once for all the query heads sharing it.
 //
-// Grid: x = split, y = kv head * row blocks + row block, z = sequence. Block: NW warps. The
-// split's key tiles (BN = 16 keys, starting at a multiple of 16) are dealt to the warps in
+// Grid: x = NB blocks of NW warps, each taking an equal run of the list of every pair's key
+// tiles (decode_core: balanced whatever the batch and the lengths). Within a block, a
+// segment's key tiles (BN = 16 keys, starting at a multiple of 16) are dealt to the warps in
 // turn; each warp keeps its own online softmax (float32 running max in base 2, sum,
 // accumulator in registers) and its own ring of ST stages of K/V tiles in shared memory,
 // filled with cp.async from the pages ST - 1 tiles ahead of the one it computes (ST tiles in
 // flight while it waits). A tile inside one page costs one block-table read for all its rows
 // (load_kv). Only the tiles at the causal edge, the sequence end and the window's edge test
-// each score; the others are visible to every row. At the end the warps' states are merged through shared memory; with one split
-// the block writes the final output and lse. With several, every block writes its float32
-// partial output and lse and takes a ticket from the counter of its (sequence, kv head, row
-// block); the block that draws the last ticket merges the splits (out = sum_s exp(lse_s - lse)
-// o_s, lse = log sum_s exp(lse_s)) and sets the counter back to 0 for the next launch on the
-// stream -- one launch per call, no second kernel (the launcher keeps one zeroed counter array
-// per device and stream: xattn/_backends/cupy_/decode.py).
+// each score; the others are visible to every row. At the end of a segment the warps' states
+// are merged through shared memory; a segment that is its whole pair writes the final output
+// and lse. Otherwise the block writes its float32 partial output and lse and takes a ticket
+// from the pair's counter; the block that draws the last ticket merges the pair's segments
+// (out = sum_s exp(lse_s - lse) o_s, lse = log sum_s exp(lse_s)) and sets the counter back to
+// 0 for the next launch on the stream -- one launch per call, no second kernel (the launcher
+// keeps one zeroed counter array per device and stream: xattn/_backends/cupy_/decode.py).
 // NW and ST are instance parameters (xattn/_backends/cupy_/instances.py: DECODE).
 //
 // Storage: k, v pools (P, Hkv, page_size, D) of 16-bit values; table (B, max_pages) int32;
@@ -36,9 +36,9 @@
 #include "masking.cuh"
 #include "mma_sm80.cuh"
 
-// Most splits of one sequence's keys (the launcher's _MAX_SPLITS): the merging block keeps one
-// weight per (split, row) in shared memory.
-#define XATTN_DECODE_MAX_SPLITS 128
+// Most blocks of a launch (the launcher's _MAX_SPLITS), so most segments of one pair: the
+// merging block keeps one weight per (segment, row) in shared memory.
+#define XATTN_DECODE_MAX_SPLITS 512
 
 namespace xattn {
 
@@ -48,12 +48,13 @@ struct DecodeArgs {
     const unsigned short* v;   // (P, Hkv, page_size, D)
     const int* table;          // (B, max_pages)
     const int* lengths;        // (B,)
-    unsigned short* o;         // (B, Hq, T, D), written when splits == 1
+    unsigned short* o;         // (B, Hq, T, D)
     float* lse;                // (B, Hq, T) natural log (null: not wanted)
-    float* o_part;             // (splits, B, Hq, T, D) float32, normalised per split
-    float* lse_part;           // (splits, B, Hq, T)
-    int* counters;             // (B, Hkv * row blocks), zero between launches; splits > 1 only
-    int batch, hq, hkv, T, page_size, max_pages, splits;
+    float* o_part;             // (pairs + NB - 1, 16, D) float32 per segment slot, normalised
+    float* lse_part;           // (pairs + NB - 1, 16)
+    int* counters;             // (pairs,), zero between launches; NB > 1 only
+    int batch, hq, hkv, T, page_size, max_pages;
+    int splits;                // NB = gridDim.x (the kernel reads gridDim.x)
     float scale;               // natural units
     float softcap;             // 0 = off
     int wl;                    // window's left extent, -1 = none
@@ -125,31 +126,34 @@ __device__ __forceinline__ float ld_cg(const float* p) {
     return x;
 }
 
-// The merge of a (sequence, kv head, row block)'s split partials by the block that finished
-// last: for each of its rows (packed rows pr0 .. pr0 + 15 below R), weights
-// w_s = exp(lse_s - max_s lse_s) in shared memory (sW, [split][16 rows]; one warp per row),
-// then out = sum_s w_s o_s / sum_s w_s for every (row, d) and lse = max + log sum_s w_s. The
-// partials are read through L2 (ld_cg): other blocks wrote them, and L1 is not coherent.
-// Empty splits carry lse = -inf and weigh 0; a row that sees no key gets 0 and -inf.
+// The merge of a pair's (sequence, kv head, row block) partial results by the block that
+// finished last: the partials of its segments s = 0 .. nseg - 1 sit in slots slot0 + s
+// ([slot][16 rows] lse, [slot][16 rows][D] outputs). For each of the pair's rows (packed rows
+// pr0 .. pr0 + 15 below R), weights w_s = exp(lse_s - max_s lse_s) in shared memory (sW,
+// [segment][16 rows]; one warp per row), then out = sum_s w_s o_s / sum_s w_s for every
+// (row, d) and lse = max + log sum_s w_s, in segment order whatever order the blocks finished
+// in. The partials are read through L2 (ld_cg): other blocks wrote them, and L1 is not
+// coherent. A segment whose keys are all hidden carries lse = -inf and weighs 0; a row that
+// sees no key gets 0 and -inf.
 template <class T, int D, int NW>
-__device__ __forceinline__ void merge_splits(const DecodeArgs& a, float* smem, long long row0,
-                                             int pr0, int R, int warp, int lane, int tid) {
+__device__ __forceinline__ void merge_segments(const DecodeArgs& a, float* smem, long long slot0,
+                                               int nseg, long long row0, int pr0, int R,
+                                               int warp, int lane, int tid) {
     constexpr int NT = NW * 32;
-    const long long rows = (long long)a.batch * a.hq * a.T;  // rows of one split's partials
-    float* sW = smem;                                        // [splits][16]
+    float* sW = smem;                                        // [segment][16]
     float* sSum = sW + XATTN_DECODE_MAX_SPLITS * 16;         // [16]
+    const float* lse_p = a.lse_part + slot0 * 16;
+    const float* o_p = a.o_part + slot0 * 16 * D;
     for (int r = warp; r < 16; r += NW) {
         if (pr0 + r >= R) continue;  // padding rows: nothing was written for them
-        const long long row = row0 + pr0 + r;
         float mx = -XATTN_INF;
-        for (int s = lane; s < a.splits; s += 32)
-            mx = fmaxf(mx, ld_cg(a.lse_part + s * rows + row));
+        for (int s = lane; s < nseg; s += 32) mx = fmaxf(mx, ld_cg(lse_p + s * 16 + r));
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
         const float m_use = mx == -XATTN_INF ? 0.f : mx;
         float sum = 0.f;
-        for (int s = lane; s < a.splits; s += 32) {
-            const float w = __expf(ld_cg(a.lse_part + s * rows + row) - m_use);
+        for (int s = lane; s < nseg; s += 32) {
+            const float w = __expf(ld_cg(lse_p + s * 16 + r) - m_use);
             sW[s * 16 + r] = w;
             sum += w;
         }
@@ -157,29 +161,45 @@ __device__ __forceinline__ void merge_splits(const DecodeArgs& a, float* smem, l
         for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
         if (lane == 0) {
             sSum[r] = sum;
-            if (a.lse != nullptr) a.lse[row] = sum > 0.f ? m_use + __logf(sum) : -XATTN_INF;
+            if (a.lse != nullptr)
+                a.lse[row0 + pr0 + r] = sum > 0.f ? m_use + __logf(sum) : -XATTN_INF;
         }
     }
     __syncthreads();  // sW and sSum are complete
     for (int i = tid; i < 16 * D; i += NT) {
         const int r = i / D, d = i % D;
         if (pr0 + r >= R) continue;
-        const long long row = row0 + pr0 + r;
         float val = 0.f;
-        for (int s = 0; s < a.splits; ++s)
-            val += sW[s * 16 + r] * ld_cg(a.o_part + (s * rows + row) * D + d);
+        for (int s = 0; s < nseg; ++s) val += sW[s * 16 + r] * ld_cg(o_p + (s * 16 + r) * D + d);
         const float sum = sSum[r];
-        a.o[row * D + d] =
+        a.o[(row0 + pr0 + r) * D + d] =
             (unsigned short)(pack2(sum > 0.f ? val / sum : 0.f, 0.f, T()) & 0xffffu);
     }
 }
 
+// Key tiles of a sequence of L tokens: [lo, L) in BN-key tiles from a multiple of BN (so that
+// tiles and pages align; the window's rule hides the keys below lo). At least one: a sequence
+// with no key still owns a tile (zero-filled, every score hidden), so that some block writes
+// its rows (0 and lse = -inf) -- every pair is reached through its tiles.
+__device__ __forceinline__ int key_lo(int L, int T, int wl, int bn) {
+    return wl >= 0 ? max(0, L - T - wl) / bn * bn : 0;
+}
+__device__ __forceinline__ int seq_tiles(int L, int T, int wl, int bn) {
+    const int lo = key_lo(L, T, wl, bn);
+    return L > lo ? (L - lo + bn - 1) / bn : 1;
+}
+
+// One segment of a pair: its tiles t0 .. t1 - 1, in the block's NW warps; the pair is
+// sequence b's kv head g, row block rb; pair index p (the ticket counter), the segment's slot.
 template <class T, int D, int NW, int ST>
-__device__ __forceinline__ void decode_core(const DecodeArgs& a) {
+__device__ __forceinline__ void decode_segment(const DecodeArgs& a, unsigned char* smem_raw,
+                                               int b, int g, int rb, int t0, int t1,
+                                               long long p, long long slot, long long slot0,
+                                               int nseg) {
     static_assert(ST >= 2 && ST <= 8, "2 to 8 stages");
     // The merge's weights and sums fit in the K/V stages it reuses.
     static_assert(NW * ST * 2 * 16 * (D + 8) * 2 >= (XATTN_DECODE_MAX_SPLITS * 16 + 16) * 4,
-                  "shared memory for the split merge");
+                  "shared memory for the segment merge");
     constexpr int BN = 16;          // keys per warp tile: one k16 step of P V
     constexpr int LD = D + 8;       // padded rows: conflict-free ldmatrix
     constexpr int KS = D / 16;      // k-steps of Q K^T
@@ -187,29 +207,20 @@ __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
     constexpr int NT = NW * 32;
     constexpr int TILE = BN * LD;   // one K or V tile, in 16-bit elements
 
-    extern __shared__ __align__(16) unsigned char smem_raw[];
     unsigned short* sQ = reinterpret_cast<unsigned short*>(smem_raw);
     unsigned short* sKV = sQ + 16 * LD;  // per warp: [stage][K, V] tiles
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int gq = lane >> 2, t4 = lane & 3;
     const int G = a.hq / a.hkv, R = G * a.T;
-    const int RB = (R + 15) / 16;
-    const int split = blockIdx.x, g = blockIdx.y / RB, rb = blockIdx.y % RB, b = blockIdx.z;
     const int L = a.lengths[b];
     const int first = L - a.T;  // position of query token 0
-    // Keys any query of the sequence may see, [lo, hi), in BN-key tiles from a multiple of BN
-    // (so that tiles and pages align; the window's rule hides the keys below lo), dealt to the
-    // splits in runs and within a split to the warps in turn.
-    const int lo = a.wl >= 0 ? max(0, first - a.wl) / BN * BN : 0;
+    const int lo = key_lo(L, a.T, a.wl, BN);
     const int hi = L;
-    const int n_tiles = hi > lo ? (hi - lo + BN - 1) / BN : 0;
-    const int per_split = (n_tiles + a.splits - 1) / a.splits;
-    const int t0 = split * per_split, t1 = min(t0 + per_split, n_tiles);
     const int* table = a.table + (long long)b * a.max_pages;
     const long long row0 = ((long long)b * a.hq + (long long)g * G) * a.T;  // packed row 0
 
-    // Q: the block's 16 packed rows (rows past R read as zeros), once per block.
+    // Q: the block's 16 packed rows (rows past R read as zeros).
     load_tile<16, D, LD, NT>(sQ, a.q + row0 * D, rb * 16, R, tid);
     cp_async_commit();
 
@@ -258,7 +269,7 @@ __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
     for (int n = 0; n < ND; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
     float m[2] = {-XATTN_INF, -XATTN_INF}, l[2] = {0.f, 0.f};
 
-    int slot = 0, fill = ST - 1;  // the stage read now, the stage the next copy fills
+    int slot_st = 0, fill = ST - 1;  // the stage read now, the stage the next copy fills
     for (int i = 0; i < count; ++i) {
         // The stage of tile i - 1 is free once every lane is done with it (the barrier): it is
         // refilled with tile i + ST - 1 before the wait for tile i, so that a waiting warp has
@@ -278,8 +289,8 @@ __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
         // S = Q K^T: 16 rows x 16 keys, two n8 tiles.
         float s[2][4];
 #pragma unroll
-        for (int n = 0; n < 2; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-        const unsigned kbase = wKVa + (unsigned)(slot * 4 * TILE);
+        for (int nn = 0; nn < 2; ++nn) s[nn][0] = s[nn][1] = s[nn][2] = s[nn][3] = 0.f;
+        const unsigned kbase = wKVa + (unsigned)(slot_st * 4 * TILE);
 #pragma unroll
         for (int ks = 0; ks < KS; ++ks) {
             unsigned bf[4];
@@ -300,22 +311,22 @@ __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
 #pragma unroll
             for (int hr = 0; hr < 2; ++hr)
 #pragma unroll
-                for (int n = 0; n < 2; ++n)
+                for (int nn = 0; nn < 2; ++nn)
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        const int j = k0 + n * 8 + t4 * 2 + e;
-                        float x = s[n][hr * 2 + e] * a.scale;
+                        const int j = k0 + nn * 8 + t4 * 2 + e;
+                        float x = s[nn][hr * 2 + e] * a.scale;
                         if (a.softcap > 0.f) x = a.softcap * tanhf(x / a.softcap);
                         x -= slope[hr] * fabsf((float)(pos[hr] - j));
                         const bool vis = !edge || (row_ok[hr] && j < hi && j <= pos[hr] &&
                                                    (a.wl < 0 || j >= pos[hr] - a.wl));
-                        s[n][hr * 2 + e] = vis ? x * XATTN_LOG2E : -XATTN_INF;
+                        s[nn][hr * 2 + e] = vis ? x * XATTN_LOG2E : -XATTN_INF;
                     }
         } else {
 #pragma unroll
-            for (int n = 0; n < 2; ++n)
+            for (int nn = 0; nn < 2; ++nn)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) s[n][e] *= scale2;
+                for (int e = 0; e < 4; ++e) s[nn][e] *= scale2;
         }
 
         // Online softmax per row (the 4 lanes of a quad share a row).
@@ -332,18 +343,18 @@ __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
             m[hr] = m_new;
             float rs = 0.f;
 #pragma unroll
-            for (int n = 0; n < 2; ++n)
+            for (int nn = 0; nn < 2; ++nn)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    const float p = ex2(s[n][hr * 2 + e] - m_use);
-                    s[n][hr * 2 + e] = p;
-                    rs += p;
+                    const float pv = ex2(s[nn][hr * 2 + e] - m_use);
+                    s[nn][hr * 2 + e] = pv;
+                    rs += pv;
                 }
             l[hr] = l[hr] * alpha + rs;
 #pragma unroll
-            for (int n = 0; n < ND; ++n) {
-                acc[n][hr * 2] *= alpha;
-                acc[n][hr * 2 + 1] *= alpha;
+            for (int nn = 0; nn < ND; ++nn) {
+                acc[nn][hr * 2] *= alpha;
+                acc[nn][hr * 2 + 1] *= alpha;
             }
         }
 
@@ -363,11 +374,11 @@ __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
             mma(acc[2 * dn], pf, vf[0], vf[1], T());
             mma(acc[2 * dn + 1], pf, vf[2], vf[3], T());
         }
-        slot = slot + 1 == ST ? 0 : slot + 1;
+        slot_st = slot_st + 1 == ST ? 0 : slot_st + 1;
     }
     cp_async_wait<0>();  // no copy may land in the stages after the merge reuses them
 
-// Merge the warps' states through shared memory (the K/V tiles are no longer needed).
+    // Merge the warps' states through shared memory (the K/V tiles are no longer needed).
     __syncthreads();
     float* sAcc = reinterpret_cast<float*>(sKV);  // [NW][16][D]
     float* sM = sAcc + NW * 16 * D;               // [NW][16], base 2
@@ -383,12 +394,13 @@ __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
             sL[warp * 16 + r] = ls;
         }
 #pragma unroll
-        for (int n = 0; n < ND; ++n) {
-            sAcc[(warp * 16 + r) * D + n * 8 + t4 * 2] = acc[n][hr * 2];
-            sAcc[(warp * 16 + r) * D + n * 8 + t4 * 2 + 1] = acc[n][hr * 2 + 1];
+        for (int nn = 0; nn < ND; ++nn) {
+            sAcc[(warp * 16 + r) * D + nn * 8 + t4 * 2] = acc[nn][hr * 2];
+            sAcc[(warp * 16 + r) * D + nn * 8 + t4 * 2 + 1] = acc[nn][hr * 2 + 1];
         }
     }
     __syncthreads();
+    const bool whole = nseg == 1;  // the segment is the whole pair: write the result
     for (int i = tid; i < 16 * D; i += NT) {
         const int r = i / D, d = i % D;
         const int pr = rb * 16 + r;
@@ -407,34 +419,127 @@ __device__ __forceinline__ void decode_core(const DecodeArgs& a) {
         const float out = sum > 0.f ? val / sum : 0.f;
         const float lse = sum > 0.f ? (m_use + __log2f(sum)) * XATTN_LN2 : -XATTN_INF;
         const long long row = row0 + pr;  // (b, h, t) flattened
-        if (a.splits == 1) {
+        if (whole) {
             a.o[row * D + d] = (unsigned short)(pack2(out, 0.f, T()) & 0xffffu);
             if (d == 0 && a.lse != nullptr) a.lse[row] = lse;
         } else {
-            const long long base = (long long)split * a.batch * a.hq * a.T + row;
-            a.o_part[base * D + d] = out;
-            if (d == 0) a.lse_part[base] = lse;
+            a.o_part[(slot * 16 + r) * D + d] = out;
+            if (d == 0) a.lse_part[slot * 16 + r] = lse;
         }
     }
-    if (a.splits == 1) return;
+    if (whole) return;
 
-    // Several splits: the last block of this (sequence, kv head, row block) to finish merges
-    // them. Each thread's partials are made visible device-wide before the block takes its
-    // ticket (the fence), and the barrier orders every thread's fence before thread 0's atomic.
+    // Several segments: the last block of this pair to finish merges them. Each thread's
+    // partials are made visible device-wide before the block takes its ticket (the fence), and
+    // the barrier orders every thread's fence before thread 0's atomic.
     __shared__ int s_last;
     __threadfence();
     __syncthreads();
     if (tid == 0) {
-        int* counter = a.counters + (long long)b * gridDim.y + blockIdx.y;
-        const bool last = atomicAdd(counter, 1) == a.splits - 1;
-        // Every other split has taken its ticket: the counter is free for the next launch.
+        int* counter = a.counters + p;
+        const bool last = atomicAdd(counter, 1) == nseg - 1;
+        // Every other segment has taken its ticket: the counter is free for the next launch.
         if (last) atomicExch(counter, 0);
         __threadfence();  // the partials read below are not older than the ticket
         s_last = last;
     }
     __syncthreads();
-    if (!s_last) return;
-    merge_splits<T, D, NW>(a, reinterpret_cast<float*>(sKV), row0, rb * 16, R, warp, lane, tid);
+    if (s_last)
+        merge_segments<T, D, NW>(a, reinterpret_cast<float*>(sKV), slot0, nseg, row0, rb * 16,
+                                 R, warp, lane, tid);
+}
+
+// The schedule: every pair (sequence b, kv head g, row block rb; pair index
+// p = (b * Hkv + g) * RB + rb) owns its sequence's n_b key tiles, and the pairs' tiles, in
+// pair order, form one list of `total` tiles. Block i of the NB = gridDim.x blocks takes the
+// run [i W, (i + 1) W) of that list, W = ceil(total / NB): every block reads the same number
+// of keys (but the last), whatever the batch, the kv heads and the lengths, so NB = the card's
+// resident blocks keeps all of them busy to the end (equal splits per pair leave a last wave
+// partly empty: 128 pairs on 132 SMs idle 3 % of the card). A run covers pieces of one or more
+// pairs, its segments, taken in order. A pair cut into several segments (by the blocks
+// first = p0 / W .. last = (p1 - 1) / W, [p0, p1) its tiles in the list) leaves one partial
+// result per segment in slot p + i (block i; distinct for distinct (pair, block), since runs
+// and pairs both follow the list's order), merged by the block that finishes last.
+template <class T, int D, int NW, int ST>
+__device__ __forceinline__ void decode_core(const DecodeArgs& a) {
+    constexpr int BN = 16;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    __shared__ long long s_start, s_end, s_base, s_w;
+    __shared__ int s_b;
+    const int tid = threadIdx.x, lane = tid & 31;
+    const int G = a.hq / a.hkv, R = G * a.T;
+    const int RB = (R + 15) / 16;
+    const int HR = a.hkv * RB;  // pairs per sequence
+    // Tiles of sequence bb in the list (0 past the batch).
+    auto span_of = [&](int bb) -> long long {
+        return bb < a.batch ? (long long)HR * seq_tiles(__ldg(a.lengths + bb), a.T, a.wl, BN)
+                            : 0;
+    };
+    if (tid < 32) {
+        // The list's length, then the sequence holding this block's first tile and the tiles
+        // before it (warp 0; a 32-wide scan of the lengths per step).
+        long long total = 0;
+        for (int b0 = 0; b0 < a.batch; b0 += 32) {
+            long long c = span_of(b0 + lane);
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) c += __shfl_xor_sync(0xffffffffu, c, o);
+            total += c;
+        }
+        const long long w = (total + gridDim.x - 1) / gridDim.x;
+        const long long start = (long long)blockIdx.x * w;
+        long long run = 0;
+        int found = -1;
+        long long found_base = 0;
+        for (int b0 = 0; b0 < a.batch && found < 0; b0 += 32) {
+            const int bb = b0 + lane;
+            const long long c = span_of(bb);
+            long long incl = c;  // inclusive scan over the lanes
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const long long up = __shfl_up_sync(0xffffffffu, incl, o);
+                if (lane >= o) incl += up;
+            }
+            const bool here = bb < a.batch && start >= run + incl - c && start < run + incl;
+            const unsigned hit = __ballot_sync(0xffffffffu, here);
+            if (hit) {
+                const int src = __ffs(hit) - 1;
+                found = b0 + src;
+                found_base = run + __shfl_sync(0xffffffffu, incl - c, src);
+            }
+            run += __shfl_sync(0xffffffffu, incl, 31);
+        }
+        if (lane == 0) {
+            s_w = w;
+            s_start = start;
+            s_end = min(start + w, total);
+            s_b = found;
+            s_base = found_base;
+        }
+    }
+    __syncthreads();
+    const long long w = s_w, end = s_end;
+    long long cur = s_start, base = s_base;
+    int b = s_b;
+    if (b < 0 || cur >= end) return;  // a block past the list's end (more blocks than tiles)
+    while (cur < end) {
+        const int n = seq_tiles(a.lengths[b], a.T, a.wl, BN);
+        const long long span = (long long)HR * n;
+        if (cur >= base + span) {  // the run goes on into the next sequence
+            base += span;
+            ++b;
+            continue;
+        }
+        const int y = (int)((cur - base) / n);  // pair within the sequence: kv head, row block
+        const long long p0 = base + (long long)y * n, p1 = p0 + n;
+        const long long s1 = min(end, p1);
+        const long long p = (long long)b * HR + y;
+        const long long first = p0 / w, last = (p1 - 1) / w;
+        __syncthreads();  // the previous segment's shared memory is free
+        decode_segment<T, D, NW, ST>(a, smem_raw, b, y / RB, y % RB, (int)(cur - p0),
+                                     (int)(s1 - p0), p, p + blockIdx.x, p + first,
+                                     (int)(last - first + 1));
+        cur = s1;
+    }
 }
 
 }  // namespace xattn

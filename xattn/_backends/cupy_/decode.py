@@ -3,18 +3,18 @@
 ``auto``'s decode path on CuPy (float16/bfloat16, D = Dv in 64 or 128). Its earlier versions
 passed their tests against the float64 oracle (``tests/test_decode_gpu.py``) on an H100 and an
 H200 on 2026-12-05 (``benchmarks/gpu_decode.py``; docs/inference.rst has the tables). This
-version (the split merge inside the kernel, (8, 2) the default at D=128, launches through a
-prebuilt argument block that really engages) is compile-checked (spill-free, sm_80 and
-sm_90a) and waits for its GPU run (``bash tools/gpu_check_decode.sh``).
+version (the balanced runs below) is compile-checked (spill-free, sm_80 and sm_90a) and waits
+for its GPU run (``bash tools/gpu_check_decode.sh``).
 
-One thread block per (split of the keys, kv head x row block of 16 packed query rows,
-sequence); :func:`num_splits` picks the split count from the batch, the kv heads, the
-longest context and the SM count. With more than one split the blocks write float32 partial
-results and the last block of each (sequence, kv head, row block) to finish merges them by
-their lse, counted by a per-(device, stream) int32 ticket array that the merging blocks leave
-zeroed: one launch per call. The cache's lengths and block table live on the host
-(:mod:`xattn.kvcache`); the cache copies those few int32 values to the device, explicitly,
-once after each change (``KVCache._device_meta``), not at every call.
+The work is the list of every pair's key tiles (a pair: sequence, kv head, row block of 16
+packed query rows); the kernel deals it out to the blocks of a one-dimensional grid in equal
+runs, so every block reads the same number of keys whatever the batch, the kv heads and the
+lengths. :func:`num_blocks` takes one block per resident slot of the card (fewer for short
+work). A pair cut between blocks leaves float32 partial results, and the last of its blocks
+to finish merges them by their lse, counted by a per-(device, stream) int32 ticket array that
+the merging blocks leave zeroed: one launch per call. The cache's lengths and block table
+live on the host (:mod:`xattn.kvcache`); the cache copies those few int32 values to the
+device, explicitly, once after each change (``KVCache._device_meta``), not at every call.
 """
 
 from __future__ import annotations
@@ -31,13 +31,11 @@ from ._compile import compiled_function
 
 BN = 16  # keys per warp tile
 HEAD_DIMS = instances.DECODE_HEAD_DIMS
-# A warp should walk at least this many tiles of its split, or the merge costs more than it
-# saves.
+# A warp should walk at least this many tiles of a block's run, or the block's prologue and
+# the merge cost more than it saves.
 _MIN_TILES_PER_WARP = 4
-# A split count above the best smaller one must fill this fraction more of the card's block
-# slots to be taken (more splits cost a merge and a prologue each).
-_GAIN = 0.05
-_MAX_SPLITS = 128  # the kernel's XATTN_DECODE_MAX_SPLITS (its merge keeps a weight per split)
+_MAX_SPLITS = 512  # the kernel's XATTN_DECODE_MAX_SPLITS: most blocks (its merge keeps a
+# weight per segment of a pair, and a pair has at most one segment per block)
 # decode_attention passes need_lse (False: no lse array is made or written).
 DECODE_LSE_OPTIONAL = True
 
@@ -71,26 +69,24 @@ def smem_bytes(d, cfg=None):
     return (16 * ld + nw * st * 2 * BN * ld) * 2
 
 
-@functools.lru_cache(maxsize=512)  # a pure function of ints, on every new plan's path
-def num_splits(batch, hkv, row_blocks, max_tiles, sm_count, per_sm=1, nw=4):
-    """Splits of each sequence's keys. Every block does the same work, so the blocks run in
-    waves of ``sm_count * per_sm`` (the resident blocks the card holds); a last wave that is
-    partly empty leaves bandwidth idle (64 sequences x 8 kv heads = 512 blocks on 396 slots of
-    an H100 ran at 0.69 of copy bandwidth). The count taken fills the waves best, the fewest
-    splits among counts within a factor ``1 + _GAIN`` of each other, and leaves every one of
-    the ``nw`` warps at least ``_MIN_TILES_PER_WARP`` tiles."""
-    blocks = batch * hkv * row_blocks
-    if blocks == 0:
-        return 1
+def seq_tiles(lengths, T, left):
+    """Key tiles of sequences of ``lengths`` tokens (an int array), as the kernel counts them
+    (``seq_tiles`` in decode_splitkv.cu): from the window's first key rounded down to a
+    multiple of BN, at least one (a sequence without keys still owns a tile, so that its rows
+    are written)."""
+    n = np.asarray(lengths, dtype=np.int64)
+    lo = np.maximum(0, n - T - left) // BN * BN if left >= 0 else np.zeros_like(n)
+    return np.where(n > lo, -(-(n - lo) // BN), 1)
+
+
+def num_blocks(total_tiles, sm_count, per_sm=1, nw=4):
+    """Blocks of a launch. The kernel deals the list of every pair's key tiles out in equal
+    runs, one per block, so one block per resident slot (``sm_count * per_sm``) keeps the whole
+    card busy to the end; fewer where that would leave a warp under
+    ``_MIN_TILES_PER_WARP`` tiles of its run."""
     slots = max(1, sm_count * per_sm)
-    cap = int(max(1, min(_MAX_SPLITS, max_tiles // (_MIN_TILES_PER_WARP * nw))))
-    best, best_fill = 1, 0.0
-    for s in range(1, cap + 1):
-        total = blocks * s
-        fill = total / (-(-total // slots) * slots)
-        if fill > best_fill * (1 + _GAIN):
-            best, best_fill = s, fill
-    return best
+    by_work = -(-int(total_tiles) // (_MIN_TILES_PER_WARP * nw))
+    return int(max(1, min(slots, _MAX_SPLITS, by_work)))
 
 
 def blocks_per_sm(fn, d, cfg=None):
@@ -164,7 +160,7 @@ FAST_LAUNCH = True
 # The kernel's parameter list (XATTN_DECODE_PARAMS) in one byte buffer: the values a call
 # changes first, side by side (q, out, lse, partial outputs, partial lse, ALiBi slopes, ticket
 # counters: 64-bit pointers; ALiBi's batch stride: int64), then k, v, table, lengths
-# (pointers), batch, hq, hkv, T, page_size, max_pages, splits (int32), scale, softcap
+# (pointers), batch, hq, hkv, T, page_size, max_pages, blocks (int32), scale, softcap
 # (float32), wl (int32). _PARAM_AT[i]: where parameter i of the signature lives in the buffer.
 _PER_CALL = struct.Struct("<7Qq")
 _FIXED = struct.Struct("<4Q7i2fi")
@@ -207,33 +203,31 @@ def _make_plan(prob, cache, splits, cfg):
     B, Hq, Hkv, T, D = prob.batch, prob.hq, prob.hkv, prob.sq, prob.d
     kpool, vpool, table_dev, lengths_dev, page_size = cache._device_meta()
     left = -1 if prob.window is None or prob.window[0] is None else prob.window[0]
-    R = prob.group * T
-    row_blocks = -(-R // 16)
-    # The longest run of keys any sequence's queries see (tiles start at a multiple of BN,
-    # so a window's run may begin up to BN - 1 keys early).
-    longest = int(cache._lengths.max(initial=0))
-    span = longest if left < 0 else min(longest, T + left + BN - 1)
-    max_tiles = -(-span // BN)
+    row_blocks = -(-(prob.group * T) // 16)
+    pairs = B * Hkv * row_blocks
+    # The kernel's list of tiles, counted from the host's copy of the lengths (the device's
+    # is the same state: the plan lives until the cache changes).
+    total = row_blocks * Hkv * int(seq_tiles(cache._lengths, T, left).sum())
     main = _function(_params.type_name(prob.dtype), D, cfg)
     if splits is None:
-        splits = num_splits(B, Hkv, row_blocks, max_tiles, _params.sm_count(),
-                            blocks_per_sm(main, D, cfg), cfg[0])
-    splits = int(max(1, min(int(splits), _MAX_SPLITS, max(1, max_tiles))))
+        splits = num_blocks(total, _params.sm_count(), blocks_per_sm(main, D, cfg), cfg[0])
+    splits = int(max(1, min(int(splits), _MAX_SPLITS)))
     i32, f32 = np.int32, np.float32
     plan = _Plan()
     plan.prob, plan.main, plan.splits = prob, main, splits
-    plan.grid = (splits, Hkv * row_blocks, B)
+    plan.grid = (splits, 1, 1)
     plan.block = (cfg[0] * 32,)
     plan.smem = smem_bytes(D, cfg)
     plan.head = (kpool, vpool, table_dev, lengths_dev)
     plan.tail = (i32(B), i32(Hq), i32(Hkv), i32(T), i32(page_size), i32(table_dev.shape[1]),
                  i32(splits), f32(prob.scale), f32(prob.softcap or 0.0), i32(left))
     plan.out_shape, plan.lse_shape = (B, Hq, T, D), (B, Hq, T)
-    rows = B * Hq * T
-    plan.part_o = splits * rows * D if splits > 1 else 0  # float32 elements
-    plan.part_lse = splits * rows if splits > 1 else 0
-    # One ticket counter per (sequence, kv head, row block) when the blocks merge splits.
-    plan.tickets = B * Hkv * row_blocks if splits > 1 else 0
+    # A segment slot per (pair, block) that share tiles: pairs + blocks - 1 at most, each 16
+    # rows of float32 partial output and lse; one ticket counter per pair.
+    nslots = pairs + splits - 1 if splits > 1 else 0
+    plan.part_o = nslots * 16 * D  # float32 elements
+    plan.part_lse = nslots * 16
+    plan.tickets = pairs if splits > 1 else 0
     plan.args = plan.fn_main = None
     handle = function_handle(main) if _driver() is not None else None
     if handle is not None:
@@ -314,7 +308,8 @@ _log = logging.getLogger("xattn")
 
 def decode(prob, q, cache, *, alibi_slopes=None, splits=None, config=None, need_lse=True):
     """Return ``(out, lse)`` of :func:`xattn.decode_attention` (``lse`` None without
-    ``need_lse``: the kernel then writes none). ``splits`` overrides :func:`num_splits` and
+    ``need_lse``: the kernel then writes none). ``splits`` overrides :func:`num_blocks` (the
+    blocks the tiles are dealt to) and
     ``config`` the ``(warps, stages)`` instance (``benchmarks/gpu_decode.py --sweep`` and
     ``--configs`` time the choices with them).
 
