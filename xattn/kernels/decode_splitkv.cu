@@ -119,41 +119,41 @@ __device__ __forceinline__ void load_kv(unsigned sk, unsigned sv, const unsigned
     }
 }
 
-// A float load through L2 only (ld.global.cg): values that other blocks of this launch wrote.
-__device__ __forceinline__ float ld_cg(const float* p) {
-    float x;
-    asm volatile("ld.global.cg.f32 %0, [%1];\n" : "=f"(x) : "l"(p) : "memory");
-    return x;
-}
-
 // The merge of a pair's (sequence, kv head, row block) partial results by the block that
 // finished last: the partials of its segments s = 0 .. nseg - 1 sit in slots slot0 + s
 // ([slot][16 rows] lse, [slot][16 rows][D] outputs). For each of the pair's rows (packed rows
 // pr0 .. pr0 + 15 below R), weights w_s = exp(lse_s - max_s lse_s) in shared memory (sW,
 // [segment][16 rows]; one warp per row), then out = sum_s w_s o_s / sum_s w_s for every
 // (row, d) and lse = max + log sum_s w_s, in segment order whatever order the blocks finished
-// in. The partials are read through L2 (ld_cg): other blocks wrote them, and L1 is not
-// coherent. A segment whose keys are all hidden carries lse = -inf and weighs 0; a row that
-// sees no key gets 0 and -inf.
+// in. The partials are read through L2 (__ldcg: other blocks wrote them, and L1 is not
+// coherent), as plain loads the compiler may batch: the merge runs after the last block's
+// keys, so its latency is the launch's tail (volatile loads, each waited for in turn, cost
+// 8 us at two segments a pair). A segment whose keys are all hidden carries lse = -inf and
+// weighs 0; a row that sees no key gets 0 and -inf.
 template <class T, int D, int NW>
 __device__ __forceinline__ void merge_segments(const DecodeArgs& a, float* smem, long long slot0,
                                                int nseg, long long row0, int pr0, int R,
                                                int warp, int lane, int tid) {
     constexpr int NT = NW * 32;
+    constexpr int D4 = D / 4;
     float* sW = smem;                                        // [segment][16]
     float* sSum = sW + XATTN_DECODE_MAX_SPLITS * 16;         // [16]
     const float* lse_p = a.lse_part + slot0 * 16;
-    const float* o_p = a.o_part + slot0 * 16 * D;
+    const float4* o_p = reinterpret_cast<const float4*>(a.o_part + slot0 * 16 * D);
     for (int r = warp; r < 16; r += NW) {
         if (pr0 + r >= R) continue;  // padding rows: nothing was written for them
         float mx = -XATTN_INF;
-        for (int s = lane; s < nseg; s += 32) mx = fmaxf(mx, ld_cg(lse_p + s * 16 + r));
+        for (int s = lane; s < nseg; s += 32) {
+            const float x = __ldcg(lse_p + s * 16 + r);
+            sW[s * 16 + r] = x;  // the lse, then its weight (this lane's own entries)
+            mx = fmaxf(mx, x);
+        }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
         const float m_use = mx == -XATTN_INF ? 0.f : mx;
         float sum = 0.f;
         for (int s = lane; s < nseg; s += 32) {
-            const float w = __expf(ld_cg(lse_p + s * 16 + r) - m_use);
+            const float w = __expf(sW[s * 16 + r] - m_use);
             sW[s * 16 + r] = w;
             sum += w;
         }
@@ -166,14 +166,25 @@ __device__ __forceinline__ void merge_segments(const DecodeArgs& a, float* smem,
         }
     }
     __syncthreads();  // sW and sSum are complete
-    for (int i = tid; i < 16 * D; i += NT) {
-        const int r = i / D, d = i % D;
+    for (int f = tid; f < 16 * D4; f += NT) {
+        const int r = f / D4, c4 = f % D4;
         if (pr0 + r >= R) continue;
-        float val = 0.f;
-        for (int s = 0; s < nseg; ++s) val += sW[s * 16 + r] * ld_cg(o_p + (s * 16 + r) * D + d);
+        float4 acc = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 4
+        for (int s = 0; s < nseg; ++s) {
+            const float w = sW[s * 16 + r];
+            const float4 x = __ldcg(o_p + (s * 16 + r) * D4 + c4);
+            acc.x += w * x.x;
+            acc.y += w * x.y;
+            acc.z += w * x.z;
+            acc.w += w * x.w;
+        }
         const float sum = sSum[r];
-        a.o[(row0 + pr0 + r) * D + d] =
-            (unsigned short)(pack2(sum > 0.f ? val / sum : 0.f, 0.f, T()) & 0xffffu);
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        uint2 packed;
+        packed.x = pack2(acc.x * inv, acc.y * inv, T());
+        packed.y = pack2(acc.z * inv, acc.w * inv, T());
+        *reinterpret_cast<uint2*>(a.o + (row0 + pr0 + r) * D + c4 * 4) = packed;
     }
 }
 
