@@ -37,7 +37,8 @@
 // sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); for other targets the entries trap.
 // Entry points: flash_fwd_sm90_<f16|bf16>_d<D>_n<BN>_g<NWG>_o<mode> (mode bits at the end).
 // Modes 11 / 27 (flash_fwd_sm90_ws) add a producer warpgroup: K/V stages handed over by
-// mbarriers, no __syncthreads in the loop, 27 with ping-pong of the two consumer warpgroups.
+// mbarriers, no __syncthreads in the loop, 27 with ping-pong of the two consumer warpgroups;
+// mode 75 (bit 6, experimental) fills that ring with the copy engine (TMA, tma_sm90.cuh).
 
 #include "common.cuh"
 #include "masking.cuh"
