@@ -91,13 +91,14 @@ def test_forward(dtype, d, causal, sq, sk, overlap):
     _check(q, k, v, config=_config(d, overlap), causal=causal)
 
 
-@pytest.mark.parametrize("mode", [11, 27])
+@pytest.mark.parametrize("mode", [11, 27, 75])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("sq,sk,dtype", [(64, 128, "float16"), (77, 150, "bfloat16"),
                                          (130, 61, "float16"), (1, 300, "bfloat16")])
 def test_forward_warp_specialised(dtype, d, causal, sq, sk, mode):
-    """Modes 11 / 27 (producer warpgroup + mbarrier ring, 27 with consumer ping-pong) on the
+    """Modes 11 / 27 / 75 (producer warpgroup + mbarrier ring, 27 with consumer ping-pong, 75
+    with K/V by the copy engine) on the
     short shapes of test_forward: one key block, a partial last block, Sq = 1 (the second
     consumer warpgroup has no row), Sk < Sq. A hang here is an mbarrier / named-barrier
     deadlock (tools/wgmma_probe.py's ring probe checks the stage handoff alone)."""
@@ -117,7 +118,7 @@ def test_configs_long(dtype, d, config, causal):
     _check(q, k, v, config=config, causal=causal)
 
 
-@pytest.mark.parametrize("overlap", [0, 1, 2, 3, 27])
+@pytest.mark.parametrize("overlap", [0, 1, 2, 3, 27, 75])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("case", ["gqa4", "mqa", "scale", "window", "causal_window",
                                   "sq_gt_sk_causal", "large_scores"])
@@ -219,3 +220,86 @@ def test_dispatch(dtype, case):
         logger.setLevel(level)
     assert len(calls) == (0 if "block_mask" in opts else 2)
     assert [c.endswith("_mods") for c in calls] == [case == "softcap"] * len(calls)
+
+
+# Mode 75 (K/V by the copy engine from tensor maps, xattn/_backends/cupy_/tma.py).
+TMA_CONFIGS = sorted((c[0], c[1:]) for c in k90.BUILT if c[3] & 64)
+
+
+def _nan_tailed(rng, dtype, shape):
+    """A (B, H, S, D) operand whose allocation continues with NaN past its last element (the
+    array is a view of the allocation's head, same address): a tile at the last head's
+    sequence end that read past Sk would bring NaN in (0 x NaN in P V), where the tensor map's
+    bounds give zeros."""
+    n = int(np.prod(shape))
+    host = np.concatenate([rng.standard_normal(n), np.full(256 * shape[-1], np.nan)])
+    base = cupy_array(host, dtype)
+    x = base[:n].reshape(shape)
+    assert x.data.ptr == base.data.ptr and x.flags.c_contiguous
+    return x
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("d,config", TMA_CONFIGS)
+@pytest.mark.parametrize("case", ["causal", "full", "window", "gqa_sq_gt_sk", "long"])
+def test_tma_sequence_ends(dtype, d, config, case):
+    """Mode 75 across several batches and heads with Sk and Sq off the tile sizes: the last
+    key tile of every (b, kv head) reaches past Sk, where the tensor map's bounds fill zeros
+    (the next head's rows, or NaN past the allocation for the last head, must not come in);
+    GQA, Sq != Sk, a window, lse checked; "long": 9 to 18 key blocks, so the 3-stage ring
+    turns over several times (the empty barriers' phases)."""
+    rng = np.random.default_rng([d, *config, len(case)])
+    b, hq, hkv, sq, sk = 3, 4, 2, 141, 203
+    opts = {"causal": case in ("causal", "window")}
+    if case == "window":
+        opts["window"] = (70, None)
+    elif case == "gqa_sq_gt_sk":
+        hq, hkv, sq, sk = 6, 2, 260, 97
+        opts["causal"] = True
+    elif case == "long":
+        b, hq, hkv, sq, sk = 2, 2, 1, 300, 1100
+    q = cupy_array(rng.standard_normal((b, hq, sq, d)), dtype)
+    k = _nan_tailed(rng, dtype, (b, hkv, sk, d))
+    v = _nan_tailed(rng, dtype, (b, hkv, sk, d))
+    _check(q, k, v, config=config, **opts)
+
+
+@pytest.mark.parametrize("d,config", TMA_CONFIGS)
+def test_tma_matches_mode_11_bitwise(d, config):
+    """The copy engine changes how the tiles arrive, not the arithmetic: mode 75 gives mode
+    11's bits."""
+    rng = np.random.default_rng([d, 75])
+    q, k, v = _inputs(rng, "float16", b=2, hq=4, hkv=2, sq=300, sk=517, d=d)
+    prob = validate_attention(q, k, v, causal=True)
+    o75, l75 = k90.forward(prob, q, k, v, config=config)
+    o11, l11 = k90.forward(prob, q, k, v, config=(config[0], config[1], 11))
+    assert bool(cp.all(o75 == o11)) and bool(cp.all(l75 == l11))
+
+
+@pytest.mark.parametrize("operand", ["q", "k", "v"])
+def test_tma_refuses_an_unaligned_view(operand):
+    """A contiguous view that starts 2 bytes into an allocation: the copy engine needs a
+    16-byte aligned address, so mode 75 refuses it with the operand's name."""
+    rng = np.random.default_rng(3)
+    d, config = TMA_CONFIGS[0]
+    q, k, v = _inputs(rng, "float16", b=1, hq=2, hkv=2, sq=64, sk=64, d=d)
+    ops = {"q": q, "k": k, "v": v}
+    x = ops[operand]
+    base = cp.empty(x.size + 8, dtype=x.dtype)
+    view = base[1:1 + x.size].reshape(x.shape)
+    view[...] = x
+    assert view.flags.c_contiguous and view.data.ptr % 16 == 2
+    ops[operand] = view
+    prob = validate_attention(ops["q"], ops["k"], ops["v"])
+    with pytest.raises(ValueError, match=f"{operand}: the TMA path needs a 16-byte aligned"):
+        k90.forward(prob, ops["q"], ops["k"], ops["v"], config=config)
+
+
+def test_tma_empty_keys():
+    """Sk = 0: no map is encoded (a zero map is passed and never read); out 0, lse -inf."""
+    d, config = TMA_CONFIGS[-1]
+    q = cupy_array(np.ones((1, 2, 70, d)), "float16")
+    k = cp.zeros((1, 2, 0, d), dtype=cp.float16)
+    prob = validate_attention(q, k, k)
+    out, lse = k90.forward(prob, q, k, k, config=config)
+    assert bool(cp.all(out == 0)) and bool(cp.all(cp.isneginf(lse)))

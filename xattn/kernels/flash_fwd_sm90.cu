@@ -37,7 +37,8 @@
 // sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); for other targets the entries trap.
 // Entry points: flash_fwd_sm90_<f16|bf16>_d<D>_n<BN>_g<NWG>_o<mode> (mode bits at the end).
 // Modes 11 / 27 (flash_fwd_sm90_ws) add a producer warpgroup: K/V stages handed over by
-// mbarriers, no __syncthreads in the loop, 27 with ping-pong of the two consumer warpgroups.
+// mbarriers, no __syncthreads in the loop, 27 with ping-pong of the two consumer warpgroups;
+// mode 75 (bit 6, experimental) fills that ring with the copy engine (TMA, tma_sm90.cuh).
 
 #include "common.cuh"
 #include "masking.cuh"
@@ -45,6 +46,7 @@
 #include "flex_hook.cuh"
 #include "fwd_score_rules.cuh"
 #include "wgmma_sm90.cuh"
+#include "tma_sm90.cuh"
 
 namespace xattn::sm90 {
 
@@ -157,6 +159,21 @@ __device__ __forceinline__ unsigned long long mnmajor_step(int j) {
 // The plain entries: the visibility rules only.
 struct FwdArgs : FwdOperands<unsigned short> {
     int causal, wl, wr;  // window sides, -1 = unbounded
+};
+
+// The _o75 entries (mode bit 6, K/V by the copy engine): the plain arguments and the tensor
+// maps of K and V (the addresses of the entry's __grid_constant__ parameters).
+struct FwdArgsTma : FwdArgs {
+    const TmaDesc* tk;
+    const TmaDesc* tv;
+};
+template <class A>
+struct uses_tma {
+    static constexpr bool value = false;
+};
+template <>
+struct uses_tma<FwdArgsTma> {
+    static constexpr bool value = true;
 };
 
 // The _mods / _bm entries: flash_fwd.cu's parameter block (ScoreMods first), the block mask
@@ -478,6 +495,34 @@ __device__ __forceinline__ void ws_produce_walk(unsigned sK, unsigned sV,
         mbar_arrive(fullb + ((i - 1) % NST) * 8);
     }
 }
+
+// ws_produce on the copy engine (mode bit 6), run by ONE thread: for key block kb0 + j it
+// waits for the stage's release, arrives on its full barrier (count 1) announcing the stage's
+// bytes, and issues D / 64 boxes of {64 columns, BN rows} for K and for V, each box one
+// 128-byte-swizzled panel of the tile (the layout load_tile_sw writes). The maps are 3-D
+// {D, Sk, B * Hkv}: rows at or past Sk arrive as zeros, never the next head's rows; kvh is
+// this block's kv head (b * Hkv + h / group). i0 is the running count of blocks handed over
+// before these (0 for one tile per thread block): block kb0 + j takes stage (i0 + j) % NST, so
+// a loop over several tiles continues the ring's phases. Up to NST blocks are in flight (the
+// full barrier needs no arrival after the data lands, unlike ws_produce's).
+template <int BN, int D, int NST>
+__device__ __forceinline__ void ws_produce_tma(unsigned sK, unsigned sV, const TmaDesc* tk,
+                                               const TmaDesc* tv, int kvh, int kb0, int nkb,
+                                               int i0, unsigned fullb, unsigned emptyb) {
+    constexpr unsigned TILE = BN * D * 2;
+    for (int j = 0; j < nkb; ++j) {
+        const int i = i0 + j, st = i % NST;
+        if (i >= NST) mbar_wait(emptyb + st * 8, ((i / NST) - 1) & 1);
+        const unsigned full = fullb + st * 8;
+        tma_arrive_expect_tx(full, 2 * TILE);
+        const int row = (kb0 + j) * BN;
+#pragma unroll
+        for (int p = 0; p < D / 64; ++p) {
+            tma_load_3d(sK + st * TILE + p * BN * 128, tk, p * 64, row, kvh, full);
+            tma_load_3d(sV + st * TILE + p * BN * 128, tv, p * 64, row, kvh, full);
+        }
+    }
+}
 #endif
 
 // Warp-specialised schedule (mode bit 3, after FlashAttention-3): warpgroup 0 is a producer
@@ -514,6 +559,7 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
     constexpr int BM = NWG * 64;
     constexpr int NC = NWG * 128;  // consumer threads
     constexpr unsigned TILE = BN * D * 2;
+    constexpr bool TMA = uses_tma<A>::value;  // mode bit 6: ws_produce_tma
 
     extern __shared__ __align__(128) unsigned char smem_raw[];
     __shared__ __align__(8) unsigned long long bars[2 * WS_ST];  // full[0..], empty[0..]
@@ -540,15 +586,26 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
     if (tid == 0) {
 #pragma unroll
         for (int s = 0; s < WS_ST; ++s) {
-            mbar_init(fullb + s * 8, 128);
+            mbar_init(fullb + s * 8, TMA ? 1 : 128);
             mbar_init(emptyb + s * 8, NWG * 4);  // one arrival per consumer warp
+        }
+        if constexpr (TMA) {
+            tma_mbar_init_fence();
+            if (nkb > 0) {
+                tma_prefetch_desc(a.tk);
+                tma_prefetch_desc(a.tv);
+            }
         }
     }
     __syncthreads();  // the only block-wide barrier: the mbarriers are initialised
 
     if (wg == 0) {
         setmaxnreg_dec<24>();
-        if constexpr (SPARSE)
+        if constexpr (TMA) {
+            if (tid == 0)
+                ws_produce_tma<BN, D, WS_ST>(sKa, sVa, a.tk, a.tv, b * hkv + h / a.group, kb0,
+                                             nkb, 0, fullb, emptyb);
+        } else if constexpr (SPARSE)
             ws_produce_walk<BN, D, WS_ST>(sKa, sVa, Kg, Vg, a.bm, q0 / a.bm.bq, kb0, kb1, sk,
                                           fullb, emptyb, tid);
         else
@@ -720,6 +777,13 @@ __device__ __forceinline__ void flash_fwd_sm90_mode(const FwdArgs& a) {
     }
 }
 
+// Mode bit 6 (the _o75 entries): the warp-specialised schedule with K/V by the copy engine.
+template <class T, int D, int BN, int NWG, int OV>
+__device__ __forceinline__ void flash_fwd_sm90_tma_mode(const FwdArgsTma& a) {
+    static_assert((OV & 64) != 0 && (OV & 11) == 11, "mode bit 6 extends modes 11 / 27");
+    flash_fwd_sm90_ws<T, D, BN, NWG, (OV & 16) != 0, false, false, FwdArgsTma>(a);
+}
+
 // The _mods / _bm entries: the warp-specialised schedules only (mode bit 3).
 template <class T, int D, int BN, int NWG, int OV, bool MODS, bool SPARSE>
 __device__ __forceinline__ void flash_fwd_sm90_mods_mode(const FwdArgsMods& a) {
@@ -746,6 +810,10 @@ __device__ __forceinline__ void flash_fwd_sm90_mods_mode(const FwdArgsMods& a) {
 //     setmaxnreg 24 / 240 for NWG = 2, 24 / 160 for NWG = 3 (ptxas reports the launch-bound
 //     cap, 168 or 128; no spills);
 //   27 = 11 + bit 4: consumer ping-pong through named barriers 2 / 3.
+//   75 = 11 + bit 6 (XATTN90_TMA_ENTRY, experimental): K/V stages filled by the copy engine
+//     (cp.async.bulk.tensor from 3-D tensor maps, one producer thread, full barriers of count
+//     1 with the stage's bytes); Q stays on the consumers' cp.async. The entries take the
+//     tensor maps of K and V first (xattn/_backends/cupy_/tma.py), then XATTN90_PARAMS.
 #define XATTN90_ENTRY(TN, D, BN, NWG, OV)                                                  \
     extern "C" __global__ void __launch_bounds__(((OV & 8) ? NWG + 1 : NWG) * 128, 1)      \
         flash_fwd_sm90_##TN##_d##D##_n##BN##_g##NWG##_o##OV(XATTN90_PARAMS) {               \
@@ -756,6 +824,20 @@ __device__ __forceinline__ void flash_fwd_sm90_mods_mode(const FwdArgsMods& a) {
     }
 // One more expansion level so that -D values expand before ## pastes them.
 #define XATTN90_ONE(TN, D, BN, NWG, OV) XATTN90_ENTRY(TN, D, BN, NWG, OV)
+#define XATTN90_TMA_ENTRY(TN, D, BN, NWG, OV)                                              \
+    extern "C" __global__ void __launch_bounds__((NWG + 1) * 128, 1)                       \
+        flash_fwd_sm90_##TN##_d##D##_n##BN##_g##NWG##_o##OV(                                \
+            const __grid_constant__ xattn::TmaDesc tk, const __grid_constant__ xattn::TmaDesc tv, \
+            XATTN90_PARAMS) {                                                               \
+        xattn::sm90::flash_fwd_sm90_tma_mode<xattn::TN, D, BN, NWG, OV>(                     \
+            xattn::sm90::FwdArgsTma{                                                        \
+                xattn::sm90::FwdArgs{                                                       \
+                    xattn::FwdOperands<unsigned short>{q, k, v, o, lse, hq, group, sq, sk,  \
+                                                       scale},                              \
+                    causal, wl, wr},                                                        \
+                &tk, &tv});                                                                 \
+    }
+#define XATTN90_TMA_ONE(TN, D, BN, NWG, OV) XATTN90_TMA_ENTRY(TN, D, BN, NWG, OV)
 
 // The _mods / _bm entries (MN: mods | bm | mods_bm, flex | flex_bm for flex_attention): the
 // argument list of flash_fwd.cu's entries (the parameter block, the block mask, the user's
@@ -787,6 +869,8 @@ __device__ __forceinline__ void flash_fwd_sm90_mods_mode(const FwdArgsMods& a) {
 #ifdef XATTN90_MN
 XATTN90_MODS_ONE(XATTN90_TN, XATTN90_D, XATTN90_BN, XATTN90_NWG, XATTN90_OV, XATTN90_MN,
                  XATTN90_MODS, XATTN90_SPARSE)
+#elif defined(XATTN90_TMA)
+XATTN90_TMA_ONE(XATTN90_TN, XATTN90_D, XATTN90_BN, XATTN90_NWG, XATTN90_OV)
 #else
 XATTN90_ONE(XATTN90_TN, XATTN90_D, XATTN90_BN, XATTN90_NWG, XATTN90_OV)
 #endif

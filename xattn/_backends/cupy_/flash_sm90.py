@@ -36,6 +36,8 @@ __all__ = ["BUILT", "CONFIGS", "compiled_function", "forward", "get_kernel", "pr
 # docs/dev/perf_gpu.rst): D=128 (128, 2, 11) 442 / causal 386 (mode 3: 427 / 369; mode 0: 228 /
 # 202; mma.sync 294 / 248), D=64 (64, 3, 11) 348 / 294 (mode 3: 304 / 269; mma.sync 292 / 258).
 # Mode 27 (ping-pong on top of 11) measured slower: 394 / 344 at D=128.
+# Bit 6 (mode 75 = 11 + 64, experimental): the producer fills the K/V stages with the copy
+# engine (TMA) from tensor maps that the launch passes by value (tma.py); to be measured.
 CONFIGS = instances.SM90
 # The score-modification entries' configuration per head dim, and the block-sparse candidates
 # in order of preference (the first whose query rows divide the mask's bq and whose key tile
@@ -160,12 +162,15 @@ def _forward(prob, q, k, v, config):
     q4, k4, v4, out, lse = _params.forward_buffers(xp, prob, q, k, v, d, q.dtype)
     if _params.nothing_to_launch(out, lse):
         return _params.forward_result(xp, prob, out, lse)
+    # Mode bit 6: the tensor maps of K and V, the entry's first arguments (checked before the
+    # kernel is built).
+    maps = _tma_maps(q4, k4, v4, cfg[0]) if cfg[2] & 64 else ()
     fn = get_kernel(tn, d, cfg, mods, sparse)
     nwg = cfg[1]
     bm = 64 * nwg
     i32, f32 = np.int32, np.float32
-    args = (q4, k4, v4, out, lse, i32(prob.hq), i32(prob.group), i32(prob.sq), i32(prob.sk),
-            f32(prob.scale))
+    args = (*maps, q4, k4, v4, out, lse, i32(prob.hq), i32(prob.group), i32(prob.sq),
+            i32(prob.sk), f32(prob.scale))
     if mods or sparse:  # flash_fwd.cu's argument list: the parameter block, the block mask
         args += (*_params.option_args(xp, prob), *_params.block_mask_args(xp, prob))
     else:  # the plain entries read the visibility fields only
@@ -173,3 +178,13 @@ def _forward(prob, q, k, v, config):
     fn(((prob.sq + bm - 1) // bm, prob.hq, B), (threads(cfg),), args,
        shared_mem=smem_bytes(d, cfg))
     return _params.forward_result(xp, prob, out, lse)
+
+
+def _tma_maps(q4, k4, v4, bn):
+    """The tensor maps of K and V for mode bit 6: boxes of {64 columns, BN keys} of one kv
+    head, 128-byte swizzle (the kernel's shared-memory layout, one box per 64-column panel).
+    q is read by cp.async (16-byte copies) and checked for the same alignment."""
+    from . import tma
+
+    tma.check_operand(q4, "q")
+    return tma.rows_map(k4, "k", bn), tma.rows_map(v4, "v", bn)

@@ -6,7 +6,7 @@ name, the ``-D`` options that make NVRTC build exactly that entry) and
 ``tools/check_kernels.py`` compiles :func:`shipped` -- one generated translation unit per kernel
 file that includes the file and expands one entry macro per instance -- for sm_80 and sm_90a,
 spill-free and warning-free. The ``.cu`` files define entry macros and build nothing on their
-own. Experimental instances (Hopper schedule modes 0-3 and 27, kept for
+own. Experimental instances (Hopper schedule modes 0-3, 27 and 75, kept for
 ``tools/wgmma_probe.py --bench``) are in :func:`experimental` and compiled only on request.
 
 Tile configurations (chosen from ``ptxas -v``, no spills, and timings on an H200: see
@@ -121,6 +121,9 @@ SM90_EXPERIMENTAL = (
     (64, 128, 2, 2), (64, 64, 3, 2), (128, 128, 2, 2), (128, 64, 3, 2),
     (64, 128, 2, 3), (128, 64, 2, 3), (128, 128, 2, 3), (64, 64, 3, 3),
     (64, 128, 2, 27), (128, 128, 2, 27),
+    # Mode 75 = 11 + bit 6: K/V by the copy engine (TMA, tensor maps from tma.py); the
+    # entries take the maps of K and V before the plain arguments. Awaiting its GPU timing.
+    (64, 64, 3, 75), (128, 128, 2, 75),
 )
 
 # The experimental Hopper schedules without warp specialisation (modes 0-3), relative to the
@@ -268,6 +271,9 @@ def sm90(tn, d, cfg, mods=False, sparse=False) -> Instance:
                         arch="sm_90a", ci=not (sparse and tn != "f16"))
     # Modes 0-3 (the schedules before warp specialisation) live in tools/, not in the package.
     extra = () if mode & 8 else (SM90_MODES_SOURCE,)
+    if mode & 64:  # the tensor-map entries (their own argument list and macro)
+        return Instance("flash_fwd_sm90.cu", "XATTN90_TMA_ONE", params, (name,),
+                        extra=(("XATTN90_TMA", 1),), arch="sm_90a", includes=extra)
     return Instance("flash_fwd_sm90.cu", "XATTN90_ONE", params, (name,), arch="sm_90a",
                     includes=extra)
 
