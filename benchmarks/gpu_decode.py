@@ -19,7 +19,7 @@ sequence. Timed, alternately and with CUDA events, after a warm-up:
   ceiling measured in the same run.
 
 ``--sweep 1,2,4,...`` also times the kernel at forced block counts (the launcher's ``splits=``),
-the table to retune :func:`xattn._backends.cupy_.decode.num_blocks` from. ``--configs`` times
+the table to retune :func:`xattn._backends.cupy_.decode.num_splits` from. ``--configs`` times
 every ``(warps, stages)`` instance of ``DECODE_EXTRA`` (``xattn/_backends/cupy_/instances.py``)
 beside the default, through the launcher, to retune ``DECODE`` from; ``--configs 8x2,4x3``
 times only those.

@@ -16,16 +16,29 @@ from xattn._backends.cupy_ import decode as cupy_decode
 from xattn.testing import assert_close, naive_attention, reference_attention, to_numpy
 
 
-def test_block_count():
-    # One block per resident slot of the card: 132 SMs x 3.
-    assert cupy_decode.num_blocks(8 * 8192, 132, 3) == 396
-    assert cupy_decode.num_blocks(512 * 8192, 132, 1) == 132
-    # Short work is never cut below 4 tiles per warp: 40 tiles, 4 warps -> 3 blocks.
-    assert cupy_decode.num_blocks(40, 132, 3) == 3
-    assert cupy_decode.num_blocks(3, 132, 3) == 1
-    assert cupy_decode.num_blocks(0, 132, 3) == 1  # nothing to read: one block writes zeros
-    # Never more than the kernel's merge can take.
-    assert cupy_decode.num_blocks(10**9, 1000, 2) == cupy_decode._MAX_SPLITS
+def test_split_heuristic():
+    # One sequence, 8 kv heads, 132 SMs x 3 resident blocks: 49 splits fill 392 of 396 slots
+    # in one wave (50 would start a second wave of 4 blocks).
+    assert cupy_decode.num_splits(1, 8, 1, 8192, 132, 3) == 49
+    # 64 sequences: 512 blocks would leave 2 waves of 396 slots 65 % full; 3 splits fill 4
+    # waves 97 %.
+    assert cupy_decode.num_splits(64, 8, 1, 8192, 132, 3) == 3
+    # Blocks that exactly fill the card take no split.
+    assert cupy_decode.num_splits(33, 4, 1, 8192, 132, 1) == 1
+    # A short context is never cut below 4 tiles per warp.
+    assert cupy_decode.num_splits(1, 1, 1, 40, 132, 3) == 2
+    assert cupy_decode.num_splits(1, 1, 1, 3, 132, 3) == 1
+    assert cupy_decode.num_splits(0, 8, 1, 8192, 132, 3) == 1  # nothing to launch
+
+
+def test_block_cap_keeps_pairs_within_the_merge():
+    # Runs of W tiles cut a pair of n tiles into at most ceil(n / W) + 1 segments.
+    for total, n in ((592, 250), (10**6, 8192), (8192 * 8, 8192), (5, 3)):
+        nb = cupy_decode.max_blocks(total, n)
+        w = -(-total // nb)
+        assert -(-n // w) + 1 <= cupy_decode._MAX_SPLITS
+    assert cupy_decode.max_blocks(592, 250) == 592  # W = 1 tile still fits
+    assert cupy_decode.max_blocks(0, 1) == 1
 
 
 def test_seq_tiles_matches_the_kernel_rule():
@@ -119,15 +132,15 @@ def test_instances_and_shared_memory():
     assert cupy_decode.smem_bytes(128) == cupy_decode.smem_bytes(128, instances.DECODE[128])
     # (8, 2) serves D=128; (4, 3), the default it replaced, stays a candidate.
     assert instances.DECODE[128] == (8, 2) and (4, 3) in instances.DECODE_EXTRA[128]
-    # The block count leaves each of the block's warps at least 4 tiles.
-    assert cupy_decode.num_blocks(64, 132, 3, 2) == 8
-    assert cupy_decode.num_blocks(64, 132, 3, 8) == 2
+    # The split count leaves each of the block's warps at least 4 tiles.
+    assert cupy_decode.num_splits(1, 1, 1, 64, 132, 3, 2) == 8
+    assert cupy_decode.num_splits(1, 1, 1, 64, 132, 3, 8) == 2
 
 
 def test_block_cap_matches_the_kernel():
     """The merging block keeps one weight per (segment, row) in shared memory sized by the
-    kernel's XATTN_DECODE_MAX_SPLITS, and a pair has at most one segment per block: the
-    launcher never asks for more blocks."""
+    kernel's XATTN_DECODE_MAX_SPLITS: the launcher's block cap (max_blocks) keeps every pair
+    within that many segments."""
     import re
 
     from xattn._backends.cupy_._compile import source

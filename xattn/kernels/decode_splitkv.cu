@@ -36,7 +36,7 @@
 #include "masking.cuh"
 #include "mma_sm80.cuh"
 
-// Most blocks of a launch (the launcher's _MAX_SPLITS), so most segments of one pair: the
+// Most segments of one pair (the launcher's _MAX_SPLITS; its block count keeps within it): the
 // merging block keeps one weight per (segment, row) in shared memory.
 #define XATTN_DECODE_MAX_SPLITS 512
 
@@ -464,9 +464,10 @@ __device__ __forceinline__ void decode_segment(const DecodeArgs& a, unsigned cha
 // p = (b * Hkv + g) * RB + rb) owns its sequence's n_b key tiles, and the pairs' tiles, in
 // pair order, form one list of `total` tiles. Block i of the NB = gridDim.x blocks takes the
 // run [i W, (i + 1) W) of that list, W = ceil(total / NB): every block reads the same number
-// of keys (but the last), whatever the batch, the kv heads and the lengths, so NB = the card's
-// resident blocks keeps all of them busy to the end (equal splits per pair leave a last wave
-// partly empty: 128 pairs on 132 SMs idle 3 % of the card). A run covers pieces of one or more
+// of keys (but the last), whatever the batch, the kv heads and the lengths; with equal lengths
+// and NB = pairs * splits (the launcher's choice) each run is one split of one pair. (NB = the
+// card's resident blocks, which fills every wave, measured slower on an H100: runs that cut
+// pairs pay a second segment's prologue and a merge.) A run covers pieces of one or more
 // pairs, its segments, taken in order. A pair cut into several segments (by the blocks
 // first = p0 / W .. last = (p1 - 1) / W, [p0, p1) its tiles in the list) leaves one partial
 // result per segment in slot p + i (block i; distinct for distinct (pair, block), since runs

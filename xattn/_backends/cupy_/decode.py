@@ -8,9 +8,10 @@ for its GPU run (``bash tools/gpu_check_decode.sh``).
 
 The work is the list of every pair's key tiles (a pair: sequence, kv head, row block of 16
 packed query rows); the kernel deals it out to the blocks of a one-dimensional grid in equal
-runs, so every block reads the same number of keys whatever the batch, the kv heads and the
-lengths. :func:`num_blocks` takes one block per resident slot of the card (fewer for short
-work). A pair cut between blocks leaves float32 partial results, and the last of its blocks
+runs (the runs follow the lengths: a long sequence gets more blocks). :func:`num_splits`
+picks the blocks, ``pairs * splits``, from the batch, the kv heads, the longest context and
+the SM count: with equal lengths every block reads one whole split of one pair. A pair cut
+between blocks leaves float32 partial results, and the last of its blocks
 to finish merges them by their lse, counted by a per-(device, stream) int32 ticket array that
 the merging blocks leave zeroed: one launch per call. The cache's lengths and block table
 live on the host (:mod:`xattn.kvcache`); the cache copies those few int32 values to the
@@ -31,11 +32,15 @@ from ._compile import compiled_function
 
 BN = 16  # keys per warp tile
 HEAD_DIMS = instances.DECODE_HEAD_DIMS
-# A warp should walk at least this many tiles of a block's run, or the block's prologue and
-# the merge cost more than it saves.
+# A warp should walk at least this many tiles of its split, or the merge costs more than it
+# saves.
 _MIN_TILES_PER_WARP = 4
-_MAX_SPLITS = 512  # the kernel's XATTN_DECODE_MAX_SPLITS: most blocks (its merge keeps a
-# weight per segment of a pair, and a pair has at most one segment per block)
+# A split count above the best smaller one must fill this fraction more of the card's block
+# slots to be taken (more splits cost a merge and a prologue each).
+_GAIN = 0.05
+_SPLITS_CAP = 128  # most splits per pair the heuristic takes
+_MAX_SPLITS = 512  # the kernel's XATTN_DECODE_MAX_SPLITS: most segments of one pair (its
+# merge keeps a weight per segment)
 # decode_attention passes need_lse (False: no lse array is made or written).
 DECODE_LSE_OPTIONAL = True
 
@@ -79,14 +84,37 @@ def seq_tiles(lengths, T, left):
     return np.where(n > lo, -(-(n - lo) // BN), 1)
 
 
-def num_blocks(total_tiles, sm_count, per_sm=1, nw=4):
-    """Blocks of a launch. The kernel deals the list of every pair's key tiles out in equal
-    runs, one per block, so one block per resident slot (``sm_count * per_sm``) keeps the whole
-    card busy to the end; fewer where that would leave a warp under
-    ``_MIN_TILES_PER_WARP`` tiles of its run."""
+@functools.lru_cache(maxsize=512)  # a pure function of ints, on every new plan's path
+def num_splits(batch, hkv, row_blocks, max_tiles, sm_count, per_sm=1, nw=4):
+    """Splits of each pair's keys: the launch takes ``pairs * splits`` blocks. With equal
+    lengths each block then reads one whole split of one pair, so the blocks run in waves of
+    ``sm_count * per_sm`` (the resident blocks the card holds); a last wave that is partly
+    empty leaves bandwidth idle (64 sequences x 8 kv heads = 512 blocks on 396 slots of an
+    H100 ran at 0.69 of copy bandwidth). The count taken fills the waves best, the fewest
+    splits among counts within a factor ``1 + _GAIN`` of each other, and leaves every one of
+    the ``nw`` warps at least ``_MIN_TILES_PER_WARP`` tiles. (One block per slot with runs
+    that cut pairs, which fills every wave, measured slower on an H100: each block then pays
+    two segments' prologues and every pair a merge.)"""
+    blocks = batch * hkv * row_blocks
+    if blocks == 0:
+        return 1
     slots = max(1, sm_count * per_sm)
-    by_work = -(-int(total_tiles) // (_MIN_TILES_PER_WARP * nw))
-    return int(max(1, min(slots, _MAX_SPLITS, by_work)))
+    cap = int(max(1, min(_SPLITS_CAP, max_tiles // (_MIN_TILES_PER_WARP * nw))))
+    best, best_fill = 1, 0.0
+    for s in range(1, cap + 1):
+        total = blocks * s
+        fill = total / (-(-total // slots) * slots)
+        if fill > best_fill * (1 + _GAIN):
+            best, best_fill = s, fill
+    return best
+
+
+def max_blocks(total_tiles, max_tiles):
+    """Most blocks a launch may take: a pair of ``max_tiles`` tiles is cut into at most
+    ``ceil(max_tiles / W) + 1`` segments by runs of ``W = ceil(total_tiles / blocks)`` tiles,
+    which must stay within the kernel's merge (``_MAX_SPLITS`` segments)."""
+    w_min = -(-int(max_tiles) // (_MAX_SPLITS - 1))
+    return int(max(1, int(total_tiles) // max(1, w_min)))
 
 
 def blocks_per_sm(fn, d, cfg=None):
@@ -205,13 +233,14 @@ def _make_plan(prob, cache, splits, cfg):
     left = -1 if prob.window is None or prob.window[0] is None else prob.window[0]
     row_blocks = -(-(prob.group * T) // 16)
     pairs = B * Hkv * row_blocks
-    # The kernel's list of tiles, counted from the host's copy of the lengths (the device's
-    # is the same state: the plan lives until the cache changes).
-    total = row_blocks * Hkv * int(seq_tiles(cache._lengths, T, left).sum())
     main = _function(_params.type_name(prob.dtype), D, cfg)
+    tiles = seq_tiles(cache._lengths, T, left)
+    max_tiles = int(tiles.max(initial=1))
     if splits is None:
-        splits = num_blocks(total, _params.sm_count(), blocks_per_sm(main, D, cfg), cfg[0])
-    splits = int(max(1, min(int(splits), _MAX_SPLITS)))
+        splits = pairs * num_splits(B, Hkv, row_blocks, max_tiles, _params.sm_count(),
+                                    blocks_per_sm(main, D, cfg), cfg[0])
+    total = Hkv * row_blocks * int(tiles.sum())  # the kernel's list of tiles
+    splits = int(max(1, min(int(splits), max_blocks(total, max_tiles))))
     i32, f32 = np.int32, np.float32
     plan = _Plan()
     plan.prob, plan.main, plan.splits = prob, main, splits
@@ -308,8 +337,8 @@ _log = logging.getLogger("xattn")
 
 def decode(prob, q, cache, *, alibi_slopes=None, splits=None, config=None, need_lse=True):
     """Return ``(out, lse)`` of :func:`xattn.decode_attention` (``lse`` None without
-    ``need_lse``: the kernel then writes none). ``splits`` overrides :func:`num_blocks` (the
-    blocks the tiles are dealt to) and
+    ``need_lse``: the kernel then writes none). ``splits`` overrides the number of blocks the
+    tiles are dealt to (``pairs *`` :func:`num_splits`) and
     ``config`` the ``(warps, stages)`` instance (``benchmarks/gpu_decode.py --sweep`` and
     ``--configs`` time the choices with them).
 
