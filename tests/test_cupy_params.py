@@ -30,6 +30,15 @@ def test_operand_pads_and_keeps_values(rng):
     np.testing.assert_array_equal(same, x)
     cast = _params.operand(np, x, 2, 3, 5, 6, np.float32)
     assert cast.dtype == np.float32
+    # A contiguous view 2 bytes into an allocation: an aligned copy (the kernels' 16-byte
+    # copies need one), the values kept, the caller's array untouched.
+    base = np.zeros(x.size + 16, dtype=np.float16)
+    start = next(i for i in range(1, 9) if (base.ctypes.data + 2 * i) % 16)
+    view = base[start:start + x.size].reshape(x.shape)
+    view[...] = x
+    moved = _params.operand(np, view, 2, 3, 5, 6)
+    assert moved.ctypes.data % 16 == 0 and moved.ctypes.data != view.ctypes.data
+    np.testing.assert_array_equal(moved, x)
 
 
 def test_forward_buffers_and_result_shapes(monkeypatch):

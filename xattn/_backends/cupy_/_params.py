@@ -197,17 +197,28 @@ def block_mask_args(xp, prob, *, csc=False):
 
 def operand(xp, x, batch, heads, seq, width, dtype=None):
     """``x`` as a C-contiguous ``(batch, heads, seq, width)`` array of ``dtype`` (default: its
-    own), zero-padded along the last axis up to ``width``; a copy only where needed. Zero
+    own), zero-padded along the last axis up to ``width``, starting at a 16-byte aligned
+    address (the kernels' copies -- cp.async, the copy engine -- move 16 aligned bytes; a
+    contiguous view may start inside an allocation); a device copy only where needed. Zero
     columns change neither ``q.k`` nor the output columns that are kept."""
     if dtype is not None and x.dtype != dtype:
         x = x.astype(dtype)
     e = x.shape[-1]
-    x = xp.ascontiguousarray(x).reshape(batch, heads, seq, e)
+    x = xp.ascontiguousarray(x)
+    if x.size and _address(x) % 16:
+        x = x.copy()  # CuPy's allocations are 256-byte aligned
+    x = x.reshape(batch, heads, seq, e)
     if e == width:
         return x
     padded = xp.zeros((batch, heads, seq, width), dtype=x.dtype)
     padded[..., :e] = x
     return padded
+
+
+def _address(x):
+    """The address of a CuPy (or, in the CPU tests, NumPy) array's first element."""
+    ptr = getattr(getattr(x, "data", None), "ptr", None)
+    return int(ptr) if ptr is not None else x.__array_interface__["data"][0]
 
 
 def forward_buffers(xp, prob, q, k, v, width, dtype):

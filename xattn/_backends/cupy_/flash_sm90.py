@@ -36,8 +36,10 @@ __all__ = ["BUILT", "CONFIGS", "compiled_function", "forward", "get_kernel", "pr
 # docs/dev/perf_gpu.rst): D=128 (128, 2, 11) 442 / causal 386 (mode 3: 427 / 369; mode 0: 228 /
 # 202; mma.sync 294 / 248), D=64 (64, 3, 11) 348 / 294 (mode 3: 304 / 269; mma.sync 292 / 258).
 # Mode 27 (ping-pong on top of 11) measured slower: 394 / 344 at D=128.
-# Bit 6 (mode 75 = 11 + 64, experimental): the producer fills the K/V stages with the copy
-# engine (TMA) from tensor maps that the launch passes by value (tma.py); to be measured.
+# Bit 6 (mode 75 = 11 + 64, the default since): the producer fills the K/V stages with the
+# copy engine (TMA) from tensor maps that the launch passes by value (tma.py); on an H100
+# (fp16 S=4096, tools/gpu_check_fwdtma.sh bench) D=128 537 / causal 437 against mode 11's
+# 423 / 361 and torch's 552 / 543, D=64 383 / 300 against 333 / 277.
 CONFIGS = instances.SM90
 # The score-modification entries' configuration per head dim, and the block-sparse candidates
 # in order of preference (the first whose query rows divide the mask's bq and whose key tile
