@@ -709,6 +709,333 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
 #endif
 }
 
+// Registers of the persistent schedule (producer / consumers): see flash_fwd_sm90_persist.
+#ifndef XATTN90_PERSIST_PREGS
+#define XATTN90_PERSIST_PREGS 24
+#endif
+#ifndef XATTN90_PERSIST_CREGS2
+#define XATTN90_PERSIST_CREGS2 240
+#endif
+#ifndef XATTN90_PERSIST_CREGS3
+#define XATTN90_PERSIST_CREGS3 160
+#endif
+// Persistent schedule (mode bit 5, modes 43 = 11 + 32): the warp-specialised schedule with one
+// thread block per SM that walks the tiles (query block, head, batch). Tile t (of
+// nq Hq B): query block nq - 1 - t / (Hq B), so the longest causal rows go first and the
+// short ones fill the end; head t % Hq, batch t % (Hq B) / Hq. Block c takes t = c, c + grid,
+// ... (static striding: the tile cost falls with t, so every block gets a similar mix).
+// What persistence buys over one block per tile: the next tile's Q and first K/V blocks are
+// copied while the consumers finish the current tile (its last P V and write-out), and the
+// barrier set-up is paid once per SM. Both sides walk the same tile sequence and key-tile
+// lists; the K/V ring's stage and phase come from a running count of key blocks over all
+// tiles. Q is single-buffered (the ring takes the rest of shared memory at D = 128) and loaded
+// by the producer, handed over by two more mbarriers:
+//   qfull  (count 128, the producer threads): Q of the thread's n-th tile is in shared memory
+//          and visible to the async proxy (completes phase n);
+//   qempty (count 4 NWG): every consumer warp has completed the last S = Q K^T of its n-th
+//          tile (or, for a tile with no visible key block, waited for qfull); the producer
+//          loads the next Q only after it.
+// The producer issues a tile's first K/V block before it waits for qempty, and arrives the
+// previous tile's last full before that wait (the consumers need that block to release Q).
+// Tiles with no visible key block keep the protocol (Q loaded, waited for and released) and
+// write zeros and lse = -inf, as the other modes.
+#if XATTN_SM90_OK
+// Tile t of the persistent walk: its first query row and its (batch, head).
+template <int BM>
+__device__ __forceinline__ void persist_tile(int t, int nq, int hq, int hb, int& q0, int& h,
+                                             int& b) {
+    const int qi = t / hb, r = t - qi * hb;
+    q0 = (nq - 1 - qi) * BM;
+    b = r / hq;
+    h = r - b * hq;
+}
+
+// The producer of the persistent schedule (128 threads): for every tile of this block, the
+// tile's key blocks (the CSR walk's tiles for SPARSE) into the ring, and Q into its buffer.
+template <int BN, int D, int BM, int NST, bool SPARSE, class A>
+__device__ __forceinline__ void ws_produce_persist(const A& a, int nb, unsigned sQ,
+                                                   unsigned sK, unsigned sV, unsigned fullb,
+                                                   unsigned emptyb, unsigned qfullb,
+                                                   unsigned qemptyb, int tid) {
+    static_assert(NST >= 3, "see ws_produce");
+    constexpr unsigned TILE = BN * D * 2;
+    const int sq = a.sq, sk = a.sk;
+    const int nq = (sq + BM - 1) / BM, hb = a.hq * nb, ntiles = nq * hb;
+    int i = 0;      // key blocks issued, all tiles: block i sits in stage i % NST
+    int pend = -1;  // stage of the last issued block while its full is not arrived
+    // (The tile count n = (t - blockIdx.x) / gridDim.x is recomputed where needed: the
+    // block-sparse producer's walk fills the 24 registers.)
+    for (int t = blockIdx.x; t < ntiles; t += gridDim.x) {
+        int q0, h, b;
+        persist_tile<BM>(t, nq, a.hq, hb, q0, h, b);
+        const long long kvh = ((long long)b * (a.hq / a.group) + h / a.group) * sk * D;
+        const unsigned short* Kg = a.k + kvh;
+        const unsigned short* Vg = a.v + kvh;
+        int kb0, kb1, kt, p;
+        xattn_key_blocks(q0, min(q0 + BM, sq), sk - sq, sk, a.causal, a.wl, a.wr, BN, kb0,
+                         kb1);
+        XattnCsrWalk walk;
+        if constexpr (SPARSE) {
+            xattn_csr_begin(a.bm, q0 / a.bm.bq, BN, kb0, kb1, walk);
+            xattn_csr_next(a.bm, walk, kt, p);
+        } else {
+            kt = kb0 < kb1 ? kb0 : -1;
+        }
+        (void)p;
+        auto issue = [&]() {
+            const int st = i % NST;
+            if (i >= NST) mbar_wait(emptyb + st * 8, ((i / NST) - 1) & 1);
+            load_tile_sw_lean<BN, D>(sK + st * TILE, Kg, kt * BN, sk, tid);
+            load_tile_sw_lean<BN, D>(sV + st * TILE, Vg, kt * BN, sk, tid);
+            cp_async_commit_ordered();
+            ++i;
+            if constexpr (SPARSE)
+                xattn_csr_next(a.bm, walk, kt, p);
+            else
+                kt = kt + 1 < kb1 ? kt + 1 : -1;
+        };
+        // The tile's first block goes out before the Q handover; then the previous tile's
+        // last block is made visible (the consumers release Q only after reading it).
+        const bool first = kt >= 0;
+        if (first) issue();
+        if (pend >= 0) {
+            if (first)
+                cp_async_wait_ordered<1>();
+            else
+                cp_async_wait_ordered<0>();
+            fence_proxy_async();
+            mbar_arrive(fullb + pend * 8);
+        }
+        if (t >= (int)gridDim.x)  // the previous tile's Q: released once per tile
+            mbar_wait(qemptyb, (((t - blockIdx.x) / gridDim.x) - 1) & 1);
+        load_tile_sw_lean<BM, D>(sQ, a.q + ((long long)b * a.hq + h) * sq * D, q0, sq, tid);
+        cp_async_commit_ordered();
+        cp_async_wait_ordered<0>();
+        fence_proxy_async();
+        mbar_arrive(qfullb);
+        if (first) mbar_arrive(fullb + ((i - 1) % NST) * 8);
+        pend = -1;
+        // The rest of the tile: a block's full one block behind its issue, as ws_produce.
+        while (kt >= 0) {
+            issue();
+            if (pend >= 0) {
+                cp_async_wait_ordered<1>();
+                fence_proxy_async();
+                mbar_arrive(fullb + pend * 8);
+            }
+            pend = (i - 1) % NST;
+        }
+    }
+    if (pend >= 0) {
+        cp_async_wait_ordered<0>();
+        fence_proxy_async();
+        mbar_arrive(fullb + pend * 8);
+    }
+}
+#endif
+
+// The persistent schedule (see above): the consumers run flash_fwd_sm90_ws's loop (mode 11,
+// no ping-pong) per tile, with the ring's running count and the Q handover. nb: the batch.
+template <class T, int D, int BN, int NWG, bool MODS = false, bool SPARSE = false,
+          class A = FwdArgs>
+__device__ __forceinline__ void flash_fwd_sm90_persist(const A& a, int nb) {
+#if XATTN_SM90_OK
+    static_assert(D == 64 || D == 128, "wgmma wrappers exist for N = 64 and 128");
+    static_assert(BN == 64 || BN == 128, "wgmma wrappers exist for N = 64 and 128");
+    static_assert(NWG == 2 || NWG == 3, "two or three consumer warpgroups");
+    // Registers as flash_fwd_sm90_ws: 64512 of the 65536 (see there; ptxas reports spills).
+    constexpr int PREGS = XATTN90_PERSIST_PREGS;
+    constexpr int CREGS = NWG == 2 ? XATTN90_PERSIST_CREGS2 : XATTN90_PERSIST_CREGS3;
+    static_assert(128 * PREGS + NWG * 128 * CREGS <= 65536, "register file");
+    constexpr int WS_ST = 3;
+    constexpr int BM = NWG * 64;
+    constexpr unsigned TILE = BN * D * 2;
+
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    // full[0..WS_ST), empty[0..WS_ST), qfull, qempty
+    __shared__ __align__(8) unsigned long long bars[2 * WS_ST + 2];
+    const unsigned sQa = (smem_u32(smem_raw) + 1023u) & ~1023u;  // 1 KiB more allocated
+    const unsigned sKa = sQa + BM * D * 2;
+    const unsigned sVa = sKa + WS_ST * TILE;
+    const unsigned fullb = smem_u32(bars), emptyb = fullb + WS_ST * 8;
+    const unsigned qfullb = fullb + 2 * WS_ST * 8, qemptyb = qfullb + 8;
+
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int sq = a.sq, sk = a.sk, off = sk - sq;
+
+    if (tid == 0) {
+#pragma unroll
+        for (int s = 0; s < WS_ST; ++s) {
+            mbar_init(fullb + s * 8, 128);
+            mbar_init(emptyb + s * 8, NWG * 4);  // one arrival per consumer warp
+        }
+        mbar_init(qfullb, 128);
+        mbar_init(qemptyb, NWG * 4);
+    }
+    __syncthreads();  // the only block-wide barrier: the mbarriers are initialised
+
+    if (wg == 0) {
+        setmaxnreg_dec<PREGS>();
+        ws_produce_persist<BN, D, BM, WS_ST, SPARSE>(a, nb, sQa, sKa, sVa, fullb, emptyb,
+                                                      qfullb, qemptyb, tid);
+        return;
+    }
+
+    // Consumers.
+    setmaxnreg_inc<CREGS>();
+    const int cwg = wg - 1;
+    const int nq = (sq + BM - 1) / BM, hb = a.hq * nb, ntiles = nq * hb;
+
+    float acc[D / 2];
+    float s[BN / 2];
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) s[i] = 0.f;
+    float m[2], l[2];
+    const float sl2 = MODS ? XATTN_LOG2E : a.scale * XATTN_LOG2E;
+    const unsigned long long dq = kmajor_desc<true, BM, D>(sQa, cwg * 64);
+
+    unsigned pp[BN / 16][4];
+    int ibase = 0;  // key blocks of the earlier tiles: the ring's running count
+    int n = 0;
+    for (int t = blockIdx.x; t < ntiles; t += gridDim.x, ++n) {
+        int q0, h, b;
+        persist_tile<BM>(t, nq, a.hq, hb, q0, h, b);
+        const long long bh = (long long)b * a.hq + h;
+        const int wq0 = q0 + cwg * 64;
+        int kb0, kb1;
+        xattn_key_blocks(q0, min(q0 + BM, sq), off, sk, a.causal, a.wl, a.wr, BN, kb0, kb1);
+        const int nkb = kb1 > kb0 ? kb1 - kb0 : 0;
+#pragma unroll
+        for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
+        m[0] = m[1] = -XATTN_INF;
+        l[0] = l[1] = 0.f;
+
+        XattnCsrWalk walk;
+        int kt = -1, pblk = -1;
+        if constexpr (SPARSE) {
+            xattn_csr_begin(a.bm, q0 / a.bm.bq, BN, kb0, kb1, walk);
+            xattn_csr_next(a.bm, walk, kt, pblk);
+        }
+        mbar_wait(qfullb, n & 1);
+
+        // The i-th visited key tile kb of this tile, as flash_fwd_sm90_ws's step; `last`: Q is
+        // released after its S = Q K^T.
+        auto step = [&](const int i, const int kb, const int pb, const bool last) {
+            const int ir = ibase + i;
+            const int st = ir % WS_ST;
+            const int pst = (ir + WS_ST - 1) % WS_ST;  // the previous block's stage
+            mbar_wait(fullb + st * 8, (ir / WS_ST) & 1);
+
+            const unsigned long long dk = kmajor_desc<true, BN, D>(sKa + st * TILE, 0);
+            fence_regs(s);
+            fence_regs(acc);
+            wgmma_fence();
+#pragma unroll
+            for (int ks = 0; ks < D / 16; ++ks)
+                wgmma_ss(s, dq + kmajor_step<true, BM>(ks), dk + kmajor_step<true, BN>(ks),
+                         ks > 0 ? 1 : 0, T());
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs(s);
+            if (last && lane == 0) mbar_arrive(qemptyb);  // this warp's reads of Q are done
+            if constexpr (!MODS && !SPARSE)
+                mask_tile<BN>(s, a, wq0, min(wq0 + 64, sq), kb * BN, warp, g, t4);
+
+            const bool first = i == 0;
+            const unsigned long long dv =
+                mnmajor_desc<true, BN, D>(sVa + (first ? st : pst) * TILE);
+            if (first) {
+#pragma unroll
+                for (int j = 0; j < BN / 16; ++j) pp[j][0] = pp[j][1] = pp[j][2] = pp[j][3] = 0u;
+            }
+#pragma unroll
+            for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
+            fence_regs(acc);
+            wgmma_fence();
+#pragma unroll
+            for (int j = 0; j < BN / 16; ++j)
+                wgmma_rs<1>(acc, pp[j], dv + mnmajor_step<true, D>(j), 1, T());
+            wgmma_commit();
+
+            if constexpr (MODS || SPARSE) {
+                if constexpr (MODS) mod_elements<BN>(s, a, wq0, kb * BN, b, h, warp, g, t4);
+                mask_tile<BN>(s, a, wq0, min(wq0 + 64, sq), kb * BN, warp, g, t4);
+                if constexpr (SPARSE) {
+                    if (pb >= 0) bm_elements<BN>(s, a, pb, q0, wq0, kb * BN, b, h, warp, g, t4);
+                }
+            }
+
+            float alpha[2];
+            softmax_rows<BN>(s, m, l, alpha, sl2);
+            unsigned pn[BN / 16][4];
+            pack_p<T, BN>(pn, s);
+#pragma unroll
+            for (int j = 0; j < BN / 16; ++j) fence_regs(pn[j]);
+            fence_regs(alpha);
+            fence_regs(m);
+            fence_regs(l);
+            wgmma_wait<0>();
+            fence_regs(acc);
+#pragma unroll
+            for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
+            if (!first && lane == 0) mbar_arrive(emptyb + pst * 8);
+            rescale<D>(acc, alpha);
+#pragma unroll
+            for (int j = 0; j < BN / 16; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) pp[j][e] = pn[j][e];
+        };
+        int nvis = nkb;
+        if constexpr (SPARSE) {
+            // One tile of look-ahead in the walk tells the last one (it releases Q).
+            for (nvis = 0; kt >= 0; ++nvis) {
+                int kn, pn;
+                xattn_csr_next(a.bm, walk, kn, pn);
+                step(nvis, kt, pblk, kn < 0);
+                kt = kn;
+                pblk = pn;
+            }
+        } else {
+            for (int i = 0; i < nkb; ++i) step(i, kb0 + i, -1, i == nkb - 1);
+        }
+        if (nvis > 0) {
+            const int lst = (ibase + nvis - 1) % WS_ST;
+            const unsigned long long dv = mnmajor_desc<true, BN, D>(sVa + lst * TILE);
+            fence_regs(acc);
+#pragma unroll
+            for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
+            wgmma_fence();
+#pragma unroll
+            for (int j = 0; j < BN / 16; ++j)
+                wgmma_rs<1>(acc, pp[j], dv + mnmajor_step<true, D>(j), 1, T());
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs(acc);
+#pragma unroll
+            for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
+            if (lane == 0) mbar_arrive(emptyb + lst * 8);  // the tile's last block is read
+        } else if (lane == 0) {
+            mbar_arrive(qemptyb);  // nothing visible: Q was loaded and is released unread
+        }
+        write_out<T, D>(a, acc, m, l, bh, wq0, warp, g, t4);
+        ibase += nvis;
+    }
+#else
+    (void)a;
+    (void)nb;
+    __trap();
+#endif
+}
+
+// Mode bit 5 (persistent, on top of mode 11; no ping-pong): plain and _mods / _bm entries.
+template <class T, int D, int BN, int NWG, int OV, bool MODS = false, bool SPARSE = false,
+          class A>
+__device__ __forceinline__ void flash_fwd_sm90_persist_mode(const A& a, int nb) {
+    static_assert((OV & 32) != 0 && (OV & ~32) == 11, "the persistent schedule is mode 43");
+    flash_fwd_sm90_persist<T, D, BN, NWG, MODS, SPARSE>(a, nb);
+}
+
 // Mode bits -> schedule. Bit 3 (warp-specialised, +128 producer threads) needs bits 0 and 1.
 template <class T, int D, int BN, int NWG, int OV>
 __device__ __forceinline__ void flash_fwd_sm90_mode(const FwdArgs& a) {
@@ -779,14 +1106,46 @@ __device__ __forceinline__ void flash_fwd_sm90_mods_mode(const FwdArgsMods& a) {
     }
 #define XATTN90_MODS_ONE(TN, D, BN, NWG, OV, MN, MODS, SPARSE) \
     XATTN90_MODS_ENTRY(TN, D, BN, NWG, OV, MN, MODS, SPARSE)
+// Mode bit 5 (persistent): the same argument lists plus the batch size nb (the grid is
+// min(tiles, SMs) in x only, so the kernel walks nq Hq nb tiles itself).
+#define XATTN90_PENTRY(TN, D, BN, NWG, OV)                                                 \
+    extern "C" __global__ void __launch_bounds__((NWG + 1) * 128, 1)                       \
+        flash_fwd_sm90_##TN##_d##D##_n##BN##_g##NWG##_o##OV(XATTN90_PARAMS, int nb) {       \
+        xattn::sm90::flash_fwd_sm90_persist_mode<xattn::TN, D, BN, NWG, OV>(                 \
+            xattn::sm90::FwdArgs{                                                           \
+                xattn::FwdOperands<unsigned short>{q, k, v, o, lse, hq, group, sq, sk, scale}, \
+                causal, wl, wr},                                                            \
+            nb);                                                                            \
+    }
+#define XATTN90_PONE(TN, D, BN, NWG, OV) XATTN90_PENTRY(TN, D, BN, NWG, OV)
+#define XATTN90_MODS_PENTRY(TN, D, BN, NWG, OV, MN, MODS, SPARSE)                           \
+    extern "C" __global__ void __launch_bounds__((NWG + 1) * 128, 1)                       \
+        flash_fwd_sm90_##TN##_d##D##_n##BN##_g##NWG##_o##OV##_##MN(XATTN90_MODS_PARAMS,      \
+                                                                   int nb) {                \
+        xattn::sm90::flash_fwd_sm90_persist_mode<xattn::TN, D, BN, NWG, OV, MODS, SPARSE>(  \
+            xattn::sm90::FwdArgsMods{                                                       \
+                XATTN_SCORE_MOD_INIT,                                                       \
+                xattn::FwdOperands<unsigned short>{q, k, v, o, lse, hq, group, sq, sk, scale}, \
+                xattn::XattnBlockMask{bm_frow, bm_fcol, bm_prow, bm_pcol, bm_tiles, bm_bq,    \
+                                      bm_bk, bm_words, bm_rule, bm_off, bm_left, bm_right}    \
+                XATTN_USER_INIT},                                                           \
+            nb);                                                                            \
+    }
+#define XATTN90_MODS_PONE(TN, D, BN, NWG, OV, MN, MODS, SPARSE) \
+    XATTN90_MODS_PENTRY(TN, D, BN, NWG, OV, MN, MODS, SPARSE)
 // Instantiation: the loader builds one module per entry with -D options, CI one translation
 // unit per file with one macro call per entry -- both from the list in
 // xattn/_backends/cupy_/instances.py. Without those options this file builds nothing.
 // XATTN90_NO_ENTRIES: tools/wgmma_probe.cu includes this file for its helpers only.
 #if defined(XATTN90_D) && !defined(XATTN90_NO_ENTRIES)
-#ifdef XATTN90_MN
+#if defined(XATTN90_MN) && (XATTN90_OV & 32)
+XATTN90_MODS_PONE(XATTN90_TN, XATTN90_D, XATTN90_BN, XATTN90_NWG, XATTN90_OV, XATTN90_MN,
+                  XATTN90_MODS, XATTN90_SPARSE)
+#elif defined(XATTN90_MN)
 XATTN90_MODS_ONE(XATTN90_TN, XATTN90_D, XATTN90_BN, XATTN90_NWG, XATTN90_OV, XATTN90_MN,
                  XATTN90_MODS, XATTN90_SPARSE)
+#elif XATTN90_OV & 32
+XATTN90_PONE(XATTN90_TN, XATTN90_D, XATTN90_BN, XATTN90_NWG, XATTN90_OV)
 #else
 XATTN90_ONE(XATTN90_TN, XATTN90_D, XATTN90_BN, XATTN90_NWG, XATTN90_OV)
 #endif
