@@ -57,3 +57,16 @@ def test_persist_entry_from_loader_defines(tmp_path, d, cfg, mods, sparse):
                             archs=(("compute_90a", "sm_90a"),))
     assert (inst.name, "sm_90a") in report, sorted(report)
     assert_no_spills(report)
+
+
+def test_protocol_model():
+    """tools/sm90_persist_protocol.py: the kernel's handover order, modelled, in random
+    interleavings (no deadlock, every read sees its own tile's data)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "sm90_persist_protocol.py"
+    spec = importlib.util.spec_from_file_location("sm90_persist_protocol", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--trials", "500"])

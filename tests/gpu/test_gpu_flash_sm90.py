@@ -252,3 +252,16 @@ def test_persistent(d, config, case):
         assert bool(cp.all(out[..., :rows, :] == 0))
         assert bool(cp.all(cp.isneginf(lse[..., :rows])))
 
+
+
+@pytest.mark.parametrize("sms", [1, 5])
+@pytest.mark.parametrize("d,config", PERSIST)
+def test_persistent_small_grid(d, config, sms, monkeypatch):
+    """Few blocks (the SM count the launcher reads, patched to 1 or 5): each block walks tens
+    of tiles of every kind in a row -- long and short causal rows, tiles that see no key
+    (Sq > Sk), GQA -- so the ring's running count and the Q handover turn over many times."""
+    monkeypatch.setattr(k90._params, "sm_count", lambda: sms)
+    rng = np.random.default_rng([d, *config, sms])
+    q, k, v = _inputs(rng, "float16", b=2, hq=6, hkv=3, sq=700, sk=450, d=d)
+    out, lse = _check(q, k, v, config=config, causal=True, window=(300, None))
+    assert bool(cp.all(out[..., :250, :] == 0)) and bool(cp.all(cp.isneginf(lse[..., :250])))
