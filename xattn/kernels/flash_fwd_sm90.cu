@@ -38,6 +38,8 @@
 // Entry points: flash_fwd_sm90_<f16|bf16>_d<D>_n<BN>_g<NWG>_o<mode> (mode bits at the end).
 // Modes 11 / 27 (flash_fwd_sm90_ws) add a producer warpgroup: K/V stages handed over by
 // mbarriers, no __syncthreads in the loop, 27 with ping-pong of the two consumer warpgroups.
+// Mode 43 (flash_fwd_sm90_persist, experimental) is 11 made persistent: one block per SM walks
+// the tiles, the producer loads Q too; its entries take the batch as one more argument.
 
 #include "common.cuh"
 #include "masking.cuh"
@@ -710,10 +712,16 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
 }
 
 // Persistent schedule (mode bit 5, modes 43 = 11 + 32): the warp-specialised schedule with one
-// thread block per SM that walks the tiles (query block, head, batch). Tile t (of
-// nq Hq B): query block nq - 1 - t / (Hq B), so the longest causal rows go first and the
-// short ones fill the end; head t % Hq, batch t % (Hq B) / Hq. Block c takes t = c, c + grid,
-// ... (static striding: the tile cost falls with t, so every block gets a similar mix).
+// thread block per SM that walks the tiles (query block, head, batch). Order: the (batch,
+// head) pairs (head fastest) are cut into sections of P pairs whose K and V fit a share of L2
+// (XATTN90_L2_KV bytes, per kv head, times the GQA group: see persist_tile); inside a section
+// the query block is the outer index, longest first (nq - 1 down to 0: the causal rows that
+// see the most keys go first, the short ones fill the section's end), the pair the inner
+// one. Block c takes t = c, c + grid, ... (static striding: neighbouring tiles cost about the
+// same). Without the sections the ~grid tiles in flight would span every head, and each
+// round would read all of K and V from HBM again (at B*S = 16384, Hq*D = 2048 that is 64 to
+// 256 heads of 0.5-2 MiB against 50 MiB of L2); one block per tile (blockIdx.x, the query
+// block, fastest) keeps a few heads in flight, and so does a section.
 // What persistence buys over one block per tile: the next tile's Q and first K/V blocks are
 // copied while the consumers finish the current tile (its last P V and write-out), and the
 // barrier set-up is paid once per SM. Both sides walk the same tile sequence and key-tile
@@ -729,15 +737,23 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
 // previous tile's last full before that wait (the consumers need that block to release Q).
 // Tiles with no visible key block keep the protocol (Q loaded, waited for and released) and
 // write zeros and lse = -inf, as the other modes.
+#ifndef XATTN90_L2_KV
+#define XATTN90_L2_KV (32ll << 20)  // as FlashAttention-3's scheduler: 32 MiB of K and V
+#endif
 #if XATTN_SM90_OK
-// Tile t of the persistent walk: its first query row and its (batch, head).
-template <int BM>
-__device__ __forceinline__ void persist_tile(int t, int nq, int hq, int hb, int& q0, int& h,
-                                             int& b) {
-    const int qi = t / hb, r = t - qi * hb;
+// Tile t of the persistent walk (of nq hb, hb = Hq B pairs): its first query row and its
+// (batch, head). Sections of P pairs, the last one shorter (hb % P).
+template <int BM, int D, class A>
+__device__ __forceinline__ void persist_tile(int t, int nq, int hb, const A& a, int& q0,
+                                             int& h, int& b) {
+    const long long kv_head = (long long)a.sk * D * 4 + 1;  // K and V bytes of one kv head
+    const int P = (int)min((long long)hb, max(1ll, XATTN90_L2_KV / kv_head) * a.group);
+    const int sec = t / (P * nq), first = sec * P;
+    const int np = min(P, hb - first), l = t - first * nq;  // pairs of this section
+    const int qi = l / np, r = first + (l - qi * np);
     q0 = (nq - 1 - qi) * BM;
-    b = r / hq;
-    h = r - b * hq;
+    b = r / a.hq;
+    h = r - b * a.hq;
 }
 
 // The producer of the persistent schedule (128 threads): for every tile of this block, the
@@ -757,7 +773,7 @@ __device__ __forceinline__ void ws_produce_persist(const A& a, int nb, unsigned 
     // block-sparse producer's walk fills the 24 registers.)
     for (int t = blockIdx.x; t < ntiles; t += gridDim.x) {
         int q0, h, b;
-        persist_tile<BM>(t, nq, a.hq, hb, q0, h, b);
+        persist_tile<BM, D>(t, nq, hb, a, q0, h, b);
         const long long kvh = ((long long)b * (a.hq / a.group) + h / a.group) * sk * D;
         const unsigned short* Kg = a.k + kvh;
         const unsigned short* Vg = a.v + kvh;
@@ -893,7 +909,7 @@ __device__ __forceinline__ void flash_fwd_sm90_persist(const A& a, int nb) {
     int n = 0;
     for (int t = blockIdx.x; t < ntiles; t += gridDim.x, ++n) {
         int q0, h, b;
-        persist_tile<BM>(t, nq, a.hq, hb, q0, h, b);
+        persist_tile<BM, D>(t, nq, hb, a, q0, h, b);
         const long long bh = (long long)b * a.hq + h;
         const int wq0 = q0 + cwg * 64;
         int kb0, kb1;
@@ -1066,6 +1082,8 @@ __device__ __forceinline__ void flash_fwd_sm90_mods_mode(const FwdArgsMods& a) {
 //     setmaxnreg 24 / 240 for NWG = 2, 24 / 160 for NWG = 3 (ptxas reports the launch-bound
 //     cap, 168 or 128; no spills);
 //   27 = 11 + bit 4: consumer ping-pong through named barriers 2 / 3.
+//   43 = 11 + bit 5: persistent (flash_fwd_sm90_persist; XATTN90_PENTRY / XATTN90_MODS_PENTRY
+//     below): grid min(tiles, SMs), one more argument (the batch), not with ping-pong.
 #define XATTN90_ENTRY(TN, D, BN, NWG, OV)                                                  \
     extern "C" __global__ void __launch_bounds__(((OV & 8) ? NWG + 1 : NWG) * 128, 1)      \
         flash_fwd_sm90_##TN##_d##D##_n##BN##_g##NWG##_o##OV(XATTN90_PARAMS) {               \
