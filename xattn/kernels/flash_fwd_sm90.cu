@@ -850,8 +850,9 @@ __device__ __forceinline__ void flash_fwd_sm90_persist(const A& a, int nb) {
     static_assert(BN == 64 || BN == 128, "wgmma wrappers exist for N = 64 and 128");
     static_assert(NWG == 2 || NWG == 3, "two or three consumer warpgroups");
     // Registers as flash_fwd_sm90_ws (24 / 240 or 24 / 160: the 64512 allocated at launch).
-    // The tile loop fits the producer's 24 (ptxas 13.0, no spills; R0-R21 in the SASS of the
-    // plain entries); at 40 / 232 the D = 64, 128-key mods_bm consumers spilled 12 bytes.
+    // The tile loop fits the producer's 24 (ptxas 13.0 allocates the code after setmaxnreg.dec
+    // within it: no spills; the block-sparse producer spilled 4 bytes until it stopped keeping
+    // a tile counter); at 40 / 232 the D = 64, 128-key mods_bm consumers spilled 12 bytes.
     constexpr int PREGS = 24;
     constexpr int CREGS = NWG == 2 ? 240 : 160;
     static_assert(128 * PREGS + NWG * 128 * CREGS <= (NWG + 1) * 128 * (NWG == 2 ? 168 : 128),
