@@ -40,7 +40,12 @@ def test_persist_instances():
     assert {(64, 64, 3, 43), (128, 128, 2, 43)} <= flash_sm90.BUILT
     for d, cfg in instances.SM90_MODS.items():
         assert instances.sm90("f16", d, instances.persist_cfg(cfg), True).name in names
+    # Q double-buffered where it fits beside the K/V ring (the kernel's QST rule)
     assert flash_sm90.smem_bytes(128, (128, 2, 43)) == flash_sm90.smem_bytes(128, (128, 2, 11))
+    for d, cfg in ((64, (64, 3, 43)), (64, (128, 2, 43)), (128, (64, 2, 43))):
+        q = cfg[1] * 64 * d * 2
+        assert flash_sm90.smem_bytes(d, cfg) == flash_sm90.smem_bytes(d, cfg[:2] + (11,)) + q
+        assert flash_sm90.smem_bytes(d, cfg) <= flash_sm90.SMEM_MAX
     assert flash_sm90.threads((64, 3, 43)) == 512
 
 

@@ -6,7 +6,8 @@ The producer (``ws_produce_persist``) and the NWG consumer warpgroups (``flash_f
 as Python generators, run in random interleavings over random tile sequences (0 to 7 key
 blocks per tile: tiles that see no key included): mbarriers with arrival counts and phase
 parities as in the kernel (``try_wait.parity`` returns once the phase of that parity has
-completed), the K/V ring of 3 stages with the running block count, Q single-buffered. Checks:
+completed), the K/V ring of 3 stages with the running block count, Q in one or two buffers
+(QST, as the kernel: two where they fit beside the ring). Checks:
 no deadlock (every actor blocked for 2000 scheduler steps), and every read sees the data of
 its own tile and key block (K and Q at S = Q K^T, V at the next step's or the tile's last
 P V). cp.async completion is modelled as immediate (the kernel waits for its groups before
@@ -37,13 +38,14 @@ class Bar:
         return (self.done & 1) != parity
 
 
-def run(tiles, nwg, rnd):
+def run(tiles, nwg, qst, rnd):
     full = [Bar(1) for _ in range(NST)]
     empty = [Bar(nwg) for _ in range(NST)]
-    qfull, qempty = Bar(1), Bar(nwg)
+    qfull = [Bar(1) for _ in range(qst)]
+    qempty = [Bar(nwg) for _ in range(qst)]
     K = [None] * NST
     V = [None] * NST
-    Q = [None]
+    Q = [None] * qst
 
     def producer():
         i, pend = 0, -1
@@ -67,12 +69,13 @@ def run(tiles, nwg, rnd):
             if pend >= 0:
                 full[pend].arrive()
                 yield
-            if n > 0:
-                while not qempty.ready((n - 1) & 1):
+            qs = n % qst
+            if n >= qst:
+                while not qempty[qs].ready(((n // qst) - 1) & 1):
                     yield "B"
-            Q[0] = n
+            Q[qs] = n
             yield
-            qfull.arrive()
+            qfull[qs].arrive()
             if first:
                 full[(i - 1) % NST].arrive()
             pend = -1
@@ -89,18 +92,19 @@ def run(tiles, nwg, rnd):
     def consumer():
         ibase = 0
         for n, blocks in enumerate(tiles):
-            while not qfull.ready(n & 1):
+            qs = n % qst
+            while not qfull[qs].ready((n // qst) & 1):
                 yield "B"
             for j, kb in enumerate(blocks):
                 ir = ibase + j
                 st, pst = ir % NST, (ir + NST - 1) % NST
                 while not full[st].ready((ir // NST) & 1):
                     yield "B"
-                assert K[st] == (n, kb) and Q[0] == n, ("K / Q", K[st], Q[0], n, kb)
+                assert K[st] == (n, kb) and Q[qs] == n, ("K / Q", K[st], Q[qs], n, kb)
                 yield
-                assert Q[0] == n, ("Q overwritten during S = Q K^T", Q[0], n)
+                assert Q[qs] == n, ("Q overwritten during S = Q K^T", Q[qs], n)
                 if j == len(blocks) - 1:
-                    qempty.arrive()
+                    qempty[qs].arrive()
                 yield
                 if j > 0:
                     assert V[pst] == (n, blocks[j - 1]), ("V", V[pst], n, blocks[j - 1])
@@ -114,7 +118,7 @@ def run(tiles, nwg, rnd):
                 assert V[last] == (n, blocks[-1]), ("V of the tile's last P V", V[last])
                 empty[last].arrive()
             else:
-                qempty.arrive()
+                qempty[qs].arrive()
             yield
             ibase += len(blocks)
 
@@ -140,7 +144,7 @@ def main(argv=None):
     for _ in range(args.trials):
         tiles = [sorted(rnd.sample(range(20), rnd.choice([0, 0, 1, 1, 2, 3, 4, 5, 7])))
                  for _ in range(rnd.randint(1, 6))]
-        run(tiles, rnd.choice([2, 3]), rnd)
+        run(tiles, rnd.choice([2, 3]), rnd.choice([1, 2]), rnd)
     print(f"{args.trials} random schedules: no deadlock, every read saw its own data")
 
 

@@ -726,17 +726,23 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
 // copied while the consumers finish the current tile (its last P V and write-out), and the
 // barrier set-up is paid once per SM. Both sides walk the same tile sequence and key-tile
 // lists; the K/V ring's stage and phase come from a running count of key blocks over all
-// tiles. Q is single-buffered (the ring takes the rest of shared memory at D = 128) and loaded
-// by the producer, handed over by two more mbarriers:
-//   qfull  (count 128, the producer threads): Q of the thread's n-th tile is in shared memory
-//          and visible to the async proxy (completes phase n);
-//   qempty (count 4 NWG): every consumer warp has completed the last S = Q K^T of its n-th
-//          tile (or, for a tile with no visible key block, waited for qfull); the producer
-//          loads the next Q only after it.
+// tiles. Q is loaded by the producer into QST buffers: two where they fit beside the ring
+// (all but D = 128 with 128-key tiles, where the ring fills shared memory), so the next
+// tile's Q is copied during the current tile; handed over by 2 QST more mbarriers, buffer
+// n % QST for the block's n-th tile:
+//   qfull  (count 128, the producer threads): Q of the tile is in shared memory and visible
+//          to the async proxy;
+//   qempty (count 4 NWG): every consumer warp has completed the last S = Q K^T of the tile
+//          (or, for a tile with no visible key block, waited for qfull); the producer loads
+//          tile n + QST's Q into the buffer only after it.
 // The producer issues a tile's first K/V block before it waits for qempty, and arrives the
 // previous tile's last full before that wait (the consumers need that block to release Q).
 // Tiles with no visible key block keep the protocol (Q loaded, waited for and released) and
-// write zeros and lse = -inf, as the other modes.
+// write zeros and lse = -inf, as the other modes. tools/sm90_persist_protocol.py models this
+// handover (random interleavings: no deadlock, every read sees its own tile's data).
+#ifndef XATTN90_SMEM_MAX
+#define XATTN90_SMEM_MAX 232448  // dynamic shared memory of a thread block on sm_90 (227 KiB)
+#endif
 #ifndef XATTN90_L2_KV
 #define XATTN90_L2_KV (32ll << 20)  // as FlashAttention-3's scheduler: 32 MiB of K and V
 #endif
@@ -758,7 +764,7 @@ __device__ __forceinline__ void persist_tile(int t, int nq, int hb, const A& a, 
 
 // The producer of the persistent schedule (128 threads): for every tile of this block, the
 // tile's key blocks (the CSR walk's tiles for SPARSE) into the ring, and Q into its buffer.
-template <int BN, int D, int BM, int NST, bool SPARSE, class A>
+template <int BN, int D, int BM, int NST, int QST, bool SPARSE, class A>
 __device__ __forceinline__ void ws_produce_persist(const A& a, int nb, unsigned sQ,
                                                    unsigned sK, unsigned sV, unsigned fullb,
                                                    unsigned emptyb, unsigned qfullb,
@@ -812,13 +818,16 @@ __device__ __forceinline__ void ws_produce_persist(const A& a, int nb, unsigned 
             fence_proxy_async();
             mbar_arrive(fullb + pend * 8);
         }
-        if (t >= (int)gridDim.x)  // the previous tile's Q: released once per tile
-            mbar_wait(qemptyb, (((t - blockIdx.x) / gridDim.x) - 1) & 1);
-        load_tile_sw_lean<BM, D>(sQ, a.q + ((long long)b * a.hq + h) * sq * D, q0, sq, tid);
+        // Q of this block's n-th tile into buffer n % QST, once the consumers released the
+        // tile n - QST that used it last.
+        const int n = (t - blockIdx.x) / gridDim.x, qs = QST == 2 ? n & 1 : 0;
+        if (n >= QST) mbar_wait(qemptyb + qs * 8, ((n / QST) - 1) & 1);
+        load_tile_sw_lean<BM, D>(sQ + qs * (BM * D * 2), a.q + ((long long)b * a.hq + h) * sq * D,
+                                 q0, sq, tid);
         cp_async_commit_ordered();
         cp_async_wait_ordered<0>();
         fence_proxy_async();
-        mbar_arrive(qfullb);
+        mbar_arrive(qfullb + qs * 8);
         if (first) mbar_arrive(fullb + ((i - 1) % NST) * 8);
         pend = -1;
         // The rest of the tile: a block's full one block behind its issue, as ws_produce.
@@ -860,15 +869,18 @@ __device__ __forceinline__ void flash_fwd_sm90_persist(const A& a, int nb) {
     constexpr int WS_ST = 3;
     constexpr int BM = NWG * 64;
     constexpr unsigned TILE = BN * D * 2;
+    constexpr unsigned QBYTES = BM * D * 2;
+    // Q buffers: two where they fit beside the ring (flash_sm90.smem_bytes mirrors this rule).
+    constexpr int QST = 2 * QBYTES + 2 * WS_ST * TILE + 1024 <= XATTN90_SMEM_MAX ? 2 : 1;
 
     extern __shared__ __align__(128) unsigned char smem_raw[];
-    // full[0..WS_ST), empty[0..WS_ST), qfull, qempty
-    __shared__ __align__(8) unsigned long long bars[2 * WS_ST + 2];
+    // full[0..WS_ST), empty[0..WS_ST), qfull[0..QST), qempty[0..QST)
+    __shared__ __align__(8) unsigned long long bars[2 * WS_ST + 2 * QST];
     const unsigned sQa = (smem_u32(smem_raw) + 1023u) & ~1023u;  // 1 KiB more allocated
-    const unsigned sKa = sQa + BM * D * 2;
+    const unsigned sKa = sQa + QST * QBYTES;
     const unsigned sVa = sKa + WS_ST * TILE;
     const unsigned fullb = smem_u32(bars), emptyb = fullb + WS_ST * 8;
-    const unsigned qfullb = fullb + 2 * WS_ST * 8, qemptyb = qfullb + 8;
+    const unsigned qfullb = fullb + 2 * WS_ST * 8, qemptyb = qfullb + QST * 8;
 
     const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, t4 = lane & 3;
@@ -880,15 +892,18 @@ __device__ __forceinline__ void flash_fwd_sm90_persist(const A& a, int nb) {
             mbar_init(fullb + s * 8, 128);
             mbar_init(emptyb + s * 8, NWG * 4);  // one arrival per consumer warp
         }
-        mbar_init(qfullb, 128);
-        mbar_init(qemptyb, NWG * 4);
+#pragma unroll
+        for (int s = 0; s < QST; ++s) {
+            mbar_init(qfullb + s * 8, 128);
+            mbar_init(qemptyb + s * 8, NWG * 4);
+        }
     }
     __syncthreads();  // the only block-wide barrier: the mbarriers are initialised
 
     if (wg == 0) {
         setmaxnreg_dec<PREGS>();
-        ws_produce_persist<BN, D, BM, WS_ST, SPARSE>(a, nb, sQa, sKa, sVa, fullb, emptyb,
-                                                      qfullb, qemptyb, tid);
+        ws_produce_persist<BN, D, BM, WS_ST, QST, SPARSE>(a, nb, sQa, sKa, sVa, fullb, emptyb,
+                                                           qfullb, qemptyb, tid);
         return;
     }
 
@@ -903,7 +918,6 @@ __device__ __forceinline__ void flash_fwd_sm90_persist(const A& a, int nb) {
     for (int i = 0; i < BN / 2; ++i) s[i] = 0.f;
     float m[2], l[2];
     const float sl2 = MODS ? XATTN_LOG2E : a.scale * XATTN_LOG2E;
-    const unsigned long long dq = kmajor_desc<true, BM, D>(sQa, cwg * 64);
 
     unsigned pp[BN / 16][4];
     int ibase = 0;  // key blocks of the earlier tiles: the ring's running count
@@ -927,7 +941,10 @@ __device__ __forceinline__ void flash_fwd_sm90_persist(const A& a, int nb) {
             xattn_csr_begin(a.bm, q0 / a.bm.bq, BN, kb0, kb1, walk);
             xattn_csr_next(a.bm, walk, kt, pblk);
         }
-        mbar_wait(qfullb, n & 1);
+        const int qs = QST == 2 ? n & 1 : 0;
+        const unsigned qempty = qemptyb + qs * 8;
+        const unsigned long long dq = kmajor_desc<true, BM, D>(sQa + qs * QBYTES, cwg * 64);
+        mbar_wait(qfullb + qs * 8, (n / QST) & 1);
 
         // The i-th visited key tile kb of this tile, as flash_fwd_sm90_ws's step; `last`: Q is
         // released after its S = Q K^T.
@@ -948,7 +965,7 @@ __device__ __forceinline__ void flash_fwd_sm90_persist(const A& a, int nb) {
             wgmma_commit();
             wgmma_wait<0>();
             fence_regs(s);
-            if (last && lane == 0) mbar_arrive(qemptyb);  // this warp's reads of Q are done
+            if (last && lane == 0) mbar_arrive(qempty);  // this warp's reads of Q are done
             if constexpr (!MODS && !SPARSE)
                 mask_tile<BN>(s, a, wq0, min(wq0 + 64, sq), kb * BN, warp, g, t4);
 
@@ -1026,7 +1043,7 @@ __device__ __forceinline__ void flash_fwd_sm90_persist(const A& a, int nb) {
             for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
             if (lane == 0) mbar_arrive(emptyb + lst * 8);  // the tile's last block is read
         } else if (lane == 0) {
-            mbar_arrive(qemptyb);  // nothing visible: Q was loaded and is released unread
+            mbar_arrive(qempty);  // nothing visible: Q was loaded and is released unread
         }
         write_out<T, D>(a, acc, m, l, bh, wq0, warp, g, t4);
         ibase += nvis;

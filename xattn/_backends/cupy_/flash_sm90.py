@@ -94,11 +94,19 @@ def _block_mask_reason(prob):
     return None
 
 
+# Dynamic shared memory of one thread block on sm_90 (227 KiB); flash_fwd_sm90.cu's
+# XATTN90_SMEM_MAX.
+SMEM_MAX = 232448
+
+
 def smem_bytes(d, cfg):
     bn, nwg, mode = cfg
     nbuf = 3 if mode & 1 else 2
     # Mode bit 3's mbarriers are static shared memory (128 bytes), outside this count.
-    return (nwg * 64 * d + 2 * nbuf * bn * d) * 2 + (1024 if mode & 2 else 0)
+    total = (nwg * 64 * d + 2 * nbuf * bn * d) * 2 + (1024 if mode & 2 else 0)
+    if mode & instances.PERSIST_BIT and total + nwg * 64 * d * 2 <= SMEM_MAX:
+        total += nwg * 64 * d * 2  # the persistent schedule's second Q buffer, where it fits
+    return total
 
 
 def threads(cfg):
