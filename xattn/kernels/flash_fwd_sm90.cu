@@ -753,7 +753,8 @@ template <int BM, int D, class A>
 __device__ __forceinline__ void persist_tile(int t, int nq, int hb, const A& a, int& q0,
                                              int& h, int& b) {
     const long long kv_head = (long long)a.sk * D * 4 + 1;  // K and V bytes of one kv head
-    const int P = (int)min((long long)hb, max(1ll, XATTN90_L2_KV / kv_head) * a.group);
+    const long long fit = XATTN90_L2_KV / kv_head, pl = (fit > 0 ? fit : 1) * a.group;
+    const int P = pl < hb ? (int)pl : hb;
     const int sec = t / (P * nq), first = sec * P;
     const int np = min(P, hb - first), l = t - first * nq;  // pairs of this section
     const int qi = l / np, r = first + (l - qi * np);
