@@ -47,6 +47,8 @@ def test_persist_instances():
         assert flash_sm90.smem_bytes(d, cfg) == flash_sm90.smem_bytes(d, cfg[:2] + (11,)) + q
         assert flash_sm90.smem_bytes(d, cfg) <= flash_sm90.SMEM_MAX
     assert flash_sm90.threads((64, 3, 43)) == 512
+    with pytest.raises(ValueError, match="mode 11"):
+        instances.persist_cfg((128, 2, 27))
 
 
 @needs_nvcc

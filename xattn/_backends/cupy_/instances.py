@@ -34,8 +34,7 @@ __all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "DECODE", "DECODE_EXTRA",
            "DECODE_HEAD_DIMS", "FWD",
            "FWD_BM", "FWD_BM_MODS", "FWD_MODS", "HEAD_DIMS", "Instance", "SM90", "SM90_BM",
            "SM90_BM_MODS", "SM90_BWD_HEAD_DIMS", "SM90_BWD_VARIANTS", "SM90_EXPERIMENTAL",
-           "SM90_PERSIST",
-           "SM90_MODS", "TF32",
+           "SM90_MODS", "SM90_PERSIST", "PERSIST_BIT", "TF32",
            "TF32X3", "bwd", "bwd_aux", "bwd_dq", "bwd_simt", "bwd_sm90", "decode",
            "experimental", "fwd", "fwd_simt", "persist_cfg", "shipped", "sm90", "tf32",
            "tf32_bm"]
@@ -134,8 +133,10 @@ PERSIST_BIT = 32
 
 
 def persist_cfg(cfg):
-    """The persistent twin ``(BN, warpgroups, mode | 32)`` of a mode-11 configuration."""
+    """The persistent twin ``(BN, warpgroups, 43)`` of a mode-11 configuration."""
     bn, nwg, mode = cfg
+    if mode != 11:
+        raise ValueError(f"config {cfg}: the persistent schedule exists for mode 11 only")
     return (bn, nwg, mode | PERSIST_BIT)
 
 
