@@ -295,6 +295,15 @@ def test_flex_runs_on_wgmma():
                      name=f"flex D={d}")
 
 
+def _empty_block_row_mask():
+    """A 128-row block row with nothing visible (an empty CSR list: a tile that loads no key)
+    between visible ones."""
+    dense = np.random.default_rng(12).random((520, 390)) < 0.5
+    dense[128:256] = False
+    return xattn.BlockMask.from_dense(dense, block_size=128)
+
+
+PERSIST_MASKS = {**MASKS, "empty_block_row": _empty_block_row_mask()}
 # Mode 43 (persistent) on the _mods / _bm entries: name -> (shape, options builder, block
 # mask). More tiles than SMs where the blocks should loop (b * hq * query blocks > 132).
 PERSIST_CASES = {
@@ -310,6 +319,8 @@ PERSIST_CASES = {
     "bm_documents": ({"b": 3, "hq": 16, "hkv": 8}, lambda r, b, h, sq, sk: {}, "documents"),
     "bm_from_dense+causal": ({"b": 2, "hq": 8, "hkv": 8}, lambda r, b, h, sq, sk: dict(
         causal=True), "from_dense"),
+    "bm_empty_block_row": ({"b": 3, "hq": 16, "hkv": 4}, lambda r, b, h, sq, sk: {},
+                           "empty_block_row"),
     "bm_longformer+alibi+softcap": ({"b": 2, "hq": 16, "hkv": 4, "amp": 2.0},
                                     lambda r, b, h, sq, sk: dict(
                                         alibi_slopes=r.uniform(0.01, 0.3, h), softcap=6.0),
@@ -328,7 +339,7 @@ def test_persistent(case, d, monkeypatch):
         monkeypatch.setattr(k90._params, "sm_count", lambda: 3)
     shape, build, mask = PERSIST_CASES[case]
     shape = dict(shape)
-    bm = MASKS[mask] if mask else None
+    bm = PERSIST_MASKS[mask] if mask else None
     if bm is not None:
         shape.update(sq=bm.q_len, sk=bm.k_len)
     rng = np.random.default_rng([zlib.crc32(case.encode()), d])
@@ -353,3 +364,6 @@ def test_persistent(case, d, monkeypatch):
                  naive=naive_attention(q, k, v, **ref_opts), name=f"{case} D={d} out")
     assert_close(lse, ref_lse, xp=cp, dtype=np.float32, atol=2e-3, rtol=1e-3,
                  name=f"{case} D={d} lse")
+    if mask == "empty_block_row":
+        assert bool(cp.all(out[..., 128:256, :] == 0))
+        assert bool(cp.all(cp.isneginf(lse[..., 128:256])))
