@@ -34,6 +34,38 @@ import statistics
 import sys
 import time
 
+# The window row (issue 11's bar), shared with tools/gpu_check_fwdpersist.sh's benchmark.
+WINDOW = {"H": 16, "S": 65536, "D": 64, "W": 256}
+
+
+def window_inputs(seed=2):
+    """``(q, k, v, flops)``: torch float16 (1, H, S, D) tensors of the window row and its
+    useful FLOPs (the visible pairs of the +-W band only)."""
+    import torch
+
+    H, S, D, W = (WINDOW[x] for x in "HSDW")
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    qt, kt, vt = (torch.randn(1, H, S, D, device="cuda", dtype=torch.float16, generator=g)
+                  for _ in range(3))
+    pairs = sum(min(S, i + W + 1) - max(0, i - W) for i in range(S))
+    return qt, kt, vt, 4.0 * H * D * pairs
+
+
+def torch_flex_window(qt, kt, vt):
+    """The anchor of the window row: ``torch.compile(flex_attention)`` with the band's block
+    mask, as a callable of no argument (call it under ``torch.no_grad()``)."""
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    S, W = WINDOW["S"], WINDOW["W"]
+
+    def band(b, h, qi, kj):
+        return (kj - qi <= W) & (qi - kj <= W)
+
+    bmt = create_block_mask(band, None, None, S, S, device="cuda")
+    fa = torch.compile(flex_attention)
+    return lambda: fa(qt, kt, vt, block_mask=bmt)
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -188,13 +220,10 @@ def main():
 
     if "window" in wanted and left() > 15:
         print("== window: fp16 S=65536 +-256 D=64 H=16", flush=True)
-        H, S, D, W = 16, 65536, 64, 256
-        g = torch.Generator(device="cuda").manual_seed(2)
-        qt, kt, vt = (torch.randn(1, H, S, D, device="cuda", dtype=torch.float16, generator=g)
-                      for _ in range(3))
+        W = WINDOW["W"]
+        qt, kt, vt, fl = window_inputs()
         q, k, v = (cp.from_dlpack(x) for x in (qt, kt, vt))
-        pairs = sum(min(S, i + W + 1) - max(0, i - W) for i in range(S))
-        fl = 4.0 * H * D * pairs
+        S = WINDOW["S"]
         bmx = xattn.BlockMask.sliding_window(S, window=(W, W), block_size=128)
 
         def win():
@@ -208,18 +237,12 @@ def main():
         msw, msb = timed(win), timed(sparse)
         anchors = {"xattn block_mask (_bm)": msb}
         if left() > 10:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-            def band(b, h, qi, kj):
-                return (kj - qi <= W) & (qi - kj <= W)
-
-            bmt = create_block_mask(band, None, None, S, S, device="cuda")
-            fa = torch.compile(flex_attention)
+            fa = torch_flex_window(qt, kt, vt)
             with torch.no_grad():
-                ref = fa(qt, kt, vt, block_mask=bmt)
+                ref = fa()
                 err = maxdiff(ow, ref)
                 note += f", vs torch {err:.1e}" + ("" if err < 2e-2 else " CHECK FAILED")
-                anchors["torch flex"] = timed(lambda: fa(qt, kt, vt, block_mask=bmt))
+                anchors["torch flex"] = timed(fa)
         else:
             note += ", torch flex skipped (budget)"
         add("window fp16 S=65536 +-256 D=64 H=16 (useful)", fl, msw, anchors, note)

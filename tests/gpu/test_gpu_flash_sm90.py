@@ -311,3 +311,49 @@ def test_tma_empty_keys():
     prob = validate_attention(q, k, k)
     out, lse = k90.forward(prob, q, k, k, config=config)
     assert bool(cp.all(out == 0)) and bool(cp.all(cp.isneginf(lse)))
+
+
+PERSIST = sorted((c[0], c[1:]) for c in k90.BUILT if c[3] & 32)
+# name -> (dtype, b, hq, hkv, sq, sk, options): one tile, fewer tiles than SMs, more tiles than
+# SMs (the blocks loop: a D=128 block has 128 query rows, a D=64 one 192), tiles with no
+# visible key (causal or a window with Sq > Sk: out 0, lse -inf) between visible ones.
+PERSIST_CASES = {
+    "one_tile": ("float16", 1, 1, 1, 77, 150, dict(causal=True)),
+    "few_tiles_gqa": ("bfloat16", 1, 4, 2, 300, 421, dict()),
+    "many_tiles_causal_gqa": ("float16", 4, 8, 2, 1000, 1000, dict(causal=True)),
+    "many_tiles_sq_ne_sk": ("bfloat16", 2, 16, 4, 515, 1300, dict(scale=0.3)),
+    "many_tiles_window": ("float16", 3, 16, 16, 700, 700, dict(window=(40, 17))),
+    "empty_tiles_causal": ("bfloat16", 2, 16, 8, 900, 150, dict(causal=True)),
+    "empty_tiles_window": ("float16", 2, 12, 4, 900, 300, dict(window=(30, 0))),
+}
+
+
+@pytest.mark.parametrize("d,config", PERSIST)
+@pytest.mark.parametrize("case", sorted(PERSIST_CASES))
+def test_persistent(d, config, case):
+    """Mode 43 (persistent: min(tiles, SMs) blocks walk the tiles longest-first, the producer
+    loads Q and the next tile's first K/V blocks during the current tile). A hang is a
+    deadlock of the Q / ring handover across tiles; wrong rows in one tile only point at the
+    running stage count."""
+    dtype, b, hq, hkv, sq, sk, opts = PERSIST_CASES[case]
+    rng = np.random.default_rng([d, *config, len(case)])
+    q, k, v = _inputs(rng, dtype, b=b, hq=hq, hkv=hkv, sq=sq, sk=sk, d=d)
+    out, lse = _check(q, k, v, config=config, **opts)
+    if case.startswith("empty_tiles"):
+        rows = sq - sk - opts.get("window", (0,))[0]  # rows before this see no key
+        assert bool(cp.all(out[..., :rows, :] == 0))
+        assert bool(cp.all(cp.isneginf(lse[..., :rows])))
+
+
+
+@pytest.mark.parametrize("sms", [1, 5])
+@pytest.mark.parametrize("d,config", PERSIST)
+def test_persistent_small_grid(d, config, sms, monkeypatch):
+    """Few blocks (the SM count the launcher reads, patched to 1 or 5): each block walks tens
+    of tiles of every kind in a row -- long and short causal rows, tiles that see no key
+    (Sq > Sk), GQA -- so the ring's running count and the Q handover turn over many times."""
+    monkeypatch.setattr(k90._params, "sm_count", lambda: sms)
+    rng = np.random.default_rng([d, *config, sms])
+    q, k, v = _inputs(rng, "float16", b=2, hq=6, hkv=3, sq=700, sk=450, d=d)
+    out, lse = _check(q, k, v, config=config, causal=True, window=(300, None))
+    assert bool(cp.all(out[..., :250, :] == 0)) and bool(cp.all(cp.isneginf(lse[..., :250])))

@@ -22,8 +22,8 @@ import numpy as np
 from . import _compile, _params, instances
 from ._compile import compiled_function
 
-__all__ = ["BUILT", "CONFIGS", "compiled_function", "forward", "get_kernel", "precompile",
-           "smem_bytes", "supports", "threads"]
+__all__ = ["BUILT", "CONFIGS", "compiled_function", "forward", "get_kernel", "persist_grid",
+           "precompile", "smem_bytes", "supports", "threads"]
 
 # Per head dim: (keys per block BN, consumer warpgroups per block, mode), from the one list of
 # every compiled entry (instances.py). 64 query rows per warpgroup. Mode bit 0 (overlap): block
@@ -40,6 +40,9 @@ __all__ = ["BUILT", "CONFIGS", "compiled_function", "forward", "get_kernel", "pr
 # copy engine (TMA) from tensor maps that the launch passes by value (tma.py); on an H100
 # (fp16 S=4096, tools/gpu_check_fwdtma.sh bench) D=128 537 / causal 437 against mode 11's
 # 423 / 361 and torch's 552 / 543, D=64 383 / 300 against 333 / 277.
+# Bit 5 (mode 43 = 11 + 32, instances.SM90_PERSIST; not a default until measured): persistent,
+# min(tiles, SMs) blocks walk the (query block, head, batch) tiles longest-first
+# (:func:`persist_grid`); the entries take the batch as one more argument.
 CONFIGS = instances.SM90
 # The score-modification entries' configuration per head dim, and the block-sparse candidates
 # in order of preference (the first whose query rows divide the mask's bq and whose key tile
@@ -49,7 +52,8 @@ BM_CONFIGS = instances.SM90_BM
 BM_MODS_CONFIGS = instances.SM90_BM_MODS
 # Every configuration that can be built, as (D, BN, warpgroups, mode): the shipped ones (CI
 # compiles them) and the experimental schedules (built on request: config=...).
-BUILT = frozenset((*instances.SM90_SHIPPED, *instances.SM90_EXPERIMENTAL))
+BUILT = frozenset((*instances.SM90_SHIPPED, *instances.SM90_EXPERIMENTAL,
+                   *instances.SM90_PERSIST))
 # Options this kernel ignores safely: allow_tf32 concerns float32 only.
 _KNOWN = frozenset({"allow_tf32"})
 
@@ -94,17 +98,35 @@ def _block_mask_reason(prob):
     return None
 
 
+# Dynamic shared memory of one thread block on sm_90 (227 KiB); flash_fwd_sm90.cu's
+# XATTN90_SMEM_MAX.
+SMEM_MAX = 232448
+
+
 def smem_bytes(d, cfg):
     bn, nwg, mode = cfg
     nbuf = 3 if mode & 1 else 2
     # Mode bit 3's mbarriers are static shared memory (128 bytes), outside this count.
-    return (nwg * 64 * d + 2 * nbuf * bn * d) * 2 + (1024 if mode & 2 else 0)
+    total = (nwg * 64 * d + 2 * nbuf * bn * d) * 2 + (1024 if mode & 2 else 0)
+    if mode & instances.PERSIST_BIT and total + nwg * 64 * d * 2 <= SMEM_MAX:
+        total += nwg * 64 * d * 2  # the persistent schedule's second Q buffer, where it fits
+    return total
 
 
 def threads(cfg):
     """Threads per block: 128 per consumer warpgroup, plus the producer's 128 in mode bit 3."""
     bn, nwg, mode = cfg
     return (nwg + (1 if mode & 8 else 0)) * 128
+
+
+def persist_grid(sq, bm, hq, batch, sms):
+    """Blocks of the persistent schedule (mode bit 5): one per multiprocessor, fewer when there
+    are fewer tiles ``ceil(sq / bm) * hq * batch`` (each block walks tiles c, c + grid, ...)."""
+    tiles = -(-sq // bm) * hq * batch
+    if tiles >= 2**31:
+        raise ValueError(f"{tiles} tiles of {bm} query rows x heads x batch: the persistent "
+                         "schedule counts them in int32")
+    return max(1, min(tiles, sms))
 
 
 def precompile(type_name: str, keys, workers: int = 8):
@@ -127,7 +149,7 @@ def forward(prob, q, k, v, *, allow_tf32=False, config=None):
     """Return ``(out, lse)`` from the sm_90a kernel (the caller checked :func:`supports`, or a
     test calls it directly). ``config`` = (keys per block, warpgroups, mode) overrides the
     default (``CONFIGS``; ``BUILT`` lists the choices; with score mods or a block mask only
-    the warp-specialised modes 11 and 27 have entries)."""
+    the warp-specialised modes 11, 27 and 43 have entries)."""
     if prob.block_mask is not None:
         why = _block_mask_reason(prob)
         if why is not None:
@@ -151,10 +173,10 @@ def _forward(prob, q, k, v, config):
         cfg = block_mask_config(d, prob.block_mask.block_size, mods)
     else:
         cfg = MODS_CONFIGS[d] if mods else CONFIGS[d]
-    if (d, *cfg) not in BUILT and not ((mods or sparse) and cfg[2] in (11, 27)):
+    if (d, *cfg) not in BUILT and not ((mods or sparse) and cfg[2] in (11, 27, 43)):
         raise ValueError(f"config {cfg} for D={d} is not built; built: {sorted(BUILT)}")
-    if (mods or sparse) and cfg[2] not in (11, 27):
-        raise ValueError(f"config {cfg}: score mods and block masks run in modes 11 and 27")
+    if (mods or sparse) and cfg[2] not in (11, 27, 43):
+        raise ValueError(f"config {cfg}: score mods and block masks run in modes 11, 27, 43")
     if sparse:
         bq, bk = prob.block_mask.block_size
         if bq % (64 * cfg[1]) or bk % cfg[0]:
@@ -177,8 +199,12 @@ def _forward(prob, q, k, v, config):
         args += (*_params.option_args(xp, prob), *_params.block_mask_args(xp, prob))
     else:  # the plain entries read the visibility fields only
         args += _params.visibility_args(prob)
-    fn(((prob.sq + bm - 1) // bm, prob.hq, B), (threads(cfg),), args,
-       shared_mem=smem_bytes(d, cfg))
+    if cfg[2] & instances.PERSIST_BIT:  # the blocks walk the tiles: the batch is an argument
+        grid = (persist_grid(prob.sq, bm, prob.hq, B, _params.sm_count()), 1, 1)
+        args += (i32(B),)
+    else:
+        grid = ((prob.sq + bm - 1) // bm, prob.hq, B)
+    fn(grid, (threads(cfg),), args, shared_mem=smem_bytes(d, cfg))
     return _params.forward_result(xp, prob, out, lse)
 
 

@@ -34,9 +34,9 @@ __all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "DECODE", "DECODE_EXTRA",
            "DECODE_HEAD_DIMS", "FWD",
            "FWD_BM", "FWD_BM_MODS", "FWD_MODS", "HEAD_DIMS", "Instance", "SM90", "SM90_BM",
            "SM90_BM_MODS", "SM90_BWD_HEAD_DIMS", "SM90_BWD_VARIANTS", "SM90_EXPERIMENTAL",
-           "SM90_MODS", "TF32",
+           "SM90_MODS", "SM90_PERSIST", "PERSIST_BIT", "TF32",
            "TF32X3", "bwd", "bwd_aux", "bwd_dq", "bwd_simt", "bwd_sm90", "decode",
-           "experimental", "fwd", "fwd_simt", "shipped", "sm90", "tf32",
+           "experimental", "fwd", "fwd_simt", "persist_cfg", "shipped", "sm90", "tf32",
            "tf32_bm"]
 
 # Head dims the kernels are built for; others up to 256 are zero-padded to the next one.
@@ -126,6 +126,23 @@ SM90_EXPERIMENTAL = (
     (64, 128, 2, 3), (128, 64, 2, 3), (128, 128, 2, 3), (64, 64, 3, 3),
     (64, 128, 2, 27), (128, 128, 2, 27),
 )
+
+# Mode 43 = 11 + bit 5 (persistent: min(tiles, SMs) blocks walk the (query block, head, batch)
+# tiles longest-first; the producer loads Q and the next tile's first K/V blocks while the
+# consumers finish a tile): plain (D, BN, warpgroups, 43), and the _mods / _bm entries of every
+# mode-11 configuration above with the same bit. Not a default until measured; the launchers
+# take it through config=... . Shipped (CI compiles them) so that they stay spill-free.
+SM90_PERSIST = ((64, 64, 3, 43), (128, 128, 2, 43))
+PERSIST_BIT = 32
+
+
+def persist_cfg(cfg):
+    """The persistent twin ``(BN, warpgroups, 43)`` of a mode-11 configuration."""
+    bn, nwg, mode = cfg
+    if mode != 11:
+        raise ValueError(f"config {cfg}: the persistent schedule exists for mode 11 only")
+    return (bn, nwg, mode | PERSIST_BIT)
+
 
 # The experimental Hopper schedules without warp specialisation (modes 0-3), relative to the
 # repository root: compiled only with tools/check_kernels.py --experimental or config=...
@@ -257,25 +274,28 @@ def tf32_bm(d, cfg, mods, x3, sparse) -> Instance:
 
 def sm90(tn, d, cfg, mods=False, sparse=False) -> Instance:
     """The Hopper forward of one dtype, head dim and ``(keys per block, warpgroups, mode)``;
-    ``mods`` / ``sparse``: the entry with score modifications / the block mask's walk (mode 11
-    or 27 only; flash_fwd.cu's argument list)."""
+    ``mods`` / ``sparse``: the entry with score modifications / the block mask's walk (modes
+    11, 27 and 43 only; flash_fwd.cu's argument list). Mode 43's entries take the batch size as
+    one more, last argument."""
     bn, nwg, mode = cfg
     params = (("XATTN90_TN", tn), ("XATTN90_D", d), ("XATTN90_BN", bn), ("XATTN90_NWG", nwg),
               ("XATTN90_OV", mode))
     name = f"flash_fwd_sm90_{tn}_d{d}_n{bn}_g{nwg}_o{mode}"
+    # Mode bit 5 (persistent): entry macros with one more argument (the batch).
+    pm = "P" if mode & PERSIST_BIT else ""
     if mods or sparse:
         mn = "_".join(("mods",) * mods + ("bm",) * sparse)
         params += (("XATTN90_MN", mn), ("XATTN90_MODS", _b(mods)),
                    ("XATTN90_SPARSE", _b(sparse)))
         # The bfloat16 block-sparse twins are left to --all, as flash_fwd.cu's.
-        return Instance("flash_fwd_sm90.cu", "XATTN90_MODS_ONE", params, (f"{name}_{mn}",),
-                        arch="sm_90a", ci=not (sparse and tn != "f16"))
+        return Instance("flash_fwd_sm90.cu", f"XATTN90_MODS_{pm}ONE", params,
+                        (f"{name}_{mn}",), arch="sm_90a", ci=not (sparse and tn != "f16"))
     # Modes 0-3 (the schedules before warp specialisation) live in tools/, not in the package.
     extra = () if mode & 8 else (SM90_MODES_SOURCE,)
     if mode & 64:  # the tensor-map entries (their own argument list and macro)
         return Instance("flash_fwd_sm90.cu", "XATTN90_TMA_ONE", params, (name,),
                         extra=(("XATTN90_TMA", 1),), arch="sm_90a", includes=extra)
-    return Instance("flash_fwd_sm90.cu", "XATTN90_ONE", params, (name,), arch="sm_90a",
+    return Instance("flash_fwd_sm90.cu", f"XATTN90_{pm}ONE", params, (name,), arch="sm_90a",
                     includes=extra)
 
 
@@ -370,12 +390,24 @@ def shipped() -> list:
     for d, cs in SM90_BM.items():
         out += [sm90(tn, d, c, False, True) for c in cs for tn in TYPES]
         out += [sm90(tn, d, c, True, True) for c in SM90_BM_MODS.get(d, cs) for tn in TYPES]
+    out += _sm90_persist()
     for d in DECODE_HEAD_DIMS:
         for cfg in (DECODE[d], *DECODE_EXTRA.get(d, ())):
             out += [decode(tn, d, cfg) for tn in TYPES]
     out += [bwd_sm90(tn, d) for d in SM90_BWD_HEAD_DIMS for tn in TYPES]
     out += [bwd_sm90(tn, d, var) for var, (*_, dims) in SM90_BWD_VARIANTS.items()
             for d in dims for tn in TYPES]
+    return out
+
+
+def _sm90_persist() -> list:
+    """The persistent (mode 43) entries: plain, _mods and _bm twins of the mode-11 ones."""
+    out = [sm90(tn, c[0], c[1:]) for c in SM90_PERSIST for tn in TYPES]
+    out += [sm90(tn, d, persist_cfg(c), True) for d, c in SM90_MODS.items() for tn in TYPES]
+    for d, cs in SM90_BM.items():
+        out += [sm90(tn, d, persist_cfg(c), False, True) for c in cs for tn in TYPES]
+        out += [sm90(tn, d, persist_cfg(c), True, True) for c in SM90_BM_MODS.get(d, cs)
+                for tn in TYPES]
     return out
 
 
