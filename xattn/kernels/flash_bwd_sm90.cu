@@ -61,9 +61,25 @@
 // then dS^T; at D = 128 both in one pass after dP^T (registers). The launcher checks that the
 // 128 keys lie inside one mask key block and each 64-row step inside one mask query block.
 //
+// Experimental TMA entries (_tma: NB = 3 Q/dO buffers, _tma2: NB = 2; built on request, the
+// launcher's config=): the same products in the same order, only the loads differ. Thread 0
+// issues Q and dO of step i + NB - 1 (boxes of 64 columns x 64 rows from the tensor maps of
+// tma.py, which write the 128-byte-swizzled panels above; rows past Sq arrive as zeros) into
+// buffer (i + NB - 1) % NB, announcing their bytes with mbarrier.arrive.expect_tx on that
+// buffer's full barrier (count 1); K and V come once, on step 0's phase. That buffer was last
+// read in step i - 1, whose wgmmas completed before the barrier ending it, so no empty barrier
+// is needed. Every thread waits on the full barrier of buffer i % NB, parity (i / NB) & 1,
+// instead of cp.async wait + fence.proxy.async + a block barrier (the copy engine writes
+// through the async proxy, which wgmma reads). lse and delta of step i + 1 come as raw values
+// by 4-byte cp.async issued at the top of step i by the first BM threads, which wait for them,
+// map them as stage() does (log2e, +inf for -inf and rows past Sq, delta 0 there) and are
+// published by the block barrier ending step i. A byte count that the copies never deliver
+// would hang the wait: the GPU scripts run under timeouts.
+//
 // No CUDA headers; the local headers are inlined by the loader. The wgmma code is compiled only
 // for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); for other targets the entries trap.
-// Entry points: flash_bwd_sm90_<f16|bf16>_d<64|128>[_<win|mods|bm|mods_bm|flex|flex_bm>].
+// Entry points: flash_bwd_sm90_<f16|bf16>_d<64|128>[_<win|mods|bm|mods_bm|flex|flex_bm|tma|
+// tma2>].
 
 #include "common.cuh"
 #include "masking.cuh"
