@@ -51,8 +51,9 @@ import numpy as np
 from . import _params, flash_bwd, instances
 from ._compile import compiled_function
 
-__all__ = ["CONFIGS", "HEAD_DIMS", "backward", "block_mask_reason", "built", "dq_accum", "forward",
-           "get_kernel", "grid", "run_dq_convert", "smem_bytes", "supports", "variant"]
+__all__ = ["CONFIGS", "HEAD_DIMS", "backward", "block_mask_reason", "built", "check_config",
+           "dq_accum", "forward", "get_kernel", "grid", "run_dq_convert", "smem_bytes",
+           "supports", "tma_maps", "variant"]
 
 HEAD_DIMS = instances.SM90_BWD_HEAD_DIMS
 # Keys per CTA (two warpgroups of 64) and query rows per step: fixed by the kernel.

@@ -284,7 +284,8 @@ def bwd_sm90(tn, d, variant=None) -> Instance:
     """The Hopper backward main kernel (``flash_bwd_sm90.cu``) of one dtype and head dim
     (:data:`SM90_BWD_HEAD_DIMS`); ``variant`` one of :data:`SM90_BWD_VARIANTS` (``None``: the
     plain entry, causal only, its own short argument list; the others take ``flash_bwd.cu``'s
-    argument list)."""
+    argument list) or of :data:`SM90_BWD_TMA` (the plain entry with TMA loads: the tensor maps
+    of q, dout, k, v, then the plain argument list)."""
     params = (("XATTN_BWD90_TN", tn), ("XATTN_BWD90_D", d))
     name = f"flash_bwd_sm90_{tn}_d{d}"
     if variant in SM90_BWD_TMA:  # experimental: Q/dO (and K/V) by the copy engine
