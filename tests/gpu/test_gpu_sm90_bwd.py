@@ -25,6 +25,7 @@ from test_gpu_flash_bwd import _OPTION_CASES, _assert_grad, _inputs, _option_cas
 import xattn
 from xattn import _backends
 from xattn._array import validate_attention
+from xattn._backends.cupy_ import flash_bwd_sm90 as k90b
 from xattn.testing import naive_attention_backward, reference_attention_backward
 
 cp = pytest.importorskip("cupy")
@@ -308,3 +309,99 @@ def test_auto_routes_options_to_the_sm90_backward_and_refuses_the_rest():
     # The entries the launcher names exist (the variant tokens of instances.py).
     assert _entry_name(served["softcap d=64"]).endswith("_mods")
     assert _entry_name(served["block mask + alibi d=64"]).endswith("_mods_bm")
+
+
+# The experimental TMA entries (flash_bwd_sm90.backward(..., config="tma" | "tma2"): Q / dO
+# per step and K / V once by the copy engine; tools/gpu_check_bwdtma.sh runs these with -k tma).
+TMA_CONFIGS = sorted(k90b.CONFIGS)
+
+
+def _nan_tailed(rng, dtype, shape):
+    """A (B, H, S, D) operand whose allocation continues with NaN past its last element (same
+    address as the allocation): a box at the last head's sequence end that read past S would
+    bring NaN in (0 x NaN in the gradient products), where the tensor map's bounds give
+    zeros."""
+    n = int(np.prod(shape))
+    host = np.concatenate([rng.standard_normal(n), np.full(256 * shape[-1], np.nan)])
+    base = cupy_array(host, dtype)
+    x = base[:n].reshape(shape)
+    assert x.data.ptr == base.data.ptr and x.flags.c_contiguous
+    return x
+
+
+def _tma_run(config, dtype, d, *, b=2, hq=4, hkv=2, sq=141, sk=203, causal=True, seed=0,
+             oracle=True):
+    """The TMA entry's gradients against the float64 oracle (``oracle``) and the plain entry's:
+    dk and dv bit for bit (same products in the same order, summed in registers), dq within
+    two units in the last place of its largest entry (the bulk adds of dq_accum land in an
+    order that varies from run to run, in both entries)."""
+    case = f"{config} {dtype} d={d} b={b} hq={hq} hkv={hkv} sq={sq} sk={sk} causal={causal}"
+    rng = np.random.default_rng([d, b, hq, hkv, sq, sk, causal, seed, len(config)])
+    q, do = (_nan_tailed(rng, dtype, (b, hq, sq, d)) for _ in range(2))
+    k, v = (_nan_tailed(rng, dtype, (b, hkv, sk, d)) for _ in range(2))
+    out, lse = xattn.flash_attention(q, k, v, causal=causal, return_lse=True)
+    prob = validate_attention(q, k, v, extra=(("dout", do), ("out", out), ("lse", lse)),
+                              causal=causal)
+    got = k90b.backward(prob, do, q, k, v, out, lse, config=config)
+    plain = k90b.backward(prob, do, q, k, v, out, lse)
+    cp.cuda.runtime.deviceSynchronize()
+    for name, g, p in zip(("dk", "dv"), got[1:], plain[1:], strict=True):
+        nbad = int((g != p).sum())
+        assert nbad == 0, f"[{case}] {name}: {nbad} entries differ from the plain entry's"
+    eps = float(np.finfo(np.float16).eps) if dtype == "float16" else 2.0 ** -7
+    diff = float(cp.abs(got[0].astype(cp.float32) - plain[0].astype(cp.float32)).max())
+    big = float(cp.abs(plain[0].astype(cp.float32)).max())
+    assert diff <= 2 * eps * max(big, 1e-3), f"[{case}] dq: max |diff| {diff:.3g} (max {big:.3g})"
+    if oracle:
+        refs = reference_attention_backward(do, q, k, v, causal=causal)
+        naive = naive_attention_backward(do, q, k, v, out, causal=causal)
+        for name, g, r, n in zip(("dq", "dk", "dv"), got, refs, naive, strict=True):
+            _assert_grad(case, name, g, r, n, q.dtype)
+    return got
+
+
+@pytest.mark.parametrize("config", TMA_CONFIGS)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_tma_backward(config, dtype, d, causal):
+    # GQA (2 query heads per kv head), two batch elements, Sq and Sk off the tiles: the last
+    # query box of each head and the last key box reach past the sequence (NaN behind them).
+    _tma_run(config, dtype, d, causal=causal)
+
+
+@pytest.mark.parametrize("config", TMA_CONFIGS)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("shape", ["rows_without_keys", "one_step", "mqa_long", "sq_gt_sk"])
+def test_tma_backward_shapes(config, d, shape):
+    # rows_without_keys: causal Sq > Sk, the first 69 rows see no key (lse = -inf) in step 0
+    # and step 1 (the first step's lse / delta are staged apart from the later ones');
+    # one_step: exactly one query step and one key block; mqa_long: 8 query heads on one kv
+    # head, 10 query blocks each: 80 steps per key block, the buffers' barriers turn over many
+    # times; sq_gt_sk: non-causal Sq > Sk.
+    b, hq, hkv, sq, sk, causal = {
+        "rows_without_keys": (1, 1, 1, 130, 61, True), "one_step": (1, 2, 2, 64, 128, False),
+        "mqa_long": (1, 8, 1, 600, 300, True), "sq_gt_sk": (2, 4, 2, 260, 97, False)}[shape]
+    _tma_run(config, "float16", d, b=b, hq=hq, hkv=hkv, sq=sq, sk=sk, causal=causal,
+             oracle=shape != "mqa_long")
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_tma_backward_repeats(d):
+    # Two runs of the same entry: dk and dv bit for bit (no atomics on them).
+    first = _tma_run("tma", "bfloat16", d, b=1, hq=6, hkv=2, sq=333, sk=517, oracle=False)
+    again = _tma_run("tma", "bfloat16", d, b=1, hq=6, hkv=2, sq=333, sk=517, oracle=False)
+    assert all(bool((x == y).all()) for x, y in zip(first[1:], again[1:], strict=True))
+
+
+def test_tma_backward_refusals():
+    rng = np.random.default_rng(5)
+    q, k, v = _inputs(rng, "float16", sq=64, sk=64)
+    out, lse = xattn.flash_attention(q, k, v, return_lse=True, window=(16, 16))
+    extra = (("dout", out), ("out", out), ("lse", lse))
+    prob = validate_attention(q, k, v, extra=extra, window=(16, 16))
+    with pytest.raises(ValueError, match="config='tma': the TMA entries are the plain"):
+        k90b.backward(prob, out, q, k, v, out, lse, config="tma")
+    prob = validate_attention(q, k, v, extra=extra)
+    with pytest.raises(ValueError, match="config: one of"):
+        k90b.backward(prob, out, q, k, v, out, lse, config="tma3")

@@ -61,14 +61,31 @@
 // then dS^T; at D = 128 both in one pass after dP^T (registers). The launcher checks that the
 // 128 keys lie inside one mask key block and each 64-row step inside one mask query block.
 //
+// Experimental TMA entries (_tma: NB = 3 Q/dO buffers, _tma2: NB = 2; built on request, the
+// launcher's config=): the same products in the same order, only the loads differ. Thread 0
+// issues Q and dO of step i + NB - 1 (boxes of 64 columns x 64 rows from the tensor maps of
+// tma.py, which write the 128-byte-swizzled panels above; rows past Sq arrive as zeros) into
+// buffer (i + NB - 1) % NB, announcing their bytes with mbarrier.arrive.expect_tx on that
+// buffer's full barrier (count 1); K and V come once, on step 0's phase. That buffer was last
+// read in step i - 1, whose wgmmas completed before the barrier ending it, so no empty barrier
+// is needed. Every thread waits on the full barrier of buffer i % NB, parity (i / NB) & 1,
+// instead of cp.async wait + fence.proxy.async + a block barrier (the copy engine writes
+// through the async proxy, which wgmma reads). lse and delta of step i + 1 come as raw values
+// by 4-byte cp.async issued at the top of step i by the first BM threads, which wait for them,
+// map them as stage() does (log2e, +inf for -inf and rows past Sq, delta 0 there) and are
+// published by the block barrier ending step i. A byte count that the copies never deliver
+// would hang the wait: the GPU scripts run under timeouts.
+//
 // No CUDA headers; the local headers are inlined by the loader. The wgmma code is compiled only
 // for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); for other targets the entries trap.
-// Entry points: flash_bwd_sm90_<f16|bf16>_d<64|128>[_<win|mods|bm|mods_bm|flex|flex_bm>].
+// Entry points: flash_bwd_sm90_<f16|bf16>_d<64|128>[_<win|mods|bm|mods_bm|flex|flex_bm|tma|
+// tma2>].
 
 #include "common.cuh"
 #include "masking.cuh"
 #include "bwd_score_rules.cuh"
 #include "wgmma_sm90.cuh"
+#include "tma_sm90.cuh"
 
 namespace xattn::sm90bwd {
 
@@ -86,6 +103,17 @@ struct BwdArgs {
     float scale;
     int causal;
     static constexpr int wl = -1, wr = -1;  // no window: the option entries take one
+};
+
+// The experimental TMA entries (_tma: NB = 3 Q/dO buffers, _tma2: 2): the plain entries'
+// arguments and the tensor maps of q, dout (boxes of 64 columns x BM rows) and k, v (64 x BN),
+// the kernel parameters' own addresses (const __grid_constant__ TmaDesc).
+template <int NB>
+struct BwdArgsTma : BwdArgs {
+    const TmaDesc* tq;
+    const TmaDesc* tdo;
+    const TmaDesc* tk;
+    const TmaDesc* tv;
 };
 
 constexpr int BN = 128;  // keys per block (64 per warpgroup)
@@ -290,6 +318,27 @@ template <>
 struct plain_args<BwdArgs> {
     static constexpr bool value = true;
 };
+template <int NB>
+struct plain_args<BwdArgsTma<NB>> {
+    static constexpr bool value = true;
+};
+// Q/dO buffers filled by the copy engine (0: cp.async by every thread, two buffers).
+template <class A>
+struct tma_bufs {
+    static constexpr int value = 0;
+};
+template <int NB>
+struct tma_bufs<BwdArgsTma<NB>> {
+    static constexpr int value = NB;
+};
+
+#if XATTN_SM90_OK
+// One 4-byte row value (lse or delta) global -> shared, completing with the thread's cp.async
+// groups (the TMA entries' lse / delta of the next step).
+__device__ __forceinline__ void cp_async4(unsigned dst, const float* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src) : "memory");
+}
+#endif
 
 // MODS / SPARSE (the option entries, A = xattn::BwdArgs of bwd_score_rules.cuh): the score
 // modifications (or flex_attention's score_mod) and the block mask's CSC walk (or the mask
@@ -300,17 +349,23 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const A& a) {
 #if XATTN_SM90_OK
     static_assert(D == 64 || D == 128, "wgmma wrappers exist for N = 64 and 128");
     constexpr unsigned KV_TILE = BN * D * 2, Q_TILE = BM * D * 2, DS_TILE = BM * BN * 2;
+    // TMA (the _tma entries): the copy engine fills NBUF Q/dO buffers, each on its full
+    // mbarrier; lse / delta stay two thread-written buffers.
+    constexpr bool TMA = tma_bufs<A>::value > 0;
+    constexpr int NBUF = TMA ? tma_bufs<A>::value : 2;
+    static_assert(NBUF == 2 || NBUF == 3, "two or three Q/dO buffers");
 
     extern __shared__ __align__(128) unsigned char smem_raw[];
     const unsigned raw = smem_u32(smem_raw);
     const unsigned sK = (raw + 1023u) & ~1023u;  // 1 KiB more allocated for the alignment
     const unsigned sV = sK + KV_TILE;
-    const unsigned sQ = sV + KV_TILE;      // two buffers
-    const unsigned sO = sQ + 2 * Q_TILE;   // two buffers
-    const unsigned sS = sO + 2 * Q_TILE;   // dS (BM queries x BN keys, K-major)
+    const unsigned sQ = sV + KV_TILE;         // NBUF buffers
+    const unsigned sO = sQ + NBUF * Q_TILE;   // NBUF buffers
+    const unsigned sS = sO + NBUF * Q_TILE;   // dS (BM queries x BN keys, K-major)
     float* sL = reinterpret_cast<float*>(smem_raw + (sS + DS_TILE - raw));  // 2 x BM lse log2e
     float* sD = sL + 2 * BM;                                                // 2 x BM delta
     float* sDQ = sD + 2 * BM;  // dQ staging: one DQ_TILE per warpgroup (16-byte aligned)
+    const unsigned fullb = smem_u32(sDQ + 2 * DQ_TILE);  // TMA: NBUF full mbarriers
 
     const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, t4 = lane & 3;
@@ -379,7 +434,71 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const A& a) {
     // With score mods the scores are scaled before them (natural units).
     const float sl2 = MODS ? XATTN_LOG2E : a.scale * XATTN_LOG2E;
 
-    if (nsteps > 0) {
+    // TMA: Q and dO of step i into buffer i % NBUF by the copy engine (one thread), the
+    // phase's arrival announcing their bytes and `extra` more (step 0: K and V); the step's
+    // lse / delta (raw values into lse buffer lbuf, cp.async by the first BM threads; fixed up
+    // as stage() writes them by rows_fix once they landed).
+    [[maybe_unused]] auto issue = [&](int i, unsigned extra) {
+        if constexpr (TMA) {
+            const int bfi = i % NBUF;
+            const int bh = b * a.hq + hk * a.group + i / nq;
+            const int q0 = (qb0 + i % nq) * BM;
+            const unsigned full = fullb + bfi * 8;
+            tma_arrive_expect_tx(full, 2 * Q_TILE + extra);
+#pragma unroll
+            for (int p = 0; p < D / 64; ++p) {
+                tma_load_3d(sQ + bfi * Q_TILE + p * BM * 128, a.tq, p * 64, q0, bh, full);
+                tma_load_3d(sO + bfi * Q_TILE + p * BM * 128, a.tdo, p * 64, q0, bh, full);
+            }
+        }
+    };
+    [[maybe_unused]] auto rows_async = [&](int i, int lbuf) {
+        const int q0 = (qb0 + i % nq) * BM;
+        const long long bh = (long long)b * a.hq + hk * a.group + i / nq;
+        if (q0 + tid < sq) {
+            cp_async4(smem_u32(sL + lbuf * BM + tid), a.lse + bh * sq + q0 + tid);
+            cp_async4(smem_u32(sD + lbuf * BM + tid), a.delta + bh * sq + q0 + tid);
+        }
+        cp_async_commit_ordered();
+    };
+    [[maybe_unused]] auto rows_fix = [&](int i, int lbuf) {
+        const bool ok = (qb0 + i % nq) * BM + tid < sq;
+        const float x = sL[lbuf * BM + tid];
+        sL[lbuf * BM + tid] = ok && x != -XATTN_INF ? x * XATTN_LOG2E : XATTN_INF;
+        sD[lbuf * BM + tid] = ok ? sD[lbuf * BM + tid] : 0.f;
+    };
+
+    if constexpr (TMA) {
+        if (tid == 0) {
+#pragma unroll
+            for (int s = 0; s < NBUF; ++s) tma_mbar_init(fullb + s * 8, 1);
+            tma_mbar_init_fence();
+            if (nsteps > 0) {
+                tma_prefetch_desc(a.tq);
+                tma_prefetch_desc(a.tdo);
+                tma_prefetch_desc(a.tk);
+                tma_prefetch_desc(a.tv);
+            }
+        }
+        if (nsteps > 0 && tid < BM) {
+            const long long bh = (long long)b * a.hq + hk * a.group;
+            float l2, dl;
+            xattn_bwd_row(a.lse, a.delta, bh * sq + qb0 * BM + tid, qb0 * BM + tid < sq, l2, dl);
+            sL[tid] = l2;
+            sD[tid] = dl;
+        }
+        __syncthreads();  // the barriers are initialised, step 0's lse / delta written
+        if (tid == 0 && nsteps > 0) {
+            issue(0, 2 * KV_TILE);
+            const int kvc = b * hkv + hk;
+#pragma unroll
+            for (int p = 0; p < D / 64; ++p) {
+                tma_load_3d(sK + p * BN * 128, a.tk, p * 64, k0, kvc, fullb);
+                tma_load_3d(sV + p * BN * 128, a.tv, p * 64, k0, kvc, fullb);
+            }
+            for (int i = 1; i < NBUF - 1 && i < nsteps; ++i) issue(i, 0);
+        }
+    } else if (nsteps > 0) {
         load_tile<BN, D>(sK, a.k + kvh, k0, sk, tid);
         load_tile<BN, D>(sV, a.v + kvh, k0, sk, tid);
         walk(0);
@@ -388,20 +507,32 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const A& a) {
     }
 
     for (int i = 0; i < nsteps; ++i) {
-        const int bf = i & 1;
+        const int bf = TMA ? i % NBUF : i & 1;  // Q / dO buffer
+        const int lf = i & 1;                    // lse / delta buffer
         const int tq = cqt, pblk = cpb;  // SPARSE: this step's query block and partial block
-        if (i + 1 < nsteps) {
-            // Buffer bf ^ 1 was last read in step i - 1, which ended with a barrier after its
-            // wgmmas completed.
-            walk(i + 1);
-            stage(i + 1, bf ^ 1);
-            cp_async_commit_ordered();
-            cp_async_wait_ordered<1>();
+        if constexpr (TMA) {
+            // Buffer (i + NBUF - 1) % NBUF was last read in step i - 1, which ended with a
+            // barrier after its wgmmas completed; the wait below replaces the barrier (lse /
+            // delta of this step were published by the last one).
+            if (i + 1 < nsteps) {
+                if (tid == 0 && i + NBUF - 1 < nsteps) issue(i + NBUF - 1, 0);
+                if (tid < BM) rows_async(i + 1, lf ^ 1);
+            }
+            tma_mbar_wait(fullb + bf * 8, (i / NBUF) & 1);
         } else {
-            cp_async_wait_ordered<0>();
+            if (i + 1 < nsteps) {
+                // Buffer bf ^ 1 was last read in step i - 1, which ended with a barrier after
+                // its wgmmas completed.
+                walk(i + 1);
+                stage(i + 1, bf ^ 1);
+                cp_async_commit_ordered();
+                cp_async_wait_ordered<1>();
+            } else {
+                cp_async_wait_ordered<0>();
+            }
+            fence_proxy_async();
+            __syncthreads();
         }
-        fence_proxy_async();
-        __syncthreads();
 
         const int h = hk * a.group + i / nq;
         const int q0 = (SPARSE ? tq : qb0 + i % nq) * BM;
@@ -409,8 +540,8 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const A& a) {
         const long long bh = (long long)b * a.hq + h;
         const unsigned qt = sQ + bf * Q_TILE, ot = sO + bf * Q_TILE;
         const unsigned kt = opaque(sK), vt = opaque(sV);
-        const float* lb = sL + bf * BM;
-        const float* db = sD + bf * BM;
+        const float* lb = sL + lf * BM;
+        const float* db = sD + lf * BM;
 
         // S^T = K Q^T and dP^T = V dO^T (two commit groups: P^T is computed while dP^T runs).
         // The accumulators start from zeros (scale-d 0 ignores them, but the asm reads them:
@@ -529,6 +660,12 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const A& a) {
         dq_dst = wt == 0 ? a.dq_accum + ((bh * nqb + q0 / BM) * dq_tiles +
                                          (D == 128 ? wg : 0)) * (long long)DQ_TILE
                          : nullptr;
+        if constexpr (TMA) {
+            if (tid < BM && i + 1 < nsteps) {  // the next step's lse / delta, published below
+                cp_async_wait_ordered<0>();
+                rows_fix(i + 1, lf ^ 1);
+            }
+        }
         __syncthreads();  // the tile is written; the next step overwrites Q / dO and dS
         if (dq_dst != nullptr) {
             bulk_add_tile(dq_dst, smem_u32(dq_stage));
@@ -600,6 +737,23 @@ __device__ __forceinline__ void dq_convert_core(const float* acc, unsigned short
 // One more expansion level so that -D values expand before ## pastes them.
 #define XATTN_BWD90_ONE(TN, D) XATTN_BWD90_ENTRY(TN, D)
 
+// The experimental TMA entries (MN: tma = 3 Q/dO buffers, tma2 = 2): the tensor maps of q,
+// dout, k and v (tma.py's rows_map: boxes of 64 columns x 64 / 128 / 128 rows / 128 rows),
+// then the plain entries' arguments (q, k, v, dout are not read).
+#define XATTN_BWD90_TMA_ENTRY(TN, D, MN, NB)                                                 \
+    extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_sm90_##TN##_d##D##_##MN(  \
+        const __grid_constant__ xattn::TmaDesc tq, const __grid_constant__ xattn::TmaDesc tdo, \
+        const __grid_constant__ xattn::TmaDesc tk, const __grid_constant__ xattn::TmaDesc tv, \
+        const unsigned short *q, const unsigned short *k, const unsigned short *v,            \
+        const unsigned short *dout, const float *lse, const float *delta, float *dq_accum,    \
+        unsigned short *dk, unsigned short *dv, int hq, int group, int sq, int sk,            \
+        float scale, int causal) {                                                            \
+        xattn::sm90bwd::flash_bwd_sm90_core<xattn::TN, D>(xattn::sm90bwd::BwdArgsTma<NB>{     \
+            {q, k, v, dout, lse, delta, dq_accum, dk, dv, hq, group, sq, sk, scale, causal},  \
+            &tq, &tdo, &tk, &tv});                                                            \
+    }
+#define XATTN_BWD90_TMA_ONE(TN, D, MN, NB) XATTN_BWD90_TMA_ENTRY(TN, D, MN, NB)
+
 // The option entries (MN: win = causal and window | mods = score modifications | bm = block
 // mask | mods_bm; flex | flex_bm for flex_attention_backward): flash_bwd.cu's argument list
 // (XATTN_BWD_PARAMS of bwd_score_rules.cuh; dq is not read), so one launch tuple serves both
@@ -615,7 +769,9 @@ __device__ __forceinline__ void dq_convert_core(const float* acc, unsigned short
 // xattn/_backends/cupy_/instances.py. Without those options this file builds nothing.
 // XATTN_BWD90_NO_ENTRIES: tools/wgmma_probe.cu includes this file for its helpers only.
 #if defined(XATTN_BWD90_D) && !defined(XATTN_BWD90_NO_ENTRIES)
-#ifdef XATTN_BWD90_MN
+#if defined(XATTN_BWD90_NB)
+XATTN_BWD90_TMA_ONE(XATTN_BWD90_TN, XATTN_BWD90_D, XATTN_BWD90_MN, XATTN_BWD90_NB)
+#elif defined(XATTN_BWD90_MN)
 XATTN_BWD90_OPT_ONE(XATTN_BWD90_TN, XATTN_BWD90_D, XATTN_BWD90_MN, XATTN_BWD90_MODS,
                     XATTN_BWD90_SPARSE)
 #else

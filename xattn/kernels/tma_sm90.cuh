@@ -49,6 +49,21 @@ __device__ __forceinline__ void tma_arrive_expect_tx(unsigned bar, unsigned byte
                  : "memory");
 }
 
+// mbarrier init / wait for the copies' full barriers, for kernels without their own (the
+// Hopper backward's TMA entries). The wait spins on try_wait: a phase that never completes (a
+// byte count that the copies do not deliver) hangs the kernel -- callers' timeouts end it.
+__device__ __forceinline__ void tma_mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void tma_mbar_wait(unsigned bar, unsigned parity) {
+    asm volatile(
+        "{\n.reg .pred done;\nTMA_WAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra TMA_WAIT_%=;\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+
 // One box of a 3-D map (coordinates innermost first, in elements) into shared memory at dst
 // (the map's swizzle needs dst aligned to its span: 1024 bytes for 128-byte swizzle);
 // elements outside the map's bounds arrive as zeros and count in the bytes delivered.

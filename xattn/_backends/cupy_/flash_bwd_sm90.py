@@ -33,6 +33,13 @@ window, score mods or a block mask one of ``win``, ``mods``, ``bm``, ``mods_bm``
 the block mask's CSR and CSC arrays of :func:`._params.block_mask_args`).
 ``flex_attention_backward`` builds the same kernel with the user's functions compiled in
 (:mod:`.flex_tc_bwd`).
+
+Experimental (``backward(..., config="tma")`` or ``"tma2"``, :data:`CONFIGS`; never chosen
+by ``auto``): the plain entry with Q and dO of each query step, and K and V once, copied by
+the copy engine (TMA) from tensor maps (:mod:`.tma`: boxes of 64 columns x 64 query rows or
+x 128 keys, 128-byte swizzle) into three (``tma``) or two (``tma2``) Q/dO buffers, each
+handed over by an mbarrier instead of cp.async by every thread and a block barrier. Same
+arithmetic in the same order: dk and dv equal the plain entry's bit for bit.
 """
 
 from __future__ import annotations
@@ -44,13 +51,16 @@ import numpy as np
 from . import _params, flash_bwd, instances
 from ._compile import compiled_function
 
-__all__ = ["HEAD_DIMS", "backward", "block_mask_reason", "built", "dq_accum", "forward",
-           "get_kernel", "grid", "run_dq_convert", "smem_bytes", "supports", "variant"]
+__all__ = ["CONFIGS", "HEAD_DIMS", "backward", "block_mask_reason", "built", "check_config",
+           "dq_accum", "forward", "get_kernel", "grid", "run_dq_convert", "smem_bytes",
+           "supports", "tma_maps", "variant"]
 
 HEAD_DIMS = instances.SM90_BWD_HEAD_DIMS
 # Keys per CTA (two warpgroups of 64) and query rows per step: fixed by the kernel.
 BLOCK_N, BLOCK_M = 128, 64
 THREADS = 256
+# The experimental entries of the plain backward: config name -> Q/dO buffers (TMA).
+CONFIGS = instances.SM90_BWD_TMA
 
 
 def variant(prob):
@@ -119,12 +129,15 @@ def _options_reason(opts):
     return None
 
 
-def smem_bytes(d):
+def smem_bytes(d, config=None):
     """K, V, two Q and two dO buffers, dS (64 x 128), lse and delta (two buffers each), a
     64 x 64 float32 dQ staging tile per warpgroup, plus 1 KiB for the 1024-byte alignment of
-    the swizzled tiles."""
-    return ((2 * BLOCK_N * d + 4 * BLOCK_M * d + BLOCK_M * BLOCK_N) * 2 + 4 * BLOCK_M * 4
-            + 2 * 64 * 64 * 4 + 1024)
+    the swizzled tiles; ``config`` (:data:`CONFIGS`): its Q/dO buffers and one 8-byte
+    mbarrier each (D = 128, three buffers: 215,064 bytes of the 232,448 a block may have)."""
+    nb = CONFIGS[config] if config is not None else 2
+    bars = 8 * nb if config is not None else 0
+    return ((2 * BLOCK_N * d + 2 * nb * BLOCK_M * d + BLOCK_M * BLOCK_N) * 2
+            + 4 * BLOCK_M * 4 + 2 * 64 * 64 * 4 + 1024 + bars)
 
 
 def get_kernel(tn, d, var=None, convert=False):
@@ -133,8 +146,8 @@ def get_kernel(tn, d, var=None, convert=False):
     disk)."""
     inst = instances.bwd_sm90(tn, d, None if convert else var)
     name = inst.names[1] if convert else inst.name
-    return compiled_function(inst.source, name, inst.defines, 0 if convert else smem_bytes(d),
-                             arch=inst.arch)
+    smem = 0 if convert else smem_bytes(d, var if var in CONFIGS else None)
+    return compiled_function(inst.source, name, inst.defines, smem, arch=inst.arch)
 
 
 def dq_accum(xp, batch, hq, sq, d):
@@ -163,16 +176,44 @@ def forward(prob, q, k, v, **_):
                               "cupy.sm90)")
 
 
-def backward(prob, dout, q, k, v, out, lse, *, deterministic=False):
-    """Return ``(dq, dk, dv)`` from the sm_90a backward kernel (see :func:`supports`)."""
+def check_config(prob, config):
+    """``config`` (``None`` or a key of :data:`CONFIGS`) for this problem, or ValueError."""
+    if config is None:
+        return None
+    if config not in CONFIGS:
+        raise ValueError(f"config: one of {sorted(CONFIGS)} (the experimental TMA entries) or "
+                         f"None, got {config!r}")
+    var = variant(prob)
+    if var is not None:
+        raise ValueError(f"config={config!r}: the TMA entries are the plain backward's (causal, "
+                         f"scale, GQA); this problem needs the {var!r} entry")
+    return config
+
+
+def backward(prob, dout, q, k, v, out, lse, *, deterministic=False, config=None):
+    """Return ``(dq, dk, dv)`` from the sm_90a backward kernel (see :func:`supports`);
+    ``config``: an experimental entry of :data:`CONFIGS` instead of the plain one (benchmarks
+    and tests pass it)."""
     why = supports(prob, {"deterministic": deterministic or None}, "backward")
     if why is not None:
         raise NotImplementedError(why)
+    config = check_config(prob, config)
     with q.device:
-        return _backward(prob, dout, q, k, v, out, lse)
+        return _backward(prob, dout, q, k, v, out, lse, config)
 
 
-def _backward(prob, dout, q, k, v, out, lse):
+def tma_maps(q4, k4, v4, do4):
+    """The tensor maps of the TMA entries, in their argument order: q and dout in boxes of 64
+    columns x 64 query rows, k and v in boxes of 64 columns x 128 keys (one box per 64-column
+    panel of the kernel's 128-byte-swizzled tiles; rows past the sequence arrive as zeros).
+    Each operand is checked first (C-contiguous, 16-byte aligned)."""
+    from . import tma
+
+    return (tma.rows_map(q4, "q", BLOCK_M), tma.rows_map(do4, "dout", BLOCK_M),
+            tma.rows_map(k4, "k", BLOCK_N), tma.rows_map(v4, "v", BLOCK_N))
+
+
+def _backward(prob, dout, q, k, v, out, lse, config=None):
     import cupy as xp
 
     tn = _params.type_name(prob.dtype)
@@ -195,16 +236,18 @@ def _backward(prob, dout, q, k, v, out, lse):
     acc = dq_accum(xp, B, hq, sq, d)
     i32, f32 = np.int32, np.float32
 
+    var = config or variant(prob)
+    # The tensor maps (checked before any launch).
+    maps = tma_maps(q4, k4, v4, do4) if config is not None else ()
     flash_bwd.run_delta(tn, o4, do4, delta, d)
-    var = variant(prob)
-    if var is None:
-        args = (q4, k4, v4, do4, lse3, delta, acc, dk4, dv4, i32(hq), i32(prob.group), i32(sq),
-                i32(sk), f32(prob.scale), i32(bool(prob.causal)))
+    if var is None or config is not None:
+        args = (*maps, q4, k4, v4, do4, lse3, delta, acc, dk4, dv4, i32(hq), i32(prob.group),
+                i32(sq), i32(sk), f32(prob.scale), i32(bool(prob.causal)))
     else:  # flash_bwd.cu's argument list (dq, null here, is not read)
         args = (q4, k4, v4, do4, lse3, delta, acc, np.uint64(0), dk4, dv4, i32(hq),
                 i32(prob.group), i32(sq), i32(sk), f32(prob.scale),
                 *_params.option_args(xp, prob), *_params.block_mask_args(xp, prob, csc=True))
     get_kernel(tn, d, var)(grid=grid(B, hkv, sk), block=(THREADS,), args=args,
-                           shared_mem=smem_bytes(d))
+                           shared_mem=smem_bytes(d, config))
     run_dq_convert(tn, d, acc, dq4, B * hq * sq, sq, prob.scale)
     return dq4.reshape(q.shape), dk4.reshape(k.shape), dv4.reshape(v.shape)

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 __all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "DECODE", "DECODE_EXTRA",
            "DECODE_HEAD_DIMS", "FWD",
            "FWD_BM", "FWD_BM_MODS", "FWD_MODS", "HEAD_DIMS", "Instance", "SM90", "SM90_BM",
-           "SM90_BM_MODS", "SM90_BWD_HEAD_DIMS", "SM90_BWD_VARIANTS", "SM90_EXPERIMENTAL",
-           "SM90_MODS", "SM90_PERSIST", "PERSIST_BIT", "TF32",
+           "SM90_BM_MODS", "SM90_BWD_HEAD_DIMS", "SM90_BWD_TMA", "SM90_BWD_VARIANTS",
+           "SM90_EXPERIMENTAL", "SM90_MODS", "SM90_PERSIST", "PERSIST_BIT", "TF32",
            "TF32X3", "bwd", "bwd_aux", "bwd_dq", "bwd_simt", "bwd_sm90", "decode",
            "experimental", "fwd", "fwd_simt", "persist_cfg", "shipped", "sm90", "tf32",
            "tf32_bm"]
@@ -303,9 +303,14 @@ def bwd_sm90(tn, d, variant=None) -> Instance:
     """The Hopper backward main kernel (``flash_bwd_sm90.cu``) of one dtype and head dim
     (:data:`SM90_BWD_HEAD_DIMS`); ``variant`` one of :data:`SM90_BWD_VARIANTS` (``None``: the
     plain entry, causal only, its own short argument list; the others take ``flash_bwd.cu``'s
-    argument list)."""
+    argument list) or of :data:`SM90_BWD_TMA` (the plain entry with TMA loads: the tensor maps
+    of q, dout, k, v, then the plain argument list)."""
     params = (("XATTN_BWD90_TN", tn), ("XATTN_BWD90_D", d))
     name = f"flash_bwd_sm90_{tn}_d{d}"
+    if variant in SM90_BWD_TMA:  # experimental: Q/dO (and K/V) by the copy engine
+        params += (("XATTN_BWD90_MN", variant), ("XATTN_BWD90_NB", SM90_BWD_TMA[variant]))
+        return Instance("flash_bwd_sm90.cu", "XATTN_BWD90_TMA_ONE", params,
+                        (f"{name}_{variant}",), arch="sm_90a")
     if variant is None:  # the plain module also holds the dq-convert kernel of every variant
         return Instance("flash_bwd_sm90.cu", "XATTN_BWD90_ONE", params,
                         (name, f"flash_bwd_sm90_dqconv_{tn}_d{d}"), arch="sm_90a")
@@ -327,6 +332,10 @@ SM90_BWD_HEAD_DIMS = (64, 128)
 # 129 TFLOP/s, fp16 B=4 H=16 S=4096, window (1024, 0) causal, H100, 2026-12-05): not built.
 SM90_BWD_VARIANTS = {"win": (False, False, (64,)), "mods": (True, False, (64,)),
                      "bm": (False, True, (64, 128)), "mods_bm": (True, True, (64,))}
+# Experimental entries of the plain backward (built on request, e.g. config="tma" of
+# flash_bwd_sm90.backward): Q and dO per step, K and V once, by the copy engine (TMA) from
+# tensor maps into this many Q/dO buffers. Not yet timed on a GPU.
+SM90_BWD_TMA = {"tma": 3, "tma2": 2}
 
 
 def decode(tn, d, cfg) -> Instance:
@@ -413,4 +422,7 @@ def _sm90_persist() -> list:
 
 def experimental() -> list:
     """Instances built only on request (``tools/check_kernels.py --experimental``)."""
-    return [sm90(tn, c[0], c[1:]) for c in SM90_EXPERIMENTAL for tn in TYPES]
+    out = [sm90(tn, c[0], c[1:]) for c in SM90_EXPERIMENTAL for tn in TYPES]
+    out += [bwd_sm90(tn, d, var) for var in SM90_BWD_TMA for d in SM90_BWD_HEAD_DIMS
+            for tn in TYPES]
+    return out
