@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SMEM_LIMIT = 232448  # dynamic shared memory of one block on sm_90 (227 KiB)
 
 
-def test_tma_instances_are_experimental():
-    """Built on request only (tools/check_kernels.py --experimental), with their own macro and
-    the buffer count as a define; the shipped list is unchanged."""
+def test_tma_instances_are_shipped():
+    """The plain requests' entries (flash_bwd_sm90.DEFAULT_CONFIG): shipped (CI compiles them),
+    with their own macro and the buffer count as a define."""
     assert instances.SM90_BWD_TMA == {"tma": 3, "tma2": 2}
     shipped = {i.name for i in instances.shipped()}
     extra = {i.name for i in instances.experimental()}
@@ -35,7 +35,8 @@ def test_tma_instances_are_experimental():
                 assert i.macro == "XATTN_BWD90_TMA_ONE" and i.arch == "sm_90a"
                 assert i.macro_call() == f"XATTN_BWD90_TMA_ONE({tn}, {d}, {var}, {nb})"
                 assert f"-DXATTN_BWD90_NB={nb}" in i.defines
-                assert i.name in extra and i.name not in shipped
+                assert i.name in shipped and i.name not in extra
+    assert set(k90b.DEFAULT_CONFIG.values()) <= set(instances.SM90_BWD_TMA)
 
 
 def test_tma_shared_memory():
@@ -72,7 +73,8 @@ def test_tma_maps_in_order(fake):  # noqa: F811 - pytest fixture
 def test_check_config():
     x = np.zeros((1, 2, 64, 64), dtype=np.float16)
     plain = validate_attention(x, x, x, causal=True)
-    assert k90b.check_config(plain, None) is None
+    assert k90b.check_config(plain, None) == k90b.DEFAULT_CONFIG[64] == "tma"
+    assert k90b.check_config(plain, "plain") is None  # the cp.async entry
     assert k90b.check_config(plain, "tma") == "tma"
     assert k90b.check_config(plain, "tma2") == "tma2"
     with pytest.raises(ValueError, match=r"config: one of \['tma', 'tma2'\]"):
@@ -80,6 +82,9 @@ def test_check_config():
     win = validate_attention(x, x, x, window=(8, 8))
     with pytest.raises(ValueError, match="config='tma': the TMA entries are the plain.*'win'"):
         k90b.check_config(win, "tma")
+    assert k90b.check_config(win, None) is None  # the option entries have no TMA twin
+    with pytest.raises(ValueError, match="config='plain': this problem needs the 'win'"):
+        k90b.check_config(win, "plain")
 
 
 @pytest.mark.slow

@@ -311,8 +311,9 @@ def test_auto_routes_options_to_the_sm90_backward_and_refuses_the_rest():
     assert _entry_name(served["block mask + alibi d=64"]).endswith("_mods_bm")
 
 
-# The experimental TMA entries (flash_bwd_sm90.backward(..., config="tma" | "tma2"): Q / dO
-# per step and K / V once by the copy engine; tools/gpu_check_bwdtma.sh runs these with -k tma).
+# The TMA entries (flash_bwd_sm90.backward(..., config="tma" | "tma2"), the plain requests'
+# default: Q / dO per step and K / V once by the copy engine; tools/gpu_check_bwdtma.sh runs
+# these with -k tma).
 TMA_CONFIGS = sorted(k90b.CONFIGS)
 
 
@@ -343,7 +344,7 @@ def _tma_run(config, dtype, d, *, b=2, hq=4, hkv=2, sq=141, sk=203, causal=True,
     prob = validate_attention(q, k, v, extra=(("dout", do), ("out", out), ("lse", lse)),
                               causal=causal)
     got = k90b.backward(prob, do, q, k, v, out, lse, config=config)
-    plain = k90b.backward(prob, do, q, k, v, out, lse)
+    plain = k90b.backward(prob, do, q, k, v, out, lse, config="plain")
     cp.cuda.runtime.deviceSynchronize()
     for name, g, p in zip(("dk", "dv"), got[1:], plain[1:], strict=True):
         nbad = int((g != p).sum())
@@ -402,6 +403,8 @@ def test_tma_backward_refusals():
     prob = validate_attention(q, k, v, extra=extra, window=(16, 16))
     with pytest.raises(ValueError, match="config='tma': the TMA entries are the plain"):
         k90b.backward(prob, out, q, k, v, out, lse, config="tma")
+    with pytest.raises(ValueError, match="config='plain': this problem needs the 'win' entry"):
+        k90b.backward(prob, out, q, k, v, out, lse, config="plain")
     prob = validate_attention(q, k, v, extra=extra)
     with pytest.raises(ValueError, match="config: one of"):
         k90b.backward(prob, out, q, k, v, out, lse, config="tma3")

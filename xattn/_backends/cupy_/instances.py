@@ -130,8 +130,10 @@ SM90_EXPERIMENTAL = (
 # Mode 43 = 11 + bit 5 (persistent: min(tiles, SMs) blocks walk the (query block, head, batch)
 # tiles longest-first; the producer loads Q and the next tile's first K/V blocks while the
 # consumers finish a tile): plain (D, BN, warpgroups, 43), and the _mods / _bm entries of every
-# mode-11 configuration above with the same bit. Not a default until measured; the launchers
-# take it through config=... . Shipped (CI compiles them) so that they stay spill-free.
+# mode-11 configuration above with the same bit. Experimental (built on request, config=...):
+# on an H100 (tools/gpu_check_fwdpersist.sh bench, 2026-12-05) it ran at 0.96-1.04x mode 11 in
+# every row (fp16 D 64 / 128, S 1024 / 4096, causal or not; window +-256 S=65536 168.5 against
+# 162.1 TFLOP/s), so the per-tile prologue it hides is not what limits the kernel there.
 SM90_PERSIST = ((64, 64, 3, 43), (128, 128, 2, 43))
 PERSIST_BIT = 32
 
@@ -332,9 +334,10 @@ SM90_BWD_HEAD_DIMS = (64, 128)
 # 129 TFLOP/s, fp16 B=4 H=16 S=4096, window (1024, 0) causal, H100, 2026-12-05): not built.
 SM90_BWD_VARIANTS = {"win": (False, False, (64,)), "mods": (True, False, (64,)),
                      "bm": (False, True, (64, 128)), "mods_bm": (True, True, (64,))}
-# Experimental entries of the plain backward (built on request, e.g. config="tma" of
-# flash_bwd_sm90.backward): Q and dO per step, K and V once, by the copy engine (TMA) from
-# tensor maps into this many Q/dO buffers. Not yet timed on a GPU.
+# The TMA entries of the plain backward (flash_bwd_sm90.DEFAULT_CONFIG picks one per head dim):
+# Q and dO per step, K and V once, by the copy engine (TMA) from tensor maps into this many
+# Q/dO buffers. H100, fp16 S=4096 (tools/gpu_check_bwdtma.sh bench): 1.15-1.25x the cp.async
+# entry.
 SM90_BWD_TMA = {"tma": 3, "tma2": 2}
 
 
@@ -399,11 +402,12 @@ def shipped() -> list:
     for d, cs in SM90_BM.items():
         out += [sm90(tn, d, c, False, True) for c in cs for tn in TYPES]
         out += [sm90(tn, d, c, True, True) for c in SM90_BM_MODS.get(d, cs) for tn in TYPES]
-    out += _sm90_persist()
     for d in DECODE_HEAD_DIMS:
         for cfg in (DECODE[d], *DECODE_EXTRA.get(d, ())):
             out += [decode(tn, d, cfg) for tn in TYPES]
     out += [bwd_sm90(tn, d) for d in SM90_BWD_HEAD_DIMS for tn in TYPES]
+    out += [bwd_sm90(tn, d, var) for var in SM90_BWD_TMA for d in SM90_BWD_HEAD_DIMS
+            for tn in TYPES]
     out += [bwd_sm90(tn, d, var) for var, (*_, dims) in SM90_BWD_VARIANTS.items()
             for d in dims for tn in TYPES]
     return out
@@ -423,6 +427,4 @@ def _sm90_persist() -> list:
 def experimental() -> list:
     """Instances built only on request (``tools/check_kernels.py --experimental``)."""
     out = [sm90(tn, c[0], c[1:]) for c in SM90_EXPERIMENTAL for tn in TYPES]
-    out += [bwd_sm90(tn, d, var) for var in SM90_BWD_TMA for d in SM90_BWD_HEAD_DIMS
-            for tn in TYPES]
-    return out
+    return out + _sm90_persist()
