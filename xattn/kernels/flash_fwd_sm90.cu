@@ -26,7 +26,7 @@
 // Layout (contiguous): q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D), out like q, lse (B, Hq, Sq)
 // float32 natural log. GQA: query head h reads kv head h / group. Bottom-right alignment:
 // query i sits at key position i + (Sk - Sq). Options: causal, window, scale, GQA, lse; the
-// _mods / _bm entries (mode 11 only) add the score modifications (softcap, bias, ALiBi, bool
+// _mods / _bm entries (modes 11/27/75) add the score modifications (softcap, bias, ALiBi, bool
 // mask: masking.cuh's ScoreMods, applied as flash_fwd.cu applies them) and the block mask's
 // CSR walk (blockmask.cuh: producer and consumers walk the same list, so only visible key
 // tiles are loaded; the element rule runs in partial blocks only), and take flash_fwd.cu's
@@ -38,7 +38,8 @@
 // Entry points: flash_fwd_sm90_<f16|bf16>_d<D>_n<BN>_g<NWG>_o<mode> (mode bits at the end).
 // Modes 11 / 27 (flash_fwd_sm90_ws) add a producer warpgroup: K/V stages handed over by
 // mbarriers, no __syncthreads in the loop, 27 with ping-pong of the two consumer warpgroups;
-// mode 75 (bit 6, experimental) fills that ring with the copy engine (TMA, tma_sm90.cuh).
+// mode 75 (bit 6) fills that ring with the copy engine (TMA, tma_sm90.cuh): one producer
+// thread, ws_produce_tma, or ws_produce_walk_tma along a block mask's CSR list.
 
 #include "common.cuh"
 #include "masking.cuh"
@@ -862,7 +863,8 @@ __device__ __forceinline__ void flash_fwd_sm90_mods_tma_mode(const FwdArgsModsTm
 //   75 = 11 + bit 6 (XATTN90_TMA_ENTRY, experimental): K/V stages filled by the copy engine
 //     (cp.async.bulk.tensor from 3-D tensor maps, one producer thread, full barriers of count
 //     1 with the stage's bytes); Q stays on the consumers' cp.async. The entries take the
-//     tensor maps of K and V first (xattn/_backends/cupy_/tma.py), then XATTN90_PARAMS.
+//     tensor maps of K and V first (xattn/_backends/cupy_/tma.py), then XATTN90_PARAMS;
+//     the _mods / _bm twins (XATTN90_MODS_TMA_ENTRY) take them before XATTN90_MODS_PARAMS.
 #define XATTN90_ENTRY(TN, D, BN, NWG, OV)                                                  \
     extern "C" __global__ void __launch_bounds__(((OV & 8) ? NWG + 1 : NWG) * 128, 1)      \
         flash_fwd_sm90_##TN##_d##D##_n##BN##_g##NWG##_o##OV(XATTN90_PARAMS) {               \
