@@ -45,7 +45,7 @@ def test_kernel_for_takes_wgmma_on_hopper(dp, mods, sparse):
         assert flex_tc.BLOCK % rows == 0 and flex_tc.BLOCK % bn == 0
     assert threads == rows * 2 + 128 and smem <= 232448  # consumers + the producer
     # Its configuration is one that CI compiles (with the built-in entry's name).
-    cfg = (bn, rows // 64, 11)
+    cfg = (bn, rows // 64, int(dict(inst.params)["XATTN90_OV"]))
     shipped = {i.name for i in instances.shipped()}
     builtin = instances.sm90("f16", dp, cfg, mods or not sparse, sparse).name
     assert builtin in shipped, builtin
@@ -97,7 +97,9 @@ def test_hooked_sm90_kernel_compiles_without_spills(tmp_path, dp):
     (96, (128, 128), False, None),
 ])
 def test_block_mask_config(d, block, mods, want):
-    assert flash_sm90.block_mask_config(d, block, mods) == want
+    # The tiles; the mode is the family's that instances.SM90_MODS_ON_TMA picks (11 or 75).
+    mode = 75 if instances.SM90_MODS_ON_TMA else 11
+    assert flash_sm90.block_mask_config(d, block, mods) == (want and (*want[:2], mode))
 
 
 def test_block_mask_reason_names_the_block_size():
@@ -117,7 +119,8 @@ def test_instances_mods_and_block_mask_entries():
         for d, cfg in flash_sm90.MODS_CONFIGS.items():
             inst = instances.sm90(tn, d, cfg, True)
             assert inst.name.endswith("_mods") and inst.name in shipped
-            assert inst.macro == "XATTN90_MODS_ONE" and inst.ci
+            macro = "XATTN90_MODS_TMA_ONE" if cfg[2] & 64 else "XATTN90_MODS_ONE"
+            assert inst.macro == macro and inst.ci
         for d, cands in flash_sm90.BM_CONFIGS.items():
             for cfg in cands:
                 assert instances.sm90(tn, d, cfg, False, True).name in shipped

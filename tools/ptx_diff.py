@@ -28,9 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 _ENTRY = re.compile(r"^\s*(?:\.visible\s+|\.weak\s+)?\.entry\s+(\w+)\s*\(", re.M)
 _REG = re.compile(r"%(r|rd|f|fd|p|rs|h|hh)(\d+)\b")
-# Labels and local depots carry the function's position in its translation unit.
+# Labels and local depots carry the function's position in its translation unit, and so do
+# the labels that inline asm numbers with %= (mbar_wait's WAIT_<n>: a count over the unit).
 _POSITIONAL = ((re.compile(r"\$L__BB\d+_"), "$L__BB_"),
-               (re.compile(r"__local_depot\d+"), "__local_depot"))
+               (re.compile(r"__local_depot\d+"), "__local_depot"),
+               (re.compile(r"\bWAIT_\d+\b"), "WAIT_"))
 
 
 def entries(ptx: str) -> dict:

@@ -367,3 +367,243 @@ def test_persistent(case, d, monkeypatch):
     if mask == "empty_block_row":
         assert bool(cp.all(out[..., 128:256, :] == 0))
         assert bool(cp.all(cp.isneginf(lse[..., 128:256])))
+
+
+# --- Mode 75: the same entries with the K/V ring filled by the copy engine ----------------
+# The mode-75 twins of the _mods / _bm / _mods_bm / flex entries (instances.SM90_*_TMA: the
+# same tiles; the producer is one thread issuing tensor-map copies, ws_produce_tma, or
+# ws_produce_walk_tma along the block mask's CSR list), called with an explicit config so that
+# they run whichever family instances.SM90_MODS_ON_TMA makes the default. Each against the
+# oracle (outputs poisoned: tests/gpu/conftest.py) and bit for bit against its mode-11 twin.
+
+
+TMA_TABLES = {11: (instances.SM90_MODS, instances.SM90_BM, instances.SM90_BM_MODS),
+              75: (instances.SM90_MODS_TMA, instances.SM90_BM_TMA, instances.SM90_BM_MODS_TMA)}
+
+
+def _bits(x):
+    return x.view(cp.uint16 if x.dtype.itemsize == 2 else cp.uint32)
+
+
+def _assert_same_bits(case, got, want):
+    for name, a, b in zip(("out", "lse"), got, want, strict=True):
+        same = _bits(a) == _bits(b)
+        assert bool(same.all()), (f"{case} {name}: mode 75 differs from mode 11 in "
+                                  f"{int((~same).sum())} of {same.size} elements")
+
+
+def _oracle(case, out, lse, q, k, v, block_mask=None, **opts):
+    ref_opts = dict(opts)
+    if block_mask is not None:
+        dense = cp.asarray(block_mask.to_dense())
+        user = ref_opts.pop("mask", None)
+        ref_opts["mask"] = dense if user is None else dense & user
+    ref, ref_lse, _ = reference_attention(q, k, v, **ref_opts)
+    naive = naive_attention(q, k, v, **ref_opts)
+    assert_close(out, ref, xp=cp, dtype=q.dtype, naive=naive, name=f"{case} out")
+    assert_close(lse, ref_lse, xp=cp, dtype=np.float32, atol=2e-3, rtol=1e-3,
+                 name=f"{case} lse")
+
+
+def _tma_config(d, mods, block_mask=None):
+    """The mode-75 configuration the launcher would take with the switch on."""
+    table_mods, table_bm, table_bm_mods = TMA_TABLES[75]
+    if block_mask is None:
+        return table_mods[d]
+    bq, bk = block_mask.block_size
+    cands = (table_bm_mods.get(d) if mods else None) or table_bm[d]
+    return next(c for c in cands if bq % (64 * c[1]) == 0 and bk % c[0] == 0)
+
+
+def _check_twins(case, q, k, v, *, block_mask=None, **opts):
+    """Mode 75 against the oracle, then against mode 11 with the same tiles, bit for bit."""
+    prob = validate_attention(q, k, v, block_mask=block_mask, **opts)
+    cfg = _tma_config(q.shape[-1], prob.has_score_mods, block_mask)
+    assert cfg[2] == 75
+    o75, l75 = k90.forward(prob, q, k, v, config=cfg)
+    cp.cuda.runtime.deviceSynchronize()
+    _oracle(f"{case} {cfg}", o75, l75, q, k, v, block_mask=block_mask, **opts)
+    o11, l11 = k90.forward(prob, q, k, v, config=(cfg[0], cfg[1], 11))
+    _assert_same_bits(f"{case} {cfg}", (o75, l75), (o11, l11))
+    return o75, l75
+
+
+def _device_opts(opts):
+    return {key: cp.asarray(val.astype(np.float32) if val.dtype.kind == "f" else val)
+            if isinstance(val, np.ndarray) else val for key, val in opts.items()}
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype,case", [("float16", c) for c in sorted(MODS)] + [
+    ("bfloat16", c) for c in ("alibi", "softcap", "everything", "gqa4+alibi")])
+def test_tma_score_mods(case, dtype, d):
+    """Every score modification of the _mods entries (softcap, bias, ALiBi, bool mask, their
+    combinations with causal / window, GQA, MQA, Sq != Sk, Sq = 1) in mode 75."""
+    shape, build = MODS[case]
+    shape = {"b": 2, "hq": 4, "hkv": 2, "sq": 77, "sk": 150, **shape}
+    rng = np.random.default_rng([zlib.crc32(case.encode()), d, 75])
+    amp = shape.pop("amp", 1.0)
+    q, k, v = _inputs(rng, dtype, d=d, amp=amp, **shape)
+    opts = _device_opts(build(rng, shape["b"], shape["hq"], shape["sq"], shape["sk"]))
+    _check_twins(f"{case} {dtype} D={d}", q, k, v, **opts)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("name", sorted(MASKS))
+def test_tma_block_masks(name, d):
+    """The CSR walk on the copy engine: causal, windows (128- and 64-key tiles), Longformer,
+    BigBird, documents, dense masks with full, partial and empty blocks, & and |."""
+    bm = MASKS[name]
+    rng = np.random.default_rng([zlib.crc32(name.encode()), d, 75])
+    q, k, v = _inputs(rng, "float16", d=d, sq=bm.q_len, sk=bm.k_len)
+    _check_twins(f"{name} D={d}", q, k, v, block_mask=bm)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("name", ["window", "longformer", "bigbird", "documents"])
+@pytest.mark.parametrize("option", ["causal", "alibi+softcap", "mask", "gqa4", "all"])
+def test_tma_block_masks_with_options(name, d, option):
+    bm = MASKS[name]
+    rng = np.random.default_rng([zlib.crc32((name + option).encode()), d, 75])
+    hq, hkv = (8, 2) if option == "gqa4" else (4, 2)
+    q, k, v = _inputs(rng, "float16", d=d, hq=hq, hkv=hkv, sq=bm.q_len, sk=bm.k_len,
+                      amp=2.0 if option in ("alibi+softcap", "all") else 1.0)
+    opts = {}
+    if option in ("causal", "all"):
+        opts["causal"] = True
+    if option == "all":
+        opts["window"] = (80, None)
+        opts["bias"] = cp.asarray(rng.standard_normal((hq, 1, bm.k_len)), dtype=cp.float32)
+    if option in ("alibi+softcap", "all"):
+        opts["alibi_slopes"] = cp.asarray(xattn.alibi_slopes(hq), dtype=cp.float32)
+        opts["softcap"] = 6.0
+    if option in ("mask", "all"):
+        opts["mask"] = cp.asarray(rng.random((bm.q_len, bm.k_len)) < 0.8)
+    _check_twins(f"{name} + {option} D={d}", q, k, v, block_mask=bm, **opts)
+
+
+def _nan_tailed(rng, dtype, shape):
+    """A (B, H, S, D) operand whose allocation continues with NaN past its last element (a
+    view of the allocation's head, same address), as in test_gpu_flash_sm90.py: a key tile at
+    the last head's sequence end that read past Sk would bring NaN in, where the tensor map's
+    bounds give zeros."""
+    n = int(np.prod(shape))
+    host = np.concatenate([rng.standard_normal(n), np.full(256 * shape[-1], np.nan)])
+    base = cupy_array(host, dtype)
+    x = base[:n].reshape(shape)
+    assert x.data.ptr == base.data.ptr and x.flags.c_contiguous
+    return x
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("kind", ["mods", "bm", "bm_keys64", "mods_bm", "long_bm"])
+def test_tma_sequence_ends(d, kind):
+    """Several batches and heads with Sq and Sk off the tile sizes: every (b, kv head)'s last
+    key tile reaches past Sk (zeros from the tensor map's bounds; NaN follows the last head);
+    GQA; "long_bm": 9 key blocks of a dense random mask per row, so the walk turns the 3-stage
+    ring over several times."""
+    rng = np.random.default_rng([d, len(kind), 75])
+    b, hq, hkv, sq, sk = 3, 4, 2, 141, 203
+    if kind == "long_bm":
+        b, hq, hkv, sq, sk = 2, 2, 1, 300, 1100
+    q = cupy_array(rng.standard_normal((b, hq, sq, d)), "float16")
+    k = _nan_tailed(rng, "float16", (b, hkv, sk, d))
+    v = _nan_tailed(rng, "float16", (b, hkv, sk, d))
+    opts = {}
+    if kind in ("mods", "mods_bm"):
+        opts = {"alibi_slopes": cp.asarray(xattn.alibi_slopes(hq), dtype=cp.float32),
+                "softcap": 5.0, "causal": kind == "mods"}
+    bm = None
+    if kind != "mods":
+        dense = rng.random((sq, sk)) < (0.7 if kind == "long_bm" else 0.5)
+        bm = xattn.BlockMask.from_dense(dense, block_size=(128, 64) if kind == "bm_keys64"
+                                        else 128)
+    _check_twins(f"{kind} D={d}", q, k, v, block_mask=bm, **opts)
+
+
+def test_tma_block_mask_empty_rows():
+    """A query block row with an empty list (the one producer thread issues nothing, the
+    consumers wait for nothing), rows emptied inside partial blocks: out 0, lse -inf."""
+    rng = np.random.default_rng(75)
+    dense = rng.random((400, 360)) < 0.5
+    dense[128:256] = False
+    dense[5:9] = False
+    bm = xattn.BlockMask.from_dense(dense, block_size=128)
+    q, k, v = _inputs(rng, "float16", sq=400, sk=360)
+    out, lse = _check_twins("empty rows", q, k, v, block_mask=bm)
+    for rows in (slice(128, 256), slice(5, 9)):
+        assert bool(cp.all(out[..., rows, :] == 0)), f"rows {rows}: out not 0"
+        assert bool(cp.all(cp.isneginf(lse[..., rows]))), f"rows {rows}: lse not -inf"
+
+
+def test_tma_default_follows_the_switch():
+    """flash_attention's _mods / _bm entries run the family instances.SM90_MODS_ON_TMA picks."""
+    mode = 75 if instances.SM90_MODS_ON_TMA else 11
+    rng = np.random.default_rng(7)
+    q, k, v = _inputs(rng, "float16", sq=300, sk=300)
+    slopes = cp.asarray(xattn.alibi_slopes(4), dtype=cp.float32)
+    with _Kernels() as log:
+        xattn.flash_attention(q, k, v, alibi_slopes=slopes, backend="cupy.sm90")
+        xattn.flash_attention(q, k, v, block_mask=xattn.BlockMask.causal(300, block_size=128),
+                              backend="cupy.sm90")
+    names = log.names
+    assert any(n.endswith("_mods") for n in names) and any(n.endswith("_bm") for n in names)
+    assert all(f"_o{mode}_" in n for n in names), names
+
+
+TMA_HEADS = 8
+TMA_SLOPES = xattn.alibi_slopes(TMA_HEADS, dtype=np.float64)
+TMA_DOC = np.repeat(np.arange(6), 70)[:400].astype(np.int32)  # documents of 70 tokens
+
+
+def flex_alibi(score, b, h, q_idx, kv_idx):
+    return score - TMA_SLOPES[h] * abs(q_idx - kv_idx)
+
+
+def flex_causal(b, h, q_idx, kv_idx):
+    return kv_idx <= q_idx
+
+
+def flex_documents(b, h, q_idx, kv_idx):
+    return TMA_DOC[q_idx] == TMA_DOC[kv_idx] and kv_idx <= q_idx
+
+
+def _family(monkeypatch, mode):
+    for name, table in zip(("MODS_CONFIGS", "BM_CONFIGS", "BM_MODS_CONFIGS"),
+                           TMA_TABLES[mode], strict=True):
+        monkeypatch.setattr(k90, name, table)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("case", ["alibi+causal", "alibi", "documents_gqa", "causal"])
+def test_tma_flex(monkeypatch, d, case):
+    """flex_attention on the mode-75 entries (the launcher's tables set to the twins): the
+    tensor maps before the parameter block and the user's arrays; score_mod alone (the _flex
+    entry), mask_mod's derived block mask (the _flex_bm entry's walk), with and without a
+    score_mod, GQA; against the oracle and bit for bit against the mode-11 entries."""
+    smod = flex_alibi if "alibi" in case else None
+    mmod = {"alibi+causal": flex_causal, "causal": flex_causal,
+            "documents_gqa": flex_documents}.get(case)
+    hq, hkv, sq, sk = (TMA_HEADS, 2, 400, 400) if case == "documents_gqa" else (4, 2, 300, 333)
+    rng = np.random.default_rng([zlib.crc32(case.encode()), d, 75])
+    q, k, v = _inputs(rng, "float16", b=2, hq=hq, hkv=hkv, sq=sq, sk=sk, d=d)
+    got = {}
+    for mode in (75, 11):
+        _family(monkeypatch, mode)
+        with _Kernels() as log:
+            got[mode] = xattn.flex_attention(q, k, v, score_mod=smod, mask_mod=mmod,
+                                             return_lse=True, backend="cupy")
+            cp.cuda.runtime.deviceSynchronize()
+        want = f"_o{mode}_flex" + ("_bm" if mmod else "")
+        assert any(n.startswith("flash_fwd_sm90_") and n.endswith(want) for n in log.names), \
+            (mode, log.names)
+    i, j = np.arange(sq)[:, None], np.arange(sk)[None]
+    opts = {}
+    if smod is not None:
+        opts["bias"] = -TMA_SLOPES[:hq, None, None] * np.abs(i - j)[None]
+    if mmod is flex_causal:
+        opts["mask"] = j <= i
+    elif mmod is flex_documents:
+        opts["mask"] = (TMA_DOC[:sq, None] == TMA_DOC[None, :sk]) & (j <= i)
+    _oracle(f"flex {case} D={d}", *got[75], q, k, v, **opts)
+    _assert_same_bits(f"flex {case} D={d}", got[75], got[11])

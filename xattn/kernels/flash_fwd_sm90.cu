@@ -26,7 +26,7 @@
 // Layout (contiguous): q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D), out like q, lse (B, Hq, Sq)
 // float32 natural log. GQA: query head h reads kv head h / group. Bottom-right alignment:
 // query i sits at key position i + (Sk - Sq). Options: causal, window, scale, GQA, lse; the
-// _mods / _bm entries (mode 11 only) add the score modifications (softcap, bias, ALiBi, bool
+// _mods / _bm entries (modes 11/27/75) add the score modifications (softcap, bias, ALiBi, bool
 // mask: masking.cuh's ScoreMods, applied as flash_fwd.cu applies them) and the block mask's
 // CSR walk (blockmask.cuh: producer and consumers walk the same list, so only visible key
 // tiles are loaded; the element rule runs in partial blocks only), and take flash_fwd.cu's
@@ -39,7 +39,8 @@
 // Modes 11 / 27 (flash_fwd_sm90_ws) add a producer warpgroup: K/V stages handed over by
 // mbarriers, no __syncthreads in the loop, 27 with ping-pong of the two consumer warpgroups;
 // mode 75 (bit 6, the plain entries' default) fills that ring with the copy engine (TMA,
-// tma_sm90.cuh). Mode 43 (flash_fwd_sm90_persist, experimental) is 11 made persistent: one
+// tma_sm90.cuh): one producer thread, ws_produce_tma, or ws_produce_walk_tma along a block
+// mask's CSR list. Mode 43 (flash_fwd_sm90_persist, experimental) is 11 made persistent: one
 // block per SM walks the tiles, the producer loads Q too; its entries take the batch as one
 // more argument.
 
@@ -186,6 +187,16 @@ struct FwdArgsMods : ScoreMods, FwdOperands<unsigned short> {
 #ifdef XATTN_USER_MODS
     XattnUserArgs user;
 #endif
+};
+
+// The _o75 _mods / _bm / flex entries: that parameter block and the tensor maps of K and V.
+struct FwdArgsModsTma : FwdArgsMods {
+    const TmaDesc* tk;
+    const TmaDesc* tv;
+};
+template <>
+struct uses_tma<FwdArgsModsTma> {
+    static constexpr bool value = true;
 };
 
 // The element passes on one score tile held by a warpgroup (fwd_score_rules.cuh): s[n * 4 +
@@ -526,6 +537,34 @@ __device__ __forceinline__ void ws_produce_tma(unsigned sK, unsigned sV, const T
         }
     }
 }
+
+// ws_produce_walk on the copy engine (the _o75 _bm entries), run by ONE thread: the key tiles
+// of the CSR walk of mask block row `row` clipped to [kb0, kb1) -- the consumers' list --
+// each handed over as ws_produce_tma hands over a block (stage i % NST for the i-th visited
+// tile, its release awaited on reuse, expect_tx of both tiles on a full barrier of count 1).
+template <int BN, int D, int NST>
+__device__ __forceinline__ void ws_produce_walk_tma(unsigned sK, unsigned sV, const TmaDesc* tk,
+                                                    const TmaDesc* tv, int kvh,
+                                                    const XattnBlockMask& bm, int row, int kb0,
+                                                    int kb1, unsigned fullb, unsigned emptyb) {
+    constexpr unsigned TILE = BN * D * 2;
+    XattnCsrWalk walk;
+    int kt, pb;
+    xattn_csr_begin(bm, row, BN, kb0, kb1, walk);
+    xattn_csr_next(bm, walk, kt, pb);
+    for (int i = 0; kt >= 0; ++i) {
+        const int st = i % NST;
+        if (i >= NST) mbar_wait(emptyb + st * 8, ((i / NST) - 1) & 1);
+        const unsigned full = fullb + st * 8;
+        tma_arrive_expect_tx(full, 2 * TILE);
+#pragma unroll
+        for (int p = 0; p < D / 64; ++p) {
+            tma_load_3d(sK + st * TILE + p * BN * 128, tk, p * 64, kt * BN, kvh, full);
+            tma_load_3d(sV + st * TILE + p * BN * 128, tv, p * 64, kt * BN, kvh, full);
+        }
+        xattn_csr_next(bm, walk, kt, pb);
+    }
+}
 #endif
 
 // Warp-specialised schedule (mode bit 3, after FlashAttention-3): warpgroup 0 is a producer
@@ -604,7 +643,11 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
 
     if (wg == 0) {
         setmaxnreg_dec<24>();
-        if constexpr (TMA) {
+        if constexpr (TMA && SPARSE) {
+            if (tid == 0)
+                ws_produce_walk_tma<BN, D, WS_ST>(sKa, sVa, a.tk, a.tv, b * hkv + h / a.group,
+                                                  a.bm, q0 / a.bm.bq, kb0, kb1, fullb, emptyb);
+        } else if constexpr (TMA) {
             if (tid == 0)
                 ws_produce_tma<BN, D, WS_ST>(sKa, sVa, a.tk, a.tv, b * hkv + h / a.group, kb0,
                                              nkb, 0, fullb, emptyb);
@@ -1147,6 +1190,13 @@ __device__ __forceinline__ void flash_fwd_sm90_mods_mode(const FwdArgsMods& a) {
     flash_fwd_sm90_ws<T, D, BN, NWG, (OV & 16) != 0, MODS, SPARSE>(a);
 }
 
+// The _o75 _mods / _bm / flex entries: those schedules with K/V by the copy engine (bit 6).
+template <class T, int D, int BN, int NWG, int OV, bool MODS, bool SPARSE>
+__device__ __forceinline__ void flash_fwd_sm90_mods_tma_mode(const FwdArgsModsTma& a) {
+    static_assert((OV & 64) != 0 && (OV & 11) == 11, "mode bit 6 extends modes 11 / 27");
+    flash_fwd_sm90_ws<T, D, BN, NWG, (OV & 16) != 0, MODS, SPARSE, FwdArgsModsTma>(a);
+}
+
 }  // namespace xattn::sm90
 
 #define XATTN90_PARAMS                                                                     \
@@ -1170,7 +1220,8 @@ __device__ __forceinline__ void flash_fwd_sm90_mods_mode(const FwdArgsMods& a) {
 //     copy engine (cp.async.bulk.tensor from 3-D tensor maps, one producer thread, full
 //     barriers of count 1 with the stage's bytes); Q stays on the consumers' cp.async. The
 //     entries take the tensor maps of K and V first (xattn/_backends/cupy_/tma.py), then
-//     XATTN90_PARAMS.
+//     XATTN90_PARAMS; the _mods / _bm twins (XATTN90_MODS_TMA_ENTRY) take them before
+//     XATTN90_MODS_PARAMS.
 //   43 = 11 + bit 5: persistent (flash_fwd_sm90_persist; XATTN90_PENTRY / XATTN90_MODS_PENTRY
 //     below): grid min(tiles, SMs), one more argument (the batch), not with ping-pong.
 #define XATTN90_ENTRY(TN, D, BN, NWG, OV)                                                  \
@@ -1247,6 +1298,27 @@ __device__ __forceinline__ void flash_fwd_sm90_mods_mode(const FwdArgsMods& a) {
     }
 #define XATTN90_MODS_PONE(TN, D, BN, NWG, OV, MN, MODS, SPARSE) \
     XATTN90_MODS_PENTRY(TN, D, BN, NWG, OV, MN, MODS, SPARSE)
+// Their mode-75 twins (XATTN90_TMA with XATTN90_MN): the tensor maps of K and V first, as
+// XATTN90_TMA_ENTRY's, then the same XATTN90_MODS_PARAMS (flex_attention's arrays last).
+#define XATTN90_MODS_TMA_ENTRY(TN, D, BN, NWG, OV, MN, MODS, SPARSE)                        \
+    extern "C" __global__ void __launch_bounds__((NWG + 1) * 128, 1)                       \
+        flash_fwd_sm90_##TN##_d##D##_n##BN##_g##NWG##_o##OV##_##MN(                        \
+            const __grid_constant__ xattn::TmaDesc tk, const __grid_constant__ xattn::TmaDesc tv, \
+            XATTN90_MODS_PARAMS) {                                                          \
+        xattn::sm90::flash_fwd_sm90_mods_tma_mode<xattn::TN, D, BN, NWG, OV, MODS, SPARSE>( \
+            xattn::sm90::FwdArgsModsTma{                                                    \
+                xattn::sm90::FwdArgsMods{                                                   \
+                    XATTN_SCORE_MOD_INIT,                                                   \
+                    xattn::FwdOperands<unsigned short>{q, k, v, o, lse, hq, group, sq, sk,  \
+                                                       scale},                              \
+                    xattn::XattnBlockMask{bm_frow, bm_fcol, bm_prow, bm_pcol, bm_tiles,     \
+                                          bm_bq, bm_bk, bm_words, bm_rule, bm_off, bm_left, \
+                                          bm_right}                                         \
+                    XATTN_USER_INIT},                                                       \
+                &tk, &tv});                                                                 \
+    }
+#define XATTN90_MODS_TMA_ONE(TN, D, BN, NWG, OV, MN, MODS, SPARSE) \
+    XATTN90_MODS_TMA_ENTRY(TN, D, BN, NWG, OV, MN, MODS, SPARSE)
 // Instantiation: the loader builds one module per entry with -D options, CI one translation
 // unit per file with one macro call per entry -- both from the list in
 // xattn/_backends/cupy_/instances.py. Without those options this file builds nothing.
@@ -1255,6 +1327,9 @@ __device__ __forceinline__ void flash_fwd_sm90_mods_mode(const FwdArgsMods& a) {
 #if defined(XATTN90_MN) && (XATTN90_OV & 32)
 XATTN90_MODS_PONE(XATTN90_TN, XATTN90_D, XATTN90_BN, XATTN90_NWG, XATTN90_OV, XATTN90_MN,
                   XATTN90_MODS, XATTN90_SPARSE)
+#elif defined(XATTN90_MN) && defined(XATTN90_TMA)
+XATTN90_MODS_TMA_ONE(XATTN90_TN, XATTN90_D, XATTN90_BN, XATTN90_NWG, XATTN90_OV, XATTN90_MN,
+                     XATTN90_MODS, XATTN90_SPARSE)
 #elif defined(XATTN90_MN)
 XATTN90_MODS_ONE(XATTN90_TN, XATTN90_D, XATTN90_BN, XATTN90_NWG, XATTN90_OV, XATTN90_MN,
                  XATTN90_MODS, XATTN90_SPARSE)

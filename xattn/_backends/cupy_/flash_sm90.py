@@ -22,8 +22,8 @@ import numpy as np
 from . import _compile, _params, instances
 from ._compile import compiled_function
 
-__all__ = ["BUILT", "CONFIGS", "compiled_function", "forward", "get_kernel", "persist_grid",
-           "precompile", "smem_bytes", "supports", "threads"]
+__all__ = ["BUILT", "CONFIGS", "compiled_function", "entry_maps", "forward", "get_kernel",
+           "launch_config", "persist_grid", "precompile", "smem_bytes", "supports", "threads"]
 
 # Per head dim: (keys per block BN, consumer warpgroups per block, mode), from the one list of
 # every compiled entry (instances.py). 64 query rows per warpgroup. Mode bit 0 (overlap): block
@@ -46,10 +46,21 @@ __all__ = ["BUILT", "CONFIGS", "compiled_function", "forward", "get_kernel", "pe
 CONFIGS = instances.SM90
 # The score-modification entries' configuration per head dim, and the block-sparse candidates
 # in order of preference (the first whose query rows divide the mask's bq and whose key tile
-# divides its bk); see instances.py.
-MODS_CONFIGS = instances.SM90_MODS
-BM_CONFIGS = instances.SM90_BM
-BM_MODS_CONFIGS = instances.SM90_BM_MODS
+# divides its bk); see instances.py. instances.SM90_MODS_ON_TMA picks mode 11 (cp.async) or
+# its mode-75 twins (the copy engine, as the plain entries' default) for all three and for
+# flex_attention's Hopper kernel (flex_tc.py reads these).
+if instances.SM90_MODS_ON_TMA:
+    MODS_CONFIGS = instances.SM90_MODS_TMA
+    BM_CONFIGS = instances.SM90_BM_TMA
+    BM_MODS_CONFIGS = instances.SM90_BM_MODS_TMA
+else:
+    MODS_CONFIGS = instances.SM90_MODS
+    BM_CONFIGS = instances.SM90_BM
+    BM_MODS_CONFIGS = instances.SM90_BM_MODS
+# Modes with _mods / _bm entries: warp-specialised (11), ping-pong (27), each with the copy
+# engine (75 = 11 + bit 6; 91 = 27 + bit 6 is not offered: ping-pong measured slower), and
+# the persistent 43 (experimental).
+MODS_MODES = (11, 27, 43, 75)
 # Every configuration that can be built, as (D, BN, warpgroups, mode): the shipped ones (CI
 # compiles them) and the experimental schedules (built on request: config=...).
 BUILT = frozenset((*instances.SM90_SHIPPED, *instances.SM90_EXPERIMENTAL,
@@ -149,13 +160,37 @@ def forward(prob, q, k, v, *, allow_tf32=False, config=None):
     """Return ``(out, lse)`` from the sm_90a kernel (the caller checked :func:`supports`, or a
     test calls it directly). ``config`` = (keys per block, warpgroups, mode) overrides the
     default (``CONFIGS``; ``BUILT`` lists the choices; with score mods or a block mask only
-    the warp-specialised modes 11, 27 and 43 have entries)."""
+    the warp-specialised modes of :data:`MODS_MODES` have entries)."""
     if prob.block_mask is not None:
         why = _block_mask_reason(prob)
         if why is not None:
             raise NotImplementedError(why)
     with q.device:
         return _forward(prob, q, k, v, config)
+
+
+def launch_config(prob, config=None):
+    """The ``(BN, warpgroups, mode)`` that serves ``prob``: ``config`` checked, or the default
+    of its entry kind (plain, score mods, block mask: the tables above)."""
+    d = prob.d
+    mods, sparse = prob.has_score_mods, prob.block_mask is not None
+    if config is not None:
+        cfg = tuple(config)
+    elif sparse:
+        cfg = block_mask_config(d, prob.block_mask.block_size, mods)
+    else:
+        cfg = MODS_CONFIGS[d] if mods else CONFIGS[d]
+    if (d, *cfg) not in BUILT and not ((mods or sparse) and cfg[2] in MODS_MODES):
+        raise ValueError(f"config {cfg} for D={d} is not built; built: {sorted(BUILT)}")
+    if (mods or sparse) and cfg[2] not in MODS_MODES:
+        raise ValueError(f"config {cfg}: score mods and block masks run in modes "
+                         f"{', '.join(map(str, MODS_MODES))}")
+    if sparse:
+        bq, bk = prob.block_mask.block_size
+        if bq % (64 * cfg[1]) or bk % cfg[0]:
+            raise ValueError(f"config: {cfg} does not divide the block_mask's block size "
+                             f"{prob.block_mask.block_size}")
+    return cfg
 
 
 def _forward(prob, q, k, v, config):
@@ -167,21 +202,7 @@ def _forward(prob, q, k, v, config):
         raise NotImplementedError(f"the sm_90a kernel has no entry for dtype {prob.dtype}, "
                                   f"D {d}, Dv {prob.dv}")
     mods, sparse = prob.has_score_mods, prob.block_mask is not None
-    if config is not None:
-        cfg = tuple(config)
-    elif sparse:
-        cfg = block_mask_config(d, prob.block_mask.block_size, mods)
-    else:
-        cfg = MODS_CONFIGS[d] if mods else CONFIGS[d]
-    if (d, *cfg) not in BUILT and not ((mods or sparse) and cfg[2] in (11, 27, 43)):
-        raise ValueError(f"config {cfg} for D={d} is not built; built: {sorted(BUILT)}")
-    if (mods or sparse) and cfg[2] not in (11, 27, 43):
-        raise ValueError(f"config {cfg}: score mods and block masks run in modes 11, 27, 43")
-    if sparse:
-        bq, bk = prob.block_mask.block_size
-        if bq % (64 * cfg[1]) or bk % cfg[0]:
-            raise ValueError(f"config: {cfg} does not divide the block_mask's block size "
-                             f"{prob.block_mask.block_size}")
+    cfg = launch_config(prob, config)
     B = math.prod(prob.batch)
     q4, k4, v4, out, lse = _params.forward_buffers(xp, prob, q, k, v, d, q.dtype)
     if _params.nothing_to_launch(out, lse):
@@ -206,6 +227,16 @@ def _forward(prob, q, k, v, config):
         grid = ((prob.sq + bm - 1) // bm, prob.hq, B)
     fn(grid, (threads(cfg),), args, shared_mem=smem_bytes(d, cfg))
     return _params.forward_result(xp, prob, out, lse)
+
+
+def entry_maps(inst, q4, k4, v4):
+    """The tensor maps that the entry of ``inst`` (an :func:`instances.sm90` instance, or
+    flex_attention's renamed one) takes before its other arguments: K's and V's in mode bit
+    6, else none."""
+    p = dict(inst.params)
+    if inst.source != "flash_fwd_sm90.cu" or not int(p["XATTN90_OV"]) & 64:
+        return ()
+    return _tma_maps(q4, k4, v4, int(p["XATTN90_BN"]))
 
 
 def _tma_maps(q4, k4, v4, bn):

@@ -194,7 +194,9 @@ def instance_sm90(tn, dp, mods: bool, sparse: bool):
     mn = "flex" + ("_bm" if sparse else "")
     params = tuple((k, mn if k == "XATTN90_MN" else v) for k, v in inst.params)
     name = inst.name.rsplit("_o", 1)[0] + f"_o{cfg[2]}_{mn}"
-    return instances.Instance(inst.source, inst.macro, params, (name,), arch=inst.arch), cfg
+    # extra: XATTN90_TMA selects the mode-75 entry macro (tensor maps first).
+    return instances.Instance(inst.source, inst.macro, params, (name,), extra=inst.extra,
+                              arch=inst.arch), cfg
 
 
 def kernel_for(tn, dp, mods: bool, sparse: bool, cc: int):
@@ -370,15 +372,25 @@ def _forward(prob, q, k, v, smod, mmod, args, mask_takes_args, allow_tf32):
     q4 = _params.operand(cp, q, batch, hq, sq, dp)
     k4 = _params.operand(cp, k, batch, hkv, sk, dp)
     v4 = _params.operand(cp, v, batch, hkv, sk, dp)
+    # The Hopper kernel's mode-75 entries take the tensor maps of K and V first.
+    maps = _sm90_maps(inst, q4, k4, v4)
     if _log.isEnabledFor(logging.DEBUG):
         _log.debug("flex_attention: backend cupy, entry %s", inst.name,
                    extra={"xattn_backend": "cupy"})
     fn(grid=(-(-sq // bm_rows), hq, batch), block=(threads,),
-       args=(q4, k4, v4, out, lse, np.int32(hq), np.int32(hq // hkv), np.int32(sq),
+       args=(*maps, q4, k4, v4, out, lse, np.int32(hq), np.int32(hq // hkv), np.int32(sq),
              np.int32(sk), np.float32(prob.scale), *_no_score_options(), *bm_args,
              *user_args),
        shared_mem=smem)
     return _result(cp, prob, out, lse)
+
+
+def _sm90_maps(inst, q4, k4, v4):
+    if inst.source != "flash_fwd_sm90.cu":
+        return ()
+    from . import flash_sm90
+
+    return flash_sm90.entry_maps(inst, q4, k4, v4)
 
 
 def _result(cp, prob, out, lse):

@@ -6,7 +6,7 @@ name, the ``-D`` options that make NVRTC build exactly that entry) and
 ``tools/check_kernels.py`` compiles :func:`shipped` -- one generated translation unit per kernel
 file that includes the file and expands one entry macro per instance -- for sm_80 and sm_90a,
 spill-free and warning-free. The ``.cu`` files define entry macros and build nothing on their
-own. Experimental instances (Hopper schedule modes 0-3, 27 and 75, kept for
+own. Experimental instances (Hopper schedule modes 0-3 and 27, kept for
 ``tools/wgmma_probe.py --bench``) are in :func:`experimental` and compiled only on request.
 
 Tile configurations (chosen from ``ptxas -v``, no spills, and timings on an H200: see
@@ -33,8 +33,9 @@ from dataclasses import dataclass
 __all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "DECODE", "DECODE_EXTRA",
            "DECODE_HEAD_DIMS", "FWD",
            "FWD_BM", "FWD_BM_MODS", "FWD_MODS", "HEAD_DIMS", "Instance", "SM90", "SM90_BM",
-           "SM90_BM_MODS", "SM90_BWD_HEAD_DIMS", "SM90_BWD_TMA", "SM90_BWD_VARIANTS",
-           "SM90_EXPERIMENTAL", "SM90_MODS", "SM90_PERSIST", "PERSIST_BIT", "TF32",
+           "SM90_BM_MODS", "SM90_BM_MODS_TMA", "SM90_BM_TMA", "SM90_BWD_HEAD_DIMS",
+           "SM90_BWD_TMA", "SM90_BWD_VARIANTS", "SM90_EXPERIMENTAL", "SM90_MODS",
+           "SM90_MODS_ON_TMA", "SM90_MODS_TMA", "SM90_PERSIST", "PERSIST_BIT", "TF32",
            "TF32X3", "bwd", "bwd_aux", "bwd_dq", "bwd_simt", "bwd_sm90", "decode",
            "experimental", "fwd", "fwd_simt", "persist_cfg", "shipped", "sm90", "tf32",
            "tf32_bm"]
@@ -117,6 +118,17 @@ SM90_SHIPPED = ((64, 128, 2, 11), (64, 64, 3, 11), (128, 128, 2, 11), (64, 64, 3
 SM90_MODS = {64: (64, 3, 11), 128: (64, 2, 11)}
 SM90_BM = {64: ((128, 2, 11), (64, 2, 11)), 128: ((128, 2, 11), (64, 2, 11))}
 SM90_BM_MODS = {128: ((64, 2, 11),)}
+# Their mode-75 twins: the same tiles and consumers, the K/V ring filled by the copy engine
+# (one producer thread: ws_produce_tma, or ws_produce_walk_tma for the CSR walk), the entries
+# taking the tensor maps of K and V first. Both families are shipped (CI compiles both).
+SM90_MODS_TMA = {64: (64, 3, 75), 128: (64, 2, 75)}
+SM90_BM_TMA = {64: ((128, 2, 75), (64, 2, 75)), 128: ((128, 2, 75), (64, 2, 75))}
+SM90_BM_MODS_TMA = {128: ((64, 2, 75),)}
+# THE SWITCH: which family the _mods / _bm / _mods_bm entries and flex_attention's Hopper
+# kernel use by default (flash_sm90.MODS_CONFIGS, BM_CONFIGS, BM_MODS_CONFIGS). False: the
+# mode-11 tables above; True: the mode-75 twins. To be flipped once timed on an H100
+# (tools/gpu_check_fwdtmamods.sh bench); an explicit config=(..., 11 | 75) picks either.
+SM90_MODS_ON_TMA = False
 # (D, BN, warpgroups, mode) of the earlier schedules (0-3) and ping-pong (27): measured slower
 # than mode 11 on an H200, kept buildable for tools/wgmma_probe.py --bench.
 SM90_EXPERIMENTAL = (
@@ -277,8 +289,8 @@ def tf32_bm(d, cfg, mods, x3, sparse) -> Instance:
 def sm90(tn, d, cfg, mods=False, sparse=False) -> Instance:
     """The Hopper forward of one dtype, head dim and ``(keys per block, warpgroups, mode)``;
     ``mods`` / ``sparse``: the entry with score modifications / the block mask's walk (modes
-    11, 27 and 43 only; flash_fwd.cu's argument list). Mode 43's entries take the batch size as
-    one more, last argument."""
+    11, 27, 43 and 75 only; flash_fwd.cu's argument list, after the tensor maps in mode 75).
+    Mode 43's entries take the batch size as one more, last argument."""
     bn, nwg, mode = cfg
     params = (("XATTN90_TN", tn), ("XATTN90_D", d), ("XATTN90_BN", bn), ("XATTN90_NWG", nwg),
               ("XATTN90_OV", mode))
@@ -289,9 +301,12 @@ def sm90(tn, d, cfg, mods=False, sparse=False) -> Instance:
         mn = "_".join(("mods",) * mods + ("bm",) * sparse)
         params += (("XATTN90_MN", mn), ("XATTN90_MODS", _b(mods)),
                    ("XATTN90_SPARSE", _b(sparse)))
+        # Mode bit 6: the tensor maps of K and V before that argument list (own macro).
+        macro, extra = (("XATTN90_MODS_TMA_ONE", (("XATTN90_TMA", 1),)) if mode & 64
+                        else (f"XATTN90_MODS_{pm}ONE", ()))
         # The bfloat16 block-sparse twins are left to --all, as flash_fwd.cu's.
-        return Instance("flash_fwd_sm90.cu", f"XATTN90_MODS_{pm}ONE", params,
-                        (f"{name}_{mn}",), arch="sm_90a", ci=not (sparse and tn != "f16"))
+        return Instance("flash_fwd_sm90.cu", macro, params, (f"{name}_{mn}",), extra=extra,
+                        arch="sm_90a", ci=not (sparse and tn != "f16"))
     # Modes 0-3 (the schedules before warp specialisation) live in tools/, not in the package.
     extra = () if mode & 8 else (SM90_MODES_SOURCE,)
     if mode & 64:  # the tensor-map entries (their own argument list and macro)
@@ -398,10 +413,12 @@ def shipped() -> list:
             out += [tf32(d, cfg, mods, x3=True) for mods in (False, True)]
     out += [bwd_aux(tn) for tn in TYPES]
     out += [sm90(tn, *c[:1], c[1:]) for c in SM90_SHIPPED for tn in TYPES]
-    out += [sm90(tn, d, c, True) for d, c in SM90_MODS.items() for tn in TYPES]
-    for d, cs in SM90_BM.items():
-        out += [sm90(tn, d, c, False, True) for c in cs for tn in TYPES]
-        out += [sm90(tn, d, c, True, True) for c in SM90_BM_MODS.get(d, cs) for tn in TYPES]
+    for mods_t, bm_t, bm_mods_t in ((SM90_MODS, SM90_BM, SM90_BM_MODS),
+                                    (SM90_MODS_TMA, SM90_BM_TMA, SM90_BM_MODS_TMA)):
+        out += [sm90(tn, d, c, True) for d, c in mods_t.items() for tn in TYPES]
+        for d, cs in bm_t.items():
+            out += [sm90(tn, d, c, False, True) for c in cs for tn in TYPES]
+            out += [sm90(tn, d, c, True, True) for c in bm_mods_t.get(d, cs) for tn in TYPES]
     for d in DECODE_HEAD_DIMS:
         for cfg in (DECODE[d], *DECODE_EXTRA.get(d, ())):
             out += [decode(tn, d, cfg) for tn in TYPES]
