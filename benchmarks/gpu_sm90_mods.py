@@ -156,23 +156,6 @@ def torch_flex_band(qt, kt, vt, W):
     return run
 
 
-# The window row (issue 11's bar), shared with tools/gpu_fwdpersist_bench.py.
-WINDOW = {"H": 16, "S": 65536, "D": 64, "W": 256}
-
-
-def window_inputs(seed=2):
-    """``(q, k, v, flops)``: torch float16 (1, H, S, D) tensors of the window row and its
-    useful FLOPs (the visible pairs of the +-W band only)."""
-    H, S, D, W = (WINDOW[x] for x in "HSDW")
-    (qt, kt, vt), _ = inputs((1, H, S, D), seed)
-    return qt, kt, vt, window_flops(H, S, D, W)
-
-
-def torch_flex_window(qt, kt, vt):
-    """The window row's anchor: compiled FlexAttention with the band's block mask."""
-    return torch_flex_band(qt, kt, vt, WINDOW["W"])
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="mods,flex,window")
@@ -277,9 +260,9 @@ def main():
 
     if "window" in wanted and left() > 15:
         print("== window: fp16 S=65536 +-256 D=64 H=16", flush=True)
-        S, W = WINDOW["S"], WINDOW["W"]
-        qt, kt, vt, fl = window_inputs()
-        q, k, v = (cp.from_dlpack(x) for x in (qt, kt, vt))
+        H, S, D, W = 16, 65536, 64, 256
+        (qt, kt, vt), (q, k, v) = inputs((1, H, S, D), 2)
+        fl = window_flops(H, S, D, W)
         bmx = xattn.BlockMask.sliding_window(S, window=(W, W), block_size=128)
 
         def win():

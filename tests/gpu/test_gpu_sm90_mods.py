@@ -31,7 +31,6 @@ pytestmark = [
 ]
 
 from xattn._backends.cupy_ import flash_sm90 as k90  # noqa: E402
-from xattn._backends.cupy_ import instances  # noqa: E402
 
 
 def _inputs(rng, dtype, *, b=2, hq=4, hkv=2, sq=77, sk=150, d=64, amp=1.0):
@@ -295,80 +294,6 @@ def test_flex_runs_on_wgmma():
                      name=f"flex D={d}")
 
 
-def _empty_block_row_mask():
-    """A 128-row block row with nothing visible (an empty CSR list: a tile that loads no key)
-    between visible ones."""
-    dense = np.random.default_rng(12).random((520, 390)) < 0.5
-    dense[128:256] = False
-    return xattn.BlockMask.from_dense(dense, block_size=128)
-
-
-PERSIST_MASKS = {**MASKS, "empty_block_row": _empty_block_row_mask()}
-# Mode 43 (persistent) on the _mods / _bm entries: name -> (shape, options builder, block
-# mask). More tiles than SMs where the blocks should loop (b * hq * query blocks > 132).
-PERSIST_CASES = {
-    "window_edges+alibi": ({"b": 4, "hq": 16, "hkv": 4, "sq": 700, "sk": 700},
-                           MODS["window_edges+alibi"][1], None),
-    "alibi_batch_causal": ({"b": 3, "hq": 16, "hkv": 16, "sq": 515, "sk": 1000},
-                           MODS["alibi_batch_causal"][1], None),
-    "mask_empty_row": ({"b": 2, "hq": 4, "hkv": 2, "sq": 77, "sk": 150},
-                       MODS["mask"][1], None),
-    "sq_gt_sk_causal+bias": ({"b": 2, "hq": 16, "hkv": 8, "sq": 900, "sk": 150},
-                             MODS["sq_gt_sk_causal+bias"][1], None),
-    "bm_window": ({"b": 4, "hq": 16, "hkv": 4}, lambda r, b, h, sq, sk: {}, "window"),
-    "bm_documents": ({"b": 3, "hq": 16, "hkv": 8}, lambda r, b, h, sq, sk: {}, "documents"),
-    "bm_from_dense+causal": ({"b": 2, "hq": 8, "hkv": 8}, lambda r, b, h, sq, sk: dict(
-        causal=True), "from_dense"),
-    "bm_empty_block_row": ({"b": 3, "hq": 16, "hkv": 4}, lambda r, b, h, sq, sk: {},
-                           "empty_block_row"),
-    "bm_longformer+alibi+softcap": ({"b": 2, "hq": 16, "hkv": 4, "amp": 2.0},
-                                    lambda r, b, h, sq, sk: dict(
-                                        alibi_slopes=r.uniform(0.01, 0.3, h), softcap=6.0),
-                                    "longformer"),
-}
-
-
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("case", sorted(PERSIST_CASES))
-def test_persistent(case, d, monkeypatch):
-    """The persistent twins (mode 43) of the configurations the launcher picks, through
-    flash_sm90.forward(config=...): windows and causal Sq > Sk with tiles that see no key,
-    empty rows, the block mask's walk across tiles, score mods. At D = 128 the launcher sees
-    3 SMs, so that each block walks many tiles (the ring and the Q handover turn over)."""
-    if d == 128:
-        monkeypatch.setattr(k90._params, "sm_count", lambda: 3)
-    shape, build, mask = PERSIST_CASES[case]
-    shape = dict(shape)
-    bm = PERSIST_MASKS[mask] if mask else None
-    if bm is not None:
-        shape.update(sq=bm.q_len, sk=bm.k_len)
-    rng = np.random.default_rng([zlib.crc32(case.encode()), d])
-    amp = shape.pop("amp", 1.0)
-    dtype = "bfloat16" if len(case) % 2 else "float16"
-    q, k, v = _inputs(rng, dtype, d=d, amp=amp, **shape)
-    opts = build(rng, shape["b"], shape["hq"], shape["sq"], shape["sk"])
-    opts = {key: cp.asarray(val.astype(np.float32) if val.dtype.kind == "f" else val)
-            if isinstance(val, np.ndarray) else val for key, val in opts.items()}
-    prob = validate_attention(q, k, v, block_mask=bm, **opts)
-    mods = prob.has_score_mods
-    cfg = (k90.block_mask_config(d, bm.block_size, mods) if bm is not None
-           else k90.MODS_CONFIGS[d])
-    out, lse = k90.forward(prob, q, k, v, config=instances.persist_cfg(cfg))
-    cp.cuda.runtime.deviceSynchronize()
-    ref_opts = dict(opts)
-    if bm is not None:
-        dense = cp.asarray(bm.to_dense())
-        ref_opts["mask"] = dense if "mask" not in opts else dense & opts["mask"]
-    ref, ref_lse, _ = reference_attention(q, k, v, **ref_opts)
-    assert_close(out, ref, xp=cp, dtype=q.dtype,
-                 naive=naive_attention(q, k, v, **ref_opts), name=f"{case} D={d} out")
-    assert_close(lse, ref_lse, xp=cp, dtype=np.float32, atol=2e-3, rtol=1e-3,
-                 name=f"{case} D={d} lse")
-    if mask == "empty_block_row":
-        assert bool(cp.all(out[..., 128:256, :] == 0))
-        assert bool(cp.all(cp.isneginf(lse[..., 128:256])))
-
-
 # --- Mode 75: the same entries with the K/V ring filled by the copy engine ----------------
 # The mode-75 twins of the _mods / _bm / _mods_bm / flex entries (instances.SM90_*_TMA: the
 # same tiles; the producer is one thread issuing tensor-map copies, ws_produce_tma, or
@@ -376,6 +301,7 @@ def test_persistent(case, d, monkeypatch):
 # they run whichever family instances.SM90_MODS_ON_TMA makes the default. Each against the
 # oracle (outputs poisoned: tests/gpu/conftest.py) and bit for bit against its mode-11 twin.
 
+from xattn._backends.cupy_ import instances  # noqa: E402
 
 TMA_TABLES = {11: (instances.SM90_MODS, instances.SM90_BM, instances.SM90_BM_MODS),
               75: (instances.SM90_MODS_TMA, instances.SM90_BM_TMA, instances.SM90_BM_MODS_TMA)}

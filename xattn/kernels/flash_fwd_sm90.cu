@@ -40,9 +40,7 @@
 // mbarriers, no __syncthreads in the loop, 27 with ping-pong of the two consumer warpgroups;
 // mode 75 (bit 6, the plain entries' default) fills that ring with the copy engine (TMA,
 // tma_sm90.cuh): one producer thread, ws_produce_tma, or ws_produce_walk_tma along a block
-// mask's CSR list. Mode 43 (flash_fwd_sm90_persist, experimental) is 11 made persistent: one
-// block per SM walks the tiles, the producer loads Q too; its entries take the batch as one
-// more argument.
+// mask's CSR list.
 
 #include "common.cuh"
 #include "masking.cuh"
@@ -812,359 +810,6 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
 #endif
 }
 
-// Persistent schedule (mode bit 5, modes 43 = 11 + 32): the warp-specialised schedule with one
-// thread block per SM that walks the tiles (query block, head, batch). Order: the (batch,
-// head) pairs (head fastest) are cut into sections of P pairs whose K and V fit a share of L2
-// (XATTN90_L2_KV bytes, per kv head, times the GQA group: see persist_tile); inside a section
-// the query block is the outer index, longest first (nq - 1 down to 0: the causal rows that
-// see the most keys go first, the short ones fill the section's end), the pair the inner
-// one. Block c takes t = c, c + grid, ... (static striding: neighbouring tiles cost about the
-// same). Without the sections the ~grid tiles in flight would span every head, and each
-// round would read all of K and V from HBM again (at B*S = 16384, Hq*D = 2048 that is 64 to
-// 256 heads of 0.5-2 MiB against 50 MiB of L2); one block per tile (blockIdx.x, the query
-// block, fastest) keeps a few heads in flight, and so does a section.
-// What persistence buys over one block per tile: the next tile's Q and first K/V blocks are
-// copied while the consumers finish the current tile (its last P V and write-out), and the
-// barrier set-up is paid once per SM. Both sides walk the same tile sequence and key-tile
-// lists; the K/V ring's stage and phase come from a running count of key blocks over all
-// tiles. Q is loaded by the producer into QST buffers: two where they fit beside the ring
-// (all but D = 128 with 128-key tiles, where the ring fills shared memory), so the next
-// tile's Q is copied during the current tile; handed over by 2 QST more mbarriers, buffer
-// n % QST for the block's n-th tile:
-//   qfull  (count 128, the producer threads): Q of the tile is in shared memory and visible
-//          to the async proxy;
-//   qempty (count 4 NWG): every consumer warp has completed the last S = Q K^T of the tile
-//          (or, for a tile with no visible key block, waited for qfull); the producer loads
-//          tile n + QST's Q into the buffer only after it.
-// The producer issues a tile's first K/V block before it waits for qempty, and arrives the
-// previous tile's last full before that wait (the consumers need that block to release Q).
-// Tiles with no visible key block keep the protocol (Q loaded, waited for and released) and
-// write zeros and lse = -inf, as the other modes. tools/sm90_persist_protocol.py models this
-// handover (random interleavings: no deadlock, every read sees its own tile's data).
-#ifndef XATTN90_SMEM_MAX
-#define XATTN90_SMEM_MAX 232448  // dynamic shared memory of a thread block on sm_90 (227 KiB)
-#endif
-#ifndef XATTN90_L2_KV
-#define XATTN90_L2_KV (32ll << 20)  // as FlashAttention-3's scheduler: 32 MiB of K and V
-#endif
-#if XATTN_SM90_OK
-// Tile t of the persistent walk (of nq hb, hb = Hq B pairs): its first query row and its
-// (batch, head). Sections of P pairs, the last one shorter (hb % P).
-template <int BM, int D, class A>
-__device__ __forceinline__ void persist_tile(int t, int nq, int hb, const A& a, int& q0,
-                                             int& h, int& b) {
-    const long long kv_head = (long long)a.sk * D * 4 + 1;  // K and V bytes of one kv head
-    const long long fit = XATTN90_L2_KV / kv_head, pl = (fit > 0 ? fit : 1) * a.group;
-    const int P = pl < hb ? (int)pl : hb;
-    const int sec = t / (P * nq), first = sec * P;
-    const int np = min(P, hb - first), l = t - first * nq;  // pairs of this section
-    const int qi = l / np, r = first + (l - qi * np);
-    q0 = (nq - 1 - qi) * BM;
-    b = r / a.hq;
-    h = r - b * a.hq;
-}
-
-// The producer of the persistent schedule (128 threads): for every tile of this block, the
-// tile's key blocks (the CSR walk's tiles for SPARSE) into the ring, and Q into its buffer.
-template <int BN, int D, int BM, int NST, int QST, bool SPARSE, class A>
-__device__ __forceinline__ void ws_produce_persist(const A& a, int nb, unsigned sQ,
-                                                   unsigned sK, unsigned sV, unsigned fullb,
-                                                   unsigned emptyb, unsigned qfullb,
-                                                   unsigned qemptyb, int tid) {
-    static_assert(NST >= 3, "see ws_produce");
-    constexpr unsigned TILE = BN * D * 2;
-    const int sq = a.sq, sk = a.sk;
-    const int nq = (sq + BM - 1) / BM, hb = a.hq * nb, ntiles = nq * hb;
-    int i = 0;      // key blocks issued, all tiles: block i sits in stage i % NST
-    int pend = -1;  // stage of the last issued block while its full is not arrived
-    // (The tile count n = (t - blockIdx.x) / gridDim.x is recomputed where needed: the
-    // block-sparse producer's walk fills the 24 registers.)
-    for (int t = blockIdx.x; t < ntiles; t += gridDim.x) {
-        int q0, h, b;
-        persist_tile<BM, D>(t, nq, hb, a, q0, h, b);
-        const long long kvh = ((long long)b * (a.hq / a.group) + h / a.group) * sk * D;
-        const unsigned short* Kg = a.k + kvh;
-        const unsigned short* Vg = a.v + kvh;
-        int kb0, kb1, kt, p;
-        xattn_key_blocks(q0, min(q0 + BM, sq), sk - sq, sk, a.causal, a.wl, a.wr, BN, kb0,
-                         kb1);
-        XattnCsrWalk walk;
-        if constexpr (SPARSE) {
-            xattn_csr_begin(a.bm, q0 / a.bm.bq, BN, kb0, kb1, walk);
-            xattn_csr_next(a.bm, walk, kt, p);
-        } else {
-            kt = kb0 < kb1 ? kb0 : -1;
-        }
-        (void)p;
-        auto issue = [&]() {
-            const int st = i % NST;
-            if (i >= NST) mbar_wait(emptyb + st * 8, ((i / NST) - 1) & 1);
-            load_tile_sw_lean<BN, D>(sK + st * TILE, Kg, kt * BN, sk, tid);
-            load_tile_sw_lean<BN, D>(sV + st * TILE, Vg, kt * BN, sk, tid);
-            cp_async_commit_ordered();
-            ++i;
-            if constexpr (SPARSE)
-                xattn_csr_next(a.bm, walk, kt, p);
-            else
-                kt = kt + 1 < kb1 ? kt + 1 : -1;
-        };
-        // The tile's first block goes out before the Q handover; then the previous tile's
-        // last block is made visible (the consumers release Q only after reading it).
-        const bool first = kt >= 0;
-        if (first) issue();
-        if (pend >= 0) {
-            if (first)
-                cp_async_wait_ordered<1>();
-            else
-                cp_async_wait_ordered<0>();
-            fence_proxy_async();
-            mbar_arrive(fullb + pend * 8);
-        }
-        // Q of this block's n-th tile into buffer n % QST, once the consumers released the
-        // tile n - QST that used it last.
-        const int n = (t - blockIdx.x) / gridDim.x, qs = QST == 2 ? n & 1 : 0;
-        if (n >= QST) mbar_wait(qemptyb + qs * 8, ((n / QST) - 1) & 1);
-        load_tile_sw_lean<BM, D>(sQ + qs * (BM * D * 2), a.q + ((long long)b * a.hq + h) * sq * D,
-                                 q0, sq, tid);
-        cp_async_commit_ordered();
-        cp_async_wait_ordered<0>();
-        fence_proxy_async();
-        mbar_arrive(qfullb + qs * 8);
-        if (first) mbar_arrive(fullb + ((i - 1) % NST) * 8);
-        pend = -1;
-        // The rest of the tile: a block's full one block behind its issue, as ws_produce.
-        while (kt >= 0) {
-            issue();
-            if (pend >= 0) {
-                cp_async_wait_ordered<1>();
-                fence_proxy_async();
-                mbar_arrive(fullb + pend * 8);
-            }
-            pend = (i - 1) % NST;
-        }
-    }
-    if (pend >= 0) {
-        cp_async_wait_ordered<0>();
-        fence_proxy_async();
-        mbar_arrive(fullb + pend * 8);
-    }
-}
-#endif
-
-// The persistent schedule (see above): the consumers run flash_fwd_sm90_ws's loop (mode 11,
-// no ping-pong) per tile, with the ring's running count and the Q handover. nb: the batch.
-template <class T, int D, int BN, int NWG, bool MODS = false, bool SPARSE = false,
-          class A = FwdArgs>
-__device__ __forceinline__ void flash_fwd_sm90_persist(const A& a, int nb) {
-#if XATTN_SM90_OK
-    static_assert(D == 64 || D == 128, "wgmma wrappers exist for N = 64 and 128");
-    static_assert(BN == 64 || BN == 128, "wgmma wrappers exist for N = 64 and 128");
-    static_assert(NWG == 2 || NWG == 3, "two or three consumer warpgroups");
-    // Registers as flash_fwd_sm90_ws (24 / 240 or 24 / 160: the 64512 allocated at launch).
-    // The tile loop fits the producer's 24 (ptxas 13.0 allocates the code after setmaxnreg.dec
-    // within it: no spills; the block-sparse producer spilled 4 bytes until it stopped keeping
-    // a tile counter); at 40 / 232 the D = 64, 128-key mods_bm consumers spilled 12 bytes.
-    constexpr int PREGS = 24;
-    constexpr int CREGS = NWG == 2 ? 240 : 160;
-    static_assert(128 * PREGS + NWG * 128 * CREGS <= (NWG + 1) * 128 * (NWG == 2 ? 168 : 128),
-                  "the registers allocated at launch");
-    constexpr int WS_ST = 3;
-    constexpr int BM = NWG * 64;
-    constexpr unsigned TILE = BN * D * 2;
-    constexpr unsigned QBYTES = BM * D * 2;
-    // Q buffers: two where they fit beside the ring (flash_sm90.smem_bytes mirrors this rule).
-    constexpr int QST = 2 * QBYTES + 2 * WS_ST * TILE + 1024 <= XATTN90_SMEM_MAX ? 2 : 1;
-
-    extern __shared__ __align__(128) unsigned char smem_raw[];
-    // full[0..WS_ST), empty[0..WS_ST), qfull[0..QST), qempty[0..QST)
-    __shared__ __align__(8) unsigned long long bars[2 * WS_ST + 2 * QST];
-    const unsigned sQa = (smem_u32(smem_raw) + 1023u) & ~1023u;  // 1 KiB more allocated
-    const unsigned sKa = sQa + QST * QBYTES;
-    const unsigned sVa = sKa + WS_ST * TILE;
-    const unsigned fullb = smem_u32(bars), emptyb = fullb + WS_ST * 8;
-    const unsigned qfullb = fullb + 2 * WS_ST * 8, qemptyb = qfullb + QST * 8;
-
-    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
-    const int g = lane >> 2, t4 = lane & 3;
-    const int sq = a.sq, sk = a.sk, off = sk - sq;
-
-    if (tid == 0) {
-#pragma unroll
-        for (int s = 0; s < WS_ST; ++s) {
-            mbar_init(fullb + s * 8, 128);
-            mbar_init(emptyb + s * 8, NWG * 4);  // one arrival per consumer warp
-        }
-#pragma unroll
-        for (int s = 0; s < QST; ++s) {
-            mbar_init(qfullb + s * 8, 128);
-            mbar_init(qemptyb + s * 8, NWG * 4);
-        }
-    }
-    __syncthreads();  // the only block-wide barrier: the mbarriers are initialised
-
-    if (wg == 0) {
-        setmaxnreg_dec<PREGS>();
-        ws_produce_persist<BN, D, BM, WS_ST, QST, SPARSE>(a, nb, sQa, sKa, sVa, fullb, emptyb,
-                                                           qfullb, qemptyb, tid);
-        return;
-    }
-
-    // Consumers.
-    setmaxnreg_inc<CREGS>();
-    const int cwg = wg - 1;
-    const int nq = (sq + BM - 1) / BM, hb = a.hq * nb, ntiles = nq * hb;
-
-    float acc[D / 2];
-    float s[BN / 2];
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i) s[i] = 0.f;
-    float m[2], l[2];
-    const float sl2 = MODS ? XATTN_LOG2E : a.scale * XATTN_LOG2E;
-
-    unsigned pp[BN / 16][4];
-    int ibase = 0;  // key blocks of the earlier tiles: the ring's running count
-    int n = 0;
-    for (int t = blockIdx.x; t < ntiles; t += gridDim.x, ++n) {
-        int q0, h, b;
-        persist_tile<BM, D>(t, nq, hb, a, q0, h, b);
-        const long long bh = (long long)b * a.hq + h;
-        const int wq0 = q0 + cwg * 64;
-        int kb0, kb1;
-        xattn_key_blocks(q0, min(q0 + BM, sq), off, sk, a.causal, a.wl, a.wr, BN, kb0, kb1);
-        const int nkb = kb1 > kb0 ? kb1 - kb0 : 0;
-#pragma unroll
-        for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
-        m[0] = m[1] = -XATTN_INF;
-        l[0] = l[1] = 0.f;
-
-        XattnCsrWalk walk;
-        int kt = -1, pblk = -1;
-        if constexpr (SPARSE) {
-            xattn_csr_begin(a.bm, q0 / a.bm.bq, BN, kb0, kb1, walk);
-            xattn_csr_next(a.bm, walk, kt, pblk);
-        }
-        const int qs = QST == 2 ? n & 1 : 0;
-        const unsigned qempty = qemptyb + qs * 8;
-        const unsigned long long dq = kmajor_desc<true, BM, D>(sQa + qs * QBYTES, cwg * 64);
-        mbar_wait(qfullb + qs * 8, (n / QST) & 1);
-
-        // The i-th visited key tile kb of this tile, as flash_fwd_sm90_ws's step; `last`: Q is
-        // released after its S = Q K^T.
-        auto step = [&](const int i, const int kb, const int pb, const bool last) {
-            const int ir = ibase + i;
-            const int st = ir % WS_ST;
-            const int pst = (ir + WS_ST - 1) % WS_ST;  // the previous block's stage
-            mbar_wait(fullb + st * 8, (ir / WS_ST) & 1);
-
-            const unsigned long long dk = kmajor_desc<true, BN, D>(sKa + st * TILE, 0);
-            fence_regs(s);
-            fence_regs(acc);
-            wgmma_fence();
-#pragma unroll
-            for (int ks = 0; ks < D / 16; ++ks)
-                wgmma_ss(s, dq + kmajor_step<true, BM>(ks), dk + kmajor_step<true, BN>(ks),
-                         ks > 0 ? 1 : 0, T());
-            wgmma_commit();
-            wgmma_wait<0>();
-            fence_regs(s);
-            if (last && lane == 0) mbar_arrive(qempty);  // this warp's reads of Q are done
-            if constexpr (!MODS && !SPARSE)
-                mask_tile<BN>(s, a, wq0, min(wq0 + 64, sq), kb * BN, warp, g, t4);
-
-            const bool first = i == 0;
-            const unsigned long long dv =
-                mnmajor_desc<true, BN, D>(sVa + (first ? st : pst) * TILE);
-            if (first) {
-#pragma unroll
-                for (int j = 0; j < BN / 16; ++j) pp[j][0] = pp[j][1] = pp[j][2] = pp[j][3] = 0u;
-            }
-#pragma unroll
-            for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
-            fence_regs(acc);
-            wgmma_fence();
-#pragma unroll
-            for (int j = 0; j < BN / 16; ++j)
-                wgmma_rs<1>(acc, pp[j], dv + mnmajor_step<true, D>(j), 1, T());
-            wgmma_commit();
-
-            if constexpr (MODS || SPARSE) {
-                if constexpr (MODS) mod_elements<BN>(s, a, wq0, kb * BN, b, h, warp, g, t4);
-                mask_tile<BN>(s, a, wq0, min(wq0 + 64, sq), kb * BN, warp, g, t4);
-                if constexpr (SPARSE) {
-                    if (pb >= 0) bm_elements<BN>(s, a, pb, q0, wq0, kb * BN, b, h, warp, g, t4);
-                }
-            }
-
-            float alpha[2];
-            softmax_rows<BN>(s, m, l, alpha, sl2);
-            unsigned pn[BN / 16][4];
-            pack_p<T, BN>(pn, s);
-#pragma unroll
-            for (int j = 0; j < BN / 16; ++j) fence_regs(pn[j]);
-            fence_regs(alpha);
-            fence_regs(m);
-            fence_regs(l);
-            wgmma_wait<0>();
-            fence_regs(acc);
-#pragma unroll
-            for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
-            if (!first && lane == 0) mbar_arrive(emptyb + pst * 8);
-            rescale<D>(acc, alpha);
-#pragma unroll
-            for (int j = 0; j < BN / 16; ++j)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) pp[j][e] = pn[j][e];
-        };
-        int nvis = nkb;
-        if constexpr (SPARSE) {
-            // One tile of look-ahead in the walk tells the last one (it releases Q).
-            for (nvis = 0; kt >= 0; ++nvis) {
-                int kn, pn;
-                xattn_csr_next(a.bm, walk, kn, pn);
-                step(nvis, kt, pblk, kn < 0);
-                kt = kn;
-                pblk = pn;
-            }
-        } else {
-            for (int i = 0; i < nkb; ++i) step(i, kb0 + i, -1, i == nkb - 1);
-        }
-        if (nvis > 0) {
-            const int lst = (ibase + nvis - 1) % WS_ST;
-            const unsigned long long dv = mnmajor_desc<true, BN, D>(sVa + lst * TILE);
-            fence_regs(acc);
-#pragma unroll
-            for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
-            wgmma_fence();
-#pragma unroll
-            for (int j = 0; j < BN / 16; ++j)
-                wgmma_rs<1>(acc, pp[j], dv + mnmajor_step<true, D>(j), 1, T());
-            wgmma_commit();
-            wgmma_wait<0>();
-            fence_regs(acc);
-#pragma unroll
-            for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
-            if (lane == 0) mbar_arrive(emptyb + lst * 8);  // the tile's last block is read
-        } else if (lane == 0) {
-            mbar_arrive(qempty);  // nothing visible: Q was loaded and is released unread
-        }
-        write_out<T, D>(a, acc, m, l, bh, wq0, warp, g, t4);
-        ibase += nvis;
-    }
-#else
-    (void)a;
-    (void)nb;
-    __trap();
-#endif
-}
-
-// Mode bit 5 (persistent, on top of mode 11; no ping-pong): plain and _mods / _bm entries.
-template <class T, int D, int BN, int NWG, int OV, bool MODS = false, bool SPARSE = false,
-          class A>
-__device__ __forceinline__ void flash_fwd_sm90_persist_mode(const A& a, int nb) {
-    static_assert((OV & 32) != 0 && (OV & ~32) == 11, "the persistent schedule is mode 43");
-    flash_fwd_sm90_persist<T, D, BN, NWG, MODS, SPARSE>(a, nb);
-}
-
 // Mode bits -> schedule. Bit 3 (warp-specialised, +128 producer threads) needs bits 0 and 1.
 template <class T, int D, int BN, int NWG, int OV>
 __device__ __forceinline__ void flash_fwd_sm90_mode(const FwdArgs& a) {
@@ -1221,9 +866,9 @@ __device__ __forceinline__ void flash_fwd_sm90_mods_tma_mode(const FwdArgsModsTm
 //     barriers of count 1 with the stage's bytes); Q stays on the consumers' cp.async. The
 //     entries take the tensor maps of K and V first (xattn/_backends/cupy_/tma.py), then
 //     XATTN90_PARAMS; the _mods / _bm twins (XATTN90_MODS_TMA_ENTRY) take them before
-//     XATTN90_MODS_PARAMS.
-//   43 = 11 + bit 5: persistent (flash_fwd_sm90_persist; XATTN90_PENTRY / XATTN90_MODS_PENTRY
-//     below): grid min(tiles, SMs), one more argument (the batch), not with ping-pong.
+//     XATTN90_MODS_PARAMS. A persistent variant (bit 5, mode 43: one block per SM walking
+//     the tiles longest-first, Q loaded by the producer) measured 0.96-1.04x mode 11 on an
+//     H100 and was removed; commit ade605b holds it.
 #define XATTN90_ENTRY(TN, D, BN, NWG, OV)                                                  \
     extern "C" __global__ void __launch_bounds__(((OV & 8) ? NWG + 1 : NWG) * 128, 1)      \
         flash_fwd_sm90_##TN##_d##D##_n##BN##_g##NWG##_o##OV(XATTN90_PARAMS) {               \
@@ -1271,33 +916,6 @@ __device__ __forceinline__ void flash_fwd_sm90_mods_tma_mode(const FwdArgsModsTm
     }
 #define XATTN90_MODS_ONE(TN, D, BN, NWG, OV, MN, MODS, SPARSE) \
     XATTN90_MODS_ENTRY(TN, D, BN, NWG, OV, MN, MODS, SPARSE)
-// Mode bit 5 (persistent): the same argument lists plus the batch size nb (the grid is
-// min(tiles, SMs) in x only, so the kernel walks nq Hq nb tiles itself).
-#define XATTN90_PENTRY(TN, D, BN, NWG, OV)                                                 \
-    extern "C" __global__ void __launch_bounds__((NWG + 1) * 128, 1)                       \
-        flash_fwd_sm90_##TN##_d##D##_n##BN##_g##NWG##_o##OV(XATTN90_PARAMS, int nb) {       \
-        xattn::sm90::flash_fwd_sm90_persist_mode<xattn::TN, D, BN, NWG, OV>(                 \
-            xattn::sm90::FwdArgs{                                                           \
-                xattn::FwdOperands<unsigned short>{q, k, v, o, lse, hq, group, sq, sk, scale}, \
-                causal, wl, wr},                                                            \
-            nb);                                                                            \
-    }
-#define XATTN90_PONE(TN, D, BN, NWG, OV) XATTN90_PENTRY(TN, D, BN, NWG, OV)
-#define XATTN90_MODS_PENTRY(TN, D, BN, NWG, OV, MN, MODS, SPARSE)                           \
-    extern "C" __global__ void __launch_bounds__((NWG + 1) * 128, 1)                       \
-        flash_fwd_sm90_##TN##_d##D##_n##BN##_g##NWG##_o##OV##_##MN(XATTN90_MODS_PARAMS,      \
-                                                                   int nb) {                \
-        xattn::sm90::flash_fwd_sm90_persist_mode<xattn::TN, D, BN, NWG, OV, MODS, SPARSE>(  \
-            xattn::sm90::FwdArgsMods{                                                       \
-                XATTN_SCORE_MOD_INIT,                                                       \
-                xattn::FwdOperands<unsigned short>{q, k, v, o, lse, hq, group, sq, sk, scale}, \
-                xattn::XattnBlockMask{bm_frow, bm_fcol, bm_prow, bm_pcol, bm_tiles, bm_bq,    \
-                                      bm_bk, bm_words, bm_rule, bm_off, bm_left, bm_right}    \
-                XATTN_USER_INIT},                                                           \
-            nb);                                                                            \
-    }
-#define XATTN90_MODS_PONE(TN, D, BN, NWG, OV, MN, MODS, SPARSE) \
-    XATTN90_MODS_PENTRY(TN, D, BN, NWG, OV, MN, MODS, SPARSE)
 // Their mode-75 twins (XATTN90_TMA with XATTN90_MN): the tensor maps of K and V first, as
 // XATTN90_TMA_ENTRY's, then the same XATTN90_MODS_PARAMS (flex_attention's arrays last).
 #define XATTN90_MODS_TMA_ENTRY(TN, D, BN, NWG, OV, MN, MODS, SPARSE)                        \
@@ -1324,10 +942,7 @@ __device__ __forceinline__ void flash_fwd_sm90_mods_tma_mode(const FwdArgsModsTm
 // xattn/_backends/cupy_/instances.py. Without those options this file builds nothing.
 // XATTN90_NO_ENTRIES: tools/wgmma_probe.cu includes this file for its helpers only.
 #if defined(XATTN90_D) && !defined(XATTN90_NO_ENTRIES)
-#if defined(XATTN90_MN) && (XATTN90_OV & 32)
-XATTN90_MODS_PONE(XATTN90_TN, XATTN90_D, XATTN90_BN, XATTN90_NWG, XATTN90_OV, XATTN90_MN,
-                  XATTN90_MODS, XATTN90_SPARSE)
-#elif defined(XATTN90_MN) && defined(XATTN90_TMA)
+#if defined(XATTN90_MN) && defined(XATTN90_TMA)
 XATTN90_MODS_TMA_ONE(XATTN90_TN, XATTN90_D, XATTN90_BN, XATTN90_NWG, XATTN90_OV, XATTN90_MN,
                      XATTN90_MODS, XATTN90_SPARSE)
 #elif defined(XATTN90_MN)
@@ -1335,8 +950,6 @@ XATTN90_MODS_ONE(XATTN90_TN, XATTN90_D, XATTN90_BN, XATTN90_NWG, XATTN90_OV, XAT
                  XATTN90_MODS, XATTN90_SPARSE)
 #elif defined(XATTN90_TMA)
 XATTN90_TMA_ONE(XATTN90_TN, XATTN90_D, XATTN90_BN, XATTN90_NWG, XATTN90_OV)
-#elif XATTN90_OV & 32
-XATTN90_PONE(XATTN90_TN, XATTN90_D, XATTN90_BN, XATTN90_NWG, XATTN90_OV)
 #else
 XATTN90_ONE(XATTN90_TN, XATTN90_D, XATTN90_BN, XATTN90_NWG, XATTN90_OV)
 #endif

@@ -23,7 +23,7 @@ from . import _compile, _params, instances
 from ._compile import compiled_function
 
 __all__ = ["BUILT", "CONFIGS", "compiled_function", "entry_maps", "forward", "get_kernel",
-           "launch_config", "persist_grid", "precompile", "smem_bytes", "supports", "threads"]
+           "launch_config", "precompile", "smem_bytes", "supports", "threads"]
 
 # Per head dim: (keys per block BN, consumer warpgroups per block, mode), from the one list of
 # every compiled entry (instances.py). 64 query rows per warpgroup. Mode bit 0 (overlap): block
@@ -40,9 +40,6 @@ __all__ = ["BUILT", "CONFIGS", "compiled_function", "entry_maps", "forward", "ge
 # copy engine (TMA) from tensor maps that the launch passes by value (tma.py); on an H100
 # (fp16 S=4096, tools/gpu_check_fwdtma.sh bench) D=128 537 / causal 437 against mode 11's
 # 423 / 361 and torch's 552 / 543, D=64 383 / 300 against 333 / 277.
-# Bit 5 (mode 43 = 11 + 32, instances.SM90_PERSIST; not a default until measured): persistent,
-# min(tiles, SMs) blocks walk the (query block, head, batch) tiles longest-first
-# (:func:`persist_grid`); the entries take the batch as one more argument.
 CONFIGS = instances.SM90
 # The score-modification entries' configuration per head dim, and the block-sparse candidates
 # in order of preference (the first whose query rows divide the mask's bq and whose key tile
@@ -58,13 +55,11 @@ else:
     BM_CONFIGS = instances.SM90_BM
     BM_MODS_CONFIGS = instances.SM90_BM_MODS
 # Modes with _mods / _bm entries: warp-specialised (11), ping-pong (27), each with the copy
-# engine (75 = 11 + bit 6; 91 = 27 + bit 6 is not offered: ping-pong measured slower), and
-# the persistent 43 (experimental).
-MODS_MODES = (11, 27, 43, 75)
+# engine (75 = 11 + bit 6; 91 = 27 + bit 6 is not offered: ping-pong measured slower).
+MODS_MODES = (11, 27, 75)
 # Every configuration that can be built, as (D, BN, warpgroups, mode): the shipped ones (CI
 # compiles them) and the experimental schedules (built on request: config=...).
-BUILT = frozenset((*instances.SM90_SHIPPED, *instances.SM90_EXPERIMENTAL,
-                   *instances.SM90_PERSIST))
+BUILT = frozenset((*instances.SM90_SHIPPED, *instances.SM90_EXPERIMENTAL))
 # Options this kernel ignores safely: allow_tf32 concerns float32 only.
 _KNOWN = frozenset({"allow_tf32"})
 
@@ -109,35 +104,17 @@ def _block_mask_reason(prob):
     return None
 
 
-# Dynamic shared memory of one thread block on sm_90 (227 KiB); flash_fwd_sm90.cu's
-# XATTN90_SMEM_MAX.
-SMEM_MAX = 232448
-
-
 def smem_bytes(d, cfg):
     bn, nwg, mode = cfg
     nbuf = 3 if mode & 1 else 2
     # Mode bit 3's mbarriers are static shared memory (128 bytes), outside this count.
-    total = (nwg * 64 * d + 2 * nbuf * bn * d) * 2 + (1024 if mode & 2 else 0)
-    if mode & instances.PERSIST_BIT and total + nwg * 64 * d * 2 <= SMEM_MAX:
-        total += nwg * 64 * d * 2  # the persistent schedule's second Q buffer, where it fits
-    return total
+    return (nwg * 64 * d + 2 * nbuf * bn * d) * 2 + (1024 if mode & 2 else 0)
 
 
 def threads(cfg):
     """Threads per block: 128 per consumer warpgroup, plus the producer's 128 in mode bit 3."""
     bn, nwg, mode = cfg
     return (nwg + (1 if mode & 8 else 0)) * 128
-
-
-def persist_grid(sq, bm, hq, batch, sms):
-    """Blocks of the persistent schedule (mode bit 5): one per multiprocessor, fewer when there
-    are fewer tiles ``ceil(sq / bm) * hq * batch`` (each block walks tiles c, c + grid, ...)."""
-    tiles = -(-sq // bm) * hq * batch
-    if tiles >= 2**31:
-        raise ValueError(f"{tiles} tiles of {bm} query rows x heads x batch: the persistent "
-                         "schedule counts them in int32")
-    return max(1, min(tiles, sms))
 
 
 def precompile(type_name: str, keys, workers: int = 8):
@@ -220,12 +197,8 @@ def _forward(prob, q, k, v, config):
         args += (*_params.option_args(xp, prob), *_params.block_mask_args(xp, prob))
     else:  # the plain entries read the visibility fields only
         args += _params.visibility_args(prob)
-    if cfg[2] & instances.PERSIST_BIT:  # the blocks walk the tiles: the batch is an argument
-        grid = (persist_grid(prob.sq, bm, prob.hq, B, _params.sm_count()), 1, 1)
-        args += (i32(B),)
-    else:
-        grid = ((prob.sq + bm - 1) // bm, prob.hq, B)
-    fn(grid, (threads(cfg),), args, shared_mem=smem_bytes(d, cfg))
+    fn(((prob.sq + bm - 1) // bm, prob.hq, B), (threads(cfg),), args,
+       shared_mem=smem_bytes(d, cfg))
     return _params.forward_result(xp, prob, out, lse)
 
 

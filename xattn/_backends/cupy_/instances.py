@@ -35,9 +35,9 @@ __all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "DECODE", "DECODE_EXTRA",
            "FWD_BM", "FWD_BM_MODS", "FWD_MODS", "HEAD_DIMS", "Instance", "SM90", "SM90_BM",
            "SM90_BM_MODS", "SM90_BM_MODS_TMA", "SM90_BM_TMA", "SM90_BWD_HEAD_DIMS",
            "SM90_BWD_TMA", "SM90_BWD_VARIANTS", "SM90_EXPERIMENTAL", "SM90_MODS",
-           "SM90_MODS_ON_TMA", "SM90_MODS_TMA", "SM90_PERSIST", "PERSIST_BIT", "TF32",
+           "SM90_MODS_ON_TMA", "SM90_MODS_TMA", "TF32",
            "TF32X3", "bwd", "bwd_aux", "bwd_dq", "bwd_simt", "bwd_sm90", "decode",
-           "experimental", "fwd", "fwd_simt", "persist_cfg", "shipped", "sm90", "tf32",
+           "experimental", "fwd", "fwd_simt", "shipped", "sm90", "tf32",
            "tf32_bm"]
 
 # Head dims the kernels are built for; others up to 256 are zero-padded to the next one.
@@ -138,25 +138,6 @@ SM90_EXPERIMENTAL = (
     (64, 128, 2, 3), (128, 64, 2, 3), (128, 128, 2, 3), (64, 64, 3, 3),
     (64, 128, 2, 27), (128, 128, 2, 27),
 )
-
-# Mode 43 = 11 + bit 5 (persistent: min(tiles, SMs) blocks walk the (query block, head, batch)
-# tiles longest-first; the producer loads Q and the next tile's first K/V blocks while the
-# consumers finish a tile): plain (D, BN, warpgroups, 43), and the _mods / _bm entries of every
-# mode-11 configuration above with the same bit. Experimental (built on request, config=...):
-# on an H100 (tools/gpu_check_fwdpersist.sh bench, 2026-12-05) it ran at 0.96-1.04x mode 11 in
-# every row (fp16 D 64 / 128, S 1024 / 4096, causal or not; window +-256 S=65536 168.5 against
-# 162.1 TFLOP/s), so the per-tile prologue it hides is not what limits the kernel there.
-SM90_PERSIST = ((64, 64, 3, 43), (128, 128, 2, 43))
-PERSIST_BIT = 32
-
-
-def persist_cfg(cfg):
-    """The persistent twin ``(BN, warpgroups, 43)`` of a mode-11 configuration."""
-    bn, nwg, mode = cfg
-    if mode != 11:
-        raise ValueError(f"config {cfg}: the persistent schedule exists for mode 11 only")
-    return (bn, nwg, mode | PERSIST_BIT)
-
 
 # The experimental Hopper schedules without warp specialisation (modes 0-3), relative to the
 # repository root: compiled only with tools/check_kernels.py --experimental or config=...
@@ -289,21 +270,18 @@ def tf32_bm(d, cfg, mods, x3, sparse) -> Instance:
 def sm90(tn, d, cfg, mods=False, sparse=False) -> Instance:
     """The Hopper forward of one dtype, head dim and ``(keys per block, warpgroups, mode)``;
     ``mods`` / ``sparse``: the entry with score modifications / the block mask's walk (modes
-    11, 27, 43 and 75 only; flash_fwd.cu's argument list, after the tensor maps in mode 75).
-    Mode 43's entries take the batch size as one more, last argument."""
+    11, 27 and 75 only; flash_fwd.cu's argument list, after the tensor maps in mode 75)."""
     bn, nwg, mode = cfg
     params = (("XATTN90_TN", tn), ("XATTN90_D", d), ("XATTN90_BN", bn), ("XATTN90_NWG", nwg),
               ("XATTN90_OV", mode))
     name = f"flash_fwd_sm90_{tn}_d{d}_n{bn}_g{nwg}_o{mode}"
-    # Mode bit 5 (persistent): entry macros with one more argument (the batch).
-    pm = "P" if mode & PERSIST_BIT else ""
     if mods or sparse:
         mn = "_".join(("mods",) * mods + ("bm",) * sparse)
         params += (("XATTN90_MN", mn), ("XATTN90_MODS", _b(mods)),
                    ("XATTN90_SPARSE", _b(sparse)))
         # Mode bit 6: the tensor maps of K and V before that argument list (own macro).
         macro, extra = (("XATTN90_MODS_TMA_ONE", (("XATTN90_TMA", 1),)) if mode & 64
-                        else (f"XATTN90_MODS_{pm}ONE", ()))
+                        else ("XATTN90_MODS_ONE", ()))
         # The bfloat16 block-sparse twins are left to --all, as flash_fwd.cu's.
         return Instance("flash_fwd_sm90.cu", macro, params, (f"{name}_{mn}",), extra=extra,
                         arch="sm_90a", ci=not (sparse and tn != "f16"))
@@ -312,7 +290,7 @@ def sm90(tn, d, cfg, mods=False, sparse=False) -> Instance:
     if mode & 64:  # the tensor-map entries (their own argument list and macro)
         return Instance("flash_fwd_sm90.cu", "XATTN90_TMA_ONE", params, (name,),
                         extra=(("XATTN90_TMA", 1),), arch="sm_90a", includes=extra)
-    return Instance("flash_fwd_sm90.cu", f"XATTN90_{pm}ONE", params, (name,), arch="sm_90a",
+    return Instance("flash_fwd_sm90.cu", "XATTN90_ONE", params, (name,), arch="sm_90a",
                     includes=extra)
 
 
@@ -324,7 +302,7 @@ def bwd_sm90(tn, d, variant=None) -> Instance:
     of q, dout, k, v, then the plain argument list)."""
     params = (("XATTN_BWD90_TN", tn), ("XATTN_BWD90_D", d))
     name = f"flash_bwd_sm90_{tn}_d{d}"
-    if variant in SM90_BWD_TMA:  # experimental: Q/dO (and K/V) by the copy engine
+    if variant in SM90_BWD_TMA:  # Q/dO (and K/V) by the copy engine
         params += (("XATTN_BWD90_MN", variant), ("XATTN_BWD90_NB", SM90_BWD_TMA[variant]))
         return Instance("flash_bwd_sm90.cu", "XATTN_BWD90_TMA_ONE", params,
                         (f"{name}_{variant}",), arch="sm_90a")
@@ -430,18 +408,6 @@ def shipped() -> list:
     return out
 
 
-def _sm90_persist() -> list:
-    """The persistent (mode 43) entries: plain, _mods and _bm twins of the mode-11 ones."""
-    out = [sm90(tn, c[0], c[1:]) for c in SM90_PERSIST for tn in TYPES]
-    out += [sm90(tn, d, persist_cfg(c), True) for d, c in SM90_MODS.items() for tn in TYPES]
-    for d, cs in SM90_BM.items():
-        out += [sm90(tn, d, persist_cfg(c), False, True) for c in cs for tn in TYPES]
-        out += [sm90(tn, d, persist_cfg(c), True, True) for c in SM90_BM_MODS.get(d, cs)
-                for tn in TYPES]
-    return out
-
-
 def experimental() -> list:
     """Instances built only on request (``tools/check_kernels.py --experimental``)."""
-    out = [sm90(tn, c[0], c[1:]) for c in SM90_EXPERIMENTAL for tn in TYPES]
-    return out + _sm90_persist()
+    return [sm90(tn, c[0], c[1:]) for c in SM90_EXPERIMENTAL for tn in TYPES]
