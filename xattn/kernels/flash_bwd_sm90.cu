@@ -61,8 +61,9 @@
 // then dS^T; at D = 128 both in one pass after dP^T (registers). The launcher checks that the
 // 128 keys lie inside one mask key block and each 64-row step inside one mask query block.
 //
-// Experimental TMA entries (_tma: NB = 3 Q/dO buffers, _tma2: NB = 2; built on request, the
-// launcher's config=): the same products in the same order, only the loads differ. Thread 0
+// TMA entries (_tma: NB = 3 Q/dO buffers, _tma2: NB = 2; the plain requests' default, the
+// launcher's DEFAULT_CONFIG; on an H100 1.15-1.25x the cp.async entry): the same products in
+// the same order, only the loads differ. Thread 0
 // issues Q and dO of step i + NB - 1 (boxes of 64 columns x 64 rows from the tensor maps of
 // tma.py, which write the 128-byte-swizzled panels above; rows past Sq arrive as zeros) into
 // buffer (i + NB - 1) % NB, announcing their bytes with mbarrier.arrive.expect_tx on that
@@ -105,7 +106,7 @@ struct BwdArgs {
     static constexpr int wl = -1, wr = -1;  // no window: the option entries take one
 };
 
-// The experimental TMA entries (_tma: NB = 3 Q/dO buffers, _tma2: 2): the plain entries'
+// The TMA entries (_tma: NB = 3 Q/dO buffers, _tma2: 2): the plain entries'
 // arguments and the tensor maps of q, dout (boxes of 64 columns x BM rows) and k, v (64 x BN),
 // the kernel parameters' own addresses (const __grid_constant__ TmaDesc).
 template <int NB>
