@@ -738,7 +738,7 @@ __device__ __forceinline__ void dq_convert_core(const float* acc, unsigned short
 // One more expansion level so that -D values expand before ## pastes them.
 #define XATTN_BWD90_ONE(TN, D) XATTN_BWD90_ENTRY(TN, D)
 
-// The experimental TMA entries (MN: tma = 3 Q/dO buffers, tma2 = 2): the tensor maps of q,
+// The TMA entries (MN: tma = 3 Q/dO buffers, tma2 = 2): the tensor maps of q,
 // dout, k and v (tma.py's rows_map: boxes of 64 columns x 64 / 128 / 128 rows / 128 rows),
 // then the plain entries' arguments (q, k, v, dout are not read).
 #define XATTN_BWD90_TMA_ENTRY(TN, D, MN, NB)                                                 \
