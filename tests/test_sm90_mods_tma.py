@@ -62,10 +62,13 @@ def test_twins_have_the_mode_11_tiles():
 
 
 def test_twin_instances():
-    """Their own macro (tensor maps first), the XATTN90_TMA define, names with _o75_; both
-    families shipped (CI compiles both); the bfloat16 block-sparse twins left to --all."""
+    """Their own macro (tensor maps first), the XATTN90_TMA define, names with _o75_; the
+    switch's family shipped (CI compiles it), the other experimental (check_kernels.py
+    --experimental); the bfloat16 block-sparse twins left to --all."""
     shipped = {i.name: i for i in instances.shipped()}
     assert len(shipped) == len(instances.shipped())
+    extra = {i.name for i in instances.experimental()}
+    on, off = (shipped, extra) if instances.SM90_MODS_ON_TMA else (extra, shipped)
     for mods, sparse, table in ((True, False, instances.SM90_MODS_TMA),
                                 (False, True, instances.SM90_BM_TMA),
                                 (True, True, instances.SM90_BM_MODS_TMA),
@@ -79,9 +82,9 @@ def test_twin_instances():
                 assert i.macro_call() == (f"XATTN90_MODS_TMA_ONE({tn}, {d}, {cfg[0]}, "
                                           f"{cfg[1]}, 75, {mn}, {str(mods).lower()}, "
                                           f"{str(sparse).lower()})")
-                assert i.name in shipped and i.ci == (tn == "f16" or not sparse)
+                assert i.name in on and i.ci == (tn == "f16" or not sparse)
                 old = instances.sm90(tn, d, (cfg[0], cfg[1], 11), mods, sparse)
-                assert old.macro == "XATTN90_MODS_ONE" and old.name in shipped
+                assert old.macro == "XATTN90_MODS_ONE" and old.name in off
                 assert not any("XATTN90_TMA" in x for x in old.defines)
 
 

@@ -50,7 +50,7 @@ def _sm90_instances():
     """The sm_90a _mods / _bm / _mods_bm entries of both families (tests and benchmark)."""
     from xattn._backends.cupy_ import instances
 
-    out = [i for i in instances.shipped()
+    out = [i for i in (*instances.shipped(), *instances.experimental())
            if i.source == "flash_fwd_sm90.cu" and i.name.endswith(("_mods", "_bm"))]
     out = [i for i in out if "_o11_" in i.name or "_o75_" in i.name]
     # test_gpu_sm90_mods.py's test_explicit_configs also runs this ping-pong entry.

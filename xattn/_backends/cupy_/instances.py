@@ -120,14 +120,17 @@ SM90_BM = {64: ((128, 2, 11), (64, 2, 11)), 128: ((128, 2, 11), (64, 2, 11))}
 SM90_BM_MODS = {128: ((64, 2, 11),)}
 # Their mode-75 twins: the same tiles and consumers, the K/V ring filled by the copy engine
 # (one producer thread: ws_produce_tma, or ws_produce_walk_tma for the CSR walk), the entries
-# taking the tensor maps of K and V first. Both families are shipped (CI compiles both).
+# taking the tensor maps of K and V first. The switch's family is shipped (CI compiles it), the
+# other one experimental (built on request and by tools/check_kernels.py --experimental).
 SM90_MODS_TMA = {64: (64, 3, 75), 128: (64, 2, 75)}
 SM90_BM_TMA = {64: ((128, 2, 75), (64, 2, 75)), 128: ((128, 2, 75), (64, 2, 75))}
 SM90_BM_MODS_TMA = {128: ((64, 2, 75),)}
 # THE SWITCH: which family the _mods / _bm / _mods_bm entries and flex_attention's Hopper
 # kernel use by default (flash_sm90.MODS_CONFIGS, BM_CONFIGS, BM_MODS_CONFIGS). False: the
-# mode-11 tables above; True: the mode-75 twins. To be flipped once timed on an H100
-# (tools/gpu_check_fwdtmamods.sh bench); an explicit config=(..., 11 | 75) picks either.
+# mode-11 tables above; True: the mode-75 twins. Off: on an H100 (2026-12-05,
+# tools/gpu_check_fwdtmamods.sh bench) the twins ran at mode 11's speed (ALiBi 122.6 / 121.6,
+# softcap 84.8 / 84.8, window block mask 94.8 / 98.9, flex 226.3 / 227.1 TFLOP/s): those
+# entries are held by their per-element work. An explicit config=(..., 11 | 75) picks either.
 SM90_MODS_ON_TMA = False
 # (D, BN, warpgroups, mode) of the earlier schedules (0-3) and ping-pong (27): measured slower
 # than mode 11 on an H200, kept buildable for tools/wgmma_probe.py --bench.
@@ -391,12 +394,7 @@ def shipped() -> list:
             out += [tf32(d, cfg, mods, x3=True) for mods in (False, True)]
     out += [bwd_aux(tn) for tn in TYPES]
     out += [sm90(tn, *c[:1], c[1:]) for c in SM90_SHIPPED for tn in TYPES]
-    for mods_t, bm_t, bm_mods_t in ((SM90_MODS, SM90_BM, SM90_BM_MODS),
-                                    (SM90_MODS_TMA, SM90_BM_TMA, SM90_BM_MODS_TMA)):
-        out += [sm90(tn, d, c, True) for d, c in mods_t.items() for tn in TYPES]
-        for d, cs in bm_t.items():
-            out += [sm90(tn, d, c, False, True) for c in cs for tn in TYPES]
-            out += [sm90(tn, d, c, True, True) for c in bm_mods_t.get(d, cs) for tn in TYPES]
+    out += _sm90_options(SM90_MODS_ON_TMA)
     for d in DECODE_HEAD_DIMS:
         for cfg in (DECODE[d], *DECODE_EXTRA.get(d, ())):
             out += [decode(tn, d, cfg) for tn in TYPES]
@@ -408,6 +406,20 @@ def shipped() -> list:
     return out
 
 
+def _sm90_options(tma) -> list:
+    """The Hopper forward's _mods / _bm / _mods_bm entries of one family: the mode-11 tables
+    or (``tma``) their mode-75 twins."""
+    mods_t, bm_t, bm_mods_t = ((SM90_MODS_TMA, SM90_BM_TMA, SM90_BM_MODS_TMA) if tma
+                               else (SM90_MODS, SM90_BM, SM90_BM_MODS))
+    out = [sm90(tn, d, c, True) for d, c in mods_t.items() for tn in TYPES]
+    for d, cs in bm_t.items():
+        out += [sm90(tn, d, c, False, True) for c in cs for tn in TYPES]
+        out += [sm90(tn, d, c, True, True) for c in bm_mods_t.get(d, cs) for tn in TYPES]
+    return out
+
+
 def experimental() -> list:
-    """Instances built only on request (``tools/check_kernels.py --experimental``)."""
-    return [sm90(tn, c[0], c[1:]) for c in SM90_EXPERIMENTAL for tn in TYPES]
+    """Instances built only on request (``tools/check_kernels.py --experimental``): the
+    earlier schedules and the option entries of the family the switch leaves off."""
+    return ([sm90(tn, c[0], c[1:]) for c in SM90_EXPERIMENTAL for tn in TYPES]
+            + _sm90_options(not SM90_MODS_ON_TMA))
