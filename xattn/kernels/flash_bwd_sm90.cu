@@ -345,11 +345,17 @@ __device__ __forceinline__ void cp_async4(unsigned dst, const float* src) {
 // modifications (or flex_attention's score_mod) and the block mask's CSC walk (or the mask
 // derived from mask_mod); the window entries (neither, A = xattn::BwdArgs) only read the
 // window sides. The plain entries (A = BwdArgs above) compile none of it.
-template <class T, int D, bool MODS = false, bool SPARSE = false, class A = BwdArgs>
+// DQ false (the _nodq entries of deterministic=True): dK and dV only, from the same products
+// in the same order (bit for bit the DQ entry's); no dS staging, no dS K, no bulk adds, no
+// dq_accum (a null pointer, never read): flash_bwd.cu's deterministic dq kernel computes dq.
+template <class T, int D, bool MODS = false, bool SPARSE = false, bool DQ = true,
+          class A = BwdArgs>
 __device__ __forceinline__ void flash_bwd_sm90_core(const A& a) {
 #if XATTN_SM90_OK
     static_assert(D == 64 || D == 128, "wgmma wrappers exist for N = 64 and 128");
-    constexpr unsigned KV_TILE = BN * D * 2, Q_TILE = BM * D * 2, DS_TILE = BM * BN * 2;
+    constexpr unsigned KV_TILE = BN * D * 2, Q_TILE = BM * D * 2;
+    constexpr unsigned DS_TILE = DQ ? BM * BN * 2 : 0;
+    constexpr int DQ_STAGE = DQ ? DQ_TILE : 0;
     // TMA (the _tma entries): the copy engine fills NBUF Q/dO buffers, each on its full
     // mbarrier; lse / delta stay two thread-written buffers.
     constexpr bool TMA = tma_bufs<A>::value > 0;
@@ -366,7 +372,7 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const A& a) {
     float* sL = reinterpret_cast<float*>(smem_raw + (sS + DS_TILE - raw));  // 2 x BM lse log2e
     float* sD = sL + 2 * BM;                                                // 2 x BM delta
     float* sDQ = sD + 2 * BM;  // dQ staging: one DQ_TILE per warpgroup (16-byte aligned)
-    const unsigned fullb = smem_u32(sDQ + 2 * DQ_TILE);  // TMA: NBUF full mbarriers
+    const unsigned fullb = smem_u32(sDQ + 2 * DQ_STAGE);  // TMA: NBUF full mbarriers
 
     const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, t4 = lane & 3;
@@ -621,46 +627,59 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const A& a) {
 
         issue_keys<T, D>(dk, da, qt);  // dK += dS^T Q
 
-        stage_ds<T>(sS, dp, wg, warp, g, t4);  // dS for dQ
-        fence_proxy_async();
-        // The last step's dQ rows must be read out of the staging tile before it is rewritten
-        // below; the barrier that follows tells the whole warpgroup.
-        if (dq_dst != nullptr) bulk_wait_read();
-        if constexpr (D == 128)
-            bar_sync<1, NT>();  // both warpgroups' dS are stored
-        else if (wg == 0)
-            bar_sync<2, 128>();  // this warpgroup's dS (its own keys only)
-        else
-            bar_sync<3, 128>();
+        if constexpr (DQ) {
+            stage_ds<T>(sS, dp, wg, warp, g, t4);  // dS for dQ
+            fence_proxy_async();
+            // The last step's dQ rows must be read out of the staging tile before it is
+            // rewritten below; the barrier that follows tells the whole warpgroup.
+            if (dq_dst != nullptr) bulk_wait_read();
+            if constexpr (D == 128)
+                bar_sync<1, NT>();  // both warpgroups' dS are stored
+            else if (wg == 0)
+                bar_sync<2, 128>();  // this warpgroup's dS (its own keys only)
+            else
+                bar_sync<3, 128>();
 
-        wgmma_wait<1>();  // dV done: its A fragment registers are free
+            wgmma_wait<1>();  // dV done: its A fragment registers are free
 #pragma unroll
-        for (int j = 0; j < BM / 16; ++j) fence_regs(pa[j]);
-        fence_regs(dv);
+            for (int j = 0; j < BM / 16; ++j) fence_regs(pa[j]);
+            fence_regs(dv);
 
-        // dQ = dS K.
-        float dq[32];
+            // dQ = dS K.
+            float dq[32];
 #pragma unroll
-        for (int z = 0; z < 32; ++z) dq[z] = 0.f;
-        fence_regs(dq);
-        wgmma_fence();
-        gemm_dq<T, D>(dq, opaque(sS), kt, wg);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(dq);
-        fence_regs(dk);
+            for (int z = 0; z < 32; ++z) dq[z] = 0.f;
+            fence_regs(dq);
+            wgmma_fence();
+            gemm_dq<T, D>(dq, opaque(sS), kt, wg);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs(dq);
+            fence_regs(dk);
 #pragma unroll
-        for (int j = 0; j < BM / 16; ++j) fence_regs(da[j]);
+            for (int j = 0; j < BM / 16; ++j) fence_regs(da[j]);
 
-        // The fragment in fragment order (see the header), then one bulk add of the tile.
+            // The fragment in fragment order (see the header), then one bulk add of the tile.
 #pragma unroll
-        for (int n = 0; n < 8; ++n)
-            *reinterpret_cast<float4*>(dq_stage + n * 512 + wt * 4) =
-                make_float4(dq[n * 4], dq[n * 4 + 1], dq[n * 4 + 2], dq[n * 4 + 3]);
-        fence_proxy_async();  // the bulk add reads the tile through the async proxy
-        dq_dst = wt == 0 ? a.dq_accum + ((bh * nqb + q0 / BM) * dq_tiles +
-                                         (D == 128 ? wg : 0)) * (long long)DQ_TILE
-                         : nullptr;
+            for (int n = 0; n < 8; ++n)
+                *reinterpret_cast<float4*>(dq_stage + n * 512 + wt * 4) =
+                    make_float4(dq[n * 4], dq[n * 4 + 1], dq[n * 4 + 2], dq[n * 4 + 3]);
+            fence_proxy_async();  // the bulk add reads the tile through the async proxy
+            dq_dst = wt == 0 ? a.dq_accum + ((bh * nqb + q0 / BM) * dq_tiles +
+                                             (D == 128 ? wg : 0)) * (long long)DQ_TILE
+                             : nullptr;
+        } else {
+            // dV and dK must be done before the barrier below hands their Q / dO
+            // buffers to the next loads.
+            wgmma_wait<0>();
+#pragma unroll
+            for (int j = 0; j < BM / 16; ++j) {
+                fence_regs(pa[j]);
+                fence_regs(da[j]);
+            }
+            fence_regs(dv);
+            fence_regs(dk);
+        }
         if constexpr (TMA) {
             if (tid < BM && i + 1 < nsteps) {  // the next step's lse / delta, published below
                 cp_async_wait_ordered<0>();
@@ -668,9 +687,11 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const A& a) {
             }
         }
         __syncthreads();  // the tile is written; the next step overwrites Q / dO and dS
-        if (dq_dst != nullptr) {
-            bulk_add_tile(dq_dst, smem_u32(dq_stage));
-            issued = true;
+        if constexpr (DQ) {
+            if (dq_dst != nullptr) {
+                bulk_add_tile(dq_dst, smem_u32(dq_stage));
+                issued = true;
+            }
         }
     }
     if (issued) bulk_wait_all();  // the tile must outlive the reads of the adds
@@ -754,6 +775,25 @@ __device__ __forceinline__ void dq_convert_core(const float* acc, unsigned short
             &tq, &tdo, &tk, &tv});                                                            \
     }
 #define XATTN_BWD90_TMA_ONE(TN, D, MN, NB) XATTN_BWD90_TMA_ENTRY(TN, D, MN, NB)
+// Their dK/dV-only twins (_<MN>_nodq: deterministic=True, dq by flash_bwd.cu's dq kernel;
+// dq_accum is not read), the same argument list.
+#define XATTN_BWD90_TMA_NODQ_ENTRY(TN, D, MN, NB)                                            \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                      \
+        flash_bwd_sm90_##TN##_d##D##_##MN##_nodq(                                             \
+            const __grid_constant__ xattn::TmaDesc tq,                                        \
+            const __grid_constant__ xattn::TmaDesc tdo,                                       \
+            const __grid_constant__ xattn::TmaDesc tk,                                        \
+            const __grid_constant__ xattn::TmaDesc tv, const unsigned short *q,               \
+            const unsigned short *k, const unsigned short *v, const unsigned short *dout,     \
+            const float *lse, const float *delta, float *dq_accum, unsigned short *dk,        \
+            unsigned short *dv, int hq, int group, int sq, int sk, float scale, int causal) { \
+        xattn::sm90bwd::flash_bwd_sm90_core<xattn::TN, D, false, false, false>(               \
+            xattn::sm90bwd::BwdArgsTma<NB>{                                                   \
+                {q, k, v, dout, lse, delta, dq_accum, dk, dv, hq, group, sq, sk, scale,       \
+                 causal},                                                                     \
+                &tq, &tdo, &tk, &tv});                                                        \
+    }
+#define XATTN_BWD90_TMA_NODQ_ONE(TN, D, MN, NB) XATTN_BWD90_TMA_NODQ_ENTRY(TN, D, MN, NB)
 
 // The option entries (MN: win = causal and window | mods = score modifications | bm = block
 // mask | mods_bm; flex | flex_bm for flex_attention_backward): flash_bwd.cu's argument list
@@ -765,13 +805,27 @@ __device__ __forceinline__ void dq_convert_core(const float* acc, unsigned short
         xattn::sm90bwd::flash_bwd_sm90_core<xattn::TN, D, MODS, SPARSE>(XATTN_BWD_ARGS);      \
     }
 #define XATTN_BWD90_OPT_ONE(TN, D, MN, MODS, SPARSE) XATTN_BWD90_OPT_ENTRY(TN, D, MN, MODS, SPARSE)
+// Their dK/dV-only twins (_<MN>_nodq, deterministic=True; neither dq nor dq_accum is read).
+#define XATTN_BWD90_OPT_NODQ_ENTRY(TN, D, MN, MODS, SPARSE)                                  \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                      \
+        flash_bwd_sm90_##TN##_d##D##_##MN##_nodq(XATTN_BWD_PARAMS) {                          \
+        xattn::sm90bwd::flash_bwd_sm90_core<xattn::TN, D, MODS, SPARSE, false>(               \
+            XATTN_BWD_ARGS);                                                                  \
+    }
+#define XATTN_BWD90_OPT_NODQ_ONE(TN, D, MN, MODS, SPARSE) \
+    XATTN_BWD90_OPT_NODQ_ENTRY(TN, D, MN, MODS, SPARSE)
 // Instantiation: the loader builds one module per entry with -D options, CI one translation
 // unit per file with one macro call per entry -- both from the list in
 // xattn/_backends/cupy_/instances.py. Without those options this file builds nothing.
 // XATTN_BWD90_NO_ENTRIES: tools/wgmma_probe.cu includes this file for its helpers only.
 #if defined(XATTN_BWD90_D) && !defined(XATTN_BWD90_NO_ENTRIES)
-#if defined(XATTN_BWD90_NB)
+#if defined(XATTN_BWD90_NB) && defined(XATTN_BWD90_NODQ)
+XATTN_BWD90_TMA_NODQ_ONE(XATTN_BWD90_TN, XATTN_BWD90_D, XATTN_BWD90_MN, XATTN_BWD90_NB)
+#elif defined(XATTN_BWD90_NB)
 XATTN_BWD90_TMA_ONE(XATTN_BWD90_TN, XATTN_BWD90_D, XATTN_BWD90_MN, XATTN_BWD90_NB)
+#elif defined(XATTN_BWD90_MN) && defined(XATTN_BWD90_NODQ)
+XATTN_BWD90_OPT_NODQ_ONE(XATTN_BWD90_TN, XATTN_BWD90_D, XATTN_BWD90_MN, XATTN_BWD90_MODS,
+                         XATTN_BWD90_SPARSE)
 #elif defined(XATTN_BWD90_MN)
 XATTN_BWD90_OPT_ONE(XATTN_BWD90_TN, XATTN_BWD90_D, XATTN_BWD90_MN, XATTN_BWD90_MODS,
                     XATTN_BWD90_SPARSE)
