@@ -77,10 +77,15 @@
 // published by the block barrier ending step i. A byte count that the copies never deliver
 // would hang the wait: the GPU scripts run under timeouts.
 //
+// The _nodq twins (deterministic=True; DQ = false in the core): the TMA and option entries'
+// arguments and their dK / dV products in the same order (bit for bit theirs), nothing of dQ:
+// no dS staging, no dS K, no bulk adds (dq_accum is not read), less shared memory; dq comes
+// from flash_bwd.cu's deterministic dq kernel (one CTA per query block, no atomics).
+//
 // No CUDA headers; the local headers are inlined by the loader. The wgmma code is compiled only
 // for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); for other targets the entries trap.
 // Entry points: flash_bwd_sm90_<f16|bf16>_d<64|128>[_<win|mods|bm|mods_bm|flex|flex_bm|tma|
-// tma2>].
+// tma2>][_nodq].
 
 #include "common.cuh"
 #include "masking.cuh"
