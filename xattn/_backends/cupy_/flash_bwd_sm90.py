@@ -296,11 +296,14 @@ def _backward(prob, dout, q, k, v, out, lse, config=None, deterministic=False):
     var = config or variant(prob)
     # The tensor maps (checked before any launch).
     maps = tma_maps(q4, k4, v4, do4) if config is not None else ()
-    opt_args = _params.option_args(xp, prob)
-    bm_args = _params.block_mask_args(xp, prob, csc=True)
+    plain = var is None or config is not None
+    # flash_bwd.cu's parameter block: the option entries' arguments and the dq kernel's.
+    if deterministic or not plain:
+        opt_args = _params.option_args(xp, prob)
+        bm_args = _params.block_mask_args(xp, prob, csc=True)
     dq_cfg = dq_config(prob) if deterministic else None
     flash_bwd.run_delta(tn, o4, do4, delta, d)
-    if var is None or config is not None:
+    if plain:
         args = (*maps, q4, k4, v4, do4, lse3, delta, acc, dk4, dv4, i32(hq), i32(prob.group),
                 i32(sq), i32(sk), f32(prob.scale), i32(bool(prob.causal)))
     else:  # flash_bwd.cu's argument list (dq, null here, is not read)
