@@ -8,6 +8,7 @@ tests/gpu/test_gpu_sm90_bwd.py (-k det)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 import subprocess
 import sys
@@ -110,6 +111,28 @@ def test_deterministic_is_served_and_routed(on_sm90):
         assert dq in shipped, dq
 
 
+def test_wgmma_dq_kernel(on_sm90):
+    """The wgmma dq kernel: shipped, plain requests only, off by default (the switch),
+    named by kernel_names; its shared memory fits a block."""
+    shipped = {i.name for i in instances.shipped()}
+    for d in (64, 128):
+        for tn in ("f16", "bf16"):
+            i = instances.bwd_sm90_dq(tn, d)
+            assert i.name == f"flash_bwd_sm90_dq_{tn}_d{d}" and i.name in shipped
+            assert i.macro == "XATTN_BWD90_DQ_ONE" and "-DXATTN_BWD90_DQK=1" in i.defines
+    assert k90b.dq_smem_bytes(128) == 132096 and k90b.dq_smem_bytes(64) == 66560
+    plain, causal = on_sm90(), on_sm90(d=128, causal=True)
+    assert instances.SM90_BWD_DQ_WGMMA is False
+    assert k90b.dq_kernel_choice(plain) == "mma"
+    assert k90b.dq_kernel_choice(causal, "wgmma") == "wgmma"
+    assert k90b.kernel_names(causal, True, dq_kernel="wgmma")[1:] == (
+        "flash_bwd_sm90_f16_d128_tma2_nodq", "flash_bwd_sm90_dq_f16_d128")
+    with pytest.raises(ValueError, match="dq_kernel='wgmma': the wgmma dq kernel serves plain"):
+        k90b.dq_kernel_choice(on_sm90(window=(8, 0)), "wgmma")
+    with pytest.raises(ValueError, match="dq_kernel: one of"):
+        k90b.dq_kernel_choice(plain, "tc")
+
+
 def test_deterministic_config_checks(on_sm90):
     plain = on_sm90()
     assert k90b.check_config(plain, None, True) == "tma"
@@ -147,3 +170,26 @@ def test_nodq_entries_do_no_dq_work(tmp_path):
         assert "st.shared.u16" in full and "st.shared.u16" not in nodq
         drop = {64: 4, 128: 8}[d]
         assert nodq.count("wgmma.mma_async") == full.count("wgmma.mma_async") - drop, (d, v)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NVCC is None, reason="needs nvcc")
+def test_wgmma_dq_kernel_ptx(tmp_path):
+    """The wgmma dq kernel: S and dP (D / 16 k-steps each) and dQ += dS K (4 k-steps of 16
+    keys) on wgmma; no atomics, no reductions, no bulk copies: its order is fixed."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import check_kernels
+    import ptx_diff
+
+    items = [instances.bwd_sm90_dq("f16", d) for d in (64, 128)]
+    unit = tmp_path / "unit.cu"
+    unit.write_text(check_kernels.unit_source("flash_bwd_sm90.cu", items))
+    out = tmp_path / "unit.ptx"
+    subprocess.run([NVCC, "-std=c++17", "-arch=sm_90a", "-ptx", "-o", str(out), str(unit)],
+                   check=True, capture_output=True)
+    ptx = ptx_diff.entries(out.read_text())
+    for d, i in zip((64, 128), items, strict=True):
+        body = ptx[i.name]
+        assert body.count("wgmma.mma_async") == 2 * (d // 16) + 4, d
+        for op in ("atom", "red", "cp.reduce", "cp.async.bulk"):
+            assert not re.search(rf"^\s*{re.escape(op)}\.", body, re.M), (d, op)

@@ -32,6 +32,11 @@ non-deterministic call's bit for bit, without dS K, its staging, the bulk adds, 
 the convert kernel), then dq by ``flash_bwd.cu``'s deterministic dq kernel (the mma.sync one,
 :func:`.flash_bwd.run_dq`: one CTA per query block walks its key blocks in order and writes
 dq once, no atomics: bitwise reproducible). :func:`kernel_names` says which kernels run.
+A wgmma version of that dq kernel (``flash_bwd_sm90_dq_<t>_d<D>``: 128 query rows per thread
+block, key blocks of 64, ``S``, ``dP`` and ``dQ += dS K`` on wgmma, dq written once, no
+atomics) serves the plain requests (causal, scale, GQA) with ``dq_kernel="wgmma"``
+(:data:`DQ_KERNELS`); :data:`instances.SM90_BWD_DQ_WGMMA` makes it their default (off until
+a GPU run has measured it).
 
 Entries (:func:`variant`): the plain one (causal only, its own argument list), and with a
 window, score mods or a block mask one of ``win``, ``mods``, ``bm``, ``mods_bm``, which take
@@ -60,9 +65,10 @@ import numpy as np
 from . import _params, flash_bwd, instances
 from ._compile import compiled_function
 
-__all__ = ["CONFIGS", "HEAD_DIMS", "backward", "block_mask_reason", "built", "check_config",
-           "dq_accum", "dq_config", "forward", "get_kernel", "grid", "kernel_names",
-           "run_dq_convert", "smem_bytes", "supports", "tma_maps", "variant"]
+__all__ = ["CONFIGS", "DQ_KERNELS", "HEAD_DIMS", "backward", "block_mask_reason", "built",
+           "check_config", "dq_accum", "dq_config", "dq_kernel_choice", "dq_smem_bytes",
+           "forward", "get_kernel", "grid", "kernel_names", "run_dq_convert", "smem_bytes",
+           "supports", "tma_maps", "variant"]
 
 HEAD_DIMS = instances.SM90_BWD_HEAD_DIMS
 # Keys per CTA (two warpgroups of 64) and query rows per step: fixed by the kernel.
@@ -73,6 +79,11 @@ THREADS = 256
 CONFIGS = instances.SM90_BWD_TMA
 DEFAULT_CONFIG = instances.SM90_BWD_TMA_DEFAULT
 PLAIN = "plain"  # config= for the cp.async entry
+# deterministic=True's dq kernel (dq_kernel=): flash_bwd.cu's on mma.sync (every request) or
+# this file's on wgmma (plain requests only).
+DQ_KERNELS = ("mma", "wgmma")
+# Shared memory of the wgmma dq kernel: Q and dO (128 rows), two K and two V buffers (64 rows).
+DQ_ROWS, DQ_KEYS = 128, 64
 
 
 def variant(prob):
@@ -174,19 +185,45 @@ def dq_config(prob):
     return cfg
 
 
-def kernel_names(prob, deterministic=False, config=None):
+def dq_kernel_choice(prob, dq_kernel=None):
+    """The deterministic dq kernel (one of :data:`DQ_KERNELS`) that serves ``prob``:
+    ``dq_kernel`` checked (``"wgmma"``: plain requests only), or the default
+    (:data:`instances.SM90_BWD_DQ_WGMMA` for plain requests, else ``"mma"``)."""
+    plain = variant(prob) is None
+    if dq_kernel is None:
+        return "wgmma" if plain and instances.SM90_BWD_DQ_WGMMA else "mma"
+    if dq_kernel not in DQ_KERNELS:
+        raise ValueError(f"dq_kernel: one of {list(DQ_KERNELS)} or None, got {dq_kernel!r}")
+    if dq_kernel == "wgmma" and not plain:
+        raise ValueError(f"dq_kernel='wgmma': the wgmma dq kernel serves plain requests "
+                         f"(causal, scale, GQA); this problem needs the {variant(prob)!r} "
+                         "options (dq_kernel='mma' serves them)")
+    return dq_kernel
+
+
+def dq_smem_bytes(d):
+    """Shared memory of the wgmma dq kernel: Q and dO tiles of 128 rows, two K and two V
+    buffers of 64 rows, plus 1 KiB for the 1024-byte alignment of the swizzled tiles."""
+    return (2 * DQ_ROWS + 4 * DQ_KEYS) * d * 2 + 1024
+
+
+def kernel_names(prob, deterministic=False, config=None, dq_kernel=None):
     """The kernels :func:`backward` launches for ``prob``, in order (the route tests and the
     benchmark's note print): the delta kernel, the main entry (``..._nodq`` with
-    ``deterministic``), then the dq conversion or (``deterministic``) ``flash_bwd.cu``'s dq
-    kernel. ``config`` as :func:`backward` takes it."""
+    ``deterministic``), then the dq conversion or (``deterministic``) the dq kernel
+    (``flash_bwd.cu``'s, or this file's with ``dq_kernel="wgmma"``). ``config`` and
+    ``dq_kernel`` as :func:`backward` takes them."""
     tn = _params.type_name(prob.dtype)
     config = check_config(prob, config, deterministic)
     var = config or variant(prob)
     names = [f"flash_bwd_delta_{tn}"]
     if deterministic:
         names.append(instances.bwd_sm90(tn, prob.d, var, dq=False).name)
-        names.append(instances.bwd_dq(tn, prob.d, dq_config(prob), prob.has_score_mods,
-                                      prob.block_mask is not None).name)
+        if dq_kernel_choice(prob, dq_kernel) == "wgmma":
+            names.append(instances.bwd_sm90_dq(tn, prob.d).name)
+        else:
+            names.append(instances.bwd_dq(tn, prob.d, dq_config(prob), prob.has_score_mods,
+                                          prob.block_mask is not None).name)
     else:
         names.append(instances.bwd_sm90(tn, prob.d, var).name)
         names.append(f"flash_bwd_sm90_dqconv_{tn}_d{prob.d}")
@@ -244,17 +281,23 @@ def check_config(prob, config, deterministic=False):
     return config
 
 
-def backward(prob, dout, q, k, v, out, lse, *, deterministic=False, config=None):
+def backward(prob, dout, q, k, v, out, lse, *, deterministic=False, config=None,
+             dq_kernel=None):
     """Return ``(dq, dk, dv)`` from the sm_90a backward kernel (see :func:`supports`);
     ``config``: the entry of a plain request, one of :data:`CONFIGS` or ``"plain"`` (default:
-    :data:`DEFAULT_CONFIG`; benchmarks and tests pass it)."""
+    :data:`DEFAULT_CONFIG`; benchmarks and tests pass it); ``dq_kernel``: deterministic=True's
+    dq kernel (:func:`dq_kernel_choice`)."""
     why = supports(prob, {"deterministic": deterministic or None}, "backward")
     if why is not None:
         raise NotImplementedError(why)
     deterministic = bool(deterministic)
     config = check_config(prob, config, deterministic)
+    if dq_kernel is not None and not deterministic:
+        raise ValueError("dq_kernel: only with deterministic=True (the default backward adds "
+                         "dq in the main kernel)")
+    dq_kernel = dq_kernel_choice(prob, dq_kernel) if deterministic else None
     with q.device:
-        return _backward(prob, dout, q, k, v, out, lse, config, deterministic)
+        return _backward(prob, dout, q, k, v, out, lse, config, deterministic, dq_kernel)
 
 
 def tma_maps(q4, k4, v4, do4):
@@ -268,7 +311,8 @@ def tma_maps(q4, k4, v4, do4):
             tma.rows_map(k4, "k", BLOCK_N), tma.rows_map(v4, "v", BLOCK_N))
 
 
-def _backward(prob, dout, q, k, v, out, lse, config=None, deterministic=False):
+def _backward(prob, dout, q, k, v, out, lse, config=None, deterministic=False,
+              dq_kernel=None):
     import cupy as xp
 
     tn = _params.type_name(prob.dtype)
@@ -312,7 +356,15 @@ def _backward(prob, dout, q, k, v, out, lse, config=None, deterministic=False):
     get_kernel(tn, d, var, dq=not deterministic)(
         grid=grid(B, hkv, sk), block=(THREADS,), args=args,
         shared_mem=smem_bytes(d, config, not deterministic))
-    if deterministic:
+    if dq_kernel == "wgmma":
+        inst = instances.bwd_sm90_dq(tn, d)
+        kernel = compiled_function(inst.source, inst.name, inst.defines, dq_smem_bytes(d),
+                                   arch=inst.arch)
+        kernel(grid=((sq + DQ_ROWS - 1) // DQ_ROWS, hq, B), block=(THREADS,),
+               args=(q4, k4, v4, do4, lse3, delta, dq4, i32(hq), i32(prob.group), i32(sq),
+                     i32(sk), f32(prob.scale), i32(bool(prob.causal))),
+               shared_mem=dq_smem_bytes(d))
+    elif deterministic:
         flash_bwd.run_dq(tn, prob, d, dq_cfg, (q4, k4, v4, do4, lse3, delta, dq4, dk4, dv4),
                          opt_args, bm_args)
     else:

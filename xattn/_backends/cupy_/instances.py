@@ -34,10 +34,12 @@ __all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "DECODE", "DECODE_EXTRA",
            "DECODE_HEAD_DIMS", "FWD",
            "FWD_BM", "FWD_BM_MODS", "FWD_MODS", "HEAD_DIMS", "Instance", "SM90", "SM90_BM",
            "SM90_BM_MODS", "SM90_BM_MODS_TMA", "SM90_BM_TMA", "SM90_BWD_HEAD_DIMS",
-           "SM90_BWD_TMA", "SM90_BWD_TMA_DEFAULT",
+           "SM90_BWD_DQ_WGMMA", "SM90_BWD_TMA",
+           "SM90_BWD_TMA_DEFAULT",
            "SM90_BWD_VARIANTS", "SM90_EXPERIMENTAL", "SM90_MODS",
            "SM90_MODS_ON_TMA", "SM90_MODS_TMA", "TF32",
-           "TF32X3", "bwd", "bwd_aux", "bwd_dq", "bwd_simt", "bwd_sm90", "decode",
+           "TF32X3", "bwd", "bwd_aux", "bwd_dq", "bwd_simt", "bwd_sm90", "bwd_sm90_dq",
+           "decode",
            "experimental", "fwd", "fwd_simt", "shipped", "sm90", "tf32",
            "tf32_bm"]
 
@@ -331,6 +333,16 @@ def bwd_sm90(tn, d, variant=None, dq=True) -> Instance:
                     extra=nodq, arch="sm_90a", ci=dq or not (sparse and tn != "f16"))
 
 
+def bwd_sm90_dq(tn, d) -> Instance:
+    """The Hopper backward's deterministic dq kernel on wgmma (``flash_bwd_sm90.cu``, plain
+    requests: causal, scale, GQA): one thread block per 128 query rows walks key blocks of 64
+    in order (:data:`SM90_BWD_DQ_WGMMA` says whether ``deterministic=True`` takes it)."""
+    params = (("XATTN_BWD90_TN", tn), ("XATTN_BWD90_D", d))
+    return Instance("flash_bwd_sm90.cu", "XATTN_BWD90_DQ_ONE", params,
+                    (f"flash_bwd_sm90_dq_{tn}_d{d}",), extra=(("XATTN_BWD90_DQK", 1),),
+                    arch="sm_90a")
+
+
 # Head dims of the Hopper backward (2 warpgroups, 128 keys x 64 queries per step).
 SM90_BWD_HEAD_DIMS = (64, 128)
 # Its option entries: name token -> (score modifications, block-mask walk, head dims built).
@@ -354,6 +366,11 @@ SM90_BWD_TMA_DEFAULT = {64: "tma", 128: "tma2"}
 # request would take (no dS K, no dq_accum), dq by flash_bwd.cu's deterministic dq kernel
 # (one CTA per query block walking its key blocks in order: bitwise reproducible). Shipped:
 # the twins of the plain requests' TMA entry (SM90_BWD_TMA_DEFAULT) and of every option entry.
+# THE SWITCH for the plain requests' dq: False, flash_bwd.cu's mma.sync dq kernel; True, the
+# wgmma dq kernel of flash_bwd_sm90.cu (bwd_sm90_dq: 128 query rows per thread block, key
+# blocks of 64). Off until a GPU run has passed its tests and timed it faster
+# (tools/gpu_check_det.sh); flash_bwd_sm90.backward(..., dq_kernel="wgmma") runs it on request.
+SM90_BWD_DQ_WGMMA = False
 
 
 def decode(tn, d, cfg) -> Instance:
@@ -426,6 +443,7 @@ def shipped() -> list:
             for tn in TYPES]
     out += [bwd_sm90(tn, d, var, dq=False) for var, (*_, dims) in SM90_BWD_VARIANTS.items()
             for d in dims for tn in TYPES]
+    out += [bwd_sm90_dq(tn, d) for d in SM90_BWD_HEAD_DIMS for tn in TYPES]
     return out
 
 
