@@ -9,13 +9,16 @@
 #                                       bitwise equal to the non-deterministic wgmma entry's, dq
 #                                       to cupy.sm80's deterministic dq, the route, GQA / MQA,
 #                                       Sq != Sk, rows without keys, windows, score mods, block
-#                                       masks, fp16 / bf16, D 64 / 128 (< 90 s)
+#                                       masks, fp16 / bf16, D 64 / 128; the wgmma dq kernel
+#                                       (dq_kernel="wgmma": oracle, repeats) (< 90 s)
 #   bash tools/gpu_check_det.sh bench   deterministic backward, fp16 / bf16, D 128 / 64,
-#                                       S = 4096: new route vs old (cupy.sm80) vs the
-#                                       non-deterministic wgmma backward vs torch SDPA, each
-#                                       checked first; markdown table last (< 90 s)
+#                                       S = 4096: new route (and with the wgmma dq kernel) vs
+#                                       old (cupy.sm80) vs the non-deterministic wgmma backward
+#                                       vs torch SDPA, each checked first; kernel times alone;
+#                                       markdown table last (< 90 s)
 #   bash tools/gpu_check_det.sh san     compute-sanitizer memcheck, then racecheck, on one tiny
-#                                       deterministic backward per _nodq entry kind (< 60 s)
+#                                       deterministic backward per _nodq entry kind and the
+#                                       wgmma dq kernel at D 64 / 128 (< 60 s)
 # Without an argument: all three in that order.
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -52,12 +55,12 @@ run_tests() {
 }
 
 run_bench() {
-    precompile 30
+    precompile 25
     echo "== det: benchmark (log: $LOG/bench.log, table: $LOG/bench.md)"
-    timeout 55 $PY tools/gpu_det_bench.py --budget 35 > "$LOG/bench.md" 2> "$LOG/bench.log"
+    timeout 60 $PY tools/gpu_det_bench.py --budget 42 > "$LOG/bench.md" 2> "$LOG/bench.log"
     T=$?
     tail -n 12 "$LOG/bench.log"
-    echo "det bench rc=$T (124 = cut at 55 s)"
+    echo "det bench rc=$T (124 = cut at 60 s)"
     cat "$LOG/bench.md"
     RC=$(( RC || T ))
 }
@@ -74,7 +77,7 @@ run_san() {
     # Once without the sanitizer: the cubins and NVRTC modules land in the disk caches.
     precompile 15
     timeout 10 $PY tools/gpu_det_bench.py --san > "$LOG/san_warm.log" 2>&1
-    echo "warm-up rc=$? $(grep -c 'finite=True' "$LOG/san_warm.log")/6 finite"
+    echo "warm-up rc=$? $(grep -c 'finite=True' "$LOG/san_warm.log")/8 finite"
     for tool in memcheck racecheck; do
         timeout 17 "$SAN" --tool "$tool" --print-limit 20 $PY tools/gpu_det_bench.py --san \
             > "$LOG/san_$tool.log" 2>&1

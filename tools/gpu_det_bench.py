@@ -79,6 +79,7 @@ def _sm90_instances():
     out += [instances.bwd_sm90(tn, d) for tn in instances.TYPES for d in (64, 128)]
     # Built on request only: the other TMA entry's twin at D = 64 (a test runs it).
     out.append(instances.bwd_sm90("f16", 64, "tma2", dq=False))
+    out += [instances.bwd_sm90_dq(tn, d) for tn in instances.TYPES for d in (64, 128)]
     out += [instances.sm90(tn, d, flash_sm90.CONFIGS[d]) for tn in instances.TYPES
             for d in (64, 128)]
     out += [instances.sm90(tn, 64, flash_sm90.MODS_CONFIGS[64], True) for tn in instances.TYPES]
@@ -192,8 +193,9 @@ def _parts(bench, prob, do, q, k, v, out, lse):
     """The new route's two kernels as separate callables (dK/dV, dq), on the row's inputs
     (contiguous (B, H, S, D), plain problem): the same launches as flash_bwd_sm90._backward."""
     cp = bench.cp
-    from xattn._backends.cupy_ import _params, flash_bwd
+    from xattn._backends.cupy_ import _params, flash_bwd, instances
     from xattn._backends.cupy_ import flash_bwd_sm90 as k90b
+    from xattn._backends.cupy_._compile import compiled_function
 
     tn, d = _params.type_name(prob.dtype), prob.d
     b, hq, hkv, sq, sk = int(np.prod(prob.batch)), prob.hq, prob.hkv, prob.sq, prob.sk
@@ -216,7 +218,17 @@ def _parts(bench, prob, do, q, k, v, out, lse):
         flash_bwd.run_dq(tn, prob, d, dq_cfg, (q, k, v, do, lse, delta, dq4, dk4, dv4), opt,
                          bm)
 
-    return dkdv, dq
+    inst = instances.bwd_sm90_dq(tn, d)
+    wdq = compiled_function(inst.source, inst.name, inst.defines, k90b.dq_smem_bytes(d),
+                            arch=inst.arch)
+
+    def dq_wgmma():
+        wdq(grid=((sq + k90b.DQ_ROWS - 1) // k90b.DQ_ROWS, hq, b), block=(k90b.THREADS,),
+            args=(q, k, v, do, lse, delta, dq4, i32(hq), i32(prob.group), i32(sq), i32(sk),
+                  f32(prob.scale), i32(prob.causal)),
+            shared_mem=k90b.dq_smem_bytes(d))
+
+    return dkdv, dq, dq_wgmma
 
 
 def _row(bench, dt, d, s, causal):
@@ -244,9 +256,25 @@ def _row(bench, dt, d, s, causal):
         return xattn.flash_attention_backward(do, q, k, v, out, lse, causal=causal,
                                               deterministic=det, backend=backend)
 
+    def run_w():
+        return k90b.backward(prob, do, q, k, v, out, lse, deterministic=True, dq_kernel="wgmma")
+
     _log(f"{dt} D={d} S={s} causal={causal}: checks ...")
     new, again = run(ENTRY, True), run(ENTRY, True)
     old, nondet = run("cupy.sm80", True), run(ENTRY, False)
+    try:
+        w, w2 = run_w(), run_w()
+        eps = 2.0 ** -10 if dt == "fp16" else 2.0 ** -7
+        wdiff = bench.rel(w[0], new[0])
+        wok = (_equal_bits(cp, w, w2) and _equal_bits(cp, w[1:], new[1:])
+               and np.isfinite(wdiff) and wdiff <= 2 * eps)
+        res["wgmma_check"] = f"repeat/dkdv equal, dq rel diff vs mma dq {wdiff:.2g}"
+        if not wok:
+            res["wgmma"] = f"FAIL ({res['wgmma_check']}; repeat {_equal_bits(cp, w, w2)})"
+        del w, w2
+    except Exception as exc:  # noqa: BLE001 - the column says what broke
+        res["wgmma"] = f"ERROR {type(exc).__name__}: {str(exc)[:80]}"
+    _log(f"  wgmma dq: {res.get('wgmma_check', res.get('wgmma'))}")
     qg, kg, vg = (t.detach().clone().requires_grad_() for t in (tq, tk, tv))
     o_t = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, is_causal=causal)
 
@@ -267,7 +295,8 @@ def _row(bench, dt, d, s, causal):
     del again, old, nondet
     if bad:
         res["new"] = f"FAIL ({', '.join(bad)})"
-    for col, fn in (("new", lambda: run(ENTRY, True)), ("old", lambda: run("cupy.sm80", True)),
+    for col, fn in (("new", lambda: run(ENTRY, True)), ("wgmma", run_w),
+                    ("old", lambda: run("cupy.sm80", True)),
                     ("nondet", lambda: run(ENTRY, False)), ("torch", grad_t)):
         if col in res:
             continue
@@ -277,9 +306,11 @@ def _row(bench, dt, d, s, causal):
             res[col] = f"ERROR {type(exc).__name__}: {str(exc)[:80]}"
         _log(f"  {col}: {res[col]}")
     try:
-        dkdv, dq = _parts(bench, prob, do, q, k, v, out, lse)
+        dkdv, dq, dq_w = _parts(bench, prob, do, q, k, v, out, lse)
         res["dkdv_ms"], res["dq_ms"] = bench.ms(dkdv), bench.ms(dq)
-        _log(f"  dK/dV kernel {res['dkdv_ms']:.3f} ms, dq kernel {res['dq_ms']:.3f} ms")
+        res["dqw_ms"] = bench.ms(dq_w)
+        _log(f"  dK/dV kernel {res['dkdv_ms']:.3f} ms, dq kernel {res['dq_ms']:.3f} ms, "
+             f"wgmma dq kernel {res['dqw_ms']:.3f} ms")
     except Exception as exc:  # noqa: BLE001
         res["dkdv_ms"] = res["dq_ms"] = f"ERROR {type(exc).__name__}: {str(exc)[:60]}"
     del new, gt
@@ -313,6 +344,20 @@ def sanitizer_workload():
                                            deterministic=True, backend=ENTRY, **opts)
         cp.cuda.Device().synchronize()
         print(f"{name} D={d}: finite={all(bool(cp.isfinite(x).all()) for x in g)}", flush=True)
+    # The wgmma dq kernel (plain requests), D 64 and 128.
+    from xattn._array import validate_attention
+    from xattn._backends.cupy_ import flash_bwd_sm90 as k90b
+
+    for d in (64, 128):
+        q, do = arr(1, 4, 200, d), arr(1, 4, 200, d)
+        k, v = arr(1, 2, 150, d), arr(1, 2, 150, d)
+        out, lse = xattn.flash_attention(q, k, v, causal=True, return_lse=True)
+        prob = validate_attention(q, k, v, extra=(("dout", do), ("out", out), ("lse", lse)),
+                                  causal=True)
+        g = k90b.backward(prob, do, q, k, v, out, lse, deterministic=True, dq_kernel="wgmma")
+        cp.cuda.Device().synchronize()
+        print(f"wgmma dq D={d}: finite={all(bool(cp.isfinite(x).all()) for x in g)}",
+              flush=True)
     return 0
 
 
@@ -359,16 +404,21 @@ def main(argv=None):
     print(f"\n### deterministic=True backward, S={args.s}, B*S=16384, H*D=2048, TFLOP/s "
           f"({dev}; 2.5x fwd FLOPs, causal halved; whole backward; "
           f"{'do_bench' if bench.do_bench else 'CUDA events'})\n")
-    print("new = cupy.sm90_bwd (wgmma dK/dV _nodq + mma.sync dq kernel), old = cupy.sm80 "
-          "(mma.sync dK/dV + the same dq kernel), non-det = cupy.sm90_bwd default\n")
-    print("| dtype | D | causal | new | old | non-det | torch | new/torch | old/torch | "
-          "new/old | dK/dV ms | dq ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("new = cupy.sm90_bwd (wgmma dK/dV _nodq + mma.sync dq kernel: the default), "
+          "+wgmma dq = the same with dq_kernel='wgmma', old = cupy.sm80 (mma.sync dK/dV + the "
+          "mma.sync dq kernel), non-det = cupy.sm90_bwd default; kernel times alone in ms\n")
+    print("| dtype | D | causal | new | +wgmma dq | old | non-det | torch | new/torch | "
+          "+wgmma/torch | old/torch | new/old | dK/dV ms | dq ms | wgmma dq ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for dt, d, causal, r in rows:
-        n, o, nd, t = (r.get(c, "-") for c in ("new", "old", "nondet", "torch"))
-        print(f"| {dt} | {d} | {causal} | {fmt(n)} | {fmt(o)} | {fmt(nd)} | {fmt(t)} | "
-              f"{ratio(n, t)} | {ratio(o, t)} | {ratio(n, o)} | {fmt(r.get('dkdv_ms', '-'), 3)} "
-              f"| {fmt(r.get('dq_ms', '-'), 3)} |")
+        n, w, o, nd, t = (r.get(c, "-") for c in ("new", "wgmma", "old", "nondet", "torch"))
+        print(f"| {dt} | {d} | {causal} | {fmt(n)} | {fmt(w)} | {fmt(o)} | {fmt(nd)} | "
+              f"{fmt(t)} | {ratio(n, t)} | {ratio(w, t)} | {ratio(o, t)} | {ratio(n, o)} | "
+              f"{fmt(r.get('dkdv_ms', '-'), 3)} | {fmt(r.get('dq_ms', '-'), 3)} | "
+              f"{fmt(r.get('dqw_ms', '-'), 3)} |")
+    checks = [f"{dt} D={d}: {r['wgmma_check']}" for dt, d, _, r in rows if "wgmma_check" in r]
+    if checks:
+        print("\nwgmma dq checks: " + "; ".join(checks))
     names = [r["names"] for *_, r in rows if "names" in r]
     if names:
         print(f"\nkernels of the new route (first row): {names[0]}")

@@ -554,3 +554,70 @@ def test_det_backward_config_plain_refused():
     b = k90b.backward(prob, out, q, k, v, out, lse, deterministic=True, config="tma2")
     for x, y in zip(a, b, strict=True):
         assert bool((x.view(cp.uint16) == y.view(cp.uint16)).all())
+
+
+# The wgmma dq kernel (flash_bwd_sm90.backward(..., deterministic=True, dq_kernel="wgmma"),
+# plain requests; off by default until measured: instances.SM90_BWD_DQ_WGMMA).
+
+def _det_wgmma_run(case, q, k, v, do, *, oracle=True, **opts):
+    """dq of the wgmma dq kernel: against the float64 oracle, bit for bit across two runs,
+    within two units in the last place (of max |dq|) of the mma.sync dq kernel's (another
+    summation order); dk / dv bit for bit the other route's (the same _nodq entry)."""
+    out, lse = xattn.flash_attention(q, k, v, return_lse=True, **opts)
+    prob = validate_attention(q, k, v, extra=(("dout", do), ("out", out), ("lse", lse)),
+                              **opts)
+    assert k90b.kernel_names(prob, True, dq_kernel="wgmma")[2].startswith("flash_bwd_sm90_dq_")
+
+    def run(dq_kernel):
+        return k90b.backward(prob, do, q, k, v, out, lse, deterministic=True,
+                             dq_kernel=dq_kernel)
+
+    got, again, mma = run("wgmma"), run("wgmma"), run("mma")
+    cp.cuda.runtime.deviceSynchronize()
+    for name, x, y in zip(("dq", "dk", "dv"), got, again, strict=True):
+        nbad = int((x.view(cp.uint16) != y.view(cp.uint16)).sum())
+        assert nbad == 0, f"[{case}] {name}: {nbad} entries differ between two runs"
+    for name, x, y in zip(("dk", "dv"), got[1:], mma[1:], strict=True):
+        nbad = int((x.view(cp.uint16) != y.view(cp.uint16)).sum())
+        assert nbad == 0, f"[{case}] {name}: {nbad} entries differ from the mma dq route's"
+    eps = float(np.finfo(np.float16).eps) if q.dtype == cp.float16 else 2.0 ** -7
+    diff = float(cp.abs(got[0].astype(cp.float32) - mma[0].astype(cp.float32)).max())
+    big = float(cp.abs(mma[0].astype(cp.float32)).max())
+    assert diff <= 2 * eps * max(big, 1e-3), f"[{case}] dq: max |diff| {diff:.3g} (max {big:.3g})"
+    if oracle:
+        refs = reference_attention_backward(do, q, k, v, **opts)
+        naive = naive_attention_backward(do, q, k, v, out, **opts)
+        _assert_grad(case, "dq", got[0], refs[0], naive[0], q.dtype)
+    return got
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", ["gqa", "rows_without_keys", "sq_gt_sk", "one_block"])
+def test_det_wgmma_dq(dtype, d, causal, shape):
+    # gqa: 2 batch elements, GQA 4/2, Sq != Sk off the tiles (two 128-row blocks, the second
+    # one's second warpgroup past Sq); rows_without_keys: causal Sq > Sk, the first 69 rows see
+    # no key (zero dq); sq_gt_sk: MQA, several blocks; one_block: exactly 128 rows, 64 keys.
+    b, hq, hkv, sq, sk = {"gqa": (2, 4, 2, 141, 203), "rows_without_keys": (1, 2, 2, 130, 61),
+                          "sq_gt_sk": (1, 4, 1, 300, 97), "one_block": (1, 2, 1, 128, 64)}[shape]
+    rng = np.random.default_rng([d, causal, len(shape), 16])
+    q, k, v, do = _det_inputs(rng, dtype, b, hq, hkv, sq, sk, d)
+    dq = _det_wgmma_run(f"det wgmma dq {dtype} d={d} causal={causal} {shape}", q, k, v, do,
+                        causal=causal)[0]
+    if shape == "rows_without_keys" and causal:
+        assert bool(cp.all(dq[..., :69, :] == 0)), "dq of rows that see no key is not 0"
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_det_wgmma_dq_long_and_scale(d):
+    # Many key blocks (both K/V buffers turn over), a scale, causal, bf16; and repeats.
+    rng = np.random.default_rng([d, 17])
+    q, k, v, do = _det_inputs(rng, "bfloat16", 1, 4, 2, 520, 700, d)
+    first = _det_wgmma_run(f"det wgmma dq long d={d}", q, k, v, do, causal=True, scale=0.3)
+    out, lse = xattn.flash_attention(q, k, v, return_lse=True, causal=True, scale=0.3)
+    prob = validate_attention(q, k, v, extra=(("dout", do), ("out", out), ("lse", lse)),
+                              causal=True, scale=0.3)
+    for _ in range(3):
+        g = k90b.backward(prob, do, q, k, v, out, lse, deterministic=True, dq_kernel="wgmma")
+        assert bool((g[0].view(cp.uint16) == first[0].view(cp.uint16)).all())
