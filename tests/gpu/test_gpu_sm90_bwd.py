@@ -3,7 +3,9 @@
 entries forced with ``backend="cupy.sm90_bwd"``: every option case of the mma.sync backward's
 tests at D = 64 (windows, softcap, ALiBi, bias and mask in several broadcast shapes, GQA with
 all of them), block masks of 128-key blocks (walk, element rules, empty
-rows and columns, GQA, with score mods), and the refusals that send the rest to cupy.sm80.
+rows and columns, GQA, with score mods), and the refusals that send the rest to cupy.sm80;
+the TMA entries (-k tma); deterministic=True (-k det: the _nodq entries with flash_bwd.cu's dq
+kernel, and the wgmma dq kernel on request).
 
 dq, dk and dv must lie within the bound of the mma.sync backward's tests
 (``test_gpu_flash_bwd._assert_grad``: 2x the float64 error of the naive same-dtype backward
