@@ -58,6 +58,18 @@ __device__ __forceinline__ void fence_regs(unsigned (&r)[N]) {
     "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"                        \
     "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"                        \
     "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}"
+// N = 256 (the P V of head dim 256): rs only is used, ss is defined with it.
+#define XATTN_ACC128 XATTN_ACC64, XATTN_ACC8(64), XATTN_ACC8(72), XATTN_ACC8(80),            \
+    XATTN_ACC8(88), XATTN_ACC8(96), XATTN_ACC8(104), XATTN_ACC8(112), XATTN_ACC8(120)
+#define XATTN_REGS128                                                                        \
+    "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"                                \
+    "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"                       \
+    "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"                       \
+    "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,"                       \
+    "%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,"                       \
+    "%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,"                       \
+    "%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,"           \
+    "%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}"
 // NACC = N / 2 accumulators per thread; after them come the A and B operands (SS_AB / RS_AB:
 // their operand numbers), the scale-d predicate (SS_P / RS_P) and, for rs, imm-trans-b (RS_T).
 #define XATTN_WGMMA(N, NACC, TY, SS_P, SS_AB, RS_P, RS_AB, RS_T)                              \
@@ -83,10 +95,14 @@ __device__ __forceinline__ void fence_regs(unsigned (&r)[N]) {
     XATTN_WGMMA(64, 32, TY, "%34", "%32, %33", "%37", "{%32,%33,%34,%35}, %36", "%38")
 #define XATTN_WGMMA_N128(TY) \
     XATTN_WGMMA(128, 64, TY, "%66", "%64, %65", "%69", "{%64,%65,%66,%67}, %68", "%70")
+#define XATTN_WGMMA_N256(TY) \
+    XATTN_WGMMA(256, 128, TY, "%130", "%128, %129", "%133", "{%128,%129,%130,%131}, %132", "%134")
 XATTN_WGMMA_N64(f16)
 XATTN_WGMMA_N64(bf16)
 XATTN_WGMMA_N128(f16)
 XATTN_WGMMA_N128(bf16)
+XATTN_WGMMA_N256(f16)
+XATTN_WGMMA_N256(bf16)
 #endif  // XATTN_SM90_OK
 
 
