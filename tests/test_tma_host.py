@@ -191,6 +191,7 @@ def test_mode75_instances():
     with its own macro and argument list; mode 11 stays shipped for the _mods / _bm entries."""
     assert {c for c in instances.SM90_SHIPPED if c[3] == 75} == {(64, 64, 3, 75),
                                                                 (128, 128, 2, 75),
+                                                                (192, 64, 2, 75),
                                                                 (256, 64, 2, 75)}
     assert all(c[2] == 75 for c in instances.SM90.values())
     for tn in ("f16", "bf16"):
@@ -201,26 +202,27 @@ def test_mode75_instances():
     names = {i.name for i in instances.shipped()}
     assert {n for n in names if n.endswith("_o75")} == {
         f"flash_fwd_sm90_{tn}_d{d}_n{n}_g{g}_o75" for tn in ("f16", "bf16")
-        for d, n, g in ((64, 64, 3), (128, 128, 2), (256, 64, 2))}
+        for d, n, g in ((64, 64, 3), (128, 128, 2), (192, 64, 2), (256, 64, 2))}
     for d, cfg in ((64, (64, 3, 75)), (128, (128, 2, 75))):
         base = (cfg[0], cfg[1], 11)
         assert flash_sm90.smem_bytes(d, cfg) == flash_sm90.smem_bytes(d, base)
         assert flash_sm90.threads(cfg) == flash_sm90.threads(base)
 
 
-def test_d256_instance_and_shared_memory():
-    """Head dim 256 runs mode 75 only (flash_fwd_sm90_ws_kv: two K stages and two V stages of
-    64 keys, Q of 128 rows: 192 KiB + 1 KiB of alignment), the plain entries only: score mods
-    and block masks are refused with a reason that names the head dim."""
-    assert instances.SM90[256] == (64, 2, 75)
-    assert 256 in flash_sm90.PLAIN_ONLY and not {64, 128} & flash_sm90.PLAIN_ONLY
-    assert flash_sm90.smem_bytes(256, (64, 2, 75)) == 128 * 256 * 2 + 4 * 64 * 256 * 2 + 1024
-    assert flash_sm90.smem_bytes(256, (64, 2, 75)) + 128 <= 232448  # + the mbarriers
+@pytest.mark.parametrize("d", [192, 256])
+def test_wide_head_dim_instances_and_shared_memory(d):
+    """Head dims 192 and 256 run mode 75 only (flash_fwd_sm90_ws_kv: two K stages and two V
+    stages of 64 keys, Q of 128 rows: 192 KiB + 1 KiB of alignment at D = 256), the plain
+    entries only (no _mods / _bm instance: supports sends those requests to cupy.sm80)."""
+    assert instances.SM90[d] == (64, 2, 75)
+    assert d in flash_sm90.PLAIN_ONLY and not {64, 128} & flash_sm90.PLAIN_ONLY
+    assert flash_sm90.smem_bytes(d, (64, 2, 75)) == 128 * d * 2 + 4 * 64 * d * 2 + 1024
+    assert flash_sm90.smem_bytes(d, (64, 2, 75)) + 128 <= 232448  # + the mbarriers
     assert flash_sm90.threads((64, 2, 75)) == 384
-    i = instances.sm90("bf16", 256, (64, 2, 75))
-    assert i.macro_call() == "XATTN90_TMA_ONE(bf16, 256, 64, 2, 75)" and i.ci
-    assert not any(i.params and dict(i.params).get("XATTN90_D") == 256
-                   and dict(i.params).get("XATTN90_MN") for i in instances.shipped())
+    i = instances.sm90("bf16", d, (64, 2, 75))
+    assert i.macro_call() == f"XATTN90_TMA_ONE(bf16, {d}, 64, 2, 75)" and i.ci
+    assert not any(dict(i.params).get("XATTN90_D") == d and dict(i.params).get("XATTN90_MN")
+                   for i in instances.shipped())
 
 
 @pytest.mark.slow

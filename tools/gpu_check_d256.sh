@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# GPU check of the Hopper wgmma forward at head dim 256 (flash_fwd_sm90.cu:
-# flash_fwd_sm90_ws_kv, mode 75 with separate K and V rings, P V by m64n256k16; issue 11).
+# GPU check of the Hopper wgmma forward at head dims 256 and 192 (flash_fwd_sm90.cu:
+# flash_fwd_sm90_ws_kv, mode 75 with separate K and V rings, P V by m64n256k16 / m64n192k16;
+# issue 11).
 # Needs a compute capability 9.0 GPU. Logs under $OUT/d256/ (or a temp dir).
-#   bash tools/gpu_check_d256.sh tests   builds the D = 256 cubins once, then the D = 256
-#                                        tests of tests/gpu/test_gpu_flash_sm90.py (-k "256 or
-#                                        empty_keys or fit": causal / not, window, GQA / MQA,
-#                                        Sq != Sk, odd lengths, lse, fp16 / bf16, sequence ends
-#                                        under the tensor maps, the dispatch) (< 90 s)
-#   bash tools/gpu_check_d256.sh bench   fp16 / bf16 D=256 S=4096 causal and not (and fp16
-#                                        D=128 as an anchor): cupy.sm90 vs cupy.sm80 vs torch
-#                                        SDPA default, each checked against torch first; table
+#   bash tools/gpu_check_d256.sh tests   builds the D = 192 / 256 cubins once, then their
+#                                        tests in tests/gpu/test_gpu_flash_sm90.py (-k "wide or
+#                                        192 or 256 or empty_keys or fit": causal / not,
+#                                        window, GQA / MQA, Sq != Sk, odd lengths, lse, fp16 /
+#                                        bf16, sequence ends under the tensor maps, the
+#                                        dispatch) (< 90 s)
+#   bash tools/gpu_check_d256.sh bench   fp16 / bf16 D=256 S=4096 causal and not, fp16 D=192
+#                                        (and D=128 as an anchor): cupy.sm90 vs cupy.sm80 vs
+#                                        torch SDPA default, each checked against torch first;
+#                                        table
 #                                        last (< 90 s)
 #   bash tools/gpu_check_d256.sh san     compute-sanitizer memcheck, then racecheck, on tiny
-#                                        D = 256 forwards (< 60 s)
+#                                        D = 256 and 192 forwards (< 60 s)
 # Without an argument: all three in that order.
 set -u
 cd "$(dirname "$0")/.."
@@ -30,11 +33,12 @@ precompile() {
 run_tests() {
     echo "== d256: cubins (log: $LOG/precompile.log)"
     precompile
-    echo "== d256: pytest tests/gpu/test_gpu_flash_sm90.py -k '256 or empty_keys or fit'" \
+    echo "== d256: pytest tests/gpu/test_gpu_flash_sm90.py -k 'wide or 192 or 256 or empty_keys or fit'" \
         "(log: $LOG/pytest.log)"
     # A wrong byte count or parity on a ring barrier would hang a kernel: the timeout ends it.
     timeout 80 python3 -m pytest -m gpu -q -x -p no:cacheprovider -n 4 \
-        tests/gpu/test_gpu_flash_sm90.py -k "256 or empty_keys or fit" > "$LOG/pytest.log" 2>&1
+        tests/gpu/test_gpu_flash_sm90.py -k "wide or 192 or 256 or empty_keys or fit" \
+        > "$LOG/pytest.log" 2>&1
     rc=$?
     grep -E "^(FAILED|ERROR)|Error|error:" "$LOG/pytest.log" | cut -c1-400 | head -24
     tail -n 3 "$LOG/pytest.log"

@@ -1,15 +1,17 @@
-"""Time the Hopper wgmma forward at head dim 256 (flash_fwd_sm90.cu's flash_fwd_sm90_ws_kv:
-mode 75 with separate K and V rings) against the mma.sync kernel it replaces as the default
-(``backend="cupy.sm80"``) and torch's SDPA default (cuDNN on Hopper) in one process.
+"""Time the Hopper wgmma forward at head dims 256 and 192 (flash_fwd_sm90.cu's
+flash_fwd_sm90_ws_kv: mode 75 with separate K and V rings) against the mma.sync kernel it
+replaces as the default (``backend="cupy.sm80"``; D = 192 pads to 256 there) and torch's SDPA
+default (cuDNN on Hopper) in one process.
 
 Usage: ``python3 tools/gpu_d256_bench.py [--budget SECONDS]`` on a compute capability 9.0 GPU;
-``--precompile`` only builds the D = 256 cubins (fp16 and bf16: the GPU tests then load them
-from the disk cache); ``--san`` runs the sanitizer workload (one tiny D = 256 forward per
-dtype).
+``--precompile`` only builds the D = 192 / 256 cubins (fp16 and bf16: the GPU tests then load
+them from the disk cache); ``--san`` runs the sanitizer workload (tiny D = 256 and 192
+forwards per dtype).
 
 Rows as benchmarks/gpu_flash.py shapes them: B * S = 16384 and Hq * D = 2048 (B = 4, H = 8),
-fp16 and bf16, D = 256, S = 4096, causal and not; then fp16 D = 128 S = 4096 (the wgmma
-kernel's measured head dim, a sanity anchor for the card). Each xattn output is first checked
+fp16 and bf16, D = 256, S = 4096, causal and not; fp16 D = 192 (H = 10, Hq*D = 1920) causal
+and not; then fp16 D = 128 S = 4096 (the wgmma kernel's measured head dim, a sanity anchor for
+the card). Each xattn output is first checked
 against torch's (max |diff|; a row over the tolerance prints FAIL instead of a time). TFLOP/s
 as /work/shared/PERF.md counts them (4 B H S^2 D, half of it causal), timed with
 ``triton.testing.do_bench`` (median) when importable, else the median of CUDA-event timings.
@@ -59,7 +61,7 @@ def precompile():
     from xattn._backends.cupy_ import flash_sm90 as k90
 
     t0 = time.perf_counter()
-    keys = [(256, *k90.CONFIGS[256])]
+    keys = [(d, *k90.CONFIGS[d]) for d in (192, 256)]
     for tn in ("f16", "bf16"):
         k90.precompile(tn, keys)
     _log(f"precompile: {len(keys) * 2} cubins in {time.perf_counter() - t0:.1f} s")
@@ -83,7 +85,7 @@ def _row(cp, torch, xattn, dtype, d, s, causal):
     """{column: TFLOP/s or a string saying why there is none} for one shape."""
     import torch.nn.functional as F
 
-    b, h = 16384 // s, 2048 // d
+    b, h = 16384 // s, max(1, 2048 // d)
     tdt = getattr(torch, dtype)
     gen = torch.Generator(device="cuda").manual_seed(d * 7 + s + causal)
     tq, tk, tv = (torch.randn(b, h, s, d, device="cuda", dtype=tdt, generator=gen)
@@ -120,18 +122,18 @@ def _row(cp, torch, xattn, dtype, d, s, causal):
 
 
 def sanitizer_workload():
-    """One tiny D = 256 forward per dtype: GQA, causal, several heads, Sq and Sk off the tile
-    sizes, more key blocks (8) than ring stages (2 + 2); then a window whose first key block
-    is not block 0."""
+    """Tiny D = 256 and 192 forwards per dtype: GQA, causal, several heads, Sq and Sk off the
+    tile sizes, more key blocks (8) than ring stages (2 + 2); then a window whose first key
+    block is not block 0."""
     import cupy as cp
 
     from xattn._array import validate_attention
     from xattn._backends.cupy_ import flash_sm90 as k90
 
     rng = np.random.default_rng(0)
-    cfg = k90.CONFIGS[256]
-    for dtype in ("float16", "bfloat16"):
-        shapes = ((2, 4, 77, 256), (2, 2, 450, 256), (2, 2, 450, 256))
+    for dtype, d in (("float16", 256), ("bfloat16", 256), ("bfloat16", 192)):
+        cfg = k90.CONFIGS[d]
+        shapes = ((2, 4, 77, d), (2, 2, 450, d), (2, 2, 450, d))
         host = [rng.standard_normal(sh, dtype=np.float32) for sh in shapes]
         if dtype == "bfloat16":
             import ml_dtypes
@@ -145,7 +147,7 @@ def sanitizer_workload():
             cp.cuda.Device().synchronize()
             ok = bool(cp.isfinite(out.astype(cp.float32)).all()) and bool(
                 cp.isfinite(lse).all())
-            print(f"{dtype} D=256 {cfg} {opts}: finite={ok}", flush=True)
+            print(f"{dtype} D={d} {cfg} {opts}: finite={ok}", flush=True)
     return 0
 
 
@@ -170,7 +172,8 @@ def main(argv=None):
     dev = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"]
     dev = dev.decode() if isinstance(dev, bytes) else dev
     specs = [(dt, 256, 4096, c) for dt in ("float16", "bfloat16") for c in (False, True)]
-    specs += [("float16", 128, 4096, c) for c in (False, True)]
+    specs += [("float16", 192, 4096, c) for c in (False, True)]
+    specs += [("float16", 128, 4096, False)]
     rows = []
     for dt, d, s, causal in specs:
         if time.time() - t_start > args.budget:
@@ -192,7 +195,7 @@ def main(argv=None):
     def ratio(x, y):
         return f"{x / y:.2f}" if isinstance(x, float) and isinstance(y, float) else "-"
 
-    print(f"\n### Hopper forward at D = 256: wgmma (cupy.sm90) vs mma.sync (cupy.sm80) vs "
+    print(f"\n### Hopper forward at D = 256 / 192: wgmma (cupy.sm90) vs mma.sync (cupy.sm80) vs "
           f"torch SDPA default, TFLOP/s ({dev}; B*S = 16384, Hq*D = 2048; causal halved)\n")
     print("| dtype | D | S | causal | sm90 | sm80 | torch | sm90/torch | sm90/sm80 |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -313,29 +313,32 @@ def test_tma_empty_keys():
     assert bool(cp.all(out == 0)) and bool(cp.all(cp.isneginf(lse)))
 
 
-# Head dim 256 (flash_fwd_sm90_ws_kv: mode 75 with separate K and V rings of two stages, P V by
-# m64n256k16): its default configuration, called directly and through the dispatch.
-D256 = k90.CONFIGS[256]
+# Head dims 256 and 192 (flash_fwd_sm90_ws_kv: mode 75 with separate K and V rings of two
+# stages, P V by m64n256k16 / m64n192k16): the default configuration, called directly and
+# through the dispatch.
+WIDE = (192, 256)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("d", WIDE)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("sq,sk", [(64, 64), (77, 150), (130, 61), (128, 128), (200, 333),
                                    (1, 300), (300, 1), (515, 1000)])
-def test_d256(dtype, causal, sq, sk):
+def test_wide_head_dim(dtype, d, causal, sq, sk):
     """One key block, partial last blocks, Sq = 1 (the second consumer has no row), Sk = 1,
     Sk < Sq, and 16 key blocks (both rings turn over eight times); out and lse against the
     float64 oracle."""
-    rng = np.random.default_rng([256, sq, sk, causal])
-    q, k, v = _inputs(rng, dtype, sq=sq, sk=sk, d=256)
-    _check(q, k, v, config=D256, causal=causal)
+    rng = np.random.default_rng([d, sq, sk, causal])
+    q, k, v = _inputs(rng, dtype, sq=sq, sk=sk, d=d)
+    _check(q, k, v, config=k90.CONFIGS[d], causal=causal)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("d", WIDE)
 @pytest.mark.parametrize("case", ["gqa4", "mqa", "scale", "window", "causal_window",
                                   "sq_gt_sk_causal", "large_scores", "window_long"])
-def test_d256_options(dtype, case):
-    rng = np.random.default_rng([256, len(case)])
+def test_wide_head_dim_options(dtype, d, case):
+    rng = np.random.default_rng([d, len(case)])
     hq, hkv, sq, sk = 8, 2, 100, 173
     opts = {}
     amp = 1.0
@@ -356,10 +359,10 @@ def test_d256_options(dtype, case):
     elif case == "large_scores":
         amp = 4.0  # the running maximum moves a lot: exercises the rescale
     q, k, v = _inputs(rng, dtype, b=1 if case == "window_long" else 2, hq=hq, hkv=hkv,
-                      sq=sq, sk=sk, d=256)
+                      sq=sq, sk=sk, d=d)
     if amp != 1.0:
         q = q * amp
-    out, lse = _check(q, k, v, config=D256, **opts)
+    out, lse = _check(q, k, v, config=k90.CONFIGS[d], **opts)
     if case == "sq_gt_sk_causal":
         assert bool(cp.all(out[..., : sq - sk, :] == 0))
         assert bool(cp.all(cp.isneginf(lse[..., : sq - sk])))
@@ -367,8 +370,8 @@ def test_d256_options(dtype, case):
 
 def test_d256_dispatch():
     """auto and "cupy" run the wgmma kernel's D = 256 entry for the plain options; score mods
-    and block masks at D = 256 are refused with a reason naming the head dim and go to
-    cupy.sm80 (and are still right)."""
+    and block masks at D = 256 (and 192) are refused with a reason naming the head dim and go
+    to cupy.sm80 (and are still right)."""
     import logging
 
     import xattn
@@ -387,6 +390,11 @@ def test_d256_dispatch():
     assert "head_dim 256" in k90.supports(masked, {}, "forward")
     with pytest.raises(ValueError, match="head_dim 256"):
         k90.launch_config(capped)
+    q192, k192, v192 = _inputs(rng, "bfloat16", b=1, sq=70, sk=90, d=192)
+    assert k90.supports(validate_attention(q192, k192, v192, window=(5, 5)), {}) is None
+    biased = validate_attention(q192, k192, v192, alibi_slopes=cp.ones(4, cp.float32))
+    assert "head_dim 192" in k90.supports(biased, {}, "forward")
+    assert _backends.explain(biased, {})["backend"] == "cupy.sm80"
 
     calls = []
 

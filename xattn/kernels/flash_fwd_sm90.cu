@@ -811,7 +811,7 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
 }
 
 #if XATTN_SM90_OK
-// ws_produce_tma for the split rings of flash_fwd_sm90_ws_kv (D = 256), run by ONE thread:
+// ws_produce_tma for the split rings of flash_fwd_sm90_ws_kv (D > 128), run by ONE thread:
 // K of block kb0 + j into K stage j % KST (full_k / empty_k), then its V into V stage j % VST
 // (full_v / empty_v), each stage awaited free on reuse and announced with its own bytes. A K
 // stage comes back as soon as Q K^T has read it, a V stage one iteration later (after P V),
@@ -839,20 +839,22 @@ __device__ __forceinline__ void ws_produce_tma_kv(unsigned sK, unsigned sV, cons
 }
 #endif
 
-// The mode-75 plain entries of head dim 256 (D > 128): flash_fwd_sm90_ws's schedule (producer
-// thread on the copy engine, NWG = 2 consumers running the P V overlap, masks before the P V
-// issue), with K and V in separate rings. Shared memory decides: Q (128 rows) is 64 KiB and a
-// 64-key tile of K or of V 32 KiB, so flash_fwd_sm90_ws's three K+V stages (192 KiB) do not fit
-// beside Q in 227 KiB, and with two K+V stages a stage would come back only after the P V that
-// reads its V, one iteration after its Q K^T: the producer could never load ahead. Here (as in
-// FlashAttention-3) a K stage is released right after the Q K^T that reads it and a V stage
-// after its P V: 2 + 2 stages, 192 KiB with Q, and K of block i + 2 is issued as soon as block
-// i's Q K^T is done. Registers per consumer thread: O 128 fp32, S 32, P 2 x 16 (the pending
-// P V's operand and the next one), within the 240 of setmaxnreg.
+// The mode-75 plain entries of head dims 256 and 192 (D > 128): flash_fwd_sm90_ws's schedule
+// (producer thread on the copy engine, NWG = 2 consumers running the P V overlap, masks before
+// the P V issue), with K and V in separate rings. Shared memory decides at D = 256: Q (128
+// rows) is 64 KiB and a 64-key tile of K or of V 32 KiB, so flash_fwd_sm90_ws's three K+V
+// stages (192 KiB) do not fit beside Q in 227 KiB, and with two K+V stages a stage would come
+// back only after the P V that reads its V, one iteration after its Q K^T: the producer could
+// never load ahead. Here (as in FlashAttention-3) a K stage is released right after the Q K^T
+// that reads it and a V stage after its P V: 2 + 2 stages, 192 KiB with Q at D = 256 (144 KiB
+// at D = 192, which takes the same code with N = 192), and K of block i + 2 is issued as soon
+// as block i's Q K^T is done. Registers per consumer thread at D = 256: O 128 fp32, S 32, P
+// 2 x 16 (the pending P V's operand and the next one), within the 240 of setmaxnreg.
 template <class T, int D, int BN, int NWG>
 __device__ __forceinline__ void flash_fwd_sm90_ws_kv(const FwdArgsTma& a) {
 #if XATTN_SM90_OK
-    static_assert(D == 256 && BN == 64 && NWG == 2, "the split rings are sized for D = 256");
+    static_assert((D == 192 || D == 256) && BN == 64 && NWG == 2,
+                  "the split rings are sized for D = 192 / 256, 64 keys, two consumers");
     constexpr int CREGS = 240;  // 24 for the producer, as flash_fwd_sm90_ws with NWG = 2
     constexpr int KST = 2, VST = 2;
     constexpr int BM = NWG * 64;
@@ -1031,7 +1033,7 @@ template <class T, int D, int BN, int NWG, int OV>
 __device__ __forceinline__ void flash_fwd_sm90_tma_mode(const FwdArgsTma& a) {
     static_assert((OV & 64) != 0 && (OV & 11) == 11, "mode bit 6 extends modes 11 / 27");
     if constexpr (D > 128) {  // separate K and V rings (shared memory)
-        static_assert(OV == 75, "head dim 256: mode 75 only");
+        static_assert(OV == 75, "head dims 192 / 256: mode 75 only");
         flash_fwd_sm90_ws_kv<T, D, BN, NWG>(a);
     } else {
         flash_fwd_sm90_ws<T, D, BN, NWG, (OV & 16) != 0, false, false, FwdArgsTma>(a);

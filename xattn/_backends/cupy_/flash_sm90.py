@@ -1,14 +1,14 @@
 """The ``cupy.sm90`` entry: Hopper (sm_90a) flash attention forward with warpgroup MMA.
 
-The kernel (``flash_fwd_sm90.cu``) serves float16 and bfloat16, head dims 64, 128 and 256,
+The kernel (``flash_fwd_sm90.cu``) serves float16 and bfloat16, head dims 64, 128, 192, 256,
 ``Dv == D``, causal (bottom-right) and sliding window, any scale, GQA/MQA, Sq and Sk of any
 length, and always writes ``lse``; at head dims 64 and 128 its ``_mods`` entries add the score
 modifications (softcap, bias, ALiBi, boolean mask) and its ``_bm`` entries a block mask
 (unbatched, block sizes that its tiles divide: ``bq`` a multiple of 128 and ``bk`` of 64,
-:data:`BM_CONFIGS`). Head dim 256 has the plain entries only (:data:`PLAIN_ONLY`). Everything
-else (other head dims, score modifications or block masks at D = 256, other block sizes, other
-cards, the backward pass) is refused by :func:`supports`, and ``auto`` walks on to
-``cupy.sm80``.
+:data:`BM_CONFIGS`). Head dims 192 and 256 have the plain entries only (:data:`PLAIN_ONLY`).
+Everything else (other head dims, score modifications or block masks at D = 192 / 256, other
+block sizes, other cards, the backward pass) is refused by :func:`supports`, and ``auto`` walks
+on to ``cupy.sm80``.
 
 The module is compiled for ``sm_90a`` only (the wgmma instructions exist in no portable
 target), so it runs on compute capability 9.0 exactly; :mod:`._compile` builds and caches its
@@ -42,9 +42,9 @@ __all__ = ["BUILT", "CONFIGS", "PLAIN_ONLY", "compiled_function", "entry_maps", 
 # copy engine (TMA) from tensor maps that the launch passes by value (tma.py); on an H100
 # (fp16 S=4096, tools/gpu_check_fwdtma.sh bench) D=128 537 / causal 437 against mode 11's
 # 423 / 361 and torch's 552 / 543, D=64 383 / 300 against 333 / 277.
-# D=256 (64, 2, 75): flash_fwd_sm90_ws_kv, the same schedule with separate K and V rings of two
-# stages each (Q and three K+V stages do not fit the shared memory); no GPU figure yet
-# (tools/gpu_check_d256.sh bench times it against torch and cupy.sm80).
+# D=256 and D=192 (64, 2, 75): flash_fwd_sm90_ws_kv, the same schedule with separate K and V
+# rings of two stages each (at D=256, Q and three K+V stages do not fit the shared memory); no
+# GPU figure yet (tools/gpu_check_d256.sh bench times them against torch and cupy.sm80).
 CONFIGS = instances.SM90
 # The score-modification entries' configuration per head dim, and the block-sparse candidates
 # in order of preference (the first whose query rows divide the mask's bq and whose key tile
@@ -59,8 +59,8 @@ else:
     MODS_CONFIGS = instances.SM90_MODS
     BM_CONFIGS = instances.SM90_BM
     BM_MODS_CONFIGS = instances.SM90_BM_MODS
-# Head dims with the plain entries only (no _mods / _bm entries): D = 256's kernel
-# (flash_fwd_sm90_ws_kv, separate K and V rings) has no score-modification or block-mask
+# Head dims with the plain entries only (no _mods / _bm entries): the kernel of D = 192 and
+# 256 (flash_fwd_sm90_ws_kv, separate K and V rings) has no score-modification or block-mask
 # walk; those requests go to cupy.sm80.
 PLAIN_ONLY = frozenset(d for d in CONFIGS if d not in MODS_CONFIGS and d not in BM_CONFIGS)
 # Modes with _mods / _bm entries: warp-specialised (11), ping-pong (27), each with the copy

@@ -105,11 +105,12 @@ TF32X3_EXTRA = {64: ((8, 1, 32), (8, 1, 16), (4, 2, 16)), 128: ((4, 1, 32),)}
 # flash_fwd_sm90.cu. Mode 11 (cp.async fills) stays shipped: the _mods / _bm entries run it.
 # H100, fp16 S=4096 (tools/gpu_check_fwdtma.sh bench): D=128 537 / causal 437 TFLOP/s against
 # mode 11's 423 / 361, D=64 383 / 300 against 333 / 277.
-# D=256 (64, 2, 75) runs flash_fwd_sm90_ws_kv: separate K and V rings of two stages (Q and
-# three K+V stages of 64 keys would need 257 KiB of shared memory), mode 75 only.
-SM90 = {64: (64, 3, 75), 128: (128, 2, 75), 256: (64, 2, 75)}
+# D=256 and D=192 (64, 2, 75) run flash_fwd_sm90_ws_kv: separate K and V rings of two stages
+# (at D=256, Q and three K+V stages of 64 keys would need 257 KiB of shared memory), mode 75
+# only, plain entries only (no _mods / _bm).
+SM90 = {64: (64, 3, 75), 128: (128, 2, 75), 192: (64, 2, 75), 256: (64, 2, 75)}
 SM90_SHIPPED = ((64, 128, 2, 11), (64, 64, 3, 11), (128, 128, 2, 11), (64, 64, 3, 75),
-                (128, 128, 2, 75), (256, 64, 2, 75))
+                (128, 128, 2, 75), (192, 64, 2, 75), (256, 64, 2, 75))
 # The score-modification entries (_mods: softcap, bias, ALiBi, bool mask; flex_attention's
 # score_mod) take the default configuration of their head dim. The block-sparse entries (_bm,
 # plain and with mods) need the thread block's query rows (64 per consumer warpgroup) to divide
