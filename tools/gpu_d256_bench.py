@@ -11,7 +11,9 @@ forwards per dtype).
 Rows as benchmarks/gpu_flash.py shapes them: B * S = 16384 and Hq * D = 2048 (B = 4, H = 8),
 fp16 and bf16, D = 256, S = 4096, causal and not; fp16 D = 192 (H = 10, Hq*D = 1920) causal
 and not; then fp16 D = 128 S = 4096 (the wgmma kernel's measured head dim, a sanity anchor for
-the card). Each xattn output is first checked
+the card). At D = 256 the experimental 80-key tile (``config=(80, 2, 75)``,
+instances.SM90_WIDE_EXPERIMENTAL) is timed beside the default (64, 2, 75): column "n80". Each
+xattn output is first checked
 against torch's (max |diff|; a row over the tolerance prints FAIL instead of a time). TFLOP/s
 as /work/shared/PERF.md counts them (4 B H S^2 D, half of it causal), timed with
 ``triton.testing.do_bench`` (median) when importable, else the median of CUDA-event timings.
@@ -59,9 +61,10 @@ def _bench_ms(cp, f, reps=20):
 
 def precompile():
     from xattn._backends.cupy_ import flash_sm90 as k90
+    from xattn._backends.cupy_ import instances
 
     t0 = time.perf_counter()
-    keys = [(d, *k90.CONFIGS[d]) for d in (192, 256)]
+    keys = [(d, *k90.CONFIGS[d]) for d in (192, 256)] + list(instances.SM90_WIDE_EXPERIMENTAL)
     for tn in ("f16", "bf16"):
         k90.precompile(tn, keys)
     _log(f"precompile: {len(keys) * 2} cubins in {time.perf_counter() - t0:.1f} s")
@@ -81,7 +84,7 @@ def _to_cupy(cp, torch, t):
     return cp.from_dlpack(t)
 
 
-def _row(cp, torch, xattn, dtype, d, s, causal):
+def _row(cp, torch, xattn, k90, validate_attention, dtype, d, s, causal):
     """{column: TFLOP/s or a string saying why there is none} for one shape."""
     import torch.nn.functional as F
 
@@ -115,6 +118,22 @@ def _row(cp, torch, xattn, dtype, d, s, causal):
         except Exception as exc:  # noqa: BLE001 - a row says what broke
             res[col] = f"ERROR {type(exc).__name__}: {str(exc)[:100]}"
             _log(f"  {col}: {res[col]}")
+    if d == 256:
+        prob = validate_attention(q, k, v, causal=causal)
+        try:
+            def n80():
+                return k90.forward(prob, q, k, v, config=(80, 2, 75))[0]
+
+            got = torch.from_dlpack(cp.ascontiguousarray(n80().astype(cp.float32)))
+            err = float((got - ref).abs().max())
+            if not np.isfinite(err) or err > TOL[dtype]:
+                res["n80"] = f"FAIL (max diff {err:.3g})"
+            else:
+                res["n80"] = tf(_bench_ms(cp, n80))
+            _log(f"  config (80, 2, 75): max diff vs torch {err:.2e}, {res['n80']}")
+        except Exception as exc:  # noqa: BLE001 - a row says what broke
+            res["n80"] = f"ERROR {type(exc).__name__}: {str(exc)[:100]}"
+            _log(f"  n80: {res['n80']}")
     res["torch"] = tf(_bench_ms(cp, lambda: F.scaled_dot_product_attention(
         tq, tk, tv, is_causal=causal)))
     _log(f"  torch SDPA default: {res['torch']:.1f} TFLOP/s")
@@ -122,17 +141,17 @@ def _row(cp, torch, xattn, dtype, d, s, causal):
 
 
 def sanitizer_workload():
-    """Tiny D = 256 and 192 forwards per dtype: GQA, causal, several heads, Sq and Sk off the
-    tile sizes, more key blocks (8) than ring stages (2 + 2); then a window whose first key
-    block is not block 0."""
+    """Tiny D = 256 and 192 forwards (and the experimental 80-key tile): GQA, causal, several
+    heads, Sq and Sk off the tile sizes, more key blocks (6 to 8) than ring stages (2 + 2);
+    then a window whose first key block is not block 0."""
     import cupy as cp
 
     from xattn._array import validate_attention
     from xattn._backends.cupy_ import flash_sm90 as k90
 
     rng = np.random.default_rng(0)
-    for dtype, d in (("float16", 256), ("bfloat16", 256), ("bfloat16", 192)):
-        cfg = k90.CONFIGS[d]
+    for dtype, d, cfg in (("float16", 256, k90.CONFIGS[256]), ("bfloat16", 256, k90.CONFIGS[256]),
+                          ("bfloat16", 192, k90.CONFIGS[192]), ("float16", 256, (80, 2, 75))):
         shapes = ((2, 4, 77, d), (2, 2, 450, d), (2, 2, 450, d))
         host = [rng.standard_normal(sh, dtype=np.float32) for sh in shapes]
         if dtype == "bfloat16":
@@ -167,6 +186,8 @@ def main(argv=None):
     import torch
 
     import xattn
+    from xattn._array import validate_attention
+    from xattn._backends.cupy_ import flash_sm90 as k90
 
     precompile()
     dev = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"]
@@ -181,7 +202,7 @@ def main(argv=None):
             continue
         _log(f"{dt} D={d} S={s} causal={causal}")
         try:
-            r = _row(cp, torch, xattn, dt, d, s, causal)
+            r = _row(cp, torch, xattn, k90, validate_attention, dt, d, s, causal)
         except Exception as exc:  # noqa: BLE001 - the row says what broke, the rest run
             r = {"cupy.sm90": f"ERROR {type(exc).__name__}: {str(exc)[:100]}"}
             _log(f"  {r['cupy.sm90']}")
@@ -197,12 +218,14 @@ def main(argv=None):
 
     print(f"\n### Hopper forward at D = 256 / 192: wgmma (cupy.sm90) vs mma.sync (cupy.sm80) vs "
           f"torch SDPA default, TFLOP/s ({dev}; B*S = 16384, Hq*D = 2048; causal halved)\n")
-    print("| dtype | D | S | causal | sm90 | sm80 | torch | sm90/torch | sm90/sm80 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| dtype | D | S | causal | sm90 | sm80 | torch | sm90/torch | sm90/sm80 | n80 "
+          "| n80/torch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for dt, d, s, causal, r in rows:
         a, m, t = r.get("cupy.sm90"), r.get("cupy.sm80"), r.get("torch")
+        n = r.get("n80", "-")
         print(f"| {dt} | {d} | {s} | {causal} | {fmt(a)} | {fmt(m)} | {fmt(t)} | "
-              f"{ratio(a, t)} | {ratio(a, m)} |")
+              f"{ratio(a, t)} | {ratio(a, m)} | {fmt(n)} | {ratio(n, t)} |")
     return 0
 
 

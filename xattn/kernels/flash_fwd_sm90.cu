@@ -853,8 +853,9 @@ __device__ __forceinline__ void ws_produce_tma_kv(unsigned sK, unsigned sV, cons
 template <class T, int D, int BN, int NWG>
 __device__ __forceinline__ void flash_fwd_sm90_ws_kv(const FwdArgsTma& a) {
 #if XATTN_SM90_OK
-    static_assert((D == 192 || D == 256) && BN == 64 && NWG == 2,
-                  "the split rings are sized for D = 192 / 256, 64 keys, two consumers");
+    // BN = 80 (experimental, D = 256): 2 + 2 stages of 40 KiB beside Q fill 225 KiB.
+    static_assert((D == 192 || D == 256) && (BN == 64 || (BN == 80 && D == 256)) && NWG == 2,
+                  "the split rings are sized for D = 192 / 256, 64 (80) keys, two consumers");
     constexpr int CREGS = 240;  // 24 for the producer, as flash_fwd_sm90_ws with NWG = 2
     constexpr int KST = 2, VST = 2;
     constexpr int BM = NWG * 64;

@@ -58,7 +58,13 @@ __device__ __forceinline__ void fence_regs(unsigned (&r)[N]) {
     "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"                        \
     "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"                        \
     "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}"
-// N = 192 and 256 (the P V of head dims 192 and 256): rs only is used, ss is defined with it.
+// N = 80 (Q K^T of an 80-key tile: the experimental D = 256 tile), 192 and 256 (the P V of
+// head dims 192 and 256); each defines both ss and rs.
+#define XATTN_ACC40 XATTN_ACC32, XATTN_ACC8(32)
+#define XATTN_REGS40                                                                         \
+    "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"                                \
+    "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"                       \
+    "%32,%33,%34,%35,%36,%37,%38,%39}"
 #define XATTN_ACC96 XATTN_ACC64, XATTN_ACC8(64), XATTN_ACC8(72), XATTN_ACC8(80), XATTN_ACC8(88)
 #define XATTN_ACC128 XATTN_ACC64, XATTN_ACC8(64), XATTN_ACC8(72), XATTN_ACC8(80),            \
     XATTN_ACC8(88), XATTN_ACC8(96), XATTN_ACC8(104), XATTN_ACC8(112), XATTN_ACC8(120)
@@ -103,6 +109,8 @@ __device__ __forceinline__ void fence_regs(unsigned (&r)[N]) {
     XATTN_WGMMA(64, 32, TY, "%34", "%32, %33", "%37", "{%32,%33,%34,%35}, %36", "%38")
 #define XATTN_WGMMA_N128(TY) \
     XATTN_WGMMA(128, 64, TY, "%66", "%64, %65", "%69", "{%64,%65,%66,%67}, %68", "%70")
+#define XATTN_WGMMA_N80(TY) \
+    XATTN_WGMMA(80, 40, TY, "%42", "%40, %41", "%45", "{%40,%41,%42,%43}, %44", "%46")
 #define XATTN_WGMMA_N192(TY) \
     XATTN_WGMMA(192, 96, TY, "%98", "%96, %97", "%101", "{%96,%97,%98,%99}, %100", "%102")
 #define XATTN_WGMMA_N256(TY) \
@@ -111,6 +119,8 @@ XATTN_WGMMA_N64(f16)
 XATTN_WGMMA_N64(bf16)
 XATTN_WGMMA_N128(f16)
 XATTN_WGMMA_N128(bf16)
+XATTN_WGMMA_N80(f16)
+XATTN_WGMMA_N80(bf16)
 XATTN_WGMMA_N192(f16)
 XATTN_WGMMA_N192(bf16)
 XATTN_WGMMA_N256(f16)

@@ -68,7 +68,8 @@ PLAIN_ONLY = frozenset(d for d in CONFIGS if d not in MODS_CONFIGS and d not in 
 MODS_MODES = (11, 27, 75)
 # Every configuration that can be built, as (D, BN, warpgroups, mode): the shipped ones (CI
 # compiles them) and the experimental schedules (built on request: config=...).
-BUILT = frozenset((*instances.SM90_SHIPPED, *instances.SM90_EXPERIMENTAL))
+BUILT = frozenset((*instances.SM90_SHIPPED, *instances.SM90_EXPERIMENTAL,
+                   *instances.SM90_WIDE_EXPERIMENTAL))
 # Options this kernel ignores safely: allow_tf32 concerns float32 only.
 _KNOWN = frozenset({"allow_tf32"})
 

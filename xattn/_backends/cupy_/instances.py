@@ -35,7 +35,7 @@ __all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "DECODE", "DECODE_EXTRA",
            "FWD_BM", "FWD_BM_MODS", "FWD_MODS", "HEAD_DIMS", "Instance", "SM90", "SM90_BM",
            "SM90_BM_MODS", "SM90_BM_MODS_TMA", "SM90_BM_TMA", "SM90_BWD_HEAD_DIMS",
            "SM90_BWD_TMA", "SM90_BWD_VARIANTS", "SM90_EXPERIMENTAL", "SM90_MODS",
-           "SM90_MODS_ON_TMA", "SM90_MODS_TMA", "TF32",
+           "SM90_MODS_ON_TMA", "SM90_MODS_TMA", "SM90_WIDE_EXPERIMENTAL", "TF32",
            "TF32X3", "bwd", "bwd_aux", "bwd_dq", "bwd_simt", "bwd_sm90", "decode",
            "experimental", "fwd", "fwd_simt", "shipped", "sm90", "tf32",
            "tf32_bm"]
@@ -144,6 +144,11 @@ SM90_EXPERIMENTAL = (
     (64, 128, 2, 3), (128, 64, 2, 3), (128, 128, 2, 3), (64, 64, 3, 3),
     (64, 128, 2, 27), (128, 128, 2, 27),
 )
+
+# D=256 with 80-key tiles (flash_fwd_sm90_ws_kv, 2 + 2 stages of 40 KiB: 225 KiB with Q, as
+# FlashAttention-3's hdim-256 tile): built on request, to be timed against (64, 2, 75)
+# (tools/gpu_d256_bench.py); ptxas 13.0 sm_90a: no spills.
+SM90_WIDE_EXPERIMENTAL = ((256, 80, 2, 75),)
 
 # The experimental Hopper schedules without warp specialisation (modes 0-3), relative to the
 # repository root: compiled only with tools/check_kernels.py --experimental or config=...
@@ -424,5 +429,6 @@ def _sm90_options(tma) -> list:
 def experimental() -> list:
     """Instances built only on request (``tools/check_kernels.py --experimental``): the
     earlier schedules and the option entries of the family the switch leaves off."""
-    return ([sm90(tn, c[0], c[1:]) for c in SM90_EXPERIMENTAL for tn in TYPES]
+    return ([sm90(tn, c[0], c[1:]) for c in SM90_EXPERIMENTAL + SM90_WIDE_EXPERIMENTAL
+             for tn in TYPES]
             + _sm90_options(not SM90_MODS_ON_TMA))
