@@ -811,30 +811,39 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
 }
 
 #if XATTN_SM90_OK
-// ws_produce_tma for the split rings of flash_fwd_sm90_ws_kv (D > 128), run by ONE thread:
-// K of block kb0 + j into K stage j % KST (full_k / empty_k), then its V into V stage j % VST
+// ws_produce_tma for the split rings of flash_fwd_sm90_ws_kv (D > 128), run by ONE thread: K
+// of key block kb0 + j into K stage j % KST (full_k / empty_k), its V into V stage j % VST
 // (full_v / empty_v), each stage awaited free on reuse and announced with its own bytes. A K
-// stage comes back as soon as Q K^T has read it, a V stage one iteration later (after P V),
-// so with two stages of each the next K block is in flight during a whole iteration.
+// stage comes back as soon as Q K^T has read it, a V stage one iteration later (after P V).
+// K runs one block ahead of V in the issue order (K0, K1, V0, K2, V1, ...), so that K of block
+// j + 1 does not queue behind V of block j, whose stage is freed later: with two stages of
+// each, K(j + 1) is issued in the middle of iteration j - 1 and V(j) at its end, both about
+// 1.5 iterations before the consumers need them.
 template <int BN, int D, int KST, int VST>
 __device__ __forceinline__ void ws_produce_tma_kv(unsigned sK, unsigned sV, const TmaDesc* tk,
                                                   const TmaDesc* tv, int kvh, int kb0, int nkb,
                                                   unsigned full_k, unsigned full_v,
                                                   unsigned empty_k, unsigned empty_v) {
     constexpr unsigned TILE = BN * D * 2;
-    for (int j = 0; j < nkb; ++j) {
-        const int row = (kb0 + j) * BN;
-        const int ks = j % KST, vs = j % VST;
+    auto load_k = [&](int j) {
+        const int ks = j % KST;
         if (j >= KST) mbar_wait(empty_k + ks * 8, ((j / KST) - 1) & 1);
         tma_arrive_expect_tx(full_k + ks * 8, TILE);
 #pragma unroll
         for (int p = 0; p < D / 64; ++p)
-            tma_load_3d(sK + ks * TILE + p * BN * 128, tk, p * 64, row, kvh, full_k + ks * 8);
+            tma_load_3d(sK + ks * TILE + p * BN * 128, tk, p * 64, (kb0 + j) * BN, kvh,
+                        full_k + ks * 8);
+    };
+    if (nkb > 0) load_k(0);
+    for (int j = 0; j < nkb; ++j) {
+        if (j + 1 < nkb) load_k(j + 1);
+        const int vs = j % VST;
         if (j >= VST) mbar_wait(empty_v + vs * 8, ((j / VST) - 1) & 1);
         tma_arrive_expect_tx(full_v + vs * 8, TILE);
 #pragma unroll
         for (int p = 0; p < D / 64; ++p)
-            tma_load_3d(sV + vs * TILE + p * BN * 128, tv, p * 64, row, kvh, full_v + vs * 8);
+            tma_load_3d(sV + vs * TILE + p * BN * 128, tv, p * 64, (kb0 + j) * BN, kvh,
+                        full_v + vs * 8);
     }
 }
 #endif
