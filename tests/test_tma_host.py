@@ -229,13 +229,16 @@ def test_wide_head_dim_instances_and_shared_memory(d):
 @pytest.mark.skipif(shutil.which("nvcc") is None and not Path("/usr/local/bin/nvcc").exists(),
                     reason="needs nvcc")
 def test_mode75_entries_compile_without_spills():
-    """The mode-75 entries (also in CI's shipped list, checked here on their own) compile for
-    sm_80 (the trap) and sm_90a, spill-free, warning-free."""
+    """The mode-75 entries (also in CI's shipped list, checked here on their own; D = 192 / 256:
+    the split-ring kernel, with the experimental 80-key tile) compile for sm_80 (the trap) and
+    sm_90a, spill-free, warning-free."""
     spec = importlib.util.spec_from_file_location("check_kernels",
                                                   ROOT / "tools" / "check_kernels.py")
     ck = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ck)
-    items = [instances.sm90("f16", d, c) for d, c in ((64, (64, 3, 75)), (128, (128, 2, 75)))]
+    items = [instances.sm90("f16", d, c) for d, c in ((64, (64, 3, 75)), (128, (128, 2, 75)),
+                                                       (192, (64, 2, 75)), (256, (64, 2, 75)),
+                                                       (256, (80, 2, 75)))]
     ok, log, res = ck.compile_file(ck.find_nvcc(), ck.KERNELS / "flash_fwd_sm90.cu", None, items)
     assert ok, log[-4000:]
     for i in items:
