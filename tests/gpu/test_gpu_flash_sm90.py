@@ -390,6 +390,8 @@ def test_d256_dispatch():
     assert "head_dim 256" in k90.supports(masked, {}, "forward")
     with pytest.raises(ValueError, match="head_dim 256"):
         k90.launch_config(capped)
+    with pytest.raises(NotImplementedError, match="block_mask at head_dim 256"):
+        k90.forward(masked, q, k, v)
     q192, k192, v192 = _inputs(rng, "bfloat16", b=1, sq=70, sk=90, d=192)
     assert k90.supports(validate_attention(q192, k192, v192, window=(5, 5)), {}) is None
     biased = validate_attention(q192, k192, v192, alibi_slopes=cp.ones(4, cp.float32))

@@ -83,10 +83,9 @@ def supports(prob, opts, op="forward"):
     if prob.d not in CONFIGS or prob.dv != prob.d:
         return (f"head_dim {prob.d} (Dv {prob.dv}): the sm_90a kernel has D = Dv in "
                 f"{sorted(CONFIGS)}")
-    if prob.d in PLAIN_ONLY and (prob.has_score_mods or prob.block_mask is not None):
-        what = "score modifications" if prob.has_score_mods else "a block_mask"
-        return (f"{what} at head_dim {prob.d}: the sm_90a kernel has plain entries only "
-                f"there (causal, window, GQA); cupy.sm80 serves them")
+    why = _plain_only_reason(prob)
+    if why is not None:
+        return why
     if prob.block_mask is not None:
         why = _block_mask_reason(prob)
         if why is not None:
@@ -95,6 +94,15 @@ def supports(prob, opts, op="forward"):
     if unknown:
         return f"options {unknown} (a tile plan) run on cupy.sm80"
     return _params.device_reason(prob, "the sm_90a kernel", exact_cc=90)
+
+
+def _plain_only_reason(prob):
+    """Score modifications or a block mask at a head dim with plain entries only, or None."""
+    if prob.d in PLAIN_ONLY and (prob.has_score_mods or prob.block_mask is not None):
+        what = "score modifications" if prob.has_score_mods else "a block_mask"
+        return (f"{what} at head_dim {prob.d}: the sm_90a kernel has plain entries only "
+                f"there (causal, window, GQA); cupy.sm80 serves them")
+    return None
 
 
 def block_mask_config(d, block_size, mods):
@@ -153,10 +161,11 @@ def forward(prob, q, k, v, *, allow_tf32=False, config=None):
     test calls it directly). ``config`` = (keys per block, warpgroups, mode) overrides the
     default (``CONFIGS``; ``BUILT`` lists the choices; with score mods or a block mask only
     the warp-specialised modes of :data:`MODS_MODES` have entries)."""
-    if prob.block_mask is not None:
+    why = _plain_only_reason(prob)
+    if why is None and prob.block_mask is not None:
         why = _block_mask_reason(prob)
-        if why is not None:
-            raise NotImplementedError(why)
+    if why is not None:
+        raise NotImplementedError(why)
     with q.device:
         return _forward(prob, q, k, v, config)
 
