@@ -225,6 +225,28 @@ def test_wide_head_dim_instances_and_shared_memory(d):
                    for i in instances.shipped())
 
 
+@pytest.mark.parametrize("d", [192, 256])
+def test_wide_head_dim_refuses_mods_and_block_masks(d):
+    """The plain-only head dims name themselves when score mods or a block mask come (host
+    side: NumPy problems reach the same checks before any launch)."""
+    import xattn
+    from xattn._array import validate_attention
+
+    x = np.zeros((1, 2, 130, d), dtype=np.float16)
+    plain = validate_attention(x, x, x, causal=True, window=(64, None))
+    assert flash_sm90._plain_only_reason(plain) is None
+    assert flash_sm90.launch_config(plain) == (64, 2, 75)
+    assert flash_sm90.launch_config(plain, (80, 2, 75) if d == 256 else None)[0] in (64, 80)
+    capped = validate_attention(x, x, x, softcap=5.0)
+    masked = validate_attention(x, x, x, block_mask=xattn.BlockMask.causal(130, block_size=128))
+    for prob, what in ((capped, "score modifications"), (masked, "a block_mask")):
+        assert flash_sm90._plain_only_reason(prob) == (
+            f"{what} at head_dim {d}: the sm_90a kernel has plain entries only there (causal, "
+            f"window, GQA); cupy.sm80 serves them")
+        with pytest.raises(ValueError, match=f"head_dim {d}"):
+            flash_sm90.launch_config(prob)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None and not Path("/usr/local/bin/nvcc").exists(),
                     reason="needs nvcc")
