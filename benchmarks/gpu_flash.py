@@ -426,6 +426,18 @@ class Worker:
 
         gx = run()
         self.cp.cuda.Device().synchronize()
+        if det:  # the route of the -det row: the table entry and the kernels it launches
+            from xattn import _backends
+            from xattn._array import validate_attention
+            from xattn._backends.cupy_ import flash_bwd_sm90
+
+            prob = validate_attention(qc, kc, vc, extra=(("dout", doc), ("out", out_x),
+                                                         ("lse", lse_x)), causal=causal)
+            entry = _backends.explain(prob, {"deterministic": True}, "cupy",
+                                      op="backward")["backend"]
+            kernels = (" (" + " + ".join(flash_bwd_sm90.kernel_names(prob, True)[1:]) + ")"
+                       if entry == "cupy.sm90_bwd" else "")
+            res["note"] += f" {entry}{kernels};"
         # Against torch's default-backend gradients, every head.
         o_t, grad_t = self._torch_grads(q, k, v, dout, causal, None)
         gt = grad_t()

@@ -222,7 +222,8 @@ def test_sm90_backward_refusals_name_their_reason(monkeypatch):
     assert "float16 and bfloat16" in why(np.float32)
     assert "head_dim 96" in why(d=96, dv=96)
     assert "Dv 128" in why(d=64, dv=128)
-    assert "deterministic" in why(opts={"deterministic": True})
+    # deterministic=True: the dK/dV-only twins of its entries + flash_bwd.cu's dq kernel.
+    assert why(opts={"deterministic": True}) is None
     assert "return_dbias" in why(opts={"return_dbias": True})
     bias = np.zeros((5, 5), np.float32)
     mask = np.ones((2, 1, 5), bool)
@@ -231,6 +232,7 @@ def test_sm90_backward_refusals_name_their_reason(monkeypatch):
               {"mask": mask}, {"softcap": 3.0, "window": (1, 1), "bias": bias}]
     for score in served:
         assert why(**score) is None, score
+        assert why(opts={"deterministic": True}, **score) is None, score
     assert "measured slower" in why(d=128, dv=128, window=(2, 3), causal=True)
     for score in served[4:]:
         reason = why(d=128, dv=128, **score)

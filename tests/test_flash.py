@@ -300,3 +300,14 @@ def test_flags_must_be_bools(make_qkv, bad):
     out, lse = xattn.flash_attention(q, k, v, return_lse=True)
     with pytest.raises(TypeError, match="deterministic: expected a bool"):
         xattn.flash_attention_backward(np.ones_like(out), q, k, v, out, lse, deterministic=bad)
+
+
+def test_cpu_calls_are_planned_every_time():
+    """Only CuPy calls reuse a planned problem (xattn/flash.py: _signature): the CPU table's
+    choice follows which packages import, and planning is small beside a CPU call."""
+    from xattn import flash as flash_mod
+
+    q = np.ones((2, 8, 16), np.float32)
+    before = dict(flash_mod._PLANNED)
+    xattn.flash_attention(q, q, q, causal=True)
+    assert flash_mod._PLANNED == before

@@ -31,8 +31,10 @@ def fake(monkeypatch):
     f = FakeEncode()
     monkeypatch.setattr(tma, "_driver_encode", lambda: f)
     tma._encode_cached.cache_clear()
+    tma._ROWS.clear()
     yield f
     tma._encode_cached.cache_clear()
+    tma._ROWS.clear()
 
 
 @pytest.fixture(params=sorted(FAMILIES))
@@ -144,6 +146,7 @@ def test_entry_maps(fake):
     for bn, mods, sparse in ((64, True, False), (128, False, True), (64, True, True)):
         fake.calls.clear()
         tma._encode_cached.cache_clear()
+        tma._ROWS.clear()
         inst = instances.sm90("f16", 64, (bn, 2, 75), mods, sparse)
         mk, mv = flash_sm90.entry_maps(inst, q, k, v)
         assert mk.size == mv.size == 1 and mk.dtype == tma.DESC_DTYPE

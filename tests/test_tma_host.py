@@ -41,8 +41,10 @@ def fake(monkeypatch):
     f = FakeEncode()
     monkeypatch.setattr(tma, "_driver_encode", lambda: f)
     tma._encode_cached.cache_clear()
+    tma._ROWS.clear()
     yield f
     tma._encode_cached.cache_clear()
+    tma._ROWS.clear()
 
 
 def test_encode_passes_the_cuda_h_values(fake):

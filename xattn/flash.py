@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import os
+
 from . import _backends, _masking, _plans
 from ._array import (
     check_bool,
     check_same_shape,
     dlpack_interop,
+    is_cupy,
     score_options,
     validate_attention,
 )
@@ -25,6 +29,52 @@ def _route(prob):
     else:
         sparse = {}
     return prob, dict(sparse), sparse
+
+
+# The host work of a call before its launch (validation, route, the kernel table's choice) per
+# call signature, reused while everything it reads is the same: on CuPy it was about half of a
+# call's ~140 microseconds of Python, more than a short kernel runs (measured on an H100
+# host, 2026-12-05: benchmarks/gpu_flash.py's S=1024 rows timed it with the kernel).
+_PLANNED: dict = {}
+_PLAIN = (int, float, bool)
+
+
+def _plain(x) -> bool:
+    if x is None or type(x) in _PLAIN:
+        return True
+    return type(x) is tuple and all(y is None or type(y) in _PLAIN for y in x)
+
+
+def _signature(op, arrays, score, block_mask, backend, flags):
+    """The key under which this call's planned host work may be reused, or None (plan in full).
+
+    It holds everything the validation, the route and the table read: the exact array types,
+    every array's shape, dtype and device, the score options by type and value
+    (plain numbers, bools, None and tuples of them only: an array operand, a NumPy scalar or
+    anything else is checked every time), the flags, the backend name and ``XATTN_DISABLE``.
+    Only CuPy calls are planned once (a CPU call runs far longer than its planning, and the
+    CPU table's choice also follows which packages import); with a block mask or debug
+    logging on (it logs each choice) nothing is reused."""
+    if block_mask is not None or type(backend) is not str or not is_cupy(arrays[0]):
+        return None
+    if _backends._log.isEnabledFor(logging.DEBUG):
+        return None
+    t = type(arrays[0])
+    if any(type(a) is not t for a in arrays):
+        return None
+    if not all(_plain(x) for x in score.values()):
+        return None
+    dev = tuple(a.device.id for a in arrays)
+    return (op, t, tuple((a.shape, a.dtype) for a in arrays), dev, tuple(sorted(score.items())),
+            flags, backend, os.environ.get("XATTN_DISABLE", ""))
+
+
+def _remember(key, plan):
+    if key is not None:
+        if len(_PLANNED) >= 256:
+            _PLANNED.clear()
+        _PLANNED[key] = plan
+    return plan
 
 
 @dlpack_interop
@@ -77,16 +127,20 @@ def flash_attention(q, k, v, /, *, block_mask=None, return_lse=False, allow_tf32
     >>> out.shape, lse.dtype.name, bool(np.allclose(out, ref, atol=1e-5))
     ((4, 300, 64), 'float32', True)
     """
-    prob = validate_attention(q, k, v, block_mask=block_mask, **score)
     allow_tf32 = check_bool("allow_tf32", allow_tf32)
     return_lse = check_bool("return_lse", return_lse)
-    if _batched_mask(prob):
-        options = dict(score, return_lse=return_lse, allow_tf32=allow_tf32, backend=backend)
-        return _plans.per_batch(flash_attention, prob, (q, k, v), options)
-    prob, opts, sparse = _route(prob)
-    if allow_tf32:
-        opts["allow_tf32"] = True
-    impl = _backends.select(prob, opts, backend, op="forward")
+    key = _signature("forward", (q, k, v), score, block_mask, backend, allow_tf32)
+    plan = _PLANNED.get(key) if key is not None else None
+    if plan is None:
+        prob = validate_attention(q, k, v, block_mask=block_mask, **score)
+        if _batched_mask(prob):
+            options = dict(score, return_lse=return_lse, allow_tf32=allow_tf32, backend=backend)
+            return _plans.per_batch(flash_attention, prob, (q, k, v), options)
+        prob, opts, sparse = _route(prob)
+        if allow_tf32:
+            opts["allow_tf32"] = True
+        plan = _remember(key, (prob, sparse, _backends.select(prob, opts, backend, op="forward")))
+    prob, sparse, impl = plan
     out, lse = impl.forward(prob, q, k, v, allow_tf32=allow_tf32, **sparse)
     return (out, lse) if return_lse else out
 
@@ -140,6 +194,16 @@ def flash_attention_backward(dout, q, k, v, out, lse, /, *, block_mask=None,
     >>> bool(np.allclose(dv.sum(axis=-2), 50.0))   # each query's weights sum to one
     True
     """
+    deterministic = check_bool("deterministic", deterministic)
+    return_dbias = check_bool("return_dbias", return_dbias)
+    key = _signature("backward", (dout, q, k, v, out, lse), score, block_mask, backend,
+                     (deterministic, return_dbias))
+    plan = _PLANNED.get(key) if key is not None else None
+    if plan is not None:  # no bias (an array option is never in a key): no dbias either
+        prob, sparse, impl = plan
+        res = impl.backward(prob, dout, q, k, v, out, lse, deterministic=deterministic,
+                            **sparse)
+        return (*res, None) if return_dbias else res
     prob = validate_attention(q, k, v, extra=(("dout", dout), ("out", out), ("lse", lse)),
                               block_mask=block_mask, **score)
     check_same_shape("dout", dout, prob.out_shape)
@@ -150,8 +214,6 @@ def flash_attention_backward(dout, q, k, v, out, lse, /, *, block_mask=None,
             f"lse: expected dtype {prob.cdtype} (the forward pass's log-sum-exp: float32, "
             f"float64 for float64 inputs), got {lse.dtype}"
         )
-    deterministic = check_bool("deterministic", deterministic)
-    return_dbias = check_bool("return_dbias", return_dbias)
     bias = prob.bias
     want_dbias = return_dbias and bias is not None
     if _batched_mask(prob):
@@ -172,6 +234,8 @@ def flash_attention_backward(dout, q, k, v, out, lse, /, *, block_mask=None,
         opts["return_dbias"] = True
         sparse = {**sparse, "return_dbias": True}
     impl = _backends.select(prob, opts, backend, op="backward")
+    if not want_dbias:
+        _remember(key, (prob, sparse, impl))
     res = impl.backward(prob, dout, q, k, v, out, lse, deterministic=deterministic, **sparse)
     if not return_dbias:
         return res

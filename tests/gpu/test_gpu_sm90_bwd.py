@@ -3,7 +3,9 @@
 entries forced with ``backend="cupy.sm90_bwd"``: every option case of the mma.sync backward's
 tests at D = 64 (windows, softcap, ALiBi, bias and mask in several broadcast shapes, GQA with
 all of them), block masks of 128-key blocks (walk, element rules, empty
-rows and columns, GQA, with score mods), and the refusals that send the rest to cupy.sm80.
+rows and columns, GQA, with score mods), and the refusals that send the rest to cupy.sm80;
+the TMA entries (-k tma); deterministic=True (-k det: the _nodq entries with flash_bwd.cu's dq
+kernel, and the wgmma dq kernel on request).
 
 dq, dk and dv must lie within the bound of the mma.sync backward's tests
 (``test_gpu_flash_bwd._assert_grad``: 2x the float64 error of the naive same-dtype backward
@@ -103,8 +105,10 @@ def test_auto_takes_the_sm90_backward_and_it_refuses_with_reasons():
     assert ENTRY not in _backends.OPT_IN
     assert _backends.explain(prob, {}, "auto", op="backward")["backend"] == ENTRY
     assert _backends.explain(prob, {}, ENTRY, op="backward")["backend"] == ENTRY
+    # deterministic=True is served too (its _nodq entries + flash_bwd.cu's dq kernel).
+    assert _backends.explain(prob, {"deterministic": True}, "auto",
+                             op="backward")["backend"] == ENTRY
     refusals = {
-        "deterministic": (prob, {"deterministic": True}, "deterministic"),
         "return_dbias": (validate_attention(q, k, v, bias=cp.zeros((40, 50), cp.float32)),
                          {"return_dbias": True}, "return_dbias"),
     }
@@ -118,9 +122,9 @@ def test_auto_takes_the_sm90_backward_and_it_refuses_with_reasons():
                             op="backward")["reasons"][ENTRY]
     assert why is not None and "head_dim 96" in why
     out, lse = xattn.flash_attention(q, k, v, return_lse=True)
-    with pytest.raises(NotImplementedError, match="deterministic"):
+    with pytest.raises(NotImplementedError, match="return_dbias"):
         xattn.flash_attention_backward(out, q, k, v, out, lse, backend=ENTRY,
-                                       deterministic=True)
+                                       bias=cp.zeros((40, 50), cp.float32), return_dbias=True)
 
 
 @pytest.mark.parametrize("sq,sk", [(0, 50), (40, 0), (0, 0)])
@@ -317,13 +321,13 @@ def test_auto_routes_options_to_the_sm90_backward_and_refuses_the_rest():
 TMA_CONFIGS = sorted(k90b.CONFIGS)
 
 
-def _nan_tailed(rng, dtype, shape):
+def _nan_tailed(rng, dtype, shape, amp=1.0):
     """A (B, H, S, D) operand whose allocation continues with NaN past its last element (same
     address as the allocation): a box at the last head's sequence end that read past S would
     bring NaN in (0 x NaN in the gradient products), where the tensor map's bounds give
     zeros."""
     n = int(np.prod(shape))
-    host = np.concatenate([rng.standard_normal(n), np.full(256 * shape[-1], np.nan)])
+    host = np.concatenate([amp * rng.standard_normal(n), np.full(256 * shape[-1], np.nan)])
     base = cupy_array(host, dtype)
     x = base[:n].reshape(shape)
     assert x.data.ptr == base.data.ptr and x.flags.c_contiguous
@@ -408,3 +412,214 @@ def test_tma_backward_refusals():
     prob = validate_attention(q, k, v, extra=extra)
     with pytest.raises(ValueError, match="config: one of"):
         k90b.backward(prob, out, q, k, v, out, lse, config="tma3")
+
+
+# deterministic=True (tools/gpu_check_det.sh runs these with -k det): dK / dV by the _nodq twin
+# of the entry the request takes (TMA entries for plain requests, option entries otherwise),
+# dq by flash_bwd.cu's deterministic dq kernel.
+
+def _det_run(case, q, k, v, do, *, block_mask=None, oracle=True, vs_sm80=False, **opts):
+    """The deterministic backward of ``cupy.sm90_bwd`` against: the float64 oracle
+    (``oracle``); itself run again (dq, dk, dv bit for bit); the non-deterministic call (dk, dv
+    bit for bit: the same products in the same order); with ``vs_sm80`` cupy.sm80's
+    deterministic call (dq bit for bit: the same dq kernel on the same inputs; a few cases
+    only, each needs one more mma.sync module). Also that the route is the new one."""
+    out, lse = xattn.flash_attention(q, k, v, return_lse=True, block_mask=block_mask, **opts)
+    prob = validate_attention(q, k, v, extra=(("dout", do), ("out", out), ("lse", lse)),
+                              block_mask=block_mask, **opts)
+    route = _backends.explain(prob, {"deterministic": True}, "auto", op="backward")
+    assert route["backend"] == ENTRY, (case, route)
+    names = k90b.kernel_names(prob, deterministic=True)
+    assert names[1].endswith("_nodq") and names[2].startswith("flash_bwd_dq_"), (case, names)
+
+    def run(backend=ENTRY, deterministic=True):
+        return xattn.flash_attention_backward(do, q, k, v, out, lse, block_mask=block_mask,
+                                              deterministic=deterministic, backend=backend,
+                                              **opts)
+
+    det, again, nondet = run(), run(), run(deterministic=False)
+    cp.cuda.runtime.deviceSynchronize()
+
+    def bits(x):
+        return x.view(cp.uint16)
+
+    for name, x, y in zip(("dq", "dk", "dv"), det, again, strict=True):
+        nbad = int((bits(x) != bits(y)).sum())
+        assert nbad == 0, f"[{case}] {name}: {nbad} entries differ between two runs"
+    for name, x, y in zip(("dk", "dv"), det[1:], nondet[1:], strict=True):
+        nbad = int((bits(x) != bits(y)).sum())
+        assert nbad == 0, f"[{case}] {name}: {nbad} entries differ from the wgmma entry's"
+    if vs_sm80:
+        sm80 = run("cupy.sm80")
+        nbad = int((bits(det[0]) != bits(sm80[0])).sum())
+        assert nbad == 0, f"[{case}] dq: {nbad} entries differ from cupy.sm80's deterministic dq"
+    if oracle:
+        ref_opts = dict(opts)
+        if block_mask is not None:
+            dense = np.asarray(block_mask.to_dense())
+            user = ref_opts.pop("mask", None)
+            ref_opts["mask"] = dense if user is None else dense & cp.asnumpy(user)
+        refs = reference_attention_backward(do, q, k, v, **ref_opts)
+        naive = naive_attention_backward(do, q, k, v, out, **ref_opts)
+        for name, g, r, n in zip(("dq", "dk", "dv"), det, refs, naive, strict=True):
+            _assert_grad(case, name, g, r, n, q.dtype)
+    return det
+
+
+def _det_inputs(rng, dtype, b, hq, hkv, sq, sk, d, amp=1.0):
+    """q, k, v, dout with NaN behind each allocation's end (a TMA box reading past the
+    sequence would bring it in)."""
+    q = _nan_tailed(rng, dtype, (b, hq, sq, d), amp)
+    k = _nan_tailed(rng, dtype, (b, hkv, sk, d), amp)
+    v = _nan_tailed(rng, dtype, (b, hkv, sk, d))
+    do = _nan_tailed(rng, dtype, (b, hq, sq, d))
+    return q, k, v, do
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", ["gqa", "rows_without_keys", "sq_gt_sk"])
+def test_det_backward(dtype, d, causal, shape):
+    # gqa: 2 batch elements, 4 query heads on 2 kv heads, Sq != Sk off the tiles;
+    # rows_without_keys: Sq > Sk (with causal the first 69 rows see no key: zero dq);
+    # sq_gt_sk: Sq > Sk, several query blocks per key block, MQA.
+    b, hq, hkv, sq, sk = {"gqa": (2, 4, 2, 141, 203), "rows_without_keys": (1, 2, 2, 130, 61),
+                          "sq_gt_sk": (1, 4, 1, 260, 97)}[shape]
+    rng = np.random.default_rng([d, causal, len(shape), 11])
+    q, k, v, do = _det_inputs(rng, dtype, b, hq, hkv, sq, sk, d)
+    _det_run(f"det {dtype} d={d} causal={causal} {shape}", q, k, v, do, causal=causal,
+             vs_sm80=dtype == "float16" and shape == "gqa")
+
+
+@pytest.mark.parametrize("case", ["window", "softcap_alibi", "bias_mask", "all"])
+def test_det_backward_options_d64(case):
+    # The option entries' nodq twins (win, mods) at D = 64, GQA 4/2, lengths off the tiles.
+    rng = np.random.default_rng([zlib.crc32(case.encode()), 12])
+    b, hq, hkv, sq, sk = 2, 4, 2, 150, 230
+    dtype = "bfloat16" if case == "all" else "float16"
+    q, k, v, do = _det_inputs(rng, dtype, b, hq, hkv, sq, sk, 64,
+                              amp=2.0 if case in ("softcap_alibi", "all") else 1.0)
+    slopes = cp.asarray(xattn.alibi_slopes(hq), dtype=cp.float32)
+    bias = cp.asarray(rng.standard_normal((hq, 1, sk)), dtype=cp.float32)
+    mask = cp.asarray(rng.random((b, 1, sq, sk)) < 0.85)
+    opts = {"window": dict(window=(40, 10)),
+            "softcap_alibi": dict(softcap=6.0, alibi_slopes=slopes, causal=True),
+            "bias_mask": dict(bias=bias, mask=mask),
+            "all": dict(causal=True, window=(100, None), softcap=8.0, alibi_slopes=slopes,
+                        bias=bias, mask=mask)}[case]
+    _det_run(f"det d=64 {case}", q, k, v, do, vs_sm80=case == "all", **opts)
+
+
+@pytest.mark.parametrize(("name", "d", "option"), [
+    ("causal128", 64, None), ("from_dense128", 128, None), ("causal_64x128", 128, None),
+    ("documents128", 64, "alibi"), ("from_dense_128x256", 64, "softcap"),
+])
+def test_det_backward_block_masks(name, d, option):
+    # The bm / mods_bm nodq twins; the dq kernel walks the mask's CSR rows.
+    bm = BM_MASKS[name]
+    rng = np.random.default_rng([zlib.crc32(name.encode()), d, 13])
+    hq = 4
+    q, k, v, do = _det_inputs(rng, "float16", 2, hq, 2, bm.q_len, bm.k_len, d)
+    opts = {}
+    if option == "alibi":
+        opts["alibi_slopes"] = cp.asarray(xattn.alibi_slopes(hq), dtype=cp.float32)
+    elif option == "softcap":
+        opts["softcap"] = 6.0
+    _det_run(f"det {name} d={d} {option}", q, k, v, do, block_mask=bm,
+             vs_sm80=name in ("from_dense128", "documents128"), **opts)
+
+
+def test_det_backward_many_steps_repeat():
+    # 8 query heads on one kv head, 10 query blocks each (80 steps per key block: the TMA
+    # buffers turn over many times); bit-reproducible over five runs, no oracle (size).
+    rng = np.random.default_rng(14)
+    q, k, v, do = _det_inputs(rng, "bfloat16", 1, 8, 1, 600, 640, 128)
+    first = _det_run("det mqa long d=128", q, k, v, do, causal=True, oracle=False)
+    out, lse = xattn.flash_attention(q, k, v, return_lse=True, causal=True)
+    for _ in range(3):
+        g = xattn.flash_attention_backward(do, q, k, v, out, lse, causal=True,
+                                           deterministic=True)
+        for x, y in zip(first, g, strict=True):
+            assert bool((x.view(cp.uint16) == y.view(cp.uint16)).all())
+
+
+def test_det_backward_config_plain_refused():
+    rng = np.random.default_rng(15)
+    q, k, v = _inputs(rng, "float16", sq=64, sk=64)
+    out, lse = xattn.flash_attention(q, k, v, return_lse=True)
+    prob = validate_attention(q, k, v, extra=(("dout", out), ("out", out), ("lse", lse)))
+    with pytest.raises(ValueError, match="config='plain' with deterministic=True"):
+        k90b.backward(prob, out, q, k, v, out, lse, deterministic=True, config="plain")
+    # The other TMA entry's twin is built on request and gives the same dk / dv.
+    a = k90b.backward(prob, out, q, k, v, out, lse, deterministic=True, config="tma")
+    b = k90b.backward(prob, out, q, k, v, out, lse, deterministic=True, config="tma2")
+    for x, y in zip(a, b, strict=True):
+        assert bool((x.view(cp.uint16) == y.view(cp.uint16)).all())
+
+
+# The wgmma dq kernel (flash_bwd_sm90.backward(..., deterministic=True, dq_kernel="wgmma"),
+# plain requests; off by default until measured: instances.SM90_BWD_DQ_WGMMA).
+
+def _det_wgmma_run(case, q, k, v, do, *, oracle=True, **opts):
+    """dq of the wgmma dq kernel: against the float64 oracle, bit for bit across two runs,
+    within two units in the last place (of max |dq|) of the mma.sync dq kernel's (another
+    summation order); dk / dv bit for bit the other route's (the same _nodq entry)."""
+    out, lse = xattn.flash_attention(q, k, v, return_lse=True, **opts)
+    prob = validate_attention(q, k, v, extra=(("dout", do), ("out", out), ("lse", lse)),
+                              **opts)
+    assert k90b.kernel_names(prob, True, dq_kernel="wgmma")[2].startswith("flash_bwd_sm90_dq_")
+
+    def run(dq_kernel):
+        return k90b.backward(prob, do, q, k, v, out, lse, deterministic=True,
+                             dq_kernel=dq_kernel)
+
+    got, again, mma = run("wgmma"), run("wgmma"), run("mma")
+    cp.cuda.runtime.deviceSynchronize()
+    for name, x, y in zip(("dq", "dk", "dv"), got, again, strict=True):
+        nbad = int((x.view(cp.uint16) != y.view(cp.uint16)).sum())
+        assert nbad == 0, f"[{case}] {name}: {nbad} entries differ between two runs"
+    for name, x, y in zip(("dk", "dv"), got[1:], mma[1:], strict=True):
+        nbad = int((x.view(cp.uint16) != y.view(cp.uint16)).sum())
+        assert nbad == 0, f"[{case}] {name}: {nbad} entries differ from the mma dq route's"
+    eps = float(np.finfo(np.float16).eps) if q.dtype == cp.float16 else 2.0 ** -7
+    diff = float(cp.abs(got[0].astype(cp.float32) - mma[0].astype(cp.float32)).max())
+    big = float(cp.abs(mma[0].astype(cp.float32)).max())
+    assert diff <= 2 * eps * max(big, 1e-3), f"[{case}] dq: max |diff| {diff:.3g} (max {big:.3g})"
+    if oracle:
+        refs = reference_attention_backward(do, q, k, v, **opts)
+        naive = naive_attention_backward(do, q, k, v, out, **opts)
+        _assert_grad(case, "dq", got[0], refs[0], naive[0], q.dtype)
+    return got
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", ["gqa", "rows_without_keys", "sq_gt_sk", "one_block"])
+def test_det_wgmma_dq(dtype, d, causal, shape):
+    # gqa: 2 batch elements, GQA 4/2, Sq != Sk off the tiles (two 128-row blocks, the second
+    # one's second warpgroup past Sq); rows_without_keys: causal Sq > Sk, the first 69 rows see
+    # no key (zero dq); sq_gt_sk: MQA, several blocks; one_block: exactly 128 rows, 64 keys.
+    b, hq, hkv, sq, sk = {"gqa": (2, 4, 2, 141, 203), "rows_without_keys": (1, 2, 2, 130, 61),
+                          "sq_gt_sk": (1, 4, 1, 300, 97), "one_block": (1, 2, 1, 128, 64)}[shape]
+    rng = np.random.default_rng([d, causal, len(shape), 16])
+    q, k, v, do = _det_inputs(rng, dtype, b, hq, hkv, sq, sk, d)
+    dq = _det_wgmma_run(f"det wgmma dq {dtype} d={d} causal={causal} {shape}", q, k, v, do,
+                        causal=causal)[0]
+    if shape == "rows_without_keys" and causal:
+        assert bool(cp.all(dq[..., :69, :] == 0)), "dq of rows that see no key is not 0"
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_det_wgmma_dq_long_and_scale(d):
+    # Many key blocks (both K/V buffers turn over), a scale, causal, bf16; and repeats.
+    rng = np.random.default_rng([d, 17])
+    q, k, v, do = _det_inputs(rng, "bfloat16", 1, 4, 2, 520, 700, d)
+    first = _det_wgmma_run(f"det wgmma dq long d={d}", q, k, v, do, causal=True, scale=0.3)
+    out, lse = xattn.flash_attention(q, k, v, return_lse=True, causal=True, scale=0.3)
+    prob = validate_attention(q, k, v, extra=(("dout", do), ("out", out), ("lse", lse)),
+                              causal=True, scale=0.3)
+    for _ in range(3):
+        g = k90b.backward(prob, do, q, k, v, out, lse, deterministic=True, dq_kernel="wgmma")
+        assert bool((g[0].view(cp.uint16) == first[0].view(cp.uint16)).all())

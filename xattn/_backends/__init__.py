@@ -109,8 +109,9 @@ BACKENDS = {
             "gpu",
             ".cupy_.flash_bwd_sm90",
             "Hopper (sm_90a) wgmma backward, float16/bfloat16, D = Dv in 64/128, causal, "
-            "window, GQA, block masks of 128-key blocks, score mods at D = 64; not "
-            "deterministic (flash_bwd_sm90.cu)",
+            "window, GQA, block masks of 128-key blocks, score mods at D = 64 "
+            "(flash_bwd_sm90.cu); deterministic=True: dK/dV on its _nodq entries, dq by "
+            "flash_bwd.cu's deterministic dq kernel",
             requires=("cupy",),
             fix=_CUPY_FIX,
         ),

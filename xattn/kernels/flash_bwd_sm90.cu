@@ -77,10 +77,15 @@
 // published by the block barrier ending step i. A byte count that the copies never deliver
 // would hang the wait: the GPU scripts run under timeouts.
 //
+// The _nodq twins (deterministic=True; DQ = false in the core): the TMA and option entries'
+// arguments and their dK / dV products in the same order (bit for bit theirs), nothing of dQ:
+// no dS staging, no dS K, no bulk adds (dq_accum is not read), less shared memory; dq comes
+// from flash_bwd.cu's deterministic dq kernel (one CTA per query block, no atomics).
+//
 // No CUDA headers; the local headers are inlined by the loader. The wgmma code is compiled only
 // for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); for other targets the entries trap.
 // Entry points: flash_bwd_sm90_<f16|bf16>_d<64|128>[_<win|mods|bm|mods_bm|flex|flex_bm|tma|
-// tma2>].
+// tma2>][_nodq].
 
 #include "common.cuh"
 #include "masking.cuh"
@@ -345,11 +350,17 @@ __device__ __forceinline__ void cp_async4(unsigned dst, const float* src) {
 // modifications (or flex_attention's score_mod) and the block mask's CSC walk (or the mask
 // derived from mask_mod); the window entries (neither, A = xattn::BwdArgs) only read the
 // window sides. The plain entries (A = BwdArgs above) compile none of it.
-template <class T, int D, bool MODS = false, bool SPARSE = false, class A = BwdArgs>
+// DQ false (the _nodq entries of deterministic=True): dK and dV only, from the same products
+// in the same order (bit for bit the DQ entry's); no dS staging, no dS K, no bulk adds, no
+// dq_accum (a null pointer, never read): flash_bwd.cu's deterministic dq kernel computes dq.
+template <class T, int D, bool MODS = false, bool SPARSE = false, bool DQ = true,
+          class A = BwdArgs>
 __device__ __forceinline__ void flash_bwd_sm90_core(const A& a) {
 #if XATTN_SM90_OK
     static_assert(D == 64 || D == 128, "wgmma wrappers exist for N = 64 and 128");
-    constexpr unsigned KV_TILE = BN * D * 2, Q_TILE = BM * D * 2, DS_TILE = BM * BN * 2;
+    constexpr unsigned KV_TILE = BN * D * 2, Q_TILE = BM * D * 2;
+    constexpr unsigned DS_TILE = DQ ? BM * BN * 2 : 0;
+    constexpr int DQ_STAGE = DQ ? DQ_TILE : 0;
     // TMA (the _tma entries): the copy engine fills NBUF Q/dO buffers, each on its full
     // mbarrier; lse / delta stay two thread-written buffers.
     constexpr bool TMA = tma_bufs<A>::value > 0;
@@ -366,7 +377,7 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const A& a) {
     float* sL = reinterpret_cast<float*>(smem_raw + (sS + DS_TILE - raw));  // 2 x BM lse log2e
     float* sD = sL + 2 * BM;                                                // 2 x BM delta
     float* sDQ = sD + 2 * BM;  // dQ staging: one DQ_TILE per warpgroup (16-byte aligned)
-    const unsigned fullb = smem_u32(sDQ + 2 * DQ_TILE);  // TMA: NBUF full mbarriers
+    const unsigned fullb = smem_u32(sDQ + 2 * DQ_STAGE);  // TMA: NBUF full mbarriers
 
     const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, t4 = lane & 3;
@@ -621,46 +632,59 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const A& a) {
 
         issue_keys<T, D>(dk, da, qt);  // dK += dS^T Q
 
-        stage_ds<T>(sS, dp, wg, warp, g, t4);  // dS for dQ
-        fence_proxy_async();
-        // The last step's dQ rows must be read out of the staging tile before it is rewritten
-        // below; the barrier that follows tells the whole warpgroup.
-        if (dq_dst != nullptr) bulk_wait_read();
-        if constexpr (D == 128)
-            bar_sync<1, NT>();  // both warpgroups' dS are stored
-        else if (wg == 0)
-            bar_sync<2, 128>();  // this warpgroup's dS (its own keys only)
-        else
-            bar_sync<3, 128>();
+        if constexpr (DQ) {
+            stage_ds<T>(sS, dp, wg, warp, g, t4);  // dS for dQ
+            fence_proxy_async();
+            // The last step's dQ rows must be read out of the staging tile before it is
+            // rewritten below; the barrier that follows tells the whole warpgroup.
+            if (dq_dst != nullptr) bulk_wait_read();
+            if constexpr (D == 128)
+                bar_sync<1, NT>();  // both warpgroups' dS are stored
+            else if (wg == 0)
+                bar_sync<2, 128>();  // this warpgroup's dS (its own keys only)
+            else
+                bar_sync<3, 128>();
 
-        wgmma_wait<1>();  // dV done: its A fragment registers are free
+            wgmma_wait<1>();  // dV done: its A fragment registers are free
 #pragma unroll
-        for (int j = 0; j < BM / 16; ++j) fence_regs(pa[j]);
-        fence_regs(dv);
+            for (int j = 0; j < BM / 16; ++j) fence_regs(pa[j]);
+            fence_regs(dv);
 
-        // dQ = dS K.
-        float dq[32];
+            // dQ = dS K.
+            float dq[32];
 #pragma unroll
-        for (int z = 0; z < 32; ++z) dq[z] = 0.f;
-        fence_regs(dq);
-        wgmma_fence();
-        gemm_dq<T, D>(dq, opaque(sS), kt, wg);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(dq);
-        fence_regs(dk);
+            for (int z = 0; z < 32; ++z) dq[z] = 0.f;
+            fence_regs(dq);
+            wgmma_fence();
+            gemm_dq<T, D>(dq, opaque(sS), kt, wg);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs(dq);
+            fence_regs(dk);
 #pragma unroll
-        for (int j = 0; j < BM / 16; ++j) fence_regs(da[j]);
+            for (int j = 0; j < BM / 16; ++j) fence_regs(da[j]);
 
-        // The fragment in fragment order (see the header), then one bulk add of the tile.
+            // The fragment in fragment order (see the header), then one bulk add of the tile.
 #pragma unroll
-        for (int n = 0; n < 8; ++n)
-            *reinterpret_cast<float4*>(dq_stage + n * 512 + wt * 4) =
-                make_float4(dq[n * 4], dq[n * 4 + 1], dq[n * 4 + 2], dq[n * 4 + 3]);
-        fence_proxy_async();  // the bulk add reads the tile through the async proxy
-        dq_dst = wt == 0 ? a.dq_accum + ((bh * nqb + q0 / BM) * dq_tiles +
-                                         (D == 128 ? wg : 0)) * (long long)DQ_TILE
-                         : nullptr;
+            for (int n = 0; n < 8; ++n)
+                *reinterpret_cast<float4*>(dq_stage + n * 512 + wt * 4) =
+                    make_float4(dq[n * 4], dq[n * 4 + 1], dq[n * 4 + 2], dq[n * 4 + 3]);
+            fence_proxy_async();  // the bulk add reads the tile through the async proxy
+            dq_dst = wt == 0 ? a.dq_accum + ((bh * nqb + q0 / BM) * dq_tiles +
+                                             (D == 128 ? wg : 0)) * (long long)DQ_TILE
+                             : nullptr;
+        } else {
+            // dV and dK must be done before the barrier below hands their Q / dO
+            // buffers to the next loads.
+            wgmma_wait<0>();
+#pragma unroll
+            for (int j = 0; j < BM / 16; ++j) {
+                fence_regs(pa[j]);
+                fence_regs(da[j]);
+            }
+            fence_regs(dv);
+            fence_regs(dk);
+        }
         if constexpr (TMA) {
             if (tid < BM && i + 1 < nsteps) {  // the next step's lse / delta, published below
                 cp_async_wait_ordered<0>();
@@ -668,9 +692,11 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const A& a) {
             }
         }
         __syncthreads();  // the tile is written; the next step overwrites Q / dO and dS
-        if (dq_dst != nullptr) {
-            bulk_add_tile(dq_dst, smem_u32(dq_stage));
-            issued = true;
+        if constexpr (DQ) {
+            if (dq_dst != nullptr) {
+                bulk_add_tile(dq_dst, smem_u32(dq_stage));
+                issued = true;
+            }
         }
     }
     if (issued) bulk_wait_all();  // the tile must outlive the reads of the adds
@@ -689,6 +715,162 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const A& a) {
                 *reinterpret_cast<unsigned*>(dvr + n * 8) =
                     pack2(dv[n * 4 + hr * 2], dv[n * 4 + hr * 2 + 1], T());
             }
+        }
+    }
+#else
+    (void)a;
+    __trap();
+#endif
+}
+
+// The deterministic dq kernel on wgmma (the _dq entries; plain requests: causal, scale, GQA):
+// one thread block of two warpgroups per (128 query rows, query head, batch element), Q and dO
+// kept in shared memory, walking the key blocks of 64 that its rows may see in order, K and V
+// double-buffered by cp.async. Per key block warpgroup w (queries 64 w .. 64 w + 63: the M of
+// its wgmmas) computes
+//   S  = Q K^T      wgmma ss m64n64 (gemm_scores: A = rows 64 w.. of the 128-row Q tile,
+//   dP = dO V^T     B = the 64-row K / V tile, both K-major)
+//   P  = exp2(S scale log2e - lse log2e), dS = P (dP - delta) on the accumulator fragment
+//   dQ += dS K      wgmma rs m64nD (gemm_keys: A = dS packed from the fragment, B = the K tile
+//                   MN-major, its rows are keys = the GEMM K)
+// and writes dq = scale * dQ once in the input type: no atomics, a fixed order, so the result
+// is bitwise reproducible (not bitwise flash_bwd.cu's dq kernel's: another summation order).
+constexpr int DQ_ROWS = 128;  // query rows per thread block (64 per warpgroup)
+constexpr int DQ_KEYS = 64;   // keys per step
+
+struct DqArgs {
+    const unsigned short* q;
+    const unsigned short* k;
+    const unsigned short* v;
+    const unsigned short* dout;
+    const float* lse;
+    const float* delta;
+    unsigned short* dq;
+    int hq, group, sq, sk;
+    float scale;
+    int causal;
+};
+
+template <class T, int D>
+__device__ __forceinline__ void flash_bwd_sm90_dq_core(const DqArgs& a) {
+#if XATTN_SM90_OK
+    static_assert(D == 64 || D == 128, "wgmma wrappers exist for N = 64 and 128");
+    static_assert(DQ_ROWS == BN && DQ_KEYS == BM, "gemm_scores / gemm_keys take these tiles");
+    constexpr unsigned Q_TILE = DQ_ROWS * D * 2, K_TILE = DQ_KEYS * D * 2;
+
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    const unsigned raw = smem_u32(smem_raw);
+    const unsigned sQ = (raw + 1023u) & ~1023u;  // 1 KiB more allocated for the alignment
+    const unsigned sO = sQ + Q_TILE;
+    const unsigned sK = sO + Q_TILE;      // two buffers
+    const unsigned sV = sK + 2 * K_TILE;  // two buffers
+
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int qblk = gridDim.x - 1 - blockIdx.x;  // heavy (late, causal) blocks first
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int sq = a.sq, sk = a.sk, off = sk - sq;
+    const int hkv = a.hq / a.group;
+    const int q0 = qblk * DQ_ROWS, q1 = min(q0 + DQ_ROWS, sq);
+    const int qw0 = q0 + wg * 64, qw1 = min(qw0 + 64, sq);  // this warpgroup's rows
+    const long long bh = (long long)b * a.hq + h;
+    const long long kvh = ((long long)b * hkv + h / a.group) * sk * D;
+
+    int kb0, kb1;
+    xattn_key_blocks(q0, q1, off, sk, a.causal, -1, -1, DQ_KEYS, kb0, kb1);
+
+    // This thread's two rows (16 warp + g + 8 hr of its warpgroup): lse in base 2 (+inf past
+    // Sq or on rows that see no key: p = 0 there) and delta.
+    float l2[2], dl[2];
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        const int qi = qw0 + warp * 16 + g + hr * 8;
+        xattn_bwd_row(a.lse, a.delta, bh * sq + qi, qi < sq, l2[hr], dl[hr]);
+    }
+    const float sl2 = a.scale * XATTN_LOG2E;
+
+    float dq[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) dq[i] = 0.f;
+
+    if (kb1 > kb0) {
+        load_tile<DQ_ROWS, D>(sQ, a.q + bh * sq * D, q0, sq, tid);
+        load_tile<DQ_ROWS, D>(sO, a.dout + bh * sq * D, q0, sq, tid);
+        load_tile<DQ_KEYS, D>(sK, a.k + kvh, kb0 * DQ_KEYS, sk, tid);
+        load_tile<DQ_KEYS, D>(sV, a.v + kvh, kb0 * DQ_KEYS, sk, tid);
+        cp_async_commit_ordered();
+    }
+    for (int kb = kb0; kb < kb1; ++kb) {
+        const int bf = (kb - kb0) & 1;
+        if (kb + 1 < kb1) {
+            // Buffer bf ^ 1 was last read in the previous step, which ended with a barrier
+            // after its wgmmas completed.
+            const int kn = (kb + 1) * DQ_KEYS;
+            load_tile<DQ_KEYS, D>(sK + (bf ^ 1) * K_TILE, a.k + kvh, kn, sk, tid);
+            load_tile<DQ_KEYS, D>(sV + (bf ^ 1) * K_TILE, a.v + kvh, kn, sk, tid);
+            cp_async_commit_ordered();
+            cp_async_wait_ordered<1>();
+        } else {
+            cp_async_wait_ordered<0>();
+        }
+        fence_proxy_async();  // the cp.async writes, read by wgmma through the async proxy
+        __syncthreads();      // every thread's copies of this step's tiles (and Q, dO) landed
+
+        const unsigned kt = opaque(sK + bf * K_TILE), vt = opaque(sV + bf * K_TILE);
+        float s[32], dp[32];
+#pragma unroll
+        for (int z = 0; z < 32; ++z) s[z] = dp[z] = 0.f;
+        fence_regs(s);
+        fence_regs(dp);
+        wgmma_fence();
+        gemm_scores<T, D>(s, opaque(sQ), kt, wg);
+        wgmma_commit();
+        gemm_scores<T, D>(dp, opaque(sO), vt, wg);
+        wgmma_commit();
+        wgmma_wait<1>();
+        fence_regs(s);
+
+        // Element s[n * 4 + hr * 2 + e]: query qw0 + 16 warp + g + 8 hr, key
+        // 64 kb + 8 n + 2 t4 + e. The visibility test only on tiles that need it.
+        const int k0 = kb * DQ_KEYS;
+        const bool edge = xattn_tile_needs_test(qw0, qw1, k0, DQ_KEYS, off, sk, a.causal, -1,
+                                                -1);
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int hr = 0; hr < 2; ++hr)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int qi = qw0 + warp * 16 + g + hr * 8, kj = k0 + n * 8 + t4 * 2 + e;
+                    float x = s[n * 4 + hr * 2 + e];
+                    if (edge && !xattn_visible(qi, kj, off, sk, a.causal, -1, -1)) x = -XATTN_INF;
+                    s[n * 4 + hr * 2 + e] = ex2(fmaf(x, sl2, -l2[hr]));
+                }
+        wgmma_wait<0>();
+        fence_regs(dp);
+#pragma unroll
+        for (int idx = 0; idx < 32; ++idx) dp[idx] = s[idx] * (dp[idx] - dl[(idx >> 1) & 1]);
+        unsigned da[BM / 16][4];
+        pack_a<T>(da, dp);
+
+        issue_keys<T, D>(dq, da, kt);  // dQ += dS K
+        wgmma_wait<0>();
+        fence_regs(dq);
+#pragma unroll
+        for (int j = 0; j < BM / 16; ++j) fence_regs(da[j]);
+        __syncthreads();  // both warpgroups are done with buffer bf: the next copies refill it
+    }
+
+    // dq = scale * dQ of this thread's two rows; rows that see no key get zeros.
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        const int qi = qw0 + warp * 16 + g + hr * 8;
+        if (qi < sq) {
+            unsigned short* row = a.dq + (bh * sq + qi) * D + t4 * 2;
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n)
+                *reinterpret_cast<unsigned*>(row + n * 8) =
+                    pack2(dq[n * 4 + hr * 2] * a.scale, dq[n * 4 + hr * 2 + 1] * a.scale, T());
         }
     }
 #else
@@ -754,6 +936,25 @@ __device__ __forceinline__ void dq_convert_core(const float* acc, unsigned short
             &tq, &tdo, &tk, &tv});                                                            \
     }
 #define XATTN_BWD90_TMA_ONE(TN, D, MN, NB) XATTN_BWD90_TMA_ENTRY(TN, D, MN, NB)
+// Their dK/dV-only twins (_<MN>_nodq: deterministic=True, dq by flash_bwd.cu's dq kernel;
+// dq_accum is not read), the same argument list.
+#define XATTN_BWD90_TMA_NODQ_ENTRY(TN, D, MN, NB)                                            \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                      \
+        flash_bwd_sm90_##TN##_d##D##_##MN##_nodq(                                             \
+            const __grid_constant__ xattn::TmaDesc tq,                                        \
+            const __grid_constant__ xattn::TmaDesc tdo,                                       \
+            const __grid_constant__ xattn::TmaDesc tk,                                        \
+            const __grid_constant__ xattn::TmaDesc tv, const unsigned short *q,               \
+            const unsigned short *k, const unsigned short *v, const unsigned short *dout,     \
+            const float *lse, const float *delta, float *dq_accum, unsigned short *dk,        \
+            unsigned short *dv, int hq, int group, int sq, int sk, float scale, int causal) { \
+        xattn::sm90bwd::flash_bwd_sm90_core<xattn::TN, D, false, false, false>(               \
+            xattn::sm90bwd::BwdArgsTma<NB>{                                                   \
+                {q, k, v, dout, lse, delta, dq_accum, dk, dv, hq, group, sq, sk, scale,       \
+                 causal},                                                                     \
+                &tq, &tdo, &tk, &tv});                                                        \
+    }
+#define XATTN_BWD90_TMA_NODQ_ONE(TN, D, MN, NB) XATTN_BWD90_TMA_NODQ_ENTRY(TN, D, MN, NB)
 
 // The option entries (MN: win = causal and window | mods = score modifications | bm = block
 // mask | mods_bm; flex | flex_bm for flex_attention_backward): flash_bwd.cu's argument list
@@ -765,13 +966,39 @@ __device__ __forceinline__ void dq_convert_core(const float* acc, unsigned short
         xattn::sm90bwd::flash_bwd_sm90_core<xattn::TN, D, MODS, SPARSE>(XATTN_BWD_ARGS);      \
     }
 #define XATTN_BWD90_OPT_ONE(TN, D, MN, MODS, SPARSE) XATTN_BWD90_OPT_ENTRY(TN, D, MN, MODS, SPARSE)
+// Their dK/dV-only twins (_<MN>_nodq, deterministic=True; neither dq nor dq_accum is read).
+#define XATTN_BWD90_OPT_NODQ_ENTRY(TN, D, MN, MODS, SPARSE)                                  \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                      \
+        flash_bwd_sm90_##TN##_d##D##_##MN##_nodq(XATTN_BWD_PARAMS) {                          \
+        xattn::sm90bwd::flash_bwd_sm90_core<xattn::TN, D, MODS, SPARSE, false>(               \
+            XATTN_BWD_ARGS);                                                                  \
+    }
+#define XATTN_BWD90_OPT_NODQ_ONE(TN, D, MN, MODS, SPARSE) \
+    XATTN_BWD90_OPT_NODQ_ENTRY(TN, D, MN, MODS, SPARSE)
+// The deterministic dq kernel on wgmma (flash_bwd_sm90_dq_<TN>_d<D>; plain requests).
+#define XATTN_BWD90_DQ_ENTRY(TN, D)                                                           \
+    extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_sm90_dq_##TN##_d##D(       \
+        const unsigned short *q, const unsigned short *k, const unsigned short *v,            \
+        const unsigned short *dout, const float *lse, const float *delta, unsigned short *dq, \
+        int hq, int group, int sq, int sk, float scale, int causal) {                         \
+        xattn::sm90bwd::flash_bwd_sm90_dq_core<xattn::TN, D>(xattn::sm90bwd::DqArgs{          \
+            q, k, v, dout, lse, delta, dq, hq, group, sq, sk, scale, causal});                \
+    }
+#define XATTN_BWD90_DQ_ONE(TN, D) XATTN_BWD90_DQ_ENTRY(TN, D)
 // Instantiation: the loader builds one module per entry with -D options, CI one translation
 // unit per file with one macro call per entry -- both from the list in
 // xattn/_backends/cupy_/instances.py. Without those options this file builds nothing.
 // XATTN_BWD90_NO_ENTRIES: tools/wgmma_probe.cu includes this file for its helpers only.
 #if defined(XATTN_BWD90_D) && !defined(XATTN_BWD90_NO_ENTRIES)
-#if defined(XATTN_BWD90_NB)
+#if defined(XATTN_BWD90_DQK)
+XATTN_BWD90_DQ_ONE(XATTN_BWD90_TN, XATTN_BWD90_D)
+#elif defined(XATTN_BWD90_NB) && defined(XATTN_BWD90_NODQ)
+XATTN_BWD90_TMA_NODQ_ONE(XATTN_BWD90_TN, XATTN_BWD90_D, XATTN_BWD90_MN, XATTN_BWD90_NB)
+#elif defined(XATTN_BWD90_NB)
 XATTN_BWD90_TMA_ONE(XATTN_BWD90_TN, XATTN_BWD90_D, XATTN_BWD90_MN, XATTN_BWD90_NB)
+#elif defined(XATTN_BWD90_MN) && defined(XATTN_BWD90_NODQ)
+XATTN_BWD90_OPT_NODQ_ONE(XATTN_BWD90_TN, XATTN_BWD90_D, XATTN_BWD90_MN, XATTN_BWD90_MODS,
+                         XATTN_BWD90_SPARSE)
 #elif defined(XATTN_BWD90_MN)
 XATTN_BWD90_OPT_ONE(XATTN_BWD90_TN, XATTN_BWD90_D, XATTN_BWD90_MN, XATTN_BWD90_MODS,
                     XATTN_BWD90_SPARSE)

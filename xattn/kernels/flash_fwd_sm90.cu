@@ -589,12 +589,17 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
 #if XATTN_SM90_OK
     static_assert(D == 64 || D == 128, "wgmma wrappers exist for N = 64 and 128");
     static_assert(BN == 64 || BN == 128, "wgmma wrappers exist for N = 64 and 128");
-    static_assert(NWG == 2 || (NWG == 3 && !PP), "ping-pong pairs two consumer warpgroups");
+    static_assert(NWG == 2 || ((NWG == 1 || NWG == 3) && !PP),
+                  "ping-pong pairs two consumer warpgroups");
+    static_assert(NWG != 1 || uses_tma<A>::value, "one consumer: the copy engine's producer");
     // Registers: 168 (NWG = 2) or 128 (NWG = 3) per thread at launch; the producer keeps 24
     // and the consumers take the rest in multiples of 8 (64512 of the 65536 in both cases).
     // The block-sparse producer's CSR walk fits the 24 as well (ptxas 13.0 allocates the code
     // after setmaxnreg.dec within it: R0-R20 in the SASS of the _bm entries).
-    constexpr int CREGS = NWG == 2 ? 240 : 160;
+    // NWG = 1: two thread blocks per SM (launch bound 2: 128 registers a thread at launch, the
+    // producer's 24 and the consumer's 232 sum to that), so that one block's serial chain of
+    // Q K^T, softmax and P V runs beside the other's.
+    constexpr int CREGS = NWG == 1 ? 232 : NWG == 2 ? 240 : 160;
     constexpr int WS_ST = 3;
     constexpr int BM = NWG * 64;
     constexpr int NC = NWG * 128;  // consumer threads
@@ -602,11 +607,21 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
     constexpr bool TMA = uses_tma<A>::value;  // mode bit 6: ws_produce_tma
 
     extern __shared__ __align__(128) unsigned char smem_raw[];
-    __shared__ __align__(8) unsigned long long bars[2 * WS_ST];  // full[0..], empty[0..]
-    const unsigned sQa = (smem_u32(smem_raw) + 1023u) & ~1023u;  // 1 KiB more allocated
+    unsigned sQa, fullb;
+    if constexpr (NWG == 1) {
+        // Two blocks must fit an SM's 228 KiB (less 1 KiB reserved a block): no alignment pad
+        // and the mbarriers after the tiles, so the layout needs a 1 KiB-aligned base (checked).
+        sQa = smem_u32(smem_raw);
+        if (sQa & 1023u) __trap();
+        fullb = sQa + BM * D * 2 + 2 * WS_ST * TILE;
+    } else {
+        __shared__ __align__(8) unsigned long long bars[2 * WS_ST];  // full[0..], empty[0..]
+        sQa = (smem_u32(smem_raw) + 1023u) & ~1023u;  // 1 KiB more allocated
+        fullb = smem_u32(bars);
+    }
     const unsigned sKa = sQa + BM * D * 2;
     const unsigned sVa = sKa + WS_ST * TILE;
-    const unsigned fullb = smem_u32(bars), emptyb = fullb + WS_ST * 8;
+    const unsigned emptyb = fullb + WS_ST * 8;
 
     const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, t4 = lane & 3;
@@ -1102,7 +1117,7 @@ __device__ __forceinline__ void flash_fwd_sm90_mods_tma_mode(const FwdArgsModsTm
 // One more expansion level so that -D values expand before ## pastes them.
 #define XATTN90_ONE(TN, D, BN, NWG, OV) XATTN90_ENTRY(TN, D, BN, NWG, OV)
 #define XATTN90_TMA_ENTRY(TN, D, BN, NWG, OV)                                              \
-    extern "C" __global__ void __launch_bounds__((NWG + 1) * 128, 1)                       \
+    extern "C" __global__ void __launch_bounds__((NWG + 1) * 128, NWG == 1 ? 2 : 1)        \
         flash_fwd_sm90_##TN##_d##D##_n##BN##_g##NWG##_o##OV(                                \
             const __grid_constant__ xattn::TmaDesc tk, const __grid_constant__ xattn::TmaDesc tv, \
             XATTN90_PARAMS) {                                                               \

@@ -218,6 +218,26 @@ def run_dq_convert(tn, acc, dq4, scale):
                                      args=(acc, dq4, np.int64(pairs), np.float32(scale)))
 
 
+def run_dq(tn, prob, dp, dq_cfg, bufs, opt_args, bm_args):
+    """The deterministic dq kernel (step 3 with ``deterministic=True``; also after the Hopper
+    backward's dK/dV-only entries): one CTA of ``16 * warps`` query rows per (query block,
+    query head, batch element) walks its key blocks in order. ``bufs``: ``(q4, k4, v4, do4,
+    lse3, delta, dq4, dk4, dv4)`` at padded head dim ``dp`` (dq4 is written, dk4 / dv4 are
+    not read); ``opt_args`` / ``bm_args``: :func:`._params.option_args` and
+    :func:`._params.block_mask_args` (``csc=True``) of ``prob``."""
+    q4, k4, v4, do4, lse3, delta, dq4, dk4, dv4 = bufs
+    dnw, _ = dq_cfg
+    bm = 16 * dnw
+    B, hq, sq = math.prod(prob.batch), prob.hq, prob.sq
+    kernel = get_dq_kernel(tn, dp, dq_cfg, _params.has_score_mods(prob),
+                           prob.block_mask is not None)
+    kernel(grid=((sq + bm - 1) // bm, hq, B), block=(dnw * 32,),
+           args=(q4, k4, v4, do4, lse3, delta, np.uint64(0), dq4, dk4, dv4, np.int32(hq),
+                 np.int32(prob.group), np.int32(sq), np.int32(prob.sk),
+                 np.float32(prob.scale), *opt_args, *bm_args),
+           shared_mem=dq_smem_bytes(dp, dq_cfg))
+
+
 def unpad(xp, x, w, shape):
     """The first ``w`` columns of a padded (..., dp) result, as ``shape`` (a copy only where
     padded)."""
@@ -324,11 +344,8 @@ def _backward(prob, dout, q, k, v, out, lse, deterministic, config, dq_config):
          args=(*args(null if deterministic else acc, null), *bm_args),
          shared_mem=smem_bytes(dp, cfg))
     if deterministic:
-        dnw, _ = dq_cfg
-        bm = 16 * dnw
-        get_dq_kernel(tn, dp, dq_cfg, mods, sparse)(
-            grid=((sq + bm - 1) // bm, hq, B), block=(dnw * 32,),
-            args=(*args(null, dq4), *bm_args), shared_mem=dq_smem_bytes(dp, dq_cfg))
+        run_dq(tn, prob, dp, dq_cfg, (q4, k4, v4, do4, lse3, delta, dq4, dk4, dv4), opt_args,
+               bm_args)
     else:
         run_dq_convert(tn, acc, dq4, prob.scale)
     return (unpad(xp, dq4, d, q.shape), unpad(xp, dk4, d, k.shape),

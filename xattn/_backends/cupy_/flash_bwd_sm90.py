@@ -24,8 +24,19 @@ mask's CSC column of its 128 keys (the query blocks that see them), so invisible
 never loaded; full blocks run no element test, partial blocks the mask's element rule. Compute
 capability 9.0 only. Refused with the reason (:func:`supports`), so that ``auto`` walks on to
 ``cupy.sm80``: the forward, score mods at D = 128 (they do not fit the registers beside the
-dK/dV accumulators), other block sizes, ``deterministic=True``, ``return_dbias``, other head
-dims and dtypes.
+dK/dV accumulators), other block sizes, ``return_dbias``, other head dims and dtypes.
+
+``deterministic=True`` (everything above): dK and dV by the ``_nodq`` twin of the entry the
+request would take (the same products in the same order, so dk and dv equal the
+non-deterministic call's bit for bit, without dS K, its staging, the bulk adds, dq_accum and
+the convert kernel), then dq by ``flash_bwd.cu``'s deterministic dq kernel (the mma.sync one,
+:func:`.flash_bwd.run_dq`: one CTA per query block walks its key blocks in order and writes
+dq once, no atomics: bitwise reproducible). :func:`kernel_names` says which kernels run.
+A wgmma version of that dq kernel (``flash_bwd_sm90_dq_<t>_d<D>``: 128 query rows per thread
+block, key blocks of 64, ``S``, ``dP`` and ``dQ += dS K`` on wgmma, dq written once, no
+atomics) serves the plain requests (causal, scale, GQA) with ``dq_kernel="wgmma"``
+(:data:`DQ_KERNELS`); :data:`instances.SM90_BWD_DQ_WGMMA` makes it their default (off until
+a GPU run has measured it).
 
 Entries (:func:`variant`): the plain one (causal only, its own argument list), and with a
 window, score mods or a block mask one of ``win``, ``mods``, ``bm``, ``mods_bm``, which take
@@ -54,8 +65,9 @@ import numpy as np
 from . import _params, flash_bwd, instances
 from ._compile import compiled_function
 
-__all__ = ["CONFIGS", "HEAD_DIMS", "backward", "block_mask_reason", "built", "check_config",
-           "dq_accum", "forward", "get_kernel", "grid", "run_dq_convert", "smem_bytes",
+__all__ = ["CONFIGS", "DQ_KERNELS", "HEAD_DIMS", "backward", "block_mask_reason", "built",
+           "check_config", "dq_accum", "dq_config", "dq_kernel_choice", "dq_smem_bytes",
+           "forward", "get_kernel", "grid", "kernel_names", "run_dq_convert", "smem_bytes",
            "supports", "tma_maps", "variant"]
 
 HEAD_DIMS = instances.SM90_BWD_HEAD_DIMS
@@ -65,8 +77,13 @@ THREADS = 256
 # The TMA entries of the plain backward: config name -> Q/dO buffers; the one a plain request
 # takes per head dim (measured above; the two differ by 1-3 %, within a run's spread).
 CONFIGS = instances.SM90_BWD_TMA
-DEFAULT_CONFIG = {64: "tma", 128: "tma2"}
+DEFAULT_CONFIG = instances.SM90_BWD_TMA_DEFAULT
 PLAIN = "plain"  # config= for the cp.async entry
+# deterministic=True's dq kernel (dq_kernel=): flash_bwd.cu's on mma.sync (every request) or
+# this file's on wgmma (plain requests only).
+DQ_KERNELS = ("mma", "wgmma")
+# Shared memory of the wgmma dq kernel: Q and dO (128 rows), two K and two V buffers (64 rows).
+DQ_ROWS, DQ_KEYS = 128, 64
 
 
 def variant(prob):
@@ -126,34 +143,91 @@ def _entry_reason(prob):
 
 
 def _options_reason(opts):
-    if opts.get("deterministic"):
-        return ("deterministic=True: the sm_90a backward adds dq with atomics (cupy.sm80 has "
-                "the deterministic dq kernel)")
     unknown = sorted(k for k, v in opts.items() if v is not None and k != "deterministic")
     if unknown:
         return f"options {unknown} are not implemented in the sm_90a backward kernel"
     return None
 
 
-def smem_bytes(d, config=None):
+def smem_bytes(d, config=None, dq=True):
     """K, V, two Q and two dO buffers, dS (64 x 128), lse and delta (two buffers each), a
     64 x 64 float32 dQ staging tile per warpgroup, plus 1 KiB for the 1024-byte alignment of
     the swizzled tiles; ``config`` (:data:`CONFIGS`): its Q/dO buffers and one 8-byte
-    mbarrier each (D = 128, three buffers: 215,064 bytes of the 232,448 a block may have)."""
+    mbarrier each (D = 128, three buffers: 215,064 bytes of the 232,448 a block may have);
+    ``dq=False`` (the dK/dV-only entries): neither dS nor the staging tiles."""
     nb = CONFIGS[config] if config is not None else 2
     bars = 8 * nb if config is not None else 0
-    return ((2 * BLOCK_N * d + 2 * nb * BLOCK_M * d + BLOCK_M * BLOCK_N) * 2
-            + 4 * BLOCK_M * 4 + 2 * 64 * 64 * 4 + 1024 + bars)
+    ds, stage = (BLOCK_M * BLOCK_N * 2, 2 * 64 * 64 * 4) if dq else (0, 0)
+    return ((2 * BLOCK_N * d + 2 * nb * BLOCK_M * d) * 2 + ds
+            + 4 * BLOCK_M * 4 + stage + 1024 + bars)
 
 
-def get_kernel(tn, d, var=None, convert=False):
+def get_kernel(tn, d, var=None, convert=False, dq=True):
     """The compiled sm_90a entry of one dtype, head dim and variant (:func:`variant`), or
     (``convert``) the dq conversion kernel of them all (in the plain entry's cubin; cached on
-    disk)."""
-    inst = instances.bwd_sm90(tn, d, None if convert else var)
+    disk); ``dq=False``: the variant's dK/dV-only twin (deterministic=True)."""
+    inst = instances.bwd_sm90(tn, d, None if convert else var, dq=dq or convert)
     name = inst.names[1] if convert else inst.name
-    smem = 0 if convert else smem_bytes(d, var if var in CONFIGS else None)
+    smem = 0 if convert else smem_bytes(d, var if var in CONFIGS else None, dq)
     return compiled_function(inst.source, name, inst.defines, smem, arch=inst.arch)
+
+
+def dq_config(prob):
+    """The deterministic dq kernel's ``(warps, keys per block)`` (:mod:`.flash_bwd`'s
+    configuration for this head dim, or the first block-mask candidate that divides the
+    mask's blocks: (4, 64) always does here, bq being a multiple of 64 and bk of 128)."""
+    if prob.block_mask is None:
+        return flash_bwd.DQ_CONFIGS[prob.d]
+    cfg = flash_bwd.block_mask_configs(prob.d, prob.block_mask.block_size)[1]
+    if cfg is None:  # unreachable while block_mask_reason holds; never a silent substitute
+        raise NotImplementedError(f"block_mask: no deterministic dq configuration divides "
+                                  f"{tuple(prob.block_mask.block_size)}")
+    return cfg
+
+
+def dq_kernel_choice(prob, dq_kernel=None):
+    """The deterministic dq kernel (one of :data:`DQ_KERNELS`) that serves ``prob``:
+    ``dq_kernel`` checked (``"wgmma"``: plain requests only), or the default
+    (:data:`instances.SM90_BWD_DQ_WGMMA` for plain requests, else ``"mma"``)."""
+    plain = variant(prob) is None
+    if dq_kernel is None:
+        return "wgmma" if plain and instances.SM90_BWD_DQ_WGMMA else "mma"
+    if dq_kernel not in DQ_KERNELS:
+        raise ValueError(f"dq_kernel: one of {list(DQ_KERNELS)} or None, got {dq_kernel!r}")
+    if dq_kernel == "wgmma" and not plain:
+        raise ValueError(f"dq_kernel='wgmma': the wgmma dq kernel serves plain requests "
+                         f"(causal, scale, GQA); this problem needs the {variant(prob)!r} "
+                         "options (dq_kernel='mma' serves them)")
+    return dq_kernel
+
+
+def dq_smem_bytes(d):
+    """Shared memory of the wgmma dq kernel: Q and dO tiles of 128 rows, two K and two V
+    buffers of 64 rows, plus 1 KiB for the 1024-byte alignment of the swizzled tiles."""
+    return (2 * DQ_ROWS + 4 * DQ_KEYS) * d * 2 + 1024
+
+
+def kernel_names(prob, deterministic=False, config=None, dq_kernel=None):
+    """The kernels :func:`backward` launches for ``prob``, in order (the route tests and the
+    benchmark's note print): the delta kernel, the main entry (``..._nodq`` with
+    ``deterministic``), then the dq conversion or (``deterministic``) the dq kernel
+    (``flash_bwd.cu``'s, or this file's with ``dq_kernel="wgmma"``). ``config`` and
+    ``dq_kernel`` as :func:`backward` takes them."""
+    tn = _params.type_name(prob.dtype)
+    config = check_config(prob, config, deterministic)
+    var = config or variant(prob)
+    names = [f"flash_bwd_delta_{tn}"]
+    if deterministic:
+        names.append(instances.bwd_sm90(tn, prob.d, var, dq=False).name)
+        if dq_kernel_choice(prob, dq_kernel) == "wgmma":
+            names.append(instances.bwd_sm90_dq(tn, prob.d).name)
+        else:
+            names.append(instances.bwd_dq(tn, prob.d, dq_config(prob), prob.has_score_mods,
+                                          prob.block_mask is not None).name)
+    else:
+        names.append(instances.bwd_sm90(tn, prob.d, var).name)
+        names.append(f"flash_bwd_sm90_dqconv_{tn}_d{prob.d}")
+    return tuple(names)
 
 
 def dq_accum(xp, batch, hq, sq, d):
@@ -182,17 +256,21 @@ def forward(prob, q, k, v, **_):
                               "cupy.sm90)")
 
 
-def check_config(prob, config):
+def check_config(prob, config, deterministic=False):
     """The TMA entry (a key of :data:`CONFIGS`) this problem runs, or ``None`` for a
     cp.async entry: ``config`` None takes :data:`DEFAULT_CONFIG` for the plain entry's
-    problems (the option entries have no TMA twin), ``"plain"`` the cp.async plain entry;
-    ValueError for anything else."""
+    problems (the option entries have no TMA twin), ``"plain"`` the cp.async plain entry
+    (which has no dK/dV-only twin: not with ``deterministic``); ValueError for anything
+    else."""
     var = variant(prob)
     if config is None:
         return DEFAULT_CONFIG.get(prob.d) if var is None else None
     if config == PLAIN:
         if var is not None:
             raise ValueError(f"config='plain': this problem needs the {var!r} entry")
+        if deterministic:
+            raise ValueError("config='plain' with deterministic=True: the cp.async entry has "
+                             f"no dK/dV-only twin (the TMA entries {sorted(CONFIGS)} have)")
         return None
     if config not in CONFIGS:
         raise ValueError(f"config: one of {sorted(CONFIGS)} (the TMA entries), 'plain' or "
@@ -203,16 +281,23 @@ def check_config(prob, config):
     return config
 
 
-def backward(prob, dout, q, k, v, out, lse, *, deterministic=False, config=None):
+def backward(prob, dout, q, k, v, out, lse, *, deterministic=False, config=None,
+             dq_kernel=None):
     """Return ``(dq, dk, dv)`` from the sm_90a backward kernel (see :func:`supports`);
     ``config``: the entry of a plain request, one of :data:`CONFIGS` or ``"plain"`` (default:
-    :data:`DEFAULT_CONFIG`; benchmarks and tests pass it)."""
+    :data:`DEFAULT_CONFIG`; benchmarks and tests pass it); ``dq_kernel``: deterministic=True's
+    dq kernel (:func:`dq_kernel_choice`)."""
     why = supports(prob, {"deterministic": deterministic or None}, "backward")
     if why is not None:
         raise NotImplementedError(why)
-    config = check_config(prob, config)
+    deterministic = bool(deterministic)
+    config = check_config(prob, config, deterministic)
+    if dq_kernel is not None and not deterministic:
+        raise ValueError("dq_kernel: only with deterministic=True (the default backward adds "
+                         "dq in the main kernel)")
+    dq_kernel = dq_kernel_choice(prob, dq_kernel) if deterministic else None
     with q.device:
-        return _backward(prob, dout, q, k, v, out, lse, config)
+        return _backward(prob, dout, q, k, v, out, lse, config, deterministic, dq_kernel)
 
 
 def tma_maps(q4, k4, v4, do4):
@@ -226,7 +311,8 @@ def tma_maps(q4, k4, v4, do4):
             tma.rows_map(k4, "k", BLOCK_N), tma.rows_map(v4, "v", BLOCK_N))
 
 
-def _backward(prob, dout, q, k, v, out, lse, config=None):
+def _backward(prob, dout, q, k, v, out, lse, config=None, deterministic=False,
+              dq_kernel=None):
     import cupy as xp
 
     tn = _params.type_name(prob.dtype)
@@ -245,22 +331,42 @@ def _backward(prob, dout, q, k, v, out, lse, config=None):
     lse3 = xp.ascontiguousarray(lse.reshape(B, hq, sq), dtype=xp.float32)
 
     dq4, dk4, dv4, delta = flash_bwd.grad_buffers(xp, B, hq, hkv, sq, sk, d, dtype)
-    # dq_accum in the kernel's tile order: whole 64-row query blocks (the last one padded).
-    acc = dq_accum(xp, B, hq, sq, d)
+    # dq_accum in the kernel's tile order: whole 64-row query blocks (the last one padded);
+    # deterministic: none (the dK/dV-only entry reads no dq_accum, the dq kernel writes dq).
+    null = np.uint64(0)
+    acc = null if deterministic else dq_accum(xp, B, hq, sq, d)
     i32, f32 = np.int32, np.float32
 
     var = config or variant(prob)
     # The tensor maps (checked before any launch).
     maps = tma_maps(q4, k4, v4, do4) if config is not None else ()
+    plain = var is None or config is not None
+    # flash_bwd.cu's parameter block: the option entries' arguments and the dq kernel's.
+    if deterministic or not plain:
+        opt_args = _params.option_args(xp, prob)
+        bm_args = _params.block_mask_args(xp, prob, csc=True)
+    dq_cfg = dq_config(prob) if deterministic else None
     flash_bwd.run_delta(tn, o4, do4, delta, d)
-    if var is None or config is not None:
+    if plain:
         args = (*maps, q4, k4, v4, do4, lse3, delta, acc, dk4, dv4, i32(hq), i32(prob.group),
                 i32(sq), i32(sk), f32(prob.scale), i32(bool(prob.causal)))
     else:  # flash_bwd.cu's argument list (dq, null here, is not read)
-        args = (q4, k4, v4, do4, lse3, delta, acc, np.uint64(0), dk4, dv4, i32(hq),
-                i32(prob.group), i32(sq), i32(sk), f32(prob.scale),
-                *_params.option_args(xp, prob), *_params.block_mask_args(xp, prob, csc=True))
-    get_kernel(tn, d, var)(grid=grid(B, hkv, sk), block=(THREADS,), args=args,
-                           shared_mem=smem_bytes(d, config))
-    run_dq_convert(tn, d, acc, dq4, B * hq * sq, sq, prob.scale)
+        args = (q4, k4, v4, do4, lse3, delta, acc, null, dk4, dv4, i32(hq),
+                i32(prob.group), i32(sq), i32(sk), f32(prob.scale), *opt_args, *bm_args)
+    get_kernel(tn, d, var, dq=not deterministic)(
+        grid=grid(B, hkv, sk), block=(THREADS,), args=args,
+        shared_mem=smem_bytes(d, config, not deterministic))
+    if dq_kernel == "wgmma":
+        inst = instances.bwd_sm90_dq(tn, d)
+        kernel = compiled_function(inst.source, inst.name, inst.defines, dq_smem_bytes(d),
+                                   arch=inst.arch)
+        kernel(grid=((sq + DQ_ROWS - 1) // DQ_ROWS, hq, B), block=(THREADS,),
+               args=(q4, k4, v4, do4, lse3, delta, dq4, i32(hq), i32(prob.group), i32(sq),
+                     i32(sk), f32(prob.scale), i32(bool(prob.causal))),
+               shared_mem=dq_smem_bytes(d))
+    elif deterministic:
+        flash_bwd.run_dq(tn, prob, d, dq_cfg, (q4, k4, v4, do4, lse3, delta, dq4, dk4, dv4),
+                         opt_args, bm_args)
+    else:
+        run_dq_convert(tn, d, acc, dq4, B * hq * sq, sq, prob.scale)
     return dq4.reshape(q.shape), dk4.reshape(k.shape), dv4.reshape(v.shape)

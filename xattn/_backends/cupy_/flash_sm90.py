@@ -17,6 +17,7 @@ cubins on disk.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -130,6 +131,8 @@ def smem_bytes(d, cfg):
     bn, nwg, mode = cfg
     # D > 128 (flash_fwd_sm90_ws_kv): two K stages and two V stages, released separately.
     nbuf = 3 if mode & 1 and d <= 128 else 2
+    if nwg == 1:  # two blocks per SM: no alignment pad, the mbarriers after the tiles
+        return (64 * d + 2 * nbuf * bn * d) * 2 + 2 * nbuf * 8
     # Mode bit 3's mbarriers are static shared memory (128 bytes), outside this count.
     return (nwg * 64 * d + 2 * nbuf * bn * d) * 2 + (1024 if mode & 2 else 0)
 
@@ -148,10 +151,13 @@ def precompile(type_name: str, keys, workers: int = 8):
     _compile.precompile("flash_fwd_sm90.cu", entries, workers)
 
 
+_instance = functools.lru_cache(maxsize=256)(instances.sm90)
+
+
 def get_kernel(type_name: str, d: int, cfg: tuple, mods: bool = False, sparse: bool = False):
     """The compiled entry point for one dtype, head dim and (BN, warpgroups, mode), with score
     mods / the block-mask walk; cached per device."""
-    inst = instances.sm90(type_name, d, cfg, mods, sparse)
+    inst = _instance(type_name, d, tuple(cfg), mods, sparse)
     return compiled_function(inst.source, inst.name, inst.defines, smem_bytes(d, cfg),
                              arch=inst.arch, includes=inst.includes)
 

@@ -34,9 +34,12 @@ __all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "DECODE", "DECODE_EXTRA",
            "DECODE_HEAD_DIMS", "FWD",
            "FWD_BM", "FWD_BM_MODS", "FWD_MODS", "HEAD_DIMS", "Instance", "SM90", "SM90_BM",
            "SM90_BM_MODS", "SM90_BM_MODS_TMA", "SM90_BM_TMA", "SM90_BWD_HEAD_DIMS",
-           "SM90_BWD_TMA", "SM90_BWD_VARIANTS", "SM90_EXPERIMENTAL", "SM90_MODS",
+           "SM90_BWD_DQ_WGMMA", "SM90_BWD_TMA",
+           "SM90_BWD_TMA_DEFAULT",
+           "SM90_BWD_VARIANTS", "SM90_EXPERIMENTAL", "SM90_MODS",
            "SM90_MODS_ON_TMA", "SM90_MODS_TMA", "SM90_WIDE_EXPERIMENTAL", "TF32",
-           "TF32X3", "bwd", "bwd_aux", "bwd_dq", "bwd_simt", "bwd_sm90", "decode",
+           "TF32X3", "bwd", "bwd_aux", "bwd_dq", "bwd_simt", "bwd_sm90", "bwd_sm90_dq",
+           "decode",
            "experimental", "fwd", "fwd_simt", "shipped", "sm90", "tf32",
            "tf32_bm"]
 
@@ -143,6 +146,7 @@ SM90_EXPERIMENTAL = (
     (64, 128, 2, 2), (64, 64, 3, 2), (128, 128, 2, 2), (128, 64, 3, 2),
     (64, 128, 2, 3), (128, 64, 2, 3), (128, 128, 2, 3), (64, 64, 3, 3),
     (64, 128, 2, 27), (128, 128, 2, 27),
+    (64, 64, 1, 75), (64, 128, 1, 75), (128, 64, 1, 75), (64, 128, 2, 75), (128, 64, 2, 75),
 )
 
 # D=256 with 80-key tiles (flash_fwd_sm90_ws_kv, 2 + 2 stages of 40 KiB: 225 KiB with Q, as
@@ -305,25 +309,46 @@ def sm90(tn, d, cfg, mods=False, sparse=False) -> Instance:
                     includes=extra)
 
 
-def bwd_sm90(tn, d, variant=None) -> Instance:
+def bwd_sm90(tn, d, variant=None, dq=True) -> Instance:
     """The Hopper backward main kernel (``flash_bwd_sm90.cu``) of one dtype and head dim
     (:data:`SM90_BWD_HEAD_DIMS`); ``variant`` one of :data:`SM90_BWD_VARIANTS` (``None``: the
     plain entry, causal only, its own short argument list; the others take ``flash_bwd.cu``'s
     argument list) or of :data:`SM90_BWD_TMA` (the plain entry with TMA loads: the tensor maps
-    of q, dout, k, v, then the plain argument list)."""
+    of q, dout, k, v, then the plain argument list). ``dq=False``: the entry's dK/dV-only twin
+    (``..._nodq``, its own macro, the same arguments) that ``deterministic=True`` runs before
+    ``flash_bwd.cu``'s dq kernel; the TMA and option variants have one, the cp.async plain
+    entry none."""
     params = (("XATTN_BWD90_TN", tn), ("XATTN_BWD90_D", d))
     name = f"flash_bwd_sm90_{tn}_d{d}"
+    if not dq and variant is None:
+        raise ValueError("dq=False: the plain (cp.async) entry has no dK/dV-only twin; the "
+                         f"TMA entries {sorted(SM90_BWD_TMA)} and the option entries have")
+    nodq = () if dq else (("XATTN_BWD90_NODQ", 1),)
+    sfx = "" if dq else "_nodq"
     if variant in SM90_BWD_TMA:  # Q/dO (and K/V) by the copy engine
         params += (("XATTN_BWD90_MN", variant), ("XATTN_BWD90_NB", SM90_BWD_TMA[variant]))
-        return Instance("flash_bwd_sm90.cu", "XATTN_BWD90_TMA_ONE", params,
-                        (f"{name}_{variant}",), arch="sm_90a")
+        macro = "XATTN_BWD90_TMA_ONE" if dq else "XATTN_BWD90_TMA_NODQ_ONE"
+        return Instance("flash_bwd_sm90.cu", macro, params, (f"{name}_{variant}{sfx}",),
+                        extra=nodq, arch="sm_90a")
     if variant is None:  # the plain module also holds the dq-convert kernel of every variant
         return Instance("flash_bwd_sm90.cu", "XATTN_BWD90_ONE", params,
                         (name, f"flash_bwd_sm90_dqconv_{tn}_d{d}"), arch="sm_90a")
     mods, sparse, _ = SM90_BWD_VARIANTS[variant]
     params += (("XATTN_BWD90_MN", variant), ("XATTN_BWD90_MODS", _b(mods)),
                ("XATTN_BWD90_SPARSE", _b(sparse)))
-    return Instance("flash_bwd_sm90.cu", "XATTN_BWD90_OPT_ONE", params, (f"{name}_{variant}",),
+    macro = "XATTN_BWD90_OPT_ONE" if dq else "XATTN_BWD90_OPT_NODQ_ONE"
+    # The bfloat16 block-sparse twins are left to --all, as flash_bwd.cu's.
+    return Instance("flash_bwd_sm90.cu", macro, params, (f"{name}_{variant}{sfx}",),
+                    extra=nodq, arch="sm_90a", ci=dq or not (sparse and tn != "f16"))
+
+
+def bwd_sm90_dq(tn, d) -> Instance:
+    """The Hopper backward's deterministic dq kernel on wgmma (``flash_bwd_sm90.cu``, plain
+    requests: causal, scale, GQA): one thread block per 128 query rows walks key blocks of 64
+    in order (:data:`SM90_BWD_DQ_WGMMA` says whether ``deterministic=True`` takes it)."""
+    params = (("XATTN_BWD90_TN", tn), ("XATTN_BWD90_D", d))
+    return Instance("flash_bwd_sm90.cu", "XATTN_BWD90_DQ_ONE", params,
+                    (f"flash_bwd_sm90_dq_{tn}_d{d}",), extra=(("XATTN_BWD90_DQK", 1),),
                     arch="sm_90a")
 
 
@@ -343,6 +368,18 @@ SM90_BWD_VARIANTS = {"win": (False, False, (64,)), "mods": (True, False, (64,)),
 # Q/dO buffers. H100, fp16 S=4096 (tools/gpu_check_bwdtma.sh bench): 1.15-1.25x the cp.async
 # entry.
 SM90_BWD_TMA = {"tma": 3, "tma2": 2}
+# The TMA entry a plain request takes per head dim (flash_bwd_sm90.DEFAULT_CONFIG; the two
+# differ by 1-3 % on an H100, within a run's spread).
+SM90_BWD_TMA_DEFAULT = {64: "tma", 128: "tma2"}
+# deterministic=True on the Hopper backward: dK and dV by the _nodq twin of the entry the
+# request would take (no dS K, no dq_accum), dq by flash_bwd.cu's deterministic dq kernel
+# (one CTA per query block walking its key blocks in order: bitwise reproducible). Shipped:
+# the twins of the plain requests' TMA entry (SM90_BWD_TMA_DEFAULT) and of every option entry.
+# THE SWITCH for the plain requests' dq: False, flash_bwd.cu's mma.sync dq kernel; True, the
+# wgmma dq kernel of flash_bwd_sm90.cu (bwd_sm90_dq: 128 query rows per thread block, key
+# blocks of 64). Off until a GPU run has passed its tests and timed it faster
+# (tools/gpu_check_det.sh); flash_bwd_sm90.backward(..., dq_kernel="wgmma") runs it on request.
+SM90_BWD_DQ_WGMMA = False
 
 
 def decode(tn, d, cfg) -> Instance:
@@ -411,6 +448,11 @@ def shipped() -> list:
             for tn in TYPES]
     out += [bwd_sm90(tn, d, var) for var, (*_, dims) in SM90_BWD_VARIANTS.items()
             for d in dims for tn in TYPES]
+    out += [bwd_sm90(tn, d, var, dq=False) for d, var in SM90_BWD_TMA_DEFAULT.items()
+            for tn in TYPES]
+    out += [bwd_sm90(tn, d, var, dq=False) for var, (*_, dims) in SM90_BWD_VARIANTS.items()
+            for d in dims for tn in TYPES]
+    out += [bwd_sm90_dq(tn, d) for d in SM90_BWD_HEAD_DIMS for tn in TYPES]
     return out
 
 

@@ -211,7 +211,8 @@ def bhsd_layout(shape, itemsize, rows, cols=64):
 
 def check_operand(x, name):
     """A (B, H, S, D) operand that the copy engine reads in place: C-contiguous, its address
-    16-byte aligned (a view that starts inside an allocation may not be)."""
+    16-byte aligned (a view that starts inside an allocation may not be). Returns the
+    address."""
     if x.ndim != 4 or not x.flags.c_contiguous:
         raise ValueError(f"{name}: the TMA path reads a C-contiguous (B, H, S, D) array, got "
                          f"shape {tuple(x.shape)} with strides {tuple(x.strides)}")
@@ -220,14 +221,27 @@ def check_operand(x, name):
         raise ValueError(f"{name}: the TMA path needs a 16-byte aligned base address, got "
                          f"{ptr:#x} (a view starting {ptr % 16} bytes past an aligned "
                          f"address; pass a copy, e.g. cupy.ascontiguousarray(x.copy()))")
+    return ptr
+
+
+# rows_map's maps by (address, shape, dtype, box, swizzle): a call on the arrays of an earlier
+# one skips the encode's checks and argument conversions (about 10 of its 14 microseconds).
+_ROWS: dict = {}
 
 
 def rows_map(x, name, rows, cols=64, swizzle=128):
     """The tensor map of the (B, H, S, D) operand ``x`` read in boxes of ``rows`` x ``cols``
     (see :func:`bhsd_layout`), after :func:`check_operand`; :func:`null_desc` for an operand
     without elements."""
-    check_operand(x, name)
+    ptr = check_operand(x, name)
+    key = (ptr, x.shape, x.dtype, rows, cols, swizzle)
+    hit = _ROWS.get(key)
+    if hit is not None:
+        return hit
     if x.size == 0:
         return null_desc()
     dims, strides, box = bhsd_layout(x.shape, x.dtype.itemsize, rows, cols)
-    return encode_tiled(x.data.ptr, x.dtype, dims, strides, box, swizzle)
+    if len(_ROWS) >= 256:
+        _ROWS.clear()
+    out = _ROWS[key] = encode_tiled(ptr, x.dtype, dims, strides, box, swizzle)
+    return out
