@@ -59,13 +59,13 @@ run_san() {
     echo "== d256: compute-sanitizer (logs: $LOG/memcheck.log, $LOG/racecheck.log)"
     # The cubins are built outside the sanitizer (disk cache).
     precompile
-    timeout 20 python3 tools/gpu_d256_bench.py --san > "$LOG/san_warm.log" 2>&1
+    timeout 12 python3 tools/gpu_d256_bench.py --san > "$LOG/san_warm.log" 2>&1
     echo "warm-up exit status: $? ($(tr '\n' ' ' < "$LOG/san_warm.log" | tail -c 300))"
     for tool in memcheck racecheck; do
-        timeout 25 compute-sanitizer --tool "$tool" --print-limit 20 \
+        timeout 22 compute-sanitizer --tool "$tool" --print-limit 20 \
             python3 tools/gpu_d256_bench.py --san > "$LOG/$tool.log" 2>&1
         echo "$tool exit status: $?"
-        grep -E "ERROR SUMMARY|RACECHECK SUMMARY|finite=" "$LOG/$tool.log" | head -8
+        grep -E "ERROR SUMMARY|RACECHECK SUMMARY|finite=" "$LOG/$tool.log" | head -12
     done
 }
 
