@@ -10,7 +10,8 @@ Every row is checked before it is timed, then timed with ``triton.testing.do_ben
 events, L2 flushed between repeats, median); xattn (``backend="cupy"``: the RawKernels, never a
 silent fallback) and torch run in the same process on the same inputs (torch tensors shared with
 CuPy through DLPack). Shapes: B*S = 16384 and Hq*D = 2048, fp16/bf16, D in {64, 128},
-S in {1024, 4096, 16384}, causal and not. Row sets (jobs, run in this order of priority):
+S in {1024, 4096, 16384}, causal and not; forward rows also at D = 256, S = 4096 (issue 11's
+"every fwd row with S >= 4096, D 64/128/256"). Row sets (jobs, run in this order of priority):
 
 - ``fwd``: forward beside torch SDPA's default (cuDNN on Hopper) and its FLASH_ATTENTION
   backend (FlashAttention-2); fp32 (``backend="cupy"``: the strict SIMT kernel) beside torch's
@@ -124,7 +125,7 @@ def plan(args):
     """``[(job, [row spec, ...]), ...]`` in the order they run."""
     rest = () if args.quick else (1024, 16384)
     jobs = [
-        ("fwd", _matrix("fwd", (4096,))
+        ("fwd", _matrix("fwd", (4096,)) + _matrix("fwd", (4096,), dims=(256,))
          + [{"section": "fp32", "dtype": "fp32", "D": 64, "S": 4096, "causal": False},
             {"section": "fp32", "dtype": "fp32", "D": 128, "S": 4096, "causal": True}]),
         ("bwd", _matrix("bwd", (4096,))
@@ -132,7 +133,7 @@ def plan(args):
             {"section": "bwd", "dtype": "fp32", "D": 128, "S": 4096, "causal": True}]),
     ]
     if args.sm90:
-        jobs.append(("sm90", _matrix("sm90", (4096,))))
+        jobs.append(("sm90", _matrix("sm90", (4096,), dims=(64, 128, 256))))
     # Not in the default run: --only fp32 (the check of issue 11's fp32 row).
     if args.only and "fp32" in args.only.split(","):
         jobs.append(("fp32", _matrix("tf32x3", (4096,), dtypes=("fp32",))))

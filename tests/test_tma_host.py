@@ -192,7 +192,9 @@ def test_mode75_instances():
     """Mode 75 is the plain entries' default (measured faster than mode 11 on an H100), built
     with its own macro and argument list; mode 11 stays shipped for the _mods / _bm entries."""
     assert {c for c in instances.SM90_SHIPPED if c[3] == 75} == {(64, 64, 3, 75),
-                                                                (128, 128, 2, 75)}
+                                                                (128, 128, 2, 75),
+                                                                (192, 64, 2, 75),
+                                                                (256, 64, 2, 75)}
     assert all(c[2] == 75 for c in instances.SM90.values())
     for tn in ("f16", "bf16"):
         i = instances.sm90(tn, 128, (128, 2, 75))
@@ -201,25 +203,66 @@ def test_mode75_instances():
         assert i.macro_call() == f"XATTN90_TMA_ONE({tn}, 128, 128, 2, 75)"
     names = {i.name for i in instances.shipped()}
     assert {n for n in names if n.endswith("_o75")} == {
-        f"flash_fwd_sm90_{tn}_d{d}_n{d}_g{g}_o75" for tn in ("f16", "bf16")
-        for d, g in ((64, 3), (128, 2))}
+        f"flash_fwd_sm90_{tn}_d{d}_n{n}_g{g}_o75" for tn in ("f16", "bf16")
+        for d, n, g in ((64, 64, 3), (128, 128, 2), (192, 64, 2), (256, 64, 2))}
     for d, cfg in ((64, (64, 3, 75)), (128, (128, 2, 75))):
         base = (cfg[0], cfg[1], 11)
         assert flash_sm90.smem_bytes(d, cfg) == flash_sm90.smem_bytes(d, base)
         assert flash_sm90.threads(cfg) == flash_sm90.threads(base)
 
 
+@pytest.mark.parametrize("d", [192, 256])
+def test_wide_head_dim_instances_and_shared_memory(d):
+    """Head dims 192 and 256 run mode 75 only (flash_fwd_sm90_ws_kv: two K stages and two V
+    stages of 64 keys, Q of 128 rows: 192 KiB + 1 KiB of alignment at D = 256), the plain
+    entries only (no _mods / _bm instance: supports sends those requests to cupy.sm80)."""
+    assert instances.SM90[d] == (64, 2, 75)
+    assert d in flash_sm90.PLAIN_ONLY and not {64, 128} & flash_sm90.PLAIN_ONLY
+    assert flash_sm90.smem_bytes(d, (64, 2, 75)) == 128 * d * 2 + 4 * 64 * d * 2 + 1024
+    assert flash_sm90.smem_bytes(d, (64, 2, 75)) + 128 <= 232448  # + the mbarriers
+    assert flash_sm90.threads((64, 2, 75)) == 384
+    i = instances.sm90("bf16", d, (64, 2, 75))
+    assert i.macro_call() == f"XATTN90_TMA_ONE(bf16, {d}, 64, 2, 75)" and i.ci
+    assert not any(dict(i.params).get("XATTN90_D") == d and dict(i.params).get("XATTN90_MN")
+                   for i in instances.shipped())
+
+
+@pytest.mark.parametrize("d", [192, 256])
+def test_wide_head_dim_refuses_mods_and_block_masks(d):
+    """The plain-only head dims name themselves when score mods or a block mask come (host
+    side: NumPy problems reach the same checks before any launch)."""
+    import xattn
+    from xattn._array import validate_attention
+
+    x = np.zeros((1, 2, 130, d), dtype=np.float16)
+    plain = validate_attention(x, x, x, causal=True, window=(64, None))
+    assert flash_sm90._plain_only_reason(plain) is None
+    assert flash_sm90.launch_config(plain) == (64, 2, 75)
+    assert flash_sm90.launch_config(plain, (80, 2, 75) if d == 256 else None)[0] in (64, 80)
+    capped = validate_attention(x, x, x, softcap=5.0)
+    masked = validate_attention(x, x, x, block_mask=xattn.BlockMask.causal(130, block_size=128))
+    for prob, what in ((capped, "score modifications"), (masked, "a block_mask")):
+        assert flash_sm90._plain_only_reason(prob) == (
+            f"{what} at head_dim {d}: the sm_90a kernel has plain entries only there (causal, "
+            f"window, GQA); cupy.sm80 serves them")
+        with pytest.raises(ValueError, match=f"head_dim {d}"):
+            flash_sm90.launch_config(prob)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None and not Path("/usr/local/bin/nvcc").exists(),
                     reason="needs nvcc")
 def test_mode75_entries_compile_without_spills():
-    """The mode-75 entries (also in CI's shipped list, checked here on their own) compile for
-    sm_80 (the trap) and sm_90a, spill-free, warning-free."""
+    """The mode-75 entries (also in CI's shipped list, checked here on their own; D = 192 / 256:
+    the split-ring kernel, with the experimental 80-key tile) compile for sm_80 (the trap) and
+    sm_90a, spill-free, warning-free."""
     spec = importlib.util.spec_from_file_location("check_kernels",
                                                   ROOT / "tools" / "check_kernels.py")
     ck = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ck)
-    items = [instances.sm90("f16", d, c) for d, c in ((64, (64, 3, 75)), (128, (128, 2, 75)))]
+    items = [instances.sm90("f16", d, c) for d, c in ((64, (64, 3, 75)), (128, (128, 2, 75)),
+                                                       (192, (64, 2, 75)), (256, (64, 2, 75)),
+                                                       (256, (80, 2, 75)))]
     ok, log, res = ck.compile_file(ck.find_nvcc(), ck.KERNELS / "flash_fwd_sm90.cu", None, items)
     assert ok, log[-4000:]
     for i in items:

@@ -278,10 +278,11 @@ def _twin(d, config):
     return min(same, key=lambda c: c[3] != 11)[1:]
 
 
-@pytest.mark.parametrize("d,config", TMA_CONFIGS)
+@pytest.mark.parametrize("d,config", [c for c in TMA_CONFIGS if c[0] <= 128])
 def test_tma_matches_mode_11_bitwise(d, config):
     """The copy engine changes how the tiles arrive, not the arithmetic: mode 75 gives mode
-    11's bits (one consumer warpgroup: those of its twin with more, see _twin)."""
+    11's bits (one consumer warpgroup: those of its twin with more, see _twin; D = 192 / 256
+    have no mode-11 entry)."""
     rng = np.random.default_rng([d, 75])
     q, k, v = _inputs(rng, "float16", b=2, hq=4, hkv=2, sq=300, sk=517, d=d)
     prob = validate_attention(q, k, v, causal=True)
@@ -325,3 +326,115 @@ def test_tma_empty_keys():
     prob = validate_attention(q, k, k)
     out, lse = k90.forward(prob, q, k, k, config=config)
     assert bool(cp.all(out == 0)) and bool(cp.all(cp.isneginf(lse)))
+
+
+# Head dims 256 and 192 (flash_fwd_sm90_ws_kv: mode 75 with separate K and V rings of two
+# stages, P V by m64n256k16 / m64n192k16): the default configuration, called directly and
+# through the dispatch.
+WIDE = (192, 256)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("d", WIDE)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", [(64, 64), (77, 150), (130, 61), (128, 128), (200, 333),
+                                   (1, 300), (300, 1), (515, 1000)])
+def test_wide_head_dim(dtype, d, causal, sq, sk):
+    """One key block, partial last blocks, Sq = 1 (the second consumer has no row), Sk = 1,
+    Sk < Sq, and 16 key blocks (both rings turn over eight times); out and lse against the
+    float64 oracle."""
+    rng = np.random.default_rng([d, sq, sk, causal])
+    q, k, v = _inputs(rng, dtype, sq=sq, sk=sk, d=d)
+    _check(q, k, v, config=k90.CONFIGS[d], causal=causal)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("d", WIDE)
+@pytest.mark.parametrize("case", ["gqa4", "mqa", "scale", "window", "causal_window",
+                                  "sq_gt_sk_causal", "large_scores", "window_long"])
+def test_wide_head_dim_options(dtype, d, case):
+    rng = np.random.default_rng([d, len(case)])
+    hq, hkv, sq, sk = 8, 2, 100, 173
+    opts = {}
+    amp = 1.0
+    if case == "mqa":
+        hkv = 1
+    elif case == "scale":
+        opts["scale"] = 0.3
+    elif case == "window":
+        opts["window"] = (20, 7)
+    elif case == "causal_window":
+        opts.update(causal=True, window=(33, None))
+    elif case == "window_long":  # kb0 > 0: the rings start at a later key block
+        hq, hkv, sq, sk = 4, 4, 640, 900
+        opts["window"] = (130, 70)
+    elif case == "sq_gt_sk_causal":
+        sq, sk = 300, 70  # the first 230 rows see no key: out 0, lse -inf
+        opts["causal"] = True
+    elif case == "large_scores":
+        amp = 4.0  # the running maximum moves a lot: exercises the rescale
+    q, k, v = _inputs(rng, dtype, b=1 if case == "window_long" else 2, hq=hq, hkv=hkv,
+                      sq=sq, sk=sk, d=d)
+    if amp != 1.0:
+        q = q * amp
+    out, lse = _check(q, k, v, config=k90.CONFIGS[d], **opts)
+    if case == "sq_gt_sk_causal":
+        assert bool(cp.all(out[..., : sq - sk, :] == 0))
+        assert bool(cp.all(cp.isneginf(lse[..., : sq - sk])))
+
+
+def test_d256_dispatch():
+    """auto and "cupy" run the wgmma kernel's D = 256 entry for the plain options; score mods
+    and block masks at D = 256 (and 192) are refused with a reason naming the head dim and go
+    to cupy.sm80 (and are still right)."""
+    import logging
+
+    import xattn
+    from xattn import _backends
+
+    rng = np.random.default_rng(256)
+    q, k, v = _inputs(rng, "float16", b=1, sq=300, sk=421, d=256)
+    plain = validate_attention(q, k, v, causal=True)
+    assert k90.supports(plain, {}, "forward") is None
+    assert _backends.explain(plain, {})["backend"] == "cupy.sm90"
+    capped = validate_attention(q, k, v, softcap=5.0)
+    assert "head_dim 256" in k90.supports(capped, {}, "forward")
+    assert _backends.explain(capped, {})["backend"] == "cupy.sm80"
+    bm = xattn.BlockMask.causal(300, 421, block_size=128)
+    masked = validate_attention(q, k, v, block_mask=bm)
+    assert "head_dim 256" in k90.supports(masked, {}, "forward")
+    with pytest.raises(ValueError, match="head_dim 256"):
+        k90.launch_config(capped)
+    with pytest.raises(NotImplementedError, match="block_mask at head_dim 256"):
+        k90.forward(masked, q, k, v)
+    q192, k192, v192 = _inputs(rng, "bfloat16", b=1, sq=70, sk=90, d=192)
+    assert k90.supports(validate_attention(q192, k192, v192, window=(5, 5)), {}) is None
+    biased = validate_attention(q192, k192, v192, alibi_slopes=cp.ones(4, cp.float32))
+    assert "head_dim 192" in k90.supports(biased, {}, "forward")
+    assert _backends.explain(biased, {})["backend"] == "cupy.sm80"
+
+    calls = []
+
+    class Kernels(logging.Handler):
+        def emit(self, record):
+            name = getattr(record, "xattn_kernel", "")
+            if name.startswith("flash_fwd_"):
+                calls.append(name)
+
+    handler = Kernels()
+    logger = logging.getLogger("xattn")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        for opts in ({"causal": True}, {"softcap": 5.0}):
+            out, lse = xattn.flash_attention(q, k, v, return_lse=True, **opts)
+            ref, ref_lse, _ = reference_attention(q, k, v, **opts)
+            assert_close(out, ref, xp=cp, dtype=q.dtype, naive=naive_attention(q, k, v, **opts))
+            assert_close(lse, ref_lse, xp=cp, dtype=np.float32, atol=2e-3, rtol=1e-3)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert len(calls) == 2, calls
+    assert calls[0] == "flash_fwd_sm90_f16_d256_n64_g2_o75", calls
+    assert not calls[1].startswith("flash_fwd_sm90_"), calls

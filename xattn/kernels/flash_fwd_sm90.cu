@@ -825,6 +825,223 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
 #endif
 }
 
+#if XATTN_SM90_OK
+// ws_produce_tma for the split rings of flash_fwd_sm90_ws_kv (D > 128), run by ONE thread: K
+// of key block kb0 + j into K stage j % KST (full_k / empty_k), its V into V stage j % VST
+// (full_v / empty_v), each stage awaited free on reuse and announced with its own bytes. A K
+// stage comes back as soon as Q K^T has read it, a V stage one iteration later (after P V).
+// K runs one block ahead of V in the issue order (K0, K1, V0, K2, V1, ...), so that K of block
+// j + 1 does not queue behind V of block j, whose stage is freed later: with two stages of
+// each, K(j + 1) is issued in the middle of iteration j - 1 and V(j) at its end, both about
+// 1.5 iterations before the consumers need them.
+template <int BN, int D, int KST, int VST>
+__device__ __forceinline__ void ws_produce_tma_kv(unsigned sK, unsigned sV, const TmaDesc* tk,
+                                                  const TmaDesc* tv, int kvh, int kb0, int nkb,
+                                                  unsigned full_k, unsigned full_v,
+                                                  unsigned empty_k, unsigned empty_v) {
+    constexpr unsigned TILE = BN * D * 2;
+    auto load_k = [&](int j) {
+        const int ks = j % KST;
+        if (j >= KST) mbar_wait(empty_k + ks * 8, ((j / KST) - 1) & 1);
+        tma_arrive_expect_tx(full_k + ks * 8, TILE);
+#pragma unroll
+        for (int p = 0; p < D / 64; ++p)
+            tma_load_3d(sK + ks * TILE + p * BN * 128, tk, p * 64, (kb0 + j) * BN, kvh,
+                        full_k + ks * 8);
+    };
+    if (nkb > 0) load_k(0);
+    for (int j = 0; j < nkb; ++j) {
+        if (j + 1 < nkb) load_k(j + 1);
+        const int vs = j % VST;
+        if (j >= VST) mbar_wait(empty_v + vs * 8, ((j / VST) - 1) & 1);
+        tma_arrive_expect_tx(full_v + vs * 8, TILE);
+#pragma unroll
+        for (int p = 0; p < D / 64; ++p)
+            tma_load_3d(sV + vs * TILE + p * BN * 128, tv, p * 64, (kb0 + j) * BN, kvh,
+                        full_v + vs * 8);
+    }
+}
+#endif
+
+// The mode-75 plain entries of head dims 256 and 192 (D > 128): flash_fwd_sm90_ws's schedule
+// (producer thread on the copy engine, NWG = 2 consumers running the P V overlap, masks before
+// the P V issue), with K and V in separate rings. Shared memory decides at D = 256: Q (128
+// rows) is 64 KiB and a 64-key tile of K or of V 32 KiB, so flash_fwd_sm90_ws's three K+V
+// stages (192 KiB) do not fit beside Q in 227 KiB, and with two K+V stages a stage would come
+// back only after the P V that reads its V, one iteration after its Q K^T: the producer could
+// never load ahead. Here (as in FlashAttention-3) a K stage is released right after the Q K^T
+// that reads it and a V stage after its P V: 2 + 2 stages, 192 KiB with Q at D = 256 (144 KiB
+// at D = 192, which takes the same code with N = 192), and K of block i + 2 is issued as soon
+// as block i's Q K^T is done. Registers per consumer thread at D = 256: O 128 fp32, S 32, P
+// 2 x 16 (the pending P V's operand and the next one), within the 240 of setmaxnreg.
+template <class T, int D, int BN, int NWG>
+__device__ __forceinline__ void flash_fwd_sm90_ws_kv(const FwdArgsTma& a) {
+#if XATTN_SM90_OK
+    // BN = 80 (experimental, D = 256): 2 + 2 stages of 40 KiB beside Q fill 225 KiB.
+    static_assert((D == 192 || D == 256) && (BN == 64 || (BN == 80 && D == 256)) && NWG == 2,
+                  "the split rings are sized for D = 192 / 256, 64 (80) keys, two consumers");
+    constexpr int CREGS = 240;  // 24 for the producer, as flash_fwd_sm90_ws with NWG = 2
+    constexpr int KST = 2, VST = 2;
+    constexpr int BM = NWG * 64;
+    constexpr int NC = NWG * 128;
+    constexpr unsigned TILE = BN * D * 2;
+
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    // full_k[KST], full_v[VST], empty_k[KST], empty_v[VST]
+    __shared__ __align__(8) unsigned long long bars[2 * (KST + VST)];
+    const unsigned sQa = (smem_u32(smem_raw) + 1023u) & ~1023u;  // 1 KiB more allocated
+    const unsigned sKa = sQa + BM * D * 2;
+    const unsigned sVa = sKa + KST * TILE;
+    const unsigned full_k = smem_u32(bars), full_v = full_k + KST * 8;
+    const unsigned empty_k = full_v + VST * 8, empty_v = empty_k + KST * 8;
+
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int qblk = gridDim.x - 1 - blockIdx.x;
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int sq = a.sq, sk = a.sk, off = sk - sq;
+    const int q0 = qblk * BM, q1 = min(q0 + BM, sq);
+    const int hkv = a.hq / a.group;
+    const long long bh = (long long)b * a.hq + h;
+    int kb0, kb1;
+    xattn_key_blocks(q0, q1, off, sk, a.causal, a.wl, a.wr, BN, kb0, kb1);
+    const int nkb = kb1 > kb0 ? kb1 - kb0 : 0;
+
+    if (tid == 0) {
+#pragma unroll
+        for (int s = 0; s < KST; ++s) {
+            mbar_init(full_k + s * 8, 1);
+            mbar_init(empty_k + s * 8, NWG * 4);  // one arrival per consumer warp
+        }
+#pragma unroll
+        for (int s = 0; s < VST; ++s) {
+            mbar_init(full_v + s * 8, 1);
+            mbar_init(empty_v + s * 8, NWG * 4);
+        }
+        tma_mbar_init_fence();
+        if (nkb > 0) {
+            tma_prefetch_desc(a.tk);
+            tma_prefetch_desc(a.tv);
+        }
+    }
+    __syncthreads();  // the only block-wide barrier: the mbarriers are initialised
+
+    if (wg == 0) {
+        setmaxnreg_dec<24>();
+        if (tid == 0)
+            ws_produce_tma_kv<BN, D, KST, VST>(sKa, sVa, a.tk, a.tv, b * hkv + h / a.group, kb0,
+                                               nkb, full_k, full_v, empty_k, empty_v);
+        return;
+    }
+
+    // Consumers.
+    setmaxnreg_inc<CREGS>();
+    const int ctid = tid - 128, cwg = wg - 1;
+    const int wq0 = q0 + cwg * 64;
+    const unsigned short* Qg = a.q + bh * sq * D;
+
+    float acc[D / 2];
+    float s[BN / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) s[i] = 0.f;
+    float m[2] = {-XATTN_INF, -XATTN_INF}, l[2] = {0.f, 0.f};
+    const float sl2 = a.scale * XATTN_LOG2E;
+    const unsigned long long dq = kmajor_desc<true, BM, D>(sQa, cwg * 64);
+
+    if (nkb > 0) {
+        load_tile_sw<BM, D, NC>(sQa, Qg, q0, sq, ctid);
+        cp_async_commit_ordered();
+        cp_async_wait_ordered<0>();
+        fence_proxy_async();
+        named_sync<1, NC>();  // Q complete (consumers only; the producer never joins)
+    }
+
+    // Block kb0 + i: S = Q K^T (K stage i % KST, released once read), masking, P V of block
+    // i - 1 (V stage (i - 1) % VST, released after it), softmax. Iteration 0 issues a P V of
+    // P = 0 on block 0's V, as flash_fwd_sm90_ws does, so that every iteration has the same
+    // shape.
+    unsigned pp[BN / 16][4];
+    for (int i = 0; i < nkb; ++i) {
+        const int kb = kb0 + i, ks = i % KST;
+        mbar_wait(full_k + ks * 8, (i / KST) & 1);
+        const unsigned long long dk = kmajor_desc<true, BN, D>(sKa + ks * TILE, 0);
+        fence_regs(s);
+        fence_regs(acc);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+            wgmma_ss(s, dq + kmajor_step<true, BM>(kk), dk + kmajor_step<true, BN>(kk),
+                     kk > 0 ? 1 : 0, T());
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(s);
+        // K of block i is read (the wait is warpgroup-wide): one arrival per warp.
+        if (lane == 0) mbar_arrive(empty_k + ks * 8);
+        mask_tile<BN>(s, a, wq0, min(wq0 + 64, sq), kb * BN, warp, g, t4);
+
+        const bool first = i == 0;
+        const int vi = first ? 0 : i - 1, vs = vi % VST;
+        mbar_wait(full_v + vs * 8, (vi / VST) & 1);
+        const unsigned long long dv = mnmajor_desc<true, BN, D>(sVa + vs * TILE);
+        if (first) {
+#pragma unroll
+            for (int j = 0; j < BN / 16; ++j) pp[j][0] = pp[j][1] = pp[j][2] = pp[j][3] = 0u;
+        }
+#pragma unroll
+        for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
+        fence_regs(acc);
+        wgmma_fence();
+#pragma unroll
+        for (int j = 0; j < BN / 16; ++j)
+            wgmma_rs<1>(acc, pp[j], dv + mnmajor_step<true, D>(j), 1, T());
+        wgmma_commit();
+
+        float alpha[2];
+        softmax_rows<BN>(s, m, l, alpha, sl2);
+        unsigned pn[BN / 16][4];
+        pack_p<T, BN>(pn, s);
+#pragma unroll
+        for (int j = 0; j < BN / 16; ++j) fence_regs(pn[j]);
+        fence_regs(alpha);
+        fence_regs(m);
+        fence_regs(l);
+        wgmma_wait<0>();
+        fence_regs(acc);
+#pragma unroll
+        for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
+        if (!first && lane == 0) mbar_arrive(empty_v + vs * 8);
+        rescale<D>(acc, alpha);
+#pragma unroll
+        for (int j = 0; j < BN / 16; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) pp[j][e] = pn[j][e];
+    }
+    if (nkb > 0) {  // the last block's P V (its V may not have been awaited yet)
+        const int vi = nkb - 1, vs = vi % VST;
+        mbar_wait(full_v + vs * 8, (vi / VST) & 1);
+        const unsigned long long dv = mnmajor_desc<true, BN, D>(sVa + vs * TILE);
+        fence_regs(acc);
+#pragma unroll
+        for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
+        wgmma_fence();
+#pragma unroll
+        for (int j = 0; j < BN / 16; ++j)
+            wgmma_rs<1>(acc, pp[j], dv + mnmajor_step<true, D>(j), 1, T());
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(acc);
+#pragma unroll
+        for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
+    }
+    write_out<T, D>(a, acc, m, l, bh, wq0, warp, g, t4);
+#else
+    (void)a;
+    __trap();
+#endif
+}
+
 // Mode bits -> schedule. Bit 3 (warp-specialised, +128 producer threads) needs bits 0 and 1.
 template <class T, int D, int BN, int NWG, int OV>
 __device__ __forceinline__ void flash_fwd_sm90_mode(const FwdArgs& a) {
@@ -840,7 +1057,12 @@ __device__ __forceinline__ void flash_fwd_sm90_mode(const FwdArgs& a) {
 template <class T, int D, int BN, int NWG, int OV>
 __device__ __forceinline__ void flash_fwd_sm90_tma_mode(const FwdArgsTma& a) {
     static_assert((OV & 64) != 0 && (OV & 11) == 11, "mode bit 6 extends modes 11 / 27");
-    flash_fwd_sm90_ws<T, D, BN, NWG, (OV & 16) != 0, false, false, FwdArgsTma>(a);
+    if constexpr (D > 128) {  // separate K and V rings (shared memory)
+        static_assert(OV == 75, "head dims 192 / 256: mode 75 only");
+        flash_fwd_sm90_ws_kv<T, D, BN, NWG>(a);
+    } else {
+        flash_fwd_sm90_ws<T, D, BN, NWG, (OV & 16) != 0, false, false, FwdArgsTma>(a);
+    }
 }
 
 // The _mods / _bm entries: the warp-specialised schedules only (mode bit 3).

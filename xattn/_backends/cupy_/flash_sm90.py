@@ -1,12 +1,14 @@
 """The ``cupy.sm90`` entry: Hopper (sm_90a) flash attention forward with warpgroup MMA.
 
-The kernel (``flash_fwd_sm90.cu``) serves float16 and bfloat16, head dims 64 and 128,
+The kernel (``flash_fwd_sm90.cu``) serves float16 and bfloat16, head dims 64, 128, 192, 256,
 ``Dv == D``, causal (bottom-right) and sliding window, any scale, GQA/MQA, Sq and Sk of any
-length, and always writes ``lse``; its ``_mods`` entries add the score modifications (softcap,
-bias, ALiBi, boolean mask) and its ``_bm`` entries a block mask (unbatched, block sizes that
-its tiles divide: ``bq`` a multiple of 128 and ``bk`` of 64, :data:`BM_CONFIGS`). Everything
-else (other head dims, other block sizes, other cards, the backward pass) is refused by
-:func:`supports`, and ``auto`` walks on to ``cupy.sm80``.
+length, and always writes ``lse``; at head dims 64 and 128 its ``_mods`` entries add the score
+modifications (softcap, bias, ALiBi, boolean mask) and its ``_bm`` entries a block mask
+(unbatched, block sizes that its tiles divide: ``bq`` a multiple of 128 and ``bk`` of 64,
+:data:`BM_CONFIGS`). Head dims 192 and 256 have the plain entries only (:data:`PLAIN_ONLY`).
+Everything else (other head dims, score modifications or block masks at D = 192 / 256, other
+block sizes, other cards, the backward pass) is refused by :func:`supports`, and ``auto`` walks
+on to ``cupy.sm80``.
 
 The module is compiled for ``sm_90a`` only (the wgmma instructions exist in no portable
 target), so it runs on compute capability 9.0 exactly; :mod:`._compile` builds and caches its
@@ -23,8 +25,8 @@ import numpy as np
 from . import _compile, _params, instances
 from ._compile import compiled_function
 
-__all__ = ["BUILT", "CONFIGS", "compiled_function", "entry_maps", "forward", "get_kernel",
-           "launch_config", "precompile", "smem_bytes", "supports", "threads"]
+__all__ = ["BUILT", "CONFIGS", "PLAIN_ONLY", "compiled_function", "entry_maps", "forward",
+           "get_kernel", "launch_config", "precompile", "smem_bytes", "supports", "threads"]
 
 # Per head dim: (keys per block BN, consumer warpgroups per block, mode), from the one list of
 # every compiled entry (instances.py). 64 query rows per warpgroup. Mode bit 0 (overlap): block
@@ -41,6 +43,9 @@ __all__ = ["BUILT", "CONFIGS", "compiled_function", "entry_maps", "forward", "ge
 # copy engine (TMA) from tensor maps that the launch passes by value (tma.py); on an H100
 # (fp16 S=4096, tools/gpu_check_fwdtma.sh bench) D=128 537 / causal 437 against mode 11's
 # 423 / 361 and torch's 552 / 543, D=64 383 / 300 against 333 / 277.
+# D=256 and D=192 (64, 2, 75): flash_fwd_sm90_ws_kv, the same schedule with separate K and V
+# rings of two stages each (at D=256, Q and three K+V stages do not fit the shared memory); no
+# GPU figure yet (tools/gpu_check_d256.sh bench times them against torch and cupy.sm80).
 CONFIGS = instances.SM90
 # The score-modification entries' configuration per head dim, and the block-sparse candidates
 # in order of preference (the first whose query rows divide the mask's bq and whose key tile
@@ -55,12 +60,17 @@ else:
     MODS_CONFIGS = instances.SM90_MODS
     BM_CONFIGS = instances.SM90_BM
     BM_MODS_CONFIGS = instances.SM90_BM_MODS
+# Head dims with the plain entries only (no _mods / _bm entries): the kernel of D = 192 and
+# 256 (flash_fwd_sm90_ws_kv, separate K and V rings) has no score-modification or block-mask
+# walk; those requests go to cupy.sm80.
+PLAIN_ONLY = frozenset(d for d in CONFIGS if d not in MODS_CONFIGS and d not in BM_CONFIGS)
 # Modes with _mods / _bm entries: warp-specialised (11), ping-pong (27), each with the copy
 # engine (75 = 11 + bit 6; 91 = 27 + bit 6 is not offered: ping-pong measured slower).
 MODS_MODES = (11, 27, 75)
 # Every configuration that can be built, as (D, BN, warpgroups, mode): the shipped ones (CI
 # compiles them) and the experimental schedules (built on request: config=...).
-BUILT = frozenset((*instances.SM90_SHIPPED, *instances.SM90_EXPERIMENTAL))
+BUILT = frozenset((*instances.SM90_SHIPPED, *instances.SM90_EXPERIMENTAL,
+                   *instances.SM90_WIDE_EXPERIMENTAL))
 # Options this kernel ignores safely: allow_tf32 concerns float32 only.
 _KNOWN = frozenset({"allow_tf32"})
 
@@ -74,6 +84,9 @@ def supports(prob, opts, op="forward"):
     if prob.d not in CONFIGS or prob.dv != prob.d:
         return (f"head_dim {prob.d} (Dv {prob.dv}): the sm_90a kernel has D = Dv in "
                 f"{sorted(CONFIGS)}")
+    why = _plain_only_reason(prob)
+    if why is not None:
+        return why
     if prob.block_mask is not None:
         why = _block_mask_reason(prob)
         if why is not None:
@@ -82,6 +95,15 @@ def supports(prob, opts, op="forward"):
     if unknown:
         return f"options {unknown} (a tile plan) run on cupy.sm80"
     return _params.device_reason(prob, "the sm_90a kernel", exact_cc=90)
+
+
+def _plain_only_reason(prob):
+    """Score modifications or a block mask at a head dim with plain entries only, or None."""
+    if prob.d in PLAIN_ONLY and (prob.has_score_mods or prob.block_mask is not None):
+        what = "score modifications" if prob.has_score_mods else "a block_mask"
+        return (f"{what} at head_dim {prob.d}: the sm_90a kernel has plain entries only "
+                f"there (causal, window, GQA); cupy.sm80 serves them")
+    return None
 
 
 def block_mask_config(d, block_size, mods):
@@ -107,7 +129,8 @@ def _block_mask_reason(prob):
 
 def smem_bytes(d, cfg):
     bn, nwg, mode = cfg
-    nbuf = 3 if mode & 1 else 2
+    # D > 128 (flash_fwd_sm90_ws_kv): two K stages and two V stages, released separately.
+    nbuf = 3 if mode & 1 and d <= 128 else 2
     if nwg == 1:  # two blocks per SM: no alignment pad, the mbarriers after the tiles
         return (64 * d + 2 * nbuf * bn * d) * 2 + 2 * nbuf * 8
     # Mode bit 3's mbarriers are static shared memory (128 bytes), outside this count.
@@ -144,10 +167,11 @@ def forward(prob, q, k, v, *, allow_tf32=False, config=None):
     test calls it directly). ``config`` = (keys per block, warpgroups, mode) overrides the
     default (``CONFIGS``; ``BUILT`` lists the choices; with score mods or a block mask only
     the warp-specialised modes of :data:`MODS_MODES` have entries)."""
-    if prob.block_mask is not None:
+    why = _plain_only_reason(prob)
+    if why is None and prob.block_mask is not None:
         why = _block_mask_reason(prob)
-        if why is not None:
-            raise NotImplementedError(why)
+    if why is not None:
+        raise NotImplementedError(why)
     with q.device:
         return _forward(prob, q, k, v, config)
 
@@ -157,6 +181,9 @@ def launch_config(prob, config=None):
     of its entry kind (plain, score mods, block mask: the tables above)."""
     d = prob.d
     mods, sparse = prob.has_score_mods, prob.block_mask is not None
+    if d in PLAIN_ONLY and (mods or sparse):
+        raise ValueError(f"head_dim {d}: the sm_90a kernel has no score-modification or "
+                         f"block-mask entries there (cupy.sm80 serves them)")
     if config is not None:
         cfg = tuple(config)
     elif sparse:

@@ -37,7 +37,7 @@ __all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "DECODE", "DECODE_EXTRA",
            "SM90_BWD_DQ_WGMMA", "SM90_BWD_TMA",
            "SM90_BWD_TMA_DEFAULT",
            "SM90_BWD_VARIANTS", "SM90_EXPERIMENTAL", "SM90_MODS",
-           "SM90_MODS_ON_TMA", "SM90_MODS_TMA", "TF32",
+           "SM90_MODS_ON_TMA", "SM90_MODS_TMA", "SM90_WIDE_EXPERIMENTAL", "TF32",
            "TF32X3", "bwd", "bwd_aux", "bwd_dq", "bwd_simt", "bwd_sm90", "bwd_sm90_dq",
            "decode",
            "experimental", "fwd", "fwd_simt", "shipped", "sm90", "tf32",
@@ -108,9 +108,12 @@ TF32X3_EXTRA = {64: ((8, 1, 32), (8, 1, 16), (4, 2, 16)), 128: ((4, 1, 32),)}
 # flash_fwd_sm90.cu. Mode 11 (cp.async fills) stays shipped: the _mods / _bm entries run it.
 # H100, fp16 S=4096 (tools/gpu_check_fwdtma.sh bench): D=128 537 / causal 437 TFLOP/s against
 # mode 11's 423 / 361, D=64 383 / 300 against 333 / 277.
-SM90 = {64: (64, 3, 75), 128: (128, 2, 75)}
+# D=256 and D=192 (64, 2, 75) run flash_fwd_sm90_ws_kv: separate K and V rings of two stages
+# (at D=256, Q and three K+V stages of 64 keys would need 257 KiB of shared memory), mode 75
+# only, plain entries only (no _mods / _bm).
+SM90 = {64: (64, 3, 75), 128: (128, 2, 75), 192: (64, 2, 75), 256: (64, 2, 75)}
 SM90_SHIPPED = ((64, 128, 2, 11), (64, 64, 3, 11), (128, 128, 2, 11), (64, 64, 3, 75),
-                (128, 128, 2, 75))
+                (128, 128, 2, 75), (192, 64, 2, 75), (256, 64, 2, 75))
 # The score-modification entries (_mods: softcap, bias, ALiBi, bool mask; flex_attention's
 # score_mod) take the default configuration of their head dim. The block-sparse entries (_bm,
 # plain and with mods) need the thread block's query rows (64 per consumer warpgroup) to divide
@@ -145,6 +148,11 @@ SM90_EXPERIMENTAL = (
     (64, 128, 2, 27), (128, 128, 2, 27),
     (64, 64, 1, 75), (64, 128, 1, 75), (128, 64, 1, 75), (64, 128, 2, 75), (128, 64, 2, 75),
 )
+
+# D=256 with 80-key tiles (flash_fwd_sm90_ws_kv, 2 + 2 stages of 40 KiB: 225 KiB with Q, as
+# FlashAttention-3's hdim-256 tile): built on request, to be timed against (64, 2, 75)
+# (tools/gpu_d256_bench.py); ptxas 13.0 sm_90a: no spills.
+SM90_WIDE_EXPERIMENTAL = ((256, 80, 2, 75),)
 
 # The experimental Hopper schedules without warp specialisation (modes 0-3), relative to the
 # repository root: compiled only with tools/check_kernels.py --experimental or config=...
@@ -463,5 +471,6 @@ def _sm90_options(tma) -> list:
 def experimental() -> list:
     """Instances built only on request (``tools/check_kernels.py --experimental``): the
     earlier schedules and the option entries of the family the switch leaves off."""
-    return ([sm90(tn, c[0], c[1:]) for c in SM90_EXPERIMENTAL for tn in TYPES]
+    return ([sm90(tn, c[0], c[1:]) for c in SM90_EXPERIMENTAL + SM90_WIDE_EXPERIMENTAL
+             for tn in TYPES]
             + _sm90_options(not SM90_MODS_ON_TMA))
