@@ -30,8 +30,10 @@ NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc"
 
 @pytest.fixture
 def on_sm90(monkeypatch):
-    """``prob(...)``: a problem on a stand-in CuPy device of compute capability 9.0."""
+    """``prob(...)``: a problem on a stand-in CuPy device of compute capability 9.0, with the
+    switch of deterministic=True on the wgmma backward on."""
     monkeypatch.setattr(_params, "compute_capability", lambda: 90)
+    monkeypatch.setattr(instances, "SM90_BWD_DETERMINISTIC_ON", True)
     gpu = SimpleNamespace(__name__="cupy")
 
     def prob(dtype=np.float16, d=64, sq=200, sk=300, block_mask=None, **score):
@@ -193,3 +195,14 @@ def test_wgmma_dq_kernel_ptx(tmp_path):
         assert body.count("wgmma.mma_async") == 2 * (d // 16) + 4, d
         for op in ("atom", "red", "cp.reduce", "cp.async.bulk"):
             assert not re.search(rf"^\s*{re.escape(op)}\.", body, re.M), (d, op)
+
+
+def test_deterministic_waits_for_its_switch(on_sm90, monkeypatch):
+    """Off (the default until a GPU run has passed the tests), deterministic=True is refused
+    with the switch's name, so the table takes cupy.sm80's deterministic backward; requests
+    without it are unaffected."""
+    monkeypatch.setattr(instances, "SM90_BWD_DETERMINISTIC_ON", False)
+    prob = on_sm90(causal=True)
+    why = k90b.supports(prob, {"deterministic": True}, "backward")
+    assert why is not None and "SM90_BWD_DETERMINISTIC_ON" in why
+    assert k90b.supports(prob, {}, "backward") is None

@@ -9,7 +9,7 @@ import pytest
 
 from xattn import _backends
 from xattn._array import validate_attention
-from xattn._backends.cupy_ import _params
+from xattn._backends.cupy_ import _params, instances
 
 
 def _prob(b=(2,), hq=4, hkv=2, sq=5, sk=7, d=6, dv=None, **options):
@@ -222,7 +222,10 @@ def test_sm90_backward_refusals_name_their_reason(monkeypatch):
     assert "float16 and bfloat16" in why(np.float32)
     assert "head_dim 96" in why(d=96, dv=96)
     assert "Dv 128" in why(d=64, dv=128)
-    # deterministic=True: the dK/dV-only twins of its entries + flash_bwd.cu's dq kernel.
+    # deterministic=True: the dK/dV-only twins of its entries + flash_bwd.cu's dq kernel, once
+    # its switch is on (off until a GPU run has passed their tests).
+    assert "SM90_BWD_DETERMINISTIC_ON" in why(opts={"deterministic": True})
+    monkeypatch.setattr(instances, "SM90_BWD_DETERMINISTIC_ON", True)
     assert why(opts={"deterministic": True}) is None
     assert "return_dbias" in why(opts={"return_dbias": True})
     bias = np.zeros((5, 5), np.float32)

@@ -176,6 +176,10 @@ def main(argv=None):
     ap.add_argument("--san", action="store_true", help="the sanitizer workload only")
     ap.add_argument("--precompile", action="store_true", help="build the cubins only")
     args = ap.parse_args(argv)
+    # The entries under test are behind their switch until this check has passed on a GPU.
+    from xattn._backends.cupy_ import instances
+
+    instances.SM90_WIDE_ON = True
     if args.san:
         return sanitizer_workload()
     if args.precompile:

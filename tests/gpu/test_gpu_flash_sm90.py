@@ -383,14 +383,23 @@ def test_wide_head_dim_options(dtype, d, case):
         assert bool(cp.all(cp.isneginf(lse[..., : sq - sk])))
 
 
-def test_d256_dispatch():
-    """auto and "cupy" run the wgmma kernel's D = 256 entry for the plain options; score mods
-    and block masks at D = 256 (and 192) are refused with a reason naming the head dim and go
-    to cupy.sm80 (and are still right)."""
+def test_d256_dispatch(monkeypatch):
+    """With its switch on, auto and "cupy" run the wgmma kernel's D = 256 entry for the plain
+    options; score mods and block masks at D = 256 (and 192) are refused with a reason naming
+    the head dim and go to cupy.sm80 (and are still right). Off, cupy.sm80 serves D = 256."""
     import logging
 
     import xattn
     from xattn import _backends
+    from xattn._backends.cupy_ import instances
+
+    rng = np.random.default_rng(255)
+    q, k, v = _inputs(rng, "float16", b=1, sq=30, sk=41, d=256)
+    plain = validate_attention(q, k, v, causal=True)
+    monkeypatch.setattr(instances, "SM90_WIDE_ON", False)
+    assert "SM90_WIDE_ON" in k90.supports(plain, {}, "forward")
+    assert _backends.explain(plain, {})["backend"] == "cupy.sm80"
+    monkeypatch.setattr(instances, "SM90_WIDE_ON", True)
 
     rng = np.random.default_rng(256)
     q, k, v = _inputs(rng, "float16", b=1, sq=300, sk=421, d=256)

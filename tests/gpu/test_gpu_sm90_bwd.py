@@ -39,6 +39,16 @@ pytestmark = [
 ENTRY = "cupy.sm90_bwd"
 
 
+@pytest.fixture(autouse=True)
+def _deterministic_switch(request, monkeypatch):
+    """The det tests run with deterministic=True's switch on (instances.py: off by default
+    until these tests have passed on a GPU)."""
+    if "det" in request.node.name:
+        from xattn._backends.cupy_ import instances
+
+        monkeypatch.setattr(instances, "SM90_BWD_DETERMINISTIC_ON", True)
+
+
 def _check(case, q, k, v, **opts):
     rng = np.random.default_rng(zlib.crc32(case.encode()) + 1)
     out, lse = xattn.flash_attention(q, k, v, return_lse=True, **opts)
@@ -98,14 +108,20 @@ def test_sm90_backward_matches_the_mma_sync_backward():
         assert err <= 2e-2 * scale, f"{name}: max |sm90 - sm80| {err:.3g} (max |sm80| {scale:.3g})"
 
 
-def test_auto_takes_the_sm90_backward_and_it_refuses_with_reasons():
+def test_auto_takes_the_sm90_backward_and_it_refuses_with_reasons(monkeypatch):
     rng = np.random.default_rng(94)
     q, k, v = _inputs(rng, "float16", sq=40, sk=50, d=64)
     prob = validate_attention(q, k, v, causal=True)
     assert ENTRY not in _backends.OPT_IN
     assert _backends.explain(prob, {}, "auto", op="backward")["backend"] == ENTRY
     assert _backends.explain(prob, {}, ENTRY, op="backward")["backend"] == ENTRY
-    # deterministic=True is served too (its _nodq entries + flash_bwd.cu's dq kernel).
+    # deterministic=True is served too (its _nodq entries + flash_bwd.cu's dq kernel), once its
+    # switch is on; off, cupy.sm80 serves it.
+    assert _backends.explain(prob, {"deterministic": True}, "auto",
+                             op="backward")["backend"] == "cupy.sm80"
+    from xattn._backends.cupy_ import instances
+
+    monkeypatch.setattr(instances, "SM90_BWD_DETERMINISTIC_ON", True)
     assert _backends.explain(prob, {"deterministic": True}, "auto",
                              op="backward")["backend"] == ENTRY
     refusals = {

@@ -99,8 +99,9 @@ BACKENDS = {
             "cupy.sm90",
             "gpu",
             ".cupy_.flash_sm90",
-            "Hopper (sm_90a) warp-specialised wgmma forward, float16/bfloat16, D 64/128/192/256, "
-            "score mods and block masks of 128-row blocks at D 64/128 (flash_fwd_sm90.cu)",
+            "Hopper (sm_90a) warp-specialised wgmma forward, float16/bfloat16, D 64/128 (192/256 "
+            "behind instances.SM90_WIDE_ON), score mods, block masks of 128-row blocks "
+            "(flash_fwd_sm90.cu)",
             requires=("cupy",),
             fix=_CUPY_FIX,
         ),

@@ -146,6 +146,9 @@ def _options_reason(opts):
     unknown = sorted(k for k, v in opts.items() if v is not None and k != "deterministic")
     if unknown:
         return f"options {unknown} are not implemented in the sm_90a backward kernel"
+    if opts.get("deterministic") and not instances.SM90_BWD_DETERMINISTIC_ON:
+        return ("deterministic=True: the sm_90a backward's dK/dV-only entries have not run on a "
+                "GPU yet (instances.SM90_BWD_DETERMINISTIC_ON is off); cupy.sm80 serves it")
     return None
 
 

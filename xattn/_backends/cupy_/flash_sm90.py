@@ -84,6 +84,9 @@ def supports(prob, opts, op="forward"):
     if prob.d not in CONFIGS or prob.dv != prob.d:
         return (f"head_dim {prob.d} (Dv {prob.dv}): the sm_90a kernel has D = Dv in "
                 f"{sorted(CONFIGS)}")
+    if prob.d > 128 and not instances.SM90_WIDE_ON:
+        return (f"head_dim {prob.d}: the sm_90a kernel's entry is built but has not run on a "
+                "GPU yet (instances.SM90_WIDE_ON is off)")
     why = _plain_only_reason(prob)
     if why is not None:
         return why

@@ -34,10 +34,11 @@ __all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "DECODE", "DECODE_EXTRA",
            "DECODE_HEAD_DIMS", "FWD",
            "FWD_BM", "FWD_BM_MODS", "FWD_MODS", "HEAD_DIMS", "Instance", "SM90", "SM90_BM",
            "SM90_BM_MODS", "SM90_BM_MODS_TMA", "SM90_BM_TMA", "SM90_BWD_HEAD_DIMS",
-           "SM90_BWD_DQ_WGMMA", "SM90_BWD_TMA",
+           "SM90_BWD_DETERMINISTIC_ON", "SM90_BWD_DQ_WGMMA", "SM90_BWD_TMA",
            "SM90_BWD_TMA_DEFAULT",
            "SM90_BWD_VARIANTS", "SM90_EXPERIMENTAL", "SM90_MODS",
-           "SM90_MODS_ON_TMA", "SM90_MODS_TMA", "SM90_WIDE_EXPERIMENTAL", "TF32",
+           "SM90_MODS_ON_TMA", "SM90_MODS_TMA", "SM90_WIDE_EXPERIMENTAL", "SM90_WIDE_ON",
+           "TF32",
            "TF32X3", "bwd", "bwd_aux", "bwd_dq", "bwd_simt", "bwd_sm90", "bwd_sm90_dq",
            "decode",
            "experimental", "fwd", "fwd_simt", "shipped", "sm90", "tf32",
@@ -112,6 +113,12 @@ TF32X3_EXTRA = {64: ((8, 1, 32), (8, 1, 16), (4, 2, 16)), 128: ((4, 1, 32),)}
 # (at D=256, Q and three K+V stages of 64 keys would need 257 KiB of shared memory), mode 75
 # only, plain entries only (no _mods / _bm).
 SM90 = {64: (64, 3, 75), 128: (128, 2, 75), 192: (64, 2, 75), 256: (64, 2, 75)}
+# THE SWITCH of those two head dims: the kernel table routes D = 192 / 256 to the wgmma kernel
+# only when on. Off: built and compile-checked (0 spills), its GPU tests written
+# (tools/gpu_check_d256.sh), but no GPU was lent after it was written, so it has never run;
+# auto keeps cupy.sm80 for them until those tests pass (flash_sm90.forward and config= still
+# reach it).
+SM90_WIDE_ON = False
 SM90_SHIPPED = ((64, 128, 2, 11), (64, 64, 3, 11), (128, 128, 2, 11), (64, 64, 3, 75),
                 (128, 128, 2, 75), (192, 64, 2, 75), (256, 64, 2, 75))
 # The score-modification entries (_mods: softcap, bias, ALiBi, bool mask; flex_attention's
@@ -380,6 +387,12 @@ SM90_BWD_TMA_DEFAULT = {64: "tma", 128: "tma2"}
 # blocks of 64). Off until a GPU run has passed its tests and timed it faster
 # (tools/gpu_check_det.sh); flash_bwd_sm90.backward(..., dq_kernel="wgmma") runs it on request.
 SM90_BWD_DQ_WGMMA = False
+# THE SWITCH of deterministic=True on the Hopper backward as a whole (the _nodq entries and, with
+# SM90_BWD_DQ_WGMMA, the wgmma dq kernel): off, cupy.sm90_bwd refuses deterministic=True and
+# the table takes cupy.sm80's deterministic backward, as before these entries were written.
+# They compile without spills and pass the CPU tests, but no GPU was lent after they were
+# written (2026-12-05): on once tools/gpu_check_det.sh tests has passed.
+SM90_BWD_DETERMINISTIC_ON = False
 
 
 def decode(tn, d, cfg) -> Instance:
