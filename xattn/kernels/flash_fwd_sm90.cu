@@ -565,6 +565,102 @@ __device__ __forceinline__ void ws_produce_walk_tma(unsigned sK, unsigned sV, co
 }
 #endif
 
+// The consumer warpgroup's steps, shared by flash_fwd_sm90_ws and flash_fwd_sm90_ws_kv.
+// The consumer's running state before its first key tile.
+template <int D, int BN>
+__device__ __forceinline__ void consumer_init(float (&acc)[D / 2], float (&s)[BN / 2],
+                                              float (&m)[2], float (&l)[2]) {
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) s[i] = 0.f;
+    m[0] = m[1] = -XATTN_INF;
+    l[0] = l[1] = 0.f;
+}
+
+// S = Q K^T of one key tile (K at sK), issued and awaited.
+template <class T, int BM, int BN, int D>
+__device__ __forceinline__ void consumer_qk(float (&s)[BN / 2], float (&acc)[D / 2],
+                                            unsigned long long dq, unsigned sK) {
+    const unsigned long long dk = kmajor_desc<true, BN, D>(sK, 0);
+    fence_regs(s);
+    fence_regs(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks)
+        wgmma_ss(s, dq + kmajor_step<true, BM>(ks), dk + kmajor_step<true, BN>(ks),
+                 ks > 0 ? 1 : 0, T());
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(s);
+}
+
+// O += P V of the previous key tile (V described by dv), issued, not awaited.
+template <class T, int BN, int D>
+__device__ __forceinline__ void consumer_pv(float (&acc)[D / 2], unsigned (&pp)[BN / 16][4],
+                                            unsigned long long dv) {
+#pragma unroll
+    for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
+    fence_regs(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int j = 0; j < BN / 16; ++j)
+        wgmma_rs<1>(acc, pp[j], dv + mnmajor_step<true, D>(j), 1, T());
+    wgmma_commit();
+}
+
+// The online softmax of S while that P V runs, then the wait for it: P of this tile in pn,
+// the rescale factors in alpha (the caller releases the V stage, then consumer_take_p).
+template <class T, int BN, int D>
+__device__ __forceinline__ void consumer_softmax(float (&s)[BN / 2], float (&m)[2],
+                                                 float (&l)[2], float (&alpha)[2],
+                                                 unsigned (&pn)[BN / 16][4],
+                                                 float (&acc)[D / 2],
+                                                 unsigned (&pp)[BN / 16][4], float sl2) {
+    softmax_rows<BN>(s, m, l, alpha, sl2);
+    pack_p<T, BN>(pn, s);
+#pragma unroll
+    for (int j = 0; j < BN / 16; ++j) fence_regs(pn[j]);
+    fence_regs(alpha);
+    fence_regs(m);
+    fence_regs(l);
+    wgmma_wait<0>();
+    fence_regs(acc);
+#pragma unroll
+    for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
+}
+
+// The accumulator rescaled for this tile's maximum, and its P kept for the next P V.
+template <int BN, int D>
+__device__ __forceinline__ void consumer_take_p(float (&acc)[D / 2], const float (&alpha)[2],
+                                                unsigned (&pp)[BN / 16][4],
+                                                const unsigned (&pn)[BN / 16][4]) {
+    rescale<D>(acc, alpha);
+#pragma unroll
+    for (int j = 0; j < BN / 16; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) pp[j][e] = pn[j][e];
+}
+
+// The last tile's P V, issued and awaited.
+template <class T, int BN, int D>
+__device__ __forceinline__ void consumer_last_pv(float (&acc)[D / 2],
+                                                 unsigned (&pp)[BN / 16][4],
+                                                 unsigned long long dv) {
+    fence_regs(acc);
+#pragma unroll
+    for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
+    wgmma_fence();
+#pragma unroll
+    for (int j = 0; j < BN / 16; ++j)
+        wgmma_rs<1>(acc, pp[j], dv + mnmajor_step<true, D>(j), 1, T());
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(acc);
+#pragma unroll
+    for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
+}
+
 // Warp-specialised schedule (mode bit 3, after FlashAttention-3): warpgroup 0 is a producer
 // that only copies K/V blocks into a ring of WS_ST stages (cp.async, 128-byte swizzle) and
 // gives its registers to the NWG consumer warpgroups (setmaxnreg); the consumers run the
@@ -678,13 +774,8 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
     const int wq0 = q0 + cwg * 64;
     const unsigned short* Qg = a.q + bh * sq * D;
 
-    float acc[D / 2];
-    float s[BN / 2];
-#pragma unroll
-    for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i) s[i] = 0.f;
-    float m[2] = {-XATTN_INF, -XATTN_INF}, l[2] = {0.f, 0.f};
+    float acc[D / 2], s[BN / 2], m[2], l[2];
+    consumer_init<D, BN>(acc, s, m, l);
     // With score mods the scores are scaled before them (natural units): the softmax only
     // converts to base 2.
     const float sl2 = MODS ? XATTN_LOG2E : a.scale * XATTN_LOG2E;
@@ -724,17 +815,7 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
                 named_sync<3, NC>();
         }
 
-        const unsigned long long dk = kmajor_desc<true, BN, D>(sKa + st * TILE, 0);
-        fence_regs(s);
-        fence_regs(acc);
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks)
-            wgmma_ss(s, dq + kmajor_step<true, BM>(ks), dk + kmajor_step<true, BN>(ks),
-                     ks > 0 ? 1 : 0, T());
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(s);
+        consumer_qk<T, BM, BN, D>(s, acc, dq, sKa + st * TILE);
         // The element passes of the plain entries run before the P V issue (their measured
         // schedule); those of the _mods / _bm entries after it, while P V runs (they write s
         // only, no operand of that wgmma), in the order mods, visibility, block mask.
@@ -747,14 +828,7 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
 #pragma unroll
             for (int j = 0; j < BN / 16; ++j) pp[j][0] = pp[j][1] = pp[j][2] = pp[j][3] = 0u;
         }
-#pragma unroll
-        for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
-        fence_regs(acc);
-        wgmma_fence();
-#pragma unroll
-        for (int j = 0; j < BN / 16; ++j)
-            wgmma_rs<1>(acc, pp[j], dv + mnmajor_step<true, D>(j), 1, T());
-        wgmma_commit();
+        consumer_pv<T, BN, D>(acc, pp, dv);
         if constexpr (PP) {
             if (cwg == 0)
                 named_arrive<3, NC>();
@@ -771,25 +845,11 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
         }
 
         float alpha[2];
-        softmax_rows<BN>(s, m, l, alpha, sl2);
         unsigned pn[BN / 16][4];
-        pack_p<T, BN>(pn, s);
-#pragma unroll
-        for (int j = 0; j < BN / 16; ++j) fence_regs(pn[j]);
-        fence_regs(alpha);
-        fence_regs(m);
-        fence_regs(l);
-        wgmma_wait<0>();
-        fence_regs(acc);
-#pragma unroll
-        for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
+        consumer_softmax<T, BN, D>(s, m, l, alpha, pn, acc, pp, sl2);
         // V of block kb - 1 is read (the wait above is warpgroup-wide): one arrival per warp.
         if (!first && lane == 0) mbar_arrive(emptyb + pst * 8);
-        rescale<D>(acc, alpha);
-#pragma unroll
-        for (int j = 0; j < BN / 16; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) pp[j][e] = pn[j][e];
+        consumer_take_p<BN, D>(acc, alpha, pp, pn);
     };
     int nvis = nkb;  // tiles visited
     if constexpr (SPARSE) {
@@ -800,21 +860,9 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
     } else {
         for (int i = 0; i < nkb; ++i) step(i, kb0 + i, -1);
     }
-    if (nvis > 0) {
-        const unsigned long long dv = mnmajor_desc<true, BN, D>(sVa + ((nvis - 1) % WS_ST) * TILE);
-        fence_regs(acc);
-#pragma unroll
-        for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
-        wgmma_fence();
-#pragma unroll
-        for (int j = 0; j < BN / 16; ++j)
-            wgmma_rs<1>(acc, pp[j], dv + mnmajor_step<true, D>(j), 1, T());
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(acc);
-#pragma unroll
-        for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
-    }
+    if (nvis > 0)
+        consumer_last_pv<T, BN, D>(acc, pp,
+                                   mnmajor_desc<true, BN, D>(sVa + ((nvis - 1) % WS_ST) * TILE));
     if constexpr (PP) {
         if (cwg == 0) named_sync<2, NC>();  // takes warpgroup 1's last hand-over
     }
@@ -940,13 +988,8 @@ __device__ __forceinline__ void flash_fwd_sm90_ws_kv(const FwdArgsTma& a) {
     const int wq0 = q0 + cwg * 64;
     const unsigned short* Qg = a.q + bh * sq * D;
 
-    float acc[D / 2];
-    float s[BN / 2];
-#pragma unroll
-    for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i) s[i] = 0.f;
-    float m[2] = {-XATTN_INF, -XATTN_INF}, l[2] = {0.f, 0.f};
+    float acc[D / 2], s[BN / 2], m[2], l[2];
+    consumer_init<D, BN>(acc, s, m, l);
     const float sl2 = a.scale * XATTN_LOG2E;
     const unsigned long long dq = kmajor_desc<true, BM, D>(sQa, cwg * 64);
 
@@ -966,17 +1009,7 @@ __device__ __forceinline__ void flash_fwd_sm90_ws_kv(const FwdArgsTma& a) {
     for (int i = 0; i < nkb; ++i) {
         const int kb = kb0 + i, ks = i % KST;
         mbar_wait(full_k + ks * 8, (i / KST) & 1);
-        const unsigned long long dk = kmajor_desc<true, BN, D>(sKa + ks * TILE, 0);
-        fence_regs(s);
-        fence_regs(acc);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk)
-            wgmma_ss(s, dq + kmajor_step<true, BM>(kk), dk + kmajor_step<true, BN>(kk),
-                     kk > 0 ? 1 : 0, T());
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(s);
+        consumer_qk<T, BM, BN, D>(s, acc, dq, sKa + ks * TILE);
         // K of block i is read (the wait is warpgroup-wide): one arrival per warp.
         if (lane == 0) mbar_arrive(empty_k + ks * 8);
         mask_tile<BN>(s, a, wq0, min(wq0 + 64, sq), kb * BN, warp, g, t4);
@@ -989,51 +1022,18 @@ __device__ __forceinline__ void flash_fwd_sm90_ws_kv(const FwdArgsTma& a) {
 #pragma unroll
             for (int j = 0; j < BN / 16; ++j) pp[j][0] = pp[j][1] = pp[j][2] = pp[j][3] = 0u;
         }
-#pragma unroll
-        for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
-        fence_regs(acc);
-        wgmma_fence();
-#pragma unroll
-        for (int j = 0; j < BN / 16; ++j)
-            wgmma_rs<1>(acc, pp[j], dv + mnmajor_step<true, D>(j), 1, T());
-        wgmma_commit();
+        consumer_pv<T, BN, D>(acc, pp, dv);
 
         float alpha[2];
-        softmax_rows<BN>(s, m, l, alpha, sl2);
         unsigned pn[BN / 16][4];
-        pack_p<T, BN>(pn, s);
-#pragma unroll
-        for (int j = 0; j < BN / 16; ++j) fence_regs(pn[j]);
-        fence_regs(alpha);
-        fence_regs(m);
-        fence_regs(l);
-        wgmma_wait<0>();
-        fence_regs(acc);
-#pragma unroll
-        for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
+        consumer_softmax<T, BN, D>(s, m, l, alpha, pn, acc, pp, sl2);
         if (!first && lane == 0) mbar_arrive(empty_v + vs * 8);
-        rescale<D>(acc, alpha);
-#pragma unroll
-        for (int j = 0; j < BN / 16; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) pp[j][e] = pn[j][e];
+        consumer_take_p<BN, D>(acc, alpha, pp, pn);
     }
     if (nkb > 0) {  // the last block's P V (its V may not have been awaited yet)
         const int vi = nkb - 1, vs = vi % VST;
         mbar_wait(full_v + vs * 8, (vi / VST) & 1);
-        const unsigned long long dv = mnmajor_desc<true, BN, D>(sVa + vs * TILE);
-        fence_regs(acc);
-#pragma unroll
-        for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
-        wgmma_fence();
-#pragma unroll
-        for (int j = 0; j < BN / 16; ++j)
-            wgmma_rs<1>(acc, pp[j], dv + mnmajor_step<true, D>(j), 1, T());
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(acc);
-#pragma unroll
-        for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
+        consumer_last_pv<T, BN, D>(acc, pp, mnmajor_desc<true, BN, D>(sVa + vs * TILE));
     }
     write_out<T, D>(a, acc, m, l, bh, wq0, warp, g, t4);
 #else
