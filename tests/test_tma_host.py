@@ -269,3 +269,38 @@ def test_mode75_entries_compile_without_spills():
         for arch in ("sm_80", "sm_90a"):
             r = res[(i.name, arch)]
             assert r["spill_st"] == r["spill_ld"] == r["stack"] == 0, (i.name, arch, r)
+
+
+def test_short_span_rule(monkeypatch):
+    """instances.SM90_SHORT (one consumer warpgroup for short key spans): off by default, the
+    default configuration everywhere; on, the mean visible keys per query row pick it for
+    windows and short causal or full rows, never for score mods."""
+    from xattn._array import validate_attention
+    from xattn._backends.cupy_ import flash_sm90
+
+    def prob(s, d, **score):
+        x = np.zeros((1, 2, s, d), np.float16)
+        return validate_attention(x, x, x, **score)
+
+    cases = {  # (S, D, options) -> config with the switch on
+        (65536, 64, (("window", (256, 256)),)): (64, 1, 75),
+        (1024, 64, (("causal", True),)): (128, 1, 75),
+        (1024, 64, ()): (128, 1, 75),
+        (4096, 64, (("causal", True),)): (64, 3, 75),
+        (4096, 64, ()): (64, 3, 75),
+        (1024, 128, (("causal", True),)): (64, 1, 75),
+        (1024, 128, ()): (128, 2, 75),
+        (4096, 128, (("causal", True), ("window", (300, None)))): (64, 1, 75),
+    }
+    assert flash_sm90.mean_span(prob(1024, 64, causal=True)) == 512.5
+    assert flash_sm90.mean_span(prob(2048, 64, window=(100, 20))) == 121
+    assert flash_sm90.mean_span(prob(2048, 64, causal=True, window=(100, 20))) == 101
+    assert not instances.SM90_SHORT_ON
+    for s, d, opts in cases:
+        p = prob(s, d, **dict(opts))
+        assert flash_sm90.launch_config(p) == instances.SM90[d], (s, d, opts)
+    monkeypatch.setattr(instances, "SM90_SHORT_ON", True)
+    for (s, d, opts), want in cases.items():
+        assert flash_sm90.launch_config(prob(s, d, **dict(opts))) == want, (s, d, opts)
+    capped = prob(1024, 64, causal=True, softcap=5.0)
+    assert flash_sm90.launch_config(capped) == flash_sm90.MODS_CONFIGS[64]

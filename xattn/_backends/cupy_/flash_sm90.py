@@ -26,7 +26,8 @@ from . import _compile, _params, instances
 from ._compile import compiled_function
 
 __all__ = ["BUILT", "CONFIGS", "PLAIN_ONLY", "compiled_function", "entry_maps", "forward",
-           "get_kernel", "launch_config", "precompile", "smem_bytes", "supports", "threads"]
+           "get_kernel", "launch_config", "mean_span", "precompile", "short_config",
+           "smem_bytes", "supports", "threads"]
 
 # Per head dim: (keys per block BN, consumer warpgroups per block, mode), from the one list of
 # every compiled entry (instances.py). 64 query rows per warpgroup. Mode bit 0 (overlap): block
@@ -179,6 +180,31 @@ def forward(prob, q, k, v, *, allow_tf32=False, config=None):
         return _forward(prob, q, k, v, config)
 
 
+def mean_span(prob) -> float:
+    """The mean number of keys a query row may see under the causal rule and the window
+    (bottom-right: query i sits at key position i + Sk - Sq), ignoring the sequence ends'
+    clipping of a window: the work per query block, in keys."""
+    sk, sq = prob.sk, prob.sq
+    wl, wr = prob.window if prob.window is not None else (None, None)
+    right = 0 if prob.causal else None
+    if wr is not None:
+        right = wr if right is None else min(right, wr)
+    if wl is not None and right is not None:
+        return float(max(0, min(sk, wl + right + 1)))
+    if wl is None and right == 0:  # causal: row i sees Sk - Sq + i + 1 keys
+        return float(max(0.0, min(sk, sk - sq + (sq + 1) / 2)))
+    return float(sk)
+
+
+def short_config(prob):
+    """The one-consumer configuration of :data:`instances.SM90_SHORT` when its switch is on
+    and the problem's mean key span is short enough, else None (plain entries only)."""
+    rule = instances.SM90_SHORT.get(prob.d)
+    if not instances.SM90_SHORT_ON or rule is None or mean_span(prob) > rule[0]:
+        return None
+    return rule[1] if prob.window is not None else rule[2]
+
+
 def launch_config(prob, config=None):
     """The ``(BN, warpgroups, mode)`` that serves ``prob``: ``config`` checked, or the default
     of its entry kind (plain, score mods, block mask: the tables above)."""
@@ -191,8 +217,10 @@ def launch_config(prob, config=None):
         cfg = tuple(config)
     elif sparse:
         cfg = block_mask_config(d, prob.block_mask.block_size, mods)
+    elif mods:
+        cfg = MODS_CONFIGS[d]
     else:
-        cfg = MODS_CONFIGS[d] if mods else CONFIGS[d]
+        cfg = short_config(prob) or CONFIGS[d]
     if (d, *cfg) not in BUILT and not ((mods or sparse) and cfg[2] in MODS_MODES):
         raise ValueError(f"config {cfg} for D={d} is not built; built: {sorted(BUILT)}")
     if (mods or sparse) and cfg[2] not in MODS_MODES:

@@ -37,7 +37,8 @@ __all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "DECODE", "DECODE_EXTRA",
            "SM90_BWD_DETERMINISTIC_ON", "SM90_BWD_DQ_WGMMA", "SM90_BWD_TMA",
            "SM90_BWD_TMA_DEFAULT",
            "SM90_BWD_VARIANTS", "SM90_EXPERIMENTAL", "SM90_MODS",
-           "SM90_MODS_ON_TMA", "SM90_MODS_TMA", "SM90_WIDE_EXPERIMENTAL", "SM90_WIDE_ON",
+           "SM90_MODS_ON_TMA", "SM90_MODS_TMA", "SM90_SHORT", "SM90_SHORT_ON",
+           "SM90_WIDE_EXPERIMENTAL", "SM90_WIDE_ON",
            "TF32",
            "TF32X3", "bwd", "bwd_aux", "bwd_dq", "bwd_simt", "bwd_sm90", "bwd_sm90_dq",
            "decode",
@@ -155,6 +156,20 @@ SM90_EXPERIMENTAL = (
     (64, 128, 2, 27), (128, 128, 2, 27),
     (64, 64, 1, 75), (64, 128, 1, 75), (128, 64, 1, 75), (64, 128, 2, 75), (128, 64, 2, 75),
 )
+# Short key spans: one consumer warpgroup (NWG = 1: two thread blocks an SM, so that one
+# block's chain of Q K^T, softmax and P V runs beside the other's), per head dim: (largest mean
+# visible keys per query row, configuration for a window, configuration otherwise). From one
+# run on an H100 (2026-12-05, fp16, B*S = 16384, Hq*D = 2048, do_bench, each against the
+# default in the same process, TFLOP/s): D = 64 window +-256 at S = 65536 (64, 1, 75) 224.6
+# against 191.6 (+17 %); S = 1024 causal 238.7 against 196.9 (+21 %), full (128, 1, 75) 348.4
+# against 309.5 (+13 %); at S = 4096 both slower than the default (357 / 383 against 395).
+# D = 128: S = 1024 causal (64, 1, 75) 312.2 against 299.2 (+4 %), full 375.9 against 451.8.
+SM90_SHORT = {64: (1024, (64, 1, 75), (128, 1, 75)), 128: (640, (64, 1, 75), (64, 1, 75))}
+# THE SWITCH of that rule (flash_sm90.launch_config): off until these instances have passed
+# the GPU tests (tests/gpu/test_gpu_flash_sm90.py runs every built configuration) -- they were
+# timed, with outputs equal to the default's, but not tested, before the device was withdrawn.
+# On, they must move to SM90_SHIPPED (CI compiles those).
+SM90_SHORT_ON = False
 
 # D=256 with 80-key tiles (flash_fwd_sm90_ws_kv, 2 + 2 stages of 40 KiB: 225 KiB with Q, as
 # FlashAttention-3's hdim-256 tile): built on request, to be timed against (64, 2, 75)
