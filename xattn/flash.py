@@ -32,9 +32,9 @@ def _route(prob):
 
 
 # The host work of a call before its launch (validation, route, the kernel table's choice) per
-# call signature, reused while everything it reads is the same: on CuPy it was about half of a
-# call's ~140 microseconds of Python, more than a short kernel runs (measured on an H100
-# host, 2026-12-05: benchmarks/gpu_flash.py's S=1024 rows timed it with the kernel).
+# call signature, reused while everything it reads is the same: on CuPy it was about 40 % of a
+# call's ~140 microseconds of Python (cProfile on an H100 machine's host, 2026-12-05), time
+# that benchmarks/gpu_flash.py's do_bench rows counted beside the kernel.
 _PLANNED: dict = {}
 _PLAIN = (int, float, bool)
 
