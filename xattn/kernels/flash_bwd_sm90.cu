@@ -738,17 +738,9 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const A& a) {
 constexpr int DQ_ROWS = 128;  // query rows per thread block (64 per warpgroup)
 constexpr int DQ_KEYS = 64;   // keys per step
 
-struct DqArgs {
-    const unsigned short* q;
-    const unsigned short* k;
-    const unsigned short* v;
-    const unsigned short* dout;
-    const float* lse;
-    const float* delta;
+// The main kernel's arguments (dq_accum, dk and dv unused: null) and dq.
+struct DqArgs : BwdArgs {
     unsigned short* dq;
-    int hq, group, sq, sk;
-    float scale;
-    int causal;
 };
 
 template <class T, int D>
@@ -982,7 +974,9 @@ __device__ __forceinline__ void dq_convert_core(const float* acc, unsigned short
         const unsigned short *dout, const float *lse, const float *delta, unsigned short *dq, \
         int hq, int group, int sq, int sk, float scale, int causal) {                         \
         xattn::sm90bwd::flash_bwd_sm90_dq_core<xattn::TN, D>(xattn::sm90bwd::DqArgs{          \
-            q, k, v, dout, lse, delta, dq, hq, group, sq, sk, scale, causal});                \
+            {q, k, v, dout, lse, delta, nullptr, nullptr, nullptr, hq, group, sq, sk, scale,   \
+             causal},                                                                         \
+            dq});                                                                             \
     }
 #define XATTN_BWD90_DQ_ONE(TN, D) XATTN_BWD90_DQ_ENTRY(TN, D)
 // Instantiation: the loader builds one module per entry with -D options, CI one translation

@@ -565,6 +565,17 @@ __device__ __forceinline__ void ws_produce_walk_tma(unsigned sK, unsigned sV, co
 }
 #endif
 
+// Thread 0's copy-engine start, after its mbarrier inits: the inits made visible to the copy
+// engine, the two tensor maps prefetched when the block has keys to load.
+template <class A>
+__device__ __forceinline__ void tma_start(const A& a, bool any) {
+    tma_mbar_init_fence();
+    if (any) {
+        tma_prefetch_desc(a.tk);
+        tma_prefetch_desc(a.tv);
+    }
+}
+
 // The consumer warpgroup's steps, shared by flash_fwd_sm90_ws and flash_fwd_sm90_ws_kv.
 // The consumer's running state before its first key tile.
 template <int D, int BN>
@@ -740,13 +751,7 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
             mbar_init(fullb + s * 8, TMA ? 1 : 128);
             mbar_init(emptyb + s * 8, NWG * 4);  // one arrival per consumer warp
         }
-        if constexpr (TMA) {
-            tma_mbar_init_fence();
-            if (nkb > 0) {
-                tma_prefetch_desc(a.tk);
-                tma_prefetch_desc(a.tv);
-            }
-        }
+        if constexpr (TMA) tma_start(a, nkb > 0);
     }
     __syncthreads();  // the only block-wide barrier: the mbarriers are initialised
 
@@ -966,11 +971,7 @@ __device__ __forceinline__ void flash_fwd_sm90_ws_kv(const FwdArgsTma& a) {
             mbar_init(full_v + s * 8, 1);
             mbar_init(empty_v + s * 8, NWG * 4);
         }
-        tma_mbar_init_fence();
-        if (nkb > 0) {
-            tma_prefetch_desc(a.tk);
-            tma_prefetch_desc(a.tv);
-        }
+        tma_start(a, nkb > 0);
     }
     __syncthreads();  // the only block-wide barrier: the mbarriers are initialised
 
