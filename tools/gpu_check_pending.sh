@@ -16,7 +16,8 @@
 #         (one block per SM slot against pairs x splits, with the batched merge)
 #   bash tools/gpu_check_pending.sh san     (< 4 min): d256, det, and the NWG = 1 entries
 # Then turn on the switches whose tests passed and whose figures beat what they replace
-# (xattn/_backends/cupy_/instances.py), and move SM90_SHORT's configurations to SM90_SHIPPED.
+# (xattn/_backends/cupy_/instances.py), move SM90_SHORT's configurations to SM90_SHIPPED, and
+# run the whole suite in one call: bash tools/gpu_suite.sh.
 set -u
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
