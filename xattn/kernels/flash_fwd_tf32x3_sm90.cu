@@ -1,0 +1,402 @@
+// Flash attention forward for float32 at float32 accuracy on Hopper (sm_90a): 3xTF32 on
+// warpgroup MMA (wgmma.mma_async m64nNk8 .tf32), the `cupy.tf32x3_sm90` entry.
+//
+// The arithmetic is flash_fwd_tf32.cu's X3 variant (the `cupy.tf32x3` entry on mma.sync):
+// every float32 operand x is split into hi = tf32(x) and lo = tf32(x - hi) (cvt.rna.tf32.f32;
+// x - hi is exact, Sterbenz; lo = 0 where hi == x, which keeps +-inf inputs +-inf), and each
+// product is taken as lo*hi' + hi*lo' + hi*hi' (lo*lo' dropped: about 2^-21 relative per
+// product instead of TF32's 2^-10). Two choices carry over from that kernel for the same
+// reason (the tensor cores truncate each float32 sum they write):
+//   S = Q K^T: hi*hi' chains into s (D / 8 wgmmas), the two small products into their own
+//     accumulator st (2 D / 8), added to s once per key tile on the CUDA cores;
+//   O += P V: each key tile's P V is summed from zero in ob (3 BN / 8 wgmmas, scale-d 0 on the
+//     first) and added to the output accumulator on the CUDA cores, so the truncation bias
+//     grows with BN, not with Sk.
+// The softmax weights P stay float32 (l sums them unrounded) and are split in registers.
+//
+// Schedule (flash_fwd_sm90.cu's flash_fwd_sm90_ws, simplified): one thread block = a producer
+// warpgroup (warpgroup 0) and NWG = 2 consumer warpgroups of 64 query rows each, a ring of
+// ST = 2 stages handed over by mbarriers:
+//   full[s]  (count 128, every producer thread): the thread's share of stage s is written and
+//            fenced for the async proxy (fence.proxy.async: st.shared is a generic-proxy write
+//            that wgmma reads through the async proxy);
+//   empty[s] (count 4 NWG, lane 0 of every consumer warp): the P V that reads stage s last
+//            has completed (wgmma.wait_group 0), so the producer may overwrite it.
+// Each consumer warpgroup runs its key tiles in order, without overlapping its own GEMMs and
+// softmax: the two consumers drift apart and the tensor cores serve one while the other runs
+// its softmax (the overlap of flash_fwd_sm90_ws -- the previous tile's P V issued before this
+// tile's softmax -- needs a second P fragment pair and the ob accumulator live at once, 64 +
+// 32 registers more: a later step once this one has run).
+//
+// Why the producer does the splitting (and not TMA): TF32 wgmma takes only K-major operands,
+// and in P V the GEMM's K is the key axis, so V must sit in shared memory transposed (D rows
+// of keys, keys contiguous) -- a layout no TMA box gives from (keys, D) rows -- and every
+// operand must be split into hi / lo anyway. The producer warpgroup loads K and V from global
+// memory (ld.global 16 bytes), splits in registers and stores hi and lo straight into their
+// swizzled tiles: one pass, no staging buffer. Per 64-key tile at D = 64 a producer thread
+// moves 16 float4 of K and V: 16 loads, 64 splits (cvt.rna + compare + sub + cvt.rna, about
+// 8 instructions each) and 32 16-byte stores, about 700 instructions -- against the
+// consumers' 144 wgmmas of 64x64x8 on that tile (at a third of the TF32 peak, ~5 us at D =
+// 64, far more than the producer's ~1-2 us including two load latencies), so the ring of 2
+// stages is enough. Doing it in the consumers instead would put the same instructions on
+// the critical path of the GEMMs and need a barrier between the two consumer warpgroups per
+// tile.
+//
+// Shared memory (128-byte swizzle, descriptor layout type 1, each tile 1024-byte aligned): a
+// K-major tile of R rows x C floats is C / 32 panels of R rows x 128 bytes; the 16-byte chunk
+// c (4 floats) of row r sits at chunk c ^ (r % 8) of its row -- byte for byte the 16-bit
+// layout of flash_fwd_sm90.cu with twice the elements per chunk, so its descriptors serve:
+// SBO 1024 (next 8 rows), a k-step of 8 TF32 = 32 bytes inside a panel (kmajor_step).
+//   Q hi, Q lo      BM x D      (rows = queries, K = head dim)
+//   K hi, K lo      BN x D      per stage (rows = keys,    K = head dim)
+//   Vt hi, Vt lo    D x BN      per stage (rows = head dim, K = keys)
+// D = 64, BN = 64: Q 64 KiB + 2 stages x 64 KiB = 192 KiB (+ 1 KiB for the alignment).
+//
+// P as the A operand from registers: the score accumulator holds, per thread, keys 8 j + 2 t
+// and 8 j + 2 t + 1 of rows g and g + 8 for each 8-key chunk j, while the A fragment of
+// m64k8 wants k = t and k = t + 4. As in flash_fwd_tf32.cu, the order of the keys inside each
+// 8-key group is permuted: k position t <-> key 2 t, position t + 4 <-> key 2 t + 1, so that
+// a0..a3 = s[4 j + 0], s[4 j + 2], s[4 j + 1], s[4 j + 3] (no shuffles), and the producer
+// writes Vt with the same permutation (its row d, position 4 par + u of group j holds key
+// 8 j + 2 u + par). The dot product over the keys is unchanged.
+//
+// Layout (contiguous): q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D), out like q, all float32;
+// lse (B, Hq, Sq) float32 natural log. GQA: query head h reads kv head h / group. Bottom-right
+// alignment: query i sits at key position i + (Sk - Sq). Options: causal, window, scale, GQA,
+// lse (the masking rules of masking.cuh through flash_fwd_sm90.cu's mask_tile). Rows past the
+// sequence ends are zero-filled (K, V: so a hidden key contributes 0 * 0, never NaN).
+//
+// No CUDA headers; the local headers are inlined by the loader. Compiled for sm_90a only
+// (XATTN_SM90_OK); for other targets the entry traps.
+// Entry points: flash_fwd_tf32x3_sm90_d<D>_n<BN> (the end of this file).
+
+#define XATTN90_NO_ENTRIES 1
+#include "flash_fwd_sm90.cu"
+
+namespace xattn::sm90x3 {
+
+using namespace xattn::sm90;
+
+struct Args {
+    const float* q;
+    const float* k;
+    const float* v;
+    float* o;
+    float* lse;
+    int hq, group, sq, sk;
+    float scale;
+    int causal, wl, wr;  // window sides, -1 = unbounded
+};
+
+// float32 -> TF32 (the float32 bit pattern with the low 13 mantissa bits cleared), rounded to
+// nearest with ties away from zero, as the tensor core expects its .tf32 operands.
+__device__ __forceinline__ unsigned tf32(float x) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+    return r;
+}
+
+// x = hi + lo, both TF32; lo = 0 where hi == x (exact, or +-inf: inf - inf would be NaN).
+__device__ __forceinline__ void split(float x, unsigned& hi, unsigned& lo) {
+    hi = tf32(x);
+    const float h = __uint_as_float(hi);
+    lo = h == x ? 0u : tf32(x - h);
+}
+
+__device__ __forceinline__ void st_shared4(unsigned addr, uint4 v) {
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y),
+                 "r"(v.z), "r"(v.w)
+                 : "memory");
+}
+
+// Byte offset of 16-byte chunk c (floats 4 c .. 4 c + 3) of row r in a K-major tile of R rows
+// (128-byte swizzle, panels of 32 floats).
+template <int R>
+__device__ __forceinline__ unsigned sw_off(int r, int c) {
+    return (unsigned)((c >> 3) * R * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4));
+}
+
+// Four floats split into the hi and lo tiles at the same offset.
+__device__ __forceinline__ void store_split(unsigned hi_tile, unsigned lo_tile, unsigned off,
+                                            float4 x) {
+    uint4 h, l;
+    split(x.x, h.x, l.x);
+    split(x.y, h.y, l.y);
+    split(x.z, h.z, l.z);
+    split(x.w, h.w, l.w);
+    st_shared4(hi_tile + off, h);
+    st_shared4(lo_tile + off, l);
+}
+
+__device__ __forceinline__ float4 load4(const float* p, bool ok) {
+    return ok ? __ldg(reinterpret_cast<const float4*>(p)) : make_float4(0.f, 0.f, 0.f, 0.f);
+}
+
+// ROWS rows of a (., D) float32 matrix from row0 on (rows >= limit read as zeros), split into
+// K-major hi / lo tiles by NT threads: thread tid takes chunks tid, tid + NT, ... (eight
+// consecutive threads write one 128-byte swizzled row segment: no bank conflict; their global
+// reads are 128 contiguous bytes). UNROLL loads are issued before their splits.
+template <int ROWS, int D, int NT, int UNROLL>
+__device__ __forceinline__ void split_rows(unsigned hi, unsigned lo, const float* g, int row0,
+                                           int limit, int tid) {
+    constexpr int CPR = D / 4;
+    constexpr int TOTAL = ROWS * CPR;
+    static_assert(TOTAL % (NT * UNROLL) == 0, "whole passes");
+#pragma unroll 1
+    for (int it = 0; it < TOTAL / NT; it += UNROLL) {
+        float4 x[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int i = (it + u) * NT + tid, r = i / CPR, c = i % CPR;
+            x[u] = load4(g + (long long)(row0 + r) * D + c * 4, row0 + r < limit);
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int i = (it + u) * NT + tid, r = i / CPR, c = i % CPR;
+            store_split(hi, lo, sw_off<ROWS>(r, c), x[u]);
+        }
+    }
+}
+
+// BN rows (keys) of V from row0 on, written transposed -- Vt (D rows x BN keys, K-major for
+// P V) -- with the keys of each 8-key group permuted (see the header) and split into hi / lo,
+// by the 128 producer threads. Job (panel pk, chunk ci, column block tc): Vt chunk
+// c = 8 pk + ci holds positions 4 c .. 4 c + 3 = keys 8 (c / 2) + 2 u + (c % 2), u = 0..3;
+// the thread loads those four key rows at columns 4 tc .. 4 tc + 3 and stores one chunk into
+// each of the Vt rows 4 tc .. 4 tc + 3. The eight threads of a quarter warp differ in ci only:
+// their stores hit eight distinct swizzled chunks of one row (no bank conflict), and a warp's
+// loads cover 8 rows x 64 contiguous bytes per u (whole 32-byte sectors).
+template <int BN, int D>
+__device__ __forceinline__ void split_v_transposed(unsigned hi, unsigned lo, const float* g,
+                                                   int row0, int limit, int tid) {
+    constexpr int TC = D / 4;
+    constexpr int JOBS = (BN / 32) * 8 * TC;
+    static_assert(JOBS % 128 == 0, "whole passes");
+#pragma unroll 1
+    for (int job = tid; job < JOBS; job += 128) {
+        const int ci = job & 7, tc = (job >> 3) % TC, pk = (job >> 3) / TC;
+        const int c = pk * 8 + ci;
+        const int key0 = row0 + (c >> 1) * 8 + (c & 1);
+        float4 x[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int key = key0 + 2 * u;
+            x[u] = load4(g + (long long)key * D + tc * 4, key < limit);
+        }
+        const int d0 = tc * 4;
+        store_split(hi, lo, sw_off<D>(d0 + 0, c), make_float4(x[0].x, x[1].x, x[2].x, x[3].x));
+        store_split(hi, lo, sw_off<D>(d0 + 1, c), make_float4(x[0].y, x[1].y, x[2].y, x[3].y));
+        store_split(hi, lo, sw_off<D>(d0 + 2, c), make_float4(x[0].z, x[1].z, x[2].z, x[3].z));
+        store_split(hi, lo, sw_off<D>(d0 + 3, c), make_float4(x[0].w, x[1].w, x[2].w, x[3].w));
+    }
+}
+
+// Epilogue: finish the row sums across the 4 lanes of a row, normalise, write out and lse.
+template <int D>
+__device__ __forceinline__ void write_out_f32(const Args& a, const float (&acc)[D / 2],
+                                              const float (&m)[2], const float (&l)[2],
+                                              long long bh, int wq0, int warp, int g, int t4) {
+    float* Og = a.o + bh * a.sq * D;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        float ls = l[hr];
+        ls += __shfl_xor_sync(0xffffffffu, ls, 1);
+        ls += __shfl_xor_sync(0xffffffffu, ls, 2);
+        const int qi = wq0 + warp * 16 + g + hr * 8;
+        const float inv = ls > 0.f ? 1.f / ls : 0.f;
+        if (qi < a.sq) {
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n)
+                *reinterpret_cast<float2*>(Og + (long long)qi * D + n * 8 + t4 * 2) =
+                    make_float2(acc[n * 4 + hr * 2] * inv, acc[n * 4 + hr * 2 + 1] * inv);
+            if (t4 == 0 && a.lse)
+                a.lse[bh * a.sq + qi] =
+                    ls > 0.f ? (m[hr] + __log2f(ls)) * XATTN_LN2 : -XATTN_INF;
+        }
+    }
+}
+
+template <int D, int BN>
+__device__ __forceinline__ void flash_fwd_tf32x3_sm90(const Args& a) {
+#if XATTN_SM90_OK
+    // D = 128 would need 384 KiB with this ring (Q hi / lo of 128 rows is 128 KiB alone).
+    static_assert(D == 64 && BN == 64, "shared memory is sized for D = 64, 64-key tiles");
+    constexpr int NWG = 2;
+    constexpr int BM = NWG * 64;
+    constexpr int NC = NWG * 128;  // consumer threads
+    constexpr int ST = 2;          // ring stages (K hi/lo + Vt hi/lo each)
+    constexpr unsigned QT = BM * D * 4, KT = BN * D * 4;  // bytes of one hi or lo tile
+    constexpr unsigned STAGE = 4 * KT;
+    // Registers (65536 for 384 threads): the producer keeps 56 (its 16-byte loads and splits
+    // in flight), the consumers take 224 each: 128 x 56 + 256 x 224 = 64512.
+    constexpr int PREGS = 56, CREGS = 224;
+
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    __shared__ __align__(8) unsigned long long bars[2 * ST];  // full[0..ST), empty[0..ST)
+    const unsigned sQh = (smem_u32(smem_raw) + 1023u) & ~1023u;  // 1 KiB more allocated
+    const unsigned sQl = sQh + QT;
+    const unsigned sS = sQl + QT;  // stage s: K hi, K lo, Vt hi, Vt lo at sS + s STAGE
+    const unsigned fullb = smem_u32(bars), emptyb = fullb + ST * 8;
+
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int qblk = gridDim.x - 1 - blockIdx.x;  // heavy (late, causal) query blocks first
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int sq = a.sq, sk = a.sk, off = sk - sq;
+    const int q0 = qblk * BM, q1 = min(q0 + BM, sq);
+    const int hkv = a.hq / a.group;
+    const long long bh = (long long)b * a.hq + h;
+    const long long kvh = ((long long)b * hkv + h / a.group) * sk * D;
+    int kb0, kb1;
+    xattn_key_blocks(q0, q1, off, sk, a.causal, a.wl, a.wr, BN, kb0, kb1);
+    const int nkb = kb1 > kb0 ? kb1 - kb0 : 0;
+
+    if (tid == 0) {
+#pragma unroll
+        for (int s = 0; s < ST; ++s) {
+            mbar_init(fullb + s * 8, 128);
+            mbar_init(emptyb + s * 8, NWG * 4);  // one arrival per consumer warp
+        }
+    }
+    __syncthreads();  // the only block-wide barrier: the mbarriers are initialised
+
+    if (wg == 0) {
+        // Producer: key tile kb0 + i into stage i % ST, once the stage's previous tile (i - ST)
+        // has been released by every consumer warp.
+        setmaxnreg_dec<PREGS>();
+        const float* Kg = a.k + kvh;
+        const float* Vg = a.v + kvh;
+        for (int i = 0; i < nkb; ++i) {
+            const int st = i % ST, row0 = (kb0 + i) * BN;
+            if (i >= ST) mbar_wait(emptyb + st * 8, ((i / ST) - 1) & 1);
+            const unsigned base = sS + st * STAGE;
+            split_rows<BN, D, 128, 4>(base, base + KT, Kg, row0, sk, tid);
+            split_v_transposed<BN, D>(base + 2 * KT, base + 3 * KT, Vg, row0, sk, tid);
+            fence_proxy_async();  // this thread's st.shared, visible to wgmma's async proxy
+            mbar_arrive(fullb + st * 8);
+        }
+        return;
+    }
+
+    // Consumers.
+    setmaxnreg_inc<CREGS>();
+    const int ctid = tid - 128, cwg = wg - 1;
+    const int wq0 = q0 + cwg * 64;
+
+    float acc[D / 2], ob[D / 2], s[BN / 2], st_[BN / 2], m[2], l[2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) acc[i] = ob[i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) s[i] = st_[i] = 0.f;
+    m[0] = m[1] = -XATTN_INF;
+    l[0] = l[1] = 0.f;
+    const float sl2 = a.scale * XATTN_LOG2E;
+    const unsigned long long dqh = kmajor_desc<true, BM, D>(sQh, cwg * 64);
+    const unsigned long long dql = kmajor_desc<true, BM, D>(sQl, cwg * 64);
+
+    if (nkb > 0) {
+        split_rows<BM, D, NC, 4>(sQh, sQl, a.q + bh * sq * D, q0, sq, ctid);
+        fence_proxy_async();
+        named_sync<1, NC>();  // Q hi / lo complete (consumers only; the producer never joins)
+    }
+
+    for (int i = 0; i < nkb; ++i) {
+        const int stg = i % ST, kb = kb0 + i;
+        const unsigned base = sS + stg * STAGE;
+        mbar_wait(fullb + stg * 8, (i / ST) & 1);
+
+        // S = Q K^T: small products into st_, hi*hi' into s (scale-d 0 on each chain's first).
+        const unsigned long long dkh = kmajor_desc<true, BN, D>(base, 0);
+        const unsigned long long dkl = kmajor_desc<true, BN, D>(base + KT, 0);
+        fence_regs(s);
+        fence_regs(st_);
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < D / 8; ++ks) {
+            const unsigned long long qs = kmajor_step<true, BM>(ks);
+            const unsigned long long kst = kmajor_step<true, BN>(ks);
+            wgmma_ss_tf32(st_, dql + qs, dkh + kst, ks > 0 ? 1 : 0);
+            wgmma_ss_tf32(st_, dqh + qs, dkl + kst, 1);
+            wgmma_ss_tf32(s, dqh + qs, dkh + kst, ks > 0 ? 1 : 0);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(s);
+        fence_regs(st_);
+#pragma unroll
+        for (int e = 0; e < BN / 2; ++e) s[e] += st_[e];
+
+        // Masking and the online softmax (flash_fwd_sm90.cu): s becomes p = 2^(s sl2 - m).
+        float alpha[2];
+        mask_tile<BN>(s, a, wq0, min(wq0 + 64, sq), kb * BN, warp, g, t4);
+        softmax_rows<BN>(s, m, l, alpha, sl2);
+        rescale<D>(acc, alpha);
+
+        // P split in registers, in the A fragment order (see the header): a0..a3 = s[4 j +
+        // 0, 2, 1, 3]. P is finite (or NaN from NaN inputs): no inf guard needed.
+        unsigned ph[BN / 8][4], pl[BN / 8][4];
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float p = s[j * 4 + (e & 1) * 2 + (e >> 1)];
+                ph[j][e] = tf32(p);
+                pl[j][e] = tf32(p - __uint_as_float(ph[j][e]));
+            }
+
+        // ob = P V of this tile, from zero (the scale-d 0 of its first wgmma).
+        const unsigned long long dvh = kmajor_desc<true, D, BN>(base + 2 * KT, 0);
+        const unsigned long long dvl = kmajor_desc<true, D, BN>(base + 3 * KT, 0);
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+            fence_regs(ph[j]);
+            fence_regs(pl[j]);
+        }
+        fence_regs(ob);
+        wgmma_fence();
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+            const unsigned long long vs = kmajor_step<true, D>(j);
+            wgmma_rs_tf32(ob, pl[j], dvh + vs, j > 0 ? 1 : 0);
+            wgmma_rs_tf32(ob, ph[j], dvl + vs, 1);
+            wgmma_rs_tf32(ob, ph[j], dvh + vs, 1);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(ob);
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+            fence_regs(ph[j]);
+            fence_regs(pl[j]);
+        }
+        // K and V of this stage are read (the wait above is warpgroup-wide): one arrival per
+        // warp.
+        if (lane == 0) mbar_arrive(emptyb + stg * 8);
+#pragma unroll
+        for (int e = 0; e < D / 2; ++e) acc[e] += ob[e];
+    }
+    write_out_f32<D>(a, acc, m, l, bh, wq0, warp, g, t4);
+#else
+    (void)a;
+    __trap();
+#endif
+}
+
+}  // namespace xattn::sm90x3
+
+// Launch (NWG + 1) * 128 = 384 threads, one block per SM (192 KiB of shared memory at D = 64).
+#define XATTN_TF32X3_SM90_ENTRY(D, BN)                                                      \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                    \
+        flash_fwd_tf32x3_sm90_d##D##_n##BN(const float* q, const float* k, const float* v,   \
+                                           float* o, float* lse, int hq, int group, int sq,  \
+                                           int sk, float scale, int causal, int wl, int wr) { \
+        xattn::sm90x3::flash_fwd_tf32x3_sm90<D, BN>(xattn::sm90x3::Args{                     \
+            q, k, v, o, lse, hq, group, sq, sk, scale, causal, wl, wr});                    \
+    }
+// One more expansion level so that -D values expand before ## pastes them.
+#define XATTN_TF32X3_SM90_ONE(D, BN) XATTN_TF32X3_SM90_ENTRY(D, BN)
+// Instantiation: the loader builds one module per entry with -D options, CI one translation
+// unit per file with one macro call per entry -- both from xattn/_backends/cupy_/instances.py.
+#if defined(XATTN_X3SM90_D)
+XATTN_TF32X3_SM90_ONE(XATTN_X3SM90_D, XATTN_X3SM90_BN)
+#endif
