@@ -1,0 +1,173 @@
+"""The host side of the 3xTF32 wgmma forward (``cupy.tf32x3_sm90``, flash_fwd_tf32x3_sm90.cu):
+its instance, shared memory, its switch and the routes while it is off -- on the CPU, with a
+stand-in CuPy device of compute capability 9.0; the entry's SASS (48 TF32 HGMMAs, the
+producer within its registers) where nvcc and nvdisasm exist. The GPU tests are in
+tests/gpu/test_gpu_flash_tf32x3_sm90.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from xattn import BlockMask, _backends
+from xattn._array import validate_attention
+from xattn._backends.cupy_ import _params, instances
+from xattn._backends.cupy_ import flash_tf32x3_sm90 as x3w
+
+ROOT = Path(__file__).resolve().parents[1]
+NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc"
+                                if Path("/usr/local/bin/nvcc").exists() else None)
+# Opt-in shared memory per block of an H100 / H200.
+SM90_SMEM = 227 * 1024
+
+
+@pytest.fixture
+def on_sm90(monkeypatch):
+    """``prob(...)``: a problem on a stand-in CuPy device of compute capability 9.0 with the
+    opt-in shared memory of an H100."""
+    monkeypatch.setattr(_params, "compute_capability", lambda: 90)
+    monkeypatch.setattr(x3w, "device_smem", lambda default: SM90_SMEM)
+    gpu = SimpleNamespace(__name__="cupy")
+
+    def prob(dtype=np.float32, d=64, sq=200, sk=300, block_mask=None, **score):
+        q = np.zeros((2, sq, d), dtype)
+        k = np.zeros((2, sk, d), dtype)
+        p = validate_attention(q, k, k, block_mask=block_mask, **score)
+        return dataclasses.replace(p, xp=gpu)
+
+    return prob
+
+
+def test_instance_is_shipped_and_named():
+    shipped = {i.name: i for i in instances.shipped()}
+    assert instances.TF32X3_SM90 == {64: 64}
+    inst = instances.tf32x3_sm90(64, 64)
+    assert inst.name == "flash_fwd_tf32x3_sm90_d64_n64"
+    assert inst.source == "flash_fwd_tf32x3_sm90.cu" and inst.arch == "sm_90a"
+    assert inst.defines == ("-DXATTN_X3SM90_D=64", "-DXATTN_X3SM90_BN=64")
+    assert inst.macro_call() == "XATTN_TF32X3_SM90_ONE(64, 64)"
+    assert shipped[inst.name] == inst and inst.ci
+    assert x3w.get_kernel.__module__ == x3w.__name__  # the launcher builds this very instance
+    assert x3w.CONFIGS is instances.TF32X3_SM90
+
+
+def test_shared_memory_fits_an_sm90_block():
+    # Q hi / lo (128 rows x 64 floats) and two stages of K hi / lo and Vt hi / lo (64 x 64).
+    q = 2 * 128 * 64 * 4
+    stage = 4 * 64 * 64 * 4
+    assert x3w.smem_bytes(64, 64) == q + 2 * stage + 1024 == 197632
+    assert x3w.smem_bytes(64, 64) <= SM90_SMEM
+    assert x3w.THREADS == 384 and x3w.BLOCK_ROWS == 128
+
+
+def test_switch_is_off_and_named_in_the_refusal(on_sm90):
+    assert instances.TF32X3_SM90_ON is False
+    why = x3w.supports(on_sm90(), {}, "forward")
+    assert "instances.TF32X3_SM90_ON is off" in why and "cupy.tf32x3 serves" in why
+    # The request itself is one the kernel would serve: only the switch refuses it.
+    assert x3w.request_reason(on_sm90(), {}, "forward") is None
+
+
+def test_serves_with_the_switch_on(on_sm90, monkeypatch):
+    monkeypatch.setattr(instances, "TF32X3_SM90_ON", True)
+    assert x3w.supports(on_sm90(), {}, "forward") is None
+    assert x3w.supports(on_sm90(causal=True), {}, "forward") is None
+    assert x3w.supports(on_sm90(window=(32, 8)), {"allow_tf32": True}, "forward") is None
+    q = np.zeros((2, 8, 70, 64), np.float32)
+    k = np.zeros((2, 2, 33, 64), np.float32)
+    gqa = dataclasses.replace(validate_attention(q, k, k, causal=True),
+                              xp=SimpleNamespace(__name__="cupy"))
+    assert x3w.supports(gqa, {}, "forward") is None
+
+
+@pytest.mark.parametrize("case, want", [
+    (dict(dtype=np.float16), "takes float32 inputs"),
+    (dict(d=128), "has D = Dv in [64]"),
+    (dict(d=32), "has D = Dv in [64]"),
+    (dict(softcap=30.0), "score modifications"),
+    (dict(alibi_slopes=np.ones(2, np.float32)), "score modifications"),
+    (dict(block_mask=BlockMask.causal(200, 300, block_size=(64, 64))), "block_mask"),
+])
+def test_refusals_name_the_reason(on_sm90, monkeypatch, case, want):
+    monkeypatch.setattr(instances, "TF32X3_SM90_ON", True)
+    assert want in x3w.supports(on_sm90(**case), {}, "forward")
+
+
+def test_refuses_backward_options_other_cards_and_numpy(on_sm90, monkeypatch):
+    monkeypatch.setattr(instances, "TF32X3_SM90_ON", True)
+    assert x3w.supports(on_sm90(), {}, "backward") == "the 3xTF32 wgmma kernel is forward only"
+    assert "not implemented" in x3w.supports(on_sm90(), {"plan": object()}, "forward")
+    monkeypatch.setattr(_params, "compute_capability", lambda: 80)
+    assert "runs on 9.0 only" in x3w.supports(on_sm90(), {}, "forward")
+    q = np.zeros((2, 8, 64), np.float32)
+    assert x3w.supports(validate_attention(q, q, q), {}, "forward") == \
+        "inputs are not CuPy arrays"
+    monkeypatch.setattr(_params, "compute_capability", lambda: 90)
+    monkeypatch.setattr(x3w, "device_smem", lambda default: 160 * 1024)
+    assert "needs 197632 bytes of shared memory" in x3w.supports(on_sm90(), {}, "forward")
+
+
+def test_forward_raises_for_what_its_code_does_not_cover(on_sm90):
+    with pytest.raises(NotImplementedError, match="score modifications"):
+        x3w.forward(on_sm90(softcap=5.0), None, None, None)
+    with pytest.raises(NotImplementedError, match="has D = Dv in"):
+        x3w.forward(on_sm90(d=96), None, None, None)
+    with pytest.raises(ValueError, match="64-key tiles only"):
+        x3w.forward(on_sm90(), None, None, None, config=(128,))
+
+
+def test_routes_unchanged_while_off():
+    """The entry sits right before cupy.tf32x3 (after cupy.tf32, which needs allow_tf32) and
+    every other entry keeps its place: with the entry refusing every request while its switch
+    is off, auto's walk reaches exactly the entries it reached before."""
+    order = _backends._PREFERENCE["gpu"]
+    assert order.index("cupy.tf32x3_sm90") == order.index("cupy.tf32x3") - 1
+    assert order.index("cupy.tf32") < order.index("cupy.tf32x3_sm90")
+    assert tuple(n for n in order if n != "cupy.tf32x3_sm90") == (
+        "cupy.sm90", "cupy.sm90_bwd", "cupy.sm80", "cupy.tf32", "cupy.tf32x3", "cupy.simt",
+        "cupy.decode", "generic")
+    alias = _backends.ALIASES["cupy"]
+    assert alias.index("cupy.tf32x3_sm90") == alias.index("cupy.tf32x3") - 1
+    assert "cupy.tf32x3_sm90" not in _backends.OPT_IN
+    assert _backends.BACKENDS["cupy.tf32x3_sm90"].device == "gpu"
+
+
+def test_disable_names_the_entry_exactly(monkeypatch):
+    monkeypatch.setenv("XATTN_DISABLE", "cupy.tf32x3")
+    assert _backends.disabled() == {"cupy.tf32x3"}  # not a prefix of cupy.tf32x3_sm90
+    monkeypatch.setenv("XATTN_DISABLE", "cupy.tf32x3_sm90")
+    assert _backends.disabled() == {"cupy.tf32x3_sm90"}
+
+
+def _nvdisasm():
+    for cand in (shutil.which("nvdisasm"), "/usr/local/cuda/bin/nvdisasm"):
+        if cand and Path(cand).exists():
+            return cand
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NVCC is None or _nvdisasm() is None, reason="needs nvcc and nvdisasm")
+def test_sass_has_the_tf32_wgmmas(tmp_path):
+    """48 TF32 HGMMAs a key tile (Q K^T: 3 x D / 8 from shared memory; P V: 3 x BN / 8 with A
+    from registers), and the producer's code after setmaxnreg.dec within its 56 registers."""
+    unit = tmp_path / "u.cu"
+    unit.write_text(f'#include "{ROOT / "xattn/kernels/flash_fwd_tf32x3_sm90.cu"}"\n'
+                    "XATTN_TF32X3_SM90_ONE(64, 64)\n")
+    cubin = tmp_path / "u.cubin"
+    subprocess.run([NVCC, "-std=c++17", "-arch=sm_90a", "-cubin", "-o", str(cubin), str(unit)],
+                   check=True, capture_output=True)
+    sass = subprocess.run([_nvdisasm(), "-c", str(cubin)], check=True, capture_output=True,
+                          text=True).stdout
+    hgmma = [ln for ln in sass.splitlines() if "HGMMA.64x64x8.F32.TF32" in ln]
+    assert len(hgmma) == 48
+    # P V: A from registers (a register operand before the descriptor).
+    assert sum(bool(re.search(r"TF32 R\d+, R\d+, gdesc", ln)) for ln in hgmma) == 24
+    assert "USETMAXREG.DEALLOC.CTAPOOL 0x38" in sass
