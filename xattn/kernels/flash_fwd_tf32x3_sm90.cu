@@ -158,32 +158,57 @@ __device__ __forceinline__ void split_rows(unsigned hi, unsigned lo, const float
     }
 }
 
-// BN rows (keys) of V from row0 on, written transposed -- Vt (D rows x BN keys, K-major for
-// P V) -- with the keys of each 8-key group permuted (see the header) and split into hi / lo,
-// by the 128 producer threads. Job (panel pk, chunk ci, column block tc): Vt chunk
-// c = 8 pk + ci holds positions 4 c .. 4 c + 3 = keys 8 (c / 2) + 2 u + (c % 2), u = 0..3;
-// the thread loads those four key rows at columns 4 tc .. 4 tc + 3 and stores one chunk into
-// each of the Vt rows 4 tc .. 4 tc + 3. The eight threads of a quarter warp differ in ci only:
-// their stores hit eight distinct swizzled chunks of one row (no bank conflict), and a warp's
-// loads cover 8 rows x 64 contiguous bytes per u (whole 32-byte sectors).
+// One key tile into a ring stage, by the 128 producer threads: K (BN rows x D) split into
+// K-major hi / lo tiles in split_rows's layout, and V written transposed -- Vt (D rows x BN keys,
+// K-major for P V) -- with the keys of each 8-key group permuted (see the header), split into
+// hi / lo. Rows >= limit read as zeros. Every load of the tile is issued before the first
+// split (16 float4 at D = BN = 64: 64 registers of the producer's 96), so a tile costs about
+// one load latency, not one per pass (ptxas interleaves the later loads with the first
+// stores, and hoists the first ones above the wait for the stage: they read global memory).
+//   K: chunk i = tid + 128 u (u < KU) is row i / (D / 4), columns 4 (i % (D / 4)) ...
+//   V: job = tid + 128 w (w < VU): Vt chunk c = 8 pk + ci (panel pk, ci = job % 8) holds
+//      positions 4 c .. 4 c + 3 = keys 8 (c / 2) + 2 u + (c % 2), u = 0..3; the thread loads
+//      those four key rows at columns 4 tc .. 4 tc + 3 (tc = job / 8 % (D / 4)) and stores one
+//      chunk into each of the Vt rows 4 tc .. 4 tc + 3. The eight threads of a quarter warp
+//      differ in ci only: their stores hit eight distinct swizzled chunks of one row (no bank
+//      conflict), and a warp's loads cover 8 rows x 64 contiguous bytes per u (whole sectors).
 template <int BN, int D>
-__device__ __forceinline__ void split_v_transposed(unsigned hi, unsigned lo, const float* g,
-                                                   int row0, int limit, int tid) {
-    constexpr int TC = D / 4;
-    constexpr int JOBS = (BN / 32) * 8 * TC;
-    static_assert(JOBS % 128 == 0, "whole passes");
-#pragma unroll 1
-    for (int job = tid; job < JOBS; job += 128) {
-        const int ci = job & 7, tc = (job >> 3) % TC, pk = (job >> 3) / TC;
-        const int c = pk * 8 + ci;
-        const int key0 = row0 + (c >> 1) * 8 + (c & 1);
-        float4 x[4];
+__device__ __forceinline__ void produce_tile(unsigned base, const float* Kg, const float* Vg,
+                                             int row0, int limit, int tid) {
+    constexpr int CPR = D / 4, TC = D / 4;
+    constexpr unsigned KT = BN * D * 4;
+    constexpr int KU = BN * CPR / 128;           // K chunks per thread
+    constexpr int VU = (BN / 32) * 8 * TC / 128;  // V jobs per thread (4 chunks each)
+    static_assert(BN * CPR % 128 == 0 && (BN / 32) * 8 * TC % 128 == 0, "whole passes");
+    static_assert(128 % CPR == 0 && 128 % (8 * TC) == 0, "a thread's column is fixed");
+    // A thread's K chunks lie 128 / CPR rows apart in one column, its V jobs one panel apart
+    // at the same (ci, tc): one base pointer each and immediate offsets (64-bit addresses per
+    // load would not fit the producer's registers beside the data).
+    constexpr int KSTEP = 128 / CPR;
+    const int kr = tid / CPR, ci = tid & 7, tc = (tid >> 3) % TC;
+    const float* kp = Kg + (long long)(row0 + kr) * D + (tid % CPR) * 4;
+    const int kleft = limit - row0 - kr;  // this thread's K rows inside the sequence: u KSTEP <
+    const int vkey = (ci >> 1) * 8 + (ci & 1);  // key of (u = 0, pk = 0), relative to row0
+    const float* vp = Vg + (long long)(row0 + vkey) * D + tc * 4;
+    const int vleft = limit - row0 - vkey;
+    float4 xk[KU], xv[VU][4];
+#pragma unroll
+    for (int u = 0; u < KU; ++u) xk[u] = load4(kp + u * KSTEP * D, u * KSTEP < kleft);
+#pragma unroll
+    for (int w = 0; w < VU; ++w)  // job w: panel pk = w * 128 / (8 TC), keys 32 pk further
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-            const int key = key0 + 2 * u;
-            x[u] = load4(g + (long long)key * D + tc * 4, key < limit);
+            const int rel = (w * 128 / (8 * TC)) * 32 + 2 * u;
+            xv[w][u] = load4(vp + rel * D, rel < vleft);
         }
-        const int d0 = tc * 4;
+#pragma unroll
+    for (int u = 0; u < KU; ++u)
+        store_split(base, base + KT, sw_off<BN>(kr + u * KSTEP, tid % CPR), xk[u]);
+#pragma unroll
+    for (int w = 0; w < VU; ++w) {
+        const int c = (w * 128 / (8 * TC)) * 8 + ci, d0 = tc * 4;  // chunk of panel pk
+        const unsigned hi = base + 2 * KT, lo = base + 3 * KT;
+        const float4(&x)[4] = xv[w];
         store_split(hi, lo, sw_off<D>(d0 + 0, c), make_float4(x[0].x, x[1].x, x[2].x, x[3].x));
         store_split(hi, lo, sw_off<D>(d0 + 1, c), make_float4(x[0].y, x[1].y, x[2].y, x[3].y));
         store_split(hi, lo, sw_off<D>(d0 + 2, c), make_float4(x[0].z, x[1].z, x[2].z, x[3].z));
@@ -227,9 +252,10 @@ __device__ __forceinline__ void flash_fwd_tf32x3_sm90(const Args& a) {
     constexpr int ST = 2;          // ring stages (K hi/lo + Vt hi/lo each)
     constexpr unsigned QT = BM * D * 4, KT = BN * D * 4;  // bytes of one hi or lo tile
     constexpr unsigned STAGE = 4 * KT;
-    // Registers (65536 for 384 threads): the producer keeps 56 (its 16-byte loads and splits
-    // in flight), the consumers take 224 each: 128 x 56 + 256 x 224 = 64512.
-    constexpr int PREGS = 56, CREGS = 224;
+    // Registers (65536 for 384 threads): the producer keeps 96 (a tile's 16 loads of 16 bytes
+    // are 64; at 88 ptxas 13.0 spilled), the consumers take 200 each (their code uses R0-R167
+    // under that cap): 128 x 96 + 256 x 200 = 63488.
+    constexpr int PREGS = 96, CREGS = 200;
 
     extern __shared__ __align__(128) unsigned char smem_raw[];
     __shared__ __align__(8) unsigned long long bars[2 * ST];  // full[0..ST), empty[0..ST)
@@ -269,9 +295,7 @@ __device__ __forceinline__ void flash_fwd_tf32x3_sm90(const Args& a) {
         for (int i = 0; i < nkb; ++i) {
             const int st = i % ST, row0 = (kb0 + i) * BN;
             if (i >= ST) mbar_wait(emptyb + st * 8, ((i / ST) - 1) & 1);
-            const unsigned base = sS + st * STAGE;
-            split_rows<BN, D, 128, 4>(base, base + KT, Kg, row0, sk, tid);
-            split_v_transposed<BN, D>(base + 2 * KT, base + 3 * KT, Vg, row0, sk, tid);
+            produce_tile<BN, D>(sS + st * STAGE, Kg, Vg, row0, sk, tid);
             fence_proxy_async();  // this thread's st.shared, visible to wgmma's async proxy
             mbar_arrive(fullb + st * 8);
         }
