@@ -175,3 +175,98 @@ def test_sass_has_the_tf32_wgmmas(tmp_path):
     producer = sass[sass.index("USETMAXREG.DEALLOC"):]
     assert len(re.findall(r"LDG\.E\.128", producer)) == 16
     assert "STL" not in sass and "LDL" not in sass
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel's index arithmetic, replayed in NumPy: the producer's and the consumers' stores
+# (sw_off, produce_tile's V jobs with the key permutation), read back the way wgmma reads a
+# K-major 128-byte-swizzled operand through a descriptor (kmajor_desc / kmajor_step), and the
+# register A fragment of P taken from the score accumulator. The products must equal Q K^T and
+# P V: a wrong chunk, swizzle, panel step or permutation breaks the equality.
+
+def _sw_off(rows, r, c):
+    """sw_off<R>(r, c): byte offset of 16-byte chunk c of row r in a K-major tile."""
+    return (c >> 3) * rows * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4)
+
+
+def _wgmma_read(tile, rows, ks, n_rows):
+    """The (n_rows x 8) operand slice that a wgmma of k-step ks reads from a K-major tile of
+    ``rows`` rows (float32 words of a byte-addressed buffer): start address advanced by
+    kmajor_step (32 bytes inside a panel, rows * 128 per panel), 8-row groups SBO = 1024
+    apart, 128 bytes per row, the hardware's XOR of address bits 4-6 with bits 7-9."""
+    step = (ks >> 2) * rows * 128 + (ks & 3) * 32
+    out = np.empty((n_rows, 8), np.float32)
+    for n in range(n_rows):
+        for k in range(8):
+            addr = step + (n >> 3) * 1024 + (n & 7) * 128 + 4 * k
+            addr ^= ((addr >> 7) & 7) << 4
+            out[n, k] = tile[addr // 4]
+    return out
+
+
+def test_index_arithmetic_replayed_in_numpy():
+    d = bn = 64
+    rng = np.random.default_rng(11)
+    kmat = rng.standard_normal((bn, d)).astype(np.float32)
+    vmat = rng.standard_normal((bn, d)).astype(np.float32)
+    qmat = rng.standard_normal((128, d)).astype(np.float32)
+
+    def store(rows, r, c, x, tile):
+        off = _sw_off(rows, r, c)
+        assert off % 16 == 0 and 0 <= off < tile.size * 4
+        tile[off // 4: off // 4 + 4] = x
+
+    # K (producer) and Q (consumers): chunk c of row r from global row r, columns 4c...
+    ktile = np.full(bn * d, np.nan, np.float32)
+    qtile = np.full(128 * d, np.nan, np.float32)
+    for tid in range(128):
+        cpr, kstep = d // 4, 128 // (d // 4)
+        for u in range(bn * cpr // 128):
+            r, c = tid // cpr + u * kstep, tid % cpr
+            store(bn, r, c, kmat[r, 4 * c: 4 * c + 4], ktile)
+    for i in range(128 * d // 4):
+        r, c = i // (d // 4), i % (d // 4)
+        store(128, r, c, qmat[r, 4 * c: 4 * c + 4], qtile)
+    # Vt (producer): job (ci, tc) of panel pk holds keys 8 (c / 2) + 2 u + c % 2 at row d.
+    vtile = np.full(d * bn, np.nan, np.float32)
+    tcn = d // 4
+    for tid in range(128):
+        ci, tc = tid & 7, (tid >> 3) % tcn
+        for w in range((bn // 32) * 8 * tcn // 128):
+            pk = w * 128 // (8 * tcn)
+            c = pk * 8 + ci
+            keys = [(c >> 1) * 8 + 2 * u + (c & 1) for u in range(4)]
+            for i in range(4):
+                store(d, tc * 4 + i, c, vmat[keys, tc * 4 + i], vtile)
+    assert not np.isnan(ktile).any() and not np.isnan(vtile).any() and not np.isnan(qtile).any()
+
+    # S = Q K^T of warpgroup 1 (rows 64..127: the descriptor starts 64 rows = 8 KiB in).
+    s = np.zeros((64, bn), np.float64)
+    for ks in range(d // 8):
+        a = _wgmma_read(qtile[64 * 128 // 4:], 128, ks, 64)  # 64 rows x 128 B = 8 KiB in
+        b = _wgmma_read(ktile, bn, ks, bn)
+        s += a.astype(np.float64) @ b.astype(np.float64).T
+    np.testing.assert_allclose(s, qmat[64:].astype(np.float64) @ kmat.T.astype(np.float64),
+                               rtol=1e-12, atol=1e-12)
+
+    # P V with A from registers: thread (warp, g, t) holds s[4 j + 2 hr + e] = P(16 warp + g +
+    # 8 hr, 8 j + 2 t + e); the fragment a0..a3 = s[4 j + 0, 2, 1, 3] is A(row, k) at (g, t),
+    # (g + 8, t), (g, t + 4), (g + 8, t + 4) (CUTLASS's ALayout_64x8).
+    p = rng.random((64, bn)).astype(np.float32)
+    o = np.zeros((64, d), np.float64)
+    for j in range(bn // 8):
+        a = np.empty((64, 8), np.float32)
+        for warp in range(4):
+            for g in range(8):
+                for t in range(4):
+                    acc = [p[16 * warp + g + 8 * hr, 8 * j + 2 * t + e]
+                           for hr in range(2) for e in range(2)]  # s[4 j + 2 hr + e]
+                    frag = (acc[0], acc[2], acc[1], acc[3])
+                    a[16 * warp + g, t] = frag[0]
+                    a[16 * warp + g + 8, t] = frag[1]
+                    a[16 * warp + g, t + 4] = frag[2]
+                    a[16 * warp + g + 8, t + 4] = frag[3]
+        b = _wgmma_read(vtile, d, j, d)  # B(n = d, k): Vt row d, k-step j
+        o += a.astype(np.float64) @ b.astype(np.float64).T
+    np.testing.assert_allclose(o, p.astype(np.float64) @ vmat.astype(np.float64),
+                               rtol=1e-12, atol=1e-12)
