@@ -71,6 +71,9 @@ def test_switch_is_off_and_named_in_the_refusal(on_sm90):
     assert instances.TF32X3_SM90_ON is False
     why = x3w.supports(on_sm90(), {}, "forward")
     assert "instances.TF32X3_SM90_ON is off" in why and "cupy.tf32x3 serves" in why
+    q = np.zeros((2, 8, 64), np.float32)  # host arrays: the first check of every GPU entry
+    assert x3w.supports(validate_attention(q, q, q), {}, "forward") == \
+        "inputs are not CuPy arrays"
     # The request itself is one the kernel would serve: only the switch refuses it.
     assert x3w.request_reason(on_sm90(), {}, "forward") is None
 

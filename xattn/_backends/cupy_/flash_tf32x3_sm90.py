@@ -50,8 +50,10 @@ def smem_bytes(d: int, bn: int) -> int:
 
 
 def supports(prob, opts, op="forward"):
-    """``None`` when this kernel serves the request, else the reason (first of all its switch,
-    :data:`instances.TF32X3_SM90_ON`)."""
+    """``None`` when this kernel serves the request, else the reason: host arrays, then its
+    switch (:data:`instances.TF32X3_SM90_ON`), then the request's checks."""
+    if prob.xp.__name__ != "cupy":
+        return "inputs are not CuPy arrays"
     if not instances.TF32X3_SM90_ON:
         return (f"{WHAT} is built but has not run on a GPU yet (instances.TF32X3_SM90_ON is "
                 "off); cupy.tf32x3 serves float32")
