@@ -34,13 +34,14 @@
 // operand must be split into hi / lo anyway. The producer warpgroup loads K and V from global
 // memory (ld.global 16 bytes), splits in registers and stores hi and lo straight into their
 // swizzled tiles: one pass, no staging buffer. Per 64-key tile at D = 64 a producer thread
-// moves 16 float4 of K and V: 16 loads, 64 splits (cvt.rna + compare + sub + cvt.rna, about
-// 8 instructions each) and 32 16-byte stores, about 700 instructions -- against the
-// consumers' 144 wgmmas of 64x64x8 on that tile (at a third of the TF32 peak, ~5 us at D =
-// 64, far more than the producer's ~1-2 us including two load latencies), so the ring of 2
-// stages is enough. Doing it in the consumers instead would put the same instructions on
-// the critical path of the GEMMs and need a barrier between the two consumer warpgroups per
-// tile.
+// moves 16 float4 of K and V: 16 loads, 64 splits (cvt.rna + compare + sub + cvt.rna) and 32
+// 16-byte stores, about 1060 SASS instructions (ptxas 13.0) -- one producer warp per
+// scheduler, so about 1060 issue cycles and one load latency per tile, ~1.6 us. The consumers
+// run 96 wgmmas of 64x64x8 on that tile (48 per warpgroup, 32 cycles each at the TF32 peak:
+// ~1.7 us at the peak, ~5 us at a third of it), so the ring of 2 stages keeps them fed except
+// near the peak, where the producer would become the limit (measure: tools/gpu_check_tf32wg.sh
+// bench). Splitting in the consumers instead would put the same instructions on the critical
+// path of the GEMMs and need a barrier between the two consumer warpgroups per tile.
 //
 // Shared memory (128-byte swizzle, descriptor layout type 1, each tile 1024-byte aligned): a
 // K-major tile of R rows x C floats is C / 32 panels of R rows x 128 bytes; the 16-byte chunk
