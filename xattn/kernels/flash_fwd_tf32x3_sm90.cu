@@ -24,9 +24,12 @@
 //            has completed (wgmma.wait_group 0), so the producer may overwrite it.
 // Each consumer warpgroup runs its key tiles in order, without overlapping its own GEMMs and
 // softmax: the two consumers drift apart and the tensor cores serve one while the other runs
-// its softmax (the overlap of flash_fwd_sm90_ws -- the previous tile's P V issued before this
-// tile's softmax -- needs a second P fragment pair and the ob accumulator live at once, 64 +
-// 32 registers more: a later step once this one has run).
+// its softmax. The overlap of flash_fwd_sm90_ws (the previous tile's P V issued before this
+// tile's softmax) would fit the registers -- P hi / lo of the previous tile (64) and ob (32)
+// live during the softmax, this tile's P split after the wait: about 180 of 200 -- but it
+// releases a stage one step later, and with two K+V stages the producer would then have part
+// of an iteration to refill it: it needs separate K and V rings (flash_fwd_sm90_ws_kv's). A
+// later step, once this schedule has run and been timed.
 //
 // Why the producer does the splitting (and not TMA): TF32 wgmma takes only K-major operands,
 // and in P V the GEMM's K is the key axis, so V must sit in shared memory transposed (D rows
