@@ -51,11 +51,18 @@ def test_instance_is_shipped_and_named():
     inst = instances.tf32x3_sm90(64, 64)
     assert inst.name == "flash_fwd_tf32x3_sm90_d64_n64"
     assert inst.source == "flash_fwd_tf32x3_sm90.cu" and inst.arch == "sm_90a"
-    assert inst.defines == ("-DXATTN_X3SM90_D=64", "-DXATTN_X3SM90_BN=64")
-    assert inst.macro_call() == "XATTN_TF32X3_SM90_ONE(64, 64)"
+    assert inst.defines == ("-DXATTN_X3SM90_D=64", "-DXATTN_X3SM90_BN=64",
+                            "-DXATTN_X3SM90_OV=0", "-DXATTN_X3SM90_SFX=")
+    assert inst.macro_call() == "XATTN_TF32X3_SM90_ONE(64, 64, 0, )"
     assert shipped[inst.name] == inst and inst.ci
-    assert x3w.get_kernel.__module__ == x3w.__name__  # the launcher builds this very instance
     assert x3w.CONFIGS is instances.TF32X3_SM90
+    # The overlapped schedule: built on request only (check_kernels.py --experimental).
+    ov = instances.tf32x3_sm90(64, 64, True)
+    assert ov.name == "flash_fwd_tf32x3_sm90_d64_n64_ov"
+    assert ov.macro_call() == "XATTN_TF32X3_SM90_ONE(64, 64, 1, _ov)"
+    assert ov.name not in shipped and ov in instances.experimental()
+    assert x3w.BUILT == {(64, 64, 0), (64, 64, 1)}
+    assert x3w.launch_config(64) == (64, 0) and x3w.launch_config(64, (64, 1)) == (64, 1)
 
 
 def test_shared_memory_fits_an_sm90_block():
@@ -122,8 +129,9 @@ def test_forward_raises_for_what_its_code_does_not_cover(on_sm90):
         x3w.forward(on_sm90(softcap=5.0), None, None, None)
     with pytest.raises(NotImplementedError, match="has D = Dv in"):
         x3w.forward(on_sm90(d=96), None, None, None)
-    with pytest.raises(ValueError, match="64-key tiles only"):
-        x3w.forward(on_sm90(), None, None, None, config=(128,))
+    for bad in ((128, 0), (64, 2), (64,)):
+        with pytest.raises(ValueError, match="builds .keys per block, schedule."):
+            x3w.forward(on_sm90(), None, None, None, config=bad)
 
 
 def test_routes_unchanged_while_off():
@@ -156,20 +164,41 @@ def _nvdisasm():
     return None
 
 
+def _sass(tmp_path, call):
+    unit = tmp_path / "u.cu"
+    unit.write_text(f'#include "{ROOT / "xattn/kernels/flash_fwd_tf32x3_sm90.cu"}"\n{call}\n')
+    cubin = tmp_path / "u.cubin"
+    out = subprocess.run([NVCC, "-std=c++17", "-arch=sm_90a", "-cubin", "-Xptxas", "-v", "-o",
+                          str(cubin), str(unit)], check=True, capture_output=True, text=True)
+    sass = subprocess.run([_nvdisasm(), "-c", str(cubin)], check=True, capture_output=True,
+                          text=True).stdout
+    return sass, out.stdout + out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NVCC is None or _nvdisasm() is None, reason="needs nvcc and nvdisasm")
+def test_sass_of_the_overlapped_schedule(tmp_path):
+    """72 TF32 HGMMAs (the loop's 48 and the last tile's P V), no local memory, and no wait
+    that ptxas injects (info C7517: a P V issued on some paths only; it would serialise the
+    overlap): the softmax's MUFU.EX2 sit between the P V's HGMMAs and their wait."""
+    sass, log = _sass(tmp_path, "XATTN_TF32X3_SM90_ONE(64, 64, 1, _ov)")
+    assert "C7517" not in log and "C7513" not in log
+    assert sum("HGMMA.64x64x8.F32.TF32" in ln for ln in sass.splitlines()) == 72
+    assert "STL" not in sass and "LDL" not in sass
+    ops = [ln for ln in sass.splitlines() if "HGMMA" in ln or "MUFU.EX2" in ln
+           or "WARPGROUP.DEPBAR" in ln]
+    first_rs = next(i for i, ln in enumerate(ops) if re.search(r"TF32 R\d+, R\d+, gdesc", ln))
+    wait = next(i for i in range(first_rs, len(ops)) if "DEPBAR" in ops[i])
+    assert any("MUFU.EX2" in ln for ln in ops[first_rs:wait])
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(NVCC is None or _nvdisasm() is None, reason="needs nvcc and nvdisasm")
 def test_sass_has_the_tf32_wgmmas(tmp_path):
     """48 TF32 HGMMAs a key tile (Q K^T: 3 x D / 8 from shared memory; P V: 3 x BN / 8 with A
     from registers); the producer (after setmaxnreg.dec 96) loads a tile with 16 LDG.128 at
     immediate offsets and never touches local memory."""
-    unit = tmp_path / "u.cu"
-    unit.write_text(f'#include "{ROOT / "xattn/kernels/flash_fwd_tf32x3_sm90.cu"}"\n'
-                    "XATTN_TF32X3_SM90_ONE(64, 64)\n")
-    cubin = tmp_path / "u.cubin"
-    subprocess.run([NVCC, "-std=c++17", "-arch=sm_90a", "-cubin", "-o", str(cubin), str(unit)],
-                   check=True, capture_output=True)
-    sass = subprocess.run([_nvdisasm(), "-c", str(cubin)], check=True, capture_output=True,
-                          text=True).stdout
+    sass, _ = _sass(tmp_path, "XATTN_TF32X3_SM90_ONE(64, 64, 0, )")
     hgmma = [ln for ln in sass.splitlines() if "HGMMA.64x64x8.F32.TF32" in ln]
     assert len(hgmma) == 48
     # P V: A from registers (a register operand before the descriptor).

@@ -54,10 +54,16 @@ def _inputs(name, *, b=(2,), hq=4, hkv=2, sq=77, sk=150, d=64, amp=1.0):
     return cp.asarray(q), cp.asarray(k), cp.asarray(v)
 
 
-def _run(q, k, v, **opts):
-    """The kernel itself (``forward``, whatever the switch says)."""
+def _run(q, k, v, config=None, **opts):
+    """The kernel itself (``forward``, whatever the switch says); ``config=(64, 1)``: the
+    experimental overlapped schedule."""
     prob = validate_attention(q, k, v, **opts)
-    return _x3w().forward(prob, q, k, v)
+    return _x3w().forward(prob, q, k, v, config=config)
+
+
+# The default schedule and the experimental overlapped one (the _ov entry): every correctness
+# test runs both.
+SCHEDULES = pytest.mark.parametrize("config", [None, (64, 1)], ids=["default", "ov"])
 
 
 def _check(case, out, lse, q, k, v, *, naive_rule=False, **opts):
@@ -116,23 +122,26 @@ CASES = [
 ]
 
 
+@SCHEDULES
 @pytest.mark.parametrize("name, shape, opts", CASES, ids=[c[0] for c in CASES])
-def test_against_the_oracle(name, shape, opts):
+def test_against_the_oracle(name, shape, opts, config):
     q, k, v = _inputs(name, **shape)
-    out, lse = _run(q, k, v, **opts)
+    out, lse = _run(q, k, v, config, **opts)
     _check(name, out, lse, q, k, v, **opts)
 
 
+@SCHEDULES
 @pytest.mark.parametrize("causal", [False, True])
-def test_large_scores_meet_the_float32_rule(causal):
+def test_large_scores_meet_the_float32_rule(causal, config):
     q, k, v = _inputs(f"large scores {causal}", sq=200, sk=300, amp=3.0)
-    out, lse = _run(q, k, v, causal=causal)
+    out, lse = _run(q, k, v, config, causal=causal)
     _check("large scores", out, lse, q, k, v, naive_rule=True, causal=causal)
 
 
-def test_empty_rows_give_zero_and_minus_inf():
+@SCHEDULES
+def test_empty_rows_give_zero_and_minus_inf(config):
     q, k, v = _inputs("empty", sq=150, sk=77)
-    out, lse = _run(q, k, v, causal=True)  # rows 0..72 see no key (bottom-right)
+    out, lse = _run(q, k, v, config, causal=True)  # rows 0..72 see no key (bottom-right)
     assert bool(cp.all(out[..., :73, :] == 0))
     assert bool(cp.all(cp.isneginf(lse[..., :73])))
     assert bool(cp.all(cp.isfinite(lse[..., 73:])))
@@ -152,12 +161,13 @@ def test_plain_tf32_misses_the_bound_this_kernel_meets():
     assert err_tf32 > 20 * err_x3, (err_tf32, err_x3)
 
 
+@SCHEDULES
 @pytest.mark.parametrize("causal", [False, True])
-def test_acceptance_shape_relative_error(causal):
+def test_acceptance_shape_relative_error(causal, config):
     """Issue 11's benchmark shape on one (batch, head) slice: D = 64, S = 4096 (64 key tiles
     through the 2-stage ring), relative error <= 1e-5 against float64 on the first rows."""
     q, k, v = _inputs(f"acceptance {causal}", b=(1,), hq=1, hkv=1, sq=4096, sk=4096)
-    out, lse = _run(q, k, v, causal=causal)
+    out, lse = _run(q, k, v, config, causal=causal)
     # The last 512 rows see every key tile; they are the Sq = 512, Sk = 4096 problem
     # (bottom-right alignment), causal or not.
     rows = slice(3584, 4096)
@@ -167,11 +177,12 @@ def test_acceptance_shape_relative_error(causal):
     assert_close(lse[..., rows], ref_lse, xp=cp, dtype=np.float32, name="lse")
 
 
-def test_agrees_with_the_mma_sync_kernel():
+@SCHEDULES
+def test_agrees_with_the_mma_sync_kernel(config):
     """The same arithmetic as cupy.tf32x3 (hi / lo splits, small products apart, P V per key
     tile): the two kernels differ by float32 rounding only."""
     q, k, v = _inputs("vs mma.sync", hq=4, hkv=2, sq=300, sk=500)
-    out, lse = _run(q, k, v, causal=True)
+    out, lse = _run(q, k, v, config, causal=True)
     ref_out, ref_lse = xattn.flash_attention(q, k, v, causal=True, return_lse=True,
                                              backend="cupy.tf32x3")
     scale = float(cp.abs(ref_out).max())
@@ -191,23 +202,38 @@ def test_strided_inputs_and_no_writes_into_them():
         assert bool(cp.array_equal(x, y))
 
 
-def test_hidden_keys_never_leak():
+@SCHEDULES
+def test_hidden_keys_never_leak(config):
     """inf in keys that causality hides: the rows that cannot see them match the oracle of the
     finite inputs (the split keeps lo = 0 for inf, and the mask replaces the score)."""
     q, k, v = _inputs("hidden inf", hq=2, hkv=2, sq=200, sk=200)
     k_inf = k.copy()
     k_inf[..., 190:, :] = cp.inf
-    out, lse = _run(q, k_inf, v, causal=True)
+    out, lse = _run(q, k_inf, v, config, causal=True)
     ref, ref_lse, _ = reference_attention(q, k, v, causal=True)
     assert_close(out[..., :190, :], ref[..., :190, :], xp=cp, dtype=np.float32, name="out")
     assert_close(lse[..., :190], ref_lse[..., :190], xp=cp, dtype=np.float32, name="lse")
 
 
-def test_deterministic():
+@SCHEDULES
+def test_deterministic(config):
     q, k, v = _inputs("deterministic", hq=4, hkv=2, sq=300, sk=300)
-    a, la = _run(q, k, v, causal=True)
-    b, lb = _run(q, k, v, causal=True)
+    a, la = _run(q, k, v, config, causal=True)
+    b, lb = _run(q, k, v, config, causal=True)
     assert bool(cp.array_equal(a, b)) and bool(cp.array_equal(la, lb))
+
+
+def test_schedules_agree():
+    """The overlapped schedule does the same arithmetic per tile (the same wgmmas, softmax and
+    ``acc * alpha + ob`` recurrence): its results match the default's to a few float32 ulps
+    (the compiler may contract ``acc * alpha + ob`` into an FMA in one schedule only)."""
+    q, k, v = _inputs("schedules", hq=4, hkv=2, sq=333, sk=500)
+    a, la = _run(q, k, v, causal=True, window=(300, None))
+    b, lb = _run(q, k, v, (64, 1), causal=True, window=(300, None))
+    assert float(cp.abs(a - b).max()) <= 1e-6 * float(cp.abs(a).max())
+    assert bool(cp.array_equal(cp.isfinite(la), cp.isfinite(lb)))
+    fin = cp.isfinite(la)
+    assert float(cp.abs(la[fin] - lb[fin]).max()) <= 1e-5
 
 
 def test_route_with_the_switch_on(monkeypatch):

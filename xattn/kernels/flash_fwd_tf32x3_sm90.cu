@@ -176,9 +176,11 @@ __device__ __forceinline__ void split_rows(unsigned hi, unsigned lo, const float
 //      chunk into each of the Vt rows 4 tc .. 4 tc + 3. The eight threads of a quarter warp
 //      differ in ci only: their stores hit eight distinct swizzled chunks of one row (no bank
 //      conflict), and a warp's loads cover 8 rows x 64 contiguous bytes per u (whole sectors).
-template <int BN, int D>
-__device__ __forceinline__ void produce_tile(unsigned base, const float* Kg, const float* Vg,
-                                             int row0, int limit, int tid) {
+// DO_K / DO_V: the K part into kbase (hi; lo KT bytes further), the V part into vbase (Vt hi;
+// lo KT further); the overlapped schedule (OVL) fills its K and V rings separately.
+template <int BN, int D, bool DO_K = true, bool DO_V = true>
+__device__ __forceinline__ void produce_tile(unsigned kbase, unsigned vbase, const float* Kg,
+                                             const float* Vg, int row0, int limit, int tid) {
     constexpr int CPR = D / 4, TC = D / 4;
     constexpr unsigned KT = BN * D * 4;
     constexpr int KU = BN * CPR / 128;           // K chunks per thread
@@ -195,23 +197,29 @@ __device__ __forceinline__ void produce_tile(unsigned base, const float* Kg, con
     const int vkey = (ci >> 1) * 8 + (ci & 1);  // key of (u = 0, pk = 0), relative to row0
     const float* vp = Vg + (long long)(row0 + vkey) * D + tc * 4;
     const int vleft = limit - row0 - vkey;
-    float4 xk[KU], xv[VU][4];
+    float4 xk[DO_K ? KU : 1], xv[DO_V ? VU : 1][4];
+    if constexpr (DO_K) {
 #pragma unroll
-    for (int u = 0; u < KU; ++u) xk[u] = load4(kp + u * KSTEP * D, u * KSTEP < kleft);
+        for (int u = 0; u < KU; ++u) xk[u] = load4(kp + u * KSTEP * D, u * KSTEP < kleft);
+    }
+    if constexpr (DO_V) {
 #pragma unroll
-    for (int w = 0; w < VU; ++w)  // job w: panel pk = w * 128 / (8 TC), keys 32 pk further
+        for (int w = 0; w < VU; ++w)  // job w: panel pk = w * 128 / (8 TC), keys 32 pk further
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            const int rel = (w * 128 / (8 * TC)) * 32 + 2 * u;
-            xv[w][u] = load4(vp + rel * D, rel < vleft);
-        }
+            for (int u = 0; u < 4; ++u) {
+                const int rel = (w * 128 / (8 * TC)) * 32 + 2 * u;
+                xv[w][u] = load4(vp + rel * D, rel < vleft);
+            }
+    }
+    if constexpr (DO_K) {
 #pragma unroll
-    for (int u = 0; u < KU; ++u)
-        store_split(base, base + KT, sw_off<BN>(kr + u * KSTEP, tid % CPR), xk[u]);
+        for (int u = 0; u < KU; ++u)
+            store_split(kbase, kbase + KT, sw_off<BN>(kr + u * KSTEP, tid % CPR), xk[u]);
+    }
 #pragma unroll
-    for (int w = 0; w < VU; ++w) {
+    for (int w = 0; w < (DO_V ? VU : 0); ++w) {
         const int c = (w * 128 / (8 * TC)) * 8 + ci, d0 = tc * 4;  // chunk of panel pk
-        const unsigned hi = base + 2 * KT, lo = base + 3 * KT;
+        const unsigned hi = vbase, lo = vbase + KT;
         const float4(&x)[4] = xv[w];
         store_split(hi, lo, sw_off<D>(d0 + 0, c), make_float4(x[0].x, x[1].x, x[2].x, x[3].x));
         store_split(hi, lo, sw_off<D>(d0 + 1, c), make_float4(x[0].y, x[1].y, x[2].y, x[3].y));
@@ -245,7 +253,13 @@ __device__ __forceinline__ void write_out_f32(const Args& a, const float (&acc)[
     }
 }
 
-template <int D, int BN>
+// OVL (the _ov entries, experimental): the previous key tile's P V is issued before this
+// tile's softmax and awaited after it (flash_fwd_sm90_ws's overlap), with separate K and V
+// rings of two stages each (flash_fwd_sm90_ws_kv's): a K stage comes back right after its
+// Q K^T, a V stage after its P V, one iteration later; the producer fills K one tile ahead of
+// V (K0, K1, V0, K2, V1, ...). Registers during the overlap: P hi / lo of the previous tile
+// and ob in flight, s under the softmax; this tile's P is split after the wait.
+template <int D, int BN, bool OVL>
 __device__ __forceinline__ void flash_fwd_tf32x3_sm90(const Args& a) {
 #if XATTN_SM90_OK
     // D = 128 would need 384 KiB with this ring (Q hi / lo of 128 rows is 128 KiB alone).
@@ -253,20 +267,37 @@ __device__ __forceinline__ void flash_fwd_tf32x3_sm90(const Args& a) {
     constexpr int NWG = 2;
     constexpr int BM = NWG * 64;
     constexpr int NC = NWG * 128;  // consumer threads
-    constexpr int ST = 2;          // ring stages (K hi/lo + Vt hi/lo each)
+    constexpr int ST = 2;          // ring stages (K hi/lo + Vt hi/lo each; OVL: of K, of V)
     constexpr unsigned QT = BM * D * 4, KT = BN * D * 4;  // bytes of one hi or lo tile
     constexpr unsigned STAGE = 4 * KT;
     // Registers (65536 for 384 threads): the producer keeps 96 (a tile's 16 loads of 16 bytes
     // are 64; at 88 ptxas 13.0 spilled), the consumers take 200 each (their code uses R0-R167
-    // under that cap): 128 x 96 + 256 x 200 = 63488.
-    constexpr int PREGS = 96, CREGS = 200;
+    // under that cap): 128 x 96 + 256 x 200 = 63488. OVL: the producer loads half a tile at a
+    // time (K or V: 32 registers of data) and keeps PREGS_OVL, the consumers (P V in flight
+    // during the softmax) take CREGS_OVL.
+#ifndef XATTN_X3SM90_PREGS_OVL
+#define XATTN_X3SM90_PREGS_OVL 64
+#define XATTN_X3SM90_CREGS_OVL 224
+#endif
+    constexpr int PREGS = OVL ? XATTN_X3SM90_PREGS_OVL : 96;
+    constexpr int CREGS = OVL ? XATTN_X3SM90_CREGS_OVL : 200;
 
     extern __shared__ __align__(128) unsigned char smem_raw[];
-    __shared__ __align__(8) unsigned long long bars[2 * ST];  // full[0..ST), empty[0..ST)
+    // full[0..ST), empty[0..ST); OVL: full_k, full_v, empty_k, empty_v, ST each.
+    __shared__ __align__(8) unsigned long long bars[OVL ? 4 * ST : 2 * ST];
     const unsigned sQh = (smem_u32(smem_raw) + 1023u) & ~1023u;  // 1 KiB more allocated
     const unsigned sQl = sQh + QT;
-    const unsigned sS = sQl + QT;  // stage s: K hi, K lo, Vt hi, Vt lo at sS + s STAGE
-    const unsigned fullb = smem_u32(bars), emptyb = fullb + ST * 8;
+    // Stage s: K hi, K lo, Vt hi, Vt lo at sS + s STAGE; OVL: K stage s (hi, lo) at
+    // sS + 2 s KT, V stage s (Vt hi, lo) at sS + 2 ST KT + 2 s KT (the same bytes in all).
+    const unsigned sS = sQl + QT;
+    const unsigned fullb = smem_u32(bars), emptyb = fullb + (OVL ? 2 : 1) * ST * 8;
+    const unsigned fullv = fullb + ST * 8, emptyv = emptyb + ST * 8;  // OVL only
+    auto k_tile = [&](int i) {  // K hi of the i-th tile (lo KT further)
+        return OVL ? sS + (i % ST) * 2 * KT : sS + (i % ST) * STAGE;
+    };
+    auto v_tile = [&](int i) {  // Vt hi of the i-th tile (lo KT further)
+        return OVL ? sS + 2 * ST * KT + (i % ST) * 2 * KT : sS + (i % ST) * STAGE + 2 * KT;
+    };
 
     const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, t4 = lane & 3;
@@ -283,7 +314,7 @@ __device__ __forceinline__ void flash_fwd_tf32x3_sm90(const Args& a) {
 
     if (tid == 0) {
 #pragma unroll
-        for (int s = 0; s < ST; ++s) {
+        for (int s = 0; s < (OVL ? 2 : 1) * ST; ++s) {
             mbar_init(fullb + s * 8, 128);
             mbar_init(emptyb + s * 8, NWG * 4);  // one arrival per consumer warp
         }
@@ -291,17 +322,38 @@ __device__ __forceinline__ void flash_fwd_tf32x3_sm90(const Args& a) {
     __syncthreads();  // the only block-wide barrier: the mbarriers are initialised
 
     if (wg == 0) {
-        // Producer: key tile kb0 + i into stage i % ST, once the stage's previous tile (i - ST)
-        // has been released by every consumer warp.
+        // Producer. Tile kb0 + i goes into stage i % ST once the stage's previous tile
+        // (i - ST) has been released by every consumer warp.
         setmaxnreg_dec<PREGS>();
         const float* Kg = a.k + kvh;
         const float* Vg = a.v + kvh;
-        for (int i = 0; i < nkb; ++i) {
-            const int st = i % ST, row0 = (kb0 + i) * BN;
-            if (i >= ST) mbar_wait(emptyb + st * 8, ((i / ST) - 1) & 1);
-            produce_tile<BN, D>(sS + st * STAGE, Kg, Vg, row0, sk, tid);
-            fence_proxy_async();  // this thread's st.shared, visible to wgmma's async proxy
-            mbar_arrive(fullb + st * 8);
+        if constexpr (OVL) {
+            auto load_k = [&](int i) {
+                if (i >= ST) mbar_wait(emptyb + (i % ST) * 8, ((i / ST) - 1) & 1);
+                produce_tile<BN, D, true, false>(k_tile(i), 0u, Kg, Vg, (kb0 + i) * BN, sk, tid);
+                fence_proxy_async();  // this thread's st.shared, visible to wgmma
+                mbar_arrive(fullb + (i % ST) * 8);
+            };
+            auto load_v = [&](int i) {
+                if (i >= ST) mbar_wait(emptyv + (i % ST) * 8, ((i / ST) - 1) & 1);
+                produce_tile<BN, D, false, true>(0u, v_tile(i), Kg, Vg, (kb0 + i) * BN, sk, tid);
+                fence_proxy_async();
+                mbar_arrive(fullv + (i % ST) * 8);
+            };
+            // K0, K1, V0, K2, V1, ...: step j loads K(j) and V(j - 1) (one copy of each
+            // in the code: ptxas spilled the producer with K(0) peeled off the loop).
+            for (int j = 0; j <= nkb; ++j) {
+                if (j < nkb) load_k(j);
+                if (j > 0) load_v(j - 1);
+            }
+        } else {
+            for (int i = 0; i < nkb; ++i) {
+                const int st = i % ST;
+                if (i >= ST) mbar_wait(emptyb + st * 8, ((i / ST) - 1) & 1);
+                produce_tile<BN, D>(k_tile(i), v_tile(i), Kg, Vg, (kb0 + i) * BN, sk, tid);
+                fence_proxy_async();  // this thread's st.shared, visible to wgmma's async proxy
+                mbar_arrive(fullb + st * 8);
+            }
         }
         return;
     }
@@ -328,14 +380,11 @@ __device__ __forceinline__ void flash_fwd_tf32x3_sm90(const Args& a) {
         named_sync<1, NC>();  // Q hi / lo complete (consumers only; the producer never joins)
     }
 
-    for (int i = 0; i < nkb; ++i) {
-        const int stg = i % ST, kb = kb0 + i;
-        const unsigned base = sS + stg * STAGE;
-        mbar_wait(fullb + stg * 8, (i / ST) & 1);
-
-        // S = Q K^T: small products into st_, hi*hi' into s (scale-d 0 on each chain's first).
-        const unsigned long long dkh = kmajor_desc<true, BN, D>(base, 0);
-        const unsigned long long dkl = kmajor_desc<true, BN, D>(base + KT, 0);
+    // S = Q K^T of the i-th tile, issued and awaited: small products into st_, hi*hi' into s
+    // (scale-d 0 on each chain's first), then added.
+    auto qk = [&](int i) {
+        const unsigned long long dkh = kmajor_desc<true, BN, D>(k_tile(i), 0);
+        const unsigned long long dkl = kmajor_desc<true, BN, D>(k_tile(i) + KT, 0);
         fence_regs(s);
         fence_regs(st_);
         wgmma_fence();
@@ -353,16 +402,11 @@ __device__ __forceinline__ void flash_fwd_tf32x3_sm90(const Args& a) {
         fence_regs(st_);
 #pragma unroll
         for (int e = 0; e < BN / 2; ++e) s[e] += st_[e];
-
-        // Masking and the online softmax (flash_fwd_sm90.cu): s becomes p = 2^(s sl2 - m).
-        float alpha[2];
-        mask_tile<BN>(s, a, wq0, min(wq0 + 64, sq), kb * BN, warp, g, t4);
-        softmax_rows<BN>(s, m, l, alpha, sl2);
-        rescale<D>(acc, alpha);
-
-        // P split in registers, in the A fragment order (see the header): a0..a3 = s[4 j +
-        // 0, 2, 1, 3]. P is finite (or NaN from NaN inputs): no inf guard needed.
-        unsigned ph[BN / 8][4], pl[BN / 8][4];
+    };
+    // P (in s) split in registers, in the A fragment order (see the header): a0..a3 =
+    // s[4 j + 0, 2, 1, 3]. P is finite (or NaN from NaN inputs): no inf guard needed.
+    unsigned ph[BN / 8][4], pl[BN / 8][4];
+    auto split_p = [&]() {
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
@@ -371,10 +415,11 @@ __device__ __forceinline__ void flash_fwd_tf32x3_sm90(const Args& a) {
                 ph[j][e] = tf32(p);
                 pl[j][e] = tf32(p - __uint_as_float(ph[j][e]));
             }
-
-        // ob = P V of this tile, from zero (the scale-d 0 of its first wgmma).
-        const unsigned long long dvh = kmajor_desc<true, D, BN>(base + 2 * KT, 0);
-        const unsigned long long dvl = kmajor_desc<true, D, BN>(base + 3 * KT, 0);
+    };
+    // ob = P V of the i-th tile from zero (the scale-d 0 of its first wgmma), issued.
+    auto pv_issue = [&](int i) {
+        const unsigned long long dvh = kmajor_desc<true, D, BN>(v_tile(i), 0);
+        const unsigned long long dvl = kmajor_desc<true, D, BN>(v_tile(i) + KT, 0);
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j) {
             fence_regs(ph[j]);
@@ -390,6 +435,10 @@ __device__ __forceinline__ void flash_fwd_tf32x3_sm90(const Args& a) {
             wgmma_rs_tf32(ob, ph[j], dvh + vs, 1);
         }
         wgmma_commit();
+    };
+    // ... awaited, added to the accumulator; the stage of its V released (one arrival per
+    // warp: the wait is warpgroup-wide), unless empty is 0.
+    auto pv_finish = [&](unsigned empty) {
         wgmma_wait<0>();
         fence_regs(ob);
 #pragma unroll
@@ -397,11 +446,60 @@ __device__ __forceinline__ void flash_fwd_tf32x3_sm90(const Args& a) {
             fence_regs(ph[j]);
             fence_regs(pl[j]);
         }
-        // K and V of this stage are read (the wait above is warpgroup-wide): one arrival per
-        // warp.
-        if (lane == 0) mbar_arrive(emptyb + stg * 8);
+        if (lane == 0 && empty != 0u) mbar_arrive(empty);
 #pragma unroll
         for (int e = 0; e < D / 2; ++e) acc[e] += ob[e];
+    };
+
+    for (int i = 0; i < nkb; ++i) {
+        const int stg = i % ST, kb = kb0 + i;
+        mbar_wait(fullb + stg * 8, (i / ST) & 1);
+        qk(i);
+        if constexpr (OVL) {
+            if (lane == 0) mbar_arrive(emptyb + stg * 8);  // K stage read by Q K^T
+        }
+        // Masking and the online softmax (flash_fwd_sm90.cu): s becomes p = 2^(s sl2 - m).
+        float alpha[2];
+        mask_tile<BN>(s, a, wq0, min(wq0 + 64, sq), kb * BN, warp, g, t4);
+        if constexpr (OVL) {
+            // The previous tile's P V runs while this tile's softmax does; acc (in the
+            // previous tile's scale) takes its ob before the rescale. Iteration 0 issues a
+            // P V of P = 0 on tile 0's V (not released), as flash_fwd_sm90_ws does, so that
+            // every iteration has the same shape: a P V issued on some paths only makes ptxas
+            // inject a wait before the softmax (info C7517), which serialises the overlap.
+            const bool first = i == 0;
+            const int vi = first ? 0 : i - 1;
+            if (first) {
+#pragma unroll
+                for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) ph[j][e] = pl[j][e] = 0u;
+            }
+            mbar_wait(fullv + (vi % ST) * 8, (vi / ST) & 1);
+            pv_issue(vi);
+            softmax_rows<BN>(s, m, l, alpha, sl2);
+            fence_regs(s);
+            fence_regs(alpha);
+            fence_regs(m);
+            fence_regs(l);
+            pv_finish(first ? 0u : emptyv + (vi % ST) * 8);
+            rescale<D>(acc, alpha);
+            split_p();
+        } else {
+            softmax_rows<BN>(s, m, l, alpha, sl2);
+            rescale<D>(acc, alpha);
+            split_p();
+            pv_issue(i);
+            pv_finish(emptyb + stg * 8);  // K and V of this stage are read
+        }
+    }
+    if constexpr (OVL) {
+        if (nkb > 0) {  // the last tile's P V
+            const int li = nkb - 1;
+            mbar_wait(fullv + (li % ST) * 8, (li / ST) & 1);
+            pv_issue(li);
+            pv_finish(emptyv + (li % ST) * 8);
+        }
     }
     write_out_f32<D>(a, acc, m, l, bh, wq0, warp, g, t4);
 #else
@@ -412,19 +510,22 @@ __device__ __forceinline__ void flash_fwd_tf32x3_sm90(const Args& a) {
 
 }  // namespace xattn::sm90x3
 
-// Launch (NWG + 1) * 128 = 384 threads, one block per SM (192 KiB of shared memory at D = 64).
-#define XATTN_TF32X3_SM90_ENTRY(D, BN)                                                      \
+// Launch (NWG + 1) * 128 = 384 threads, one block per SM (193 KiB of shared memory at D = 64).
+// OV: 0 (the default schedule), 1 (OVL, the _ov entries).
+#define XATTN_TF32X3_SM90_ENTRY(D, BN, OV, SFX)                                             \
     extern "C" __global__ void __launch_bounds__(384, 1)                                    \
-        flash_fwd_tf32x3_sm90_d##D##_n##BN(const float* q, const float* k, const float* v,   \
-                                           float* o, float* lse, int hq, int group, int sq,  \
-                                           int sk, float scale, int causal, int wl, int wr) { \
-        xattn::sm90x3::flash_fwd_tf32x3_sm90<D, BN>(xattn::sm90x3::Args{                     \
+        flash_fwd_tf32x3_sm90_d##D##_n##BN##SFX(const float* q, const float* k,             \
+                                                const float* v, float* o, float* lse, int hq, \
+                                                int group, int sq, int sk, float scale,       \
+                                                int causal, int wl, int wr) {                 \
+        xattn::sm90x3::flash_fwd_tf32x3_sm90<D, BN, OV != 0>(xattn::sm90x3::Args{           \
             q, k, v, o, lse, hq, group, sq, sk, scale, causal, wl, wr});                    \
     }
 // One more expansion level so that -D values expand before ## pastes them.
-#define XATTN_TF32X3_SM90_ONE(D, BN) XATTN_TF32X3_SM90_ENTRY(D, BN)
+#define XATTN_TF32X3_SM90_ONE(D, BN, OV, SFX) XATTN_TF32X3_SM90_ENTRY(D, BN, OV, SFX)
 // Instantiation: the loader builds one module per entry with -D options, CI one translation
 // unit per file with one macro call per entry -- both from xattn/_backends/cupy_/instances.py.
+// XATTN_X3SM90_SFX is empty for the default entry (the macro's argument is then empty).
 #if defined(XATTN_X3SM90_D)
-XATTN_TF32X3_SM90_ONE(XATTN_X3SM90_D, XATTN_X3SM90_BN)
+XATTN_TF32X3_SM90_ONE(XATTN_X3SM90_D, XATTN_X3SM90_BN, XATTN_X3SM90_OV, XATTN_X3SM90_SFX)
 #endif

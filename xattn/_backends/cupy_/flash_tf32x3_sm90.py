@@ -30,8 +30,8 @@ import numpy as np
 from . import _params, instances
 from ._compile import compiled_function
 
-__all__ = ["CONFIGS", "THREADS", "device_smem", "forward", "get_kernel", "request_reason",
-           "smem_bytes", "supports"]
+__all__ = ["BUILT", "CONFIGS", "THREADS", "device_smem", "forward", "get_kernel",
+           "launch_config", "request_reason", "smem_bytes", "supports"]
 
 # Head dim -> keys per block (instances.TF32X3_SM90, the one list of compiled entries).
 CONFIGS = instances.TF32X3_SM90
@@ -113,11 +113,29 @@ def _max_smem(device_id: int, default: int) -> int:
                                                           default))
 
 
-def get_kernel(d: int):
-    """The compiled entry point of head dim ``d`` (sm_90a cubin, cached per device)."""
-    inst = instances.tf32x3_sm90(d, CONFIGS[d])
-    return compiled_function(inst.source, inst.name, inst.defines, smem_bytes(d, CONFIGS[d]),
+# Every (D, BN, schedule) that can be built: the default (schedule 0) and the experimental
+# overlapped one (schedule 1, the _ov entry: config=(BN, 1)).
+BUILT = frozenset({*((d, bn, 0) for d, bn in CONFIGS.items()),
+                   *((d, bn, 1) for d, bn in instances.TF32X3_SM90_OV_EXPERIMENTAL)})
+
+
+def get_kernel(d: int, bn: int | None = None, overlap: bool = False):
+    """The compiled entry point of head dim ``d`` (sm_90a cubin, cached per device);
+    ``overlap``: the experimental ``_ov`` schedule."""
+    bn = CONFIGS[d] if bn is None else bn
+    inst = instances.tf32x3_sm90(d, bn, overlap)
+    return compiled_function(inst.source, inst.name, inst.defines, smem_bytes(d, bn),
                              arch=inst.arch)
+
+
+def launch_config(d: int, config=None) -> tuple:
+    """``(BN, schedule)``: ``config`` checked against :data:`BUILT`, or the default."""
+    cfg = (CONFIGS[d], 0) if config is None else tuple(int(c) for c in config)
+    if len(cfg) != 2 or (d, *cfg) not in BUILT:
+        raise ValueError(f"config: {WHAT} builds (keys per block, schedule) in "
+                         f"{sorted(c[1:] for c in BUILT if c[0] == d)} at D = {d}, "
+                         f"got {config!r}")
+    return cfg
 
 
 def forward(prob, q, k, v, *, allow_tf32=False, config=None):
@@ -125,29 +143,27 @@ def forward(prob, q, k, v, *, allow_tf32=False, config=None):
 
     Runs whatever the switch says (the GPU tests call it directly); requests its code does not
     cover raise :class:`NotImplementedError`. ``allow_tf32`` changes nothing (float32
-    accuracy either way); ``config`` is accepted for the launchers' common signature and must
-    be ``None`` or the one built key tile."""
+    accuracy either way); ``config`` = ``(keys per block, schedule)``: ``None`` for the
+    default, ``(64, 1)`` for the experimental overlapped schedule (:data:`BUILT`)."""
     why = _shape_reason(prob)
     if why is not None:
         raise NotImplementedError(why)
-    if config is not None and tuple(np.atleast_1d(config)) != (CONFIGS[prob.d],):
-        raise ValueError(f"config: {WHAT} is built with {CONFIGS[prob.d]}-key tiles only, "
-                         f"got {config!r}")
+    cfg = launch_config(prob.d, config)
     with q.device:
-        return _forward(prob, q, k, v)
+        return _forward(prob, q, k, v, cfg)
 
 
-def _forward(prob, q, k, v):
+def _forward(prob, q, k, v, cfg):
     import cupy as xp
 
     d = prob.d
     q4, k4, v4, out, lse = _params.forward_buffers(xp, prob, q, k, v, d, xp.float32)
     if _params.nothing_to_launch(out, lse):
         return _params.forward_result(xp, prob, out, lse)
-    fn = get_kernel(d)
+    fn = get_kernel(d, cfg[0], bool(cfg[1]))
     i32, f32 = np.int32, np.float32
     args = (q4, k4, v4, out, lse, i32(prob.hq), i32(prob.group), i32(prob.sq), i32(prob.sk),
             f32(prob.scale), *_params.visibility_args(prob))
     grid = ((prob.sq + BLOCK_ROWS - 1) // BLOCK_ROWS, prob.hq, math.prod(prob.batch))
-    fn(grid, (THREADS,), args, shared_mem=smem_bytes(d, CONFIGS[d]))
+    fn(grid, (THREADS,), args, shared_mem=smem_bytes(d, cfg[0]))
     return _params.forward_result(xp, prob, out, lse)

@@ -40,7 +40,7 @@ __all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "DECODE", "DECODE_EXTRA",
            "SM90_MODS_ON_TMA", "SM90_MODS_TMA", "SM90_SHORT", "SM90_SHORT_ON",
            "SM90_WIDE_EXPERIMENTAL", "SM90_WIDE_ON",
            "TF32",
-           "TF32X3", "TF32X3_SM90", "TF32X3_SM90_ON",
+           "TF32X3", "TF32X3_SM90", "TF32X3_SM90_ON", "TF32X3_SM90_OV_EXPERIMENTAL",
            "bwd", "bwd_aux", "bwd_dq", "bwd_simt", "bwd_sm90", "bwd_sm90_dq",
            "decode",
            "experimental", "fwd", "fwd_simt", "shipped", "sm90", "tf32",
@@ -112,6 +112,11 @@ TF32X3_EXTRA = {64: ((8, 1, 32), (8, 1, 16), (4, 2, 16)), 128: ((4, 1, 32),)}
 # shared memory at D = 64 (D = 128 would need 384 KiB with this ring). ptxas 13.0 sm_90a: no
 # spills (tools/check_kernels.py).
 TF32X3_SM90 = {64: 64}
+# Built on request (config=(64, 1), tools/check_kernels.py --experimental): the same kernel
+# with the previous key tile's P V overlapping this tile's softmax and separate K and V rings
+# (the _ov entry); the benchmark of tools/gpu_check_tf32wg.sh times it beside the default.
+# (D, BN) of each.
+TF32X3_SM90_OV_EXPERIMENTAL = ((64, 64),)
 # THE SWITCH of that entry: while off, cupy.tf32x3_sm90.supports refuses every request (the
 # reason names this switch) and float32 on cc 9.0 keeps cupy.tf32x3; flash_tf32x3_sm90.forward
 # called directly still runs it (its GPU tests do). Off because no GPU has run it yet
@@ -318,12 +323,15 @@ def tf32_bm(d, cfg, mods, x3, sparse) -> Instance:
                     (f"flash_fwd_{tn}_d{d}_w{nw}_m{mt}_n{bn}_{mn}",))
 
 
-def tf32x3_sm90(d, bn) -> Instance:
+def tf32x3_sm90(d, bn, overlap=False) -> Instance:
     """The 3xTF32 float32 forward on wgmma (``flash_fwd_tf32x3_sm90.cu``) of one head dim and
-    key tile (:data:`TF32X3_SM90`)."""
-    params = (("XATTN_X3SM90_D", d), ("XATTN_X3SM90_BN", bn))
+    key tile (:data:`TF32X3_SM90`); ``overlap``: the experimental ``_ov`` schedule
+    (:data:`TF32X3_SM90_OV_EXPERIMENTAL`)."""
+    sfx = "_ov" if overlap else ""
+    params = (("XATTN_X3SM90_D", d), ("XATTN_X3SM90_BN", bn),
+              ("XATTN_X3SM90_OV", int(bool(overlap))), ("XATTN_X3SM90_SFX", sfx))
     return Instance("flash_fwd_tf32x3_sm90.cu", "XATTN_TF32X3_SM90_ONE", params,
-                    (f"flash_fwd_tf32x3_sm90_d{d}_n{bn}",), arch="sm_90a")
+                    (f"flash_fwd_tf32x3_sm90_d{d}_n{bn}{sfx}",), arch="sm_90a")
 
 
 def sm90(tn, d, cfg, mods=False, sparse=False) -> Instance:
@@ -524,4 +532,5 @@ def experimental() -> list:
     earlier schedules and the option entries of the family the switch leaves off."""
     return ([sm90(tn, c[0], c[1:]) for c in SM90_EXPERIMENTAL + SM90_WIDE_EXPERIMENTAL
              for tn in TYPES]
-            + _sm90_options(not SM90_MODS_ON_TMA))
+            + _sm90_options(not SM90_MODS_ON_TMA)
+            + [tf32x3_sm90(d, bn, True) for d, bn in TF32X3_SM90_OV_EXPERIMENTAL])
