@@ -59,7 +59,7 @@ def reference_rows(q, k, v, rows, causal):
 
 def sanitizer_workload(cp):
     """One small launch per option kind (2 query blocks, 4 key tiles, GQA, lengths off the
-    tiles): plain, causal, window, causal Sq > Sk (rows without keys)."""
+    tiles): plain, causal, window, causal Sq > Sk (rows without keys), in both schedules."""
     from xattn._array import validate_attention
     from xattn._backends.cupy_ import flash_tf32x3_sm90 as x3w
     from xattn.testing import reference_attention
@@ -71,11 +71,13 @@ def sanitizer_workload(cp):
         q = cp.asarray(rng.standard_normal((1, 4, sq, 64)).astype(np.float32))
         k = cp.asarray(rng.standard_normal((1, 2, sk, 64)).astype(np.float32))
         v = cp.asarray(rng.standard_normal((1, 2, sk, 64)).astype(np.float32))
-        out, lse = x3w.forward(validate_attention(q, k, v, **opts), q, k, v)
-        cp.cuda.Device().synchronize()
         ref = reference_attention(q, k, v, **opts)[0]
-        err = float(np.abs(cp.asnumpy(out) - ref).max())
-        print(f"{name}: finite={bool(cp.isfinite(out).all())} err={err:.2e}", flush=True)
+        for config in (None, (64, 1)):
+            out, lse = x3w.forward(validate_attention(q, k, v, **opts), q, k, v, config=config)
+            cp.cuda.Device().synchronize()
+            err = float(np.abs(cp.asnumpy(out) - ref).max())
+            print(f"{name} config={config}: finite={bool(cp.isfinite(out).all())} "
+                  f"err={err:.2e}", flush=True)
     return 0
 
 
@@ -125,10 +127,13 @@ def main(argv=None):
         def new(prob=prob):
             return x3w.forward(prob, q, k, v)[0]
 
+        def new_ov(prob=prob):
+            return x3w.forward(prob, q, k, v, config=(64, 1))[0]
+
         def old(causal=causal):
             return xattn.flash_attention(q, k, v, causal=causal, backend="cupy.tf32x3")
 
-        for name, fn in (("tf32x3_sm90", new), ("tf32x3", old)):
+        for name, fn in (("tf32x3_sm90", new), ("tf32x3_sm90_ov", new_ov), ("tf32x3", old)):
             t0 = time.time()
             try:
                 out = fn()
@@ -175,12 +180,14 @@ def main(argv=None):
 
     lines = [f"3xTF32 forward, fp32 D=64 S=4096 B=4 H=32, {dev}: TFLOP/s (max rel. error vs "
              "float64, last 512 rows of head 0)", "",
-             "| causal | tf32x3_sm90 (new) | tf32x3 (mma.sync) | torch SDPA fp32 | new/torch "
-             "| new/tf32x3 |",
-             "|---|---|---|---|---|---|"]
+             "| causal | tf32x3_sm90 (new) | new, _ov schedule | tf32x3 (mma.sync) | "
+             "torch SDPA fp32 | new/torch | ov/torch | new/tf32x3 |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in table:
-        lines.append(f"| {r['causal']} | {cell(r, 'tf32x3_sm90')} | {cell(r, 'tf32x3')} | "
+        lines.append(f"| {r['causal']} | {cell(r, 'tf32x3_sm90')} | "
+                     f"{cell(r, 'tf32x3_sm90_ov')} | {cell(r, 'tf32x3')} | "
                      f"{cell(r, 'torch')} | {ratio(r, 'tf32x3_sm90', 'torch')} | "
+                     f"{ratio(r, 'tf32x3_sm90_ov', 'torch')} | "
                      f"{ratio(r, 'tf32x3_sm90', 'tf32x3')} |")
     text = "\n".join(lines)
     if args.out:
