@@ -63,7 +63,7 @@ def _run(q, k, v, config=None, **opts):
 
 # The default schedule and the experimental overlapped one (the _ov entry): every correctness
 # test runs both.
-SCHEDULES = pytest.mark.parametrize("config", [None, (64, 1)], ids=["default", "ov"])
+SCHEDULES = pytest.mark.parametrize("config", [None, (64, 1)], ids=["default", "overlap"])
 
 
 def _check(case, out, lse, q, k, v, *, naive_rule=False, **opts):
