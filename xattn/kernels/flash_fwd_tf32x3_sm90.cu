@@ -72,7 +72,9 @@
 //
 // No CUDA headers; the local headers are inlined by the loader. Compiled for sm_90a only
 // (XATTN_SM90_OK); for other targets the entry traps.
-// Entry points: flash_fwd_tf32x3_sm90_d<D>_n<BN> (the end of this file).
+// Entry points: flash_fwd_tf32x3_sm90_d<D>_n<BN> (the default schedule) and
+// flash_fwd_tf32x3_sm90_d<D>_n<BN>_ov (OVL, experimental: built on request) -- the end of
+// this file.
 
 #define XATTN90_NO_ENTRIES 1
 #include "flash_fwd_sm90.cu"
