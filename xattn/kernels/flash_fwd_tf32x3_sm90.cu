@@ -25,11 +25,12 @@
 // Each consumer warpgroup runs its key tiles in order, without overlapping its own GEMMs and
 // softmax: the two consumers drift apart and the tensor cores serve one while the other runs
 // its softmax. The overlap of flash_fwd_sm90_ws (the previous tile's P V issued before this
-// tile's softmax) would fit the registers -- P hi / lo of the previous tile (64) and ob (32)
-// live during the softmax, this tile's P split after the wait: about 180 of 200 -- but it
-// releases a stage one step later, and with two K+V stages the producer would then have part
-// of an iteration to refill it: it needs separate K and V rings (flash_fwd_sm90_ws_kv's). A
-// later step, once this schedule has run and been timed.
+// tile's softmax) is the experimental OVL schedule (the _ov entry, see flash_fwd_tf32x3_sm90
+// below): it releases a V stage one iteration later, so with two stages the producer would
+// have only part of an iteration to refill a K+V stage; OVL keeps separate K and V rings
+// (flash_fwd_sm90_ws_kv's), and the P of the previous tile (64 registers) and ob (32) stay
+// live during the softmax (setmaxnreg 224 for its consumers, 64 for its producer, which
+// loads half a tile at a time). Which schedule is faster is for the first GPU run to say.
 //
 // Why the producer does the splitting (and not TMA): TF32 wgmma takes only K-major operands,
 // and in P V the GEMM's K is the key axis, so V must sit in shared memory transposed (D rows
