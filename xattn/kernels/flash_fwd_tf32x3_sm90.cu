@@ -29,7 +29,7 @@
 // below): it releases a V stage one iteration later, so with two stages the producer would
 // have only part of an iteration to refill a K+V stage; OVL keeps separate K and V rings
 // (flash_fwd_sm90_ws_kv's), and the P of the previous tile (64 registers) and ob (32) stay
-// live during the softmax (setmaxnreg 224 for its consumers, 64 for its producer, which
+// live during the softmax (setmaxnreg 216 for its consumers, 64 for its producer, which
 // loads half a tile at a time). Which schedule is faster is for the first GPU run to say.
 //
 // Why the producer does the splitting (and not TMA): TF32 wgmma takes only K-major operands,
@@ -280,10 +280,14 @@ __device__ __forceinline__ void flash_fwd_tf32x3_sm90(const Args& a) {
     // during the softmax) take CREGS_OVL.
 #ifndef XATTN_X3SM90_PREGS_OVL
 #define XATTN_X3SM90_PREGS_OVL 64
-#define XATTN_X3SM90_CREGS_OVL 224
+#define XATTN_X3SM90_CREGS_OVL 216
 #endif
     constexpr int PREGS = OVL ? XATTN_X3SM90_PREGS_OVL : 96;
     constexpr int CREGS = OVL ? XATTN_X3SM90_CREGS_OVL : 200;
+    // setmaxnreg moves registers inside the block's launch allocation (168 a thread for 384
+    // threads, the __launch_bounds__ cap): a consumer's setmaxnreg.inc beyond what the
+    // producer's .dec gave back would wait forever.
+    static_assert(128 * PREGS + NC * CREGS <= 384 * 168, "setmaxnreg beyond the allocation");
 
     extern __shared__ __align__(128) unsigned char smem_raw[];
     // full[0..ST), empty[0..ST); OVL: full_k, full_v, empty_k, empty_v, ST each.
