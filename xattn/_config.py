@@ -18,6 +18,7 @@ __all__ = ["config_info", "show_config"]
 
 # The representative request each GPU entry is asked about (dtype, backend options).
 _GPU_EXAMPLE = {"cupy.tf32": ("float32", {"allow_tf32": True}), "cupy.tf32x3": ("float32", {}),
+                "cupy.tf32x3_sm90": ("float32", {}),
                 "cupy.simt": ("float32", {}), "generic": ("float32", {})}
 
 

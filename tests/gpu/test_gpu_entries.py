@@ -25,6 +25,7 @@ pytestmark = pytest.mark.gpu
 
 # The dtype each entry is asked about, and the backend options that go with it.
 DTYPES = {"cupy.tf32": ("float32", {"allow_tf32": True}), "cupy.tf32x3": ("float32", {}),
+          "cupy.tf32x3_sm90": ("float32", {}),
           "cupy.simt": ("float32", {}), "generic": ("float32", {})}
 
 

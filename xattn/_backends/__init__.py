@@ -134,6 +134,16 @@ BACKENDS = {
             fix=_CUPY_FIX,
         ),
         Backend(
+            "cupy.tf32x3_sm90",
+            "gpu",
+            ".cupy_.flash_tf32x3_sm90",
+            "Hopper (sm_90a) float32 forward at float32 accuracy: 3xTF32 on wgmma, D = 64, "
+            "causal, window, GQA (flash_fwd_tf32x3_sm90.cu); off until its GPU tests pass "
+            "(instances.TF32X3_SM90_ON)",
+            requires=("cupy",),
+            fix=_CUPY_FIX,
+        ),
+        Backend(
             "cupy.tf32x3",
             "gpu",
             ".cupy_.flash_tf32x3",
@@ -176,8 +186,8 @@ BACKENDS = {
 # The order auto walks, per device: fastest first.
 _PREFERENCE = {
     "cpu": ("numba", "numpy"),
-    "gpu": ("cupy.sm90", "cupy.sm90_bwd", "cupy.sm80", "cupy.tf32", "cupy.tf32x3", "cupy.simt",
-            "cupy.decode", "generic"),
+    "gpu": ("cupy.sm90", "cupy.sm90_bwd", "cupy.sm80", "cupy.tf32", "cupy.tf32x3_sm90",
+            "cupy.tf32x3", "cupy.simt", "cupy.decode", "generic"),
 }
 # Entries that serve only when named with backend=. cupy.tf32x3 (3xTF32) was one
 # until its q k^T stopped chaining the small products into the score: fed by it, the float32
@@ -187,8 +197,8 @@ _PREFERENCE = {
 # backward: 1.68x at D=128, 1.08x at D=64 (fp16, S=4096, H100, 2026-12-05).
 OPT_IN = ()
 # Names that stand for "the first of these entries that supports the request".
-ALIASES = {"cupy": ("cupy.sm90", "cupy.sm90_bwd", "cupy.sm80", "cupy.tf32", "cupy.tf32x3",
-                    "cupy.simt")}
+ALIASES = {"cupy": ("cupy.sm90", "cupy.sm90_bwd", "cupy.sm80", "cupy.tf32", "cupy.tf32x3_sm90",
+                    "cupy.tf32x3", "cupy.simt")}
 
 _warned: set = set()
 _warn_lock = threading.Lock()

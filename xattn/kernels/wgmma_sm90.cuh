@@ -125,6 +125,30 @@ XATTN_WGMMA_N192(f16)
 XATTN_WGMMA_N192(bf16)
 XATTN_WGMMA_N256(f16)
 XATTN_WGMMA_N256(bf16)
+
+// wgmma m64nNk8 with TF32 operands (the 3xTF32 forward, flash_fwd_tf32x3_sm90.cu), f32
+// accumulate. .tf32 takes no transpose immediates: A and B must both be K-major in shared
+// memory. The register A fragment of m64k8 (4 x b32 per thread, CUTLASS's ALayout_64x8): a0
+// (row g, k t), a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4), rows of warp w from 16 w.
+#define XATTN_WGMMA_TF32(N, NACC, SS_P, SS_AB, RS_P, RS_AB)                                   \
+    __device__ __forceinline__ void wgmma_ss_tf32(float (&d)[NACC], unsigned long long da,   \
+                                                  unsigned long long db, int scale_d) {      \
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SS_P ", 0;\n"                       \
+                     "wgmma.mma_async.sync.aligned.m64n" #N "k8.f32.tf32.tf32 "               \
+                     XATTN_REGS##NACC ", " SS_AB ", p, 1, 1;\n}\n"                             \
+                     : XATTN_ACC##NACC                                                        \
+                     : "l"(da), "l"(db), "r"(scale_d));                                       \
+    }                                                                                         \
+    __device__ __forceinline__ void wgmma_rs_tf32(float (&d)[NACC], const unsigned (&a)[4],  \
+                                                  unsigned long long db, int scale_d) {      \
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " RS_P ", 0;\n"                       \
+                     "wgmma.mma_async.sync.aligned.m64n" #N "k8.f32.tf32.tf32 "               \
+                     XATTN_REGS##NACC ", " RS_AB ", p, 1, 1;\n}\n"                             \
+                     : XATTN_ACC##NACC                                                        \
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));  \
+    }
+XATTN_WGMMA_TF32(64, 32, "%34", "%32, %33", "%37", "{%32,%33,%34,%35}, %36")
+XATTN_WGMMA_TF32(128, 64, "%66", "%64, %65", "%69", "{%64,%65,%66,%67}, %68")
 #endif  // XATTN_SM90_OK
 
 

@@ -40,10 +40,11 @@ __all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "DECODE", "DECODE_EXTRA",
            "SM90_MODS_ON_TMA", "SM90_MODS_TMA", "SM90_SHORT", "SM90_SHORT_ON",
            "SM90_WIDE_EXPERIMENTAL", "SM90_WIDE_ON",
            "TF32",
-           "TF32X3", "bwd", "bwd_aux", "bwd_dq", "bwd_simt", "bwd_sm90", "bwd_sm90_dq",
+           "TF32X3", "TF32X3_SM90", "TF32X3_SM90_ON", "TF32X3_SM90_OV_EXPERIMENTAL",
+           "bwd", "bwd_aux", "bwd_dq", "bwd_simt", "bwd_sm90", "bwd_sm90_dq",
            "decode",
            "experimental", "fwd", "fwd_simt", "shipped", "sm90", "tf32",
-           "tf32_bm"]
+           "tf32_bm", "tf32x3_sm90"]
 
 # Head dims the kernels are built for; others up to 256 are zero-padded to the next one.
 HEAD_DIMS = (32, 64, 96, 128, 256)
@@ -104,6 +105,24 @@ TF32_EXTRA = {64: (((4, 2, 32), False), ((8, 1, 64), True)),
 TF32X3 = {32: (4, 1, 32), 64: (4, 1, 32), 96: (4, 1, 16), 128: (8, 1, 16), 256: (4, 1, 8)}
 # Candidates timed beside the default by benchmarks/gpu_flash.py (tf32x3 rows): plain + mods.
 TF32X3_EXTRA = {64: ((8, 1, 32), (8, 1, 16), (4, 2, 16)), 128: ((4, 1, 32),)}
+
+# 3xTF32 on Hopper's wgmma (flash_fwd_tf32x3_sm90.cu, the cupy.tf32x3_sm90 entry): head dim ->
+# keys per block. One shape: a producer warpgroup that splits K and V (V transposed) into
+# hi / lo tiles and two consumer warpgroups of 64 query rows, a ring of 2 stages: 193 KiB of
+# shared memory at D = 64 (D = 128 would need 384 KiB with this ring). ptxas 13.0 sm_90a: no
+# spills (tools/check_kernels.py).
+TF32X3_SM90 = {64: 64}
+# Built on request (config=(64, 1), tools/check_kernels.py --experimental): the same kernel
+# with the previous key tile's P V overlapping this tile's softmax and separate K and V rings
+# (the _ov entry); the benchmark of tools/gpu_check_tf32wg.sh times it beside the default.
+# (D, BN) of each.
+TF32X3_SM90_OV_EXPERIMENTAL = ((64, 64),)
+# THE SWITCH of that entry: while off, cupy.tf32x3_sm90.supports refuses every request (the
+# reason names this switch) and float32 on cc 9.0 keeps cupy.tf32x3; flash_tf32x3_sm90.forward
+# called directly still runs it (its GPU tests do). Off because no GPU has run it yet
+# (written 2026-12-05 without a device): on once tools/gpu_check_tf32wg.sh tests has passed
+# and its bench shows it ahead of cupy.tf32x3.
+TF32X3_SM90_ON = False
 
 # Mode 75: warp-specialised (a producer warpgroup, mbarrier ring of 3 K/V stages) with the P V
 # overlap and the 128-byte swizzle, the ring filled by the copy engine (TMA); see
@@ -304,6 +323,17 @@ def tf32_bm(d, cfg, mods, x3, sparse) -> Instance:
                     (f"flash_fwd_{tn}_d{d}_w{nw}_m{mt}_n{bn}_{mn}",))
 
 
+def tf32x3_sm90(d, bn, overlap=False) -> Instance:
+    """The 3xTF32 float32 forward on wgmma (``flash_fwd_tf32x3_sm90.cu``) of one head dim and
+    key tile (:data:`TF32X3_SM90`); ``overlap``: the experimental ``_ov`` schedule
+    (:data:`TF32X3_SM90_OV_EXPERIMENTAL`)."""
+    sfx = "_ov" if overlap else ""
+    params = (("XATTN_X3SM90_D", d), ("XATTN_X3SM90_BN", bn),
+              ("XATTN_X3SM90_OV", int(bool(overlap))), ("XATTN_X3SM90_SFX", sfx))
+    return Instance("flash_fwd_tf32x3_sm90.cu", "XATTN_TF32X3_SM90_ONE", params,
+                    (f"flash_fwd_tf32x3_sm90_d{d}_n{bn}{sfx}",), arch="sm_90a")
+
+
 def sm90(tn, d, cfg, mods=False, sparse=False) -> Instance:
     """The Hopper forward of one dtype, head dim and ``(keys per block, warpgroups, mode)``;
     ``mods`` / ``sparse``: the entry with score modifications / the block mask's walk (modes
@@ -481,6 +511,7 @@ def shipped() -> list:
     out += [bwd_sm90(tn, d, var, dq=False) for var, (*_, dims) in SM90_BWD_VARIANTS.items()
             for d in dims for tn in TYPES]
     out += [bwd_sm90_dq(tn, d) for d in SM90_BWD_HEAD_DIMS for tn in TYPES]
+    out += [tf32x3_sm90(d, bn) for d, bn in TF32X3_SM90.items()]
     return out
 
 
@@ -501,4 +532,5 @@ def experimental() -> list:
     earlier schedules and the option entries of the family the switch leaves off."""
     return ([sm90(tn, c[0], c[1:]) for c in SM90_EXPERIMENTAL + SM90_WIDE_EXPERIMENTAL
              for tn in TYPES]
-            + _sm90_options(not SM90_MODS_ON_TMA))
+            + _sm90_options(not SM90_MODS_ON_TMA)
+            + [tf32x3_sm90(d, bn, True) for d, bn in TF32X3_SM90_OV_EXPERIMENTAL])
