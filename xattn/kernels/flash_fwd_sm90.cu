@@ -328,12 +328,23 @@ __device__ __forceinline__ void rescale(float (&acc)[D / 2], const float (&alpha
         }
 }
 
+// One thread's two adjacent output columns, in the output's type (16-bit T, or float32 for
+// flash_fwd_tf32x3_sm90.cu).
+template <class T>
+__device__ __forceinline__ void store_pair(unsigned short* p, float x, float y) {
+    *reinterpret_cast<unsigned*>(p) = pack2(x, y, T());
+}
+template <class T>
+__device__ __forceinline__ void store_pair(float* p, float x, float y) {
+    *reinterpret_cast<float2*>(p) = make_float2(x, y);
+}
+
 // Epilogue: finish the row sums across the 4 lanes of a row, normalise, write out and lse.
 template <class T, int D, class A>
 __device__ __forceinline__ void write_out(const A& a, const float (&acc)[D / 2],
                                           const float (&m)[2], const float (&l)[2],
                                           long long bh, int wq0, int warp, int g, int t4) {
-    unsigned short* Og = a.o + bh * a.sq * D;
+    auto* Og = a.o + bh * a.sq * D;
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
         float ls = l[hr];
@@ -343,11 +354,9 @@ __device__ __forceinline__ void write_out(const A& a, const float (&acc)[D / 2],
         const float inv = ls > 0.f ? 1.f / ls : 0.f;
         if (qi < a.sq) {
 #pragma unroll
-            for (int n = 0; n < D / 8; ++n) {
-                const unsigned pk =
-                    pack2(acc[n * 4 + hr * 2] * inv, acc[n * 4 + hr * 2 + 1] * inv, T());
-                *reinterpret_cast<unsigned*>(Og + (long long)qi * D + n * 8 + t4 * 2) = pk;
-            }
+            for (int n = 0; n < D / 8; ++n)
+                store_pair<T>(Og + (long long)qi * D + n * 8 + t4 * 2,
+                              acc[n * 4 + hr * 2] * inv, acc[n * 4 + hr * 2 + 1] * inv);
             if (t4 == 0 && a.lse)
                 a.lse[bh * a.sq + qi] =
                     ls > 0.f ? (m[hr] + __log2f(ls)) * XATTN_LN2 : -XATTN_INF;

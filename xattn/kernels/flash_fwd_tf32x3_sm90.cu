@@ -84,14 +84,7 @@ namespace xattn::sm90x3 {
 
 using namespace xattn::sm90;
 
-struct Args {
-    const float* q;
-    const float* k;
-    const float* v;
-    float* o;
-    float* lse;
-    int hq, group, sq, sk;
-    float scale;
+struct Args : FwdOperands<float> {
     int causal, wl, wr;  // window sides, -1 = unbounded
 };
 
@@ -228,31 +221,6 @@ __device__ __forceinline__ void produce_tile(unsigned kbase, unsigned vbase, con
         store_split(hi, lo, sw_off<D>(d0 + 1, c), make_float4(x[0].y, x[1].y, x[2].y, x[3].y));
         store_split(hi, lo, sw_off<D>(d0 + 2, c), make_float4(x[0].z, x[1].z, x[2].z, x[3].z));
         store_split(hi, lo, sw_off<D>(d0 + 3, c), make_float4(x[0].w, x[1].w, x[2].w, x[3].w));
-    }
-}
-
-// Epilogue: finish the row sums across the 4 lanes of a row, normalise, write out and lse.
-template <int D>
-__device__ __forceinline__ void write_out_f32(const Args& a, const float (&acc)[D / 2],
-                                              const float (&m)[2], const float (&l)[2],
-                                              long long bh, int wq0, int warp, int g, int t4) {
-    float* Og = a.o + bh * a.sq * D;
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-        float ls = l[hr];
-        ls += __shfl_xor_sync(0xffffffffu, ls, 1);
-        ls += __shfl_xor_sync(0xffffffffu, ls, 2);
-        const int qi = wq0 + warp * 16 + g + hr * 8;
-        const float inv = ls > 0.f ? 1.f / ls : 0.f;
-        if (qi < a.sq) {
-#pragma unroll
-            for (int n = 0; n < D / 8; ++n)
-                *reinterpret_cast<float2*>(Og + (long long)qi * D + n * 8 + t4 * 2) =
-                    make_float2(acc[n * 4 + hr * 2] * inv, acc[n * 4 + hr * 2 + 1] * inv);
-            if (t4 == 0 && a.lse)
-                a.lse[bh * a.sq + qi] =
-                    ls > 0.f ? (m[hr] + __log2f(ls)) * XATTN_LN2 : -XATTN_INF;
-        }
     }
 }
 
@@ -508,7 +476,7 @@ __device__ __forceinline__ void flash_fwd_tf32x3_sm90(const Args& a) {
             pv_finish(emptyv + (li % ST) * 8);
         }
     }
-    write_out_f32<D>(a, acc, m, l, bh, wq0, warp, g, t4);
+    write_out<float, D>(a, acc, m, l, bh, wq0, warp, g, t4);
 #else
     (void)a;
     __trap();
@@ -526,7 +494,7 @@ __device__ __forceinline__ void flash_fwd_tf32x3_sm90(const Args& a) {
                                                 int group, int sq, int sk, float scale,       \
                                                 int causal, int wl, int wr) {                 \
         xattn::sm90x3::flash_fwd_tf32x3_sm90<D, BN, OV != 0>(xattn::sm90x3::Args{           \
-            q, k, v, o, lse, hq, group, sq, sk, scale, causal, wl, wr});                    \
+            {q, k, v, o, lse, hq, group, sq, sk, scale}, causal, wl, wr});                  \
     }
 // One more expansion level so that -D values expand before ## pastes them.
 #define XATTN_TF32X3_SM90_ONE(D, BN, OV, SFX) XATTN_TF32X3_SM90_ENTRY(D, BN, OV, SFX)
