@@ -87,6 +87,18 @@ def half_kernel_reason(prob, op, served, kernel):
     return None
 
 
+def float32_kernel_reason(prob, op, kernel):
+    """The first checks of a float32 forward kernel's ``supports``: CuPy inputs, the forward
+    pass, float32 inputs; the reason, or None. ``kernel`` names the kernel in the messages."""
+    if prob.xp.__name__ != "cupy":
+        return "inputs are not CuPy arrays"
+    if op != "forward":
+        return f"{kernel} is forward only"
+    if np.dtype(prob.dtype) != np.float32:
+        return f"dtype {prob.dtype}: {kernel} takes float32 inputs"
+    return None
+
+
 def grid_reason(prob):
     """Why the (batch, heads) grid dims do not fit a launch, or None."""
     nbatch = math.prod(prob.batch)

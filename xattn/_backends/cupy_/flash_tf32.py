@@ -78,12 +78,9 @@ def request_reason(prob, opts, op, *, x3):
     """The checks of :func:`supports` for either precision (``x3``: 3xTF32, no permission
     needed: it keeps float32 accuracy)."""
     what = "the 3xTF32 kernel" if x3 else "the TF32 kernel"
-    if prob.xp.__name__ != "cupy":
-        return "inputs are not CuPy arrays"
-    if op != "forward":
-        return f"{what} is forward only"
-    if np.dtype(prob.dtype) != np.float32:
-        return f"dtype {prob.dtype}: {what} takes float32 inputs"
+    why = _params.float32_kernel_reason(prob, op, what)
+    if why is not None:
+        return why
     opts = opts or {}
     if not x3 and not opts.get("allow_tf32"):
         return "float32 on tensor cores needs allow_tf32=True"

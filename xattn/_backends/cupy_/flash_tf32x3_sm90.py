@@ -62,13 +62,7 @@ def supports(prob, opts, op="forward"):
 
 def request_reason(prob, opts, op="forward"):
     """The checks of :func:`supports` other than the switch: ``None`` or the reason."""
-    if prob.xp.__name__ != "cupy":
-        return "inputs are not CuPy arrays"
-    if op != "forward":
-        return f"{WHAT} is forward only"
-    if np.dtype(prob.dtype) != np.float32:
-        return f"dtype {prob.dtype}: {WHAT} takes float32 inputs"
-    why = _shape_reason(prob)
+    why = _params.float32_kernel_reason(prob, op, WHAT) or _shape_reason(prob)
     if why is not None:
         return why
     unknown = sorted(k for k, v in (opts or {}).items() if v is not None and k != "allow_tf32")
