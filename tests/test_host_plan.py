@@ -120,3 +120,19 @@ def test_cpu_calls_are_planned_every_time():
     before = dict(flash_mod._PLANNED)
     xattn.flash_attention(q, q, q, causal=True)
     assert flash_mod._PLANNED == before
+
+
+def test_the_table_switches_are_part_of_the_signature(monkeypatch):
+    """A switch of the kernel table flipped at run time gives a new signature (the choice is
+    made again), and every switch of instances.py is listed."""
+    from xattn._backends.cupy_ import instances
+
+    named = {n for n in vars(instances) if n.endswith("_ON") and n.isupper()}
+    assert named <= set(instances.SWITCHES), named - set(instances.SWITCHES)
+    q, k, v = _qkv()
+    before = _key((q, k, v), {"causal": True})
+    for name in instances.SWITCHES:
+        monkeypatch.setattr(instances, name, not getattr(instances, name))
+        assert _key((q, k, v), {"causal": True}) != before, name
+        monkeypatch.undo()
+    assert _key((q, k, v), {"causal": True}) == before

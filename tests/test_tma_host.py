@@ -304,3 +304,39 @@ def test_short_span_rule(monkeypatch):
         assert flash_sm90.launch_config(prob(s, d, **dict(opts))) == want, (s, d, opts)
     capped = prob(1024, 64, causal=True, softcap=5.0)
     assert flash_sm90.launch_config(capped) == flash_sm90.MODS_CONFIGS[64]
+
+
+def test_padded_head_dims(monkeypatch):
+    """Head dims between the built ones run the next entry with zero-padded operands once
+    instances.SM90_PAD_ON is on (off: refused with the switch's name); score mods pad as the
+    plain entries do; above 128 the wide entries' switch decides as well."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from xattn._array import validate_attention
+    from xattn._backends.cupy_ import _params, flash_sm90
+
+    assert [flash_sm90.padded_dim(d) for d in (32, 64, 80, 96, 128, 160, 200, 256, 300)] == [
+        64, 64, 128, 128, 128, 192, 256, 256, None]
+    monkeypatch.setattr(_params, "compute_capability", lambda: 90)
+    gpu = SimpleNamespace(__name__="cupy")
+
+    def prob(d, **score):
+        x = np.zeros((1, 2, 100, d), np.float16)
+        return dataclasses.replace(validate_attention(x, x, x, **score), xp=gpu)
+
+    monkeypatch.setattr(instances, "SM90_PAD_ON", False)
+    why = flash_sm90.supports(prob(96), {})
+    assert why is not None and "SM90_PAD_ON" in why and "padded to 128" in why
+    assert flash_sm90.supports(prob(64), {}) is None
+    monkeypatch.setattr(instances, "SM90_PAD_ON", True)
+    for d, score in ((96, {}), (80, {"causal": True}), (32, {"softcap": 5.0}),
+                     (112, {"window": (10, 10)})):
+        assert flash_sm90.supports(prob(d, **score), {}) is None, (d, score)
+    padded = flash_sm90._padded(prob(96, causal=True))
+    assert (padded.d, padded.dv) == (128, 128)
+    assert padded.scale == prob(96).scale == pytest.approx(96 ** -0.5)
+    assert flash_sm90.launch_config(padded) == instances.SM90[128]
+    monkeypatch.setattr(instances, "SM90_WIDE_ON", False)
+    assert "SM90_WIDE_ON" in flash_sm90.supports(prob(160), {})
+    assert "head_dim 300" in flash_sm90.supports(prob(300), {})

@@ -51,7 +51,8 @@ def _signature(op, arrays, score, block_mask, backend, flags):
     It holds everything the validation, the route and the table read: the exact array types,
     every array's shape, dtype and device, the score options by type and value
     (plain numbers, bools, None and tuples of them only: an array operand, a NumPy scalar or
-    anything else is checked every time), the flags, the backend name and ``XATTN_DISABLE``.
+    anything else is checked every time), the flags, the backend name, ``XATTN_DISABLE`` and
+    the kernel table's switches (``instances.SWITCHES``).
     Only CuPy calls are planned once (a CPU call runs far longer than its planning, and the
     CPU table's choice also follows which packages import); with a block mask or debug
     logging on (it logs each choice) nothing is reused."""
@@ -64,9 +65,11 @@ def _signature(op, arrays, score, block_mask, backend, flags):
         return None
     if not all(_plain(x) for x in score.values()):
         return None
+    from ._backends.cupy_ import instances  # plain Python: imports no CuPy
+
     dev = tuple(a.device.id for a in arrays)
     return (op, t, tuple((a.shape, a.dtype) for a in arrays), dev, tuple(sorted(score.items())),
-            flags, backend, os.environ.get("XATTN_DISABLE", ""))
+            flags, backend, os.environ.get("XATTN_DISABLE", ""), instances.switches())
 
 
 def _remember(key, plan):

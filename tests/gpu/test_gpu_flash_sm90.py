@@ -447,3 +447,52 @@ def test_d256_dispatch(monkeypatch):
     assert len(calls) == 2, calls
     assert calls[0] == "flash_fwd_sm90_f16_d256_n64_g2_o75", calls
     assert not calls[1].startswith("flash_fwd_sm90_"), calls
+
+
+# Head dims between the built ones (instances.SM90_PAD_ON): the next entry with the operands
+# zero-padded (flash_sm90.padded_dim), output cut back to D.
+PADDED = (32, 80, 96, 112)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("d", PADDED)
+@pytest.mark.parametrize("case", ["causal", "full_odd", "gqa_window", "softcap", "sq_gt_sk"])
+def test_padded_head_dim(dtype, d, case):
+    """out (D columns) and lse against the float64 oracle, the plain and _mods entries, the
+    default scale 1/sqrt(D) of the unpadded head dim; the caller's arrays untouched."""
+    rng = np.random.default_rng([d, len(case), 7])
+    hq, hkv, sq, sk = 4, 2, 150, 171
+    opts = {"causal": case in ("causal", "sq_gt_sk")}
+    if case == "full_odd":
+        sq, sk = 77, 300
+    elif case == "gqa_window":
+        hq, hkv = 8, 2
+        opts["window"] = (40, 9)
+    elif case == "softcap":
+        opts["softcap"] = 5.0
+    elif case == "sq_gt_sk":
+        sq, sk = 200, 90
+    q, k, v = _inputs(rng, dtype, hq=hq, hkv=hkv, sq=sq, sk=sk, d=d)
+    before = [x.copy() for x in (q, k, v)]
+    out, lse = _check(q, k, v, **opts)
+    assert out.shape == (*q.shape[:-1], d) and out.flags.c_contiguous
+    for x, y in zip((q, k, v), before, strict=True):
+        assert bool(cp.all(x == y))
+
+
+def test_padded_head_dim_dispatch(monkeypatch):
+    """Off, auto keeps cupy.sm80 for D = 96; on, cupy.sm90 serves it (and the result agrees)."""
+    import xattn
+    from xattn import _backends
+    from xattn._backends.cupy_ import instances
+
+    rng = np.random.default_rng(96)
+    q, k, v = _inputs(rng, "float16", sq=130, sk=140, d=96)
+    prob = validate_attention(q, k, v, causal=True)
+    monkeypatch.setattr(instances, "SM90_PAD_ON", False)
+    assert _backends.explain(prob, {})["backend"] == "cupy.sm80"
+    ref = xattn.flash_attention(q, k, v, causal=True)
+    monkeypatch.setattr(instances, "SM90_PAD_ON", True)
+    assert _backends.explain(prob, {})["backend"] == "cupy.sm90"
+    out = xattn.flash_attention(q, k, v, causal=True)
+    assert float(cp.abs(out.astype(cp.float32) - ref.astype(cp.float32)).max()) < 2e-2

@@ -5,7 +5,10 @@ The kernel (``flash_fwd_sm90.cu``) serves float16 and bfloat16, head dims 64, 12
 length, and always writes ``lse``; at head dims 64 and 128 its ``_mods`` entries add the score
 modifications (softcap, bias, ALiBi, boolean mask) and its ``_bm`` entries a block mask
 (unbatched, block sizes that its tiles divide: ``bq`` a multiple of 128 and ``bk`` of 64,
-:data:`BM_CONFIGS`). Head dims 192 and 256 have the plain entries only (:data:`PLAIN_ONLY`).
+:data:`BM_CONFIGS`). Head dims 192 and 256 have the plain entries only (:data:`PLAIN_ONLY`);
+a head dim between two built ones runs the next one's entry on zero-padded operands
+(:func:`padded_dim`). D = 192 / 256 and the padded head dims wait behind switches
+(``instances.SM90_WIDE_ON``, ``SM90_PAD_ON``) until their GPU tests have run.
 Everything else (other head dims, score modifications or block masks at D = 192 / 256, other
 block sizes, other cards, the backward pass) is refused by :func:`supports`, and ``auto`` walks
 on to ``cupy.sm80``.
@@ -17,6 +20,7 @@ cubins on disk.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -26,7 +30,7 @@ from . import _compile, _params, instances
 from ._compile import compiled_function
 
 __all__ = ["BUILT", "CONFIGS", "PLAIN_ONLY", "compiled_function", "entry_maps", "forward",
-           "get_kernel", "launch_config", "mean_span", "precompile", "short_config",
+           "get_kernel", "launch_config", "mean_span", "padded_dim", "precompile", "short_config",
            "smem_bytes", "supports", "threads"]
 
 # Per head dim: (keys per block BN, consumer warpgroups per block, mode), from the one list of
@@ -82,12 +86,17 @@ def supports(prob, opts, op="forward"):
                                      "the sm_90a kernel")
     if why is not None:
         return why
-    if prob.d not in CONFIGS or prob.dv != prob.d:
-        return (f"head_dim {prob.d} (Dv {prob.dv}): the sm_90a kernel has D = Dv in "
-                f"{sorted(CONFIGS)}")
-    if prob.d > 128 and not instances.SM90_WIDE_ON:
+    width = padded_dim(prob.d)
+    if width is None or prob.dv != prob.d:
+        return (f"head_dim {prob.d} (Dv {prob.dv}): the sm_90a kernel has D = Dv up to "
+                f"{max(CONFIGS)}")
+    if width != prob.d and not instances.SM90_PAD_ON:
+        return (f"head_dim {prob.d}: zero-padded to {width} on the sm_90a kernel, which has not "
+                "run on a GPU yet (instances.SM90_PAD_ON is off)")
+    if width > 128 and not instances.SM90_WIDE_ON:
         return (f"head_dim {prob.d}: the sm_90a kernel's entry is built but has not run on a "
                 "GPU yet (instances.SM90_WIDE_ON is off)")
+    prob = _padded(prob)
     why = _plain_only_reason(prob)
     if why is not None:
         return why
@@ -99,6 +108,21 @@ def supports(prob, opts, op="forward"):
     if unknown:
         return f"options {unknown} (a tile plan) run on cupy.sm80"
     return _params.device_reason(prob, "the sm_90a kernel", exact_cc=90)
+
+
+def padded_dim(d):
+    """The head dim of the entry that serves head dim ``d``: ``d`` itself where built, else
+    the next one, the operands zero-padded to it (the zero columns change neither ``q.k`` nor
+    the output columns kept); None above the widest."""
+    return next((w for w in sorted(CONFIGS) if w >= d), None)
+
+
+def _padded(prob):
+    """``prob`` as its entry sees it: D and Dv of :func:`padded_dim` (the scale stays)."""
+    width = padded_dim(prob.d)
+    if width == prob.d:
+        return prob
+    return dataclasses.replace(prob, d=width, dv=width)
 
 
 def _plain_only_reason(prob):
@@ -171,9 +195,9 @@ def forward(prob, q, k, v, *, allow_tf32=False, config=None):
     test calls it directly). ``config`` = (keys per block, warpgroups, mode) overrides the
     default (``CONFIGS``; ``BUILT`` lists the choices; with score mods or a block mask only
     the warp-specialised modes of :data:`MODS_MODES` have entries)."""
-    why = _plain_only_reason(prob)
+    why = _plain_only_reason(_padded(prob))
     if why is None and prob.block_mask is not None:
-        why = _block_mask_reason(prob)
+        why = _block_mask_reason(_padded(prob))
     if why is not None:
         raise NotImplementedError(why)
     with q.device:
@@ -238,12 +262,12 @@ def _forward(prob, q, k, v, config):
     import cupy as xp
 
     tn = _params.type_name(prob.dtype)
-    d = prob.d
-    if tn is None or d not in CONFIGS or prob.dv != d:
+    d = padded_dim(prob.d)
+    if tn is None or d is None or prob.dv != prob.d:
         raise NotImplementedError(f"the sm_90a kernel has no entry for dtype {prob.dtype}, "
-                                  f"D {d}, Dv {prob.dv}")
+                                  f"D {prob.d}, Dv {prob.dv}")
     mods, sparse = prob.has_score_mods, prob.block_mask is not None
-    cfg = launch_config(prob, config)
+    cfg = launch_config(_padded(prob), config)
     B = math.prod(prob.batch)
     q4, k4, v4, out, lse = _params.forward_buffers(xp, prob, q, k, v, d, q.dtype)
     if _params.nothing_to_launch(out, lse):

@@ -37,13 +37,14 @@ __all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "DECODE", "DECODE_EXTRA",
            "SM90_BWD_DETERMINISTIC_ON", "SM90_BWD_DQ_WGMMA", "SM90_BWD_TMA",
            "SM90_BWD_TMA_DEFAULT",
            "SM90_BWD_VARIANTS", "SM90_EXPERIMENTAL", "SM90_MODS",
-           "SM90_MODS_ON_TMA", "SM90_MODS_TMA", "SM90_SHORT", "SM90_SHORT_ON",
+           "SM90_MODS_ON_TMA", "SM90_MODS_TMA", "SM90_PAD_ON", "SM90_SHORT", "SM90_SHORT_ON",
+           "SWITCHES",
            "SM90_WIDE_EXPERIMENTAL", "SM90_WIDE_ON",
            "TF32",
            "TF32X3", "TF32X3_SM90", "TF32X3_SM90_ON", "TF32X3_SM90_OV_EXPERIMENTAL",
            "bwd", "bwd_aux", "bwd_dq", "bwd_simt", "bwd_sm90", "bwd_sm90_dq",
            "decode",
-           "experimental", "fwd", "fwd_simt", "shipped", "sm90", "tf32",
+           "experimental", "fwd", "fwd_simt", "shipped", "switches", "sm90", "tf32",
            "tf32_bm", "tf32x3_sm90"]
 
 # Head dims the kernels are built for; others up to 256 are zero-padded to the next one.
@@ -139,6 +140,11 @@ SM90 = {64: (64, 3, 75), 128: (128, 2, 75), 192: (64, 2, 75), 256: (64, 2, 75)}
 # auto keeps cupy.sm80 for them until those tests pass (flash_sm90.forward and config= still
 # reach it).
 SM90_WIDE_ON = False
+# THE SWITCH of the other head dims on the wgmma forward: on, a head dim between two of SM90's
+# (32, 80, 96, 112, ...) runs the next one's entry with its operands zero-padded
+# (flash_sm90.padded_dim), as the mma.sync kernel pads to HEAD_DIMS. Off until the GPU tests of
+# tests/gpu/test_gpu_flash_sm90.py -k padded have passed (written after the device went).
+SM90_PAD_ON = False
 SM90_SHIPPED = ((64, 128, 2, 11), (64, 64, 3, 11), (128, 128, 2, 11), (64, 64, 3, 75),
                 (128, 128, 2, 75), (192, 64, 2, 75), (256, 64, 2, 75))
 # The score-modification entries (_mods: softcap, bias, ALiBi, bool mask; flex_attention's
@@ -438,6 +444,17 @@ SM90_BWD_DQ_WGMMA = False
 # They compile without spills and pass the CPU tests, but no GPU was lent after they were
 # written (2026-12-05): on once tools/gpu_check_det.sh tests has passed.
 SM90_BWD_DETERMINISTIC_ON = False
+
+# Every switch above that the kernel table's choice reads (flash_attention keeps its choice per
+# call signature, xattn/flash.py: the switches' values are part of the signature).
+SWITCHES = ("TF32X3_SM90_ON", "SM90_WIDE_ON", "SM90_PAD_ON", "SM90_MODS_ON_TMA", "SM90_SHORT_ON",
+            "SM90_BWD_DQ_WGMMA", "SM90_BWD_DETERMINISTIC_ON")
+
+
+def switches() -> tuple:
+    """The current values of :data:`SWITCHES`."""
+    here = globals()
+    return tuple(here[name] for name in SWITCHES)
 
 
 def decode(tn, d, cfg) -> Instance:
