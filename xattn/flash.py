@@ -33,8 +33,8 @@ def _route(prob):
 
 # The host work of a call before its launch (validation, route, the kernel table's choice) per
 # call signature, reused while everything it reads is the same: on CuPy it was about 40 % of a
-# call's ~140 microseconds of Python (cProfile on an H100 machine's host, 2026-12-05), time
-# that benchmarks/gpu_flash.py's do_bench rows counted beside the kernel.
+# call's ~140 microseconds of Python (cProfile on an H100 machine's host, 2026-12-05), latency
+# that a short kernel cannot hide (tools/gpu_fwd_short.py --host times a call with and without).
 _PLANNED: dict = {}
 _PLAIN = (int, float, bool)
 

@@ -273,6 +273,8 @@ def _twin(d, config):
     warpgroups, mode 11 where built."""
     bn, nwg, _ = config
     if nwg > 1:
+        if (d, bn, nwg, 11) not in k90.BUILT:
+            pytest.skip(f"no mode-11 twin of {config} is built at D = {d}")
         return (bn, nwg, 11)
     same = sorted(c for c in k90.BUILT if c[:2] == (d, bn) and c[2] > 1 and c[3] in (11, 75))
     return min(same, key=lambda c: c[3] != 11)[1:]
@@ -375,8 +377,8 @@ def test_wide_head_dim_options(dtype, d, case):
         amp = 4.0  # the running maximum moves a lot: exercises the rescale
     q, k, v = _inputs(rng, dtype, b=1 if case == "window_long" else 2, hq=hq, hkv=hkv,
                       sq=sq, sk=sk, d=d)
-    if amp != 1.0:
-        q = q * amp
+    if amp != 1.0:  # drawn in float64 and converted: q * amp would leave bfloat16 for float32
+        q = cupy_array(amp * rng.standard_normal(q.shape), dtype)
     out, lse = _check(q, k, v, config=k90.CONFIGS[d], **opts)
     if case == "sq_gt_sk_causal":
         assert bool(cp.all(out[..., : sq - sk, :] == 0))
