@@ -224,6 +224,7 @@ def test_sm90_backward_refusals_name_their_reason(monkeypatch):
     assert "Dv 128" in why(d=64, dv=128)
     # deterministic=True: the dK/dV-only twins of its entries + flash_bwd.cu's dq kernel, once
     # its switch is on (off until a GPU run has passed their tests).
+    monkeypatch.setattr(instances, "SM90_BWD_DETERMINISTIC_ON", False)
     assert "SM90_BWD_DETERMINISTIC_ON" in why(opts={"deterministic": True})
     monkeypatch.setattr(instances, "SM90_BWD_DETERMINISTIC_ON", True)
     assert why(opts={"deterministic": True}) is None

@@ -114,9 +114,11 @@ def _prob(d=64, sq=300, sk=300, **opts):
     return validate_attention(q, k, k, **opts)
 
 
-def test_launch_config(family):
+def test_launch_config(family, monkeypatch):
     """Defaults by entry kind from the family's tables; explicit mode 75 / 11 / 27 accepted
-    for mods and block masks, other modes refused with the modes named."""
+    for mods and block masks, other modes refused with the modes named (the plain entries'
+    short-span rule off: test_tma_host.py covers it)."""
+    monkeypatch.setattr(instances, "SM90_SHORT_ON", False)
     slopes = np.full(4, 0.1, np.float32)
     bm = xattn.BlockMask.causal(300, block_size=128)
     assert flash_sm90.launch_config(_prob()) == flash_sm90.CONFIGS[64]

@@ -74,8 +74,9 @@ def test_shared_memory_fits_an_sm90_block():
     assert x3w.THREADS == 384 and x3w.BLOCK_ROWS == 128
 
 
-def test_switch_is_off_and_named_in_the_refusal(on_sm90):
-    assert instances.TF32X3_SM90_ON is False
+def test_switch_is_named_in_the_refusal(on_sm90, monkeypatch):
+    assert instances.TF32X3_SM90_ON is True  # on since its GPU tests passed (H100, 2026-12-05)
+    monkeypatch.setattr(instances, "TF32X3_SM90_ON", False)
     why = x3w.supports(on_sm90(), {}, "forward")
     assert "instances.TF32X3_SM90_ON is off" in why and "cupy.tf32x3 serves" in why
     q = np.zeros((2, 8, 64), np.float32)  # host arrays: the first check of every GPU entry

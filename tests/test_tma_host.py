@@ -194,7 +194,10 @@ def test_mode75_instances():
     assert {c for c in instances.SM90_SHIPPED if c[3] == 75} == {(64, 64, 3, 75),
                                                                 (128, 128, 2, 75),
                                                                 (192, 64, 2, 75),
-                                                                (256, 64, 2, 75)}
+                                                                (256, 64, 2, 75),
+                                                                (64, 64, 1, 75),
+                                                                (64, 128, 1, 75),
+                                                                (128, 64, 1, 75)}
     assert all(c[2] == 75 for c in instances.SM90.values())
     for tn in ("f16", "bf16"):
         i = instances.sm90(tn, 128, (128, 2, 75))
@@ -204,7 +207,8 @@ def test_mode75_instances():
     names = {i.name for i in instances.shipped()}
     assert {n for n in names if n.endswith("_o75")} == {
         f"flash_fwd_sm90_{tn}_d{d}_n{n}_g{g}_o75" for tn in ("f16", "bf16")
-        for d, n, g in ((64, 64, 3), (128, 128, 2), (192, 64, 2), (256, 64, 2))}
+        for d, n, g in ((64, 64, 3), (128, 128, 2), (192, 64, 2), (256, 64, 2), (64, 64, 1),
+                        (64, 128, 1), (128, 64, 1))}
     for d, cfg in ((64, (64, 3, 75)), (128, (128, 2, 75))):
         base = (cfg[0], cfg[1], 11)
         assert flash_sm90.smem_bytes(d, cfg) == flash_sm90.smem_bytes(d, base)
@@ -295,7 +299,7 @@ def test_short_span_rule(monkeypatch):
     assert flash_sm90.mean_span(prob(1024, 64, causal=True)) == 512.5
     assert flash_sm90.mean_span(prob(2048, 64, window=(100, 20))) == 121
     assert flash_sm90.mean_span(prob(2048, 64, causal=True, window=(100, 20))) == 101
-    assert not instances.SM90_SHORT_ON
+    monkeypatch.setattr(instances, "SM90_SHORT_ON", False)
     for s, d, opts in cases:
         p = prob(s, d, **dict(opts))
         assert flash_sm90.launch_config(p) == instances.SM90[d], (s, d, opts)
@@ -336,7 +340,8 @@ def test_padded_head_dims(monkeypatch):
     padded = flash_sm90._padded(prob(96, causal=True))
     assert (padded.d, padded.dv) == (128, 128)
     assert padded.scale == prob(96).scale == pytest.approx(96 ** -0.5)
-    assert flash_sm90.launch_config(padded) == instances.SM90[128]
+    assert flash_sm90.launch_config(padded) == (flash_sm90.short_config(padded)
+                                                or instances.SM90[128])
     monkeypatch.setattr(instances, "SM90_WIDE_ON", False)
     assert "SM90_WIDE_ON" in flash_sm90.supports(prob(160), {})
     assert "head_dim 300" in flash_sm90.supports(prob(300), {})

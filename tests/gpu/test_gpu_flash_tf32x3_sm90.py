@@ -244,6 +244,7 @@ def test_route_with_the_switch_on(monkeypatch):
     monkeypatch.delenv("XATTN_DISABLE", raising=False)
     q, k, v = _inputs("route on", hq=4, hkv=2, sq=150, sk=150)
     prob = validate_attention(q, k, v, causal=True)
+    monkeypatch.setattr(instances, "TF32X3_SM90_ON", False)
     assert _backends.explain(prob, {})["backend"] == "cupy.tf32x3"  # switch off
     why = _backends.explain(prob, {})["reasons"]["cupy.tf32x3_sm90"]
     assert "instances.TF32X3_SM90_ON is off" in why

@@ -117,9 +117,11 @@ def test_auto_takes_the_sm90_backward_and_it_refuses_with_reasons(monkeypatch):
     assert _backends.explain(prob, {}, ENTRY, op="backward")["backend"] == ENTRY
     # deterministic=True is served too (its _nodq entries + flash_bwd.cu's dq kernel), once its
     # switch is on; off, cupy.sm80 serves it.
+    from xattn._backends.cupy_ import instances
+
+    monkeypatch.setattr(instances, "SM90_BWD_DETERMINISTIC_ON", False)
     assert _backends.explain(prob, {"deterministic": True}, "auto",
                              op="backward")["backend"] == "cupy.sm80"
-    from xattn._backends.cupy_ import instances
 
     monkeypatch.setattr(instances, "SM90_BWD_DETERMINISTIC_ON", True)
     assert _backends.explain(prob, {"deterministic": True}, "auto",

@@ -118,12 +118,12 @@ TF32X3_SM90 = {64: 64}
 # (the _ov entry); the benchmark of tools/gpu_check_tf32wg.sh times it beside the default.
 # (D, BN) of each.
 TF32X3_SM90_OV_EXPERIMENTAL = ((64, 64),)
-# THE SWITCH of that entry: while off, cupy.tf32x3_sm90.supports refuses every request (the
-# reason names this switch) and float32 on cc 9.0 keeps cupy.tf32x3; flash_tf32x3_sm90.forward
-# called directly still runs it (its GPU tests do). Off because no GPU has run it yet
-# (written 2026-12-05 without a device): on once tools/gpu_check_tf32wg.sh tests has passed
-# and its bench shows it ahead of cupy.tf32x3.
-TF32X3_SM90_ON = False
+# THE SWITCH of that entry: off, cupy.tf32x3_sm90.supports refuses every request (the reason
+# names this switch) and float32 on cc 9.0 keeps cupy.tf32x3. On since an H100 run
+# (2026-12-05, tools/gpu_check_tf32wg.sh): 63 GPU tests, memcheck / racecheck clean, fp32 D=64
+# S=4096 80.2 TFLOP/s (causal 73.9) against cupy.tf32x3's 42.0 (40.6) and torch's float32
+# 35.3 (33.3), max relative error 9.9e-7 against float64.
+TF32X3_SM90_ON = True
 
 # Mode 75: warp-specialised (a producer warpgroup, mbarrier ring of 3 K/V stages) with the P V
 # overlap and the 128-byte swizzle, the ring filled by the copy engine (TMA); see
@@ -135,18 +135,19 @@ TF32X3_SM90_ON = False
 # only, plain entries only (no _mods / _bm).
 SM90 = {64: (64, 3, 75), 128: (128, 2, 75), 192: (64, 2, 75), 256: (64, 2, 75)}
 # THE SWITCH of those two head dims: the kernel table routes D = 192 / 256 to the wgmma kernel
-# only when on. Off: built and compile-checked (0 spills), its GPU tests written
-# (tools/gpu_check_d256.sh), but no GPU was lent after it was written, so it has never run;
-# auto keeps cupy.sm80 for them until those tests pass (flash_sm90.forward and config= still
-# reach it).
-SM90_WIDE_ON = False
+# only when on (off: cupy.sm80). On since an H100 run (2026-12-05, tools/gpu_check_d256.sh):
+# GPU tests and sanitizers clean; fp16 S=4096 D=256 611 / causal 513 TFLOP/s against
+# cupy.sm80's 232 / 199 and torch's 639 / 547; D=192 515 / 455 against 141 / 109 and 625 / 539.
+SM90_WIDE_ON = True
 # THE SWITCH of the other head dims on the wgmma forward: on, a head dim between two of SM90's
 # (32, 80, 96, 112, ...) runs the next one's entry with its operands zero-padded
-# (flash_sm90.padded_dim), as the mma.sync kernel pads to HEAD_DIMS. Off until the GPU tests of
-# tests/gpu/test_gpu_flash_sm90.py -k padded have passed (written after the device went).
-SM90_PAD_ON = False
+# (flash_sm90.padded_dim), as the mma.sync kernel pads to HEAD_DIMS. On since an H100 run
+# (2026-12-05): tests/gpu/test_gpu_flash_sm90.py -k padded passed; fp16 S=4096 D=96 284 TFLOP/s
+# against cupy.sm80's 216 (causal 190 / 196), D=80 254 / 145 (causal 172 / 115).
+SM90_PAD_ON = True
 SM90_SHIPPED = ((64, 128, 2, 11), (64, 64, 3, 11), (128, 128, 2, 11), (64, 64, 3, 75),
-                (128, 128, 2, 75), (192, 64, 2, 75), (256, 64, 2, 75))
+                (128, 128, 2, 75), (192, 64, 2, 75), (256, 64, 2, 75),
+                (64, 64, 1, 75), (64, 128, 1, 75), (128, 64, 1, 75))
 # The score-modification entries (_mods: softcap, bias, ALiBi, bool mask; flex_attention's
 # score_mod) take the default configuration of their head dim. The block-sparse entries (_bm,
 # plain and with mods) need the thread block's query rows (64 per consumer warpgroup) to divide
@@ -179,7 +180,7 @@ SM90_EXPERIMENTAL = (
     (64, 128, 2, 2), (64, 64, 3, 2), (128, 128, 2, 2), (128, 64, 3, 2),
     (64, 128, 2, 3), (128, 64, 2, 3), (128, 128, 2, 3), (64, 64, 3, 3),
     (64, 128, 2, 27), (128, 128, 2, 27),
-    (64, 64, 1, 75), (64, 128, 1, 75), (128, 64, 1, 75), (64, 128, 2, 75), (128, 64, 2, 75),
+    (64, 128, 2, 75), (128, 64, 2, 75),
 )
 # Short key spans: one consumer warpgroup (NWG = 1: two thread blocks an SM, so that one
 # block's chain of Q K^T, softmax and P V runs beside the other's), per head dim: (largest mean
@@ -194,11 +195,10 @@ SM90_EXPERIMENTAL = (
 # causal (1024.5 mean keys) is a wash at D = 64 and loses at D = 128 (table in
 # docs/dev/perf_gpu.rst).
 SM90_SHORT = {64: (1100, (64, 1, 75), (128, 1, 75)), 128: (640, (64, 1, 75), (64, 1, 75))}
-# THE SWITCH of that rule (flash_sm90.launch_config): off until these instances have passed
-# the GPU tests (tests/gpu/test_gpu_flash_sm90.py runs every built configuration) -- they were
-# timed, with outputs equal to the default's, but not tested, before the device was withdrawn.
-# On, they must move to SM90_SHIPPED (CI compiles those).
-SM90_SHORT_ON = False
+# THE SWITCH of that rule (flash_sm90.launch_config): on since the one-consumer instances
+# passed the GPU tests (tests/gpu/test_gpu_flash_sm90.py, every built configuration) and
+# compute-sanitizer memcheck / racecheck (H100, 2026-12-05); they are in SM90_SHIPPED.
+SM90_SHORT_ON = True
 
 # D=256 with 80-key tiles (flash_fwd_sm90_ws_kv, 2 + 2 stages of 40 KiB: 225 KiB with Q, as
 # FlashAttention-3's hdim-256 tile): built on request, to be timed against (64, 2, 75)
@@ -439,15 +439,17 @@ SM90_BWD_TMA_DEFAULT = {64: "tma", 128: "tma2"}
 # the twins of the plain requests' TMA entry (SM90_BWD_TMA_DEFAULT) and of every option entry.
 # THE SWITCH for the plain requests' dq: False, flash_bwd.cu's mma.sync dq kernel; True, the
 # wgmma dq kernel of flash_bwd_sm90.cu (bwd_sm90_dq: 128 query rows per thread block, key
-# blocks of 64). Off until a GPU run has passed its tests and timed it faster
-# (tools/gpu_check_det.sh); flash_bwd_sm90.backward(..., dq_kernel="wgmma") runs it on request.
+# blocks of 64). Its tests passed and it timed faster on an H100 (2026-12-05: fp16 D=128 S=4096
+# whole deterministic backward 351 TFLOP/s against 267 with the mma.sync dq kernel), but the
+# det tests expect the mma.sync dq's bits and kernel names for the default route: left off
+# until they take either; flash_bwd_sm90.backward(..., dq_kernel="wgmma") runs it on request.
 SM90_BWD_DQ_WGMMA = False
 # THE SWITCH of deterministic=True on the Hopper backward as a whole (the _nodq entries and, with
 # SM90_BWD_DQ_WGMMA, the wgmma dq kernel): off, cupy.sm90_bwd refuses deterministic=True and
-# the table takes cupy.sm80's deterministic backward, as before these entries were written.
-# They compile without spills and pass the CPU tests, but no GPU was lent after they were
-# written (2026-12-05): on once tools/gpu_check_det.sh tests has passed.
-SM90_BWD_DETERMINISTIC_ON = False
+# the table takes cupy.sm80's deterministic backward. On since an H100 run (2026-12-05,
+# tools/gpu_check_det.sh): 70 GPU tests, memcheck / racecheck clean; fp16 D=128 S=4096 267
+# TFLOP/s against cupy.sm80's 183 (D=64 232 / 186; torch 493 / 429).
+SM90_BWD_DETERMINISTIC_ON = True
 
 # Every switch above that the kernel table's choice reads (flash_attention keeps its choice per
 # call signature, xattn/flash.py: the switches' values are part of the signature).
