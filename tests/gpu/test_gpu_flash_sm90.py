@@ -180,7 +180,12 @@ def test_supports_and_switch(monkeypatch):
     alibi = validate_attention(q, k, v, alibi_slopes=cp.ones(4, cp.float32))
     assert k90.supports(alibi, {}, "forward") is None  # the _mods entries
     prob96 = validate_attention(*_inputs(np.random.default_rng(1), "float16", d=96))
+    from xattn._backends.cupy_ import instances
+
+    monkeypatch.setattr(instances, "SM90_PAD_ON", False)
     assert "head_dim" in k90.supports(prob96, {}, "forward")
+    monkeypatch.setattr(instances, "SM90_PAD_ON", True)
+    assert k90.supports(prob96, {}, "forward") is None  # zero-padded to 128
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

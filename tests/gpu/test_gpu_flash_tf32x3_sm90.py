@@ -261,7 +261,10 @@ def test_route_with_the_switch_on(monkeypatch):
     assert bool(cp.array_equal(out, out2))  # auto ran this very kernel
 
 
-def test_forced_while_off_raises_with_the_switch():
+def test_forced_while_off_raises_with_the_switch(monkeypatch):
+    from xattn._backends.cupy_ import instances
+
+    monkeypatch.setattr(instances, "TF32X3_SM90_ON", False)
     q, k, v = _inputs("forced off")
     with pytest.raises(NotImplementedError, match="TF32X3_SM90_ON"):
         xattn.flash_attention(q, k, v, backend="cupy.tf32x3_sm90")
