@@ -99,8 +99,8 @@ BACKENDS = {
             "cupy.sm90",
             "gpu",
             ".cupy_.flash_sm90",
-            "Hopper (sm_90a) warp-specialised wgmma forward, float16/bfloat16, D 64/128 (192/256 "
-            "behind instances.SM90_WIDE_ON), score mods, block masks of 128-row blocks "
+            "Hopper (sm_90a) warp-specialised wgmma forward, float16/bfloat16, D 64/128/192/256 "
+            "(others zero-padded), score mods and block masks of 128-row blocks at D <= 128 "
             "(flash_fwd_sm90.cu)",
             requires=("cupy",),
             fix=_CUPY_FIX,
@@ -138,8 +138,8 @@ BACKENDS = {
             "gpu",
             ".cupy_.flash_tf32x3_sm90",
             "Hopper (sm_90a) float32 forward at float32 accuracy: 3xTF32 on wgmma, D = 64, "
-            "causal, window, GQA (flash_fwd_tf32x3_sm90.cu); off until its GPU tests pass "
-            "(instances.TF32X3_SM90_ON)",
+            "causal, window, GQA (flash_fwd_tf32x3_sm90.cu; switch "
+            "instances.TF32X3_SM90_ON)",
             requires=("cupy",),
             fix=_CUPY_FIX,
         ),

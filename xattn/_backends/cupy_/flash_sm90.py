@@ -7,8 +7,8 @@ modifications (softcap, bias, ALiBi, boolean mask) and its ``_bm`` entries a blo
 (unbatched, block sizes that its tiles divide: ``bq`` a multiple of 128 and ``bk`` of 64,
 :data:`BM_CONFIGS`). Head dims 192 and 256 have the plain entries only (:data:`PLAIN_ONLY`);
 a head dim between two built ones runs the next one's entry on zero-padded operands
-(:func:`padded_dim`). D = 192 / 256 and the padded head dims wait behind switches
-(``instances.SM90_WIDE_ON``, ``SM90_PAD_ON``) until their GPU tests have run.
+(:func:`padded_dim`). D = 192 / 256 and the padded head dims each have a switch
+(``instances.SM90_WIDE_ON``, ``SM90_PAD_ON``; on, measured in docs/gpu.rst).
 Everything else (other head dims, score modifications or block masks at D = 192 / 256, other
 block sizes, other cards, the backward pass) is refused by :func:`supports`, and ``auto`` walks
 on to ``cupy.sm80``.
