@@ -2,8 +2,9 @@
 oracle at float32 accuracy, on compute capability 9.0.
 
 The tests call the entry's ``forward`` directly (whatever ``instances.TF32X3_SM90_ON`` says)
-and set the switch with ``monkeypatch`` where the route is tested. Every result is held to issue 11's bound -- the error of ``out`` at most
-``1e-5`` of ``max |out|`` against float64 -- and to the float32 row of
+and set the switch with ``monkeypatch`` where the route is tested. Every result is held to
+issue 11's bound -- the error of ``out`` at most ``1e-5`` of ``max |out|`` against float64 --
+and to the float32 row of
 :func:`xattn.testing.tolerance`; ``lse`` to the same float32 row. Plain TF32 on the same
 inputs must miss that bound (so the bound can fail). Outputs are NaN-poisoned before each
 launch (the autouse fixture of tests/gpu/conftest.py): an element the kernel never writes
