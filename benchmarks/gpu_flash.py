@@ -33,8 +33,8 @@ S in {1024, 4096, 16384}, causal and not; forward rows also at D = 256, S = 4096
   float32 SDPA default (mem-efficient, no TF32) and math backend; the errors of all three against
   float64 on head (0, 0) in the note; with ``--configs`` every compiled 3xTF32 tile
   configuration of the head dim is timed too.
-- ``window``: sliding window S=65536 +-256, D=64, 32 heads, fp16, forward and backward, beside
-  FlexAttention (``torch.compile``-d; ``--no-flex`` leaves it out).
+- ``window``: sliding window S=65536 +-256, D=64, 16 heads (issue 11's row), fp16, forward and
+  backward, beside FlexAttention (``torch.compile``-d; ``--no-flex`` leaves it out).
 - ``fwd-rest``, ``bwd-rest``: S = 1024 and 16384 (not with ``--quick``).
 
 FLOPs (flash-attn convention): forward ``4 B Hq Sq Sk D``, backward 2.5 times that
@@ -640,7 +640,7 @@ class Worker:
                     res["configs"][str(cfg)] = {"error": str(exc)[:200]}
                     res["note"] += f" {cfg}: failed;"
 
-    def row_window(self, spec, res, s=65536, w=256, d=64, h=32):
+    def row_window(self, spec, res, s=65536, w=256, d=64, h=16):
         torch, xattn = self.torch, self.xattn
         backward = spec["pass"] == "bwd"
         q, k, v, dout = self.inputs("fp16", (1, h, s, d), 1, n=4)

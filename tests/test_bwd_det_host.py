@@ -84,9 +84,9 @@ def test_deterministic_is_served_and_routed(on_sm90):
     det = {"deterministic": True}
     cases = {
         "plain d64": (on_sm90(), ("flash_bwd_sm90_f16_d64_tma_nodq",
-                                  "flash_bwd_dq_f16_d64_w4_n64_plain")),
+                                  "flash_bwd_sm90_dq_f16_d64")),
         "causal d128": (on_sm90(d=128, causal=True), ("flash_bwd_sm90_f16_d128_tma2_nodq",
-                                                      "flash_bwd_dq_f16_d128_w4_n64_plain")),
+                                                      "flash_bwd_sm90_dq_f16_d128")),
         "window d64": (on_sm90(window=(30, 0), causal=True),
                        ("flash_bwd_sm90_f16_d64_win_nodq", "flash_bwd_dq_f16_d64_w4_n64_plain")),
         "softcap d64": (on_sm90(softcap=5.0), ("flash_bwd_sm90_f16_d64_mods_nodq",
@@ -114,7 +114,7 @@ def test_deterministic_is_served_and_routed(on_sm90):
 
 
 def test_wgmma_dq_kernel(on_sm90):
-    """The wgmma dq kernel: shipped, plain requests only, off by default (the switch),
+    """The wgmma dq kernel: shipped, plain requests only, their default (the switch),
     named by kernel_names; its shared memory fits a block."""
     shipped = {i.name for i in instances.shipped()}
     for d in (64, 128):
@@ -124,11 +124,12 @@ def test_wgmma_dq_kernel(on_sm90):
             assert i.macro == "XATTN_BWD90_DQ_ONE" and "-DXATTN_BWD90_DQK=1" in i.defines
     assert k90b.dq_smem_bytes(128) == 132096 and k90b.dq_smem_bytes(64) == 66560
     plain, causal = on_sm90(), on_sm90(d=128, causal=True)
-    assert instances.SM90_BWD_DQ_WGMMA is False
-    assert k90b.dq_kernel_choice(plain) == "mma"
-    assert k90b.dq_kernel_choice(causal, "wgmma") == "wgmma"
-    assert k90b.kernel_names(causal, True, dq_kernel="wgmma")[1:] == (
-        "flash_bwd_sm90_f16_d128_tma2_nodq", "flash_bwd_sm90_dq_f16_d128")
+    assert instances.SM90_BWD_DQ_WGMMA is True
+    assert k90b.dq_kernel_choice(plain) == "wgmma"
+    assert k90b.dq_kernel_choice(causal, "mma") == "mma"
+    assert k90b.dq_kernel_choice(on_sm90(window=(8, 0))) == "mma"
+    assert k90b.kernel_names(causal, True, dq_kernel="mma")[1:] == (
+        "flash_bwd_sm90_f16_d128_tma2_nodq", "flash_bwd_dq_f16_d128_w4_n64_plain")
     with pytest.raises(ValueError, match="dq_kernel='wgmma': the wgmma dq kernel serves plain"):
         k90b.dq_kernel_choice(on_sm90(window=(8, 0)), "wgmma")
     with pytest.raises(ValueError, match="dq_kernel: one of"):

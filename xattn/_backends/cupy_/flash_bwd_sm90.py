@@ -35,9 +35,8 @@ dq once, no atomics: bitwise reproducible). :func:`kernel_names` says which kern
 A wgmma version of that dq kernel (``flash_bwd_sm90_dq_<t>_d<D>``: 128 query rows per thread
 block, key blocks of 64, ``S``, ``dP`` and ``dQ += dS K`` on wgmma, dq written once, no
 atomics) serves the plain requests (causal, scale, GQA) with ``dq_kernel="wgmma"``
-(:data:`DQ_KERNELS`); :data:`instances.SM90_BWD_DQ_WGMMA` makes it their default (off: the
-det tests of the default route expect the mma.sync dq kernel's bits; measured faster, see
-instances.py).
+(:data:`DQ_KERNELS`); :data:`instances.SM90_BWD_DQ_WGMMA` (on) makes it their default
+(measured faster, see instances.py); ``dq_kernel="mma"`` keeps the mma.sync one.
 
 Entries (:func:`variant`): the plain one (causal only, its own argument list), and with a
 window, score mods or a block mask one of ``win``, ``mods``, ``bm``, ``mods_bm``, which take

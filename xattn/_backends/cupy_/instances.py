@@ -181,6 +181,11 @@ SM90_EXPERIMENTAL = (
     (64, 128, 2, 3), (128, 64, 2, 3), (128, 128, 2, 3), (64, 64, 3, 3),
     (64, 128, 2, 27), (128, 128, 2, 27),
     (64, 128, 2, 75), (128, 64, 2, 75),
+    # Mode 75 with 1-3 of every 8 score chunks exponentiated on the FMA pipe (ex2_fma in
+    # common.cuh; modes 203 / 331 / 459): to be timed against 75 (tools/gpu_fwd_poly.py).
+    *((d, bn, nwg, 75 + (k << 7)) for d, bn, nwg in ((64, 64, 1), (64, 128, 1), (64, 64, 3),
+                                                     (128, 64, 1), (128, 128, 2))
+      for k in (1, 2, 3)),
 )
 # Short key spans: one consumer warpgroup (NWG = 1: two thread blocks an SM, so that one
 # block's chain of Q K^T, softmax and P V runs beside the other's), per head dim: (largest mean
@@ -440,10 +445,10 @@ SM90_BWD_TMA_DEFAULT = {64: "tma", 128: "tma2"}
 # THE SWITCH for the plain requests' dq: False, flash_bwd.cu's mma.sync dq kernel; True, the
 # wgmma dq kernel of flash_bwd_sm90.cu (bwd_sm90_dq: 128 query rows per thread block, key
 # blocks of 64). Its tests passed and it timed faster on an H100 (2026-12-05: fp16 D=128 S=4096
-# whole deterministic backward 351 TFLOP/s against 267 with the mma.sync dq kernel), but the
-# det tests expect the mma.sync dq's bits and kernel names for the default route: left off
-# until they take either; flash_bwd_sm90.backward(..., dq_kernel="wgmma") runs it on request.
-SM90_BWD_DQ_WGMMA = False
+# whole deterministic backward 351 TFLOP/s against 267 with the mma.sync dq kernel); on since
+# the det tests take either dq kernel (2026-12-06). flash_bwd_sm90.backward(...,
+# dq_kernel="mma" | "wgmma") picks one on request.
+SM90_BWD_DQ_WGMMA = True
 # THE SWITCH of deterministic=True on the Hopper backward as a whole (the _nodq entries and, with
 # SM90_BWD_DQ_WGMMA, the wgmma dq kernel): off, cupy.sm90_bwd refuses deterministic=True and
 # the table takes cupy.sm80's deterministic backward. On since an H100 run (2026-12-05,
