@@ -113,7 +113,7 @@ def row_key(spec):
 
 def row_case(spec):
     if spec["section"] == "window":
-        return f"window {spec['pass']} fp16 D=64 H=32 S=65536 +-256"
+        return f"window {spec['pass']} fp16 D=64 H=16 S=65536 +-256"
     c = "causal" if spec["causal"] else "full"
     det = " deterministic" if spec.get("deterministic") else ""
     what = {"fp32": "fwd", "sm90": "fwd sm90", "tf32": "fwd tf32",

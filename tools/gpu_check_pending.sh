@@ -19,7 +19,7 @@
 #   bash tools/gpu_check_pending.sh san     (< 5 min): d256, det, tf32wg and the NWG = 1 entries
 # Then turn on the switches whose tests passed and whose figures beat what they replace
 # (xattn/_backends/cupy_/instances.py), move SM90_SHORT's configurations to SM90_SHIPPED, and
-# run the whole suite in one call: bash tools/gpu_suite.sh.
+# run the whole suite in two calls: bash tools/gpu_suite.sh 1, then bash tools/gpu_suite.sh 2.
 set -u
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -6,7 +6,6 @@ Usage (on a compute capability 9.0 GPU with CuPy, torch and triton)::
     python3 tools/gpu_fwd_short.py            # host cost, then the sweep; table last
     python3 tools/gpu_fwd_short.py --host     # the host cost only
     python3 tools/gpu_fwd_short.py --san      # one tiny forward per NWG = 1 entry
-    python3 tools/gpu_fwd_short.py --poly     # each row's config against its ex2_fma twins
 
 The sweep: fp16, B*S = 16384 and Hq*D = 2048 (the rows of benchmarks/gpu_flash.py), S in
 1024 / 2048 / 4096, causal or not, and sliding windows; every candidate of
@@ -15,11 +14,6 @@ after a check against the default's output, timed with ``triton.testing.do_bench
 flushed, median); torch SDPA's default in the same process. TFLOP/s count the visible pairs.
 What it decides: the thresholds of ``instances.SM90_SHORT`` and whether ``SM90_SHORT_ON`` may
 be turned on (tests/gpu/test_gpu_flash_sm90.py runs every built configuration first).
-
-``--poly``: the configuration each row takes (``flash_sm90.launch_config``) against its twins
-with 1, 2 or 3 of every 8 score chunks exponentiated on the FMA pipe (modes 203 / 331 / 459,
-``ex2_fma`` in xattn/kernels/common.cuh), on the rows where the exponentials may bound the
-forward (D = 64, short spans).
 
 The host cost: microseconds to issue a call of a tiny problem (the GPU then waits on the
 host), with the plan of ``xattn/flash.py`` reused and with it switched off (``_signature``
@@ -79,7 +73,7 @@ def host_cost(calls=300):
     return rows
 
 
-def sweep_row(s, d, causal=False, window=None, b=None, h=None, poly=False):
+def sweep_row(s, d, causal=False, window=None, b=None, h=None):
     import cupy as cp
     import torch
     from triton.testing import do_bench
@@ -108,11 +102,7 @@ def sweep_row(s, d, causal=False, window=None, b=None, h=None, poly=False):
     row = {"case": f"D={d} S={s} {'causal' if causal else 'full'}"
                    + (f" +-{window[0]}" if window else ""), "span": k90.mean_span(prob)}
     _, cfg_win, cfg_rest = instances.SM90_SHORT[d]
-    cands = sorted({default, cfg_win, cfg_rest})
-    if poly:
-        base = k90.launch_config(prob)
-        cands = [base, *((*base[:2], base[2] + (n << 7)) for n in (1, 2, 3))]
-    for cfg in cands:
+    for cfg in sorted({default, cfg_win, cfg_rest}):
         def run(cfg=cfg):
             return k90.forward(prob, qc, kc, vc, config=cfg)
 
@@ -154,36 +144,24 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--host", action="store_true", help="the host cost only")
     ap.add_argument("--san", action="store_true", help="the sanitizer workload only")
-    ap.add_argument("--poly", action="store_true", help="the ex2_fma twins' sweep")
     ap.add_argument("--budget", type=float, default=150.0, help="seconds; later rows skipped")
     args = ap.parse_args(argv)
     if args.san:
         return sanitizer_workload()
     t0 = time.time()
-    if args.poly:
-        from xattn._backends.cupy_ import flash_sm90 as k90
-
-        keys = sorted(c for c in k90.BUILT if c[3] & 64 and c[0] <= 128)
-        k90.precompile("f16", keys, workers=14)
-        print(f"compiled {len(keys)} entries in {time.time() - t0:.0f} s", flush=True)
-        specs = [(s, 64, c, None) for s in (1024, 4096) for c in (0, 1)]
-        specs += [(65536, 64, False, (256, 256)), (1024, 128, True, None),
-                  (4096, 128, False, None), (16384, 64, False, (128, 128))]
-    else:
-        host_cost()
-        if args.host:
-            return None
-        specs = [(s, d, c, None) for s in (1024, 2048, 4096) for d in (64, 128) for c in (0, 1)]
-        specs += [(s, d, False, (w, w)) for d, w, s in WINDOWS]
+    host_cost()
+    if args.host:
+        return None
+    specs = [(s, d, c, None) for s in (1024, 2048, 4096) for d in (64, 128) for c in (0, 1)]
+    specs += [(s, d, False, (w, w)) for d, w, s in WINDOWS]
     rows = []
     for s, d, causal, window in specs:
         if time.time() - t0 > args.budget:
             print(f"budget: rows from D={d} S={s} on skipped", flush=True)
             break
         kw = {"b": 1, "h": 32} if window and s == 65536 else {}
-        rows.append(sweep_row(s, d, bool(causal), window, poly=args.poly, **kw))
-    cols = sorted({c for r in rows for c in r if c.startswith("(")},
-                  key=lambda c: tuple(int(x) for x in c.strip("()").split(",")))
+        rows.append(sweep_row(s, d, bool(causal), window, **kw))
+    cols = sorted({c for r in rows for c in r if c.startswith("(")})
     print("\n| case | mean keys | torch | " + " | ".join(cols) + " |")
     print("|---" * (3 + len(cols)) + "|")
     for r in rows:

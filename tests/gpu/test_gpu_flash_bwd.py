@@ -16,7 +16,7 @@ from conftest import GPU_ONLY, cupy_array
 import xattn
 from xattn import _backends
 from xattn._array import validate_attention
-from xattn._backends.cupy_ import _params
+from xattn._backends.cupy_ import _params, instances
 from xattn.testing import (
     naive_attention_backward,
     reference_attention_backward,
@@ -218,8 +218,12 @@ def test_auto_picks_the_backward_kernel():
     hopper = _params.compute_capability() == 90 and prob.d in (64, 128)
     assert _backends.select_entry(prob, {}, "auto", op="backward").name == (
         "cupy.sm90_bwd" if hopper else "cupy.sm80")
+    # deterministic=True: the wgmma backward's dK/dV-only twin and a dq kernel on Hopper
+    # (instances.SM90_BWD_DETERMINISTIC_ON), mma.sync elsewhere.
+    det_hopper = hopper and instances.SM90_BWD_DETERMINISTIC_ON
     assert _backends.select_entry(prob, {"deterministic": True}, "auto",
-                                  op="backward").name == "cupy.sm80"
+                                  op="backward").name == (
+        "cupy.sm90_bwd" if det_hopper else "cupy.sm80")
 
 
 def test_backward_refusals_raise_when_forced_and_fall_back_on_auto(monkeypatch):

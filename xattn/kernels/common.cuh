@@ -69,21 +69,6 @@ __device__ __forceinline__ float ex2(float x) {
     return y;
 }
 
-// 2^x for x <= 0 on the FMA and integer pipes instead of the special-function unit (16 results
-// per clock per SM on Hopper against 128 FMAs: at head dim 64 the softmax's exponentials take
-// as long as the tile's two GEMMs). x = j + f with j an integer (rounded by the 1.5 * 2^23
-// trick) and f in [-0.5, 0.5]; 2^f by a degree-3 polynomial (relative-error minimax, 7.5e-5:
-// below the 16-bit P it becomes); 2^j added to the exponent bits. x < -125 (masked: -inf)
-// gives exactly 0, as ex2.approx does for -inf.
-__device__ __forceinline__ float ex2_fma(float x) {
-    const float t = x + 12582912.f;
-    const float f = x - (t - 12582912.f);
-    const float p = fmaf(fmaf(fmaf(0.055171434f, f, 0.24261081f), f, 0.69326097f), f,
-                         0.99992812f);
-    const float y = __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
-    return x < -125.f ? 0.f : y;
-}
-
 // Float32 add into global memory without a return value (RED, not ATOM).
 __device__ __forceinline__ void red_add(float* p, float x) {
     asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(p), "f"(x) : "memory");

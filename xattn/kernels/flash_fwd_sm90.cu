@@ -259,9 +259,8 @@ struct bool_c {
     static constexpr bool value = B;
 };
 
-// Straight-line code (no branch): it may run while a wgmma is in flight. POLY of every 8 score
-// chunks (8 keys) take ex2_fma instead of the special-function unit (mode bits 7-8).
-template <int BN, int POLY = 0>
+// Straight-line code (no branch): it may run while a wgmma is in flight.
+template <int BN>
 __device__ __forceinline__ void softmax_rows(float (&s)[BN / 2], float (&m)[2], float (&l)[2],
                                              float (&alpha)[2], float sl2) {
     constexpr int NS = BN / 8;
@@ -285,8 +284,7 @@ __device__ __forceinline__ void softmax_rows(float (&s)[BN / 2], float (&m)[2], 
         for (int n = 0; n < NS; ++n)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                const float x = fmaf(s[n * 4 + hr * 2 + e], sl2, -m_use);
-                const float p = n % 8 < POLY ? ex2_fma(x) : ex2(x);
+                const float p = ex2(fmaf(s[n * 4 + hr * 2 + e], sl2, -m_use));
                 s[n * 4 + hr * 2 + e] = p;
                 rs += p;
             }
@@ -633,13 +631,13 @@ __device__ __forceinline__ void consumer_pv(float (&acc)[D / 2], unsigned (&pp)[
 
 // The online softmax of S while that P V runs, then the wait for it: P of this tile in pn,
 // the rescale factors in alpha (the caller releases the V stage, then consumer_take_p).
-template <class T, int BN, int D, int POLY = 0>
+template <class T, int BN, int D>
 __device__ __forceinline__ void consumer_softmax(float (&s)[BN / 2], float (&m)[2],
                                                  float (&l)[2], float (&alpha)[2],
                                                  unsigned (&pn)[BN / 16][4],
                                                  float (&acc)[D / 2],
                                                  unsigned (&pp)[BN / 16][4], float sl2) {
-    softmax_rows<BN, POLY>(s, m, l, alpha, sl2);
+    softmax_rows<BN>(s, m, l, alpha, sl2);
     pack_p<T, BN>(pn, s);
 #pragma unroll
     for (int j = 0; j < BN / 16; ++j) fence_regs(pn[j]);
@@ -701,9 +699,8 @@ __device__ __forceinline__ void consumer_last_pv(float (&acc)[D / 2],
 // warpgroup's GEMMs execute.
 // MODS / SPARSE (the _mods / _bm entries, A = FwdArgsMods): the score modifications on every
 // visited tile, the block mask's walk; the plain entries (A = FwdArgs) compile neither.
-// POLY: softmax_rows's share of exponentials on the FMA pipe (mode bits 7-8, plain TMA entries).
 template <class T, int D, int BN, int NWG, bool PP, bool MODS = false, bool SPARSE = false,
-          class A = FwdArgs, int POLY = 0>
+          class A = FwdArgs>
 __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
 #if XATTN_SM90_OK
     static_assert(D == 64 || D == 128, "wgmma wrappers exist for N = 64 and 128");
@@ -863,7 +860,7 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
 
         float alpha[2];
         unsigned pn[BN / 16][4];
-        consumer_softmax<T, BN, D, POLY>(s, m, l, alpha, pn, acc, pp, sl2);
+        consumer_softmax<T, BN, D>(s, m, l, alpha, pn, acc, pp, sl2);
         // V of block kb - 1 is read (the wait above is warpgroup-wide): one arrival per warp.
         if (!first && lane == 0) mbar_arrive(emptyb + pst * 8);
         consumer_take_p<BN, D>(acc, alpha, pp, pn);
@@ -1070,13 +1067,11 @@ __device__ __forceinline__ void flash_fwd_sm90_mode(const FwdArgs& a) {
 template <class T, int D, int BN, int NWG, int OV>
 __device__ __forceinline__ void flash_fwd_sm90_tma_mode(const FwdArgsTma& a) {
     static_assert((OV & 64) != 0 && (OV & 11) == 11, "mode bit 6 extends modes 11 / 27");
-    static_assert(OV < 512, "mode bits 7-8: exponentials on the FMA pipe, 1-3 of 8");
     if constexpr (D > 128) {  // separate K and V rings (shared memory)
         static_assert(OV == 75, "head dims 192 / 256: mode 75 only");
         flash_fwd_sm90_ws_kv<T, D, BN, NWG>(a);
     } else {
-        flash_fwd_sm90_ws<T, D, BN, NWG, (OV & 16) != 0, false, false, FwdArgsTma,
-                          (OV >> 7) & 3>(a);
+        flash_fwd_sm90_ws<T, D, BN, NWG, (OV & 16) != 0, false, false, FwdArgsTma>(a);
     }
 }
 
@@ -1121,8 +1116,6 @@ __device__ __forceinline__ void flash_fwd_sm90_mods_tma_mode(const FwdArgsModsTm
 //     XATTN90_MODS_PARAMS. A persistent variant (bit 5, mode 43: one block per SM walking
 //     the tiles longest-first, Q loaded by the producer) measured 0.96-1.04x mode 11 on an
 //     H100 and was removed; commit ade605b holds it.
-//   203 / 331 / 459 = 75 + bits 7-8 (1, 2, 3 << 7): 1, 2 or 3 of every 8 score chunks
-//     exponentiated by ex2_fma on the FMA pipe (EXPERIMENTAL: softmax_rows).
 #define XATTN90_ENTRY(TN, D, BN, NWG, OV)                                                  \
     extern "C" __global__ void __launch_bounds__(((OV & 8) ? NWG + 1 : NWG) * 128, 1)      \
         flash_fwd_sm90_##TN##_d##D##_n##BN##_g##NWG##_o##OV(XATTN90_PARAMS) {               \

@@ -181,11 +181,6 @@ SM90_EXPERIMENTAL = (
     (64, 128, 2, 3), (128, 64, 2, 3), (128, 128, 2, 3), (64, 64, 3, 3),
     (64, 128, 2, 27), (128, 128, 2, 27),
     (64, 128, 2, 75), (128, 64, 2, 75),
-    # Mode 75 with 1-3 of every 8 score chunks exponentiated on the FMA pipe (ex2_fma in
-    # common.cuh; modes 203 / 331 / 459): to be timed against 75 (tools/gpu_fwd_poly.py).
-    *((d, bn, nwg, 75 + (k << 7)) for d, bn, nwg in ((64, 64, 1), (64, 128, 1), (64, 64, 3),
-                                                     (128, 64, 1), (128, 128, 2))
-      for k in (1, 2, 3)),
 )
 # Short key spans: one consumer warpgroup (NWG = 1: two thread blocks an SM, so that one
 # block's chain of Q K^T, softmax and P V runs beside the other's), per head dim: (largest mean
