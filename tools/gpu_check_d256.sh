@@ -17,62 +17,20 @@
 #   bash tools/gpu_check_d256.sh san     compute-sanitizer memcheck, then racecheck, on tiny
 #                                        D = 256 and 192 forwards (< 60 s)
 # Without an argument: all three in that order.
-set -u
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-OUT="${OUT:-$(mktemp -d)}"
-LOG="$OUT/d256"
-mkdir -p "$LOG"
-what="${1:-all}"
-
-precompile() {
-    timeout 60 python3 tools/gpu_d256_bench.py --precompile > "$LOG/precompile.log" 2>&1
-    echo "precompile exit status: $? ($(tr '\n' ' ' < "$LOG/precompile.log" | tail -c 300))"
-}
+NAME=d256
+# shellcheck source=tools/gpu_lib.sh
+. "$(dirname "$0")/gpu_lib.sh"
+BENCH=tools/gpu_d256_bench.py
 
 run_tests() {
-    echo "== d256: cubins (log: $LOG/precompile.log)"
-    precompile
-    echo "== d256: pytest tests/gpu/test_gpu_flash_sm90.py tests/gpu/test_gpu_flash.py" \
-        "-k '(wide or 192 or 256 or empty_keys or fit) and not fp32' (log: $LOG/pytest.log)"
-    # A wrong byte count or parity on a ring barrier would hang a kernel: the timeout ends it.
+    gpu_step cubins 60 "$LOG/precompile.log" $PY $BENCH --precompile
     # test_gpu_flash.py's D = 256 rows reach the kernel through backend="cupy" (the table).
-    timeout 80 python3 -m pytest -m gpu -q -x -p no:cacheprovider -n 4 \
-        tests/gpu/test_gpu_flash_sm90.py tests/gpu/test_gpu_flash.py \
-        -k "(wide or 192 or 256 or empty_keys or fit) and not fp32" > "$LOG/pytest.log" 2>&1
-    rc=$?
-    grep -E "^(FAILED|ERROR)|Error|error:" "$LOG/pytest.log" | cut -c1-400 | head -24
-    tail -n 3 "$LOG/pytest.log"
-    echo "pytest exit status: $rc (124 = cut at 80 s)"
+    gpu_pytest wide 80 -x $(xdist 4) tests/gpu/test_gpu_flash_sm90.py tests/gpu/test_gpu_flash.py \
+        -k "(wide or 192 or 256 or empty_keys or fit) and not fp32"
 }
-
-run_bench() {
-    echo "== d256: benchmark (log: $LOG/bench.log)"
-    timeout 88 python3 tools/gpu_d256_bench.py --budget 65 > "$LOG/bench.md" 2> "$LOG/bench.log"
-    rc=$?
-    tail -n 20 "$LOG/bench.log"
-    echo "bench exit status: $rc (124 = cut at 88 s)"
-    cat "$LOG/bench.md"
-}
-
+run_bench() { TAIL=20 gpu_bench 88 $PY $BENCH --budget 65; }
 run_san() {
-    echo "== d256: compute-sanitizer (logs: $LOG/memcheck.log, $LOG/racecheck.log)"
-    # The cubins are built outside the sanitizer (disk cache).
-    precompile
-    timeout 12 python3 tools/gpu_d256_bench.py --san > "$LOG/san_warm.log" 2>&1
-    echo "warm-up exit status: $? ($(tr '\n' ' ' < "$LOG/san_warm.log" | tail -c 300))"
-    for tool in memcheck racecheck; do
-        timeout 22 compute-sanitizer --tool "$tool" --print-limit 20 \
-            python3 tools/gpu_d256_bench.py --san > "$LOG/$tool.log" 2>&1
-        echo "$tool exit status: $?"
-        grep -E "ERROR SUMMARY|RACECHECK SUMMARY|finite=" "$LOG/$tool.log" | head -12
-    done
+    gpu_step cubins 60 "$LOG/precompile.log" $PY $BENCH --precompile
+    gpu_san 12 22 $PY $BENCH --san
 }
-
-case "$what" in
-    tests) run_tests ;;
-    bench) run_bench ;;
-    san) run_san ;;
-    all) run_tests; run_san; run_bench ;;
-    *) echo "usage: $0 [tests|bench|san]"; exit 2 ;;
-esac
+gpu_main "$@"

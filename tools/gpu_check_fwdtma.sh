@@ -14,60 +14,18 @@
 #   bash tools/gpu_check_fwdtma.sh san     compute-sanitizer memcheck, then racecheck, on one
 #                                          tiny mode-75 forward per entry (< 60 s)
 # Without an argument: all three in that order.
-set -u
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-OUT="${OUT:-$(mktemp -d)}"
-LOG="$OUT/fwdtma"
-mkdir -p "$LOG"
-what="${1:-all}"
-
-precompile() {
-    timeout 60 python3 tools/gpu_fwdtma_bench.py --precompile > "$LOG/precompile.log" 2>&1
-    echo "precompile exit status: $? ($(tr '\n' ' ' < "$LOG/precompile.log" | tail -c 300))"
-}
+NAME=fwdtma
+# shellcheck source=tools/gpu_lib.sh
+. "$(dirname "$0")/gpu_lib.sh"
+BENCH=tools/gpu_fwdtma_bench.py
 
 run_tests() {
-    echo "== fwdtma: cubins (log: $LOG/precompile.log)"
-    precompile
-    echo "== fwdtma: pytest tests/gpu/test_gpu_flash_sm90.py -k 'tma or 75' (log: $LOG/pytest.log)"
-    # A wrong byte count on a full barrier would hang a kernel: the timeout ends the process.
-    timeout 75 python3 -m pytest -m gpu -q -x -p no:cacheprovider -n 4 \
-        tests/gpu/test_gpu_flash_sm90.py -k "tma or 75" > "$LOG/pytest.log" 2>&1
-    rc=$?
-    grep -E "^(FAILED|ERROR)|Error|error:" "$LOG/pytest.log" | cut -c1-400 | head -24
-    tail -n 3 "$LOG/pytest.log"
-    echo "pytest exit status: $rc (124 = cut at 75 s)"
+    gpu_step cubins 60 "$LOG/precompile.log" $PY $BENCH --precompile
+    gpu_pytest tma 75 -x $(xdist 4) tests/gpu/test_gpu_flash_sm90.py -k "tma or 75"
 }
-
-run_bench() {
-    echo "== fwdtma: benchmark (log: $LOG/bench.log)"
-    timeout 88 python3 tools/gpu_fwdtma_bench.py --budget 65 > "$LOG/bench.md" \
-        2> "$LOG/bench.log"
-    rc=$?
-    tail -n 14 "$LOG/bench.log"
-    echo "bench exit status: $rc (124 = cut at 88 s)"
-    cat "$LOG/bench.md"
-}
-
+run_bench() { gpu_bench 88 $PY $BENCH --budget 65; }
 run_san() {
-    echo "== fwdtma: compute-sanitizer (logs: $LOG/memcheck.log, $LOG/racecheck.log)"
-    # The cubins are built outside the sanitizer (disk cache).
-    precompile
-    timeout 20 python3 tools/gpu_fwdtma_bench.py --san > "$LOG/san_warm.log" 2>&1
-    echo "warm-up exit status: $? ($(tr '\n' ' ' < "$LOG/san_warm.log" | tail -c 300))"
-    for tool in memcheck racecheck; do
-        timeout 35 compute-sanitizer --tool "$tool" --print-limit 20 \
-            python3 tools/gpu_fwdtma_bench.py --san > "$LOG/$tool.log" 2>&1
-        echo "$tool exit status: $?"
-        grep -E "ERROR SUMMARY|RACECHECK SUMMARY|finite=" "$LOG/$tool.log" | head -8
-    done
+    gpu_step cubins 60 "$LOG/precompile.log" $PY $BENCH --precompile
+    gpu_san 20 35 $PY $BENCH --san
 }
-
-case "$what" in
-    tests) run_tests ;;
-    bench) run_bench ;;
-    san) run_san ;;
-    all) run_tests; run_san; run_bench ;;
-    *) echo "usage: $0 [tests|bench|san]"; exit 2 ;;
-esac
+gpu_main "$@"

@@ -20,28 +20,16 @@
 # Then turn on the switches whose tests passed and whose figures beat what they replace
 # (xattn/_backends/cupy_/instances.py), move SM90_SHORT's configurations to SM90_SHIPPED, and
 # run the whole suite in two calls: bash tools/gpu_suite.sh 1, then bash tools/gpu_suite.sh 2.
-set -u
-cd "$(dirname "$0")/.." || exit 1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-OUT="${OUT:-$(mktemp -d)}"
-LOG="$OUT/pending"
-mkdir -p "$LOG"
-PY=${PYTHON:-python3}
+NAME=pending
+# shellcheck source=tools/gpu_lib.sh
+. "$(dirname "$0")/gpu_lib.sh"
 what="${1:-tests}"
-RC=0
-XDIST=""
-if $PY -c "import xdist" 2>/dev/null; then XDIST="-n 8"; fi
+XDIST=$(xdist 8)
 
-step() {  # step NAME SECONDS COMMAND...: run with a cap, keep the log, print its tail
+step() {  # step NAME SECONDS COMMAND...: gpu_step with the log named after the step
     local name=$1 cap=$2
     shift 2
-    echo "== pending: $name (cap $cap s, log: $LOG/$name.log)"
-    timeout "$cap" "$@" > "$LOG/$name.log" 2>&1
-    local T=$?
-    grep -E "^(FAILED|ERROR)" "$LOG/$name.log" | cut -c1-300 | head -12
-    tail -n 14 "$LOG/$name.log"
-    echo "pending $name rc=$T (124 = cut at $cap s)"
-    RC=$(( RC || T ))
+    TAIL=14 gpu_step "$name" "$cap" "$LOG/$name.log" "$@"
 }
 
 case "$what" in
