@@ -6,6 +6,8 @@ Usage (on a compute capability 9.0 GPU with CuPy, torch and triton)::
     python3 tools/gpu_fwd_short.py            # host cost, then the sweep; table last
     python3 tools/gpu_fwd_short.py --host     # the host cost only
     python3 tools/gpu_fwd_short.py --san      # one tiny forward per NWG = 1 entry
+    python3 tools/gpu_fwd_short.py --qtma     # the sweep with each mode-75 candidate's twin
+                                              # that loads Q by the copy engine (mode 203)
 
 The sweep: fp16, B*S = 16384 and Hq*D = 2048 (the rows of benchmarks/gpu_flash.py), S in
 1024 / 2048 / 4096, causal or not, and sliding windows; every candidate of
@@ -73,7 +75,7 @@ def host_cost(calls=300):
     return rows
 
 
-def sweep_row(s, d, causal=False, window=None, b=None, h=None):
+def sweep_row(s, d, causal=False, window=None, b=None, h=None, qtma=False):
     import cupy as cp
     import torch
     from triton.testing import do_bench
@@ -102,7 +104,11 @@ def sweep_row(s, d, causal=False, window=None, b=None, h=None):
     row = {"case": f"D={d} S={s} {'causal' if causal else 'full'}"
                    + (f" +-{window[0]}" if window else ""), "span": k90.mean_span(prob)}
     _, cfg_win, cfg_rest = instances.SM90_SHORT[d]
-    for cfg in sorted({default, cfg_win, cfg_rest}):
+    cands = sorted({default, cfg_win, cfg_rest})
+    if qtma:  # mode bit 7's twins (Q by the copy engine), where built
+        cands += [(bn, nwg, 203) for bn, nwg, mode in cands
+                  if mode == 75 and (d, bn, nwg, 203) in k90.BUILT]
+    for cfg in cands:
         def run(cfg=cfg):
             return k90.forward(prob, qc, kc, vc, config=cfg)
 
@@ -144,6 +150,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--host", action="store_true", help="the host cost only")
     ap.add_argument("--san", action="store_true", help="the sanitizer workload only")
+    ap.add_argument("--qtma", action="store_true", help="also the mode-203 twins")
     ap.add_argument("--budget", type=float, default=150.0, help="seconds; later rows skipped")
     args = ap.parse_args(argv)
     if args.san:
@@ -160,7 +167,7 @@ def main(argv=None):
             print(f"budget: rows from D={d} S={s} on skipped", flush=True)
             break
         kw = {"b": 1, "h": 32} if window and s == 65536 else {}
-        rows.append(sweep_row(s, d, bool(causal), window, **kw))
+        rows.append(sweep_row(s, d, bool(causal), window, qtma=args.qtma, **kw))
     cols = sorted({c for r in rows for c in r if c.startswith("(")})
     print("\n| case | mean keys | torch | " + " | ".join(cols) + " |")
     print("|---" * (3 + len(cols)) + "|")

@@ -177,6 +177,23 @@ template <>
 struct uses_tma<FwdArgsTma> {
     static constexpr bool value = true;
 };
+// The _o203 entries (mode bit 7 on 75, EXPERIMENTAL): Q by the copy engine too (the producer
+// thread's first copy), its tensor map after those of K and V.
+struct FwdArgsTmaQ : FwdArgsTma {
+    const TmaDesc* tq;
+};
+template <>
+struct uses_tma<FwdArgsTmaQ> {
+    static constexpr bool value = true;
+};
+template <class A>
+struct q_by_tma {
+    static constexpr bool value = false;
+};
+template <>
+struct q_by_tma<FwdArgsTmaQ> {
+    static constexpr bool value = true;
+};
 
 // The _mods / _bm entries: flash_fwd.cu's parameter block (ScoreMods first), the block mask
 // and, for flex_attention, the arrays the user's functions read.
@@ -582,6 +599,7 @@ __device__ __forceinline__ void tma_start(const A& a, bool any) {
     if (any) {
         tma_prefetch_desc(a.tk);
         tma_prefetch_desc(a.tv);
+        if constexpr (q_by_tma<A>::value) tma_prefetch_desc(a.tq);
     }
 }
 
@@ -721,6 +739,7 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
     constexpr int NC = NWG * 128;  // consumer threads
     constexpr unsigned TILE = BN * D * 2;
     constexpr bool TMA = uses_tma<A>::value;  // mode bit 6: ws_produce_tma
+    constexpr bool QTMA = q_by_tma<A>::value;  // mode bit 7: Q by the producer thread's copy
 
     extern __shared__ __align__(128) unsigned char smem_raw[];
     unsigned sQa, fullb;
@@ -731,13 +750,15 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
         if (sQa & 1023u) __trap();
         fullb = sQa + BM * D * 2 + 2 * WS_ST * TILE;
     } else {
-        __shared__ __align__(8) unsigned long long bars[2 * WS_ST];  // full[0..], empty[0..]
+        // full[0..], empty[0..], then Q's full barrier in mode bit 7
+        __shared__ __align__(8) unsigned long long bars[2 * WS_ST + (QTMA ? 1 : 0)];
         sQa = (smem_u32(smem_raw) + 1023u) & ~1023u;  // 1 KiB more allocated
         fullb = smem_u32(bars);
     }
     const unsigned sKa = sQa + BM * D * 2;
     const unsigned sVa = sKa + WS_ST * TILE;
     const unsigned emptyb = fullb + WS_ST * 8;
+    const unsigned qfullb = emptyb + WS_ST * 8;  // mode bit 7 only
 
     const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, t4 = lane & 3;
@@ -760,6 +781,7 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
             mbar_init(fullb + s * 8, TMA ? 1 : 128);
             mbar_init(emptyb + s * 8, NWG * 4);  // one arrival per consumer warp
         }
+        if constexpr (QTMA) mbar_init(qfullb, 1);
         if constexpr (TMA) tma_start(a, nkb > 0);
     }
     __syncthreads();  // the only block-wide barrier: the mbarriers are initialised
@@ -771,9 +793,20 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
                 ws_produce_walk_tma<BN, D, WS_ST>(sKa, sVa, a.tk, a.tv, b * hkv + h / a.group,
                                                   a.bm, q0 / a.bm.bq, kb0, kb1, fullb, emptyb);
         } else if constexpr (TMA) {
-            if (tid == 0)
+            if (tid == 0) {
+                if constexpr (QTMA) {
+                    // Rows past Sq come as zeros from the map's bounds (its rows are one
+                    // head's Sq), as load_tile_sw's zero fill; one box per 64-column panel.
+                    if (nkb > 0) {
+                        tma_arrive_expect_tx(qfullb, BM * D * 2);
+#pragma unroll
+                        for (int p = 0; p < D / 64; ++p)
+                            tma_load_3d(sQa + p * BM * 128, a.tq, p * 64, q0, (int)bh, qfullb);
+                    }
+                }
                 ws_produce_tma<BN, D, WS_ST>(sKa, sVa, a.tk, a.tv, b * hkv + h / a.group, kb0,
                                              nkb, 0, fullb, emptyb);
+            }
         } else if constexpr (SPARSE)
             ws_produce_walk<BN, D, WS_ST>(sKa, sVa, Kg, Vg, a.bm, q0 / a.bm.bq, kb0, kb1, sk,
                                           fullb, emptyb, tid);
@@ -806,11 +839,15 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
     const bool any = SPARSE ? kt >= 0 : nkb > 0;
 
     if (any) {
-        load_tile_sw<BM, D, NC>(sQa, Qg, q0, sq, ctid);
-        cp_async_commit_ordered();
-        cp_async_wait_ordered<0>();
-        fence_proxy_async();
-        named_sync<1, NC>();  // Q complete (consumers only; the producer never joins)
+        if constexpr (QTMA) {
+            mbar_wait(qfullb, 0);
+        } else {
+            load_tile_sw<BM, D, NC>(sQa, Qg, q0, sq, ctid);
+            cp_async_commit_ordered();
+            cp_async_wait_ordered<0>();
+            fence_proxy_async();
+            named_sync<1, NC>();  // Q complete (consumers only; the producer never joins)
+        }
     }
     if constexpr (PP) {
         if (cwg == 1) named_arrive<2, NC>();  // warpgroup 0 has the first turn
@@ -1075,6 +1112,13 @@ __device__ __forceinline__ void flash_fwd_sm90_tma_mode(const FwdArgsTma& a) {
     }
 }
 
+// Mode bit 7 on 75 (the _o203 entries): Q by the copy engine too.
+template <class T, int D, int BN, int NWG, int OV>
+__device__ __forceinline__ void flash_fwd_sm90_tmaq_mode(const FwdArgsTmaQ& a) {
+    static_assert(OV == 203 && D <= 128, "mode bit 7: mode 75's schedule, D = 64 / 128");
+    flash_fwd_sm90_ws<T, D, BN, NWG, false, false, false, FwdArgsTmaQ>(a);
+}
+
 // The _mods / _bm entries: the warp-specialised schedules only (mode bit 3).
 template <class T, int D, int BN, int NWG, int OV, bool MODS, bool SPARSE>
 __device__ __forceinline__ void flash_fwd_sm90_mods_mode(const FwdArgsMods& a) {
@@ -1116,6 +1160,9 @@ __device__ __forceinline__ void flash_fwd_sm90_mods_tma_mode(const FwdArgsModsTm
 //     XATTN90_MODS_PARAMS. A persistent variant (bit 5, mode 43: one block per SM walking
 //     the tiles longest-first, Q loaded by the producer) measured 0.96-1.04x mode 11 on an
 //     H100 and was removed; commit ade605b holds it.
+//   203 = 75 + bit 7 (XATTN90_TMAQ_ENTRY, EXPERIMENTAL): Q by the copy engine as well, the
+//     producer thread's first copy (one box per 64-column panel, Q's own full barrier);
+//     the entries take the tensor maps of K, V and Q first.
 #define XATTN90_ENTRY(TN, D, BN, NWG, OV)                                                  \
     extern "C" __global__ void __launch_bounds__(((OV & 8) ? NWG + 1 : NWG) * 128, 1)      \
         flash_fwd_sm90_##TN##_d##D##_n##BN##_g##NWG##_o##OV(XATTN90_PARAMS) {               \
@@ -1140,6 +1187,23 @@ __device__ __forceinline__ void flash_fwd_sm90_mods_tma_mode(const FwdArgsModsTm
                 &tk, &tv});                                                                 \
     }
 #define XATTN90_TMA_ONE(TN, D, BN, NWG, OV) XATTN90_TMA_ENTRY(TN, D, BN, NWG, OV)
+// Mode 203 (bit 7 on 75): the tensor map of Q after those of K and V.
+#define XATTN90_TMAQ_ENTRY(TN, D, BN, NWG, OV)                                             \
+    extern "C" __global__ void __launch_bounds__((NWG + 1) * 128, NWG == 1 ? 2 : 1)        \
+        flash_fwd_sm90_##TN##_d##D##_n##BN##_g##NWG##_o##OV(                                \
+            const __grid_constant__ xattn::TmaDesc tk, const __grid_constant__ xattn::TmaDesc tv, \
+            const __grid_constant__ xattn::TmaDesc tq, XATTN90_PARAMS) {                    \
+        xattn::sm90::flash_fwd_sm90_tmaq_mode<xattn::TN, D, BN, NWG, OV>(                    \
+            xattn::sm90::FwdArgsTmaQ{                                                       \
+                xattn::sm90::FwdArgsTma{                                                    \
+                    xattn::sm90::FwdArgs{                                                   \
+                        xattn::FwdOperands<unsigned short>{q, k, v, o, lse, hq, group, sq, sk, \
+                                                           scale},                          \
+                        causal, wl, wr},                                                    \
+                    &tk, &tv},                                                              \
+                &tq});                                                                      \
+    }
+#define XATTN90_TMAQ_ONE(TN, D, BN, NWG, OV) XATTN90_TMAQ_ENTRY(TN, D, BN, NWG, OV)
 
 // The _mods / _bm entries (MN: mods | bm | mods_bm, flex | flex_bm for flex_attention): the
 // argument list of flash_fwd.cu's entries (the parameter block, the block mask, the user's
@@ -1195,6 +1259,8 @@ XATTN90_MODS_TMA_ONE(XATTN90_TN, XATTN90_D, XATTN90_BN, XATTN90_NWG, XATTN90_OV,
 #elif defined(XATTN90_MN)
 XATTN90_MODS_ONE(XATTN90_TN, XATTN90_D, XATTN90_BN, XATTN90_NWG, XATTN90_OV, XATTN90_MN,
                  XATTN90_MODS, XATTN90_SPARSE)
+#elif defined(XATTN90_TMA) && XATTN90_TMA == 2
+XATTN90_TMAQ_ONE(XATTN90_TN, XATTN90_D, XATTN90_BN, XATTN90_NWG, XATTN90_OV)
 #elif defined(XATTN90_TMA)
 XATTN90_TMA_ONE(XATTN90_TN, XATTN90_D, XATTN90_BN, XATTN90_NWG, XATTN90_OV)
 #else

@@ -160,7 +160,8 @@ def smem_bytes(d, cfg):
     # D > 128 (flash_fwd_sm90_ws_kv): two K stages and two V stages, released separately.
     nbuf = 3 if mode & 1 and d <= 128 else 2
     if nwg == 1:  # two blocks per SM: no alignment pad, the mbarriers after the tiles
-        return (64 * d + 2 * nbuf * bn * d) * 2 + 2 * nbuf * 8
+        # (mode bit 7: one more, Q's)
+        return (64 * d + 2 * nbuf * bn * d) * 2 + (2 * nbuf + (1 if mode & 128 else 0)) * 8
     # Mode bit 3's mbarriers are static shared memory (128 bytes), outside this count.
     return (nwg * 64 * d + 2 * nbuf * bn * d) * 2 + (1024 if mode & 2 else 0)
 
@@ -272,9 +273,10 @@ def _forward(prob, q, k, v, config):
     q4, k4, v4, out, lse = _params.forward_buffers(xp, prob, q, k, v, d, q.dtype)
     if _params.nothing_to_launch(out, lse):
         return _params.forward_result(xp, prob, out, lse)
-    # Mode bit 6: the tensor maps of K and V, the entry's first arguments (checked before the
-    # kernel is built).
-    maps = _tma_maps(q4, k4, v4, cfg[0]) if cfg[2] & 64 else ()
+    # Mode bit 6: the tensor maps of K and V (bit 7: and Q), the entry's first arguments
+    # (checked before the kernel is built).
+    maps = _tma_maps(q4, k4, v4, cfg[0], 64 * cfg[1] if cfg[2] & 128 else None) \
+        if cfg[2] & 64 else ()
     fn = get_kernel(tn, d, cfg, mods, sparse)
     nwg = cfg[1]
     bm = 64 * nwg
@@ -293,18 +295,23 @@ def _forward(prob, q, k, v, config):
 def entry_maps(inst, q4, k4, v4):
     """The tensor maps that the entry of ``inst`` (an :func:`instances.sm90` instance, or
     flex_attention's renamed one) takes before its other arguments: K's and V's in mode bit
-    6, else none."""
+    6 (and Q's with bit 7), else none."""
     p = dict(inst.params)
-    if inst.source != "flash_fwd_sm90.cu" or not int(p["XATTN90_OV"]) & 64:
+    mode = int(p.get("XATTN90_OV", 0))
+    if inst.source != "flash_fwd_sm90.cu" or not mode & 64:
         return ()
-    return _tma_maps(q4, k4, v4, int(p["XATTN90_BN"]))
+    bm = 64 * int(p["XATTN90_NWG"]) if mode & 128 else None
+    return _tma_maps(q4, k4, v4, int(p["XATTN90_BN"]), bm)
 
 
-def _tma_maps(q4, k4, v4, bn):
+def _tma_maps(q4, k4, v4, bn, bm=None):
     """The tensor maps of K and V for mode bit 6: boxes of {64 columns, BN keys} of one kv
     head, 128-byte swizzle (the kernel's shared-memory layout, one box per 64-column panel).
-    q is read by cp.async (16-byte copies) and checked for the same alignment."""
+    q is read by cp.async (16-byte copies) and checked for the same alignment; with ``bm``
+    (mode bit 7) by the copy engine too, in boxes of {64 columns, bm rows}."""
     from . import tma
 
+    if bm is not None:
+        return tma.rows_map(k4, "k", bn), tma.rows_map(v4, "v", bn), tma.rows_map(q4, "q", bm)
     tma.check_operand(q4, "q")
     return tma.rows_map(k4, "k", bn), tma.rows_map(v4, "v", bn)
