@@ -3,18 +3,19 @@
 # compute capability 9.0 GPU. Logs under $OUT/pending/ (or a temp dir).
 #   bash tools/gpu_check_pending.sh tests   (< 6 min)
 #       - tests/gpu/test_gpu_flash_sm90.py, whole: every built configuration, so the mode-203
-#         entries (Q by the copy engine: instances.SM90_EXPERIMENTAL) among them, against the
-#         oracle, at sequence ends with NaN past the allocations, and bit for bit against
-#         their mode-11 twins
+#         entries (Q by the copy engine) and the persistent mode-235 ones
+#         (instances.SM90_EXPERIMENTAL) among them, against the oracle, at sequence ends with
+#         NaN past the allocations, bit for bit against their mode-11 / mode-75 twins (235 on
+#         problems of several tiles a block too)
 #   bash tools/gpu_check_pending.sh bench   (< 5 min)
-#       - python3 tools/gpu_fwd_short.py --qtma: the SM90_SHORT candidates and the default per
-#         shape, each beside its mode-203 twin, torch SDPA in the same process
+#       - python3 tools/gpu_fwd_short.py --twins: the SM90_SHORT candidates and the default per
+#         shape, each beside its mode-203 and mode-235 twins, torch SDPA in the same process
 #       - benchmarks/gpu_decode.py --sweep: the decode launcher's block count at B 16 / 64
 #         (one block per SM slot against pairs x splits, with the batched merge)
 #   bash tools/gpu_check_pending.sh san     (< 2 min): memcheck and racecheck on the NWG = 1
-#         entries, the mode-203 ones among them
-# Then the whole suite in two calls (bash tools/gpu_suite.sh 1, then 2), and a mode-203 twin
-# that passed and beat its mode-75 entry replaces it in SM90_SHIPPED / SM90_SHORT / CONFIGS.
+#         entries, the mode-203 / 235 ones among them
+# Then the whole suite in two calls (bash tools/gpu_suite.sh 1, then 2), and a twin that passed
+# and beat its mode-75 entry replaces it in SM90_SHIPPED / SM90_SHORT / CONFIGS.
 NAME=pending
 # shellcheck source=tools/gpu_lib.sh
 . "$(dirname "$0")/gpu_lib.sh"
@@ -36,7 +37,7 @@ tests)
     ;;
 bench)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-    step fwd_short 200 $PY tools/gpu_fwd_short.py --qtma --budget 170
+    step fwd_short 200 $PY tools/gpu_fwd_short.py --twins --budget 170
     step decode_sweep 90 $PY benchmarks/gpu_decode.py --batch 16 64 --ctx 32768 131072 \
         --page-size 0 --no-auto --no-host --rounds 3 --max-reps 40 \
         --sweep 132,264,396,528,128,256,384,512

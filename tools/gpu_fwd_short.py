@@ -6,8 +6,9 @@ Usage (on a compute capability 9.0 GPU with CuPy, torch and triton)::
     python3 tools/gpu_fwd_short.py            # host cost, then the sweep; table last
     python3 tools/gpu_fwd_short.py --host     # the host cost only
     python3 tools/gpu_fwd_short.py --san      # one tiny forward per NWG = 1 entry
-    python3 tools/gpu_fwd_short.py --qtma     # the sweep with each mode-75 candidate's twin
-                                              # that loads Q by the copy engine (mode 203)
+    python3 tools/gpu_fwd_short.py --twins    # the sweep with each mode-75 candidate's
+                                              # experimental twins: Q by the copy engine
+                                              # (mode 203), persistent (235)
 
 The sweep: fp16, B*S = 16384 and Hq*D = 2048 (the rows of benchmarks/gpu_flash.py), S in
 1024 / 2048 / 4096, causal or not, and sliding windows; every candidate of
@@ -75,7 +76,7 @@ def host_cost(calls=300):
     return rows
 
 
-def sweep_row(s, d, causal=False, window=None, b=None, h=None, qtma=False):
+def sweep_row(s, d, causal=False, window=None, b=None, h=None, twins=False):
     import cupy as cp
     import torch
     from triton.testing import do_bench
@@ -105,9 +106,9 @@ def sweep_row(s, d, causal=False, window=None, b=None, h=None, qtma=False):
                    + (f" +-{window[0]}" if window else ""), "span": k90.mean_span(prob)}
     _, cfg_win, cfg_rest = instances.SM90_SHORT[d]
     cands = sorted({default, cfg_win, cfg_rest})
-    if qtma:  # mode bit 7's twins (Q by the copy engine), where built
-        cands += [(bn, nwg, 203) for bn, nwg, mode in cands
-                  if mode == 75 and (d, bn, nwg, 203) in k90.BUILT]
+    if twins:  # the experimental twins (mode 203: Q by the copy engine; 235: persistent)
+        cands += [(bn, nwg, tw) for bn, nwg, mode in cands for tw in (203, 235)
+                  if mode == 75 and (d, bn, nwg, tw) in k90.BUILT]
     for cfg in cands:
         def run(cfg=cfg):
             return k90.forward(prob, qc, kc, vc, config=cfg)
@@ -137,20 +138,25 @@ def sanitizer_workload():
     from xattn._backends.cupy_ import flash_sm90 as k90
 
     rng = np.random.default_rng(0)
+    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
     for d, *cfg in sorted(c for c in k90.BUILT if c[2] == 1):
-        q = cp.asarray(rng.standard_normal((1, 2, 150, d)), dtype=cp.float16)
-        k = cp.asarray(rng.standard_normal((1, 1, 170, d)), dtype=cp.float16)
-        prob = validate_attention(q, k, k, causal=True)
-        k90.forward(prob, q, k, k, config=tuple(cfg))
-        cp.cuda.Device().synchronize()
-        print(f"san workload D={d} config={tuple(cfg)} ok", flush=True)
+        # The persistent entries (mode bit 5) also on more tiles than blocks (each block walks
+        # several, the rings' phases carry over).
+        rows = (150, 128 * sms + 70) if cfg[2] & 32 else (150,)
+        for sq in rows:
+            q = cp.asarray(rng.standard_normal((1, 2, sq, d)), dtype=cp.float16)
+            k = cp.asarray(rng.standard_normal((1, 1, 170, d)), dtype=cp.float16)
+            prob = validate_attention(q, k, k, causal=True)
+            k90.forward(prob, q, k, k, config=tuple(cfg))
+            cp.cuda.Device().synchronize()
+            print(f"san workload D={d} config={tuple(cfg)} Sq={sq} ok", flush=True)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--host", action="store_true", help="the host cost only")
     ap.add_argument("--san", action="store_true", help="the sanitizer workload only")
-    ap.add_argument("--qtma", action="store_true", help="also the mode-203 twins")
+    ap.add_argument("--twins", action="store_true", help="also the mode-203 / 235 twins")
     ap.add_argument("--budget", type=float, default=150.0, help="seconds; later rows skipped")
     args = ap.parse_args(argv)
     if args.san:
@@ -167,7 +173,7 @@ def main(argv=None):
             print(f"budget: rows from D={d} S={s} on skipped", flush=True)
             break
         kw = {"b": 1, "h": 32} if window and s == 65536 else {}
-        rows.append(sweep_row(s, d, bool(causal), window, qtma=args.qtma, **kw))
+        rows.append(sweep_row(s, d, bool(causal), window, twins=args.twins, **kw))
     cols = sorted({c for r in rows for c in r if c.startswith("(")})
     print("\n| case | mean keys | torch | " + " | ".join(cols) + " |")
     print("|---" * (3 + len(cols)) + "|")

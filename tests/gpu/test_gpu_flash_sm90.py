@@ -272,6 +272,32 @@ def test_tma_sequence_ends(dtype, d, config, case):
     _check(q, k, v, config=config, **opts)
 
 
+@pytest.mark.parametrize("d,config", [(c[0], c[1:]) for c in sorted(k90.BUILT) if c[3] & 32])
+@pytest.mark.parametrize("case", ["many_tiles", "causal_empty_tiles", "window"])
+def test_persistent_matches_mode_75_bitwise(d, config, case):
+    """Mode 235 (persistent: each thread block walks several tiles, the K/V ring's stages and
+    phases and the Q buffers carry over from tile to tile) against its one-block-per-tile twin
+    (mode 75, the same key tile), bit for bit, on problems of more tiles than two per SM:
+    GQA with Sq off the tile size, causal with Sq > Sk (tiles without a visible key between
+    the others: nothing loaded, zeros and lse -inf written), a window. The other tests of this
+    file (oracle, sequence ends) run it on problems of fewer tiles than blocks."""
+    rng = np.random.default_rng([d, *config, len(case)])
+    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+    b, hq, hkv, sq, sk, opts = {
+        "many_tiles": (2, 4, 2, 64 * sms + 77, 640, {}),
+        "causal_empty_tiles": (1, 8, 2, 64 * sms, 300, {"causal": True}),
+        "window": (1, 4, 4, 64 * sms, 64 * sms, {"window": (200, 50)}),
+    }[case]
+    q = cupy_array(rng.standard_normal((b, hq, sq, d)), "float16")
+    k = _nan_tailed(rng, "float16", (b, hkv, sk, d))
+    v = _nan_tailed(rng, "float16", (b, hkv, sk, d))
+    prob = validate_attention(q, k, v, **opts)
+    out, lse = k90.forward(prob, q, k, v, config=config)
+    ref, ref_lse = k90.forward(prob, q, k, v, config=(config[0], 1, 75))
+    assert bool(cp.all(out.view(cp.uint16) == ref.view(cp.uint16))), case
+    assert bool(cp.all((lse == ref_lse) | (cp.isnan(lse) & cp.isnan(ref_lse)))), case
+
+
 def _twin(d, config):
     """The configuration whose rows get the same arithmetic: mode 11 with the same key tile
     and warpgroups, or for one consumer warpgroup (mode 75 only) the same key tile with more

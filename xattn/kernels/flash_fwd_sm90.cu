@@ -194,6 +194,19 @@ template <>
 struct q_by_tma<FwdArgsTmaQ> {
     static constexpr bool value = true;
 };
+// The _o235 entries (mode bits 5 and 7 on 75, EXPERIMENTAL: persistent): one more argument,
+// the batch (the grid no longer spans it).
+struct FwdArgsTmaQP : FwdArgsTmaQ {
+    int nb;
+};
+template <>
+struct uses_tma<FwdArgsTmaQP> {
+    static constexpr bool value = true;
+};
+template <>
+struct q_by_tma<FwdArgsTmaQP> {
+    static constexpr bool value = true;
+};
 
 // The _mods / _bm entries: flash_fwd.cu's parameter block (ScoreMods first), the block mask
 // and, for flex_attention, the arrays the user's functions read.
@@ -1089,6 +1102,149 @@ __device__ __forceinline__ void flash_fwd_sm90_ws_kv(const FwdArgsTma& a) {
 #endif
 }
 
+// Persistent schedule with one consumer warpgroup (mode 235 = 75 + bits 5 and 7,
+// EXPERIMENTAL). Short key spans (windows, S = 1024) give each thread block of mode 75 only a
+// few key tiles, so its start -- barrier set-up, the round trip of Q and of the first K/V
+// stage -- and its write-out are a large share of its time, which the other block on the SM
+// hides only in part. Here the grid is two blocks per SM; each walks the tiles t = blockIdx.x,
+// blockIdx.x + gridDim.x, ... of the (query block, head, batch) list in the order of the
+// one-block-per-tile grid (query block fastest, longest first). The producer thread copies a
+// tile's Q into one of QST buffers (Q's full / empty mbarriers: the consumer warps release a
+// buffer after the tile's last S = Q K^T) and then the tile's key blocks into the K/V ring,
+// whose stage and phase come from a running count of key blocks over the block's tiles; so the
+// next tile's Q and first key blocks arrive while the consumers finish the current one. Tiles
+// with no visible key block load nothing (both sides skip them alike) and write zeros and
+// lse = -inf. The arithmetic per tile is mode 75's (the GPU tests compare the bits).
+// Q buffers: two where two thread blocks still fit an SM (228 KiB, 1 KiB reserved a block).
+template <int D, int BN>
+struct persist_qst {
+    static constexpr int value =
+        2 * ((2 * 64 * D + 6 * BN * D) * 2 + 10 * 8 + 1024) <= 233472 ? 2 : 1;
+};
+
+template <class T, int D, int BN>
+__device__ __forceinline__ void flash_fwd_sm90_ws_persist(const FwdArgsTmaQP& a) {
+#if XATTN_SM90_OK
+    static_assert(D == 64 || D == 128, "wgmma wrappers exist for N = 64 and 128");
+    static_assert(BN == 64 || BN == 128, "wgmma wrappers exist for N = 64 and 128");
+    constexpr int WS_ST = 3, BM = 64, QST = persist_qst<D, BN>::value;
+    constexpr unsigned TILE = BN * D * 2, QBYTES = BM * D * 2;
+
+    // Q buffers, the K and V rings, then the mbarriers: full[WS_ST], empty[WS_ST],
+    // qfull[QST], qempty[QST] (flash_sm90.smem_bytes counts the same).
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    const unsigned sQa = smem_u32(smem_raw);
+    if (sQa & 1023u) __trap();
+    const unsigned sKa = sQa + QST * QBYTES;
+    const unsigned sVa = sKa + WS_ST * TILE;
+    const unsigned fullb = sVa + WS_ST * TILE, emptyb = fullb + WS_ST * 8;
+    const unsigned qfullb = emptyb + WS_ST * 8, qemptyb = qfullb + QST * 8;
+
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int sq = a.sq, sk = a.sk, off = sk - sq, hkv = a.hq / a.group;
+    const int nq = (sq + BM - 1) / BM, ntiles = nq * a.hq * a.nb;
+    // Tile t: query block nq - 1 - t % nq, head and batch from t / nq (head faster).
+    auto tile = [&](int t, int& q0, int& h, int& b, int& kb0, int& kb1) {
+        const int r = t / nq;
+        q0 = (nq - 1 - (t - r * nq)) * BM;
+        b = r / a.hq;
+        h = r - b * a.hq;
+        xattn_key_blocks(q0, min(q0 + BM, sq), off, sk, a.causal, a.wl, a.wr, BN, kb0, kb1);
+    };
+
+    if (tid == 0) {
+#pragma unroll
+        for (int s = 0; s < WS_ST; ++s) {
+            mbar_init(fullb + s * 8, 1);
+            mbar_init(emptyb + s * 8, 4);  // one arrival per consumer warp
+        }
+#pragma unroll
+        for (int s = 0; s < QST; ++s) {
+            mbar_init(qfullb + s * 8, 1);
+            mbar_init(qemptyb + s * 8, 4);
+        }
+        tma_start(a, (int)blockIdx.x < ntiles);
+    }
+    __syncthreads();  // the only block-wide barrier: the mbarriers are initialised
+
+    if (wg == 0) {
+        setmaxnreg_dec<24>();
+        if (tid == 0) {
+            int i = 0, qn = 0;  // key blocks and Q tiles issued so far
+            for (int t = blockIdx.x; t < ntiles; t += gridDim.x) {
+                int q0, h, b, kb0, kb1;
+                tile(t, q0, h, b, kb0, kb1);
+                if (kb1 <= kb0) continue;
+                const int qs = qn % QST;
+                const unsigned qfull = qfullb + qs * 8;
+                if (qn >= QST) mbar_wait(qemptyb + qs * 8, ((qn / QST) - 1) & 1);
+                tma_arrive_expect_tx(qfull, QBYTES);
+#pragma unroll
+                for (int p = 0; p < D / 64; ++p)
+                    tma_load_3d(sQa + qs * QBYTES + p * BM * 128, a.tq, p * 64, q0, b * a.hq + h,
+                                qfull);
+                ++qn;
+                ws_produce_tma<BN, D, WS_ST>(sKa, sVa, a.tk, a.tv, b * hkv + h / a.group, kb0,
+                                             kb1 - kb0, i, fullb, emptyb);
+                i += kb1 - kb0;
+            }
+        }
+        return;
+    }
+
+    // The consumer warpgroup: mode 75's steps per tile, on the running stage count.
+    setmaxnreg_inc<232>();
+    const float sl2 = a.scale * XATTN_LOG2E;
+    float acc[D / 2], s[BN / 2], m[2], l[2];
+    unsigned pp[BN / 16][4];
+    int ibase = 0, qn = 0;
+    for (int t = blockIdx.x; t < ntiles; t += gridDim.x) {
+        int q0, h, b, kb0, kb1;
+        tile(t, q0, h, b, kb0, kb1);
+        const int nkb = kb1 > kb0 ? kb1 - kb0 : 0;
+        consumer_init<D, BN>(acc, s, m, l);
+        if (nkb > 0) {
+            const int qs = qn % QST;
+            mbar_wait(qfullb + qs * 8, (qn / QST) & 1);
+            const unsigned long long dq = kmajor_desc<true, BM, D>(sQa + qs * QBYTES, 0);
+            for (int i = 0; i < nkb; ++i) {
+                const int ir = ibase + i, st = ir % WS_ST;
+                const int pst = (ir + WS_ST - 1) % WS_ST;  // block i - 1's stage
+                mbar_wait(fullb + st * 8, (ir / WS_ST) & 1);
+                consumer_qk<T, BM, BN, D>(s, acc, dq, sKa + st * TILE);
+                // The tile's last S = Q K^T is complete: this warp's reads of Q are done.
+                if (i == nkb - 1 && lane == 0) mbar_arrive(qemptyb + qs * 8);
+                mask_tile<BN>(s, a, q0, min(q0 + 64, sq), (kb0 + i) * BN, warp, g, t4);
+                const bool first = i == 0;
+                if (first) {
+#pragma unroll
+                    for (int j = 0; j < BN / 16; ++j)
+                        pp[j][0] = pp[j][1] = pp[j][2] = pp[j][3] = 0u;
+                }
+                consumer_pv<T, BN, D>(acc, pp,
+                                      mnmajor_desc<true, BN, D>(sVa + (first ? st : pst) * TILE));
+                float alpha[2];
+                unsigned pn[BN / 16][4];
+                consumer_softmax<T, BN, D>(s, m, l, alpha, pn, acc, pp, sl2);
+                if (!first && lane == 0) mbar_arrive(emptyb + pst * 8);
+                consumer_take_p<BN, D>(acc, alpha, pp, pn);
+            }
+            // The last block's P V, then its stage goes back to the producer.
+            const int last = (ibase + nkb - 1) % WS_ST;
+            consumer_last_pv<T, BN, D>(acc, pp, mnmajor_desc<true, BN, D>(sVa + last * TILE));
+            if (lane == 0) mbar_arrive(emptyb + last * 8);
+            ibase += nkb;
+            ++qn;
+        }
+        write_out<T, D>(a, acc, m, l, (long long)b * a.hq + h, q0, warp, g, t4);
+    }
+#else
+    (void)a;
+    __trap();
+#endif
+}
+
 // Mode bits -> schedule. Bit 3 (warp-specialised, +128 producer threads) needs bits 0 and 1.
 template <class T, int D, int BN, int NWG, int OV>
 __device__ __forceinline__ void flash_fwd_sm90_mode(const FwdArgs& a) {
@@ -1117,6 +1273,13 @@ template <class T, int D, int BN, int NWG, int OV>
 __device__ __forceinline__ void flash_fwd_sm90_tmaq_mode(const FwdArgsTmaQ& a) {
     static_assert(OV == 203 && D <= 128, "mode bit 7: mode 75's schedule, D = 64 / 128");
     flash_fwd_sm90_ws<T, D, BN, NWG, false, false, false, FwdArgsTmaQ>(a);
+}
+
+// Mode bits 5 and 7 on 75 (the _o235 entries): the persistent schedule, one consumer.
+template <class T, int D, int BN, int NWG, int OV>
+__device__ __forceinline__ void flash_fwd_sm90_persist_mode(const FwdArgsTmaQP& a) {
+    static_assert(OV == 235 && NWG == 1 && D <= 128, "mode 235: one consumer, D = 64 / 128");
+    flash_fwd_sm90_ws_persist<T, D, BN>(a);
 }
 
 // The _mods / _bm entries: the warp-specialised schedules only (mode bit 3).
@@ -1163,6 +1326,8 @@ __device__ __forceinline__ void flash_fwd_sm90_mods_tma_mode(const FwdArgsModsTm
 //   203 = 75 + bit 7 (XATTN90_TMAQ_ENTRY, EXPERIMENTAL): Q by the copy engine as well, the
 //     producer thread's first copy (one box per 64-column panel, Q's own full barrier);
 //     the entries take the tensor maps of K, V and Q first.
+//   235 = 203 + bit 5 (XATTN90_TMAQP_ENTRY, EXPERIMENTAL, NWG = 1): persistent, two blocks an
+//     SM walking the tiles (flash_fwd_sm90_ws_persist); the batch is one more argument.
 #define XATTN90_ENTRY(TN, D, BN, NWG, OV)                                                  \
     extern "C" __global__ void __launch_bounds__(((OV & 8) ? NWG + 1 : NWG) * 128, 1)      \
         flash_fwd_sm90_##TN##_d##D##_n##BN##_g##NWG##_o##OV(XATTN90_PARAMS) {               \
@@ -1204,6 +1369,26 @@ __device__ __forceinline__ void flash_fwd_sm90_mods_tma_mode(const FwdArgsModsTm
                 &tq});                                                                      \
     }
 #define XATTN90_TMAQ_ONE(TN, D, BN, NWG, OV) XATTN90_TMAQ_ENTRY(TN, D, BN, NWG, OV)
+// Mode 235 (persistent, bits 5 and 7 on 75): the maps of K, V and Q, the plain arguments, then
+// the batch; a grid of two blocks per SM (or fewer, one per tile).
+#define XATTN90_TMAQP_ENTRY(TN, D, BN, NWG, OV)                                            \
+    extern "C" __global__ void __launch_bounds__((NWG + 1) * 128, 2)                        \
+        flash_fwd_sm90_##TN##_d##D##_n##BN##_g##NWG##_o##OV(                                \
+            const __grid_constant__ xattn::TmaDesc tk, const __grid_constant__ xattn::TmaDesc tv, \
+            const __grid_constant__ xattn::TmaDesc tq, XATTN90_PARAMS, int nb) {            \
+        xattn::sm90::flash_fwd_sm90_persist_mode<xattn::TN, D, BN, NWG, OV>(                 \
+            xattn::sm90::FwdArgsTmaQP{                                                      \
+                xattn::sm90::FwdArgsTmaQ{                                                   \
+                    xattn::sm90::FwdArgsTma{                                                \
+                        xattn::sm90::FwdArgs{                                               \
+                            xattn::FwdOperands<unsigned short>{q, k, v, o, lse, hq, group, sq, \
+                                                               sk, scale},                  \
+                            causal, wl, wr},                                                \
+                        &tk, &tv},                                                          \
+                    &tq},                                                                   \
+                nb});                                                                       \
+    }
+#define XATTN90_TMAQP_ONE(TN, D, BN, NWG, OV) XATTN90_TMAQP_ENTRY(TN, D, BN, NWG, OV)
 
 // The _mods / _bm entries (MN: mods | bm | mods_bm, flex | flex_bm for flex_attention): the
 // argument list of flash_fwd.cu's entries (the parameter block, the block mask, the user's
@@ -1259,6 +1444,8 @@ XATTN90_MODS_TMA_ONE(XATTN90_TN, XATTN90_D, XATTN90_BN, XATTN90_NWG, XATTN90_OV,
 #elif defined(XATTN90_MN)
 XATTN90_MODS_ONE(XATTN90_TN, XATTN90_D, XATTN90_BN, XATTN90_NWG, XATTN90_OV, XATTN90_MN,
                  XATTN90_MODS, XATTN90_SPARSE)
+#elif defined(XATTN90_TMA) && XATTN90_TMA == 3
+XATTN90_TMAQP_ONE(XATTN90_TN, XATTN90_D, XATTN90_BN, XATTN90_NWG, XATTN90_OV)
 #elif defined(XATTN90_TMA) && XATTN90_TMA == 2
 XATTN90_TMAQ_ONE(XATTN90_TN, XATTN90_D, XATTN90_BN, XATTN90_NWG, XATTN90_OV)
 #elif defined(XATTN90_TMA)

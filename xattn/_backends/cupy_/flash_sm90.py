@@ -159,6 +159,10 @@ def smem_bytes(d, cfg):
     bn, nwg, mode = cfg
     # D > 128 (flash_fwd_sm90_ws_kv): two K stages and two V stages, released separately.
     nbuf = 3 if mode & 1 and d <= 128 else 2
+    if nwg == 1 and mode & 32:  # persistent: QST Q buffers (persist_qst in the kernel)
+        qst = 2 if 2 * ((2 * 64 * d + 2 * nbuf * bn * d) * 2 + (2 * nbuf + 4) * 8 + 1024) \
+            <= 233472 else 1
+        return (qst * 64 * d + 2 * nbuf * bn * d) * 2 + (2 * nbuf + 2 * qst) * 8
     if nwg == 1:  # two blocks per SM: no alignment pad, the mbarriers after the tiles
         # (mode bit 7: one more, Q's)
         return (64 * d + 2 * nbuf * bn * d) * 2 + (2 * nbuf + (1 if mode & 128 else 0)) * 8
@@ -287,8 +291,11 @@ def _forward(prob, q, k, v, config):
         args += (*_params.option_args(xp, prob), *_params.block_mask_args(xp, prob))
     else:  # the plain entries read the visibility fields only
         args += _params.visibility_args(prob)
-    fn(((prob.sq + bm - 1) // bm, prob.hq, B), (threads(cfg),), args,
-       shared_mem=smem_bytes(d, cfg))
+    grid = ((prob.sq + bm - 1) // bm, prob.hq, B)
+    if cfg[2] & 32:  # persistent (mode 235): two blocks an SM walk the tiles; the batch last
+        grid = (min(math.prod(grid), 2 * _params.sm_count()), 1, 1)
+        args += (i32(B),)
+    fn(grid, (threads(cfg),), args, shared_mem=smem_bytes(d, cfg))
     return _params.forward_result(xp, prob, out, lse)
 
 

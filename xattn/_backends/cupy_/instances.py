@@ -185,6 +185,8 @@ SM90_EXPERIMENTAL = (
     # SM90_SHORT and the defaults of D 64 / 128, to be timed against their mode-75 twins.
     (64, 64, 1, 203), (64, 128, 1, 203), (128, 64, 1, 203), (64, 64, 3, 203),
     (128, 128, 2, 203),
+    # And persistent (mode 235 = 203 + bit 5): two blocks an SM walking the tiles, one consumer.
+    (64, 64, 1, 235), (64, 128, 1, 235), (128, 64, 1, 235),
 )
 # Short key spans: one consumer warpgroup (NWG = 1: two thread blocks an SM, so that one
 # block's chain of Q K^T, softmax and P V runs beside the other's), per head dim: (largest mean
@@ -369,8 +371,10 @@ def sm90(tn, d, cfg, mods=False, sparse=False) -> Instance:
     # Modes 0-3 (the schedules before warp specialisation) live in tools/, not in the package.
     extra = () if mode & 8 else (SM90_MODES_SOURCE,)
     if mode & 64:  # the tensor-map entries (their own argument list and macro)
-        # Mode bit 7: Q's map too (XATTN90_TMA = 2 selects that entry macro).
-        macro, tma = ("XATTN90_TMAQ_ONE", 2) if mode & 128 else ("XATTN90_TMA_ONE", 1)
+        # Mode bit 7: Q's map too (XATTN90_TMA = 2 selects that entry macro); with bit 5 the
+        # persistent entry (3), which takes the batch as one more argument.
+        macro, tma = (("XATTN90_TMAQP_ONE", 3) if mode & 32 else ("XATTN90_TMAQ_ONE", 2)) \
+            if mode & 128 else ("XATTN90_TMA_ONE", 1)
         return Instance("flash_fwd_sm90.cu", macro, params, (name,),
                         extra=(("XATTN90_TMA", tma),), arch="sm_90a", includes=extra)
     return Instance("flash_fwd_sm90.cu", "XATTN90_ONE", params, (name,), arch="sm_90a",
