@@ -143,9 +143,32 @@ def test_deterministic_config_checks(on_sm90):
     with pytest.raises(ValueError, match="config='plain' with deterministic=True"):
         k90b.check_config(plain, "plain", True)
     assert k90b.check_config(plain, "plain") is None  # unchanged without it
-    win = on_sm90(window=(8, 8))
+    soft = on_sm90(softcap=5.0)
     with pytest.raises(ValueError, match="config='tma': the TMA entries are the plain"):
-        k90b.kernel_names(win, True, "tma")
+        k90b.kernel_names(soft, True, "tma")
+
+
+def test_tma_window_twins(on_sm90, monkeypatch):
+    """A window request takes the TMA entries' _win twins with config= (and by default once
+    instances.SM90_BWD_WIN_TMA_ON is on, at D = 128 too); their dK/dV-only twins exist; the
+    launcher counts a twin's buffers as its TMA entry's."""
+    win = on_sm90(window=(8, 8))
+    assert k90b.check_config(win, None) is None  # the switch off: the cp.async "win" entry
+    assert k90b.kernel_names(win)[1] == "flash_bwd_sm90_f16_d64_win"
+    assert k90b.kernel_names(win, config="tma")[1] == "flash_bwd_sm90_f16_d64_tma_win"
+    assert k90b.kernel_names(win, True, "tma2")[1:] == (
+        "flash_bwd_sm90_f16_d64_tma2_win_nodq", "flash_bwd_dq_f16_d64_w4_n64_plain")
+    wide = on_sm90(d=128, window=(8, 8))
+    assert k90b.supports(wide, {}) is not None  # D = 128 windows: cupy.sm80 while off
+    monkeypatch.setattr(instances, "SM90_BWD_WIN_TMA_ON", True)
+    assert k90b.supports(wide, {}) is None
+    assert k90b.check_config(wide, None) == "tma2"
+    assert k90b.kernel_names(wide)[1] == "flash_bwd_sm90_f16_d128_tma2_win"
+    experimental = {i.name for i in instances.experimental()}
+    for name in ("flash_bwd_sm90_bf16_d128_tma_win", "flash_bwd_sm90_f16_d64_tma2_win_nodq"):
+        assert name in experimental, name
+    inst = instances.bwd_sm90("f16", 64, "tma_win")
+    assert inst.macro == "XATTN_BWD90_TMA_WIN_ONE" and "-DXATTN_BWD90_WIN=1" in inst.defines
 
 
 @pytest.mark.slow

@@ -6,7 +6,11 @@ buffers) against its plain entry (cp.async by every thread) and torch's SDPA bac
 Usage: ``python3 tools/gpu_bwdtma_bench.py [--budget SECONDS] [--reps N]`` on a compute
 capability 9.0 GPU; ``--precompile`` only builds the cubins (plain, tma, tma2; fp16 and bf16;
 D 64 and 128: the GPU tests and the benchmark then load them from the disk cache); ``--san``
-runs the sanitizer workload (one tiny backward per TMA entry).
+runs the sanitizer workload (one tiny backward per TMA entry, and per window twin); ``--window``
+times the window twins (``config=`` on a window request: ``_tma_win`` / ``_tma2_win``, written
+2026-12-05) against the default route (the cp.async ``win`` entry at D = 64, ``cupy.sm80`` at
+D = 128) on issue 11's window row (fp16, S = 65536, +-256, D = 64, H = 16; and D = 128 at
+S = 16384), useful FLOPs (the visible pairs), each checked against the default first.
 
 Rows: fp16, B=4, H=16, S = Sq = Sk = 4096, D 128 and 64, causal and not. Each row first checks
 every entry: the TMA entries' dk / dv against the plain entry's bit for bit and dq within 1e-2
@@ -121,6 +125,64 @@ def _row(cp, xattn, torch, b, h, s, d, causal, reps):
     return res
 
 
+def _window_row(cp, d, s, h, w, reps):
+    """One row of :func:`window_rows`: {column: useful TFLOP/s, or why there is none}."""
+    import xattn
+    from xattn._array import validate_attention
+    from xattn._backends.cupy_ import flash_bwd_sm90 as k90b
+    from xattn._backends.cupy_ import instances
+
+    rng = np.random.default_rng([d, s])
+    q, do, k, v = (_randn(cp, rng, "float16", 1, h, s, d) for _ in range(4))
+    opts = {"window": (w, w)}
+    out, lse = xattn.flash_attention(q, k, v, return_lse=True, **opts)
+    prob = validate_attention(q, k, v, extra=(("dout", do), ("out", out), ("lse", lse)), **opts)
+    pairs = sum(min(s, i + w + 1) - max(0, i - w) for i in range(s))
+    flops = 2.5 * 4.0 * h * d * pairs
+
+    def default():
+        return xattn.flash_attention_backward(do, q, k, v, out, lse, backend="cupy", **opts)
+
+    def twin(config):
+        return k90b.backward(prob, do, q, k, v, out, lse, config=config)
+
+    ref = default()
+    row = {"case": f"D={d} S={s} +-{w} H={h}",
+           "default": flops / _median_ms(cp, default, reps) / 1e9}
+    on = instances.SM90_BWD_WIN_TMA_ON
+    instances.SM90_BWD_WIN_TMA_ON = True  # D = 128 windows served by the twins
+    try:
+        for config in ENTRIES[1:]:
+            err = max(_rel(cp, x, y) for x, y in zip(twin(config), ref, strict=True))
+            row[config] = (f"FAIL (rel diff {err:.3g})" if not np.isfinite(err) or err > 1e-2
+                           else flops / _median_ms(cp, lambda c=config: twin(c), reps) / 1e9)
+            _log(f"{row['case']} {config}: {row[config]}")
+    finally:
+        instances.SM90_BWD_WIN_TMA_ON = on
+    return row
+
+
+def window_rows(reps, budget):
+    """The window twins against the default route (see the module's docstring)."""
+    import cupy as cp
+
+    t0, rows = time.time(), []
+    for d, s in ((64, 65536), (128, 16384)):
+        if time.time() - t0 > budget:
+            break
+        rows.append(_window_row(cp, d, s, 16, 256, reps))
+        cp.get_default_memory_pool().free_all_blocks()
+    print("\n### Window backward: the TMA window twins against the default route "
+          "(fp16, useful TFLOP/s)\n")
+    print("| case | default route | tma_win | tma2_win |")
+    print("|---|---|---|---|")
+    for r in rows:
+        cells = (r.get(c, "-") for c in ("default", *ENTRIES[1:]))
+        print(f"| {r['case']} | " + " | ".join(
+            f"{x:.1f}" if isinstance(x, float) else str(x) for x in cells) + " |")
+    return 0
+
+
 def sanitizer_workload():
     """One tiny backward per TMA entry (fp16 / bf16, D 64 / 128, causal, GQA, Sq != Sk off the
     tiles, several query steps per key block) for compute-sanitizer."""
@@ -137,6 +199,21 @@ def sanitizer_workload():
                 cp.cuda.Device().synchronize()
                 print(f"{config} {dtype} D={d}: "
                       f"finite={all(bool(cp.isfinite(x).all()) for x in g)}", flush=True)
+    # The window twins (D = 64: no switch needed with config=).
+    from xattn._array import validate_attention
+
+    rng = np.random.default_rng(3)
+    q, do = (_randn(cp, rng, "float16", 1, 4, 200, 64) for _ in range(2))
+    k, v = (_randn(cp, rng, "float16", 1, 2, 150, 64) for _ in range(2))
+    out, lse = xattn.flash_attention(q, k, v, window=(40, 20), return_lse=True)
+    prob = validate_attention(q, k, v, extra=(("dout", do), ("out", out), ("lse", lse)),
+                              window=(40, 20))
+    for config in ENTRIES[1:]:
+        for det in (False, True):
+            g = k90b.backward(prob, do, q, k, v, out, lse, config=config, deterministic=det)
+            cp.cuda.Device().synchronize()
+            print(f"{config}_win det={det}: "
+                  f"finite={all(bool(cp.isfinite(x).all()) for x in g)}", flush=True)
     return 0
 
 
@@ -149,11 +226,14 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--san", action="store_true", help="the sanitizer workload only")
     ap.add_argument("--precompile", action="store_true", help="build the cubins only")
+    ap.add_argument("--window", action="store_true", help="the window twins' rows only")
     args = ap.parse_args(argv)
     if args.precompile:
         return precompile()
     if args.san:
         return sanitizer_workload()
+    if args.window:
+        return window_rows(args.reps, args.budget)
     t_start = time.time()
 
     import cupy as cp

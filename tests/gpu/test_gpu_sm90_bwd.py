@@ -420,16 +420,52 @@ def test_tma_backward_repeats(d):
 def test_tma_backward_refusals():
     rng = np.random.default_rng(5)
     q, k, v = _inputs(rng, "float16", sq=64, sk=64)
-    out, lse = xattn.flash_attention(q, k, v, return_lse=True, window=(16, 16))
+    out, lse = xattn.flash_attention(q, k, v, return_lse=True, softcap=5.0)
     extra = (("dout", out), ("out", out), ("lse", lse))
-    prob = validate_attention(q, k, v, extra=extra, window=(16, 16))
+    prob = validate_attention(q, k, v, extra=extra, softcap=5.0)
     with pytest.raises(ValueError, match="config='tma': the TMA entries are the plain"):
         k90b.backward(prob, out, q, k, v, out, lse, config="tma")
+    prob = validate_attention(q, k, v, extra=extra, window=(16, 16))
     with pytest.raises(ValueError, match="config='plain': this problem needs the 'win' entry"):
         k90b.backward(prob, out, q, k, v, out, lse, config="plain")
     prob = validate_attention(q, k, v, extra=extra)
     with pytest.raises(ValueError, match="config: one of"):
         k90b.backward(prob, out, q, k, v, out, lse, config="tma3")
+
+
+@pytest.mark.parametrize("config", TMA_CONFIGS)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("case", ["causal_left", "two_sided_gqa", "sq_gt_sk_right"])
+def test_tma_window_backward(monkeypatch, config, d, case):
+    """The TMA entries' window twins (config= on a window request: _tma_win / _tma2_win; the
+    switch on so that D = 128 windows are served) against the float64 oracle, with NaN behind
+    every operand's end; their deterministic _nodq twins give the same dk / dv bit for bit."""
+    from xattn._backends.cupy_ import instances
+
+    monkeypatch.setattr(instances, "SM90_BWD_WIN_TMA_ON", True)
+    window, causal, (b, hq, hkv, sq, sk) = {
+        "causal_left": ((70, None), True, (2, 4, 2, 141, 203)),
+        "two_sided_gqa": ((40, 90), False, (1, 6, 2, 333, 517)),
+        "sq_gt_sk_right": ((None, 30), False, (1, 2, 1, 260, 97)),
+    }[case]
+    dtype = "bfloat16" if case == "two_sided_gqa" else "float16"
+    name = f"{config} window {case} d={d}"
+    rng = np.random.default_rng([d, len(case), len(config), 23])
+    q, do = (_nan_tailed(rng, dtype, (b, hq, sq, d)) for _ in range(2))
+    k, v = (_nan_tailed(rng, dtype, (b, hkv, sk, d)) for _ in range(2))
+    opts = {"causal": causal, "window": window}
+    out, lse = xattn.flash_attention(q, k, v, return_lse=True, **opts)
+    prob = validate_attention(q, k, v, extra=(("dout", do), ("out", out), ("lse", lse)), **opts)
+    assert k90b.kernel_names(prob, config=config)[1].endswith(f"_{config}_win"), name
+    got = k90b.backward(prob, do, q, k, v, out, lse, config=config)
+    refs = reference_attention_backward(do, q, k, v, **opts)
+    naive = naive_attention_backward(do, q, k, v, out, **opts)
+    for label, g, r, n in zip(("dq", "dk", "dv"), got, refs, naive, strict=True):
+        _assert_grad(name, label, g, r, n, q.dtype)
+    det = k90b.backward(prob, do, q, k, v, out, lse, config=config, deterministic=True)
+    for label, x, y in zip(("dk", "dv"), det[1:], got[1:], strict=True):
+        nbad = int((x.view(cp.uint16) != y.view(cp.uint16)).sum())
+        assert nbad == 0, f"[{name}] {label}: {nbad} entries differ from the dq entry's"
 
 
 # deterministic=True (tools/gpu_check_det.sh runs these with -k det): dK / dV by the _nodq twin

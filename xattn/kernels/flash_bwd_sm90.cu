@@ -121,6 +121,13 @@ struct BwdArgsTma : BwdArgs {
     const TmaDesc* tk;
     const TmaDesc* tv;
 };
+// Their sliding-window twins (_tma_win / _tma2_win, EXPERIMENTAL): the window sides (-1 =
+// unbounded) as two more arguments, which hide BwdArgs's constant ones. The plain entries' code
+// reads them already (the query-block range, the edge tiles' visibility test).
+template <int NB>
+struct BwdArgsTmaWin : BwdArgsTma<NB> {
+    int wl, wr;
+};
 
 constexpr int BN = 128;  // keys per block (64 per warpgroup)
 constexpr int BM = 64;   // query rows per step
@@ -328,6 +335,10 @@ template <int NB>
 struct plain_args<BwdArgsTma<NB>> {
     static constexpr bool value = true;
 };
+template <int NB>
+struct plain_args<BwdArgsTmaWin<NB>> {
+    static constexpr bool value = true;
+};
 // Q/dO buffers filled by the copy engine (0: cp.async by every thread, two buffers).
 template <class A>
 struct tma_bufs {
@@ -335,6 +346,10 @@ struct tma_bufs {
 };
 template <int NB>
 struct tma_bufs<BwdArgsTma<NB>> {
+    static constexpr int value = NB;
+};
+template <int NB>
+struct tma_bufs<BwdArgsTmaWin<NB>> {
     static constexpr int value = NB;
 };
 
@@ -947,6 +962,30 @@ __device__ __forceinline__ void dq_convert_core(const float* acc, unsigned short
                 &tq, &tdo, &tk, &tv});                                                        \
     }
 #define XATTN_BWD90_TMA_NODQ_ONE(TN, D, MN, NB) XATTN_BWD90_TMA_NODQ_ENTRY(TN, D, MN, NB)
+// The sliding-window twins of both (MN: tma_win, tma2_win; DQ: 1, or 0 for the _nodq twin):
+// the TMA entries' arguments, then the window sides.
+#define XATTN_BWD90_TMA_WIN_ENTRY(TN, D, MN, NB, DQ, SFX)                                    \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                      \
+        flash_bwd_sm90_##TN##_d##D##_##MN##SFX(                                               \
+            const __grid_constant__ xattn::TmaDesc tq,                                        \
+            const __grid_constant__ xattn::TmaDesc tdo,                                       \
+            const __grid_constant__ xattn::TmaDesc tk,                                        \
+            const __grid_constant__ xattn::TmaDesc tv, const unsigned short *q,               \
+            const unsigned short *k, const unsigned short *v, const unsigned short *dout,     \
+            const float *lse, const float *delta, float *dq_accum, unsigned short *dk,        \
+            unsigned short *dv, int hq, int group, int sq, int sk, float scale, int causal,   \
+            int wl, int wr) {                                                                 \
+        xattn::sm90bwd::flash_bwd_sm90_core<xattn::TN, D, false, false, DQ != 0>(             \
+            xattn::sm90bwd::BwdArgsTmaWin<NB>{                                                \
+                xattn::sm90bwd::BwdArgsTma<NB>{                                               \
+                    {q, k, v, dout, lse, delta, dq_accum, dk, dv, hq, group, sq, sk, scale,   \
+                     causal},                                                                 \
+                    &tq, &tdo, &tk, &tv},                                                     \
+                wl, wr});                                                                     \
+    }
+#define XATTN_BWD90_TMA_WIN_ONE(TN, D, MN, NB) XATTN_BWD90_TMA_WIN_ENTRY(TN, D, MN, NB, 1, )
+#define XATTN_BWD90_TMA_WIN_NODQ_ONE(TN, D, MN, NB) \
+    XATTN_BWD90_TMA_WIN_ENTRY(TN, D, MN, NB, 0, _nodq)
 
 // The option entries (MN: win = causal and window | mods = score modifications | bm = block
 // mask | mods_bm; flex | flex_bm for flex_attention_backward): flash_bwd.cu's argument list
@@ -986,6 +1025,10 @@ __device__ __forceinline__ void dq_convert_core(const float* acc, unsigned short
 #if defined(XATTN_BWD90_D) && !defined(XATTN_BWD90_NO_ENTRIES)
 #if defined(XATTN_BWD90_DQK)
 XATTN_BWD90_DQ_ONE(XATTN_BWD90_TN, XATTN_BWD90_D)
+#elif defined(XATTN_BWD90_NB) && defined(XATTN_BWD90_WIN) && defined(XATTN_BWD90_NODQ)
+XATTN_BWD90_TMA_WIN_NODQ_ONE(XATTN_BWD90_TN, XATTN_BWD90_D, XATTN_BWD90_MN, XATTN_BWD90_NB)
+#elif defined(XATTN_BWD90_NB) && defined(XATTN_BWD90_WIN)
+XATTN_BWD90_TMA_WIN_ONE(XATTN_BWD90_TN, XATTN_BWD90_D, XATTN_BWD90_MN, XATTN_BWD90_NB)
 #elif defined(XATTN_BWD90_NB) && defined(XATTN_BWD90_NODQ)
 XATTN_BWD90_TMA_NODQ_ONE(XATTN_BWD90_TN, XATTN_BWD90_D, XATTN_BWD90_MN, XATTN_BWD90_NB)
 #elif defined(XATTN_BWD90_NB)

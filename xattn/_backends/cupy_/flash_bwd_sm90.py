@@ -96,8 +96,25 @@ def variant(prob):
 
 
 def built(var, d) -> bool:
-    """Whether the entry of variant ``var`` exists at head dim ``d``."""
+    """Whether the entry of variant ``var`` exists at head dim ``d`` (a window also where its
+    TMA twins serve it by default: :data:`instances.SM90_BWD_WIN_TMA_ON`)."""
+    if var == "win" and _win_tma(d) and instances.SM90_BWD_WIN_TMA_ON:
+        return True
     return var is None or d in instances.SM90_BWD_VARIANTS[var][2]
+
+
+def _win_tma(d):
+    return d in instances.SM90_BWD_TMA_WIN_DIMS
+
+
+def entry(prob, config):
+    """The variant of the entry that runs ``prob`` with the checked ``config``
+    (:func:`check_config`): the TMA entry ``config`` for a plain request, its ``_win`` twin for
+    a window request, else :func:`variant` (``None``: the cp.async plain entry)."""
+    var = variant(prob)
+    if config is None:
+        return var
+    return config if var is None else f"{config}_win"
 
 
 def block_mask_reason(block_mask):
@@ -171,7 +188,8 @@ def get_kernel(tn, d, var=None, convert=False, dq=True):
     disk); ``dq=False``: the variant's dK/dV-only twin (deterministic=True)."""
     inst = instances.bwd_sm90(tn, d, None if convert else var, dq=dq or convert)
     name = inst.names[1] if convert else inst.name
-    smem = 0 if convert else smem_bytes(d, var if var in CONFIGS else None, dq)
+    tma = var.removesuffix("_win") if var else None  # a TMA entry's buffers, window or not
+    smem = 0 if convert else smem_bytes(d, tma if tma in CONFIGS else None, dq)
     return compiled_function(inst.source, name, inst.defines, smem, arch=inst.arch)
 
 
@@ -218,7 +236,7 @@ def kernel_names(prob, deterministic=False, config=None, dq_kernel=None):
     ``dq_kernel`` as :func:`backward` takes them."""
     tn = _params.type_name(prob.dtype)
     config = check_config(prob, config, deterministic)
-    var = config or variant(prob)
+    var = entry(prob, config)
     names = [f"flash_bwd_delta_{tn}"]
     if deterministic:
         names.append(instances.bwd_sm90(tn, prob.d, var, dq=False).name)
@@ -262,12 +280,16 @@ def forward(prob, q, k, v, **_):
 def check_config(prob, config, deterministic=False):
     """The TMA entry (a key of :data:`CONFIGS`) this problem runs, or ``None`` for a
     cp.async entry: ``config`` None takes :data:`DEFAULT_CONFIG` for the plain entry's
-    problems (the option entries have no TMA twin), ``"plain"`` the cp.async plain entry
-    (which has no dK/dV-only twin: not with ``deterministic``); ValueError for anything
-    else."""
+    problems (and for a window's when :data:`instances.SM90_BWD_WIN_TMA_ON`: the TMA entries'
+    ``_win`` twins; the score-mod and block-mask entries have no TMA twin), ``"plain"`` the
+    cp.async plain entry (which has no dK/dV-only twin: not with ``deterministic``);
+    ValueError for anything else."""
     var = variant(prob)
+    win_tma = var == "win" and _win_tma(prob.d)
     if config is None:
-        return DEFAULT_CONFIG.get(prob.d) if var is None else None
+        if var is None or (win_tma and instances.SM90_BWD_WIN_TMA_ON):
+            return DEFAULT_CONFIG.get(prob.d)
+        return None
     if config == PLAIN:
         if var is not None:
             raise ValueError(f"config='plain': this problem needs the {var!r} entry")
@@ -278,9 +300,10 @@ def check_config(prob, config, deterministic=False):
     if config not in CONFIGS:
         raise ValueError(f"config: one of {sorted(CONFIGS)} (the TMA entries), 'plain' or "
                          f"None, got {config!r}")
-    if var is not None:
+    if var is not None and not win_tma:
         raise ValueError(f"config={config!r}: the TMA entries are the plain backward's (causal, "
-                         f"scale, GQA); this problem needs the {var!r} entry")
+                         f"scale, GQA, and a window at D = {list(instances.SM90_BWD_TMA_WIN_DIMS)}"
+                         f"); this problem needs the {var!r} entry")
     return config
 
 
@@ -340,7 +363,7 @@ def _backward(prob, dout, q, k, v, out, lse, config=None, deterministic=False,
     acc = null if deterministic else dq_accum(xp, B, hq, sq, d)
     i32, f32 = np.int32, np.float32
 
-    var = config or variant(prob)
+    var = entry(prob, config)
     # The tensor maps (checked before any launch).
     maps = tma_maps(q4, k4, v4, do4) if config is not None else ()
     plain = var is None or config is not None
@@ -350,9 +373,11 @@ def _backward(prob, dout, q, k, v, out, lse, config=None, deterministic=False,
         bm_args = _params.block_mask_args(xp, prob, csc=True)
     dq_cfg = dq_config(prob) if deterministic else None
     flash_bwd.run_delta(tn, o4, do4, delta, d)
-    if plain:
+    if plain:  # a TMA entry's _win twin takes the window sides after causal
+        vis = (_params.visibility_args(prob) if var and var.endswith("_win")
+               else (i32(bool(prob.causal)),))
         args = (*maps, q4, k4, v4, do4, lse3, delta, acc, dk4, dv4, i32(hq), i32(prob.group),
-                i32(sq), i32(sk), f32(prob.scale), i32(bool(prob.causal)))
+                i32(sq), i32(sk), f32(prob.scale), *vis)
     else:  # flash_bwd.cu's argument list (dq, null here, is not read)
         args = (q4, k4, v4, do4, lse3, delta, acc, null, dk4, dv4, i32(hq),
                 i32(prob.group), i32(sq), i32(sk), f32(prob.scale), *opt_args, *bm_args)

@@ -35,7 +35,7 @@ __all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "DECODE", "DECODE_EXTRA",
            "FWD_BM", "FWD_BM_MODS", "FWD_MODS", "HEAD_DIMS", "Instance", "SM90", "SM90_BM",
            "SM90_BM_MODS", "SM90_BM_MODS_TMA", "SM90_BM_TMA", "SM90_BWD_HEAD_DIMS",
            "SM90_BWD_DETERMINISTIC_ON", "SM90_BWD_DQ_WGMMA", "SM90_BWD_TMA",
-           "SM90_BWD_TMA_DEFAULT",
+           "SM90_BWD_TMA_DEFAULT", "SM90_BWD_TMA_WIN_DIMS", "SM90_BWD_WIN_TMA_ON",
            "SM90_BWD_VARIANTS", "SM90_EXPERIMENTAL", "SM90_MODS",
            "SM90_MODS_ON_TMA", "SM90_MODS_TMA", "SM90_PAD_ON", "SM90_SHORT", "SM90_SHORT_ON",
            "SWITCHES",
@@ -386,7 +386,8 @@ def bwd_sm90(tn, d, variant=None, dq=True) -> Instance:
     (:data:`SM90_BWD_HEAD_DIMS`); ``variant`` one of :data:`SM90_BWD_VARIANTS` (``None``: the
     plain entry, causal only, its own short argument list; the others take ``flash_bwd.cu``'s
     argument list) or of :data:`SM90_BWD_TMA` (the plain entry with TMA loads: the tensor maps
-    of q, dout, k, v, then the plain argument list). ``dq=False``: the entry's dK/dV-only twin
+    of q, dout, k, v, then the plain argument list), or one of those with ``_win`` (the window
+    sides as two more arguments). ``dq=False``: the entry's dK/dV-only twin
     (``..._nodq``, its own macro, the same arguments) that ``deterministic=True`` runs before
     ``flash_bwd.cu``'s dq kernel; the TMA and option variants have one, the cp.async plain
     entry none."""
@@ -397,11 +398,13 @@ def bwd_sm90(tn, d, variant=None, dq=True) -> Instance:
                          f"TMA entries {sorted(SM90_BWD_TMA)} and the option entries have")
     nodq = () if dq else (("XATTN_BWD90_NODQ", 1),)
     sfx = "" if dq else "_nodq"
-    if variant in SM90_BWD_TMA:  # Q/dO (and K/V) by the copy engine
-        params += (("XATTN_BWD90_MN", variant), ("XATTN_BWD90_NB", SM90_BWD_TMA[variant]))
-        macro = "XATTN_BWD90_TMA_ONE" if dq else "XATTN_BWD90_TMA_NODQ_ONE"
+    tma = variant.removesuffix("_win") if variant else None
+    if tma in SM90_BWD_TMA:  # Q/dO (and K/V) by the copy engine; _win: with the window sides
+        params += (("XATTN_BWD90_MN", variant), ("XATTN_BWD90_NB", SM90_BWD_TMA[tma]))
+        win = tma != variant
+        macro = ("XATTN_BWD90_TMA" + ("_WIN" if win else "") + ("_ONE" if dq else "_NODQ_ONE"))
         return Instance("flash_bwd_sm90.cu", macro, params, (f"{name}_{variant}{sfx}",),
-                        extra=nodq, arch="sm_90a")
+                        extra=nodq + ((("XATTN_BWD90_WIN", 1),) if win else ()), arch="sm_90a")
     if variant is None:  # the plain module also holds the dq-convert kernel of every variant
         return Instance("flash_bwd_sm90.cu", "XATTN_BWD90_ONE", params,
                         (name, f"flash_bwd_sm90_dqconv_{tn}_d{d}"), arch="sm_90a")
@@ -443,6 +446,13 @@ SM90_BWD_TMA = {"tma": 3, "tma2": 2}
 # The TMA entry a plain request takes per head dim (flash_bwd_sm90.DEFAULT_CONFIG; the two
 # differ by 1-3 % on an H100, within a run's spread).
 SM90_BWD_TMA_DEFAULT = {64: "tma", 128: "tma2"}
+# Their sliding-window twins (``<config>_win``: the TMA entries with the window sides as two
+# more arguments; flash_bwd_sm90.backward(..., config="tma" | "tma2") on a window request),
+# built at these head dims. THE SWITCH: on, window requests take them by default
+# (SM90_BWD_TMA_DEFAULT's config) instead of the cp.async "win" entry. Off: written on
+# 2026-12-05 without a device (compile-clean, no spills), not yet run on a GPU.
+SM90_BWD_TMA_WIN_DIMS = (64, 128)
+SM90_BWD_WIN_TMA_ON = False
 # deterministic=True on the Hopper backward: dK and dV by the _nodq twin of the entry the
 # request would take (no dS K, no dq_accum), dq by flash_bwd.cu's deterministic dq kernel
 # (one CTA per query block walking its key blocks in order: bitwise reproducible). Shipped:
@@ -464,7 +474,7 @@ SM90_BWD_DETERMINISTIC_ON = True
 # Every switch above that the kernel table's choice reads (flash_attention keeps its choice per
 # call signature, xattn/flash.py: the switches' values are part of the signature).
 SWITCHES = ("TF32X3_SM90_ON", "SM90_WIDE_ON", "SM90_PAD_ON", "SM90_MODS_ON_TMA", "SM90_SHORT_ON",
-            "SM90_BWD_DQ_WGMMA", "SM90_BWD_DETERMINISTIC_ON")
+            "SM90_BWD_DQ_WGMMA", "SM90_BWD_DETERMINISTIC_ON", "SM90_BWD_WIN_TMA_ON")
 
 
 def switches() -> tuple:
@@ -566,4 +576,6 @@ def experimental() -> list:
     return ([sm90(tn, c[0], c[1:]) for c in SM90_EXPERIMENTAL + SM90_WIDE_EXPERIMENTAL
              for tn in TYPES]
             + _sm90_options(not SM90_MODS_ON_TMA)
-            + [tf32x3_sm90(d, bn, True) for d, bn in TF32X3_SM90_OV_EXPERIMENTAL])
+            + [tf32x3_sm90(d, bn, True) for d, bn in TF32X3_SM90_OV_EXPERIMENTAL]
+            + [bwd_sm90(tn, d, f"{var}_win", dq=dq) for var in SM90_BWD_TMA
+               for d in SM90_BWD_TMA_WIN_DIMS for tn in TYPES for dq in (True, False)])
