@@ -79,10 +79,13 @@ def test_check_config():
     assert k90b.check_config(plain, "tma2") == "tma2"
     with pytest.raises(ValueError, match=r"config: one of \['tma', 'tma2'\]"):
         k90b.check_config(plain, "tma4")
+    soft = validate_attention(x, x, x, softcap=5.0)
+    with pytest.raises(ValueError, match="config='tma': the TMA entries are the plain.*'mods'"):
+        k90b.check_config(soft, "tma")
+    assert k90b.check_config(soft, None) is None  # the score-mod entries have no TMA twin
     win = validate_attention(x, x, x, window=(8, 8))
-    with pytest.raises(ValueError, match="config='tma': the TMA entries are the plain.*'win'"):
-        k90b.check_config(win, "tma")
-    assert k90b.check_config(win, None) is None  # the option entries have no TMA twin
+    assert k90b.check_config(win, "tma") == "tma"  # its window twin, on request
+    assert k90b.check_config(win, None) is None  # the cp.async window entry by default
     with pytest.raises(ValueError, match="config='plain': this problem needs the 'win'"):
         k90b.check_config(win, "plain")
 

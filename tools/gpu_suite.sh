@@ -5,7 +5,7 @@
 # $LOG/failures.txt the moment it happens (tools/pytest_failures_now.py), so a run cut by its
 # time limit still names them. Logs under $OUT/suite/ (or a temp dir).
 #   bash tools/gpu_suite.sh [PART] [WORKERS]     PART: 1, 2 or all (default all); WORKERS 16
-# On an H100 host of 16 cores (2026-12-06) the whole suite (about 3000 cases) took more than
+# On an H100 host of 16 cores (2026-12-05) the whole suite (about 3000 cases) took more than
 # 555 s with 16 workers after a 72-s precompile: more than one device call holds. Part 1 is
 # the block-mask, entry, mma.sync forward / backward and sm90 forward files of tests/gpu/, part
 # 2 the rest (float32 kernels, flex, host plan, sm90 backward and mods, then tests/test_*.py:

@@ -461,7 +461,7 @@ SM90_BWD_WIN_TMA_ON = False
 # wgmma dq kernel of flash_bwd_sm90.cu (bwd_sm90_dq: 128 query rows per thread block, key
 # blocks of 64). Its tests passed and it timed faster on an H100 (2026-12-05: fp16 D=128 S=4096
 # whole deterministic backward 351 TFLOP/s against 267 with the mma.sync dq kernel); on since
-# the det tests take either dq kernel (2026-12-06). flash_bwd_sm90.backward(...,
+# the det tests take either dq kernel (2026-12-05). flash_bwd_sm90.backward(...,
 # dq_kernel="mma" | "wgmma") picks one on request.
 SM90_BWD_DQ_WGMMA = True
 # THE SWITCH of deterministic=True on the Hopper backward as a whole (the _nodq entries and, with
