@@ -929,59 +929,36 @@ __device__ __forceinline__ void dq_convert_core(const float* acc, unsigned short
 
 // The TMA entries (MN: tma = 3 Q/dO buffers, tma2 = 2): the tensor maps of q,
 // dout, k and v (tma.py's rows_map: boxes of 64 columns x 64 / 128 / 128 rows / 128 rows),
-// then the plain entries' arguments (q, k, v, dout are not read).
-#define XATTN_BWD90_TMA_ENTRY(TN, D, MN, NB)                                                 \
-    extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_sm90_##TN##_d##D##_##MN(  \
-        const __grid_constant__ xattn::TmaDesc tq, const __grid_constant__ xattn::TmaDesc tdo, \
+// then the plain entries' arguments (q, k, v, dout are not read). Their dK/dV-only twins
+// (DQ 0, _<MN>_nodq: deterministic=True, dq by a dq kernel; dq_accum is not read) take the
+// same argument list.
+#define XATTN_BWD90_TMA_PARAMS                                                                \
+    const __grid_constant__ xattn::TmaDesc tq, const __grid_constant__ xattn::TmaDesc tdo,    \
         const __grid_constant__ xattn::TmaDesc tk, const __grid_constant__ xattn::TmaDesc tv, \
         const unsigned short *q, const unsigned short *k, const unsigned short *v,            \
         const unsigned short *dout, const float *lse, const float *delta, float *dq_accum,    \
         unsigned short *dk, unsigned short *dv, int hq, int group, int sq, int sk,            \
-        float scale, int causal) {                                                            \
-        xattn::sm90bwd::flash_bwd_sm90_core<xattn::TN, D>(xattn::sm90bwd::BwdArgsTma<NB>{     \
-            {q, k, v, dout, lse, delta, dq_accum, dk, dv, hq, group, sq, sk, scale, causal},  \
-            &tq, &tdo, &tk, &tv});                                                            \
+        float scale, int causal
+#define XATTN_BWD90_TMA_ARGS(NB)                                                              \
+    xattn::sm90bwd::BwdArgsTma<NB> {                                                          \
+        {q, k, v, dout, lse, delta, dq_accum, dk, dv, hq, group, sq, sk, scale, causal}, &tq, \
+            &tdo, &tk, &tv                                                                    \
     }
-#define XATTN_BWD90_TMA_ONE(TN, D, MN, NB) XATTN_BWD90_TMA_ENTRY(TN, D, MN, NB)
-// Their dK/dV-only twins (_<MN>_nodq: deterministic=True, dq by flash_bwd.cu's dq kernel;
-// dq_accum is not read), the same argument list.
-#define XATTN_BWD90_TMA_NODQ_ENTRY(TN, D, MN, NB)                                            \
+#define XATTN_BWD90_TMA_ENTRY(TN, D, MN, NB, DQ, SFX)                                        \
     extern "C" __global__ void __launch_bounds__(256, 1)                                      \
-        flash_bwd_sm90_##TN##_d##D##_##MN##_nodq(                                             \
-            const __grid_constant__ xattn::TmaDesc tq,                                        \
-            const __grid_constant__ xattn::TmaDesc tdo,                                       \
-            const __grid_constant__ xattn::TmaDesc tk,                                        \
-            const __grid_constant__ xattn::TmaDesc tv, const unsigned short *q,               \
-            const unsigned short *k, const unsigned short *v, const unsigned short *dout,     \
-            const float *lse, const float *delta, float *dq_accum, unsigned short *dk,        \
-            unsigned short *dv, int hq, int group, int sq, int sk, float scale, int causal) { \
-        xattn::sm90bwd::flash_bwd_sm90_core<xattn::TN, D, false, false, false>(               \
-            xattn::sm90bwd::BwdArgsTma<NB>{                                                   \
-                {q, k, v, dout, lse, delta, dq_accum, dk, dv, hq, group, sq, sk, scale,       \
-                 causal},                                                                     \
-                &tq, &tdo, &tk, &tv});                                                        \
+        flash_bwd_sm90_##TN##_d##D##_##MN##SFX(XATTN_BWD90_TMA_PARAMS) {                      \
+        xattn::sm90bwd::flash_bwd_sm90_core<xattn::TN, D, false, false, DQ != 0>(             \
+            XATTN_BWD90_TMA_ARGS(NB));                                                        \
     }
-#define XATTN_BWD90_TMA_NODQ_ONE(TN, D, MN, NB) XATTN_BWD90_TMA_NODQ_ENTRY(TN, D, MN, NB)
-// The sliding-window twins of both (MN: tma_win, tma2_win; DQ: 1, or 0 for the _nodq twin):
-// the TMA entries' arguments, then the window sides.
+#define XATTN_BWD90_TMA_ONE(TN, D, MN, NB) XATTN_BWD90_TMA_ENTRY(TN, D, MN, NB, 1, )
+#define XATTN_BWD90_TMA_NODQ_ONE(TN, D, MN, NB) XATTN_BWD90_TMA_ENTRY(TN, D, MN, NB, 0, _nodq)
+// The sliding-window twins of both (MN: tma_win, tma2_win): the same arguments, then the
+// window sides.
 #define XATTN_BWD90_TMA_WIN_ENTRY(TN, D, MN, NB, DQ, SFX)                                    \
     extern "C" __global__ void __launch_bounds__(256, 1)                                      \
-        flash_bwd_sm90_##TN##_d##D##_##MN##SFX(                                               \
-            const __grid_constant__ xattn::TmaDesc tq,                                        \
-            const __grid_constant__ xattn::TmaDesc tdo,                                       \
-            const __grid_constant__ xattn::TmaDesc tk,                                        \
-            const __grid_constant__ xattn::TmaDesc tv, const unsigned short *q,               \
-            const unsigned short *k, const unsigned short *v, const unsigned short *dout,     \
-            const float *lse, const float *delta, float *dq_accum, unsigned short *dk,        \
-            unsigned short *dv, int hq, int group, int sq, int sk, float scale, int causal,   \
-            int wl, int wr) {                                                                 \
+        flash_bwd_sm90_##TN##_d##D##_##MN##SFX(XATTN_BWD90_TMA_PARAMS, int wl, int wr) {      \
         xattn::sm90bwd::flash_bwd_sm90_core<xattn::TN, D, false, false, DQ != 0>(             \
-            xattn::sm90bwd::BwdArgsTmaWin<NB>{                                                \
-                xattn::sm90bwd::BwdArgsTma<NB>{                                               \
-                    {q, k, v, dout, lse, delta, dq_accum, dk, dv, hq, group, sq, sk, scale,   \
-                     causal},                                                                 \
-                    &tq, &tdo, &tk, &tv},                                                     \
-                wl, wr});                                                                     \
+            xattn::sm90bwd::BwdArgsTmaWin<NB>{XATTN_BWD90_TMA_ARGS(NB), wl, wr});             \
     }
 #define XATTN_BWD90_TMA_WIN_ONE(TN, D, MN, NB) XATTN_BWD90_TMA_WIN_ENTRY(TN, D, MN, NB, 1, )
 #define XATTN_BWD90_TMA_WIN_NODQ_ONE(TN, D, MN, NB) \
