@@ -24,11 +24,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from gpu_bench_common import log as _log
+from gpu_bench_common import median_ms as _median_ms
+from gpu_bench_common import randn as _randn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_sm90bwd_bench import _log, _median_ms, _randn  # noqa: E402
 
 WINDOW = (1024, 0)  # causal sliding window: each query sees itself and 1024 keys before
 

@@ -30,12 +30,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+from gpu_bench_common import log as _log
+from gpu_bench_common import median_ms as _median_ms
+from gpu_bench_common import randn as _randn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from gpu_sm90bwd_bench import _log, _median_ms, _randn  # noqa: E402
 
 ENTRIES = ("plain", "tma", "tma2")  # "plain": the cp.async entry
 

@@ -28,35 +28,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from gpu_bench_common import bench_ms as _bench_ms
+from gpu_bench_common import log as _log
+from gpu_bench_common import to_cupy as _to_cupy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TOL = {"float16": 2e-2, "bfloat16": 6e-2}
-
-
-def _log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _bench_ms(cp, f, reps=20):
-    try:
-        from triton.testing import do_bench
-    except ImportError:
-        do_bench = None
-    if do_bench is not None:
-        return float(do_bench(f, warmup=25, rep=100, return_mode="median"))
-    for _ in range(3):
-        f()
-    cp.cuda.Device().synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record()
-        f()
-        b.record()
-        b.synchronize()
-        times.append(cp.cuda.get_elapsed_time(a, b))
-    return float(np.median(times))
 
 
 def precompile():
@@ -69,19 +47,6 @@ def precompile():
         k90.precompile(tn, keys)
     _log(f"precompile: {len(keys) * 2} cubins in {time.perf_counter() - t0:.1f} s")
     return 0
-
-
-def _to_cupy(cp, torch, t):
-    """Zero-copy CuPy view of a torch CUDA tensor (bfloat16 through an int16 view where this
-    CuPy imports no bfloat16 DLPack), as benchmarks/gpu_flash.py does."""
-    if t.dtype == torch.bfloat16:
-        try:
-            return cp.from_dlpack(t)
-        except Exception:  # noqa: BLE001 - CuPy without bfloat16 DLPack import
-            import ml_dtypes
-
-            return cp.from_dlpack(t.view(torch.int16)).view(ml_dtypes.bfloat16)
-    return cp.from_dlpack(t)
 
 
 def _row(cp, torch, xattn, k90, validate_attention, dtype, d, s, causal):

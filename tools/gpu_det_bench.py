@@ -31,15 +31,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from gpu_bench_common import log as _log
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 ENTRY = "cupy.sm90_bwd"
-
-
-def _log(msg):
-    print(msg, file=sys.stderr, flush=True)
 
 
 # --- precompile ------------------------------------------------------------------------------

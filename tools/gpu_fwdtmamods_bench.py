@@ -33,17 +33,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+from gpu_bench_common import log as _log
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 TOL = 2e-2
 MODES = (11, 75)
-
-
-def _log(msg):
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _sm90_instances():

@@ -18,31 +18,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from gpu_bench_common import log as _log
+from gpu_bench_common import median_ms as _median_ms
+from gpu_bench_common import randn as _randn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def _log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _median_ms(cp, f, reps, warmup=2):
-    for _ in range(warmup):
-        f()
-    cp.cuda.Device().synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record()
-        f()
-        b.record()
-        b.synchronize()
-        times.append(cp.cuda.get_elapsed_time(a, b))
-    return float(np.median(times))
-
-
-def _randn(cp, rng, dtype, *shape):
-    return cp.asarray(rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
 
 
 def _row(cp, xattn, torch, b, h, s, d, causal, reps):
