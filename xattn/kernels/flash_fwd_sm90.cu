@@ -169,43 +169,25 @@ struct FwdArgsTma : FwdArgs {
     const TmaDesc* tk;
     const TmaDesc* tv;
 };
-template <class A>
-struct uses_tma {
-    static constexpr bool value = false;
-};
-template <>
-struct uses_tma<FwdArgsTma> {
-    static constexpr bool value = true;
-};
 // The _o203 entries (mode bit 7 on 75, EXPERIMENTAL): Q by the copy engine too (the producer
 // thread's first copy), its tensor map after those of K and V.
 struct FwdArgsTmaQ : FwdArgsTma {
     const TmaDesc* tq;
-};
-template <>
-struct uses_tma<FwdArgsTmaQ> {
-    static constexpr bool value = true;
-};
-template <class A>
-struct q_by_tma {
-    static constexpr bool value = false;
-};
-template <>
-struct q_by_tma<FwdArgsTmaQ> {
-    static constexpr bool value = true;
 };
 // The _o235 entries (mode bits 5 and 7 on 75, EXPERIMENTAL: persistent): one more argument,
 // the batch (the grid no longer spans it).
 struct FwdArgsTmaQP : FwdArgsTmaQ {
     int nb;
 };
-template <>
-struct uses_tma<FwdArgsTmaQP> {
-    static constexpr bool value = true;
+// Which copies an argument struct's entries make by the copy engine: K/V (every struct that
+// extends FwdArgsTma, and FwdArgsModsTma below), and Q too (those extending FwdArgsTmaQ).
+template <class A>
+struct uses_tma {
+    static constexpr bool value = __is_base_of(FwdArgsTma, A);
 };
-template <>
-struct q_by_tma<FwdArgsTmaQP> {
-    static constexpr bool value = true;
+template <class A>
+struct q_by_tma {
+    static constexpr bool value = __is_base_of(FwdArgsTmaQ, A);
 };
 
 // The _mods / _bm entries: flash_fwd.cu's parameter block (ScoreMods first), the block mask
