@@ -88,7 +88,8 @@ def test_deterministic_is_served_and_routed(on_sm90):
         "causal d128": (on_sm90(d=128, causal=True), ("flash_bwd_sm90_f16_d128_tma2_nodq",
                                                       "flash_bwd_sm90_dq_f16_d128")),
         "window d64": (on_sm90(window=(30, 0), causal=True),
-                       ("flash_bwd_sm90_f16_d64_win_nodq", "flash_bwd_dq_f16_d64_w4_n64_plain")),
+                       ("flash_bwd_sm90_f16_d64_tma_win_nodq",
+                        "flash_bwd_dq_f16_d64_w4_n64_plain")),
         "softcap d64": (on_sm90(softcap=5.0), ("flash_bwd_sm90_f16_d64_mods_nodq",
                                                "flash_bwd_dq_f16_d64_w4_n64_mods")),
         "block mask d128": (on_sm90(d=128, block_mask=BlockMask.causal(200, 300,
@@ -153,17 +154,23 @@ def test_tma_window_twins(on_sm90, monkeypatch):
     instances.SM90_BWD_WIN_TMA_ON is on, at D = 128 too); their dK/dV-only twins exist; the
     launcher counts a twin's buffers as its TMA entry's."""
     win = on_sm90(window=(8, 8))
+    wide = on_sm90(d=128, window=(8, 8))
+    monkeypatch.setattr(instances, "SM90_BWD_WIN_TMA_ON", False)
     assert k90b.check_config(win, None) is None  # the switch off: the cp.async "win" entry
     assert k90b.kernel_names(win)[1] == "flash_bwd_sm90_f16_d64_win"
     assert k90b.kernel_names(win, config="tma")[1] == "flash_bwd_sm90_f16_d64_tma_win"
     assert k90b.kernel_names(win, True, "tma2")[1:] == (
         "flash_bwd_sm90_f16_d64_tma2_win_nodq", "flash_bwd_dq_f16_d64_w4_n64_plain")
-    wide = on_sm90(d=128, window=(8, 8))
     assert k90b.supports(wide, {}) is not None  # D = 128 windows: cupy.sm80 while off
     monkeypatch.setattr(instances, "SM90_BWD_WIN_TMA_ON", True)
     assert k90b.supports(wide, {}) is None
+    assert k90b.check_config(win, None) == "tma"
     assert k90b.check_config(wide, None) == "tma2"
     assert k90b.kernel_names(wide)[1] == "flash_bwd_sm90_f16_d128_tma2_win"
+    assert k90b.kernel_names(win, True)[1] == "flash_bwd_sm90_f16_d64_tma_win_nodq"
+    shipped = {i.name for i in instances.shipped()}
+    for name in ("flash_bwd_sm90_bf16_d64_tma_win", "flash_bwd_sm90_f16_d128_tma2_win_nodq"):
+        assert name in shipped, name
     experimental = {i.name for i in instances.experimental()}
     for name in ("flash_bwd_sm90_bf16_d128_tma_win", "flash_bwd_sm90_f16_d64_tma2_win_nodq"):
         assert name in experimental, name

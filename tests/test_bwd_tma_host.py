@@ -84,10 +84,14 @@ def test_check_config():
         k90b.check_config(soft, "tma")
     assert k90b.check_config(soft, None) is None  # the score-mod entries have no TMA twin
     win = validate_attention(x, x, x, window=(8, 8))
-    assert k90b.check_config(win, "tma") == "tma"  # its window twin, on request
-    assert k90b.check_config(win, None) is None  # the cp.async window entry by default
+    assert k90b.check_config(win, "tma2") == "tma2"  # its window twin, on request
+    assert k90b.check_config(win, None) == ("tma" if instances.SM90_BWD_WIN_TMA_ON else None)
+    assert k90b.check_config(win, "plain") is None  # the cp.async window entry
+    assert k90b.check_config(win, "plain", deterministic=True) is None  # it has a nodq twin
+    wide = validate_attention(*(np.zeros((1, 2, 64, 128), dtype=np.float16),) * 3,
+                              window=(8, 8))
     with pytest.raises(ValueError, match="config='plain': this problem needs the 'win'"):
-        k90b.check_config(win, "plain")
+        k90b.check_config(wide, "plain")  # no cp.async window entry at D = 128
 
 
 @pytest.mark.slow

@@ -237,7 +237,11 @@ def test_sm90_backward_refusals_name_their_reason(monkeypatch):
     for score in served:
         assert why(**score) is None, score
         assert why(opts={"deterministic": True}, **score) is None, score
+    # D = 128 windows: the TMA window twin while SM90_BWD_WIN_TMA_ON, else cupy.sm80.
+    assert why(d=128, dv=128, window=(2, 3), causal=True) is None
+    monkeypatch.setattr(instances, "SM90_BWD_WIN_TMA_ON", False)
     assert "measured slower" in why(d=128, dv=128, window=(2, 3), causal=True)
+    monkeypatch.setattr(instances, "SM90_BWD_WIN_TMA_ON", True)
     for score in served[4:]:
         reason = why(d=128, dv=128, **score)
         assert reason is not None and "D = [64]" in reason and "cupy.sm80" in reason, score

@@ -194,10 +194,11 @@ def test_mode75_instances():
     assert {c for c in instances.SM90_SHIPPED if c[3] == 75} == {(64, 64, 3, 75),
                                                                 (128, 128, 2, 75),
                                                                 (192, 64, 2, 75),
-                                                                (256, 64, 2, 75),
-                                                                (64, 64, 1, 75),
-                                                                (64, 128, 1, 75),
-                                                                (128, 64, 1, 75)}
+                                                                (256, 64, 2, 75)}
+    # The one-consumer entries of SM90_SHORT: mode 203 (Q by the copy engine too).
+    assert {c for c in instances.SM90_SHIPPED if c[3] == 203} == {(64, 64, 1, 203),
+                                                                 (64, 128, 1, 203),
+                                                                 (128, 64, 1, 203)}
     assert all(c[2] == 75 for c in instances.SM90.values())
     for tn in ("f16", "bf16"):
         i = instances.sm90(tn, 128, (128, 2, 75))
@@ -207,8 +208,7 @@ def test_mode75_instances():
     names = {i.name for i in instances.shipped()}
     assert {n for n in names if n.endswith("_o75")} == {
         f"flash_fwd_sm90_{tn}_d{d}_n{n}_g{g}_o75" for tn in ("f16", "bf16")
-        for d, n, g in ((64, 64, 3), (128, 128, 2), (192, 64, 2), (256, 64, 2), (64, 64, 1),
-                        (64, 128, 1), (128, 64, 1))}
+        for d, n, g in ((64, 64, 3), (128, 128, 2), (192, 64, 2), (256, 64, 2))}
     for d, cfg in ((64, (64, 3, 75)), (128, (128, 2, 75))):
         base = (cfg[0], cfg[1], 11)
         assert flash_sm90.smem_bytes(d, cfg) == flash_sm90.smem_bytes(d, base)
@@ -287,14 +287,14 @@ def test_short_span_rule(monkeypatch):
         return validate_attention(x, x, x, **score)
 
     cases = {  # (S, D, options) -> config with the switch on
-        (65536, 64, (("window", (256, 256)),)): (64, 1, 75),
-        (1024, 64, (("causal", True),)): (128, 1, 75),
-        (1024, 64, ()): (128, 1, 75),
+        (65536, 64, (("window", (256, 256)),)): (64, 1, 203),
+        (1024, 64, (("causal", True),)): (128, 1, 203),
+        (1024, 64, ()): (128, 1, 203),
         (4096, 64, (("causal", True),)): (64, 3, 75),
         (4096, 64, ()): (64, 3, 75),
-        (1024, 128, (("causal", True),)): (64, 1, 75),
+        (1024, 128, (("causal", True),)): (64, 1, 203),
         (1024, 128, ()): (128, 2, 75),
-        (4096, 128, (("causal", True), ("window", (300, None)))): (64, 1, 75),
+        (4096, 128, (("causal", True), ("window", (300, None)))): (64, 1, 203),
     }
     assert flash_sm90.mean_span(prob(1024, 64, causal=True)) == 512.5
     assert flash_sm90.mean_span(prob(2048, 64, window=(100, 20))) == 121

@@ -282,7 +282,8 @@ def check_config(prob, config, deterministic=False):
     cp.async entry: ``config`` None takes :data:`DEFAULT_CONFIG` for the plain entry's
     problems (and for a window's when :data:`instances.SM90_BWD_WIN_TMA_ON`: the TMA entries'
     ``_win`` twins; the score-mod and block-mask entries have no TMA twin), ``"plain"`` the
-    cp.async plain entry (which has no dK/dV-only twin: not with ``deterministic``);
+    cp.async plain entry (which has no dK/dV-only twin: not with ``deterministic``) or, for a
+    window where it is built, the cp.async window entry;
     ValueError for anything else."""
     var = variant(prob)
     win_tma = var == "win" and _win_tma(prob.d)
@@ -291,6 +292,8 @@ def check_config(prob, config, deterministic=False):
             return DEFAULT_CONFIG.get(prob.d)
         return None
     if config == PLAIN:
+        if var == "win" and prob.d in instances.SM90_BWD_VARIANTS["win"][2]:
+            return None  # the cp.async window entry (and its dK/dV-only twin)
         if var is not None:
             raise ValueError(f"config='plain': this problem needs the {var!r} entry")
         if deterministic:

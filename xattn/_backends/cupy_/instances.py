@@ -147,7 +147,7 @@ SM90_WIDE_ON = True
 SM90_PAD_ON = True
 SM90_SHIPPED = ((64, 128, 2, 11), (64, 64, 3, 11), (128, 128, 2, 11), (64, 64, 3, 75),
                 (128, 128, 2, 75), (192, 64, 2, 75), (256, 64, 2, 75),
-                (64, 64, 1, 75), (64, 128, 1, 75), (128, 64, 1, 75))
+                (64, 64, 1, 203), (64, 128, 1, 203), (128, 64, 1, 203))
 # The score-modification entries (_mods: softcap, bias, ALiBi, bool mask; flex_attention's
 # score_mod) take the default configuration of their head dim. The block-sparse entries (_bm,
 # plain and with mods) need the thread block's query rows (64 per consumer warpgroup) to divide
@@ -181,11 +181,15 @@ SM90_EXPERIMENTAL = (
     (64, 128, 2, 3), (128, 64, 2, 3), (128, 128, 2, 3), (64, 64, 3, 3),
     (64, 128, 2, 27), (128, 128, 2, 27),
     (64, 128, 2, 75), (128, 64, 2, 75),
-    # Mode 75 with Q by the copy engine too (mode bit 7, 203): the one-consumer entries of
-    # SM90_SHORT and the defaults of D 64 / 128, to be timed against their mode-75 twins.
-    (64, 64, 1, 203), (64, 128, 1, 203), (128, 64, 1, 203), (64, 64, 3, 203),
-    (128, 128, 2, 203),
-    # And persistent (mode 235 = 203 + bit 5): two blocks an SM walking the tiles, one consumer.
+    # The one-consumer entries' mode-75 twins (SM90_SHORT's before mode 203 replaced them).
+    (64, 64, 1, 75), (64, 128, 1, 75), (128, 64, 1, 75),
+    # Mode 203 (Q by the copy engine too) on the defaults of D 64 / 128: within 2-4 % of
+    # mode 75 either way on an H100 (2026-12-06, tools/gpu_fwd_short.py --twins), not taken.
+    (64, 64, 3, 203), (128, 128, 2, 203),
+    # Persistent (mode 235 = 203 + bit 5): two blocks an SM walking the tiles, one consumer.
+    # Same run: +6 % over mode 203 on non-causal windows +-128 (D = 64) and +-256 (D = 128),
+    # -6 % at +-256 D = 64, -18 % on S = 1024 causal (round-robin tiles of unequal work): not
+    # taken.
     (64, 64, 1, 235), (64, 128, 1, 235), (128, 64, 1, 235),
 )
 # Short key spans: one consumer warpgroup (NWG = 1: two thread blocks an SM, so that one
@@ -199,11 +203,16 @@ SM90_EXPERIMENTAL = (
 # A second run (tools/gpu_fwd_short.py, same card) set the thresholds: windows +-128 / +-256 /
 # +-512 at D = 64 gain 32 / 19 / 6 %, +-256 at D = 128 9 %, +-512 there loses 2 %; S = 2048
 # causal (1024.5 mean keys) is a wash at D = 64 and loses at D = 128 (table in
-# docs/dev/perf_gpu.rst).
-SM90_SHORT = {64: (1100, (64, 1, 75), (128, 1, 75)), 128: (640, (64, 1, 75), (64, 1, 75))}
+# docs/dev/perf_gpu.rst). Since 2026-12-06 the mode-203 twins (Q by the copy engine too; the
+# same arithmetic, bit for bit): one H100 run of tools/gpu_fwd_short.py --twins gave D = 64
+# window +-256 at S = 65536 229.5 against mode 75's 222.2, +-128 156.1 / 149.0, +-512 277.6 /
+# 263.6, S = 1024 causal 238.4 / 236.0; D = 128 +-256 288.9 / 271.8, S = 1024 causal
+# 320.9 / 310.9 (+-512 342.0 / 349.4, outside the rule's 640).
+SM90_SHORT = {64: (1100, (64, 1, 203), (128, 1, 203)), 128: (640, (64, 1, 203), (64, 1, 203))}
 # THE SWITCH of that rule (flash_sm90.launch_config): on since the one-consumer instances
 # passed the GPU tests (tests/gpu/test_gpu_flash_sm90.py, every built configuration) and
-# compute-sanitizer memcheck / racecheck (H100, 2026-12-05); they are in SM90_SHIPPED.
+# compute-sanitizer memcheck / racecheck (H100, 2026-12-05; the mode-203 ones 2026-12-06);
+# they are in SM90_SHIPPED.
 SM90_SHORT_ON = True
 
 # D=256 with 80-key tiles (flash_fwd_sm90_ws_kv, 2 + 2 stages of 40 KiB: 225 KiB with Q, as
@@ -449,10 +458,13 @@ SM90_BWD_TMA_DEFAULT = {64: "tma", 128: "tma2"}
 # Their sliding-window twins (``<config>_win``: the TMA entries with the window sides as two
 # more arguments; flash_bwd_sm90.backward(..., config="tma" | "tma2") on a window request),
 # built at these head dims. THE SWITCH: on, window requests take them by default
-# (SM90_BWD_TMA_DEFAULT's config) instead of the cp.async "win" entry. Off: written on
-# 2026-12-05 without a device (compile-clean, no spills), not yet run on a GPU.
+# (SM90_BWD_TMA_DEFAULT's config; shipped, the other config's twins built on request) instead
+# of the cp.async "win" entry. On since an H100 run (2026-12-06): their GPU tests passed
+# (tests/gpu/test_gpu_sm90_bwd.py -k tma_window), and on issue 11's window row (fp16 S = 65536
+# +-256 D = 64 H = 16, useful TFLOP/s, tools/gpu_bwdtma_bench.py --window) "tma" ran at 143.4
+# against the default route's 121.8; D = 128 S = 16384 +-256 "tma2" 183.9 against 124.9.
 SM90_BWD_TMA_WIN_DIMS = (64, 128)
-SM90_BWD_WIN_TMA_ON = False
+SM90_BWD_WIN_TMA_ON = True
 # deterministic=True on the Hopper backward: dK and dV by the _nodq twin of the entry the
 # request would take (no dS K, no dq_accum), dq by flash_bwd.cu's deterministic dq kernel
 # (one CTA per query block walking its key blocks in order: bitwise reproducible). Shipped:
@@ -551,6 +563,8 @@ def shipped() -> list:
             for d in dims for tn in TYPES]
     out += [bwd_sm90(tn, d, var, dq=False) for d, var in SM90_BWD_TMA_DEFAULT.items()
             for tn in TYPES]
+    out += [bwd_sm90(tn, d, f"{var}_win", dq=dq) for d, var in _bwd_win_tma(True)
+            for tn in TYPES for dq in (True, False)]
     out += [bwd_sm90(tn, d, var, dq=False) for var, (*_, dims) in SM90_BWD_VARIANTS.items()
             for d in dims for tn in TYPES]
     out += [bwd_sm90_dq(tn, d) for d in SM90_BWD_HEAD_DIMS for tn in TYPES]
@@ -577,5 +591,13 @@ def experimental() -> list:
              for tn in TYPES]
             + _sm90_options(not SM90_MODS_ON_TMA)
             + [tf32x3_sm90(d, bn, True) for d, bn in TF32X3_SM90_OV_EXPERIMENTAL]
-            + [bwd_sm90(tn, d, f"{var}_win", dq=dq) for var in SM90_BWD_TMA
-               for d in SM90_BWD_TMA_WIN_DIMS for tn in TYPES for dq in (True, False)])
+            + [bwd_sm90(tn, d, f"{var}_win", dq=dq) for d, var in _bwd_win_tma(False)
+               for tn in TYPES for dq in (True, False)])
+
+
+def _bwd_win_tma(shipped_ones) -> list:
+    """(head dim, TMA config) of the backward's window twins that are shipped (the default
+    config of each head dim while SM90_BWD_WIN_TMA_ON) or, with ``shipped_ones`` False, the
+    rest."""
+    return [(d, var) for d in SM90_BWD_TMA_WIN_DIMS for var in SM90_BWD_TMA
+            if (SM90_BWD_WIN_TMA_ON and var == SM90_BWD_TMA_DEFAULT.get(d)) == shipped_ones]
