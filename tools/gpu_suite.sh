@@ -45,7 +45,7 @@ TIMEOUT=""
 if $PY -c "import pytest_timeout" 2>/dev/null; then TIMEOUT="--timeout 150"; fi
 echo "== suite: pytest -m gpu tests (log: $LOG/pytest.log)"
 # shellcheck disable=SC2086  # FILES is a list of paths
-timeout 400 $PY -m pytest -m gpu $FILES -q -p no:cacheprovider -p pytest_failures_now $XDIST \
+timeout "${SUITE_CAP:-400}" $PY -m pytest -m gpu $FILES -q -p no:cacheprovider -p pytest_failures_now $XDIST \
     $TIMEOUT -rs --tb=short --durations=25 > "$LOG/pytest.log" 2>&1
 RC=$?
 grep -E "^(FAILED|ERROR)" "$LOG/pytest.log" | cut -c1-300 | head -30
@@ -54,5 +54,5 @@ grep "^== " "$XATTN_FAILS_FILE" | head -30
 cut -c1-400 "$XATTN_FAILS_FILE" | head -60
 sed -n '/slowest/,/^$/p' "$LOG/pytest.log" | head -30
 tail -n 3 "$LOG/pytest.log"
-echo "suite part $PART rc=$RC (124 = cut at 400 s; 5 = no tests collected)"
+echo "suite part $PART rc=$RC (124 = cut at ${SUITE_CAP:-400} s; 5 = no tests collected)"
 exit $RC
