@@ -227,7 +227,7 @@ def test_auto_picks_the_backward_kernel():
 
 
 def test_backward_refusals_raise_when_forced_and_fall_back_on_auto(monkeypatch):
-    monkeypatch.setenv("XATTN_DISABLE", "cupy.simt")
+    monkeypatch.setenv("XATTN_DISABLE", "cupy.simt,cupy.tf32x3")  # no float32 cupy backward
     rng = np.random.default_rng(10)
     q, k, v = _inputs(rng, "float32", sq=33, sk=47, d=32)
     out, lse = xattn.flash_attention(q, k, v, return_lse=True)

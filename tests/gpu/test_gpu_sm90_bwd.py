@@ -28,6 +28,7 @@ import xattn
 from xattn import _backends
 from xattn._array import validate_attention
 from xattn._backends.cupy_ import flash_bwd_sm90 as k90b
+from xattn._backends.cupy_ import instances
 from xattn.testing import naive_attention_backward, reference_attention_backward
 
 cp = pytest.importorskip("cupy")
@@ -311,13 +312,13 @@ def test_auto_routes_options_to_the_sm90_backward_and_refuses_the_rest():
             q, k, v, block_mask=xattn.BlockMask.causal(200, 300, block_size=(64, 128)),
             alibi_slopes=cp.asarray(xattn.alibi_slopes(4), dtype=cp.float32)),
     }
+    if instances.SM90_BWD_WIN_TMA_ON:  # the TMA window twins serve D = 128 windows too
+        served["window d=128"] = validate_attention(q2, k2, v2, window=(30, 5), causal=True)
     for case, prob in served.items():
         got = _backends.explain(prob, {}, "auto", op="backward")
         assert got["backend"] == ENTRY, (case, got)
     refused = {
         "softcap d=128": (validate_attention(q2, k2, v2, softcap=5.0), "D = [64]"),
-        "window d=128": (validate_attention(q2, k2, v2, window=(30, 5), causal=True),
-                         "measured slower"),
         "block mask 64": (validate_attention(
             q, k, v, block_mask=xattn.BlockMask.causal(200, 300, block_size=64)), "block size"),
     }
@@ -425,9 +426,12 @@ def test_tma_backward_refusals():
     prob = validate_attention(q, k, v, extra=extra, softcap=5.0)
     with pytest.raises(ValueError, match="config='tma': the TMA entries are the plain"):
         k90b.backward(prob, out, q, k, v, out, lse, config="tma")
-    prob = validate_attention(q, k, v, extra=extra, window=(16, 16))
+    q2, k2, v2 = _inputs(rng, "float16", sq=64, sk=64, d=128)
+    out2, lse2 = xattn.flash_attention(q2, k2, v2, return_lse=True)
+    extra2 = (("dout", out2), ("out", out2), ("lse", lse2))
+    prob = validate_attention(q2, k2, v2, extra=extra2, window=(16, 16))
     with pytest.raises(ValueError, match="config='plain': this problem needs the 'win' entry"):
-        k90b.backward(prob, out, q, k, v, out, lse, config="plain")
+        k90b.backward(prob, out2, q2, k2, v2, out2, lse2, config="plain")  # none at D = 128
     prob = validate_attention(q, k, v, extra=extra)
     with pytest.raises(ValueError, match="config: one of"):
         k90b.backward(prob, out, q, k, v, out, lse, config="tma3")

@@ -41,8 +41,9 @@ __all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "DECODE", "DECODE_EXTRA",
            "SWITCHES",
            "SM90_WIDE_EXPERIMENTAL", "SM90_WIDE_ON",
            "TF32",
-           "TF32X3", "TF32X3_SM90", "TF32X3_SM90_ON", "TF32X3_SM90_OV_EXPERIMENTAL",
-           "bwd", "bwd_aux", "bwd_dq", "bwd_simt", "bwd_sm90", "bwd_sm90_dq",
+           "TF32X3", "TF32X3_BWD", "TF32X3_BWD_EXTRA", "TF32X3_BWD_LARGE_SMEM", "TF32X3_BWD_ON",
+           "TF32X3_SM90", "TF32X3_SM90_ON", "TF32X3_SM90_OV_EXPERIMENTAL",
+           "bwd", "bwd_aux", "bwd_dq", "bwd_simt", "bwd_sm90", "bwd_sm90_dq", "bwd_tf32x3",
            "decode",
            "experimental", "fwd", "fwd_simt", "shipped", "switches", "sm90", "tf32",
            "tf32_bm", "tf32x3_sm90"]
@@ -106,6 +107,36 @@ TF32_EXTRA = {64: (((4, 2, 32), False), ((8, 1, 64), True)),
 TF32X3 = {32: (4, 1, 32), 64: (4, 1, 32), 96: (4, 1, 16), 128: (8, 1, 16), 256: (4, 1, 8)}
 # Candidates timed beside the default by benchmarks/gpu_flash.py (tf32x3 rows): plain + mods.
 TF32X3_EXTRA = {64: ((8, 1, 32), (8, 1, 16), (4, 2, 16)), 128: ((4, 1, 32),)}
+
+# The 3xTF32 float32 backward (flash_bwd_tf32x3.cu, the cupy.tf32x3 entry's backward): per head
+# dim (dK/dV columns per CTA, warps, query rows per step); 16 keys per warp. K, V, Q and dO rows
+# hold hi and lo (2 D + 16 floats), so shared memory sets the tiles: D = 64 (64, 4, 16) 99 KiB
+# (two blocks of 4 warps on an H100 / H200, one on an A100); D = 128 splits the columns over
+# two CTAs (both recompute S^T and dP^T: with all 128 columns the dK/dV accumulators spilled,
+# 255 registers) and takes 2 warps (107 KiB, fits an A100's 163 KiB). ptxas 13.0 (sm_80 /
+# sm_90a): D = 64 184 / 182 registers (mods 210 / 182), D = 128 236 / 244 (mods 242 / 244), no
+# spills. First run on an H100 80GB HBM3 (2026-12-06, tools/gpu_tf32x3bwd_bench.py, fp32
+# S = 4096, B*S = 16384, Hq*D = 2048, TFLOP/s, torch's float32 backward in the same process):
+# D = 64 (64, 4, 16) 32.6 / causal 30.7, (64, 4, 32) 27.7 / 26.6, cupy.simt 13.4 / 13.2, torch
+# 34.9 / 32.8; D = 128 (64, 2, 16) 13.7 / 12.7, (64, 4, 16) 15.3 / 15.0, cupy.simt 12.5 / 12.3,
+# torch 35.6 / 34.8; max relative error against float64 1e-6 - 2.4e-6 (cupy.simt 1.1e-6 -
+# 2.6e-6).
+TF32X3_BWD = {64: (64, 4, 16), 128: (64, 2, 16)}
+# Candidates for timing (config=...): more query rows per step at D = 64 (125 KiB, 234 / 248
+# registers), 4 warps at D = 128 (179 KiB: Hopper only; 220 / 228 registers).
+TF32X3_BWD_EXTRA = {64: ((64, 4, 32),), 128: ((64, 4, 16),)}
+# Taken instead of the default where the device's opt-in shared memory per block holds it
+# (Hopper: 227 KiB; an A100's 163 KiB does not): D = 128 with 4 warps, +12-18 % above.
+TF32X3_BWD_LARGE_SMEM = {128: (64, 4, 16)}
+# THE SWITCH of that backward: on, float32 gradients take it (auto's order puts cupy.tf32x3
+# before cupy.simt); off, cupy.tf32x3.supports refuses op="backward" (the reason names this
+# switch), float32 gradients stay on cupy.simt and flash_tf32x3.backward called directly runs
+# it. While off, its instances are experimental (built on request and by tools/check_kernels.py
+# --experimental) but for the D = 64 default plain entry, which CI compiles; all are shipped when
+# on. On since the H100 run above: its GPU tests (tests/gpu/test_gpu_flash_bwd_tf32x3.py, 50
+# cases: D 64 / 128, causal, window, GQA, score mods, ragged lengths, rows without keys, every
+# built configuration) passed and compute-sanitizer memcheck / racecheck were clean.
+TF32X3_BWD_ON = True
 
 # 3xTF32 on Hopper's wgmma (flash_fwd_tf32x3_sm90.cu, the cupy.tf32x3_sm90 entry): head dim ->
 # keys per block. One shape: a producer warpgroup that splits K and V (V transposed) into
@@ -359,6 +390,28 @@ def tf32x3_sm90(d, bn, overlap=False) -> Instance:
                     (f"flash_fwd_tf32x3_sm90_d{d}_n{bn}{sfx}",), arch="sm_90a")
 
 
+def bwd_tf32x3(d, cfg, mods) -> Instance:
+    """The 3xTF32 float32 backward (``flash_bwd_tf32x3.cu``) of one head dim,
+    ``(dK/dV columns per CTA, warps, query rows per step)`` and variant."""
+    dc, nw, bm = cfg
+    mn = "mods" if mods else "plain"
+    params = (("XATTN_BWDX3_D", d), ("XATTN_BWDX3_DC", dc), ("XATTN_BWDX3_NW", nw),
+              ("XATTN_BWDX3_BM", bm), ("XATTN_BWDX3_MN", mn), ("XATTN_BWDX3_MODS", _b(mods)))
+    return Instance("flash_bwd_tf32x3.cu", "XATTN_BWDX3_ONE", params,
+                    (f"flash_bwd_tf32x3_d{d}_c{dc}_w{nw}_m{bm}_{mn}",))
+
+
+def _bwd_tf32x3_all() -> list:
+    """Every instance of the 3xTF32 backward: defaults and timing candidates, both variants."""
+    return [bwd_tf32x3(d, cfg, mods) for d, c in TF32X3_BWD.items()
+            for cfg in (c, *TF32X3_BWD_EXTRA.get(d, ())) for mods in (False, True)]
+
+
+# The one 3xTF32 backward entry CI compiles while TF32X3_BWD_ON is off: every kernel file has a
+# shipped instance (tests/test_kernel_sources.py), and the D = 64 default is the smallest.
+_BWD_TF32X3_CI = bwd_tf32x3(64, TF32X3_BWD[64], False)
+
+
 def sm90(tn, d, cfg, mods=False, sparse=False) -> Instance:
     """The Hopper forward of one dtype, head dim and ``(keys per block, warpgroups, mode)``;
     ``mods`` / ``sparse``: the entry with score modifications / the block mask's walk (modes
@@ -485,7 +538,8 @@ SM90_BWD_DETERMINISTIC_ON = True
 
 # Every switch above that the kernel table's choice reads (flash_attention keeps its choice per
 # call signature, xattn/flash.py: the switches' values are part of the signature).
-SWITCHES = ("TF32X3_SM90_ON", "SM90_WIDE_ON", "SM90_PAD_ON", "SM90_MODS_ON_TMA", "SM90_SHORT_ON",
+SWITCHES = ("TF32X3_SM90_ON", "TF32X3_BWD_ON", "SM90_WIDE_ON", "SM90_PAD_ON", "SM90_MODS_ON_TMA",
+            "SM90_SHORT_ON",
             "SM90_BWD_DQ_WGMMA", "SM90_BWD_DETERMINISTIC_ON", "SM90_BWD_WIN_TMA_ON")
 
 
@@ -569,6 +623,7 @@ def shipped() -> list:
             for d in dims for tn in TYPES]
     out += [bwd_sm90_dq(tn, d) for d in SM90_BWD_HEAD_DIMS for tn in TYPES]
     out += [tf32x3_sm90(d, bn) for d, bn in TF32X3_SM90.items()]
+    out += [i for i in _bwd_tf32x3_all() if TF32X3_BWD_ON or i == _BWD_TF32X3_CI]
     return out
 
 
@@ -592,7 +647,8 @@ def experimental() -> list:
             + _sm90_options(not SM90_MODS_ON_TMA)
             + [tf32x3_sm90(d, bn, True) for d, bn in TF32X3_SM90_OV_EXPERIMENTAL]
             + [bwd_sm90(tn, d, f"{var}_win", dq=dq) for d, var in _bwd_win_tma(False)
-               for tn in TYPES for dq in (True, False)])
+               for tn in TYPES for dq in (True, False)]
+            + [i for i in _bwd_tf32x3_all() if not TF32X3_BWD_ON and i != _BWD_TF32X3_CI])
 
 
 def _bwd_win_tma(shipped_ones) -> list:
