@@ -64,6 +64,7 @@
 
 #include "masking.cuh"
 #include "mma_sm80.cuh"
+#include "tf32.cuh"
 
 #ifndef XATTN_BWDX3_KC_UNROLL
 #define XATTN_BWDX3_KC_UNROLL 1
@@ -92,36 +93,6 @@ struct Args : ScoreMods {
     int hq, group, sq, sk;
     float scale;
 };
-
-__device__ __forceinline__ unsigned tf32(float x) {
-    unsigned r;
-    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
-    return r;
-}
-
-// x = hi + lo, both TF32; lo = 0 where hi == x (keeps +-inf, see the header).
-__device__ __forceinline__ void split(float x, unsigned& hi, unsigned& lo) {
-    hi = tf32(x);
-    const float h = __uint_as_float(hi);
-    lo = h == x ? 0u : tf32(x - h);
-}
-
-__device__ __forceinline__ void mma(float (&c)[4], unsigned a0, unsigned a1, unsigned a2,
-                                    unsigned a3, unsigned b0, unsigned b1) {
-    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, "
-        "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// C += Alo Bhi + Ahi Blo + Ahi Bhi (the small terms first) for A fragments in register order.
-__device__ __forceinline__ void mma3(float (&c)[4], const unsigned (&ah)[4],
-                                     const unsigned (&al)[4], unsigned bh0, unsigned bh1,
-                                     unsigned bl0, unsigned bl1) {
-    mma(c, al[0], al[1], al[2], al[3], bh0, bh1);
-    mma(c, ah[0], ah[1], ah[2], ah[3], bl0, bl1);
-    mma(c, ah[0], ah[1], ah[2], ah[3], bh0, bh1);
-}
 
 // The XOR swizzle of the 16-byte chunks of tile row r (see the header): 0, 8, 16 or 24 floats.
 __device__ __forceinline__ int swz(int r) { return ((r >> 1) & 3) << 3; }
@@ -179,10 +150,10 @@ __device__ __forceinline__ void split_tile_sw(float* s, int tid) {
         float* p = s + r * LD + ((c * 4) ^ swz(r));
         const float4 x = *reinterpret_cast<const float4*>(p);
         uint4 hi, lo;
-        split(x.x, hi.x, lo.x);
-        split(x.y, hi.y, lo.y);
-        split(x.z, hi.z, lo.z);
-        split(x.w, hi.w, lo.w);
+        split_tf32(x.x, hi.x, lo.x);
+        split_tf32(x.y, hi.y, lo.y);
+        split_tf32(x.z, hi.z, lo.z);
+        split_tf32(x.w, hi.w, lo.w);
         *reinterpret_cast<uint4*>(p) = hi;
         *reinterpret_cast<uint4*>(p + D) = lo;
     }
@@ -211,12 +182,12 @@ __device__ __forceinline__ void x3_products(float (&c)[NS][4], float (&cs)[NS][4
             const int bc = (kc * 16 + t4 * 4) ^ swz(rb);
             const float4 bh = lds4(sb + rb * LD + bc), bl = lds4(sb + rb * LD + D + bc);
             // k-step 0: columns (4t, 4t+1) as k = (t, t+4); k-step 1: (4t+2, 4t+3).
-            mma(cs[n], u(al0.x), u(al1.x), u(al0.y), u(al1.y), u(bh.x), u(bh.y));
-            mma(cs[n], u(ah0.x), u(ah1.x), u(ah0.y), u(ah1.y), u(bl.x), u(bl.y));
-            mma(cs[n], u(al0.z), u(al1.z), u(al0.w), u(al1.w), u(bh.z), u(bh.w));
-            mma(cs[n], u(ah0.z), u(ah1.z), u(ah0.w), u(ah1.w), u(bl.z), u(bl.w));
-            mma(c[n], u(ah0.x), u(ah1.x), u(ah0.y), u(ah1.y), u(bh.x), u(bh.y));
-            mma(c[n], u(ah0.z), u(ah1.z), u(ah0.w), u(ah1.w), u(bh.z), u(bh.w));
+            mma_tf32(cs[n], u(al0.x), u(al1.x), u(al0.y), u(al1.y), u(bh.x), u(bh.y));
+            mma_tf32(cs[n], u(ah0.x), u(ah1.x), u(ah0.y), u(ah1.y), u(bl.x), u(bl.y));
+            mma_tf32(cs[n], u(al0.z), u(al1.z), u(al0.w), u(al1.w), u(bh.z), u(bh.w));
+            mma_tf32(cs[n], u(ah0.z), u(ah1.z), u(ah0.w), u(ah1.w), u(bl.z), u(bl.w));
+            mma_tf32(c[n], u(ah0.x), u(ah1.x), u(ah0.y), u(ah1.y), u(bh.x), u(bh.y));
+            mma_tf32(c[n], u(ah0.z), u(ah1.z), u(ah0.w), u(ah1.w), u(bh.z), u(bh.w));
         }
     }
 }
@@ -243,10 +214,10 @@ __device__ __forceinline__ void x3_accumulate(float (&acc)[DC / 8][4],
             const int col = (c0 + p * 32 + g * 4) ^ swz(r0);
             const float4 bh0 = lds4(sb + r0 * LD + col), bl0 = lds4(sb + r0 * LD + D + col);
             const float4 bh1 = lds4(sb + r1 * LD + col), bl1 = lds4(sb + r1 * LD + D + col);
-            mma3(tmp[0], ah[j], al[j], u(bh0.x), u(bh1.x), u(bl0.x), u(bl1.x));
-            mma3(tmp[1], ah[j], al[j], u(bh0.y), u(bh1.y), u(bl0.y), u(bl1.y));
-            mma3(tmp[2], ah[j], al[j], u(bh0.z), u(bh1.z), u(bl0.z), u(bl1.z));
-            mma3(tmp[3], ah[j], al[j], u(bh0.w), u(bh1.w), u(bl0.w), u(bl1.w));
+            mma3_tf32(tmp[0], ah[j], al[j], u(bh0.x), u(bh1.x), u(bl0.x), u(bl1.x));
+            mma3_tf32(tmp[1], ah[j], al[j], u(bh0.y), u(bh1.y), u(bl0.y), u(bl1.y));
+            mma3_tf32(tmp[2], ah[j], al[j], u(bh0.z), u(bh1.z), u(bl0.z), u(bl1.z));
+            mma3_tf32(tmp[3], ah[j], al[j], u(bh0.w), u(bh1.w), u(bl0.w), u(bl1.w));
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i)
@@ -371,8 +342,8 @@ __device__ __forceinline__ void core(const Args& a) {
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const int e = (i & 1) * 2 + (i >> 1);
-                split(p[e], ph[n][i], pl[n][i]);
-                split(ds[e], dh[n][i], dl[n][i]);
+                split_tf32(p[e], ph[n][i], pl[n][i]);
+                split_tf32(ds[e], dh[n][i], dl[n][i]);
             }
             // dS to shared memory for the dQ pass, query-major (hi, then lo BN floats on).
 #pragma unroll
@@ -421,10 +392,10 @@ __device__ __forceinline__ void core(const Args& a) {
                     const int col = (c0 + p * 32 + g * 4) ^ swz(r0);
                     const float4 kh0 = lds4(sK + r0 * LD + col), kl0 = lds4(sK + r0 * LD + D + col);
                     const float4 kh1 = lds4(sK + r1 * LD + col), kl1 = lds4(sK + r1 * LD + D + col);
-                    mma3(acc[0], ah, al, u(kh0.x), u(kh1.x), u(kl0.x), u(kl1.x));
-                    mma3(acc[1], ah, al, u(kh0.y), u(kh1.y), u(kl0.y), u(kl1.y));
-                    mma3(acc[2], ah, al, u(kh0.z), u(kh1.z), u(kl0.z), u(kl1.z));
-                    mma3(acc[3], ah, al, u(kh0.w), u(kh1.w), u(kl0.w), u(kl1.w));
+                    mma3_tf32(acc[0], ah, al, u(kh0.x), u(kh1.x), u(kl0.x), u(kl1.x));
+                    mma3_tf32(acc[1], ah, al, u(kh0.y), u(kh1.y), u(kl0.y), u(kl1.y));
+                    mma3_tf32(acc[2], ah, al, u(kh0.z), u(kh1.z), u(kl0.z), u(kl1.z));
+                    mma3_tf32(acc[3], ah, al, u(kh0.w), u(kh1.w), u(kl0.w), u(kl1.w));
                 }
                 // acc[i][e]: query g + 8 (e / 2), column c0 + 32p + 8t + 4 (e % 2) + i.
 #pragma unroll

@@ -79,6 +79,7 @@
 #include "blockmask.cuh"
 #endif
 #include "mma_sm80.cuh"
+#include "tf32.cuh"
 #include "mma_fwd_tile.cuh"
 #ifdef XATTN_USER_MODS
 // flex_attention's hook (xattn_user_score_at / _visible); only its builds see the header.
@@ -100,22 +101,6 @@
 #endif
 
 namespace xattn::tf32 {
-
-// float32 -> TF32 (the float32 bit pattern with the low 13 mantissa bits cleared), rounded to
-// nearest with ties away from zero, as the tensor core expects its .tf32 operands.
-__device__ __forceinline__ unsigned tf32(float x) {
-    unsigned r;
-    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
-    return r;
-}
-
-__device__ __forceinline__ void mma(float (&c)[4], unsigned a0, unsigned a1, unsigned a2,
-                                    unsigned a3, unsigned b0, unsigned b1) {
-    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, "
-        "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 
 struct Args : ScoreMods {
     const float* q;
@@ -150,19 +135,12 @@ __device__ __forceinline__ void round_tile(float* s, int tid) {
         const int r = i / CPR, c = i % CPR;
         float4* p = reinterpret_cast<float4*>(s + r * LD + c * 4);
         float4 x = *p;
-        x.x = __uint_as_float(tf32(x.x));
-        x.y = __uint_as_float(tf32(x.y));
-        x.z = __uint_as_float(tf32(x.z));
-        x.w = __uint_as_float(tf32(x.w));
+        x.x = __uint_as_float(to_tf32(x.x));
+        x.y = __uint_as_float(to_tf32(x.y));
+        x.z = __uint_as_float(to_tf32(x.z));
+        x.w = __uint_as_float(to_tf32(x.w));
         *p = x;
     }
-}
-
-// x = hi + lo for 3xTF32 (see the header): both TF32, lo = 0 where x is +-inf (or exact).
-__device__ __forceinline__ void split(float x, unsigned& hi, unsigned& lo) {
-    hi = tf32(x);
-    const float h = __uint_as_float(hi);
-    lo = h == x ? 0u : tf32(x - h);
 }
 
 // 3xTF32 split of the chunks of a tile that this thread's load_tile copied (row stride LD >=
@@ -179,10 +157,10 @@ __device__ __forceinline__ void split_tile(float* s, int tid) {
         float4* p = reinterpret_cast<float4*>(s + r * LD + c * 4);
         const float4 x = *p;
         uint4 hi, lo;
-        split(x.x, hi.x, lo.x);
-        split(x.y, hi.y, lo.y);
-        split(x.z, hi.z, lo.z);
-        split(x.w, hi.w, lo.w);
+        split_tf32(x.x, hi.x, lo.x);
+        split_tf32(x.y, hi.y, lo.y);
+        split_tf32(x.z, hi.z, lo.z);
+        split_tf32(x.w, hi.w, lo.w);
         *reinterpret_cast<uint4*>(p) = hi;
         *reinterpret_cast<uint4*>(p + D / 4) = lo;
     }
@@ -190,17 +168,10 @@ __device__ __forceinline__ void split_tile(float* s, int tid) {
 
 // The softmax weights rounded to TF32 (what the tensor core multiplies V by).
 struct Tf32Weight {
-    __device__ __forceinline__ float operator()(float p) const { return __uint_as_float(tf32(p)); }
+    __device__ __forceinline__ float operator()(float p) const {
+        return __uint_as_float(to_tf32(p));
+    }
 };
-
-// One 3xTF32 k-step: C += Alo Bhi + Ahi Blo + Ahi Bhi (the small terms first).
-__device__ __forceinline__ void mma3(float (&c)[4], const unsigned (&ah)[4],
-                                     const unsigned (&al)[4], unsigned bh0, unsigned bh1,
-                                     unsigned bl0, unsigned bl1) {
-    mma(c, al[0], al[1], al[2], al[3], bh0, bh1);
-    mma(c, ah[0], ah[1], ah[2], ah[3], bl0, bl1);
-    mma(c, ah[0], ah[1], ah[2], ah[3], bh0, bh1);
-}
 
 #ifdef XATTN_TF32_WALK
 template <int D, int NW, int MT, int BN, bool MODS, bool X3, bool SPARSE, class A>
@@ -288,15 +259,15 @@ __device__ __forceinline__ void flash_fwd_tf32_core(const Args& a) {
                         x = *reinterpret_cast<const float4*>(Qg + (long long)qi * D + c * 16 +
                                                              t4 * 4);
                     if constexpr (X3) {
-                        split(x.x, qf[mt][c][hr * 4 + 0], ql[mt][c][hr * 4 + 0]);
-                        split(x.y, qf[mt][c][hr * 4 + 1], ql[mt][c][hr * 4 + 1]);
-                        split(x.z, qf[mt][c][hr * 4 + 2], ql[mt][c][hr * 4 + 2]);
-                        split(x.w, qf[mt][c][hr * 4 + 3], ql[mt][c][hr * 4 + 3]);
+                        split_tf32(x.x, qf[mt][c][hr * 4 + 0], ql[mt][c][hr * 4 + 0]);
+                        split_tf32(x.y, qf[mt][c][hr * 4 + 1], ql[mt][c][hr * 4 + 1]);
+                        split_tf32(x.z, qf[mt][c][hr * 4 + 2], ql[mt][c][hr * 4 + 2]);
+                        split_tf32(x.w, qf[mt][c][hr * 4 + 3], ql[mt][c][hr * 4 + 3]);
                     } else {
-                        qf[mt][c][hr * 4 + 0] = tf32(x.x);
-                        qf[mt][c][hr * 4 + 1] = tf32(x.y);
-                        qf[mt][c][hr * 4 + 2] = tf32(x.z);
-                        qf[mt][c][hr * 4 + 3] = tf32(x.w);
+                        qf[mt][c][hr * 4 + 0] = to_tf32(x.x);
+                        qf[mt][c][hr * 4 + 1] = to_tf32(x.y);
+                        qf[mt][c][hr * 4 + 2] = to_tf32(x.z);
+                        qf[mt][c][hr * 4 + 3] = to_tf32(x.w);
                     }
                 }
             }
@@ -430,15 +401,15 @@ __device__ __forceinline__ void flash_fwd_tf32_core(const Args& a) {
                         const unsigned* h = af[mt];
                         const unsigned* l = al[X3 ? mt : 0];
                         float(&tt)[4] = st[X3 ? mt : 0][X3 ? n : 0];
-                        mma(tt, l[0], l[4], l[1], l[5], k0, k1);
-                        mma(tt, h[0], h[4], h[1], h[5], kl.x, kl.y);
-                        mma(tt, l[2], l[6], l[3], l[7], k2, k3);
-                        mma(tt, h[2], h[6], h[3], h[7], kl.z, kl.w);
-                        mma(s[mt][n], h[0], h[4], h[1], h[5], k0, k1);
-                        mma(s[mt][n], h[2], h[6], h[3], h[7], k2, k3);
+                        mma_tf32(tt, l[0], l[4], l[1], l[5], k0, k1);
+                        mma_tf32(tt, h[0], h[4], h[1], h[5], kl.x, kl.y);
+                        mma_tf32(tt, l[2], l[6], l[3], l[7], k2, k3);
+                        mma_tf32(tt, h[2], h[6], h[3], h[7], kl.z, kl.w);
+                        mma_tf32(s[mt][n], h[0], h[4], h[1], h[5], k0, k1);
+                        mma_tf32(s[mt][n], h[2], h[6], h[3], h[7], k2, k3);
                     } else {
-                        mma(s[mt][n], af[mt][0], af[mt][4], af[mt][1], af[mt][5], k0, k1);
-                        mma(s[mt][n], af[mt][2], af[mt][6], af[mt][3], af[mt][7], k2, k3);
+                        mma_tf32(s[mt][n], af[mt][0], af[mt][4], af[mt][1], af[mt][5], k0, k1);
+                        mma_tf32(s[mt][n], af[mt][2], af[mt][6], af[mt][3], af[mt][7], k2, k3);
                     }
                 }
             }
@@ -504,8 +475,8 @@ __device__ __forceinline__ void flash_fwd_tf32_core(const Args& a) {
 #pragma unroll
                     for (int i = 0; i < 4; ++i) {
                         const float p = s[mt][j][(i & 1) * 2 + (i >> 1)];
-                        ph[mt][j][i] = tf32(p);
-                        pl[mt][j][i] = tf32(p - __uint_as_float(ph[mt][j][i]));
+                        ph[mt][j][i] = to_tf32(p);
+                        pl[mt][j][i] = to_tf32(p - __uint_as_float(ph[mt][j][i]));
                     }
 #pragma unroll
             for (int dn = 0; dn < ND; ++dn) {
@@ -521,7 +492,7 @@ __device__ __forceinline__ void flash_fwd_tf32_core(const Args& a) {
                     const unsigned c1 = __float_as_uint(v0[LDV + D]);
 #pragma unroll
                     for (int mt = 0; mt < MT; ++mt)
-                        mma3(ob[mt], ph[mt][j], pl[mt][j], b0, b1, c0, c1);
+                        mma3_tf32(ob[mt], ph[mt][j], pl[mt][j], b0, b1, c0, c1);
                 }
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt)
@@ -538,7 +509,7 @@ __device__ __forceinline__ void flash_fwd_tf32_core(const Args& a) {
                     const unsigned b1 = __float_as_uint(v0[LDV + dn * 8]);
 #pragma unroll
                     for (int mt = 0; mt < MT; ++mt)
-                        mma(acc[mt][dn], __float_as_uint(s[mt][j][0]),
+                        mma_tf32(acc[mt][dn], __float_as_uint(s[mt][j][0]),
                             __float_as_uint(s[mt][j][2]), __float_as_uint(s[mt][j][1]),
                             __float_as_uint(s[mt][j][3]), b0, b1);
                 }

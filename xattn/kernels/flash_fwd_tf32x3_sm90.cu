@@ -79,6 +79,7 @@
 
 #define XATTN90_NO_ENTRIES 1
 #include "flash_fwd_sm90.cu"
+#include "tf32.cuh"
 
 namespace xattn::sm90x3 {
 
@@ -87,21 +88,6 @@ using namespace xattn::sm90;
 struct Args : FwdOperands<float> {
     int causal, wl, wr;  // window sides, -1 = unbounded
 };
-
-// float32 -> TF32 (the float32 bit pattern with the low 13 mantissa bits cleared), rounded to
-// nearest with ties away from zero, as the tensor core expects its .tf32 operands.
-__device__ __forceinline__ unsigned tf32(float x) {
-    unsigned r;
-    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
-    return r;
-}
-
-// x = hi + lo, both TF32; lo = 0 where hi == x (exact, or +-inf: inf - inf would be NaN).
-__device__ __forceinline__ void split(float x, unsigned& hi, unsigned& lo) {
-    hi = tf32(x);
-    const float h = __uint_as_float(hi);
-    lo = h == x ? 0u : tf32(x - h);
-}
 
 __device__ __forceinline__ void st_shared4(unsigned addr, uint4 v) {
     asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y),
@@ -120,10 +106,10 @@ __device__ __forceinline__ unsigned sw_off(int r, int c) {
 __device__ __forceinline__ void store_split(unsigned hi_tile, unsigned lo_tile, unsigned off,
                                             float4 x) {
     uint4 h, l;
-    split(x.x, h.x, l.x);
-    split(x.y, h.y, l.y);
-    split(x.z, h.z, l.z);
-    split(x.w, h.w, l.w);
+    split_tf32(x.x, h.x, l.x);
+    split_tf32(x.y, h.y, l.y);
+    split_tf32(x.z, h.z, l.z);
+    split_tf32(x.w, h.w, l.w);
     st_shared4(hi_tile + off, h);
     st_shared4(lo_tile + off, l);
 }
@@ -387,8 +373,8 @@ __device__ __forceinline__ void flash_fwd_tf32x3_sm90(const Args& a) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const float p = s[j * 4 + (e & 1) * 2 + (e >> 1)];
-                ph[j][e] = tf32(p);
-                pl[j][e] = tf32(p - __uint_as_float(ph[j][e]));
+                ph[j][e] = to_tf32(p);
+                pl[j][e] = to_tf32(p - __uint_as_float(ph[j][e]));
             }
     };
     // ob = P V of the i-th tile from zero (the scale-d 0 of its first wgmma), issued.
