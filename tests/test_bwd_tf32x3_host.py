@@ -28,7 +28,7 @@ def gpu_prob(monkeypatch):
     """``prob(...)``: a problem on a stand-in CuPy device of compute capability 8.0 with an
     A100's opt-in shared memory."""
     monkeypatch.setattr(_params, "compute_capability", lambda: 80)
-    monkeypatch.setattr(x3b, "device_smem", lambda default: A100_SMEM)
+    monkeypatch.setattr(_params, "max_smem_per_block", lambda: A100_SMEM)
     gpu = SimpleNamespace(__name__="cupy")
 
     def prob(dtype=np.float32, d=64, dv=None, sq=200, sk=300, hq=2, hkv=2, block_mask=None,
@@ -140,7 +140,7 @@ def test_refuses_old_cards_small_smem_and_numpy(gpu_prob, monkeypatch):
     monkeypatch.setattr(_params, "compute_capability", lambda: 75)
     assert "compute capability 75" in flash_tf32x3.supports(gpu_prob(), {}, "backward")
     monkeypatch.setattr(_params, "compute_capability", lambda: 86)
-    monkeypatch.setattr(x3b, "device_smem", lambda default: 99 * 1024)
+    monkeypatch.setattr(_params, "max_smem_per_block", lambda: 99 * 1024)
     why = flash_tf32x3.supports(gpu_prob(d=128), {}, "backward")
     assert "needs 109184 bytes of shared memory" in why
     q = np.zeros((2, 8, 64), np.float32)

@@ -142,8 +142,8 @@ def test_float32_reason_compares_the_kernels_shared_memory(monkeypatch, allow_tf
                                  dtype=np.dtype(np.float32), d=128, dv=128, heads_axis=False,
                                  batch=(), hq=1, sq=64, sk=64)
     need = flex_tc.kernel_choice(prob, True, True, allow_tf32)[-1]
-    monkeypatch.setattr(flash_tf32, "_max_smem", lambda dev, default: need)
+    monkeypatch.setattr(_params, "max_smem_per_block", lambda: need)
     assert flex_tc.reason(prob, allow_tf32) is None
-    monkeypatch.setattr(flash_tf32, "_max_smem", lambda dev, default: need - 1)
+    monkeypatch.setattr(_params, "max_smem_per_block", lambda: need - 1)
     why = flex_tc.reason(prob, allow_tf32)
     assert f"needs {need} bytes" in why and f"allows {need - 1}" in why

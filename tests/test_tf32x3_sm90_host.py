@@ -33,7 +33,7 @@ def on_sm90(monkeypatch):
     """``prob(...)``: a problem on a stand-in CuPy device of compute capability 9.0 with the
     opt-in shared memory of an H100."""
     monkeypatch.setattr(_params, "compute_capability", lambda: 90)
-    monkeypatch.setattr(x3w, "device_smem", lambda default: SM90_SMEM)
+    monkeypatch.setattr(_params, "max_smem_per_block", lambda: SM90_SMEM)
     gpu = SimpleNamespace(__name__="cupy")
 
     def prob(dtype=np.float32, d=64, sq=200, sk=300, block_mask=None, **score):
@@ -121,7 +121,7 @@ def test_refuses_backward_options_other_cards_and_numpy(on_sm90, monkeypatch):
     assert x3w.supports(validate_attention(q, q, q), {}, "forward") == \
         "inputs are not CuPy arrays"
     monkeypatch.setattr(_params, "compute_capability", lambda: 90)
-    monkeypatch.setattr(x3w, "device_smem", lambda default: 160 * 1024)
+    monkeypatch.setattr(_params, "max_smem_per_block", lambda: 160 * 1024)
     assert "needs 197632 bytes of shared memory" in x3w.supports(on_sm90(), {}, "forward")
 
 

@@ -65,13 +65,23 @@ def sm_count() -> int:
     return _device_facts(cupy.cuda.runtime.getDevice())[1]
 
 
+def max_smem_per_block() -> int:
+    """Shared memory one block of the current device may opt in to, in bytes (cached)."""
+    import cupy
+
+    return _device_facts(cupy.cuda.runtime.getDevice())[2]
+
+
 @functools.lru_cache(maxsize=64)
 def _device_facts(device_id):
     import cupy
 
     rt = cupy.cuda.runtime
     cc = int(cupy.cuda.Device(device_id).compute_capability)
-    return cc, int(rt.deviceGetAttribute(rt.cudaDevAttrMultiProcessorCount, device_id))
+    # The attribute's CUDA enum number where CuPy lacks the name.
+    optin = getattr(rt, "cudaDevAttrMaxSharedMemoryPerBlockOptin", 97)
+    return (cc, int(rt.deviceGetAttribute(rt.cudaDevAttrMultiProcessorCount, device_id)),
+            int(rt.deviceGetAttribute(optin, device_id)))
 
 
 def half_kernel_reason(prob, op, served, kernel):

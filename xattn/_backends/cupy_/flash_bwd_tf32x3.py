@@ -28,14 +28,13 @@ way.
 from __future__ import annotations
 
 import math
-from functools import cache
 
 import numpy as np
 
 from . import _params, instances
 from ._compile import compiled_function
 
-__all__ = ["CONFIGS", "EXTRA", "HEAD_DIMS", "backward", "built", "check_config", "device_smem",
+__all__ = ["CONFIGS", "EXTRA", "HEAD_DIMS", "backward", "built", "check_config",
            "get_kernel", "padded_dim", "request_reason", "smem_bytes"]
 
 # Per head dim: (dK/dV columns per CTA, warps, query rows per step); instances.py's list.
@@ -89,27 +88,11 @@ def request_reason(prob, opts):
     if reason:
         return reason
     need = smem_bytes(dp, CONFIGS[dp])
-    have = device_smem(need)
+    have = _params.max_smem_per_block()
     if need > have:
         return (f"head_dim {d}: {WHAT} needs {need} bytes of shared memory per block, this "
                 f"device allows {have}")
     return None
-
-
-def device_smem(default: int) -> int:
-    """Opt-in shared memory per block of the current device (``default`` if not reported)."""
-    import cupy
-
-    return _max_smem(cupy.cuda.Device().id, default)
-
-
-@cache
-def _max_smem(device_id: int, default: int) -> int:
-    """Opt-in shared memory per block of a device (queried once per device)."""
-    import cupy
-
-    return int(cupy.cuda.Device(device_id).attributes.get("MaxSharedMemoryPerBlockOptin",
-                                                          default))
 
 
 def get_kernel(d: int, cfg, mods: bool):
@@ -124,7 +107,7 @@ def check_config(dp: int, config):
     shared memory holds it, else the default."""
     if config is None:
         large = instances.TF32X3_BWD_LARGE_SMEM.get(dp)
-        if large is not None and smem_bytes(dp, large) <= device_smem(0):
+        if large is not None and smem_bytes(dp, large) <= _params.max_smem_per_block():
             return large
         return CONFIGS[dp]
     cfg = tuple(config)

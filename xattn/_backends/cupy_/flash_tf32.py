@@ -23,7 +23,6 @@ accuracy) of the ``cupy.tf32x3`` entry, :mod:`.flash_tf32x3`; the helpers below 
 from __future__ import annotations
 
 import math
-from functools import cache
 
 import numpy as np
 
@@ -98,25 +97,13 @@ def request_reason(prob, opts, op, *, x3):
     reason = _params.device_reason(prob, "mma.sync .tf32 and cp.async need sm_80")
     if reason:
         return reason
-    import cupy
-
-    dev = cupy.cuda.Device()
     dp = padded_dim(prob.d, x3)
     need = smem_bytes(dp, configs[dp], x3)
-    have = _max_smem(dev.id, need)
+    have = _params.max_smem_per_block()
     if need > have:
         return (f"head_dim {prob.d}: {what} needs {need} bytes of shared memory per "
                 f"block, this device allows {have}")
     return None
-
-
-@cache
-def _max_smem(device_id: int, default: int) -> int:
-    """Opt-in shared memory per block of a device (queried once per device)."""
-    import cupy
-
-    return int(cupy.cuda.Device(device_id).attributes.get("MaxSharedMemoryPerBlockOptin",
-                                                          default))
 
 
 def get_kernel(d: int, cfg, mods: bool, x3: bool = False):

@@ -23,14 +23,13 @@ every request with a reason naming the switch, so ``auto`` keeps ``cupy.tf32x3``
 from __future__ import annotations
 
 import math
-from functools import cache
 
 import numpy as np
 
 from . import _params, instances
 from ._compile import compiled_function
 
-__all__ = ["BUILT", "CONFIGS", "THREADS", "device_smem", "forward", "get_kernel",
+__all__ = ["BUILT", "CONFIGS", "THREADS", "forward", "get_kernel",
            "launch_config", "request_reason", "smem_bytes", "supports"]
 
 # Head dim -> keys per block (instances.TF32X3_SM90, the one list of compiled entries).
@@ -72,7 +71,7 @@ def request_reason(prob, opts, op="forward"):
     if reason:
         return reason
     need = smem_bytes(prob.d, CONFIGS[prob.d])
-    have = device_smem(need)
+    have = _params.max_smem_per_block()
     if need > have:
         return f"{WHAT} needs {need} bytes of shared memory per block, this device allows {have}"
     return None
@@ -89,22 +88,6 @@ def _shape_reason(prob):
         return (f"score modifications (softcap, bias, ALiBi, mask) are not implemented in "
                 f"{WHAT} (cupy.tf32x3 serves them)")
     return None
-
-
-def device_smem(default: int) -> int:
-    """Opt-in shared memory per block of the current device."""
-    import cupy
-
-    return _max_smem(cupy.cuda.Device().id, default)
-
-
-@cache
-def _max_smem(device_id: int, default: int) -> int:
-    """Opt-in shared memory per block of a device (queried once per device)."""
-    import cupy
-
-    return int(cupy.cuda.Device(device_id).attributes.get("MaxSharedMemoryPerBlockOptin",
-                                                          default))
 
 
 # Every (D, BN, schedule) that can be built: the default (schedule 0) and the experimental

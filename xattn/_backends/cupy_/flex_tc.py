@@ -112,10 +112,8 @@ def reason(prob, allow_tf32=False):
         return (f"compute capability {cc} < 80: the kernel uses mma.sync "
                 f"{'tf32' if _is_float32(prob) else 'bf16/f16'} and cp.async")
     if _is_float32(prob):
-        import cupy
-
         *_, need = _float32_config(prob, allow_tf32)
-        have = flash_tf32._max_smem(cupy.cuda.Device().id, need)
+        have = _params.max_smem_per_block()
         if need > have:
             return (f"head_dim {max(prob.d, prob.dv)}: the float32 flex kernel needs {need} "
                     f"bytes of shared memory per block, this device allows {have}")
