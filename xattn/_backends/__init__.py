@@ -147,8 +147,8 @@ BACKENDS = {
             "cupy.tf32x3",
             "gpu",
             ".cupy_.flash_tf32x3",
-            "float32 forward on tensor cores at float32 accuracy: 3xTF32, error-compensated "
-            "(flash_fwd_tf32.cu built with X3)",
+            "float32 forward and backward on tensor cores at float32 accuracy: 3xTF32, "
+            "error-compensated (flash_fwd_tf32.cu built with X3, flash_bwd_tf32x3.cu)",
             requires=("cupy",),
             fix=_CUPY_FIX,
         ),
