@@ -153,6 +153,38 @@ class FlashFloat32GPU:
     track_tflops.unit = "TFLOP/s"
 
 
+class FlashFloat32BackwardGPU:
+    """float32 backward per kernel-table entry: the strict SIMT kernel and 3xTF32 (float32
+    accuracy on tensor cores, what ``auto`` picks), fed by the 3xTF32 forward."""
+
+    params = (sizes([64, 128], [64]), ["cupy.simt", "cupy.tf32x3"], [False, True])
+    param_names = ["head_dim", "kernel", "causal"]
+    timeout = 120
+
+    def setup(self, head_dim, kernel, causal):
+        cp = self.cp = _require_gpu()
+        b, h, s = 4, 2048 // head_dim, 4096
+        self.q, self.k, self.v, self.dout = _inputs(cp, "float32", (b, h, s, head_dim), 5, n=4)
+        self.causal, self.kernel = causal, kernel
+        self.out, self.lse = xattn.flash_attention(self.q, self.k, self.v, causal=causal,
+                                                   return_lse=True, backend="cupy")
+        self.flops = 10.0 * b * h * s * s * head_dim * (0.5 if causal else 1.0)
+        self.time_backward()
+
+    def _call(self):
+        return xattn.flash_attention_backward(self.dout, self.q, self.k, self.v, self.out,
+                                              self.lse, causal=self.causal, backend=self.kernel)
+
+    def time_backward(self, *params):
+        self._call()
+        self.cp.cuda.Device().synchronize()
+
+    def track_tflops(self, *params):
+        return _tflops(self.cp, self._call, self.flops, reps=3)
+
+    track_tflops.unit = "TFLOP/s"
+
+
 class FlashWindowGPU:
     """Sliding window S=65536 +-256, D=64, 32 heads, float16: cost proportional to the window."""
 
