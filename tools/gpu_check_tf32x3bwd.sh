@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU check of the 3xTF32 float32 backward (flash_bwd_tf32x3.cu, cupy.tf32x3's backward) --
-# written without a GPU and switched off (instances.TF32X3_BWD_ON) until this passes. Needs a
+# GPU check of the 3xTF32 float32 backward (flash_bwd_tf32x3.cu, cupy.tf32x3's backward; its
+# switch instances.TF32X3_BWD_ON is on since this passed on an H100, 2026-12-06). Needs a
 # compute capability 8.0+ GPU. Logs under $OUT/tf32x3bwd/ (or a temp dir).
 #   bash tools/gpu_check_tf32x3bwd.sh tests  tests/gpu/test_gpu_flash_bwd_tf32x3.py: dq / dk / dv
 #                                            against float64 at 1e-5 of max |ref| (D 64 / 128,
