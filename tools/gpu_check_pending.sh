@@ -1,27 +1,23 @@
 #!/usr/bin/env bash
-# What waits for a device (written 2026-12-05 without one), each part one device call. Needs a
-# compute capability 9.0 GPU. Logs under $OUT/pending/ (or a temp dir).
-#   bash tools/gpu_check_pending.sh tests   (< 6 min)
-#       - tests/gpu/test_gpu_flash_sm90.py, whole: every built configuration, so the mode-203
-#         entries (Q by the copy engine) and the persistent mode-235 ones
-#         (instances.SM90_EXPERIMENTAL) among them, against the oracle, at sequence ends with
-#         NaN past the allocations, bit for bit against their mode-11 / mode-75 twins (235 on
-#         problems of several tiles a block too)
-#       - tests/gpu/test_gpu_sm90_bwd.py -k "tma_window or refusals": the TMA backward's window
-#         twins (config= on a window request; instances.SM90_BWD_WIN_TMA_ON) against the oracle
-#   bash tools/gpu_check_pending.sh bench   (< 5 min)
-#       - python3 tools/gpu_fwd_short.py --twins: the SM90_SHORT candidates and the default per
-#         shape, each beside its mode-203 and mode-235 twins, torch SDPA in the same process
-#       - python3 tools/gpu_bwdtma_bench.py --window: the window twins against the default
-#         route on issue 11's window row (and D = 128 at S = 16384)
-#       - benchmarks/gpu_decode.py --sweep: the decode launcher's block count at B 16 / 64
-#         (one block per SM slot against pairs x splits, with the batched merge)
+# What waits for a device (updated 2026-12-06), each part one device call. Needs a compute
+# capability 9.0 GPU. Logs under $OUT/pending/ (or a temp dir).
+#   bash tools/gpu_check_pending.sh tests   (< 6 min): what changed after the last whole-suite
+#       run -- the float32 backward's default moved to the 3xTF32 kernel
+#       (instances.TF32X3_BWD_ON): tests/gpu/test_gpu_entries.py (its backward on every option
+#       case), test_gpu_flash_tf32x3.py (the float32 backward fed by 3xTF32 under the strict
+#       rule), test_gpu_flash_bwd.py and test_gpu_flash_bwd_tf32x3.py
+#   bash tools/gpu_check_pending.sh profile (< 3 min): Nsight Compute on issue 11's window row
+#       (tools/gpu_fwd_short.py --profile: modes 203 / 235 and the two-consumer default), the
+#       sections that say where the time goes (speed of light, warp states, occupancy,
+#       scheduler), --clock-control none: why the window forward stays at FlexAttention's
+#       speed and why the persistent schedule loses there
+#   bash tools/gpu_check_pending.sh bench   (< 5 min): the tables of issues 11 and 12 again
+#       (benchmarks/gpu_flash.py --quick --only fwd,bwd,fp32,window; benchmarks/gpu_decode.py),
+#       on an H200 when one is lent
 #   bash tools/gpu_check_pending.sh san     (< 4 min): memcheck and racecheck on the TMA
-#         backward entries and their window twins, and on the NWG = 1 forward entries, the
-#         mode-203 / 235 ones among them
-# Then the whole suite in two calls (bash tools/gpu_suite.sh 1, then 2). A forward twin that
-# passed and beat its mode-75 entry replaces it in SM90_SHIPPED / SM90_SHORT / CONFIGS; the
-# window twins that passed and beat the default route turn SM90_BWD_WIN_TMA_ON on.
+#       backward entries with their window twins and on every one-consumer forward entry
+#       (clean on an H100, 2026-12-06)
+# Then the whole suite in two calls (bash tools/gpu_suite.sh 1, then 2).
 NAME=pending
 # shellcheck source=tools/gpu_lib.sh
 . "$(dirname "$0")/gpu_lib.sh"
@@ -32,24 +28,35 @@ export PYTHONPATH="$PWD/tools:$PYTHONPATH" XATTN_FAILS_FILE="$LOG/failures.txt"
 step() {  # step NAME SECONDS COMMAND...: gpu_step with the log named after the step
     local name=$1 cap=$2
     shift 2
-    TAIL=14 gpu_step "$name" "$cap" "$LOG/$name.log" "$@"
+    TAIL=${TAIL:-14} gpu_step "$name" "$cap" "$LOG/$name.log" "$@"
 }
 
 case "$what" in
 tests)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-    step flash_sm90 280 $PY -m pytest -m gpu -q -p no:cacheprovider $XDIST -rs --tb=short \
-        -p pytest_failures_now tests/gpu/test_gpu_flash_sm90.py
-    step bwd_window 60 $PY -m pytest -m gpu -q -p no:cacheprovider $XDIST -rs --tb=short \
-        -p pytest_failures_now tests/gpu/test_gpu_sm90_bwd.py -k "tma_window or refusals"
+    step tests 330 $PY -m pytest -m gpu -q -p no:cacheprovider $XDIST -rs --tb=short \
+        -p pytest_failures_now tests/gpu/test_gpu_entries.py tests/gpu/test_gpu_flash_tf32x3.py \
+        tests/gpu/test_gpu_flash_bwd.py tests/gpu/test_gpu_flash_bwd_tf32x3.py
+    ;;
+profile)
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+    NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu \
+          2>/dev/null | head -n 1)
+    timeout 60 $PY tools/gpu_fwd_short.py --profile > "$LOG/profile_warm.log" 2>&1
+    if [ -n "$NCU" ]; then
+        TAIL=120 step ncu_window 150 "$NCU" --clock-control none -k regex:flash_fwd_sm90 \
+            --section SpeedOfLight --section WarpStateStats --section Occupancy \
+            --section SchedulerStats --section LaunchStats \
+            $PY tools/gpu_fwd_short.py --profile
+    else
+        echo "ncu not found"
+        RC=1
+    fi
     ;;
 bench)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-    step fwd_short 170 $PY tools/gpu_fwd_short.py --twins --budget 140
-    step bwd_window 70 $PY tools/gpu_bwdtma_bench.py --window --budget 50 --reps 5
-    step decode_sweep 90 $PY benchmarks/gpu_decode.py --batch 16 64 --ctx 32768 131072 \
-        --page-size 0 --no-auto --no-host --rounds 3 --max-reps 40 \
-        --sweep 132,264,396,528,128,256,384,512
+    step flash 300 $PY benchmarks/gpu_flash.py --quick --only fwd,bwd,fp32,window
+    step decode 150 $PY benchmarks/gpu_decode.py --rounds 3 --max-reps 50 --no-host
     ;;
 san)
     SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null \
@@ -67,7 +74,7 @@ san)
     fi
     ;;
 *)
-    echo "usage: bash tools/gpu_check_pending.sh tests|bench|san"
+    echo "usage: bash tools/gpu_check_pending.sh tests|profile|bench|san"
     exit 2
     ;;
 esac

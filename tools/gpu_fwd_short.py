@@ -6,6 +6,9 @@ Usage (on a compute capability 9.0 GPU with CuPy, torch and triton)::
     python3 tools/gpu_fwd_short.py            # host cost, then the sweep; table last
     python3 tools/gpu_fwd_short.py --host     # the host cost only
     python3 tools/gpu_fwd_short.py --san      # one tiny forward per NWG = 1 entry
+    python3 tools/gpu_fwd_short.py --profile  # issue 11's window row once per configuration
+                                              # (mode 203, 235 and the two-consumer 75), for
+                                              # ncu
     python3 tools/gpu_fwd_short.py --twins    # the sweep with each mode-75 candidate's
                                               # experimental twins: Q by the copy engine
                                               # (mode 203), persistent (235)
@@ -152,15 +155,39 @@ def sanitizer_workload():
             print(f"san workload D={d} config={tuple(cfg)} Sq={sq} ok", flush=True)
 
 
+def profile_workload(configs=((64, 1, 203), (64, 1, 235), (64, 3, 75))):
+    """Issue 11's window row (fp16, S = 65536, +-256, D = 64, 16 heads), one launch per
+    configuration, for Nsight Compute (``ncu -k regex:flash_fwd_sm90``): the kernels are
+    compiled before their launch (NVRTC is host work), so each profiled launch is the timed
+    one."""
+    import cupy as cp
+
+    from xattn._array import validate_attention
+    from xattn._backends.cupy_ import flash_sm90 as k90
+
+    rng = np.random.default_rng(0)
+    q, k, v = (cp.asarray(rng.standard_normal((1, 16, 65536, 64)), dtype=cp.float16)
+               for _ in range(3))
+    prob = validate_attention(q, k, v, window=(256, 256))
+    for cfg in configs:
+        k90.forward(prob, q, k, v, config=cfg)
+        cp.cuda.Device().synchronize()
+        print(f"profile workload config={cfg} ok", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--host", action="store_true", help="the host cost only")
     ap.add_argument("--san", action="store_true", help="the sanitizer workload only")
+    ap.add_argument("--profile", action="store_true",
+                    help="the window row once per configuration, for ncu")
     ap.add_argument("--twins", action="store_true", help="also the mode-203 / 235 twins")
     ap.add_argument("--budget", type=float, default=150.0, help="seconds; later rows skipped")
     args = ap.parse_args(argv)
     if args.san:
         return sanitizer_workload()
+    if args.profile:
+        return profile_workload()
     t0 = time.time()
     host_cost()
     if args.host:
