@@ -95,7 +95,10 @@ struct Args : ScoreMods {
 };
 
 // The XOR swizzle of the 16-byte chunks of tile row r (see the header): 0, 8, 16 or 24 floats.
-__device__ __forceinline__ int swz(int r) { return ((r >> 1) & 3) << 3; }
+struct PairSwizzle {
+    __device__ __forceinline__ int operator()(int r) const { return ((r >> 1) & 3) << 3; }
+};
+__device__ __forceinline__ int swz(int r) { return PairSwizzle{}(r); }
 
 __device__ __forceinline__ float4 lds4(const float* p) {
     return *reinterpret_cast<const float4*>(p);
@@ -115,48 +118,6 @@ __device__ __forceinline__ void red_add4(float* p, float x, float y, float z, fl
     red_add(p + 2, z);
     red_add(p + 3, w);
 #endif
-}
-
-// cp.async of rows [row0, row0 + ROWS) of a (rows x D) float32 matrix into a tile of row stride
-// LD, chunk c of row r at column 4c ^ swz(r); rows at or past `limit` are zero-filled.
-template <int ROWS, int D, int LD, int NT>
-__device__ __forceinline__ void load_tile_sw(float* s, const float* g, int row0, int limit,
-                                             int tid) {
-    constexpr int CPR = D / 4;
-    constexpr int TOTAL = ROWS * CPR;
-    const unsigned base = smem_u32(s);
-#pragma unroll
-    for (int it = 0; it < (TOTAL + NT - 1) / NT; ++it) {
-        const int i = it * NT + tid;
-        if (TOTAL % NT != 0 && i >= TOTAL) break;
-        const int r = i / CPR, c = i % CPR;
-        const bool ok = row0 + r < limit;
-        const float* src = ok ? g + (long long)(row0 + r) * D + c * 4 : g;
-        cp_async16(base + (unsigned)((r * LD + ((c * 4) ^ swz(r))) * 4), src, ok);
-    }
-}
-
-// Split, in place, the chunks this thread's load_tile_sw copied (visible to it after
-// cp.async.wait_group; the caller's barrier publishes them): hi in place, lo D floats on.
-template <int ROWS, int D, int LD, int NT>
-__device__ __forceinline__ void split_tile_sw(float* s, int tid) {
-    constexpr int CPR = D / 4;
-    constexpr int TOTAL = ROWS * CPR;
-#pragma unroll
-    for (int it = 0; it < (TOTAL + NT - 1) / NT; ++it) {
-        const int i = it * NT + tid;
-        if (TOTAL % NT != 0 && i >= TOTAL) break;
-        const int r = i / CPR, c = i % CPR;
-        float* p = s + r * LD + ((c * 4) ^ swz(r));
-        const float4 x = *reinterpret_cast<const float4*>(p);
-        uint4 hi, lo;
-        split_tf32(x.x, hi.x, lo.x);
-        split_tf32(x.y, hi.y, lo.y);
-        split_tf32(x.z, hi.z, lo.z);
-        split_tf32(x.w, hi.w, lo.w);
-        *reinterpret_cast<uint4*>(p) = hi;
-        *reinterpret_cast<uint4*>(p + D) = lo;
-    }
 }
 
 // C = A B^T for this warp's 16 rows of tile sa (from row wrow) against the NS * 8 rows of
@@ -278,8 +239,8 @@ __device__ __forceinline__ void core(const Args& a) {
         const int h = hk * a.group + it / nq;
         const int q0 = (qb0 + it % nq) * BM;
         const long long bh = (long long)b * a.hq + h;
-        load_tile_sw<BM, D, LD, NT>(sQ, a.q + bh * sq * D, q0, sq, tid);
-        load_tile_sw<BM, D, LD, NT>(sO, a.dout + bh * sq * D, q0, sq, tid);
+        load_tile<BM, D, LD, NT, PairSwizzle>(sQ, a.q + bh * sq * D, q0, sq, tid);
+        load_tile<BM, D, LD, NT, PairSwizzle>(sO, a.dout + bh * sq * D, q0, sq, tid);
         for (int i = tid; i < BM; i += NT) {
             const int qi = q0 + i;
             float l, dl;
@@ -290,8 +251,8 @@ __device__ __forceinline__ void core(const Args& a) {
     };
 
     if (total > 0) {
-        load_tile_sw<BN, D, LD, NT>(sK, a.k + kvh, k0, sk, tid);
-        load_tile_sw<BN, D, LD, NT>(sV, a.v + kvh, k0, sk, tid);
+        load_tile<BN, D, LD, NT, PairSwizzle>(sK, a.k + kvh, k0, sk, tid);
+        load_tile<BN, D, LD, NT, PairSwizzle>(sV, a.v + kvh, k0, sk, tid);
         stage(0);
         cp_async_commit();
     }
@@ -302,11 +263,11 @@ __device__ __forceinline__ void core(const Args& a) {
         const int q1 = min(q0 + BM, sq);
         cp_async_wait<0>();
         if (it == 0) {
-            split_tile_sw<BN, D, LD, NT>(sK, tid);
-            split_tile_sw<BN, D, LD, NT>(sV, tid);
+            split_tile<BN, D, LD, NT, PairSwizzle>(sK, tid);
+            split_tile<BN, D, LD, NT, PairSwizzle>(sV, tid);
         }
-        split_tile_sw<BM, D, LD, NT>(sQ, tid);
-        split_tile_sw<BM, D, LD, NT>(sO, tid);
+        split_tile<BM, D, LD, NT, PairSwizzle>(sQ, tid);
+        split_tile<BM, D, LD, NT, PairSwizzle>(sO, tid);
         // Publishes the split tiles, lse and delta of this step; the previous step's dQ pass
         // (the last reader of sS) is done.
         __syncthreads();

@@ -143,29 +143,6 @@ __device__ __forceinline__ void round_tile(float* s, int tid) {
     }
 }
 
-// 3xTF32 split of the chunks of a tile that this thread's load_tile copied (row stride LD >=
-// 2 D): hi in place, lo D floats further along the row. Visibility as for round_tile.
-template <int ROWS, int D, int LD, int NT>
-__device__ __forceinline__ void split_tile(float* s, int tid) {
-    constexpr int CPR = D / 4;
-    constexpr int TOTAL = ROWS * CPR;
-#pragma unroll
-    for (int it = 0; it < (TOTAL + NT - 1) / NT; ++it) {
-        const int i = it * NT + tid;
-        if (TOTAL % NT != 0 && i >= TOTAL) break;
-        const int r = i / CPR, c = i % CPR;
-        float4* p = reinterpret_cast<float4*>(s + r * LD + c * 4);
-        const float4 x = *p;
-        uint4 hi, lo;
-        split_tf32(x.x, hi.x, lo.x);
-        split_tf32(x.y, hi.y, lo.y);
-        split_tf32(x.z, hi.z, lo.z);
-        split_tf32(x.w, hi.w, lo.w);
-        *reinterpret_cast<uint4*>(p) = hi;
-        *reinterpret_cast<uint4*>(p + D / 4) = lo;
-    }
-}
-
 // The softmax weights rounded to TF32 (what the tensor core multiplies V by).
 struct Tf32Weight {
     __device__ __forceinline__ float operator()(float p) const {

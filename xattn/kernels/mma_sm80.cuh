@@ -1,6 +1,6 @@
 // Tensor-core helpers for sm_80+ kernels (inline PTX, no CUDA headers): ldmatrix,
 // mma.sync m16n8k16, 16-bit and float tile copies with cp.async. Shared by flash_fwd.cu,
-// flash_bwd.cu, flash_fwd_tf32.cu and decode_splitkv.cu.
+// flash_bwd.cu, flash_fwd_tf32.cu, flash_bwd_tf32x3.cu and decode_splitkv.cu.
 #pragma once
 
 #include "common.cuh"
@@ -32,9 +32,16 @@ XATTN_MMA_M16N8K16(f16, "f16")
 XATTN_MMA_M16N8K16(bf16, "bf16")
 #undef XATTN_MMA_M16N8K16
 
+// The column offset, in elements, that a tile's row r XORs into its 16-byte chunks' columns
+// (SW: a swizzle functor; this one keeps the plain layout).
+struct Unswizzled {
+    __device__ __forceinline__ int operator()(int) const { return 0; }
+};
+
 // Copy a (ROWS x D) tile of 16-bit (E = unsigned short) or float elements from global (row
-// stride D) into shared memory (row stride LD); rows at or past `limit` are zero-filled.
-template <int ROWS, int D, int LD, int NT, class E>
+// stride D) into shared memory (row stride LD; chunk c of row r at column c ^ SW(r) in
+// elements); rows at or past `limit` are zero-filled.
+template <int ROWS, int D, int LD, int NT, class SW = Unswizzled, class E>
 __device__ __forceinline__ void load_tile(E* s, const E* g, int row0, int limit, int tid) {
     constexpr int BYTES = sizeof(E);
     constexpr int EPC = 16 / BYTES;  // elements per 16-byte chunk
@@ -48,7 +55,7 @@ __device__ __forceinline__ void load_tile(E* s, const E* g, int row0, int limit,
         const int r = i / CPR, c = i % CPR;
         const bool ok = row0 + r < limit;
         const E* src = ok ? g + (long long)(row0 + r) * D + c * EPC : g;
-        cp_async16(sbase + (unsigned)((r * LD + c * EPC) * BYTES), src, ok);
+        cp_async16(sbase + (unsigned)((r * LD + ((c * EPC) ^ SW{}(r))) * BYTES), src, ok);
     }
 }
 

@@ -1,10 +1,13 @@
 // TF32 operands for the float32 kernels on tensor cores (flash_fwd_tf32.cu,
 // flash_fwd_tf32x3_sm90.cu, flash_bwd_tf32x3.cu): the rounding the tensor core expects, the
-// 3xTF32 split, and mma.sync's m16n8k8 .tf32 product with its 3xTF32 k-step. Why 3xTF32 keeps
+// 3xTF32 split (of one value, and in place of a tile that load_tile copied), and mma.sync's
+// m16n8k8 .tf32 product with its 3xTF32 k-step. Why 3xTF32 keeps
 // float32 accuracy, and why its small products are summed apart: flash_fwd_tf32.cu's header
 // and docs/numerics.rst.
 
 #pragma once
+
+#include "mma_sm80.cuh"
 
 namespace xattn {
 
@@ -41,6 +44,30 @@ __device__ __forceinline__ void mma3_tf32(float (&c)[4], const unsigned (&ah)[4]
     mma_tf32(c, al[0], al[1], al[2], al[3], bh0, bh1);
     mma_tf32(c, ah[0], ah[1], ah[2], ah[3], bl0, bl1);
     mma_tf32(c, ah[0], ah[1], ah[2], ah[3], bh0, bh1);
+}
+
+// 3xTF32 split, in place, of the chunks of a tile that this thread's load_tile<ROWS, D, LD, NT,
+// SW> copied (visible to it after cp.async.wait_group; the caller's barrier publishes them):
+// hi in place, lo D floats further along the row (row stride LD >= 2 D).
+template <int ROWS, int D, int LD, int NT, class SW = Unswizzled>
+__device__ __forceinline__ void split_tile(float* s, int tid) {
+    constexpr int CPR = D / 4;
+    constexpr int TOTAL = ROWS * CPR;
+#pragma unroll
+    for (int it = 0; it < (TOTAL + NT - 1) / NT; ++it) {
+        const int i = it * NT + tid;
+        if (TOTAL % NT != 0 && i >= TOTAL) break;
+        const int r = i / CPR, c = i % CPR;
+        float* p = s + r * LD + ((c * 4) ^ SW{}(r));
+        const float4 x = *reinterpret_cast<const float4*>(p);
+        uint4 hi, lo;
+        split_tf32(x.x, hi.x, lo.x);
+        split_tf32(x.y, hi.y, lo.y);
+        split_tf32(x.z, hi.z, lo.z);
+        split_tf32(x.w, hi.w, lo.w);
+        *reinterpret_cast<uint4*>(p) = hi;
+        *reinterpret_cast<uint4*>(p + D) = lo;
+    }
 }
 
 }  // namespace xattn
