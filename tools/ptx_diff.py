@@ -12,8 +12,8 @@ each architecture, with the launchers' options, and stores one file per (file, a
 appeared or disappeared (branch labels and local depots are numbered by the function's place
 in its translation unit: those numbers are ignored); the exit status is non-zero when any did.
 ``--registers`` renumbers virtual registers by first use inside each entry before comparing.
-``flash_fwd_simt.cu`` and ``flash_fwd_tf32.cu`` give PTX that varies between two builds of the
-same, unchanged source (one ``ld.shared`` more or less vectorised, in one to three entries a
+``flash_fwd_simt.cu``, ``flash_fwd_tf32.cu`` and ``flash_bwd_tf32x3.cu`` give PTX that varies
+between two builds of the same, unchanged source (one ``ld.shared`` more or less vectorised, in one to three entries a
 build): compare their entries' instruction histograms instead, or against several builds of
 the old source.
 """
