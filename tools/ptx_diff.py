@@ -13,9 +13,9 @@ appeared or disappeared (branch labels and local depots are numbered by the func
 in its translation unit: those numbers are ignored); the exit status is non-zero when any did.
 ``--registers`` renumbers virtual registers by first use inside each entry before comparing.
 ``flash_fwd_simt.cu``, ``flash_fwd_tf32.cu`` and ``flash_bwd_tf32x3.cu`` give PTX that varies
-between two builds of the same, unchanged source (one ``ld.shared`` more or less vectorised, in one to three entries a
-build): compare their entries' instruction histograms instead, or against several builds of
-the old source.
+between two builds of the same, unchanged source (one ``ld.shared`` more or less vectorised,
+in one to three entries a build): compare their entries' instruction histograms instead, or
+against several builds of the old source.
 """
 
 from __future__ import annotations
