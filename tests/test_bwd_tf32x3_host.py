@@ -199,3 +199,54 @@ def test_tf32x3_bwd_entries_compile_without_spills():
         for arch in ("sm_80", "sm_90a"):
             r = res[(i.name, arch)]
             assert r["spill_st"] == r["spill_ld"] == r["stack"] == 0, (i.name, arch, r)
+
+
+@pytest.mark.parametrize("launcher", ["tf32x3", "simt"])
+def test_float32_host_steps_around_the_kernel(monkeypatch, launcher):
+    """flash_bwd.float32_backward, the host side of both float32 backwards, on the CPU (NumPy
+    stands in for CuPy, a stand-in kernel computes the float64 oracle's gradients on the padded
+    operands it is given): operands zero-padded to the kernel's head dim, the argument order
+    and the launch geometry, delta = rowsum(dout * out), dq = scale * dq_accum, and the
+    gradients cut back to the inputs' shapes."""
+    import sys
+
+    from xattn._backends.cupy_ import flash_bwd
+    from xattn.testing import reference_attention, reference_attention_backward
+
+    monkeypatch.setitem(sys.modules, "cupy", np)
+    rng = np.random.default_rng(3)
+    b, hq, hkv, sq, sk, d = 2, 4, 2, 5, 7, 48
+    q, dout = (rng.standard_normal((b, hq, sq, d)).astype(np.float32) for _ in range(2))
+    k, v = (rng.standard_normal((b, hkv, sk, d)).astype(np.float32) for _ in range(2))
+    copies = [x.copy() for x in (q, k, v, dout)]
+    out, lse, _ = reference_attention(q, k, v, causal=True, scale=0.3)
+    out, lse = out.astype(np.float32), lse.astype(np.float32)
+    prob = validate_attention(q, k, v, causal=True, scale=0.3)
+    seen = {}
+
+    def kernel(*, grid, block, args, shared_mem):
+        q4, k4, v4, do4, lse3, delta, acc, dk4, dv4, *ints = args
+        seen.update(grid=grid, block=block, ints=ints[:5], smem=shared_mem)
+        assert q4.shape == (b, hq, sq, 64) and not q4[..., d:].any()  # padded to 64
+        np.testing.assert_allclose(delta, (dout * out).sum(-1), rtol=1e-6)
+        dq, dk, dv = reference_attention_backward(do4, q4, k4, v4, causal=True, scale=0.3)
+        acc[...] = dq / 0.3  # the kernels leave the scale to the launcher
+        dk4[...], dv4[...] = dk, dv
+
+    if launcher == "tf32x3":
+        monkeypatch.setattr(x3b, "get_kernel", lambda dp, cfg, mods: kernel)
+        got = x3b._backward(prob, dout, q, k, v, out, lse, 64, (64, 4, 16))
+        assert seen["grid"] == (1 * 1, hkv, b) and seen["block"] == (128,)
+        assert seen["smem"] == x3b.smem_bytes(64, (64, 4, 16))
+    else:
+        monkeypatch.setattr(flash_bwd, "get_simt_kernel", lambda dp, mods: kernel)
+        got = flash_bwd._backward(prob, dout, q, k, v, out, lse, False, None, None)
+        assert seen["grid"] == (1, hkv, b) and seen["block"] == (128,)
+    assert [int(x) for x in seen["ints"][:4]] == [hq, 2, sq, sk]
+    assert float(seen["ints"][4]) == pytest.approx(0.3)
+    want = reference_attention_backward(dout, q, k, v, causal=True, scale=0.3)
+    for g, w, x in zip(got, want, (q, k, v), strict=True):
+        assert g.shape == x.shape and g.dtype == np.float32
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    for x, c in zip((q, k, v, dout), copies, strict=True):
+        assert np.array_equal(x, c)  # inputs untouched

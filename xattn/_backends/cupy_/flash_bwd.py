@@ -238,6 +238,40 @@ def run_dq(tn, prob, dp, dq_cfg, bufs, opt_args, bm_args):
            shared_mem=dq_smem_bytes(dp, dq_cfg))
 
 
+def float32_backward(prob, dout, q, k, v, out, lse, dp, kernel, grid_x, threads, smem):
+    """The float32 backward's host steps around its main ``kernel`` (the SIMT one here,
+    :mod:`.flash_bwd_tf32x3`'s 3xTF32 one; both take the same arguments): operands as
+    contiguous float32 (batch, heads, seq, ``dp``), ``delta = rowsum(dout * out)`` by CuPy,
+    the kernel on a grid of ``(grid_x, kv heads, batch)`` blocks of ``threads`` adding ``dS K``
+    to a zeroed float32 ``dq_accum``, then ``dq = scale * dq_accum``. Call inside the inputs'
+    device context."""
+    import cupy as xp
+
+    B, hq, hkv, sq, sk = math.prod(prob.batch), prob.hq, prob.hkv, prob.sq, prob.sk
+    f32, i32 = np.float32, np.int32
+    if B * hq * sq == 0 or sk == 0:
+        # Nothing to differentiate through: queries without keys have zero gradients.
+        return (xp.zeros(q.shape, dtype=f32), xp.zeros(k.shape, dtype=f32),
+                xp.zeros(v.shape, dtype=f32))
+
+    def prep(x, h, s):
+        return _params.operand(xp, x, B, h, s, dp, f32)
+
+    q4, k4, v4 = prep(q, hq, sq), prep(k, hkv, sk), prep(v, hkv, sk)
+    do4, o4 = prep(dout, hq, sq), prep(out, hq, sq)
+    lse3 = xp.ascontiguousarray(lse.reshape(B, hq, sq), dtype=f32)
+    dq4, dk4, dv4, delta = grad_buffers(xp, B, hq, hkv, sq, sk, dp, f32)
+    delta[...] = (do4 * o4).sum(axis=-1)
+    acc = xp.zeros((B, hq, sq, dp), dtype=f32)
+    kernel(grid=(grid_x, hkv, B), block=(threads,),
+           args=(q4, k4, v4, do4, lse3, delta, acc, dk4, dv4, i32(hq), i32(prob.group),
+                 i32(sq), i32(sk), f32(prob.scale), *_params.option_args(xp, prob)),
+           shared_mem=smem)
+    xp.multiply(acc, f32(prob.scale), out=dq4)
+    return (unpad(xp, dq4, prob.d, q.shape), unpad(xp, dk4, prob.d, k.shape),
+            unpad(xp, dv4, prob.dv, v.shape))
+
+
 def unpad(xp, x, w, shape):
     """The first ``w`` columns of a padded (..., dp) result, as ``shape`` (a copy only where
     padded)."""
@@ -276,6 +310,11 @@ def _backward(prob, dout, q, k, v, out, lse, deterministic, config, dq_config):
     block_mask = prob.block_mask
     sparse = block_mask is not None
     dp = _sparse_dim(prob) if sparse else _common_dim(prob)
+    mods = _params.has_score_mods(prob)
+    if simt:
+        sb = SIMT_BLOCK
+        return float32_backward(prob, dout, q, k, v, out, lse, dp, get_simt_kernel(dp, mods),
+                                (prob.sk + sb - 1) // sb, 128, simt_smem_bytes(dp))
     if sparse:
         bm_cfg, bm_dq_cfg = block_mask_configs(dp, block_mask.block_size)
         cfg = tuple(config) if config is not None else bm_cfg
@@ -290,7 +329,6 @@ def _backward(prob, dout, q, k, v, out, lse, deterministic, config, dq_config):
     else:
         cfg = tuple(config) if config is not None else CONFIGS[dp]
         dq_cfg = tuple(dq_config) if dq_config is not None else DQ_CONFIGS[dp]
-    mods = _params.has_score_mods(prob)
     B, hq, hkv, sq, sk = math.prod(prob.batch), prob.hq, prob.hkv, prob.sq, prob.sk
     dtype = q.dtype
 
@@ -311,10 +349,7 @@ def _backward(prob, dout, q, k, v, out, lse, deterministic, config, dq_config):
     null = np.uint64(0)
     i32, f32 = np.int32, np.float32
 
-    if simt:
-        delta[...] = (do4 * o4).sum(axis=-1)
-    else:
-        run_delta(tn, o4, do4, delta, dp)
+    run_delta(tn, o4, do4, delta, dp)
 
     opt_args = _params.option_args(xp, prob)
     acc = None if deterministic else xp.zeros((B, hq, sq, dp), dtype=xp.float32)
@@ -328,15 +363,6 @@ def _backward(prob, dout, q, k, v, out, lse, deterministic, config, dq_config):
             i32(hq), i32(prob.group), i32(sq), i32(sk), f32(prob.scale), *opt_args,
         )
 
-    if simt:
-        sb = SIMT_BLOCK
-        get_simt_kernel(dp, mods)(
-            grid=((sk + sb - 1) // sb, hkv, B), block=(128,),
-            args=(q4, k4, v4, do4, lse3, delta, acc, dk4, dv4, *args(null, null)[10:]),
-            shared_mem=simt_smem_bytes(dp))
-        xp.multiply(acc, f32(prob.scale), out=dq4)
-        return (unpad(xp, dq4, d, q.shape), unpad(xp, dk4, d, k.shape),
-                unpad(xp, dv4, dvd, v.shape))
     dc, nw, _, _ = cfg
     bn = 16 * nw
     main = get_kernel(tn, dp, cfg, mods, not deterministic, sparse)

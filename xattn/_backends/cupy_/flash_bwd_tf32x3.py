@@ -27,12 +27,11 @@ way.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from . import _params, instances
 from ._compile import compiled_function
+from .flash_bwd import float32_backward
 
 __all__ = ["CONFIGS", "EXTRA", "HEAD_DIMS", "backward", "built", "check_config",
            "get_kernel", "padded_dim", "request_reason", "smem_bytes"]
@@ -144,39 +143,9 @@ def backward(prob, dout, q, k, v, out, lse, *, deterministic=False, config=None,
 
 
 def _backward(prob, dout, q, k, v, out, lse, dp, cfg):
-    import cupy as xp
-
-    from .flash_bwd import unpad
-
-    d, dvd = prob.d, prob.dv
-    B, hq, hkv, sq, sk = math.prod(prob.batch), prob.hq, prob.hkv, prob.sq, prob.sk
-    f32, i32 = xp.float32, np.int32
-    if B * hq * sq == 0 or sk == 0:
-        # Nothing to differentiate through: queries without keys have zero gradients.
-        return (xp.zeros(q.shape, dtype=f32), xp.zeros(k.shape, dtype=f32),
-                xp.zeros(v.shape, dtype=f32))
-
-    def prep(x, h, s):
-        return _params.operand(xp, x, B, h, s, dp, f32)
-
-    q4, k4, v4 = prep(q, hq, sq), prep(k, hkv, sk), prep(v, hkv, sk)
-    do4, o4 = prep(dout, hq, sq), prep(out, hq, sq)
-    lse3 = xp.ascontiguousarray(lse.reshape(B, hq, sq), dtype=f32)
-    delta = (do4 * o4).sum(axis=-1)
-    dq4 = xp.empty((B, hq, sq, dp), dtype=f32)
-    dk4 = xp.empty((B, hkv, sk, dp), dtype=f32)
-    dv4 = xp.empty((B, hkv, sk, dp), dtype=f32)
-    if _params.poison():
-        _params.fill_poison(xp, dq4, dk4, dv4)
-    acc = xp.zeros((B, hq, sq, dp), dtype=f32)
-
     dc, nw, _ = cfg
     bn = 16 * nw
     kernel = get_kernel(dp, cfg, _params.has_score_mods(prob))
-    kernel(grid=(((sk + bn - 1) // bn) * (dp // dc), hkv, B), block=(nw * 32,),
-           args=(q4, k4, v4, do4, lse3, delta, acc, dk4, dv4, i32(hq), i32(prob.group),
-                 i32(sq), i32(sk), np.float32(prob.scale), *_params.option_args(xp, prob)),
-           shared_mem=smem_bytes(dp, cfg))
-    xp.multiply(acc, np.float32(prob.scale), out=dq4)
-    return (unpad(xp, dq4, d, q.shape), unpad(xp, dk4, d, k.shape),
-            unpad(xp, dv4, dvd, v.shape))
+    return float32_backward(prob, dout, q, k, v, out, lse, dp, kernel,
+                            ((prob.sk + bn - 1) // bn) * (dp // dc), nw * 32,
+                            smem_bytes(dp, cfg))
