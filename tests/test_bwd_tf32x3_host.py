@@ -77,7 +77,20 @@ def test_instances_are_shipped_with_the_switch_on(monkeypatch):
                 assert name in shipped and name not in extra
 
 
-def test_configurations_and_shared_memory():
+def test_d128_takes_four_warps_where_shared_memory_holds_them(monkeypatch):
+    """instances.TF32X3_BWD_LARGE_SMEM: D = 128's 4-warp tile (179 KiB) on Hopper's 227 KiB,
+    the 2-warp default (107 KiB) on an A100's 163 KiB; config= overrides either."""
+    monkeypatch.setattr(_params, "max_smem_per_block", lambda: 227 * 1024)
+    assert x3b.check_config(128, None) == (64, 4, 16)
+    assert x3b.check_config(128, (64, 2, 16)) == (64, 2, 16)  # config= overrides it
+    monkeypatch.setattr(_params, "max_smem_per_block", lambda: A100_SMEM)
+    assert x3b.check_config(128, None) == (64, 2, 16)
+    with pytest.raises(ValueError, match=r"needs 182912 bytes .* allows 166912"):
+        x3b.check_config(128, (64, 4, 16))  # a clear error, not a failed launch
+
+
+def test_configurations_and_shared_memory(monkeypatch):
+    monkeypatch.setattr(_params, "max_smem_per_block", lambda: A100_SMEM)
     assert x3b.HEAD_DIMS == (64, 128)
     assert x3b.padded_dim(32) == 64 and x3b.padded_dim(96) == 128 and x3b.padded_dim(129) is None
     # K, V: 64 keys of 2 * 64 + 16 floats; Q, dO: 16 rows; dS 16 x (128 + 8); lse, delta.

@@ -102,8 +102,9 @@ def get_kernel(d: int, cfg, mods: bool):
 
 def check_config(dp: int, config):
     """The configuration to launch at padded head dim ``dp``: ``config`` (one of those built,
-    :func:`built`), else :data:`instances.TF32X3_BWD_LARGE_SMEM`'s where the current device's
-    shared memory holds it, else the default."""
+    :func:`built`, that fits the device's shared memory: ValueError otherwise), else
+    :data:`instances.TF32X3_BWD_LARGE_SMEM`'s where the device's shared memory holds it, else
+    the default."""
     if config is None:
         large = instances.TF32X3_BWD_LARGE_SMEM.get(dp)
         if large is not None and smem_bytes(dp, large) <= _params.max_smem_per_block():
@@ -113,6 +114,10 @@ def check_config(dp: int, config):
     if cfg not in built(dp):
         raise ValueError(f"config: {WHAT} builds (columns per CTA, warps, query rows) in "
                          f"{list(built(dp))} at head dim {dp}, got {cfg}")
+    need, have = smem_bytes(dp, cfg), _params.max_smem_per_block()
+    if need > have:
+        raise ValueError(f"config={cfg}: {WHAT} needs {need} bytes of shared memory per block "
+                         f"at head dim {dp}, this device allows {have}")
     return cfg
 
 
