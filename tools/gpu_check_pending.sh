@@ -9,7 +9,7 @@
 #   bash tools/gpu_check_pending.sh profile (< 3 min): Nsight Compute on issue 11's window row
 #       (tools/gpu_fwd_short.py --profile: modes 203 / 235 and the two-consumer default), the
 #       sections that say where the time goes (speed of light, warp states, occupancy,
-#       scheduler), --clock-control none: why the window forward stays at FlexAttention's
+#       scheduler, pipe utilisation and instruction mix), --clock-control none: why the window forward stays at FlexAttention's
 #       speed and why the persistent schedule loses there
 #   bash tools/gpu_check_pending.sh bench   (< 5 min): the tables of issues 11 and 12 again
 #       (benchmarks/gpu_flash.py --quick --only fwd,bwd,fp32,window; benchmarks/gpu_decode.py),
@@ -47,6 +47,7 @@ profile)
         TAIL=120 step ncu_window 150 "$NCU" --clock-control none -k regex:flash_fwd_sm90 \
             --section SpeedOfLight --section WarpStateStats --section Occupancy \
             --section SchedulerStats --section LaunchStats \
+            --section ComputeWorkloadAnalysis --section InstructionStats \
             $PY tools/gpu_fwd_short.py --profile
     else
         echo "ncu not found"
