@@ -266,6 +266,11 @@ __device__ __forceinline__ void bm_elements(float (&s)[BN / 2], const FwdArgsMod
     (void)qb, (void)kc, (void)pblk;
 }
 
+// Eighths of the exponentials that softmax_rows takes on the FMA pipe (ex2_fma): 0 = none.
+#ifndef XATTN90_EX2_FMA
+#define XATTN90_EX2_FMA 0
+#endif
+
 template <bool B>
 struct bool_c {
     static constexpr bool value = B;
@@ -296,7 +301,11 @@ __device__ __forceinline__ void softmax_rows(float (&s)[BN / 2], float (&m)[2], 
         for (int n = 0; n < NS; ++n)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                const float p = ex2(fmaf(s[n * 4 + hr * 2 + e], sl2, -m_use));
+                // Chunks n spread evenly, XATTN90_EX2_FMA of every 8 (n is unrolled: the
+                // choice is made at compile time).
+                const float x = fmaf(s[n * 4 + hr * 2 + e], sl2, -m_use);
+                const float p = ((n + 1) * XATTN90_EX2_FMA / 8 != n * XATTN90_EX2_FMA / 8)
+                                    ? ex2_fma(x) : ex2(x);
                 s[n * 4 + hr * 2 + e] = p;
                 rs += p;
             }
