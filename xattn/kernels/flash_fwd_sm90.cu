@@ -270,6 +270,14 @@ __device__ __forceinline__ void bm_elements(float (&s)[BN / 2], const FwdArgsMod
 #ifndef XATTN90_EX2_FMA
 #define XATTN90_EX2_FMA 0
 #endif
+// Lazy rescaling (0 = off): a row's running max moves only when a tile's max exceeds it by more
+// than this many powers of two, so after a row's first tiles alpha is exactly 1 and the warp
+// skips rescaling its output (consumer_take_p). P then stays below 2^XATTN90_LAZY, which the
+// 16-bit P and the float32 sums hold with their relative precision unchanged; out and lse are
+// the same quantities (acc / l, m + log2 l).
+#ifndef XATTN90_LAZY
+#define XATTN90_LAZY 0
+#endif
 
 template <bool B>
 struct bool_c {
@@ -292,9 +300,16 @@ __device__ __forceinline__ void softmax_rows(float (&s)[BN / 2], float (&m)[2], 
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         // A row with nothing visible so far keeps -inf and exponentiates against 0, so every
         // p is exactly 0 (no inf - inf).
+#if XATTN90_LAZY > 0
+        // -inf + LAZY is -inf: a row's first visible score always sets its max.
+        const float m_new = mx * sl2 > m[hr] + (float)XATTN90_LAZY ? mx * sl2 : m[hr];
+        const float m_use = m_new == -XATTN_INF ? 0.f : m_new;
+        alpha[hr] = m_new == m[hr] ? 1.f : ex2(m[hr] - m_use);
+#else
         const float m_new = fmaxf(m[hr], mx * sl2);
         const float m_use = m_new == -XATTN_INF ? 0.f : m_new;
         alpha[hr] = ex2(m[hr] - m_use);
+#endif
         m[hr] = m_new;
         float rs = 0.f;
 #pragma unroll
@@ -677,7 +692,10 @@ template <int BN, int D>
 __device__ __forceinline__ void consumer_take_p(float (&acc)[D / 2], const float (&alpha)[2],
                                                 unsigned (&pp)[BN / 16][4],
                                                 const unsigned (&pn)[BN / 16][4]) {
-    rescale<D>(acc, alpha);
+#if XATTN90_LAZY > 0
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f))
+#endif
+        rescale<D>(acc, alpha);
 #pragma unroll
     for (int j = 0; j < BN / 16; ++j)
 #pragma unroll
