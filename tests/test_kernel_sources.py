@@ -124,3 +124,24 @@ def test_sm90_cubins_are_cached_on_disk(tmp_path, monkeypatch):
     assert calls == [("-DA=1",), ("-DA=2",), ("-DA=1",)]
     assert p1.parent == tmp_path / "cache" and p1.read_bytes() == b"cubin of src-DA=1"
     assert not list(p1.parent.glob("*.tmp"))
+
+
+@pytest.mark.skipif(_tool().find_nvcc() is None, reason="nvcc not found")
+@pytest.mark.parametrize("d,config", [(64, (64, 1, 203)), (64, (64, 1, 235)), (64, (64, 3, 75)),
+                                      (128, (128, 2, 75))])
+def test_sm90_forward_switch_builds_compile_without_spills(d, config, tmp_path):
+    """The Hopper forward's experimental switches (XATTN90_EDGE_ROWS, XATTN90_LAZY; off in the
+    shipped build, timed by tools/gpu_fwd_variants.py) still compile, spill-free."""
+    from xattn._backends.cupy_ import _compile, instances
+
+    inst = instances.sm90("f16", d, config)
+    src = tmp_path / "k.cu"
+    src.write_text(_compile.source(inst.source)
+                   + "".join(_compile._repository_file(f) for f in inst.includes))
+    proc = subprocess.run([_tool().find_nvcc(), "-std=c++17", "-arch=sm_90a", "-cubin",
+                           "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"), *inst.defines,
+                           "-DXATTN90_EDGE_ROWS=1", "-DXATTN90_LAZY=8", str(src)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = _tool().parse_ptxas(proc.stderr)
+    assert res and all(r["spill_st"] == r["spill_ld"] == 0 for r in res.values()), res

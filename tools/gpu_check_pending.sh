@@ -1,27 +1,29 @@
 #!/usr/bin/env bash
-# What waits for a device (updated 2026-12-06), each part one device call. Needs a compute
-# capability 9.0 GPU. Logs under $OUT/pending/ (or a temp dir).
-#   bash tools/gpu_check_pending.sh tests   (< 6 min): what changed after the last whole-suite
-#       run -- the float32 backward's default moved to the 3xTF32 kernel
-#       (instances.TF32X3_BWD_ON): tests/gpu/test_gpu_entries.py (its backward on every option
-#       case), test_gpu_flash_tf32x3.py (the float32 backward fed by 3xTF32 under the strict
-#       rule), test_gpu_flash_bwd.py and test_gpu_flash_bwd_tf32x3.py
+# What waits for a device (updated 2026-12-06, second session), each part one device call.
+# Needs a compute capability 9.0 GPU. Logs under $OUT/pending/ (or a temp dir).
+#   bash tools/gpu_check_pending.sh switches (< 7 min): the Hopper forward's experimental
+#       switches (XATTN90_EDGE_ROWS: edge tiles masked by each row's key interval; XATTN90_LAZY:
+#       lazy rescaling): tests/gpu/test_gpu_fwd_switches.py (EDGE_ROWS bit for bit against the
+#       shipped build, LAZY against float64), then tools/gpu_fwd_variants.py (each build beside
+#       the shipped one and FlexAttention on issue 11's window row): whether to turn one on
 #   bash tools/gpu_check_pending.sh profile (< 3 min): Nsight Compute on issue 11's window row
 #       (tools/gpu_fwd_short.py --profile: modes 203 / 235 and the two-consumer default), the
 #       sections that say where the time goes (speed of light, warp states, occupancy,
-#       scheduler, pipe utilisation and instruction mix), --clock-control none: why the window forward stays at FlexAttention's
-#       speed and why the persistent schedule loses there
+#       scheduler, pipe utilisation and instruction mix), --clock-control none (H100,
+#       2026-12-06: issue slots 45 % busy, no eligible warp 55 % of cycles, 2.4 warps a
+#       scheduler; ALU the busiest pipe at 37 %)
 #   bash tools/gpu_check_pending.sh bench   (< 5 min): the tables of issues 11 and 12 again
 #       (benchmarks/gpu_flash.py --quick --only fwd,bwd,fp32,window; benchmarks/gpu_decode.py),
 #       on an H200 when one is lent
 #   bash tools/gpu_check_pending.sh san     (< 4 min): memcheck and racecheck on the TMA
 #       backward entries with their window twins and on every one-consumer forward entry
 #       (clean on an H100, 2026-12-06)
-# Then the whole suite in two calls (bash tools/gpu_suite.sh 1, then 2).
+# The whole suite passed on an H100 on 2026-12-06 (bash tools/gpu_suite.sh 1, then 2) with the
+# 3xTF32 float32 backward on; run it again after a switch is turned on.
 NAME=pending
 # shellcheck source=tools/gpu_lib.sh
 . "$(dirname "$0")/gpu_lib.sh"
-what="${1:-tests}"
+what="${1:-switches}"
 XDIST=$(xdist 12)
 export PYTHONPATH="$PWD/tools:$PYTHONPATH" XATTN_FAILS_FILE="$LOG/failures.txt"
 
@@ -32,11 +34,11 @@ step() {  # step NAME SECONDS COMMAND...: gpu_step with the log named after the 
 }
 
 case "$what" in
-tests)
+switches)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-    step tests 330 $PY -m pytest -m gpu -q -p no:cacheprovider $XDIST -rs --tb=short \
-        -p pytest_failures_now tests/gpu/test_gpu_entries.py tests/gpu/test_gpu_flash_tf32x3.py \
-        tests/gpu/test_gpu_flash_bwd.py tests/gpu/test_gpu_flash_bwd_tf32x3.py
+    step switches_tests 200 $PY -m pytest -m gpu -q -p no:cacheprovider $XDIST -rs --tb=short \
+        -p pytest_failures_now tests/gpu/test_gpu_fwd_switches.py
+    TAIL=16 step switches_bench 200 $PY tools/gpu_fwd_variants.py
     ;;
 profile)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -75,7 +77,7 @@ san)
     fi
     ;;
 *)
-    echo "usage: bash tools/gpu_check_pending.sh tests|profile|bench|san"
+    echo "usage: bash tools/gpu_check_pending.sh switches|profile|bench|san"
     exit 2
     ;;
 esac

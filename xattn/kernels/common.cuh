@@ -69,20 +69,6 @@ __device__ __forceinline__ float ex2(float x) {
     return y;
 }
 
-// 2^x for x <= 0 on the FMA pipe instead of the special-function unit (MUFU), whose 16
-// results per clock per SM are as slow as the tensor cores' products at head dim 64: a kernel
-// may take some of its exponentials here. x = j + f with j = round(x) (the 1.5 * 2^23 shift
-// leaves j in t's low mantissa bits) and f in [-0.5, 0.5]; 2^f by a degree-3 polynomial
-// (relative error 7.5e-5, under a 16-bit P's rounding), then j added to its exponent field. x
-// below -126 (a hidden score's -inf included) gives exactly 0, as ex2.approx.ftz does.
-__device__ __forceinline__ float ex2_fma(float x) {
-    const float t = x + 12582912.f;
-    const float f = x - (t - 12582912.f);
-    const float p = fmaf(fmaf(fmaf(0.05517167f, f, 0.24261115f), f, 0.69326097f), f, 0.99992806f);
-    const float y = __uint_as_float(__float_as_uint(p) + (__float_as_uint(t) << 23));
-    return x < -126.f ? 0.f : y;
-}
-
 // Float32 add into global memory without a return value (RED, not ATOM).
 __device__ __forceinline__ void red_add(float* p, float x) {
     asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(p), "f"(x) : "memory");

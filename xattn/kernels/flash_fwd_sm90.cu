@@ -234,12 +234,44 @@ __device__ __forceinline__ void mask_elements(float (&s)[BN / 2], const A& a, in
     }
 }
 
+// Masking by each row's interval of visible keys (masking.cuh's xattn_visible_keys): per score
+// two comparisons of a compile-time key offset with the row's bounds, instead of the whole
+// rule with its options read per score. EXPERIMENTAL (XATTN90_EDGE_ROWS = 1): an edge tile of
+// a short window or a causal diagonal costs about 350 instructions a warp the other way, a
+// fifth of the window forward's instructions (Nsight Compute, H100, 2026-12-06).
+#ifndef XATTN90_EDGE_ROWS
+#define XATTN90_EDGE_ROWS 0
+#endif
+template <int BN, class A>
+__device__ __forceinline__ void mask_rows(float (&s)[BN / 2], const A& a, int wq0, int k0,
+                                          int warp, int g, int t4) {
+    const int base = k0 + 2 * t4;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        int lo, hi;
+        xattn_visible_keys(wq0 + warp * 16 + g + 8 * hr, a.sk - a.sq, a.sk, a.causal, a.wl,
+                           a.wr, lo, hi);
+        lo -= base;
+        hi -= base;
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+                if (8 * n + e < lo || 8 * n + e >= hi) s[n * 4 + hr * 2 + e] = -XATTN_INF;
+    }
+}
+
 // The element test only where the tile needs it (rows [wq0, wq1) against keys k0..k0+BN).
 template <int BN, class A>
 __device__ __forceinline__ void mask_tile(float (&s)[BN / 2], const A& a, int wq0,
                                           int wq1, int k0, int warp, int g, int t4) {
-    if (xattn_tile_needs_test(wq0, wq1, k0, BN, a.sk - a.sq, a.sk, a.causal, a.wl, a.wr))
+    if (xattn_tile_needs_test(wq0, wq1, k0, BN, a.sk - a.sq, a.sk, a.causal, a.wl, a.wr)) {
+#if XATTN90_EDGE_ROWS
+        mask_rows<BN>(s, a, wq0, k0, warp, g, t4);
+#else
         mask_elements<BN, false>(s, a, wq0, k0, warp, g, t4);
+#endif
+    }
 }
 
 // The score modifications on every score of a tile (the _mods entries): the caller then runs
@@ -266,10 +298,6 @@ __device__ __forceinline__ void bm_elements(float (&s)[BN / 2], const FwdArgsMod
     (void)qb, (void)kc, (void)pblk;
 }
 
-// Eighths of the exponentials that softmax_rows takes on the FMA pipe (ex2_fma): 0 = none.
-#ifndef XATTN90_EX2_FMA
-#define XATTN90_EX2_FMA 0
-#endif
 // Lazy rescaling (0 = off): a row's running max moves only when a tile's max exceeds it by more
 // than this many powers of two, so after a row's first tiles alpha is exactly 1 and the warp
 // skips rescaling its output (consumer_take_p). P then stays below 2^XATTN90_LAZY, which the
@@ -316,11 +344,7 @@ __device__ __forceinline__ void softmax_rows(float (&s)[BN / 2], float (&m)[2], 
         for (int n = 0; n < NS; ++n)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                // Chunks n spread evenly, XATTN90_EX2_FMA of every 8 (n is unrolled: the
-                // choice is made at compile time).
-                const float x = fmaf(s[n * 4 + hr * 2 + e], sl2, -m_use);
-                const float p = ((n + 1) * XATTN90_EX2_FMA / 8 != n * XATTN90_EX2_FMA / 8)
-                                    ? ex2_fma(x) : ex2(x);
+                const float p = ex2(fmaf(s[n * 4 + hr * 2 + e], sl2, -m_use));
                 s[n * 4 + hr * 2 + e] = p;
                 rs += p;
             }

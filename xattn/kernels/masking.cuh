@@ -107,6 +107,22 @@ __device__ __forceinline__ bool xattn_visible(int qi, int kj, int off, int sk, i
            (wr < 0 || dpos <= wr);
 }
 
+// The keys that query qi sees, as one interval: for every kj >= 0, xattn_visible(qi, kj, ...)
+// holds exactly when lo <= kj < hi (lo, hi in [0, sk]; hi <= lo: none). An edge tile then
+// compares each score's key with two bounds per row instead of evaluating the whole rule
+// (tests/test_masking_cuh.py checks the equivalence, compiled for the host). The sums are
+// 64-bit so that no window side overflows them.
+__device__ __forceinline__ void xattn_visible_keys(int qi, int off, int sk, int causal, int wl,
+                                                   int wr, int& lo, int& hi) {
+    const long long p = (long long)qi + off;
+    long long l = 0, h = sk;
+    if (wl >= 0) l = p - wl > 0 ? p - wl : 0;
+    if (causal) h = p + 1 < h ? p + 1 : h;
+    if (wr >= 0) h = p + wr + 1 < h ? p + wr + 1 : h;
+    lo = (int)(l < sk ? l : sk);
+    hi = (int)(h > 0 ? h : 0);
+}
+
 // Query blocks [qb0, qb1) of size bm that may see some key of [k0, k1) (a superset): the inverse
 // of xattn_key_blocks, used by the backward pass's key-block-parallel loop. Query i sees key j
 // only if j <= i + off (causal), i + off - wl <= j (left side) and j <= i + off + wr (right side).
