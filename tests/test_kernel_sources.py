@@ -130,8 +130,10 @@ def test_sm90_cubins_are_cached_on_disk(tmp_path, monkeypatch):
 @pytest.mark.parametrize("d,config", [(64, (64, 1, 203)), (64, (64, 1, 235)), (64, (64, 3, 75)),
                                       (128, (128, 2, 75))])
 def test_sm90_forward_switch_builds_compile_without_spills(d, config, tmp_path):
-    """The Hopper forward's experimental switches (XATTN90_EDGE_ROWS, XATTN90_LAZY; off in the
-    shipped build, timed by tools/gpu_fwd_variants.py) still compile, spill-free."""
+    """The Hopper forward's experimental switches (XATTN90_EDGE_ROWS, XATTN90_LAZY,
+    XATTN90_NWG1_BLOCKS; off in the shipped build, timed by tools/gpu_fwd_variants.py) still
+    compile, spill-free; three blocks an SM give the (64, 1, 203) entry 80 registers a thread
+    at launch."""
     from xattn._backends.cupy_ import _compile, instances
 
     inst = instances.sm90("f16", d, config)
@@ -140,8 +142,11 @@ def test_sm90_forward_switch_builds_compile_without_spills(d, config, tmp_path):
                    + "".join(_compile._repository_file(f) for f in inst.includes))
     proc = subprocess.run([_tool().find_nvcc(), "-std=c++17", "-arch=sm_90a", "-cubin",
                            "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"), *inst.defines,
-                           "-DXATTN90_EDGE_ROWS=1", "-DXATTN90_LAZY=8", str(src)],
+                           "-DXATTN90_EDGE_ROWS=1", "-DXATTN90_LAZY=8",
+                           "-DXATTN90_NWG1_BLOCKS=3", str(src)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = _tool().parse_ptxas(proc.stderr)
     assert res and all(r["spill_st"] == r["spill_ld"] == 0 for r in res.values()), res
+    if (d, config) == (64, (64, 1, 203)):
+        assert all(r["regs"] == 80 for r in res.values()), res

@@ -3,7 +3,8 @@
 # Needs a compute capability 9.0 GPU. Logs under $OUT/pending/ (or a temp dir).
 #   bash tools/gpu_check_pending.sh switches (< 7 min): the Hopper forward's experimental
 #       switches (XATTN90_EDGE_ROWS: edge tiles masked by each row's key interval; XATTN90_LAZY:
-#       lazy rescaling): tests/gpu/test_gpu_fwd_switches.py (EDGE_ROWS bit for bit against the
+#       lazy rescaling; XATTN90_NWG1_BLOCKS=3: three blocks an SM for the window row's entry):
+#       tests/gpu/test_gpu_fwd_switches.py (EDGE_ROWS and NWG1_BLOCKS bit for bit against the
 #       shipped build, LAZY against float64), then tools/gpu_fwd_variants.py (each build beside
 #       the shipped one and FlexAttention on issue 11's window row): whether to turn one on
 #   bash tools/gpu_check_pending.sh profile (< 3 min): Nsight Compute on issue 11's window row

@@ -3,8 +3,8 @@ beside the shipped build in one process: which switch to turn on.
 
 Usage (on a compute capability 9.0 GPU with CuPy, torch and triton)::
 
-    python3 tools/gpu_fwd_variants.py [--variants base,EDGE_ROWS,LAZY=8,EDGE_ROWS+LAZY=8]
-                                      [--rounds 2] [--no-flex]
+    python3 tools/gpu_fwd_variants.py [--variants base,EDGE_ROWS,...] [--rounds 2]
+                                      [--no-flex]
 
 A variant is ``base`` (the shipped build) or ``+``-joined ``NAME[=VALUE]`` switches of the
 kernel file, ``XATTN90_`` left out (VALUE 1 when omitted):
@@ -12,7 +12,10 @@ kernel file, ``XATTN90_`` left out (VALUE 1 when omitted):
 - ``EDGE_ROWS``: edge tiles masked against each row's interval of visible keys
   (``mask_rows``), two comparisons a score instead of the whole rule;
 - ``LAZY=t``: a row's running max moves only when a tile raises it by more than 2^t, so most
-  tiles skip rescaling the output accumulator.
+  tiles skip rescaling the output accumulator;
+- ``NWG1_BLOCKS=3``: three thread blocks an SM for the one-consumer D = 64 entry with 64-key
+  tiles (the window row's), instead of two (the kernel names the entries it applies to). The
+  occupancy each build gets is printed.
 
 Each variant builds the same entries with those defines (the launcher's instance is patched in
 this process only; every cubin is compiled first, in parallel) and runs issue 11's window row
@@ -156,7 +159,8 @@ def flex_tflops(tq, window, fl):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", default="base,EDGE_ROWS,LAZY=8,EDGE_ROWS+LAZY=8")
+    ap.add_argument("--variants", default="base,EDGE_ROWS,LAZY=8,NWG1_BLOCKS=3,"
+                    "NWG1_BLOCKS=3+EDGE_ROWS,NWG1_BLOCKS=3+EDGE_ROWS+LAZY=8")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--no-flex", action="store_true")
     args = ap.parse_args(argv)
@@ -202,6 +206,13 @@ def main(argv=None):
 
                 if rnd == 0:
                     out, _ = run()
+                    fn = k90.get_kernel("f16", prob.d, cfg)
+                    try:
+                        occ = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
+                            fn.kernel.ptr, k90.threads(cfg), k90.smem_bytes(prob.d, cfg))
+                    except Exception as exc:  # noqa: BLE001 - a report, not a check
+                        occ = f"unknown ({exc!r:.80})"
+                    print(f"{v} {name} cfg={cfg}: {occ} blocks an SM", flush=True)
                     if v == variants[0]:
                         base[name] = out.astype(cp.float32)
                     acc[name, v] = (float(cp.abs(out.astype(cp.float32) - base[name]).max()),

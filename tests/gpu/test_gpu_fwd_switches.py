@@ -6,6 +6,9 @@ turn it on (needs CuPy and a cc 9.0 GPU):
   scores become -inf, so the output and lse must equal the shipped build's bit for bit.
 - ``XATTN90_LAZY``: the running max moves only by more than 2^t. Other roundings, so the output
   is checked against the float64 oracle with the usual 16-bit tolerance.
+- ``XATTN90_NWG1_BLOCKS=3``: three thread blocks an SM for the one-consumer D = 64 entry with
+  64-key tiles (80 registers a thread at launch, 136 for the consumer). The same arithmetic,
+  so bit for bit again.
 """
 
 from __future__ import annotations
@@ -111,3 +114,17 @@ def test_lazy_rescale_with_growing_scores(switched):
     assert_close(out, ref, xp=cp, dtype=q.dtype, naive=naive_attention(q, k, v, causal=True),
                  name="out")
     assert_close(lse, ref_lse, xp=cp, dtype=np.float32, atol=2e-3, rtol=1e-3, name="lse")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_three_blocks_an_sm_equal_the_shipped_build_bitwise(switched, case):
+    config = (64, 1, 203)
+    _, out0, lse0 = _run(case, 64, config)
+    switched([("XATTN90_NWG1_BLOCKS", 3)])
+    _, out1, lse1 = _run(case, 64, config)
+    assert cp.array_equal(out0, out1), case
+    assert cp.array_equal(lse0, lse1, equal_nan=True), case
+    fn = flash_sm90.get_kernel("f16", 64, config)
+    blocks = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
+        fn.kernel.ptr, flash_sm90.threads(config), flash_sm90.smem_bytes(64, config))
+    assert blocks == 3, blocks

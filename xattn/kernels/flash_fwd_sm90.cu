@@ -763,6 +763,25 @@ __device__ __forceinline__ void consumer_last_pv(float (&acc)[D / 2],
 // warpgroup's GEMMs execute.
 // MODS / SPARSE (the _mods / _bm entries, A = FwdArgsMods): the score modifications on every
 // visited tile, the block mask's walk; the plain entries (A = FwdArgs) compile neither.
+// Thread blocks an SM for the one-consumer entries (NWG = 1, 256 threads): 2, or with
+// XATTN90_NWG1_BLOCKS = 3 (EXPERIMENTAL) 3 for D = 64 with 64-key tiles -- the one such entry
+// whose shared memory (57 KiB) fits three times and whose consumer fits the 136 registers
+// left (ptxas 13.0: no spills; 128-key tiles need more); the others keep 2. A third block's
+// consumer beside the two, since the window forward waits on latency with two (Nsight
+// Compute, H100: no eligible warp in 55 % of the cycles).
+#ifndef XATTN90_NWG1_BLOCKS
+#define XATTN90_NWG1_BLOCKS 2
+#endif
+__host__ __device__ constexpr int nwg1_blocks(int d, int bn) {
+    return d == 64 && bn == 64 ? XATTN90_NWG1_BLOCKS : 2;
+}
+// The consumer's registers after setmaxnreg: the launch gives each of a block's 256 threads
+// R = 65536 / (blocks * 256) registers, rounded down to a multiple of 8 (128 for two blocks,
+// 80 for three); the producer warpgroup keeps 24 and hands the rest to the consumer.
+__host__ __device__ constexpr int nwg1_consumer_regs(int blocks) {
+    return 2 * (65536 / (blocks * 256) / 8 * 8) - 24;
+}
+
 template <class T, int D, int BN, int NWG, bool PP, bool MODS = false, bool SPARSE = false,
           class A = FwdArgs>
 __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
@@ -779,7 +798,8 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
     // NWG = 1: two thread blocks per SM (launch bound 2: 128 registers a thread at launch, the
     // producer's 24 and the consumer's 232 sum to that), so that one block's serial chain of
     // Q K^T, softmax and P V runs beside the other's.
-    constexpr int CREGS = NWG == 1 ? 232 : NWG == 2 ? 240 : 160;
+    constexpr int CREGS =
+        NWG == 1 ? nwg1_consumer_regs(nwg1_blocks(D, BN)) : NWG == 2 ? 240 : 160;
     constexpr int WS_ST = 3;
     constexpr int BM = NWG * 64;
     constexpr int NC = NWG * 128;  // consumer threads
@@ -1372,7 +1392,8 @@ __device__ __forceinline__ void flash_fwd_sm90_mods_tma_mode(const FwdArgsModsTm
 // One more expansion level so that -D values expand before ## pastes them.
 #define XATTN90_ONE(TN, D, BN, NWG, OV) XATTN90_ENTRY(TN, D, BN, NWG, OV)
 #define XATTN90_TMA_ENTRY(TN, D, BN, NWG, OV)                                              \
-    extern "C" __global__ void __launch_bounds__((NWG + 1) * 128, NWG == 1 ? 2 : 1)        \
+    extern "C" __global__ void __launch_bounds__((NWG + 1) * 128,                          \
+                                    NWG == 1 ? xattn::sm90::nwg1_blocks(D, BN) : 1)        \
         flash_fwd_sm90_##TN##_d##D##_n##BN##_g##NWG##_o##OV(                                \
             const __grid_constant__ xattn::TmaDesc tk, const __grid_constant__ xattn::TmaDesc tv, \
             XATTN90_PARAMS) {                                                               \
@@ -1387,7 +1408,8 @@ __device__ __forceinline__ void flash_fwd_sm90_mods_tma_mode(const FwdArgsModsTm
 #define XATTN90_TMA_ONE(TN, D, BN, NWG, OV) XATTN90_TMA_ENTRY(TN, D, BN, NWG, OV)
 // Mode 203 (bit 7 on 75): the tensor map of Q after those of K and V.
 #define XATTN90_TMAQ_ENTRY(TN, D, BN, NWG, OV)                                             \
-    extern "C" __global__ void __launch_bounds__((NWG + 1) * 128, NWG == 1 ? 2 : 1)        \
+    extern "C" __global__ void __launch_bounds__((NWG + 1) * 128,                          \
+                                    NWG == 1 ? xattn::sm90::nwg1_blocks(D, BN) : 1)        \
         flash_fwd_sm90_##TN##_d##D##_n##BN##_g##NWG##_o##OV(                                \
             const __grid_constant__ xattn::TmaDesc tk, const __grid_constant__ xattn::TmaDesc tv, \
             const __grid_constant__ xattn::TmaDesc tq, XATTN90_PARAMS) {                    \
