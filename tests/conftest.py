@@ -11,6 +11,7 @@ import functools
 import importlib.util
 import math
 import os
+import shutil
 import subprocess
 import zlib
 from pathlib import Path
@@ -78,6 +79,24 @@ def compile_module(tmp_path, text, inst, archs=None, no_warnings=False):
             assert not warnings, warnings[:5]
         report.update(tool.parse_ptxas(out))
     return report
+
+
+HOST_CXX = shutil.which("c++") or shutil.which("g++")
+
+
+def host_program(tmp_path_factory, name, source):
+    """A kernel header's host harness: C++ ``source`` (xattn/kernels on the include path)
+    compiled with the host compiler, nvcc's own (``c++`` / ``g++``); the executable's path.
+    The test is skipped without one."""
+    if HOST_CXX is None:
+        pytest.skip("no host C++ compiler (c++ / g++)")
+    d = tmp_path_factory.mktemp(name)
+    src, exe = d / f"{name}.cpp", d / name
+    src.write_text(source)
+    kernels = Path(__file__).resolve().parents[1] / "xattn" / "kernels"
+    subprocess.run([HOST_CXX, "-std=c++17", "-O1", f"-I{kernels}", "-o", str(exe), str(src)],
+                   check=True, capture_output=True, text=True)
+    return exe
 
 
 def assert_no_spills(report):

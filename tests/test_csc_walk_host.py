@@ -11,15 +11,11 @@ host C++ compiler (``c++`` / ``g++``: nvcc's host compiler); skipped without one
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-KERNELS = Path(__file__).resolve().parents[1] / "xattn" / "kernels"
-CXX = shutil.which("c++") or shutil.which("g++")
+from conftest import host_program
 
 # The kernel's walk, as flash_bwd_sm90.cu runs it: the count, then per step `walk(i)`.
 PROGRAM = r"""
@@ -66,14 +62,7 @@ int main() {
 
 @pytest.fixture(scope="module")
 def walker(tmp_path_factory):
-    if CXX is None:
-        pytest.skip("no host C++ compiler")
-    d = tmp_path_factory.mktemp("csc")
-    src, exe = d / "walk.cpp", d / "walk"
-    src.write_text(PROGRAM)
-    subprocess.run([CXX, "-std=c++17", "-O1", f"-I{KERNELS}", "-o", str(exe), str(src)],
-                   check=True, capture_output=True)
-    return exe
+    return host_program(tmp_path_factory, "csc_walk", PROGRAM)
 
 
 def _partial_numbers(state):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import assert_no_spills, compile_module, needs_nvcc
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "check_kernels.py"
@@ -126,27 +128,24 @@ def test_sm90_cubins_are_cached_on_disk(tmp_path, monkeypatch):
     assert not list(p1.parent.glob("*.tmp"))
 
 
-@pytest.mark.skipif(_tool().find_nvcc() is None, reason="nvcc not found")
+@needs_nvcc
 @pytest.mark.parametrize("d,config", [(64, (64, 1, 203)), (64, (64, 1, 235)), (64, (64, 3, 75)),
                                       (128, (128, 2, 75))])
 def test_sm90_forward_switch_builds_compile_without_spills(d, config, tmp_path):
     """The Hopper forward's experimental switches (XATTN90_EDGE_ROWS, XATTN90_LAZY,
     XATTN90_NWG1_BLOCKS; off in the shipped build, timed by tools/gpu_fwd_variants.py) still
-    compile, spill-free; three blocks an SM give the (64, 1, 203) entry 80 registers a thread
-    at launch."""
+    compile without warnings or spills; three blocks an SM give the (64, 1, 203) entry 80
+    registers a thread at launch."""
     from xattn._backends.cupy_ import _compile, instances
 
     inst = instances.sm90("f16", d, config)
-    src = tmp_path / "k.cu"
-    src.write_text(_compile.source(inst.source)
-                   + "".join(_compile._repository_file(f) for f in inst.includes))
-    proc = subprocess.run([_tool().find_nvcc(), "-std=c++17", "-arch=sm_90a", "-cubin",
-                           "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"), *inst.defines,
-                           "-DXATTN90_EDGE_ROWS=1", "-DXATTN90_LAZY=8",
-                           "-DXATTN90_NWG1_BLOCKS=3", str(src)],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = _tool().parse_ptxas(proc.stderr)
-    assert res and all(r["spill_st"] == r["spill_ld"] == 0 for r in res.values()), res
+    inst = dataclasses.replace(inst, extra=inst.extra + (
+        ("XATTN90_EDGE_ROWS", 1), ("XATTN90_LAZY", 8), ("XATTN90_NWG1_BLOCKS", 3)))
+    text = _compile.source(inst.source) + "".join(_compile._repository_file(f)
+                                                  for f in inst.includes)
+    report = compile_module(tmp_path, text, inst, archs=[("compute_90a", "sm_90a")],
+                            no_warnings=True)
+    assert report
+    assert_no_spills(report)
     if (d, config) == (64, (64, 1, 203)):
-        assert all(r["regs"] == 80 for r in res.values()), res
+        assert all(r["regs"] == 80 for r in report.values()), report

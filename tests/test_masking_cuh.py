@@ -4,14 +4,13 @@ whole rule (``xattn_visible_keys``) must agree with ``xattn_visible`` on every k
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import numpy as np
 import pytest
+from conftest import host_program
 
 from xattn import _masking
-from xattn._backends.cupy_._compile import KERNEL_DIR
 
 HARNESS = r"""
 #include <algorithm>
@@ -64,16 +63,8 @@ int main() {
 
 @pytest.fixture(scope="module")
 def harness_output(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler (g++) to build masking.cuh for the host")
-    d = tmp_path_factory.mktemp("masking_cuh")
-    src, exe = d / "h.cpp", d / "h"
-    src.write_text(HARNESS)
-    subprocess.run([cxx, "-std=c++17", "-O1", f"-I{KERNEL_DIR}", "-o", str(exe), str(src)],
-                   check=True, capture_output=True, text=True)
-    proc = subprocess.run([str(exe)], capture_output=True, text=True)
-    return proc
+    exe = host_program(tmp_path_factory, "masking_cuh", HARNESS)
+    return subprocess.run([str(exe)], capture_output=True, text=True)
 
 
 def test_interval_equals_the_rule_on_every_key(harness_output):
