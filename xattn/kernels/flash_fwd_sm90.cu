@@ -745,24 +745,6 @@ __device__ __forceinline__ void consumer_last_pv(float (&acc)[D / 2],
     for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
 }
 
-// Warp-specialised schedule (mode bit 3, after FlashAttention-3): warpgroup 0 is a producer
-// that only copies K/V blocks into a ring of WS_ST stages (cp.async, 128-byte swizzle) and
-// gives its registers to the NWG consumer warpgroups (setmaxnreg); the consumers run the
-// overlap schedule of mode 3. Stage handoff by mbarriers, no __syncthreads in the loop:
-//   full[s]  (count 128, the producer threads): the producer waits for its cp.async group,
-//            makes it visible to the async proxy (fence.proxy.async) and arrives, one block
-//            behind its issue so two blocks are in flight;
-//   empty[s] (count 4 NWG, lane 0 of every consumer warp): arrived after the P V that last
-//            reads the stage has completed (V of block j - 1 is read in iteration j).
-// The producer waits on empty[s] only when it reuses stage s (block i, i >= WS_ST, waits for
-// block i - WS_ST's release, which the consumers give in iteration i - WS_ST + 1; they need
-// full of that block, which the producer gave at its step i - WS_ST + 2 <= i - 1 for WS_ST = 3).
-// PP (mode bit 4, two consumers): ping-pong. Named barriers 2 and 3 hand the tensor cores from
-// one consumer warpgroup to the other: a warpgroup issues S = Q K^T and its P V only in its
-// turn and passes the turn on right after the P V issue, so its softmax runs while the other
-// warpgroup's GEMMs execute.
-// MODS / SPARSE (the _mods / _bm entries, A = FwdArgsMods): the score modifications on every
-// visited tile, the block mask's walk; the plain entries (A = FwdArgs) compile neither.
 // Thread blocks an SM for the one-consumer entries (NWG = 1, 256 threads): 2, or with
 // XATTN90_NWG1_BLOCKS = 3 (EXPERIMENTAL) 3 for D = 64 with 64-key tiles -- the one such entry
 // whose shared memory (57 KiB) fits three times and whose consumer fits the 136 registers
@@ -782,6 +764,24 @@ __host__ __device__ constexpr int nwg1_consumer_regs(int blocks) {
     return 2 * (65536 / (blocks * 256) / 8 * 8) - 24;
 }
 
+// Warp-specialised schedule (mode bit 3, after FlashAttention-3): warpgroup 0 is a producer
+// that only copies K/V blocks into a ring of WS_ST stages (cp.async, 128-byte swizzle) and
+// gives its registers to the NWG consumer warpgroups (setmaxnreg); the consumers run the
+// overlap schedule of mode 3. Stage handoff by mbarriers, no __syncthreads in the loop:
+//   full[s]  (count 128, the producer threads): the producer waits for its cp.async group,
+//            makes it visible to the async proxy (fence.proxy.async) and arrives, one block
+//            behind its issue so two blocks are in flight;
+//   empty[s] (count 4 NWG, lane 0 of every consumer warp): arrived after the P V that last
+//            reads the stage has completed (V of block j - 1 is read in iteration j).
+// The producer waits on empty[s] only when it reuses stage s (block i, i >= WS_ST, waits for
+// block i - WS_ST's release, which the consumers give in iteration i - WS_ST + 1; they need
+// full of that block, which the producer gave at its step i - WS_ST + 2 <= i - 1 for WS_ST = 3).
+// PP (mode bit 4, two consumers): ping-pong. Named barriers 2 and 3 hand the tensor cores from
+// one consumer warpgroup to the other: a warpgroup issues S = Q K^T and its P V only in its
+// turn and passes the turn on right after the P V issue, so its softmax runs while the other
+// warpgroup's GEMMs execute.
+// MODS / SPARSE (the _mods / _bm entries, A = FwdArgsMods): the score modifications on every
+// visited tile, the block mask's walk; the plain entries (A = FwdArgs) compile neither.
 template <class T, int D, int BN, int NWG, bool PP, bool MODS = false, bool SPARSE = false,
           class A = FwdArgs>
 __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
@@ -797,7 +797,7 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
     // after setmaxnreg.dec within it: R0-R20 in the SASS of the _bm entries).
     // NWG = 1: two thread blocks per SM (launch bound 2: 128 registers a thread at launch, the
     // producer's 24 and the consumer's 232 sum to that), so that one block's serial chain of
-    // Q K^T, softmax and P V runs beside the other's.
+    // Q K^T, softmax and P V runs beside the other's (three with XATTN90_NWG1_BLOCKS, above).
     constexpr int CREGS =
         NWG == 1 ? nwg1_consumer_regs(nwg1_blocks(D, BN)) : NWG == 2 ? 240 : 160;
     constexpr int WS_ST = 3;
