@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# What waits for a device (updated 2026-12-06, second session), each part one device call.
+# What waits for a device (updated 2026-12-06, third session), each part one device call.
 # Needs a compute capability 9.0 GPU. Logs under $OUT/pending/ (or a temp dir).
-#   bash tools/gpu_check_pending.sh switches (< 7 min): the Hopper forward's experimental
-#       switches (XATTN90_EDGE_ROWS: edge tiles masked by each row's key interval; XATTN90_LAZY:
-#       lazy rescaling; XATTN90_NWG1_BLOCKS=3: three blocks an SM for the window row's entry):
-#       tests/gpu/test_gpu_fwd_switches.py (EDGE_ROWS and NWG1_BLOCKS bit for bit against the
-#       shipped build, LAZY against float64), then tools/gpu_fwd_variants.py (each build beside
-#       the shipped one and FlexAttention on issue 11's window row): whether to turn one on
+#   bash tools/gpu_check_pending.sh switches (< 4 min): the Hopper forward's compile-time
+#       switches (XATTN90_LAZY: lazy rescaling, off; XATTN90_NWG1_BLOCKS: blocks an SM for the
+#       window row's entry, 3 since 2026-12-06): tests/gpu/test_gpu_fwd_switches.py (the
+#       two-block build bit for bit against the shipped one, LAZY against float64; the
+#       persistent mode, whose grid is the resident blocks, against mode 75), then
+#       tools/gpu_fwd_variants.py (each build beside the shipped one and FlexAttention on
+#       issue 11's window row)
 #   bash tools/gpu_check_pending.sh profile (< 3 min): Nsight Compute on issue 11's window row
 #       (tools/gpu_fwd_short.py --profile: modes 203 / 235 and the two-consumer default), the
 #       sections that say where the time goes (speed of light, warp states, occupancy,
@@ -20,7 +21,7 @@
 #       backward entries with their window twins and on every one-consumer forward entry
 #       (clean on an H100, 2026-12-06)
 # The whole suite passed on an H100 on 2026-12-06 (bash tools/gpu_suite.sh 1, then 2) with the
-# 3xTF32 float32 backward on; run it again after a switch is turned on.
+# row-interval masking and three blocks an SM on; run it again after a switch is turned on.
 NAME=pending
 # shellcheck source=tools/gpu_lib.sh
 . "$(dirname "$0")/gpu_lib.sh"
@@ -38,7 +39,8 @@ case "$what" in
 switches)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
     step switches_tests 200 $PY -m pytest -m gpu -q -p no:cacheprovider $XDIST -rs --tb=short \
-        -p pytest_failures_now tests/gpu/test_gpu_fwd_switches.py
+        -p pytest_failures_now tests/gpu/test_gpu_fwd_switches.py \
+        tests/gpu/test_gpu_flash_sm90.py::test_persistent_matches_mode_75_bitwise
     TAIL=16 step switches_bench 200 $PY tools/gpu_fwd_variants.py
     ;;
 profile)

@@ -3,19 +3,17 @@ beside the shipped build in one process: which switch to turn on.
 
 Usage (on a compute capability 9.0 GPU with CuPy, torch and triton)::
 
-    python3 tools/gpu_fwd_variants.py [--variants base,EDGE_ROWS,...] [--rounds 2]
+    python3 tools/gpu_fwd_variants.py [--variants base,LAZY=8,...] [--rounds 2]
                                       [--no-flex]
 
 A variant is ``base`` (the shipped build) or ``+``-joined ``NAME[=VALUE]`` switches of the
 kernel file, ``XATTN90_`` left out (VALUE 1 when omitted):
 
-- ``EDGE_ROWS``: edge tiles masked against each row's interval of visible keys
-  (``mask_rows``), two comparisons a score instead of the whole rule;
 - ``LAZY=t``: a row's running max moves only when a tile raises it by more than 2^t, so most
   tiles skip rescaling the output accumulator;
-- ``NWG1_BLOCKS=3``: three thread blocks an SM for the one-consumer D = 64 entry with 64-key
-  tiles (the window row's), instead of two (the kernel names the entries it applies to). The
-  occupancy each build gets is printed.
+- ``NWG1_BLOCKS=2``: two thread blocks an SM for the one-consumer D = 64 entry with 64-key tiles
+  (the window row's), instead of the shipped three (the kernel names the entries it applies
+  to). The occupancy each build gets is printed.
 
 Each variant builds the same entries with those defines (the launcher's instance is patched in
 this process only; every cubin is compiled first, in parallel) and runs issue 11's window row
@@ -29,7 +27,8 @@ first 256 queries of head (0, 0). The table is printed last.
 
 Measured with it (H100, 2026-12-06): the FMA-pipe exponential (a polynomial for 2 or 3 of
 every 8 exponentials) lost 3-10 % on every row and was removed; ``LAZY=8`` moved the rows by
--2 % to +3 % (docs/dev/perf_gpu.rst).
+-2 % to +3 %; the edge tiles masked by each row's key interval (+8 % on the window row) and three
+blocks an SM (+17 %; +21-23 % together) were turned on (docs/dev/perf_gpu.rst).
 """
 
 from __future__ import annotations
@@ -159,8 +158,7 @@ def flex_tflops(tq, window, fl):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", default="base,EDGE_ROWS,LAZY=8,NWG1_BLOCKS=3,"
-                    "NWG1_BLOCKS=3+EDGE_ROWS,NWG1_BLOCKS=3+EDGE_ROWS+LAZY=8")
+    ap.add_argument("--variants", default="base,LAZY=8,NWG1_BLOCKS=2")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--no-flex", action="store_true")
     args = ap.parse_args(argv)

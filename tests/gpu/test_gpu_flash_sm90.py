@@ -277,10 +277,11 @@ def test_tma_sequence_ends(dtype, d, config, case):
 def test_persistent_matches_mode_75_bitwise(d, config, case):
     """Mode 235 (persistent: each thread block walks several tiles, the K/V ring's stages and
     phases and the Q buffers carry over from tile to tile) against its one-block-per-tile twin
-    (mode 75, the same key tile), bit for bit, on problems of more tiles than two per SM:
+    (mode 75, the same key tile), bit for bit, on problems of more tiles than blocks:
     GQA with Sq off the tile size, causal with Sq > Sk (tiles without a visible key between
-    the others: nothing loaded, zeros and lse -inf written), a window. The other tests of this
-    file (oracle, sequence ends) run it on problems of fewer tiles than blocks."""
+    the others: nothing loaded, zeros and lse -inf written), a window; more tiles than the
+    three blocks an SM of the D = 64 entry with 64-key tiles too. The other tests of this file
+    (oracle, sequence ends) run it on problems of fewer tiles than blocks."""
     rng = np.random.default_rng([d, *config, len(case)])
     sms = cp.cuda.Device().attributes["MultiProcessorCount"]
     b, hq, hkv, sq, sk, opts = {

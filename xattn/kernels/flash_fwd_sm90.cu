@@ -217,31 +217,12 @@ __device__ __forceinline__ float (&row_tile(float (&s)[BN / 2]))[1][BN / 8][4] {
     return *reinterpret_cast<float (*)[1][BN / 8][4]>(&s);
 }
 
-// Masking: every element tested, the invisible ones become -inf. SELECT: straight-line
-// selects, so that it may run while a wgmma is in flight (the experimental modes); else a
-// branch per element.
-template <int BN, bool SELECT, class A>
-__device__ __forceinline__ void mask_elements(float (&s)[BN / 2], const A& a, int wq0,
-                                              int k0, int warp, int g, int t4) {
-    const int off = a.sk - a.sq;
-    if constexpr (SELECT) {
-        XATTN_FWD_EACH_SCORE(1, BN / 8, row_tile<BN>(s), wq0 + warp * 16, k0, g, t4,
-                             x_ = xattn_visible(qi_, kj_, off, a.sk, a.causal, a.wl, a.wr)
-                                      ? x_ : -XATTN_INF;)
-    } else {
-        XATTN_FWD_EACH_SCORE(1, BN / 8, row_tile<BN>(s), wq0 + warp * 16, k0, g, t4,
-                             XATTN_FWD_EDGE(a, off, a.sk))
-    }
-}
-
 // Masking by each row's interval of visible keys (masking.cuh's xattn_visible_keys): per score
-// two comparisons of a compile-time key offset with the row's bounds, instead of the whole
-// rule with its options read per score. EXPERIMENTAL (XATTN90_EDGE_ROWS = 1): an edge tile of
-// a short window or a causal diagonal costs about 350 instructions a warp the other way, a
-// fifth of the window forward's instructions (Nsight Compute, H100, 2026-12-06).
-#ifndef XATTN90_EDGE_ROWS
-#define XATTN90_EDGE_ROWS 0
-#endif
+// two comparisons of a compile-time key offset with the row's bounds, instead of the whole rule
+// with its options read per score. An edge tile of a short window or a causal diagonal cost
+// about 350 instructions a warp that way, a fifth of the window forward's instructions
+// (Nsight Compute, H100, 2026-12-06); this way about 100, and the window row ran 8 % faster
+// (tools/gpu_fwd_variants.py, H100, 2026-12-06; docs/dev/perf_gpu.rst).
 template <int BN, class A>
 __device__ __forceinline__ void mask_rows(float (&s)[BN / 2], const A& a, int wq0, int k0,
                                           int warp, int g, int t4) {
@@ -266,11 +247,7 @@ template <int BN, class A>
 __device__ __forceinline__ void mask_tile(float (&s)[BN / 2], const A& a, int wq0,
                                           int wq1, int k0, int warp, int g, int t4) {
     if (xattn_tile_needs_test(wq0, wq1, k0, BN, a.sk - a.sq, a.sk, a.causal, a.wl, a.wr)) {
-#if XATTN90_EDGE_ROWS
         mask_rows<BN>(s, a, wq0, k0, warp, g, t4);
-#else
-        mask_elements<BN, false>(s, a, wq0, k0, warp, g, t4);
-#endif
     }
 }
 
@@ -745,14 +722,14 @@ __device__ __forceinline__ void consumer_last_pv(float (&acc)[D / 2],
     for (int j = 0; j < BN / 16; ++j) fence_regs(pp[j]);
 }
 
-// Thread blocks an SM for the one-consumer entries (NWG = 1, 256 threads): 2, or with
-// XATTN90_NWG1_BLOCKS = 3 (EXPERIMENTAL) 3 for D = 64 with 64-key tiles -- the one such entry
-// whose shared memory (57 KiB) fits three times and whose consumer fits the 136 registers
-// left (ptxas 13.0: no spills; 128-key tiles need more); the others keep 2. A third block's
-// consumer beside the two, since the window forward waits on latency with two (Nsight
-// Compute, H100: no eligible warp in 55 % of the cycles).
+// Thread blocks an SM for the one-consumer entries (NWG = 1, 256 threads): 3 for D = 64 with
+// 64-key tiles -- the one such entry whose shared memory (57 KiB) fits three times and whose
+// consumer fits the 136 registers left (ptxas 13.0: no spills; 128-key tiles need more); the
+// others keep 2. With two, the window forward waited on latency (Nsight Compute, H100: no
+// eligible warp in 55 % of the cycles); the third block's consumer lifted its row by 17 %
+// (H100, 2026-12-06). XATTN90_NWG1_BLOCKS = 2 builds the two-block version, for timing.
 #ifndef XATTN90_NWG1_BLOCKS
-#define XATTN90_NWG1_BLOCKS 2
+#define XATTN90_NWG1_BLOCKS 3
 #endif
 __host__ __device__ constexpr int nwg1_blocks(int d, int bn) {
     return d == 64 && bn == 64 ? XATTN90_NWG1_BLOCKS : 2;
@@ -797,7 +774,7 @@ __device__ __forceinline__ void flash_fwd_sm90_ws(const A& a) {
     // after setmaxnreg.dec within it: R0-R20 in the SASS of the _bm entries).
     // NWG = 1: two thread blocks per SM (launch bound 2: 128 registers a thread at launch, the
     // producer's 24 and the consumer's 232 sum to that), so that one block's serial chain of
-    // Q K^T, softmax and P V runs beside the other's (three with XATTN90_NWG1_BLOCKS, above).
+    // Q K^T, softmax and P V runs beside the other's (three at D = 64 with 64-key tiles, above).
     constexpr int CREGS =
         NWG == 1 ? nwg1_consumer_regs(nwg1_blocks(D, BN)) : NWG == 2 ? 240 : 160;
     constexpr int WS_ST = 3;

@@ -163,7 +163,7 @@ def smem_bytes(d, cfg):
         qst = 2 if 2 * ((2 * 64 * d + 2 * nbuf * bn * d) * 2 + (2 * nbuf + 4) * 8 + 1024) \
             <= 233472 else 1
         return (qst * 64 * d + 2 * nbuf * bn * d) * 2 + (2 * nbuf + 2 * qst) * 8
-    if nwg == 1:  # two blocks per SM: no alignment pad, the mbarriers after the tiles
+    if nwg == 1:  # two or three blocks an SM: no alignment pad, the mbarriers after the tiles
         # (mode bit 7: one more, Q's)
         return (64 * d + 2 * nbuf * bn * d) * 2 + (2 * nbuf + (1 if mode & 128 else 0)) * 8
     # Mode bit 3's mbarriers are static shared memory (128 bytes), outside this count.
@@ -193,6 +193,22 @@ def get_kernel(type_name: str, d: int, cfg: tuple, mods: bool = False, sparse: b
     inst = _instance(type_name, d, tuple(cfg), mods, sparse)
     return compiled_function(inst.source, inst.name, inst.defines, smem_bytes(d, cfg),
                              arch=inst.arch, includes=inst.includes)
+
+
+_RESIDENT = {}
+
+
+def resident_blocks(fn, d: int, cfg: tuple) -> int:
+    """Blocks of entry ``fn`` one SM holds (the persistent grid's multiple of the SM count: 3 for
+    the D = 64 entries with 64-key tiles, 2 for the other one-consumer ones), as the driver
+    computes it from the entry's registers and shared memory; cached per entry."""
+    key = fn.kernel.ptr
+    if key not in _RESIDENT:
+        import cupy
+
+        _RESIDENT[key] = max(1, cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
+            key, threads(cfg), smem_bytes(d, cfg)))
+    return _RESIDENT[key]
 
 
 def forward(prob, q, k, v, *, allow_tf32=False, config=None):
@@ -292,8 +308,8 @@ def _forward(prob, q, k, v, config):
     else:  # the plain entries read the visibility fields only
         args += _params.visibility_args(prob)
     grid = ((prob.sq + bm - 1) // bm, prob.hq, B)
-    if cfg[2] & 32:  # persistent (mode 235): two blocks an SM walk the tiles; the batch last
-        grid = (min(math.prod(grid), 2 * _params.sm_count()), 1, 1)
+    if cfg[2] & 32:  # persistent (mode 235): the resident blocks walk the tiles; the batch last
+        grid = (min(math.prod(grid), resident_blocks(fn, d, cfg) * _params.sm_count()), 1, 1)
         args += (i32(B),)
     fn(grid, (threads(cfg),), args, shared_mem=smem_bytes(d, cfg))
     return _params.forward_result(xp, prob, out, lse)

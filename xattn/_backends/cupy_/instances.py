@@ -217,7 +217,8 @@ SM90_EXPERIMENTAL = (
     # Mode 203 (Q by the copy engine too) on the defaults of D 64 / 128: within 2-4 % of
     # mode 75 either way on an H100 (2026-12-06, tools/gpu_fwd_short.py --twins), not taken.
     (64, 64, 3, 203), (128, 128, 2, 203),
-    # Persistent (mode 235 = 203 + bit 5): two blocks an SM walking the tiles, one consumer.
+    # Persistent (mode 235 = 203 + bit 5): the resident blocks (two an SM, three at D = 64 with
+    # 64-key tiles since 2026-12-06) walking the tiles, one consumer.
     # Same run: +6 % over mode 203 on non-causal windows +-128 (D = 64) and +-256 (D = 128),
     # -6 % at +-256 D = 64, -18 % on S = 1024 causal (round-robin tiles of unequal work): not
     # taken.
