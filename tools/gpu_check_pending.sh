@@ -8,6 +8,10 @@
 #       persistent mode, whose grid is the resident blocks, against mode 75), then
 #       tools/gpu_fwd_variants.py (each build beside the shipped one and FlexAttention on
 #       issue 11's window row)
+#   bash tools/gpu_check_pending.sh short   (< 5 min): tools/gpu_fwd_short.py --twins, the
+#       one-consumer configurations against the default on S = 1024-4096 and windows up to
+#       +-1024: whether instances.SM90_SHORT's thresholds and choices move now that the D = 64
+#       window entry holds three blocks an SM (S = 1024 causal D = 64 runs (128, 1, 203), two)
 #   bash tools/gpu_check_pending.sh profile (< 3 min): Nsight Compute on issue 11's window row
 #       (tools/gpu_fwd_short.py --profile: modes 203 / 235 and the two-consumer default), the
 #       sections that say where the time goes (speed of light, warp states, occupancy,
@@ -59,6 +63,10 @@ profile)
         RC=1
     fi
     ;;
+short)
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+    TAIL=40 step short 280 $PY tools/gpu_fwd_short.py --twins --budget 230
+    ;;
 bench)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
     step flash 300 $PY benchmarks/gpu_flash.py --quick --only fwd,bwd,fp32,window
@@ -80,7 +88,7 @@ san)
     fi
     ;;
 *)
-    echo "usage: bash tools/gpu_check_pending.sh switches|profile|bench|san"
+    echo "usage: bash tools/gpu_check_pending.sh switches|short|profile|bench|san"
     exit 2
     ;;
 esac
