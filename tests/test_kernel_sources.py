@@ -150,3 +150,28 @@ def test_sm90_forward_switch_builds_compile_without_spills(d, config, tmp_path):
         assert_no_spills(report)
         if (d, config) == (64, (64, 1, 203)):
             assert all(r["regs"] == regs for r in report.values()), report
+
+
+@needs_nvcc
+@pytest.mark.parametrize("which", ["tma-64", "tma2-128", "tma_win-64", "tma2_win-128", "dq-128",
+                                   "plain-64"])
+def test_sm90_backward_edge_rows_switch_compiles_without_spills(which, tmp_path):
+    """XATTN90_BWD_EDGE_ROWS (flash_bwd_sm90.cu; off in the shipped build, tested bit for bit
+    by tests/gpu/test_gpu_sm90_bwd_switches.py): the entries whose edge tiles it masks by
+    intervals -- the plain and TMA ones, the TMA window twins, the wgmma dq kernel -- still
+    compile without warnings or spills."""
+    from xattn._backends.cupy_ import _compile, instances
+
+    variant, d = which.rsplit("-", 1)
+    d = int(d)
+    if variant == "dq":
+        inst = instances.bwd_sm90_dq("f16", d)
+    else:
+        inst = instances.bwd_sm90("f16", d, None if variant == "plain" else variant)
+    inst = dataclasses.replace(inst, extra=inst.extra + (("XATTN90_BWD_EDGE_ROWS", 1),))
+    text = _compile.source(inst.source) + "".join(_compile._repository_file(f)
+                                                  for f in inst.includes)
+    report = compile_module(tmp_path, text, inst, archs=[("compute_90a", "sm_90a")],
+                            no_warnings=True)
+    assert report
+    assert_no_spills(report)

@@ -1,6 +1,8 @@
 """masking.cuh's visibility helpers, compiled for the host (g++) and checked against each other
 and against xattn._masking: the per-row key interval that an edge tile may test instead of the
-whole rule (``xattn_visible_keys``) must agree with ``xattn_visible`` on every key."""
+whole rule (``xattn_visible_keys``) must agree with ``xattn_visible`` on every key, and the
+per-key query interval of the backward's key-major tiles (``xattn_visible_queries``) on every
+query."""
 
 from __future__ import annotations
 
@@ -53,6 +55,25 @@ int main() {
             // One line per row for the Python side: the interval of (qi) under these options.
             if (wl != INT_MAX && wr != INT_MAX)
                 std::printf("%d %d %d %d %d %d %d %d\n", sq, sk, causal, wl, wr, qi, lo, hi);
+        }
+        for (int kj = 0; kj < sk + 70; ++kj) {
+            int lo, hi;
+            xattn_visible_queries(kj, off, sk, causal, wl, wr, lo, hi);
+            if (lo < 0 || hi < 0) {
+                std::printf("query bounds %d %d below 0\n", lo, hi);
+                return 1;
+            }
+            for (int qi = 0; qi < sq + 70; ++qi) {
+                const bool a = xattn_visible(qi, kj, off, sk, causal, wl, wr);
+                const bool b = lo <= qi && qi < hi;
+                if (a != b) {
+                    std::printf("sq=%d sk=%d causal=%d wl=%d wr=%d kj=%d qi=%d: rule %d, "
+                                "query interval [%d, %d)\n", sq, sk, causal, wl, wr, kj, qi, a,
+                                lo, hi);
+                    return 1;
+                }
+                ++checked;
+            }
         }
     }
     std::fprintf(stderr, "checked %lld pairs\n", checked);

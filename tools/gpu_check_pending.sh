@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # What waits for a device (updated 2026-12-06, third session), each part one device call.
 # Needs a compute capability 9.0 GPU. Logs under $OUT/pending/ (or a temp dir).
-#   bash tools/gpu_check_pending.sh switches (< 4 min): the Hopper forward's compile-time
-#       switches (XATTN90_LAZY: lazy rescaling, off; XATTN90_NWG1_BLOCKS: blocks an SM for the
-#       window row's entry, 3 since 2026-12-06): tests/gpu/test_gpu_fwd_switches.py (the
-#       two-block build bit for bit against the shipped one, LAZY against float64; the
-#       persistent mode, whose grid is the resident blocks, against mode 75), then
-#       tools/gpu_fwd_variants.py (each build beside the shipped one and FlexAttention on
-#       issue 11's window row)
+#   bash tools/gpu_check_pending.sh switches (< 8 min): the Hopper kernels' compile-time
+#       switches -- forward: XATTN90_LAZY (lazy rescaling, off), XATTN90_NWG1_BLOCKS (blocks
+#       an SM for the window row's entry, 3 since 2026-12-06); backward: XATTN90_BWD_EDGE_ROWS
+#       (edge tiles masked by intervals, off) -- their tests (tests/gpu/test_gpu_fwd_switches.py:
+#       the two-block build bit for bit against the shipped one, LAZY against float64; the
+#       persistent mode, whose grid is the resident blocks, against mode 75;
+#       tests/gpu/test_gpu_sm90_bwd_switches.py: the interval masking's gradients bit for bit
+#       against the shipped build's), then tools/gpu_fwd_variants.py and
+#       tools/gpu_bwd_variants.py (each build beside the shipped one): whether to turn one on
 #   bash tools/gpu_check_pending.sh short   (< 5 min): tools/gpu_fwd_short.py --twins, the
 #       one-consumer configurations against the default on S = 1024-4096 and windows up to
 #       +-1024: whether instances.SM90_SHORT's thresholds and choices move now that the D = 64
@@ -42,10 +44,12 @@ step() {  # step NAME SECONDS COMMAND...: gpu_step with the log named after the 
 case "$what" in
 switches)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-    step switches_tests 200 $PY -m pytest -m gpu -q -p no:cacheprovider $XDIST -rs --tb=short \
+    step switches_tests 240 $PY -m pytest -m gpu -q -p no:cacheprovider $XDIST -rs --tb=short \
         -p pytest_failures_now tests/gpu/test_gpu_fwd_switches.py \
-        tests/gpu/test_gpu_flash_sm90.py::test_persistent_matches_mode_75_bitwise
-    TAIL=16 step switches_bench 200 $PY tools/gpu_fwd_variants.py
+        tests/gpu/test_gpu_flash_sm90.py::test_persistent_matches_mode_75_bitwise \
+        tests/gpu/test_gpu_sm90_bwd_switches.py
+    TAIL=16 step switches_bench 150 $PY tools/gpu_fwd_variants.py
+    TAIL=12 step switches_bwd_bench 150 $PY tools/gpu_bwd_variants.py
     ;;
 profile)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader

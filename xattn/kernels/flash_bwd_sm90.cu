@@ -323,6 +323,57 @@ __device__ __forceinline__ void gemm_dq(float (&dq)[32], unsigned sS, unsigned k
 }
 #endif
 
+
+// EXPERIMENTAL (XATTN90_BWD_EDGE_ROWS = 1, off): the plain and window entries mask an edge tile
+// by intervals, as the forward's mask_rows does since it measured 8 % faster on the window row
+// (flash_fwd_sm90.cu): each key's interval of visible queries (masking.cuh's
+// xattn_visible_queries) in the main kernel's key-major tiles, each query's interval of keys in
+// the dq kernel's, two comparisons a score instead of the whole rule. The same scores become
+// -inf, so the gradients must equal the per-score rule's bit for bit
+// (tests/gpu/test_gpu_sm90_bwd_switches.py); tools/gpu_bwdtma_bench.py times it.
+#ifndef XATTN90_BWD_EDGE_ROWS
+#define XATTN90_BWD_EDGE_ROWS 0
+#endif
+
+// Key-major tile: s[n * 4 + hr * 2 + e] is key kw + g + 8 hr, query q0 + 8 n + 2 t4 + e.
+template <int BM>
+__device__ __forceinline__ void mask_key_rows(float (&s)[BM / 2], int q0, int kw, int g, int t4,
+                                              int off, int sk, int causal, int wl, int wr) {
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        int lo, hi;
+        xattn_visible_queries(kw + g + 8 * hr, off, sk, causal, wl, wr, lo, hi);
+        const int base = q0 + 2 * t4;
+        lo = lo > base ? lo - base : 0;
+        hi = hi > base ? hi - base : 0;  // >= 0: the compile-time offsets below are >= 0
+#pragma unroll
+        for (int n = 0; n < BM / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+                if (8 * n + e < lo || 8 * n + e >= hi) s[n * 4 + hr * 2 + e] = -XATTN_INF;
+    }
+}
+
+// Query-major tile (the dq kernel): s[n * 4 + hr * 2 + e] is query qw + g + 8 hr, key k0 + 8 n +
+// 2 t4 + e.
+template <int NK>
+__device__ __forceinline__ void mask_query_rows(float (&s)[NK / 2], int qw, int k0, int g,
+                                                int t4, int off, int sk, int causal, int wl,
+                                                int wr) {
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        int lo, hi;
+        xattn_visible_keys(qw + g + 8 * hr, off, sk, causal, wl, wr, lo, hi);
+        lo -= k0 + 2 * t4;
+        hi -= k0 + 2 * t4;
+#pragma unroll
+        for (int n = 0; n < NK / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+                if (8 * n + e < lo || 8 * n + e >= hi) s[n * 4 + hr * 2 + e] = -XATTN_INF;
+    }
+}
+
 template <class A>
 struct plain_args {  // the plain entries' argument struct (no window, no options)
     static constexpr bool value = false;
@@ -601,6 +652,10 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const A& a) {
             wgmma_wait<0>();
             fence_regs(dp);
         }
+        if constexpr (!OPT && XATTN90_BWD_EDGE_ROWS) {
+            if (edge) mask_key_rows<BM>(s, q0, kw0 + warp * 16, g, t4, off, sk, a.causal, a.wl,
+                                        a.wr);
+        }
         float dc[OPT && !JOINT ? BM / 2 : 1];  // dcap per element (folded away when constant)
 #pragma unroll
         for (int n = 0; n < BM / 8; ++n)
@@ -619,8 +674,9 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const A& a) {
                         if constexpr (JOINT) dp[idx] = bwd_ds(s[idx], dp[idx], db[ql], dcap);
                     } else {
                         float x = s[n * 4 + hr * 2 + e];
-                        if (edge && !xattn_visible(q0 + ql, kw0 + warp * 16 + g + hr * 8, off,
-                                                   sk, a.causal, a.wl, a.wr))
+                        if (!XATTN90_BWD_EDGE_ROWS && edge &&
+                            !xattn_visible(q0 + ql, kw0 + warp * 16 + g + hr * 8, off, sk,
+                                           a.causal, a.wl, a.wr))
                             x = -XATTN_INF;
                         s[n * 4 + hr * 2 + e] = ex2(fmaf(x, sl2, -lb[ql]));
                     }
@@ -750,8 +806,9 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const A& a) {
 //                   MN-major, its rows are keys = the GEMM K)
 // and writes dq = scale * dQ once in the input type: no atomics, a fixed order, so the result
 // is bitwise reproducible (not bitwise flash_bwd.cu's dq kernel's: another summation order).
-constexpr int DQ_ROWS = 128;  // query rows per thread block (64 per warpgroup)
-constexpr int DQ_KEYS = 64;   // keys per step
+// 128 query rows a thread block (64 a warpgroup), 64 keys a step: flash_bwd_sm90_dq_core's
+// DQ_ROWS, DQ_KEYS (function scope: a translation unit of the main kernel alone does not
+// reference them).
 
 // The main kernel's arguments (dq_accum, dk and dv unused: null) and dq.
 struct DqArgs : BwdArgs {
@@ -762,6 +819,7 @@ template <class T, int D>
 __device__ __forceinline__ void flash_bwd_sm90_dq_core(const DqArgs& a) {
 #if XATTN_SM90_OK
     static_assert(D == 64 || D == 128, "wgmma wrappers exist for N = 64 and 128");
+    constexpr int DQ_ROWS = 128, DQ_KEYS = 64;
     static_assert(DQ_ROWS == BN && DQ_KEYS == BM, "gemm_scores / gemm_keys take these tiles");
     constexpr unsigned Q_TILE = DQ_ROWS * D * 2, K_TILE = DQ_KEYS * D * 2;
 
@@ -842,6 +900,8 @@ __device__ __forceinline__ void flash_bwd_sm90_dq_core(const DqArgs& a) {
         const int k0 = kb * DQ_KEYS;
         const bool edge = xattn_tile_needs_test(qw0, qw1, k0, DQ_KEYS, off, sk, a.causal, -1,
                                                 -1);
+        if (XATTN90_BWD_EDGE_ROWS && edge)
+            mask_query_rows<DQ_KEYS>(s, qw0 + warp * 16, k0, g, t4, off, sk, a.causal, -1, -1);
 #pragma unroll
         for (int n = 0; n < 8; ++n)
 #pragma unroll
@@ -850,7 +910,9 @@ __device__ __forceinline__ void flash_bwd_sm90_dq_core(const DqArgs& a) {
                 for (int e = 0; e < 2; ++e) {
                     const int qi = qw0 + warp * 16 + g + hr * 8, kj = k0 + n * 8 + t4 * 2 + e;
                     float x = s[n * 4 + hr * 2 + e];
-                    if (edge && !xattn_visible(qi, kj, off, sk, a.causal, -1, -1)) x = -XATTN_INF;
+                    if (!XATTN90_BWD_EDGE_ROWS && edge &&
+                        !xattn_visible(qi, kj, off, sk, a.causal, -1, -1))
+                        x = -XATTN_INF;
                     s[n * 4 + hr * 2 + e] = ex2(fmaf(x, sl2, -l2[hr]));
                 }
         wgmma_wait<0>();

@@ -123,6 +123,26 @@ __device__ __forceinline__ void xattn_visible_keys(int qi, int off, int sk, int 
     hi = (int)(h > 0 ? h : 0);
 }
 
+// The queries that see key kj, as one interval (the backward's key-major tiles): for every
+// qi >= 0, xattn_visible(qi, kj, ...) holds exactly when lo <= qi < hi (lo, hi in [0, INT_MAX];
+// hi <= lo: none; no upper bound but the window's left side: rows past Sq are the caller's).
+// Checked against the rule on every query by tests/test_masking_cuh.py.
+__device__ __forceinline__ void xattn_visible_queries(int kj, int off, int sk, int causal,
+                                                      int wl, int wr, int& lo, int& hi) {
+    if (kj >= sk) {
+        lo = hi = 0;
+        return;
+    }
+    const long long d0 = (long long)kj - off;  // the query at the key's own position
+    const long long top = 2147483647LL;
+    long long l = 0, h = top;
+    if (causal) l = d0 > l ? d0 : l;
+    if (wr >= 0) l = d0 - wr > l ? d0 - wr : l;
+    if (wl >= 0) h = d0 + wl + 1 < h ? d0 + wl + 1 : h;
+    lo = (int)(l < top ? l : top);
+    hi = (int)(h > 0 ? h : 0);
+}
+
 // Query blocks [qb0, qb1) of size bm that may see some key of [k0, k1) (a superset): the inverse
 // of xattn_key_blocks, used by the backward pass's key-block-parallel loop. Query i sees key j
 // only if j <= i + off (causal), i + off - wl <= j (left side) and j <= i + off + wr (right side).
