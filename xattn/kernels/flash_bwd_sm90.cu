@@ -323,14 +323,13 @@ __device__ __forceinline__ void gemm_dq(float (&dq)[32], unsigned sS, unsigned k
 }
 #endif
 
-
 // EXPERIMENTAL (XATTN90_BWD_EDGE_ROWS = 1, off): the plain and window entries mask an edge tile
 // by intervals, as the forward's mask_rows does since it measured 8 % faster on the window row
 // (flash_fwd_sm90.cu): each key's interval of visible queries (masking.cuh's
 // xattn_visible_queries) in the main kernel's key-major tiles, each query's interval of keys in
 // the dq kernel's, two comparisons a score instead of the whole rule. The same scores become
 // -inf, so the gradients must equal the per-score rule's bit for bit
-// (tests/gpu/test_gpu_sm90_bwd_switches.py); tools/gpu_bwdtma_bench.py times it.
+// (tests/gpu/test_gpu_sm90_bwd_switches.py); tools/gpu_bwd_variants.py times it.
 #ifndef XATTN90_BWD_EDGE_ROWS
 #define XATTN90_BWD_EDGE_ROWS 0
 #endif
