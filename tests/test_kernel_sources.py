@@ -136,18 +136,12 @@ def test_sm90_forward_switch_builds_compile_without_spills(d, config, tmp_path):
     XATTN90_NWG1_BLOCKS = 2, the two-block build of the entry that ships with three; timed by
     tools/gpu_fwd_variants.py) still compile without warnings or spills; the shipped (64, 1,
     203) entry keeps three blocks an SM's 80 registers a thread at launch."""
-    from xattn._backends.cupy_ import _compile, instances
+    from xattn._backends.cupy_ import instances
 
     shipped = instances.sm90("f16", d, config)
     for extra, regs in ((("XATTN90_LAZY", 8), ("XATTN90_NWG1_BLOCKS", 2)), 128), ((), 80):
-        inst = dataclasses.replace(shipped, extra=shipped.extra + extra)
-        text = _compile.source(inst.source) + "".join(_compile._repository_file(f)
-                                                      for f in inst.includes)
         (tmp_path / str(regs)).mkdir()
-        report = compile_module(tmp_path / str(regs), text, inst,
-                                archs=[("compute_90a", "sm_90a")], no_warnings=True)
-        assert report
-        assert_no_spills(report)
+        report = _switched_build(tmp_path / str(regs), shipped, extra)
         if (d, config) == (64, (64, 1, 203)):
             assert all(r["regs"] == regs for r in report.values()), report
 
@@ -160,7 +154,7 @@ def test_sm90_backward_edge_rows_switch_compiles_without_spills(which, tmp_path)
     by tests/gpu/test_gpu_sm90_bwd_switches.py): the entries whose edge tiles it masks by
     intervals -- the plain and TMA ones, the TMA window twins, the wgmma dq kernel -- still
     compile without warnings or spills."""
-    from xattn._backends.cupy_ import _compile, instances
+    from xattn._backends.cupy_ import instances
 
     variant, d = which.rsplit("-", 1)
     d = int(d)
@@ -168,10 +162,19 @@ def test_sm90_backward_edge_rows_switch_compiles_without_spills(which, tmp_path)
         inst = instances.bwd_sm90_dq("f16", d)
     else:
         inst = instances.bwd_sm90("f16", d, None if variant == "plain" else variant)
-    inst = dataclasses.replace(inst, extra=inst.extra + (("XATTN90_BWD_EDGE_ROWS", 1),))
+    _switched_build(tmp_path, inst, (("XATTN90_BWD_EDGE_ROWS", 1),))
+
+
+def _switched_build(tmp_path, inst, extra):
+    """ptxas's report of instance ``inst`` built for sm_90a with the ``extra`` defines (CI's nvcc
+    flags): no warning, no spill."""
+    from xattn._backends.cupy_ import _compile
+
+    inst = dataclasses.replace(inst, extra=inst.extra + tuple(extra))
     text = _compile.source(inst.source) + "".join(_compile._repository_file(f)
                                                   for f in inst.includes)
     report = compile_module(tmp_path, text, inst, archs=[("compute_90a", "sm_90a")],
                             no_warnings=True)
     assert report
     assert_no_spills(report)
+    return report
