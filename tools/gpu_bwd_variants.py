@@ -31,6 +31,7 @@ import os
 import sys
 
 import numpy as np
+from gpu_fwd_variants import defines  # the same NAME[=VALUE] grammar
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -41,19 +42,6 @@ CASES = (("window D=64 +-256", 64, 65536, 1, 16, False, (256, 256), False),
          ("D=128 S=4096 causal", 128, 4096, 4, 16, True, None, False),
          ("D=128 S=4096 causal det", 128, 4096, 4, 16, True, None, True),
          ("D=128 S=1024 causal", 128, 1024, 16, 16, True, None, False))
-
-
-def defines(variant):
-    """``(define, value)`` pairs of a variant name."""
-    if variant == "base":
-        return ()
-    out = []
-    for part in variant.split("+"):
-        name, _, value = part.partition("=")
-        if not name.isidentifier():
-            raise ValueError(f"variant part {part!r}: NAME or NAME=VALUE")
-        out.append((f"XATTN90_{name}", int(value or 1)))
-    return tuple(out)
 
 
 _SHIPPED = {}
