@@ -263,3 +263,33 @@ def test_sm90_backward_refusals_name_their_reason(monkeypatch):
     assert m.variant(prob) == "mods_bm"
     cc["value"] = 80
     assert "9.0 only" in why()
+
+
+def test_persistent_grid_asks_the_driver_once_per_function_object(monkeypatch):
+    """flash_sm90.resident_blocks: one occupancy query per compiled function object (a rebuilt
+    entry of the same name, whose freed predecessor's address the new one may take, is asked
+    again), at least one block."""
+    import sys
+    import types
+
+    from xattn._backends.cupy_ import flash_sm90
+
+    asked = []
+    answers = iter([3, 0])
+
+    def occupancy(ptr, threads, smem):
+        asked.append((ptr, threads, smem))
+        return next(answers)
+
+    driver = types.SimpleNamespace(occupancyMaxActiveBlocksPerMultiprocessor=occupancy)
+    fake = types.ModuleType("cupy")
+    fake.cuda = types.SimpleNamespace(driver=driver)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(flash_sm90, "_RESIDENT", {})
+    cfg = (64, 1, 235)
+    first = types.SimpleNamespace(kernel=types.SimpleNamespace(ptr=1234))
+    assert flash_sm90.resident_blocks(first, 64, cfg) == 3
+    assert flash_sm90.resident_blocks(first, 64, cfg) == 3
+    rebuilt = types.SimpleNamespace(kernel=types.SimpleNamespace(ptr=1234))
+    assert flash_sm90.resident_blocks(rebuilt, 64, cfg) == 1
+    assert asked == [(1234, flash_sm90.threads(cfg), flash_sm90.smem_bytes(64, cfg))] * 2

@@ -201,14 +201,17 @@ _RESIDENT = {}
 def resident_blocks(fn, d: int, cfg: tuple) -> int:
     """Blocks of entry ``fn`` one SM holds (the persistent grid's multiple of the SM count: 3 for
     the D = 64 entries with 64-key tiles, 2 for the other one-consumer ones), as the driver
-    computes it from the entry's registers and shared memory; cached per entry."""
-    key = fn.kernel.ptr
-    if key not in _RESIDENT:
+    computes it from the entry's registers and shared memory; cached per function object, which
+    the cache holds, so that a rebuilt entry of the same name (other defines, a freed module's
+    address reused) is asked again."""
+    hit = _RESIDENT.get(id(fn))
+    if hit is None:
         import cupy
 
-        _RESIDENT[key] = max(1, cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
-            key, threads(cfg), smem_bytes(d, cfg)))
-    return _RESIDENT[key]
+        n = cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
+            fn.kernel.ptr, threads(cfg), smem_bytes(d, cfg))
+        hit = _RESIDENT[id(fn)] = (fn, max(1, n))
+    return hit[1]
 
 
 def forward(prob, q, k, v, *, allow_tf32=False, config=None):
