@@ -323,16 +323,20 @@ __device__ __forceinline__ void gemm_dq(float (&dq)[32], unsigned sS, unsigned k
 }
 #endif
 
-// EXPERIMENTAL (XATTN90_BWD_EDGE_ROWS = 1, off): the plain and window entries mask an edge tile
-// by intervals, as the forward's mask_rows does since it measured 8 % faster on the window row
+// XATTN90_BWD_EDGE_ROWS: the largest head dim whose entries mask an edge tile by intervals
+// (64), as the forward's mask_rows does since it measured 8 % faster on the window row
 // (flash_fwd_sm90.cu): each key's interval of visible queries (masking.cuh's
 // xattn_visible_queries) in the main kernel's key-major tiles, each query's interval of keys in
 // the dq kernel's, two comparisons a score instead of the whole rule. The same scores become
-// -inf, so the gradients must equal the per-score rule's bit for bit
-// (tests/gpu/test_gpu_sm90_bwd_switches.py); tools/gpu_bwd_variants.py times it.
+// -inf, so the gradients equal the per-score rule's bit for bit
+// (tests/gpu/test_gpu_sm90_bwd_switches.py builds 0 and 128 beside the shipped 64). One H100 run
+// of tools/gpu_bwd_variants.py (2026-12-06, fp16, TFLOP/s, per-score rule -> intervals): D = 64
+// window +-256 at S = 65536 145.5 -> 164.7, S = 4096 causal 265.9 -> 274.5; D = 128 S = 4096
+// causal 369.4 -> 348.4, deterministic 306.1 -> 294.8, S = 1024 causal 225.3 -> 217.3.
 #ifndef XATTN90_BWD_EDGE_ROWS
-#define XATTN90_BWD_EDGE_ROWS 0
+#define XATTN90_BWD_EDGE_ROWS 64
 #endif
+__host__ __device__ constexpr bool edge_rows(int d) { return d <= XATTN90_BWD_EDGE_ROWS; }
 
 // Key-major tile: s[n * 4 + hr * 2 + e] is key kw + g + 8 hr, query q0 + 8 n + 2 t4 + e.
 template <int BM>
@@ -651,7 +655,7 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const A& a) {
             wgmma_wait<0>();
             fence_regs(dp);
         }
-        if constexpr (!OPT && XATTN90_BWD_EDGE_ROWS) {
+        if constexpr (!OPT && edge_rows(D)) {
             if (edge) mask_key_rows<BM>(s, q0, kw0 + warp * 16, g, t4, off, sk, a.causal, a.wl,
                                         a.wr);
         }
@@ -673,7 +677,7 @@ __device__ __forceinline__ void flash_bwd_sm90_core(const A& a) {
                         if constexpr (JOINT) dp[idx] = bwd_ds(s[idx], dp[idx], db[ql], dcap);
                     } else {
                         float x = s[n * 4 + hr * 2 + e];
-                        if (!XATTN90_BWD_EDGE_ROWS && edge &&
+                        if (!edge_rows(D) && edge &&
                             !xattn_visible(q0 + ql, kw0 + warp * 16 + g + hr * 8, off, sk,
                                            a.causal, a.wl, a.wr))
                             x = -XATTN_INF;
@@ -899,7 +903,7 @@ __device__ __forceinline__ void flash_bwd_sm90_dq_core(const DqArgs& a) {
         const int k0 = kb * DQ_KEYS;
         const bool edge = xattn_tile_needs_test(qw0, qw1, k0, DQ_KEYS, off, sk, a.causal, -1,
                                                 -1);
-        if (XATTN90_BWD_EDGE_ROWS && edge)
+        if (edge_rows(D) && edge)
             mask_query_rows<DQ_KEYS>(s, qw0 + warp * 16, k0, g, t4, off, sk, a.causal, -1, -1);
 #pragma unroll
         for (int n = 0; n < 8; ++n)
@@ -909,7 +913,7 @@ __device__ __forceinline__ void flash_bwd_sm90_dq_core(const DqArgs& a) {
                 for (int e = 0; e < 2; ++e) {
                     const int qi = qw0 + warp * 16 + g + hr * 8, kj = k0 + n * 8 + t4 * 2 + e;
                     float x = s[n * 4 + hr * 2 + e];
-                    if (!XATTN90_BWD_EDGE_ROWS && edge &&
+                    if (!edge_rows(D) && edge &&
                         !xattn_visible(qi, kj, off, sk, a.causal, -1, -1))
                         x = -XATTN_INF;
                     s[n * 4 + hr * 2 + e] = ex2(fmaf(x, sl2, -l2[hr]));
