@@ -147,13 +147,26 @@ def test_sm90_forward_switch_builds_compile_without_spills(d, config, tmp_path):
 
 
 @needs_nvcc
+@pytest.mark.parametrize("mode", [0, 1, 2, 3])
+def test_sm90_experimental_schedules_compile(mode, tmp_path):
+    """The Hopper forward's schedules before warp specialisation (tools/flash_fwd_sm90_modes.cuh,
+    modes 0-3: built on request and by tools/check_kernels.py --experimental, which CI does not
+    run) still compile against the kernel file's helpers, without warnings or spills: a helper
+    they call was once removed from flash_fwd_sm90.cu and only a GPU run found it."""
+    from xattn._backends.cupy_ import instances
+
+    _switched_build(tmp_path, instances.sm90("f16", 128, (128, 2, mode)), ())
+
+
+@needs_nvcc
 @pytest.mark.parametrize("which", ["tma-64", "tma2-128", "tma_win-64", "tma2_win-128", "dq-128",
                                    "plain-64"])
 def test_sm90_backward_edge_rows_switch_compiles_without_spills(which, tmp_path):
-    """XATTN90_BWD_EDGE_ROWS (flash_bwd_sm90.cu; off in the shipped build, tested bit for bit
-    by tests/gpu/test_gpu_sm90_bwd_switches.py): the entries whose edge tiles it masks by
-    intervals -- the plain and TMA ones, the TMA window twins, the wgmma dq kernel -- still
-    compile without warnings or spills."""
+    """XATTN90_BWD_EDGE_ROWS (flash_bwd_sm90.cu: the largest head dim masked by intervals, 64
+    in the shipped build; tested bit for bit by tests/gpu/test_gpu_sm90_bwd_switches.py): the
+    entries whose edge tiles it switches -- the plain and TMA ones, the TMA window twins, the
+    wgmma dq kernel -- still compile without warnings or spills the other way (D = 64 on the
+    per-score rule, D = 128 on intervals)."""
     from xattn._backends.cupy_ import instances
 
     variant, d = which.rsplit("-", 1)
@@ -162,7 +175,7 @@ def test_sm90_backward_edge_rows_switch_compiles_without_spills(which, tmp_path)
         inst = instances.bwd_sm90_dq("f16", d)
     else:
         inst = instances.bwd_sm90("f16", d, None if variant == "plain" else variant)
-    _switched_build(tmp_path, inst, (("XATTN90_BWD_EDGE_ROWS", 1),))
+    _switched_build(tmp_path, inst, (("XATTN90_BWD_EDGE_ROWS", 128 if d > 64 else 0),))
 
 
 def _switched_build(tmp_path, inst, extra):

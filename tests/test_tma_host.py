@@ -193,6 +193,7 @@ def test_mode75_instances():
     with its own macro and argument list; mode 11 stays shipped for the _mods / _bm entries."""
     assert {c for c in instances.SM90_SHIPPED if c[3] == 75} == {(64, 64, 3, 75),
                                                                 (128, 128, 2, 75),
+                                                                (128, 176, 2, 75),
                                                                 (192, 64, 2, 75),
                                                                 (256, 64, 2, 75)}
     # The one-consumer entries of SM90_SHORT: mode 203 (Q by the copy engine too).
@@ -208,7 +209,8 @@ def test_mode75_instances():
     names = {i.name for i in instances.shipped()}
     assert {n for n in names if n.endswith("_o75")} == {
         f"flash_fwd_sm90_{tn}_d{d}_n{n}_g{g}_o75" for tn in ("f16", "bf16")
-        for d, n, g in ((64, 64, 3), (128, 128, 2), (192, 64, 2), (256, 64, 2))}
+        for d, n, g in ((64, 64, 3), (128, 128, 2), (128, 176, 2), (192, 64, 2),
+                        (256, 64, 2))}
     for d, cfg in ((64, (64, 3, 75)), (128, (128, 2, 75))):
         base = (cfg[0], cfg[1], 11)
         assert flash_sm90.smem_bytes(d, cfg) == flash_sm90.smem_bytes(d, base)
@@ -288,8 +290,8 @@ def test_short_span_rule(monkeypatch):
 
     cases = {  # (S, D, options) -> config with the switch on
         (65536, 64, (("window", (256, 256)),)): (64, 1, 203),
-        (1024, 64, (("causal", True),)): (128, 1, 203),
-        (1024, 64, ()): (128, 1, 203),
+        (1024, 64, (("causal", True),)): (64, 1, 203),
+        (1024, 64, ()): (64, 1, 203),
         (4096, 64, (("causal", True),)): (64, 3, 75),
         (4096, 64, ()): (64, 3, 75),
         (1024, 128, (("causal", True),)): (64, 1, 203),
@@ -308,6 +310,35 @@ def test_short_span_rule(monkeypatch):
         assert flash_sm90.launch_config(prob(s, d, **dict(opts))) == want, (s, d, opts)
     capped = prob(1024, 64, causal=True, softcap=5.0)
     assert flash_sm90.launch_config(capped) == flash_sm90.MODS_CONFIGS[64]
+
+
+def test_long_span_rule(monkeypatch):
+    """instances.SM90_LONG (D = 128's 176-key tile): full rows whose key span reaches the
+    threshold, never causal ones, windows, other head dims or score mods; off, the default."""
+    from xattn._array import validate_attention
+    from xattn._backends.cupy_ import flash_sm90
+
+    def prob(sq, sk, d, **score):
+        q, k = np.zeros((1, 2, sq, d), np.float16), np.zeros((1, 2, sk, d), np.float16)
+        return validate_attention(q, k, k, **score)
+
+    wide = instances.SM90_LONG[128][1]
+    assert wide == (176, 2, 75) and (128, *wide) in instances.SM90_SHIPPED
+    cases = {  # (Sq, Sk, D, options) -> config with the switch on
+        (4096, 4096, 128, ()): wide,
+        (1, 2048, 128, ()): wide,
+        (2048, 2047, 128, ()): (128, 2, 75),
+        (1024, 1024, 128, ()): (128, 2, 75),
+        (8192, 8192, 128, (("causal", True),)): (128, 2, 75),
+        (8192, 8192, 128, (("window", (4000, 4000)),)): (128, 2, 75),
+        (4096, 4096, 64, ()): (64, 3, 75),
+    }
+    for (sq, sk, d, opts), want in cases.items():
+        assert flash_sm90.launch_config(prob(sq, sk, d, **dict(opts))) == want, (sq, sk, opts)
+    biased = prob(4096, 4096, 128, softcap=5.0)
+    assert flash_sm90.launch_config(biased) == flash_sm90.MODS_CONFIGS[128]
+    monkeypatch.setattr(instances, "SM90_LONG_ON", False)
+    assert flash_sm90.launch_config(prob(4096, 4096, 128)) == instances.SM90[128]
 
 
 def test_padded_head_dims(monkeypatch):

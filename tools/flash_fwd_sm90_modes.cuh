@@ -181,7 +181,7 @@ __device__ __forceinline__ void flash_fwd_sm90_core(const FwdArgs& a) {
 #pragma unroll
                 for (int i = 0; i < BN / 2; ++i) sp[i] = s[i];
                 if constexpr (decltype(masked)::value)
-                    mask_elements<BN, true>(sp, a, wq0, kb * BN, warp, g, t4);
+                    mask_rows<BN>(sp, a, wq0, kb * BN, warp, g, t4);
                 float alpha[2];
                 softmax_rows<BN>(sp, m, l, alpha, sl2);
                 unsigned pn[BN / 16][4];

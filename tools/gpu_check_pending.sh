@@ -14,6 +14,8 @@
 #       one-consumer configurations against the default on S = 1024-4096 and windows up to
 #       +-1024: whether instances.SM90_SHORT's thresholds and choices move now that the D = 64
 #       window entry holds three blocks an SM (S = 1024 causal D = 64 runs (128, 1, 203), two)
+#   bash tools/gpu_check_pending.sh wide    (< 7 min): D = 128's 176-key tile (SM90_LONG):
+#       sanitizers, the persistent configurations' long test thrice, tools/gpu_fwd_variants.py
 #   bash tools/gpu_check_pending.sh profile (< 3 min): Nsight Compute on issue 11's window row
 #       (tools/gpu_fwd_short.py --profile: modes 203 / 235 and the two-consumer default), the
 #       sections that say where the time goes (speed of light, warp states, occupancy,
@@ -51,6 +53,24 @@ switches)
     TAIL=16 step switches_bench 150 $PY tools/gpu_fwd_variants.py
     TAIL=12 step switches_bwd_bench 150 $PY tools/gpu_bwd_variants.py
     ;;
+wide)
+    # D = 128's 176-key tile (instances.SM90_LONG; flash_fwd_sm90_ws_kv): sanitizers on the
+    # split-ring entries, the tile against the 128-key default and torch in alternating rounds;
+    # the persistent configurations' long test three times over (one causal failure of
+    # (64, 128, 1, 235) in one run of 2026-12-06 did not come back in the next).
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+    NAME=pending_wide gpu_san 90 60 $PY tools/gpu_d256_bench.py --san
+    # test_configs_long's ids number the built configurations in sorted order
+    sel=$($PY -c "from xattn._backends.cupy_ import flash_sm90 as k
+b = sorted((c[0], c[1:]) for c in k.BUILT)
+print(' or '.join(f'config{i}-' for i, c in enumerate(b) if c[1][2] == 235))")
+    for i in 1 2 3; do
+        step "persist_$i" 60 $PY -m pytest -m gpu -q -p no:cacheprovider --tb=short \
+            tests/gpu/test_gpu_flash_sm90.py -k "configs_long and ($sel)"
+    done
+    TAIL=16 step wide_bench 200 $PY tools/gpu_fwd_variants.py --variants base --only D=128 \
+        --rounds 4 --no-flex
+    ;;
 profile)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
     NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu \
@@ -80,6 +100,8 @@ san)
     SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null \
           | head -n 1)
     step bwdtma_san 90 bash tools/gpu_check_bwdtma.sh san
+    # The split-ring forward (flash_fwd_sm90_ws_kv): D = 192 / 256 and D = 128's 176-key tile.
+    NAME=pending_wide gpu_san 90 60 $PY tools/gpu_d256_bench.py --san
     if [ -n "$SAN" ]; then
         timeout 60 $PY tools/gpu_fwd_short.py --san > "$LOG/short_warm.log" 2>&1
         for tool in memcheck racecheck; do

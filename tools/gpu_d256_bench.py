@@ -5,8 +5,8 @@ default (cuDNN on Hopper) in one process.
 
 Usage: ``python3 tools/gpu_d256_bench.py [--budget SECONDS]`` on a compute capability 9.0 GPU;
 ``--precompile`` only builds the D = 192 / 256 cubins (fp16 and bf16: the GPU tests then load
-them from the disk cache); ``--san`` runs the sanitizer workload (tiny D = 256 and 192
-forwards per dtype).
+them from the disk cache); ``--san`` runs the sanitizer workload (tiny forwards of every
+entry of the split-ring kernel, D = 128's 176-key tile included).
 
 Rows as benchmarks/gpu_flash.py shapes them: B * S = 16384 and Hq * D = 2048 (B = 4, H = 8),
 fp16 and bf16, D = 256, S = 4096, causal and not; fp16 D = 192 (H = 10, Hq*D = 1920) causal
@@ -106,9 +106,10 @@ def _row(cp, torch, xattn, k90, validate_attention, dtype, d, s, causal):
 
 
 def sanitizer_workload():
-    """Tiny D = 256 and 192 forwards (and the experimental 80-key tile): GQA, causal, several
-    heads, Sq and Sk off the tile sizes, more key blocks (6 to 8) than ring stages (2 + 2);
-    then a window whose first key block is not block 0."""
+    """Tiny forwards of every flash_fwd_sm90_ws_kv entry -- D = 256 and 192, the experimental
+    80-key tile, D = 128's 176-key tile (instances.SM90_LONG) -- GQA, causal, several heads, Sq
+    and Sk off the tile sizes, more key blocks (3 to 8) than ring stages (2 + 2); then a window
+    whose first key block is not block 0."""
     import cupy as cp
 
     from xattn._array import validate_attention
@@ -116,7 +117,8 @@ def sanitizer_workload():
 
     rng = np.random.default_rng(0)
     for dtype, d, cfg in (("float16", 256, k90.CONFIGS[256]), ("bfloat16", 256, k90.CONFIGS[256]),
-                          ("bfloat16", 192, k90.CONFIGS[192]), ("float16", 256, (80, 2, 75))):
+                          ("bfloat16", 192, k90.CONFIGS[192]), ("float16", 256, (80, 2, 75)),
+                          ("float16", 128, (176, 2, 75)), ("bfloat16", 128, (176, 2, 75))):
         shapes = ((2, 4, 77, d), (2, 2, 450, d), (2, 2, 450, d))
         host = [rng.standard_normal(sh, dtype=np.float32) for sh in shapes]
         if dtype == "bfloat16":

@@ -19,9 +19,11 @@ Each variant builds the same entries with those defines (the launcher's instance
 this process only; every cubin is compiled first, in parallel) and runs issue 11's window row
 (fp16, S = 65536, +-256, D = 64, 16 heads; the shipped configuration and the persistent one),
 the causal rows at S = 1024 (the short-span configurations) and the D = 64 / 128 rows at
-S = 4096, and compiled FlexAttention on the window row. Timing: ``triton.testing.do_bench``
-(L2 flushed, median), the variants interleaved ``--rounds`` times and the best round kept, so
-that a clock drift does not favour the variant timed first; TFLOP/s of visible pairs. Accuracy:
+S = 4096 (and FlashAttention-3's 176-key tile beside the D = 128 default, non-causal), compiled
+FlexAttention on the window row and torch's SDPA default on the rows without a window.
+Timing: ``triton.testing.do_bench`` (L2 flushed, median), the variants interleaved
+``--rounds`` times and the best round kept, so that a clock drift does not favour the variant
+timed first; TFLOP/s of visible pairs. Accuracy:
 the largest difference from the first variant's output and the error against float64 on the
 first 256 queries of head (0, 0). The table is printed last.
 
@@ -50,7 +52,18 @@ CASES = (("window D=64 +-256", 64, 65536, 1, 16, False, (256, 256), None),
          ("D=64 S=4096", 64, 4096, 4, 32, False, None, None),
          ("D=64 S=4096 causal", 64, 4096, 4, 32, True, None, None),
          ("D=128 S=4096", 128, 4096, 4, 16, False, None, None),
-         ("D=128 S=4096 causal", 128, 4096, 4, 16, True, None, None))
+         ("D=128 S=4096 causal", 128, 4096, 4, 16, True, None, None),
+         # FlashAttention-3's non-causal hdim-128 tile (176 keys, split K / V rings; built
+         # experimentally, instances.SM90_WIDE_EXPERIMENTAL) beside the default's 128.
+         ("D=128 S=4096 n176", 128, 4096, 4, 16, False, None, (176, 2, 75)),
+         ("D=128 S=4096 o203", 128, 4096, 4, 16, False, None, (128, 2, 203)),
+         ("D=128 S=4096 o75", 128, 4096, 4, 16, False, None, (128, 2, 75)),
+         ("D=128 S=4096 causal o203", 128, 4096, 4, 16, True, None, (128, 2, 203)),
+         ("D=128 S=4096 causal o75", 128, 4096, 4, 16, True, None, (128, 2, 75)),
+         ("D=128 S=1024", 128, 1024, 16, 16, False, None, None),
+         ("D=128 S=1024 n176", 128, 1024, 16, 16, False, None, (176, 2, 75)),
+         ("D=128 S=1024 o203", 128, 1024, 16, 16, False, None, (128, 2, 203)),
+         ("D=128 S=1024 o75", 128, 1024, 16, 16, False, None, (128, 2, 75)))
 
 
 def defines(variant):
@@ -161,7 +174,9 @@ def main(argv=None):
     ap.add_argument("--variants", default="base,LAZY=8,NWG1_BLOCKS=2")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--only", default="", help="the cases whose name contains this")
     args = ap.parse_args(argv)
+    cases = [c for c in CASES if args.only in c[0]]
     variants = args.variants.split(",")
     for v in variants:
         defines(v)
@@ -177,7 +192,7 @@ def main(argv=None):
     card = torch.cuda.get_device_name()
     print(card, flush=True)
     data = []
-    for name, d, s, b, h, causal, window, cfg in CASES:
+    for name, d, s, b, h, causal, window, cfg in cases:
         gen = torch.Generator(device="cuda").manual_seed(s + d)
         tq = [torch.randn(b, h, s, d, device="cuda", dtype=torch.float16, generator=gen)
               for _ in range(3)]
@@ -198,7 +213,10 @@ def main(argv=None):
     for rnd in range(args.rounds):
         for v in variants:
             use(v)
-            for name, _tq, (qc, kc, vc), prob, fl, causal, window, cfg in data:
+            # Odd rounds take the rows in reverse: a row timed just after a light one (the
+            # clocks still high) is not favoured every round.
+            for name, _tq, (qc, kc, vc), prob, fl, causal, window, cfg in (
+                    data if rnd % 2 == 0 else data[::-1]):
                 def run(prob=prob, qc=qc, kc=kc, vc=vc, cfg=cfg):
                     return k90.forward(prob, qc, kc, vc, config=cfg)
 
@@ -219,21 +237,30 @@ def main(argv=None):
                 best[name, v] = max(best[name, v], fl / ms / 1e9)
                 print(f"round {rnd} {v} {name} cfg={cfg}: {fl / ms / 1e9:.1f} TFLOP/s", flush=True)
 
+    sdpa = {}  # torch's default (cuDNN on Hopper) on the rows without a window
+    for name, tq, _ops, _prob, fl, causal, window, _cfg in data:
+        if window is None:
+            with torch.no_grad():
+                ms = float(do_bench(lambda tq=tq, causal=causal: torch.nn.functional.
+                                    scaled_dot_product_attention(*tq, is_causal=causal),
+                                    warmup=25, rep=100, return_mode="median"))
+            sdpa[name] = fl / ms / 1e9
     flex = None
-    if not args.no_flex:
+    if not args.no_flex and data[0][6] is not None:
         name, tq, _ops, _prob, fl, _causal, window, _cfg = data[0]
         flex = flex_tflops(tq, window, fl)
         print(f"flex {name}: {flex:.1f} TFLOP/s", flush=True)
 
     print(f"\n{card}: TFLOP/s (visible pairs, best of {args.rounds} rounds) by variant; [max diff "
           f"from {variants[0]} / error vs float64, head 0]")
-    print("| case | config | " + " | ".join(variants) + " | flex |")
-    print("|---" * (len(variants) + 3) + "|")
+    print("| case | config | " + " | ".join(variants) + " | flex | torch |")
+    print("|---" * (len(variants) + 4) + "|")
     for name, *_rest, cfg in data:
         cells = " | ".join(f"{best[name, v]:.1f} [{acc[name, v][0]:.1e} / {acc[name, v][1]:.1e}]"
                            for v in variants)
         fx = f"{flex:.1f}" if flex is not None and name == data[0][0] else ""
-        print(f"| {name} | {cfg} | {cells} | {fx} |")
+        ts = f"{sdpa[name]:.1f}" if name in sdpa else ""
+        print(f"| {name} | {cfg} | {cells} | {fx} | {ts} |")
 
 
 if __name__ == "__main__":

@@ -1019,9 +1019,13 @@ __device__ __forceinline__ void ws_produce_tma_kv(unsigned sK, unsigned sV, cons
 template <class T, int D, int BN, int NWG>
 __device__ __forceinline__ void flash_fwd_sm90_ws_kv(const FwdArgsTma& a) {
 #if XATTN_SM90_OK
-    // BN = 80 (experimental, D = 256): 2 + 2 stages of 40 KiB beside Q fill 225 KiB.
-    static_assert((D == 192 || D == 256) && (BN == 64 || (BN == 80 && D == 256)) && NWG == 2,
-                  "the split rings are sized for D = 192 / 256, 64 (80) keys, two consumers");
+    // BN = 80 (experimental, D = 256): 2 + 2 stages of 40 KiB beside Q fill 225 KiB. BN = 176
+    // (experimental, D = 128, FlashAttention-3's non-causal hdim-128 tile): 2 + 2 stages of
+    // 44 KiB beside Q's 32 KiB, 208 KiB.
+    static_assert(((D == 192 || D == 256) && (BN == 64 || (BN == 80 && D == 256)) ||
+                   (D == 128 && BN == 176)) && NWG == 2,
+                  "the split rings are sized for D = 192 / 256, 64 (80) keys, or D = 128 with "
+                  "176 keys, two consumers");
     constexpr int CREGS = 240;  // 24 for the producer, as flash_fwd_sm90_ws with NWG = 2
     constexpr int KST = 2, VST = 2;
     constexpr int BM = NWG * 64;
@@ -1290,8 +1294,8 @@ __device__ __forceinline__ void flash_fwd_sm90_mode(const FwdArgs& a) {
 template <class T, int D, int BN, int NWG, int OV>
 __device__ __forceinline__ void flash_fwd_sm90_tma_mode(const FwdArgsTma& a) {
     static_assert((OV & 64) != 0 && (OV & 11) == 11, "mode bit 6 extends modes 11 / 27");
-    if constexpr (D > 128) {  // separate K and V rings (shared memory)
-        static_assert(OV == 75, "head dims 192 / 256: mode 75 only");
+    if constexpr (D > 128 || BN > 128) {  // separate K and V rings (shared memory)
+        static_assert(OV == 75, "head dims 192 / 256 and 176-key tiles: mode 75 only");
         flash_fwd_sm90_ws_kv<T, D, BN, NWG>(a);
     } else {
         flash_fwd_sm90_ws<T, D, BN, NWG, (OV & 16) != 0, false, false, FwdArgsTma>(a);

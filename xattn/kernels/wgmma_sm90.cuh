@@ -84,6 +84,15 @@ __device__ __forceinline__ void fence_regs(unsigned (&r)[N]) {
     "%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,"                       \
     "%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,"           \
     "%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}"
+// N = 176: Q K^T of a 176-key tile (the experimental D = 128 tile, FlashAttention-3's).
+#define XATTN_ACC88 XATTN_ACC64, XATTN_ACC8(64), XATTN_ACC8(72), XATTN_ACC8(80)
+#define XATTN_REGS88                                                                     \
+    "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"                            \
+    "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"                   \
+    "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"                   \
+    "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,"                   \
+    "%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,"                   \
+    "%80,%81,%82,%83,%84,%85,%86,%87}"
 // NACC = N / 2 accumulators per thread; after them come the A and B operands (SS_AB / RS_AB:
 // their operand numbers), the scale-d predicate (SS_P / RS_P) and, for rs, imm-trans-b (RS_T).
 #define XATTN_WGMMA(N, NACC, TY, SS_P, SS_AB, RS_P, RS_AB, RS_T)                              \
@@ -111,6 +120,8 @@ __device__ __forceinline__ void fence_regs(unsigned (&r)[N]) {
     XATTN_WGMMA(128, 64, TY, "%66", "%64, %65", "%69", "{%64,%65,%66,%67}, %68", "%70")
 #define XATTN_WGMMA_N80(TY) \
     XATTN_WGMMA(80, 40, TY, "%42", "%40, %41", "%45", "{%40,%41,%42,%43}, %44", "%46")
+#define XATTN_WGMMA_N176(TY) \
+    XATTN_WGMMA(176, 88, TY, "%90", "%88, %89", "%93", "{%88,%89,%90,%91}, %92", "%94")
 #define XATTN_WGMMA_N192(TY) \
     XATTN_WGMMA(192, 96, TY, "%98", "%96, %97", "%101", "{%96,%97,%98,%99}, %100", "%102")
 #define XATTN_WGMMA_N256(TY) \
@@ -121,6 +132,8 @@ XATTN_WGMMA_N128(f16)
 XATTN_WGMMA_N128(bf16)
 XATTN_WGMMA_N80(f16)
 XATTN_WGMMA_N80(bf16)
+XATTN_WGMMA_N176(f16)
+XATTN_WGMMA_N176(bf16)
 XATTN_WGMMA_N192(f16)
 XATTN_WGMMA_N192(bf16)
 XATTN_WGMMA_N256(f16)

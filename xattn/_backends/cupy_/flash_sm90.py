@@ -30,8 +30,8 @@ from . import _compile, _params, instances
 from ._compile import compiled_function
 
 __all__ = ["BUILT", "CONFIGS", "PLAIN_ONLY", "compiled_function", "entry_maps", "forward",
-           "get_kernel", "launch_config", "mean_span", "padded_dim", "precompile", "short_config",
-           "smem_bytes", "supports", "threads"]
+           "get_kernel", "launch_config", "long_config", "mean_span", "padded_dim", "precompile",
+           "short_config", "smem_bytes", "supports", "threads"]
 
 # Per head dim: (keys per block BN, consumer warpgroups per block, mode), from the one list of
 # every compiled entry (instances.py). 64 query rows per warpgroup. Mode bit 0 (overlap): block
@@ -157,8 +157,9 @@ def _block_mask_reason(prob):
 
 def smem_bytes(d, cfg):
     bn, nwg, mode = cfg
-    # D > 128 (flash_fwd_sm90_ws_kv): two K stages and two V stages, released separately.
-    nbuf = 3 if mode & 1 and d <= 128 else 2
+    # D > 128 or 176-key tiles (flash_fwd_sm90_ws_kv): two K stages and two V stages, released
+    # separately.
+    nbuf = 3 if mode & 1 and d <= 128 and bn <= 128 else 2
     if nwg == 1 and mode & 32:  # persistent: QST Q buffers (persist_qst in the kernel)
         qst = 2 if 2 * ((2 * 64 * d + 2 * nbuf * bn * d) * 2 + (2 * nbuf + 4) * 8 + 1024) \
             <= 233472 else 1
@@ -253,6 +254,17 @@ def short_config(prob):
     return rule[1] if prob.window is not None else rule[2]
 
 
+def long_config(prob):
+    """The wide-tile configuration of :data:`instances.SM90_LONG` when its switch is on and the
+    problem is a full one (no causal rule, no window) whose key span is long enough, else None
+    (plain entries only)."""
+    rule = instances.SM90_LONG.get(prob.d)
+    if (not instances.SM90_LONG_ON or rule is None or prob.causal or prob.window is not None
+            or mean_span(prob) < rule[0]):
+        return None
+    return rule[1]
+
+
 def launch_config(prob, config=None):
     """The ``(BN, warpgroups, mode)`` that serves ``prob``: ``config`` checked, or the default
     of its entry kind (plain, score mods, block mask: the tables above)."""
@@ -268,7 +280,7 @@ def launch_config(prob, config=None):
     elif mods:
         cfg = MODS_CONFIGS[d]
     else:
-        cfg = short_config(prob) or CONFIGS[d]
+        cfg = short_config(prob) or long_config(prob) or CONFIGS[d]
     if (d, *cfg) not in BUILT and not ((mods or sparse) and cfg[2] in MODS_MODES):
         raise ValueError(f"config {cfg} for D={d} is not built; built: {sorted(BUILT)}")
     if (mods or sparse) and cfg[2] not in MODS_MODES:

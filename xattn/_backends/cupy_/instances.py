@@ -37,7 +37,8 @@ __all__ = ["BWD", "BWD_BM", "BWD_BM_DQ", "BWD_DQ", "DECODE", "DECODE_EXTRA",
            "SM90_BWD_DETERMINISTIC_ON", "SM90_BWD_DQ_WGMMA", "SM90_BWD_TMA",
            "SM90_BWD_TMA_DEFAULT", "SM90_BWD_TMA_WIN_DIMS", "SM90_BWD_WIN_TMA_ON",
            "SM90_BWD_VARIANTS", "SM90_EXPERIMENTAL", "SM90_MODS",
-           "SM90_MODS_ON_TMA", "SM90_MODS_TMA", "SM90_PAD_ON", "SM90_SHORT", "SM90_SHORT_ON",
+           "SM90_MODS_ON_TMA", "SM90_MODS_TMA", "SM90_PAD_ON", "SM90_LONG", "SM90_LONG_ON",
+           "SM90_SHORT", "SM90_SHORT_ON",
            "SWITCHES",
            "SM90_WIDE_EXPERIMENTAL", "SM90_WIDE_ON",
            "TF32",
@@ -178,7 +179,7 @@ SM90_WIDE_ON = True
 SM90_PAD_ON = True
 SM90_SHIPPED = ((64, 128, 2, 11), (64, 64, 3, 11), (128, 128, 2, 11), (64, 64, 3, 75),
                 (128, 128, 2, 75), (192, 64, 2, 75), (256, 64, 2, 75),
-                (64, 64, 1, 203), (64, 128, 1, 203), (128, 64, 1, 203))
+                (64, 64, 1, 203), (64, 128, 1, 203), (128, 64, 1, 203), (128, 176, 2, 75))
 # The score-modification entries (_mods: softcap, bias, ALiBi, bool mask; flex_attention's
 # score_mod) take the default configuration of their head dim. The block-sparse entries (_bm,
 # plain and with mods) need the thread block's query rows (64 per consumer warpgroup) to divide
@@ -239,13 +240,27 @@ SM90_EXPERIMENTAL = (
 # same arithmetic, bit for bit): one H100 run of tools/gpu_fwd_short.py --twins gave D = 64
 # window +-256 at S = 65536 229.5 against mode 75's 222.2, +-128 156.1 / 149.0, +-512 277.6 /
 # 263.6, S = 1024 causal 238.4 / 236.0; D = 128 +-256 288.9 / 271.8, S = 1024 causal
-# 320.9 / 310.9 (+-512 342.0 / 349.4, outside the rule's 640).
-SM90_SHORT = {64: (1100, (64, 1, 203), (128, 1, 203)), 128: (640, (64, 1, 203), (64, 1, 203))}
+# 320.9 / 310.9 (+-512 342.0 / 349.4, outside the rule's 640). Since the D = 64 entry with
+# 64-key tiles holds three blocks an SM, it is D = 64's choice without a window too (H100,
+# 2026-12-06, tools/gpu_fwd_short.py --twins, (64, 1, 203) against (128, 1, 203)): S = 1024
+# causal 287.3 / 262.9, full 370.9 / 347.3; S = 2048 causal 325.5 / 317.9 (default 299.6).
+SM90_SHORT = {64: (1100, (64, 1, 203), (64, 1, 203)), 128: (640, (64, 1, 203), (64, 1, 203))}
 # THE SWITCH of that rule (flash_sm90.launch_config): on since the one-consumer instances
 # passed the GPU tests (tests/gpu/test_gpu_flash_sm90.py, every built configuration) and
 # compute-sanitizer memcheck / racecheck (H100, 2026-12-05; the mode-203 ones 2026-12-06);
 # they are in SM90_SHIPPED.
 SM90_SHORT_ON = True
+# Long full rows (no causal rule, no window; mean visible keys per query row at least the
+# threshold), per head dim: (threshold, configuration). D = 128 takes FlashAttention-3's
+# non-causal hdim-128 tile there, 176 keys: flash_fwd_sm90_ws_kv (split K / V rings of two
+# stages, 2 x 2 x 44 KiB beside Q's 32 KiB). H100 (2026-12-06, tools/gpu_fwd_variants.py, fp16,
+# TFLOP/s, (176, 2, 75) against (128, 2, 75) in the same rounds): S = 4096 545.3 / 534.6 and
+# 559.4 / 539.7 (torch 584-611); S = 1024 442.1 / 444.3 and 443.6 / 447.9, hence the threshold.
+# Causal rows keep 128-key tiles (FlashAttention-3's choice too: less work wasted on the
+# diagonal).
+SM90_LONG = {128: (2048, (176, 2, 75))}
+# THE SWITCH of that rule (flash_sm90.launch_config).
+SM90_LONG_ON = True
 
 # D=256 with 80-key tiles (flash_fwd_sm90_ws_kv, 2 + 2 stages of 40 KiB: 225 KiB with Q, as
 # FlashAttention-3's hdim-256 tile): built on request, to be timed against (64, 2, 75)
@@ -540,7 +555,7 @@ SM90_BWD_DETERMINISTIC_ON = True
 # Every switch above that the kernel table's choice reads (flash_attention keeps its choice per
 # call signature, xattn/flash.py: the switches' values are part of the signature).
 SWITCHES = ("TF32X3_SM90_ON", "TF32X3_BWD_ON", "SM90_WIDE_ON", "SM90_PAD_ON", "SM90_MODS_ON_TMA",
-            "SM90_SHORT_ON",
+            "SM90_SHORT_ON", "SM90_LONG_ON",
             "SM90_BWD_DQ_WGMMA", "SM90_BWD_DETERMINISTIC_ON", "SM90_BWD_WIN_TMA_ON")
 
 
