@@ -1005,7 +1005,8 @@ __device__ __forceinline__ void ws_produce_tma_kv(unsigned sK, unsigned sV, cons
 }
 #endif
 
-// The mode-75 plain entries of head dims 256 and 192 (D > 128): flash_fwd_sm90_ws's schedule
+// The mode-75 plain entries of head dims 256 and 192 (D > 128), and D = 128's 176-key tile
+// (where three K+V stages of 88 KiB do not fit either): flash_fwd_sm90_ws's schedule
 // (producer thread on the copy engine, NWG = 2 consumers running the P V overlap, masks before
 // the P V issue), with K and V in separate rings. Shared memory decides at D = 256: Q (128
 // rows) is 64 KiB and a 64-key tile of K or of V 32 KiB, so flash_fwd_sm90_ws's three K+V
@@ -1020,8 +1021,8 @@ template <class T, int D, int BN, int NWG>
 __device__ __forceinline__ void flash_fwd_sm90_ws_kv(const FwdArgsTma& a) {
 #if XATTN_SM90_OK
     // BN = 80 (experimental, D = 256): 2 + 2 stages of 40 KiB beside Q fill 225 KiB. BN = 176
-    // (experimental, D = 128, FlashAttention-3's non-causal hdim-128 tile): 2 + 2 stages of
-    // 44 KiB beside Q's 32 KiB, 208 KiB.
+    // (D = 128's long full rows, instances.SM90_LONG: FlashAttention-3's non-causal hdim-128
+    // tile): 2 + 2 stages of 44 KiB beside Q's 32 KiB, 208 KiB; registers O 64, S 88, P 2 x 44.
     static_assert(((D == 192 || D == 256) && (BN == 64 || (BN == 80 && D == 256)) ||
                    (D == 128 && BN == 176)) && NWG == 2,
                   "the split rings are sized for D = 192 / 256, 64 (80) keys, or D = 128 with "

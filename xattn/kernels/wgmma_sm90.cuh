@@ -84,7 +84,7 @@ __device__ __forceinline__ void fence_regs(unsigned (&r)[N]) {
     "%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,"                       \
     "%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,"           \
     "%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}"
-// N = 176: Q K^T of a 176-key tile (the experimental D = 128 tile, FlashAttention-3's).
+// N = 176: Q K^T of a 176-key tile (D = 128's tile for long full rows, FlashAttention-3's).
 #define XATTN_ACC88 XATTN_ACC64, XATTN_ACC8(64), XATTN_ACC8(72), XATTN_ACC8(80)
 #define XATTN_REGS88                                                                     \
     "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"                            \
