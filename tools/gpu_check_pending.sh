@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# What waits for a device (updated 2026-12-06, third session), each part one device call.
+# What waits for a device (updated 2026-12-06, fourth session), each part one device call.
 # Needs a compute capability 9.0 GPU. Logs under $OUT/pending/ (or a temp dir).
+# Waiting: the whole suite's part 2 after this session's changes (bash tools/gpu_suite.sh 2:
+# part 1 passed with them, part 2 only before them), then `bench` on an H200 when one is lent.
 #   bash tools/gpu_check_pending.sh switches (< 8 min): the Hopper kernels' compile-time
 #       switches -- forward: XATTN90_LAZY (lazy rescaling, off), XATTN90_NWG1_BLOCKS (blocks
-#       an SM for the window row's entry, 3 since 2026-12-06); backward: XATTN90_BWD_EDGE_ROWS
-#       (edge tiles masked by intervals, off) -- their tests (tests/gpu/test_gpu_fwd_switches.py:
-#       the two-block build bit for bit against the shipped one, LAZY against float64; the
-#       persistent mode, whose grid is the resident blocks, against mode 75;
-#       tests/gpu/test_gpu_sm90_bwd_switches.py: the interval masking's gradients bit for bit
-#       against the shipped build's), then tools/gpu_fwd_variants.py and
-#       tools/gpu_bwd_variants.py (each build beside the shipped one): whether to turn one on
+#       an SM for the window row's entry, 3); backward: XATTN90_BWD_EDGE_ROWS (the largest head
+#       dim whose edge tiles are masked by intervals, 64) -- their tests
+#       (tests/gpu/test_gpu_fwd_switches.py: the two-block build bit for bit against the
+#       shipped one, LAZY against float64; the persistent mode, whose grid is the resident
+#       blocks, against mode 75; tests/gpu/test_gpu_sm90_bwd_switches.py: builds at 0 and 128
+#       bit for bit against the shipped one), then tools/gpu_fwd_variants.py and
+#       tools/gpu_bwd_variants.py (each build beside the shipped one). Ran on an H100
+#       (2026-12-06): BWD_EDGE_ROWS went to 64, LAZY stays off
 #   bash tools/gpu_check_pending.sh short   (< 5 min): tools/gpu_fwd_short.py --twins, the
 #       one-consumer configurations against the default on S = 1024-4096 and windows up to
-#       +-1024: whether instances.SM90_SHORT's thresholds and choices move now that the D = 64
-#       window entry holds three blocks an SM (S = 1024 causal D = 64 runs (128, 1, 203), two)
+#       +-1024 (instances.SM90_SHORT's thresholds and choices; ran on an H100, 2026-12-06:
+#       D = 64 short spans without a window moved to (64, 1, 203))
 #   bash tools/gpu_check_pending.sh wide    (< 7 min): D = 128's 176-key tile (SM90_LONG):
 #       sanitizers, the persistent configurations' long test thrice, tools/gpu_fwd_variants.py
 #   bash tools/gpu_check_pending.sh profile (< 3 min): Nsight Compute on issue 11's window row
@@ -26,10 +29,8 @@
 #       (benchmarks/gpu_flash.py --quick --only fwd,bwd,fp32,window; benchmarks/gpu_decode.py),
 #       on an H200 when one is lent
 #   bash tools/gpu_check_pending.sh san     (< 4 min): memcheck and racecheck on the TMA
-#       backward entries with their window twins and on every one-consumer forward entry
-#       (clean on an H100, 2026-12-06)
-# The whole suite passed on an H100 on 2026-12-06 (bash tools/gpu_suite.sh 1, then 2) with the
-# row-interval masking and three blocks an SM on; run it again after a switch is turned on.
+#       backward entries with their window twins, the split-ring forward entries (D = 192 /
+#       256, D = 128's 176-key tile) and every one-consumer forward entry
 NAME=pending
 # shellcheck source=tools/gpu_lib.sh
 . "$(dirname "$0")/gpu_lib.sh"
