@@ -177,6 +177,8 @@ def main(argv=None):
     ap.add_argument("--only", default="", help="the cases whose name contains this")
     args = ap.parse_args(argv)
     cases = [c for c in CASES if args.only in c[0]]
+    if not cases:
+        ap.error(f"--only {args.only!r}: no case name contains it")
     variants = args.variants.split(",")
     for v in variants:
         defines(v)
