@@ -22,7 +22,7 @@ sequence. Timed, alternately and with CUDA events, after a warm-up:
 the table to retune :func:`xattn._backends.cupy_.decode.num_splits` from. ``--configs`` times
 every ``(warps, stages)`` instance of ``DECODE_EXTRA`` (``xattn/_backends/cupy_/instances.py``)
 beside the default, through the launcher, to retune ``DECODE`` from; ``--configs 8x2,4x3``
-times only those.
+times only those (``4x0r``: the register path, 4 warps, prefetch distance 0).
 
 The host rows (``--host``, on by default): 200 back-to-back calls at B=1, ctx=4096 on one
 cache, wall time with a final synchronize and the time to issue them (the host's share),
@@ -229,8 +229,13 @@ def host_rows(args, torch, calls=200, ctx=4096):
 
 
 def _parse_configs(text):
-    """``"8x2,4x3"`` -> ``[(8, 2), (4, 3)]``."""
-    return [tuple(int(x) for x in item.split("x")) for item in text.split(",") if item]
+    """``"8x2,4x3,4x0r"`` -> ``[(8, 2), (4, 3), (4, 0, "r")]`` (a trailing ``r``: the
+    register path, warps x prefetch distance)."""
+    out = []
+    for item in filter(None, text.split(",")):
+        kind = ("r",) if item.endswith("r") else ()
+        out.append((*(int(x) for x in item.rstrip("r").split("x")), *kind))
+    return out
 
 
 def _torch_causal(sdpa, q, k, v, torch):

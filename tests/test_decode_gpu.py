@@ -123,15 +123,21 @@ def test_instances_and_shared_memory():
     names = [n for i in instances.shipped() for n in i.names if n.startswith("decode_")]
     assert len(names) == len(set(names))
     for d in instances.DECODE_HEAD_DIMS:
-        for nw, st in (instances.DECODE[d], *instances.DECODE_EXTRA.get(d, ())):
+        for nw, st, *kind in (instances.DECODE[d], *instances.DECODE_EXTRA.get(d, ())):
+            k = kind[0] if kind else "s"
             for tn in ("f16", "bf16"):
-                assert f"decode_splitkv_{tn}_d{d}_w{nw}_s{st}" in names
-            assert cupy_decode.smem_bytes(d, (nw, st)) == (16 * (d + 8)
-                                                          + nw * st * 2 * 16 * (d + 8)) * 2
+                assert f"decode_splitkv_{tn}_d{d}_w{nw}_{k}{st}" in names
+            if k == "s":
+                assert cupy_decode.smem_bytes(d, (nw, st)) == (16 * (d + 8)
+                                                              + nw * st * 2 * 16 * (d + 8)) * 2
+            else:  # the register path: the merges' floats, and the Q fragments' copies
+                assert cupy_decode.smem_bytes(d, (nw, st, k)) >= max(
+                    nw * 16 * (d + 2) * 4, (512 * 16 + 16) * 4, nw * d // 16 * 512)
     assert not [n for n in names if n.startswith("decode_combine")]
     assert cupy_decode.smem_bytes(128) == cupy_decode.smem_bytes(128, instances.DECODE[128])
-    # (8, 2) serves D=128; (4, 3), the default it replaced, stays a candidate.
-    assert instances.DECODE[128] == (8, 2) and (4, 3) in instances.DECODE_EXTRA[128]
+    # The register path (8, 0, "r") serves D=128; (8, 2), the shared-memory ring it replaced,
+    # stays a candidate.
+    assert instances.DECODE[128] == (8, 0, "r") and (8, 2) in instances.DECODE_EXTRA[128]
     # The split count leaves each of the block's warps at least 4 tiles.
     assert cupy_decode.num_splits(1, 1, 1, 64, 132, 3, 2) == 8
     assert cupy_decode.num_splits(1, 1, 1, 64, 132, 3, 8) == 2
@@ -244,7 +250,7 @@ def _configs():
 
     for d in instances.DECODE_HEAD_DIMS:
         for cfg in instances.DECODE_EXTRA.get(d, ()):
-            yield pytest.param(d, cfg, id=f"d{d}-w{cfg[0]}-s{cfg[1]}")
+            yield pytest.param(d, cfg, id=f"d{d}-" + "-".join(map(str, cfg)))
 
 
 @pytest.mark.gpu
@@ -274,19 +280,50 @@ def test_every_instance_matches_oracle(rng, d, cfg, dtype, T, page_size, window)
     _check(cache, q, out, lse, name=str(cfg), window=window)
 
 
+def _register_configs():
+    from xattn._backends.cupy_ import instances
+
+    for d in instances.DECODE_HEAD_DIMS:
+        for cfg in (instances.DECODE[d], *instances.DECODE_EXTRA.get(d, ())):
+            if len(cfg) == 3:
+                yield pytest.param(d, cfg, id=f"d{d}-" + "-".join(map(str, cfg)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("d", "cfg"), list(_register_configs()))
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("splits", [None, 1, 3, 40])
+@pytest.mark.parametrize("page_size", [None, 24])
+def test_register_path_options(rng, d, cfg, dtype, splits, page_size):
+    """The register path (K/V straight into registers, Q and K in a permuted head-dim order,
+    V transposed by movmatrix, the output in ColsRegs's column order): GQA with T = 2,
+    softcap and ALiBi, one split and several, a page size that tiles straddle."""
+    cupy = pytest.importorskip("cupy")
+    from xattn.kvcache import _validate_decode
+
+    cache = xattn.KVCache(2, 4, 3072, d, dtype=cupy_array(np.zeros(1), dtype).dtype, xp=cupy,
+                          page_size=page_size)
+    _fill(rng, cache, (3000, 41), dtype)
+    q = cupy_array(rng.standard_normal((2, 16, 2, d)), dtype)
+    slopes = cupy.asarray(rng.uniform(0.01, 0.1, 16).astype(np.float32))
+    prob = _validate_decode(q, cache, None, slopes, 5.0, None)
+    out, lse = cupy_decode.decode(prob, q, cache, alibi_slopes=slopes, splits=splits,
+                                  config=cfg)
+    _check(cache, q, out, lse, name=f"{cfg} {dtype} splits={splits}", softcap=5.0,
+           alibi_slopes=slopes)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("splits", [None, 1, 3, 40])
 @pytest.mark.parametrize("page_size", [None, 24])
-def test_default_config_d128(rng, dtype, splits, page_size):
-    """The default D=128 instance, (8, 2), named explicitly (auto's rows above take it too):
-    both 16-bit types, one split (no merge), several (the in-kernel merge) and the
-    heuristic's count, GQA with T = 2, softcap and ALiBi."""
+def test_shared_memory_ring_d128(rng, dtype, splits, page_size):
+    """The shared-memory ring (8, 2), D=128's default before the register path: both 16-bit
+    types, one split (no merge), several (the in-kernel merge) and the heuristic's count, GQA
+    with T = 2, softcap and ALiBi."""
     cupy = pytest.importorskip("cupy")
-    from xattn._backends.cupy_ import instances
     from xattn.kvcache import _validate_decode
 
-    assert instances.DECODE[128] == (8, 2)
     cache = xattn.KVCache(2, 4, 3072, 128, dtype=cupy_array(np.zeros(1), dtype).dtype, xp=cupy,
                           page_size=page_size)
     _fill(rng, cache, (3000, 41), dtype)
@@ -301,20 +338,27 @@ def test_default_config_d128(rng, dtype, splits, page_size):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("splits", [1, 2, 5, 37, 128, 512])
-@pytest.mark.parametrize("lengths", [(4000, 700, 17), (5, 40, 1)])
-def test_forced_split_counts(rng, splits, lengths):
+@pytest.mark.parametrize("lengths", [(4000, 700, 17), (5, 40, 1), (2500, 2500, 2500), (2, 2, 2)])
+@pytest.mark.parametrize("page_size", [32, None])
+def test_forced_split_counts(rng, splits, lengths, page_size):
     """One block (it writes every pair's output), several (runs that cut pairs: the lse merge,
     runs that span sequences), up to the cap: pairs in hundreds of segments, and more blocks
-    than tiles (blocks past the list's end do nothing)."""
+    than tiles (blocks past the list's end do nothing); ragged lengths (the blocks scan them)
+    and equal ones (the blocks find their tiles by division), paged and contiguous (sequence
+    b is page b, no table read)."""
     cupy = pytest.importorskip("cupy")
     from xattn.kvcache import _validate_decode
 
-    cache = xattn.KVCache(3, 2, 4096, 128, dtype=np.float16, xp=cupy, page_size=32)
+    cache = xattn.KVCache(3, 2, 4096, 128, dtype=np.float16, xp=cupy, page_size=page_size)
     _fill(rng, cache, lengths, "float16")
     q = cupy_array(rng.standard_normal((3, 8, 2, 128)), "float16")
     prob = _validate_decode(q, cache, None, None, None, None)
     out, lse = cupy_decode.decode(prob, q, cache, splits=splits)
     _check(cache, q, out, lse, name=f"splits={splits}")
+    (plan,) = cache._launch_plans().values()
+    # The last two scalars: the common length (-1: ragged), contiguous or not.
+    assert int(plan.tail[-2]) == (lengths[0] if len(set(lengths)) == 1 else -1)
+    assert int(plan.tail[-1]) == (page_size is None)
 
 
 @pytest.mark.gpu
@@ -430,16 +474,16 @@ def test_launch_argument_block_matches_the_kernel_signature():
     fmt = {"long long": "q", "int": "i", "float": "f"}
     kinds = [fmt.get(t, "Q") for t, _ in params]
     assert [n for _, n in params][9] == "counters"
-    assert len(kinds) == len(cupy_decode._PARAM_AT) == 22
+    assert len(kinds) == len(cupy_decode._PARAM_AT) == 24
     # k, v, table, lengths; batch, hq, hkv, T, page_size, max_pages, splits; scale,
-    # softcap; wl.
-    fixed = (11, 12, 13, 14, 3, 32, 8, 1, 4096, 300, 2, 0.25, 1.5, -1)
+    # softcap; wl, uniform, contiguous.
+    fixed = (11, 12, 13, 14, 3, 32, 8, 1, 4096, 300, 2, 0.25, 1.5, -1, 77, 1)
     block = cupy_decode._ArgBlock(fixed)
     # q, out, lse, partial outputs, partial lse, ALiBi slopes, ticket counters, ALiBi batch
     # stride.
     cupy_decode._PER_CALL.pack_into(block.buf, 0, 101, 105, 106, 107, 108, 119, 109, 32)
     expected = (101, 11, 12, 13, 14, 105, 106, 107, 108, 109, 3, 32, 8, 1, 4096, 300, 2, 0.25,
-                1.5, -1, 119, 32)
+                1.5, -1, 77, 1, 119, 32)
     for i, (kind, want) in enumerate(zip(kinds, expected, strict=True)):
         size = struct.calcsize("<" + kind)
         raw = ctypes.string_at(block.array[i], size)

@@ -19,7 +19,8 @@ from xattn._backends.cupy_ import instances  # noqa: E402
 
 # function_handle loads the module (CuPy compiles a RawModule lazily) and fails without one.
 CODE = ("import sys; from xattn._backends.cupy_ import decode as m; "
-        "f = m._function(sys.argv[1], int(sys.argv[2]), (int(sys.argv[3]), int(sys.argv[4]))); "
+        "f = m._function(sys.argv[1], int(sys.argv[2]), "
+        "(int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:])); "
         "assert m.function_handle(f), 'no CUfunction handle'")
 
 
@@ -33,9 +34,9 @@ def specs():
 
 
 def run(spec):
-    tn, d, (nw, st) = spec
+    tn, d, (nw, st, *kind) = spec
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-c", CODE, tn, str(d), str(nw), str(st)],
+    return subprocess.run([sys.executable, "-c", CODE, tn, str(d), str(nw), str(st), *kind],
                           capture_output=True, text=True, env=env)
 
 

@@ -19,7 +19,7 @@ stage="${1:-all}"
 
 precompile() {
     echo "== decode precompile: every module into CuPy's disk cache (log: $LOG/precompile.log)"
-    timeout 28 python3 tools/decode_precompile.py 18 > "$LOG/precompile.log" 2>&1
+    timeout 45 python3 tools/decode_precompile.py 18 > "$LOG/precompile.log" 2>&1
     echo "precompile exit status: $? ($(grep -c ' ok$' "$LOG/precompile.log") modules ok)"
     grep -A12 FAILED "$LOG/precompile.log" | head -40
 }
@@ -43,7 +43,7 @@ run_tests() {
 run_bench() {
     [ -f "$LOG/precompile.log" ] || precompile
     echo "== decode benchmark (log: $LOG/bench.log, json: $LOG/bench.json)"
-    timeout 85 python3 benchmarks/gpu_decode.py --configs 8x2,4x3,8x3 --rounds 3 --max-reps 60 \
+    timeout 85 python3 benchmarks/gpu_decode.py --configs 8x0r,8x2,4x0r --rounds 3 --max-reps 60 \
         --json "$LOG/bench.json" > "$LOG/bench.log" 2>&1
     local rc=$?
     echo "decode benchmark exit status: $rc (124 = cut by the 85 s cap)"
@@ -75,28 +75,31 @@ from xattn.kvcache import _validate_decode
 
 cp.cuda.set_allocator(None)
 rs = np.random.default_rng(0)
-for d in (64, 128):
-    for ps in (None, 7):
-        cache = xattn.KVCache(2, 2, 160, d, dtype=np.float16, xp=cp, page_size=ps)
-        kv = cp.asarray(rs.standard_normal((2, 2, 150, d)).astype(np.float16))
-        cache.append(kv, kv, lengths=[150, 37])
-        q = cp.asarray(rs.standard_normal((2, 8, 2, d)).astype(np.float16))
-        for window in (None, (40, None)):
-            prob = _validate_decode(q, cache, window, None, None, None)
-            for cfg in (instances.DECODE[d], instances.DECODE_EXTRA[d][0]):
-                # 3 blocks twice: the in-kernel merge, then its ticket counters reused; 40:
-                # runs that span pairs and sequences.
-                for splits in (1, 3, 3, 40):
-                    out, lse = kernel.decode(prob, q, cache, splits=splits, config=cfg)
-                    cp.cuda.Device().synchronize()
-                    assert bool(cp.isfinite(out).all()), (d, ps, window, cfg, splits)
+for d, ps, lens in ((64, None, [150, 37]), (64, 7, [150, 37]), (128, None, [150, 37]),
+                    (128, 7, [150, 37]), (64, None, [150, 150]), (128, 7, [150, 150])):
+    # Ragged lengths (the blocks scan them), then equal ones (found by division).
+    cache = xattn.KVCache(2, 2, 160, d, dtype=np.float16, xp=cp, page_size=ps)
+    kv = cp.asarray(rs.standard_normal((2, 2, 150, d)).astype(np.float16))
+    cache.append(kv, kv, lengths=lens)
+    q = cp.asarray(rs.standard_normal((2, 8, 2, d)).astype(np.float16))
+    for window in (None, (40, None)):
+        prob = _validate_decode(q, cache, window, None, None, None)
+        # The default, the first candidate, and every register-path candidate.
+        extra = instances.DECODE_EXTRA[d]
+        for cfg in (instances.DECODE[d], extra[0], *(c for c in extra[1:] if len(c) == 3)):
+            # 3 blocks twice: the in-kernel merge, then its ticket counters reused; 40:
+            # runs that span pairs and sequences.
+            for splits in (1, 3, 3, 40):
+                out, lse = kernel.decode(prob, q, cache, splits=splits, config=cfg)
+                cp.cuda.Device().synchronize()
+                assert bool(cp.isfinite(out).all()), (d, ps, lens, window, cfg, splits)
 print("workload done")
 PY
-    timeout 30 "$san" --tool memcheck --leak-check no python3 "$LOG/san_workload.py" \
+    timeout 60 "$san" --tool memcheck --leak-check no python3 "$LOG/san_workload.py" \
         > "$LOG/memcheck.log" 2>&1
     echo "memcheck exit status: $?"
     grep -E "ERROR SUMMARY|workload done|Error|error" "$LOG/memcheck.log" | tail -n 5
-    timeout 30 "$san" --tool racecheck python3 "$LOG/san_workload.py" \
+    timeout 60 "$san" --tool racecheck python3 "$LOG/san_workload.py" \
         > "$LOG/racecheck.log" 2>&1
     echo "racecheck exit status: $?"
     grep -E "RACECHECK SUMMARY|workload done|Error|error" "$LOG/racecheck.log" | tail -n 5

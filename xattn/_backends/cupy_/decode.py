@@ -1,10 +1,9 @@
 """CuPy launcher of the split-KV decode kernel (``xattn/kernels/decode_splitkv.cu``).
 
-``auto``'s decode path on CuPy (float16/bfloat16, D = Dv in 64 or 128). Its earlier versions
-passed their tests against the float64 oracle (``tests/test_decode_gpu.py``) on an H100 and an
-H200 on 2026-12-05 (``benchmarks/gpu_decode.py``; docs/inference.rst has the tables). This
-version (the balanced runs below) is compile-checked (spill-free, sm_80 and sm_90a) and waits
-for its GPU run (``bash tools/gpu_check_decode.sh``).
+``auto``'s decode path on CuPy (float16/bfloat16, D = Dv in 64 or 128). This version (the
+register path by default, the equal-length and contiguous launches) passed its tests against
+the float64 oracle (``tests/test_decode_gpu.py``, ``bash tools/gpu_check_decode.sh``) on an
+H100 on 2026-12-06, compute-sanitizer clean; docs/inference.rst has the tables.
 
 The work is the list of every pair's key tiles (a pair: sequence, kv head, row block of 16
 packed query rows); the kernel deals it out to the blocks of a one-dimensional grid in equal
@@ -16,6 +15,9 @@ to finish merges them by their lse, counted by a per-(device, stream) int32 tick
 the merging blocks leave zeroed: one launch per call. The cache's lengths and block table
 live on the host (:mod:`xattn.kvcache`); the cache copies those few int32 values to the
 device, explicitly, once after each change (``KVCache._device_meta``), not at every call.
+The plan also tells the kernel when every length is equal (it then finds each block's tiles
+by division, without reading the lengths first) and when the cache is contiguous (sequence b
+is page b: no block-table read before a tile's loads).
 """
 
 from __future__ import annotations
@@ -62,14 +64,20 @@ def supports(prob, opts, op):
 
 
 def default_config(d):
-    """``(warps, stages)`` of the instance the launcher takes for head dim ``d``."""
+    """The configuration (``(warps, stages)`` or ``(warps, prefetch, "r")``) the launcher takes
+    for head dim ``d``."""
     return instances.DECODE[d]
 
 
 def smem_bytes(d, cfg=None):
     """Dynamic shared memory: the Q tile and each warp's ring of ``stages`` K and V tiles
-    (the warps' merge reuses the K/V space)."""
-    nw, st = cfg or default_config(d)
+    (the warps' merge reuses the K/V space); on the register path the warps' copies of the Q
+    fragments, then what the merges need (the warps' float32 states, the segments' weights)
+    in the same space."""
+    nw, st, *kind = cfg or default_config(d)
+    if kind[:1] == ["r"]:
+        q_frags = nw * (d // 16) * 32 * 16  # each warp's copy of the Q fragments
+        return max(nw * 16 * (d + 2) * 4, (_MAX_SPLITS * 16 + 16) * 4, q_frags)
     ld = d + 8
     return (16 * ld + nw * st * 2 * BN * ld) * 2
 
@@ -189,11 +197,12 @@ FAST_LAUNCH = True
 # changes first, side by side (q, out, lse, partial outputs, partial lse, ALiBi slopes, ticket
 # counters: 64-bit pointers; ALiBi's batch stride: int64), then k, v, table, lengths
 # (pointers), batch, hq, hkv, T, page_size, max_pages, blocks (int32), scale, softcap
-# (float32), wl (int32). _PARAM_AT[i]: where parameter i of the signature lives in the buffer.
+# (float32), wl, uniform, contiguous (int32). _PARAM_AT[i]: where parameter i of the signature
+# lives in the buffer.
 _PER_CALL = struct.Struct("<7Qq")
-_FIXED = struct.Struct("<4Q7i2fi")
+_FIXED = struct.Struct("<4Q7i2f3i")
 _PARAM_AT = (0, 64, 72, 80, 88, 8, 16, 24, 32, 48, 96, 100, 104, 108, 112, 116, 120, 124, 128,
-             132, 40, 56)
+             132, 136, 140, 40, 56)
 _ARG_BYTES = _PER_CALL.size + _FIXED.size
 
 
@@ -248,8 +257,13 @@ def _make_plan(prob, cache, splits, cfg):
     plan.block = (cfg[0] * 32,)
     plan.smem = smem_bytes(D, cfg)
     plan.head = (kpool, vpool, table_dev, lengths_dev)
+    # Equal lengths (the kernel then finds each block's tiles by division, reading no length
+    # before its first loads) and a contiguous cache (sequence b is page b: no table read).
+    lengths = cache._lengths
+    uniform = int(lengths[0]) if lengths.size and (lengths == lengths[0]).all() else -1
     plan.tail = (i32(B), i32(Hq), i32(Hkv), i32(T), i32(page_size), i32(table_dev.shape[1]),
-                 i32(splits), f32(prob.scale), f32(prob.softcap or 0.0), i32(left))
+                 i32(splits), f32(prob.scale), f32(prob.softcap or 0.0), i32(left),
+                 i32(uniform), i32(0 if cache.paged else 1))
     plan.out_shape, plan.lse_shape = (B, Hq, T, D), (B, Hq, T)
     # A segment slot per (pair, block) that share tiles: pairs + blocks - 1 at most, each 16
     # rows of float32 partial output and lse; one ticket counter per pair.
@@ -338,9 +352,9 @@ _log = logging.getLogger("xattn")
 def decode(prob, q, cache, *, alibi_slopes=None, splits=None, config=None, need_lse=True):
     """Return ``(out, lse)`` of :func:`xattn.decode_attention` (``lse`` None without
     ``need_lse``: the kernel then writes none). ``splits`` overrides the number of blocks the
-    tiles are dealt to (``pairs *`` :func:`num_splits`) and
-    ``config`` the ``(warps, stages)`` instance (``benchmarks/gpu_decode.py --sweep`` and
-    ``--configs`` time the choices with them).
+    tiles are dealt to (``pairs *`` :func:`num_splits`) and ``config`` the instance (in
+    :func:`default_config`'s forms); ``benchmarks/gpu_decode.py --sweep`` and ``--configs``
+    time the choices with them.
 
     The host work of a call on an unchanged cache is a dictionary look-up, two or three
     allocations and one launch: the split count, grid and scalar arguments are planned once

@@ -568,30 +568,34 @@ def switches() -> tuple:
 
 
 def decode(tn, d, cfg) -> Instance:
-    """The split-KV decode kernel of one dtype, head dim and ``(warps, stages)``."""
-    nw, st = cfg
-    params = (("XATTN_TN", tn), ("XATTN_D", d), ("XATTN_NW", nw), ("XATTN_ST", st))
+    """The split-KV decode kernel of one dtype, head dim and configuration: ``(warps, stages)``
+    (each warp's ring of K/V stages in shared memory) or ``(warps, prefetch, "r")`` (the
+    register path: K/V tiles straight into registers, ``prefetch`` tiles ahead)."""
+    nw, st, *kind = cfg
+    kind = kind[0] if kind else "s"
+    params = (("XATTN_TN", tn), ("XATTN_D", d), ("XATTN_NW", nw), ("XATTN_KIND", kind),
+              ("XATTN_ST", st))
     return Instance("decode_splitkv.cu", "XATTN_DECODE_ONE", params,
-                    (f"decode_splitkv_{tn}_d{d}_w{nw}_s{st}",))
+                    (f"decode_splitkv_{tn}_d{d}_w{nw}_{kind}{st}",))
 
 
-# Head dims of the split-KV decode kernel (decode_splitkv.cu) and its (warps, stages) per
-# head dim: each warp keeps `stages` 16-key K/V tiles in shared memory (8.5 KiB a stage at
-# D=128), `stages - 1` of them in flight. Chosen on an H100 80GB HBM3 (2026-12-05,
-# benchmarks/gpu_decode.py --configs: fp16, Hq=32 Hkv=8, B in 1/16/64 x ctx in 4k/32k/128k,
-# the candidates through the launcher in one run, with the separate merge kernel of the
-# time): at D=128, (8, 2) -- one block of 8 warps per SM, 8 tiles (68 KiB) in flight -- read
-# at least as fast as (4, 3) -- two blocks of 4 warps, 16 tiles in flight -- in all 9 rows
-# and fastest of the 5 candidates in 7 of them, by up to 0.15 TB/s (6 %); all 5 lay within
-# 10 % of each other, so the bytes in flight past ~64 KiB per SM are not what bounds the
-# kernel. Its GPU tests cover float16 and bfloat16 at (8, 2) (tests/test_decode_gpu.py). D=64
-# keeps (4, 3): no run has timed its candidates yet. Since then a warp refills a free stage
-# before it waits (ST tiles in flight while waiting instead of ST - 1), which doubles (8, 2)'s
-# bytes in flight; (8, 3) (213 KiB of shared memory: one block per SM on sm_90, too much for
-# sm_80's 163 KiB) is the candidate with three.
+# Head dims of the split-KV decode kernel (decode_splitkv.cu) and its configuration per head
+# dim: (warps, stages) for the shared-memory ring (each warp keeps `stages` 16-key K/V tiles in
+# shared memory, 8.5 KiB a stage at D=128) or (warps, prefetch, "r") for the register path
+# (K/V tiles straight into registers; prefetch 0: the next tile's keys leave after the scores,
+# its values after P V; 1: a whole tile ahead, two tiles of registers -- which spills at
+# D=128). Chosen on an H100 80GB HBM3 (2026-12-06, benchmarks/gpu_decode.py --configs: fp16,
+# Hq=32 Hkv=8, B in 1/16/64 x ctx in 4k/32k/128k, through the launcher, torch in the same
+# run): at D=128 the register path (8, 0, "r") -- 223 registers, one block of 8 warps per SM --
+# read 1-3 % faster than the ring (8, 2), the default before, at B >= 16 (3.18-3.20 against
+# 3.10-3.13 TB/s at B = 64, ctx >= 32k) and was fastest in 7 of 9 rows in each of three runs;
+# at D=64 (8, 1, "r") beat the ring (4, 3) in all 9 rows, by 3-23 %. The other entries stay
+# candidates (--configs times them; the GPU tests run every one in fp16 and bf16). The ring's
+# (8, 3), (4, 2), (4, 4), (2, 4) at D=128 and (4, 2), (2, 4) at D=64, never the fastest, were
+# dropped; so was the register path's prefetch 0 at D=64, which spills.
 DECODE_HEAD_DIMS = (64, 128)
-DECODE = {64: (4, 3), 128: (8, 2)}
-DECODE_EXTRA = {64: ((4, 2), (2, 4)), 128: ((4, 3), (8, 3), (4, 2), (4, 4), (2, 4))}
+DECODE = {64: (8, 1, "r"), 128: (8, 0, "r")}
+DECODE_EXTRA = {64: ((4, 3), (4, 1, "r")), 128: ((8, 2), (4, 3), (4, 0, "r"))}
 
 
 def shipped() -> list:
