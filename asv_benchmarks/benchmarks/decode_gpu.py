@@ -49,8 +49,8 @@ class DecodeGPU:
             self.qs.append(rs.standard_normal((batch, HQ, 1, head_dim), dtype=cp.float32)
                            .astype(cp.float16))
         self.i = 0
-        self.time_decode(batch, ctx, head_dim, layout)  # compile and plan outside the timing
-        cp.cuda.Device().synchronize()
+        for _ in self.caches:  # compile, and plan every cache's launch, outside the timing
+            self.time_decode(batch, ctx, head_dim, layout)
 
     def _step(self):
         j = self.i = (self.i + 1) % len(self.caches)
