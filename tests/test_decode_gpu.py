@@ -400,6 +400,20 @@ def test_ring_buffer(rng, page_size, max_len):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_every_sequence_empty(d, page_size):
+    """Every length 0 (the equal-length launch with a common length of 0): each row sees no
+    key, so its output is 0 and its lse -inf, on the default instance of each head dim."""
+    cupy = pytest.importorskip("cupy")
+    cache = xattn.KVCache(3, 2, 64, d, dtype=np.float16, xp=cupy, page_size=page_size)
+    q = cupy.ones((3, 8, 1, d), dtype=np.float16)
+    out, lse = xattn.decode_attention(q, cache, return_lse=True, backend="cupy.decode")
+    assert bool((out == 0).all())
+    assert bool(cupy.isneginf(lse).all())
+
+
+@pytest.mark.gpu
 def test_plans_follow_the_cache(rng):
     """The launch plan (split count, grid, arguments) is renewed by every append and reset;
     without return_lse no lse is written and the output is the same bits; a non-contiguous q
