@@ -130,9 +130,10 @@ def test_instances_and_shared_memory():
             if k == "s":
                 assert cupy_decode.smem_bytes(d, (nw, st)) == (16 * (d + 8)
                                                               + nw * st * 2 * 16 * (d + 8)) * 2
-            else:  # the register path: the merges' floats, and the Q fragments' copies
-                assert cupy_decode.smem_bytes(d, (nw, st, k)) >= max(
-                    nw * 16 * (d + 2) * 4, (512 * 16 + 16) * 4, nw * d // 16 * 512)
+            else:  # the register path: the merges' floats (the Q fragments' copies, half
+                # of the warps' states, fit in the same space)
+                assert cupy_decode.smem_bytes(d, (nw, st, k)) == max(
+                    nw * 16 * (d + 2) * 4, (512 * 16 + 16) * 4) >= nw * d // 16 * 512
     assert not [n for n in names if n.startswith("decode_combine")]
     assert cupy_decode.smem_bytes(128) == cupy_decode.smem_bytes(128, instances.DECODE[128])
     # The register path (8, 0, "r") serves D=128; (8, 2), the shared-memory ring it replaced,
@@ -245,12 +246,15 @@ def _check(cache, q, out, lse, name="", **options):
                          name=f"{name} lse[{b}]")
 
 
-def _configs():
+def _configs(default=False, register_only=False):
+    """(head dim, configuration) of the candidates (and the defaults, with ``default``), or of
+    the register-path ones only."""
     from xattn._backends.cupy_ import instances
 
     for d in instances.DECODE_HEAD_DIMS:
-        for cfg in instances.DECODE_EXTRA.get(d, ()):
-            yield pytest.param(d, cfg, id=f"d{d}-" + "-".join(map(str, cfg)))
+        for cfg in ((instances.DECODE[d],) if default else ()) + instances.DECODE_EXTRA.get(d, ()):
+            if not register_only or len(cfg) == 3:
+                yield pytest.param(d, cfg, id=f"d{d}-" + "-".join(map(str, cfg)))
 
 
 @pytest.mark.gpu
@@ -280,17 +284,8 @@ def test_every_instance_matches_oracle(rng, d, cfg, dtype, T, page_size, window)
     _check(cache, q, out, lse, name=str(cfg), window=window)
 
 
-def _register_configs():
-    from xattn._backends.cupy_ import instances
-
-    for d in instances.DECODE_HEAD_DIMS:
-        for cfg in (instances.DECODE[d], *instances.DECODE_EXTRA.get(d, ())):
-            if len(cfg) == 3:
-                yield pytest.param(d, cfg, id=f"d{d}-" + "-".join(map(str, cfg)))
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize(("d", "cfg"), list(_register_configs()))
+@pytest.mark.parametrize(("d", "cfg"), list(_configs(default=True, register_only=True)))
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("splits", [None, 1, 3, 40])
 @pytest.mark.parametrize("page_size", [None, 24])

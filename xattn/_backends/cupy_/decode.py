@@ -76,8 +76,9 @@ def smem_bytes(d, cfg=None):
     in the same space."""
     nw, st, *kind = cfg or default_config(d)
     if kind[:1] == ["r"]:
-        q_frags = nw * (d // 16) * 32 * 16  # each warp's copy of the Q fragments
-        return max(nw * 16 * (d + 2) * 4, (_MAX_SPLITS * 16 + 16) * 4, q_frags)
+        # The warps' states (16 rows of D + 2 floats a warp) hold twice the bytes of the warps'
+        # Q fragments (16 rows of D 16-bit values), so the merge's size covers both.
+        return max(nw * 16 * (d + 2) * 4, (_MAX_SPLITS * 16 + 16) * 4)
     ld = d + 8
     return (16 * ld + nw * st * 2 * BN * ld) * 2
 
